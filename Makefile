@@ -1,0 +1,42 @@
+# The two commands a user needs: `make run` (set up, generate the demo data, run the pipeline) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+
+export PATH := $(BIN):$(PATH)
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: run test setup data bench lock clean
+
+run: setup data  ## set up, generate the demo data and run the whole pipeline
+	dvc repro
+
+test: setup  ## run the test suite
+	python -m pytest
+
+setup: $(VENV)/.installed  ## virtual environment with the exact pins of requirements.lock
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "covidcxr needs Python 3.11 (set PYTHON=python3.11)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+data: setup  ## the embedded demo dataset in data/demo (byte-identical to what data.dvc records)
+	@if [ ! -f data/demo/labels.csv ]; then covidcxr demo-data data/demo; fi
+	dvc status data.dvc
+
+bench: setup data  ## every benchmark; results in bench/results.json
+	python -m bench
+
+lock:  ## re-pin the environment after changing pyproject.toml
+	( echo "# Exact pins for the whole environment (pip freeze of a working install; regenerate with 'make lock')."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^covidcxr' ) > requirements.lock
+
+clean:  ## remove pipeline outputs (not the data, not the environment)
+	rm -rf artifacts mlruns mlflow.db

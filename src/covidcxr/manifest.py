@@ -1,0 +1,201 @@
+"""The manifest: one row per image, the single contract between dataset adapters and the rest.
+
+Every adapter in :mod:`covidcxr.datasets` returns a frame with exactly these columns; image facts
+(size, photometric, bits, hash) are filled in by :func:`covidcxr.manifest.describe_images`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+# Column name -> pandas dtype. Extend, do not fork: new columns go at the end.
+SCHEMA: dict[str, str] = {
+    "image_id": "string",  # unique across the whole manifest: "<source>/<relative path without suffix>"
+    "path": "string",  # path to the image file: the adapter's root joined with the file's relative path
+    "source": "string",  # adapter name (cohen, kermany, montgomery, shenzhen, jsrt, nih, bimcv, padchest, generic, demo)
+    "patient_id": "string",  # source-scoped patient key "<source>:<id>" (pseudonymised on ingest when asked)
+    "projection": "string",  # frontal | lateral | unknown
+    "view_position": "string",  # as the source spells it, normalised to upper case: PA, AP, AP SUPINE, LL, L, ...
+    "label": "string",  # covid | negative | unknown
+    "finding": "string",  # the source's own finding text (COVID-19, No Finding, pneumonia, tuberculosis, ...)
+    "site": "string",  # hospital / site / sub-collection when known, else the source name
+    "sex": "string",  # M | F | unknown
+    "age": "Float64",  # years, <NA> when unknown
+    "width": "Int64",
+    "height": "Int64",
+    "photometric": "string",  # MONOCHROME1 | MONOCHROME2 | RGB | L | ... (as read)
+    "bits_stored": "Int64",
+    "sha256": "string",  # hash of the file's bytes
+    "mask_path": "string",  # lung mask (both lungs, one file) when the source has one, else <NA>
+    "modality": "string",  # CR | DX | ... for DICOM, else <NA>
+}
+
+COLUMNS: list[str] = list(SCHEMA)
+
+PROJECTIONS = ("frontal", "lateral", "unknown")
+LABELS = ("covid", "negative", "unknown")
+SEXES = ("M", "F", "unknown")
+
+# View-position spellings seen in DICOM (0018,5101), Cohen, PadChest and BIMCV, mapped to projection.
+_VIEW_TO_PROJECTION = {
+    "PA": "frontal",
+    "AP": "frontal",
+    "AP SUPINE": "frontal",
+    "AP_HORIZONTAL": "frontal",
+    "AP HORIZONTAL": "frontal",
+    "AP ERECT": "frontal",
+    "PA HORIZONTAL": "frontal",
+    "FRONTAL": "frontal",
+    "L": "lateral",
+    "LL": "lateral",
+    "RL": "lateral",
+    "LAT": "lateral",
+    "LATERAL": "lateral",
+    "RLD": "lateral",
+    "LLD": "lateral",
+}
+
+
+def projection_from_view(view: object) -> str:
+    """Map a view-position string to ``frontal``, ``lateral`` or ``unknown``."""
+    if view is None or (isinstance(view, float) and pd.isna(view)) or view is pd.NA:
+        return "unknown"
+    return _VIEW_TO_PROJECTION.get(str(view).strip().upper().replace("-", " "), "unknown")
+
+
+def empty() -> pd.DataFrame:
+    """An empty manifest with the right columns and dtypes."""
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in SCHEMA.items()})
+
+
+def conform(df: pd.DataFrame) -> pd.DataFrame:
+    """Return ``df`` with exactly the manifest columns, in order, with the manifest dtypes.
+
+    Missing columns are added as <NA>; extra columns raise, so that nothing is dropped silently.
+    """
+    extra = [c for c in df.columns if c not in SCHEMA]
+    if extra:
+        raise ValueError(f"columns not in the manifest schema: {extra}")
+    out = df.copy()
+    for col, dtype in SCHEMA.items():
+        if col not in out:
+            out[col] = pd.Series(pd.NA, index=out.index, dtype=dtype)
+        else:
+            out[col] = out[col].astype(dtype)
+    return out[COLUMNS].reset_index(drop=True)
+
+
+# --- filling image facts --------------------------------------------------------------------------------------------
+
+REJECT_COLUMNS: list[str] = ["image_id", "path", "source", "reason", "problem"]
+DUPLICATE_COLUMNS: list[str] = ["image_id", "kept_image_id", "sha256", "same_label"]
+
+# Header fields that fill a manifest column when the adapter left it empty.
+_HEADER_TO_COLUMN = {"view_position": "view_position", "modality": "modality", "sex": "sex", "age": "age"}
+
+
+def _describe_one(args: tuple[str, str | None, int]) -> dict:
+    """Read one image (and its mask files) and return its facts, or the reason it is rejected."""
+    from covidcxr import io
+
+    path, mask_path, max_pixels = args
+    try:
+        pixels, header = io.read_image(path, max_pixels=max_pixels)
+        if mask_path:
+            mask = io.read_mask(mask_path.split(";"), max_pixels=max_pixels)
+            if mask.shape != pixels.shape:
+                raise io.ImageReadError(
+                    mask_path, f"mask shape {mask.shape} differs from image shape {pixels.shape}", reason="mask_shape"
+                )
+            if not mask.any():
+                raise io.ImageReadError(mask_path, "lung mask is empty", reason="empty_mask")
+    except io.ImageReadError as err:
+        return {"reason": err.reason, "problem": str(err)}
+    except OSError as err:  # missing or unreadable file
+        return {"reason": "unreadable", "problem": f"{path}: {err.strerror or err}"}
+    facts = {
+        "width": header["width"],
+        "height": header["height"],
+        "photometric": header.get("photometric"),
+        "bits_stored": header.get("bits_stored"),
+        "sha256": io.sha256_file(path),
+    }
+    facts.update({col: header.get(key) for key, col in _HEADER_TO_COLUMN.items()})
+    return facts
+
+
+def describe_images(
+    df: pd.DataFrame, *, max_pixels: int | None = None, workers: int = 1, progress: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read every image of ``df`` and fill its facts; return ``(manifest, rejects)``.
+
+    Size, photometric, bit depth and the content hash come from the file; view position, modality, sex and age come
+    from the header only where the adapter left them empty, and projection follows the view when it is unknown.
+    Images that cannot be used are not dropped silently: each is a row of ``rejects`` with its reason.
+    """
+    from covidcxr import io
+
+    limit = io.DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+    jobs = [
+        (str(p), None if pd.isna(m) else str(m), limit) for p, m in zip(df["path"], df["mask_path"], strict=True)
+    ]
+    if workers > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(_progress(pool.map(_describe_one, jobs, chunksize=16), len(jobs), progress))
+    else:
+        results = list(_progress(map(_describe_one, jobs), len(jobs), progress))
+
+    out = df.reset_index(drop=True).copy()
+    rejected = [i for i, r in enumerate(results) if "reason" in r]
+    rejects = pd.DataFrame(
+        [{**out.loc[i, ["image_id", "path", "source"]].to_dict(), **results[i]} for i in rejected],
+        columns=REJECT_COLUMNS,
+    )
+    keep = [i for i, r in enumerate(results) if "reason" not in r]
+    out = out.loc[keep].reset_index(drop=True)
+    facts = pd.DataFrame([results[i] for i in keep], index=out.index)
+    for col in ("width", "height", "photometric", "bits_stored", "sha256"):
+        out[col] = facts[col] if len(facts) else out[col]
+    for col in _HEADER_TO_COLUMN.values():
+        if len(facts):
+            out[col] = out[col].where(out[col].notna(), facts[col].where(facts[col].notna(), None))
+    unknown = out["projection"].isna() | (out["projection"] == "unknown")
+    out.loc[unknown, "projection"] = out.loc[unknown, "view_position"].map(projection_from_view)
+    out["sex"] = out["sex"].fillna("unknown")
+    return conform(out), rejects
+
+
+def find_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Images whose content hash equals an earlier image's (manifest order): which one is kept, and label agreement."""
+    first = manifest.drop_duplicates("sha256").set_index("sha256")
+    dup = manifest[manifest.duplicated("sha256", keep="first")]
+    kept = first.loc[dup["sha256"]]
+    return pd.DataFrame(
+        {
+            "image_id": dup["image_id"].to_numpy(),
+            "kept_image_id": kept["image_id"].to_numpy(),
+            "sha256": dup["sha256"].to_numpy(),
+            "same_label": (dup["label"].to_numpy() == kept["label"].to_numpy()),
+        },
+        columns=DUPLICATE_COLUMNS,
+    )
+
+
+def _progress(iterable, total: int, enabled: bool):
+    """A tqdm bar on a terminal, the bare iterable elsewhere."""
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, unit="img", desc="reading images")
+
+
+def read_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """A manifest written by the ingest stage, with the manifest dtypes."""
+    frame = pd.read_csv(path, dtype={c: ("string" if t == "string" else None) for c, t in SCHEMA.items()},
+                        keep_default_na=False, na_values=[""])
+    return conform(frame)

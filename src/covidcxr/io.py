@@ -1,0 +1,697 @@
+"""Reading radiographs and lung masks: the one place pixels enter covidcxr.
+
+:func:`read_image` recognises the format from the file's bytes (not its name), refuses what it cannot read
+faithfully with a typed :class:`ImageReadError` that names the file and the problem, and returns native
+intensities (after the DICOM modality and VOI LUTs) as a float32 2-D array with air dark, plus a header
+restricted to :data:`HEADER_FIELDS` so that no protected health information leaves this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import logging
+import os
+import re
+import struct
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image, ImageFile, UnidentifiedImageError
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS: int = 64_000_000
+
+HEADER_FIELDS: tuple[str, ...] = (
+    "format",
+    "width",
+    "height",
+    "n_frames",
+    "photometric",
+    "bits_stored",
+    "bits_allocated",
+    "pixel_representation",
+    "modality",
+    "view_position",
+    "body_part",
+    "pixel_spacing",
+    "sex",
+    "age",
+    "transfer_syntax",
+    "burned_in_annotation",
+)
+
+ImageSource = str | os.PathLike | bytes
+
+
+# --- errors ---------------------------------------------------------------------------------------------------------
+
+
+class ImageReadError(ValueError):
+    """An image that cannot be used; ``reason`` is a short machine code, ``str(err)`` is ``"<source>: <problem>"``."""
+
+    reason: str = "error"
+
+    def __init__(self, source: str, problem: str, *, reason: str | None = None) -> None:
+        super().__init__(f"{source}: {problem}")
+        self.source = source
+        self.problem = problem
+        if reason is not None:
+            self.reason = reason
+
+    def __reduce__(self) -> tuple:
+        # Keeps errors picklable across process pools despite the keyword-only constructor.
+        return (_rebuild_error, (type(self), self.source, self.problem, self.reason))
+
+
+def _rebuild_error(cls: type[ImageReadError], source: str, problem: str, reason: str) -> ImageReadError:
+    return cls(source, problem, reason=reason)
+
+
+class UnreadableImageError(ImageReadError):
+    """Corrupt, undecodable or missing file."""
+
+    reason = "unreadable"
+
+
+class TruncatedImageError(UnreadableImageError):
+    """The file ends before the data it declares."""
+
+    reason = "truncated"
+
+
+class NotAnImageError(ImageReadError):
+    """Bytes of no known image format (text, archives, empty files...)."""
+
+    reason = "not_an_image"
+
+
+class ZeroVarianceImageError(ImageReadError):
+    """Every pixel has the same value: nothing to learn from."""
+
+    reason = "zero_variance"
+
+
+class ImageTooLargeError(ImageReadError):
+    """Declared width x height x frames above the limit (checked before any pixel is decoded)."""
+
+    reason = "too_large"
+
+
+class NoPixelDataError(ImageReadError):
+    """A DICOM without a (7FE0,0010) Pixel Data element."""
+
+    reason = "no_pixel_data"
+
+
+class UnsupportedPhotometricError(ImageReadError):
+    """A colour model this reader does not convert faithfully to grayscale."""
+
+    reason = "unsupported_photometric"
+
+
+# --- public API -----------------------------------------------------------------------------------------------------
+
+
+def read_image(
+    src: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+) -> tuple[np.ndarray, dict]:
+    """Float32 2-D grayscale array (native intensity after LUTs, air dark) and a whitelisted header dict.
+
+    ``src`` is a path or the file's bytes; ``name`` replaces the path (or ``"<bytes>"``) in error messages and, for
+    bytes, supplies the suffix that marks a JSRT raw file. Raises an :class:`ImageReadError` subclass for anything
+    that cannot be read faithfully, including images whose pixels all have one value.
+    """
+    arr, header, source = _decode(src, max_pixels, name)
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo == hi:
+        raise ZeroVarianceImageError(source, f"all pixels have the same value ({lo:g})")
+    return arr, header
+
+
+def read_mask(paths: ImageSource | Sequence[str | os.PathLike], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Boolean lung mask; several files (left + right lung) are OR-merged and must share one shape.
+
+    A pixel is inside when it is above the midpoint of the file's value range (0/255, 0/1 and palette masks alike).
+    """
+    items = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths)
+    if not items:
+        raise ValueError("read_mask needs at least one mask file")
+    merged: np.ndarray | None = None
+    first = ""
+    for item in items:
+        arr, _, source = _decode(item, max_pixels, None)
+        mask = _binarize(arr)
+        if merged is None:
+            merged, first = mask, source
+        elif mask.shape != merged.shape:
+            raise ImageReadError(
+                source, f"mask shape {mask.shape} differs from shape {merged.shape} of {first}", reason="mask_shape"
+            )
+        else:
+            merged |= mask
+    assert merged is not None
+    return merged
+
+
+def pseudonymize(value: str, salt: str) -> str:
+    """Salted SHA-256 (HMAC, hex, first 16 chars) of a patient identifier; same input and salt give the same output.
+
+    The salt is the HMAC key, so identifiers cannot be recovered by hashing guesses without it.
+    """
+    if not isinstance(value, str) or not isinstance(salt, str):
+        raise TypeError("pseudonymize takes a str identifier and a str salt")
+    if not salt:
+        raise ValueError("pseudonymize needs a non-empty salt (an unsalted hash of an id can be reversed by guessing)")
+    return hmac.new(salt.encode("utf-8"), value.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of the file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- dispatch -------------------------------------------------------------------------------------------------------
+
+# JSRT: 2048 x 2048, 12-bit, big-endian raw, no header (db.jsrt.or.jp/eng.php), 0.175 mm pixels.
+JSRT_SHAPE = (2048, 2048)
+JSRT_BYTES = JSRT_SHAPE[0] * JSRT_SHAPE[1] * 2
+_JSRT_SPACING_MM = 0.175
+
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "jpeg2000"),
+    (b"\xffO\xffQ", "jpeg2000"),
+    (b"BM", "bmp"),
+)
+_PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "tiff": "TIFF", "jpeg2000": "JPEG2000", "bmp": "BMP"}
+# A DICOM without preamble starts with a little- or big-endian tag of group 0002 (meta) or 0008 (identification).
+_DICOM_NO_PREAMBLE_STARTS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+
+
+def _decode(src: ImageSource, max_pixels: int, name: str | None) -> tuple[np.ndarray, dict, str]:
+    """Read any supported file into (float32 2-D array, header, source name), without the variance check."""
+    if not isinstance(max_pixels, (int, np.integer)) or isinstance(max_pixels, bool) or max_pixels <= 0:
+        raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
+    data, source, suffix = _load(src, name, _max_file_bytes(max_pixels))
+    fmt = _sniff(data, suffix)
+    if fmt is None:
+        raise NotAnImageError(source, _unknown_format(data))
+    if fmt == "dicom":
+        arr, header = _read_dicom(data, source, max_pixels, has_magic=data[128:132] == b"DICM")
+    elif fmt == "jsrt":
+        arr, header = _read_jsrt(data, source, max_pixels)
+    else:
+        arr, header = _read_raster(data, fmt, source, max_pixels)
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.ndim != 2:
+        raise UnreadableImageError(source, f"decoded to shape {arr.shape}, expected a 2-D grayscale image")
+    if not np.isfinite(arr).all():
+        raise UnreadableImageError(source, "pixel values are not all finite (NaN or infinity)")
+    logger.debug("read %s: %s %dx%d", source, header["format"], arr.shape[1], arr.shape[0])
+    return arr, header, source
+
+
+def _max_file_bytes(max_pixels: int) -> int:
+    """No file under the pixel limit needs more than 8 bytes a pixel (16-bit RGBA) plus room for headers."""
+    return 8 * max_pixels + (64 << 20)
+
+
+def _load(src: ImageSource, name: str | None, max_bytes: int) -> tuple[bytes, str, str]:
+    """The file's bytes, the name used in messages, and the lower-case suffix (for JSRT raw files)."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        source = name or "<bytes>"
+        _check_file_size(len(src), max_bytes, source)
+        return bytes(src), source, Path(name).suffix.lower() if name else ""
+    if not isinstance(src, (str, os.PathLike)):
+        raise TypeError(f"read_image takes a path or bytes, got {type(src).__name__}")
+    path = Path(src)
+    source = name or os.fspath(src)
+    try:
+        if path.is_file():
+            _check_file_size(path.stat().st_size, max_bytes, source)
+        return path.read_bytes(), source, path.suffix.lower()
+    except FileNotFoundError:
+        raise UnreadableImageError(source, "file not found") from None
+    except IsADirectoryError:
+        raise UnreadableImageError(source, "is a directory, not a file") from None
+    except OSError as exc:
+        raise UnreadableImageError(source, f"cannot read file ({exc.strerror or type(exc).__name__})") from None
+
+
+def _check_file_size(size: int, max_bytes: int, source: str) -> None:
+    if size > max_bytes:
+        raise ImageTooLargeError(
+            source, f"file of {size} bytes exceeds {max_bytes} bytes, the most the pixel limit can need"
+        )
+
+
+def _sniff(data: bytes, suffix: str) -> str | None:
+    """Format from the content: DICOM, Pillow formats, JSRT raw (by suffix and exact size), preamble-less DICOM."""
+    if data[128:132] == b"DICM":
+        return "dicom"
+    for magic, fmt in _MAGIC:
+        if data.startswith(magic):
+            return fmt
+    if suffix == ".img" and len(data) == JSRT_BYTES:
+        return "jsrt"
+    if data[:2] in _DICOM_NO_PREAMBLE_STARTS:
+        return "dicom"
+    return None
+
+
+def _unknown_format(data: bytes) -> str:
+    if not data:
+        return "file is empty (0 bytes)"
+    if data.startswith(b"PK\x03\x04"):
+        return "not an image: a ZIP archive"
+    return f"not an image: unknown format ({len(data)} bytes; expected DICOM, PNG, JPEG, GIF, BMP, TIFF or JSRT raw)"
+
+
+def _check_pixels(n_pixels: int, max_pixels: int, source: str, what: str) -> None:
+    if n_pixels > max_pixels:
+        raise ImageTooLargeError(source, f"{what} = {n_pixels} pixels exceeds the limit of {max_pixels}")
+
+
+# --- DICOM ----------------------------------------------------------------------------------------------------------
+
+_PHOTOMETRIC_OK = ("MONOCHROME1", "MONOCHROME2", "RGB")
+_PIXEL_DATA_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # (7FE0,0010), little and big endian
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian
+
+
+def _read_dicom(data: bytes, source: str, max_pixels: int, *, has_magic: bool) -> tuple[np.ndarray, dict]:
+    """Header checks first (truncation, pixel data, size, photometric, length), then decode frame 0 only."""
+    ds = _parse_dicom(data, source, has_magic)
+    try:
+        _check_dicom_complete(ds, data, source)
+        header = _dicom_header(ds)
+        rows, cols, frames = _dicom_dims(ds, source)
+        _check_pixels(rows * cols * frames, max_pixels, source, f"DICOM declares {cols}x{rows} x {frames} frame(s)")
+        photometric = _check_photometric(ds, source)
+        _ensure_transfer_syntax(ds, source)
+        _check_pixel_length(ds, source, rows, cols, frames)
+        try:
+            arr = pixel_array(ds, index=0)
+        except Exception as exc:  # noqa: BLE001 - every decoder failure becomes a typed refusal
+            raise UnreadableImageError(source, f"cannot decode DICOM pixel data ({_describe(exc)})") from None
+        return _dicom_intensity(arr, ds, photometric, source), header
+    except ImageReadError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed elements; the message is not echoed (it may hold PHI)
+        raise UnreadableImageError(source, f"malformed DICOM ({type(exc).__name__})") from None
+
+
+def _parse_dicom(data: bytes, source: str, has_magic: bool) -> Dataset:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        except (EOFError, struct.error, BytesLengthException):
+            if has_magic:
+                raise TruncatedImageError(source, "truncated: the DICOM file ends inside a data element") from None
+            raise NotAnImageError(source, _unknown_format(data)) from None
+        except Exception as exc:  # noqa: BLE001
+            if has_magic:
+                raise UnreadableImageError(source, f"cannot parse DICOM ({type(exc).__name__})") from None
+            raise NotAnImageError(source, _unknown_format(data)) from None
+    if not has_magic and not any(k in ds for k in ("PixelData", "Rows", "SOPClassUID", "Modality")):
+        raise NotAnImageError(source, _unknown_format(data))
+    # pydicom drops an element cut by the end of the file and only warns; that is a truncated file here.
+    if any("End of file" in str(w.message) for w in caught):
+        raise TruncatedImageError(source, "truncated: the DICOM file ends inside a data element")
+    if caught:
+        logger.debug("%s: pydicom emitted %d warning(s) while parsing", source, len(caught))
+    return ds
+
+
+def _check_dicom_complete(ds: Dataset, data: bytes, source: str) -> None:
+    """Truncation anywhere in the file (pydicom reads short values and stops at a cut silently), or no Pixel Data."""
+    meta_length = _int(ds.file_meta, "FileMetaInformationGroupLength")
+    end = 132 + 12 + meta_length if data[128:132] == b"DICM" and meta_length is not None else None
+    if end is not None and end > len(data):
+        raise TruncatedImageError(source, "truncated: the file ends inside the DICOM file meta information")
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if not isinstance(raw, RawDataElement) or raw.length == _UNDEFINED_LENGTH:
+            end = None  # a sequence or encapsulated data read to its delimiter: no declared end
+            if isinstance(raw, RawDataElement) and raw.tag == 0x7FE00010 and raw.value is not None:
+                delimiter_at = raw.value_tell + len(raw.value)
+                if data[delimiter_at : delimiter_at + 8] != _SEQUENCE_DELIMITER:
+                    raise TruncatedImageError(source, "truncated: DICOM compressed pixel data has no complete end")
+            continue
+        end = raw.value_tell + raw.length
+        if end > len(data):
+            raise TruncatedImageError(
+                source,
+                f"truncated: DICOM element {tag} declares {raw.length} bytes, the file ends {end - len(data)} early",
+            )
+    if end is not None and 0 < len(data) - end < 8:
+        # Fewer bytes than an element header after the last element: the next element was cut.
+        raise TruncatedImageError(source, "truncated: the DICOM file ends inside an element header")
+    if "PixelData" not in ds:
+        if any(tag in data for tag in _PIXEL_DATA_TAG_BYTES):
+            raise TruncatedImageError(source, "truncated: the DICOM pixel data element (7FE0,0010) is incomplete")
+        hint = " (the file may be truncated)" if "Rows" in ds else ""
+        raise NoPixelDataError(source, f"DICOM has no pixel data element (7FE0,0010){hint}")
+
+
+def _dicom_dims(ds: Dataset, source: str) -> tuple[int, int, int]:
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    frames = _int(ds, "NumberOfFrames")
+    frames = 1 if frames is None else frames
+    if not rows or not cols or rows < 0 or cols < 0 or frames < 1:
+        raise UnreadableImageError(
+            source, f"DICOM declares an invalid size (Rows={rows}, Columns={cols}, frames={frames})"
+        )
+    return rows, cols, frames
+
+
+def _check_photometric(ds: Dataset, source: str) -> str:
+    photometric = _str(ds, "PhotometricInterpretation")
+    if photometric is None:
+        raise UnreadableImageError(source, "DICOM has no PhotometricInterpretation")
+    if photometric not in _PHOTOMETRIC_OK:
+        raise UnsupportedPhotometricError(
+            source, f"DICOM photometric interpretation {photometric} is not supported (MONOCHROME1, MONOCHROME2, RGB)"
+        )
+    samples = _int(ds, "SamplesPerPixel")
+    expected = 3 if photometric == "RGB" else 1
+    if samples is not None and samples != expected:
+        raise UnreadableImageError(source, f"DICOM {photometric} with SamplesPerPixel={samples} (expected {expected})")
+    return photometric
+
+
+def _ensure_transfer_syntax(ds: Dataset, source: str) -> None:
+    """Preamble-less files have no file meta: derive the transfer syntax from the encoding pydicom detected."""
+    if ds.file_meta.get("TransferSyntaxUID") is not None:
+        return
+    raw = ds.get_item(0x7FE00010)
+    if isinstance(raw, RawDataElement) and raw.length == _UNDEFINED_LENGTH:
+        raise UnreadableImageError(source, "DICOM has compressed pixel data but no transfer syntax")
+    implicit, little = ds.original_encoding
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _check_pixel_length(ds: Dataset, source: str, rows: int, cols: int, frames: int) -> None:
+    """Native data: bytes present vs declared; encapsulated: every fragment complete."""
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    value = ds.PixelData
+    if tsyntax.is_encapsulated:
+        _check_fragments(value, source)
+        return
+    bits = _int(ds, "BitsAllocated")
+    if bits is None or bits not in (1, 8, 16, 32, 64):
+        raise UnreadableImageError(source, f"DICOM BitsAllocated={bits} is not 1, 8, 16, 32 or 64")
+    samples = _int(ds, "SamplesPerPixel") or 1
+    expected = (rows * cols * frames * samples * bits + 7) // 8
+    if len(value) < expected:
+        raise TruncatedImageError(
+            source,
+            f"truncated: DICOM pixel data has {len(value)} bytes, {expected} expected for {cols}x{rows} "
+            f"x {frames} frame(s) at {bits} bits",
+        )
+
+
+def _check_fragments(value: bytes, source: str) -> None:
+    """Walk the (FFFE,E000) items of encapsulated pixel data; the first is the basic offset table."""
+    pos, items = 0, 0
+    while pos < len(value):
+        if pos + 8 > len(value):
+            raise TruncatedImageError(source, "truncated: DICOM compressed pixel data ends inside an item header")
+        group, elem, length = struct.unpack_from("<HHI", value, pos)
+        if (group, elem) != (0xFFFE, 0xE000):
+            raise UnreadableImageError(source, "DICOM compressed pixel data is malformed (expected an item tag)")
+        pos += 8 + length
+        if pos > len(value):
+            raise TruncatedImageError(source, "truncated: DICOM compressed pixel data ends inside a fragment")
+        items += 1
+    if items < 2:
+        raise UnreadableImageError(source, "DICOM compressed pixel data holds no frame")
+
+
+def _dicom_intensity(arr: np.ndarray, ds: Dataset, photometric: str, source: str) -> np.ndarray:
+    """Modality LUT, then VOI LUT or window, then MONOCHROME1 inversion over the VOI output range."""
+    if photometric == "RGB":
+        return _luminance(arr)
+    domain = _stored_domain(ds)
+    use_voi = True
+    try:
+        domain_out = _apply_luts(domain, ds, use_voi=True)
+    except Exception as exc:  # noqa: BLE001 - a broken VOI should not discard a readable image; it is logged
+        logger.warning("%s: VOI LUT/window not applied (%s); using modality values", source, type(exc).__name__)
+        use_voi = False
+        domain_out = _apply_luts(domain, ds, use_voi=False)
+    out = _apply_luts(arr, ds, use_voi=use_voi).astype(np.float64)
+    if photometric == "MONOCHROME1":
+        # Invert over the range the LUTs can produce from any stored value, not this image's own min/max, so that
+        # the mapping depends on the header only.
+        out = (float(domain_out.min()) + float(domain_out.max())) - out
+    return out
+
+
+def _stored_domain(ds: Dataset) -> np.ndarray:
+    """Every value the stored pixels can take (BitsStored, PixelRepresentation); the two ends beyond 16 bits."""
+    bits = _int(ds, "BitsStored") or _int(ds, "BitsAllocated") or 16
+    signed = _int(ds, "PixelRepresentation") == 1
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    if bits <= 16:
+        return np.arange(lo, hi + 1, dtype=np.int64)
+    return np.array([lo, hi], dtype=np.int64)
+
+
+def _apply_luts(arr: np.ndarray, ds: Dataset, *, use_voi: bool) -> np.ndarray:
+    out = apply_modality_lut(arr, ds)
+    if not use_voi:
+        return out
+    if ds.get("VOILUTSequence") and np.issubdtype(out.dtype, np.floating):
+        out = np.rint(out).astype(np.int64)  # a VOI LUT is indexed by integers
+    return apply_voi_lut(out, ds, index=0)
+
+
+def _dicom_header(ds: Dataset) -> dict:
+    header = dict.fromkeys(HEADER_FIELDS)
+    frames = _int(ds, "NumberOfFrames")
+    header.update(
+        format="dicom",
+        width=_int(ds, "Columns"),
+        height=_int(ds, "Rows"),
+        n_frames=1 if frames is None else frames,
+        photometric=_str(ds, "PhotometricInterpretation"),
+        bits_stored=_int(ds, "BitsStored"),
+        bits_allocated=_int(ds, "BitsAllocated"),
+        pixel_representation=_int(ds, "PixelRepresentation"),
+        modality=_str(ds, "Modality"),
+        view_position=_str(ds, "ViewPosition"),
+        body_part=_str(ds, "BodyPartExamined"),
+        pixel_spacing=_spacing(ds),
+        sex=_sex(_str(ds, "PatientSex")),
+        age=_parse_age(_str(ds, "PatientAge")),
+        transfer_syntax=_transfer_syntax(ds),
+        burned_in_annotation={"YES": True, "NO": False}.get(_str(ds, "BurnedInAnnotation") or ""),
+    )
+    return header
+
+
+def _get(ds: Dataset, keyword: str) -> Any:
+    """The first value of an element, or None when absent, empty or not decodable."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - a malformed optional element is treated as missing
+        return None
+    if isinstance(value, (MultiValue, list, tuple)):
+        value = value[0] if len(value) else None
+    return None if value is None or value == "" else value
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = _get(ds, keyword)
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _str(ds: Dataset, keyword: str) -> str | None:
+    value = _get(ds, keyword)
+    text = None if value is None else str(value).strip().upper()
+    return text or None
+
+
+def _spacing(ds: Dataset) -> tuple[float, float] | None:
+    """(row, column) spacing in mm from PixelSpacing, else ImagerPixelSpacing; None unless two positive numbers."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            value = ds.get(keyword)
+            pair = tuple(float(v) for v in value) if value is not None else ()
+        except Exception:  # noqa: BLE001
+            continue
+        if len(pair) == 2 and all(np.isfinite(v) and v > 0 for v in pair):
+            return pair
+    return None
+
+
+def _sex(value: str | None) -> str:
+    return value if value in ("M", "F") else "unknown"
+
+
+_AGE_RE = re.compile(r"^(\d{1,3})\s*([DWMY]?)$")
+_AGE_UNIT_YEARS = {"Y": 1.0, "": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+
+
+def _parse_age(value: str | None) -> float | None:
+    """Years from a DICOM age string ("065Y", "018M", "030D", "004W"); a bare number is read as years."""
+    match = _AGE_RE.match((value or "").strip().upper())
+    if match is None:
+        return None
+    return round(int(match.group(1)) * _AGE_UNIT_YEARS[match.group(2)], 4)
+
+
+def _transfer_syntax(ds: Dataset) -> str | None:
+    value = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    return str(value) if value else None
+
+
+# --- JSRT raw -------------------------------------------------------------------------------------------------------
+
+
+def _read_jsrt(data: bytes, source: str, max_pixels: int) -> tuple[np.ndarray, dict]:
+    """JSRT raw: 12-bit values stored big-endian in 16 bits, high value = dark film, so inverted for air dark.
+
+    Inversion source: public JSRT converters invert the raw values, e.g. imlab-uiip/lung-segmentation-2d
+    (``preprocess_JSRT.py``: ``1.0 - np.fromfile(path, dtype='>u2').reshape((2048, 2048)) / 4096``).
+    """
+    height, width = JSRT_SHAPE
+    _check_pixels(height * width, max_pixels, source, f"JSRT raw image {width}x{height}")
+    raw = np.frombuffer(data, dtype=">u2").reshape(JSRT_SHAPE)
+    if int(raw.max()) > 4095:
+        raise UnreadableImageError(source, f"values up to {int(raw.max())} do not fit JSRT's 12 bits")
+    header = dict.fromkeys(HEADER_FIELDS)
+    header.update(
+        format="jsrt",
+        width=width,
+        height=height,
+        n_frames=1,
+        photometric="MONOCHROME1",
+        bits_stored=12,
+        bits_allocated=16,
+        pixel_representation=0,
+        pixel_spacing=(_JSRT_SPACING_MM, _JSRT_SPACING_MM),
+        sex="unknown",
+    )
+    return 4095.0 - raw.astype(np.float32), header
+
+
+# --- Pillow formats (PNG, JPEG, GIF, BMP, TIFF, JPEG 2000) ----------------------------------------------------------
+
+_MODE_BITS = {
+    "1": 1, "L": 8, "P": 8, "PA": 8, "LA": 8, "La": 8, "RGB": 8, "RGBA": 8, "RGBX": 8, "RGBa": 8, "YCbCr": 8,
+    "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32,
+}  # fmt: skip
+_GRAY_MODES = ("1", "L", "I", "F", "I;16", "I;16B", "I;16L", "I;16N")
+_RGB_MODES = ("RGB", "RGBA", "RGBX", "RGBa")
+
+
+def _read_raster(data: bytes, fmt: str, source: str, max_pixels: int) -> tuple[np.ndarray, dict]:
+    """Size checked from the header before ``load()``; bombs, truncation and decoder errors become typed refusals."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True; reset to False so truncated files are refused")
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    label = fmt.upper()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]]) as img:
+                width, height = img.size
+                _check_pixels(width * height, max_pixels, source, f"{label} declares {width}x{height}")
+                n_frames = int(getattr(img, "n_frames", 1) or 1)
+                _check_pixels(width * height * n_frames, max_pixels, source, f"{label} {width}x{height} x {n_frames}")
+                mode = img.mode
+                img.load()
+                arr = _raster_gray(img, label, source)
+    except ImageReadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(source, f"{label} declares too many pixels ({exc})") from None
+    except UnidentifiedImageError:
+        raise UnreadableImageError(source, f"starts like {label} but its header cannot be parsed") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every decoder failure becomes a typed refusal
+        if isinstance(exc, EOFError) or "truncated" in str(exc).lower():
+            raise TruncatedImageError(source, f"truncated: {label} data ends early ({_describe(exc)})") from None
+        raise UnreadableImageError(source, f"cannot decode {label} ({_describe(exc)})") from None
+    header = dict.fromkeys(HEADER_FIELDS)
+    header.update(
+        format=fmt, width=width, height=height, n_frames=n_frames, photometric=mode,
+        bits_stored=_MODE_BITS.get(mode), sex="unknown",
+    )  # fmt: skip
+    return arr, header
+
+
+def _raster_gray(img: Image.Image, label: str, source: str) -> np.ndarray:
+    """Gray as stored; colour by luminance (alpha ignored); palette through RGB; LA keeps its L band."""
+    mode = img.mode
+    if mode in ("P", "PA"):
+        img = img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
+    elif mode == "YCbCr":
+        img = img.convert("RGB")
+    elif mode in ("LA", "La"):
+        img = img.getchannel(0)
+    if img.mode in _GRAY_MODES:
+        return np.asarray(img).astype(np.float32)
+    if img.mode in _RGB_MODES:
+        return _luminance(np.asarray(img)[..., :3])
+    raise UnsupportedPhotometricError(
+        source, f"{label} colour mode {mode} is not supported (grayscale, RGB(A), palette, LA, 1-bit)"
+    )
+
+
+# --- helpers --------------------------------------------------------------------------------------------------------
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma, the weights the paper folds ImageNet filters with."""
+    rgb = np.asarray(rgb, dtype=np.float64)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"expected an RGB array of shape (H, W, 3), got {rgb.shape}")
+    return 0.2989 * rgb[..., 0] + 0.5870 * rgb[..., 1] + 0.1140 * rgb[..., 2]
+
+
+def _binarize(arr: np.ndarray) -> np.ndarray:
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo == hi:
+        return np.full(arr.shape, hi > 0, dtype=bool)
+    return arr > (lo + hi) / 2
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__

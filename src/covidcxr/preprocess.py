@@ -1,0 +1,103 @@
+"""Image preprocessing of the paper: resize to the working size, then min-max to [0, 1] per image."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Bilinear (antialiased) resize of a 2-D float image to ``size`` (int: square; tuple: height, width)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    if image.shape == (height, width):
+        return image.astype(np.float32, copy=False)
+    resized = Image.fromarray(np.asarray(image, dtype=np.float32), mode="F").resize(
+        (width, height), Image.Resampling.BILINEAR
+    )
+    return np.asarray(resized, dtype=np.float32)
+
+
+def minmax(image: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] per image (the paper's Eq. 1); a constant image maps to zeros."""
+    lo, hi = float(image.min()), float(image.max())
+    if hi <= lo:
+        return np.zeros_like(image, dtype=np.float32)
+    return ((image - lo) / (hi - lo)).astype(np.float32)
+
+
+class Standardizer:
+    """Z-score with the mean and std of the TRAINING images only (the paper's Eq. 2), fitted once, used everywhere.
+
+    scikit-learn style: ``fit`` learns ``mean_``, ``std_`` and ``n_images_``; ``transform`` applies them to validation,
+    test and served images alike, so train/test statistics cannot diverge (a defect of the authors' code). Saved as a
+    small JSON beside each model.
+    """
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        self.eps = eps
+
+    def fit(self, images: np.ndarray) -> Standardizer:
+        """Learn the pixel mean and std over all training images (any shape; streamed in float64)."""
+        images = np.asarray(images)
+        if images.size == 0:
+            raise ValueError("cannot fit a standardizer on no images")
+        total, total_sq, count = 0.0, 0.0, 0
+        for chunk in np.array_split(images.reshape(len(images), -1), max(1, len(images) // 256)):
+            chunk = chunk.astype(np.float64)
+            total += float(chunk.sum())
+            total_sq += float(np.square(chunk).sum())
+            count += chunk.size
+        self.mean_ = total / count
+        self.std_ = float(np.sqrt(max(total_sq / count - self.mean_**2, 0.0)))
+        self.n_images_ = int(len(images))
+        return self
+
+    def transform(self, images: np.ndarray) -> np.ndarray:
+        if not hasattr(self, "mean_"):
+            raise RuntimeError("Standardizer is not fitted: call fit on the training images first")
+        return ((np.asarray(images, dtype=np.float32) - self.mean_) / max(self.std_, self.eps)).astype(np.float32)
+
+    def fit_transform(self, images: np.ndarray) -> np.ndarray:
+        return self.fit(images).transform(images)
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean_, "std": self.std_, "n_images": self.n_images_, "eps": self.eps}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> Standardizer:
+        obj = cls(eps=float(state.get("eps", 1e-6)))
+        obj.mean_, obj.std_, obj.n_images_ = float(state["mean"]), float(state["std"]), int(state["n_images"])
+        return obj
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
+            fh.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Standardizer:
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh))
+
+
+VARIANTS: dict[str, str] = {
+    "c": "full image",
+    "d": "lungs only (image x mask)",
+    "e": "lungs removed (image x (1 - mask))",
+}
+
+
+def apply_variant(images: np.ndarray, masks: np.ndarray, variant: str) -> np.ndarray:
+    """The paper's input variants: c the full image, d the lungs only, e the lungs removed."""
+    if variant == "c":
+        return np.asarray(images, dtype=np.float32)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: expected one of {sorted(VARIANTS)}")
+    masks = np.asarray(masks, dtype=np.float32)
+    if masks.shape != np.shape(images):
+        raise ValueError(f"masks {masks.shape} and images {np.shape(images)} differ in shape")
+    keep = masks if variant == "d" else 1.0 - masks
+    return (np.asarray(images, dtype=np.float32) * keep).astype(np.float32)

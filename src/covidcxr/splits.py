@@ -1,0 +1,121 @@
+"""Patient-level splits and experiment curation.
+
+A patient's images always land in one split (the paper's 60/20/20 "following the clinical information to avoid images
+from the same subject in two different partitions"). Strata (for example the label) keep their proportions in every
+split. Everything is seeded and independent of row order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+PAPER_FRACTIONS: dict[str, float] = {"train": 0.6, "val": 0.2, "test": 0.2}
+
+
+class SelectionError(ValueError):
+    """An experiment selection that is empty, ambiguous or refers to unknown columns."""
+
+
+def split_patients(
+    df: pd.DataFrame,
+    *,
+    fractions: Mapping[str, float] = PAPER_FRACTIONS,
+    seed: int = 0,
+    stratify: str | None = "label",
+    group: str = "patient_id",
+) -> pd.Series:
+    """Assign every row a split name so that no group (patient) spans two splits.
+
+    Within each stratum, patients are shuffled with ``seed`` and given, one by one, to the split that is furthest below
+    its target share of the stratum's images; a patient with several strata is placed by their most frequent one
+    (ties: the lexically first). Returns a string Series aligned with ``df.index``.
+    """
+    names = list(fractions)
+    target = np.array([fractions[n] for n in names], dtype=float)
+    if np.any(target < 0) or not np.isclose(target.sum(), 1.0):
+        raise ValueError(f"split fractions must be non-negative and sum to 1, got {dict(fractions)}")
+    if df.empty:
+        return pd.Series(pd.array([], dtype="string"), index=df.index, name="split")
+    if df[group].isna().any():
+        raise ValueError(f"{int(df[group].isna().sum())} rows have no {group}: cannot split by patient")
+
+    groups = df[group].astype(str)
+    if stratify is None:
+        strata = pd.Series("all", index=df.index)
+    else:
+        strata = df[stratify].astype("string").fillna("<NA>")
+    per_patient = (
+        pd.DataFrame({"g": groups, "s": strata})
+        .groupby("g")["s"]
+        .agg(lambda s: sorted(s.value_counts().items(), key=lambda kv: (-kv[1], kv[0]))[0][0])
+    )
+    sizes = groups.value_counts()
+
+    rng = np.random.default_rng(seed)
+    assignment: dict[str, str] = {}
+    for stratum in sorted(per_patient.unique()):
+        patients = np.array(sorted(per_patient.index[per_patient == stratum]))
+        patients = patients[rng.permutation(len(patients))]
+        total = float(sizes[patients].sum())
+        filled = np.zeros(len(names))
+        for patient in patients:
+            deficit = np.where(target > 0, target * total - filled, -np.inf)
+            k = int(np.argmax(deficit))
+            assignment[patient] = names[k]
+            filled[k] += sizes[patient]
+    return pd.Series(pd.array(groups.map(assignment), dtype="string"), index=df.index, name="split")
+
+
+def _matches(df: pd.DataFrame, rule: Mapping[str, object]) -> pd.Series:
+    """Rows matching every key of ``rule`` (a value or a list of accepted values)."""
+    unknown = [k for k in rule if k not in df.columns]
+    if unknown:
+        raise SelectionError(f"selection rule {dict(rule)} uses unknown columns {unknown}")
+    mask = pd.Series(True, index=df.index)
+    for col, accepted in rule.items():
+        values = accepted if isinstance(accepted, (list, tuple, set)) else [accepted]
+        mask &= df[col].astype("string").isin([str(v) for v in values]).fillna(False).astype(bool)
+    return mask
+
+
+def select_experiment(
+    manifest: pd.DataFrame,
+    positives: Sequence[Mapping[str, object]],
+    negatives: Sequence[Mapping[str, object]],
+) -> pd.DataFrame:
+    """Rows of ``manifest`` chosen by an experiment's rules, relabelled ``covid`` / ``negative``.
+
+    A rule is a mapping of manifest columns to accepted values, e.g. ``{"source": "cohen", "label": "covid"}``; a row is
+    positive when any positive rule matches it, negative when any negative rule does. A row matched by both is an error,
+    and so is an experiment without one of its classes.
+    """
+    pos = pd.Series(False, index=manifest.index)
+    for rule in positives:
+        pos |= _matches(manifest, rule)
+    neg = pd.Series(False, index=manifest.index)
+    for rule in negatives:
+        neg |= _matches(manifest, rule)
+    both = manifest.loc[pos & neg, "image_id"]
+    if len(both):
+        raise SelectionError(f"{len(both)} images match both positive and negative rules, e.g. {list(both[:5])}")
+    if not pos.any() or not neg.any():
+        raise SelectionError(
+            f"experiment selects {int(pos.sum())} positive and {int(neg.sum())} negative images: both classes are needed"
+        )
+    out = manifest.loc[pos | neg].copy()
+    out["label"] = pd.array(np.where(pos[pos | neg], "covid", "negative"), dtype="string")
+    return out
+
+
+def drop_negatives_among_positives(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The paper's experiment-2 curation: remove negative images of patients who also have a positive image.
+
+    Returns ``(kept, dropped)`` so that the caller reports what was removed.
+    """
+    positive_patients = set(df.loc[df["label"] == "covid", "patient_id"])
+    drop = (df["label"] == "negative") & df["patient_id"].isin(positive_patients)
+    return df.loc[~drop], df.loc[drop]

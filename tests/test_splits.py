@@ -1,0 +1,101 @@
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from covidcxr import splits
+
+
+def frame(n_patients=60, images_per_patient=(1, 4), seed=0, covid_share=0.4):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        label = "covid" if rng.random() < covid_share else "negative"
+        for k in range(rng.integers(*images_per_patient, endpoint=True)):
+            rows.append({"image_id": f"s/p{p}_{k}", "patient_id": f"s:p{p}", "label": label, "source": "s"})
+    return pd.DataFrame(rows)
+
+
+def test_no_patient_in_two_splits_and_fractions_close():
+    df = frame(200)
+    df["split"] = splits.split_patients(df, seed=1)
+    assert (df.groupby("patient_id")["split"].nunique() == 1).all()
+    share = df["split"].value_counts(normalize=True)
+    for name, target in splits.PAPER_FRACTIONS.items():
+        assert abs(share[name] - target) < 0.03
+    for name in splits.SPLITS:  # stratified: label mix of every split near the overall one
+        part = df[df["split"] == name]
+        assert abs((part["label"] == "covid").mean() - (df["label"] == "covid").mean()) < 0.05
+
+
+def test_seeded_and_independent_of_row_order():
+    df = frame(80)
+    a = splits.split_patients(df, seed=3)
+    shuffled = df.sample(frac=1.0, random_state=0)
+    b = splits.split_patients(shuffled, seed=3).reindex(df.index)
+    assert a.equals(b)
+    assert not a.equals(splits.split_patients(df, seed=4))
+
+
+def test_custom_fractions_and_zero_share():
+    df = frame(100)
+    s = splits.split_patients(df, fractions={"train": 0.8, "val": 0.2, "test": 0.0}, seed=0)
+    assert set(s) == {"train", "val"}
+    assert abs((s == "train").mean() - 0.8) < 0.05
+
+
+@pytest.mark.parametrize("fractions", [{"train": 0.7, "val": 0.2}, {"train": 1.2, "val": -0.2}])
+def test_bad_fractions_refused(fractions):
+    with pytest.raises(ValueError, match="fractions"):
+        splits.split_patients(frame(10), fractions=fractions)
+
+
+def test_missing_patient_refused():
+    df = frame(10)
+    df.loc[0, "patient_id"] = None
+    with pytest.raises(ValueError, match="no patient_id"):
+        splits.split_patients(df)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 10_000))
+def test_property_patients_never_cross_splits(n_patients, seed):
+    df = frame(n_patients, seed=seed)
+    s = splits.split_patients(df, seed=seed)
+    assert s.notna().all()
+    assert (df.assign(split=s).groupby("patient_id")["split"].nunique() == 1).all()
+
+
+def manifest():
+    return pd.DataFrame(
+        {
+            "image_id": ["a/1", "a/2", "b/1", "b/2", "c/1"],
+            "patient_id": ["a:1", "a:2", "b:1", "a:1", "c:1"],
+            "source": ["a", "a", "b", "b", "c"],
+            "label": ["covid", "negative", "negative", "negative", "unknown"],
+        }
+    )
+
+
+def test_select_experiment_relabels_by_rules():
+    out = splits.select_experiment(manifest(), [{"source": "a", "label": "covid"}], [{"source": ["b", "c"]}])
+    assert list(out["image_id"]) == ["a/1", "b/1", "b/2", "c/1"]
+    assert list(out["label"]) == ["covid", "negative", "negative", "negative"]
+
+
+def test_select_experiment_refuses_overlap_empty_and_unknown_columns():
+    with pytest.raises(splits.SelectionError, match="both positive and negative"):
+        splits.select_experiment(manifest(), [{"source": "a"}], [{"label": "covid"}])
+    with pytest.raises(splits.SelectionError, match="both classes"):
+        splits.select_experiment(manifest(), [{"source": "zzz"}], [{"source": "b"}])
+    with pytest.raises(splits.SelectionError, match="unknown columns"):
+        splits.select_experiment(manifest(), [{"hospital": "x"}], [{"source": "b"}])
+
+
+def test_curation_drops_negative_patients_seen_among_positives():
+    selected = splits.select_experiment(manifest(), [{"label": "covid"}], [{"label": "negative"}])
+    kept, dropped = splits.drop_negatives_among_positives(selected)
+    assert list(dropped["image_id"]) == ["b/2"]  # patient a:1 is positive elsewhere
+    assert "a/1" in set(kept["image_id"]) and "a/2" in set(kept["image_id"])
+    assert len(kept) + len(dropped) == len(selected)

@@ -1,0 +1,333 @@
+"""The paper's networks as small Keras 3 factory functions: the lung U-Net and the one-channel VGG16/VGG19 classifiers.
+
+``build_unet(f0)`` is the classic Keras U-Net the authors used (dropout inside each block). ``build_vgg(depth)`` is the
+VGG conv base with a one-channel first convolution (ImageNet or file weights folded from BGR to gray) and the authors'
+dense head, ending in a separate ``"prediction"`` activation so that Grad-CAM can take gradients on the pre-activation
+logit (``logits_model``), not after the softmax as the authors' code did.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+log = logging.getLogger(__name__)
+
+UNET_DROPOUT_DOWN: tuple[float, ...] = (0.1, 0.1, 0.2, 0.2, 0.3)
+UNET_DROPOUT_UP: tuple[float, ...] = (0.2, 0.2, 0.1, 0.1)
+
+VGG_BLOCKS: dict[int, tuple[int, ...]] = {16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
+VGG_FILTERS: tuple[int, ...] = (64, 128, 256, 512, 512)
+LAST_CONV_LAYER: dict[int, str] = {16: "block5_conv3", 19: "block5_conv4"}
+LOGITS_LAYER = "logits"
+PREDICTION_LAYER = "prediction"
+
+# Keras' VGG ImageNet weights expect caffe-style BGR input: channel 0 is blue. Coefficients in that channel order.
+FOLDS: dict[str, tuple[float, float, float]] = {
+    "luminance": (0.1140, 0.5870, 0.2989),  # the paper's 0.2989 R + 0.5870 G + 0.1140 B
+    "sum": (1.0, 1.0, 1.0),  # exactly the gray image replicated into three channels
+}
+
+# What keras.applications downloads for include_top=False (URLs and md5 as in keras/src/applications/vgg*.py).
+IMAGENET_NOTOP: dict[int, tuple[str, str, str]] = {
+    depth: (
+        f"vgg{depth}_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        f"https://storage.googleapis.com/tensorflow/keras-applications/vgg{depth}/"
+        f"vgg{depth}_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        md5,
+    )
+    for depth, md5 in ((16, "6d6bbae143d832006294945121d1f1fc"), (19, "253f8cb515780f3b799900260a226db6"))
+}
+CONNECT_TIMEOUT_S = 3.0
+
+
+class WeightsUnavailableError(RuntimeError):
+    """ImageNet weights were asked for but are neither in the Keras cache nor downloadable (offline)."""
+
+
+class WeightsFileError(ValueError):
+    """A weights file that does not hold the 3-channel VGG conv base asked for."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# U-Net
+
+
+def _unet_conv_pair(x, filters: int, rate: float, prefix: str):
+    """Two 3x3 he_normal ReLU convolutions with dropout between them (the authors' block)."""
+    conv = dict(kernel_size=3, activation="relu", kernel_initializer="he_normal", padding="same")
+    x = layers.Conv2D(filters, **conv, name=f"{prefix}_conv1")(x)
+    x = layers.Dropout(rate, name=f"{prefix}_drop")(x)
+    return layers.Conv2D(filters, **conv, name=f"{prefix}_conv2")(x)
+
+
+def build_unet(
+    f0: int = 64, input_shape: Sequence[int | None] = (224, 224, 1), *, dropout_scale: float = 1.0, name: str = "unet"
+) -> keras.Model:
+    """The paper's lung U-Net: sigmoid mask of the input's height and width.
+
+    Five contraction blocks with ``f0 * 2**(i-1)`` filters (2x2 max pooling after the first four), four expansion
+    blocks (2x2 stride-2 transposed convolution with the level's filters, skip concatenation, two convolutions), and a
+    1x1 sigmoid convolution. Dropout rates are the paper's (0.1, 0.1, 0.2, 0.2, 0.3 down; 0.2, 0.2, 0.1, 0.1 up) times
+    ``dropout_scale``. Height and width must be multiples of 16. Layers are named ``down{i}_*``, ``up{i}_*``, ``mask``.
+    """
+    if f0 < 1:
+        raise ValueError(f"f0 must be a positive number of filters, got {f0}")
+    rates = [r * dropout_scale for r in UNET_DROPOUT_DOWN + UNET_DROPOUT_UP]
+    if not all(0.0 <= r < 1.0 for r in rates):
+        raise ValueError(f"dropout_scale={dropout_scale} gives dropout rates outside [0, 1): {rates}")
+    height, width = input_shape[0], input_shape[1]
+    if any(s is not None and s % 16 for s in (height, width)):
+        raise ValueError(f"U-Net input height and width must be multiples of 16 (4 poolings), got {input_shape}")
+
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x, skips = inputs, []
+    for i in range(5):
+        x = _unet_conv_pair(x, f0 * 2**i, UNET_DROPOUT_DOWN[i] * dropout_scale, f"down{i + 1}")
+        if i < 4:
+            skips.append(x)
+            x = layers.MaxPooling2D(2, name=f"down{i + 1}_pool")(x)
+    for j, skip in enumerate(reversed(skips)):
+        filters = f0 * 2 ** (3 - j)
+        x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"up{j + 1}_transpose")(x)
+        x = layers.Concatenate(name=f"up{j + 1}_concat")([x, skip])
+        x = _unet_conv_pair(x, filters, UNET_DROPOUT_UP[j] * dropout_scale, f"up{j + 1}")
+    outputs = layers.Conv2D(1, 1, activation="sigmoid", name="mask")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def dice_loss(y_true, y_pred, smooth: float = 1.0):
+    """Per-image soft Dice loss, ``1 - (2|A∩B| + s) / (|A| + |B| + s)``, one value per image (an empty mask predicted
+    empty scores 0)."""
+    y_true = ops.cast(y_true, y_pred.dtype)
+    axes = tuple(range(1, len(y_pred.shape)))
+    intersection = ops.sum(y_true * y_pred, axis=axes)
+    total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
+    return 1.0 - (2.0 * intersection + smooth) / (total + smooth)
+
+
+def bce_dice_loss(y_true, y_pred):
+    """Binary cross-entropy (mean over pixels) plus per-image soft Dice loss; one value per image."""
+    y_true = ops.cast(y_true, y_pred.dtype)
+    axes = tuple(range(1, len(y_pred.shape)))
+    bce = ops.mean(ops.binary_crossentropy(y_true, y_pred), axis=axes)
+    return bce + dice_loss(y_true, y_pred)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# VGG
+
+
+def build_vgg(
+    depth: int = 19,
+    input_shape: Sequence[int | None] = (224, 224, 1),
+    *,
+    weights: str | os.PathLike | None = None,
+    fold: str = "luminance",
+    width: float = 1.0,
+    head: Sequence[int] = (1024, 512, 64),
+    head_dropout: float = 0.2,
+    outputs: int = 1,
+    name: str | None = None,
+) -> keras.Model:
+    """VGG16/VGG19 classifier on one-channel images, with the authors' dense head.
+
+    The conv base has keras.applications' layer names (``block1_conv1`` ... ``block5_pool``) and ``width`` times its
+    filters. ``weights``: ``None``/``"none"`` (random), ``"imagenet"`` (Keras cache, else Keras' download; fails fast
+    with ``WeightsUnavailableError`` when offline) or the path of a 3-channel VGG base weights file (a Keras
+    ``.weights.h5`` or Keras' ``vgg{depth}_weights_tf_dim_ordering_tf_kernels_notop.h5``). The first kernel is folded
+    to one channel with ``FOLDS[fold]`` in BGR order. Head: global average pooling, dropout, the ``head`` ReLU Dense
+    layers (a second dropout after the first), a ``"logits"`` Dense and a separate ``"prediction"`` activation
+    (sigmoid for one output, softmax otherwise).
+    """
+    if depth not in VGG_BLOCKS:
+        raise ValueError(f"VGG depth must be one of {sorted(VGG_BLOCKS)}, got {depth}")
+    if fold not in FOLDS:
+        raise ValueError(f"fold must be one of {sorted(FOLDS)}, got {fold!r}")
+    if len(input_shape) != 3 or input_shape[-1] != 1:
+        raise ValueError(f"build_vgg takes one-channel images (height, width, 1), got input_shape={tuple(input_shape)}")
+    if width <= 0:
+        raise ValueError(f"width must be positive, got {width}")
+    if outputs < 1:
+        raise ValueError(f"outputs must be at least 1, got {outputs}")
+    if not 0.0 <= head_dropout < 1.0:
+        raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout}")
+    if isinstance(weights, str) and weights.lower() == "none":
+        weights = None
+    if weights is not None and width != 1.0:
+        raise ValueError(f"pretrained weights ({weights!s}) need the real VGG (width=1.0), got width={width}")
+
+    weights_path = None
+    if weights is not None:  # resolved before building, so a missing file or offline ImageNet fails at once
+        weights_path = imagenet_weights_path(depth) if str(weights).lower() == "imagenet" else Path(weights)
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"VGG{depth} weights file not found: {weights_path}")
+
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = inputs
+    for block, (n_convs, filters) in enumerate(zip(VGG_BLOCKS[depth], VGG_FILTERS), start=1):
+        filters = max(1, round(filters * width))
+        for conv in range(1, n_convs + 1):
+            x = layers.Conv2D(filters, 3, activation="relu", padding="same", name=f"block{block}_conv{conv}")(x)
+        x = layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
+
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = layers.Dropout(head_dropout, name="head_dropout1")(x)
+    for i, units in enumerate(head, start=1):
+        x = layers.Dense(units, activation="relu", name=f"head_dense{i}")(x)
+        if i == 1:
+            x = layers.Dropout(head_dropout, name="head_dropout2")(x)
+    x = layers.Dense(outputs, name=LOGITS_LAYER)(x)
+    prediction = layers.Activation("sigmoid" if outputs == 1 else "softmax", name=PREDICTION_LAYER)(x)
+    model = keras.Model(inputs, prediction, name=name or f"vgg{depth}")
+
+    if weights_path is not None:
+        load_vgg_base_weights(model, depth, weights_path, fold=fold)
+    return model
+
+
+def fold_kernel(kernel: np.ndarray, fold: str = "luminance") -> np.ndarray:
+    """Fold a (kh, kw, 3, filters) BGR kernel into (kh, kw, 1, filters) with the ``FOLDS[fold]`` coefficients."""
+    if fold not in FOLDS:
+        raise ValueError(f"fold must be one of {sorted(FOLDS)}, got {fold!r}")
+    kernel = np.asarray(kernel)
+    if kernel.ndim != 4 or kernel.shape[2] != 3:
+        raise ValueError(f"expected a (kh, kw, 3, filters) kernel, got shape {kernel.shape}")
+    coefficients = np.asarray(FOLDS[fold], dtype=kernel.dtype)
+    return np.tensordot(kernel, coefficients, axes=([2], [0]))[:, :, None, :]
+
+
+def load_vgg_base_weights(model: keras.Model, depth: int, path: str | os.PathLike, *, fold: str = "luminance") -> None:
+    """Copy a 3-channel VGG conv base from ``path`` into ``model``'s conv layers, folding the first kernel.
+
+    The file is read into a keras.applications VGG base (the layout Keras writes and downloads), then checked: every
+    kernel must have been loaded, so a file of another network fails with ``WeightsFileError`` instead of leaving
+    random weights behind.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VGG{depth} weights file not found: {path}")
+    application = keras.applications.VGG16 if depth == 16 else keras.applications.VGG19
+    source = application(include_top=False, weights=None, input_shape=(None, None, 3))
+    convs = [layer for layer in source.layers if isinstance(layer, layers.Conv2D)]
+    before = [ops.convert_to_numpy(layer.kernel).copy() for layer in convs]
+    with warnings.catch_warnings(record=True) as caught:  # Keras warns of skipped layers; the check below decides
+        warnings.simplefilter("always")
+        try:
+            source.load_weights(str(path))
+        except Exception as exc:  # noqa: BLE001 - h5py, Keras and OS errors all mean "not a VGG base file"
+            raise WeightsFileError(f"{path} is not a 3-channel VGG{depth} conv base weights file: {exc}") from exc
+    for warning in caught:
+        log.debug("loading %s: %s", path.name, warning.message)
+    unloaded = [
+        layer.name for layer, old in zip(convs, before) if np.array_equal(ops.convert_to_numpy(layer.kernel), old)
+    ]
+    if unloaded:
+        raise WeightsFileError(f"{path} left VGG{depth} layers {unloaded} unloaded: not a VGG{depth} conv base file")
+
+    for layer in convs:
+        kernel, bias = layer.get_weights()
+        if layer.name == "block1_conv1":
+            kernel = fold_kernel(kernel, fold)
+        try:
+            model.get_layer(layer.name).set_weights([kernel, bias])
+        except ValueError as exc:
+            raise WeightsFileError(f"{path}: layer {layer.name} does not fit the model: {exc}") from exc
+    log.info("loaded VGG%d base weights from %s (first kernel folded with %r)", depth, path.name, fold)
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras caches downloaded models: ``$KERAS_HOME/models``, else ``~/.keras/models``."""
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras").expanduser() / "models"
+
+
+def imagenet_weights_path(depth: int) -> Path:
+    """Local path of Keras' ImageNet VGG notop weights: the cached file, else a fresh Keras download.
+
+    Offline, raises ``WeightsUnavailableError`` within a few seconds saying which file to fetch and where to put it.
+    """
+    if depth not in IMAGENET_NOTOP:
+        raise ValueError(f"VGG depth must be one of {sorted(IMAGENET_NOTOP)}, got {depth}")
+    fname, url, md5 = IMAGENET_NOTOP[depth]
+    cache = keras_cache_dir()
+    candidates = [cache / fname]
+    if not os.access(cache.parent, os.W_OK):  # where keras.utils.get_file falls back to
+        candidates.append(Path("/tmp/.keras/models") / fname)
+    for candidate in candidates:
+        if candidate.is_file():
+            log.info("using cached ImageNet VGG%d weights %s", depth, candidate)
+            return candidate
+
+    help_text = (
+        f"ImageNet VGG{depth} weights are not in the Keras cache and cannot be downloaded. Download\n  {url}\n"
+        f"on a machine with internet access and put it at\n  {cache / fname}\n"
+        f"(Keras' cache; $KERAS_HOME/models when KERAS_HOME is set), or pass its path: "
+        f"build_vgg({depth}, weights='/path/to/{fname}')."
+    )
+    if not _reachable(url):
+        raise WeightsUnavailableError(f"offline: {help_text}")
+    try:
+        downloaded = keras.utils.get_file(
+            fname, url, file_hash=md5, cache_subdir="models", cache_dir=str(cache.parent)
+        )
+    except Exception as exc:  # noqa: BLE001 - any download failure gets the same instructions
+        raise WeightsUnavailableError(f"download failed ({exc}): {help_text}") from exc
+    return Path(downloaded)
+
+
+def _reachable(url: str, timeout: float = CONNECT_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the URL's host (or HTTPS proxy) opens within ``timeout`` seconds, DNS included."""
+    target = urllib.parse.urlsplit(urllib.request.getproxies().get("https") or url)
+    host, port = target.hostname, target.port or (443 if target.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=connect, daemon=True)  # a thread, because DNS lookups ignore socket timeouts
+    worker.start()
+    worker.join(timeout)
+    return bool(result and result[0])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Grad-CAM support
+
+
+def last_conv_layer_name(model: keras.Model) -> str:
+    """Name of the model's last Conv2D layer (``block5_conv4`` for VGG19, ``block5_conv3`` for VGG16)."""
+    convs = [layer.name for layer in model.layers if isinstance(layer, layers.Conv2D)]
+    if not convs:
+        raise ValueError(f"model {model.name!r} has no Conv2D layer")
+    return convs[-1]
+
+
+def logits_model(model: keras.Model, layer: str | None = None) -> keras.Model:
+    """A model from ``model``'s inputs to [conv feature map, pre-activation logits] for Grad-CAM.
+
+    ``layer`` defaults to the last convolution; the logits are the output of the ``"logits"`` layer, before the
+    ``"prediction"`` sigmoid/softmax.
+    """
+    layer = layer or last_conv_layer_name(model)
+    try:
+        features, logits = model.get_layer(layer).output, model.get_layer(LOGITS_LAYER).output
+    except ValueError as exc:
+        names = [lyr.name for lyr in model.layers]
+        raise ValueError(f"model {model.name!r} lacks layer {layer!r} or {LOGITS_LAYER!r}; it has {names}") from exc
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return keras.Model(inputs, [features, logits], name=f"{model.name}_logits")

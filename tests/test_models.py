@@ -1,0 +1,321 @@
+"""Model factories: U-Net shape and size, one-channel VGG folding and weight loading, Grad-CAM logits, refusals."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from covidcxr import models
+from covidcxr.models import (
+    WeightsFileError,
+    WeightsUnavailableError,
+    bce_dice_loss,
+    build_unet,
+    build_vgg,
+    dice_loss,
+    fold_kernel,
+    last_conv_layer_name,
+    logits_model,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    keras.utils.set_random_seed(0)
+
+
+@pytest.fixture(scope="module")
+def vgg16_base(tmp_path_factory) -> tuple[keras.Model, object]:
+    """A 3-channel keras.applications VGG16 base with seeded random weights (biases too), and its .weights.h5 file."""
+    base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(None, None, 3))
+    rng = np.random.default_rng(7)
+    base.set_weights(
+        [
+            rng.normal(0.0, np.sqrt(2.0 / np.prod(w.shape[:-1])), w.shape).astype("float32")
+            if w.ndim == 4
+            else rng.normal(0.0, 0.05, w.shape).astype("float32")
+            for w in base.get_weights()
+        ]
+    )
+    path = tmp_path_factory.mktemp("weights") / "vgg16_base.weights.h5"
+    base.save_weights(path)
+    return base, path
+
+
+def _convs(model: keras.Model) -> list[keras.layers.Layer]:
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+
+
+def _features(model: keras.Model, layer: str, x: np.ndarray) -> np.ndarray:
+    return keras.Model(model.input, model.get_layer(layer).output)(x, training=False).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------- U-Net
+
+
+@pytest.fixture(scope="module")
+def unet16() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    return build_unet(16, (128, 128, 1))
+
+
+def test_unet_parameter_count_matches_the_classic_keras_unet(unet16):
+    assert unet16.count_params() == 1_940_817
+
+
+def test_unet_filters_and_dropout_per_block(unet16):
+    for i, (filters, rate) in enumerate(zip((16, 32, 64, 128, 256), (0.1, 0.1, 0.2, 0.2, 0.3)), start=1):
+        assert unet16.get_layer(f"down{i}_conv1").filters == filters
+        assert unet16.get_layer(f"down{i}_conv2").filters == filters
+        assert unet16.get_layer(f"down{i}_drop").rate == pytest.approx(rate)
+    for j, (filters, rate) in enumerate(zip((128, 64, 32, 16), (0.2, 0.2, 0.1, 0.1)), start=1):
+        for suffix in ("transpose", "conv1", "conv2"):
+            assert unet16.get_layer(f"up{j}_{suffix}").filters == filters
+        assert unet16.get_layer(f"up{j}_drop").rate == pytest.approx(rate)
+    assert unet16.get_layer("up1_transpose").kernel_size == (2, 2)
+    assert unet16.get_layer("up1_transpose").strides == (2, 2)
+    assert unet16.get_layer("mask").filters == 1 and unet16.get_layer("mask").kernel_size == (1, 1)
+    assert len([layer for layer in unet16.layers if isinstance(layer, keras.layers.MaxPooling2D)]) == 4
+
+
+@pytest.mark.parametrize("shape", [(32, 32, 1), (64, 48, 1)])
+def test_unet_mask_has_input_size_and_probabilities(shape):
+    model = build_unet(4, shape)
+    x = np.random.default_rng(0).normal(size=(2, *shape)).astype("float32")
+    y = model(x, training=False).numpy()
+    assert y.shape == (2, shape[0], shape[1], 1)
+    assert y.min() >= 0.0 and y.max() <= 1.0
+
+
+def test_unet_dropout_scale_multiplies_the_papers_rates():
+    model = build_unet(2, (32, 32, 1), dropout_scale=0.5)
+    down = [model.get_layer(f"down{i}_drop").rate for i in range(1, 6)]
+    up = [model.get_layer(f"up{j}_drop").rate for j in range(1, 5)]
+    np.testing.assert_allclose(down, [0.05, 0.05, 0.1, 0.1, 0.15])
+    np.testing.assert_allclose(up, [0.1, 0.1, 0.05, 0.05])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"f0": 0}, {"input_shape": (30, 32, 1)}, {"dropout_scale": 4.0}, {"dropout_scale": -1.0}]
+)
+def test_unet_refuses_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        build_unet(**{"f0": 2, "input_shape": (32, 32, 1), **kwargs})
+
+
+def test_bce_dice_loss_matches_a_numpy_reference():
+    rng = np.random.default_rng(1)
+    y_true = (rng.random((3, 8, 8, 1)) > 0.5).astype("float32")
+    y_true[2] = 0.0  # an empty mask
+    y_pred = rng.uniform(0.05, 0.95, (3, 8, 8, 1)).astype("float32")
+    inter = (y_true * y_pred).sum(axis=(1, 2, 3))
+    dice = 1 - (2 * inter + 1) / (y_true.sum(axis=(1, 2, 3)) + y_pred.sum(axis=(1, 2, 3)) + 1)
+    bce = -(y_true * np.log(y_pred) + (1 - y_true) * np.log(1 - y_pred)).mean(axis=(1, 2, 3))
+
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(dice_loss(y_true, y_pred)), dice, rtol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bce_dice_loss(y_true, y_pred)), bce + dice, rtol=1e-4)
+    perfect = keras.ops.convert_to_numpy(dice_loss(y_true, y_true))
+    np.testing.assert_allclose(perfect, 0.0, atol=1e-6)  # the empty mask predicted empty scores a perfect 0
+
+
+def test_bce_dice_loss_gives_every_unet_weight_a_finite_gradient():
+    model = build_unet(2, (32, 32, 1))
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 1)).astype("float32")
+    y = (x > 0).astype("float32")
+    with tf.GradientTape() as tape:
+        per_image = bce_dice_loss(y, model(x, training=True))
+        loss = tf.reduce_mean(per_image)
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert per_image.shape == (2,)
+    assert all(g is not None and np.all(np.isfinite(g.numpy())) for g in grads)
+    assert all(np.any(g.numpy() != 0) for g in grads)
+
+
+# ------------------------------------------------------------------------------------------------------------ VGG
+
+
+@pytest.mark.parametrize(("depth", "n_convs", "last"), [(16, 13, "block5_conv3"), (19, 16, "block5_conv4")])
+def test_vgg_conv_layers(depth, n_convs, last):
+    model = build_vgg(depth, (32, 32, 1), width=0.125)
+    convs = _convs(model)
+    assert len(convs) == n_convs
+    assert last_conv_layer_name(model) == last == models.LAST_CONV_LAYER[depth]
+    assert convs[0].name == "block1_conv1" and convs[0].kernel.shape == (3, 3, 1, 8)
+    assert model.name == f"vgg{depth}"
+
+
+def test_vgg_width_scales_filters_and_full_width_matches_keras_applications():
+    narrow = build_vgg(19, (32, 32, 1), width=0.125)
+    assert [narrow.get_layer(f"block{b}_conv1").filters for b in range(1, 6)] == [8, 16, 32, 64, 64]
+
+    full = build_vgg(19, (32, 32, 1))
+    reference = keras.applications.VGG19(include_top=False, weights=None, input_shape=(32, 32, 3))
+    ours = {layer.name: layer.kernel.shape for layer in _convs(full)}
+    theirs = {layer.name: layer.kernel.shape for layer in _convs(reference)}
+    assert ours.keys() == theirs.keys()
+    assert ours.pop("block1_conv1") == (3, 3, 1, 64) and theirs.pop("block1_conv1") == (3, 3, 3, 64)
+    assert ours == theirs
+
+
+@pytest.mark.parametrize(
+    ("head", "outputs", "activation"),
+    [((1024, 512, 64), 1, "sigmoid"), ((16,), 1, "sigmoid"), ((), 3, "softmax")],
+)
+def test_vgg_head_is_configurable_and_prediction_is_a_separate_activation(head, outputs, activation):
+    model = build_vgg(16, (32, 32, 1), width=0.125, head=head, outputs=outputs, head_dropout=0.3)
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    assert [layer.units for layer in dense] == [*head, outputs]
+    assert dense[-1].name == "logits" and dense[-1].get_config()["activation"] == "linear"
+    assert model.get_layer("prediction").get_config()["activation"] == activation
+    dropouts = [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    assert dropouts == [0.3] * (1 + (len(head) > 0))
+
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 1)).astype("float32")
+    features, logits = logits_model(model)(x, training=False)
+    prediction = model(x, training=False).numpy()
+    expected = keras.activations.sigmoid(logits) if outputs == 1 else keras.activations.softmax(logits)
+    np.testing.assert_allclose(prediction, keras.ops.convert_to_numpy(expected), rtol=1e-5, atol=1e-6)
+    assert features.shape == (2, 2, 2, 64) and logits.shape == (2, outputs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"depth": 18},
+        {"fold": "rgb"},
+        {"input_shape": (32, 32, 3)},
+        {"width": 0.0},
+        {"outputs": 0},
+        {"head_dropout": 1.0},
+        {"width": 0.5, "weights": "imagenet"},
+        {"width": 0.5, "weights": "some/file.weights.h5"},
+    ],
+)
+def test_vgg_refuses_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        build_vgg(**{"depth": 16, "input_shape": (32, 32, 1), "width": 0.125, **kwargs})
+
+
+def test_fold_kernel_uses_bgr_order():
+    kernel = np.zeros((3, 3, 3, 2), dtype="float32")
+    kernel[:, :, 0], kernel[:, :, 1], kernel[:, :, 2] = 1.0, 10.0, 100.0  # B, G, R
+    np.testing.assert_allclose(fold_kernel(kernel, "luminance"), 0.1140 + 5.870 + 29.89, rtol=1e-6)
+    np.testing.assert_allclose(fold_kernel(kernel, "sum"), 111.0)
+    assert fold_kernel(kernel).shape == (3, 3, 1, 2)
+
+
+def test_weights_file_is_loaded_and_first_kernel_folded(vgg16_base):
+    base, path = vgg16_base
+    model = build_vgg(16, (32, 32, 1), weights=path, fold="sum")
+    for layer in _convs(base):
+        kernel, bias = layer.get_weights()
+        got_kernel, got_bias = model.get_layer(layer.name).get_weights()
+        expected = kernel.sum(axis=2, keepdims=True) if layer.name == "block1_conv1" else kernel
+        np.testing.assert_allclose(got_kernel, expected, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(got_bias, bias)
+
+
+@pytest.mark.parametrize(("fold", "bgr_weights"), [("sum", (1.0, 1.0, 1.0)), ("luminance", (0.1140, 0.5870, 0.2989))])
+def test_folded_model_equals_three_channel_model_on_weighted_gray(vgg16_base, fold, bgr_weights):
+    """'sum' equals the gray image replicated into B, G, R; 'luminance' equals (0.1140x, 0.5870x, 0.2989x)."""
+    base, path = vgg16_base
+    model = build_vgg(16, (32, 32, 1), weights=path, fold=fold)
+    x = np.random.default_rng(3).normal(size=(2, 32, 32, 1)).astype("float32")
+    bgr = np.concatenate([c * x for c in bgr_weights], axis=-1)
+
+    ours = _features(model, "block5_conv3", x)
+    theirs = _features(base, "block5_conv3", bgr)
+    assert np.abs(theirs).max() > 0.1  # a live network, not all-zero ReLUs
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def _write_keras_download_format(path, base: keras.Model) -> None:
+    """Write ``base``'s conv weights the way Keras' downloaded ``*_notop.h5`` files are laid out (legacy, by layer)."""
+    with h5py.File(path, "w") as f:
+        convs = _convs(base)
+        f.attrs["layer_names"] = np.array([layer.name.encode() for layer in convs])
+        for layer in convs:
+            group = f.create_group(layer.name)
+            names = [f"{layer.name}_W_1:0".encode(), f"{layer.name}_b_1:0".encode()]
+            group.attrs["weight_names"] = np.array(names)
+            for name, value in zip(names, layer.get_weights()):
+                group.create_dataset(name.decode(), data=value)
+
+
+def test_imagenet_uses_the_keras_cache_first(vgg16_base, tmp_path, monkeypatch):
+    base, _ = vgg16_base
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    cached = tmp_path / "models" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    cached.parent.mkdir()
+    _write_keras_download_format(cached, base)
+
+    model = build_vgg(16, (32, 32, 1), weights="imagenet", fold="luminance")
+    kernel = base.get_layer("block1_conv1").get_weights()[0]
+    np.testing.assert_allclose(model.get_layer("block1_conv1").get_weights()[0], fold_kernel(kernel), rtol=1e-6)
+    np.testing.assert_array_equal(
+        model.get_layer("block5_conv3").get_weights()[0], base.get_layer("block5_conv3").get_weights()[0]
+    )
+
+
+def _online(host: str = "storage.googleapis.com") -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def test_imagenet_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
+    if _online():
+        pytest.skip("this machine reaches storage.googleapis.com: the offline refusal cannot be observed")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_vgg(19, (32, 32, 1), weights="imagenet")
+    assert time.monotonic() - start < 10
+    message = str(info.value)
+    fname = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    assert f"https://storage.googleapis.com/tensorflow/keras-applications/vgg19/{fname}" in message
+    assert str(tmp_path / "models" / fname) in message
+    assert "weights=" in message
+
+
+def _unet_file(path):
+    build_unet(2, (32, 32, 1)).save_weights(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [
+        ("unet.weights.h5", _unet_file),
+        ("notes.weights.h5", lambda p: p.write_text("not weights")),
+        ("notes.h5", lambda p: p.write_text("not weights")),
+    ],
+)
+def test_wrong_weights_file_is_refused_by_name(tmp_path, name, write):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(WeightsFileError, match=name):
+        build_vgg(16, (32, 32, 1), weights=path)
+
+
+def test_weights_of_the_other_depth_are_refused(vgg16_base):
+    _, path = vgg16_base
+    with pytest.raises(WeightsFileError, match=path.name):
+        build_vgg(19, (32, 32, 1), weights=path)
+
+
+def test_missing_weights_file_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.weights.h5"):
+        build_vgg(16, (32, 32, 1), weights=tmp_path / "absent.weights.h5")
+
+
+def test_logits_model_names_missing_layers():
+    with pytest.raises(ValueError, match="logits"):
+        logits_model(build_unet(2, (32, 32, 1)))

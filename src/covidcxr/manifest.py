@@ -28,7 +28,7 @@ SCHEMA: dict[str, str] = {
     "photometric": "string",  # MONOCHROME1 | MONOCHROME2 | RGB | L | ... (as read)
     "bits_stored": "Int64",
     "sha256": "string",  # hash of the file's bytes
-    "mask_path": "string",  # lung mask (both lungs, one file) when the source has one, else <NA>
+    "mask_path": "string",  # lung mask file(s) when the source has them, else <NA>; left;right files joined by ";"
     "modality": "string",  # CR | DX | ... for DICOM, else <NA>
 }
 
@@ -89,7 +89,7 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
 
 # --- filling image facts --------------------------------------------------------------------------------------------
 
-REJECT_COLUMNS: list[str] = ["image_id", "path", "source", "reason", "problem"]
+REJECT_COLUMNS: list[str] = ["image_id", "path", "source", "kind", "reason", "problem"]  # kind: image | mask
 DUPLICATE_COLUMNS: list[str] = ["image_id", "kept_image_id", "sha256", "same_label"]
 
 # Header fields that fill a manifest column when the adapter left it empty.
@@ -97,33 +97,48 @@ _HEADER_TO_COLUMN = {"view_position": "view_position", "modality": "modality", "
 
 
 def _describe_one(args: tuple[str, str | None, int]) -> dict:
-    """Read one image (and its mask files) and return its facts, or the reason it is rejected."""
+    """Read one image (and its mask files) and return its facts, or the reason it is rejected.
+
+    A mask that cannot be used does not reject the image: the image keeps no mask and the problem is reported.
+    """
     from covidcxr import io
 
     path, mask_path, max_pixels = args
     try:
         pixels, header = io.read_image(path, max_pixels=max_pixels)
-        if mask_path:
-            mask = io.read_mask(mask_path.split(";"), max_pixels=max_pixels)
-            if mask.shape != pixels.shape:
-                raise io.ImageReadError(
-                    mask_path, f"mask shape {mask.shape} differs from image shape {pixels.shape}", reason="mask_shape"
-                )
-            if not mask.any():
-                raise io.ImageReadError(mask_path, "lung mask is empty", reason="empty_mask")
+        facts = {
+            "width": header["width"],
+            "height": header["height"],
+            "photometric": header.get("photometric"),
+            "bits_stored": header.get("bits_stored"),
+            "sha256": io.sha256_file(path),
+        }
+    except io.ImageReadError as err:
+        return {"kind": "image", "reason": err.reason, "problem": str(err)}
+    except OSError as err:  # missing or unreadable file
+        return {"kind": "image", "reason": "unreadable", "problem": f"{path}: {err.strerror or err}"}
+    facts.update({col: header.get(key) for key, col in _HEADER_TO_COLUMN.items()})
+    if mask_path:
+        facts["mask_problem"] = _mask_problem(mask_path, pixels.shape, max_pixels)
+    return facts
+
+
+def _mask_problem(mask_path: str, shape: tuple[int, ...], max_pixels: int) -> dict | None:
+    """Why a lung mask cannot be used with an image of ``shape``, or None."""
+    from covidcxr import io
+
+    try:
+        mask = io.read_mask(mask_path.split(";"), max_pixels=max_pixels)
     except io.ImageReadError as err:
         return {"reason": err.reason, "problem": str(err)}
-    except OSError as err:  # missing or unreadable file
-        return {"reason": "unreadable", "problem": f"{path}: {err.strerror or err}"}
-    facts = {
-        "width": header["width"],
-        "height": header["height"],
-        "photometric": header.get("photometric"),
-        "bits_stored": header.get("bits_stored"),
-        "sha256": io.sha256_file(path),
-    }
-    facts.update({col: header.get(key) for key, col in _HEADER_TO_COLUMN.items()})
-    return facts
+    except OSError as err:
+        return {"reason": "unreadable", "problem": f"{mask_path}: {err.strerror or err}"}
+    # Masks may be stored at another resolution (JSRT's SCR masks are 1024^2 for 2048^2 images), not another shape.
+    if abs(mask.shape[0] / mask.shape[1] - shape[0] / shape[1]) > 0.01:
+        return {"reason": "mask_shape", "problem": f"{mask_path}: mask shape {mask.shape} does not match image {shape}"}
+    if not mask.any():
+        return {"reason": "empty_mask", "problem": f"{mask_path}: lung mask is empty"}
+    return None
 
 
 def describe_images(
@@ -133,34 +148,36 @@ def describe_images(
 
     Size, photometric, bit depth and the content hash come from the file; view position, modality, sex and age come
     from the header only where the adapter left them empty, and projection follows the view when it is unknown.
-    Images that cannot be used are not dropped silently: each is a row of ``rejects`` with its reason.
+    Nothing is dropped silently: an image that cannot be used is a row of ``rejects`` (kind ``image``) with its reason;
+    an unusable lung mask (kind ``mask``) is reported too, and its image stays in the manifest without a mask.
     """
     from covidcxr import io
+    from covidcxr.parallel import parallel_map
 
     limit = io.DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     jobs = [
         (str(p), None if pd.isna(m) else str(m), limit) for p, m in zip(df["path"], df["mask_path"], strict=True)
     ]
-    if workers > 1 and len(jobs) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(_progress(pool.map(_describe_one, jobs, chunksize=16), len(jobs), progress))
-    else:
-        results = list(_progress(map(_describe_one, jobs), len(jobs), progress))
+    results = parallel_map(_describe_one, jobs, workers=workers, progress=progress, desc="reading images")
 
     out = df.reset_index(drop=True).copy()
-    rejected = [i for i, r in enumerate(results) if "reason" in r]
-    rejects = pd.DataFrame(
-        [{**out.loc[i, ["image_id", "path", "source"]].to_dict(), **results[i]} for i in rejected],
-        columns=REJECT_COLUMNS,
-    )
+    problems = []
+    for i, r in enumerate(results):
+        issue = r if "reason" in r else r.get("mask_problem")
+        if issue:
+            problems.append({**out.loc[i, ["image_id", "path", "source"]].to_dict(), "kind": r.get("kind", "mask"),
+                             "reason": issue["reason"], "problem": issue["problem"]})
+            if "reason" not in r:
+                out.loc[i, "mask_path"] = pd.NA
+    rejects = pd.DataFrame(problems, columns=REJECT_COLUMNS)
     keep = [i for i, r in enumerate(results) if "reason" not in r]
     out = out.loc[keep].reset_index(drop=True)
     facts = pd.DataFrame([results[i] for i in keep], index=out.index)
-    for col in ("width", "height", "photometric", "bits_stored", "sha256"):
+    for col in ("width", "height", "sha256"):  # what the file itself says
         out[col] = facts[col] if len(facts) else out[col]
-    for col in _HEADER_TO_COLUMN.values():
+    # Where the source's metadata states photometric or bit depth (PNG exports of DICOM), it wins over the PNG mode.
+    out["sex"] = out["sex"].mask(out["sex"] == "unknown")
+    for col in ("photometric", "bits_stored", *_HEADER_TO_COLUMN.values()):
         if len(facts):
             out[col] = out[col].where(out[col].notna(), facts[col].where(facts[col].notna(), None))
     unknown = out["projection"].isna() | (out["projection"] == "unknown")
@@ -185,17 +202,10 @@ def find_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _progress(iterable, total: int, enabled: bool):
-    """A tqdm bar on a terminal, the bare iterable elsewhere."""
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, unit="img", desc="reading images")
-
 
 def read_csv(path: str | os.PathLike) -> pd.DataFrame:
     """A manifest written by the ingest stage, with the manifest dtypes."""
-    frame = pd.read_csv(path, dtype={c: ("string" if t == "string" else None) for c, t in SCHEMA.items()},
-                        keep_default_na=False, na_values=[""])
+    frame = pd.read_csv(
+        path, dtype={c: "string" for c, t in SCHEMA.items() if t == "string"}, keep_default_na=False, na_values=[""]
+    )
     return conform(frame)

@@ -1,0 +1,103 @@
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+from covidcxr import datasets, manifest
+
+
+def write_png(path, value_seed, size=(40, 30)):
+    rng = np.random.default_rng(value_seed)
+    Image.fromarray(rng.integers(0, 255, size=size, dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def write_dicom(path, *, view="PA", sex="F", age="051Y"):
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, "1.2.3.4"
+    ds.Modality, ds.ViewPosition, ds.PatientSex, ds.PatientAge = "DX", view, sex, age
+    ds.PatientName, ds.PatientID = "SECRET^NAME", "MRN-998877"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 32, 32, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return str(path)
+
+
+def listed(rows):
+    return manifest.conform(pd.DataFrame(rows))
+
+
+def row(image_id, path, **extra):
+    base = {"image_id": image_id, "path": path, "source": "t", "patient_id": f"t:{image_id}", "projection": "unknown",
+            "label": "negative", "sex": "unknown"}
+    return {**base, **extra}
+
+
+def test_describe_fills_facts_from_files_and_headers(tmp_path):
+    df = listed([row("a", write_dicom(tmp_path / "a.dcm", view="LL")), row("b", write_png(tmp_path / "b.png", 1))])
+    out, rejects = manifest.describe_images(df)
+    assert rejects.empty
+    a, b = out.set_index("image_id").loc["a"], out.set_index("image_id").loc["b"]
+    assert (a["width"], a["height"], a["bits_stored"], a["photometric"]) == (32, 32, 12, "MONOCHROME2")
+    assert (a["view_position"], a["projection"], a["modality"], a["sex"], a["age"]) == ("LL", "lateral", "DX", "F", 51)
+    assert (b["width"], b["height"]) == (30, 40)
+    assert len(a["sha256"]) == 64 and a["sha256"] != b["sha256"]
+    assert "SECRET" not in out.to_csv() and "MRN-998877" not in out.to_csv()
+
+
+def test_describe_reports_every_rejected_file_with_its_reason(tmp_path):
+    good = write_png(tmp_path / "good.png", 2)
+    (tmp_path / "text.png").write_text("not an image")
+    Image.fromarray(np.full((20, 20), 9, np.uint8)).save(tmp_path / "flat.png")
+    mask = tmp_path / "empty_mask.png"
+    Image.fromarray(np.zeros((40, 30), np.uint8)).save(mask)
+    df = listed([
+        row("good", good),
+        row("text", str(tmp_path / "text.png")),
+        row("flat", str(tmp_path / "flat.png")),
+        row("missing", str(tmp_path / "nope.png")),
+        row("masked", write_png(tmp_path / "m.png", 3), mask_path=str(mask)),
+    ])
+    out, rejects = manifest.describe_images(df, workers=2)
+    assert list(out["image_id"]) == ["good", "masked"]  # an unusable mask does not reject its image
+    assert out.set_index("image_id").loc["masked", "mask_path"] is pd.NA
+    assert dict(zip(rejects["image_id"], rejects["kind"]))["masked"] == "mask"
+    reasons = dict(zip(rejects["image_id"], rejects["reason"]))
+    assert reasons == {"text": "not_an_image", "flat": "zero_variance", "missing": "unreadable", "masked": "empty_mask"}
+    assert all(str(tmp_path) in p for p in rejects["problem"])  # the message names the file
+
+
+def test_find_duplicates_by_content_hash(tmp_path):
+    a = write_png(tmp_path / "a.png", 5)
+    b = tmp_path / "copy.png"
+    b.write_bytes((tmp_path / "a.png").read_bytes())
+    df, _ = manifest.describe_images(listed([row("a", a), row("b", str(b), label="covid"), row("c", write_png(tmp_path / "c.png", 6))]))
+    dup = manifest.find_duplicates(df)
+    assert list(dup["image_id"]) == ["b"] and list(dup["kept_image_id"]) == ["a"]
+    assert list(dup["same_label"]) == [False]
+
+
+def test_conform_refuses_unknown_columns():
+    with pytest.raises(ValueError, match="not in the manifest schema"):
+        manifest.conform(pd.DataFrame({"image_id": ["x"], "clinical_notes": ["..."]}))
+
+
+@pytest.mark.parametrize("view,expected", [("PA", "frontal"), ("ap supine", "frontal"), ("L", "lateral"),
+                                           ("LL", "lateral"), (None, "unknown"), ("?", "unknown")])
+def test_projection_from_view(view, expected):
+    assert manifest.projection_from_view(view) == expected
+
+
+def test_real_montgomery_shenzhen_describe(real_data):
+    df = datasets.load("montgomery", real_data / "montgomery_shenzhen").head(12)
+    out, rejects = manifest.describe_images(df, workers=2)
+    assert rejects.empty and len(out) == 12
+    assert (out["width"] == 256).all() and out["mask_path"].notna().all()

@@ -315,8 +315,18 @@ def test_split_without_one_class_fails() -> None:
     splits = make_splits(12, 4, 4)
     splits.loc[splits["split"] == "test", "label"] = "covid"
     results = run_splits(splits)
-    assert critical_failures(results) == {"expect_column_values_to_be_between(n_negative)"}
-    assert find(results, "expect_column_values_to_be_between(n_negative)").examples[0]["split"] == "test"
+    assert critical_failures(results) == {"expect_column_values_to_be_between(n_missing_classes)"}
+    assert find(results, "expect_column_values_to_be_between(n_missing_classes)").examples[0]["split"] == "test"
+
+
+def test_split_classes_are_the_tasks_own() -> None:
+    splits = make_splits(12, 4, 4)
+    splits["label"] = splits["label"].map({"covid": "frontal", "negative": "lateral"})
+    assert critical_failures(run_splits(splits)) == {"expect_column_values_to_be_in_set(label)",
+                                                     "expect_column_values_to_be_between(n_missing_classes)"}
+    results = validation.validate_splits(splits, EXPECTATIONS, fractions=FRACTIONS, tolerance=0.05,
+                                         classes=["frontal", "lateral"])
+    assert not critical_failures(results)
 
 
 @pytest.mark.parametrize(
@@ -338,6 +348,7 @@ def test_split_tables_derive_per_patient_and_per_split() -> None:
     assert per_split["n_images"].to_dict() == {"train": 12, "val": 4, "test": 4}
     assert per_split["deviation"].tolist() == [0.0, 0.0, 0.0]
     assert per_split[["n_covid", "n_negative"]].to_numpy().tolist() == [[6, 6], [2, 2], [2, 2]]
+    assert per_split["n_missing_classes"].tolist() == [0, 0, 0]
     assert len(tables["per_patient"]) == 20 and set(tables["per_patient"]["n_splits"]) == {1}
 
 

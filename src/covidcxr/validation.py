@@ -156,28 +156,31 @@ def validate_splits(
     *,
     fractions: Mapping[str, float],
     tolerance: float,
+    classes: Sequence[str] = CLASSES,
 ) -> list[SuiteResult]:
     """Run the splits suite on the split table and on the per-patient and per-split tables derived from it.
 
     ``fractions`` are the target share of images per split (``{"train": 0.6, "val": 0.2, "test": 0.2}``);
-    a split's share may differ from its target by at most ``tolerance``.
+    a split's share may differ from its target by at most ``tolerance``. ``classes`` are the task's labels, every one
+    of which each split must hold (covid/negative by default; frontal/lateral for the projection task).
     """
     if not (isinstance(tolerance, (int, float)) and 0 <= tolerance <= 1):
         raise ValueError(f"tolerance must be a number in [0, 1], got {tolerance!r}")
-    tables = split_tables(splits, fractions)
+    tables = split_tables(splits, fractions, classes)
     path = Path(expectations_dir) / SPLITS_SUITE
-    return [
-        run_suite(tables[t], path, parameters={"tolerance": float(tolerance)}, table=t) for t in SPLIT_TABLES
-    ]
+    parameters = {"tolerance": float(tolerance), "classes": list(classes)}
+    return [run_suite(tables[t], path, parameters=parameters, table=t) for t in SPLIT_TABLES]
 
 
-def split_tables(splits: pd.DataFrame, fractions: Mapping[str, float]) -> dict[str, pd.DataFrame]:
+def split_tables(
+    splits: pd.DataFrame, fractions: Mapping[str, float], classes: Sequence[str] = CLASSES
+) -> dict[str, pd.DataFrame]:
     """The tables the splits suite runs on, keyed by ``meta.table``: ``rows``, ``per_patient``, ``per_split``.
 
     ``per_patient`` has one row per patient with a representative ``image_id`` (the smallest), so that examples
     name an image rather than the patient; rows with a null patient or split are left to the ``rows`` checks.
     ``per_split`` has one row per target split (present or not) with its share of all images (``fraction``),
-    ``target``, ``deviation = |fraction - target|`` and one ``n_<class>`` count per class; splits outside the
+    ``target``, ``deviation = |fraction - target|``, one ``n_<class>`` count per class and ``n_missing_classes``; splits outside the
     targets are left to the ``rows`` checks.
     """
     if not isinstance(splits, pd.DataFrame):
@@ -204,7 +207,7 @@ def split_tables(splits: pd.DataFrame, fractions: Mapping[str, float]) -> dict[s
     names = list(fractions)
     n_images = rows.groupby("split").size().reindex(names, fill_value=0)
     by_class = (
-        rows.groupby(["split", "label"]).size().unstack(fill_value=0).reindex(index=names, columns=list(CLASSES))
+        rows.groupby(["split", "label"]).size().unstack(fill_value=0).reindex(index=names, columns=list(classes))
     ).fillna(0)
     fraction = n_images / len(rows)
     target = pd.Series([float(fractions[n]) for n in names], index=names)
@@ -216,7 +219,8 @@ def split_tables(splits: pd.DataFrame, fractions: Mapping[str, float]) -> dict[s
             "target": target.to_numpy(dtype=float),
             # rounded so that a share exactly at the tolerance is not failed by float noise
             "deviation": (fraction - target).abs().round(9).to_numpy(dtype=float),
-            **{f"n_{c}": by_class[c].to_numpy(dtype=np.int64) for c in CLASSES},
+            **{f"n_{c}": by_class[c].to_numpy(dtype=np.int64) for c in classes},
+            "n_missing_classes": (by_class == 0).sum(axis=1).to_numpy(dtype=np.int64),
         }
     )
     return {"rows": rows, "per_patient": per_patient, "per_split": per_split}

@@ -149,7 +149,8 @@ def build_vgg(
     ``.weights.h5`` or Keras' ``vgg{depth}_weights_tf_dim_ordering_tf_kernels_notop.h5``). The first kernel is folded
     to one channel with ``FOLDS[fold]`` in BGR order. Head: global average pooling, dropout, the ``head`` ReLU Dense
     layers (a second dropout after the first), a ``"logits"`` Dense and a separate ``"prediction"`` activation
-    (sigmoid for one output, softmax otherwise).
+    (sigmoid for one output, softmax otherwise). ReLU layers start he_normal: a 16-19 layer plain net trained from
+    scratch (the CPU profile) stays dead with Keras' default Glorot start; pretrained weights replace the conv kernels.
     """
     if depth not in VGG_BLOCKS:
         raise ValueError(f"VGG depth must be one of {sorted(VGG_BLOCKS)}, got {depth}")
@@ -179,13 +180,14 @@ def build_vgg(
     for block, (n_convs, filters) in enumerate(zip(VGG_BLOCKS[depth], VGG_FILTERS), start=1):
         filters = max(1, round(filters * width))
         for conv in range(1, n_convs + 1):
-            x = layers.Conv2D(filters, 3, activation="relu", padding="same", name=f"block{block}_conv{conv}")(x)
+            x = layers.Conv2D(filters, 3, activation="relu", padding="same", kernel_initializer="he_normal",
+                              name=f"block{block}_conv{conv}")(x)
         x = layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
 
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     x = layers.Dropout(head_dropout, name="head_dropout1")(x)
     for i, units in enumerate(head, start=1):
-        x = layers.Dense(units, activation="relu", name=f"head_dense{i}")(x)
+        x = layers.Dense(units, activation="relu", kernel_initializer="he_normal", name=f"head_dense{i}")(x)
         if i == 1:
             x = layers.Dropout(head_dropout, name="head_dropout2")(x)
     x = layers.Dense(outputs, name=LOGITS_LAYER)(x)

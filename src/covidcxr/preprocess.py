@@ -101,3 +101,59 @@ def apply_variant(images: np.ndarray, masks: np.ndarray, variant: str) -> np.nda
         raise ValueError(f"masks {masks.shape} and images {np.shape(images)} differ in shape")
     keep = masks if variant == "d" else 1.0 - masks
     return (np.asarray(images, dtype=np.float32) * keep).astype(np.float32)
+
+
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a binary mask (area-averaged, then >= 0.5) so thin structures do not vanish or grow."""
+    return resize(np.asarray(mask, dtype=np.float32), size) >= 0.5
+
+
+def load_working_image(path: str, size: int, mask_path: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """One image as the models see it before standardization: read, min-max to [0, 1], resized; and its mask."""
+    from covidcxr import io
+
+    pixels, _ = io.read_image(path)
+    image = resize(minmax(pixels), size)
+    mask = None
+    if mask_path:
+        mask = resize_mask(io.read_mask(mask_path.split(";")), size)
+    return np.clip(image, 0.0, 1.0), mask
+
+
+def _cache_one(args: tuple[str, str | None, int]) -> tuple[np.ndarray, np.ndarray | None]:
+    path, mask_path, size = args
+    return load_working_image(path, size, mask_path)
+
+
+def build_cache(
+    paths: list[str], mask_paths: list[str | None], size: int, *, workers: int = 1, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode every image once at the working size: ``(images float16 [N,H,W], masks bool [N,H,W], has_mask [N])``.
+
+    Training then reads these arrays through tf.data, so it is compute-bound, not decode-bound.
+    """
+    from covidcxr.parallel import parallel_map
+
+    jobs = [(p, m, size) for p, m in zip(paths, mask_paths, strict=True)]
+    results = parallel_map(_cache_one, jobs, workers=workers, progress=progress, desc="caching")
+    images = np.zeros((len(jobs), size, size), dtype=np.float16)
+    masks = np.zeros((len(jobs), size, size), dtype=bool)
+    has_mask = np.zeros(len(jobs), dtype=bool)
+    for i, (image, mask) in enumerate(results):
+        images[i] = image
+        if mask is not None:
+            masks[i], has_mask[i] = mask, True
+    return images, masks, has_mask
+
+
+def clean_mask(probabilities: np.ndarray, *, threshold: float = 0.5, keep: int = 2) -> np.ndarray:
+    """Binary lung mask from U-Net output: threshold, keep the ``keep`` largest components, fill holes."""
+    from scipy import ndimage
+
+    binary = np.asarray(probabilities).squeeze() >= threshold
+    labels, n = ndimage.label(binary)
+    if n > keep:
+        sizes = ndimage.sum(binary, labels, index=np.arange(1, n + 1))
+        largest = np.argsort(sizes)[::-1][:keep] + 1
+        binary = np.isin(labels, largest)
+    return ndimage.binary_fill_holes(binary)

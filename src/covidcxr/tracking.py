@@ -1,0 +1,134 @@
+"""MLflow helpers: one experiment per paper experiment, one run per trained model, reproducibility tags.
+
+Pure plumbing around the MLflow fluent API; callers (the pipeline stages) decide the store and what to log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+
+# The project's own pins, logged with every model so that `mlflow models serve --env-manager local` and others can
+# rebuild the environment exactly.
+PIP_REQUIREMENTS: tuple[str, ...] = (
+    "tensorflow-cpu==2.21.0",
+    "keras==3.15.1",
+    "mlflow==3.17.2",
+    "numpy==2.4.6",
+    "pandas==3.1.1",
+    "pillow==13.0.0",
+    "pydicom==3.0.2",
+    "scikit-learn==1.9.1",
+)
+
+
+# `mlflow run` exports its run for the command; taken out of the environment so that fluent calls do not resume it.
+_PARENT_RUN: str | None = os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+def flatten(params: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested params -> flat ``a.b.c`` keys with string values (MLflow params are flat, 6000 chars max)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """The current git commit, with ``-dirty`` when tracked files differ; ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def dvc_file_hash(path: str | os.PathLike) -> str:
+    """The md5 a ``.dvc`` file records for its output (the data version), or ``unknown``."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            outs = (yaml.safe_load(fh) or {}).get("outs") or []
+    except OSError:
+        return "unknown"
+    return str(outs[0].get("md5", "unknown")) if outs else "unknown"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def run(
+    experiment: str,
+    run_name: str,
+    *,
+    params: Mapping | None = None,
+    tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Start (or resume, with ``run_id``) a run in ``experiment`` with flat params and tags.
+
+    Under ``mlflow run`` (which exports ``MLFLOW_RUN_ID`` for its own run) a new run is nested under that one
+    instead of writing every model's params into it.
+    """
+    parent = _PARENT_RUN if run_id is None else None
+    tags = {**(tags or {}), **({"mlflow.parentRunId": parent} if parent else {})}
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as active:
+        if params:
+            mlflow.log_params(flatten(params))
+        if tags:
+            mlflow.set_tags(dict(tags))
+        yield active
+
+
+def log_keras_model(model, example: np.ndarray, *, name: str = "model") -> str:
+    """Log a Keras model with a signature and the project's exact pins; returns the model URI.
+
+    No ``input_example``: ``mlflow.keras.log_model`` with one is broken in MLflow 3.17.
+    """
+    from mlflow.models import infer_signature
+
+    example = np.asarray(example[:2], dtype=np.float32)
+    signature = infer_signature(example, np.asarray(model.predict(example, verbose=0), dtype=np.float32))
+    info = mlflow.keras.log_model(model, name=name, signature=signature, pip_requirements=list(PIP_REQUIREMENTS))
+    return info.model_uri
+
+
+def log_epoch(epoch: int, logs: Mapping[str, float]) -> None:
+    """Per-epoch training metrics (a Keras callback target)."""
+    mlflow.log_metrics({k: float(v) for k, v in logs.items() if np.isfinite(v)}, step=int(epoch))
+
+
+def log_finite_metrics(metrics: Mapping[str, object], prefix: str = "") -> None:
+    """Log the numeric, finite entries of a (nested) metrics dict under flat ``prefix.key`` names."""
+    flat: dict[str, float] = {}
+    for key, value in flatten(metrics).items():
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if np.isfinite(number):
+            flat[f"{prefix}{key}"] = number
+    if flat:
+        mlflow.log_metrics(flat)

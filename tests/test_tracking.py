@@ -1,0 +1,45 @@
+import subprocess
+
+import mlflow
+
+from covidcxr import tracking
+
+
+def test_flatten_nested_params():
+    assert tracking.flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"}) == {"a.b": "1", "a.c": "[1, 2]", "d": "x"}
+
+
+def test_dvc_file_hash(tmp_path):
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: abc123.dir\n  path: data\n")
+    assert tracking.dvc_file_hash(tmp_path / "data.dvc") == "abc123.dir"
+    assert tracking.dvc_file_hash(tmp_path / "missing.dvc") == "unknown"
+
+
+def test_git_commit_marks_dirty_trees(tmp_path):
+    assert tracking.git_commit(tmp_path) == "unknown"
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "f").write_text("1")
+    subprocess.run(["git", "add", "f"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=tmp_path, check=True)
+    clean = tracking.git_commit(tmp_path)
+    assert len(clean) == 40
+    (tmp_path / "f").write_text("2")
+    assert tracking.git_commit(tmp_path) == clean + "-dirty"
+
+
+def test_run_logs_flat_params_tags_and_finite_metrics(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with tracking.run("exp", "model-a", params={"lr": 0.1, "head": {"units": 8}}, tags={"stage": "t"}) as active:
+            tracking.log_finite_metrics({"val": {"auc": 0.9, "f1": float("nan")}, "note": "text"}, prefix="m.")
+            tracking.log_epoch(0, {"loss": 1.5})
+        run = mlflow.get_run(active.info.run_id)
+        assert run.data.params == {"lr": "0.1", "head.units": "8"}
+        assert run.data.tags["stage"] == "t"
+        assert run.data.metrics == {"m.val.auc": 0.9, "loss": 1.5}
+        with tracking.run("exp", "ignored", run_id=active.info.run_id):  # evaluation resumes the model's run
+            tracking.log_finite_metrics({"later": 1})
+        assert mlflow.get_run(active.info.run_id).data.metrics["later"] == 1
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -29,7 +29,8 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 data: setup  ## the embedded demo dataset in data/demo (byte-identical to what data.dvc records)
 	@if [ ! -f data/demo/labels.csv ]; then covidcxr demo-data data/demo; fi
-	dvc status data.dvc
+	dvc add --quiet data
+	@git diff --quiet -- data.dvc || { echo "data/ differs from the committed data.dvc (see git diff data.dvc)" >&2; exit 1; }
 
 bench: setup data  ## every benchmark; results in bench/results.json
 	python -m bench

@@ -1,0 +1,72 @@
+"""Ingest throughput: `read_image` + resize to 224 against the bare decoder (pydicom / Pillow), all cores busy.
+
+The figure is the ratio ours / decoder-alone (goal >= 0.8): the cost our reader adds on top of decoding (LUTs,
+MONOCHROME1 inversion, checks, float conversion, resize).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+
+from covidcxr import io, preprocess
+
+
+def ours(path: str) -> float:
+    pixels, _ = io.read_image(path)
+    return float(preprocess.resize(preprocess.minmax(pixels), 224)[0, 0])
+
+
+def decode_only(path: str) -> float:
+    if path.endswith(".dcm"):
+        return float(pydicom.dcmread(path).pixel_array.flat[0])
+    with Image.open(path) as im:
+        im.load()
+        return float(np.asarray(im).flat[0])
+
+
+def images_per_second(fn, paths: list[str], workers: int, repeats: int) -> float:
+    work = paths * repeats
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(fn, paths[:workers]))  # warm the workers (imports)
+        start = time.perf_counter()
+        list(pool.map(fn, work, chunksize=8))
+        elapsed = time.perf_counter() - start
+    return len(work) / elapsed
+
+
+def find_files(demo: Path, real: Path | None, n: int = 120) -> dict[str, list[str]]:
+    dicom = sorted(str(p) for p in demo.rglob("*.dcm"))
+    files = {"dicom": [p for p in dicom if _readable(p)][:n]}
+    if real is not None and (real / "kermany").is_dir():
+        files["jpeg"] = sorted(str(p) for p in (real / "kermany").rglob("*.jpeg"))[:n]
+    return files
+
+
+def _readable(path: str) -> bool:
+    try:
+        io.read_image(path)
+        return True
+    except io.ImageReadError:
+        return False
+
+
+def run(demo: Path, real: Path | None, repeats: int = 3) -> dict:
+    workers = os.cpu_count() or 1
+    result: dict = {"workers": workers, "resize_to": 224}
+    for kind, paths in find_files(demo, real).items():
+        base = images_per_second(decode_only, paths, workers, repeats)
+        mine = images_per_second(ours, paths, workers, repeats)
+        result[kind] = {
+            "files": len(paths),
+            "read_image_resize_ips": round(mine, 1),
+            "decode_only_ips": round(base, 1),
+            "ratio": round(mine / base, 3),
+        }
+    return result

@@ -1,0 +1,28 @@
+"""Stage `cache`: decode every manifest image once at the working size (and its true lung mask, where the source has one)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from covidcxr import manifest, preprocess
+from pipelines import _common
+
+INDEX_COLUMNS = ["image_id", "source", "patient_id", "label", "projection", "site", "has_mask"]
+
+
+def run(p: dict) -> None:
+    log = _common.setup_logging()
+    m = manifest.read_csv("artifacts/manifest.csv")
+    mask_paths = [None if pd.isna(x) else str(x) for x in m["mask_path"]]
+    images, masks, has_mask = preprocess.build_cache(
+        list(m["path"]), mask_paths, int(p["size"]), workers=int(p.get("workers") or 1),
+        progress=_common.show_progress(),
+    )
+    _common.save_npy(f"{_common.CACHE_DIR}/images.npy", images)
+    _common.save_npy(f"{_common.CACHE_DIR}/masks.npy", masks)
+    _common.write_csv(f"{_common.CACHE_DIR}/index.csv", m.assign(has_mask=has_mask)[INDEX_COLUMNS])
+    log.info("cached %d images at %d px (%d with lung masks)", len(m), p["size"], int(has_mask.sum()))
+
+
+if __name__ == "__main__":
+    run(_common.params("cache"))

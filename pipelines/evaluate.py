@@ -1,0 +1,117 @@
+"""Stage `evaluate`: every classifier on val and test, at 0.5 and at its operating threshold.
+
+Metrics with patient-level bootstrap 95% CIs, calibration, ROC/PR/reliability data (DVC plots and MLflow figures),
+and a comparison table laid out like the paper's Tables 6/10/14.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidcxr import metrics, tracking
+from pipelines import _common
+from pipelines.train_classifier import model_dir
+
+OUT = Path("reports/evaluate")
+
+
+def evaluate_model(pred: pd.DataFrame, threshold: float, p: dict) -> dict:
+    result: dict = {}
+    for split, part in pred.groupby("split"):
+        if split == "train":
+            continue
+        y = (part["label"] == "covid").to_numpy(int)
+        s = part["score"].to_numpy(float)
+        result[split] = {
+            "at_0.5": metrics.classification_metrics(y, s, threshold=0.5),
+            "at_operating": metrics.classification_metrics(y, s, threshold=threshold),
+            "ci_at_operating": metrics.confidence_intervals(
+                y, s, part["patient_id"].to_numpy(), n_boot=int(p["n_boot"]), seed=int(p["seed"]), threshold=threshold
+            ),
+            "ece": metrics.expected_calibration_error(y, s, n_bins=int(p["calibration_bins"])),
+        }
+    return result
+
+
+def curves(pred: pd.DataFrame, n_bins: int) -> dict[str, list[dict]]:
+    """Test-split curves as DVC plot rows."""
+    test = pred[pred["split"] == "test"]
+    y, s = (test["label"] == "covid").to_numpy(int), test["score"].to_numpy(float)
+    roc, pr = metrics.roc_curve_points(y, s), metrics.pr_curve_points(y, s)
+    rel = metrics.reliability_diagram(y, s, n_bins=n_bins)
+    return {
+        "roc": [{"fpr": a, "tpr": b} for a, b in zip(roc["fpr"], roc["tpr"])],
+        "pr": [{"recall": a, "precision": b} for a, b in zip(pr["recall"], pr["precision"])],
+        "reliability": [{"mean_predicted": a, "observed_frequency": b, "count": c}
+                        for a, b, c in zip(rel["mean_predicted"], rel["observed_frequency"], rel["counts"])],
+    }
+
+
+def figure(name: str, data: dict[str, list[dict]]):
+    """ROC, PR and reliability panels for MLflow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    specs = [("roc", "fpr", "tpr", "ROC"), ("pr", "recall", "precision", "Precision-recall"),
+             ("reliability", "mean_predicted", "observed_frequency", "Reliability")]
+    for ax, (key, xk, yk, title) in zip(axes, specs):
+        rows = [r for r in data[key] if r[xk] is not None and r[yk] is not None and np.isfinite(r[xk]) and np.isfinite(r[yk])]
+        ax.plot([r[xk] for r in rows], [r[yk] for r in rows], marker="." if key == "reliability" else None)
+        if key != "pr":
+            ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(title=f"{title}: {name}", xlabel=xk, ylabel=yk, xlim=(0, 1), ylim=(0, 1.02))
+    fig.tight_layout()
+    return fig
+
+
+def run(p: dict, classifiers: dict) -> dict:
+    import mlflow
+
+    log = _common.setup_logging()
+    _common.setup_tracking()
+    rows, everything = [], {}
+    for variant in classifiers["variants"]:
+        for backbone in classifiers["backbones"]:
+            name = f"{variant}_{backbone}"
+            d = Path(model_dir(variant, backbone))
+            pred = pd.read_csv(d / "predictions.csv")
+            threshold = json.loads((d / "threshold.json").read_text())["threshold"]
+            result = evaluate_model(pred, threshold, p)
+            result["operating_threshold"] = threshold
+            data = curves(pred, int(p["calibration_bins"]))
+            for key, value in data.items():
+                _common.write_json(OUT / name / f"{key}.json", value)
+            _common.write_json(OUT / name / "metrics.json", result)
+            everything[name] = result
+            for split in ("val", "test"):
+                rows.append({"variant": variant, "backbone": backbone, "split": split, **result[split]["at_0.5"]})
+            run_id = json.loads((d / "run.json").read_text())["run_id"]
+            with tracking.run(_common.mlflow_experiment(), name, run_id=run_id):
+                tracking.log_finite_metrics({s: result[s] for s in ("val", "test")}, prefix="eval.")
+                fig = figure(name, data)
+                mlflow.log_figure(fig, "evaluation/curves.png")
+                mlflow.log_dict(result, "evaluation/metrics.json")
+                import matplotlib.pyplot as plt
+
+                plt.close(fig)
+    table = metrics.paper_table(rows)
+    _common.write_with(OUT / "comparison.md", lambda tmp: tmp.write_text(
+        "# COVID-19 label metrics at threshold 0.5 (layout of the paper's Tables 6/10/14)\n\n"
+        + table.round(4).to_markdown() + "\n", encoding="utf-8"))
+    _common.write_csv(OUT / "comparison.csv", table.round(6).reset_index())
+    summary = {name: {"test_auc": r["test"]["at_0.5"]["roc_auc"], "val_auc": r["val"]["at_0.5"]["roc_auc"],
+                      "test_ece": r["test"]["ece"]} for name, r in everything.items()}
+    _common.write_json(OUT / "summary.json", summary)
+    log.info("evaluation: %s", summary)
+    return everything
+
+
+if __name__ == "__main__":
+    run(_common.params("evaluate"), _common.params("train_classifier"))

@@ -1,0 +1,76 @@
+"""Stage `explain`: Grad-CAM of every classifier on a fixed sample of correct and incorrect test cases of both classes,
+and the share of heat-map mass inside the lung mask (per variant and class) over all test images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidcxr import gradcam, preprocess, tracking
+from pipelines import _common
+from pipelines.train_classifier import model_dir
+
+OUT = Path("reports/explain")
+GROUPS = [("covid", True, "TP"), ("covid", False, "FN"), ("negative", True, "TN"), ("negative", False, "FP")]
+
+
+def sample(pred: pd.DataFrame, threshold: float, per_group: int) -> pd.DataFrame:
+    """A fixed sample: up to ``per_group`` test images of each of TP, FN, TN, FP, first by image_id."""
+    test = pred[pred["split"] == "test"].sort_values("image_id")
+    called = np.where(test["score"] >= threshold, "covid", "negative")
+    picks = []
+    for label, correct, name in GROUPS:
+        hit = (test["label"] == label) & ((called == label) == correct)
+        picks.append(test[hit].head(per_group).assign(group=name))
+    return pd.concat(picks)
+
+
+def run(p: dict, classifiers: dict) -> dict:
+    import mlflow
+
+    log = _common.setup_logging()
+    _common.setup_tracking()
+    index, images, _ = _common.load_cache()
+    masks = np.load("artifacts/masks/masks.npy")
+    summary: dict = {}
+    for variant in classifiers["variants"]:
+        for backbone in classifiers["backbones"]:
+            name = f"{variant}_{backbone}"
+            d = Path(model_dir(variant, backbone))
+            model, std, info = _common.load_model_dir(d)
+            pred = pd.read_csv(d / "predictions.csv")
+            threshold = json.loads((d / "threshold.json").read_text())["threshold"]
+            test = pred[pred["split"] == "test"].reset_index(drop=True)
+            rows = _common.rows_for(index, test["image_id"])
+            x = std.transform(preprocess.apply_variant(images[rows], masks[rows], variant))[..., None]
+            heat = gradcam.gradcam(model, x)
+            inside = gradcam.mass_inside(heat, masks[rows])
+            summary[name] = {
+                "lung_mass_share": float(np.nanmean(inside)),
+                **{f"lung_mass_share_{lab}": float(np.nanmean(inside[(test["label"] == lab).to_numpy()]))
+                   for lab in ("covid", "negative") if (test["label"] == lab).any()},
+            }
+            chosen = sample(pred, threshold, int(p["per_group"]))
+            where = {img: i for i, img in enumerate(test["image_id"])}
+            tiles = [gradcam.overlay(images[rows[where[i]]], heat[where[i]]) for i in chosen["image_id"]]
+            titles = [f"{g} p={s:.2f}" for g, s in zip(chosen["group"], chosen["score"])]
+            png = OUT / "gradcam" / f"{name}.png"
+            if tiles:
+                grid = gradcam.grid(tiles, ncols=int(p["per_group"]), titles=titles)
+                from PIL import Image
+
+                _common.write_with(png, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+            with tracking.run(_common.mlflow_experiment(), name, run_id=info["run_id"]):
+                tracking.log_finite_metrics(summary[name], prefix="gradcam.")
+                if tiles:
+                    mlflow.log_artifact(str(png), "gradcam")
+    _common.write_json(OUT / "metrics.json", summary)
+    log.info("Grad-CAM mass inside the lungs: %s", {k: round(v["lung_mass_share"], 3) for k, v in summary.items()})
+    return summary
+
+
+if __name__ == "__main__":
+    run(_common.params("explain"), _common.params("train_classifier"))

@@ -1,0 +1,68 @@
+"""Stage `train_unet`: the paper's lung U-Net (part b) on image/mask pairs; standard per-image Dice and IoU.
+
+The authors' per-pixel Dice is reported beside it under its own name, only to compare with the paper's Table 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from covidcxr import metrics, models, preprocess, tracking, training
+from pipelines import _common
+
+OUT = "artifacts/models/unet"
+METRICS = "reports/train_unet/metrics.json"
+TUNED = "artifacts/tune/unet.json"
+
+
+def effective_params(p: dict) -> dict:
+    """params, with the tuned values when params ask for them (the tuner never writes params.yaml)."""
+    if p.get("use_tuned") and os.path.exists(TUNED):
+        with open(TUNED, encoding="utf-8") as fh:
+            return {**p, **json.load(fh)["best_params"]}
+    return p
+
+
+def run(p: dict) -> dict:
+    log = _common.setup_logging()
+    _common.setup_tracking()
+    p = effective_params(p)
+    training.seed_everything(p["seed"])
+    index, images, masks = _common.load_cache()
+    parts = _common.split_arrays("segmentation", index)
+    std = preprocess.Standardizer().fit(images[parts["train"][0]])
+    x = {s: std.transform(images[rows]) for s, (rows, _) in parts.items()}
+    y = {s: masks[rows].astype(np.float32) for s, (rows, _) in parts.items()}
+
+    model = models.build_unet(int(p["f0"]), x["train"].shape[1:] + (1,), dropout_scale=float(p["dropout_scale"]))
+    import keras
+
+    model.compile(optimizer=keras.optimizers.Adam(float(p["lr"])), loss=models.bce_dice_loss)
+    with tracking.run(_common.mlflow_experiment(), f"unet-f0{p['f0']}", params=p,
+                      tags=_common.repro_tags("train_unet")) as active:
+        training.fit(model, (x["train"], y["train"]), (x["val"], y["val"]), epochs=int(p["epochs"]),
+                     batch_size=int(p["batch_size"]), seed=int(p["seed"]), augment=p.get("augment", False),
+                     on_epoch_end=tracking.log_epoch,
+                     verbose=1 if _common.show_progress() else 0)
+        result = {}
+        for split in x:
+            prob = training.predict(model, x[split])[..., 0]
+            result[split] = {
+                "dice": float(np.mean(metrics.dice(y[split], prob))),
+                "iou": float(np.mean(metrics.iou(y[split], prob))),
+                "paper_pixel_dice": float(metrics.paper_pixel_dice(y[split], prob, per_pixel=True)),
+                "n": int(len(prob)),
+            }
+        tracking.log_finite_metrics(result)
+        tracking.log_keras_model(model, x["val"][..., None])
+        _common.save_model_dir(OUT, model, std, active.info.run_id, {"f0": int(p["f0"])})
+    _common.write_json(METRICS, result)
+    log.info("U-Net Dice: %s", {s: round(v["dice"], 4) for s, v in result.items()})
+    return result
+
+
+if __name__ == "__main__":
+    run(_common.params("train_unet"))

@@ -1,0 +1,27 @@
+"""Stage `validate`: the image-metadata and projection-label expectation suites on the manifest.
+
+Results go to a small JSON (a DVC metric) and to offline Data Docs; a failing critical expectation fails the stage.
+"""
+
+from __future__ import annotations
+
+from covidcxr import manifest, validation
+from pipelines import _common
+
+MANIFEST = "artifacts/manifest.csv"
+CHECKS = "reports/validate/manifest.json"
+DOCS = "reports/validate/data_docs"
+
+
+def run(p: dict) -> None:
+    log = _common.setup_logging()
+    results = validation.validate_manifest(manifest.read_csv(MANIFEST), p["expectations"])
+    _common.write_json(CHECKS, validation.results_to_json(results))
+    validation.write_data_docs(results, DOCS)
+    for r in results:
+        log.info("suite %s: %s", r.name, "passed" if r.success else "failed")
+    validation.raise_for_critical(results)
+
+
+if __name__ == "__main__":
+    run(_common.params("validate"))

@@ -169,6 +169,10 @@ def save_model_dir(out_dir: str | os.PathLike, model, standardizer, run_id: str,
     os.replace(partial, out / "model.keras")
     write_with(out / "standardizer.json", lambda tmp: standardizer.save(tmp))
     write_json(out / "run.json", {"run_id": run_id, **(extra or {})})
+    import mlflow
+
+    if mlflow.active_run() is not None:  # the fitted preprocessing travels with the model's run
+        mlflow.log_artifact(str(out / "standardizer.json"), "preprocessing")
 
 
 def load_model_dir(model_dir: str | os.PathLike):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+import mlflow
 import numpy as np
 import pandas as pd
 
@@ -82,6 +83,7 @@ def run(p: dict, variant: str, backbone: str) -> dict:
         _common.save_model_dir(out, model, std, active.info.run_id,
                                {"variant": variant, "backbone": backbone, "epochs_run": len(history.get("loss", []))})
         _common.write_json(f"{out}/threshold.json", {"threshold": threshold, "objective": p.get("threshold_objective")})
+        mlflow.log_artifact(f"{out}/threshold.json", "preprocessing")
         predictions = pd.concat([
             table[split == s][["image_id", "patient_id", "split", "label"]].assign(score=scores[s])
             for s in x

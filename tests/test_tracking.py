@@ -41,5 +41,14 @@ def test_run_logs_flat_params_tags_and_finite_metrics(tmp_path):
         with tracking.run("exp", "ignored", run_id=active.info.run_id):  # evaluation resumes the model's run
             tracking.log_finite_metrics({"later": 1})
         assert mlflow.get_run(active.info.run_id).data.metrics["later"] == 1
+        # A model whose run is not in this store (restored from DVC's cache) gets one stand-in run, reused.
+        with tracking.run("exp", "model-b", run_id="0" * 32) as first:
+            tracking.log_finite_metrics({"eval": 1})
+        with tracking.run("exp", "model-b", run_id="0" * 32) as second:
+            tracking.log_finite_metrics({"gradcam": 2})
+        assert first.info.run_id == second.info.run_id != "0" * 32
+        stand_in = mlflow.get_run(first.info.run_id)
+        assert stand_in.data.metrics == {"eval": 1, "gradcam": 2}
+        assert stand_in.data.tags[tracking.ORIGINAL_RUN_TAG] == "0" * 32
     finally:
         mlflow.set_tracking_uri(None)

@@ -93,7 +93,9 @@ def run(
     """
     parent = _PARENT_RUN if run_id is None else None
     tags = {**(tags or {}), **({"mlflow.parentRunId": parent} if parent else {})}
-    mlflow.set_experiment(experiment)
+    exp = mlflow.set_experiment(experiment)
+    if run_id is not None and not _exists(run_id):
+        run_id = _stand_in(exp.experiment_id, run_id, run_name)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as active:
         if params:
             mlflow.log_params(flatten(params))
@@ -132,3 +134,28 @@ def log_finite_metrics(metrics: Mapping[str, object], prefix: str = "") -> None:
             flat[f"{prefix}{key}"] = number
     if flat:
         mlflow.log_metrics(flat)
+
+
+ORIGINAL_RUN_TAG = "covidcxr.original_run_id"
+
+
+def _exists(run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def _stand_in(experiment_id: str, run_id: str, run_name: str) -> str:
+    """A run that stands in for a model's run missing from this store (a model DVC restored from its cache, or a new
+    tracking server): found by tag, else created, so evaluation and explanation share one run per model."""
+    client = mlflow.MlflowClient()
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{ORIGINAL_RUN_TAG}` = '{run_id}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    created = client.create_run(experiment_id, run_name=run_name, tags={ORIGINAL_RUN_TAG: run_id})
+    client.set_terminated(created.info.run_id)
+    return created.info.run_id

@@ -1,0 +1,50 @@
+"""The data stages of the real `dvc repro` on the real chest X-ray corpus (params pointing at COVIDCXR_REAL_DATA)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.pipelines.conftest import run
+
+pytestmark = pytest.mark.slow
+
+
+def test_data_stages_on_real_corpus(project: Path, real_data: Path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["ingest"]["sources"] = [
+        {"name": "cohen", "root": str(real_data / "cohen")},
+        {"name": "kermany", "root": str(real_data / "kermany")},
+        {"name": "montgomery", "root": str(real_data / "montgomery_shenzhen")},
+        {"name": "shenzhen", "root": str(real_data / "montgomery_shenzhen")},
+    ]
+    params["split"]["experiment"] = "comparison"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (project / "data").mkdir()  # the pipeline's declared data folder (unused by these params)
+    run(["dvc", "repro", "split"], project)
+
+    summary = json.loads((project / "reports/ingest/summary.json").read_text())
+    # All of it: 560 Cohen X-rays, 773 Kermany images, 556 Montgomery/Shenzhen pairs, nothing lost.
+    assert summary["listed"] == 560 + 773 + 556
+    assert summary["accepted"] + summary["rejected"] + summary["duplicates"] == summary["listed"]
+    rejects = pd.read_csv(project / "reports/ingest/rejects.csv")
+    assert set(rejects["kind"]) <= {"image", "mask"} and summary["rejected"] == (rejects["kind"] == "image").sum()
+    duplicates = pd.read_csv(project / "reports/ingest/duplicates.csv")
+    assert len(duplicates) == summary["duplicates"] >= 1  # the corpus holds byte-identical copies
+
+    manifest = pd.read_csv(project / "artifacts/manifest.csv")
+    assert manifest["sha256"].is_unique
+    assert (manifest["source"] == "cohen").sum() + (duplicates["image_id"].str.startswith("cohen/")).sum() \
+        + (rejects[rejects["kind"] == "image"]["source"] == "cohen").sum() == 560
+    assert (manifest.loc[manifest["source"] == "cohen", "projection"] == "lateral").sum() >= 38
+    assert not manifest["patient_id"].str.contains(r"^cohen:\d+$").any()  # pseudonymised
+
+    split = pd.read_csv(project / "artifacts/splits/covid.csv")
+    assert set(split["label"]) == {"covid", "negative"}
+    assert (split.groupby("patient_id")["split"].nunique() == 1).all()
+    checks = json.loads((project / "reports/split/validation.json").read_text())
+    assert checks["n_critical_failed"] == 0

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from covidcxr import datasets
 from tests.pipelines.conftest import run
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,9 @@ def test_data_stages_on_real_corpus(project: Path, real_data: Path):
     assert (manifest["source"] == "cohen").sum() + (duplicates["image_id"].str.startswith("cohen/")).sum() \
         + (rejects[rejects["kind"] == "image"]["source"] == "cohen").sum() == 560
     assert (manifest.loc[manifest["source"] == "cohen", "projection"] == "lateral").sum() >= 38
-    assert not manifest["patient_id"].str.contains(r"^cohen:\d+$").any()  # pseudonymised
+    raw = set(datasets.load("cohen", real_data / "cohen")["patient_id"])
+    assert raw.isdisjoint(manifest["patient_id"])  # pseudonymised
+    assert manifest["patient_id"].str.fullmatch(r"(cohen|kermany|montgomery|shenzhen):[0-9a-f]{16}").all()
 
     split = pd.read_csv(project / "artifacts/splits/covid.csv")
     assert set(split["label"]) == {"covid", "negative"}

@@ -12,14 +12,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from covidcxr import metrics, models, preprocess, tracking, training
+from covidcxr import metrics, models, preprocess, tracking, training, tuning
 from pipelines import _common
-
-OBJECTIVES = {
-    "youden": metrics.youden_threshold,
-    "f1": metrics.f1_threshold,
-    "sensitivity": lambda y, s, min_sensitivity=0.95: metrics.threshold_for_sensitivity(y, s, min_sensitivity),
-}
 
 
 def model_dir(variant: str, backbone: str) -> str:
@@ -36,12 +30,13 @@ def usable(index: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
 
 
 def fit_threshold(y: np.ndarray, score: np.ndarray, p: dict) -> float:
-    objective = p.get("threshold_objective", "youden")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"train_classifier.threshold_objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
-    if objective == "sensitivity":
-        return float(OBJECTIVES[objective](y, score, float(p.get("min_sensitivity", 0.95))))
-    return float(OBJECTIVES[objective](y, score))
+    """The operating threshold Optuna chooses on validation for params' objective; its trials go to the active run."""
+    choice = tuning.tune_threshold(y, score, p.get("threshold_objective", "youden"),
+                                   min_sensitivity=float(p.get("min_sensitivity", 0.95)), seed=int(p["seed"]))
+    if mlflow.active_run():
+        mlflow.log_text(choice.trials.to_csv(index=False, lineterminator="\n"), "threshold/trials.csv")
+        mlflow.log_metrics({"threshold.objective_value": choice.value, "threshold.trials": choice.n_trials})
+    return choice.threshold
 
 
 def run(p: dict, variant: str, backbone: str) -> dict:
@@ -60,9 +55,10 @@ def run(p: dict, variant: str, backbone: str) -> dict:
     y = {s: y_all[split == s] for s in x}
 
     depth = int(backbone.removeprefix("vgg"))
-    model = models.build_vgg(depth, x["train"].shape[1:] + (1,), weights=p["weights"], fold=p["fold"],
-                             width=float(p["width"]), head=tuple(p["head"]), name=f"covid_{variant}_{backbone}")
-    _common.compile_binary(model, float(p["lr"]))
+    with training.distribution_strategy(p.get("strategy", "default")).scope():
+        model = models.build_vgg(depth, x["train"].shape[1:] + (1,), weights=p["weights"], fold=p["fold"],
+                                 width=float(p["width"]), head=tuple(p["head"]), name=f"covid_{variant}_{backbone}")
+        _common.compile_binary(model, float(p["lr"]))
     run_params = {**p, "variant": variant, "backbone": backbone, "excluded": excluded}
     with tracking.run(_common.mlflow_experiment(), f"classifier-{variant}-{backbone}", params=run_params,
                       tags=_common.repro_tags("train_classifier")) as active:

@@ -21,9 +21,10 @@ def run(p: dict) -> dict:
     std = preprocess.Standardizer().fit(images[parts["train"][0]])
     x = {s: std.transform(images[rows]) for s, (rows, _) in parts.items()}
 
-    model = models.build_vgg(p["depth"], x["train"].shape[1:] + (1,), weights=p["weights"], fold=p["fold"],
-                             width=p["width"], name=f"projection_vgg{p['depth']}")
-    _common.compile_binary(model, p["lr"])
+    with training.distribution_strategy(p.get("strategy", "default")).scope():
+        model = models.build_vgg(p["depth"], x["train"].shape[1:] + (1,), weights=p["weights"], fold=p["fold"],
+                                 width=p["width"], name=f"projection_vgg{p['depth']}")
+        _common.compile_binary(model, p["lr"])
     with tracking.run(_common.mlflow_experiment(), f"projection-vgg{p['depth']}", params=p,
                       tags=_common.repro_tags("train_projection")) as active:
         training.fit(model, (x["train"], y["train"]), (x["val"], y["val"]), epochs=p["epochs"],

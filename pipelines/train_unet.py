@@ -37,10 +37,11 @@ def run(p: dict) -> dict:
     x = {s: std.transform(images[rows]) for s, (rows, _) in parts.items()}
     y = {s: masks[rows].astype(np.float32) for s, (rows, _) in parts.items()}
 
-    model = models.build_unet(int(p["f0"]), x["train"].shape[1:] + (1,), dropout_scale=float(p["dropout_scale"]))
     import keras
 
-    model.compile(optimizer=keras.optimizers.Adam(float(p["lr"])), loss=models.bce_dice_loss)
+    with training.distribution_strategy(p.get("strategy", "default")).scope():
+        model = models.build_unet(int(p["f0"]), x["train"].shape[1:] + (1,), dropout_scale=float(p["dropout_scale"]))
+        model.compile(optimizer=keras.optimizers.Adam(float(p["lr"])), loss=models.bce_dice_loss)
     with tracking.run(_common.mlflow_experiment(), f"unet-f0{p['f0']}", params=p,
                       tags=_common.repro_tags("train_unet")) as active:
         training.fit(model, (x["train"], y["train"]), (x["val"], y["val"]), epochs=int(p["epochs"]),

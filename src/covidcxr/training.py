@@ -1,10 +1,36 @@
-"""Training loops: seeded tf.data pipelines from in-memory arrays, and a Keras fit that reports every epoch."""
+"""Training loops: seeded tf.data pipelines from in-memory arrays, a Keras fit that reports every epoch, and the
+``tf.distribute`` strategy a model is built under (one device, or every local device)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import numpy as np
+
+STRATEGIES: tuple[str, ...] = ("default", "mirrored")
+
+
+def distribution_strategy(name: str = "default"):
+    """The ``tf.distribute`` strategy to build and compile a model under (``with strategy.scope(): ...``).
+
+    ``default``: TensorFlow's default (one device; the behaviour without a strategy). ``mirrored``: synchronous data
+    parallelism over every local GPU, or over every logical CPU device when there is no GPU; Keras' ``fit`` splits each
+    global batch across the replicas, so ``batch_size`` stays the global batch. ``multi-worker`` is refused: Keras 3's
+    ``fit`` fails under ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585); several machines share the work
+    through a shared Optuna study instead, each training its own trials.
+    """
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    if name == "multi-worker":
+        raise ValueError("strategy 'multi-worker' is not supported: Keras 3's fit fails under "
+                         "MultiWorkerMirroredStrategy (keras-team/keras#20585). Use 'mirrored' for the GPUs of one "
+                         "machine, and `covidcxr tune` workers on a shared study for several machines")
+    raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {name!r}")
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,635 @@
+"""Optuna tuning: the U-Net's hyperparameters and mask threshold, and the classifiers' operating thresholds.
+
+U-Net: a study maximises the standard per-image validation Dice over F0, learning rate, dropout scale, batch size and
+the mask threshold, pruning on the per-epoch validation Dice. A study lives in any Optuna storage (sqlite on one
+machine, PostgreSQL for many): the first worker creates it and stores the search configuration and a fingerprint of
+the data in it, so that every worker that joins later (``covidcxr tune`` on another runner) searches the same space on
+the same data. Every trial is an MLflow run nested under the study's run; the best trial is tagged ``best_trial``.
+
+Thresholds: ``tune_threshold`` lets Optuna choose an operating threshold on validation scores for a declared objective
+(Youden's J, F1, or the highest specificity at a minimum sensitivity).
+
+Nothing here reads ``params.yaml`` or decides where files go: callers pass URLs, paths and configurations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+STORAGE_ENV = "COVIDCXR_OPTUNA_STORAGE"
+CONFIG_ATTR = "covidcxr_config"
+DATA_ATTR = "covidcxr_data_sha256"
+RUN_ATTR = "mlflow_run_id"
+BEST_TAG = "best_trial"
+
+UNET_PARAMS: tuple[str, ...] = ("f0", "lr", "dropout_scale", "batch_size", "mask_threshold")
+UNET_DEFAULTS: dict = {
+    "epochs": 3,
+    "seed": 42,
+    "augment": False,
+    "strategy": "default",
+    "sampler": {"n_startup_trials": 2},
+    "pruner": {"n_startup_trials": 2, "n_warmup_steps": 1},
+}
+THRESHOLD_OBJECTIVES: tuple[str, ...] = ("youden", "f1", "sensitivity")
+
+#: ``objective(trial, report)``: ``report(step, metrics)`` streams per-epoch metrics into the trial's MLflow run.
+Report = Callable[[int, Mapping[str, float]], None]
+Objective = Callable[[optuna.Trial, Report], float]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Search space and the U-Net objective
+
+
+def suggest(trial: optuna.Trial, space: Mapping[str, object]) -> dict:
+    """One point of ``space``: ``{choices: [...]}`` is categorical, ``{low, high, log?}`` a float range, a scalar fixed.
+
+    Fixed values are returned too (not suggested), so that the result always holds every name of ``space``.
+    """
+    point: dict = {}
+    for name, spec in space.items():
+        if isinstance(spec, Mapping) and "choices" in spec:
+            point[name] = trial.suggest_categorical(name, list(spec["choices"]))
+        elif isinstance(spec, Mapping) and {"low", "high"} <= set(spec):
+            point[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]),
+                                              log=bool(spec.get("log", False)))
+        elif isinstance(spec, (int, float, str)) and not isinstance(spec, bool):
+            point[name] = spec
+        else:
+            raise ValueError(f"search space entry {name!r} must be a value, {{choices: [...]}} or {{low, high, log}}, "
+                             f"got {spec!r}")
+    return point
+
+
+def unet_config(values: Mapping) -> dict:
+    """A complete, validated U-Net study configuration: ``space`` (every name of ``UNET_PARAMS``) plus defaults."""
+    config = {**UNET_DEFAULTS, **{k: values[k] for k in (*UNET_DEFAULTS, "space") if k in values}}
+    space = config.get("space")
+    if not isinstance(space, Mapping):
+        raise ValueError("a U-Net tuning configuration needs a 'space' mapping")
+    missing = [name for name in UNET_PARAMS if name not in space]
+    unknown = [name for name in space if name not in UNET_PARAMS]
+    if missing or unknown:
+        raise ValueError(f"U-Net search space: missing {missing}, unknown {unknown} (expected {list(UNET_PARAMS)})")
+    for name, spec in space.items():
+        if isinstance(spec, Mapping) and "choices" in spec and not list(spec["choices"]):
+            raise ValueError(f"U-Net search space: {name!r} has no choices")
+        if isinstance(spec, Mapping) and {"low", "high"} <= set(spec) and float(spec["low"]) > float(spec["high"]):
+            raise ValueError(f"U-Net search space: {name!r} has low > high ({spec['low']} > {spec['high']})")
+    if int(config["epochs"]) < 1:
+        raise ValueError(f"U-Net tuning needs at least one epoch, got {config['epochs']}")
+    from covidcxr.training import STRATEGIES
+
+    if config["strategy"] not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {config['strategy']!r}")
+    return {**config, "space": {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in space.items()}}
+
+
+@dataclass(frozen=True)
+class UNetData:
+    """Standardised training and validation images ``(N, H, W)`` and binary masks, and the data's fingerprint."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    sha256: str
+
+
+def unet_data(images: np.ndarray, masks: np.ndarray, split: Sequence[str]) -> UNetData:
+    """Train/val arrays from images in [0, 1], masks and each image's split; standardised with train statistics."""
+    from covidcxr.preprocess import Standardizer
+
+    split = np.asarray(split)
+    train, val = split == "train", split == "val"
+    if not train.any() or not val.any():
+        raise ValueError(f"U-Net tuning needs train and val images, got {dict(Counter(split.tolist()))}")
+    digest = hashlib.sha256()
+    for part in (images[train], masks[train], images[val], masks[val]):
+        part = np.ascontiguousarray(part)
+        digest.update(f"{part.dtype}{part.shape}".encode())
+        digest.update(part.tobytes())
+    std = Standardizer().fit(images[train])
+    return UNetData(std.transform(images[train]), masks[train].astype(np.float32),
+                    std.transform(images[val]), masks[val].astype(np.float32), digest.hexdigest())
+
+
+def load_unet_data(cache_dir: str | os.PathLike, split_csv: str | os.PathLike) -> UNetData:
+    """``unet_data`` from a working-size cache folder (index.csv, images.npy, masks.npy) and a segmentation split."""
+    cache_dir = Path(cache_dir)
+    index = pd.read_csv(cache_dir / "index.csv", keep_default_na=False, na_values=[""])
+    table = pd.read_csv(split_csv, keep_default_na=False, na_values=[""])
+    for name, frame, column in ((cache_dir / "index.csv", index, "image_id"), (split_csv, table, "image_id"),
+                                (split_csv, table, "split")):
+        if column not in frame.columns:
+            raise ValueError(f"{name}: no '{column}' column")
+    position = dict(zip(index["image_id"], range(len(index))))
+    missing = [i for i in table["image_id"] if i not in position]
+    if missing:
+        raise KeyError(f"{split_csv}: {len(missing)} images are not in {cache_dir}, e.g. {missing[:3]}")
+    table = table[table["split"].isin(["train", "val"])]
+    rows = np.array([position[i] for i in table["image_id"]], dtype=int)
+    images = np.load(cache_dir / "images.npy", mmap_mode="r")
+    masks = np.load(cache_dir / "masks.npy", mmap_mode="r")
+    return unet_data(np.asarray(images[rows], dtype=np.float32), np.asarray(masks[rows]), table["split"].to_numpy())
+
+
+def unet_objective(data: UNetData, config: Mapping) -> Objective:
+    """The U-Net objective: train ``config['epochs']`` epochs at one point of ``config['space']``, return the mean
+    standard per-image validation Dice at the point's ``mask_threshold``.
+
+    Every epoch's validation Dice is reported to the trial; a trial the pruner stops raises ``optuna.TrialPruned``.
+    Models are built under ``config['strategy']`` (see ``training.distribution_strategy``).
+    """
+    import keras
+
+    from covidcxr import metrics, models, training
+
+    config = unet_config(config)
+    strategy = training.distribution_strategy(config["strategy"])
+    seed, epochs = int(config["seed"]), int(config["epochs"])
+
+    def objective(trial: optuna.Trial, report: Report) -> float:
+        point = suggest(trial, config["space"])
+        keras.backend.clear_session()
+        training.seed_everything(seed)  # the same start for every trial: trials differ by their point only
+        with strategy.scope():
+            model = models.build_unet(int(point["f0"]), data.x_train.shape[1:] + (1,),
+                                      dropout_scale=float(point["dropout_scale"]))
+            model.compile(optimizer=keras.optimizers.Adam(float(point["lr"])), loss=models.bce_dice_loss)
+        history: list[float] = []
+        pruned_at: list[int] = []
+
+        def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
+            prob = training.predict(model, data.x_val)[..., 0]
+            value = float(np.mean(metrics.dice(data.y_val, prob, threshold=float(point["mask_threshold"]))))
+            history.append(value)
+            report(epoch, {**logs, "val_dice": value})
+            trial.report(value, epoch)
+            if epoch < epochs - 1 and trial.should_prune():  # after the last epoch there is nothing left to save
+                pruned_at.append(epoch)
+                model.stop_training = True
+
+        training.fit(model, (data.x_train, data.y_train), (data.x_val, data.y_val), epochs=epochs,
+                     batch_size=int(point["batch_size"]), seed=seed, augment=bool(config["augment"]),
+                     on_epoch_end=on_epoch_end)
+        if pruned_at:
+            raise optuna.TrialPruned(f"validation Dice {history[-1]:.4f} after epoch {pruned_at[0]}")
+        return history[-1]
+
+    return objective
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Storage and the shared study
+
+
+def resolve_storage(*candidates: str | None) -> str:
+    """The first non-empty storage URL of ``candidates`` (callers pass e.g. flag, env, params, default in order)."""
+    for url in candidates:
+        if url:
+            return str(url)
+    raise ValueError("no Optuna storage URL given")
+
+
+def redact(url: str) -> str:
+    """A storage URL fit for logs and tags: the password (if any) replaced by ``***``."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: show only its scheme
+        return url.split("://", 1)[0] + "://..."
+
+
+def has_password(url: str) -> bool:
+    """Whether an SQLAlchemy URL carries a password (params files must not: use PGPASSWORD, ~/.pgpass or the env)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).password is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def make_storage(url: str, *, heartbeat_s: int | None = 60) -> optuna.storages.BaseStorage:
+    """An Optuna RDB storage for any SQLAlchemy URL, sqlite or PostgreSQL (``postgresql+psycopg2://user@host/db``).
+
+    The password comes from the URL's environment (``PGPASSWORD``, ``~/.pgpass``), never from params. With
+    ``heartbeat_s`` a worker that dies mid-trial has its trial marked failed after ``3 * heartbeat_s`` seconds instead
+    of left running forever. Workers that start together race to create the schema: that is retried.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    heartbeat = {"heartbeat_interval": heartbeat_s, "grace_period": 3 * heartbeat_s} if heartbeat_s else {}
+    for attempt in range(4):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and used on purpose
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+        except SQLAlchemyError as exc:
+            if attempt == 3:
+                raise
+            log.info("Optuna storage %s not ready (%s); retrying", redact(url), type(exc).__name__)
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _sampler(config: Mapping, seed: int) -> optuna.samplers.BaseSampler:
+    # constant_liar keeps concurrent workers from proposing the same point while the first is still running
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, **dict(config.get("sampler") or {}))
+
+
+def _pruner(config: Mapping) -> optuna.pruners.BasePruner:
+    return optuna.pruners.MedianPruner(**dict(config.get("pruner") or {}))
+
+
+def _wait_for_attrs(study: optuna.Study, names: Sequence[str], wait_s: float) -> dict:
+    deadline = time.monotonic() + wait_s
+    while True:
+        attrs = study.user_attrs
+        if all(n in attrs for n in names):
+            return attrs
+        if time.monotonic() > deadline:
+            absent = [n for n in names if n not in attrs]
+            raise TimeoutError(f"study {study.study_name!r} has no {absent} after {wait_s:.0f} s: its creator died "
+                               "before setting it up; delete the study and start again")
+        time.sleep(0.2)
+
+
+def open_study(
+    name: str,
+    storage: str | optuna.storages.BaseStorage,
+    config: Mapping | None = None,
+    *,
+    data_sha256: str | None = None,
+    seed: int | None = None,
+    wait_s: float = 60.0,
+) -> tuple[optuna.Study, bool]:
+    """Create study ``name`` with ``config`` or join it if it exists; returns ``(study, created)``.
+
+    Creation is atomic in the storage (unique study names), so of several workers starting together exactly one
+    creates the study and stores ``config`` and ``data_sha256``; the others wait for them and then use the stored
+    configuration (their own ``config`` only says what a new study would get). Joining with other data raises
+    ``ValueError``. ``seed`` seeds this worker's sampler (default: the configuration's seed); give each worker its own.
+    """
+    storage = make_storage(storage) if isinstance(storage, str) else storage
+    created = False
+    if config is not None:
+        config = unet_config(config)
+        try:
+            optuna.create_study(study_name=name, storage=storage, direction="maximize")
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            pass
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError as exc:
+        raise KeyError(f"study {name!r} does not exist in this storage; create it with a configuration first") from exc
+    if created:
+        if data_sha256:
+            study.set_user_attr(DATA_ATTR, data_sha256)
+        study.set_user_attr(CONFIG_ATTR, dict(config))
+        stored = dict(config)
+    else:
+        attrs = _wait_for_attrs(study, [CONFIG_ATTR], wait_s)
+        stored = attrs[CONFIG_ATTR]
+        if data_sha256 and attrs.get(DATA_ATTR) not in (None, data_sha256):
+            raise ValueError(f"study {name!r} was created on other data (sha256 {attrs[DATA_ATTR][:12]}..., this "
+                             f"worker has {data_sha256[:12]}...): run every worker on the same dvc-pulled cache and "
+                             "split")
+        if config is not None and dict(config) != stored:
+            log.info("study %r exists: using its stored configuration, not this worker's", name)
+    sampler_seed = int(stored.get("seed", 0) if seed is None else seed)
+    study = optuna.load_study(study_name=name, storage=storage, sampler=_sampler(stored, sampler_seed),
+                              pruner=_pruner(stored))
+    return study, created
+
+
+def study_config(study: optuna.Study) -> dict:
+    """The configuration stored in a study by its creator."""
+    try:
+        return dict(study.user_attrs[CONFIG_ATTR])
+    except KeyError as exc:
+        raise KeyError(f"study {study.study_name!r} has no stored configuration ({CONFIG_ATTR})") from exc
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# MLflow: the study's run and one nested run per trial
+
+
+def _mlflow_client(tracking_uri: str | None):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
+@dataclass
+class StudyTracker:
+    """Logs each trial as an MLflow run nested under the study's run (thread- and process-safe: client API only)."""
+
+    client: object
+    experiment_id: str
+    parent_run_id: str
+    study_name: str
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+    def start(self, trial: optuna.Trial) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"trial-{trial.number:03d}",
+            tags={"mlflow.parentRunId": self.parent_run_id, "optuna_study": self.study_name,
+                  "optuna_trial": str(trial.number), "worker": self.worker},
+        )
+        trial.set_user_attr(RUN_ATTR, run.info.run_id)
+        return run.info.run_id
+
+    def log(self, run_id: str, step: int, values: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, int(step)) for k, v in values.items() if np.isfinite(v)]
+        if metrics:
+            self.client.log_batch(run_id, metrics=metrics)
+
+    def end(self, run_id: str, trial: optuna.Trial, state: str, value: float | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        params = [Param(k, str(v)) for k, v in sorted(trial.params.items())]
+        metrics = [Metric("value", float(value), int(time.time() * 1000), 0)] if value is not None else []
+        self.client.log_batch(run_id, params=params, metrics=metrics, tags=[RunTag("optuna_state", state)])
+        self.client.set_terminated(run_id, "FAILED" if state == "FAIL" else "FINISHED")
+
+    def tag_best(self, study: optuna.Study) -> int | None:
+        """Tag the study's best trial run ``best_trial=true`` (and no other); record it on the study's run."""
+        from mlflow.entities import Metric, RunTag
+
+        try:
+            best = study.best_trial
+        except ValueError:
+            return None
+        best_run = best.user_attrs.get(RUN_ATTR)
+        stale = self.client.search_runs(
+            [self.experiment_id], max_results=1000,
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.{BEST_TAG} = 'true'",
+        )
+        for run in stale:
+            if run.info.run_id != best_run:
+                self.client.set_tag(run.info.run_id, BEST_TAG, "false")
+        if best_run:
+            self.client.set_tag(best_run, BEST_TAG, "true")
+        self.client.log_batch(
+            self.parent_run_id,
+            metrics=[Metric("best_value", float(best.value), int(time.time() * 1000), 0)],
+            tags=[RunTag("best_trial_number", str(best.number)), RunTag("best_run_id", str(best_run)),
+                  *[RunTag(f"best.{k}", str(v)) for k, v in sorted(best.params.items())]],
+        )
+        return best.number
+
+
+def attach_tracker(
+    study: optuna.Study,
+    created: bool,
+    *,
+    experiment: str,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    tracking_uri: str | None = None,
+    wait_s: float = 60.0,
+) -> StudyTracker:
+    """The study's MLflow run: created (with the stored configuration as params) by the worker that created the study,
+    found through the study by every other worker. Joiners log into the parent's experiment, whatever ``experiment``.
+    """
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+
+    from covidcxr.tracking import flatten
+
+    client = _mlflow_client(tracking_uri)
+    if not created:
+        parent = _wait_for_attrs(study, [RUN_ATTR], wait_s)[RUN_ATTR]
+        try:
+            experiment_id = client.get_run(parent).info.experiment_id
+            return StudyTracker(client, experiment_id, parent, study.study_name)
+        except MlflowException:
+            log.warning("study %r's MLflow run %s is not in this tracking store (%s): logging under a new run",
+                        study.study_name, parent, client.tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name=run_name or f"tune-{study.study_name}",
+                            tags={**(tags or {}), "optuna_study": study.study_name})
+    params = flatten(study.user_attrs.get(CONFIG_ATTR, {}))
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(params.items())])
+    study.set_user_attr(RUN_ATTR, run.info.run_id)
+    return StudyTracker(client, experiment_id, run.info.run_id, study.study_name)
+
+
+def tracked(objective: Objective, tracker: StudyTracker | None) -> Callable[[optuna.Trial], float]:
+    """``objective`` as an Optuna objective, each trial logged as a nested MLflow run when ``tracker`` is given."""
+
+    def run_trial(trial: optuna.Trial) -> float:
+        if tracker is None:
+            return objective(trial, lambda step, values: None)
+        run_id = tracker.start(trial)
+        try:
+            value = objective(trial, lambda step, values: tracker.log(run_id, step, values))
+        except optuna.TrialPruned:
+            tracker.end(run_id, trial, "PRUNED")
+            raise
+        except BaseException:
+            tracker.end(run_id, trial, "FAIL")
+            raise
+        tracker.end(run_id, trial, "COMPLETE", value)
+        return value
+
+    return run_trial
+
+
+def optimize(study: optuna.Study, objective: Objective, n_trials: int, *, tracker: StudyTracker | None = None) -> None:
+    """Run ``n_trials`` trials of ``objective`` in this worker (other workers may add theirs to the same study)."""
+    if n_trials > 0:
+        study.optimize(tracked(objective, tracker), n_trials=int(n_trials), gc_after_trial=True)
+    if tracker is not None:
+        tracker.tag_best(study)
+        tracker.client.set_terminated(tracker.parent_run_id, "FINISHED")
+
+
+def summary(study: optuna.Study) -> dict:
+    """The best trial (number, value, parameters) and the trial counts by state; raises if no trial completed.
+
+    ``best_params`` also holds the values the search space fixed, so that a model trained with them is the one tuned.
+    """
+    counts = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    try:
+        best = study.best_trial
+    except ValueError as exc:
+        raise RuntimeError(f"study {study.study_name!r} has no completed trial ({dict(counts)})") from exc
+    space = study.user_attrs.get(CONFIG_ATTR, {}).get("space", {})
+    fixed = {k: v for k, v in space.items() if not isinstance(v, Mapping)}
+    return {
+        "study": study.study_name,
+        "objective": "val_dice",
+        "best_trial": best.number,
+        "best_value": float(best.value),
+        "best_params": {**fixed, **best.params},
+        "trials": {state: int(counts.get(state, 0)) for state in ("complete", "pruned", "fail", "running", "waiting")},
+    }
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: number, state, value, parameters, epochs reported (no times, no run ids)."""
+    rows = [
+        {"number": t.number, "state": t.state.name, "value": t.value,
+         "epochs_reported": len(t.intermediate_values),
+         **{f"param_{k}": v for k, v in sorted(t.params.items())}}
+        for t in study.get_trials(deepcopy=False)
+    ]
+    return pd.DataFrame(rows).sort_values("number").reset_index(drop=True) if rows else pd.DataFrame()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Operating thresholds
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """An operating threshold (positive when ``score >= threshold``) and how it was chosen."""
+
+    threshold: float
+    value: float
+    objective: str
+    min_sensitivity: float | None
+    sensitivity: float
+    specificity: float
+    n_trials: int
+    exhaustive: bool
+    trials: pd.DataFrame = field(repr=False)
+
+
+@contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def _threshold_candidates(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every distinct score (descending) and one just above the highest, with tp and fp at each as ``>=`` threshold."""
+    scores = np.sort(np.unique(y_score))[::-1]
+    candidates = np.concatenate([[np.nextafter(float(scores[0]), np.inf)], scores])
+    pos, neg = np.sort(y_score[y_true == 1]), np.sort(y_score[y_true == 0])
+    tp = len(pos) - np.searchsorted(pos, candidates, side="left")
+    fp = len(neg) - np.searchsorted(neg, candidates, side="left")
+    return candidates, tp.astype(np.float64), fp.astype(np.float64)
+
+
+def _objective_values(objective: str, tp: np.ndarray, fp: np.ndarray, n_pos: int, n_neg: int,
+                      min_sensitivity: float) -> np.ndarray:
+    tpr, fpr = tp / n_pos, fp / n_neg
+    if objective == "youden":
+        return tpr - fpr  # the same float operations as scikit-learn's roc_curve, so ties break identically
+    if objective == "f1":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            precision = np.where(tp + fp == 0, np.nan, tp / np.where(tp + fp == 0, 1.0, tp + fp))
+            f1 = 2 * precision * tpr / (precision + tpr)
+        return np.nan_to_num(f1)
+    # sensitivity: the specificity where the sensitivity is reached; below it, a negative value that grows with it
+    return np.where(tpr >= min_sensitivity - 1e-12, 1.0 - fpr, tpr - 1.0)
+
+
+def tune_threshold(
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    objective: str = "youden",
+    *,
+    min_sensitivity: float = 0.95,
+    max_trials: int = 2000,
+    seed: int = 0,
+) -> ThresholdChoice:
+    """Optuna chooses the operating threshold on validation labels and scores for ``objective``.
+
+    ``youden`` maximises sensitivity + specificity - 1, ``f1`` the F1 of the positive class, ``sensitivity`` the
+    specificity among thresholds whose sensitivity is at least ``min_sensitivity``. The objective only changes at the
+    distinct scores, so those (and one above the highest) are the trials: with at most ``max_trials`` of them every one
+    is tried and the choice is exact (equal to ``metrics.youden_threshold`` and friends); with more, a grid evenly
+    spaced by rank is tried and a seeded TPE sampler refines it (``max_trials`` trials in all). Ties go to the highest
+    threshold (fewest positives).
+    """
+    if objective not in THRESHOLD_OBJECTIVES:
+        raise ValueError(f"threshold objective must be one of {list(THRESHOLD_OBJECTIVES)}, got {objective!r}")
+    if not 0.0 <= min_sensitivity <= 1.0:
+        raise ValueError(f"min_sensitivity must be in [0, 1], got {min_sensitivity}")
+    if max_trials < 2:
+        raise ValueError(f"max_trials must be at least 2, got {max_trials}")
+    y = np.asarray(y_true).ravel()
+    s = np.asarray(y_score, dtype=np.float64).ravel()
+    if len(y) != len(s) or len(y) == 0:
+        raise ValueError(f"y_true ({len(y)}) and y_score ({len(s)}) must be non-empty and of equal length")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("y_true must be binary 0/1")
+    if not np.isfinite(s).all():
+        raise ValueError(f"y_score has {int((~np.isfinite(s)).sum())} non-finite values")
+    y = y.astype(int)
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"a threshold for {objective!r} needs both classes on validation, got {n_pos} positives "
+                         f"and {n_neg} negatives")
+
+    candidates, tp, fp = _threshold_candidates(y, s)
+    values = _objective_values(objective, tp, fp, n_pos, n_neg, min_sensitivity)
+    exhaustive = len(candidates) <= max_trials
+    refine = 0 if exhaustive else min(200, max_trials // 2)
+    grid = (np.arange(len(candidates)) if exhaustive
+            else np.unique(np.linspace(0, len(candidates) - 1, max_trials - refine).round().astype(int)))
+
+    def trial_value(trial: optuna.Trial) -> float:
+        return float(values[trial.suggest_int("index", 0, len(candidates) - 1)])
+
+    with _quiet_optuna():
+        # Enqueued trials, not GridSampler: Optuna 5's GridSampler rescans every trial per trial (minutes for 400).
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+        for i in grid:
+            study.enqueue_trial({"index": int(i)})
+        study.optimize(trial_value, n_trials=len(grid) + refine)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    top = max(t.value for t in done)
+    best = min(t.params["index"] for t in done if t.value == top)  # highest threshold among the best
+    tried = sorted({t.params["index"] for t in done})
+    trials = pd.DataFrame({
+        "threshold": candidates[tried],
+        "value": values[tried],
+        "sensitivity": tp[tried] / n_pos,
+        "specificity": 1 - fp[tried] / n_neg,
+    })
+    if not exhaustive:
+        log.warning("%d distinct validation scores: the %s threshold was searched in %d trials", len(candidates),
+                    objective, len(done))
+    return ThresholdChoice(
+        threshold=float(candidates[best]), value=float(values[best]), objective=objective,
+        min_sensitivity=float(min_sensitivity) if objective == "sensitivity" else None,
+        sensitivity=float(tp[best] / n_pos), specificity=float(1 - fp[best] / n_neg),
+        n_trials=len(done), exhaustive=exhaustive, trials=trials,
+    )

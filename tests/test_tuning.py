@@ -1,0 +1,210 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from covidcxr import cli, metrics, tuning
+
+TINY_SPACE = {
+    "f0": {"choices": [2, 4]},
+    "lr": {"low": 0.001, "high": 0.01, "log": True},
+    "dropout_scale": 0.0,
+    "batch_size": {"choices": [8]},
+    "mask_threshold": {"low": 0.4, "high": 0.6},
+}
+TINY_CONFIG = {"space": TINY_SPACE, "epochs": 2, "seed": 1, "sampler": {"n_startup_trials": 1},
+               "pruner": {"n_startup_trials": 1, "n_warmup_steps": 0}}
+
+
+def write_tiny_cache(root: Path, n: int = 30, size: int = 32, seed: int = 0) -> tuple[Path, Path]:
+    """A working-size cache (index.csv, images.npy, masks.npy) of bright 'lungs' on noise, and its split table."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    masks, images = [], []
+    for _ in range(n):
+        cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3)
+        mask = ((xx - cx) ** 2 + (yy - cy) ** 2 < r**2).astype(np.uint8)
+        masks.append(mask)
+        images.append(np.clip(0.2 + 0.6 * mask + rng.normal(0, 0.1, mask.shape), 0, 1))
+    cache = root / "cache"
+    cache.mkdir(parents=True)
+    np.save(cache / "images.npy", np.asarray(images, dtype=np.float32))
+    np.save(cache / "masks.npy", np.asarray(masks))
+    ids = [f"img{i:03d}" for i in range(n)]
+    pd.DataFrame({"image_id": ids, "has_mask": True}).to_csv(cache / "index.csv", index=False)
+    split = ["train"] * (n * 6 // 10) + ["val"] * (n * 2 // 10)
+    split += ["test"] * (n - len(split))
+    table = root / "segmentation.csv"
+    pd.DataFrame({"image_id": ids[::-1], "split": split}).to_csv(table, index=False)  # order differs from the cache
+    return cache, table
+
+
+def scores(seed: int, n: int = 80, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.4).astype(int)
+    s = rng.normal(y * 1.0, 1.0)
+    return y, (np.round(s, 1) if ties else s)
+
+
+# --- thresholds ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("objective, exact", [
+    ("youden", metrics.youden_threshold),
+    ("f1", metrics.f1_threshold),
+    ("sensitivity", lambda y, s: metrics.threshold_for_sensitivity(y, s, 0.9)),
+])
+def test_tune_threshold_finds_the_exact_optimum(objective, exact, ties, seed):
+    y, s = scores(seed, ties=ties)
+    choice = tuning.tune_threshold(y, s, objective, min_sensitivity=0.9, seed=seed)
+    assert choice.exhaustive and choice.n_trials == len(np.unique(s)) + 1
+    assert choice.threshold == exact(y, s)
+    m = metrics.classification_metrics(y, s, threshold=choice.threshold)
+    assert choice.sensitivity == pytest.approx(m["sensitivity"])
+    assert choice.specificity == pytest.approx(m["specificity"])
+    if objective == "sensitivity":
+        assert choice.sensitivity >= 0.9 and choice.value == pytest.approx(m["specificity"])
+    assert choice.value == pytest.approx(choice.trials["value"].max())
+    assert choice.trials["threshold"].is_monotonic_decreasing and len(choice.trials) == choice.n_trials
+
+
+def test_tune_threshold_searches_a_grid_then_refines_when_scores_are_many():
+    y, s = scores(3, n=400)
+    exact = tuning.tune_threshold(y, s, "youden")
+    subset = tuning.tune_threshold(y, s, "youden", max_trials=60)
+    assert exact.exhaustive and exact.n_trials == 401
+    assert not subset.exhaustive and subset.n_trials == 60 and 30 < len(subset.trials) <= 60  # distinct thresholds
+    assert subset.threshold in set(exact.trials["threshold"]) and subset.value <= exact.value
+    assert subset.value > exact.value - 0.05
+
+
+@pytest.mark.parametrize("y, s, kwargs, match", [
+    ([0, 0, 0], [0.1, 0.2, 0.3], {}, "both classes"),
+    ([0, 1], [0.1, float("nan")], {}, "non-finite"),
+    ([0, 2], [0.1, 0.2], {}, "binary"),
+    ([0, 1], [0.1, 0.2], {"objective": "accuracy"}, "must be one of"),
+    ([0, 1], [0.1, 0.2], {"objective": "sensitivity", "min_sensitivity": 1.5}, r"\[0, 1\]"),
+])
+def test_tune_threshold_rejects_bad_input(y, s, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tuning.tune_threshold(np.array(y), np.array(s), **kwargs)
+
+
+# --- search space and configuration ---------------------------------------------------------------------------------
+
+
+def test_suggest_covers_choices_ranges_and_fixed_values():
+    trial = optuna.trial.FixedTrial({"f0": 4, "lr": 0.005, "batch_size": 8, "mask_threshold": 0.5})
+    point = tuning.suggest(trial, TINY_SPACE)
+    assert point == {"f0": 4, "lr": 0.005, "dropout_scale": 0.0, "batch_size": 8, "mask_threshold": 0.5}
+    with pytest.raises(ValueError, match="'lr'"):
+        tuning.suggest(trial, {"lr": {"low": 0.1}})
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"space": {k: v for k, v in TINY_SPACE.items() if k != "f0"}}, r"missing \['f0'\]"),
+    ({"space": {**TINY_SPACE, "width": 1}}, r"unknown \['width'\]"),
+    ({"space": {**TINY_SPACE, "f0": {"choices": []}}}, "no choices"),
+    ({"space": {**TINY_SPACE, "lr": {"low": 1, "high": 0.1}}}, "low > high"),
+    ({"epochs": 0}, "at least one epoch"),
+    ({"strategy": "tpu"}, "strategy must be one of"),
+])
+def test_unet_config_rejects_bad_configurations(change, match):
+    with pytest.raises(ValueError, match=match):
+        tuning.unet_config({**TINY_CONFIG, **change})
+
+
+def test_storage_urls_are_resolved_and_redacted(monkeypatch):
+    from pipelines import tune_unet
+
+    url = "postgresql+psycopg2://optuna:s3cret@db.example:5432/optuna"
+    assert "s3cret" not in tuning.redact(url) and "db.example" in tuning.redact(url)
+    assert tuning.has_password(url) and not tuning.has_password("postgresql://optuna@db/optuna")
+    assert tuning.resolve_storage(None, "", "sqlite:///a.db", "sqlite:///b.db") == "sqlite:///a.db"
+    monkeypatch.delenv(tuning.STORAGE_ENV, raising=False)
+    assert tune_unet.storage_url({"storage": None}) == tune_unet.DEFAULT_STORAGE
+    assert tune_unet.storage_url({"storage": "postgresql://optuna@db/optuna"}) == "postgresql://optuna@db/optuna"
+    with pytest.raises(ValueError, match="PGPASSWORD"):  # credentials never in params
+        tune_unet.storage_url({"storage": url})
+    monkeypatch.setenv(tuning.STORAGE_ENV, url)  # ... but the environment may carry them
+    assert tune_unet.storage_url({"storage": None}) == url
+
+
+# --- studies ------------------------------------------------------------------------------------------------------
+
+
+def test_open_study_stores_the_configuration_and_checks_the_data(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study, created = tuning.open_study("s", url, TINY_CONFIG, data_sha256="aa")
+    assert created and tuning.study_config(study)["space"] == TINY_SPACE
+    joined, created = tuning.open_study("s", url, {**TINY_CONFIG, "epochs": 9}, data_sha256="aa")
+    assert not created and tuning.study_config(joined)["epochs"] == 2  # the study's configuration wins
+    assert tuning.open_study("s", url)[0].study_name == "s"  # joining needs no configuration
+    with pytest.raises(ValueError, match="other data"):
+        tuning.open_study("s", url, data_sha256="bb")
+    with pytest.raises(KeyError, match="does not exist"):
+        tuning.open_study("nope", url)
+
+
+def test_pruned_and_completed_trials_become_nested_mlflow_runs(tmp_path):
+    study, created = tuning.open_study("pure", f"sqlite:///{tmp_path / 'optuna.db'}", TINY_CONFIG)
+    tracker = tuning.attach_tracker(study, created, experiment="tune-test",
+                                    tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+
+    def objective(trial, report):  # trial 0 climbs to 0.9; later trials with x < 0.5 stall at 0.1 and get pruned
+        x = trial.suggest_float("x", 0.0, 1.0)
+        for step in range(3):
+            value = 0.3 * (step + 1) if trial.number == 0 else (0.1 if x < 0.5 else 0.3 * (step + 1) * x)
+            report(step, {"val_dice": value})
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return value
+
+    tuning.optimize(study, objective, 6, tracker=tracker)
+    runs = tracker.client.search_runs([tracker.experiment_id])
+    trial_runs = {int(r.data.tags["optuna_trial"]): r for r in runs if "optuna_trial" in r.data.tags}
+    assert sorted(trial_runs) == list(range(6))
+    assert all(r.data.tags["mlflow.parentRunId"] == tracker.parent_run_id for r in trial_runs.values())
+    for t in study.trials:
+        run = trial_runs[t.number]
+        assert run.data.tags["optuna_state"] == t.state.name and run.data.params["x"] == str(t.params["x"])
+        assert t.user_attrs[tuning.RUN_ATTR] == run.info.run_id
+        history = tracker.client.get_metric_history(run.info.run_id, "val_dice")
+        assert [m.step for m in history] == sorted(t.intermediate_values)
+    assert {t.state.name for t in study.trials} == {"COMPLETE", "PRUNED"}
+    best = [n for n, r in trial_runs.items() if r.data.tags.get(tuning.BEST_TAG) == "true"]
+    assert best == [study.best_trial.number]
+    assert trial_runs[best[0]].data.metrics["value"] == study.best_value
+    parent = tracker.client.get_run(tracker.parent_run_id)
+    assert parent.data.tags["best_trial_number"] == str(study.best_trial.number)
+    assert parent.data.params["space.f0.choices"] == "[2, 4]"
+
+
+def test_tune_command_runs_a_real_unet_trial_and_exports_the_best(tmp_path, capsys):
+    cache, split = write_tiny_cache(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"tune_unet": {"study": "tiny", **TINY_CONFIG}}))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    common = ["tune", "--storage", storage, "--params", str(params), "--cache-dir", str(cache), "--split", str(split),
+              "--no-tracking"]
+    assert cli.main([*common, "--n-trials", "1", "--seed", "0"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert cli.main([*common, "--n-trials", "0", "--out", str(tmp_path / "unet.json")]) == 0
+    exported = json.loads((tmp_path / "unet.json").read_text())
+
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert exported == first and exported["trials"]["complete"] == 1 and len(study.trials) == 1
+    assert exported["best_trial"] == 0 and exported["best_value"] == study.best_value
+    assert set(exported["best_params"]) == {"f0", "lr", "dropout_scale", "batch_size", "mask_threshold"}
+    assert exported["best_params"]["dropout_scale"] == 0.0  # fixed by the space, exported all the same
+    dice = list(study.trials[0].intermediate_values.values())
+    assert len(dice) == 2 and dice[-1] == study.best_value and 0.0 <= dice[-1] <= 1.0  # validation Dice per epoch
+    table = tuning.trials_table(study)
+    assert list(table["number"]) == [0] and "param_f0" in table and "datetime_start" not in table

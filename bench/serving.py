@@ -1,0 +1,165 @@
+"""Serving latency: one 512-px image through `mlflow models serve` (p50/p95 sequentially, and throughput with 4
+concurrent clients) beside the same image through the in-process pyfunc in the same run; the ratio of the p50s is
+what the HTTP server adds (goal: under 1.5x).
+
+Needs a registered model (`dvc repro register`) and runs from the project directory (sqlite:///mlflow.db).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+MODEL_URI = "models:/covidcxr@champion"
+GOAL_RATIO = 1.5
+
+
+def image_512(demo: Path = Path("data/demo")) -> str:
+    """The first demo DICOM read as the pipeline reads it, resized to 512x512, as a base64 8-bit PNG."""
+    from PIL import Image
+
+    from covidcxr import io as cxr_io
+    from covidcxr import preprocess
+
+    first = sorted(demo.glob("images/**/*.dcm"))[0]
+    pixels, _ = cxr_io.read_image(first)
+    image = preprocess.resize(preprocess.minmax(pixels), 512)
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(255 * np.clip(image, 0, 1)).astype(np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_uri: str, port: int, log_path: Path) -> subprocess.Popen:
+    """`mlflow models serve` from this environment (its bin first on PATH: the server runs `uvicorn`)."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    log = open(log_path, "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([f"{bin_dir}/mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+                             "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_ready(url: str, server: subprocess.Popen, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode} before answering /ping")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer /ping within {timeout:.0f} s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def post(url: str, body: bytes) -> float:
+    """Seconds for one request; fails unless the image was scored."""
+    start = time.perf_counter()
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer = json.loads(response.read())
+    elapsed = time.perf_counter() - start
+    if "predictions" not in answer or len(answer["predictions"]) != 1:
+        raise RuntimeError(f"unexpected answer: {str(answer)[:200]}")
+    return elapsed
+
+
+def percentiles(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
+            "n": len(ms)}
+
+
+def load_local(model_uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+def run(model_uri: str = MODEL_URI, n: int = 40, clients: int = 4, warmup: int = 3) -> dict:
+    """Server and in-process calls alternate, so that load from anything else on the machine hits both alike."""
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = load_local(model_uri)
+    except MlflowException as err:
+        return {"skipped": f"{model_uri} cannot be loaded ({err.message[:200]}): run `dvc repro register` first"}
+    image = image_512()
+    frame = pd.DataFrame({"image": [image]})
+    body = json.dumps({"dataframe_records": [{"image": image}]}).encode()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = Path("bench/.work/serving-server.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    server = start_server(model_uri, port, log_path)
+    try:
+        start = time.perf_counter()
+        wait_ready(url, server)
+        startup = time.perf_counter() - start
+        for _ in range(warmup):
+            model.predict(frame)
+            post(url, body)
+        local, remote = [], []
+        for _ in range(n):
+            start = time.perf_counter()
+            model.predict(frame)
+            local.append(time.perf_counter() - start)
+            remote.append(post(url, body))
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            concurrent = list(pool.map(lambda _: post(url, body), range(n)))
+        wall = time.perf_counter() - start
+    finally:
+        stop_server(server)
+    ratio = float(np.median(remote) / np.median(local))
+    return {
+        "image": "512x512 8-bit PNG (first demo DICOM, resized)",
+        "request_bytes": len(body),
+        "in_process_pyfunc": {**percentiles(local), "images_per_second": round(n / sum(local), 2)},
+        "server": {
+            "startup_s": round(startup, 1),
+            "sequential": {**percentiles(remote), "images_per_second": round(n / sum(remote), 2)},
+            f"concurrent_{clients}_clients": {**percentiles(concurrent), "images_per_second": round(n / wall, 2)},
+        },
+        "overhead_ratio_p50": round(ratio, 3),
+        "goal_ratio_p50": GOAL_RATIO,
+        "meets_goal": bool(ratio < GOAL_RATIO),
+    }
+
+
+if __name__ == "__main__":
+    json.dump(run(), sys.stdout, indent=2, sort_keys=True)
+    print()

@@ -1,0 +1,477 @@
+"""Serving: the whole pipeline as one MLflow pyfunc model, from an image file to a decision with its reasons.
+
+Each image of a request (a PNG, JPEG or DICOM file, base64-encoded) goes: decode -> :func:`covidcxr.io.read_image`
+(pixel limit) -> plausibility checks (aspect ratio, DICOM modality, body part and view) -> projection filter ->
+U-Net lung mask (cleaned like the ``segment`` stage, its area checked) -> variant c/d/e -> classifier -> COVID-19
+probability -> label at the operating threshold, and optionally a Grad-CAM overlay (PNG, base64).
+
+An image that cannot be used gets an entry with ``accepted=False`` and a ``reason`` from :data:`REASONS`, never a
+failed batch. A malformed request (no ``image`` column, too many images, a threshold outside [0, 1]) raises
+``MlflowException(INVALID_PARAMETER_VALUE)``, which ``mlflow models serve`` answers with HTTP 400 and the message.
+Entries hold exactly :data:`FIELDS`: no header field, file name or pixel leaves this module, and the log holds counts
+and reason codes only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io as _bytes_io
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
+from covidcxr import io, manifest, preprocess
+
+log = logging.getLogger(__name__)
+
+#: The artifacts a registered model bundles (``mlflow.pyfunc.log_model(artifacts=...)`` keys).
+COMPONENTS: tuple[str, ...] = ("projection", "unet", "classifier")
+CONFIG_ARTIFACT = "config"
+METADATA_ARTIFACT = "metadata"
+#: Files of a model folder that serving needs (``predictions.csv`` and the like stay out of the bundle).
+MODEL_FILES: tuple[str, ...] = ("model.keras", "standardizer.json", "run.json", "threshold.json")
+
+INPUT_COLUMN = "image"
+#: Every response entry has exactly these keys (``gradcam_png`` only when ``explain`` is asked).
+FIELDS: tuple[str, ...] = (
+    "accepted", "reason", "message", "projection", "projection_probability", "lung_area_fraction",
+    "covid_probability", "label", "threshold", "model_version",
+)
+GRADCAM_FIELD = "gradcam_png"
+
+REASONS: dict[str, str] = {
+    "missing_image": "the image field is empty",
+    "invalid_base64": "the image field is not a base64 string",
+    "too_large": "the file or its pixel count exceeds the serving limits",
+    "not_an_image": "the bytes are not a DICOM, PNG, JPEG, GIF, BMP or TIFF file",
+    "unreadable": "the file is corrupt or cannot be decoded",
+    "truncated": "the file ends before the data it declares",
+    "zero_variance": "every pixel has the same value",
+    "no_pixel_data": "a DICOM without pixel data",
+    "unsupported_photometric": "a colour model that cannot be converted to grayscale faithfully",
+    "not_chest_radiograph": "not a chest radiograph (aspect ratio, DICOM modality or body part, or no lung shape)",
+    "lateral_view": "a lateral view: the classifier takes frontal (PA/AP) views only",
+    "empty_lung_mask": "the U-Net finds (almost) no lung",
+    "internal_error": "the server failed on this image; the server log has the error type",
+}
+
+#: DICOM modalities of projection radiographs (OT: secondary capture, as exported by many PACS).
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "OT"})
+CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "THORAX CHEST"})
+DISPLAY_SIZE = 512  # longest side of the Grad-CAM overlay
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold; checked before any pixel is decoded."""
+
+    max_images: int = 16
+    max_image_bytes: int = 32 << 20
+    max_pixels: int = 36_000_000
+
+    def __post_init__(self) -> None:
+        for name in ("max_images", "max_image_bytes", "max_pixels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"serving limit {name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything besides the networks that decides a served answer (saved as the ``config`` artifact)."""
+
+    size: int
+    variant: str
+    frontal_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    min_area: float = 0.05
+    max_area: float = 0.8
+    max_aspect: float = 2.5
+    model_version: str = "unregistered"
+    limits: Limits = Limits()
+
+    def __post_init__(self) -> None:
+        if self.variant not in preprocess.VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(preprocess.VARIANTS)}, got {self.variant!r}")
+        if not isinstance(self.size, int) or self.size < 16 or self.size % 16:
+            raise ValueError(f"size must be a multiple of 16 (the U-Net pools 4 times), got {self.size!r}")
+        if not 0.0 <= self.min_area <= self.max_area:
+            raise ValueError(f"need 0 <= min_area <= max_area, got {self.min_area}, {self.max_area}")
+        if self.max_aspect < 1.0:
+            raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
+
+    def to_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "limits"}
+        out["limits"] = {k: getattr(self.limits, k) for k in self.limits.__dataclass_fields__}
+        return out
+
+    @classmethod
+    def from_dict(cls, state: Mapping) -> Config:
+        state = dict(state)
+        limits = Limits(**state.pop("limits", {}))
+        return cls(**state, limits=limits)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Config:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+class Refused(Exception):
+    """One image that cannot be scored: ``reason`` is a key of :data:`REASONS`, the message says why (no PHI)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def invalid_request(message: str) -> MlflowException:
+    """A request-level error; the scoring server turns it into HTTP 400 with this message."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+# --- per-image steps ---------------------------------------------------------------------------------------------
+
+
+def decode_field(value: object, index: int, max_bytes: int) -> bytes:
+    """The file bytes of one ``image`` field: standard base64 (whitespace and a ``data:...;base64,`` prefix allowed).
+
+    The encoded length is checked against ``max_bytes`` before anything is decoded.
+    """
+    blank = isinstance(value, str) and not value.strip()
+    if value is None or (isinstance(value, float) and math.isnan(value)) or blank:
+        raise Refused("missing_image", f"image[{index}] is empty")
+    if not isinstance(value, str):
+        raise Refused("invalid_base64", f"image[{index}] must be a base64 string, got {type(value).__name__}")
+    text = value.strip()
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    text = "".join(text.split())
+    if len(text) > 4 * math.ceil(max_bytes / 3):
+        raise Refused("too_large", f"image[{index}] holds about {len(text) * 3 // 4} bytes, more than the limit of "
+                                   f"{max_bytes} bytes per image")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise Refused("invalid_base64", f"image[{index}] is not valid base64 (standard alphabet, padded)") from None
+    if len(data) > max_bytes:
+        raise Refused("too_large", f"image[{index}] has {len(data)} bytes, more than the limit of {max_bytes}")
+    return data
+
+
+def check_plausible(pixels: np.ndarray, header: Mapping, index: int, max_aspect: float) -> None:
+    """Refuse what is visibly not a chest radiograph from its shape and whitelisted DICOM header fields."""
+    height, width = pixels.shape
+    aspect = max(height, width) / min(height, width)
+    if aspect > max_aspect:
+        raise Refused("not_chest_radiograph", f"image[{index}] is {width}x{height} (aspect {aspect:.2f} > "
+                                              f"{max_aspect:g}): not a chest radiograph")
+    modality = (header.get("modality") or "").strip().upper()
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        raise Refused("not_chest_radiograph",
+                      f"image[{index}] is a DICOM of modality {modality}, not a radiograph "
+                      f"({', '.join(sorted(RADIOGRAPH_MODALITIES))})")
+    body_part = (header.get("body_part") or "").strip().upper()[:16]  # a DICOM code string: 16 characters
+    if body_part and body_part not in CHEST_BODY_PARTS:
+        raise Refused("not_chest_radiograph", f"image[{index}] is a DICOM of body part {body_part}, not the chest")
+
+
+def header_says_lateral(header: Mapping) -> bool:
+    """True when the DICOM view position names a lateral view (then the image is refused whatever the model says)."""
+    return manifest.projection_from_view(header.get("view_position")) == "lateral"
+
+
+def working_image(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The image as the models saw it in training (``preprocess.load_working_image``): min-max, resized, in [0, 1]."""
+    return np.clip(preprocess.resize(preprocess.minmax(pixels), size), 0.0, 1.0)
+
+
+def display_image(pixels: np.ndarray, longest: int = DISPLAY_SIZE) -> np.ndarray:
+    """The image at most ``longest`` pixels on its long side, aspect kept, for the Grad-CAM overlay."""
+    height, width = pixels.shape
+    scale = min(1.0, longest / max(height, width))
+    shape = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return preprocess.resize(preprocess.minmax(pixels), shape)
+
+
+def png_base64(rgb: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = _bytes_io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG", optimize=False)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# --- the pipeline ------------------------------------------------------------------------------------------------
+
+
+class Component:
+    """A Keras model with the standardizer fitted on its training images, called through one traced graph."""
+
+    def __init__(self, model, standardizer: preprocess.Standardizer) -> None:
+        import tensorflow as tf
+
+        self.model = model
+        self.standardizer = standardizer
+        # One trace for every batch size (Keras' predict functions retrace for each new one, ~0.1 s a time).
+        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        self._forward = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> Component:
+        import keras
+
+        folder = Path(folder)
+        model = keras.saving.load_model(folder / "model.keras", compile=False)
+        return cls(model, preprocess.Standardizer.load(folder / "standardizer.json"))
+
+    def inputs(self, images: np.ndarray) -> np.ndarray:
+        return self.standardizer.transform(images)[..., None]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """Outputs for working-size images ``[N, H, W]`` in [0, 1] (standardized here)."""
+        return np.asarray(self._forward(self.inputs(images)), dtype=np.float32)
+
+
+class Pipeline:
+    """Projection filter, U-Net and classifier with their standardizers and the :class:`Config`; scores images."""
+
+    def __init__(self, projection: Component, unet: Component, classifier: Component, threshold: float,
+                 config: Config) -> None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"operating threshold must be in [0, 1], got {threshold}")
+        self.projection, self.unet, self.classifier = projection, unet, classifier
+        self.threshold = float(threshold)
+        self.config = config
+
+    @classmethod
+    def load(cls, artifacts: Mapping[str, str]) -> Pipeline:
+        """From the artifact paths of a logged model (or any mapping with the same keys); warms the models up."""
+        missing = [k for k in (*COMPONENTS, CONFIG_ARTIFACT) if k not in artifacts]
+        if missing:
+            raise ValueError(f"serving artifacts lack {missing}")
+        config = Config.load(artifacts[CONFIG_ARTIFACT])
+        parts = {name: Component.load(artifacts[name]) for name in COMPONENTS}
+        threshold = json.loads((Path(artifacts["classifier"]) / "threshold.json").read_text())["threshold"]
+        pipeline = cls(parts["projection"], parts["unet"], parts["classifier"], threshold, config)
+        pipeline.warm_up()
+        return pipeline
+
+    def warm_up(self) -> None:
+        """Build every predict function once, so the first request is not slow and threads never race to build."""
+        blank = np.zeros((1, self.config.size, self.config.size), dtype=np.float32)
+        blank[:, ::2] = 1.0
+        for part in (self.projection, self.unet, self.classifier):
+            part(blank)
+
+    def score(self, images: Sequence[object], *, explain: bool = False, threshold: float | None = None) -> list[dict]:
+        """One entry per image (same order) for base64 ``images``; see the module docstring."""
+        cfg = self.config
+        if len(images) > cfg.limits.max_images:
+            raise invalid_request(f"the request holds {len(images)} images; at most {cfg.limits.max_images} per "
+                                  "request (send several requests)")
+        used = self.threshold if threshold is None else check_threshold(threshold)
+        entries = [dict.fromkeys(FIELDS) | {"accepted": False, "threshold": used, "model_version": cfg.model_version}
+                   for _ in images]
+        if explain:
+            for entry in entries:
+                entry[GRADCAM_FIELD] = None
+        work, display, lateral_header = self._read_all(images, entries, keep_display=explain)
+        frontal = self._project(work, entries, lateral_header)
+        masks = self._segment(work, frontal, entries)
+        scored = self._classify(work, masks, entries, used)
+        if explain and scored:
+            self._explain(work, masks, display, scored, entries)
+        reasons = Counter(e["reason"] for e in entries if not e["accepted"])
+        log.info("scored %d image(s): %d accepted, refused %s", len(entries), len(scored),
+                 dict(sorted(reasons.items())))
+        return entries
+
+    def _read_all(self, images: Sequence[object], entries: list[dict], *, keep_display: bool):
+        cfg = self.config
+        work: dict[int, np.ndarray] = {}
+        display: dict[int, np.ndarray] = {}
+        lateral_header: set[int] = set()
+        for i, value in enumerate(images):
+            try:
+                data = decode_field(value, i, cfg.limits.max_image_bytes)
+                pixels, header = io.read_image(data, max_pixels=cfg.limits.max_pixels, name=f"image[{i}]")
+                check_plausible(pixels, header, i, cfg.max_aspect)
+                work[i] = working_image(pixels, cfg.size)
+                if keep_display:
+                    display[i] = display_image(pixels)
+                if header_says_lateral(header):
+                    lateral_header.add(i)
+            except Refused as refusal:
+                refuse(entries[i], refusal.reason, refusal.message)
+            except io.ImageReadError as err:
+                reason = err.reason if err.reason in REASONS else "unreadable"
+                refuse(entries[i], reason, str(err))
+            except MemoryError:
+                refuse(entries[i], "too_large", f"image[{i}] needs more memory than the server has")
+            except Exception as exc:  # noqa: BLE001 - one image's failure must not fail the batch
+                log.error("image[%d]: unexpected %s while reading", i, type(exc).__name__)
+                log.debug("image[%d] traceback", i, exc_info=True)
+                refuse(entries[i], "internal_error", f"image[{i}]: internal error ({type(exc).__name__})")
+        return work, display, lateral_header
+
+    def _project(self, work: dict[int, np.ndarray], entries: list[dict], lateral_header: set[int]) -> list[int]:
+        order = sorted(work)
+        if not order:
+            return []
+        p_frontal = self.projection(np.stack([work[i] for i in order]))[:, 0]
+        frontal = []
+        for i, p in zip(order, p_frontal.tolist()):
+            is_frontal = p >= self.config.frontal_threshold and i not in lateral_header
+            entries[i]["projection"] = "frontal" if is_frontal else "lateral"
+            entries[i]["projection_probability"] = round(p if is_frontal else 1.0 - p, 6)
+            if is_frontal:
+                frontal.append(i)
+            elif i in lateral_header:
+                refuse(entries[i], "lateral_view", f"image[{i}]: the DICOM view position is lateral")
+            else:
+                refuse(entries[i], "lateral_view", f"image[{i}]: the projection filter calls it lateral "
+                                                   f"(P(frontal) = {p:.3f} < {self.config.frontal_threshold:g})")
+        return frontal
+
+    def _segment(self, work: dict[int, np.ndarray], frontal: list[int], entries: list[dict]) -> dict[int, np.ndarray]:
+        cfg = self.config
+        if not frontal:
+            return {}
+        prob = self.unet(np.stack([work[i] for i in frontal]))[..., 0]
+        masks = {}
+        for i, p in zip(frontal, prob):
+            mask = preprocess.clean_mask(p, threshold=cfg.mask_threshold)
+            area = float(mask.mean())
+            entries[i]["lung_area_fraction"] = round(area, 6)
+            if area < cfg.min_area:
+                refuse(entries[i], "empty_lung_mask",
+                       f"image[{i}]: the lung mask covers {area:.1%} of the image (minimum {cfg.min_area:.0%})")
+            elif area > cfg.max_area:
+                refuse(entries[i], "not_chest_radiograph", f"image[{i}]: the lung mask covers {area:.1%} of the image "
+                                                           f"(maximum {cfg.max_area:.0%}): no chest radiograph shape")
+            else:
+                masks[i] = mask
+        return masks
+
+    def _classify(self, work: dict[int, np.ndarray], masks: dict[int, np.ndarray], entries: list[dict],
+                  threshold: float) -> list[int]:
+        order = sorted(masks)
+        if not order:
+            return []
+        x = preprocess.apply_variant(np.stack([work[i] for i in order]), np.stack([masks[i] for i in order]),
+                                     self.config.variant)
+        p_covid = self.classifier(x)[:, 0]
+        for i, p in zip(order, p_covid.tolist()):
+            entries[i].update(accepted=True, covid_probability=round(p, 6),
+                              label="covid" if p >= threshold else "negative")
+        return order
+
+    def _explain(self, work: dict[int, np.ndarray], masks: dict[int, np.ndarray], display: dict[int, np.ndarray],
+                 order: list[int], entries: list[dict]) -> None:
+        from covidcxr import gradcam
+
+        x = preprocess.apply_variant(np.stack([work[i] for i in order]), np.stack([masks[i] for i in order]),
+                                     self.config.variant)
+        heat = gradcam.gradcam(self.classifier.model, self.classifier.inputs(x))
+        for i, h in zip(order, heat):
+            entries[i][GRADCAM_FIELD] = png_base64(gradcam.overlay(display[i], h))
+
+
+def refuse(entry: dict, reason: str, message: str) -> None:
+    entry.update(accepted=False, reason=reason, message=message, covid_probability=None, label=None)
+
+
+def check_threshold(value: object) -> float:
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise invalid_request(f"param 'threshold' must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise invalid_request(f"param 'threshold' must be in [0, 1], got {threshold}")
+    return threshold
+
+
+def images_from_input(model_input: object) -> list:
+    """The ``image`` values of what the pyfunc receives: a DataFrame, a ``{"image": [...]}`` dict, or a list."""
+    if isinstance(model_input, pd.DataFrame):
+        if INPUT_COLUMN not in model_input.columns:
+            columns = list(map(str, model_input.columns))
+            raise invalid_request(f"the request needs an '{INPUT_COLUMN}' column; got {columns}")
+        values = model_input[INPUT_COLUMN].tolist()
+    elif isinstance(model_input, Mapping):
+        if INPUT_COLUMN not in model_input:
+            raise invalid_request(f"the request needs an '{INPUT_COLUMN}' field; got {sorted(map(str, model_input))}")
+        values = model_input[INPUT_COLUMN]
+        values = values.tolist() if isinstance(values, np.ndarray) else values
+        values = list(values) if isinstance(values, (list, tuple)) else [values]
+    elif isinstance(model_input, (list, tuple, np.ndarray)):
+        values = [v.get(INPUT_COLUMN) if isinstance(v, Mapping) else v for v in list(model_input)]
+    else:
+        raise invalid_request(f"unsupported input of type {type(model_input).__name__}: send "
+                              f'{{"dataframe_records": [{{"{INPUT_COLUMN}": "<base64>"}}]}}')
+    return [v.item() if isinstance(v, np.generic) else v for v in values]
+
+
+def signature():
+    """The model signature: one string column ``image``; params ``explain`` and ``threshold``; the entry fields."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    outputs = Schema([
+        ColSpec("boolean", "accepted"), ColSpec("string", "reason", required=False),
+        ColSpec("string", "message", required=False), ColSpec("string", "projection", required=False),
+        ColSpec("double", "projection_probability", required=False),
+        ColSpec("double", "lung_area_fraction", required=False),
+        ColSpec("double", "covid_probability", required=False), ColSpec("string", "label", required=False),
+        ColSpec("double", "threshold"), ColSpec("string", "model_version"),
+        ColSpec("string", GRADCAM_FIELD, required=False),
+    ])
+    params = ParamSchema([ParamSpec("explain", "boolean", False), ParamSpec("threshold", "double", None)])
+    return ModelSignature(inputs=Schema([ColSpec("string", INPUT_COLUMN)]), outputs=outputs, params=params)
+
+
+class CovidCxrModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc: Keras models loaded once in ``load_context``; ``predict`` returns one dict per image."""
+
+    def load_context(self, context) -> None:
+        self.pipeline = Pipeline.load(context.artifacts)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[dict]:
+        params = dict(params or {})
+        unknown = sorted(set(params) - {"explain", "threshold"})
+        if unknown:
+            raise invalid_request(f"unknown params {unknown}: the model takes 'explain' and 'threshold'")
+        explain = params.get("explain", False)
+        if not isinstance(explain, (bool, np.bool_)):
+            raise invalid_request(f"param 'explain' must be true or false, got {explain!r}")
+        images = images_from_input(model_input)
+        try:
+            return self.pipeline.score(images, explain=bool(explain), threshold=params.get("threshold"))
+        except MlflowException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a server bug answers 500 without a stack trace or request data
+            log.error("scoring failed: %s", type(exc).__name__)
+            log.debug("scoring traceback", exc_info=True)
+            raise MlflowException(f"internal error while scoring ({type(exc).__name__}); see the server log",
+                                  error_code=INTERNAL_ERROR) from None
+
+
+def encode_file(path: str | os.PathLike) -> str:
+    """A file's bytes as the base64 string a request carries."""
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")

@@ -1,0 +1,319 @@
+"""The register stage's decisions, the pyfunc on real files, and `mlflow models serve` answering HTTP requests.
+
+`check_register_and_serve` runs at the end of the end-to-end test (tests/pipelines/test_repro.py), on the project that
+test has just trained, so that no model is trained twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io as stdio
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from PIL import Image
+
+from covidcxr import serving
+from pipelines import register
+from tests.pipelines.conftest import BIN, run
+
+NAME = "covidcxr"
+
+
+# --- the champion rule against a real (temporary) MLflow registry --------------------------------------------------
+
+
+@pytest.fixture
+def client(tmp_path):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                               registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_champion_and_next_version_from_the_registry(client, tmp_path):
+    assert register.next_version(client, NAME) == 1
+    assert register.current_champion(client, NAME, "roc_auc") == (None, None)
+    client.create_registered_model(NAME)
+    for _ in range(2):
+        client.create_model_version(NAME, source=str(tmp_path), tags={"val_roc_auc": "0.81"})
+    assert register.next_version(client, NAME) == 3
+    assert register.current_champion(client, NAME, "roc_auc") == (None, None)
+    client.set_registered_model_alias(NAME, register.CHAMPION, "2")
+    assert register.current_champion(client, NAME, "roc_auc") == (2, 0.81)
+    assert register.current_champion(client, NAME, "f1") == (2, None)
+
+
+@pytest.mark.parametrize("candidate, champion, alias", [
+    (0.9, None, "champion"), (0.9, 0.8, "champion"), (0.8, 0.8, "champion"), (0.7, 0.8, "challenger"),
+    (0.7, float("nan"), "champion"),
+])
+def test_decision(candidate, champion, alias):
+    assert register.decide(candidate, champion) == alias
+
+
+def write_evaluation(root: Path, values: dict[str, float | None]) -> None:
+    for name, value in values.items():
+        folder = root / "reports/evaluate" / name
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"val": {"at_operating": {"roc_auc": value}}}))
+
+
+@pytest.mark.parametrize("variant, backbone, expected", [
+    ("best", "best", ("d", "vgg16", 0.9)),  # ties go to the first in params order
+    ("c", "best", ("c", "vgg19", 0.7)),
+    ("e", "vgg19", ("e", "vgg19", 0.9)),
+])
+def test_select_the_named_or_the_best_classifier(tmp_path, monkeypatch, variant, backbone, expected):
+    write_evaluation(tmp_path, {"c_vgg16": 0.6, "c_vgg19": 0.7, "d_vgg16": 0.9, "d_vgg19": None, "e_vgg16": 0.5,
+                                "e_vgg19": 0.9})
+    monkeypatch.chdir(tmp_path)
+    classifiers = {"variants": ["c", "d", "e"], "backbones": ["vgg16", "vgg19"]}
+    p = {"metric": "roc_auc", "variant": variant, "backbone": backbone}
+    assert register.select(p, classifiers) == expected
+    with pytest.raises(ValueError, match="higher is better"):
+        register.select({**p, "metric": "ece"}, classifiers)
+    with pytest.raises(ValueError, match="match no trained classifier"):
+        register.select({**p, "variant": "x"}, classifiers)
+    with pytest.raises(ValueError, match="undefined for every candidate"):
+        register.select({**p, "variant": "d", "backbone": "vgg19"}, classifiers)
+
+
+def test_pins_come_from_the_lock_file(tmp_path):
+    lock = tmp_path / "requirements.lock"
+    lock.write_text("# pins\ntensorflow_cpu==2.21.0\nPyYAML==6.0.4\nkeras==3.15.1\n")
+    assert register.pins(("tensorflow-cpu", "pyyaml", "keras"), lock=str(lock)) == [
+        "tensorflow-cpu==2.21.0", "pyyaml==6.0.4", "keras==3.15.1"]
+    with pytest.raises(ValueError, match="does not pin"):
+        register.pins(("scipy",), lock=str(lock))
+
+
+# --- the pyfunc on real files, with a projection filter and a U-Net trained on real radiographs ---------------------
+
+SIZE = 32
+
+
+def _fit(model, x: np.ndarray, y: np.ndarray, loss, epochs: int) -> None:
+    import keras
+
+    model.compile(keras.optimizers.Adam(3e-3), loss)
+    model.fit(x[..., None], y, epochs=epochs, batch_size=8, verbose=0, shuffle=True)
+
+
+def _save(folder: Path, model, std) -> str:
+    folder.mkdir(parents=True)
+    model.save(folder / "model.keras")
+    std.save(folder / "standardizer.json")
+    (folder / "run.json").write_text('{"run_id": "test"}\n')
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_real_files_through_the_pyfunc(real_data, tmp_path):
+    """A DICOM and a JPEG accepted, a held-out lateral refused by the projection filter, non-X-rays refused."""
+    import mlflow
+
+    from covidcxr import models, preprocess, training
+
+    training.seed_everything(0)
+    rows = list(csv.DictReader(open(real_data / "cohen/metadata.csv", encoding="latin-1")))
+    lateral = sorted({r["filename"] for r in rows if r["view"] == "L"})
+    frontal = sorted({r["filename"] for r in rows if r["view"] == "PA"})
+    held_lateral, held_frontal = lateral[0], frontal[0]
+    names = lateral[1:] + frontal[1:70]
+    x = np.stack([preprocess.load_working_image(str(real_data / "cohen/images" / n), SIZE)[0] for n in names])
+    y = np.array([0.0] * (len(lateral) - 1) + [1.0] * (len(names) - len(lateral) + 1), np.float32)
+    std = preprocess.Standardizer().fit(x)
+    projection = models.build_vgg(16, (SIZE, SIZE, 1), width=0.125, head=(32,))
+    _fit(projection, std.transform(x), y, "binary_crossentropy", epochs=20)
+
+    ms = real_data / "montgomery_shenzhen"
+    pairs = [preprocess.load_working_image(str(p), SIZE, str(ms / "masks" / p.name))
+             for p in sorted((ms / "images").glob("*.png"))[::6][:90]]
+    lungs = np.stack([p[0] for p in pairs])
+    lung_std = preprocess.Standardizer().fit(lungs)
+    unet = models.build_unet(8, (SIZE, SIZE, 1))
+    _fit(unet, lung_std.transform(lungs), np.stack([p[1] for p in pairs]).astype(np.float32)[..., None],
+         models.bce_dice_loss, epochs=12)
+
+    classifier = models.build_vgg(16, (SIZE, SIZE, 1), width=1 / 32, head=(4,))  # untrained: the contract, not skill
+    artifacts = {"projection": _save(tmp_path / "projection", projection, std),
+                 "unet": _save(tmp_path / "unet", unet, lung_std),
+                 "classifier": _save(tmp_path / "classifier", classifier, lung_std)}
+    (tmp_path / "classifier/threshold.json").write_text('{"threshold": 0.5}\n')
+    serving.Config(size=SIZE, variant="d").save(tmp_path / "serving.json")  # the pipeline's own area limits
+    artifacts["config"] = str(tmp_path / "serving.json")
+    mlflow.pyfunc.save_model(tmp_path / "model", python_model=serving.CovidCxrModel(), artifacts=artifacts,
+                             signature=serving.signature(), pip_requirements=["mlflow"])
+    model = mlflow.pyfunc.load_model(str(tmp_path / "model"))
+
+    photo = np.random.default_rng(0).integers(0, 255, (120, 400, 3), dtype=np.uint8)  # a colour panorama
+    buffer = stdio.BytesIO()
+    Image.fromarray(photo).save(buffer, format="JPEG")
+    files = {
+        "dicom": serving.encode_file(real_data / "dicom/txv_chest_pa.dcm"),
+        "jpeg": serving.encode_file(real_data / "cohen/images" / held_frontal),
+        "lateral": serving.encode_file(real_data / "cohen/images" / held_lateral),
+        "photo": base64.b64encode(buffer.getvalue()).decode(),
+        "text": base64.b64encode(b"Patient: Jane Doe, DOB 1949-12-31\n").decode(),
+    }
+    entries = dict(zip(files, model.predict(pd.DataFrame({"image": list(files.values())}))))
+    for name in ("dicom", "jpeg"):
+        assert entries[name]["accepted"], (name, entries[name])
+        assert entries[name]["projection"] == "frontal" and 0.05 <= entries[name]["lung_area_fraction"] <= 0.8
+    assert entries["lateral"]["reason"] == "lateral_view" and entries["lateral"]["projection"] == "lateral"
+    assert entries["photo"]["reason"] == "not_chest_radiograph"
+    assert entries["text"]["reason"] == "not_an_image" and "Jane" not in json.dumps(entries)
+
+
+# --- `mlflow models serve` on the end-to-end test's project -------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, payload: object, timeout: float = 60) -> tuple[int, object]:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode("utf-8", "replace")
+
+
+def serve(project: Path, port: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "TF_CPP_MIN_LOG_LEVEL": "2", "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    return subprocess.Popen(["mlflow", "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
+                             "-h", "127.0.0.1", "-p", str(port)], cwd=project, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(url: str, server: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"server exited early:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"no answer on {url}/ping within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def phi_of(path: Path) -> list[str]:
+    ds = pydicom.dcmread(path)
+    return [str(ds.get(k)) for k in ("PatientName", "PatientID", "PatientBirthDate") if ds.get(k)]
+
+
+def check_register_and_serve(project: Path) -> None:
+    """After `dvc repro` with the register stage: the registry, the champion rule, then the served model over HTTP."""
+    import mlflow
+
+    from tests.pipelines.test_repro import set_params
+
+    first = json.loads((project / "reports/register/registered.json").read_text())
+    classifiers = [p.parent.name for p in sorted((project / "reports/evaluate").glob("*/metrics.json"))]
+    def val_auc(name: str) -> float | None:
+        return json.loads((project / f"reports/evaluate/{name}/metrics.json").read_text())["val"]["at_operating"][
+            "roc_auc"]
+
+    values = {n: val_auc(n) for n in classifiers}
+    assert first["version"] == 1 and first["alias"] == "champion" and first["champion_version"] is None
+    assert first["candidate_value"] == max(v for v in values.values() if v is not None)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    assert str(champion.version) == "1" and champion.tags["classifier"] == first["classifier"]
+
+    # A second registration, of the worst classifier: challenger unless it ties the champion.
+    worst = min((n for n in values if values[n] is not None), key=values.get)
+    set_params(project, {"register": {"variant": worst[0], "backbone": worst[2:]}})
+    out = run(["dvc", "repro", "register"], project)
+    second = json.loads((project / "reports/register/registered.json").read_text())
+    alias = "champion" if values[worst] >= first["candidate_value"] else "challenger"
+    assert (second["version"], second["alias"], second["classifier"]) == (2, alias, worst)
+    assert second["champion_value"] == first["candidate_value"] and f"-> alias {alias}" in out.stdout
+    served_version = "2" if alias == "champion" else "1"
+    served_name = worst if alias == "champion" else first["classifier"]
+
+    manifest = pd.read_csv(project / "artifacts/manifest.csv").set_index("image_id")
+    masks = pd.read_csv(project / "artifacts/masks/index.csv", keep_default_na=False).set_index("image_id")
+    scores = pd.read_csv(project / f"artifacts/models/classifier_{served_name}/predictions.csv").set_index("image_id")
+    usable = sorted(set(masks.index[masks["flag"] == ""]) & set(scores.index))
+    frontal = project / manifest.loc[usable[0], "path"]
+    lateral = project / manifest.loc[manifest["view_position"] == "LL", "path"].sort_values().iloc[0]
+    images = {"frontal": serving.encode_file(frontal), "lateral": serving.encode_file(lateral),
+              "not an image": base64.b64encode(b"just some text").decode()}
+    real = os.environ.get("COVIDCXR_REAL_DATA")
+    if real:
+        images["real jpeg"] = serving.encode_file(sorted((Path(real) / "cohen/images").glob("*.jpeg"))[0])
+
+    port, log = free_port(), project / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    server = serve(project, port, log)
+    try:
+        wait_ready(url, server, log)
+        status, answer = post(url, {"dataframe_records": [{"image": b} for b in images.values()],
+                                    "params": {"explain": True}})
+        assert status == 200, answer
+        entries = dict(zip(images, answer["predictions"]))
+        for entry in entries.values():
+            assert set(entry) == {*serving.FIELDS, serving.GRADCAM_FIELD} and entry["model_version"] == served_version
+            assert entry["accepted"] or entry["reason"] in serving.REASONS
+        hit = entries["frontal"]
+        assert hit["accepted"] and hit["projection"] == "frontal", hit
+        # The served pipeline reproduces the stages' own numbers for this image (the cache is float16).
+        assert hit["covid_probability"] == pytest.approx(scores.loc[usable[0], "score"], abs=0.02)
+        assert hit["lung_area_fraction"] == pytest.approx(masks.loc[usable[0], "lung_area_fraction"], abs=0.02)
+        assert base64.b64decode(hit["gradcam_png"])[:8] == b"\x89PNG\r\n\x1a\n"
+        assert entries["lateral"]["reason"] == "lateral_view" and entries["lateral"]["gradcam_png"] is None
+        assert entries["not an image"]["reason"] == "not_an_image"
+
+        status, answer = post(url, {"inputs": {"image": [images["frontal"]]}, "params": {"threshold": 0.0}})
+        assert status == 200 and answer["predictions"][0]["label"] == "covid", answer
+        for payload, needle in [
+            (b'{"dataframe_records": [', "valid JSON"),
+            ({"dataframe_records": [{"img": images["frontal"]}]}, "missing inputs ['image']"),
+            ({"dataframe_records": [{"image": images["not an image"]}] * 17}, "at most 16 per request"),
+            ({"dataframe_records": [{"image": images["frontal"]}], "params": {"threshold": 2}}, "must be in [0, 1]"),
+        ]:
+            status, answer = post(url, payload)
+            assert status == 400 and needle in answer and "Traceback" not in answer, (status, answer[:500])
+
+        table = run(["covidcxr", "predict", str(frontal), str(lateral), "--url", url], project).stdout.splitlines()
+        assert table[0].split("\t")[:2] == ["file", "accepted"]
+        assert table[1].split("\t")[1] == "True" and table[2].split("\t")[-1] == "lateral_view"
+    finally:
+        stop(server)
+    local = run(["covidcxr", "predict", str(frontal), str(lateral)], project).stdout.splitlines()
+    assert local == table  # the same model through the same code path, in process
+
+    text = json.dumps(entries) + log.read_text()
+    for value in phi_of(frontal) + phi_of(lateral):
+        assert value not in text, value

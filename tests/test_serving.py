@@ -1,0 +1,263 @@
+"""The served pipeline: request/response logic on tiny real Keras models saved in tmp, and the pyfunc in-process."""
+
+from __future__ import annotations
+
+import base64
+import io as stdio
+import json
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+from covidcxr import io, models, phantoms, preprocess, serving
+from tests.test_io import make_dicom
+
+SIZE = 32
+PHI = {"PatientName": "Zyxwvut^Qponmlk", "PatientID": "PID-88412", "PatientBirthDate": "19491231",
+       "InstitutionName": "St Elsewhere General", "AccessionNumber": "ACC-55123", "ReferringPhysicianName": "Dr^Who"}
+# Accepts every readable image: lets a test decide which step refuses by changing one setting.
+PERMISSIVE = dict(size=SIZE, variant="d", frontal_threshold=0.0, mask_threshold=0.5, min_area=0.0, max_area=1.0)
+
+
+def phantom(projection: str = "frontal", seed: int = 0, size: int = 64) -> np.ndarray:
+    image, _ = phantoms.chest_phantom(np.random.default_rng(seed), size, projection=projection, covid=bool(seed % 2),
+                                      site={})
+    return image
+
+
+def png_b64(image: np.ndarray) -> str:
+    buffer = stdio.BytesIO()
+    Image.fromarray(np.round(255 * np.clip(image, 0, 1)).astype(np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def dicom_b64(image: np.ndarray, **elements) -> str:
+    return b64(make_dicom(np.round(image * 4000).astype(np.uint16), **elements))
+
+
+def save_component(folder: Path, model: keras.Model, images: np.ndarray) -> str:
+    folder.mkdir(parents=True)
+    model.save(folder / "model.keras")
+    preprocess.Standardizer().fit(images).save(folder / "standardizer.json")
+    (folder / "run.json").write_text('{"run_id": "test"}\n')
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> dict[str, str]:
+    """Untrained tiny projection VGG, U-Net and classifier VGG with fitted standardizers, as register bundles them."""
+    keras.utils.set_random_seed(0)
+    root = tmp_path_factory.mktemp("bundle")
+    train = np.stack([preprocess.resize(phantom(seed=s), SIZE) for s in range(4)])
+    vgg = dict(width=1 / 32, head=(4,))
+    out = {
+        "projection": save_component(root / "projection", models.build_vgg(16, (SIZE, SIZE, 1), **vgg), train),
+        "unet": save_component(root / "unet", models.build_unet(2, (SIZE, SIZE, 1)), train),
+        "classifier": save_component(root / "classifier", models.build_vgg(16, (SIZE, SIZE, 1), **vgg), train),
+    }
+    (root / "classifier" / "threshold.json").write_text('{"threshold": 0.5}\n')
+    config = root / "serving.json"
+    serving.Config(**PERMISSIVE).save(config)
+    return {**out, "config": str(config)}
+
+
+@pytest.fixture(scope="module")
+def loaded(bundle) -> serving.Pipeline:
+    return serving.Pipeline.load(bundle)
+
+
+def with_config(pipeline: serving.Pipeline, **changes) -> serving.Pipeline:
+    """The same loaded networks under another configuration."""
+    limits = changes.pop("limits", serving.Limits())
+    config = serving.Config(**{**PERMISSIVE, **changes}, limits=limits)
+    return serving.Pipeline(pipeline.projection, pipeline.unet, pipeline.classifier, pipeline.threshold, config)
+
+
+def test_entry_has_exactly_the_fields_and_a_consistent_decision(loaded):
+    [entry] = loaded.score([png_b64(phantom())])
+    assert tuple(entry) == serving.FIELDS
+    assert entry["accepted"] is True and entry["reason"] is None and entry["projection"] == "frontal"
+    assert 0.0 <= entry["covid_probability"] <= 1.0 and 0.0 <= entry["lung_area_fraction"] <= 1.0
+    assert entry["threshold"] == 0.5 and entry["model_version"] == "unregistered"
+    assert entry["label"] == ("covid" if entry["covid_probability"] >= 0.5 else "negative")
+    json.dumps(entry, allow_nan=False)  # strict JSON: no NaN, no numpy types
+
+
+def test_no_phi_in_the_response_or_the_log(loaded, caplog):
+    caplog.set_level(logging.DEBUG)
+    request = [dicom_b64(phantom(), ViewPosition="PA", **PHI), dicom_b64(phantom(), ViewPosition="LL", **PHI),
+               b64(make_dicom(None, shape=(40, 40), **PHI))]
+    entries = loaded.score(request, explain=True)
+    assert [e["reason"] for e in entries] == [None, "lateral_view", "no_pixel_data"]
+    text = json.dumps(entries) + caplog.text
+    for value in PHI.values():
+        assert value not in text and value.split("^")[0] not in text
+
+
+BAD = {
+    "not an image": (b64(b"hello, world"), "not_an_image"),
+    "invalid base64": ("@@@ not base64 @@@", "invalid_base64"),
+    "not a string": (12, "invalid_base64"),
+    "null": (None, "missing_image"),
+    "empty string": ("  ", "missing_image"),
+    "truncated PNG": (b64(base64.b64decode(png_b64(phantom()))[:300]), "truncated"),
+    "constant image": (png_b64(np.full((40, 40), 0.5)), "zero_variance"),
+    "panorama": (png_b64(np.tile(phantom(), (1, 3))), "not_chest_radiograph"),
+    "CT slice": (dicom_b64(phantom(), modality="CT"), "not_chest_radiograph"),
+    "hand radiograph": (dicom_b64(phantom(), BodyPartExamined="HAND"), "not_chest_radiograph"),
+    "lateral by header": (dicom_b64(phantom(), ViewPosition="LL"), "lateral_view"),
+    "DICOM without pixels": (b64(make_dicom(None, shape=(40, 40))), "no_pixel_data"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_one_bad_image_gives_an_error_entry_not_a_failed_batch(loaded, case):
+    value, reason = BAD[case]
+    good = png_b64(phantom())
+    entries = loaded.score([good, value, good])
+    assert [e["accepted"] for e in entries] == [True, False, True]
+    assert entries[1]["reason"] == reason and reason in serving.REASONS
+    assert entries[1]["message"].startswith("image[1]") and entries[1]["covid_probability"] is None
+    assert entries[0]["covid_probability"] == entries[2]["covid_probability"]
+
+
+def test_too_many_images_is_a_request_error(loaded):
+    small = with_config(loaded, limits=serving.Limits(max_images=2))
+    with pytest.raises(MlflowException, match="holds 3 images; at most 2") as err:
+        small.score([png_b64(phantom())] * 3)
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE" and err.value.get_http_status_code() == 400
+
+
+@pytest.mark.parametrize("limits, needle", [
+    (serving.Limits(max_image_bytes=500), "bytes per image"),
+    (serving.Limits(max_pixels=40 * 40), "exceeds the limit of 1600"),
+])
+def test_byte_and_pixel_limits_refuse_the_image_with_a_clear_message(loaded, limits, needle):
+    [entry] = with_config(loaded, limits=limits).score([png_b64(phantom())])
+    assert entry["reason"] == "too_large" and needle in entry["message"]
+
+
+@pytest.mark.parametrize("changes, reason, needle", [
+    ({"frontal_threshold": 1.01}, "lateral_view", "projection filter"),
+    ({"mask_threshold": 1.01, "min_area": 0.01}, "empty_lung_mask", "covers 0.0%"),
+    ({"mask_threshold": 0.0, "max_area": 0.8}, "not_chest_radiograph", "covers 100.0%"),
+])
+def test_model_steps_refuse_with_their_reason(loaded, changes, reason, needle):
+    [entry] = with_config(loaded, **changes).score([png_b64(phantom())])
+    assert entry["reason"] == reason and needle in entry["message"]
+    assert entry["projection"] is not None and entry["covid_probability"] is None
+
+
+def test_threshold_param_overrides_the_operating_threshold(loaded):
+    images = [png_b64(phantom(seed=s)) for s in range(3)]
+    default = loaded.score(images)
+    assert {e["threshold"] for e in default} == {0.5}
+    assert all(e["label"] == "covid" for e in loaded.score(images, threshold=0.0))
+    lowered = loaded.score(images, threshold=min(e["covid_probability"] for e in default))
+    assert all(e["label"] == "covid" for e in lowered)
+    assert [e["covid_probability"] for e in lowered] == [e["covid_probability"] for e in default]
+    for bad in (1.5, -0.1, "x"):
+        with pytest.raises(MlflowException, match="threshold"):
+            loaded.score(images, threshold=bad)
+
+
+def test_explain_adds_a_gradcam_png_of_the_image_size(loaded):
+    image = phantom(size=96)[:, 8:88]  # 96 x 80
+    entries = loaded.score([png_b64(image), b64(b"junk")], explain=True)
+    overlay = Image.open(stdio.BytesIO(base64.b64decode(entries[0]["gradcam_png"])))
+    assert overlay.format == "PNG" and overlay.size == (80, 96) and overlay.mode == "RGB"
+    assert entries[1]["gradcam_png"] is None
+    assert serving.GRADCAM_FIELD not in loaded.score([png_b64(image)])[0]
+
+
+def test_served_working_image_is_the_training_one(tmp_path):
+    path = tmp_path / "x.dcm"
+    path.write_bytes(make_dicom(np.round(phantom(size=80)[:, :72] * 4000).astype(np.uint16)))
+    pixels, _ = io.read_image(path)
+    expected = preprocess.load_working_image(str(path), SIZE)[0]
+    np.testing.assert_array_equal(serving.working_image(pixels, SIZE), expected)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda s: s, lambda s: "\n".join(s[i:i + 76] for i in range(0, len(s), 76)) + "\n",
+    lambda s: "data:application/dicom;base64," + s, lambda s: f"  {s}\t",
+])
+def test_base64_forms_that_are_accepted(wrap):
+    data = bytes(range(256)) * 3
+    assert serving.decode_field(wrap(b64(data)), 0, 10_000) == data
+
+
+def test_encoded_size_is_checked_before_decoding():
+    with pytest.raises(serving.Refused, match="more than the limit of 30 bytes") as err:
+        serving.decode_field("A" * 10_000_000 + "!", 4, 30)  # would be invalid base64 if it were decoded
+    assert err.value.reason == "too_large"
+
+
+def test_config_round_trip_and_validation(tmp_path):
+    config = serving.Config(size=64, variant="e", model_version="7", limits=serving.Limits(max_images=3))
+    config.save(tmp_path / "c.json")
+    assert serving.Config.load(tmp_path / "c.json") == config
+    for bad in ({"variant": "x"}, {"size": 50}, {"min_area": 0.9, "max_area": 0.1}, {"max_aspect": 0.5}):
+        with pytest.raises(ValueError):
+            serving.Config(**{"size": 64, "variant": "c", **bad})
+    with pytest.raises(ValueError, match="max_images"):
+        serving.Limits(max_images=0)
+
+
+@pytest.mark.parametrize("model_input", [
+    pd.DataFrame({"image": ["a", "b"]}), {"image": ["a", "b"]}, {"image": np.array(["a", "b"])},
+    [{"image": "a"}, {"image": "b"}], ["a", "b"],
+])
+def test_input_forms(model_input):
+    assert serving.images_from_input(model_input) == ["a", "b"]
+
+
+def test_input_without_an_image_column_is_a_request_error():
+    with pytest.raises(MlflowException, match="needs an 'image' column"):
+        serving.images_from_input(pd.DataFrame({"img": ["a"]}))
+
+
+def test_a_failure_inside_the_networks_is_a_500_without_traceback(loaded):
+    broken = serving.CovidCxrModel()
+    broken.pipeline = with_config(loaded, size=48)  # the networks take 32 px
+    with pytest.raises(MlflowException) as err:
+        broken.predict(None, pd.DataFrame({"image": [png_b64(phantom())]}))
+    assert err.value.get_http_status_code() == 500
+    assert "Traceback" not in err.value.message and "internal error while scoring" in err.value.message
+
+
+def test_pyfunc_saves_loads_and_scores_in_process(bundle, tmp_path):
+    import mlflow
+
+    path = tmp_path / "model"
+    example = {"image": [png_b64(phantom())]}
+    mlflow.pyfunc.save_model(path, python_model=serving.CovidCxrModel(), artifacts=bundle,
+                             signature=serving.signature(), input_example=example, pip_requirements=["mlflow"])
+    model = mlflow.pyfunc.load_model(str(path))
+    frame = pd.DataFrame({"image": [dicom_b64(phantom(), **PHI), "not base64!"]})
+    entries = model.predict(frame, params={"explain": True, "threshold": 0.0})
+    assert [e["accepted"] for e in entries] == [True, False] and entries[0]["label"] == "covid"
+    assert entries[0]["gradcam_png"] and entries[1]["reason"] == "invalid_base64"
+    assert all(v not in json.dumps(entries) for v in PHI.values())
+    assert model.predict(example)[0]["threshold"] == 0.5
+    with pytest.raises(MlflowException, match="missing inputs"):
+        model.predict(pd.DataFrame({"img": ["x"]}))
+
+
+def test_real_files_are_scored(loaded, real_data):
+    files = [real_data / "dicom/RG1_J2KI.dcm", real_data / "dicom/txv_chest_pa.dcm",
+             sorted((real_data / "cohen/images").glob("*.jp*g"))[0],
+             sorted((real_data / "montgomery_shenzhen/images").glob("*.png"))[0]]
+    entries = loaded.score([serving.encode_file(f) for f in files])
+    assert [e["reason"] for e in entries] == [None] * len(files)
+    assert all(e["projection"] == "frontal" and 0 <= e["covid_probability"] <= 1 for e in entries)

@@ -19,6 +19,8 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 PROJECT = Path(__file__).resolve().parent.parent
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def params(section: str, path: str | os.PathLike = "params.yaml") -> dict:
@@ -53,6 +55,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the user's usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -33,6 +33,148 @@ def _inspect(args: argparse.Namespace) -> int:
     return status
 
 
+PREDICT_COLUMNS = ("accepted", "projection", "projection_probability", "lung_area_fraction", "covid_probability",
+                   "label", "threshold", "model_version", "reason")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """Score files with the registered model in this process, or with a running server (``--url``); print a table."""
+    import base64
+    from pathlib import Path
+
+    from covidcxr import serving
+
+    params = {"explain": bool(args.explain), **({"threshold": args.threshold} if args.threshold is not None else {})}
+    rows: list[tuple[str, dict]] = []
+    readable = []
+    for path in args.files:
+        try:
+            readable.append((path, serving.encode_file(path)))
+        except OSError as err:
+            rows.append((path, {"accepted": False, "reason": "unreadable", "message": f"cannot read ({err.strerror})"}))
+    try:
+        score = _remote_scorer(args.url, args.timeout) if args.url else _local_scorer(args.model_uri)
+        for start in range(0, len(readable), args.batch_size):
+            chunk = readable[start:start + args.batch_size]
+            rows += list(zip([p for p, _ in chunk], score([b for _, b in chunk], params), strict=True))
+    except Exception as err:  # noqa: BLE001 - the CLI reports a failed request in one line, not a traceback
+        print(f"predict failed: {getattr(err, 'message', None) or err}", file=sys.stderr)
+        return 1
+    print("\t".join(("file", *PREDICT_COLUMNS)))
+    for path, entry in sorted(rows, key=lambda r: args.files.index(r[0])):
+        cells = [_cell(entry.get(c)) for c in PREDICT_COLUMNS]
+        print("\t".join((path, *cells)))
+        if entry.get("gradcam_png"):
+            out = Path(args.gradcam_dir) / f"{Path(path).stem}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(base64.b64decode(entry["gradcam_png"]))
+    if args.explain:
+        print(f"Grad-CAM overlays of accepted images: {args.gradcam_dir}/<file stem>.png", file=sys.stderr)
+    return 0
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _local_scorer(model_uri: str):
+    """A function that scores base64 images with the model loaded here, as the server does (a DataFrame in)."""
+    import os
+
+    import mlflow
+    import pandas as pd
+
+    from covidcxr import serving
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    model = mlflow.pyfunc.load_model(model_uri)
+
+    def score(images: list[str], params: dict) -> list[dict]:
+        return model.predict(pd.DataFrame({serving.INPUT_COLUMN: images}), params=params)
+
+    return score
+
+
+def _remote_scorer(url: str, timeout: float):
+    """A function that POSTs base64 images to a served model's /invocations and returns its entries."""
+    import urllib.error
+    import urllib.request
+
+    endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/invocations") else "/invocations")
+
+    def score(images: list[str], params: dict) -> list[dict]:
+        body = json.dumps({"dataframe_records": [{"image": b} for b in images], "params": params}).encode()
+        request = urllib.request.Request(endpoint, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())["predictions"]
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode("utf-8", "replace")
+            try:
+                detail = json.loads(detail).get("message", detail)
+            except ValueError:
+                pass
+            raise RuntimeError(f"{endpoint} answered {err.code}: {detail[:500]}") from None
+
+    return score
+
+
+def _tune(args: argparse.Namespace) -> int:
+    """One Optuna worker of a U-Net study (shared when the storage is): run trials, tag the best, print the summary."""
+    import logging
+    import os
+    import random
+    from pathlib import Path
+
+    import yaml
+
+    from covidcxr import tuning
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    everything = {}
+    if Path(args.params).is_file():
+        everything = yaml.safe_load(Path(args.params).read_text(encoding="utf-8")) or {}
+    params = everything.get("tune_unet") or {}
+    study_name = args.study or params.get("study")
+    if not study_name:
+        print(f"tune: no --study and no tune_unet.study in {args.params}", file=sys.stderr)
+        return 2
+    url = tuning.resolve_storage(args.storage, os.environ.get(tuning.STORAGE_ENV), params.get("storage"),
+                                 "sqlite:///artifacts/tune/optuna.db")
+    # A shared study needs a different sampler seed in every worker (pids repeat across containers).
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    logging.getLogger("covidcxr.tune").info("study %r in %s, %d trials, sampler seed %d", study_name,
+                                            tuning.redact(url), args.n_trials, seed)
+    data = tuning.load_unet_data(args.cache_dir, args.split)
+    study, created = tuning.open_study(study_name, url, params if "space" in params else None,
+                                       data_sha256=data.sha256, seed=seed)
+    tracker = None
+    if not args.no_tracking:
+        experiment = args.experiment or f"covidcxr-{(everything.get('split') or {}).get('experiment', 'tuning')}"
+        tracker = tuning.attach_tracker(
+            study, created, experiment=experiment, run_name=f"tune-unet-{study_name}",
+            tags={"optuna_storage": tuning.redact(url)},
+            tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db",
+        )
+    objective = tuning.unet_objective(data, tuning.study_config(study)) if args.n_trials > 0 else None
+    tuning.optimize(study, objective, args.n_trials, tracker=tracker)
+    try:
+        result = tuning.summary(study)
+    except RuntimeError as err:
+        print(f"tune: {err}", file=sys.stderr)
+        return 1
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covidcxr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +187,35 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="read image files as the pipeline does and print their header and range")
     inspect.add_argument("files", nargs="+", help="DICOM, PNG, JPEG or JSRT .IMG files")
     inspect.set_defaults(func=_inspect)
+
+    predict = sub.add_parser("predict", help="score image files with the registered model (here, or on a server)")
+    predict.add_argument("files", nargs="+", help="DICOM, PNG or JPEG files")
+    predict.add_argument("--model-uri", default="models:/covidcxr@champion", help="MLflow model URI (local scoring)")
+    predict.add_argument("--url", help="a running `mlflow models serve` (e.g. http://127.0.0.1:5000) instead")
+    predict.add_argument("--explain", action="store_true", help="also write Grad-CAM overlays to --gradcam-dir")
+    predict.add_argument("--gradcam-dir", default="gradcam", help="folder for the overlays (default: gradcam)")
+    predict.add_argument("--threshold", type=float, help="decision threshold instead of the model's operating one")
+    predict.add_argument("--batch-size", type=int, default=8, help="images per request (default: 8)")
+    predict.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
+    predict.set_defaults(func=_predict)
+    tune = sub.add_parser("tune", help="run one Optuna worker of the U-Net study (start several on one shared storage)")
+    tune.add_argument("--study", help="study name (default: tune_unet.study of --params)")
+    tune.add_argument("--storage", help="SQLAlchemy URL, e.g. postgresql+psycopg2://optuna@db-host/optuna (password in "
+                      "PGPASSWORD or ~/.pgpass); default: $COVIDCXR_OPTUNA_STORAGE, tune_unet.storage, local sqlite")
+    tune.add_argument("--n-trials", type=int, default=1,
+                      help="trials this worker runs (0: only tag and print the best)")
+    tune.add_argument("--params", default="params.yaml", help="params file whose tune_unet section configures a NEW "
+                      "study (an existing study keeps the configuration it was created with)")
+    tune.add_argument("--cache-dir", default="artifacts/cache", help="working-size image cache (dvc pull it)")
+    tune.add_argument("--split", default="artifacts/splits/segmentation.csv", help="segmentation split table")
+    tune.add_argument("--seed", type=int, help="this worker's sampler seed (default: a fresh one per worker)")
+    tune.add_argument("--experiment",
+                      help="MLflow experiment of a new study's run (default: covidcxr-<split.experiment>)")
+    tune.add_argument("--tracking-uri",
+                      help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    tune.add_argument("--no-tracking", action="store_true", help="do not log trials to MLflow")
+    tune.add_argument("--out", help="also write the summary JSON (best parameters) to this file")
+    tune.set_defaults(func=_tune)
     return parser
 
 

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 TINY = {
     "cache": {"size": 32},
     "train_projection": {"epochs": 2, "width": 0.0625},
-    "train_unet": {"epochs": 2, "f0": 4},
+    "tune_unet": {"n_trials": 2, "epochs": 1},
+    "train_unet": {"epochs": 2, "f0": 4, "use_tuned": False},
     "train_classifier": {"epochs": 2, "width": 0.0625},
     "evaluate": {"n_boot": 50},
     "explain": {"per_group": 1},
@@ -101,3 +102,9 @@ def test_dvc_repro_on_demo_data(project: Path):
     classifier = next(r for r in runs if r.info.run_name == "classifier-d-vgg16")
     assert classifier.data.tags["data_version"] == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
     assert "eval.test.at_0.5.roc_auc" in classifier.data.metrics or "eval.test.at_0.5.accuracy" in classifier.data.metrics
+
+    # The register stage ran with the others; then the registry and the served model (tests/pipelines/test_serve.py).
+    assert "Running stage 'register'" in out.stdout
+    from tests.pipelines.test_serve import check_register_and_serve
+
+    check_register_and_serve(project)

@@ -1,4 +1,4 @@
-"""Command line: `covidcxr demo-data OUT_DIR`, `covidcxr inspect FILE...`."""
+"""Command line: `covidcxr demo-data OUT_DIR`, `inspect FILE...`, `predict FILE...`, `tune --study --storage`."""
 
 from __future__ import annotations
 

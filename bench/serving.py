@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from tests.pipelines.conftest import stop_server, wait_ready
 
 MODEL_URI = "models:/covidcxr@champion"
 GOAL_RATIO = 1.5
@@ -57,30 +58,6 @@ def start_server(model_uri: str, port: int, log_path: Path) -> subprocess.Popen:
     return subprocess.Popen([f"{bin_dir}/mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
                              "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-
-
-def wait_ready(url: str, server: subprocess.Popen, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode} before answering /ping")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer /ping within {timeout:.0f} s")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def post(url: str, body: bytes) -> float:
@@ -127,7 +104,7 @@ def run(model_uri: str = MODEL_URI, n: int = 40, clients: int = 4, warmup: int =
     server = start_server(model_uri, port, log_path)
     try:
         start = time.perf_counter()
-        wait_ready(url, server)
+        wait_ready(url, server, timeout=300.0)
         startup = time.perf_counter() - start
         for _ in range(warmup):
             model.predict(frame)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -45,6 +48,34 @@ def copy_project(dest: Path) -> Path:
                 ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"]):
         run(cmd, dest)
     return dest
+
+
+def wait_ready(url: str, server: subprocess.Popen, *, log: Path | None = None, timeout: float = 240.0) -> None:
+    """Poll a model server's /ping until it answers; fail early if it exits, showing the end of its log."""
+    def tail() -> str:
+        return f":\n{log.read_text()[-3000:]}" if log is not None and log.exists() else ""
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode} before answering /ping{tail()}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer /ping within {timeout:.0f} s{tail()}")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Stop a server started in its own session, and everything it started."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 @pytest.fixture

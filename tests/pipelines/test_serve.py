@@ -11,10 +11,8 @@ import csv
 import io as stdio
 import json
 import os
-import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,7 +25,7 @@ from PIL import Image
 
 from covidcxr import serving
 from pipelines import register
-from tests.pipelines.conftest import BIN, run
+from tests.pipelines.conftest import BIN, run, stop_server, wait_ready
 
 NAME = "covidcxr"
 
@@ -205,28 +203,6 @@ def serve(project: Path, port: int, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_ready(url: str, server: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"server exited early:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"no answer on {url}/ping within {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(server: subprocess.Popen) -> None:
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-
-
 def phi_of(path: Path) -> list[str]:
     ds = pydicom.dcmread(path)
     return [str(ds.get(k)) for k in ("PatientName", "PatientID", "PatientBirthDate") if ds.get(k)]
@@ -278,7 +254,7 @@ def check_register_and_serve(project: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     server = serve(project, port, log)
     try:
-        wait_ready(url, server, log)
+        wait_ready(url, server, log=log)
         status, answer = post(url, {"dataframe_records": [{"image": b} for b in images.values()],
                                     "params": {"explain": True}})
         assert status == 200, answer
@@ -310,7 +286,7 @@ def check_register_and_serve(project: Path) -> None:
         assert table[0].split("\t")[:2] == ["file", "accepted"]
         assert table[1].split("\t")[1] == "True" and table[2].split("\t")[-1] == "lateral_view"
     finally:
-        stop(server)
+        stop_server(server)
     local = run(["covidcxr", "predict", str(frontal), str(lateral)], project).stdout.splitlines()
     assert local == table  # the same model through the same code path, in process
 

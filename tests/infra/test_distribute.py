@@ -59,9 +59,16 @@ def test_mirrored_strategy_on_two_cpus_trains_like_the_default_strategy():
     np.testing.assert_allclose(mirrored["kernel"], default["kernel"], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, match", [("tpu", "strategy must be one of"), ("multi-worker", "keras#20585")])
-def test_unsupported_strategies_are_refused(name, match):
+@pytest.mark.parametrize("tf_config, match", [
+    (None, "strategy must be one of"),  # the name below is "tpu"
+    ("{not json", "TF_CONFIG is not valid JSON"),
+    ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 1}}', "not in its cluster"),
+])
+def test_unknown_strategies_and_malformed_tf_config_are_refused(monkeypatch, tf_config, match):
+    """Refused before TensorFlow builds anything (two-worker training itself: tests/infra/test_multiworker.py)."""
     from covidcxr import training
 
+    if tf_config is not None:
+        monkeypatch.setenv("TF_CONFIG", tf_config)
     with pytest.raises(ValueError, match=match):
-        training.distribution_strategy(name)
+        training.distribution_strategy("tpu" if tf_config is None else "multi-worker")

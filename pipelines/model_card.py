@@ -1,0 +1,165 @@
+"""Stage `model_card`: a self-contained HTML model card for the model `register` just registered.
+
+Reads the reports (register, evaluate, explain, audit, external results), the split tables and the manifest's source
+column (aggregate counts only), renders with covidcxr.modelcard, writes reports/model_card/<name>-v<version>.html and
+index.html, and logs the card to the MLflow run that produced the registered version, tagging the version with it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from covidcxr import modelcard
+from covidcxr.modelcard import ModelCardError
+from pipelines import _common
+
+OUT = Path("reports/model_card")
+REGISTERED = Path("reports/register/registered.json")
+AUDIT = Path("reports/audit/audit.json")
+SPLITS = Path("artifacts/splits")
+MANIFEST = Path("artifacts/manifest.csv")
+#: Model-version tag that points to the card's artifact.
+TAG = "model_card"
+
+
+def read_json(path: str | Path, made_by: str) -> object:
+    """A report as JSON; a missing file names the stage that writes it, a malformed one says what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the `{made_by}` stage first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelCardError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def model_facts(registered: dict, evaluation: dict, run_id: str) -> dict:
+    """What the registered model is: identity, classifier, working size and thresholds (the ones register used)."""
+    for key in ("model_name", "version", "classifier"):
+        if key not in registered:
+            raise ModelCardError(f"{REGISTERED} has no '{key}'")
+    classifier = str(registered["classifier"])
+    variant, _, backbone = classifier.partition("_")
+    segment = _common.params("segment")
+    facts = {
+        "model_name": registered["model_name"], "version": registered["version"], "alias": registered.get("alias"),
+        "classifier": classifier, "variant": variant, "backbone": backbone,
+        "working_size": f"{int(_common.params('cache')['size'])} px",
+        "operating_threshold": evaluation.get("operating_threshold"),
+        "frontal_threshold": _common.params("filter_frontal")["threshold"],
+        "mask_threshold": segment["threshold"], "lung_area_bounds": f"{segment['min_area']} – {segment['max_area']}",
+        "experiment": _common.params("split")["experiment"], "mlflow_run_id": run_id,
+    }
+    if registered.get("metric"):
+        value = registered.get("candidate_value")
+        shown = f"{float(value):.4f}" if value is not None else "n/a"
+        facts["selected_by"] = f"validation {registered['metric']} = {shown}"
+    for key, value in registered.items():  # anything else register reports (git commit, data version, ...)
+        if key not in facts and key not in ("metric", "candidate_value") and not isinstance(value, (dict, list)):
+            facts[key] = value
+    return facts
+
+
+def split_tables() -> dict[str, pd.DataFrame]:
+    """Every split table (artifacts/splits/<task>.csv) with the manifest's source per image."""
+    if not MANIFEST.is_file():
+        raise FileNotFoundError(f"{MANIFEST} does not exist: run the `ingest` stage first")
+    sources = pd.read_csv(MANIFEST, usecols=["image_id", "source"], keep_default_na=False)
+    tables = {}
+    for path in sorted(SPLITS.glob("*.csv")):
+        table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        missing = {"image_id", "patient_id", "split"} - set(table.columns)
+        if missing:
+            raise ModelCardError(f"{path}: lacks columns {sorted(missing)}")
+        tables[path.stem] = table.merge(sources, on="image_id", how="left").fillna({"source": "unknown"})
+    if "covid" not in tables:
+        raise FileNotFoundError(f"{SPLITS / 'covid.csv'} does not exist: run the `split` stage first")
+    return tables
+
+
+def external_reports(patterns: list[str]) -> dict[str, dict]:
+    """Held-out-source results: every JSON file matching ``patterns`` (sorted; title = path without the suffix)."""
+    found = sorted({f for pattern in patterns for f in glob.glob(pattern, recursive=True) if f.endswith(".json")})
+    return {str(Path(f).with_suffix("")): read_json(f, "leave-one-source-out") for f in found}
+
+
+def classifier_summary() -> dict[str, dict]:
+    """Every trained classifier's headline figures: evaluate's summary and the Grad-CAM lung mass share."""
+    evaluated = read_json("reports/evaluate/summary.json", "evaluate")
+    explain = Path("reports/explain/metrics.json")
+    explained = read_json(explain, "explain") if explain.is_file() else {}
+    return {name: {**figures, **({"lung_mass_share": explained[name]["lung_mass_share"]} if name in explained else {})}
+            for name, figures in evaluated.items()}
+
+
+def gradcam_images(classifier: str, all_variants: bool) -> dict[str, bytes]:
+    """Grad-CAM grids: the registered classifier's, and with ``all_variants`` the other variants of its backbone."""
+    variant, _, backbone = classifier.partition("_")
+    names = [classifier] + (sorted(p.stem for p in Path("reports/explain/gradcam").glob(f"*_{backbone}.png")
+                                   if p.stem != classifier) if all_variants else [])
+    images = {}
+    for name in names:
+        path = Path(f"reports/explain/gradcam/{name}.png")
+        if path.is_file():
+            images[f"{name} (registered)" if name == classifier else name] = path.read_bytes()
+    return images
+
+
+def collect(p: dict, registered: dict, run_id: str) -> modelcard.CardData:
+    """The card's content from the reports on disk."""
+    classifier = str(registered["classifier"])
+    evaluation = read_json(f"reports/evaluate/{classifier}/metrics.json", "evaluate")
+    curves = {name: read_json(f"reports/evaluate/{classifier}/{name}.json", "evaluate")
+              for name in modelcard.CURVES if Path(f"reports/evaluate/{classifier}/{name}.json").is_file()}
+    tables = split_tables()
+    data = modelcard.data_summary(tables["covid"])
+    if Path("reports/ingest/summary.json").is_file():
+        ingest = read_json("reports/ingest/summary.json", "ingest")
+        data["extra"] = [f"Ingest: {ingest.get('accepted')} images accepted of {ingest.get('listed')} listed, "
+                         f"{ingest.get('rejected')} rejected (with their reason), {ingest.get('duplicates')} "
+                         f"duplicates removed, {ingest.get('patients')} patients."]
+    audit = read_json(AUDIT, "audit") if AUDIT.is_file() else None
+    return modelcard.CardData(
+        model=model_facts(registered, evaluation, run_id), data=data,
+        split_check={task: modelcard.split_check(t) for task, t in tables.items()},
+        metrics={k: evaluation[k] for k in ("test", "val") if k in evaluation}, curves=curves,
+        gradcam=gradcam_images(classifier, bool(p["gradcam_all_variants"])), audit=audit,
+        external=external_reports(list(p["external"])), classifiers=classifier_summary(),
+        synthetic="demo" in data["sources"],
+    )
+
+
+def run(p: dict) -> dict:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    log = _common.setup_logging()
+    _common.setup_tracking()
+    registered = read_json(REGISTERED, "register")
+    if not isinstance(registered, dict) or "model_name" not in registered or "version" not in registered:
+        raise ModelCardError(f"{REGISTERED}: needs model_name and version")
+    name, version = str(registered["model_name"]), str(registered["version"])
+    client = mlflow.MlflowClient()
+    try:
+        run_id = client.get_model_version(name, version).run_id
+    except MlflowException as exc:
+        raise ModelCardError(f"{REGISTERED} names {name} v{version}, which the registry at "
+                             f"{mlflow.get_tracking_uri()} does not hold") from exc
+
+    page = modelcard.render(collect(p, registered, run_id))
+    card = OUT / f"{name}-v{version}.html"
+    for path in (card, OUT / "index.html"):
+        _common.write_with(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    client.log_artifact(run_id, str(card), "model_card")
+    uri = f"runs:/{run_id}/model_card/{card.name}"
+    client.set_model_version_tag(name, version, TAG, uri)
+    log.info("model card for %s v%s: %s (%d bytes), logged as %s", name, version, card, len(page.encode()), uri)
+    return {"path": str(card), "artifact_uri": uri, "run_id": run_id, "bytes": len(page.encode())}
+
+
+if __name__ == "__main__":
+    run(_common.params("model_card"))

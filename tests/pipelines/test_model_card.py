@@ -1,0 +1,140 @@
+"""Stage `model_card` on small report fixtures against a throwaway sqlite MLflow registry with a registered version."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from covidcxr.modelcard import ModelCardError
+from pipelines import model_card
+
+NAME = "covidcxr"
+PARAMS = {
+    "split": {"experiment": "demo"},
+    "cache": {"size": 64},
+    "filter_frontal": {"threshold": 0.5},
+    "segment": {"threshold": 0.5, "min_area": 0.05, "max_area": 0.8},
+    "model_card": {"gradcam_all_variants": True, "external": ["reports/external/**/*.json"]},
+}
+
+
+def write(path: Path, content: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content) if not isinstance(content, str) else content)
+
+
+def png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def evaluation(auc: float) -> dict:
+    at = {"accuracy": 0.875, "sensitivity": 0.75, "specificity": 1.0, "precision": 1.0, "f1": 0.857, "roc_auc": auc,
+          "average_precision": 0.9, "n": 8, "n_positive": 4, "tp": 3, "fn": 1, "tn": 4, "fp": 0}
+    block = {"at_operating": at, "ci_at_operating": {"roc_auc": {"low": 0.701, "high": 1.0}}, "ece": 0.12}
+    return {"operating_threshold": 0.4321, "test": block, "val": block}
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store, created (schema migrations: seconds) once and copied for each test."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}").search_registered_models()
+    return path
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, empty_store):
+    """Reports of a finished run (two classifiers), split tables, a manifest, and version 1 of the model, registered."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    for name, auc in (("c_vgg16", 0.9312), ("e_vgg16", 0.5)):
+        write(tmp_path / f"reports/evaluate/{name}/metrics.json", evaluation(auc))
+        write(tmp_path / f"reports/evaluate/{name}/roc.json", [{"fpr": 0, "tpr": 0}, {"fpr": 0, "tpr": 0.75},
+                                                               {"fpr": 1, "tpr": 1}])
+        write(tmp_path / f"reports/evaluate/{name}/pr.json", [{"recall": 1, "precision": 0.5}])
+        write(tmp_path / f"reports/evaluate/{name}/reliability.json",
+              [{"mean_predicted": 0.2, "observed_frequency": 0.0, "count": 4}])
+        (tmp_path / "reports/explain/gradcam").mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"reports/explain/gradcam/{name}.png").write_bytes(png(len(name) + int(auc * 10)))
+    write(tmp_path / "reports/evaluate/summary.json", {"c_vgg16": {"test_auc": 0.9312}, "e_vgg16": {"test_auc": 0.5}})
+    write(tmp_path / "reports/explain/metrics.json", {"c_vgg16": {"lung_mass_share": 0.61}})
+    write(tmp_path / "reports/audit/audit.json", {"status": "warn", "checks": [
+        {"name": "lung_mass_share", "subject": "c_vgg16", "value": 0.61, "warn": 0.7, "fail": 0.5,
+         "status": "warn", "reason": "under 70% of the heat map inside the lungs"}]})
+    write(tmp_path / "reports/external/site_c.json", {"held_out": "site_c", "specificity": 0.4567})
+    rows = [(f"IMG{i:02d}", f"PATIENT-{i // 2:02d}", "covid" if i % 4 < 2 else "negative",
+             ("train", "val", "test")[(i // 2) % 3]) for i in range(12)]
+    write(tmp_path / "artifacts/splits/covid.csv",
+          "image_id,patient_id,label,split\n" + "".join(",".join(r) + "\n" for r in rows))
+    write(tmp_path / "artifacts/manifest.csv", "image_id,path,source,patient_id\n" + "".join(
+        f"{r[0]},data/demo/images/{r[1]}/{r[0]}.dcm,demo,{r[1]}\n" for r in rows))
+
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("covidcxr-demo", artifact_location=str(tmp_path / "mlruns"))
+    run = client.create_run(experiment, run_name="register-c_vgg16")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model(NAME)
+    version = client.create_model_version(NAME, source=f"runs:/{run.info.run_id}/covidcxr", run_id=run.info.run_id)
+    client.set_registered_model_alias(NAME, "champion", version.version)
+    write(tmp_path / "reports/register/registered.json",
+          {"model_name": NAME, "version": int(version.version), "alias": "champion", "classifier": "c_vgg16",
+           "metric": "roc_auc", "candidate_value": 0.95, "git_commit": "abc123", "data_version": "d41d8.dir"})
+    yield tmp_path, client, run.info.run_id
+    mlflow.set_tracking_uri(None)
+
+
+def test_stage_writes_the_card_and_logs_it_with_the_model(project):
+    root, client, run_id = project
+    result = model_card.run(PARAMS["model_card"])
+
+    card = root / "reports/model_card/covidcxr-v1.html"
+    page = card.read_text(encoding="utf-8")
+    assert (root / "reports/model_card/index.html").read_text(encoding="utf-8") == page
+    assert "Model card: covidcxr v1 (champion)" in page and "0.4321" in page and "64 px" in page
+    assert "0.931" in page and "0.701" in page  # registered classifier's metrics and CI
+    assert "no patient appears in more than one split" in page
+    assert page.count("data:image/png;base64,") == 2  # the registered grid and the other variant's
+    assert "under 70% of the heat map inside the lungs" in page and "0.457" in page  # audit, external
+    assert "synthetic phantoms" in page and run_id in page
+    for secret in ("PATIENT-", "IMG0", "data/demo/images"):  # no identifiers, no file paths of patient data
+        assert secret not in page
+
+    # Logged to the run that produced the registered version; the version points at it.
+    assert result["run_id"] == run_id
+    tag = client.get_model_version(NAME, "1").tags[model_card.TAG]
+    assert tag == f"runs:/{run_id}/model_card/covidcxr-v1.html" == result["artifact_uri"]
+    logged = mlflow.artifacts.download_artifacts(tag, dst_path=str(root / "download"))
+    assert Path(logged).read_text(encoding="utf-8") == page
+
+
+def test_missing_audit_and_external_are_stated(project):
+    root, _, _ = project
+    (root / "reports/audit/audit.json").unlink()
+    (root / "reports/external/site_c.json").unlink()
+    model_card.run(PARAMS["model_card"])
+    page = (root / "reports/model_card/index.html").read_text(encoding="utf-8")
+    assert "audit not run" in page and "No external validation in this run" in page
+
+
+def test_bad_inputs_name_the_file(project):
+    root, _, _ = project
+    write(root / "reports/audit/audit.json", "{not json")
+    with pytest.raises(ModelCardError, match=r"reports/audit/audit.json: not valid JSON"):
+        model_card.run(PARAMS["model_card"])
+    registered = json.loads((root / "reports/register/registered.json").read_text())
+    write(root / "reports/register/registered.json", {**registered, "version": 7})
+    with pytest.raises(ModelCardError, match="covidcxr v7, which the registry"):
+        model_card.run(PARAMS["model_card"])
+    assert not (root / "reports/model_card").exists()

@@ -1,0 +1,198 @@
+"""The HTML model card: every section, escaping, offline rendering, embedded plots and images, counts without PHI."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from covidcxr import modelcard
+from covidcxr.modelcard import CardData, ModelCardError
+
+HOSTILE = '<script>alert("x")</script>'
+HOSTILE_ATTR = '"><img src=https://evil.example/x.png>'
+
+
+class Collector(HTMLParser):
+    """Tags, attributes and text of a page (the standard library's HTML parser)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(page: str) -> Collector:
+    parser = Collector()
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+def png(seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def split_table() -> pd.DataFrame:
+    rows = [("train", "site_a", "covid", "P1"), ("train", "site_a", "covid", "P1"),
+            ("train", "site_b", "negative", "P2"),
+            ("val", "site_a", "covid", "P3"), ("val", "site_b", "negative", "P4"), ("test", "site_b", "covid", "P5"),
+            ("test", "site_b", "negative", "P6"), ("test", "site_b", "negative", "P7")]
+    return pd.DataFrame(rows, columns=["split", "source", "label", "patient_id"])
+
+
+def metrics_block(auc: float) -> dict:
+    at = {"accuracy": 0.9, "sensitivity": 0.8, "specificity": 0.95, "precision": 0.93, "f1": 0.86, "roc_auc": auc,
+          "average_precision": 0.9, "n": 40, "n_positive": 20, "tp": 16, "fn": 4, "tn": 19, "fp": 1}
+    ci = {"roc_auc": {"low": 0.812, "high": 0.999, "value": auc}, "sensitivity": {"low": 0.61, "high": 0.94}}
+    return {"at_operating": at, "ci_at_operating": ci, "ece": 0.071}
+
+
+def card(**changes) -> CardData:
+    table = split_table()
+    base = dict(
+        model={"model_name": "covidcxr", "version": 3, "alias": "champion", "classifier": "c_vgg16", "variant": "c",
+               "backbone": "vgg16", "working_size": "64 px", "operating_threshold": 0.61234, "note": HOSTILE},
+        data=modelcard.data_summary(table), split_check={"covid": modelcard.split_check(table)},
+        metrics={"test": metrics_block(0.9137), "val": metrics_block(0.95)},
+        curves={"roc": [{"fpr": 0.0, "tpr": 0.0}, {"fpr": 0.1, "tpr": 0.7}, {"fpr": 1.0, "tpr": 1.0}],
+                "pr": [{"recall": 1.0, "precision": 0.5}, {"recall": 0.5, "precision": 0.9}],
+                "reliability": [{"mean_predicted": 0.1, "observed_frequency": 0.0, "count": 4},
+                                {"mean_predicted": None, "observed_frequency": None, "count": 0},
+                                {"mean_predicted": 0.9, "observed_frequency": 0.8, "count": 5}]},
+        gradcam={f"c_vgg16 {HOSTILE_ATTR}": png(1)},
+        audit={"status": "fail", "checks": [
+            {"name": "variant_e_auc", "subject": "e_vgg16", "value": 0.97, "warn": 0.7, "fail": 0.8, "status": "fail",
+             "reason": f"lungs removed still separates the classes {HOSTILE}"},
+            {"name": "source_accuracy", "subject": "all", "value": 0.55, "warn": 0.8, "fail": 0.9, "status": "pass",
+             "reason": None}]},
+        external={"held out site_c": {"roc_auc": 0.6234, "patient_id": "P9", "by_source": {"site_c": {"n": 12}}}},
+        classifiers={"c_vgg16": {"test_auc": 0.9137}, "e_vgg16": {"test_auc": 0.42}},
+    )
+    base.update(changes)
+    return CardData(**base)
+
+
+def test_card_has_every_section_and_parses_as_html():
+    page = modelcard.render(card())
+    parsed = parse(page)
+    text = " ".join(parsed.text)
+    for heading in ("Model", "Intended use", "Limitations", "Data", "Patient-level split",
+                    "Performance at the operating threshold", "Curves", "Grad-CAM", "Shortcut audit",
+                    "External validation (held-out sources)", "All classifiers of this run"):
+        assert f"<h2>{heading}" in page, heading
+    assert "not for diagnosis" in text and "Model card: covidcxr v3 (champion)" in text
+    # metrics with their 95% CI at the operating threshold (from the data, not hard-wired)
+    assert "0.914" in text and "0.812 – 0.999" in text and "0.6123" in text
+    # counts per split and source, and the split statement computed from the table
+    assert "no patient appears in more than one split" in text
+    assert "site_a" in text and "site_b" in text
+    # the audit table with its statuses, and the external results
+    assert "variant_e_auc" in text and 'class="badge fail"' in page and "0.623" in text
+    assert page.count("<table") >= 6 and page.rstrip().endswith("</html>")
+
+
+def test_hostile_strings_are_escaped():
+    page = modelcard.render(card(model={"model_name": HOSTILE, "version": HOSTILE_ATTR, "classifier": "c_vgg16"}))
+    assert "<script" not in page.lower()
+    assert "evil.example" in page  # present, but only as escaped text
+    parsed = parse(page)
+    assert [t for t, _ in parsed.tags if t == "script"] == []
+    assert all("evil" not in str(attrs.get("src", "")) for _, attrs in parsed.tags)
+    assert HOSTILE in " ".join(parsed.text)  # the browser shows the text as it was
+
+
+def test_renders_offline_no_network_references():
+    page = modelcard.render(card(gradcam={"c_vgg16": png(1)}))  # (escaped hostile text is test_hostile_...'s job)
+    parsed = parse(page)
+    refs = [v for _, attrs in parsed.tags for k, v in attrs.items() if k in ("src", "href", "xlink:href", "data")]
+    assert refs and all(v.startswith("data:image/") for v in refs)
+    assert not re.search(r"(?i)<[^>]*\b(src|href)\s*=\s*[\"']?\s*(https?:)?//", page)  # inside a tag
+    assert "url(" not in page and "@import" not in page
+    assert not {"script", "link", "iframe", "object"} & {t for t, _ in parsed.tags}
+
+
+def test_plots_and_gradcam_are_embedded():
+    page = modelcard.render(card())
+    svgs = re.findall(r"<svg.*?</svg>", page, flags=re.S)
+    assert len(svgs) == 3
+    for svg in svgs:
+        ET.fromstring(svg)  # well-formed
+    roc = svgs[0]
+    # three ROC points -> a polyline through three coordinates; the empty reliability bin is left out
+    assert len(re.search(r'<polyline points="([^"]+)"', roc).group(1).split()) == 3
+    assert len(re.findall(r"<circle", svgs[2])) == 2
+    uris = [a["src"] for t, a in parse(page).tags if t == "img"]
+    assert len(uris) == 1 and uris[0].startswith("data:image/png;base64,")
+    assert base64.b64decode(uris[0].split(",", 1)[1]) == png(1)
+
+
+def test_missing_audit_and_external_are_stated():
+    page = modelcard.render(card(audit=None, external={}, gradcam={}, curves={}))
+    assert "audit not run" in page
+    assert "No external validation in this run" in page
+    assert "No Grad-CAM images in this run" in page
+    assert "ROC (test): not available" in page
+
+
+def test_synthetic_note_only_for_demo_data():
+    assert "synthetic phantoms" in modelcard.render(card(synthetic=True))
+    assert "synthetic phantoms" not in modelcard.render(card(synthetic=False))
+
+
+def test_no_patient_identifiers_reach_the_card():
+    page = modelcard.render(card())
+    for pid in ("P1", "P2", "P5", "P9"):
+        assert not re.search(rf"\b{pid}\b", page), pid
+    assert "patient_id" not in page  # hidden keys of free-form reports are dropped
+
+
+def test_counts_and_split_check():
+    table = split_table()
+    summary = modelcard.data_summary(table)
+    assert summary["sources"] == ["site_a", "site_b"]
+    first = summary["rows"][0]
+    assert first == {"split": "train", "source": "site_a", "label": "covid", "images": 2, "patients": 1}
+    assert list(summary["totals"]) == ["train", "val", "test"]
+    assert summary["totals"]["test"] == {"images": 3, "patients": 3}
+    assert modelcard.split_check(table)["patients_in_several_splits"] == 0
+    leaky = pd.concat([table, pd.DataFrame([{"split": "test", "source": "site_a", "label": "covid",
+                                             "patient_id": "P1"}])])
+    check = modelcard.split_check(leaky)
+    assert check["patients_in_several_splits"] == 1 and check["patients"] == 7
+    page = modelcard.render(card(split_check={"covid": check}))
+    assert "1 patients appear in more than one split" in page
+
+
+def test_bad_input_raises_typed_errors():
+    with pytest.raises(ModelCardError, match="neither PNG nor JPEG"):
+        modelcard.render(card(gradcam={"x": b"GIF89a..."}))
+    with pytest.raises(ModelCardError, match="no list of checks"):
+        modelcard.render(card(audit={"status": "pass"}))
+    with pytest.raises(ModelCardError, match="lacks 'fpr'"):
+        modelcard.render(card(curves={"roc": [{"x": 0}]}))
+    with pytest.raises(ModelCardError, match="lacks columns"):
+        modelcard.data_summary(pd.DataFrame({"split": ["train"]}))
+
+
+def test_external_results_show_an_experiments_headline_only():
+    report = {"headline": {"holdout/c_vgg16": {"test_specificity": 0.777}}, "command": "python -m secret-command"}
+    page = modelcard.render(card(external={"reports/experiments/leave-one-source-out": report}))
+    assert "holdout/c_vgg16.test_specificity" in page and "0.777" in page
+    assert "secret-command" not in page

@@ -52,3 +52,11 @@ def test_run_logs_flat_params_tags_and_finite_metrics(tmp_path):
         assert stand_in.data.tags[tracking.ORIGINAL_RUN_TAG] == "0" * 32
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_public_uri_drops_credentials_and_query():
+    assert tracking.public_uri("https://bob:pw@mlflow.example.org:8443/base/?token=x#f") == \
+        "https://mlflow.example.org:8443/base/"
+    assert tracking.public_uri("http://[::1]:5000") == "http://[::1]:5000"
+    assert tracking.public_uri("s3://bucket/mlartifacts") == "s3://bucket/mlartifacts"
+    assert tracking.public_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"

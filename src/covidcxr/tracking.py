@@ -6,12 +6,21 @@ Pure plumbing around the MLflow fluent API; callers (the pipeline stages) decide
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow's own HTTP retries (its defaults: 7 retries, backoff factor 2, about 4 minutes before a dead server is
+# reported) bounded to about half a minute; the environment overrides them. ensure_reachable uses the same two.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
@@ -77,6 +86,112 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+class TrackingUnavailable(ConnectionError):
+    """The MLflow tracking server cannot be reached; the message names the endpoint (never its credentials)."""
+
+
+class ArtifactStoreUnavailable(TrackingUnavailable):
+    """The artifact store (S3, or the tracking server proxying it) failed while artifacts were being logged."""
+
+
+def public_uri(uri: str) -> str:
+    """``uri`` without user, password, query or fragment: safe to print and log."""
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.netloc:
+        return uri.split("?", 1)[0]
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return urllib.parse.urlunsplit((parts.scheme, f"{host}:{parts.port}" if parts.port else host, parts.path, "", ""))
+
+
+def ensure_reachable(
+    uri: str | None = None,
+    *,
+    retries: int | None = None,
+    backoff: float | None = None,
+    timeout: float = 5.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Check that an http(s) tracking server answers before a run logs anything to it; returns the attempts made.
+
+    Tries ``1 + retries`` times, waiting ``backoff * 2**i`` seconds after the i-th failure (defaults: MLflow's
+    ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``). Any HTTP answer below 500 means
+    the server is up (401/403/404 included: MLflow reports those itself); refused or timed-out connections and 5xx
+    answers are retried. Other stores (sqlite, files, databricks) are not checked. Raises TrackingUnavailable.
+    """
+    uri = uri or mlflow.get_tracking_uri()
+    if urllib.parse.urlsplit(uri).scheme not in ("http", "https"):
+        return 0
+    retries = int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) if retries is None else int(retries)
+    backoff = float(os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"]) if backoff is None else float(backoff)
+    endpoint = public_uri(uri).rstrip("/")
+    start, problem = time.monotonic(), ""
+    for attempt in range(retries + 1):
+        if attempt:
+            sleep(backoff * 2 ** (attempt - 1))
+        try:
+            with urllib.request.urlopen(f"{endpoint}/health", timeout=timeout):
+                return attempt + 1
+        except urllib.error.HTTPError as err:
+            if err.code < 500:
+                return attempt + 1
+            problem = f"HTTP {err.code}"
+        except (OSError, http.client.HTTPException) as err:  # URLError, refused, reset, timed out
+            problem = str(getattr(err, "reason", None) or err) or type(err).__name__
+    raise TrackingUnavailable(
+        f"MLflow tracking server {endpoint} is unreachable: {problem} ({retries + 1} attempts over "
+        f"{time.monotonic() - start:.1f} s). Start it, or point MLFLOW_TRACKING_URI at a running one."
+    )
+
+
+def _connection_failure(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it was raised from) is a network failure rather than a bug or a refusal."""
+    import requests
+    import urllib3
+
+    try:
+        import botocore.exceptions as boto
+        boto_errors: tuple = (boto.ConnectionError, boto.HTTPClientError)
+    except ImportError:
+        boto_errors = ()
+    network = (ConnectionError, TimeoutError, requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+               urllib3.exceptions.HTTPError, *boto_errors)
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, network) or "Max retries exceeded" in str(err):  # MLflow's REST errors keep only the text
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def artifact_store() -> str:
+    """Where the active run's artifacts go, without credentials (and the S3 endpoint, for s3:// stores)."""
+    uri = public_uri(mlflow.get_artifact_uri()) if mlflow.active_run() else "(no active run)"
+    if uri.startswith("s3://"):
+        uri += f" at {os.environ.get('MLFLOW_S3_ENDPOINT_URL') or os.environ.get('AWS_ENDPOINT_URL') or 'AWS S3'}"
+    elif uri.startswith("mlflow-artifacts:"):
+        uri += f" through {public_uri(mlflow.get_tracking_uri())}"
+    return uri
+
+
+@contextmanager
+def artifact_upload(what: str) -> Iterator[None]:
+    """Turn a network failure while ``what`` is uploaded into ArtifactStoreUnavailable naming the store.
+
+    Register a model only after this block finished: then no registered version points at partial artifacts.
+    """
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, TrackingUnavailable) or not _connection_failure(err):
+            raise
+        raise ArtifactStoreUnavailable(
+            f"logging {what} failed: the artifact store {artifact_store()} could not be reached "
+            f"({type(err).__name__}); it is not logged, so register nothing from it"
+        ) from err
+
+
 @contextmanager
 def run(
     experiment: str,
@@ -91,6 +206,7 @@ def run(
     Under ``mlflow run`` (which exports ``MLFLOW_RUN_ID`` for its own run) a new run is nested under that one
     instead of writing every model's params into it.
     """
+    ensure_reachable()  # a dead server fails here, naming it, before any work is logged
     parent = _PARENT_RUN if run_id is None else None
     tags = {**(tags or {}), **({"mlflow.parentRunId": parent} if parent else {})}
     exp = mlflow.set_experiment(experiment)
@@ -113,7 +229,8 @@ def log_keras_model(model, example: np.ndarray, *, name: str = "model") -> str:
 
     example = np.asarray(example[:2], dtype=np.float32)
     signature = infer_signature(example, np.asarray(model.predict(example, verbose=0), dtype=np.float32))
-    info = mlflow.keras.log_model(model, name=name, signature=signature, pip_requirements=list(PIP_REQUIREMENTS))
+    with artifact_upload(f"the Keras model '{name}'"):
+        info = mlflow.keras.log_model(model, name=name, signature=signature, pip_requirements=list(PIP_REQUIREMENTS))
     return info.model_uri
 
 

@@ -1,1 +1,42 @@
-"""Benchmarks: each figure is reported beside a baseline measured in the same run (see bench/README.md)."""
+"""Benchmarks: each figure is reported beside a baseline measured in the same run (see bench/README.md).
+
+Every benchmark module has ``run(..., smoke=False)`` (its raw figures) and ``rows(result)`` (those figures in the one
+schema of ``bench/results.json``, built with :func:`row`).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+#: The keys of every row of bench/results.json, in this order.
+ROW_KEYS = ("name", "value", "baseline", "baseline_name", "ratio", "unit", "goal", "pass", "skipped")
+_OPS = {">=": operator.ge, "<=": operator.le, "<": operator.lt, ">": operator.gt}
+
+
+def goal(on: str, op: str, target: float) -> dict:
+    """A pass criterion: ``on`` (``value`` or ``ratio``) ``op`` ``target``."""
+    if on not in ("value", "ratio") or op not in _OPS:
+        raise ValueError(f"bad goal {on} {op} {target}")
+    return {"on": on, "op": op, "target": target}
+
+
+def row(name: str, value: float | None, baseline: float | None, baseline_name: str, unit: str,
+        goal: dict | None = None, *, ndigits: int = 3) -> dict:
+    """One figure beside its same-run baseline: ratio = value / baseline; ``pass`` is null without a goal."""
+    ratio = value / baseline if value is not None and baseline else None
+    checked = {"value": value, "ratio": ratio}[goal["on"]] if goal else None
+    passed = bool(_OPS[goal["op"]](checked, goal["target"])) if goal and checked is not None else None
+    return {"name": name, "value": _round(value, ndigits), "baseline": _round(baseline, ndigits),
+            "baseline_name": baseline_name, "ratio": _round(ratio, ndigits), "unit": unit, "goal": goal,
+            "pass": passed, "skipped": None}
+
+
+def skipped(name: str, reason: str) -> dict:
+    """A benchmark that could not run here, and why (no figure, no verdict)."""
+    return {"name": name, "value": None, "baseline": None, "baseline_name": None, "ratio": None, "unit": None,
+            "goal": None, "pass": None, "skipped": reason}
+
+
+def _round(x: float | None, ndigits: int) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), ndigits)

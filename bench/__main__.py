@@ -1,29 +1,77 @@
-"""`python -m bench`: run every benchmark and write bench/results.json (each figure beside its baseline)."""
+"""`python -m bench`: run every benchmark (ingest, training, serving, pipeline) and write one results file in which
+each figure stands beside its same-run baseline (schema: bench/README.md).
+
+``--smoke`` (or COVIDCXR_BENCH_SMOKE=1) shrinks every benchmark to seconds and writes bench/.work/results-smoke.json:
+it checks that the benchmarks run, its figures mean little.
+"""
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import importlib
 import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
-from bench import ingest, training
+from bench import ROW_KEYS, skipped
 
 HERE = Path(__file__).resolve().parent
+BENCHMARKS = ("ingest", "training", "serving", "pipeline")
 
 
-def main() -> int:
+def measure(name: str, smoke: bool, demo: Path, real: Path | None) -> dict:
+    """Run one benchmark; its raw figures (or the error that stopped it)."""
+    module = importlib.import_module(f"bench.{name}")
+    if name == "ingest":
+        return module.run(demo, real, smoke=smoke)
+    if name == "pipeline":
+        return module.run(smoke=smoke, demo=demo)
+    return module.run(smoke=smoke)  # serving: skipped until `dvc repro register` ran
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", default=os.environ.get("COVIDCXR_BENCH_SMOKE") == "1",
+                        help="tiny sizes: check that every benchmark runs (seconds, not minutes)")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), metavar="NAME",
+                        help=f"run only these ({', '.join(BENCHMARKS)})")
+    parser.add_argument("--data", type=Path, default=Path("data/demo"), help="the demo data folder")
+    parser.add_argument("--out", type=Path, help="results file (default bench/results.json; smoke: "
+                                                 "bench/.work/results-smoke.json)")
+    args = parser.parse_args(argv)
+    out = args.out or (HERE / ".work" / "results-smoke.json" if args.smoke else HERE / "results.json")
     real = os.environ.get("COVIDCXR_REAL_DATA")
+
+    rows, details = [], {}
+    for name in args.only:
+        start = time.perf_counter()
+        try:
+            details[name] = measure(name, args.smoke, args.data, Path(real) if real else None)
+            rows += importlib.import_module(f"bench.{name}").rows(details[name])
+        except Exception as err:  # one broken benchmark must not lose the others' figures
+            details[name] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+            rows.append(skipped(name, f"failed: {type(err).__name__}: {str(err)[:300]}"))
+        details[name]["bench_seconds"] = round(time.perf_counter() - start, 1)
+    assert all(tuple(r) == ROW_KEYS for r in rows)
     results = {
+        "mode": "smoke" if args.smoke else "full",
+        "date": datetime.date.today().isoformat(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "ingest": ingest.run(Path("data/demo"), Path(real) if real else None),
-        "training": training.run(),
-        "serving": __import__("bench.serving", fromlist=["run"]).run(),  # skipped until `dvc repro register` ran
+        "results": rows,
+        "details": details,
     }
-    (HERE / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    json.dump(results, sys.stdout, indent=2, sort_keys=True)
-    print()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    for r in rows:
+        verdict = {True: "pass", False: "FAIL", None: "-"}[r["pass"]]
+        figure = (f"{r['value']} {r['unit']} vs {r['baseline']} (ratio {r['ratio']})" if r["skipped"] is None
+                  else f"skipped: {r['skipped']}")
+        print(f"{r['name']:<32} {figure}  [{verdict}]")
+    print(f"results: {out}")
     return 0
 
 

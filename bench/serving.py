@@ -85,10 +85,16 @@ def load_local(model_uri: str):
     return mlflow.pyfunc.load_model(model_uri)
 
 
-def run(model_uri: str = MODEL_URI, n: int = 40, clients: int = 4, warmup: int = 3) -> dict:
-    """Server and in-process calls alternate, so that load from anything else on the machine hits both alike."""
+def run(model_uri: str = MODEL_URI, n: int = 40, clients: int = 4, warmup: int = 3, *, smoke: bool = False) -> dict:
+    """Server and in-process calls alternate, so that load from anything else on the machine hits both alike.
+
+    Smoke: 4 requests, 2 clients, 1 warm-up.
+    """
     import pandas as pd
     from mlflow.exceptions import MlflowException
+
+    if smoke:
+        n, clients, warmup = 4, 2, 1
 
     try:
         model = load_local(model_uri)
@@ -135,6 +141,25 @@ def run(model_uri: str = MODEL_URI, n: int = 40, clients: int = 4, warmup: int =
         "goal_ratio_p50": GOAL_RATIO,
         "meets_goal": bool(ratio < GOAL_RATIO),
     }
+
+
+def rows(result: dict) -> list[dict]:
+    """Latency through the server beside the in-process pyfunc (goal: p50 ratio < 1.5), and concurrent throughput
+    beside the in-process rate."""
+    from bench import goal, row, skipped
+
+    if "skipped" in result:
+        return [skipped("serving", result["skipped"])]
+    local, server = result["in_process_pyfunc"], result["server"]
+    concurrent = next(v for k, v in server.items() if k.startswith("concurrent_"))
+    return [
+        row("serving.p50_latency", server["sequential"]["p50_ms"], local["p50_ms"], "in-process pyfunc p50, same run",
+            "ms", goal("ratio", "<", GOAL_RATIO)),
+        row("serving.p95_latency", server["sequential"]["p95_ms"], local["p95_ms"], "in-process pyfunc p95, same run",
+            "ms"),
+        row("serving.concurrent_throughput", concurrent["images_per_second"], local["images_per_second"],
+            "in-process pyfunc images/s, same run", "images/s"),
+    ]
 
 
 if __name__ == "__main__":

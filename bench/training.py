@@ -52,18 +52,21 @@ def train_images_per_second(model, size: int, *, batch: int = 4, steps: int = 3,
     return batch * steps / (time.perf_counter() - start)
 
 
-def run() -> dict:
+def run(*, smoke: bool = False) -> dict:
+    """Smoke: one narrow VGG19 (width 1/8) at 32 px, one step, a small matmul."""
     from covidcxr import models
 
-    peak = matmul_gflops()
+    peak = matmul_gflops(512, 2) if smoke else matmul_gflops()
     result: dict = {"matmul_gflops": round(peak, 1)}
-    for size in (128, 224):
-        for name, build, is_mask in (
-            ("vgg19", lambda s: models.build_vgg(19, (s, s, 1)), False),
-            ("unet_f0_64", lambda s: models.build_unet(64, (s, s, 1)), True),
-        ):
+    nets = [("vgg19", lambda s: models.build_vgg(19, (s, s, 1)), False),
+            ("unet_f0_64", lambda s: models.build_unet(64, (s, s, 1)), True)]
+    if smoke:
+        nets = [("vgg19_w0.125", lambda s: models.build_vgg(19, (s, s, 1), width=0.125), False)]
+    for size in (32,) if smoke else (128, 224):
+        for name, build, is_mask in nets:
             model = build(size)
-            ips = train_images_per_second(model, size, mask=is_mask)
+            ips = train_images_per_second(model, size, mask=is_mask, batch=2 if smoke else 4,
+                                          steps=1 if smoke else 3)
             achieved = ips * 3 * forward_flops(model) / 1e9  # training ~ 3x the forward pass
             result[f"{name}_{size}px"] = {
                 "train_images_per_second": round(ips, 2),
@@ -71,3 +74,12 @@ def run() -> dict:
                 "ratio_to_matmul_peak": round(achieved / peak, 3),
             }
     return result
+
+
+def rows(result: dict) -> list[dict]:
+    """One row per model and size: achieved training GFLOP/s beside this CPU's matmul GFLOP/s (no goal: headroom)."""
+    from bench import row
+
+    return [row(f"training.{name}", figures["achieved_gflops"], result["matmul_gflops"],
+                "float32 matmul peak of this machine, same run", "GFLOP/s")
+            for name, figures in sorted(result.items()) if isinstance(figures, dict)]

@@ -1,0 +1,64 @@
+"""`python -m bench --smoke`: every benchmark runs and lands in one results file with one schema."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import ROW_KEYS, goal, row
+from bench.__main__ import BENCHMARKS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_row_ratio_and_verdict():
+    fast = row("x", 90.0, 100.0, "base", "images/s", goal("ratio", ">=", 0.8))
+    assert tuple(fast) == ROW_KEYS and fast["ratio"] == 0.9 and fast["pass"] is True
+    assert row("x", 70.0, 100.0, "base", "images/s", goal("ratio", ">=", 0.8))["pass"] is False
+    assert row("x", 6.0, 1.0, "base", "s", goal("value", "<", 5.0))["pass"] is False
+    assert row("x", 1.0, 2.0, "base", "s")["pass"] is None  # no goal, no verdict
+    with pytest.raises(ValueError):
+        goal("speed", ">=", 1)
+
+
+@pytest.mark.slow
+def test_smoke_summary_covers_every_benchmark_with_one_schema(tmp_path: Path):
+    demo = ROOT / "data" / "demo"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the scratch directory has no registry: serving reports itself skipped
+    if not (demo / "labels.csv").is_file():
+        demo = tmp_path / "demo"
+        subprocess.run(["covidcxr", "demo-data", str(demo)], env=env, check=True, capture_output=True)
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--data", str(demo), "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["mode"] == "smoke" and set(results["details"]) == set(BENCHMARKS)
+
+    rows = results["results"]
+    for name in BENCHMARKS:
+        assert any(r["name"] == name or r["name"].startswith(f"{name}.") for r in rows), name
+    for r in rows:
+        assert set(r) == set(ROW_KEYS), r
+        if r["skipped"] is not None:
+            assert not r["skipped"].startswith("failed"), r
+            assert r["value"] is r["pass"] is None
+            continue
+        assert isinstance(r["value"], (int, float)) and isinstance(r["baseline"], (int, float)) and r["unit"], r
+        assert r["baseline_name"] and math.isclose(r["ratio"], r["value"] / r["baseline"], rel_tol=0.01, abs_tol=1e-3)
+        if r["goal"] is None:
+            assert r["pass"] is None
+        else:
+            assert set(r["goal"]) == {"on", "op", "target"} and isinstance(r["pass"], bool), r
+    measured = {r["name"].split(".")[0] for r in rows if r["skipped"] is None}
+    assert {"ingest", "training", "pipeline"} <= measured
+    serving = [r for r in rows if r["name"].startswith("serving")]
+    assert all(r["skipped"] is None for r in serving) or "dvc repro register" in serving[0]["skipped"]

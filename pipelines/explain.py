@@ -1,5 +1,6 @@
 """Stage `explain`: Grad-CAM of every classifier on a fixed sample of correct and incorrect test cases of both classes,
-and the share of heat-map mass inside the lung mask (per variant and class) over all test images."""
+and the share of heat-map mass inside the lung mask (per variant and class) over all test images, beside the lungs'
+share of the image area (what a uniform heat map would score)."""
 
 from __future__ import annotations
 
@@ -48,11 +49,13 @@ def run(p: dict, classifiers: dict) -> dict:
             x = std.transform(preprocess.apply_variant(images[rows], masks[rows], variant))[..., None]
             heat = gradcam.gradcam(model, x)
             inside = gradcam.mass_inside(heat, masks[rows])
-            summary[name] = {
-                "lung_mass_share": float(np.nanmean(inside)),
-                **{f"lung_mass_share_{lab}": float(np.nanmean(inside[(test["label"] == lab).to_numpy()]))
-                   for lab in ("covid", "negative") if (test["label"] == lab).any()},
-            }
+            # The lungs' share of the image over the same images: what a uniform heat map would score (the audit).
+            area = np.where(np.isnan(inside), np.nan, (masks[rows] >= 0.5).mean(axis=(1, 2)))
+            groups = {"": np.ones(len(test), bool)}
+            groups.update({f"_{lab}": (test["label"] == lab).to_numpy() for lab in ("covid", "negative")
+                           if (test["label"] == lab).any()})
+            summary[name] = {f"lung_{what}_share{suffix}": float(np.nanmean(values[hit]))
+                             for suffix, hit in groups.items() for what, values in (("mass", inside), ("area", area))}
             chosen = sample(pred, threshold, int(p["per_group"]))
             where = {img: i for i, img in enumerate(test["image_id"])}
             tiles = [gradcam.overlay(images[rows[where[i]]], heat[where[i]]) for i in chosen["image_id"]]

@@ -1,8 +1,9 @@
 """Stage `register`: the whole pipeline (projection filter, U-Net, one classifier) as one MLflow pyfunc, registered.
 
 The classifier is the one params name, or the best on the validation split (`best`). The new version takes the alias
-`champion` when its validation metric is at least the current champion's, otherwise `challenger`; the decision and
-both numbers are printed, logged and written to reports/register/registered.json.
+`champion` when its validation metric is at least the current champion's and its shortcut audit (reports/audit/
+audit.json) did not fail, or failed with `register.allow_failed_audit: true`; otherwise `challenger`. The decision,
+its reason and both numbers are printed, logged and written to reports/register/registered.json.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from covidcxr import serving, tracking
+from covidcxr import audit, serving, tracking
 from pipelines import _common
 from pipelines.train_classifier import model_dir
 
 OUT = Path("reports/register/registered.json")
+AUDIT = Path("reports/audit/audit.json")
 #: Validation metrics that may decide the champion (all: higher is better).
 METRICS = ("roc_auc", "average_precision", "accuracy", "sensitivity", "specificity", "f1", "precision")
 #: Distributions the served model needs, pinned from requirements.lock.
@@ -148,9 +150,37 @@ def current_champion(client, name: str, metric: str) -> tuple[int | None, float 
     return int(version.version), (float(value) if value not in (None, "") else None)
 
 
-def decide(candidate: float, champion: float | None) -> str:
-    """Champion when at least as good as the current champion (or there is none, or it has no such figure)."""
+def audit_verdict(classifier: str, path: Path = AUDIT) -> tuple[str, list[str]]:
+    """(the audit's worst status among the checks that concern ``classifier``, those that failed as `name:subject`)."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+        status, failed = audit.model_verdict(report, classifier)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; run the audit stage first (dvc repro audit)") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: not an audit report ({type(err).__name__}: {err})") from None
+    return status, [f"{c['name']}:{c['subject']}" for c in failed]
+
+
+def decide(candidate: float, champion: float | None, audit_status: str = audit.PASS,
+           allow_failed_audit: bool = False) -> str:
+    """Champion when at least as good as the current champion (or there is none, or it has no such figure), unless
+    its audit failed and failed audits are not allowed: then challenger, whatever its metric."""
+    if audit_status == audit.FAIL and not allow_failed_audit:
+        return CHALLENGER
     return CHAMPION if champion is None or not math.isfinite(champion) or candidate >= champion else CHALLENGER
+
+
+def reason(decision: str, metric: str, value: float, against: str, audit_status: str, failed: list[str],
+           allow_failed_audit: bool) -> str:
+    """One line saying why the new version got its alias."""
+    if audit_status == audit.FAIL and not allow_failed_audit:
+        return (f"audit failed ({', '.join(failed)}): champion refused (register.allow_failed_audit is false); "
+                f"val {metric} {value:.4f} vs {against}")
+    verdict = ">=" if decision == CHAMPION else "<"
+    note = (f"; audit failed ({', '.join(failed)}) but register.allow_failed_audit is true"
+            if audit_status == audit.FAIL else f"; audit {audit_status}")
+    return f"val {metric} {value:.4f} {verdict} {against}{note}"
 
 
 def run(p: dict, classifiers: dict) -> dict:
@@ -162,6 +192,8 @@ def run(p: dict, classifiers: dict) -> dict:
     name, metric = p["model_name"], p["metric"]
     variant, backbone, value = select(p, classifiers)
     classifier = f"{variant}_{backbone}"
+    audit_status, audit_failed = audit_verdict(classifier)
+    allow_failed = bool(p.get("allow_failed_audit", False))
     champion_version, champion_value = current_champion(client, name, metric)
     version = next_version(client, name)
 
@@ -186,6 +218,7 @@ def run(p: dict, classifiers: dict) -> dict:
         "selection": {"metric": metric, "value": value, "rule": f"{p['variant']}/{p['backbone']}"},
         "validation": {"classifier": evaluation["val"], **component_metrics()},
         "operating_threshold": evaluation["operating_threshold"], "component_runs": runs, "config": config.to_dict(),
+        "audit": {"status": audit_status, "failed": audit_failed},
     }
 
     with tracking.run(_common.mlflow_experiment(), f"register-{classifier}", params={**p, "selected": classifier},
@@ -200,26 +233,30 @@ def run(p: dict, classifiers: dict) -> dict:
         if int(registered.version) != version:
             raise RuntimeError(f"registry gave {name} version {registered.version}, not {version} as predicted "
                                "(another registration ran at the same time); rerun the stage")
-        decision = decide(value, champion_value)
+        decision = decide(value, champion_value, audit_status, allow_failed)
+        against = (f"champion v{champion_version} {champion_value:.4f}" if champion_value is not None
+                   else f"champion v{champion_version} (no val {metric} recorded)" if champion_version
+                   else "no champion")
+        why = reason(decision, metric, value, against, audit_status, audit_failed, allow_failed)
         for key, tag in {f"val_{metric}": str(value), "classifier": classifier, "git_commit": tags["git_commit"],
-                         "data_version": tags["data_version"], "decision": decision}.items():
+                         "data_version": tags["data_version"], "decision": decision, "audit_status": audit_status,
+                         "decision_reason": why}.items():
             client.set_model_version_tag(name, registered.version, key, tag)
         client.set_registered_model_alias(name, decision, registered.version)
         mlflow.log_metrics({f"candidate.val_{metric}": value,
                             **({f"champion.val_{metric}": champion_value} if champion_value is not None else {})})
-        mlflow.set_tags({"register.decision": decision, "register.version": registered.version})
+        mlflow.set_tags({"register.decision": decision, "register.version": registered.version,
+                         "register.audit_status": audit_status, "register.reason": why})
 
-    against = (f"champion v{champion_version} {champion_value:.4f}" if champion_value is not None
-               else f"champion v{champion_version} (no val {metric} recorded)" if champion_version else "no champion")
-    verdict = ">=" if decision == CHAMPION else "<"
-    message = (f"{name} v{registered.version} ({classifier}): val {metric} {value:.4f} {verdict} {against} "
-               f"-> alias {decision}")
+    message = f"{name} v{registered.version} ({classifier}): {why} -> alias {decision}"
     print(f"register: {message}")
     log.info("register: %s", message)
     result = {
         "model_name": name, "version": int(registered.version), "alias": decision, "classifier": classifier,
         "metric": metric, "candidate_value": value, "champion_version": champion_version,
         "champion_value": champion_value, "git_commit": tags["git_commit"], "data_version": tags["data_version"],
+        "audit_status": audit_status, "audit_failed": ", ".join(audit_failed), "allow_failed_audit": allow_failed,
+        "reason": why,
     }
     _common.write_json(OUT, result)
     return result

@@ -1,0 +1,149 @@
+"""Stage `audit`: the shortcut audit of every classifier (README, "Shortcut audit").
+
+Reads the evaluate and explain reports, trains the source classifier on the classifiers' own images, grades every
+check against params (`audit`), writes reports/audit/audit.json (the shape the model card and `register` read) and
+logs it to MLflow as the run `audit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from covidcxr import audit, preprocess, tracking, training
+from pipelines import _common
+from pipelines.train_classifier import usable
+
+OUT = Path("reports/audit")
+EVALUATE, EXPLAIN = Path("reports/evaluate"), Path("reports/explain/metrics.json")
+
+
+def _read_json(path: Path) -> dict:
+    """A stage report; a missing or malformed one is a clear error naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; run the stage that writes it (dvc repro)") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def classifier_test_auc(name: str) -> float:
+    """A classifier's test ROC AUC (threshold-free) from the evaluate report; NaN when undefined."""
+    path = EVALUATE / name / "metrics.json"
+    try:
+        value = _read_json(path)["test"]["at_0.5"]["roc_auc"]
+    except KeyError as err:
+        raise ValueError(f"{path}: no test.at_0.5.roc_auc ({err} missing)") from None
+    return float("nan") if value is None else float(value)
+
+
+def lungs_removed_checks(p: dict, classifiers: dict) -> list[audit.Check]:
+    trained = set(classifiers["variants"])
+    def auc(variant: str, backbone: str) -> float | None:
+        return classifier_test_auc(f"{variant}_{backbone}") if variant in trained else None
+
+    return [audit.lungs_removed_check(b, auc("c", b), auc("e", b), warn=float(p["warn"]), fail=float(p["fail"]),
+                                      min_c_auc=float(p["min_c_auc"])) for b in classifiers["backbones"]]
+
+
+def heatmap_checks(p: dict, classifiers: dict) -> list[audit.Check]:
+    explain = _read_json(EXPLAIN)
+    return [check for v in classifiers["variants"] for b in classifiers["backbones"]
+            for check in audit.heatmap_checks(f"{v}_{b}", explain.get(f"{v}_{b}", {}), warn=float(p["warn"]),
+                                              fail=float(p["fail"]))]
+
+
+def sources_of(index, image_ids) -> np.ndarray:
+    """Each image's site (manifest `site`), or its source dataset where the site is unknown."""
+    frame = index.set_index("image_id")
+    site = frame["site"] if "site" in frame else None
+    source = frame.loc[list(image_ids), "source"].astype(str).to_numpy()
+    if site is None:
+        return source
+    site = site.loc[list(image_ids)]
+    return np.where(site.isna() | (site.astype(str).str.strip() == ""), source, site.astype(str)).astype(object)
+
+
+def source_reading(p: dict, classifier: dict, log) -> tuple[audit.SourceReading | None, str, dict]:
+    """Train the source classifier on the classifiers' images (train split), read the test split.
+
+    Returns (reading or None, the reason when None, details for reports/audit/source_classifier.json).
+    """
+    index, images, _ = _common.load_cache()
+    masks = np.load("artifacts/masks/masks.npy")
+    table, _ = usable(index)
+    source = sources_of(index, table["image_id"])
+    split = table["split"].to_numpy()
+    y = (table["label"] == "covid").to_numpy(int)
+    counts = {s: {str(k): int(v) for k, v in zip(*np.unique(source[split == s], return_counts=True))}
+              for s in ("train", "val", "test")}
+    if len(counts["train"]) < 2:
+        return None, f"one source in training ({list(counts['train'])}): nothing to tell apart", {"counts": counts}
+    rows = _common.rows_for(index, table["image_id"])
+    inputs = preprocess.apply_variant(images[rows], masks[rows], p["variant"])
+    std = preprocess.Standardizer().fit(inputs[split == "train"])
+    x = {s: std.transform(inputs[split == s]) for s in ("train", "val", "test")}
+    backbone = str(p["backbone"])
+    model, classes = audit.train_source_classifier(
+        x["train"], source[split == "train"], x["val"], source[split == "val"],
+        depth=int(backbone.removeprefix("vgg")), width=float(classifier["width"]), head=classifier["head"],
+        weights=classifier["weights"], fold=classifier["fold"], lr=float(classifier["lr"]),
+        epochs=int(p["epochs"]), batch_size=int(p["batch_size"]), seed=int(p["seed"]),
+        on_epoch_end=lambda epoch, logs: tracking.log_epoch(epoch, {f"source.{k}": v for k, v in logs.items()}),
+    )
+    proba = training.predict(model, x["test"])
+    reading = audit.read_sources(classes, proba, source[split == "test"], y[split == "test"],
+                                 source[split == "train"], y[split == "train"])
+    called = np.asarray(classes, dtype=object)[proba.argmax(axis=1)]
+    confusion = {t: {c: int(((source[split == "test"] == t) & (called == c)).sum()) for c in classes}
+                 for t in sorted(set(source[split == "test"]))}
+    covid_share = {c: float(y[(split == "train") & (source == c)].mean()) for c in classes}
+    log.info("source classifier: balanced accuracy %.3f (chance %.3f), label AUC via the read source %.3f",
+             reading.balanced_accuracy, reading.chance, reading.label_auc_read_source)
+    details = {**dataclasses.asdict(reading), "classes": list(classes),
+               "backbone": backbone, "variant": p["variant"], "counts": counts,
+               "train_covid_share": covid_share, "test_confusion": confusion}
+    return reading, "", details
+
+
+def metrics_of(result: dict) -> dict:
+    """Flat, DVC-friendly metrics: overall status and each check's value and status by name and subject."""
+    out: dict = {"status": result["status"]}
+    for c in result["checks"]:
+        out.setdefault(c["name"], {})[c["subject"]] = {"value": c["value"], "status": c["status"]}
+    return out
+
+
+def run(p: dict, classifier: dict) -> dict:
+    import mlflow
+
+    log = _common.setup_logging()
+    _common.setup_tracking()
+    with tracking.run(_common.mlflow_experiment(), "audit", params=p, tags=_common.repro_tags("audit")):
+        checks = lungs_removed_checks(p["lungs_removed"], classifier) + heatmap_checks(p["heatmap"], classifier)
+        src = p["source"]
+        reading, why, details = source_reading(src, classifier, log)
+        checks.append(audit.source_check(reading, warn=float(src["warn"]), fail=float(src["fail"]), skip_reason=why))
+        result = audit.report(checks)
+        _common.write_json(OUT / "audit.json", result)
+        _common.write_json(OUT / "source_classifier.json", details)
+        _common.write_json(OUT / "metrics.json", metrics_of(result))
+        mlflow.log_metrics({f"audit.{c.name}.{c.subject}": c.value for c in checks
+                            if c.value is not None and math.isfinite(c.value)})
+        mlflow.set_tags({"audit.status": result["status"],
+                         **{f"audit.{c.name}.{c.subject}": c.status for c in checks}})
+        mlflow.log_artifact(str(OUT / "audit.json"), "audit")
+        mlflow.log_artifact(str(OUT / "source_classifier.json"), "audit")
+    for c in checks:
+        log.info("audit %-18s %-20s %-7s %s", c.name, c.subject, c.status, c.reason)
+    print(f"audit: {result['status']}")
+    return result
+
+
+if __name__ == "__main__":
+    run(_common.params("audit"), _common.params("train_classifier"))

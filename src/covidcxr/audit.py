@@ -1,0 +1,278 @@
+"""The shortcut audit: does a classifier read the lungs, or where the image came from?
+
+Three checks, each graded pass / warn / fail against thresholds the caller passes (or ``skipped``, with the reason):
+
+- ``lungs_removed_auc`` (per backbone): how much of the full-image model's (variant c) ROC AUC above chance the
+  lungs-removed model (variant e) keeps. A variant e that scores near c means the label is readable outside the lungs.
+- ``heatmap_lung_mass`` (per variant and class): the Grad-CAM mass inside the lungs divided by the lungs' share of the
+  image area. 1.0 is what a uniform heat map scores; below it, the heat sits outside the lungs.
+- ``source_classifier`` (all models): the same backbone trained to tell the image's source (site or dataset); the
+  value is the ROC AUC of the label predicted from the source *read from the image* (the COVID share in training of the
+  source it predicts). It is high only when the source is both readable and predictive of the label.
+
+Pure functions on numbers and arrays: nothing here reads files or params (``pipelines/audit.py`` does).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+PASS, WARN, FAIL, SKIPPED = "pass", "warn", "fail", "skipped"
+STATUSES: tuple[str, ...] = (PASS, WARN, FAIL, SKIPPED)
+_RANK = {PASS: 0, WARN: 1, FAIL: 2}
+
+LUNGS_REMOVED, HEATMAP, SOURCE = "lungs_removed_auc", "heatmap_lung_mass", "source_classifier"
+CHECKS: tuple[str, ...] = (LUNGS_REMOVED, HEATMAP, SOURCE)
+ALL = "all"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One graded check: the measured value, its thresholds, the status and a one-line reason."""
+
+    name: str
+    subject: str
+    value: float | None
+    warn: float | None
+    fail: float | None
+    status: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def grade(value: float, warn: float, fail: float, *, higher_is_worse: bool = True) -> str:
+    """``fail`` / ``warn`` / ``pass`` for a value against its thresholds (reached counts: ``value >= fail`` fails).
+
+    With ``higher_is_worse=False`` the scale is reversed (a value at or below ``fail`` fails).
+    """
+    if higher_is_worse and warn > fail or not higher_is_worse and warn < fail:
+        raise ValueError(f"thresholds out of order: warn={warn}, fail={fail} "
+                         f"({'higher' if higher_is_worse else 'lower'} is worse)")
+    sign = 1.0 if higher_is_worse else -1.0
+    if sign * value >= sign * fail:
+        return FAIL
+    if sign * value >= sign * warn:
+        return WARN
+    return PASS
+
+
+def worst(statuses: Iterable[str]) -> str:
+    """The worst of graded statuses (skipped ones ignored); ``warn`` when nothing could be graded at all."""
+    graded = [s for s in statuses if s != SKIPPED]
+    for s in graded:
+        if s not in _RANK:
+            raise ValueError(f"unknown status {s!r}: expected one of {STATUSES}")
+    return max(graded, key=_RANK.__getitem__) if graded else WARN
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _skip(name: str, subject: str, reason: str, warn: float | None, fail: float | None,
+          value: float | None = None) -> Check:
+    return Check(name, subject, value if _finite(value) else None, warn, fail, SKIPPED, reason)
+
+
+# --- check 1: variant e (lungs removed) against variant c (full image) ------------------------------------------------
+
+def lungs_removed_check(backbone: str, auc_c: float | None, auc_e: float | None, *, warn: float, fail: float,
+                        min_c_auc: float = 0.6) -> Check:
+    """Share of c's ROC AUC above chance that e keeps, ``(AUC_e - 0.5) / (AUC_c - 0.5)``, floored at 0.
+
+    ``None`` for a variant means it was not trained (skipped). When c itself scores below ``min_c_auc`` there is too
+    little to compare against (skipped, with both AUCs in the reason).
+    """
+    subject = f"c_{backbone}"
+    if auc_c is None or auc_e is None:
+        missing = " and ".join(f"{v}_{backbone}" for v, a in (("c", auc_c), ("e", auc_e)) if a is None)
+        return _skip(LUNGS_REMOVED, subject, f"{missing} not trained: nothing to compare", warn, fail)
+    if not (_finite(auc_c) and _finite(auc_e)):
+        return _skip(LUNGS_REMOVED, subject, f"test ROC AUC undefined (c {auc_c}, e {auc_e}): one class in test",
+                     warn, fail)
+    if auc_c < min_c_auc:
+        return _skip(LUNGS_REMOVED, subject, f"c_{backbone} test AUC {auc_c:.3f} is below {min_c_auc}: too close to "
+                     f"chance to compare e_{backbone} ({auc_e:.3f}) against", warn, fail)
+    kept = max(0.0, (auc_e - 0.5) / (auc_c - 0.5))
+    status = grade(kept, warn, fail)
+    meaning = {PASS: "the label is hardly readable without the lungs",
+               WARN: "much of the signal lies outside the lungs",
+               FAIL: "the label is readable outside the lungs: a shortcut"}[status]
+    return Check(LUNGS_REMOVED, subject, kept, warn, fail, status,
+                 f"e_{backbone} test AUC {auc_e:.3f} vs c_{backbone} {auc_c:.3f}: keeps {kept:.0%} of c's AUC above "
+                 f"chance; {meaning}")
+
+
+# --- check 2: Grad-CAM mass inside the lungs, relative to the lungs' area ---------------------------------------------
+
+def heatmap_check(subject: str, mass_share: float | None, area_share: float | None, *, warn: float,
+                  fail: float) -> Check:
+    """Heat-map mass share inside the lungs divided by the lungs' area share (1.0 = a uniform map); lower is worse."""
+    if not (_finite(mass_share) and _finite(area_share)) or area_share <= 0:
+        return _skip(HEATMAP, subject, f"no heat-map mass ({mass_share}) or lung area ({area_share}) to compare",
+                     warn, fail)
+    ratio = mass_share / area_share
+    status = grade(ratio, warn, fail, higher_is_worse=False)
+    meaning = {PASS: "the heat map concentrates on the lungs",
+               WARN: "the heat map is barely more on the lungs than a uniform one",
+               FAIL: "the heat map sits outside the lungs"}[status]
+    return Check(HEATMAP, subject, ratio, warn, fail, status,
+                 f"{mass_share:.0%} of the heat in lungs covering {area_share:.0%} of the image "
+                 f"({ratio:.2f}x uniform); {meaning}")
+
+
+def heatmap_checks(name: str, explain: Mapping[str, float], *, warn: float, fail: float,
+                   classes: Sequence[str] = ("covid", "negative")) -> list[Check]:
+    """One heat-map check per class of a classifier ``<variant>_<backbone>`` from its explain metrics
+    (``lung_mass_share_<class>`` and ``lung_area_share_<class>``). Variant e is skipped: its lungs are blanked out,
+    so its heat is outside them by design."""
+    checks = []
+    for label in classes:
+        subject = f"{name}/{label}"
+        if name.startswith("e_"):
+            checks.append(_skip(HEATMAP, subject, "variant e has its lungs removed: heat outside them is by design",
+                                warn, fail))
+            continue
+        mass, area = explain.get(f"lung_mass_share_{label}"), explain.get(f"lung_area_share_{label}")
+        if mass is None or area is None:
+            checks.append(_skip(HEATMAP, subject, f"the explain report has no lung_mass_share_{label} or "
+                                f"lung_area_share_{label} (no {label} test images?)", warn, fail))
+        else:
+            checks.append(heatmap_check(subject, mass, area, warn=warn, fail=fail))
+    return checks
+
+
+# --- check 3: the source classifier --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SourceReading:
+    """How well the source is read from the images (test split), and how much that tells about the label."""
+
+    classes: tuple[str, ...]
+    n_test: int  # test images of a source seen in training (others cannot be read and are left out)
+    accuracy: float
+    balanced_accuracy: float
+    chance: float  # balanced accuracy of guessing: 1 / number of sources
+    label_auc_true_source: float  # label ROC AUC from the true source's training COVID share
+    label_auc_read_source: float  # ... from the source read from the image (the classifier's most probable source)
+
+
+def source_class_weight(codes: np.ndarray, n_classes: int) -> dict[int, float]:
+    """Inverse-frequency weights, so that every source weighs the same in the loss."""
+    counts = np.bincount(np.asarray(codes, dtype=int), minlength=n_classes).astype(float)
+    return {k: float(len(codes) / (n_classes * counts[k])) for k in range(n_classes) if counts[k] > 0}
+
+
+def train_source_classifier(
+    x_train: np.ndarray, source_train: Sequence[str], x_val: np.ndarray, source_val: Sequence[str], *,
+    depth: int, width: float, head: Sequence[int], epochs: int, batch_size: int, lr: float, seed: int,
+    weights: str | None = None, fold: str = "luminance",
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+):
+    """The classifier's backbone (``build_vgg``) trained with ``training.fit`` to predict the source of each image.
+
+    Images are the model's inputs ``(N, H, W)`` (already standardized). Returns ``(model, classes)``: a softmax over
+    the sources of the training split, in sorted order. Validation images of unseen sources are left out.
+    """
+    import keras
+
+    from covidcxr import models, training
+
+    classes = tuple(sorted(set(map(str, source_train))))
+    if len(classes) < 2:
+        raise ValueError(f"a source classifier needs at least two sources in training, got {list(classes)}")
+    code = {c: i for i, c in enumerate(classes)}
+    y_train = np.array([code[str(s)] for s in source_train], dtype=np.float32)
+    known = np.array([str(s) in code for s in source_val], dtype=bool)
+    y_val = np.array([code[str(s)] for s in np.asarray(source_val, dtype=object)[known]], dtype=np.float32)
+    training.seed_everything(seed)
+    x_train = np.asarray(x_train, dtype=np.float32)
+    model = models.build_vgg(depth, x_train.shape[1:3] + (1,), weights=weights, fold=fold, width=width,
+                             head=tuple(head), outputs=len(classes), name=f"source_vgg{depth}")
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    training.fit(model, (x_train, y_train), (np.asarray(x_val, dtype=np.float32)[known], y_val), epochs=epochs,
+                 batch_size=batch_size, seed=seed, class_weight=source_class_weight(y_train, len(classes)),
+                 on_epoch_end=on_epoch_end)
+    return model, classes
+
+
+def _auc(y: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def read_sources(classes: Sequence[str], probabilities: np.ndarray, source_test: Sequence[str], y_test: np.ndarray,
+                 source_train: Sequence[str], y_train: np.ndarray) -> SourceReading:
+    """Score a source classifier's test probabilities ``(N, len(classes))``: readability of the source, and the label
+    ROC AUC of the source's COVID share in training, with the true source and with the source read from the image
+    (its most probable source). Test images of sources unseen in training are left out."""
+    classes = tuple(classes)
+    p = np.asarray(probabilities, dtype=np.float64)
+    source_test = np.asarray(source_test, dtype=object).astype(str)
+    source_train = np.asarray(source_train, dtype=object).astype(str)
+    y_test, y_train = np.asarray(y_test).astype(int), np.asarray(y_train).astype(int)
+    if p.shape != (len(source_test), len(classes)):
+        raise ValueError(f"probabilities {p.shape} do not match {len(source_test)} test images x "
+                         f"{len(classes)} sources")
+    rate = np.array([y_train[source_train == c].mean() if (source_train == c).any() else np.nan for c in classes])
+    known = np.isin(source_test, classes)
+    truth = np.array([classes.index(s) for s in source_test[known]], dtype=int)
+    called = p[known].argmax(axis=1)
+    recalls = [float((called[truth == k] == k).mean()) for k in range(len(classes)) if (truth == k).any()]
+    return SourceReading(
+        classes=classes, n_test=int(known.sum()),
+        accuracy=float((called == truth).mean()) if len(truth) else float("nan"),
+        balanced_accuracy=float(np.mean(recalls)) if recalls else float("nan"),
+        chance=1.0 / len(classes),
+        label_auc_true_source=_auc(y_test[known], rate[truth]),
+        label_auc_read_source=_auc(y_test[known], rate[called]),
+    )
+
+
+def source_check(reading: SourceReading | None, *, warn: float, fail: float, skip_reason: str = "") -> Check:
+    """Grade the label AUC through the source read from the image (0.5: no label information; higher is worse)."""
+    if reading is None:
+        return _skip(SOURCE, ALL, skip_reason or "no source classifier", warn, fail)
+    r = reading
+    if not _finite(r.label_auc_read_source):
+        return _skip(SOURCE, ALL, f"label AUC undefined: the {r.n_test} test images of known sources hold one class",
+                     warn, fail)
+    status = grade(r.label_auc_read_source, warn, fail)
+    meaning = {PASS: "the source read from the image says little about the label",
+               WARN: "the source read from the image partly predicts the label",
+               FAIL: "the source is readable and predicts the label: a shortcut"}[status]
+    return Check(SOURCE, ALL, r.label_auc_read_source, warn, fail, status,
+                 f"{len(r.classes)} sources read with balanced accuracy {r.balanced_accuracy:.2f} (chance "
+                 f"{r.chance:.2f}); the read source predicts the label with AUC {r.label_auc_read_source:.2f} (true "
+                 f"source: {r.label_auc_true_source:.2f}); {meaning}")
+
+
+# --- the report, and what it says about one model -------------------------------------------------------------------
+
+def report(checks: Sequence[Check]) -> dict:
+    """``{"status": worst of the checks, "checks": [...]}``: the shape of reports/audit/audit.json."""
+    return {"status": worst(c.status for c in checks), "checks": [c.to_dict() for c in checks]}
+
+
+def applies_to(check: Mapping, classifier: str) -> bool:
+    """Whether a check in a report concerns classifier ``<variant>_<backbone>``: checks of ``all``, of the classifier
+    itself or of one of its classes, and the lungs-removed check of its backbone for variants c and e (both see
+    outside the lungs; d does not)."""
+    subject = str(check["subject"])
+    if subject in (ALL, classifier) or subject.startswith(f"{classifier}/"):
+        return True
+    variant, _, backbone = classifier.partition("_")
+    return check["name"] == LUNGS_REMOVED and subject == f"c_{backbone}" and variant == "e"
+
+
+def model_verdict(audit_report: Mapping, classifier: str) -> tuple[str, list[dict]]:
+    """(worst status of the checks that concern ``classifier``, those of them that failed)."""
+    mine = [c for c in audit_report["checks"] if applies_to(c, classifier)]
+    return worst(c["status"] for c in mine), [c for c in mine if c["status"] == FAIL]

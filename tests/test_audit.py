@@ -1,0 +1,185 @@
+"""The shortcut audit on data built with a shortcut (the audit must fail it) and without one (it must pass).
+
+Synthetic 32 px "radiographs": two lungs (the mask) on a noisy background. In the shortcut data only positives (or
+only one site, mostly positive) carry a bright marker in a corner, outside the lungs; in the clean data positives carry
+an opacity inside the lungs only. Tiny seeded VGGs are trained for real.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from covidcxr import audit, gradcam, models, preprocess, training
+
+SIZE = 32
+TINY = {"depth": 16, "width": 0.0625, "head": (16,), "lr": 0.003, "batch_size": 16, "seed": 7}
+
+
+def lungs(size: int = SIZE) -> np.ndarray:
+    """Two upright elliptical lungs, (size, size) bool."""
+    r, c = np.mgrid[:size, :size] / size
+    return (((r - 0.55) / 0.3) ** 2 + ((c - 0.3) / 0.13) ** 2 <= 1) | (((r - 0.55) / 0.3) ** 2
+                                                                        + ((c - 0.7) / 0.13) ** 2 <= 1)
+
+
+def radiographs(n: int, marked: np.ndarray, opacity: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images [n, 32, 32] in [0, 1] and their lung masks; ``marked`` images get a corner marker (outside the lungs),
+    ``opacity`` images a bright blob confined to the left lung."""
+    rng = np.random.default_rng(seed)
+    mask = lungs()
+    r, c = np.mgrid[:SIZE, :SIZE]
+    blob = np.exp(-((r - 0.55 * SIZE) ** 2 + (c - 0.3 * SIZE) ** 2) / (2 * 2.0 ** 2)) * mask
+    images = 0.45 - 0.25 * mask + rng.normal(0, 0.05, (n, SIZE, SIZE))
+    images[opacity] += 0.5 * blob
+    images[marked, 1:7, 1:7] = 1.0
+    return np.clip(images, 0, 1).astype(np.float32), np.repeat(mask[None], n, axis=0)
+
+
+def split(n: int) -> dict[str, np.ndarray]:
+    """80 images to train, 20 to validate, the rest to test: a large test set keeps chance-level AUCs near 0.5."""
+    i = np.arange(n)
+    return {"train": i < 80, "val": (i >= 80) & (i < 100), "test": i >= 100}
+
+
+def train_auc(x: np.ndarray, y: np.ndarray, parts: dict[str, np.ndarray], epochs: int = 4) -> float:
+    """Test ROC AUC of a tiny VGG trained on the train part (standardized on train, as the pipeline does)."""
+    import keras
+
+    training.seed_everything(TINY["seed"])
+    std = preprocess.Standardizer().fit(x[parts["train"]])
+    model = models.build_vgg(TINY["depth"], (SIZE, SIZE, 1), width=TINY["width"], head=TINY["head"])
+    model.compile(keras.optimizers.Adam(TINY["lr"]), "binary_crossentropy")
+    training.fit(model, (std.transform(x[parts["train"]]), y[parts["train"]]),
+                 (std.transform(x[parts["val"]]), y[parts["val"]]), epochs=epochs, batch_size=TINY["batch_size"],
+                 seed=TINY["seed"], class_weight=training.balanced_class_weight(y[parts["train"]]))
+    score = training.predict(model, std.transform(x[parts["test"]])).ravel()
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y[parts["test"]], score))
+
+
+# --- grading ------------------------------------------------------------------------------------------------------
+
+def test_grade_both_directions_and_worst():
+    assert [audit.grade(v, 0.3, 0.6) for v in (0.1, 0.3, 0.59, 0.6, 2.0)] == ["pass", "warn", "warn", "fail", "fail"]
+    assert [audit.grade(v, 1.5, 1.0, higher_is_worse=False) for v in (3.0, 1.5, 1.2, 1.0, 0.2)] == [
+        "pass", "warn", "warn", "fail", "fail"]
+    with pytest.raises(ValueError, match="out of order"):
+        audit.grade(0.5, 0.6, 0.3)
+    assert audit.worst(["pass", "skipped", "warn"]) == "warn"
+    assert audit.worst(["warn", "fail", "pass"]) == "fail"
+    assert audit.worst(["skipped", "skipped"]) == "warn"  # nothing graded: the audit cannot vouch for the model
+    with pytest.raises(ValueError, match="unknown status"):
+        audit.worst(["ok"])
+
+
+def test_lungs_removed_check_rules():
+    def check(c, e):
+        return audit.lungs_removed_check("vgg16", c, e, warn=0.3, fail=0.6, min_c_auc=0.6)
+
+    assert (check(0.99, 0.97).status, check(0.99, 0.7).status, check(0.99, 0.55).status) == ("fail", "warn", "pass")
+    assert check(0.9, 0.3).value == 0.0  # below chance keeps nothing
+    assert check(0.9, 0.7).value == pytest.approx(0.5) and check(0.9, 0.7).subject == "c_vgg16"
+    skipped = check(0.99, None)
+    assert skipped.status == "skipped" and "e_vgg16 not trained" in skipped.reason and skipped.value is None
+    assert "too close to chance" in check(0.55, 0.55).reason and check(0.55, 0.55).status == "skipped"
+    assert check(float("nan"), 0.7).status == "skipped"
+
+
+def test_report_shape_and_the_checks_of_one_model():
+    checks = [audit.lungs_removed_check("vgg16", 0.99, 0.98, warn=0.3, fail=0.6),
+              audit.heatmap_check("d_vgg16/covid", 0.7, 0.25, warn=1.5, fail=1.0),
+              audit.heatmap_check("c_vgg16/covid", 0.7, 0.25, warn=1.5, fail=1.0),
+              audit.source_check(None, warn=0.6, fail=0.7, skip_reason="one source in training")]
+    result = audit.report(checks)
+    assert result["status"] == "fail"
+    for c in result["checks"]:
+        assert set(c) == {"name", "subject", "value", "warn", "fail", "status", "reason"}
+        assert c["status"] in audit.STATUSES and isinstance(c["reason"], str) and c["reason"]
+    assert result["checks"][-1]["status"] == "skipped" and result["checks"][-1]["subject"] == "all"
+    # The lungs-removed failure concerns c and e of that backbone, not d (which never sees outside the lungs).
+    assert audit.model_verdict(result, "c_vgg16") == ("fail", [result["checks"][0]])
+    assert audit.model_verdict(result, "e_vgg16")[0] == "fail"
+    assert audit.model_verdict(result, "d_vgg16") == ("pass", [])
+    assert audit.model_verdict(result, "c_vgg19") == ("warn", [])  # only the skipped source check: nothing vouched
+
+
+# --- heat maps: mass on a marker outside the lungs vs mass on the lungs ----------------------------------------------
+
+def test_heatmap_check_on_heat_maps_with_and_without_a_shortcut():
+    x, mask = radiographs(6, marked=np.ones(6, bool), opacity=np.ones(6, bool), seed=0)
+    area = float(mask.mean())
+    on_marker = np.zeros_like(x)
+    on_marker[:, :9, :9] = 1.0  # the corner marker and its surroundings
+    on_marker[:, 12:20, 6:12] = 0.1  # a little in the lungs
+    on_lungs = gradcam.mass_inside(np.where(mask, 1.0, 0.05), mask)
+    shortcut = audit.heatmap_check("c_vgg16/covid", float(np.nanmean(gradcam.mass_inside(on_marker, mask))), area,
+                                   warn=1.5, fail=1.0)
+    clean = audit.heatmap_check("c_vgg16/covid", float(np.nanmean(on_lungs)), area, warn=1.5, fail=1.0)
+    uniform = audit.heatmap_check("c_vgg16/covid", float(np.nanmean(gradcam.mass_inside(np.ones_like(x), mask))),
+                                  area, warn=1.5, fail=1.0)
+    assert shortcut.status == "fail" and shortcut.value < 0.5
+    assert clean.status == "pass" and clean.value > 2.5
+    assert uniform.status == "fail" and uniform.value == pytest.approx(1.0)  # a flat map says nothing about the lungs
+    per_class = audit.heatmap_checks("e_vgg19", {"lung_mass_share_covid": 0.1, "lung_area_share_covid": 0.3},
+                                     warn=1.5, fail=1.0)
+    assert [c.status for c in per_class] == ["skipped", "skipped"]
+    partial = audit.heatmap_checks("d_vgg19", {"lung_mass_share_covid": 0.6, "lung_area_share_covid": 0.25},
+                                   warn=1.5, fail=1.0)
+    assert [(c.subject, c.status) for c in partial] == [("d_vgg19/covid", "pass"), ("d_vgg19/negative", "skipped")]
+
+
+# --- lungs removed: trained models --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shortcut", [True, False], ids=["marker-outside-lungs", "opacity-inside-lungs"])
+def test_lungs_removed_model_exposes_a_marker_outside_the_lungs(shortcut):
+    n = 400
+    y = (np.arange(n) % 2).astype(np.float32)
+    positive = y == 1
+    x, mask = radiographs(n, marked=positive if shortcut else np.zeros(n, bool), opacity=positive, seed=1)
+    parts = split(n)
+    auc_c = train_auc(preprocess.apply_variant(x, mask, "c"), y, parts)
+    auc_e = train_auc(preprocess.apply_variant(x, mask, "e"), y, parts)
+    check = audit.lungs_removed_check("vgg16", auc_c, auc_e, warn=0.3, fail=0.6, min_c_auc=0.6)
+    assert auc_c > 0.9, auc_c
+    assert check.status == ("fail" if shortcut else "pass"), check
+
+
+# --- the source classifier ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("confounded", [True, False], ids=["site-predicts-label", "site-balanced"])
+def test_source_classifier_fails_a_readable_site_that_predicts_the_label(confounded):
+    n = 400
+    site = np.where(np.arange(n) % 2 == 0, "site_a", "site_b")
+    rank = np.arange(n) // 2 % 10  # within each site, 10 images in turn
+    covid = np.where(site == "site_a", rank < (8 if confounded else 5), rank < (2 if confounded else 5))
+    x, _ = radiographs(n, marked=site == "site_a", opacity=covid, seed=2)  # site a burns in a marker
+    parts = split(n)
+    model, classes = audit.train_source_classifier(
+        x[parts["train"]], site[parts["train"]], x[parts["val"]], site[parts["val"]], epochs=4,
+        **{k: TINY[k] for k in ("depth", "width", "head", "lr", "batch_size", "seed")})
+    assert classes == ("site_a", "site_b")
+    reading = audit.read_sources(classes, training.predict(model, x[parts["test"]]), site[parts["test"]],
+                                 covid[parts["test"]], site[parts["train"]], covid[parts["train"]])
+    assert reading.balanced_accuracy > 0.9 and reading.chance == 0.5  # the site is readable either way
+    check = audit.source_check(reading, warn=0.6, fail=0.7)
+    if confounded:
+        assert check.status == "fail" and check.value > 0.75 and reading.label_auc_true_source > 0.75, check
+    else:  # equally balanced sites: the site, however readable, says nothing about the label
+        assert check.status == "pass" and check.value == pytest.approx(0.5), check
+
+
+def test_read_sources_scores_and_unknown_sources():
+    classes = ("a", "b")
+    proba = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])
+    reading = audit.read_sources(classes, proba, ["a", "b", "b", "z"], np.array([1, 0, 1, 0]),
+                                 ["a", "a", "b", "b"], np.array([1, 1, 0, 1]))
+    assert reading.n_test == 3  # the unseen source z cannot be read
+    assert reading.accuracy == pytest.approx(2 / 3) and reading.balanced_accuracy == pytest.approx(0.75)
+    assert reading.label_auc_read_source == 1.0 and reading.label_auc_true_source == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="do not match"):
+        audit.read_sources(classes, proba[:2], ["a", "b", "b"], np.zeros(3), ["a", "b"], np.zeros(2))
+    with pytest.raises(ValueError, match="at least two sources"):
+        audit.train_source_classifier(np.zeros((2, 32, 32)), ["a", "a"], np.zeros((1, 32, 32)), ["a"], epochs=1,
+                                      **{k: TINY[k] for k in ("depth", "width", "head", "lr", "batch_size", "seed")})

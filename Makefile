@@ -32,8 +32,8 @@ data: setup  ## the embedded demo dataset in data/demo (byte-identical to what d
 	dvc add --quiet data
 	@git diff --quiet -- data.dvc || { echo "data/ differs from the committed data.dvc (see git diff data.dvc)" >&2; exit 1; }
 
-bench: setup data  ## every benchmark; results in bench/results.json
-	python -m bench
+bench: setup data  ## every benchmark, each figure beside its same-run baseline, in bench/results.json (BENCH_ARGS=--smoke: seconds)
+	python -m bench $(BENCH_ARGS)
 
 lock:  ## re-pin the environment after changing pyproject.toml
 	( echo "# Exact pins for the whole environment (pip freeze of a working install; regenerate with 'make lock')."; \

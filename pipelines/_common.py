@@ -6,9 +6,12 @@ import json
 import logging
 import math
 import os
+import re
+import secrets
+import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,6 +54,7 @@ def atomic_path(path: str | os.PathLike):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -60,6 +64,47 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty folder beside ``path`` to build a directory output in; it replaces ``path`` only if the block
+    finishes.
+
+    A stage killed half way leaves at most a hidden ``.<name>.*.tmp`` sibling, never a partial ``path`` that DVC could
+    take as valid; the next run of the stage removes such leftovers before it starts.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; outputs get the user's usual mode
+        old = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        if path.is_dir() and not path.is_symlink():
+            os.rename(path, old)  # a folder cannot be renamed over a non-empty one: move the old one aside first
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove the temporary siblings of ``path`` (``.<name>.<8 chars>.tmp``) that a killed run left behind.
+
+    Safe because one stage at a time writes a given output (DVC locks the repository).
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    for stale in path.parent.iterdir():
+        if not pattern.fullmatch(stale.name):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[Path], object]) -> Path:

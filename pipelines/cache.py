@@ -14,13 +14,14 @@ def run(p: dict) -> None:
     log = _common.setup_logging()
     m = manifest.read_csv("artifacts/manifest.csv")
     mask_paths = [None if pd.isna(x) else str(x) for x in m["mask_path"]]
-    images, masks, has_mask = preprocess.build_cache(
-        list(m["path"]), mask_paths, int(p["size"]), workers=int(p.get("workers") or 1),
-        progress=_common.show_progress(),
-    )
-    _common.save_npy(f"{_common.CACHE_DIR}/images.npy", images)
-    _common.save_npy(f"{_common.CACHE_DIR}/masks.npy", masks)
-    _common.write_csv(f"{_common.CACHE_DIR}/index.csv", m.assign(has_mask=has_mask)[INDEX_COLUMNS])
+    with _common.atomic_dir(_common.CACHE_DIR) as out:  # the folder appears whole, or not at all
+        images, masks, has_mask = preprocess.build_cache(
+            list(m["path"]), mask_paths, int(p["size"]), workers=int(p.get("workers") or 1),
+            progress=_common.show_progress(),
+        )
+        _common.save_npy(out / "images.npy", images)
+        _common.save_npy(out / "masks.npy", masks)
+        _common.write_csv(out / "index.csv", m.assign(has_mask=has_mask)[INDEX_COLUMNS])
     log.info("cached %d images at %d px (%d with lung masks)", len(m), p["size"], int(has_mask.sum()))
 
 

@@ -6,7 +6,7 @@ import os
 
 import pandas as pd
 
-from covidcxr import datasets, io, manifest
+from covidcxr import datasets, io, manifest, tracking
 from pipelines import _common
 
 MANIFEST = "artifacts/manifest.csv"
@@ -71,12 +71,48 @@ def run(p: dict) -> dict:
         log.warning("rejected %s of %s (%s): %s", row.kind, row.image_id, row.reason, row.problem)
     log.info("manifest: %d images of %d patients; %d images and %d masks rejected, %d duplicates", len(result),
              summary["patients"], rejected, summary["masks_rejected"], len(duplicates))
-    if summary["reject_fraction"] > float(p["max_reject_fraction"]):
-        raise TooManyRejects(
-            f"{rejected} of {len(listed)} images rejected ({summary['reject_fraction']:.1%}), more than "
-            f"ingest.max_reject_fraction={p['max_reject_fraction']}: see {REJECTS}"
-        )
+    _common.setup_tracking()
+    with tracking.run(_common.mlflow_experiment(), "ingest", params=run_params(p),
+                      tags=_common.repro_tags("ingest")):  # a failure below marks this run FAILED, rejects logged
+        log_to_mlflow(summary, rejects)
+        if summary["reject_fraction"] > float(p["max_reject_fraction"]):
+            raise TooManyRejects(
+                f"{rejected} of {len(listed)} images rejected ({summary['reject_fraction']:.1%}), more than "
+                f"ingest.max_reject_fraction={p['max_reject_fraction']}: see {REJECTS}"
+            )
     return summary
+
+
+def run_params(p: dict) -> dict:
+    """What the MLflow run records of params: everything but the pseudonymisation salt (it would make the patient
+    hashes reversible by guessing ids)."""
+    return {k: v for k, v in p.items() if k != "salt"} | {
+        "sources": ", ".join(f"{s['name']}:{s['root']}" for s in p["sources"])}
+
+
+def mlflow_rejects(rejects: pd.DataFrame) -> pd.DataFrame:
+    """The rejects as MLflow gets them: images named by ``image_id`` only, without the file path column and with the
+    path cut out of each problem text (a tracking server is shared more widely than the project's own outputs)."""
+    def clean(problem: str, path: str, image_id: str) -> str:
+        head, sep, rest = problem.partition(": ")
+        if sep and ("/" in head or "\\" in head):  # "<file>: <what is wrong>", the file being the image or its mask
+            problem = rest
+        return problem.replace(path, image_id)
+
+    problems = [clean(str(problem), str(path), str(image_id))
+                for problem, path, image_id in zip(rejects["problem"], rejects["path"], rejects["image_id"])]
+    return rejects.drop(columns=["path"]).assign(problem=problems)
+
+
+def log_to_mlflow(summary: dict, rejects: pd.DataFrame) -> None:
+    """Counts as metrics, the rejects and the summary as artifacts of the active run."""
+    import mlflow
+
+    mlflow.log_metrics({"n_listed": summary["listed"], "n_accepted": summary["accepted"],
+                        "n_rejected": summary["rejected"], "n_masks_rejected": summary["masks_rejected"],
+                        "n_duplicates": summary["duplicates"], "reject_fraction": summary["reject_fraction"]})
+    mlflow.log_text(mlflow_rejects(rejects).to_csv(index=False, lineterminator="\n"), "ingest/rejects.csv")
+    mlflow.log_dict(summary, "ingest/summary.json")
 
 
 if __name__ == "__main__":

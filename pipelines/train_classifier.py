@@ -75,16 +75,17 @@ def run(p: dict, variant: str, backbone: str) -> dict:
         result["excluded"] = excluded
         tracking.log_finite_metrics({**{s: result[s] for s in x}, "operating_threshold": threshold})
         tracking.log_keras_model(model, x["val"][..., None])
-        out = model_dir(variant, backbone)
-        _common.save_model_dir(out, model, std, active.info.run_id,
-                               {"variant": variant, "backbone": backbone, "epochs_run": len(history.get("loss", []))})
-        _common.write_json(f"{out}/threshold.json", {"threshold": threshold, "objective": p.get("threshold_objective")})
-        mlflow.log_artifact(f"{out}/threshold.json", "preprocessing")
-        predictions = pd.concat([
-            table[split == s][["image_id", "patient_id", "split", "label"]].assign(score=scores[s])
-            for s in x
-        ])
-        _common.write_csv(f"{out}/predictions.csv", predictions)
+        with _common.atomic_dir(model_dir(variant, backbone)) as out:  # the model folder appears whole, or not at all
+            _common.save_model_dir(out, model, std, active.info.run_id, {"variant": variant, "backbone": backbone,
+                                                                         "epochs_run": len(history.get("loss", []))})
+            _common.write_json(out / "threshold.json",
+                               {"threshold": threshold, "objective": p.get("threshold_objective")})
+            mlflow.log_artifact(str(out / "threshold.json"), "preprocessing")
+            predictions = pd.concat([
+                table[split == s][["image_id", "patient_id", "split", "label"]].assign(score=scores[s])
+                for s in x
+            ])
+            _common.write_csv(out / "predictions.csv", predictions)
     _common.write_json(f"reports/train_classifier/{variant}_{backbone}.json",
                        {s: {k: result[s][k] for k in ("accuracy", "roc_auc", "n")} for s in x})
     log.info("classifier %s/%s: val AUC %.3f, test AUC %.3f", variant, backbone,

@@ -1,0 +1,91 @@
+"""Stage `ingest` on a small corpus with bad files: every reject reported (file and MLflow), the run fails only above
+ingest.max_reject_fraction. Runs the stage in-process in a scratch project directory (real files, sqlite MLflow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipelines import ingest
+
+ROOT = "data/private-site-7"  # stands for a site folder whose name must not reach the tracking server
+
+
+@pytest.fixture
+def corpus(tmp_path: Path, monkeypatch) -> Path:
+    """Four good PNGs, one truncated PNG and one zero-byte file, described by a generic manifest.csv."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("COVIDCXR_PSEUDONYM_SALT", raising=False)
+    (tmp_path / "params.yaml").write_text("split:\n  experiment: ingest-test\n")
+    root = tmp_path / ROOT
+    (root / "scans").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 32), dtype=np.uint8)).save(root / f"scans/good_{i}.png")
+        rows.append((f"scans/good_{i}.png", f"p{i}", "covid" if i % 2 else "negative"))
+    full = (root / "scans/good_0.png").read_bytes()
+    (root / "scans/cut.png").write_bytes(full[: len(full) // 2])
+    (root / "scans/empty.png").write_bytes(b"")
+    rows += [("scans/cut.png", "p8", "covid"), ("scans/empty.png", "p9", "negative")]
+    pd.DataFrame(rows, columns=["path", "patient_id", "label"]).assign(projection="frontal").to_csv(
+        root / "manifest.csv", index=False)
+    yield tmp_path
+    mlflow.set_tracking_uri(None)
+
+
+def params(max_reject_fraction: float) -> dict:
+    return {"sources": [{"name": "generic", "root": ROOT}], "max_pixels": 10_000_000,
+            "max_reject_fraction": max_reject_fraction, "pseudonymize": True, "salt": "test-salt", "max_age": 90,
+            "workers": 1}
+
+
+def ingest_run(project: Path):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("covidcxr-ingest-test")
+    (found,) = client.search_runs([experiment.experiment_id], filter_string="tags.dvc_stage = 'ingest'")
+    rejects = client.download_artifacts(found.info.run_id, "ingest/rejects.csv", str(project))
+    return found, pd.read_csv(rejects)
+
+
+def test_rejects_reported_and_logged_under_the_threshold(corpus: Path):
+    summary = ingest.run(params(max_reject_fraction=0.4))
+    assert (summary["listed"], summary["accepted"], summary["rejected"]) == (6, 4, 2)
+
+    rejects = pd.read_csv(corpus / ingest.REJECTS)
+    assert dict(zip(rejects["path"].str.rsplit("/", n=1).str[-1], rejects["kind"])) == {
+        "cut.png": "image", "empty.png": "image"}
+    assert rejects["reason"].notna().all() and rejects["problem"].notna().all()
+    assert len(pd.read_csv(corpus / ingest.MANIFEST)) == 4
+
+    found, logged = ingest_run(corpus)
+    assert found.info.status == "FINISHED"
+    metrics = found.data.metrics
+    assert (metrics["n_listed"], metrics["n_accepted"], metrics["n_rejected"]) == (6, 4, 2)
+    assert metrics["reject_fraction"] == pytest.approx(2 / 6, abs=1e-6)
+    # The same rejects, named by image_id, with the same reasons; no file paths, and no salt among the params.
+    assert list(logged["image_id"]) == list(rejects["image_id"])
+    assert list(logged["reason"]) == list(rejects["reason"])
+    assert "path" not in logged.columns
+    assert not logged.astype(str).apply(lambda c: c.str.contains("private-site-7")).any().any()
+    assert "salt" not in found.data.params and "test-salt" not in str(found.data.params)
+    assert found.data.params["max_reject_fraction"] == "0.4"
+
+
+def test_too_many_rejects_fail_naming_the_share_and_the_threshold(corpus: Path):
+    with pytest.raises(ingest.TooManyRejects) as caught:
+        ingest.run(params(max_reject_fraction=0.2))
+    message = str(caught.value)
+    assert "2 of 6 images rejected (33.3%)" in message and "ingest.max_reject_fraction=0.2" in message, message
+    assert ingest.REJECTS in message
+    # The rejects are still reported (file and MLflow); the run is marked failed.
+    assert len(pd.read_csv(corpus / ingest.REJECTS)) == 2
+    found, logged = ingest_run(corpus)
+    assert found.info.status == "FAILED"
+    assert found.data.metrics["n_rejected"] == 2 and len(logged) == 2

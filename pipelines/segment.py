@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -19,7 +21,8 @@ def run(p: dict) -> dict:
     frontal = pd.read_csv("artifacts/frontal.csv")
     is_frontal = (frontal.set_index("image_id").loc[index["image_id"], "predicted"] == "frontal").to_numpy()
     model, std, _ = _common.load_model_dir("artifacts/models/unet")
-    prob = training.predict(model, std.transform(images[is_frontal]))[..., 0]
+    prob = training.predict(model, std.transform(images[is_frontal]))[..., 0] if is_frontal.any() \
+        else np.zeros((0,) + images.shape[1:], dtype=np.float32)  # Keras' predict fails on an empty batch
 
     masks = np.zeros(images.shape, dtype=bool)
     masks[is_frontal] = np.stack([preprocess.clean_mask(m, threshold=float(p["threshold"])) for m in prob]) \
@@ -39,8 +42,9 @@ def run(p: dict) -> dict:
         if with_truth.any() else None,
         "n_with_true_masks": int(with_truth.sum()),
     }
-    _common.save_npy(OUT_MASKS, masks)
-    _common.write_csv(OUT_INDEX, out)
+    with _common.atomic_dir(Path(OUT_MASKS).parent) as folder:  # artifacts/masks appears whole, or not at all
+        _common.save_npy(folder / Path(OUT_MASKS).name, masks)
+        _common.write_csv(folder / Path(OUT_INDEX).name, out)
     _common.write_json(METRICS, summary)
     log.info("segmentation: %s", summary)
     return summary

@@ -2,6 +2,10 @@
 
 Tasks: `covid` (the experiment chosen in params: positives vs negatives, optionally curated as the paper's experiment 2),
 `projection` (frontal vs lateral, every image whose projection is known) and `segmentation` (images with lung masks).
+
+External validation: `holdout_source` puts every covid-task image of that source in test and splits the rest into
+train/val (leave-one-source-out); `segmentation_external` puts the masks of those sources in an `external` split that
+the U-Net never trains on. Held-out rows are checked only for patient disjointness (they are a whole source).
 """
 
 from __future__ import annotations
@@ -37,9 +41,36 @@ def task_tables(m: pd.DataFrame, p: dict) -> tuple[dict[str, pd.DataFrame], pd.D
     out = {}
     for name, frame in tasks.items():
         fractions = p.get("fractions_" + name, p["fractions"])
-        frame = frame.assign(split=splits.split_patients(frame, fractions=fractions, seed=seed))
+        held, held_split = _held_out(name, p)
+        if held:
+            assigned = splits.split_with_holdout(frame, held, holdout_split=held_split, seed=seed,
+                                                 fractions=validated_fractions(name, p))
+        else:
+            assigned = splits.split_patients(frame, fractions=fractions, seed=seed)
+        frame = frame.assign(split=assigned)
         out[name] = frame[COLUMNS].sort_values("image_id").reset_index(drop=True)
+    train = out["covid"][out["covid"]["split"] == "train"]
+    missing = sorted({"covid", "negative"} - set(train["label"]))
+    if missing:
+        raise splits.SelectionError(f"covid task: the train split has no {missing} images "
+                                    f"(holdout_source={p.get('holdout_source')!r} holds all of them)")
     return out, dropped
+
+
+def _held_out(task: str, p: dict) -> tuple[list[str], str]:
+    """The sources a task holds out of its patient-level split, and the split they go to."""
+    if task == "covid" and p.get("holdout_source"):
+        return [str(p["holdout_source"])], "test"
+    if task == "segmentation" and p.get("segmentation_external"):
+        return [str(s) for s in p["segmentation_external"]], "external"
+    return [], ""
+
+
+def validated_fractions(task: str, p: dict) -> dict[str, float]:
+    """Target split shares of the rows split by patient (a held-out test source leaves only train and val)."""
+    fractions = p.get("fractions_" + task, p["fractions"])
+    held, held_split = _held_out(task, p)
+    return splits.without_split(fractions, held_split) if held and held_split in fractions else dict(fractions)
 
 
 def run(p: dict, expectations: str) -> dict:
@@ -49,10 +80,11 @@ def run(p: dict, expectations: str) -> dict:
 
     results = []
     for name, table in tables.items():
-        fractions = p.get("fractions_" + name, p["fractions"])
-        classes = sorted(table["label"].unique()) if name != "covid" else ["covid", "negative"]
-        checked = validation.validate_splits(table, expectations, fractions=fractions, tolerance=float(p["tolerance"]),
-                                             classes=classes)
+        held, held_split = _held_out(name, p)
+        checked_rows = table[table["split"] != held_split] if held else table
+        classes = sorted(checked_rows["label"].unique()) if name != "covid" else ["covid", "negative"]
+        checked = validation.validate_splits(checked_rows, expectations, fractions=validated_fractions(name, p),
+                                             tolerance=float(p["tolerance"]), classes=classes)
         results += [dataclasses.replace(r, name=f"{name}/{r.name}") for r in checked]
     summary = {
         name: {
@@ -63,6 +95,9 @@ def run(p: dict, expectations: str) -> dict:
     }
     summary["experiment"] = p["experiment"]
     summary["curated_out"] = len(dropped)
+    if p.get("holdout_source") or p.get("segmentation_external"):  # absent by default: the demo summary is unchanged
+        summary["held_out"] = {"holdout_source": p.get("holdout_source"),
+                               "segmentation_external": list(p.get("segmentation_external") or [])}
     for name, table in tables.items():
         _common.write_csv(f"{OUT_DIR}/{name}.csv", table)
     _common.write_csv(CURATED, dropped[["image_id", "patient_id", "label"]])

@@ -39,7 +39,8 @@ def run(p: dict) -> dict:
                              "lateral_accuracy": m["specificity"], "n": m["n"]}
         tracking.log_finite_metrics(result)
         tracking.log_keras_model(model, x["val"][..., None])
-        _common.save_model_dir(OUT, model, std, active.info.run_id, {"positive_class": "frontal"})
+        with _common.atomic_dir(OUT) as out:
+            _common.save_model_dir(out, model, std, active.info.run_id, {"positive_class": "frontal"})
     _common.write_json(METRICS, result)
     log.info("projection filter accuracy: %s", {s: round(v["accuracy"], 4) for s, v in result.items()})
     return result

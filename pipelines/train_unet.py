@@ -26,6 +26,16 @@ def effective_params(p: dict) -> dict:
     return p
 
 
+def mask_scores(truth: np.ndarray, prob: np.ndarray) -> dict:
+    """Mean per-image Dice and IoU, the authors' per-pixel Dice, and the count."""
+    return {
+        "dice": float(np.mean(metrics.dice(truth, prob))),
+        "iou": float(np.mean(metrics.iou(truth, prob))),
+        "paper_pixel_dice": float(metrics.paper_pixel_dice(truth, prob, per_pixel=True)),
+        "n": int(len(prob)),
+    }
+
+
 def run(p: dict) -> dict:
     log = _common.setup_logging()
     _common.setup_tracking()
@@ -49,17 +59,17 @@ def run(p: dict) -> dict:
                      on_epoch_end=tracking.log_epoch,
                      verbose=1 if _common.show_progress() else 0)
         result = {}
-        for split in x:
+        for split in x:  # `external`: sources held out of training (split.segmentation_external)
             prob = training.predict(model, x[split])[..., 0]
-            result[split] = {
-                "dice": float(np.mean(metrics.dice(y[split], prob))),
-                "iou": float(np.mean(metrics.iou(y[split], prob))),
-                "paper_pixel_dice": float(metrics.paper_pixel_dice(y[split], prob, per_pixel=True)),
-                "n": int(len(prob)),
-            }
+            result[split] = mask_scores(y[split], prob)
+            sources = parts[split][1]["label"].to_numpy()  # the segmentation task's label is the source
+            if len(set(sources)) > 1:
+                result[split]["by_source"] = {str(src): mask_scores(y[split][sources == src], prob[sources == src])
+                                              for src in sorted(set(sources))}
         tracking.log_finite_metrics(result)
         tracking.log_keras_model(model, x["val"][..., None])
-        _common.save_model_dir(OUT, model, std, active.info.run_id, {"f0": int(p["f0"])})
+        with _common.atomic_dir(OUT) as out:
+            _common.save_model_dir(out, model, std, active.info.run_id, {"f0": int(p["f0"])})
     _common.write_json(METRICS, result)
     log.info("U-Net Dice: %s", {s: round(v["dice"], 4) for s, v in result.items()})
     return result

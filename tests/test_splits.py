@@ -99,3 +99,55 @@ def test_curation_drops_negative_patients_seen_among_positives():
     assert list(dropped["image_id"]) == ["b/2"]  # patient a:1 is positive elsewhere
     assert "a/1" in set(kept["image_id"]) and "a/2" in set(kept["image_id"])
     assert len(kept) + len(dropped) == len(selected)
+
+
+# --- held-out sources (leave-one-source-out, external segmentation data) ----------------------------------------------
+
+def multi_source(seed=0):
+    """Three sources: `a` with both classes, `b` and `c` negatives only (like Cohen vs Kermany/Montgomery)."""
+    parts = []
+    for source, share in (("a", 0.6), ("b", 0.0), ("c", 0.0)):
+        f = frame(40, seed=seed, covid_share=share)
+        f["source"] = source
+        f["image_id"] = source + "/" + f["image_id"]
+        f["patient_id"] = source + ":" + f["patient_id"]
+        parts.append(f)
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_holdout_source_is_the_whole_test_split_and_patients_stay_apart():
+    df = multi_source()
+    fractions = splits.without_split(splits.PAPER_FRACTIONS, "test")
+    assert fractions == pytest.approx({"train": 0.75, "val": 0.25})
+    df["split"] = splits.split_with_holdout(df, ["b"], fractions=fractions, seed=3)
+    assert set(df.loc[df["source"] == "b", "split"]) == {"test"}
+    assert set(df.loc[df["source"] != "b", "split"]) == {"train", "val"}
+    assert (df.groupby("patient_id")["split"].nunique() == 1).all()
+    test = df[df["split"] == "test"]
+    assert set(test["label"]) == {"negative"}  # a one-class test: only specificity is defined there
+    for name in ("train", "val"):
+        assert set(df.loc[df["split"] == name, "label"]) == {"covid", "negative"}
+
+
+def test_external_holdout_keeps_the_internal_three_way_split():
+    df = multi_source()
+    df["split"] = splits.split_with_holdout(df, ["c"], holdout_split="external", seed=0)
+    assert set(df.loc[df["source"] == "c", "split"]) == {"external"}
+    assert set(df.loc[df["source"] != "c", "split"]) == {"train", "val", "test"}
+    # the internal part is split exactly as it would be without the external source
+    inner = df[df["source"] != "c"]
+    assert inner["split"].tolist() == splits.split_patients(inner.drop(columns="split"), seed=0).tolist()
+
+
+def test_holdout_refuses_unknown_source_everything_and_shared_patients():
+    df = multi_source()
+    with pytest.raises(splits.SelectionError, match=r"'zz'.*present: \['a', 'b', 'c'\]"):
+        splits.split_with_holdout(df, ["zz"])
+    with pytest.raises(splits.SelectionError, match="leaves no rows"):
+        splits.split_with_holdout(df, ["a", "b", "c"])
+    shared = df.copy()
+    shared.loc[shared["source"] == "b", "patient_id"] = shared.loc[shared["source"] == "a", "patient_id"].iloc[0]
+    with pytest.raises(splits.SelectionError, match="1 patients have images both in and out"):
+        splits.split_with_holdout(shared, ["b"])
+    with pytest.raises(ValueError, match="no split fractions left"):
+        splits.without_split({"test": 1.0}, "test")

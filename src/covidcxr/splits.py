@@ -119,3 +119,47 @@ def drop_negatives_among_positives(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.D
     positive_patients = set(df.loc[df["label"] == "covid", "patient_id"])
     drop = (df["label"] == "negative") & df["patient_id"].isin(positive_patients)
     return df.loc[~drop], df.loc[drop]
+
+
+def split_with_holdout(
+    df: pd.DataFrame,
+    holdout: Sequence[str],
+    *,
+    holdout_split: str = "test",
+    column: str = "source",
+    fractions: Mapping[str, float] = PAPER_FRACTIONS,
+    seed: int = 0,
+    stratify: str | None = "label",
+    group: str = "patient_id",
+) -> pd.Series:
+    """Split by patient, except that rows whose ``column`` is in ``holdout`` all go to ``holdout_split``.
+
+    Used for external validation: leave-one-source-out (the held-out source is the whole test split; ``fractions``
+    then name only train and val) and external segmentation data (``holdout_split="external"``). A holdout value
+    absent from ``df``, a patient on both sides, or nothing left to split is a :class:`SelectionError`.
+    """
+    holdout = [str(h) for h in holdout]
+    values = df[column].astype("string")
+    present = set(values.dropna())
+    absent = [h for h in holdout if h not in present]
+    if absent:
+        raise SelectionError(f"held-out {column} {absent} has no rows; present: {sorted(present)}")
+    held = values.isin(holdout).fillna(False).astype(bool)
+    if held.all():
+        raise SelectionError(f"holding out {holdout} leaves no rows to train on")
+    shared = set(df.loc[held, group].astype(str)) & set(df.loc[~held, group].astype(str))
+    if shared:
+        raise SelectionError(f"{len(shared)} patients have images both in and out of held-out {column} {holdout}")
+    rest = split_patients(df.loc[~held], fractions=fractions, seed=seed, stratify=stratify, group=group)
+    out = pd.Series(pd.array([holdout_split] * len(df), dtype="string"), index=df.index, name="split")
+    out[~held] = rest
+    return out
+
+
+def without_split(fractions: Mapping[str, float], name: str) -> dict[str, float]:
+    """``fractions`` without split ``name``, the others rescaled to sum to 1 (e.g. train/val once test is held out)."""
+    kept = {k: float(v) for k, v in fractions.items() if k != name}
+    total = sum(kept.values())
+    if total <= 0:
+        raise ValueError(f"no split fractions left without {name!r}: {dict(fractions)}")
+    return {k: v / total for k, v in kept.items()}

@@ -51,3 +51,30 @@ def test_data_stages_on_real_corpus(project: Path, real_data: Path):
     assert (split.groupby("patient_id")["split"].nunique() == 1).all()
     checks = json.loads((project / "reports/split/validation.json").read_text())
     assert checks["n_critical_failed"] == 0
+
+
+def test_every_experiment_selects_its_data_on_real_corpus(real_data: Path):
+    """Each overlay of experiments/ (python -m pipelines.experiment NAME) finds both classes, and every held-out
+    source of leave-one-source-out leaves both classes to train on; Cohen's V7 masks are the external set."""
+    from covidcxr import splits
+    from pipelines import experiment
+
+    selections = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())["split"]
+    loaded: dict[str, pd.DataFrame] = {}  # the overlays share their sources: read each once
+    for name in experiment.available():
+        spec = experiment.load(name)
+        params = experiment._substitute(spec["params"], real_data)
+        for s in params["ingest.sources"]:
+            loaded.setdefault(json.dumps(s, sort_keys=True), datasets.load(s["name"], s["root"]))
+        m = pd.concat([loaded[json.dumps(s, sort_keys=True)] for s in params["ingest.sources"]], ignore_index=True)
+        rules = selections["experiments"][params["split.experiment"]]
+        covid = splits.select_experiment(m, rules["positives"], rules["negatives"])
+        assert (covid["label"] == "covid").sum() >= 300 and (covid["label"] == "negative").sum() >= 300, name
+        for held in (spec.get("matrix") or {}).get("split.holdout_source", []):
+            split = splits.split_with_holdout(covid, [held], fractions={"train": 0.75, "val": 0.25})
+            assert set(covid.loc[split == "test", "source"]) == {held}
+            assert set(covid.loc[split == "train", "label"]) == {"covid", "negative"}, (name, held)
+        seg = m[m["mask_path"].notna()]
+        split = splits.split_with_holdout(seg, params["split.segmentation_external"], holdout_split="external")
+        assert set(seg.loc[split == "external", "source"]) == {"cohen"}
+        assert set(seg.loc[split == "train", "source"]) == {"montgomery", "shenzhen"}

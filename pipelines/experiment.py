@@ -1,0 +1,498 @@
+"""Run a named experiment on the real chest X-ray corpus as DVC experiments; record its headline figures.
+
+    python -m pipelines.experiment comparison            # or adult-negatives, leave-one-source-out, segmentation,
+    python -m pipelines.experiment --list                # projection; --dry-run prints the dvc commands only
+
+An experiment is an overlay file `experiments/<name>.yaml`: params (dotted keys) applied with `dvc exp run -n <name>
+-S key=value ...`, the stages to reproduce, and an optional `matrix` (one DVC experiment per value, e.g. each held-out
+source). Overlays share `experiments/_base.yaml` (every source ingested, the working size, epochs), so that the
+ingest, cache, projection filter and U-Net of one experiment are reused by the next through DVC's run cache.
+
+The runs happen in a scratch copy of the project (`--workdir`, default `$TMPDIR/covidcxr-experiments`), never in this
+checkout's workspace; MLflow runs go to this project's tracking store (`MLFLOW_TRACKING_URI` overrides it), one MLflow
+experiment per paper experiment. The corpus is `$COVIDCXR_REAL_DATA`, else `../shared/real-data` beside the project.
+Results: `reports/experiments/<name>.json` and the headline figures in `bench/experiments.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from pipelines import _common
+
+PROJECT = _common.PROJECT
+EXPERIMENTS = PROJECT / "experiments"
+REAL_DATA_ENV = "COVIDCXR_REAL_DATA"
+DEFAULT_REAL_DATA = "../shared/real-data"  # relative to the project root
+PLACEHOLDER = "{real_data}"
+REPORTS = "reports/experiments"
+BENCH = "bench/experiments.json"
+
+
+class ExperimentError(ValueError):
+    """An unknown experiment, a malformed overlay, a missing corpus or a failed run."""
+
+
+def available(directory: Path = EXPERIMENTS) -> list[str]:
+    """Names of the experiments (overlay files not starting with `_`)."""
+    return sorted(p.stem for p in Path(directory).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def load(name: str, directory: Path = EXPERIMENTS) -> dict:
+    """The overlay of experiment ``name``, merged over its ``base`` (the base's params first)."""
+    path = Path(directory) / f"{name}.yaml"
+    if name.startswith("_") or not path.is_file():
+        raise ExperimentError(f"unknown experiment {name!r}; available: {', '.join(available(directory)) or 'none'}")
+    spec = _read(path)
+    if spec.get("base"):
+        base = _read(Path(directory) / f"{spec['base']}.yaml")
+        spec = {**base, **spec, "params": {**base.get("params", {}), **spec.get("params", {})}}
+    for key in ("params", "targets", "kind"):
+        if key not in spec:
+            raise ExperimentError(f"{path}: no '{key}'")
+    if spec["kind"] not in COLLECTORS:
+        raise ExperimentError(f"{path}: kind {spec['kind']!r} is not one of {sorted(COLLECTORS)}")
+    return spec
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise ExperimentError(f"overlay {path} does not exist")
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ExperimentError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(spec, dict):
+        raise ExperimentError(f"{path}: an overlay is a mapping, got {type(spec).__name__}")
+    return spec
+
+
+def real_data_root(value: str | None = None) -> Path:
+    """The corpus: ``value``, else $COVIDCXR_REAL_DATA, else ../shared/real-data beside the project (absolute)."""
+    raw = value or os.environ.get(REAL_DATA_ENV) or DEFAULT_REAL_DATA
+    root = Path(raw) if Path(raw).is_absolute() else (PROJECT / raw)
+    root = root.resolve()
+    if not (root / "cohen" / "metadata.csv").is_file():
+        raise ExperimentError(f"{root} does not hold the real-data corpus (no cohen/metadata.csv); "
+                              f"set {REAL_DATA_ENV} or --real-data")
+    return root
+
+
+def hydra_value(value: object) -> str:
+    """A params value in the override grammar of `dvc exp run -S` (strings always quoted)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        bare = re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", value)
+        if bare and value.lower() not in ("true", "false", "null", "nan", "inf"):
+            return value
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    raise ExperimentError(f"cannot pass a {type(value).__name__} as a params value: {value!r}")
+
+
+def _substitute(value: object, real_data: Path) -> object:
+    if isinstance(value, str):
+        return value.replace(PLACEHOLDER, real_data.as_posix())
+    if isinstance(value, list):
+        return [_substitute(v, real_data) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, real_data) for k, v in value.items()}
+    return value
+
+
+def runs(name: str, spec: dict) -> list[tuple[str, dict]]:
+    """(DVC experiment name, params) of every run: one, or one per value of the overlay's ``matrix`` key."""
+    matrix = spec.get("matrix") or {}
+    if not matrix:
+        return [(name, dict(spec["params"]))]
+    if len(matrix) != 1:
+        raise ExperimentError(f"experiment {name}: matrix takes one key, got {sorted(matrix)}")
+    (key, values), = matrix.items()
+    return [(f"{name}-{v}", {**spec["params"], key: v}) for v in values]
+
+
+def dvc_command(exp_name: str, params: dict, targets: list[str], real_data: Path) -> list[str]:
+    """`dvc exp run -n NAME -S key=value ... TARGETS`, with the corpus root filled in."""
+    cmd = ["dvc", "exp", "run", "-n", exp_name]
+    for key, value in params.items():
+        cmd += ["-S", f"{key}={hydra_value(_substitute(value, real_data))}"]
+    return cmd + list(targets)
+
+
+# --- the scratch workspace --------------------------------------------------------------------------------------------
+
+def _env(project: Path, workdir: Path | None = None) -> dict[str, str]:
+    """The stages' environment: this venv first, the copy's own library, MLflow in the project's store."""
+    bin_dir = Path(sys.executable).parent
+    library = {"PYTHONPATH": str(workdir / "src")} if workdir is not None else {}  # not the editable install's
+    return {
+        **os.environ, **library,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project / 'mlflow.db'}",
+        "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false",
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+    }
+
+
+def _git(args: list[str], cwd: Path) -> None:
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def prepare_workdir(project: Path, workdir: Path) -> Path:
+    """Copy the project's git-visible files into ``workdir`` (a git repository DVC experiments can run in).
+
+    An existing workdir keeps its artifacts and DVC cache (so finished stages are reused) and gets the current code.
+    """
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           cwd=project, capture_output=True, check=True).stdout.split(b"\0")
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in filter(None, (f.decode() for f in files)):
+        src = project / name
+        if src.is_file():
+            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, workdir / name)
+    (workdir / "data").mkdir(exist_ok=True)  # the pipeline's declared data folder; the corpus comes from params
+    if not (workdir / ".git").is_dir():
+        _git(["init", "-q", "-b", "main"], workdir)
+    _git(["add", "-A"], workdir)
+    _git(["-c", "user.email=experiments@covidcxr", "-c", "user.name=covidcxr", "commit", "-q", "--allow-empty",
+          "-m", "baseline for experiments"], workdir)
+    return workdir
+
+
+def _ensure_mlflow_experiment(project: Path, name: str) -> None:
+    """Create the MLflow experiment with its artifacts under the project's mlruns/ (not the scratch copy's)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(_env(project)["MLFLOW_TRACKING_URI"])
+    if mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=(project / "mlruns" / name).as_uri())
+
+
+# --- headline figures -------------------------------------------------------------------------------------------------
+
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        raise ExperimentError(f"the run did not write {path}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _ci(block: dict, metric: str) -> dict:
+    ci = block["ci_at_operating"][metric]
+    return {"value": ci["value"], "low": ci["low"], "high": ci["high"]}
+
+
+def collect_classifier(workdir: Path, params: dict) -> dict:
+    """Test AUC with its 95% CI, sensitivity and specificity at the operating threshold, per variant/backbone.
+
+    A one-class test split (a held-out source of negatives only) has no AUC and no sensitivity: they are null, and
+    ``test_classes`` says why.
+    """
+    split = _json(workdir / "reports/split/summary.json")
+    out: dict = {"split_counts": split["covid"], "models": {}}
+    for variant in params.get("train_classifier.variants", ["c", "d", "e"]):
+        for backbone in params.get("train_classifier.backbones", ["vgg16", "vgg19"]):
+            m = _json(workdir / f"reports/evaluate/{variant}_{backbone}/metrics.json")
+            test = m["test"]
+            at = test["at_operating"]
+            out["models"][f"{variant}_{backbone}"] = {
+                "test_auc": _ci(test, "roc_auc"),
+                "test_sensitivity": _ci(test, "sensitivity"),
+                "test_specificity": _ci(test, "specificity"),
+                "test_accuracy": _ci(test, "accuracy"),
+                "test_classes": {"covid": at["n_positive"], "negative": at["n"] - at["n_positive"]},
+                "test_at_0.5": {k: test["at_0.5"][k]
+                                for k in ("accuracy", "sensitivity", "specificity", "f1", "roc_auc")},
+                "val_auc": m["val"]["at_0.5"]["roc_auc"],
+                "operating_threshold": m["operating_threshold"],
+            }
+    return out
+
+
+def _run_seconds(project: Path, model_dir: Path) -> float | None:
+    """Training time of the MLflow run that made a model (the stage may have been reused from an earlier run)."""
+    import mlflow
+
+    try:
+        mlflow.set_tracking_uri(_env(project)["MLFLOW_TRACKING_URI"])
+        info = mlflow.get_run(_json(model_dir / "run.json")["run_id"]).info
+        return round((info.end_time - info.start_time) / 1000.0, 1) if info.end_time else None
+    except Exception:  # noqa: BLE001 - a figure for the table, not a reason to fail the experiment
+        return None
+
+
+def collect_segmentation(workdir: Path, params: dict, project: Path = PROJECT) -> dict:
+    """U-Net Dice/IoU on its held-out split (internal, per source) and on the external sources."""
+    m = _json(workdir / "reports/train_unet/metrics.json")
+    return {"internal_test": m["test"], "internal_val": m["val"], "external": m.get("external"),
+            "split_counts": _json(workdir / "reports/split/summary.json")["segmentation"],
+            "train_seconds": _run_seconds(project, workdir / "artifacts/models/unet")}
+
+
+def collect_projection(workdir: Path, params: dict, project: Path = PROJECT) -> dict:
+    """Projection filter accuracy per split, overall and per class (frontal, lateral)."""
+    return {"metrics": _json(workdir / "reports/train_projection/metrics.json"),
+            "split_counts": _json(workdir / "reports/split/summary.json")["projection"],
+            "train_seconds": _run_seconds(project, workdir / "artifacts/models/projection")}
+
+
+COLLECTORS = {"classifier": collect_classifier, "segmentation": collect_segmentation, "projection": collect_projection}
+
+
+SETTINGS = ("cache.size", "train_projection.epochs", "train_projection.lr", "train_projection.width",
+            "train_unet.epochs", "train_unet.f0", "train_classifier.epochs", "train_classifier.width",
+            "train_classifier.variants", "train_classifier.backbones")
+
+
+def _settings(params: dict, effective: dict) -> dict:
+    """The size/epochs/width figures a reader compares runs by: the overlay's, else the params.yaml ``effective``."""
+    def value(key: str) -> object:
+        section, _, leaf = key.partition(".")
+        return params[key] if key in params else (effective.get(section) or {}).get(leaf)
+
+    return {k: value(k) for k in SETTINGS}
+
+
+def record(project: Path, name: str, result: dict) -> None:
+    """reports/experiments/<name>.json, and the entry of bench/experiments.json (the other entries are kept)."""
+    _common.write_json(project / REPORTS / f"{name}.json", result)
+    bench_path = project / BENCH
+    bench = json.loads(bench_path.read_text(encoding="utf-8")) if bench_path.is_file() else {}
+    bench[name] = {k: result[k] for k in ("command", "settings", "wall_seconds", "finished", "headline")}
+    _common.write_json(bench_path, bench)
+
+
+def _fmt(value: object, ci: dict | None = None) -> str:
+    if value is None:
+        return "null"
+    text = f"{value:.3f}" if isinstance(value, float) else str(value)
+    if ci and ci.get("low") is not None:
+        text += f" [{ci['low']:.3f}, {ci['high']:.3f}]"
+    return text
+
+
+def _classifier_rows(result: dict) -> list[str]:
+    rows = ["| run | model | test n (covid/neg) | test AUC [95% CI] | sensitivity | specificity | at 0.5: acc / sens /"
+            " spec / F1 |", "|---|---|---|---|---|---|---|"]
+    for exp_name, r in result["runs"].items():
+        for model, m in r["models"].items():
+            c, a = m["test_classes"], m["test_at_0.5"]
+            rows.append(f"| {exp_name} | {model} | {c['covid']}/{c['negative']} | "
+                        f"{_fmt(m['test_auc']['value'], m['test_auc'])} | "
+                        f"{_fmt(m['test_sensitivity']['value'], m['test_sensitivity'])} | "
+                        f"{_fmt(m['test_specificity']['value'], m['test_specificity'])} | "
+                        f"{_fmt(a['accuracy'])} / {_fmt(a['sensitivity'])} / {_fmt(a['specificity'])} / "
+                        f"{_fmt(a.get('f1'))} |")
+    return rows
+
+
+def _segmentation_rows(result: dict) -> list[str]:
+    rows = ["| data | n | Dice | IoU | authors' per-pixel Dice |", "|---|---|---|---|---|"]
+    for r in result["runs"].values():
+        parts = [("internal test (all)", r["internal_test"])]
+        parts += [(f"internal test: {k}", v) for k, v in r["internal_test"].get("by_source", {}).items()]
+        parts += [("internal val", r["internal_val"])]
+        if r["external"]:
+            parts += [("external: cohen (V7 masks)", r["external"])]
+        rows += [f"| {n} | {v['n']} | {_fmt(v['dice'])} | {_fmt(v['iou'])} | {_fmt(v['paper_pixel_dice'])} |"
+                 for n, v in parts]
+    return rows
+
+
+def _projection_rows(result: dict) -> list[str]:
+    rows = ["| split | n | accuracy | frontal accuracy | lateral accuracy |", "|---|---|---|---|---|"]
+    for r in result["runs"].values():
+        for split in ("train", "val", "test"):
+            m = r["metrics"][split]
+            lateral = r["split_counts"][split].get("lateral", 0)
+            rows.append(f"| {split} | {m['n']} ({lateral} lateral) | {_fmt(m['accuracy'])} | "
+                        f"{_fmt(m['frontal_accuracy'])} | {_fmt(m['lateral_accuracy'])} |")
+    return rows
+
+
+def _short(r: dict) -> str:
+    """One table cell of an experiment's headline figures."""
+    h = r["headline"]
+    if r["kind"] == "classifier":
+        return "; ".join(f"{k.split('/')[-1] if len(r['runs']) == 1 else k.removeprefix(r['experiment'] + '-')}: "
+                         + (f"AUC {_fmt(v['test_auc'])}" if v["test_auc"] is not None
+                            else f"specificity {_fmt(v['test_specificity'])}") for k, v in h.items())
+    if r["kind"] == "segmentation":
+        v = next(iter(h.values()))
+        return f"Dice internal {_fmt(v['internal_test_dice'])}, external (Cohen) {_fmt(v['external_dice'])}"
+    v = next(iter(h.values()))
+    return (f"accuracy {_fmt(v['accuracy'])} (frontal {_fmt(v['frontal_accuracy'])}, "
+            f"lateral {_fmt(v['lateral_accuracy'])})")
+
+
+def refresh(project: Path = PROJECT) -> None:
+    """Recompute the headline of every recorded experiment (bench/experiments.json) and the summary README."""
+    for path in sorted((project / REPORTS).glob("*.json")):
+        r = json.loads(path.read_text(encoding="utf-8"))
+        r["headline"] = headline(r["kind"], r["runs"])
+        record(project, r["experiment"], r)
+    render_summary(project)
+
+
+def render_summary(project: Path = PROJECT) -> Path:
+    """reports/experiments/README.md: every recorded experiment's command, settings, wall time, figures and notes."""
+    lines = ["# Experiments on the real chest X-ray corpus", "",
+             "Written by `python -m pipelines.experiment` from the JSON files beside it (do not edit by hand: edit "
+             "the overlay's `notes` in `experiments/`). Development figures: the corpus is a downscaled subset "
+             "(about one patient in five held back), and the models are CPU-sized (no ImageNet weights). Wall times "
+             "are on 2 CPU cores shared with other work; the experiments share ingest, cache, projection filter and "
+             "U-Net through DVC's run cache, so the first one run in a fresh workdir also computes those (comparison "
+             "did here).", ""]
+    render = {"classifier": _classifier_rows, "segmentation": _segmentation_rows, "projection": _projection_rows}
+    results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((project / REPORTS).glob("*.json"))]
+    lines += ["| experiment | command | working size / epochs | wall time | ours (test) | paper |",
+              "|---|---|---|---|---|---|"]
+    for r in results:
+        st = r["settings"]
+        size = (f"{st.get('cache.size')} px; epochs: projection {st.get('train_projection.epochs')}, U-Net "
+                f"{st.get('train_unet.epochs')}, classifier {st.get('train_classifier.epochs')}")
+        paper = load(r["experiment"]).get("paper_headline", "") if r["experiment"] in available() else ""
+        wall = f"{r['wall_seconds'] / 60:.1f} min"
+        trained = [run["train_seconds"] for run in r["runs"].values() if run.get("train_seconds")]
+        if trained:  # the stage came from the run cache of an earlier experiment
+            wall += f" (stage reused; its training took {sum(trained) / 60:.1f} min)"
+        lines.append(f"| {r['experiment']} | `{r['command']}` | {size} | {wall} | "
+                     f"{_short(r)} | {paper or 'none'} |")
+    lines.append("")
+    for r in results:
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
+        lines += [f"## {r['experiment']}", "", r["description"].strip(), "",
+                  f"- command: `{r['command']}`", f"- settings: {settings}",
+                  f"- wall time: {r['wall_seconds'] / 60:.1f} min on 2 shared CPU cores (finished {r['finished']})"]
+        lines += [f"- {k}: {_fmt(v) if not isinstance(v, dict) else v}"
+                  for run in r["runs"].values() for k, v in run.items() if k == "train_seconds"]
+        lines += [""] + render[r["kind"]](r) + [""]
+        if r.get("paper"):
+            lines += ["Paper: `" + json.dumps(r["paper"], sort_keys=True) + "`", ""]
+        notes = r.get("notes")
+        if r["experiment"] in available():  # the overlay's current notes (written after reading the figures)
+            notes = load(r["experiment"]).get("notes") or notes
+        if notes:
+            lines += [notes.strip(), ""]
+    out = project / REPORTS / "README.md"
+    _common.write_with(out, lambda tmp: tmp.write_text("\n".join(lines), encoding="utf-8"))
+    return out
+
+
+def headline(kind: str, runs_out: dict) -> dict:
+    """The few numbers to compare run to run."""
+    out: dict = {}
+    for exp_name, r in runs_out.items():
+        if kind == "classifier":
+            for model, m in r["models"].items():
+                out[f"{exp_name}/{model}"] = {
+                    "test_auc": m["test_auc"]["value"], "test_auc_ci": [m["test_auc"]["low"], m["test_auc"]["high"]],
+                    "test_sensitivity": m["test_sensitivity"]["value"],
+                    "test_specificity": m["test_specificity"]["value"]}
+        elif kind == "segmentation":
+            ext = r["external"] or {}
+            out[exp_name] = {"internal_test_dice": r["internal_test"]["dice"],
+                             "internal_test_iou": r["internal_test"]["iou"],
+                             "external_dice": ext.get("dice"), "external_iou": ext.get("iou")}
+        else:
+            test = r["metrics"]["test"]
+            out[exp_name] = {k: test[k] for k in ("accuracy", "frontal_accuracy", "lateral_accuracy")}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.experiment", description=__doc__.split("\n")[0])
+    parser.add_argument("name", nargs="?", help="experiment name (experiments/<name>.yaml)")
+    parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+    parser.add_argument("--summary", action="store_true",
+                        help="recompute the headlines and reports/experiments/README.md from the recorded runs; exit")
+    parser.add_argument("--real-data", help=f"corpus root (default ${REAL_DATA_ENV}, else {DEFAULT_REAL_DATA})")
+    parser.add_argument("--workdir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "covidcxr-experiments",
+                        help="scratch copy of the project the DVC experiments run in (reused: stages are cached)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra params (YAML value) over the overlay's, e.g. for a quick smoke run")
+    parser.add_argument("--reuse-code", action="store_true",
+                        help="run on the code already copied into --workdir (one snapshot for a batch of experiments)")
+    parser.add_argument("--dry-run", action="store_true", help="print the dvc commands; run nothing")
+    a = parser.parse_args(argv)
+    if a.summary:
+        refresh(PROJECT)
+        print(PROJECT / REPORTS / "README.md")
+        return 0
+    if a.list or not a.name:
+        print("\n".join(available()))
+        return 0
+    spec = load(a.name)
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ExperimentError(f"--set {item!r}: expected KEY=VALUE")
+        spec["params"][key] = yaml.safe_load(value)
+    real_data = real_data_root(a.real_data)
+    planned = [(n, p, dvc_command(n, p, spec["targets"], real_data)) for n, p in runs(a.name, spec)]
+    if a.dry_run:
+        for _, _, cmd in planned:
+            print(shlex.join(cmd))
+        return 0
+
+    log = _common.setup_logging()
+    workdir = a.workdir.resolve()
+    if not (a.reuse_code and (workdir / ".git").is_dir()):
+        prepare_workdir(PROJECT, workdir)
+    started, results = time.monotonic(), {}
+    for exp_name, params, cmd in planned:
+        _ensure_mlflow_experiment(PROJECT, f"covidcxr-{params.get('split.experiment', 'demo')}")
+        baseline = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=workdir, check=True, capture_output=True)
+        (workdir / "params.yaml").write_bytes(baseline.stdout)  # every run starts from the copy's baseline params
+        log.info("%s: %s", exp_name, shlex.join(cmd))
+        t0 = time.monotonic()
+        subprocess.run(["dvc", "exp", "remove", exp_name], cwd=workdir, env=_env(PROJECT), capture_output=True)
+        proc = subprocess.run(cmd, cwd=workdir, env=_env(PROJECT, workdir), text=True, capture_output=True)
+        if proc.returncode != 0:
+            raise ExperimentError(f"{exp_name}: dvc exp run exited {proc.returncode}\n{proc.stderr[-4000:]}")
+        result = COLLECTORS[spec["kind"]](workdir, params)
+        result["wall_seconds"] = round(time.monotonic() - t0, 1)
+        results[exp_name] = result
+        log.info("%s done in %.0f s", exp_name, result["wall_seconds"])
+    command = f"python -m pipelines.experiment {a.name}" + "".join(f" --set {shlex.quote(s)}" for s in a.set)
+    out = {
+        "experiment": a.name, "description": spec.get("description", ""), "kind": spec["kind"], "command": command,
+        "dvc_commands": [shlex.join(c).replace(real_data.as_posix(), "$COVIDCXR_REAL_DATA") for _, _, c in planned],
+        "settings": _settings(spec["params"], yaml.safe_load((workdir / "params.yaml").read_text(encoding="utf-8"))),
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": spec.get("notes", ""),
+        "paper": spec.get("paper"), "runs": results, "headline": headline(spec["kind"], results),
+    }
+    record(PROJECT, a.name, out)
+    render_summary(PROJECT)
+    print(json.dumps(out["headline"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

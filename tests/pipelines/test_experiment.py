@@ -1,0 +1,182 @@
+"""The experiment runner (overlays to `dvc exp run -S` arguments), held-out splits, one-class test splits.
+
+(not a pipeline run: the real experiments are documented commands, see README "Experiments on real chest X-rays")
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from covidcxr import splits
+from pipelines import _common, evaluate, experiment
+from pipelines import split as split_stage
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_overlay_loads_and_names_a_known_selection():
+    names = experiment.available()
+    assert {"comparison", "adult-negatives", "leave-one-source-out", "segmentation", "projection"} <= set(names)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name in names:
+        spec = experiment.load(name)
+        assert spec["params"]["split.experiment"] in params["split"]["experiments"], name
+        sources = {s["name"] for s in spec["params"]["ingest.sources"]}
+        for value in (spec.get("matrix") or {}).get("split.holdout_source", []):
+            assert value in sources, (name, value)
+
+
+def test_unknown_experiment_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(experiment.ExperimentError, match=r"unknown experiment 'nope'; available: adult-negatives"):
+        experiment.load("nope")
+    with pytest.raises(experiment.ExperimentError, match="unknown experiment '_base'"):
+        experiment.load("_base")  # the shared base is not an experiment
+    (tmp_path / "bad.yaml").write_text("params: {cache.size: 64}\ntargets: [evaluate]\nkind: magic\n")
+    with pytest.raises(experiment.ExperimentError, match=r"bad.yaml: kind 'magic' is not one of"):
+        experiment.load("bad", tmp_path)
+    (tmp_path / "broken.yaml").write_text("params: [\n")
+    with pytest.raises(experiment.ExperimentError, match="broken.yaml: not valid YAML"):
+        experiment.load("broken", tmp_path)
+
+
+def test_matrix_gives_one_dvc_experiment_per_held_out_source(tmp_path: Path):
+    spec = experiment.load("leave-one-source-out")
+    planned = experiment.runs("leave-one-source-out", spec)
+    assert [n for n, _ in planned] == ["leave-one-source-out-kermany", "leave-one-source-out-montgomery",
+                                       "leave-one-source-out-shenzhen"]
+    real = tmp_path / "corpus"
+    cmd = experiment.dvc_command(*planned[1], spec["targets"], real)
+    assert cmd[:5] == ["dvc", "exp", "run", "-n", "leave-one-source-out-montgomery"] and cmd[-1] == "evaluate"
+    sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-S"]
+    assert "split.holdout_source=montgomery" in sets and "split.experiment=leave-one-source-out" in sets
+    assert any(s.startswith("ingest.sources=") and f"'{real.as_posix()}/kermany'" in s for s in sets)
+    assert not any("{real_data}" in s for s in sets)
+
+
+def test_overrides_parse_back_through_dvc(tmp_path: Path):
+    """The -S arguments, read by DVC's own override parser, give exactly the overlay's values."""
+    from dvc.utils.hydra import apply_overrides
+
+    real = Path("/corpus with space/it's here")
+    for name in experiment.available():
+        spec = experiment.load(name)
+        for exp_name, params in experiment.runs(name, spec):
+            path = tmp_path / f"{exp_name}.yaml"
+            shutil.copy(ROOT / "params.yaml", path)
+            cmd = experiment.dvc_command(exp_name, params, [], real)
+            apply_overrides(str(path), [cmd[i + 1] for i, a in enumerate(cmd) if a == "-S"])
+            got = yaml.safe_load(path.read_text())
+            for key, value in params.items():
+                section, _, leaf = key.partition(".")
+                assert got[section][leaf] == experiment._substitute(value, real), (exp_name, key)
+
+
+@pytest.mark.parametrize("value", [None, True, 3, 0.0005, "true", "a-b", "/x/y", ["a", 1], {"k": "v w"}])
+def test_hydra_value_keeps_types(value, tmp_path: Path):
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "p.yaml"
+    path.write_text("s:\n  k: 0\n")
+    apply_overrides(str(path), [f"s.k={experiment.hydra_value(value)}"])
+    assert yaml.safe_load(path.read_text())["s"]["k"] == value
+
+
+def test_real_data_root_must_hold_the_corpus(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv(experiment.REAL_DATA_ENV, str(tmp_path))
+    with pytest.raises(experiment.ExperimentError, match="no cohen/metadata.csv"):
+        experiment.real_data_root()
+    (tmp_path / "cohen").mkdir()
+    (tmp_path / "cohen" / "metadata.csv").write_text("patientid\n")
+    assert experiment.real_data_root() == tmp_path.resolve()
+
+
+def manifest_rows() -> pd.DataFrame:
+    """A manifest of three sources: `pos` has covid and negatives, `neg1`/`neg2` negatives; `neg2` has masks."""
+    rows = []
+    for source, n, covid in (("pos", 40, 0.6), ("neg1", 30, 0.0), ("neg2", 30, 0.0)):
+        for i in range(n):
+            rows.append({"image_id": f"{source}/{i}", "patient_id": f"{source}:{i // 2}", "source": source,
+                         "label": "covid" if i < n * covid else "negative", "projection": "frontal",
+                         "mask_path": f"m/{source}{i}.png" if source != "neg1" else None})
+    return pd.DataFrame(rows)
+
+
+def stage_params(**extra) -> dict:
+    return {"seed": 1, "fractions": dict(splits.PAPER_FRACTIONS), "tolerance": 0.1, "experiment": "all",
+            "experiments": {"all": {"positives": [{"source": "pos", "label": "covid"}],
+                                    "negatives": [{"label": "negative"}]}}, **extra}
+
+
+def test_split_stage_holds_out_a_source_and_external_masks():
+    m = manifest_rows()
+    tables, _ = split_stage.task_tables(m, stage_params(holdout_source="neg1", segmentation_external=["pos"]))
+    covid = tables["covid"].merge(m[["image_id", "source"]])
+    assert set(covid.loc[covid["split"] == "test", "source"]) == {"neg1"}
+    assert set(covid.loc[covid["source"] == "neg1", "split"]) == {"test"}
+    assert (covid.groupby("patient_id")["split"].nunique() == 1).all()
+    seg = tables["segmentation"]
+    assert set(seg.loc[seg["label"] == "pos", "split"]) == {"external"}
+    assert set(seg.loc[seg["label"] == "neg2", "split"]) == {"train", "val", "test"}
+    assert split_stage.validated_fractions("covid", stage_params(holdout_source="neg1")) == \
+        pytest.approx({"train": 0.75, "val": 0.25})
+    # defaults: exactly the plain patient-level split
+    plain, _ = split_stage.task_tables(m, stage_params())
+    again, _ = split_stage.task_tables(m, stage_params(holdout_source=None, segmentation_external=[]))
+    assert plain["covid"].equals(again["covid"]) and set(plain["covid"]["split"]) == {"train", "val", "test"}
+
+
+def test_holding_out_the_only_positive_source_is_refused():
+    with pytest.raises(splits.SelectionError, match=r"train split has no \['covid'\] images .*'pos'"):
+        split_stage.task_tables(manifest_rows(), stage_params(holdout_source="pos"))
+
+
+def test_one_class_test_split_reports_specificity_only(tmp_path: Path):
+    """A held-out source of negatives only: evaluation does not crash; AUC and sensitivity are null, specificity set."""
+    rng = np.random.default_rng(0)
+    n = 30
+    pred = pd.DataFrame({"split": ["val"] * n + ["test"] * n,
+                         "label": ["covid", "negative"] * (n // 2) + ["negative"] * n,
+                         "score": np.r_[rng.random(n), np.linspace(0.05, 0.95, n)],
+                         "patient_id": [f"p{i}" for i in range(2 * n)]})
+    result = evaluate.evaluate_model(pred, 0.5, {"n_boot": 50, "seed": 0, "calibration_bins": 5})
+    assert result["test"]["at_operating"]["specificity"] == pytest.approx(0.5)
+    assert np.isnan(result["test"]["at_operating"]["roc_auc"])
+    curves = evaluate.curves(pred, 5)
+    assert curves["roc"] == [] and curves["pr"] == []
+    result["operating_threshold"] = 0.5
+    _common.write_json(tmp_path / "reports/evaluate/c_vgg16/metrics.json", result)
+    _common.write_json(tmp_path / "reports/split/summary.json", {"covid": {"test": {"negative": n}}})
+    got = experiment.collect_classifier(tmp_path, {"train_classifier.variants": ["c"],
+                                                   "train_classifier.backbones": ["vgg16"]})
+    model = got["models"]["c_vgg16"]
+    assert model["test_auc"]["value"] is None and model["test_sensitivity"]["value"] is None
+    assert model["test_specificity"]["value"] == pytest.approx(0.5)
+    assert model["test_specificity"]["low"] < 0.5 < model["test_specificity"]["high"]
+    assert model["test_classes"] == {"covid": 0, "negative": n}
+    json.dumps(got, allow_nan=False)  # strict JSON: what bench/ and DVC read
+
+    result = {"experiment": "loso", "description": "d", "kind": "classifier", "command": "python -m x", "notes": "n",
+              "settings": experiment._settings({"cache.size": 64}, {"train_unet": {"f0": 16}}), "paper": None,
+              "wall_seconds": 60.0, "finished": "now", "runs": {"loso-b": got},
+              "headline": experiment.headline("classifier", {"loso-b": got})}
+    assert result["settings"]["cache.size"] == 64 and result["settings"]["train_unet.f0"] == 16
+    assert result["headline"]["loso-b/c_vgg16"]["test_auc"] is None
+    experiment.record(tmp_path, "loso", result)
+    table = experiment.render_summary(tmp_path).read_text()
+    assert "| loso-b | c_vgg16 | 0/30 | null | null | 0.500 [" in table
+
+
+def test_record_keeps_other_experiments(tmp_path: Path):
+    base = {"command": "c", "settings": {}, "wall_seconds": 1.0, "finished": "now", "headline": {"x": 1}}
+    experiment.record(tmp_path, "one", {**base, "runs": {}})
+    experiment.record(tmp_path, "two", {**base, "headline": {"x": 2}, "runs": {}})
+    bench = json.loads((tmp_path / experiment.BENCH).read_text())
+    assert bench["one"]["headline"] == {"x": 1} and bench["two"]["headline"] == {"x": 2}
+    assert json.loads((tmp_path / "reports/experiments/two.json").read_text())["runs"] == {}

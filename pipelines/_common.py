@@ -190,9 +190,20 @@ def mlflow_experiment() -> str:
 
 
 def setup_tracking() -> None:
-    """Default store: sqlite in the project directory; MLFLOW_TRACKING_URI overrides it."""
+    """Default store: sqlite in the project directory; MLFLOW_TRACKING_URI overrides it.
+
+    A non-chief worker of a multi-worker cluster (``TF_CONFIG``) trains like the chief but must not add runs to the
+    team's store: it logs to a throwaway store in a temporary folder, and only the chief's runs count.
+    """
     import mlflow
 
+    from covidcxr import training
+
+    if not training.is_chief():
+        scratch = Path(tempfile.mkdtemp(prefix="covidcxr-worker-mlruns-"))
+        logging.getLogger("covidcxr").info("not the chief worker: MLflow runs go to a throwaway store in %s", scratch)
+        mlflow.set_tracking_uri(f"sqlite:///{scratch / 'mlflow.db'}")
+        return
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
 
 

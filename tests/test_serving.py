@@ -11,12 +11,14 @@ from pathlib import Path
 import keras
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
+from pydicom.sequence import Sequence as DicomSequence
 
 from covidcxr import io, models, phantoms, preprocess, serving
-from tests.test_io import make_dicom
+from tests.test_io import _deflated, _huge_png, _voi_lut_item, codestream_dicom, make_dicom
 
 SIZE = 32
 PHI = {"PatientName": "Zyxwvut^Qponmlk", "PatientID": "PID-88412", "PatientBirthDate": "19491231",
@@ -117,6 +119,14 @@ BAD = {
     "hand radiograph": (dicom_b64(phantom(), BodyPartExamined="HAND"), "not_chest_radiograph"),
     "lateral by header": (dicom_b64(phantom(), ViewPosition="LL"), "lateral_view"),
     "DICOM without pixels": (b64(make_dicom(None, shape=(40, 40))), "no_pixel_data"),
+    "zero bytes": (b64(b""), "missing_image"),
+    "PNG bomb": (b64(_huge_png(100_000, 100_000)), "too_large"),
+    "JPEG-in-DICOM bomb": (b64(codestream_dicom("jpeg", 30_000, 30_000)), "too_large"),
+    "J2K-in-DICOM bomb": (b64(codestream_dicom("j2k", 30_000, 30_000)), "too_large"),
+    "frames beyond the data": (dicom_b64(phantom(), n_frames=50), "truncated"),
+    "huge declared DICOM": (b64(make_dicom(np.zeros((40, 40)), shape=(65535, 65535))), "too_large"),
+    "YBR colour DICOM": (b64(make_dicom(np.zeros((40, 40, 3), np.uint8), photometric="YBR_FULL", bits_allocated=8,
+                                        bits_stored=8)), "unsupported_photometric"),
 }
 
 
@@ -129,6 +139,46 @@ def test_one_bad_image_gives_an_error_entry_not_a_failed_batch(loaded, case):
     assert entries[1]["reason"] == reason and reason in serving.REASONS
     assert entries[1]["message"].startswith("image[1]") and entries[1]["covid_probability"] is None
     assert entries[0]["covid_probability"] == entries[2]["covid_probability"]
+
+
+def _odd_but_valid() -> dict[str, str]:
+    image = phantom()
+    stored = np.round(image * 4000).astype(np.int64)
+    lut = DicomSequence([_voi_lut_item(np.round(np.sqrt(np.arange(4096)) * 1000).astype(np.int64))])
+    rgb = np.round(255 * np.stack([image, image * 0.9, image * 0.8], axis=-1)).astype(np.uint8)
+    buffer = stdio.BytesIO()
+    Image.fromarray((stored * 16).astype(np.uint16)).save(buffer, format="PNG")
+    return {
+        "signed 16-bit DICOM": b64(make_dicom(stored - 2048, signed=True, RescaleSlope=1, RescaleIntercept=-1024)),
+        "MONOCHROME1": b64(make_dicom(4095 - stored, photometric="MONOCHROME1")),
+        "MONOCHROME1 with a VOI LUT": b64(make_dicom(4095 - stored, photometric="MONOCHROME1", VOILUTSequence=lut)),
+        "multi-frame DICOM": b64(make_dicom(np.stack([stored, stored // 2]), n_frames=2)),
+        "deflated DICOM": b64(_deflated(pydicom.dcmread(stdio.BytesIO(make_dicom(stored))))),
+        "RGB DICOM": b64(make_dicom(rgb, photometric="RGB", bits_allocated=8, bits_stored=8, shape=rgb.shape[:2])),
+        "RGB photograph PNG": b64(_png(rgb)),
+        "16-bit PNG": b64(buffer.getvalue()),
+    }
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = stdio.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_odd_but_valid_files_are_scored(loaded):
+    cases = _odd_but_valid()
+    entries = loaded.score(list(cases.values()))
+    for name, entry in zip(cases, entries):
+        assert entry["accepted"] and 0.0 <= entry["covid_probability"] <= 1.0, (name, entry)
+
+
+def test_request_errors_quote_nothing_of_the_request():
+    """mlflow's scoring server rewrites the message of a predict error to quote the input; ServingError keeps its own."""
+    err = serving.invalid_request("param 'threshold' must be in [0, 1], got 2.0")
+    err.message = f"Failed to predict data 'Zyxwvut^Qponmlk'. \nError: {err.message}"
+    assert err.message == "param 'threshold' must be in [0, 1], got 2.0"
+    assert "Zyxwvut" not in err.serialize_as_json() and err.get_http_status_code() == 400
 
 
 def test_too_many_images_is_a_request_error(loaded):
@@ -252,6 +302,14 @@ def test_pyfunc_saves_loads_and_scores_in_process(bundle, tmp_path):
     assert model.predict(example)[0]["threshold"] == 0.5
     with pytest.raises(MlflowException, match="missing inputs"):
         model.predict(pd.DataFrame({"img": ["x"]}))
+    # Through the scoring server's own request handling: the 400 for a bad param quotes nothing of the request.
+    from mlflow.pyfunc import scoring_server
+
+    body = json.dumps({"dataframe_records": [{"image": PHI["PatientName"]}], "params": {"threshold": 2}})
+    with pytest.raises(MlflowException) as err:
+        scoring_server.invocations(body, "application/json", model, model.metadata.get_input_schema())
+    assert err.value.get_http_status_code() == 400 and "must be in [0, 1]" in err.value.message
+    assert PHI["PatientName"] not in err.value.serialize_as_json()
 
 
 def test_real_files_are_scored(loaded, real_data):

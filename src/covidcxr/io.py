@@ -16,6 +16,7 @@ import os
 import re
 import struct
 import warnings
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,16 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +227,7 @@ def _decode(src: ImageSource, max_pixels: int, name: str | None) -> tuple[np.nda
     if fmt is None:
         raise NotAnImageError(source, _unknown_format(data))
     if fmt == "dicom":
-        arr, header = _read_dicom(data, source, max_pixels, has_magic=data[128:132] == b"DICM")
+        arr, header = _read_dicom(data, source, max_pixels, _max_file_bytes(max_pixels))
     elif fmt == "jsrt":
         arr, header = _read_jsrt(data, source, max_pixels)
     else:
@@ -302,17 +310,21 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian
 
 
-def _read_dicom(data: bytes, source: str, max_pixels: int, *, has_magic: bool) -> tuple[np.ndarray, dict]:
+def _read_dicom(data: bytes, source: str, max_pixels: int, max_bytes: int) -> tuple[np.ndarray, dict]:
     """Header checks first (truncation, pixel data, size, photometric, length), then decode frame 0 only."""
-    ds = _parse_dicom(data, source, has_magic)
+    inflated = _inflate_deflated(data, source, max_bytes)
+    data = data if inflated is None else inflated
+    ds = _parse_dicom(data, source, data[128:132] == b"DICM")
     try:
         _check_dicom_complete(ds, data, source)
         header = _dicom_header(ds)
+        if inflated is not None:
+            header["transfer_syntax"] = str(DeflatedExplicitVRLittleEndian)
         rows, cols, frames = _dicom_dims(ds, source)
         _check_pixels(rows * cols * frames, max_pixels, source, f"DICOM declares {cols}x{rows} x {frames} frame(s)")
         photometric = _check_photometric(ds, source)
         _ensure_transfer_syntax(ds, source)
-        _check_pixel_length(ds, source, rows, cols, frames)
+        _check_pixel_length(ds, source, rows, cols, frames, max_pixels)
         try:
             arr = pixel_array(ds, index=0)
         except Exception as exc:  # noqa: BLE001 - every decoder failure becomes a typed refusal
@@ -324,6 +336,45 @@ def _read_dicom(data: bytes, source: str, max_pixels: int, *, has_magic: bool) -
         raise
     except Exception as exc:  # noqa: BLE001 - malformed elements; the message is not echoed (it may hold PHI)
         raise UnreadableImageError(source, f"malformed DICOM ({type(exc).__name__})") from None
+
+
+_DEFLATED_UID = str(DeflatedExplicitVRLittleEndian).encode("ascii")
+
+
+def _inflate_deflated(data: bytes, source: str, max_bytes: int) -> bytes | None:
+    """A Deflated Explicit VR Little Endian file as the equivalent Explicit VR Little Endian file, else None.
+
+    pydicom inflates such a data set whole, without a bound (a few kB can inflate to gigabytes); here it is inflated
+    at most to ``max_bytes`` and refused beyond.
+    """
+    if _DEFLATED_UID not in data[:8192]:  # the UID sits in the file meta, near the start
+        return None
+    try:
+        fp = io.BytesIO(data)
+        read_preamble(fp, True)
+        meta = _read_file_meta_info(fp)
+        start = fp.tell()
+    except Exception:  # noqa: BLE001 - a broken meta group is reported by the normal parse
+        return None
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return None
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(data[start:], max_bytes + 1)
+    except zlib.error:
+        raise UnreadableImageError(source, "the deflated DICOM data set cannot be inflated (corrupt)") from None
+    if len(body) > max_bytes:
+        raise ImageTooLargeError(source, f"the deflated DICOM data set inflates to more than {max_bytes} bytes")
+    if not inflater.eof:
+        raise TruncatedImageError(source, "truncated: the deflated DICOM data set ends early")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = io.BytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    try:
+        write_file_meta_info(out, meta, enforce_standard=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. required meta elements missing
+        raise UnreadableImageError(source, f"malformed DICOM file meta information ({type(exc).__name__})") from None
+    return out.getvalue() + body
 
 
 def _parse_dicom(data: bytes, source: str, has_magic: bool) -> Dataset:
@@ -420,12 +471,13 @@ def _ensure_transfer_syntax(ds: Dataset, source: str) -> None:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
-def _check_pixel_length(ds: Dataset, source: str, rows: int, cols: int, frames: int) -> None:
-    """Native data: bytes present vs declared; encapsulated: every fragment complete."""
+def _check_pixel_length(ds: Dataset, source: str, rows: int, cols: int, frames: int, max_pixels: int) -> None:
+    """Native data: bytes present vs declared; encapsulated: every fragment complete, frame 0 no larger than declared."""
     tsyntax = ds.file_meta.TransferSyntaxUID
     value = ds.PixelData
     if tsyntax.is_encapsulated:
-        _check_fragments(value, source)
+        first = _check_fragments(value, source)
+        _check_codestream_size(first, source, rows, cols, max_pixels)
         return
     bits = _int(ds, "BitsAllocated")
     if bits is None or bits not in (1, 8, 16, 32, 64):
@@ -440,21 +492,90 @@ def _check_pixel_length(ds: Dataset, source: str, rows: int, cols: int, frames: 
         )
 
 
-def _check_fragments(value: bytes, source: str) -> None:
-    """Walk the (FFFE,E000) items of encapsulated pixel data; the first is the basic offset table."""
+def _check_fragments(value: bytes, source: str) -> bytes:
+    """Walk the (FFFE,E000) items of encapsulated pixel data (the first is the basic offset table); the first fragment."""
     pos, items = 0, 0
+    first = b""
     while pos < len(value):
         if pos + 8 > len(value):
             raise TruncatedImageError(source, "truncated: DICOM compressed pixel data ends inside an item header")
         group, elem, length = struct.unpack_from("<HHI", value, pos)
         if (group, elem) != (0xFFFE, 0xE000):
             raise UnreadableImageError(source, "DICOM compressed pixel data is malformed (expected an item tag)")
-        pos += 8 + length
-        if pos > len(value):
+        if pos + 8 + length > len(value):
             raise TruncatedImageError(source, "truncated: DICOM compressed pixel data ends inside a fragment")
+        if items == 1:
+            first = value[pos + 8 : pos + 8 + length]
+        pos += 8 + length
         items += 1
     if items < 2:
         raise UnreadableImageError(source, "DICOM compressed pixel data holds no frame")
+    return first
+
+
+# JPEG start-of-frame markers (baseline ... lossless, arithmetic; SOF55 of JPEG-LS): height, width follow the length.
+_JPEG_SOF = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
+_JPEG_NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI: markers without a segment
+_J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
+
+
+def _check_codestream_size(fragment: bytes, source: str, rows: int, cols: int, max_pixels: int) -> None:
+    """Frame 0's JPEG or JPEG 2000 header must declare no more pixels than Rows x Columns.
+
+    The decoders allocate what the codestream declares, not what the DICOM header says: a few hundred bytes can
+    otherwise make them allocate gigabytes. Other encodings (RLE) are decoded at the header's size.
+    """
+    if fragment.startswith(b"\xff\xd8"):
+        size, what = _jpeg_size(fragment), "JPEG"
+    elif _J2K_SOC_SIZ in fragment[:4096]:
+        size, what = _j2k_size(fragment), "JPEG 2000"
+    else:
+        return
+    if size is None:
+        raise UnreadableImageError(source, f"the DICOM {what} frame has no readable size header")
+    height, width = size
+    if height * width > max_pixels:
+        problem = f"the DICOM {what} frame declares {width}x{height} = {height * width} pixels, above {max_pixels}"
+        raise ImageTooLargeError(source, problem)
+    if height * width > rows * cols:
+        raise UnreadableImageError(
+            source, f"the DICOM {what} frame declares {width}x{height}, more than the header's {cols}x{rows}"
+        )
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from the first start-of-frame segment; None if the markers end or a scan comes first."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_NO_LENGTH:
+            pos += 2
+            continue
+        if marker in _JPEG_SOF:
+            if pos + 9 > len(data):
+                return None
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+            return (height, width) if height and width else None  # height 0: defined later by DNL, not supported
+        if marker == 0xDA:
+            return None
+        pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+    return None
+
+
+def _j2k_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of the image area from the SIZ segment of a JPEG 2000 codestream (raw or inside a JP2 file)."""
+    at = data.find(_J2K_SOC_SIZ)
+    if at < 0 or at + 24 > len(data):
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", data, at + 8)
+    if xsiz <= xosiz or ysiz <= yosiz:
+        return None
+    return ysiz - yosiz, xsiz - xosiz
 
 
 def _dicom_intensity(arr: np.ndarray, ds: Dataset, photometric: str, source: str) -> np.ndarray:
@@ -678,11 +799,17 @@ def _raster_gray(img: Image.Image, label: str, source: str) -> np.ndarray:
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R BT.601 luma, the weights the paper folds ImageNet filters with."""
-    rgb = np.asarray(rgb, dtype=np.float64)
+    """ITU-R BT.601 luma, the weights the paper folds ImageNet filters with; float32, one channel at a time.
+
+    Converting the whole (H, W, 3) array to float64 first would need 24 bytes a pixel on top of the image.
+    """
+    rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"expected an RGB array of shape (H, W, 3), got {rgb.shape}")
-    return 0.2989 * rgb[..., 0] + 0.5870 * rgb[..., 1] + 0.1140 * rgb[..., 2]
+    out = rgb[..., 0].astype(np.float32) * np.float32(0.2989)
+    out += rgb[..., 1].astype(np.float32) * np.float32(0.5870)
+    out += rgb[..., 2].astype(np.float32) * np.float32(0.1140)
+    return out
 
 
 def _binarize(arr: np.ndarray) -> np.ndarray:

@@ -140,9 +140,27 @@ class Refused(Exception):
         self.message = message
 
 
+class ServingError(MlflowException):
+    """An MlflowException whose message the scoring server cannot extend with the request's data.
+
+    ``mlflow models serve`` rewrites ``exc.message`` of an exception raised by ``predict`` to
+    ``"Failed to predict data '<the input DataFrame>'..."``, quoting the request (its base64 images and any extra
+    column) back in the answer; this class keeps the message it was built with, so no request content is echoed.
+    """
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):  # set once, by MlflowException.__init__
+            self._message = value
+
+
 def invalid_request(message: str) -> MlflowException:
-    """A request-level error; the scoring server turns it into HTTP 400 with this message."""
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+    """A request-level error; the scoring server turns it into HTTP 400 with exactly this message."""
+    return ServingError(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 # --- per-image steps ---------------------------------------------------------------------------------------------
@@ -468,8 +486,8 @@ class CovidCxrModel(mlflow.pyfunc.PythonModel):
         except Exception as exc:  # noqa: BLE001 - a server bug answers 500 without a stack trace or request data
             log.error("scoring failed: %s", type(exc).__name__)
             log.debug("scoring traceback", exc_info=True)
-            raise MlflowException(f"internal error while scoring ({type(exc).__name__}); see the server log",
-                                  error_code=INTERNAL_ERROR) from None
+            raise ServingError(f"internal error while scoring ({type(exc).__name__}); see the server log",
+                               error_code=INTERNAL_ERROR) from None
 
 
 def encode_file(path: str | os.PathLike) -> str:

@@ -13,12 +13,15 @@ import json
 import os
 import socket
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pydicom
 import pytest
 from PIL import Image
@@ -26,6 +29,7 @@ from PIL import Image
 from covidcxr import serving
 from pipelines import register
 from tests.pipelines.conftest import BIN, run, stop_server, wait_ready
+from tests.test_io import _huge_png, codestream_dicom
 
 NAME = "covidcxr"
 
@@ -203,13 +207,139 @@ def serve(project: Path, port: int, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def server_rss(server: subprocess.Popen) -> int:
+    """Resident memory of the server and every process it started (mlflow starts uvicorn, which holds the model)."""
+    root = psutil.Process(server.pid)
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def hostile_images(frontal: Path, lateral: Path) -> dict[str, tuple[str, str]]:
+    """Bad images, each as (base64 field, the reason the server must give)."""
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    def edited(**elements) -> str:
+        ds = pydicom.dcmread(frontal)
+        if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+            ds.decompress()
+        for keyword, value in elements.items():
+            setattr(ds, keyword, value)
+        buffer = stdio.BytesIO()
+        ds.save_as(buffer)
+        return b64(buffer.getvalue())
+
+    photo = stdio.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 200, 3), dtype=np.uint8)).save(photo, "JPEG")
+    data = frontal.read_bytes()
+    return {
+        "text": (b64(b"Patient: Jane Doe, DOB 1949-12-31\n"), "not_an_image"),
+        "zero bytes": ("", "missing_image"),
+        "bad base64": ("@@@ not base64 @@@", "invalid_base64"),
+        "truncated DICOM": (b64(data[: len(data) // 2]), "truncated"),
+        "PNG bomb": (b64(_huge_png(100_000, 100_000)), "too_large"),
+        "JPEG-in-DICOM bomb": (b64(codestream_dicom("jpeg", 30_000, 30_000)), "too_large"),
+        "frames beyond the data": (edited(NumberOfFrames=100), "truncated"),  # 100 x 256 x 256: under the limit
+        "CT slice": (edited(Modality="CT"), "not_chest_radiograph"),
+        "colour panorama": (b64(photo.getvalue()), "not_chest_radiograph"),
+        "lateral": (serving.encode_file(lateral), "lateral_view"),
+    }
+
+
+CLIENTS, REQUESTS = 8, 6
+
+
+def load_round(url: str, good: dict[str, str], reference: dict[str, dict], bad: dict[str, tuple[str, str]],
+               transcript: list[str]) -> list[str]:
+    """8 clients at once, 6 requests each: a good image and two bad ones per request, every 6th request malformed.
+
+    Returns the failures: a 5xx, a good image answered differently than alone, a bad one without its reason.
+    """
+    good_names, bad_names = sorted(good), sorted(bad)
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for r in range(REQUESTS):
+            k = c * REQUESTS + r
+            names = [good_names[k % len(good_names)], bad_names[k % len(bad_names)],
+                     bad_names[(3 * k + 1) % len(bad_names)]]
+            fields = [good[names[0]], bad[names[1]][0], bad[names[2]][0]]
+            malformed = r == REQUESTS - 1
+            payload = {"dataframe_records": [{"image": f} for f in fields],
+                       "params": {"threshold": 2} if malformed else {"explain": False}}
+            try:
+                status, answer = post(url, payload, timeout=60)
+            except OSError as exc:
+                status, answer = 0, f"{type(exc).__name__}: {exc}"
+            problems = []
+            if malformed:
+                if status != 400:
+                    problems.append(f"a malformed request got {status}: {str(answer)[:200]}")
+            elif status != 200:
+                problems.append(f"status {status}: {str(answer)[:300]}")
+            else:
+                entries = answer["predictions"]
+                got, want = entries[0], reference[names[0]]
+                if (got["accepted"], got["reason"]) != (want["accepted"], want["reason"]) or abs(
+                        (got["covid_probability"] or 0) - (want["covid_probability"] or 0)) > 1e-4:
+                    problems.append(f"{names[0]} answered {got} under load, {want} alone")
+                for name, entry in zip(names[1:], entries[1:]):
+                    if entry["accepted"] or entry["reason"] != bad[name][1] or not entry["message"]:
+                        problems.append(f"{name}: expected {bad[name][1]}, got {entry}")
+            with lock:
+                transcript.append(json.dumps(answer) if isinstance(answer, dict) else str(answer))
+                failures.extend(f"client {c} request {r}: {p}" for p in problems)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a client did not finish within 120 s"
+    return failures
+
+
+def check_under_load(url: str, server: subprocess.Popen, good: dict[str, str], bad: dict[str, tuple[str, str]],
+                     transcript: list[str]) -> dict[str, float]:
+    """Two rounds of concurrent clients: no failure, bounded time, server memory bounded and not growing."""
+    reference = {}
+    for name, field in good.items():  # each good image alone, sequentially: what every loaded answer must equal
+        status, answer = post(url, {"dataframe_records": [{"image": field}]})
+        assert status == 200, answer
+        reference[name] = answer["predictions"][0]
+    rss = [server_rss(server)]
+    seconds = []
+    for _ in range(2):
+        start = time.monotonic()
+        failures = load_round(url, good, reference, bad, transcript)
+        seconds.append(time.monotonic() - start)
+        rss.append(server_rss(server))
+        assert not failures, "\n".join(failures[:10])
+    assert server.poll() is None, "the server died under load"
+    figures = {"round_s": max(seconds), "rss_before_mb": rss[0] / 2**20, "growth_mb": (rss[2] - rss[0]) / 2**20,
+               "second_round_growth_mb": (rss[2] - rss[1]) / 2**20}
+    print(f"serving under load ({CLIENTS} clients x {REQUESTS} requests x 3 images): {figures}")
+    assert max(seconds) < 60, figures
+    assert figures["growth_mb"] < 256 and figures["second_round_growth_mb"] < 64, figures  # measured: 40 and 1 MB
+    return figures
+
+
 def phi_of(path: Path) -> list[str]:
     ds = pydicom.dcmread(path)
     return [str(ds.get(k)) for k in ("PatientName", "PatientID", "PatientBirthDate") if ds.get(k)]
 
 
-def check_register_and_serve(project: Path) -> None:
-    """After `dvc repro` with the register stage: the registry, the champion rule, then the served model over HTTP."""
+def check_register_and_serve(project: Path) -> list[str]:
+    """After `dvc repro` with the register stage: the registry, the champion rule, then the served model over HTTP.
+
+    Returns what the server and the CLI answered and logged, for the caller's scan for protected health information.
+    """
     import mlflow
 
     from tests.pipelines.test_repro import set_params
@@ -252,12 +382,14 @@ def check_register_and_serve(project: Path) -> None:
 
     port, log = free_port(), project / "serve.log"
     url = f"http://127.0.0.1:{port}"
+    transcript: list[str] = []
     server = serve(project, port, log)
     try:
         wait_ready(url, server, log=log)
         status, answer = post(url, {"dataframe_records": [{"image": b} for b in images.values()],
                                     "params": {"explain": True}})
         assert status == 200, answer
+        transcript.append(json.dumps(answer))
         entries = dict(zip(images, answer["predictions"]))
         for entry in entries.values():
             assert set(entry) == {*serving.FIELDS, serving.GRADCAM_FIELD} and entry["model_version"] == served_version
@@ -281,6 +413,16 @@ def check_register_and_serve(project: Path) -> None:
         ]:
             status, answer = post(url, payload)
             assert status == 400 and needle in answer and "Traceback" not in answer, (status, answer[:500])
+            transcript.append(answer)
+
+        # A request error raised by the model quotes nothing of the request (mlflow would quote the whole input).
+        status, answer = post(url, {"dataframe_records": [{"image": "Doe^Janet"}], "params": {"threshold": 2}})
+        assert status == 400 and "Doe^Janet" not in answer and "Failed to predict data" not in answer, answer
+        # mlflow's own answer to invalid JSON quotes the body back to its sender; the server log must not hold it.
+        post(url, b'{"dataframe_records": [{"image": "x", "name": "Doe^Janet"')
+
+        usable_frontal = {f"frontal {i}": serving.encode_file(project / manifest.loc[i, "path"]) for i in usable[:4]}
+        check_under_load(url, server, usable_frontal, hostile_images(frontal, lateral), transcript)
 
         table = run(["covidcxr", "predict", str(frontal), str(lateral), "--url", url], project).stdout.splitlines()
         assert table[0].split("\t")[:2] == ["file", "accepted"]
@@ -290,6 +432,9 @@ def check_register_and_serve(project: Path) -> None:
     local = run(["covidcxr", "predict", str(frontal), str(lateral)], project).stdout.splitlines()
     assert local == table  # the same model through the same code path, in process
 
-    text = json.dumps(entries) + log.read_text()
+    server_log = log.read_text()
+    assert "Doe^Janet" not in server_log
+    text = json.dumps(entries) + server_log
     for value in phi_of(frontal) + phi_of(lateral):
         assert value not in text, value
+    return [*transcript, server_log, "\n".join(table), "\n".join(local), out.stdout, out.stderr]

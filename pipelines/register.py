@@ -223,12 +223,13 @@ def run(p: dict, classifiers: dict) -> dict:
 
     with tracking.run(_common.mlflow_experiment(), f"register-{classifier}", params={**p, "selected": classifier},
                       tags=tags), tempfile.TemporaryDirectory() as tmp:
-        info = mlflow.pyfunc.log_model(
-            name="covidcxr", python_model=serving.CovidCxrModel(),
-            artifacts=stage_bundle(Path(tmp), variant, backbone, config, metadata),
-            code_paths=[stage_code(Path(tmp))], signature=serving.signature(), input_example=input_example(),
-            pip_requirements=pins(),
-        )
+        with tracking.artifact_upload(f"the {name} pyfunc model"):  # registered only once fully uploaded
+            info = mlflow.pyfunc.log_model(
+                name="covidcxr", python_model=serving.CovidCxrModel(),
+                artifacts=stage_bundle(Path(tmp), variant, backbone, config, metadata),
+                code_paths=[stage_code(Path(tmp))], signature=serving.signature(), input_example=input_example(),
+                pip_requirements=pins(),
+            )
         registered = mlflow.register_model(info.model_uri, name)
         if int(registered.version) != version:
             raise RuntimeError(f"registry gave {name} version {registered.version}, not {version} as predicted "

@@ -23,7 +23,13 @@ import numpy as np
 
 from tests.pipelines.conftest import stop_server, wait_ready
 
-MODEL_URI = "models:/covidcxr@champion"
+REGISTERED = Path("reports/register/registered.json")
+
+
+def registered_uri(registered: Path = REGISTERED) -> str:
+    """The model the last `register` stage registered, by its alias (champion, or challenger when refused)."""
+    info = json.loads(registered.read_text())
+    return f"models:/{info['model_name']}@{info['alias']}"
 GOAL_RATIO = 1.5
 
 
@@ -85,7 +91,7 @@ def load_local(model_uri: str):
     return mlflow.pyfunc.load_model(model_uri)
 
 
-def run(model_uri: str = MODEL_URI, n: int = 40, clients: int = 4, warmup: int = 3, *, smoke: bool = False) -> dict:
+def run(model_uri: str | None = None, n: int = 40, clients: int = 4, warmup: int = 3, *, smoke: bool = False) -> dict:
     """Server and in-process calls alternate, so that load from anything else on the machine hits both alike.
 
     Smoke: 4 requests, 2 clients, 1 warm-up.
@@ -95,6 +101,10 @@ def run(model_uri: str = MODEL_URI, n: int = 40, clients: int = 4, warmup: int =
 
     if smoke:
         n, clients, warmup = 4, 2, 1
+    if model_uri is None:
+        if not REGISTERED.exists():
+            return {"skipped": f"{REGISTERED} is missing: run `dvc repro register` first"}
+        model_uri = registered_uri()
 
     try:
         model = load_local(model_uri)

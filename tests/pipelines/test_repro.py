@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 TINY = {
     "cache": {"size": 32},
     "train_projection": {"epochs": 2, "width": 0.0625},
-    "tune_unet": {"n_trials": 2, "epochs": 1},
+    "tune_unet": {"n_trials": 1, "epochs": 1},
     "train_unet": {"epochs": 2, "f0": 4, "use_tuned": False},
     "train_classifier": {"epochs": 2, "width": 0.0625},
     "evaluate": {"n_boot": 50},
@@ -29,6 +29,7 @@ TINY = {
     # The demo data carries a shortcut by design and the tiny models' audit verdicts are arbitrary; the refusal itself
     # is tested in tests/pipelines/test_register_audit.py. Here the champion must exist for the serving checks.
     "register": {"allow_failed_audit": True},
+    "audit": {"source": {"epochs": 2}},
 }
 
 
@@ -36,7 +37,11 @@ def set_params(project: Path, changes: dict) -> None:
     path = project / "params.yaml"
     params = yaml.safe_load(path.read_text())
     for section, values in changes.items():
-        params[section].update(values)
+        for key, value in values.items():  # one level deeper for nested groups such as audit.source
+            if isinstance(value, dict) and isinstance(params[section].get(key), dict):
+                params[section][key].update(value)
+            else:
+                params[section][key] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -16,7 +16,6 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # MLflow's own HTTP retries (its defaults: 7 retries, backoff factor 2, about 4 minutes before a dead server is
 # reported) bounded to about half a minute; the environment overrides them. ensure_reachable uses the same two.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")

@@ -361,8 +361,6 @@ def _check_fractions(fractions: Mapping[str, float]) -> None:
 @functools.cache
 def _batch_definition() -> BatchDefinition:
     """A whole-dataframe batch definition in an ephemeral GX context, built once per process (import is slow)."""
-    # GX 1.24 sends no usage statistics (its analytics code is gone); the switches are set anyway.
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,

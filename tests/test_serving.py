@@ -24,7 +24,7 @@ SIZE = 32
 PHI = {"PatientName": "Zyxwvut^Qponmlk", "PatientID": "PID-88412", "PatientBirthDate": "19491231",
        "InstitutionName": "St Elsewhere General", "AccessionNumber": "ACC-55123", "ReferringPhysicianName": "Dr^Who"}
 # Accepts every readable image: lets a test decide which step refuses by changing one setting.
-PERMISSIVE = dict(size=SIZE, variant="d", frontal_threshold=0.0, mask_threshold=0.5, min_area=0.0, max_area=1.0)
+PERMISSIVE = dict(size=SIZE, variant="d", frontal_threshold=0.0, min_area=0.0, max_area=1.0)
 
 
 def phantom(projection: str = "frontal", seed: int = 0, size: int = 64) -> np.ndarray:
@@ -47,11 +47,10 @@ def dicom_b64(image: np.ndarray, **elements) -> str:
     return b64(make_dicom(np.round(image * 4000).astype(np.uint16), **elements))
 
 
-def save_component(folder: Path, model: keras.Model, images: np.ndarray) -> str:
-    folder.mkdir(parents=True)
-    model.save(folder / "model.keras")
-    preprocess.Standardizer().fit(images).save(folder / "standardizer.json")
-    (folder / "run.json").write_text('{"run_id": "test"}\n')
+def save_component(folder: Path, model: keras.Model, images: np.ndarray, threshold: float | None = None) -> str:
+    """A model folder as the training stages write it (``models.Component.save``)."""
+    models.Component(model, preprocess.Standardizer().fit(images), info={"run_id": "test"},
+                     threshold=None if threshold is None else {"threshold": threshold}).save(folder)
     return str(folder)
 
 
@@ -64,10 +63,10 @@ def bundle(tmp_path_factory) -> dict[str, str]:
     vgg = dict(width=1 / 32, head=(4,))
     out = {
         "projection": save_component(root / "projection", models.build_vgg(16, (SIZE, SIZE, 1), **vgg), train),
-        "unet": save_component(root / "unet", models.build_unet(2, (SIZE, SIZE, 1)), train),
-        "classifier": save_component(root / "classifier", models.build_vgg(16, (SIZE, SIZE, 1), **vgg), train),
+        "unet": save_component(root / "unet", models.build_unet(2, (SIZE, SIZE, 1)), train, threshold=0.5),
+        "classifier": save_component(root / "classifier", models.build_vgg(16, (SIZE, SIZE, 1), **vgg), train,
+                                     threshold=0.5),
     }
-    (root / "classifier" / "threshold.json").write_text('{"threshold": 0.5}\n')
     config = root / "serving.json"
     serving.Config(**PERMISSIVE).save(config)
     return {**out, "config": str(config)}
@@ -79,10 +78,13 @@ def loaded(bundle) -> serving.Pipeline:
 
 
 def with_config(pipeline: serving.Pipeline, **changes) -> serving.Pipeline:
-    """The same loaded networks under another configuration."""
+    """The same loaded networks under another configuration (``mask_threshold``: the U-Net folder's threshold)."""
     limits = changes.pop("limits", serving.Limits())
+    unet = pipeline.unet
+    if "mask_threshold" in changes:
+        unet = models.Component(unet.model, unet.standardizer, threshold={"threshold": changes.pop("mask_threshold")})
     config = serving.Config(**{**PERMISSIVE, **changes}, limits=limits)
-    return serving.Pipeline(pipeline.projection, pipeline.unet, pipeline.classifier, pipeline.threshold, config)
+    return serving.Pipeline(pipeline.projection, unet, pipeline.classifier, config)
 
 
 def test_entry_has_exactly_the_fields_and_a_consistent_decision(loaded):
@@ -101,6 +103,9 @@ def test_no_phi_in_the_response_or_the_log(loaded, caplog):
                b64(make_dicom(None, shape=(40, 40), **PHI))]
     entries = loaded.score(request, explain=True)
     assert [e["reason"] for e in entries] == [None, "lateral_view", "no_pixel_data"]
+    # The overlay is pixels only (base64 of a PNG can spell two letters by chance): scanned as its decoded chunks.
+    overlays = [base64.b64decode(e.pop(serving.GRADCAM_FIELD)) for e in entries if e[serving.GRADCAM_FIELD]]
+    assert overlays and all(Image.open(stdio.BytesIO(o)).info == {} for o in overlays)  # no text chunks
     text = json.dumps(entries) + caplog.text
     for value in PHI.values():
         assert value not in text and value.split("^")[0] not in text
@@ -198,9 +203,9 @@ def test_byte_and_pixel_limits_refuse_the_image_with_a_clear_message(loaded, lim
 
 
 @pytest.mark.parametrize("changes, reason, needle", [
-    ({"frontal_threshold": 1.01}, "lateral_view", "projection filter"),
-    ({"mask_threshold": 1.01, "min_area": 0.01}, "empty_lung_mask", "covers 0.0%"),
-    ({"mask_threshold": 0.0, "max_area": 0.8}, "not_chest_radiograph", "covers 100.0%"),
+    ({"frontal_threshold": 0.999}, "lateral_view", "projection filter"),
+    ({"mask_threshold": 0.999, "min_area": 0.01}, "empty_lung_mask", "covers 0.0%"),
+    ({"mask_threshold": 0.001, "max_area": 0.8}, "lung_mask_too_large", "covers 100.0%"),
 ])
 def test_model_steps_refuse_with_their_reason(loaded, changes, reason, needle):
     [entry] = with_config(loaded, **changes).score([png_b64(phantom())])
@@ -230,12 +235,25 @@ def test_explain_adds_a_gradcam_png_of_the_image_size(loaded):
     assert serving.GRADCAM_FIELD not in loaded.score([png_b64(image)])[0]
 
 
-def test_served_working_image_is_the_training_one(tmp_path):
-    path = tmp_path / "x.dcm"
-    path.write_bytes(make_dicom(np.round(phantom(size=80)[:, :72] * 4000).astype(np.uint16)))
-    pixels, _ = io.read_image(path)
-    expected = preprocess.load_working_image(str(path), SIZE)[0]
-    np.testing.assert_array_equal(serving.working_image(pixels, SIZE), expected)
+def test_the_label_follows_from_the_probability_and_threshold_shown(loaded):
+    images = [png_b64(phantom(seed=s)) for s in range(4)]
+    for entry in loaded.score(images):
+        assert entry["covid_probability"] == round(entry["covid_probability"], 6)
+        assert entry["label"] == ("covid" if entry["covid_probability"] >= entry["threshold"] else "negative")
+    first = loaded.score(images[:1])[0]
+    at_shown = loaded.score(images[:1], threshold=first["covid_probability"])[0]  # a client sets what it was shown
+    assert at_shown["label"] == "covid" and at_shown["covid_probability"] == first["covid_probability"]
+    above = loaded.score(images[:1], threshold=min(1.0, first["covid_probability"] + 1e-6))[0]
+    assert above["label"] == "negative"
+
+
+def test_the_dicom_view_position_decides_before_the_projection_filter(loaded):
+    never_frontal = with_config(loaded, frontal_threshold=0.999)  # the filter calls everything lateral
+    pa, ll, png = never_frontal.score([dicom_b64(phantom(), ViewPosition="PA"), dicom_b64(phantom(), ViewPosition="LL"),
+                                       png_b64(phantom())])
+    assert pa["accepted"] and pa["projection"] == "frontal"
+    assert ll["reason"] == "lateral_view" and "view position" in ll["message"]
+    assert png["reason"] == "lateral_view" and "projection filter" in png["message"]
 
 
 @pytest.mark.parametrize("wrap", [

@@ -30,6 +30,7 @@ SCHEMA: dict[str, str] = {
     "sha256": "string",  # hash of the file's bytes
     "mask_path": "string",  # lung mask file(s) when the source has them, else <NA>; left;right files joined by ";"
     "modality": "string",  # CR | DX | ... for DICOM, else <NA>
+    "header_view_position": "string",  # the file's own DICOM View Position (0018,5101), never metadata; else <NA>
 }
 
 COLUMNS: list[str] = list(SCHEMA)
@@ -118,6 +119,7 @@ def _describe_one(args: tuple[str, str | None, int]) -> dict:
     except OSError as err:  # missing or unreadable file
         return {"kind": "image", "reason": "unreadable", "problem": f"{path}: {err.strerror or err}"}
     facts.update({col: header.get(key) for key, col in _HEADER_TO_COLUMN.items()})
+    facts["header_view_position"] = header.get("view_position")  # what serving will see in the same file
     if mask_path:
         facts["mask_problem"] = _mask_problem(mask_path, pixels.shape, max_pixels)
     return facts
@@ -173,7 +175,7 @@ def describe_images(
     keep = [i for i, r in enumerate(results) if "reason" not in r]
     out = out.loc[keep].reset_index(drop=True)
     facts = pd.DataFrame([results[i] for i in keep], index=out.index)
-    for col in ("width", "height", "sha256"):  # what the file itself says
+    for col in ("width", "height", "sha256", "header_view_position"):  # what the file itself says
         out[col] = facts[col] if len(facts) else out[col]
     # Where the source's metadata states photometric or bit depth (PNG exports of DICOM), it wins over the PNG mode.
     out["sex"] = out["sex"].mask(out["sex"] == "unknown")

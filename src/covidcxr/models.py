@@ -333,3 +333,119 @@ def logits_model(model: keras.Model, layer: str | None = None) -> keras.Model:
         raise ValueError(f"model {model.name!r} lacks layer {layer!r} or {LOGITS_LAYER!r}; it has {names}") from exc
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
     return keras.Model(inputs, [features, logits], name=f"{model.name}_logits")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model folders: a trained network with its fitted state, written by the training stages and read by every stage
+# that scores and by serving (register bundles the same files).
+
+MODEL_FILE, STANDARDIZER_FILE, RUN_FILE, THRESHOLD_FILE = "model.keras", "standardizer.json", "run.json", "threshold.json"
+#: The files of a model folder that scoring needs (``predictions.csv`` and the like stay beside it, not in a bundle).
+FOLDER_FILES: tuple[str, ...] = (MODEL_FILE, STANDARDIZER_FILE, RUN_FILE, THRESHOLD_FILE)
+
+
+class Component:
+    """A trained network with the standardizer fitted on its training images and its operating threshold.
+
+    The one way images are scored: ``component(images)`` standardizes working-size images ``[N, H, W]`` in [0, 1] and
+    runs the network through one traced function (every batch size, no retracing), in batches of ``batch_size``.
+    ``save``/``load`` write and read a model folder (:data:`FOLDER_FILES`).
+    """
+
+    def __init__(self, model: keras.Model, standardizer, *, threshold: dict | None = None,
+                 info: dict | None = None) -> None:
+        self.model = model
+        self.standardizer = standardizer
+        self.threshold = dict(threshold) if threshold else None  # {"threshold": t, ...how it was chosen}
+        self.info = dict(info or {})
+        self._forward = None
+
+    @property
+    def operating_threshold(self) -> float:
+        if not self.threshold:
+            raise ValueError(f"model {self.model.name!r} has no operating threshold ({THRESHOLD_FILE})")
+        return float(self.threshold["threshold"])
+
+    def inputs(self, images: np.ndarray) -> np.ndarray:
+        """Standardized network inputs ``[N, H, W, 1]`` for working-size images."""
+        return self.standardizer.transform(images)[..., None]
+
+    def __call__(self, images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+        """Network outputs (float32) for working-size images ``[N, H, W]`` in [0, 1]."""
+        x = self.inputs(np.asarray(images, dtype=np.float32))
+        if not len(x):
+            return np.zeros((0, *self.model.output_shape[1:]), dtype=np.float32)
+        forward = self._traced()
+        return np.concatenate([np.asarray(forward(x[i:i + batch_size]), dtype=np.float32)
+                               for i in range(0, len(x), batch_size)])
+
+    def _traced(self):
+        if self._forward is None:
+            import tensorflow as tf
+
+            spec = tf.TensorSpec((None, *self.model.input_shape[1:]), tf.float32)
+            model = self.model
+            self._forward = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        return self._forward
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the model folder (model, standardizer, run info, threshold when there is one)."""
+        import json
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / ".partial.keras"  # Keras insists on the suffix; renamed into place once complete
+        self.model.save(partial)
+        os.replace(partial, folder / MODEL_FILE)
+        self.standardizer.save(folder / STANDARDIZER_FILE)
+        (folder / RUN_FILE).write_text(json.dumps(self.info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if self.threshold:
+            (folder / THRESHOLD_FILE).write_text(json.dumps(self.threshold, indent=2, sort_keys=True) + "\n",
+                                                 encoding="utf-8")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> Component:
+        """A component from its model folder; a missing file is an error naming it."""
+        from covidcxr.preprocess import Standardizer
+
+        folder = Path(folder)
+        info = folder_info(folder)  # checks the folder first
+        model = keras.saving.load_model(folder / MODEL_FILE, compile=False)
+        return cls(model, Standardizer.load(folder / STANDARDIZER_FILE), threshold=folder_threshold(folder), info=info)
+
+
+def folder_info(folder: str | os.PathLike) -> dict:
+    """The run info of a model folder (``run_id`` of its MLflow run and what made it), without loading the network."""
+    import json
+
+    folder = Path(folder)
+    for name in (MODEL_FILE, STANDARDIZER_FILE, RUN_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder}: not a model folder (no {name}); run the stage that trains it")
+    return json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+
+
+def folder_threshold(folder: str | os.PathLike) -> dict | None:
+    """The operating threshold of a model folder and how it was chosen (``threshold.json``), or None."""
+    import json
+
+    path = Path(folder) / THRESHOLD_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+#: COVID-19 probabilities are reported, stored and compared with thresholds at this many decimals, everywhere: the
+#: label a served answer shows then always follows from the probability it shows.
+PROBABILITY_DECIMALS = 6
+
+
+def covid_probability(classifier: Component, images: np.ndarray, masks: np.ndarray, variant: str) -> np.ndarray:
+    """The COVID-19 probability of working-size images with their lung masks under ``variant`` (c, d or e).
+
+    The one computation behind the classifier stage's predictions (and so evaluate, explain and the audit) and
+    behind every served answer; rounded to :data:`PROBABILITY_DECIMALS` (Python's correctly rounded ``round``).
+    """
+    from covidcxr.preprocess import apply_variant
+
+    raw = classifier(apply_variant(images, masks, variant))[:, 0]
+    return np.array([round(float(p), PROBABILITY_DECIMALS) for p in raw], dtype=np.float64)

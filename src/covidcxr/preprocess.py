@@ -108,16 +108,30 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return resize(np.asarray(mask, dtype=np.float32), size) >= 0.5
 
 
+#: The working-size cache stores images at this precision; :func:`working_image` rounds to it, so that the stages
+#: (reading the cache) and serving (computing the image on the fly) give the models exactly the same numbers.
+WORKING_DTYPE = np.float16
+
+
+def working_image(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The image as every model sees it before standardisation, in training, evaluation and serving alike.
+
+    Resized to ``size`` x ``size`` (bilinear, antialiased), then min-max to [0, 1] per image (the paper's order), at
+    the cache's precision (:data:`WORKING_DTYPE`), returned as float32.
+    """
+    image = minmax(resize(np.asarray(pixels, dtype=np.float32), size))
+    return image.astype(WORKING_DTYPE).astype(np.float32)
+
+
 def load_working_image(path: str, size: int, mask_path: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """One image as the models see it before standardization: read, min-max to [0, 1], resized; and its mask."""
+    """One file as the models see it (:func:`working_image`), and its lung mask at the same size when it has one."""
     from covidcxr import io
 
     pixels, _ = io.read_image(path)
-    image = resize(minmax(pixels), size)
     mask = None
     if mask_path:
         mask = resize_mask(io.read_mask(mask_path.split(";")), size)
-    return np.clip(image, 0.0, 1.0), mask
+    return working_image(pixels, size), mask
 
 
 def _cache_one(args: tuple[str, str | None, int]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -136,7 +150,7 @@ def build_cache(
 
     jobs = [(p, m, size) for p, m in zip(paths, mask_paths, strict=True)]
     results = parallel_map(_cache_one, jobs, workers=workers, progress=progress, desc="caching")
-    images = np.zeros((len(jobs), size, size), dtype=np.float16)
+    images = np.zeros((len(jobs), size, size), dtype=WORKING_DTYPE)
     masks = np.zeros((len(jobs), size, size), dtype=bool)
     has_mask = np.zeros(len(jobs), dtype=bool)
     for i, (image, mask) in enumerate(results):
@@ -146,14 +160,44 @@ def build_cache(
     return images, masks, has_mask
 
 
-def clean_mask(probabilities: np.ndarray, *, threshold: float = 0.5, keep: int = 2) -> np.ndarray:
-    """Binary lung mask from U-Net output: threshold, keep the ``keep`` largest components, fill holes."""
-    from scipy import ndimage
+# --- the working-size cache on disk: one layout, written by the `cache` stage, read by every model stage and tuner ---
 
-    binary = np.asarray(probabilities).squeeze() >= threshold
-    labels, n = ndimage.label(binary)
-    if n > keep:
-        sizes = ndimage.sum(binary, labels, index=np.arange(1, n + 1))
-        largest = np.argsort(sizes)[::-1][:keep] + 1
-        binary = np.isin(labels, largest)
-    return ndimage.binary_fill_holes(binary)
+CACHE_INDEX, CACHE_IMAGES, CACHE_MASKS = "index.csv", "images.npy", "masks.npy"
+
+
+def save_cache(folder: str | os.PathLike, index, images: np.ndarray, masks: np.ndarray) -> None:
+    """Write a cache folder: ``index.csv`` (one row per image, ``image_id`` first), ``images.npy``, ``masks.npy``."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    if "image_id" not in index.columns or not len(index) == len(images) == len(masks):
+        raise ValueError(f"a cache needs an image_id column and as many rows as images and masks, got "
+                         f"{len(index)} rows, {len(images)} images, {len(masks)} masks")
+    index.to_csv(folder / CACHE_INDEX, index=False, lineterminator="\n")
+    np.save(folder / CACHE_IMAGES, np.asarray(images, dtype=WORKING_DTYPE))
+    np.save(folder / CACHE_MASKS, np.asarray(masks, dtype=bool))
+
+
+def load_cache(folder: str | os.PathLike, *, mmap: bool = False):
+    """``(index, images, masks)`` of a cache folder; images as float32 in [0, 1] (``mmap``: float16, memory-mapped)."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    folder = Path(folder)
+    missing = [name for name in (CACHE_INDEX, CACHE_IMAGES, CACHE_MASKS) if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: not a working-size cache (missing {missing}); run the cache stage")
+    index = pd.read_csv(folder / CACHE_INDEX, keep_default_na=False, na_values=[""])
+    images = np.load(folder / CACHE_IMAGES, mmap_mode="r" if mmap else None)
+    masks = np.load(folder / CACHE_MASKS, mmap_mode="r" if mmap else None)
+    return index, (images if mmap else images.astype(np.float32)), masks
+
+
+def rows_for(index, image_ids) -> np.ndarray:
+    """Positions in a cache index of ``image_ids`` (in their order); unknown ids raise, naming a few."""
+    position = dict(zip(index["image_id"], range(len(index))))
+    missing = [i for i in image_ids if i not in position]
+    if missing:
+        raise KeyError(f"{len(missing)} images are not in the cache, e.g. {missing[:3]}")
+    return np.array([position[i] for i in image_ids], dtype=int)

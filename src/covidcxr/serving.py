@@ -1,9 +1,12 @@
 """Serving: the whole pipeline as one MLflow pyfunc model, from an image file to a decision with its reasons.
 
 Each image of a request (a PNG, JPEG or DICOM file, base64-encoded) goes: decode -> :func:`covidcxr.io.read_image`
-(pixel limit) -> plausibility checks (aspect ratio, DICOM modality, body part and view) -> projection filter ->
-U-Net lung mask (cleaned like the ``segment`` stage, its area checked) -> variant c/d/e -> classifier -> COVID-19
-probability -> label at the operating threshold, and optionally a Grad-CAM overlay (PNG, base64).
+(pixel limit) -> plausibility checks (aspect ratio, DICOM modality and body part) -> the working image
+(:func:`covidcxr.preprocess.working_image`) -> the projection rule (:func:`covidcxr.projection.decide`: the DICOM view
+position, else the projection filter) -> U-Net lung mask and its quality rules (:mod:`covidcxr.lungs`) -> variant
+c/d/e -> classifier -> COVID-19 probability -> label at the operating threshold, and optionally a Grad-CAM overlay
+(PNG, base64). These are the functions the pipeline's stages call, with the model folders they wrote
+(:class:`covidcxr.models.Component`): the served model is the evaluated one.
 
 An image that cannot be used gets an entry with ``accepted=False`` and a ``reason`` from :data:`REASONS`, never a
 failed batch. A malformed request (no ``image`` column, too many images, a threshold outside [0, 1]) raises
@@ -32,7 +35,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-from covidcxr import io, manifest, preprocess
+from covidcxr import io, lungs, models, preprocess, projection
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,6 @@ log = logging.getLogger(__name__)
 COMPONENTS: tuple[str, ...] = ("projection", "unet", "classifier")
 CONFIG_ARTIFACT = "config"
 METADATA_ARTIFACT = "metadata"
-#: Files of a model folder that serving needs (``predictions.csv`` and the like stay out of the bundle).
-MODEL_FILES: tuple[str, ...] = ("model.keras", "standardizer.json", "run.json", "threshold.json")
 
 INPUT_COLUMN = "image"
 #: Every response entry has exactly these keys (``gradcam_png`` only when ``explain`` is asked).
@@ -61,9 +62,9 @@ REASONS: dict[str, str] = {
     "zero_variance": "every pixel has the same value",
     "no_pixel_data": "a DICOM without pixel data",
     "unsupported_photometric": "a colour model that cannot be converted to grayscale faithfully",
-    "not_chest_radiograph": "not a chest radiograph (aspect ratio, DICOM modality or body part, or no lung shape)",
+    "not_chest_radiograph": "not a chest radiograph (aspect ratio, DICOM modality or body part)",
     "lateral_view": "a lateral view: the classifier takes frontal (PA/AP) views only",
-    "empty_lung_mask": "the U-Net finds (almost) no lung",
+    **lungs.REASONS,
     "internal_error": "the server failed on this image; the server log has the error type",
 }
 
@@ -95,7 +96,6 @@ class Config:
     size: int
     variant: str
     frontal_threshold: float = 0.5
-    mask_threshold: float = 0.5
     min_area: float = 0.05
     max_area: float = 0.8
     max_aspect: float = 2.5
@@ -107,6 +107,8 @@ class Config:
             raise ValueError(f"variant must be one of {sorted(preprocess.VARIANTS)}, got {self.variant!r}")
         if not isinstance(self.size, int) or self.size < 16 or self.size % 16:
             raise ValueError(f"size must be a multiple of 16 (the U-Net pools 4 times), got {self.size!r}")
+        if not 0.0 <= self.frontal_threshold <= 1.0:
+            raise ValueError(f"frontal_threshold must be in [0, 1], got {self.frontal_threshold}")
         if not 0.0 <= self.min_area <= self.max_area:
             raise ValueError(f"need 0 <= min_area <= max_area, got {self.min_area}, {self.max_area}")
         if self.max_aspect < 1.0:
@@ -209,16 +211,6 @@ def check_plausible(pixels: np.ndarray, header: Mapping, index: int, max_aspect:
         raise Refused("not_chest_radiograph", f"image[{index}] is a DICOM of body part {body_part}, not the chest")
 
 
-def header_says_lateral(header: Mapping) -> bool:
-    """True when the DICOM view position names a lateral view (then the image is refused whatever the model says)."""
-    return manifest.projection_from_view(header.get("view_position")) == "lateral"
-
-
-def working_image(pixels: np.ndarray, size: int) -> np.ndarray:
-    """The image as the models saw it in training (``preprocess.load_working_image``): min-max, resized, in [0, 1]."""
-    return np.clip(preprocess.resize(preprocess.minmax(pixels), size), 0.0, 1.0)
-
-
 def display_image(pixels: np.ndarray, longest: int = DISPLAY_SIZE) -> np.ndarray:
     """The image at most ``longest`` pixels on its long side, aspect kept, for the Grad-CAM overlay."""
     height, width = pixels.shape
@@ -238,44 +230,18 @@ def png_base64(rgb: np.ndarray) -> str:
 # --- the pipeline ------------------------------------------------------------------------------------------------
 
 
-class Component:
-    """A Keras model with the standardizer fitted on its training images, called through one traced graph."""
-
-    def __init__(self, model, standardizer: preprocess.Standardizer) -> None:
-        import tensorflow as tf
-
-        self.model = model
-        self.standardizer = standardizer
-        # One trace for every batch size (Keras' predict functions retrace for each new one, ~0.1 s a time).
-        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
-        self._forward = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike) -> Component:
-        import keras
-
-        folder = Path(folder)
-        model = keras.saving.load_model(folder / "model.keras", compile=False)
-        return cls(model, preprocess.Standardizer.load(folder / "standardizer.json"))
-
-    def inputs(self, images: np.ndarray) -> np.ndarray:
-        return self.standardizer.transform(images)[..., None]
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """Outputs for working-size images ``[N, H, W]`` in [0, 1] (standardized here)."""
-        return np.asarray(self._forward(self.inputs(images)), dtype=np.float32)
-
-
 class Pipeline:
-    """Projection filter, U-Net and classifier with their standardizers and the :class:`Config`; scores images."""
+    """Projection filter, U-Net and classifier (model folders) with the :class:`Config`; scores images."""
 
-    def __init__(self, projection: Component, unet: Component, classifier: Component, threshold: float,
+    def __init__(self, projection: models.Component, unet: models.Component, classifier: models.Component,
                  config: Config) -> None:
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"operating threshold must be in [0, 1], got {threshold}")
         self.projection, self.unet, self.classifier = projection, unet, classifier
-        self.threshold = float(threshold)
+        self.threshold = classifier.operating_threshold
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"operating threshold must be in [0, 1], got {self.threshold}")
         self.config = config
+        self.mask_rules = lungs.MaskRules(threshold=unet.operating_threshold, min_area=config.min_area,
+                                          max_area=config.max_area)
 
     @classmethod
     def load(cls, artifacts: Mapping[str, str]) -> Pipeline:
@@ -283,10 +249,8 @@ class Pipeline:
         missing = [k for k in (*COMPONENTS, CONFIG_ARTIFACT) if k not in artifacts]
         if missing:
             raise ValueError(f"serving artifacts lack {missing}")
-        config = Config.load(artifacts[CONFIG_ARTIFACT])
-        parts = {name: Component.load(artifacts[name]) for name in COMPONENTS}
-        threshold = json.loads((Path(artifacts["classifier"]) / "threshold.json").read_text())["threshold"]
-        pipeline = cls(parts["projection"], parts["unet"], parts["classifier"], threshold, config)
+        parts = {name: models.Component.load(artifacts[name]) for name in COMPONENTS}
+        pipeline = cls(parts["projection"], parts["unet"], parts["classifier"], Config.load(artifacts[CONFIG_ARTIFACT]))
         pipeline.warm_up()
         return pipeline
 
@@ -309,8 +273,8 @@ class Pipeline:
         if explain:
             for entry in entries:
                 entry[GRADCAM_FIELD] = None
-        work, display, lateral_header = self._read_all(images, entries, keep_display=explain)
-        frontal = self._project(work, entries, lateral_header)
+        work, display, views = self._read_all(images, entries, keep_display=explain)
+        frontal = self._project(work, entries, views)
         masks = self._segment(work, frontal, entries)
         scored = self._classify(work, masks, entries, used)
         if explain and scored:
@@ -324,17 +288,16 @@ class Pipeline:
         cfg = self.config
         work: dict[int, np.ndarray] = {}
         display: dict[int, np.ndarray] = {}
-        lateral_header: set[int] = set()
+        views: dict[int, object] = {}
         for i, value in enumerate(images):
             try:
                 data = decode_field(value, i, cfg.limits.max_image_bytes)
                 pixels, header = io.read_image(data, max_pixels=cfg.limits.max_pixels, name=f"image[{i}]")
                 check_plausible(pixels, header, i, cfg.max_aspect)
-                work[i] = working_image(pixels, cfg.size)
+                work[i] = preprocess.working_image(pixels, cfg.size)
+                views[i] = header.get("view_position")
                 if keep_display:
                     display[i] = display_image(pixels)
-                if header_says_lateral(header):
-                    lateral_header.add(i)
             except Refused as refusal:
                 refuse(entries[i], refusal.reason, refusal.message)
             except io.ImageReadError as err:
@@ -346,21 +309,22 @@ class Pipeline:
                 log.error("image[%d]: unexpected %s while reading", i, type(exc).__name__)
                 log.debug("image[%d] traceback", i, exc_info=True)
                 refuse(entries[i], "internal_error", f"image[{i}]: internal error ({type(exc).__name__})")
-        return work, display, lateral_header
+        return work, display, views
 
-    def _project(self, work: dict[int, np.ndarray], entries: list[dict], lateral_header: set[int]) -> list[int]:
+    def _project(self, work: dict[int, np.ndarray], entries: list[dict], views: dict[int, object]) -> list[int]:
         order = sorted(work)
         if not order:
             return []
         p_frontal = self.projection(np.stack([work[i] for i in order]))[:, 0]
+        called, decided_by = projection.decide(p_frontal, [views[i] for i in order], self.config.frontal_threshold)
         frontal = []
-        for i, p in zip(order, p_frontal.tolist()):
-            is_frontal = p >= self.config.frontal_threshold and i not in lateral_header
-            entries[i]["projection"] = "frontal" if is_frontal else "lateral"
+        for i, p, view, by in zip(order, p_frontal.tolist(), called, decided_by):
+            is_frontal = view == "frontal"
+            entries[i]["projection"] = view
             entries[i]["projection_probability"] = round(p if is_frontal else 1.0 - p, 6)
             if is_frontal:
                 frontal.append(i)
-            elif i in lateral_header:
+            elif by == projection.BY_HEADER:
                 refuse(entries[i], "lateral_view", f"image[{i}]: the DICOM view position is lateral")
             else:
                 refuse(entries[i], "lateral_view", f"image[{i}]: the projection filter calls it lateral "
@@ -368,36 +332,27 @@ class Pipeline:
         return frontal
 
     def _segment(self, work: dict[int, np.ndarray], frontal: list[int], entries: list[dict]) -> dict[int, np.ndarray]:
-        cfg = self.config
         if not frontal:
             return {}
-        prob = self.unet(np.stack([work[i] for i in frontal]))[..., 0]
-        masks = {}
-        for i, p in zip(frontal, prob):
-            mask = preprocess.clean_mask(p, threshold=cfg.mask_threshold)
-            area = float(mask.mean())
+        masks, areas, reasons = lungs.masks(self.unet(np.stack([work[i] for i in frontal])), self.mask_rules)
+        usable = {}
+        for i, mask, area, reason in zip(frontal, masks, areas.tolist(), reasons):
             entries[i]["lung_area_fraction"] = round(area, 6)
-            if area < cfg.min_area:
-                refuse(entries[i], "empty_lung_mask",
-                       f"image[{i}]: the lung mask covers {area:.1%} of the image (minimum {cfg.min_area:.0%})")
-            elif area > cfg.max_area:
-                refuse(entries[i], "not_chest_radiograph", f"image[{i}]: the lung mask covers {area:.1%} of the image "
-                                                           f"(maximum {cfg.max_area:.0%}): no chest radiograph shape")
+            if reason is None:
+                usable[i] = mask
             else:
-                masks[i] = mask
-        return masks
+                refuse(entries[i], reason, f"image[{i}]: {self.mask_rules.message(reason, area)}")
+        return usable
 
     def _classify(self, work: dict[int, np.ndarray], masks: dict[int, np.ndarray], entries: list[dict],
                   threshold: float) -> list[int]:
         order = sorted(masks)
         if not order:
             return []
-        x = preprocess.apply_variant(np.stack([work[i] for i in order]), np.stack([masks[i] for i in order]),
-                                     self.config.variant)
-        p_covid = self.classifier(x)[:, 0]
-        for i, p in zip(order, p_covid.tolist()):
-            entries[i].update(accepted=True, covid_probability=round(p, 6),
-                              label="covid" if p >= threshold else "negative")
+        p_covid = models.covid_probability(self.classifier, np.stack([work[i] for i in order]),
+                                           np.stack([masks[i] for i in order]), self.config.variant)
+        for i, p in zip(order, p_covid.tolist()):  # rounded: the label follows from the probability shown
+            entries[i].update(accepted=True, covid_probability=p, label=decide_label(p, threshold))
         return order
 
     def _explain(self, work: dict[int, np.ndarray], masks: dict[int, np.ndarray], display: dict[int, np.ndarray],
@@ -409,6 +364,11 @@ class Pipeline:
         heat = gradcam.gradcam(self.classifier.model, self.classifier.inputs(x))
         for i, h in zip(order, heat):
             entries[i][GRADCAM_FIELD] = png_base64(gradcam.overlay(display[i], h))
+
+
+def decide_label(probability: float, threshold: float) -> str:
+    """``covid`` when the probability reaches the threshold, else ``negative``."""
+    return "covid" if probability >= threshold else "negative"
 
 
 def refuse(entry: dict, reason: str, message: str) -> None:

@@ -1,0 +1,106 @@
+"""What is served is what was evaluated: for real DICOM, PNG and JPEG files, the served pyfunc's projection, lung
+mask (its area) and COVID-19 probability equal what the stages' path computes with the same model folders.
+
+The stages' path, function by function: the cache (``preprocess.build_cache``), the projection rule
+(``projection.decide`` on the file's own view position and the filter), the segment stage (``lungs.masks`` with the U-Net
+folder's threshold) and the classifier's predictions (``models.covid_probability``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidcxr import io, lungs, models, preprocess, projection, serving
+
+SIZE = 32
+CONFIG = dict(size=SIZE, variant="d", frontal_threshold=0.0, min_area=0.0, max_area=1.0)  # every file scored
+
+
+def real_files(root: Path) -> dict[str, Path]:
+    return {
+        "dicom-j2k": root / "dicom/RG1_J2KI.dcm",
+        "dicom": root / "dicom/txv_chest_pa.dcm",
+        "png": sorted((root / "montgomery_shenzhen/images").glob("*.png"))[3],
+        "jpeg": sorted((root / "cohen/images").glob("*.jp*g"))[5],
+    }
+
+
+def crisp_unet(x: np.ndarray) -> keras.Model:
+    """An untrained U-Net whose probabilities sit far from the threshold (its last kernel scaled up, its bias at the
+    median logit of ``x``), so that no mask pixel is decided by float noise: a parity failure then means a different
+    computation, not rounding."""
+    keras.utils.set_random_seed(3)
+    unet = models.build_unet(2, (SIZE, SIZE, 1), dropout_scale=0.0)
+    last = unet.get_layer("mask")
+    kernel, _ = last.get_weights()
+    features = keras.Model(unet.inputs, last.input).predict(x[..., None], verbose=0)
+    logits = features @ (kernel[0, 0] * 40.0)
+    last.set_weights([kernel * 40.0, -np.median(logits, keepdims=False).reshape(1)])
+    return unet
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, real_data) -> dict[str, str]:
+    """Model folders as the training stages write them (standardizers fitted on real working images)."""
+    root = tmp_path_factory.mktemp("folders")
+    keras.utils.set_random_seed(0)
+    train = np.stack([preprocess.load_working_image(str(p), SIZE)[0]
+                      for p in sorted((real_data / "montgomery_shenzhen/images").glob("*.png"))[:8]])
+    std = preprocess.Standardizer().fit(train)
+    vgg = dict(width=1 / 32, head=(4,))
+    parts = {
+        "projection": models.Component(models.build_vgg(16, (SIZE, SIZE, 1), **vgg), std, info={"run_id": "p"}),
+        "unet": models.Component(crisp_unet(std.transform(train)), std, info={"run_id": "u"},
+                                 threshold={"threshold": 0.5}),
+        "classifier": models.Component(models.build_vgg(19, (SIZE, SIZE, 1), **vgg), std, info={"run_id": "c"},
+                                       threshold={"threshold": 0.42}),
+    }
+    out = {name: str(part.save(root / name)) for name, part in parts.items()}
+    serving.Config(**CONFIG).save(root / "serving.json")
+    return {**out, "config": str(root / "serving.json")}
+
+
+def stages_path(files: list[Path], folders: dict[str, str]) -> pd.DataFrame:
+    """What the cache, filter_frontal, segment and train_classifier stages compute for ``files``."""
+    images, _, _ = preprocess.build_cache([str(f) for f in files], [None] * len(files), SIZE)
+    images = images.astype(np.float32)  # as the stages load the cache
+    views = [io.read_image(f)[1].get("view_position") for f in files]  # the manifest's header_view_position
+    proj = models.Component.load(folders["projection"])
+    called, _ = projection.decide(proj(images)[:, 0], views, CONFIG["frontal_threshold"])
+    unet = models.Component.load(folders["unet"])
+    rules = lungs.MaskRules(threshold=unet.operating_threshold, min_area=CONFIG["min_area"],
+                            max_area=CONFIG["max_area"])
+    masks, area, reasons = lungs.masks(unet(images), rules)
+    p_covid = models.covid_probability(models.Component.load(folders["classifier"]), images, masks, CONFIG["variant"])
+    return pd.DataFrame({"projection": called, "lung_area_fraction": area, "reason": reasons,
+                         "covid_probability": p_covid, "mask_pixels": masks.reshape(len(files), -1).sum(axis=1)})
+
+
+def test_served_answers_equal_the_evaluated_ones(folders, real_data, tmp_path):
+    files = real_files(real_data)
+    expected = stages_path(list(files.values()), folders)
+    assert expected["mask_pixels"].between(1, SIZE * SIZE - 1).all()  # real masks, neither empty nor full
+
+    mlflow.pyfunc.save_model(tmp_path / "model", python_model=serving.CovidCxrModel(), artifacts=folders,
+                             signature=serving.signature(), pip_requirements=["mlflow"])
+    model = mlflow.pyfunc.load_model(str(tmp_path / "model"))
+    served = pd.DataFrame(model.predict(pd.DataFrame({"image": [serving.encode_file(f) for f in files.values()]})))
+
+    assert served["accepted"].all(), served[["reason", "message"]]
+    assert list(served["projection"]) == list(expected["projection"])
+    np.testing.assert_allclose(served["lung_area_fraction"], expected["lung_area_fraction"], atol=1e-6)
+    np.testing.assert_allclose(served["covid_probability"], expected["covid_probability"], atol=2e-6)
+    assert (served["label"] == np.where(served["covid_probability"] >= 0.42, "covid", "negative")).all()
+
+
+def test_the_served_working_image_is_the_cached_one(real_data):
+    for path in real_files(real_data).values():
+        pixels, _ = io.read_image(path)
+        cached, _, _ = preprocess.build_cache([str(path)], [None], SIZE)
+        np.testing.assert_array_equal(preprocess.working_image(pixels, SIZE), cached[0].astype(np.float32))

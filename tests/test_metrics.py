@@ -437,3 +437,58 @@ def test_paper_table_rejects_bad_rows(rows):
 def test_paper_table_is_a_dataframe_of_floats():
     table = M.paper_table([_row("d")])
     assert isinstance(table, pd.DataFrame) and all(table.dtypes == float)
+
+
+# --- operating thresholds, computed exactly ---------------------------------------------------------------------------
+
+
+def _scores(seed: int, n: int = 80, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.4).astype(int)
+    s = rng.normal(y * 1.0, 1.0)
+    return y, (np.round(s, 1) if ties else s)
+
+
+def _brute_force(y: np.ndarray, s: np.ndarray, objective: str, min_sensitivity: float) -> float:
+    """Every distinct score as ``>=`` threshold, the best objective value, ties to the highest threshold."""
+    best, best_t = -np.inf, None
+    for t in sorted(set(s.tolist()), reverse=True):
+        called = s >= t
+        tp, fp = int((called & (y == 1)).sum()), int((called & (y == 0)).sum())
+        sens, spec = tp / (y == 1).sum(), 1 - fp / (y == 0).sum()
+        if objective == "youden":
+            value = sens + spec - 1
+        elif objective == "f1":
+            value = 2 * tp / (2 * tp + fp + (y == 1).sum() - tp)
+        else:
+            value = spec if sens >= min_sensitivity else -np.inf
+        if value > best + 1e-12:
+            best, best_t = value, t
+    return best_t
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("objective", M.THRESHOLD_OBJECTIVES)
+def test_operating_threshold_is_the_exact_optimum(objective, ties, seed):
+    y, s = _scores(seed, ties=ties)
+    choice = M.operating_threshold(y, s, objective, min_sensitivity=0.9)
+    assert choice.threshold == _brute_force(y, s, objective, 0.9)
+    m = M.classification_metrics(y, s, threshold=choice.threshold)
+    assert (choice.sensitivity, choice.specificity) == (pytest.approx(m["sensitivity"]), pytest.approx(m["specificity"]))
+    assert (choice.n_positive, choice.n_negative) == (int(y.sum()), int(len(y) - y.sum()))
+    if objective == "sensitivity":
+        assert choice.sensitivity >= 0.9 and choice.min_sensitivity == 0.9
+    assert choice.to_dict()["threshold"] == choice.threshold
+
+
+@pytest.mark.parametrize("y, s, kwargs, match", [
+    ([0, 0, 0], [0.1, 0.2, 0.3], {}, "only class"),
+    ([0, 1], [0.1, float("nan")], {}, "finite"),
+    ([0, 2], [0.1, 0.2], {}, "binary"),
+    ([0, 1], [0.1, 0.2], {"objective": "accuracy"}, "must be one of"),
+    ([0, 1], [0.1, 0.2], {"objective": "sensitivity", "min_sensitivity": 1.5}, r"\[0, 1\]"),
+])
+def test_operating_threshold_rejects_bad_input(y, s, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        M.operating_threshold(np.array(y), np.array(s), **kwargs)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from covidcxr import cli, metrics, tuning
+from covidcxr import cli, preprocess, tuning
 
 TINY_SPACE = {
     "f0": {"choices": [2, 4]},
@@ -32,68 +32,14 @@ def write_tiny_cache(root: Path, n: int = 30, size: int = 32, seed: int = 0) -> 
         images.append(np.clip(0.2 + 0.6 * mask + rng.normal(0, 0.1, mask.shape), 0, 1))
     cache = root / "cache"
     cache.mkdir(parents=True)
-    np.save(cache / "images.npy", np.asarray(images, dtype=np.float32))
-    np.save(cache / "masks.npy", np.asarray(masks))
     ids = [f"img{i:03d}" for i in range(n)]
-    pd.DataFrame({"image_id": ids, "has_mask": True}).to_csv(cache / "index.csv", index=False)
+    preprocess.save_cache(cache, pd.DataFrame({"image_id": ids, "has_mask": True}), np.asarray(images),
+                          np.asarray(masks))
     split = ["train"] * (n * 6 // 10) + ["val"] * (n * 2 // 10)
     split += ["test"] * (n - len(split))
     table = root / "segmentation.csv"
     pd.DataFrame({"image_id": ids[::-1], "split": split}).to_csv(table, index=False)  # order differs from the cache
     return cache, table
-
-
-def scores(seed: int, n: int = 80, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = (rng.random(n) < 0.4).astype(int)
-    s = rng.normal(y * 1.0, 1.0)
-    return y, (np.round(s, 1) if ties else s)
-
-
-# --- thresholds ---------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("objective, exact", [
-    ("youden", metrics.youden_threshold),
-    ("f1", metrics.f1_threshold),
-    ("sensitivity", lambda y, s: metrics.threshold_for_sensitivity(y, s, 0.9)),
-])
-def test_tune_threshold_finds_the_exact_optimum(objective, exact, ties, seed):
-    y, s = scores(seed, ties=ties)
-    choice = tuning.tune_threshold(y, s, objective, min_sensitivity=0.9, seed=seed)
-    assert choice.exhaustive and choice.n_trials == len(np.unique(s)) + 1
-    assert choice.threshold == exact(y, s)
-    m = metrics.classification_metrics(y, s, threshold=choice.threshold)
-    assert choice.sensitivity == pytest.approx(m["sensitivity"])
-    assert choice.specificity == pytest.approx(m["specificity"])
-    if objective == "sensitivity":
-        assert choice.sensitivity >= 0.9 and choice.value == pytest.approx(m["specificity"])
-    assert choice.value == pytest.approx(choice.trials["value"].max())
-    assert choice.trials["threshold"].is_monotonic_decreasing and len(choice.trials) == choice.n_trials
-
-
-def test_tune_threshold_searches_a_grid_then_refines_when_scores_are_many():
-    y, s = scores(3, n=400)
-    exact = tuning.tune_threshold(y, s, "youden")
-    subset = tuning.tune_threshold(y, s, "youden", max_trials=60)
-    assert exact.exhaustive and exact.n_trials == 401
-    assert not subset.exhaustive and subset.n_trials == 60 and 30 < len(subset.trials) <= 60  # distinct thresholds
-    assert subset.threshold in set(exact.trials["threshold"]) and subset.value <= exact.value
-    assert subset.value > exact.value - 0.05
-
-
-@pytest.mark.parametrize("y, s, kwargs, match", [
-    ([0, 0, 0], [0.1, 0.2, 0.3], {}, "both classes"),
-    ([0, 1], [0.1, float("nan")], {}, "non-finite"),
-    ([0, 2], [0.1, 0.2], {}, "binary"),
-    ([0, 1], [0.1, 0.2], {"objective": "accuracy"}, "must be one of"),
-    ([0, 1], [0.1, 0.2], {"objective": "sensitivity", "min_sensitivity": 1.5}, r"\[0, 1\]"),
-])
-def test_tune_threshold_rejects_bad_input(y, s, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        tuning.tune_threshold(np.array(y), np.array(s), **kwargs)
 
 
 # --- search space and configuration ---------------------------------------------------------------------------------
@@ -192,11 +138,13 @@ def test_tune_command_runs_a_real_unet_trial_and_exports_the_best(tmp_path, caps
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tune_unet": {"study": "tiny", **TINY_CONFIG}}))
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    common = ["tune", "--storage", storage, "--params", str(params), "--cache-dir", str(cache), "--split", str(split),
+    common = ["tune", "--study", "tiny", "--storage", storage, "--cache-dir", str(cache), "--split", str(split),
               "--no-tracking"]
-    assert cli.main([*common, "--n-trials", "1", "--seed", "0"]) == 0
+    assert cli.main([*common, "--n-trials", "1"]) == 1  # no such study, and no --config to create it
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main([*common, "--config", str(params), "--n-trials", "1", "--seed", "0"]) == 0
     first = json.loads(capsys.readouterr().out)
-    assert cli.main([*common, "--n-trials", "0", "--out", str(tmp_path / "unet.json")]) == 0
+    assert cli.main([*common, "--n-trials", "0", "--out", str(tmp_path / "unet.json")]) == 0  # joins: no --config
     exported = json.loads((tmp_path / "unet.json").read_text())
 
     study = optuna.load_study(study_name="tiny", storage=storage)

@@ -91,12 +91,55 @@ def _local_scorer(model_uri: str):
     from covidcxr import serving
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    missing = _missing_alias(model_uri)
+    if missing:
+        raise RuntimeError(missing)
     model = mlflow.pyfunc.load_model(model_uri)
 
     def score(images: list[str], params: dict) -> list[dict]:
         return model.predict(pd.DataFrame({serving.INPUT_COLUMN: images}), params=params)
 
     return score
+
+
+def _missing_alias(model_uri: str) -> str | None:
+    """For ``models:/NAME@ALIAS`` whose alias is not set: why (the last registration's decision) and what to run
+    instead; None when the URI is of another form or the alias exists."""
+    import re
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    match = re.fullmatch(r"models:/([^@/]+)@([^/]+)", model_uri)
+    if not match:
+        return None
+    name, alias = match.groups()
+    client = mlflow.MlflowClient()
+    try:
+        client.get_model_version_by_alias(name, alias)
+        return None
+    except MlflowException:
+        pass
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        versions = []
+    if not versions:
+        return (f"no model {name!r} is registered in {mlflow.get_tracking_uri()}: run the pipeline first (`make run` "
+                "or `dvc repro`), or set MLFLOW_TRACKING_URI to the store that holds it")
+    latest = max(versions, key=lambda v: int(v.version))
+    aliases = {a: v.version for v in versions for a in (v.aliases or [])}
+    why = latest.tags.get("decision_reason") or "no reason recorded"
+    lines = [f"model {name!r} has no version with alias {alias!r}.",
+             f"The last registration, v{latest.version}, got {latest.tags.get('decision', 'no alias')!r}: {why}."]
+    if aliases:
+        others = ", ".join(f"@{a} (v{v})" for a, v in sorted(aliases.items()))
+        lines.append(f"Aliases that exist: {others}; e.g. `covidcxr predict --model-uri models:/{name}@"
+                     f"{sorted(aliases)[0]} FILE` (knowing why it is not the champion).")
+    if latest.tags.get("audit_status") == "fail":
+        lines.append("To accept a model whose shortcut audit failed as champion, knowingly: "
+                     "`dvc exp run -S register.allow_failed_audit=true`.")
+    return " ".join(lines)
 
 
 def _remote_scorer(url: str, timeout: float):
@@ -124,48 +167,29 @@ def _remote_scorer(url: str, timeout: float):
 
 
 def _tune(args: argparse.Namespace) -> int:
-    """One Optuna worker of a U-Net study (shared when the storage is): run trials, tag the best, print the summary."""
-    import logging
+    """One Optuna worker of a U-Net study (shared when the storage is): ``tuning.tune_unet``, as the tune_unet stage."""
     import os
     import random
     from pathlib import Path
 
-    import yaml
-
     from covidcxr import tuning
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    everything = {}
-    if Path(args.params).is_file():
-        everything = yaml.safe_load(Path(args.params).read_text(encoding="utf-8")) or {}
-    params = everything.get("tune_unet") or {}
-    study_name = args.study or params.get("study")
-    if not study_name:
-        print(f"tune: no --study and no tune_unet.study in {args.params}", file=sys.stderr)
+    url = args.storage or os.environ.get(tuning.STORAGE_ENV)
+    if not url:
+        print(f"tune: no --storage and no ${tuning.STORAGE_ENV}", file=sys.stderr)
         return 2
-    url = tuning.resolve_storage(args.storage, os.environ.get(tuning.STORAGE_ENV), params.get("storage"),
-                                 "sqlite:///artifacts/tune/optuna.db")
+    config = _read_tune_config(args.config) if args.config else None
     # A shared study needs a different sampler seed in every worker (pids repeat across containers).
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    logging.getLogger("covidcxr.tune").info("study %r in %s, %d trials, sampler seed %d", study_name,
-                                            tuning.redact(url), args.n_trials, seed)
     data = tuning.load_unet_data(args.cache_dir, args.split)
-    study, created = tuning.open_study(study_name, url, params if "space" in params else None,
-                                       data_sha256=data.sha256, seed=seed)
-    tracker = None
-    if not args.no_tracking:
-        experiment = args.experiment or f"covidcxr-{(everything.get('split') or {}).get('experiment', 'tuning')}"
-        tracker = tuning.attach_tracker(
-            study, created, experiment=experiment, run_name=f"tune-unet-{study_name}",
-            tags={"optuna_storage": tuning.redact(url)},
-            tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db",
-        )
-    objective = tuning.unet_objective(data, tuning.study_config(study)) if args.n_trials > 0 else None
-    tuning.optimize(study, objective, args.n_trials, tracker=tracker)
+    tracking = None if args.no_tracking else tuning.Tracking(
+        experiment=args.experiment, run_name=f"tune-unet-{args.study}",
+        tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
     try:
-        result = tuning.summary(study)
-    except RuntimeError as err:
-        print(f"tune: {err}", file=sys.stderr)
+        result, _ = tuning.tune_unet(args.study, url, data, config=config, n_trials=args.n_trials, seed=seed,
+                                     tracking=tracking)
+    except (KeyError, RuntimeError) as err:  # no such study (and no --config), or no completed trial yet
+        print(f"tune: {err.args[0] if err.args else err}", file=sys.stderr)
         return 1
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.out:
@@ -175,8 +199,21 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_tune_config(path: str) -> dict:
+    """A U-Net study configuration from a YAML file: its ``tune_unet`` section when it has one (a params.yaml)."""
+    from pathlib import Path
+
+    import yaml
+
+    values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"tune: {path} holds no mapping")
+    return values.get("tune_unet", values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covidcxr", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="also the logs of TensorFlow and other libraries")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo-data", help="write the deterministic synthetic demo dataset (DICOM phantoms + masks)")
@@ -199,28 +236,34 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
     predict.set_defaults(func=_predict)
     tune = sub.add_parser("tune", help="run one Optuna worker of the U-Net study (start several on one shared storage)")
-    tune.add_argument("--study", help="study name (default: tune_unet.study of --params)")
+    tune.add_argument("--study", required=True, help="study name (the tune_unet stage's is tune_unet.study)")
     tune.add_argument("--storage", help="SQLAlchemy URL, e.g. postgresql+psycopg2://optuna@db-host/optuna (password in "
-                      "PGPASSWORD or ~/.pgpass); default: $COVIDCXR_OPTUNA_STORAGE, tune_unet.storage, local sqlite")
+                      "PGPASSWORD or ~/.pgpass); default: $COVIDCXR_OPTUNA_STORAGE")
+    tune.add_argument("--cache-dir", required=True, help="working-size image cache, e.g. artifacts/cache (dvc pull)")
+    tune.add_argument("--split", required=True, help="segmentation split table, e.g. artifacts/splits/segmentation.csv")
+    tune.add_argument("--config", help="YAML with the configuration of a NEW study (its tune_unet section, e.g. "
+                      "params.yaml); without it the study must exist, and an existing study keeps its own")
     tune.add_argument("--n-trials", type=int, default=1,
                       help="trials this worker runs (0: only tag and print the best)")
-    tune.add_argument("--params", default="params.yaml", help="params file whose tune_unet section configures a NEW "
-                      "study (an existing study keeps the configuration it was created with)")
-    tune.add_argument("--cache-dir", default="artifacts/cache", help="working-size image cache (dvc pull it)")
-    tune.add_argument("--split", default="artifacts/splits/segmentation.csv", help="segmentation split table")
     tune.add_argument("--seed", type=int, help="this worker's sampler seed (default: a fresh one per worker)")
-    tune.add_argument("--experiment",
-                      help="MLflow experiment of a new study's run (default: covidcxr-<split.experiment>)")
+    tune.add_argument("--experiment", default="covidcxr-tuning",
+                      help="MLflow experiment of a new study's run (joiners log under the study's own run)")
     tune.add_argument("--tracking-uri",
                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     tune.add_argument("--no-tracking", action="store_true", help="do not log trials to MLflow")
     tune.add_argument("--out", help="also write the summary JSON (best parameters) to this file")
     tune.set_defaults(func=_tune)
+    for command in sub.choices.values():  # `-v` after the command works too
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="also the logs of TensorFlow and other libraries")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from covidcxr import runtime
+
+    runtime.configure(verbose=args.verbose)
     return int(args.func(args) or 0)
 
 

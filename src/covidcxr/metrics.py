@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -518,6 +519,52 @@ def threshold_for_sensitivity(y_true: np.ndarray, y_score: np.ndarray, min_sensi
     thr = _finite_thresholds(thr, s)
     ok = np.flatnonzero(tpr >= min_sensitivity - 1e-12)
     return float(thr[ok[0]])
+
+
+THRESHOLD_OBJECTIVES: tuple[str, ...] = ("youden", "f1", "sensitivity")
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """An operating threshold (positive when ``score >= threshold``), how it was chosen, and what it gives there."""
+
+    threshold: float
+    objective: str
+    min_sensitivity: float | None
+    sensitivity: float
+    specificity: float
+    n_positive: int
+    n_negative: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def operating_threshold(y_true: np.ndarray, y_score: np.ndarray, objective: str = "youden", *,
+                        min_sensitivity: float = 0.95) -> ThresholdChoice:
+    """The operating threshold for ``objective`` on (validation) labels and scores, computed exactly.
+
+    The objectives only change at the distinct scores, so every one of them is tried: ``youden`` (sensitivity +
+    specificity - 1), ``f1`` (of the positive class), ``sensitivity`` (the highest specificity among thresholds whose
+    sensitivity is at least ``min_sensitivity``). Ties go to the highest threshold (fewest positives).
+    """
+    if objective not in THRESHOLD_OBJECTIVES:
+        raise ValueError(f"threshold objective must be one of {list(THRESHOLD_OBJECTIVES)}, got {objective!r}")
+    if objective == "youden":
+        threshold = youden_threshold(y_true, y_score)
+    elif objective == "f1":
+        threshold = f1_threshold(y_true, y_score)
+    else:
+        threshold = threshold_for_sensitivity(y_true, y_score, min_sensitivity)
+    t, s = _labels_scores(y_true, y_score)
+    called = s >= threshold
+    n_pos, n_neg = int(t.sum()), int(len(t) - t.sum())
+    return ThresholdChoice(
+        threshold=float(threshold), objective=objective,
+        min_sensitivity=float(min_sensitivity) if objective == "sensitivity" else None,
+        sensitivity=float(called[t == 1].mean()), specificity=float((~called[t == 0]).mean()),
+        n_positive=n_pos, n_negative=n_neg,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------

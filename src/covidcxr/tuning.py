@@ -6,8 +6,8 @@ machine, PostgreSQL for many): the first worker creates it and stores the search
 the data in it, so that every worker that joins later (``covidcxr tune`` on another runner) searches the same space on
 the same data. Every trial is an MLflow run nested under the study's run; the best trial is tagged ``best_trial``.
 
-Thresholds: ``tune_threshold`` lets Optuna choose an operating threshold on validation scores for a declared objective
-(Youden's J, F1, or the highest specificity at a minimum sensitivity).
+Operating thresholds are not searched here: over a finite set of validation scores they are computed exactly
+(``metrics.operating_threshold``).
 
 Nothing here reads ``params.yaml`` or decides where files go: callers pass URLs, paths and configurations.
 """
@@ -21,8 +21,7 @@ import socket
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +46,6 @@ UNET_DEFAULTS: dict = {
     "sampler": {"n_startup_trials": 2},
     "pruner": {"n_startup_trials": 2, "n_warmup_steps": 1},
 }
-THRESHOLD_OBJECTIVES: tuple[str, ...] = ("youden", "f1", "sensitivity")
 
 #: ``objective(trial, report)``: ``report(step, metrics)`` streams per-epoch metrics into the trial's MLflow run.
 Report = Callable[[int, Mapping[str, float]], None]
@@ -132,22 +130,19 @@ def unet_data(images: np.ndarray, masks: np.ndarray, split: Sequence[str]) -> UN
 
 
 def load_unet_data(cache_dir: str | os.PathLike, split_csv: str | os.PathLike) -> UNetData:
-    """``unet_data`` from a working-size cache folder (index.csv, images.npy, masks.npy) and a segmentation split."""
-    cache_dir = Path(cache_dir)
-    index = pd.read_csv(cache_dir / "index.csv", keep_default_na=False, na_values=[""])
+    """``unet_data`` from a working-size cache folder (``preprocess.load_cache``) and a segmentation split table."""
+    from covidcxr.preprocess import load_cache, rows_for
+
+    index, images, masks = load_cache(cache_dir, mmap=True)
     table = pd.read_csv(split_csv, keep_default_na=False, na_values=[""])
-    for name, frame, column in ((cache_dir / "index.csv", index, "image_id"), (split_csv, table, "image_id"),
-                                (split_csv, table, "split")):
-        if column not in frame.columns:
-            raise ValueError(f"{name}: no '{column}' column")
-    position = dict(zip(index["image_id"], range(len(index))))
-    missing = [i for i in table["image_id"] if i not in position]
-    if missing:
-        raise KeyError(f"{split_csv}: {len(missing)} images are not in {cache_dir}, e.g. {missing[:3]}")
+    for column in ("image_id", "split"):
+        if column not in table.columns:
+            raise ValueError(f"{split_csv}: no '{column}' column")
     table = table[table["split"].isin(["train", "val"])]
-    rows = np.array([position[i] for i in table["image_id"]], dtype=int)
-    images = np.load(cache_dir / "images.npy", mmap_mode="r")
-    masks = np.load(cache_dir / "masks.npy", mmap_mode="r")
+    try:
+        rows = rows_for(index, table["image_id"])
+    except KeyError as err:
+        raise KeyError(f"{split_csv}: {err.args[0]} ({cache_dir})") from None
     return unet_data(np.asarray(images[rows], dtype=np.float32), np.asarray(masks[rows]), table["split"].to_numpy())
 
 
@@ -339,7 +334,6 @@ def study_config(study: optuna.Study) -> dict:
 
 
 def _mlflow_client(tracking_uri: str | None):
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri)
@@ -508,128 +502,34 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Operating thresholds
+# One worker: what the `tune_unet` stage and `covidcxr tune` both run
 
 
 @dataclass(frozen=True)
-class ThresholdChoice:
-    """An operating threshold (positive when ``score >= threshold``) and how it was chosen."""
+class Tracking:
+    """Where a worker logs its trials: the MLflow experiment of a new study's run, its name, tags, tracking URI."""
 
-    threshold: float
-    value: float
-    objective: str
-    min_sensitivity: float | None
-    sensitivity: float
-    specificity: float
-    n_trials: int
-    exhaustive: bool
-    trials: pd.DataFrame = field(repr=False)
+    experiment: str
+    run_name: str
+    tags: Mapping[str, str] = field(default_factory=dict)
+    tracking_uri: str | None = None
 
 
-@contextmanager
-def _quiet_optuna() -> Iterator[None]:
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        yield
-    finally:
-        optuna.logging.set_verbosity(level)
+def tune_unet(study_name: str, storage: str, data: UNetData, *, config: Mapping | None, n_trials: int, seed: int,
+              tracking: Tracking | None = None) -> tuple[dict, pd.DataFrame]:
+    """Create or join U-Net study ``study_name`` in ``storage``, run ``n_trials`` trials here, and return the study's
+    summary (best trial and parameters) and its trials table.
 
-
-def _threshold_candidates(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every distinct score (descending) and one just above the highest, with tp and fp at each as ``>=`` threshold."""
-    scores = np.sort(np.unique(y_score))[::-1]
-    candidates = np.concatenate([[np.nextafter(float(scores[0]), np.inf)], scores])
-    pos, neg = np.sort(y_score[y_true == 1]), np.sort(y_score[y_true == 0])
-    tp = len(pos) - np.searchsorted(pos, candidates, side="left")
-    fp = len(neg) - np.searchsorted(neg, candidates, side="left")
-    return candidates, tp.astype(np.float64), fp.astype(np.float64)
-
-
-def _objective_values(objective: str, tp: np.ndarray, fp: np.ndarray, n_pos: int, n_neg: int,
-                      min_sensitivity: float) -> np.ndarray:
-    tpr, fpr = tp / n_pos, fp / n_neg
-    if objective == "youden":
-        return tpr - fpr  # the same float operations as scikit-learn's roc_curve, so ties break identically
-    if objective == "f1":
-        with np.errstate(divide="ignore", invalid="ignore"):
-            precision = np.where(tp + fp == 0, np.nan, tp / np.where(tp + fp == 0, 1.0, tp + fp))
-            f1 = 2 * precision * tpr / (precision + tpr)
-        return np.nan_to_num(f1)
-    # sensitivity: the specificity where the sensitivity is reached; below it, a negative value that grows with it
-    return np.where(tpr >= min_sensitivity - 1e-12, 1.0 - fpr, tpr - 1.0)
-
-
-def tune_threshold(
-    y_true: np.ndarray,
-    y_score: np.ndarray,
-    objective: str = "youden",
-    *,
-    min_sensitivity: float = 0.95,
-    max_trials: int = 2000,
-    seed: int = 0,
-) -> ThresholdChoice:
-    """Optuna chooses the operating threshold on validation labels and scores for ``objective``.
-
-    ``youden`` maximises sensitivity + specificity - 1, ``f1`` the F1 of the positive class, ``sensitivity`` the
-    specificity among thresholds whose sensitivity is at least ``min_sensitivity``. The objective only changes at the
-    distinct scores, so those (and one above the highest) are the trials: with at most ``max_trials`` of them every one
-    is tried and the choice is exact (equal to ``metrics.youden_threshold`` and friends); with more, a grid evenly
-    spaced by rank is tried and a seeded TPE sampler refines it (``max_trials`` trials in all). Ties go to the highest
-    threshold (fewest positives).
+    ``config`` configures a new study (an existing one keeps its own); ``seed`` seeds this worker's sampler (give every
+    worker of a shared study its own). With ``tracking`` each trial is an MLflow run nested under the study's run.
     """
-    if objective not in THRESHOLD_OBJECTIVES:
-        raise ValueError(f"threshold objective must be one of {list(THRESHOLD_OBJECTIVES)}, got {objective!r}")
-    if not 0.0 <= min_sensitivity <= 1.0:
-        raise ValueError(f"min_sensitivity must be in [0, 1], got {min_sensitivity}")
-    if max_trials < 2:
-        raise ValueError(f"max_trials must be at least 2, got {max_trials}")
-    y = np.asarray(y_true).ravel()
-    s = np.asarray(y_score, dtype=np.float64).ravel()
-    if len(y) != len(s) or len(y) == 0:
-        raise ValueError(f"y_true ({len(y)}) and y_score ({len(s)}) must be non-empty and of equal length")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError("y_true must be binary 0/1")
-    if not np.isfinite(s).all():
-        raise ValueError(f"y_score has {int((~np.isfinite(s)).sum())} non-finite values")
-    y = y.astype(int)
-    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"a threshold for {objective!r} needs both classes on validation, got {n_pos} positives "
-                         f"and {n_neg} negatives")
-
-    candidates, tp, fp = _threshold_candidates(y, s)
-    values = _objective_values(objective, tp, fp, n_pos, n_neg, min_sensitivity)
-    exhaustive = len(candidates) <= max_trials
-    refine = 0 if exhaustive else min(200, max_trials // 2)
-    grid = (np.arange(len(candidates)) if exhaustive
-            else np.unique(np.linspace(0, len(candidates) - 1, max_trials - refine).round().astype(int)))
-
-    def trial_value(trial: optuna.Trial) -> float:
-        return float(values[trial.suggest_int("index", 0, len(candidates) - 1)])
-
-    with _quiet_optuna():
-        # Enqueued trials, not GridSampler: Optuna 5's GridSampler rescans every trial per trial (minutes for 400).
-        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-        for i in grid:
-            study.enqueue_trial({"index": int(i)})
-        study.optimize(trial_value, n_trials=len(grid) + refine)
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    top = max(t.value for t in done)
-    best = min(t.params["index"] for t in done if t.value == top)  # highest threshold among the best
-    tried = sorted({t.params["index"] for t in done})
-    trials = pd.DataFrame({
-        "threshold": candidates[tried],
-        "value": values[tried],
-        "sensitivity": tp[tried] / n_pos,
-        "specificity": 1 - fp[tried] / n_neg,
-    })
-    if not exhaustive:
-        log.warning("%d distinct validation scores: the %s threshold was searched in %d trials", len(candidates),
-                    objective, len(done))
-    return ThresholdChoice(
-        threshold=float(candidates[best]), value=float(values[best]), objective=objective,
-        min_sensitivity=float(min_sensitivity) if objective == "sensitivity" else None,
-        sensitivity=float(tp[best] / n_pos), specificity=float(1 - fp[best] / n_neg),
-        n_trials=len(done), exhaustive=exhaustive, trials=trials,
-    )
+    log.info("Optuna study %r in %s: %d trial(s) here, sampler seed %d", study_name, redact(storage), n_trials, seed)
+    study, created = open_study(study_name, storage, config, data_sha256=data.sha256, seed=seed)
+    tracker = None
+    if tracking is not None:
+        tracker = attach_tracker(study, created, experiment=tracking.experiment, run_name=tracking.run_name,
+                                 tags={**tracking.tags, "optuna_storage": redact(storage)},
+                                 tracking_uri=tracking.tracking_uri)
+    objective = unet_objective(data, study_config(study)) if n_trials > 0 else None
+    optimize(study, objective, n_trials, tracker=tracker)
+    return summary(study), trials_table(study)

@@ -1,0 +1,81 @@
+"""covidcxr.selection: which classifier is registered, and whether the new version becomes the champion."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from covidcxr import audit, selection
+from covidcxr.selection import Candidate
+
+
+def candidate(name: str, auc: float | None, status: str = "pass", heldout: float | None = None) -> Candidate:
+    variant, backbone = name.split("_")
+    return Candidate(variant, backbone, {"roc_auc": auc}, audit_status=status,
+                     audit_failed=("source_classifier:all",) if status == "fail" else (), heldout=heldout)
+
+
+def test_the_best_by_the_validation_metric_ties_to_the_first():
+    pool = [candidate("c_vgg16", 0.6), candidate("d_vgg16", 0.9), candidate("d_vgg19", None),
+            candidate("e_vgg19", 0.9)]
+    chosen = selection.select(pool, "roc_auc")
+    assert chosen.chosen.name == "d_vgg16" and chosen.by == "val_roc_auc" and chosen.value == 0.9
+    rows = {r["classifier"]: r for r in chosen.table}
+    assert [r["classifier"] for r in chosen.table] == ["c_vgg16", "d_vgg16", "d_vgg19", "e_vgg19"]
+    assert rows["d_vgg16"]["chosen"] and rows["d_vgg16"]["reason"].startswith("chosen")
+    assert "undefined" in rows["d_vgg19"]["reason"] and "0.9000 < 0.9000" in rows["e_vgg19"]["reason"]
+
+
+def test_a_failed_audit_is_not_eligible_while_another_candidate_is():
+    pool = [candidate("c_vgg16", 0.99, "fail"), candidate("d_vgg16", 0.80, "warn"), candidate("e_vgg16", 0.70)]
+    chosen = selection.select(pool, "roc_auc")
+    assert chosen.chosen.name == "d_vgg16"
+    assert "not eligible: its audit failed (source_classifier:all)" in chosen.table[0]["reason"]
+    everyone_failed = selection.select([candidate("c_vgg16", 0.9, "fail"), candidate("d_vgg16", 0.8, "fail")],
+                                       "roc_auc")
+    assert everyone_failed.chosen.name == "c_vgg16" and "every candidate failed" in everyone_failed.table[0]["reason"]
+
+
+def test_held_out_figures_decide_when_every_eligible_candidate_has_one():
+    pool = [candidate("c_vgg16", 0.99, heldout=0.20), candidate("d_vgg16", 0.90, heldout=0.75)]
+    chosen = selection.select(pool, "roc_auc", heldout_name="worst held-out specificity")
+    assert chosen.chosen.name == "d_vgg16" and chosen.by == "heldout" and chosen.value == 0.75
+    assert "worst held-out specificity 0.2000 < 0.7500" in chosen.table[0]["reason"]
+    partial = selection.select([candidate("c_vgg16", 0.99, heldout=0.2), candidate("d_vgg16", 0.9)], "roc_auc")
+    assert partial.by == "val_roc_auc" and partial.chosen.name == "c_vgg16"
+
+
+def test_bad_selections_are_errors():
+    with pytest.raises(ValueError, match="higher is better"):
+        selection.select([candidate("c_vgg16", 0.9)], "ece")
+    with pytest.raises(ValueError, match="undefined for every eligible candidate"):
+        selection.select([candidate("c_vgg16", None)], "roc_auc")
+    with pytest.raises(ValueError, match="no candidate"):
+        selection.select([], "roc_auc")
+
+
+@pytest.mark.parametrize("value, champion, alias", [
+    (0.9, None, "champion"), (0.9, 0.8, "champion"), (0.8, 0.8, "champion"), (0.7, 0.8, "challenger"),
+    (0.7, math.nan, "champion"),
+])
+def test_decision_against_the_champion(value, champion, alias):
+    assert selection.decide(value, champion) == alias
+
+
+@pytest.mark.parametrize("status, allow, champion, alias", [
+    ("fail", False, None, "challenger"),  # refused even with no champion at all
+    ("fail", False, 0.5, "challenger"),
+    ("fail", True, None, "champion"),
+    ("fail", True, 0.95, "challenger"),  # allowed, but still worse than the champion
+    ("warn", False, None, "champion"),
+    ("pass", False, 0.9, "champion"),
+])
+def test_decision_with_the_audit(status, allow, champion, alias):
+    assert selection.decide(0.9, champion, status, allow) == alias
+    why = selection.reason(alias, "val_roc_auc", 0.9, "no champion", status, ["heatmap_lung_mass:c_vgg16/covid"],
+                           allow)
+    assert why.startswith("audit failed") or why.startswith("val roc_auc 0.9000")
+    assert ("champion refused" in why) == (status == "fail" and not allow)
+    assert ("allow_failed_audit is true" in why) == (status == "fail" and allow)
+    assert audit.FAIL == "fail"

@@ -1,4 +1,8 @@
-"""What every stage shares: params, stable JSON and atomic writes, telemetry off."""
+"""What every stage shares: validated params, where files go, stable JSON and atomic writes, tracking setup.
+
+Stages read params only through :func:`params` (validated by ``pipelines._params`` before any work) and find each
+other's outputs only through the paths below; they never import one another.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ import os
 import re
 import secrets
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,32 +20,71 @@ from pathlib import Path
 
 import yaml
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+from covidcxr import runtime
+from pipelines import _params
 
 PROJECT = Path(__file__).resolve().parent.parent
+PARAMS_FILE = "params.yaml"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+# --- where the stages' outputs live (the one place that decides it) ---------------------------------------------------
 
-def params(section: str, path: str | os.PathLike = "params.yaml") -> dict:
-    """One stage's section of ``params.yaml`` (the stage name)."""
+MANIFEST = "artifacts/manifest.csv"
+SPLITS_DIR = "artifacts/splits"
+CACHE_DIR = "artifacts/cache"
+FRONTAL = "artifacts/frontal.csv"
+MASKS_DIR = "artifacts/masks"
+MASKS, MASKS_INDEX = f"{MASKS_DIR}/masks.npy", f"{MASKS_DIR}/index.csv"
+MODELS_DIR = "artifacts/models"
+PROJECTION_MODEL, UNET_MODEL = f"{MODELS_DIR}/projection", f"{MODELS_DIR}/unet"
+TUNED_UNET = "artifacts/tune/unet.json"
+PREDICTIONS = "predictions.csv"  # beside each classifier's model files
+EVALUATE_DIR = Path("reports/evaluate")
+EXPLAIN_METRICS = Path("reports/explain/metrics.json")
+AUDIT_REPORT = Path("reports/audit/audit.json")
+REGISTERED = Path("reports/register/registered.json")
+
+
+def model_dir(variant: str, backbone: str) -> str:
+    """The model folder of the classifier of ``variant`` and ``backbone``."""
+    return f"{MODELS_DIR}/classifier_{variant}_{backbone}"
+
+
+def split_table(task: str) -> str:
+    """The split table of a task (covid, projection, segmentation)."""
+    return f"{SPLITS_DIR}/{task}.csv"
+
+
+ParamsError = _params.ParamsError  # what a stage raises, before any work, for params it cannot use
+
+
+def params(key: str, path: str | os.PathLike = PARAMS_FILE):
+    """A validated section of ``params.yaml`` (``"segment"``), defaults filled in, or one key of it
+    (``"split.experiment"``). Declare what a stage reads here in its ``params`` in dvc.yaml (a test checks)."""
+    section, _, name = key.partition(".")
     with open(path, encoding="utf-8") as fh:
         everything = yaml.safe_load(fh) or {}
     if section not in everything:
-        raise KeyError(f"{path} has no '{section}' section")
-    return everything[section]
+        raise ParamsError(f"{path} has no '{section}' section")
+    values = _params.validate(section, everything[section], source=str(path))
+    if not name:
+        return values
+    if name not in values:
+        raise ParamsError(f"{path}: {section} has no key {name!r}")
+    return values[name]
 
 
 def setup_logging() -> logging.Logger:
-    """Plain INFO logging to stderr for a stage."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """INFO logging to stderr for a stage; third-party noise only with ``-v`` or ``COVIDCXR_VERBOSE=1``."""
+    runtime.configure(verbose=runtime.verbose_requested())
     return logging.getLogger("covidcxr.pipelines")
 
 
 def show_progress() -> bool:
     """Progress bars only on a terminal."""
+    import sys
+
     return sys.stderr.isatty()
 
 
@@ -157,110 +199,17 @@ def _jsonable(value: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-# --- shared by the model stages ---------------------------------------------------------------------------------------
-
-CACHE_DIR = "artifacts/cache"
-
-
-def load_cache() -> tuple["pd.DataFrame", "np.ndarray", "np.ndarray"]:
-    """The working-size cache: index (image_id, has_mask, manifest columns), images [N,H,W] in [0,1], true masks."""
-    import numpy as np
-    import pandas as pd
-
-    index = pd.read_csv(f"{CACHE_DIR}/index.csv", keep_default_na=False, na_values=[""])
-    images = np.load(f"{CACHE_DIR}/images.npy").astype(np.float32)
-    masks = np.load(f"{CACHE_DIR}/masks.npy")
-    return index, images, masks
+def read_report(path: str | os.PathLike, made_by: str, error: type[ValueError] = ValueError) -> object:
+    """A stage's JSON report; a missing one names the stage that writes it, a malformed one raises ``error``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; run the {made_by} stage first (dvc repro {made_by})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
 
 
-def rows_for(index: "pd.DataFrame", image_ids) -> "np.ndarray":
-    """Positions in the cache of ``image_ids`` (in their order); unknown ids raise, naming a few."""
-    import numpy as np
-
-    position = dict(zip(index["image_id"], range(len(index))))
-    missing = [i for i in image_ids if i not in position]
-    if missing:
-        raise KeyError(f"{len(missing)} images are not in the cache, e.g. {missing[:3]}")
-    return np.array([position[i] for i in image_ids], dtype=int)
-
-
-def mlflow_experiment() -> str:
-    """One MLflow experiment per paper experiment (split.experiment)."""
-    return f"covidcxr-{params('split')['experiment']}"
-
-
-def setup_tracking() -> None:
-    """Default store: sqlite in the project directory; MLFLOW_TRACKING_URI overrides it.
-
-    A non-chief worker of a multi-worker cluster (``TF_CONFIG``) trains like the chief but must not add runs to the
-    team's store: it logs to a throwaway store in a temporary folder, and only the chief's runs count.
-    """
-    import mlflow
-
-    from covidcxr import training
-
-    if not training.is_chief():
-        scratch = Path(tempfile.mkdtemp(prefix="covidcxr-worker-mlruns-"))
-        logging.getLogger("covidcxr").info("not the chief worker: MLflow runs go to a throwaway store in %s", scratch)
-        mlflow.set_tracking_uri(f"sqlite:///{scratch / 'mlflow.db'}")
-        return
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
-
-
-def repro_tags(stage: str) -> dict[str, str]:
-    """What makes a run reproducible: the code version, the data version, and the stage that made it."""
-    from covidcxr import tracking
-
-    return {
-        "git_commit": tracking.git_commit(),
-        "data_version": tracking.dvc_file_hash("data.dvc"),
-        "dvc_stage": stage,
-        "experiment": params("split")["experiment"],
-    }
-
-
-def save_model_dir(out_dir: str | os.PathLike, model, standardizer, run_id: str, extra: dict | None = None) -> None:
-    """A model folder: model.keras, standardizer.json, run.json (the MLflow run that evaluation logs into)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / ".partial.keras"  # Keras insists on the suffix; renamed into place once complete
-    model.save(partial)
-    os.replace(partial, out / "model.keras")
-    write_with(out / "standardizer.json", lambda tmp: standardizer.save(tmp))
-    write_json(out / "run.json", {"run_id": run_id, **(extra or {})})
-    import mlflow
-
-    if mlflow.active_run() is not None:  # the fitted preprocessing travels with the model's run
-        mlflow.log_artifact(str(out / "standardizer.json"), "preprocessing")
-
-
-def load_model_dir(model_dir: str | os.PathLike):
-    """(model, standardizer, run info) from a folder written by save_model_dir."""
-    import json
-
-    import keras
-
-    from covidcxr.preprocess import Standardizer
-
-    model_dir = Path(model_dir)
-    model = keras.saving.load_model(model_dir / "model.keras", compile=False)
-    standardizer = Standardizer.load(model_dir / "standardizer.json")
-    info = json.loads((model_dir / "run.json").read_text())
-    return model, standardizer, info
-
-
-def split_arrays(task: str, index):
-    """{split: (positions in the cache, split table rows)} for a task's split table (artifacts/splits/<task>.csv)."""
-    import pandas as pd
-
-    table = pd.read_csv(f"artifacts/splits/{task}.csv", keep_default_na=False, na_values=[""])
-    return {name: (rows_for(index, part["image_id"]), part.reset_index(drop=True))
-            for name, part in table.groupby("split", sort=True)}
-
-
-def compile_binary(model, lr: float) -> None:
-    """Adam + binary cross-entropy, with accuracy and ROC AUC reported every epoch."""
-    import keras
-
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss="binary_crossentropy",
-                  metrics=["accuracy", keras.metrics.AUC(name="auc")])
+def mlflow_experiment(experiment: str) -> str:
+    """One MLflow experiment per paper experiment (``split.experiment``)."""
+    return f"covidcxr-{experiment}"

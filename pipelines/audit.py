@@ -8,35 +8,21 @@ logs it to MLflow as the run `audit`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 
 from covidcxr import audit, preprocess, tracking, training
-from pipelines import _common
-from pipelines.train_classifier import usable
+from pipelines import _common, _models, _tracking
 
-OUT = Path("reports/audit")
-EVALUATE, EXPLAIN = Path("reports/evaluate"), Path("reports/explain/metrics.json")
-
-
-def _read_json(path: Path) -> dict:
-    """A stage report; a missing or malformed one is a clear error naming the file."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing; run the stage that writes it (dvc repro)") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+OUT = _common.AUDIT_REPORT.parent
 
 
 def classifier_test_auc(name: str) -> float:
     """A classifier's test ROC AUC (threshold-free) from the evaluate report; NaN when undefined."""
-    path = EVALUATE / name / "metrics.json"
+    path = _common.EVALUATE_DIR / name / "metrics.json"
     try:
-        value = _read_json(path)["test"]["at_0.5"]["roc_auc"]
+        value = _common.read_report(path, "evaluate")["test"]["at_0.5"]["roc_auc"]
     except KeyError as err:
         raise ValueError(f"{path}: no test.at_0.5.roc_auc ({err} missing)") from None
     return float("nan") if value is None else float(value)
@@ -52,7 +38,7 @@ def lungs_removed_checks(p: dict, classifiers: dict) -> list[audit.Check]:
 
 
 def heatmap_checks(p: dict, classifiers: dict) -> list[audit.Check]:
-    explain = _read_json(EXPLAIN)
+    explain = _common.read_report(_common.EXPLAIN_METRICS, "explain")
     return [check for v in classifiers["variants"] for b in classifiers["backbones"]
             for check in audit.heatmap_checks(f"{v}_{b}", explain.get(f"{v}_{b}", {}), warn=float(p["warn"]),
                                               fail=float(p["fail"]))]
@@ -74,9 +60,9 @@ def source_reading(p: dict, classifier: dict, log) -> tuple[audit.SourceReading 
 
     Returns (reading or None, the reason when None, details for reports/audit/source_classifier.json).
     """
-    index, images, _ = _common.load_cache()
-    masks = np.load("artifacts/masks/masks.npy")
-    table, _ = usable(index)
+    index, images, _ = _models.load_cache()
+    masks = _models.load_masks()
+    table, _ = _models.usable()
     source = sources_of(index, table["image_id"])
     split = table["split"].to_numpy()
     y = (table["label"] == "covid").to_numpy(int)
@@ -84,7 +70,7 @@ def source_reading(p: dict, classifier: dict, log) -> tuple[audit.SourceReading 
               for s in ("train", "val", "test")}
     if len(counts["train"]) < 2:
         return None, f"one source in training ({list(counts['train'])}): nothing to tell apart", {"counts": counts}
-    rows = _common.rows_for(index, table["image_id"])
+    rows = preprocess.rows_for(index, table["image_id"])
     inputs = preprocess.apply_variant(images[rows], masks[rows], p["variant"])
     std = preprocess.Standardizer().fit(inputs[split == "train"])
     x = {s: std.transform(inputs[split == s]) for s in ("train", "val", "test")}
@@ -119,25 +105,26 @@ def metrics_of(result: dict) -> dict:
     return out
 
 
-def run(p: dict, classifier: dict) -> dict:
+def run(p: dict, classifier: dict, experiment: str = "demo") -> dict:
     import mlflow
 
     log = _common.setup_logging()
-    _common.setup_tracking()
-    with tracking.run(_common.mlflow_experiment(), "audit", params=p, tags=_common.repro_tags("audit")):
+    _tracking.setup_tracking()
+    with tracking.run(_common.mlflow_experiment(experiment), "audit", params=p,
+                      tags=_tracking.repro_tags("audit", experiment)):
         checks = lungs_removed_checks(p["lungs_removed"], classifier) + heatmap_checks(p["heatmap"], classifier)
         src = p["source"]
         reading, why, details = source_reading(src, classifier, log)
         checks.append(audit.source_check(reading, warn=float(src["warn"]), fail=float(src["fail"]), skip_reason=why))
         result = audit.report(checks)
-        _common.write_json(OUT / "audit.json", result)
+        _common.write_json(_common.AUDIT_REPORT, result)
         _common.write_json(OUT / "source_classifier.json", details)
         _common.write_json(OUT / "metrics.json", metrics_of(result))
         mlflow.log_metrics({f"audit.{c.name}.{c.subject}": c.value for c in checks
                             if c.value is not None and math.isfinite(c.value)})
         mlflow.set_tags({"audit.status": result["status"],
                          **{f"audit.{c.name}.{c.subject}": c.status for c in checks}})
-        mlflow.log_artifact(str(OUT / "audit.json"), "audit")
+        mlflow.log_artifact(str(_common.AUDIT_REPORT), "audit")
         mlflow.log_artifact(str(OUT / "source_classifier.json"), "audit")
     for c in checks:
         log.info("audit %-18s %-20s %-7s %s", c.name, c.subject, c.status, c.reason)
@@ -146,4 +133,4 @@ def run(p: dict, classifier: dict) -> dict:
 
 
 if __name__ == "__main__":
-    run(_common.params("audit"), _common.params("train_classifier"))
+    run(_common.params("audit"), _common.params("train_classifier"), _common.params("split.experiment"))

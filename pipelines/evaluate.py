@@ -6,17 +6,15 @@ and a comparison table laid out like the paper's Tables 6/10/14.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from covidcxr import metrics, tracking
-from pipelines import _common
-from pipelines.train_classifier import model_dir
+from covidcxr import metrics, models, tracking
+from pipelines import _common, _tracking
 
-OUT = Path("reports/evaluate")
+OUT = _common.EVALUATE_DIR
 
 
 def evaluate_model(pred: pd.DataFrame, threshold: float, p: dict) -> dict:
@@ -71,18 +69,18 @@ def figure(name: str, data: dict[str, list[dict]]):
     return fig
 
 
-def run(p: dict, classifiers: dict) -> dict:
+def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
     import mlflow
 
     log = _common.setup_logging()
-    _common.setup_tracking()
+    _tracking.setup_tracking()
     rows, everything = [], {}
     for variant in classifiers["variants"]:
         for backbone in classifiers["backbones"]:
             name = f"{variant}_{backbone}"
-            d = Path(model_dir(variant, backbone))
-            pred = pd.read_csv(d / "predictions.csv")
-            threshold = json.loads((d / "threshold.json").read_text())["threshold"]
+            d = Path(_common.model_dir(variant, backbone))
+            pred = pd.read_csv(d / _common.PREDICTIONS)
+            threshold = models.folder_threshold(d)["threshold"]
             result = evaluate_model(pred, threshold, p)
             result["operating_threshold"] = threshold
             data = curves(pred, int(p["calibration_bins"]))
@@ -92,8 +90,8 @@ def run(p: dict, classifiers: dict) -> dict:
             everything[name] = result
             for split in ("val", "test"):
                 rows.append({"variant": variant, "backbone": backbone, "split": split, **result[split]["at_0.5"]})
-            run_id = json.loads((d / "run.json").read_text())["run_id"]
-            with tracking.run(_common.mlflow_experiment(), name, run_id=run_id):
+            run_id = models.folder_info(d)["run_id"]
+            with tracking.run(_common.mlflow_experiment(experiment), name, run_id=run_id):
                 tracking.log_finite_metrics({s: result[s] for s in ("val", "test")}, prefix="eval.")
                 fig = figure(name, data)
                 mlflow.log_figure(fig, "evaluation/curves.png")
@@ -114,4 +112,6 @@ def run(p: dict, classifiers: dict) -> dict:
 
 
 if __name__ == "__main__":
-    run(_common.params("evaluate"), _common.params("train_classifier"))
+    run(_common.params("evaluate"), {"variants": _common.params("train_classifier.variants"),
+                                  "backbones": _common.params("train_classifier.backbones")},
+        _common.params("split.experiment"))

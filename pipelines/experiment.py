@@ -30,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from covidcxr import runtime
 from pipelines import _common
 
 PROJECT = _common.PROJECT
@@ -145,13 +146,9 @@ def _env(project: Path, workdir: Path | None = None) -> dict[str, str]:
     """The stages' environment: this venv first, the copy's own library, MLflow in the project's store."""
     bin_dir = Path(sys.executable).parent
     library = {"PYTHONPATH": str(workdir / "src")} if workdir is not None else {}  # not the editable install's
-    return {
-        **os.environ, **library,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project / 'mlflow.db'}",
-        "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false",
-        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-    }
+    return runtime.environment(**library, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+                               MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI")
+                               or f"sqlite:///{project / 'mlflow.db'}")
 
 
 def _git(args: list[str], cwd: Path) -> None:
@@ -233,9 +230,11 @@ def _run_seconds(project: Path, model_dir: Path) -> float | None:
     """Training time of the MLflow run that made a model (the stage may have been reused from an earlier run)."""
     import mlflow
 
+    from covidcxr import models
+
     try:
         mlflow.set_tracking_uri(_env(project)["MLFLOW_TRACKING_URI"])
-        info = mlflow.get_run(_json(model_dir / "run.json")["run_id"]).info
+        info = mlflow.get_run(models.folder_info(model_dir)["run_id"]).info
         return round((info.end_time - info.start_time) / 1000.0, 1) if info.end_time else None
     except Exception:  # noqa: BLE001 - a figure for the table, not a reason to fail the experiment
         return None

@@ -4,15 +4,13 @@ share of the image area (what a uniform heat map would score)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from covidcxr import gradcam, preprocess, tracking
-from pipelines import _common
-from pipelines.train_classifier import model_dir
+from pipelines import _common, _models, _tracking
 
 OUT = Path("reports/explain")
 GROUPS = [("covid", True, "TP"), ("covid", False, "FN"), ("negative", True, "TN"), ("negative", False, "FP")]
@@ -29,25 +27,25 @@ def sample(pred: pd.DataFrame, threshold: float, per_group: int) -> pd.DataFrame
     return pd.concat(picks)
 
 
-def run(p: dict, classifiers: dict) -> dict:
+def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
     import mlflow
 
     log = _common.setup_logging()
-    _common.setup_tracking()
-    index, images, _ = _common.load_cache()
-    masks = np.load("artifacts/masks/masks.npy")
+    _tracking.setup_tracking()
+    index, images, _ = _models.load_cache()
+    masks = _models.load_masks()
     summary: dict = {}
     for variant in classifiers["variants"]:
         for backbone in classifiers["backbones"]:
             name = f"{variant}_{backbone}"
-            d = Path(model_dir(variant, backbone))
-            model, std, info = _common.load_model_dir(d)
-            pred = pd.read_csv(d / "predictions.csv")
-            threshold = json.loads((d / "threshold.json").read_text())["threshold"]
+            d = Path(_common.model_dir(variant, backbone))
+            classifier = _models.load_component(d)
+            pred = pd.read_csv(d / _common.PREDICTIONS)
+            threshold = classifier.operating_threshold
             test = pred[pred["split"] == "test"].reset_index(drop=True)
-            rows = _common.rows_for(index, test["image_id"])
-            x = std.transform(preprocess.apply_variant(images[rows], masks[rows], variant))[..., None]
-            heat = gradcam.gradcam(model, x)
+            rows = preprocess.rows_for(index, test["image_id"])
+            heat = gradcam.gradcam(classifier.model,
+                                   classifier.inputs(preprocess.apply_variant(images[rows], masks[rows], variant)))
             inside = gradcam.mass_inside(heat, masks[rows])
             # The lungs' share of the image over the same images: what a uniform heat map would score (the audit).
             area = np.where(np.isnan(inside), np.nan, (masks[rows] >= 0.5).mean(axis=(1, 2)))
@@ -66,7 +64,7 @@ def run(p: dict, classifiers: dict) -> dict:
                 from PIL import Image
 
                 _common.write_with(png, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
-            with tracking.run(_common.mlflow_experiment(), name, run_id=info["run_id"]):
+            with tracking.run(_common.mlflow_experiment(experiment), name, run_id=classifier.info["run_id"]):
                 tracking.log_finite_metrics(summary[name], prefix="gradcam.")
                 if tiles:
                     mlflow.log_artifact(str(png), "gradcam")
@@ -76,4 +74,6 @@ def run(p: dict, classifiers: dict) -> dict:
 
 
 if __name__ == "__main__":
-    run(_common.params("explain"), _common.params("train_classifier"))
+    run(_common.params("explain"), {"variants": _common.params("train_classifier.variants"),
+                                  "backbones": _common.params("train_classifier.backbones")},
+        _common.params("split.experiment"))

@@ -7,9 +7,9 @@ import os
 import pandas as pd
 
 from covidcxr import datasets, io, manifest, tracking
-from pipelines import _common
+from pipelines import _common, _tracking
 
-MANIFEST = "artifacts/manifest.csv"
+MANIFEST = _common.MANIFEST
 REJECTS = "reports/ingest/rejects.csv"
 DUPLICATES = "reports/ingest/duplicates.csv"
 SUMMARY = "reports/ingest/summary.json"
@@ -27,7 +27,7 @@ def pseudonymize_patients(frame: pd.DataFrame, salt: str) -> pd.DataFrame:
     return out
 
 
-def run(p: dict) -> dict:
+def run(p: dict, experiment: str = "demo") -> dict:
     log = _common.setup_logging()
     frames = []
     for source in p["sources"]:
@@ -38,15 +38,15 @@ def run(p: dict) -> dict:
     listed = manifest.conform(pd.concat(frames, ignore_index=True))
 
     described, rejects = manifest.describe_images(
-        listed, max_pixels=p["max_pixels"], workers=int(p.get("workers") or os.cpu_count() or 1),
+        listed, max_pixels=p["max_pixels"], workers=int(p["workers"] or os.cpu_count() or 1),
         progress=_common.show_progress(),
     )
     duplicates = manifest.find_duplicates(described)
     result = described[~described["image_id"].isin(duplicates["image_id"])].reset_index(drop=True)
-    if p.get("pseudonymize", True):
+    if p["pseudonymize"]:
         salt = os.environ.get("COVIDCXR_PSEUDONYM_SALT") or str(p["salt"])
         result = pseudonymize_patients(result, salt)
-    if p.get("max_age") is not None:  # ages above the cap are identifying (HIPAA safe harbour: 90+)
+    if p["max_age"] is not None:  # ages above the cap are identifying (HIPAA safe harbour: 90+)
         result["age"] = result["age"].clip(upper=float(p["max_age"]))
 
     rejected = int((rejects["kind"] == "image").sum())
@@ -71,9 +71,9 @@ def run(p: dict) -> dict:
         log.warning("rejected %s of %s (%s): %s", row.kind, row.image_id, row.reason, row.problem)
     log.info("manifest: %d images of %d patients; %d images and %d masks rejected, %d duplicates", len(result),
              summary["patients"], rejected, summary["masks_rejected"], len(duplicates))
-    _common.setup_tracking()
-    with tracking.run(_common.mlflow_experiment(), "ingest", params=run_params(p),
-                      tags=_common.repro_tags("ingest")):  # a failure below marks this run FAILED, rejects logged
+    _tracking.setup_tracking()
+    with tracking.run(_common.mlflow_experiment(experiment), "ingest", params=run_params(p),
+                      tags=_tracking.repro_tags("ingest", experiment)):  # a failure below marks this run FAILED, rejects logged
         log_to_mlflow(summary, rejects)
         if summary["reject_fraction"] > float(p["max_reject_fraction"]):
             raise TooManyRejects(
@@ -116,4 +116,4 @@ def log_to_mlflow(summary: dict, rejects: pd.DataFrame) -> None:
 
 
 if __name__ == "__main__":
-    run(_common.params("ingest"))
+    run(_common.params("ingest"), _common.params("split.experiment"))

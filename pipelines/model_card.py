@@ -8,59 +8,49 @@ index.html, and logs the card to the MLflow run that produced the registered ver
 from __future__ import annotations
 
 import glob
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from covidcxr import modelcard
 from covidcxr.modelcard import ModelCardError
-from pipelines import _common
+from pipelines import _common, _tracking
 
 OUT = Path("reports/model_card")
-REGISTERED = Path("reports/register/registered.json")
-AUDIT = Path("reports/audit/audit.json")
-SPLITS = Path("artifacts/splits")
-MANIFEST = Path("artifacts/manifest.csv")
+REGISTERED = _common.REGISTERED
+AUDIT = _common.AUDIT_REPORT
+SPLITS = Path(_common.SPLITS_DIR)
+MANIFEST = Path(_common.MANIFEST)
 #: Model-version tag that points to the card's artifact.
 TAG = "model_card"
 
 
 def read_json(path: str | Path, made_by: str) -> object:
-    """A report as JSON; a missing file names the stage that writes it, a malformed one says what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run the `{made_by}` stage first")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelCardError(f"{path}: not valid JSON ({exc})") from exc
+    """A report as JSON (``_common.read_report``); a malformed one is a :class:`ModelCardError`."""
+    return _common.read_report(path, made_by, ModelCardError)
 
 
 def model_facts(registered: dict, evaluation: dict, run_id: str) -> dict:
-    """What the registered model is: identity, classifier, working size and thresholds (the ones register used)."""
-    for key in ("model_name", "version", "classifier"):
+    """What the registered model is: identity, classifier, working size and thresholds, as `register` bundled them."""
+    for key in ("model_name", "version", "classifier", "serving"):
         if key not in registered:
             raise ModelCardError(f"{REGISTERED} has no '{key}'")
     classifier = str(registered["classifier"])
     variant, _, backbone = classifier.partition("_")
-    segment = _common.params("segment")
+    serving = registered["serving"]
     facts = {
         "model_name": registered["model_name"], "version": registered["version"], "alias": registered.get("alias"),
         "classifier": classifier, "variant": variant, "backbone": backbone,
-        "working_size": f"{int(_common.params('cache')['size'])} px",
+        "working_size": f"{int(serving['size'])} px",
         "operating_threshold": evaluation.get("operating_threshold"),
-        "frontal_threshold": _common.params("filter_frontal")["threshold"],
-        "mask_threshold": segment["threshold"], "lung_area_bounds": f"{segment['min_area']} – {segment['max_area']}",
-        "experiment": _common.params("split")["experiment"], "mlflow_run_id": run_id,
+        "frontal_threshold": serving["frontal_threshold"], "mask_threshold": registered.get("mask_threshold"),
+        "lung_area_bounds": f"{serving['min_area']} – {serving['max_area']}",
+        "experiment": registered.get("experiment"), "mlflow_run_id": run_id,
     }
-    if registered.get("metric"):
+    if registered.get("selected_by"):
         value = registered.get("candidate_value")
         shown = f"{float(value):.4f}" if value is not None else "n/a"
-        facts["selected_by"] = f"validation {registered['metric']} = {shown}"
-    for key, value in registered.items():  # anything else register reports (git commit, data version, ...)
-        if key not in facts and key not in ("metric", "candidate_value") and not isinstance(value, (dict, list)):
-            facts[key] = value
+        facts["selected_by"] = f"{registered['selected_by'].replace('_', ' ', 1)} = {shown}"
     return facts
 
 
@@ -138,7 +128,7 @@ def run(p: dict) -> dict:
     from mlflow.exceptions import MlflowException
 
     log = _common.setup_logging()
-    _common.setup_tracking()
+    _tracking.setup_tracking()
     registered = read_json(REGISTERED, "register")
     if not isinstance(registered, dict) or "model_name" not in registered or "version" not in registered:
         raise ModelCardError(f"{REGISTERED}: needs model_name and version")

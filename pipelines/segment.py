@@ -1,4 +1,5 @@
-"""Stage `segment`: lung masks for every frontal image, cleaned, with area sanity checks (flagged, never silently used)."""
+"""Stage `segment`: lung masks for every frontal image, cleaned and checked by the rules serving applies
+(:mod:`covidcxr.lungs`); a mask that fails them is flagged with the same reason code, never silently used."""
 
 from __future__ import annotations
 
@@ -7,44 +8,42 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidcxr import metrics, preprocess, training
-from pipelines import _common
+from covidcxr import lungs, metrics
+from pipelines import _common, _models
 
-OUT_MASKS = "artifacts/masks/masks.npy"
-OUT_INDEX = "artifacts/masks/index.csv"
 METRICS = "reports/segment/metrics.json"
 
 
 def run(p: dict) -> dict:
     log = _common.setup_logging()
-    index, images, true_masks = _common.load_cache()
-    frontal = pd.read_csv("artifacts/frontal.csv")
+    index, images, true_masks = _models.load_cache()
+    frontal = pd.read_csv(_common.FRONTAL)
     is_frontal = (frontal.set_index("image_id").loc[index["image_id"], "predicted"] == "frontal").to_numpy()
-    model, std, _ = _common.load_model_dir("artifacts/models/unet")
-    prob = training.predict(model, std.transform(images[is_frontal]))[..., 0] if is_frontal.any() \
-        else np.zeros((0,) + images.shape[1:], dtype=np.float32)  # Keras' predict fails on an empty batch
-
+    unet = _models.load_component(_common.UNET_MODEL)
+    rules = lungs.MaskRules(threshold=unet.operating_threshold, min_area=float(p["min_area"]),
+                            max_area=float(p["max_area"]))
+    found, found_area, found_reason = lungs.masks(unet(images[is_frontal]), rules)
     masks = np.zeros(images.shape, dtype=bool)
-    masks[is_frontal] = np.stack([preprocess.clean_mask(m, threshold=float(p["threshold"])) for m in prob]) \
-        if len(prob) else masks[is_frontal]
-    area = masks.reshape(len(masks), -1).mean(axis=1)
-    flag = np.where(~is_frontal, "not_frontal",
-                    np.where(area < float(p["min_area"]), "mask_too_small",
-                             np.where(area > float(p["max_area"]), "mask_too_large", "")))
+    masks[is_frontal] = found
+    area = np.zeros(len(index))
+    area[is_frontal] = found_area
+    flag = np.full(len(index), "not_frontal", dtype=object)
+    flag[is_frontal] = [reason or "" for reason in found_reason]
     out = pd.DataFrame({"image_id": index["image_id"], "lung_area_fraction": np.round(area, 6), "flag": flag})
 
     with_truth = is_frontal & index["has_mask"].to_numpy()
     summary = {
         "segmented": int(is_frontal.sum()),
+        "mask_threshold": rules.threshold,
         "flagged": {k: int(v) for k, v in out.loc[out["flag"] != "", "flag"].value_counts().sort_index().items()},
         "mean_lung_area_fraction": float(area[is_frontal].mean()) if is_frontal.any() else None,
         "dice_vs_true_masks": float(np.mean(metrics.dice(true_masks[with_truth], masks[with_truth])))
         if with_truth.any() else None,
         "n_with_true_masks": int(with_truth.sum()),
     }
-    with _common.atomic_dir(Path(OUT_MASKS).parent) as folder:  # artifacts/masks appears whole, or not at all
-        _common.save_npy(folder / Path(OUT_MASKS).name, masks)
-        _common.write_csv(folder / Path(OUT_INDEX).name, out)
+    with _common.atomic_dir(_common.MASKS_DIR) as folder:  # artifacts/masks appears whole, or not at all
+        _common.save_npy(folder / Path(_common.MASKS).name, masks)
+        _common.write_csv(folder / Path(_common.MASKS_INDEX).name, out)
     _common.write_json(METRICS, summary)
     log.info("segmentation: %s", summary)
     return summary

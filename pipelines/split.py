@@ -17,8 +17,7 @@ import pandas as pd
 from covidcxr import manifest, splits, validation
 from pipelines import _common
 
-MANIFEST = "artifacts/manifest.csv"
-OUT_DIR = "artifacts/splits"
+MANIFEST = _common.MANIFEST
 CURATED = "reports/split/curated_out.csv"
 SUMMARY = "reports/split/summary.json"
 CHECKS = "reports/split/validation.json"
@@ -40,7 +39,7 @@ def task_tables(m: pd.DataFrame, p: dict) -> tuple[dict[str, pd.DataFrame], pd.D
     seed = int(p["seed"])
     out = {}
     for name, frame in tasks.items():
-        fractions = p.get("fractions_" + name, p["fractions"])
+        fractions = p.get("fractions_" + name) or p["fractions"]
         held, held_split = _held_out(name, p)
         if held:
             assigned = splits.split_with_holdout(frame, held, holdout_split=held_split, seed=seed,
@@ -68,7 +67,7 @@ def _held_out(task: str, p: dict) -> tuple[list[str], str]:
 
 def validated_fractions(task: str, p: dict) -> dict[str, float]:
     """Target split shares of the rows split by patient (a held-out test source leaves only train and val)."""
-    fractions = p.get("fractions_" + task, p["fractions"])
+    fractions = p.get("fractions_" + task) or p["fractions"]
     held, held_split = _held_out(task, p)
     return splits.without_split(fractions, held_split) if held and held_split in fractions else dict(fractions)
 
@@ -99,7 +98,7 @@ def run(p: dict, expectations: str) -> dict:
         summary["held_out"] = {"holdout_source": p.get("holdout_source"),
                                "segmentation_external": list(p.get("segmentation_external") or [])}
     for name, table in tables.items():
-        _common.write_csv(f"{OUT_DIR}/{name}.csv", table)
+        _common.write_csv(_common.split_table(name), table)
     _common.write_csv(CURATED, dropped[["image_id", "patient_id", "label"]])
     _common.write_json(SUMMARY, summary)
     _common.write_json(CHECKS, validation.results_to_json(results))
@@ -110,4 +109,4 @@ def run(p: dict, expectations: str) -> dict:
 
 
 if __name__ == "__main__":
-    run(_common.params("split"), _common.params("validate")["expectations"])
+    run(_common.params("split"), _common.params("validate.expectations"))

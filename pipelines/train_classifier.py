@@ -1,91 +1,71 @@
 """Stage `train_classifier` (a DVC matrix over variant c/d/e and backbone vgg16/vgg19): the COVID-vs-negative VGG.
 
 Every variant trains on the same images: the experiment's split, predicted frontal, with a usable lung mask. The
-operating threshold is fitted on the validation split (params: objective) and saved beside the model.
+operating threshold is computed exactly on the validation split (params: objective) and saved in the model folder;
+the predictions of every split come from :func:`covidcxr.models.covid_probability`, the function serving calls.
 """
 
 from __future__ import annotations
 
 import argparse
 
-import mlflow
 import numpy as np
 import pandas as pd
 
-from covidcxr import metrics, models, preprocess, tracking, training, tuning
-from pipelines import _common
+from covidcxr import metrics, models, preprocess, tracking, training
+from pipelines import _common, _models, _tracking
 
 
-def model_dir(variant: str, backbone: str) -> str:
-    return f"artifacts/models/classifier_{variant}_{backbone}"
-
-
-def usable(index: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """The covid split restricted to predicted-frontal images with a usable mask, and what was excluded and why."""
-    table = pd.read_csv("artifacts/splits/covid.csv", keep_default_na=False, na_values=[""])
-    flags = pd.read_csv("artifacts/masks/index.csv", keep_default_na=False).set_index("image_id")["flag"]
-    reason = flags.reindex(table["image_id"]).fillna("not_in_cache").to_numpy()
-    excluded = {str(k): int(v) for k, v in pd.Series(reason[reason != ""]).value_counts().sort_index().items()}
-    return table[reason == ""].reset_index(drop=True), excluded
-
-
-def fit_threshold(y: np.ndarray, score: np.ndarray, p: dict) -> float:
-    """The operating threshold Optuna chooses on validation for params' objective; its trials go to the active run."""
-    choice = tuning.tune_threshold(y, score, p.get("threshold_objective", "youden"),
-                                   min_sensitivity=float(p.get("min_sensitivity", 0.95)), seed=int(p["seed"]))
-    if mlflow.active_run():
-        mlflow.log_text(choice.trials.to_csv(index=False, lineterminator="\n"), "threshold/trials.csv")
-        mlflow.log_metrics({"threshold.objective_value": choice.value, "threshold.trials": choice.n_trials})
-    return choice.threshold
-
-
-def run(p: dict, variant: str, backbone: str) -> dict:
+def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
     log = _common.setup_logging()
-    _common.setup_tracking()
+    _tracking.setup_tracking()
     training.seed_everything(p["seed"])
-    index, images, _ = _common.load_cache()
-    masks = np.load("artifacts/masks/masks.npy")
-    table, excluded = usable(index)
-    rows = _common.rows_for(index, table["image_id"])
-    inputs = preprocess.apply_variant(images[rows], masks[rows], variant)
+    index, images, _ = _models.load_cache()
+    masks = _models.load_masks()
+    table, excluded = _models.usable()
+    rows = preprocess.rows_for(index, table["image_id"])
     y_all = (table["label"] == "covid").to_numpy(np.float32)
     split = table["split"].to_numpy()
-    std = preprocess.Standardizer().fit(inputs[split == "train"])
-    x = {s: std.transform(inputs[split == s]) for s in ("train", "val", "test")}
+    parts = {s: rows[split == s] for s in ("train", "val", "test")}
+    inputs = {s: preprocess.apply_variant(images[r], masks[r], variant) for s, r in parts.items()}
+    std = preprocess.Standardizer().fit(inputs["train"])
+    x = {s: std.transform(v) for s, v in inputs.items()}
     y = {s: y_all[split == s] for s in x}
 
     depth = int(backbone.removeprefix("vgg"))
-    with training.distribution_strategy(p.get("strategy", "default")).scope():
+    with training.distribution_strategy(p["strategy"]).scope():
         model = models.build_vgg(depth, x["train"].shape[1:] + (1,), weights=p["weights"], fold=p["fold"],
                                  width=float(p["width"]), head=tuple(p["head"]), name=f"covid_{variant}_{backbone}")
-        _common.compile_binary(model, float(p["lr"]))
+        _models.compile_binary(model, float(p["lr"]))
     run_params = {**p, "variant": variant, "backbone": backbone, "excluded": excluded}
-    with tracking.run(_common.mlflow_experiment(), f"classifier-{variant}-{backbone}", params=run_params,
-                      tags=_common.repro_tags("train_classifier")) as active:
+    with tracking.run(_common.mlflow_experiment(experiment), f"classifier-{variant}-{backbone}", params=run_params,
+                      tags=_tracking.repro_tags("train_classifier", experiment)) as active:
         history = training.fit(
             model, (x["train"], y["train"]), (x["val"], y["val"]), epochs=int(p["epochs"]),
-            batch_size=int(p["batch_size"]), seed=int(p["seed"]), augment=bool(p.get("augment", False)),
+            batch_size=int(p["batch_size"]), seed=int(p["seed"]), augment=p["augment"],
             class_weight=training.balanced_class_weight(y["train"]), on_epoch_end=tracking.log_epoch,
             verbose=1 if _common.show_progress() else 0,
         )
-        scores = {s: training.predict(model, x[s]).ravel() for s in x}
-        threshold = fit_threshold(y["val"], scores["val"], p)
+        component = models.Component(model, std, info={"run_id": active.info.run_id, "variant": variant,
+                                                       "backbone": backbone,
+                                                       "epochs_run": len(history.get("loss", []))})
+        scores = {s: models.covid_probability(component, images[r], masks[r], variant) for s, r in parts.items()}
+        choice = metrics.operating_threshold(y["val"], scores["val"], p["threshold_objective"],
+                                             min_sensitivity=float(p["min_sensitivity"]))
+        component.threshold = choice.to_dict()
         result = {s: metrics.classification_metrics(y[s], scores[s]) for s in x}
-        result["operating_threshold"] = threshold
+        result["operating_threshold"] = choice.threshold
         result["excluded"] = excluded
-        tracking.log_finite_metrics({**{s: result[s] for s in x}, "operating_threshold": threshold})
+        tracking.log_finite_metrics({**{s: result[s] for s in x}, "operating_threshold": choice.threshold,
+                                     "threshold.val_sensitivity": choice.sensitivity,
+                                     "threshold.val_specificity": choice.specificity})
         tracking.log_keras_model(model, x["val"][..., None])
-        with _common.atomic_dir(model_dir(variant, backbone)) as out:  # the model folder appears whole, or not at all
-            _common.save_model_dir(out, model, std, active.info.run_id, {"variant": variant, "backbone": backbone,
-                                                                         "epochs_run": len(history.get("loss", []))})
-            _common.write_json(out / "threshold.json",
-                               {"threshold": threshold, "objective": p.get("threshold_objective")})
-            mlflow.log_artifact(str(out / "threshold.json"), "preprocessing")
+        with _common.atomic_dir(_common.model_dir(variant, backbone)) as out:  # the folder appears whole, or not
+            _models.save_component(out, component)
             predictions = pd.concat([
-                table[split == s][["image_id", "patient_id", "split", "label"]].assign(score=scores[s])
-                for s in x
+                table[split == s][["image_id", "patient_id", "split", "label"]].assign(score=scores[s]) for s in x
             ])
-            _common.write_csv(out / "predictions.csv", predictions)
+            _common.write_csv(out / _common.PREDICTIONS, predictions)
     _common.write_json(f"reports/train_classifier/{variant}_{backbone}.json",
                        {s: {k: result[s][k] for k in ("accuracy", "roc_auc", "n")} for s in x})
     log.info("classifier %s/%s: val AUC %.3f, test AUC %.3f", variant, backbone,
@@ -97,5 +77,6 @@ if __name__ == "__main__":
     args = argparse.ArgumentParser()
     args.add_argument("--variant", required=True, choices=sorted(preprocess.VARIANTS))
     args.add_argument("--backbone", required=True, choices=["vgg16", "vgg19"])
+    args.add_argument("-v", "--verbose", action="store_true", help="third-party and TensorFlow logs too")
     a = args.parse_args()
-    run(_common.params("train_classifier"), a.variant, a.backbone)
+    run(_common.params("train_classifier"), a.variant, a.backbone, _common.params("split.experiment"))

@@ -1,6 +1,7 @@
 """Stage `train_unet`: the paper's lung U-Net (part b) on image/mask pairs; standard per-image Dice and IoU.
 
-The authors' per-pixel Dice is reported beside it under its own name, only to compare with the paper's Table 2.
+The authors' per-pixel Dice is reported beside it under its own name, only to compare with the paper's Table 2. The
+mask threshold (params, or the tuned one) is saved in the model folder, where `segment` and serving read it.
 """
 
 from __future__ import annotations
@@ -11,69 +12,71 @@ import os
 import numpy as np
 
 from covidcxr import metrics, models, preprocess, tracking, training
-from pipelines import _common
+from pipelines import _common, _models, _tracking
 
-OUT = "artifacts/models/unet"
 METRICS = "reports/train_unet/metrics.json"
-TUNED = "artifacts/tune/unet.json"
 
 
 def effective_params(p: dict) -> dict:
     """params, with the tuned values when params ask for them (the tuner never writes params.yaml)."""
-    if p.get("use_tuned") and os.path.exists(TUNED):
-        with open(TUNED, encoding="utf-8") as fh:
+    if p["use_tuned"] and os.path.exists(_common.TUNED_UNET):
+        with open(_common.TUNED_UNET, encoding="utf-8") as fh:
             return {**p, **json.load(fh)["best_params"]}
     return p
 
 
-def mask_scores(truth: np.ndarray, prob: np.ndarray) -> dict:
+def mask_scores(truth: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
     """Mean per-image Dice and IoU, the authors' per-pixel Dice, and the count."""
     return {
-        "dice": float(np.mean(metrics.dice(truth, prob))),
-        "iou": float(np.mean(metrics.iou(truth, prob))),
+        "dice": float(np.mean(metrics.dice(truth, prob, threshold=threshold))),
+        "iou": float(np.mean(metrics.iou(truth, prob, threshold=threshold))),
         "paper_pixel_dice": float(metrics.paper_pixel_dice(truth, prob, per_pixel=True)),
         "n": int(len(prob)),
     }
 
 
-def run(p: dict) -> dict:
+def run(p: dict, experiment: str = "demo") -> dict:
     log = _common.setup_logging()
-    _common.setup_tracking()
+    _tracking.setup_tracking()
     p = effective_params(p)
     training.seed_everything(p["seed"])
-    index, images, masks = _common.load_cache()
-    parts = _common.split_arrays("segmentation", index)
+    index, images, masks = _models.load_cache()
+    parts = _models.split_arrays("segmentation", index)
     std = preprocess.Standardizer().fit(images[parts["train"][0]])
     x = {s: std.transform(images[rows]) for s, (rows, _) in parts.items()}
     y = {s: masks[rows].astype(np.float32) for s, (rows, _) in parts.items()}
+    threshold = float(p["mask_threshold"])
 
     import keras
 
-    with training.distribution_strategy(p.get("strategy", "default")).scope():
+    with training.distribution_strategy(p["strategy"]).scope():
         model = models.build_unet(int(p["f0"]), x["train"].shape[1:] + (1,), dropout_scale=float(p["dropout_scale"]))
         model.compile(optimizer=keras.optimizers.Adam(float(p["lr"])), loss=models.bce_dice_loss)
-    with tracking.run(_common.mlflow_experiment(), f"unet-f0{p['f0']}", params=p,
-                      tags=_common.repro_tags("train_unet")) as active:
+    with tracking.run(_common.mlflow_experiment(experiment), f"unet-f0{p['f0']}", params=p,
+                      tags=_tracking.repro_tags("train_unet", experiment)) as active:
         training.fit(model, (x["train"], y["train"]), (x["val"], y["val"]), epochs=int(p["epochs"]),
-                     batch_size=int(p["batch_size"]), seed=int(p["seed"]), augment=p.get("augment", False),
+                     batch_size=int(p["batch_size"]), seed=int(p["seed"]), augment=p["augment"],
                      on_epoch_end=tracking.log_epoch,
                      verbose=1 if _common.show_progress() else 0)
+        component = models.Component(model, std, info={"run_id": active.info.run_id, "f0": int(p["f0"])},
+                                     threshold={"threshold": threshold,
+                                                "source": "tuned" if p["use_tuned"] else "params"})
         result = {}
-        for split in x:  # `external`: sources held out of training (split.segmentation_external)
-            prob = training.predict(model, x[split])[..., 0]
-            result[split] = mask_scores(y[split], prob)
-            sources = parts[split][1]["label"].to_numpy()  # the segmentation task's label is the source
+        for split, (rows, table) in parts.items():  # `external`: sources held out of training
+            prob = component(images[rows])[..., 0]
+            result[split] = mask_scores(y[split], prob, threshold)
+            sources = table["label"].to_numpy()  # the segmentation task's label is the source
             if len(set(sources)) > 1:
-                result[split]["by_source"] = {str(src): mask_scores(y[split][sources == src], prob[sources == src])
-                                              for src in sorted(set(sources))}
+                result[split]["by_source"] = {str(src): mask_scores(y[split][sources == src], prob[sources == src],
+                                                                    threshold) for src in sorted(set(sources))}
         tracking.log_finite_metrics(result)
         tracking.log_keras_model(model, x["val"][..., None])
-        with _common.atomic_dir(OUT) as out:
-            _common.save_model_dir(out, model, std, active.info.run_id, {"f0": int(p["f0"])})
+        with _common.atomic_dir(_common.UNET_MODEL) as out:
+            _models.save_component(out, component)
     _common.write_json(METRICS, result)
     log.info("U-Net Dice: %s", {s: round(v["dice"], 4) for s, v in result.items()})
     return result
 
 
 if __name__ == "__main__":
-    run(_common.params("train_unet"))
+    run(_common.params("train_unet"), _common.params("split.experiment"))

@@ -13,44 +13,41 @@ from __future__ import annotations
 import os
 
 from covidcxr import tuning
-from pipelines import _common
+from pipelines import _common, _tracking
 
 OUT_DIR = "artifacts/tune"
-TUNED = f"{OUT_DIR}/unet.json"
 DEFAULT_STORAGE = f"sqlite:///{OUT_DIR}/optuna.db"
-SPLIT = "artifacts/splits/segmentation.csv"
 REPORTS = "reports/tune_unet"
 
 
 def storage_url(p: dict) -> str:
     """$COVIDCXR_OPTUNA_STORAGE, else params' storage, else the local sqlite file; params must hold no password."""
     if p.get("storage") and tuning.has_password(str(p["storage"])):
-        raise ValueError("tune_unet.storage holds a password: put it in PGPASSWORD or ~/.pgpass (or the whole URL in "
-                         f"${tuning.STORAGE_ENV}), never in params.yaml")
+        raise _common.ParamsError("tune_unet.storage holds a password: put it in PGPASSWORD or ~/.pgpass (or the "
+                                  f"whole URL in ${tuning.STORAGE_ENV}), never in params.yaml")
     return tuning.resolve_storage(os.environ.get(tuning.STORAGE_ENV), p.get("storage"), DEFAULT_STORAGE)
 
 
-def run(p: dict) -> dict:
+def run(p: dict, experiment: str = "demo") -> dict:
     log = _common.setup_logging()
-    _common.setup_tracking()
+    _tracking.setup_tracking()
+    try:
+        tuning.unet_config(p)  # the search space is checked before any work
+    except ValueError as err:
+        raise _common.ParamsError(f"params.yaml: tune_unet: {err}") from None
     url = storage_url(p)
-    log.info("Optuna study %r in %s", p["study"], tuning.redact(url))
-    data = tuning.load_unet_data(_common.CACHE_DIR, SPLIT)
-    study, created = tuning.open_study(p["study"], url, p, data_sha256=data.sha256, seed=int(p["seed"]))
-    tracker = tuning.attach_tracker(
-        study, created, experiment=_common.mlflow_experiment(), run_name=f"tune-unet-{p['study']}",
-        tags={**_common.repro_tags("tune_unet"), "optuna_storage": tuning.redact(url)},
+    data = tuning.load_unet_data(_common.CACHE_DIR, _common.split_table("segmentation"))
+    result, trials = tuning.tune_unet(
+        p["study"], url, data, config=p, n_trials=int(p["n_trials"]), seed=int(p["seed"]),
+        tracking=tuning.Tracking(experiment=_common.mlflow_experiment(experiment), run_name=f"tune-unet-{p['study']}",
+                                 tags=_tracking.repro_tags("tune_unet", experiment)),
     )
-    objective = tuning.unet_objective(data, tuning.study_config(study))
-    tuning.optimize(study, objective, int(p["n_trials"]), tracker=tracker)
-
-    result = tuning.summary(study)
-    _common.write_json(TUNED, result)
-    _common.write_csv(f"{REPORTS}/trials.csv", tuning.trials_table(study))
+    _common.write_json(_common.TUNED_UNET, result)
+    _common.write_csv(f"{REPORTS}/trials.csv", trials)
     _common.write_json(f"{REPORTS}/metrics.json", {"best_value": result["best_value"], "trials": result["trials"]})
     log.info("best trial %d: val Dice %.4f with %s", result["best_trial"], result["best_value"], result["best_params"])
     return result
 
 
 if __name__ == "__main__":
-    run(_common.params("tune_unet"))
+    run(_common.params("tune_unet"), _common.params("split.experiment"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from covidcxr import manifest, validation
 from pipelines import _common
 
-MANIFEST = "artifacts/manifest.csv"
+MANIFEST = _common.MANIFEST
 CHECKS = "reports/validate/manifest.json"
 DOCS = "reports/validate/data_docs"
 

@@ -55,7 +55,7 @@ def ingest_run(project: Path):
 
 
 def test_rejects_reported_and_logged_under_the_threshold(corpus: Path):
-    summary = ingest.run(params(max_reject_fraction=0.4))
+    summary = ingest.run(params(max_reject_fraction=0.4), "ingest-test")
     assert (summary["listed"], summary["accepted"], summary["rejected"]) == (6, 4, 2)
 
     rejects = pd.read_csv(corpus / ingest.REJECTS)
@@ -80,7 +80,7 @@ def test_rejects_reported_and_logged_under_the_threshold(corpus: Path):
 
 def test_too_many_rejects_fail_naming_the_share_and_the_threshold(corpus: Path):
     with pytest.raises(ingest.TooManyRejects) as caught:
-        ingest.run(params(max_reject_fraction=0.2))
+        ingest.run(params(max_reject_fraction=0.2), "ingest-test")
     message = str(caught.value)
     assert "2 of 6 images rejected (33.3%)" in message and "ingest.max_reject_fraction=0.2" in message, message
     assert ingest.REJECTS in message

@@ -17,13 +17,8 @@ from covidcxr.modelcard import ModelCardError
 from pipelines import model_card
 
 NAME = "covidcxr"
-PARAMS = {
-    "split": {"experiment": "demo"},
-    "cache": {"size": 64},
-    "filter_frontal": {"threshold": 0.5},
-    "segment": {"threshold": 0.5, "min_area": 0.05, "max_area": 0.8},
-    "model_card": {"gradcam_all_variants": True, "external": ["reports/external/**/*.json"]},
-}
+PARAMS = {"model_card": {"gradcam_all_variants": True, "external": ["reports/external/**/*.json"]}}
+SERVING = {"size": 64, "variant": "c", "frontal_threshold": 0.5, "min_area": 0.05, "max_area": 0.8}
 
 
 def write(path: Path, content: object) -> None:
@@ -90,7 +85,8 @@ def project(tmp_path, monkeypatch, empty_store):
     client.set_registered_model_alias(NAME, "champion", version.version)
     write(tmp_path / "reports/register/registered.json",
           {"model_name": NAME, "version": int(version.version), "alias": "champion", "classifier": "c_vgg16",
-           "metric": "roc_auc", "candidate_value": 0.95, "git_commit": "abc123", "data_version": "d41d8.dir"})
+           "selected_by": "val_roc_auc", "candidate_value": 0.95, "git_commit": "abc123", "data_version": "d41d8.dir",
+           "serving": SERVING, "mask_threshold": 0.5, "experiment": "demo"})
     yield tmp_path, client, run.info.run_id
     mlflow.set_tracking_uri(None)
 

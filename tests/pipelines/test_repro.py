@@ -29,7 +29,7 @@ TINY = {
     "evaluate": {"n_boot": 50},
     "explain": {"per_group": 1},
     # The demo data carries a shortcut by design and the tiny models' audit verdicts are arbitrary; the refusal itself
-    # is tested in tests/pipelines/test_register_audit.py. Here the champion must exist for the serving checks.
+    # is tested in tests/test_selection.py. Here the champion must exist for the serving checks.
     "register": {"allow_failed_audit": True},
     "audit": {"source": {"epochs": 2}},
 }

@@ -1,4 +1,4 @@
-"""pipelines._common: where a stage logs its runs."""
+"""pipelines._tracking: where a stage logs its runs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipelines import _common
+from pipelines import _tracking
 
 CLUSTER = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
 
@@ -20,7 +20,7 @@ def test_only_the_chief_worker_logs_to_the_team_store(monkeypatch, tmp_path: Pat
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": CLUSTER, "task": {"type": "worker", "index": index}}))
     previous = mlflow.get_tracking_uri()
     try:
-        _common.setup_tracking()
+        _tracking.setup_tracking()
         uri = mlflow.get_tracking_uri()
     finally:
         mlflow.set_tracking_uri(previous)

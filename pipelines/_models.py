@@ -1,0 +1,63 @@
+"""What the model stages share: the working-size cache, split tables, lung masks and model folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidcxr import models, preprocess
+from pipelines import _common
+
+
+def load_cache():
+    """The working-size cache: ``(index, images [N,H,W] float32 in [0, 1], true masks)``."""
+    return preprocess.load_cache(_common.CACHE_DIR)
+
+
+def split_arrays(task: str, index):
+    """{split: (positions in the cache, split table rows)} for a task's split table."""
+    table = pd.read_csv(_common.split_table(task), keep_default_na=False, na_values=[""])
+    return {name: (preprocess.rows_for(index, part["image_id"]), part.reset_index(drop=True))
+            for name, part in table.groupby("split", sort=True)}
+
+
+def usable():
+    """The covid split restricted to predicted-frontal images with a usable lung mask, and what was excluded and why
+    (the `segment` stage's flags: not_frontal and the lung-mask reasons)."""
+    table = pd.read_csv(_common.split_table("covid"), keep_default_na=False, na_values=[""])
+    flags = pd.read_csv(_common.MASKS_INDEX, keep_default_na=False).set_index("image_id")["flag"]
+    reason = flags.reindex(table["image_id"]).fillna("not_in_cache").to_numpy()
+    excluded = {str(k): int(v) for k, v in pd.Series(reason[reason != ""]).value_counts().sort_index().items()}
+    return table[reason == ""].reset_index(drop=True), excluded
+
+
+def load_masks():
+    """The `segment` stage's lung masks, aligned with the cache index."""
+    return np.load(_common.MASKS)
+
+
+def save_component(out_dir: str | os.PathLike, component) -> None:
+    """Write a model folder (``covidcxr.models.Component.save``) and log its fitted preprocessing to the active run."""
+    import mlflow
+
+    component.save(out_dir)
+    if mlflow.active_run() is not None:  # the fitted preprocessing travels with the model's run
+        for name in ("standardizer.json", "threshold.json"):
+            if (Path(out_dir) / name).is_file():
+                mlflow.log_artifact(str(Path(out_dir) / name), "preprocessing")
+
+
+def load_component(folder: str | os.PathLike) -> models.Component:
+    """A model folder written by a training stage."""
+    return models.Component.load(folder)
+
+
+def compile_binary(model, lr: float) -> None:
+    """Adam + binary cross-entropy, with accuracy and ROC AUC reported every epoch."""
+    import keras
+
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="binary_crossentropy",
+                  metrics=["accuracy", keras.metrics.AUC(name="auc")])

@@ -1,0 +1,110 @@
+"""Typed params: each stage validates its sections before any work, naming the key and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from covidcxr import datasets, manifest, metrics, preprocess, selection, training
+from pipelines import _common, _params
+
+ROOT = _common.PROJECT
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def literal(alias) -> tuple:
+    return typing.get_args(alias)
+
+
+def test_the_schema_speaks_the_library_s_vocabulary():
+    assert _params.SOURCES == datasets.NAMES
+    assert _params.MANIFEST_COLUMNS == tuple(manifest.COLUMNS)
+    assert set(literal(_params.Variant)) == set(preprocess.VARIANTS)
+    assert literal(_params.ThresholdObjective) == metrics.THRESHOLD_OBJECTIVES
+    assert literal(_params.SelectionMetric) == selection.METRICS
+    assert literal(_params.TuningStrategy) == training.STRATEGIES
+    assert literal(_params.Strategy) == (*training.STRATEGIES, training.MULTI_WORKER)
+
+
+def test_every_section_of_params_yaml_is_valid_and_covered():
+    assert set(PARAMS) == set(_params.SECTIONS)
+    for section, values in PARAMS.items():
+        _params.validate(section, values)
+
+
+def dotted(params: dict, overrides: dict) -> dict:
+    """``params`` with ``a.b: value`` overrides applied (the `dvc exp run -S` form the experiment overlays use)."""
+    out = yaml.safe_load(yaml.safe_dump(params))
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = out
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[last] = value
+    return out
+
+
+@pytest.mark.parametrize("overlay", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_experiment_overlay_gives_valid_params(overlay):
+    spec = yaml.safe_load(overlay.read_text())
+    base = yaml.safe_load((ROOT / "experiments" / f"{spec['base']}.yaml").read_text()) if spec.get("base") else {}
+    merged = dotted(PARAMS, {**base.get("params", {}), **spec.get("params", {})})
+    for value in (spec.get("matrix") or {}).values():
+        merged = dotted(merged, {list(spec["matrix"])[0]: value[0]})
+    for section, values in merged.items():
+        _params.validate(section, values)
+
+
+@pytest.mark.parametrize("section, change, message", [
+    ("cache", {"size": "big"}, "cache.size: Input should be a valid integer"),
+    ("cache", {"size": 50}, "cache.size: Input should be a multiple of 16 (got 50)"),
+    ("cache", {"sise": 64}, "cache.sise: unknown key (allowed: size, workers)"),
+    ("train_classifier", {"variants": ["c", "x"]}, "train_classifier.variants[1]: Input should be 'c', 'd' or 'e'"),
+    ("train_classifier", {"backbones": ["resnet50"]}, "train_classifier.backbones[0]: Input should be 'vgg16' or "
+                                                      "'vgg19'"),
+    ("train_classifier", {"variants": []}, "train_classifier.variants: List should have at least 1 item"),
+    ("train_classifier", {"min_sensitivity": 1.5}, "train_classifier.min_sensitivity: Input should be less than or "
+                                                   "equal to 1"),
+    ("train_classifier", {"threshold_objective": "accuracy"}, "train_classifier.threshold_objective: Input should be "
+                                                              "'youden', 'f1' or 'sensitivity'"),
+    ("ingest", {"sources": [{"name": "padchets", "root": "x"}]}, "ingest.sources[0].name: Input should be 'bimcv'"),
+    ("split", {"holdout_source": "montgomry"}, "split.holdout_source: Input should be 'bimcv'"),
+    ("split", {"experiment": "exp9"}, "split: experiment 'exp9' is not one of the experiments defined here"),
+    ("split", {"fractions": {"train": 0.7, "val": 0.2, "test": 0.2}}, "split.fractions: train + val + test must be 1"),
+    ("register", {"variant": "f"}, "register.variant: Input should be 'c', 'd', 'e' or 'best'"),
+    ("register", {"metric": "ece"}, "register.metric: Input should be 'roc_auc'"),
+    ("segment", {"min_area": 0.9, "max_area": 0.1}, "min_area (0.9) must not exceed max_area (0.1)"),
+    ("tune_unet", {"strategy": "multi-worker"}, "tune_unet.strategy: Input should be 'default' or 'mirrored'"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(section, change, message):
+    with pytest.raises(_params.ParamsError) as err:
+        _params.validate(section, {**PARAMS[section], **change})
+    assert message in str(err.value)
+
+
+def test_an_unknown_source_inside_an_experiment_rule_is_refused():
+    experiments = {**PARAMS["split"]["experiments"], "demo": {"positives": [{"source": "cohn", "label": "covid"}],
+                                                              "negatives": [{"site": "a"}]}}
+    with pytest.raises(_params.ParamsError, match=r"split.experiments.demo.positives\[0\]: unknown source 'cohn'"):
+        _params.validate("split", {**PARAMS["split"], "experiments": experiments})
+
+
+def test_defaults_come_from_the_schema():
+    assert _params.validate("explain", {}) == {"per_group": 3}
+    values = _params.validate("train_unet", {"epochs": 2, "batch_size": 4, "lr": 0.001})
+    assert values["mask_threshold"] == 0.5 and values["strategy"] == "default" and values["use_tuned"] is True
+
+
+def test_a_stage_with_bad_params_stops_before_any_work(tmp_path):
+    bad = {**PARAMS, "cache": {"size": 50, "workers": 1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cache"], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": str(Path(sys.executable).parent)}, timeout=120)
+    assert proc.returncode != 0
+    assert "cache.size: Input should be a multiple of 16 (got 50)" in proc.stderr
+    assert not (tmp_path / "artifacts").exists()  # it never reached the manifest, let alone wrote the cache

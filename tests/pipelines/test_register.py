@@ -1,0 +1,81 @@
+"""The register stage's parts: the registry's champion and next version, candidates from the reports, pins."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from covidcxr import audit, selection
+from pipelines import _common, register
+
+NAME = "covidcxr"
+
+
+@pytest.fixture
+def client(tmp_path):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                               registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_champion_and_next_version_from_the_registry(client, tmp_path):
+    assert register.next_version(client, NAME) == 1
+    assert register.current_champion(client, NAME, "val_roc_auc") == (None, None)
+    client.create_registered_model(NAME)
+    for _ in range(2):
+        client.create_model_version(NAME, source=str(tmp_path), tags={"val_roc_auc": "0.81"})
+    assert register.next_version(client, NAME) == 3
+    assert register.current_champion(client, NAME, "val_roc_auc") == (None, None)
+    client.set_registered_model_alias(NAME, selection.CHAMPION, "2")
+    assert register.current_champion(client, NAME, "val_roc_auc") == (2, 0.81)
+    assert register.current_champion(client, NAME, "val_f1") == (2, None)
+
+
+def write_reports(root: Path, values: dict[str, float | None]) -> None:
+    for name, value in values.items():
+        path = root / _common.EVALUATE_DIR / name / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"val": {"at_operating": {"roc_auc": value}}}))
+    checks = [audit.lungs_removed_check("vgg16", 0.99, 0.98, warn=0.3, fail=0.6),  # c_vgg16 and e_vgg16 fail
+              audit.heatmap_check("d_vgg19/covid", 0.3, 0.25, warn=1.5, fail=1.0)]  # warn
+    (root / _common.AUDIT_REPORT).parent.mkdir(parents=True)
+    (root / _common.AUDIT_REPORT).write_text(json.dumps(audit.report(checks)))
+
+
+@pytest.mark.parametrize("variant, backbone, chosen", [
+    ("best", "best", "d_vgg16"),  # c_vgg16 scores higher but failed its audit
+    ("c", "best", "c_vgg19"),
+    ("e", "vgg19", "e_vgg19"),
+])
+def test_candidates_carry_their_own_audit_and_validation(tmp_path, monkeypatch, variant, backbone, chosen):
+    write_reports(tmp_path, {"c_vgg16": 0.95, "c_vgg19": 0.7, "d_vgg16": 0.9, "d_vgg19": None, "e_vgg16": 0.99,
+                             "e_vgg19": 0.6})
+    monkeypatch.chdir(tmp_path)
+    classifiers = {"variants": ["c", "d", "e"], "backbones": ["vgg16", "vgg19"]}
+    p = {"variant": variant, "backbone": backbone}
+    pool = register.candidates(p, classifiers, register.read_audit())
+    assert {c.name: c.audit_status for c in pool}.get("c_vgg16", "fail") == "fail"
+    assert selection.select(pool, "roc_auc").chosen.name == chosen
+    with pytest.raises(_common.ParamsError, match="match no trained classifier"):
+        register.candidates({"variant": "d", "backbone": "vgg19"}, {"variants": ["c"], "backbones": ["vgg16"]}, {})
+
+
+def test_a_missing_or_malformed_audit_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="audit.json: missing; run the audit stage"):
+        register.read_audit()
+    (tmp_path / "bad.json").write_text('{"status": "pass"}')
+    with pytest.raises(ValueError, match="bad.json: not an audit report"):
+        register.read_audit(tmp_path / "bad.json")
+
+
+def test_pins_come_from_the_lock_file(tmp_path):
+    lock = tmp_path / "requirements.lock"
+    lock.write_text("# pins\ntensorflow_cpu==2.21.0\nPyYAML==6.0.4\nkeras==3.15.1\n")
+    assert register.pins(("tensorflow-cpu", "pyyaml", "keras"), lock=str(lock)) == [
+        "tensorflow-cpu==2.21.0", "pyyaml==6.0.4", "keras==3.15.1"]
+    with pytest.raises(ValueError, match="does not pin"):
+        register.pins(("numpy",), lock=str(lock))

@@ -53,7 +53,7 @@ def _predict(args: argparse.Namespace) -> int:
         except OSError as err:
             rows.append((path, {"accepted": False, "reason": "unreadable", "message": f"cannot read ({err.strerror})"}))
     try:
-        score = _remote_scorer(args.url, args.timeout) if args.url else _local_scorer(args.model_uri)
+        score = _scorer(args.model_uri, args.url, args.timeout)
         for start in range(0, len(readable), args.batch_size):
             chunk = readable[start:start + args.batch_size]
             rows += list(zip([p for p, _ in chunk], score([b for _, b in chunk], params), strict=True))
@@ -81,46 +81,19 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def _local_scorer(model_uri: str):
-    """A function that scores base64 images with the model loaded here, as the server does (a DataFrame in)."""
+def _scorer(model_uri: str, url: str | None, timeout: float):
+    """The pyfunc's scoring function: on the server at ``url``, else the model loaded here (sqlite:///mlflow.db by
+    default, or $MLFLOW_TRACKING_URI)."""
     import os
-
-    import mlflow
-    import pandas as pd
 
     from covidcxr import serving
 
+    if url:
+        return serving.remote_scorer(url, timeout)
+    import mlflow
+
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
-    model = mlflow.pyfunc.load_model(model_uri)
-
-    def score(images: list[str], params: dict) -> list[dict]:
-        return model.predict(pd.DataFrame({serving.INPUT_COLUMN: images}), params=params)
-
-    return score
-
-
-def _remote_scorer(url: str, timeout: float):
-    """A function that POSTs base64 images to a served model's /invocations and returns its entries."""
-    import urllib.error
-    import urllib.request
-
-    endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/invocations") else "/invocations")
-
-    def score(images: list[str], params: dict) -> list[dict]:
-        body = json.dumps({"dataframe_records": [{"image": b} for b in images], "params": params}).encode()
-        request = urllib.request.Request(endpoint, data=body, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read())["predictions"]
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode("utf-8", "replace")
-            try:
-                detail = json.loads(detail).get("message", detail)
-            except ValueError:
-                pass
-            raise RuntimeError(f"{endpoint} answered {err.code}: {detail[:500]}") from None
-
-    return score
+    return serving.local_scorer(model_uri)
 
 
 def _tune(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Command line: `covidcxr demo-data OUT_DIR`, `inspect FILE...`, `predict FILE...`, `tune --study --storage`."""
+"""Command line: `covidcxr demo-data OUT_DIR`, `inspect FILE...`, `predict FILE...`, `pacs --dicomweb-url URL`,
+`tune --study --storage`."""
 
 from __future__ import annotations
 
@@ -96,6 +97,68 @@ def _scorer(model_uri: str, url: str | None, timeout: float):
     return serving.local_scorer(model_uri)
 
 
+def _pacs(args: argparse.Namespace) -> int:
+    """Score new CR/DX studies of a DICOMweb PACS and store SR + overlay results back, once or every --interval s."""
+    import logging
+    import os
+    import time
+    import warnings
+
+    from covidcxr import pacs, serving
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    warnings.showwarning = _warning_without_text
+    log = logging.getLogger("covidcxr.pacs")
+    try:
+        since = pacs.parse_since(args.since)
+    except ValueError as err:
+        print(f"pacs: {err}", file=sys.stderr)
+        return 2
+    model_name = args.model_name or _registered_name(args.model_uri)
+    client = pacs.DicomWeb(args.dicomweb_url, user=os.environ.get(pacs.USER_ENV),
+                           password=os.environ.get(pacs.PASSWORD_ENV), timeout=args.pacs_timeout,
+                           retries=args.retries)
+    try:
+        score = _scorer(args.model_uri, args.url, args.timeout)
+    except Exception as err:  # noqa: BLE001 - one line naming the model, not a traceback
+        print(f"pacs: cannot load {args.model_uri}: {type(err).__name__}", file=sys.stderr)
+        return 1
+    status = 0
+    while True:
+        try:
+            summary = pacs.run(client, score, model_name, since=since, batch_size=args.batch_size)
+            print(json.dumps(summary.to_dict(), sort_keys=True), flush=True)
+            status = 1 if summary.failed_studies else 0
+        except (pacs.PacsError, pacs.ModelChanged) as err:
+            log.error("%s", err)
+            status = 1
+        except serving.ScoringError as err:  # the server's text is left out: it could quote a request
+            log.error("scoring failed: %s answered HTTP %d", err.endpoint, err.status)
+            status = 1
+        except OSError as err:  # the scoring server unreachable
+            log.error("scoring failed: %s", type(err).__name__)
+            status = 1
+        if args.interval is None:
+            return status
+        time.sleep(args.interval)
+
+
+def _warning_without_text(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings reach the log as their category and origin only: pydicom's quote header values."""
+    import logging
+    from pathlib import Path
+
+    logging.getLogger("covidcxr.pacs").warning("%s from %s (text withheld: it may quote the image header)",
+                                               category.__name__, Path(filename).name)
+
+
+def _registered_name(model_uri: str) -> str:
+    """NAME of ``models:/NAME@alias`` or ``models:/NAME/version``; ``covidcxr`` for any other URI."""
+    if model_uri.startswith("models:/"):
+        return model_uri[len("models:/"):].split("@", 1)[0].split("/", 1)[0] or "covidcxr"
+    return "covidcxr"
+
+
 def _tune(args: argparse.Namespace) -> int:
     """One Optuna worker of a U-Net study (shared when the storage is): run trials, tag the best, print the summary."""
     import logging
@@ -171,6 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=8, help="images per request (default: 8)")
     predict.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
     predict.set_defaults(func=_predict)
+    worker = sub.add_parser("pacs", help="score new CR/DX studies of a DICOMweb PACS; store SR + overlay back")
+    worker.add_argument("--dicomweb-url", required=True, help="DICOMweb root (QIDO/WADO/STOW), e.g. "
+                        "https://pacs.example.org/dicom-web; basic auth from $COVIDCXR_PACS_USER/_PASSWORD")
+    worker.add_argument("--model-uri", default="models:/covidcxr@champion", help="MLflow model URI (local scoring)")
+    worker.add_argument("--url", help="a running `mlflow models serve` (e.g. http://127.0.0.1:5000) instead")
+    worker.add_argument("--model-name", help="model name written into the results (default: NAME of "
+                        "--model-uri models:/NAME@alias, else covidcxr)")
+    worker.add_argument("--since", help="only studies from this study date on: YYYY-MM-DD, YYYYMMDD or Nd (N days "
+                        "back, for schedules)")
+    when = worker.add_mutually_exclusive_group()
+    when.add_argument("--once", action="store_true", help="one pass, then exit (the default; for cron or timers)")
+    when.add_argument("--interval", type=float, help="run a pass every INTERVAL seconds until stopped")
+    worker.add_argument("--batch-size", type=int, default=8, help="images per scoring request (default: 8)")
+    worker.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
+    worker.add_argument("--pacs-timeout", type=float, default=30.0, help="seconds per PACS request (default: 30)")
+    worker.add_argument("--retries", type=int, default=3,
+                        help="retries of a failed PACS request, waiting 1, 2, 4... s (default: 3)")
+    worker.set_defaults(func=_pacs)
     tune = sub.add_parser("tune", help="run one Optuna worker of the U-Net study (start several on one shared storage)")
     tune.add_argument("--study", help="study name (default: tune_unet.study of --params)")
     tune.add_argument("--storage", help="SQLAlchemy URL, e.g. postgresql+psycopg2://optuna@db-host/optuna (password in "

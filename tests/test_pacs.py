@@ -253,6 +253,15 @@ def test_worker_writes_sr_and_overlay_into_each_study_once_and_leaks_no_phi(orth
             assert not any(v.encode() in data for v in secrets_), f"an identifier reached {path.name}"
 
 
+@pytest.mark.infra
+def test_wrong_credentials_are_a_typed_error_that_does_not_quote_them(orthanc):
+    client = pacs.DicomWeb(orthanc.dicomweb, user=orthanc.user, password="not-the-password", retries=0)
+    with pytest.raises(pacs.PacsError, match="HTTP 401 to QIDO-RS study search.*COVIDCXR_PACS_PASSWORD") as caught:
+        client.find_studies()
+    assert orthanc.url in str(caught.value) and "not-the-password" not in str(caught.value)
+    assert not isinstance(caught.value, pacs.PacsUnavailable)
+
+
 def test_unreachable_pacs_is_a_typed_error_naming_the_endpoint_after_bounded_retries():
     port = free_port()
     client = pacs.DicomWeb(f"http://alice:s3cret@127.0.0.1:{port}/dicom-web", retries=2, backoff=0.05, timeout=2)

@@ -6,9 +6,7 @@ import base64
 import io as stdio
 import json
 import logging
-from pathlib import Path
 
-import keras
 import numpy as np
 import pandas as pd
 import pydicom
@@ -17,26 +15,12 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 from pydicom.sequence import Sequence as DicomSequence
 
-from covidcxr import io, models, phantoms, preprocess, serving
+from covidcxr import io, models, preprocess, serving
+from tests.helpers import PERMISSIVE, SIZE, build_bundle, phantom, png_b64
 from tests.test_io import _deflated, _huge_png, _voi_lut_item, codestream_dicom, make_dicom
 
-SIZE = 32
 PHI = {"PatientName": "Zyxwvut^Qponmlk", "PatientID": "PID-88412", "PatientBirthDate": "19491231",
        "InstitutionName": "St Elsewhere General", "AccessionNumber": "ACC-55123", "ReferringPhysicianName": "Dr^Who"}
-# Accepts every readable image: lets a test decide which step refuses by changing one setting.
-PERMISSIVE = dict(size=SIZE, variant="d", frontal_threshold=0.0, min_area=0.0, max_area=1.0)
-
-
-def phantom(projection: str = "frontal", seed: int = 0, size: int = 64) -> np.ndarray:
-    image, _ = phantoms.chest_phantom(np.random.default_rng(seed), size, projection=projection, covid=bool(seed % 2),
-                                      site={})
-    return image
-
-
-def png_b64(image: np.ndarray) -> str:
-    buffer = stdio.BytesIO()
-    Image.fromarray(np.round(255 * np.clip(image, 0, 1)).astype(np.uint8)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def b64(data: bytes) -> str:
@@ -47,29 +31,10 @@ def dicom_b64(image: np.ndarray, **elements) -> str:
     return b64(make_dicom(np.round(image * 4000).astype(np.uint16), **elements))
 
 
-def save_component(folder: Path, model: keras.Model, images: np.ndarray, threshold: float | None = None) -> str:
-    """A model folder as the training stages write it (``models.Component.save``)."""
-    models.Component(model, preprocess.Standardizer().fit(images), info={"run_id": "test"},
-                     threshold=None if threshold is None else {"threshold": threshold}).save(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> dict[str, str]:
     """Untrained tiny projection VGG, U-Net and classifier VGG with fitted standardizers, as register bundles them."""
-    keras.utils.set_random_seed(0)
-    root = tmp_path_factory.mktemp("bundle")
-    train = np.stack([preprocess.resize(phantom(seed=s), SIZE) for s in range(4)])
-    vgg = dict(width=1 / 32, head=(4,))
-    out = {
-        "projection": save_component(root / "projection", models.build_vgg(16, (SIZE, SIZE, 1), **vgg), train),
-        "unet": save_component(root / "unet", models.build_unet(2, (SIZE, SIZE, 1)), train, threshold=0.5),
-        "classifier": save_component(root / "classifier", models.build_vgg(16, (SIZE, SIZE, 1), **vgg), train,
-                                     threshold=0.5),
-    }
-    config = root / "serving.json"
-    serving.Config(**PERMISSIVE).save(config)
-    return {**out, "config": str(config)}
+    return build_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Command line: `covidcxr demo-data OUT_DIR`, `inspect FILE...`, `predict FILE...`, `tune --study --storage`."""
+"""Command line: `covidcxr demo-data OUT_DIR`, `inspect FILE...`, `predict FILE...`, `pacs --dicomweb-url URL`,
+`tune --study --storage`."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def _predict(args: argparse.Namespace) -> int:
         except OSError as err:
             rows.append((path, {"accepted": False, "reason": "unreadable", "message": f"cannot read ({err.strerror})"}))
     try:
-        score = _remote_scorer(args.url, args.timeout) if args.url else _local_scorer(args.model_uri)
+        score = _scorer(args.model_uri, args.url, args.timeout)
         for start in range(0, len(readable), args.batch_size):
             chunk = readable[start:start + args.batch_size]
             rows += list(zip([p for p, _ in chunk], score([b for _, b in chunk], params), strict=True))
@@ -81,25 +82,22 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def _local_scorer(model_uri: str):
-    """A function that scores base64 images with the model loaded here, as the server does (a DataFrame in)."""
+def _scorer(model_uri: str, url: str | None, timeout: float):
+    """The pyfunc's scoring function: on the server at ``url``, else the model loaded here (sqlite:///mlflow.db by
+    default, or $MLFLOW_TRACKING_URI)."""
     import os
 
-    import mlflow
-    import pandas as pd
-
     from covidcxr import serving
+
+    if url:
+        return serving.remote_scorer(url, timeout)
+    import mlflow
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
     missing = _missing_alias(model_uri)
     if missing:
         raise RuntimeError(missing)
-    model = mlflow.pyfunc.load_model(model_uri)
-
-    def score(images: list[str], params: dict) -> list[dict]:
-        return model.predict(pd.DataFrame({serving.INPUT_COLUMN: images}), params=params)
-
-    return score
+    return serving.local_scorer(model_uri)
 
 
 def _missing_alias(model_uri: str) -> str | None:
@@ -142,28 +140,66 @@ def _missing_alias(model_uri: str) -> str | None:
     return " ".join(lines)
 
 
-def _remote_scorer(url: str, timeout: float):
-    """A function that POSTs base64 images to a served model's /invocations and returns its entries."""
-    import urllib.error
-    import urllib.request
+def _pacs(args: argparse.Namespace) -> int:
+    """Score new CR/DX studies of a DICOMweb PACS and store SR + overlay results back, once or every --interval s."""
+    import logging
+    import os
+    import time
+    import warnings
 
-    endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/invocations") else "/invocations")
+    from covidcxr import pacs, serving
 
-    def score(images: list[str], params: dict) -> list[dict]:
-        body = json.dumps({"dataframe_records": [{"image": b} for b in images], "params": params}).encode()
-        request = urllib.request.Request(endpoint, data=body, headers={"Content-Type": "application/json"})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    warnings.showwarning = _warning_without_text
+    log = logging.getLogger("covidcxr.pacs")
+    try:
+        since = pacs.parse_since(args.since)
+    except ValueError as err:
+        print(f"pacs: {err}", file=sys.stderr)
+        return 2
+    model_name = args.model_name or _registered_name(args.model_uri)
+    client = pacs.DicomWeb(args.dicomweb_url, user=os.environ.get(pacs.USER_ENV),
+                           password=os.environ.get(pacs.PASSWORD_ENV), timeout=args.pacs_timeout,
+                           retries=args.retries)
+    try:
+        score = _scorer(args.model_uri, args.url, args.timeout)
+    except Exception as err:  # noqa: BLE001 - one line naming the model, not a traceback
+        print(f"pacs: cannot load {args.model_uri}: {type(err).__name__}", file=sys.stderr)
+        return 1
+    status = 0
+    while True:
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read())["predictions"]
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode("utf-8", "replace")
-            try:
-                detail = json.loads(detail).get("message", detail)
-            except ValueError:
-                pass
-            raise RuntimeError(f"{endpoint} answered {err.code}: {detail[:500]}") from None
+            summary = pacs.run(client, score, model_name, since=since, batch_size=args.batch_size)
+            print(json.dumps(summary.to_dict(), sort_keys=True), flush=True)
+            status = 1 if summary.failed_studies else 0
+        except (pacs.PacsError, pacs.ModelChanged) as err:
+            log.error("%s", err)
+            status = 1
+        except serving.ScoringError as err:  # the server's text is left out: it could quote a request
+            log.error("scoring failed: %s answered HTTP %d", err.endpoint, err.status)
+            status = 1
+        except OSError as err:  # the scoring server unreachable
+            log.error("scoring failed: %s", type(err).__name__)
+            status = 1
+        if args.interval is None:
+            return status
+        time.sleep(args.interval)
 
-    return score
+
+def _warning_without_text(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings reach the log as their category and origin only: pydicom's quote header values."""
+    import logging
+    from pathlib import Path
+
+    logging.getLogger("covidcxr.pacs").warning("%s from %s (text withheld: it may quote the image header)",
+                                               category.__name__, Path(filename).name)
+
+
+def _registered_name(model_uri: str) -> str:
+    """NAME of ``models:/NAME@alias`` or ``models:/NAME/version``; ``covidcxr`` for any other URI."""
+    if model_uri.startswith("models:/"):
+        return model_uri[len("models:/"):].split("@", 1)[0].split("/", 1)[0] or "covidcxr"
+    return "covidcxr"
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -235,6 +271,24 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=8, help="images per request (default: 8)")
     predict.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
     predict.set_defaults(func=_predict)
+    worker = sub.add_parser("pacs", help="score new CR/DX studies of a DICOMweb PACS; store SR + overlay back")
+    worker.add_argument("--dicomweb-url", required=True, help="DICOMweb root (QIDO/WADO/STOW), e.g. "
+                        "https://pacs.example.org/dicom-web; basic auth from $COVIDCXR_PACS_USER/_PASSWORD")
+    worker.add_argument("--model-uri", default="models:/covidcxr@champion", help="MLflow model URI (local scoring)")
+    worker.add_argument("--url", help="a running `mlflow models serve` (e.g. http://127.0.0.1:5000) instead")
+    worker.add_argument("--model-name", help="model name written into the results (default: NAME of "
+                        "--model-uri models:/NAME@alias, else covidcxr)")
+    worker.add_argument("--since", help="only studies from this study date on: YYYY-MM-DD, YYYYMMDD or Nd (N days "
+                        "back, for schedules)")
+    when = worker.add_mutually_exclusive_group()
+    when.add_argument("--once", action="store_true", help="one pass, then exit (the default; for cron or timers)")
+    when.add_argument("--interval", type=float, help="run a pass every INTERVAL seconds until stopped")
+    worker.add_argument("--batch-size", type=int, default=8, help="images per scoring request (default: 8)")
+    worker.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
+    worker.add_argument("--pacs-timeout", type=float, default=30.0, help="seconds per PACS request (default: 30)")
+    worker.add_argument("--retries", type=int, default=3,
+                        help="retries of a failed PACS request, waiting 1, 2, 4... s (default: 3)")
+    worker.set_defaults(func=_pacs)
     tune = sub.add_parser("tune", help="run one Optuna worker of the U-Net study (start several on one shared storage)")
     tune.add_argument("--study", required=True, help="study name (the tune_unet stage's is tune_unet.study)")
     tune.add_argument("--storage", help="SQLAlchemy URL, e.g. postgresql+psycopg2://optuna@db-host/optuna (password in "

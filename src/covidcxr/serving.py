@@ -25,7 +25,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -453,3 +453,55 @@ class CovidCxrModel(mlflow.pyfunc.PythonModel):
 def encode_file(path: str | os.PathLike) -> str:
     """A file's bytes as the base64 string a request carries."""
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+# --- scoring through the pyfunc, in this process or on a server ------------------------------------------------
+
+#: Base64 files and the pyfunc's params in, one entry per file out: ``CovidCxrModel.predict``, here or served.
+Scorer = Callable[[list[str], dict], list[dict]]
+
+
+class ScoringError(RuntimeError):
+    """A served model answered an error: ``endpoint`` (no credentials), HTTP ``status`` and the server's ``detail``."""
+
+    def __init__(self, endpoint: str, status: int, detail: str) -> None:
+        super().__init__(f"{endpoint} answered {status}: {detail[:500]}")
+        self.endpoint, self.status, self.detail = endpoint, status, detail
+
+
+def local_scorer(model_uri: str) -> Scorer:
+    """Score with the model loaded here (``models:/NAME@ALIAS``, a run or a path), as the server does."""
+    model = mlflow.pyfunc.load_model(model_uri)
+
+    def score(images: list[str], params: dict) -> list[dict]:
+        return model.predict(pd.DataFrame({INPUT_COLUMN: images}), params=params)
+
+    return score
+
+
+def remote_scorer(url: str, timeout: float) -> Scorer:
+    """Score by POSTing to a served model's ``/invocations`` (``mlflow models serve``); raises :class:`ScoringError`."""
+    import urllib.error
+    import urllib.request
+
+    from covidcxr.tracking import public_uri
+
+    base = url.rstrip("/")
+    endpoint = base if base.endswith("/invocations") else base + "/invocations"
+    shown = public_uri(endpoint)
+
+    def score(images: list[str], params: dict) -> list[dict]:
+        body = json.dumps({"dataframe_records": [{INPUT_COLUMN: b} for b in images], "params": params}).encode()
+        request = urllib.request.Request(endpoint, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())["predictions"]
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode("utf-8", "replace")
+            try:
+                detail = json.loads(detail).get("message", detail)
+            except ValueError:
+                pass
+            raise ScoringError(shown, err.code, detail) from None
+
+    return score

@@ -1,0 +1,442 @@
+"""PACS round trip: chest radiographs in from a PACS over DICOMweb, DICOM results back into the same study.
+
+For every CR/DX image of a study (QIDO-RS to find them, WADO-RS to fetch them), the worker scores the file through a
+:data:`covidcxr.serving.Scorer` (the registered pyfunc, in this process or on a server) and stores back (STOW-RS):
+
+* a Comprehensive SR (TID 1500 measurement report, made with highdicom) holding the COVID-19 probability, the label,
+  the operating threshold, the projection, the lung area, the model's name and version, and, for an image that was
+  not scored, the reason; it references the source image (evidence, image library, measurement group source);
+* for a scored image, a Secondary Capture of the Grad-CAM overlay (RGB), referencing the source image.
+
+Both carry the source's patient and study modules (so they attach to the study) and new UIDs derived from the source
+SOP Instance UID and the model's name and version: a result that is already in the study is not made again, so a
+second run over the same studies adds nothing. The SC is stored before the SR: an image counts as done when its SR
+exists. Nothing identifying leaves this module except into the PACS: the log holds counts and hashed study ids, and
+errors name the PACS endpoint (never its credentials) and the operation, never a UID.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import io as _bytes_io
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from covidcxr import serving
+from covidcxr.tracking import public_uri
+
+log = logging.getLogger(__name__)
+
+#: Modalities of the chest radiographs the worker scores.
+MODALITIES: tuple[str, ...] = ("CR", "DX")
+MANUFACTURER = "covidcxr"
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+#: Environment variables holding the DICOMweb basic-auth credentials (read by the CLI, never flags or logs).
+USER_ENV, PASSWORD_ENV = "COVIDCXR_PACS_USER", "COVIDCXR_PACS_PASSWORD"
+#: Third-party loggers that put URLs (hence UIDs) or server text in their records: kept quiet.
+CHATTY_LOGGERS: tuple[str, ...] = ("dicomweb_client", "urllib3", "highdicom")
+
+SCHEME = "99COVIDCXR"  # private coding scheme for the concepts no standard terminology has
+CODES = {
+    "procedure": Code("399208008", "SCT", "Plain chest X-ray"),
+    "finding": Code("840539006", "SCT", "COVID-19"),
+    "covid": Code("840539006", "SCT", "COVID-19"),
+    "negative": Code("260385009", "SCT", "Negative"),
+    "probability": Code("covid-prob", SCHEME, "COVID-19 probability"),
+    "threshold": Code("threshold", SCHEME, "Operating threshold"),
+    "lung_area": Code("lung-area", SCHEME, "Lung area fraction"),
+    "projection_probability": Code("proj-prob", SCHEME, "Projection probability"),
+    "label": Code("label", SCHEME, "COVID-19 label"),
+    "projection": Code("111031", "DCM", "Image View"),
+    "status": Code("status", SCHEME, "Scoring status"),
+    "scored": Code("scored", SCHEME, "Scored"),
+    "not_scored": Code("not-scored", SCHEME, "Not scored"),
+    "reason": Code("reason", SCHEME, "Reason not scored"),
+}
+UNITS = {"probability": Code("{probability}", "UCUM", "probability"), "fraction": Code("1", "UCUM", "no units")}
+
+
+class PacsError(RuntimeError):
+    """The PACS refused or failed a request; the message names the endpoint and the operation, never a UID."""
+
+
+class PacsUnavailable(PacsError, ConnectionError):
+    """The PACS did not answer (refused, timed out or 5xx) after the bounded retries."""
+
+
+class ModelChanged(RuntimeError):
+    """The scorer answered with another model version than the one the results' UIDs were derived from."""
+
+
+@dataclass(frozen=True)
+class ModelId:
+    """The model whose results are written: its registered name and the version that scores."""
+
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Source:
+    """One CR/DX image of a study in the PACS."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+
+
+@dataclass
+class Summary:
+    """Counts of one pass (no identifiers): what was found, scored, refused, skipped and stored."""
+
+    studies: int = 0
+    images: int = 0
+    already_done: int = 0
+    scored: int = 0
+    refused: int = 0
+    stored_sr: int = 0
+    stored_sc: int = 0
+    failed_studies: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def hashed(uid: str) -> str:
+    """A short one-way id of a UID, for log lines that must tell studies apart without identifying them."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:10]
+
+
+def quiet_third_party_loggers() -> None:
+    """dicomweb-client logs request URLs (study and instance UIDs) at INFO/DEBUG: raise those loggers to ERROR."""
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# --- DICOMweb ------------------------------------------------------------------------------------------------------
+
+
+class DicomWeb:
+    """A DICOMweb PACS (QIDO-RS, WADO-RS, STOW-RS) with bounded retries and errors that name only the endpoint."""
+
+    def __init__(self, url: str, *, user: str | None = None, password: str | None = None, timeout: float = 30.0,
+                 retries: int = 3, backoff: float = 1.0, page_size: int = 500, max_pages: int = 100,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+
+        quiet_third_party_loggers()
+        self.endpoint = public_uri(url).rstrip("/")
+        self.retries, self.backoff, self._sleep = int(retries), float(backoff), sleep
+        self.page_size, self.max_pages = int(page_size), int(max_pages)
+        session = requests.Session()
+        session.trust_env = False  # no proxy or netrc picked up behind the caller's back
+        if user is not None:
+            session.auth = (user, password or "")
+        self.client = DICOMwebClient(self.endpoint, session=session, timeout=timeout)
+        self.client.set_http_retry_params(retry=False)  # one retry loop, ours (bounded, with backoff)
+
+    def _call(self, operation: str, fn: Callable, *args, **kwargs):
+        """``fn(*args, **kwargs)``, retried on refused/timed-out connections and 5xx answers, else a typed error."""
+        import requests
+
+        problem = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self._sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                return fn(*args, **kwargs)
+            except requests.HTTPError as err:
+                status = err.response.status_code if err.response is not None else 0
+                if 0 < status < 500:
+                    hint = " (check $COVIDCXR_PACS_USER/$COVIDCXR_PACS_PASSWORD)" if status in (401, 403) else ""
+                    raise PacsError(f"DICOMweb server {self.endpoint} answered HTTP {status} to {operation}{hint}") \
+                        from None
+                problem = f"HTTP {status}"
+            except (requests.ConnectionError, requests.Timeout) as err:
+                problem = type(err).__name__
+        raise PacsUnavailable(f"DICOMweb server {self.endpoint} is unreachable ({operation}): {problem} after "
+                              f"{self.retries + 1} attempts")
+
+    def search(self, operation: str, fn: Callable, **kwargs) -> list[dict]:
+        """A QIDO-RS search, paged with limit/offset: at most ``max_pages`` requests; stops at a short page, and at
+        a page with nothing new (servers that ignore ``offset``)."""
+        seen: dict[str, dict] = {}
+        for page in range(self.max_pages):
+            items = self._call(operation, fn, limit=self.page_size, offset=page * self.page_size, **kwargs)
+            fresh = {json.dumps(item, sort_keys=True): item for item in items}
+            if not fresh.keys() - seen.keys():
+                break
+            seen.update(fresh)
+            if len(items) < self.page_size:
+                break
+        else:
+            log.warning("%s: stopped after %d pages of %d results; narrow the search (--since)", operation,
+                        self.max_pages, self.page_size)
+        return list(seen.values())
+
+    def find_studies(self, since: dt.date | None = None) -> list[str]:
+        """Study Instance UIDs of the studies holding CR or DX series (from ``since``'s study date on)."""
+        found: dict[str, None] = {}
+        for modality in MODALITIES:
+            filters = {"ModalitiesInStudy": modality, **({"StudyDate": f"{since:%Y%m%d}-"} if since else {})}
+            for item in self.search("QIDO-RS study search", self.client.search_for_studies, search_filters=filters,
+                                    fields=["StudyInstanceUID"]):
+                found.setdefault(qido_value(item, "StudyInstanceUID"))
+        return [uid for uid in found if uid]
+
+    def study_instances(self, study_uid: str) -> list[dict]:
+        """Every instance of a study as ``{SeriesInstanceUID, SOPInstanceUID, Modality}``."""
+        items = self.search("QIDO-RS instance search", self.client.search_for_instances, study_instance_uid=study_uid,
+                            fields=["Modality", "SeriesInstanceUID", "SOPInstanceUID"])
+        keys = ("SeriesInstanceUID", "SOPInstanceUID", "Modality")
+        return [{k: qido_value(item, k) for k in keys} for item in items]
+
+    def retrieve(self, source: Source) -> Dataset:
+        """The instance as stored (its own transfer syntax: the PACS need not transcode)."""
+        return self._call("WADO-RS instance retrieval", self.client.retrieve_instance, source.study_uid,
+                          source.series_uid, source.sop_uid, media_types=(("application/dicom", "*"),))
+
+    def store(self, datasets: Sequence[Dataset], study_uid: str) -> None:
+        """STOW-RS the datasets into their study; raises PacsError when the PACS refuses any of them."""
+        if not datasets:
+            return
+        answer = self._call("STOW-RS store", self.client.store_instances, list(datasets), study_uid)
+        failed = answer.get("FailedSOPSequence") if answer is not None else None
+        if failed:
+            reasons = sorted({str(item.get("FailureReason", "?")) for item in failed})
+            raise PacsError(f"DICOMweb server {self.endpoint} refused {len(failed)} of {len(datasets)} instances "
+                            f"(failure reasons {', '.join(reasons)})")
+
+
+def qido_value(item: dict, keyword: str) -> str | None:
+    """One value of a DICOM JSON (QIDO) record, as a string."""
+    tag = f"{pydicom.datadict.tag_for_keyword(keyword):08X}"
+    values = (item.get(tag) or {}).get("Value") or [None]
+    return None if values[0] is None else str(values[0])
+
+
+# --- what to do in a study ---------------------------------------------------------------------------------------
+
+
+def result_uids(sop_uid: str, model: ModelId) -> dict[str, str]:
+    """The SR's and the SC's SOP Instance UIDs for one source image and model (deterministic: idempotent runs)."""
+    return {kind: generate_uid(entropy_srcs=["covidcxr", kind, sop_uid, model.name, model.version])
+            for kind in ("sr", "sc")}
+
+
+def series_uids(study_uid: str, model: ModelId) -> dict[str, str]:
+    """One SR series and one overlay series per study and model version."""
+    return {kind: generate_uid(entropy_srcs=["covidcxr", f"{kind}-series", study_uid, model.name, model.version])
+            for kind in ("sr", "sc")}
+
+
+def pending_sources(instances: Iterable[dict], study_uid: str, model: ModelId) -> tuple[list[Source], int]:
+    """The CR/DX images of a study whose SR by ``model`` is not in it yet, and how many are already done."""
+    existing = {item["SOPInstanceUID"] for item in instances}
+    sources = sorted((Source(study_uid, i["SeriesInstanceUID"], i["SOPInstanceUID"]) for i in instances
+                      if (i.get("Modality") or "").upper() in MODALITIES), key=lambda s: (s.series_uid, s.sop_uid))
+    pending = [s for s in sources if result_uids(s.sop_uid, model)["sr"] not in existing]
+    return pending, len(sources) - len(pending)
+
+
+def header_only(ds: Dataset) -> Dataset:
+    """The dataset without its pixel data (what the results copy and reference), with the type 2 patient and study
+    attributes that highdicom reads present even when the source left them out."""
+    pixel_tags = {0x7FE00010, 0x7FE00008, 0x7FE00009}
+    header = Dataset({tag: elem for tag, elem in ds.items() if tag not in pixel_tags})
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                    "StudyDate", "StudyTime", "ReferringPhysicianName"):
+        if keyword not in header:
+            setattr(header, keyword, None)
+    return header
+
+
+def file_base64(ds: Dataset) -> str:
+    """The instance as the base64 DICOM file a scorer takes."""
+    buffer = _bytes_io.BytesIO()
+    pydicom.dcmwrite(buffer, ds)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# --- the DICOM results ---------------------------------------------------------------------------------------------
+
+
+def build_sr(header: Dataset, entry: dict, model: ModelId, series_uid: str, sop_uid: str, instance_number: int):
+    """The Comprehensive SR (TID 1500) of one image's entry: scored with its figures, or not scored with why."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    numbers = [("probability", "covid_probability", "probability"), ("threshold", "threshold", "probability"),
+               ("lung_area", "lung_area_fraction", "fraction"),
+               ("projection_probability", "projection_probability", "probability")]
+    measurements = [hd.sr.Measurement(name=CODES[code], value=float(entry[key]), unit=UNITS[unit])
+                    for code, key, unit in numbers if entry.get(key) is not None]
+    evaluations = [hd.sr.QualitativeEvaluation(CODES["status"], CODES["scored" if entry["accepted"] else "not_scored"])]
+    if entry.get("label"):
+        evaluations.append(hd.sr.QualitativeEvaluation(CODES["label"], CODES.get(entry["label"]) or
+                                                       Code(entry["label"], SCHEME, entry["label"])))
+    if entry.get("projection"):
+        evaluations.append(hd.sr.QualitativeEvaluation(
+            CODES["projection"], Code(entry["projection"], SCHEME, entry["projection"].capitalize())))
+    if not entry["accepted"]:
+        reason = entry.get("reason") or "unknown"
+        evaluations.append(hd.sr.QualitativeEvaluation(CODES["reason"], Code(reason, SCHEME, _meaning(reason))))
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[sop_uid, "tracking"]),
+                                                     identifier="COVID-19 score"),
+        finding_type=CODES["finding"],
+        algorithm_id=hd.sr.AlgorithmIdentification(name=model.name, version=model.version,
+                                                   parameters=[f"threshold={entry.get('threshold')}"]),
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
+        measurements=measurements or None, qualitative_evaluations=evaluations,
+    )
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=generate_uid(entropy_srcs=["covidcxr", "device", model.name, model.version]),
+        name=model.name, manufacturer_name=MANUFACTURER, model_name=f"{model.name} v{model.version}")
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device)),
+        procedure_reported=CODES["procedure"], imaging_measurements=[group], referenced_images=[header])
+    return hd.sr.ComprehensiveSR(
+        evidence=[header], content=report[0], series_instance_uid=series_uid, series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sop_uid, instance_number=instance_number, manufacturer=MANUFACTURER, is_complete=True,
+        series_description=f"COVID-19 AI result, {model.name} v{model.version} (research use)"[:64])
+
+
+def build_sc(header: Dataset, overlay_png_b64: str, model: ModelId, series_uid: str, sop_uid: str,
+             instance_number: int):
+    """The RGB Secondary Capture of one image's Grad-CAM overlay, referencing the source image."""
+    import highdicom as hd
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(_bytes_io.BytesIO(base64.b64decode(overlay_png_b64))).convert("RGB"))
+    orientation = [str(v) for v in (header.get("PatientOrientation") or [])]
+    known = len(orientation) == 2
+    sc = hd.sc.SCImage.from_ref_dataset(
+        header, rgb, "RGB", 8, "PATIENT", series_uid, SC_SERIES_NUMBER, sop_uid, instance_number, MANUFACTURER,
+        patient_orientation=tuple(orientation) if known else ("L", "F"),
+        series_description=f"COVID-19 AI heat map, {model.name} v{model.version} (research use)"[:64])
+    if not known:
+        sc.PatientOrientation = None  # type 2: unknown, as in the source
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = header.SOPClassUID
+    reference.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    sc.SourceImageSequence = [reference]
+    sc.DerivationDescription = f"Grad-CAM overlay of the COVID-19 classifier {model.name} v{model.version}"[:1024]
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    return sc
+
+
+def _meaning(reason: str) -> str:
+    """A reason code's human text, cut to a DICOM code meaning's 64 characters."""
+    text = serving.REASONS.get(reason, reason.replace("_", " "))
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+# --- the worker ----------------------------------------------------------------------------------------------------
+
+
+def probe_version(score: serving.Scorer) -> str:
+    """The version of the model behind ``score``: it stamps every entry, even of an image it refuses unread."""
+    from PIL import Image
+
+    buffer = _bytes_io.BytesIO()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(buffer, format="PNG")  # refused as zero_variance, cheaply
+    [entry] = score([base64.b64encode(buffer.getvalue()).decode("ascii")], {"explain": False})
+    return str(entry["model_version"])
+
+
+def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: ModelId, summary: Summary, *,
+                  batch_size: int = 8) -> None:
+    """Score every CR/DX image of the study without a result of ``model`` and store its SR (and SC)."""
+    pending, done = pending_sources(pacs.study_instances(study_uid), study_uid, model)
+    summary.images += len(pending) + done
+    summary.already_done += done
+    series = series_uids(study_uid, model)
+    for start in range(0, len(pending), batch_size):
+        chunk = pending[start:start + batch_size]
+        datasets = [pacs.retrieve(source) for source in chunk]
+        entries = score([file_base64(ds) for ds in datasets], {"explain": True})
+        headers = [header_only(ds) for ds in datasets]
+        del datasets
+        if len(entries) != len(chunk):
+            raise RuntimeError(f"the scorer answered {len(entries)} entries for {len(chunk)} images")
+        versions = {str(e["model_version"]) for e in entries}
+        if versions != {model.version}:
+            raise ModelChanged(f"the scorer answered with model version(s) {sorted(versions)}, expected "
+                               f"{model.version}: the served model changed during the run; run again")
+        srs, scs = [], []
+        for offset, (source, header, entry) in enumerate(zip(chunk, headers, entries)):
+            uids, number = result_uids(source.sop_uid, model), done + start + offset + 1
+            if entry["accepted"]:
+                summary.scored += 1
+                if entry.get(serving.GRADCAM_FIELD):
+                    scs.append(build_sc(header, entry[serving.GRADCAM_FIELD], model, series["sc"], uids["sc"], number))
+            else:
+                summary.refused += 1
+                reason = entry.get("reason") or "unknown"
+                summary.reasons[reason] = summary.reasons.get(reason, 0) + 1
+            srs.append(build_sr(header, entry, model, series["sr"], uids["sr"], number))
+        pacs.store(scs, study_uid)  # overlays first: an image is done once its SR is stored
+        summary.stored_sc += len(scs)
+        pacs.store(srs, study_uid)
+        summary.stored_sr += len(srs)
+    log.log(logging.INFO if pending else logging.DEBUG, "study %s: %d CR/DX image(s), %d already done, %d processed",
+            hashed(study_uid), len(pending) + done, done, len(pending))
+
+
+def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.date | None = None,
+        batch_size: int = 8) -> Summary:
+    """One pass over the PACS: every CR/DX study (from ``since`` on) gets the results it lacks.
+
+    A study whose images the PACS will not deliver or whose results it refuses is counted in ``failed_studies`` and
+    left for the next pass; an unreachable PACS or scorer, or a model that changed mid-pass, stops the pass.
+    """
+    if not 1 <= batch_size <= serving.Limits().max_images:
+        raise ValueError(f"batch_size must be in [1, {serving.Limits().max_images}], got {batch_size}")
+    model = ModelId(model_name, probe_version(score))
+    studies = pacs.find_studies(since)
+    summary = Summary(studies=len(studies))
+    for study_uid in studies:
+        try:
+            process_study(pacs, study_uid, score, model, summary, batch_size=batch_size)
+        except PacsUnavailable:
+            raise
+        except PacsError as err:
+            summary.failed_studies += 1
+            log.error("study %s left for the next pass: %s", hashed(study_uid), err)
+        except (ValueError, TypeError, AttributeError) as err:  # a header highdicom cannot copy; its text may hold PHI
+            summary.failed_studies += 1
+            log.error("study %s left for the next pass: %s while building its results", hashed(study_uid),
+                      type(err).__name__)
+    log.info("pass over %s with %s v%s: %s", pacs.endpoint, model.name, model.version, summary.to_dict())
+    return summary
+
+
+def parse_since(text: str | None, today: dt.date | None = None) -> dt.date | None:
+    """``YYYY-MM-DD``, ``YYYYMMDD`` or ``Nd`` (N days before today) as a date; None stays None."""
+    if not text:
+        return None
+    text = text.strip()
+    if text.endswith("d") and text[:-1].isdigit():
+        return (today or dt.date.today()) - dt.timedelta(days=int(text[:-1]))
+    for fmt in ("%Y-%m-%d", "%Y%m%d"):
+        try:
+            return dt.datetime.strptime(text, fmt).date()
+        except ValueError:
+            continue
+    raise ValueError(f"--since takes YYYY-MM-DD, YYYYMMDD or Nd (days back), got {text!r}")

@@ -1,22 +1,31 @@
 # The two commands a user needs: `make run` (set up, generate the demo data, run the pipeline) and `make test`.
+# Telemetry is off and third-party noise quiet wherever covidcxr is imported (covidcxr.runtime); DVC's analytics are
+# off in .dvc/config.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
+FAST := not slow and not infra and not fuzz
 
 export PATH := $(BIN):$(PATH)
-export MLFLOW_DISABLE_TELEMETRY := true
-export DVC_NO_ANALYTICS := 1
-export GX_ANALYTICS_ENABLED := false
-export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test setup data bench lock clean
+.PHONY: run test test-fast lint deps setup data bench lock clean
 
 run: setup data  ## set up, generate the demo data and run the whole pipeline
 	dvc repro
 
-test: setup  ## run the test suite
+test: setup  ## run the whole test suite (what CI runs)
 	python -m pytest
+
+test-fast: setup  ## the unit tests only (no training runs, servers or fuzzing): under two minutes
+	python -m pytest -m "$(FAST)"
+
+lint: setup  ## ruff on the library, the stages, the tests and the benchmarks; dvc.yaml deps against the imports
+	ruff check src pipelines tests bench
+	python -m pipelines._deps
+
+deps: setup  ## rewrite the code deps of every stage in dvc.yaml from what its module imports
+	python -m pipelines._deps --write
 
 setup: $(VENV)/.installed  ## virtual environment with the exact pins of requirements.lock
 
@@ -35,7 +44,7 @@ data: setup  ## the embedded demo dataset in data/demo (byte-identical to what d
 bench: setup data  ## every benchmark, each figure beside its same-run baseline, in bench/results.json (BENCH_ARGS=--smoke: seconds)
 	python -m bench $(BENCH_ARGS)
 
-lock:  ## re-pin the environment after changing pyproject.toml
+lock:  ## re-pin the environment after changing pyproject.toml (the one source of exact versions)
 	( echo "# Exact pins for the whole environment (pip freeze of a working install; regenerate with 'make lock')."; \
 	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^covidcxr' ) > requirements.lock
 

@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from covidcxr import runtime
+
 ROOT = Path(__file__).resolve().parent.parent
 GOAL_FULL_S, GOAL_MEMORY_MB, GOAL_NOOP_S = 20 * 60, 6 * 1024, 5.0
 
@@ -45,8 +47,7 @@ def run(*, smoke: bool = False, demo: Path | None = None) -> dict:
     sys.path.insert(0, str(ROOT))
     from tests.pipelines.conftest import copy_project
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = runtime.environment(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     target = ["ingest"] if smoke else []
     repeats = 1 if smoke else 3
     with tempfile.TemporaryDirectory() as tmp:

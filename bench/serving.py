@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covidcxr import runtime
 from tests.pipelines.conftest import stop_server, wait_ready
 
 REGISTERED = Path("reports/register/registered.json")
@@ -57,8 +58,7 @@ def free_port() -> int:
 def start_server(model_uri: str, port: int, log_path: Path) -> subprocess.Popen:
     """`mlflow models serve` from this environment (its bin first on PATH: the server runs `uvicorn`)."""
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = runtime.environment(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     env.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([f"{bin_dir}/mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",

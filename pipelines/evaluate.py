@@ -60,7 +60,8 @@ def figure(name: str, data: dict[str, list[dict]]):
     specs = [("roc", "fpr", "tpr", "ROC"), ("pr", "recall", "precision", "Precision-recall"),
              ("reliability", "mean_predicted", "observed_frequency", "Reliability")]
     for ax, (key, xk, yk, title) in zip(axes, specs):
-        rows = [r for r in data[key] if r[xk] is not None and r[yk] is not None and np.isfinite(r[xk]) and np.isfinite(r[yk])]
+        rows = [r for r in data[key]
+                if r[xk] is not None and r[yk] is not None and np.isfinite(r[xk]) and np.isfinite(r[yk])]
         ax.plot([r[xk] for r in rows], [r[yk] for r in rows], marker="." if key == "reliability" else None)
         if key != "pr":
             ax.plot([0, 1], [0, 1], "k:", lw=0.8)

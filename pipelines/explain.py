@@ -63,7 +63,8 @@ def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
                 grid = gradcam.grid(tiles, ncols=int(p["per_group"]), titles=titles)
                 from PIL import Image
 
-                _common.write_with(png, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+                picture = Image.fromarray(grid)
+                _common.write_with(png, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
             with tracking.run(_common.mlflow_experiment(experiment), name, run_id=classifier.info["run_id"]):
                 tracking.log_finite_metrics(summary[name], prefix="gradcam.")
                 if tiles:

@@ -1,4 +1,4 @@
-"""Stage `ingest`: every configured source -> one manifest, with rejects and duplicates reported, never dropped silently."""
+"""Stage `ingest`: every configured source -> one manifest; rejects and duplicates reported, never dropped silently."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def run(p: dict, experiment: str = "demo") -> dict:
              summary["patients"], rejected, summary["masks_rejected"], len(duplicates))
     _tracking.setup_tracking()
     with tracking.run(_common.mlflow_experiment(experiment), "ingest", params=run_params(p),
-                      tags=_tracking.repro_tags("ingest", experiment)):  # a failure below marks this run FAILED, rejects logged
+                      tags=_tracking.repro_tags("ingest", experiment)):  # a failure below: run FAILED, rejects logged
         log_to_mlflow(summary, rejects)
         if summary["reject_fraction"] > float(p["max_reject_fraction"]):
             raise TooManyRejects(

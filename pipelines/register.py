@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from covidcxr import audit, models, preprocess, selection, serving, tracking
 from pipelines import _common, _models, _tracking
 
 OUT = _common.REGISTERED
-#: Distributions the served model needs, pinned from requirements.lock.
+#: Distributions the served model needs, at their installed (requirements.lock) versions.
 SERVING_PACKAGES = ("tensorflow-cpu", "keras", "mlflow", "cloudpickle", "numpy", "pandas", "scipy", "pillow",
                     "pydicom", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg")
 
@@ -54,22 +53,6 @@ def read_audit(path: Path = _common.AUDIT_REPORT) -> dict:
     if not isinstance(report, dict) or not isinstance(report.get("checks"), list):
         raise ValueError(f"{path}: not an audit report (no 'checks' list)")
     return report
-
-
-def pins(names: tuple[str, ...] = SERVING_PACKAGES, lock: str = "requirements.lock") -> list[str]:
-    """``name==version`` for ``names`` as requirements.lock pins them (one source of truth for versions)."""
-    def norm(name: str) -> str:
-        return re.sub(r"[-_.]+", "-", name).lower()
-
-    pinned = {}
-    for line in Path(lock).read_text().splitlines():
-        if "==" in line and not line.lstrip().startswith("#"):
-            name, version = line.split("==", 1)
-            pinned[norm(name.strip())] = version.strip()
-    missing = [n for n in names if norm(n) not in pinned]
-    if missing:
-        raise ValueError(f"{lock} does not pin {missing}")
-    return [f"{n}=={pinned[norm(n)]}" for n in names]
 
 
 def stage_bundle(tmp: Path, variant: str, backbone: str, config: serving.Config, metadata: dict) -> dict[str, str]:
@@ -195,7 +178,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, fron
                 name="covidcxr", python_model=serving.CovidCxrModel(),
                 artifacts=stage_bundle(Path(tmp), best.variant, best.backbone, config, metadata),
                 code_paths=[stage_code(Path(tmp))], signature=serving.signature(), input_example=input_example(),
-                pip_requirements=pins(),
+                pip_requirements=tracking.pins(SERVING_PACKAGES),
             )
         registered = mlflow.register_model(info.model_uri, name)
         if int(registered.version) != version:

@@ -1,6 +1,6 @@
 """Stage `split`: patient-level, label-stratified splits for each task, checked by the splits expectation suite.
 
-Tasks: `covid` (the experiment chosen in params: positives vs negatives, optionally curated as the paper's experiment 2),
+Tasks: `covid` (the experiment chosen in params: positives vs negatives, optionally curated as the paper's exp. 2),
 `projection` (frontal vs lateral, every image whose projection is known) and `segmentation` (images with lung masks).
 
 External validation: `holdout_source` puts every covid-task image of that source in test and splits the rest into

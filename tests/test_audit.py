@@ -132,6 +132,7 @@ def test_heatmap_check_on_heat_maps_with_and_without_a_shortcut():
 
 # --- lungs removed: trained models --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shortcut", [True, False], ids=["marker-outside-lungs", "opacity-inside-lungs"])
 def test_lungs_removed_model_exposes_a_marker_outside_the_lungs(shortcut):
     n = 400
@@ -148,6 +149,7 @@ def test_lungs_removed_model_exposes_a_marker_outside_the_lungs(shortcut):
 
 # --- the source classifier ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("confounded", [True, False], ids=["site-predicts-label", "site-balanced"])
 def test_source_classifier_fails_a_readable_site_that_predicts_the_label(confounded):
     n = 400

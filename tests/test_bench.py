@@ -13,6 +13,7 @@ import pytest
 
 from bench import ROW_KEYS, goal, row
 from bench.__main__ import BENCHMARKS
+from covidcxr import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +31,8 @@ def test_row_ratio_and_verdict():
 @pytest.mark.slow
 def test_smoke_summary_covers_every_benchmark_with_one_schema(tmp_path: Path):
     demo = ROOT / "data" / "demo"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = runtime.environment(PYTHONPATH=str(ROOT),
+                              PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("MLFLOW_TRACKING_URI", None)  # the scratch directory has no registry: serving reports itself skipped
     if not (demo / "labels.csv").is_file():
         demo = tmp_path / "demo"

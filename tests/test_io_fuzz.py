@@ -31,6 +31,8 @@ from pydicom.uid import JPEG2000, DeflatedExplicitVRLittleEndian, JPEGBaseline8B
 from covidcxr import io
 from tests.test_io import gray8, make_dicom, phantom, png_bytes
 
+pytestmark = pytest.mark.fuzz  # a bounded, derandomized fuzz of read_image in worker processes
+
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "fuzz.bin"
 MAX_PIXELS = 1_000_000  # the worker's limit: a legitimate read stays far below MEMORY_BOUND
@@ -66,7 +68,7 @@ while True:
     if max_pixels == 0:
         time.sleep(3600)
     try:
-        arr, header = io.read_image(data, max_pixels=max_pixels, name=%(name)r)
+        arr, header = io.read_image(data, max_pixels=max_pixels, name=NAME_REPR)
         reply = {"kind": "image", "shape": list(arr.shape), "dtype": str(arr.dtype),
                  "finite": bool(np.isfinite(arr).all()), "declared": [header["height"], header["width"]],
                  "fields": list(header)}
@@ -77,7 +79,7 @@ while True:
         reply = {"kind": "crash", "type": type(err).__name__, "message": str(err)[:500]}
     reply["peak_rss"] = peak_rss()
     out.write((json.dumps(reply) + "\n").encode())
-""" % {"name": NAME}
+""".replace("NAME_REPR", repr(NAME))
 
 
 class Worker:
@@ -120,7 +122,8 @@ class Worker:
 
 
 def check(reply: dict, baseline: int, data: bytes) -> None:
-    """The property: a finite float32 array of the declared shape, or a typed refusal naming the input; bounded memory."""
+    """The property: a finite float32 array of the declared shape, or a typed refusal naming the input; bounded
+    memory."""
     where = f"on {len(data)} bytes starting {data[:48]!r}"
     assert reply["kind"] != "crash", f"read_image raised {reply['type']}: {reply['message']} {where}"
     if reply["kind"] == "image":

@@ -79,7 +79,8 @@ def test_find_duplicates_by_content_hash(tmp_path):
     a = write_png(tmp_path / "a.png", 5)
     b = tmp_path / "copy.png"
     b.write_bytes((tmp_path / "a.png").read_bytes())
-    df, _ = manifest.describe_images(listed([row("a", a), row("b", str(b), label="covid"), row("c", write_png(tmp_path / "c.png", 6))]))
+    df, _ = manifest.describe_images(listed([row("a", a), row("b", str(b), label="covid"),
+                                             row("c", write_png(tmp_path / "c.png", 6))]))
     dup = manifest.find_duplicates(df)
     assert list(dup["image_id"]) == ["b"] and list(dup["kept_image_id"]) == ["a"]
     assert list(dup["same_label"]) == [False]

@@ -117,7 +117,7 @@ def registry(tmp_path_factory) -> Iterator[Path]:
 def plant_and_upload(orthanc: Orthanc, folder: Path) -> dict[str, dict]:
     """Upload the demo DICOMs with planted identifiers; {study uid: {"phi": {...}, "sources": {sop uid, ...}}}."""
     studies: dict[str, dict] = {}
-    for n, path in enumerate(sorted(folder.rglob("*.dcm"))):
+    for path in sorted(folder.rglob("*.dcm")):
         try:
             ds = pydicom.dcmread(path)
         except Exception:  # noqa: BLE001 - the demo's deliberately broken files

@@ -1,9 +1,10 @@
 """What is served is what was evaluated: for real DICOM, PNG and JPEG files, the served pyfunc's projection, lung
-mask (its area) and COVID-19 probability equal what the stages' path computes with the same model folders.
+mask (its area) and COVID-19 probability equal what the stages' path computes with the same model
+folders.
 
 The stages' path, function by function: the cache (``preprocess.build_cache``), the projection rule
-(``projection.decide`` on the file's own view position and the filter), the segment stage (``lungs.masks`` with the U-Net
-folder's threshold) and the classifier's predictions (``models.covid_probability``).
+(``projection.decide`` on the file's own view position and the filter), the segment stage (``lungs.masks`` with the
+U-Net folder's threshold) and the classifier's predictions (``models.covid_probability``).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 from pydicom.sequence import Sequence as DicomSequence
 
-from covidcxr import io, models, preprocess, serving
-from tests.helpers import PERMISSIVE, SIZE, build_bundle, phantom, png_b64
+from covidcxr import models, serving
+from tests.helpers import PERMISSIVE, build_bundle, phantom, png_b64
 from tests.test_io import _deflated, _huge_png, _voi_lut_item, codestream_dicom, make_dicom
 
 PHI = {"PatientName": "Zyxwvut^Qponmlk", "PatientID": "PID-88412", "PatientBirthDate": "19491231",
@@ -144,7 +144,7 @@ def test_odd_but_valid_files_are_scored(loaded):
 
 
 def test_request_errors_quote_nothing_of_the_request():
-    """mlflow's scoring server rewrites the message of a predict error to quote the input; ServingError keeps its own."""
+    """mlflow's scoring server rewrites a predict error's message to quote the input; ServingError keeps its own."""
     err = serving.invalid_request("param 'threshold' must be in [0, 1], got 2.0")
     err.message = f"Failed to predict data 'Zyxwvut^Qponmlk'. \nError: {err.message}"
     assert err.message == "param 'threshold' must be in [0, 1], got 2.0"

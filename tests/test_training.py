@@ -24,6 +24,7 @@ def fit_once(seed):
     return history, epochs, training.predict(model, x)
 
 
+@pytest.mark.slow
 def test_fit_is_seeded_and_reports_every_epoch():
     h1, epochs, p1 = fit_once(3)
     h2, _, p2 = fit_once(3)

@@ -98,6 +98,7 @@ def test_open_study_stores_the_configuration_and_checks_the_data(tmp_path):
         tuning.open_study("nope", url)
 
 
+@pytest.mark.slow
 def test_pruned_and_completed_trials_become_nested_mlflow_runs(tmp_path):
     study, created = tuning.open_study("pure", f"sqlite:///{tmp_path / 'optuna.db'}", TINY_CONFIG)
     tracker = tuning.attach_tracker(study, created, experiment="tune-test",
@@ -133,6 +134,7 @@ def test_pruned_and_completed_trials_become_nested_mlflow_runs(tmp_path):
     assert parent.data.params["space.f0.choices"] == "[2, 4]"
 
 
+@pytest.mark.slow
 def test_tune_command_runs_a_real_unet_trial_and_exports_the_best(tmp_path, capsys):
     cache, split = write_tiny_cache(tmp_path)
     params = tmp_path / "params.yaml"

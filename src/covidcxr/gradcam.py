@@ -84,9 +84,10 @@ def gradcam(
 
     ``layer`` is the name of the target convolutional layer (default: the last top-level ``Conv2D``); list the
     candidates with ``[l.name for l in model.layers]``. Only top-level layers are searched: a backbone nested as one
-    layer (``x = vgg(inputs)``) must instead be built into the model (``VGG19(input_tensor=...)``, ``base.output``). The gradient is that of the pre-activation logit of
-    ``class_index`` (the input of the layer named ``"prediction"``, or of the model's last layer if it applies a
-    sigmoid/softmax) with respect to the layer's feature maps. Channel weights are the spatial mean of the gradient;
+    layer (``x = vgg(inputs)``) must instead be built into the model (``VGG19(input_tensor=...)``, ``base.output``).
+    The gradient is that of the pre-activation logit of ``class_index`` (the input of the layer named
+    ``"prediction"``, or of the model's last layer if it applies a sigmoid/softmax) with respect to the layer's feature
+    maps. Channel weights are the spatial mean of the gradient;
     the map is ``ReLU(sum_k w_k A_k)``, resized bilinearly to the input and divided by its maximum (an all-zero map,
     where no location argues for the class, stays zero). ``images`` are what the model takes, ``(N, H, W, C)``, or
     ``(N, H, W)`` for one channel.

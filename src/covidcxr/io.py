@@ -472,7 +472,7 @@ def _ensure_transfer_syntax(ds: Dataset, source: str) -> None:
 
 
 def _check_pixel_length(ds: Dataset, source: str, rows: int, cols: int, frames: int, max_pixels: int) -> None:
-    """Native data: bytes present vs declared; encapsulated: every fragment complete, frame 0 no larger than declared."""
+    """Native data: bytes present vs declared; encapsulated: each fragment complete, frame 0 within its size."""
     tsyntax = ds.file_meta.TransferSyntaxUID
     value = ds.PixelData
     if tsyntax.is_encapsulated:
@@ -493,7 +493,7 @@ def _check_pixel_length(ds: Dataset, source: str, rows: int, cols: int, frames: 
 
 
 def _check_fragments(value: bytes, source: str) -> bytes:
-    """Walk the (FFFE,E000) items of encapsulated pixel data (the first is the basic offset table); the first fragment."""
+    """Walk the (FFFE,E000) items of encapsulated pixel data (the first is the offset table); the first fragment."""
     pos, items = 0, 0
     first = b""
     while pos < len(value):

@@ -14,7 +14,7 @@ import pandas as pd
 SCHEMA: dict[str, str] = {
     "image_id": "string",  # unique across the whole manifest: "<source>/<relative path without suffix>"
     "path": "string",  # path to the image file: the adapter's root joined with the file's relative path
-    "source": "string",  # adapter name (cohen, kermany, montgomery, shenzhen, jsrt, nih, bimcv, padchest, generic, demo)
+    "source": "string",  # adapter (cohen, kermany, montgomery, shenzhen, jsrt, nih, bimcv, padchest, generic, demo)
     "patient_id": "string",  # source-scoped patient key "<source>:<id>" (pseudonymised on ingest when asked)
     "projection": "string",  # frontal | lateral | unknown
     "view_position": "string",  # as the source spells it, normalised to upper case: PA, AP, AP SUPINE, LL, L, ...

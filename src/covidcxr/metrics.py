@@ -14,9 +14,9 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np

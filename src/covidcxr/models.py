@@ -339,7 +339,8 @@ def logits_model(model: keras.Model, layer: str | None = None) -> keras.Model:
 # Model folders: a trained network with its fitted state, written by the training stages and read by every stage
 # that scores and by serving (register bundles the same files).
 
-MODEL_FILE, STANDARDIZER_FILE, RUN_FILE, THRESHOLD_FILE = "model.keras", "standardizer.json", "run.json", "threshold.json"
+MODEL_FILE, STANDARDIZER_FILE = "model.keras", "standardizer.json"
+RUN_FILE, THRESHOLD_FILE = "run.json", "threshold.json"
 #: The files of a model folder that scoring needs (``predictions.csv`` and the like stay beside it, not in a bundle).
 FOLDER_FILES: tuple[str, ...] = (MODEL_FILE, STANDARDIZER_FILE, RUN_FILE, THRESHOLD_FILE)
 

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-#: Telemetry and analytics of MLflow, DVC and Great Expectations, off (DVC also has ``analytics = false`` in .dvc/config).
+#: Telemetry and analytics of MLflow, DVC and Great Expectations, off (and ``analytics = false`` in .dvc/config).
 TELEMETRY_OFF: dict[str, str] = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DVC_NO_ANALYTICS": "1",

@@ -104,7 +104,8 @@ def select_experiment(
         raise SelectionError(f"{len(both)} images match both positive and negative rules, e.g. {list(both[:5])}")
     if not pos.any() or not neg.any():
         raise SelectionError(
-            f"experiment selects {int(pos.sum())} positive and {int(neg.sum())} negative images: both classes are needed"
+            f"experiment selects {int(pos.sum())} positive and {int(neg.sum())} negative images: both classes are "
+            "needed"
         )
     out = manifest.loc[pos | neg].copy()
     out["label"] = pd.array(np.where(pos[pos | neg], "covid", "negative"), dtype="string")

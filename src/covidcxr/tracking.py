@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 # MLflow's own HTTP retries (its defaults: 7 retries, backoff factor 2, about 4 minutes before a dead server is
@@ -24,18 +24,25 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
-# The project's own pins, logged with every model so that `mlflow models serve --env-manager local` and others can
-# rebuild the environment exactly.
-PIP_REQUIREMENTS: tuple[str, ...] = (
-    "tensorflow-cpu==2.21.0",
-    "keras==3.15.1",
-    "mlflow==3.17.2",
-    "numpy==2.4.6",
-    "pandas==3.1.1",
-    "pillow==13.0.0",
-    "pydicom==3.0.2",
-    "scikit-learn==1.9.1",
-)
+#: Distributions a logged Keras model needs; their versions are the installed ones (``pins``).
+KERAS_MODEL_PACKAGES: tuple[str, ...] = ("tensorflow-cpu", "keras", "mlflow", "numpy", "pandas", "pillow", "pydicom",
+                                         "scikit-learn")
+
+
+def pins(names: Sequence[str]) -> list[str]:
+    """``name==version`` of the installed distributions ``names``: the environment built from requirements.lock (the
+    one source of pins), logged with every model so that ``mlflow models serve`` can rebuild it exactly."""
+    from importlib import metadata
+
+    out, missing = [], []
+    for name in names:
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+    if missing:
+        raise RuntimeError(f"not installed: {missing} (make setup installs requirements.lock)")
+    return out
 
 
 # `mlflow run` exports its run for the command; taken out of the environment so that fluent calls do not resume it.
@@ -229,7 +236,8 @@ def log_keras_model(model, example: np.ndarray, *, name: str = "model") -> str:
     example = np.asarray(example[:2], dtype=np.float32)
     signature = infer_signature(example, np.asarray(model.predict(example, verbose=0), dtype=np.float32))
     with artifact_upload(f"the Keras model '{name}'"):
-        info = mlflow.keras.log_model(model, name=name, signature=signature, pip_requirements=list(PIP_REQUIREMENTS))
+        info = mlflow.keras.log_model(model, name=name, signature=signature,
+                                      pip_requirements=pins(KERAS_MODEL_PACKAGES))
     return info.model_uri
 
 

@@ -180,8 +180,8 @@ def split_tables(
     ``per_patient`` has one row per patient with a representative ``image_id`` (the smallest), so that examples
     name an image rather than the patient; rows with a null patient or split are left to the ``rows`` checks.
     ``per_split`` has one row per target split (present or not) with its share of all images (``fraction``),
-    ``target``, ``deviation = |fraction - target|``, one ``n_<class>`` count per class and ``n_missing_classes``; splits outside the
-    targets are left to the ``rows`` checks.
+    ``target``, ``deviation = |fraction - target|``, one ``n_<class>`` count per class and ``n_missing_classes``;
+    splits outside the targets are left to the ``rows`` checks.
     """
     if not isinstance(splits, pd.DataFrame):
         raise TypeError(f"split table must be a pandas DataFrame, got {type(splits).__name__}")

@@ -78,7 +78,7 @@ def datasets(full, labels, defective) -> dict[str, pydicom.Dataset]:
     for file in labels["file"]:
         ds = pydicom.dcmread(root / file, stop_before_pixels=file == defective.get("truncated"))
         if "PixelData" in ds:
-            ds.pixel_array  # decode once, cached on the dataset
+            _ = ds.pixel_array  # decode once, cached on the dataset
         out[file] = ds
     return out
 
@@ -242,8 +242,8 @@ def test_defective_files(full, labels, datasets, defective):
     truncated = pydicom.dcmread(root / defective["truncated"], stop_before_pixels=True)
     assert truncated.ViewPosition == "PA"  # the header is intact
     assert (root / defective["truncated"]).stat().st_size < 2 * truncated.Rows * truncated.Columns
-    with pytest.raises(Exception):
-        pydicom.dcmread(root / defective["truncated"]).pixel_array
+    with pytest.raises(Exception):  # noqa: B017 - pydicom's error type for short pixel data varies by version
+        _ = pydicom.dcmread(root / defective["truncated"]).pixel_array
     assert np.ptp(datasets[defective["constant"]].pixel_array) == 0
     good = [f for f in labels["file"] if f not in defective.values()]
     assert all(np.ptp(datasets[f].pixel_array) > 1000 for f in good)

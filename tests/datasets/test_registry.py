@@ -7,8 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from covidcxr import manifest
-from covidcxr import datasets
+from covidcxr import datasets, manifest
 from covidcxr.datasets import NAMES, DatasetLayoutError, load
 
 

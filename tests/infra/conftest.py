@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from covidcxr import runtime
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 60
@@ -39,17 +41,13 @@ def free_port() -> int:
 def base_env(**extra: str) -> dict[str, str]:
     """The project's environment for subprocesses: venv first, telemetry off, loopback never proxied."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "PG"))}
-    env.update({
+    return runtime.environment(env, **{
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DVC_NO_ANALYTICS": "1",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
+        **extra,
     })
-    env.update(extra)
-    return env
 
 
 def run(cmd: list[str], cwd: Path | None = None, env: dict | None = None,

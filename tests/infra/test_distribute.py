@@ -13,7 +13,7 @@ import pytest
 
 from tests.infra.conftest import run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.infra, pytest.mark.slow]
 
 # Trains a dropout-free tiny U-Net from the same weights under each strategy: 3 steps on one global batch of 12 images
 # (6 per replica when mirrored). One batch per step, because the distributed dataset shuffles in another order.

@@ -18,7 +18,7 @@ import pytest
 
 from tests.infra.conftest import base_env, free_port, stop_group
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.infra, pytest.mark.slow]
 
 TIMEOUT_S = 150
 

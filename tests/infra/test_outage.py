@@ -17,6 +17,8 @@ import pytest
 from covidcxr import tracking
 from tests.infra.conftest import BIN, base_env, free_port, missing, stop_group, wait_http
 
+pytestmark = pytest.mark.infra  # real servers on 127.0.0.1 (some also slow)
+
 
 class FlakyServer:
     """An HTTP server that answers 503 to its first ``failures`` requests, then 200, and counts them."""

@@ -12,7 +12,7 @@ import pytest
 
 from tests.infra.conftest import base_env, free_port, run, stop_group, wait_http
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.infra, pytest.mark.slow]
 
 GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 COUNT = "import json, pathlib; print(json.dumps(sorted(str(p) for p in pathlib.Path('data').rglob('*.*'))))"

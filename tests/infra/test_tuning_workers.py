@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+
 import mlflow
 import optuna
 import pytest
@@ -13,7 +14,7 @@ from covidcxr import tuning
 from tests.infra.conftest import base_env, run, stop_group
 from tests.test_tuning import TINY_CONFIG, write_tiny_cache
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.infra, pytest.mark.slow]
 
 TRIALS_PER_WORKER = 2
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from covidcxr import runtime
 from tests.pipelines.conftest import BIN, ROOT, run
 
 pytestmark = pytest.mark.slow
@@ -40,8 +41,7 @@ def test_killed_stage_leaves_no_valid_output_and_repro_recovers(project: Path, t
 
     artifacts, out = project / "artifacts", project / "artifacts" / "cache"
     log = tmp_path / "killed.log"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = runtime.environment(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     with open(log, "w") as sink:
         proc = subprocess.Popen(["dvc", "repro", "cache"], cwd=project, env=env, stdout=sink,
                                 stderr=subprocess.STDOUT, start_new_session=True)

@@ -72,10 +72,14 @@ def test_a_missing_or_malformed_audit_names_the_file(tmp_path, monkeypatch):
         register.read_audit(tmp_path / "bad.json")
 
 
-def test_pins_come_from_the_lock_file(tmp_path):
-    lock = tmp_path / "requirements.lock"
-    lock.write_text("# pins\ntensorflow_cpu==2.21.0\nPyYAML==6.0.4\nkeras==3.15.1\n")
-    assert register.pins(("tensorflow-cpu", "pyyaml", "keras"), lock=str(lock)) == [
-        "tensorflow-cpu==2.21.0", "pyyaml==6.0.4", "keras==3.15.1"]
-    with pytest.raises(ValueError, match="does not pin"):
-        register.pins(("numpy",), lock=str(lock))
+def test_pins_are_the_installed_versions_of_the_lock_file():
+    from covidcxr import tracking
+
+    lock = dict(line.split("==", 1) for line in (_common.PROJECT / "requirements.lock").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    norm = {k.lower().replace("_", "-").replace(".", "-"): v for k, v in lock.items()}
+    for pin in tracking.pins(register.SERVING_PACKAGES):
+        name, version = pin.split("==")
+        assert norm[name.lower()] == version, pin
+    with pytest.raises(RuntimeError, match="not installed"):
+        tracking.pins(["no-such-distribution-xyz"])

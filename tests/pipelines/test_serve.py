@@ -26,7 +26,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from covidcxr import serving
+from covidcxr import runtime, serving
 from tests.pipelines.conftest import BIN, run, stop_server, wait_ready
 from tests.test_io import _huge_png, codestream_dicom
 
@@ -130,8 +130,8 @@ def post(url: str, payload: object, timeout: float = 60) -> tuple[int, object]:
 
 
 def serve(project: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "TF_CPP_MIN_LOG_LEVEL": "2", "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    env = runtime.environment(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                              MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}")
     return subprocess.Popen(["mlflow", "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
                              "-h", "127.0.0.1", "-p", str(port)], cwd=project, env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)

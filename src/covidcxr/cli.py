@@ -126,7 +126,7 @@ def _missing_alias(model_uri: str) -> str | None:
         return (f"no model {name!r} is registered in {mlflow.get_tracking_uri()}: run the pipeline first (`make run` "
                 "or `dvc repro`), or set MLFLOW_TRACKING_URI to the store that holds it")
     latest = max(versions, key=lambda v: int(v.version))
-    aliases = {a: v.version for v in versions for a in (v.aliases or [])}
+    aliases = dict(client.get_registered_model(name).aliases or {})
     why = latest.tags.get("decision_reason") or "no reason recorded"
     lines = [f"model {name!r} has no version with alias {alias!r}.",
              f"The last registration, v{latest.version}, got {latest.tags.get('decision', 'no alias')!r}: {why}."]

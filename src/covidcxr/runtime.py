@@ -21,6 +21,13 @@ TELEMETRY_OFF: dict[str, str] = {
 }
 #: TensorFlow's C++ INFO and WARNING lines (CPU feature guard, absl pre-init notice), hidden unless verbose.
 QUIET: dict[str, str] = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+#: CPU numerics that do not depend on the processor's instruction set: TensorFlow turns its oneDNN graph kernels on by
+#: default only on CPUs with AVX-512 (VNNI, BF16, AMX), and oneDNN's matrix products dispatch to the widest
+#: instructions the CPU has; both change the order of float sums, so the same seed trained other weights on an AVX-512
+#: machine. Eigen kernels with oneDNN products capped at AVX2 give every x86-64 CPU with AVX2 the same kernels.
+#: ``COVIDCXR_NATIVE_CPU=1`` keeps TensorFlow's own choice (faster on AVX-512, results differ from other CPUs).
+PORTABLE_CPU: dict[str, str] = {"TF_ENABLE_ONEDNN_OPTS": "0", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+NATIVE_CPU_ENV = "COVIDCXR_NATIVE_CPU"
 VERBOSE_ENV = "COVIDCXR_VERBOSE"
 #: Python loggers of third-party libraries that print INFO lines on every run.
 NOISY_LOGGERS: tuple[str, ...] = ("great_expectations", "absl", "tensorflow", "h5py", "matplotlib", "PIL", "alembic",
@@ -41,13 +48,18 @@ def telemetry_off() -> None:
 
 
 def apply_defaults() -> None:
-    """Telemetry off and TensorFlow's C++ notices quiet (unless verbose) in this process; what the user set is kept.
+    """Telemetry off, TensorFlow's C++ notices quiet (unless verbose) and portable CPU numerics (:data:`PORTABLE_CPU`)
+    in this process; what the user set is kept.
 
-    Run when ``covidcxr`` is imported, so that a served model or a notebook gets them too.
+    Run when ``covidcxr`` is imported, so that a served model or a notebook gets them too (TensorFlow reads the CPU
+    settings when it starts: import covidcxr first).
     """
     telemetry_off()
     if not verbose_requested():
         for key, value in QUIET.items():
+            os.environ.setdefault(key, value)
+    if os.environ.get(NATIVE_CPU_ENV, "").strip().lower() not in ("1", "true", "yes"):
+        for key, value in PORTABLE_CPU.items():
             os.environ.setdefault(key, value)
 
 
@@ -72,6 +84,8 @@ def environment(base: Mapping[str, str] | None = None, *, verbose: bool = False,
     """An environment for a subprocess: ``base`` (default: this process's) with telemetry off and the quiet defaults."""
     env = dict(os.environ if base is None else base)
     env.update(TELEMETRY_OFF)
+    if env.get(NATIVE_CPU_ENV, "").strip().lower() not in ("1", "true", "yes"):
+        env.update({k: env.get(k, v) for k, v in PORTABLE_CPU.items()})
     if verbose:
         env[VERBOSE_ENV] = "1"
     else:

@@ -167,6 +167,8 @@ def test_dvc_repro_on_demo_data(project: Path, tmp_path: Path):
     for stage in ("ingest", "cache", "train_projection", "filter_frontal", "train_unet", "segment",
                   "train_classifier@e-vgg16", "evaluate", "explain", "audit"):
         assert f"Running stage '{stage}'" in out.stdout, stage
+    for noise in ("cpu_feature_guard", "absl::InitializeLog", "oneDNN custom operations", "Calculating Metrics"):
+        assert noise not in out.stdout + out.stderr, f"third-party noise in the stages' output: {noise}"
     for stage in ("validate", "split"):  # outputs committed and inputs identical: DVC rightly skips them
         assert f"Running stage '{stage}'" in out.stdout or f"Stage '{stage}' didn't change" in out.stdout, stage
 

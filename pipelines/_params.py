@@ -174,7 +174,8 @@ class TrainClassifier(VGG):
     variants: list[Variant] = Field(default=["c", "d", "e"], min_length=1)
     backbones: list[Backbone] = Field(default=["vgg16", "vgg19"], min_length=1)
     head: list[Positive] = [1024, 512, 64]
-    threshold_objective: ThresholdObjective = "youden"
+    calibration: Literal["platt", "none"] = "platt"
+    threshold_objective: ThresholdObjective = "sensitivity"
     min_sensitivity: Share = 0.95
 
     @field_validator("variants", "backbones")

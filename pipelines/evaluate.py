@@ -32,6 +32,9 @@ def evaluate_model(pred: pd.DataFrame, threshold: float, p: dict) -> dict:
             ),
             "ece": metrics.expected_calibration_error(y, s, n_bins=int(p["calibration_bins"])),
         }
+        if "raw_score" in part:  # before the calibration fitted on validation: what it changed
+            result[split]["ece_uncalibrated"] = metrics.expected_calibration_error(
+                y, part["raw_score"].to_numpy(float), n_bins=int(p["calibration_bins"]))
     return result
 
 
@@ -106,7 +109,8 @@ def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
         + table.round(4).to_markdown() + "\n", encoding="utf-8"))
     _common.write_csv(OUT / "comparison.csv", table.round(6).reset_index())
     summary = {name: {"test_auc": r["test"]["at_0.5"]["roc_auc"], "val_auc": r["val"]["at_0.5"]["roc_auc"],
-                      "test_ece": r["test"]["ece"]} for name, r in everything.items()}
+                      "test_ece": r["test"]["ece"], "test_ece_uncalibrated": r["test"].get("ece_uncalibrated")}
+               for name, r in everything.items()}
     _common.write_json(OUT / "summary.json", summary)
     log.info("evaluation: %s", summary)
     return everything

@@ -1,8 +1,9 @@
 """Stage `train_classifier` (a DVC matrix over variant c/d/e and backbone vgg16/vgg19): the COVID-vs-negative VGG.
 
 Every variant trains on the same images: the experiment's split, predicted frontal, with a usable lung mask. The
-operating threshold is computed exactly on the validation split (params: objective) and saved in the model folder;
-the predictions of every split come from :func:`covidcxr.models.covid_probability`, the function serving calls.
+probability calibration (Platt) and then the operating threshold (params: objective) are fitted on the validation split
+and saved in the model folder; the predictions of every split come from :func:`covidcxr.models.covid_probability`, the
+function serving calls (``score``: calibrated, as served; ``raw_score``: the network's own).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from covidcxr import metrics, models, preprocess, tracking, training
+from covidcxr import calibration, metrics, models, preprocess, tracking, training
 from pipelines import _common, _models, _tracking
 
 
@@ -49,6 +50,10 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
         component = models.Component(model, std, info={"run_id": active.info.run_id, "variant": variant,
                                                        "backbone": backbone,
                                                        "epochs_run": len(history.get("loss", []))})
+        raw = {s: models.covid_probability(component, images[r], masks[r], variant, calibrated=False)
+               for s, r in parts.items()}
+        if p["calibration"] == "platt":  # fitted on validation, applied wherever a probability is computed
+            component.calibrator = calibration.PlattCalibrator().fit(y["val"], raw["val"])
         scores = {s: models.covid_probability(component, images[r], masks[r], variant) for s, r in parts.items()}
         choice = metrics.operating_threshold(y["val"], scores["val"], p["threshold_objective"],
                                              min_sensitivity=float(p["min_sensitivity"]))
@@ -63,7 +68,8 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
         with _common.atomic_dir(_common.model_dir(variant, backbone)) as out:  # the folder appears whole, or not
             _models.save_component(out, component)
             predictions = pd.concat([
-                table[split == s][["image_id", "patient_id", "split", "label"]].assign(score=scores[s]) for s in x
+                table[split == s][["image_id", "patient_id", "split", "label"]].assign(score=scores[s],
+                                                                                      raw_score=raw[s]) for s in x
             ])
             _common.write_csv(out / _common.PREDICTIONS, predictions)
     _common.write_json(f"reports/train_classifier/{variant}_{backbone}.json",

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from covidcxr import io, lungs, models, preprocess, projection, serving
+from covidcxr.calibration import PlattCalibrator
 
 SIZE = 32
 CONFIG = dict(size=SIZE, variant="d", frontal_threshold=0.0, min_area=0.0, max_area=1.0)  # every file scored
@@ -60,7 +61,8 @@ def folders(tmp_path_factory, real_data) -> dict[str, str]:
         "unet": models.Component(crisp_unet(std.transform(train)), std, info={"run_id": "u"},
                                  threshold={"threshold": 0.5}),
         "classifier": models.Component(models.build_vgg(19, (SIZE, SIZE, 1), **vgg), std, info={"run_id": "c"},
-                                       threshold={"threshold": 0.42}),
+                                       threshold={"threshold": 0.42},
+                                       calibrator=PlattCalibrator().fit([0, 1, 0, 1], [0.3, 0.9, 0.5, 0.6])),
     }
     out = {name: str(part.save(root / name)) for name, part in parts.items()}
     serving.Config(**CONFIG).save(root / "serving.json")
@@ -83,6 +85,13 @@ def stages_path(files: list[Path], folders: dict[str, str]) -> pd.DataFrame:
                          "covid_probability": p_covid, "mask_pixels": masks.reshape(len(files), -1).sum(axis=1)})
 
 
+def raw_inputs(files: dict[str, Path], folders: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    images = preprocess.build_cache([str(f) for f in files.values()], [None] * len(files), SIZE)[0].astype(np.float32)
+    unet = models.Component.load(folders["unet"])
+    return images, lungs.masks(unet(images), lungs.MaskRules(threshold=unet.operating_threshold, min_area=0.0,
+                                                             max_area=1.0))[0]
+
+
 def test_served_answers_equal_the_evaluated_ones(folders, real_data, tmp_path):
     files = real_files(real_data)
     expected = stages_path(list(files.values()), folders)
@@ -97,6 +106,9 @@ def test_served_answers_equal_the_evaluated_ones(folders, real_data, tmp_path):
     assert list(served["projection"]) == list(expected["projection"])
     np.testing.assert_allclose(served["lung_area_fraction"], expected["lung_area_fraction"], atol=1e-6)
     np.testing.assert_allclose(served["covid_probability"], expected["covid_probability"], atol=2e-6)
+    raw = models.covid_probability(models.Component.load(folders["classifier"]), *raw_inputs(files, folders),
+                                   CONFIG["variant"], calibrated=False)
+    assert np.abs(raw - served["covid_probability"]).max() > 1e-3  # the served probability is the calibrated one
     assert (served["label"] == np.where(served["covid_probability"] >= 0.42, "covid", "negative")).all()
 
 

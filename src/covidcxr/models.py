@@ -340,13 +340,14 @@ def logits_model(model: keras.Model, layer: str | None = None) -> keras.Model:
 # that scores and by serving (register bundles the same files).
 
 MODEL_FILE, STANDARDIZER_FILE = "model.keras", "standardizer.json"
-RUN_FILE, THRESHOLD_FILE = "run.json", "threshold.json"
+RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE = "run.json", "threshold.json", "calibration.json"
 #: The files of a model folder that scoring needs (``predictions.csv`` and the like stay beside it, not in a bundle).
-FOLDER_FILES: tuple[str, ...] = (MODEL_FILE, STANDARDIZER_FILE, RUN_FILE, THRESHOLD_FILE)
+FOLDER_FILES: tuple[str, ...] = (MODEL_FILE, STANDARDIZER_FILE, RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE)
 
 
 class Component:
-    """A trained network with the standardizer fitted on its training images and its operating threshold.
+    """A trained network with its fitted state: the standardizer (training images), and optionally the operating
+    threshold and the probability calibration (validation split).
 
     The one way images are scored: ``component(images)`` standardizes working-size images ``[N, H, W]`` in [0, 1] and
     runs the network through one traced function (every batch size, no retracing), in batches of ``batch_size``.
@@ -354,10 +355,11 @@ class Component:
     """
 
     def __init__(self, model: keras.Model, standardizer, *, threshold: dict | None = None,
-                 info: dict | None = None) -> None:
+                 calibrator=None, info: dict | None = None) -> None:
         self.model = model
         self.standardizer = standardizer
         self.threshold = dict(threshold) if threshold else None  # {"threshold": t, ...how it was chosen}
+        self.calibrator = calibrator  # calibration.PlattCalibrator or None
         self.info = dict(info or {})
         self._forward = None
 
@@ -403,17 +405,22 @@ class Component:
         if self.threshold:
             (folder / THRESHOLD_FILE).write_text(json.dumps(self.threshold, indent=2, sort_keys=True) + "\n",
                                                  encoding="utf-8")
+        if self.calibrator is not None:
+            self.calibrator.save(folder / CALIBRATION_FILE)
         return folder
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Component:
         """A component from its model folder; a missing file is an error naming it."""
+        from covidcxr.calibration import PlattCalibrator
         from covidcxr.preprocess import Standardizer
 
         folder = Path(folder)
         info = folder_info(folder)  # checks the folder first
         model = keras.saving.load_model(folder / MODEL_FILE, compile=False)
-        return cls(model, Standardizer.load(folder / STANDARDIZER_FILE), threshold=folder_threshold(folder), info=info)
+        calibrator = PlattCalibrator.load(folder / CALIBRATION_FILE) if (folder / CALIBRATION_FILE).is_file() else None
+        return cls(model, Standardizer.load(folder / STANDARDIZER_FILE), threshold=folder_threshold(folder),
+                   calibrator=calibrator, info=info)
 
 
 def folder_info(folder: str | os.PathLike) -> dict:
@@ -440,13 +447,17 @@ def folder_threshold(folder: str | os.PathLike) -> dict | None:
 PROBABILITY_DECIMALS = 6
 
 
-def covid_probability(classifier: Component, images: np.ndarray, masks: np.ndarray, variant: str) -> np.ndarray:
+def covid_probability(classifier: Component, images: np.ndarray, masks: np.ndarray, variant: str, *,
+                      calibrated: bool = True) -> np.ndarray:
     """The COVID-19 probability of working-size images with their lung masks under ``variant`` (c, d or e).
 
     The one computation behind the classifier stage's predictions (and so evaluate, explain and the audit) and
-    behind every served answer; rounded to :data:`PROBABILITY_DECIMALS` (Python's correctly rounded ``round``).
+    behind every served answer: the network's score, through the folder's calibration when it has one (``calibrated``
+    False: the raw score), rounded to :data:`PROBABILITY_DECIMALS` (Python's correctly rounded ``round``).
     """
     from covidcxr.preprocess import apply_variant
 
     raw = classifier(apply_variant(images, masks, variant))[:, 0]
+    if calibrated and classifier.calibrator is not None:
+        raw = classifier.calibrator.transform(raw)
     return np.array([round(float(p), PROBABILITY_DECIMALS) for p in raw], dtype=np.float64)

@@ -30,7 +30,7 @@ def test_two_workers_tune_one_postgres_study(postgres, tmp_path, monkeypatch):
     params.write_text(yaml.safe_dump({"split": {"experiment": "infra"},
                                       "tune_unet": {"study": "shared", **TINY_CONFIG}}))
     env = base_env(**postgres.env())
-    command = ["covidcxr", "tune", "--study", "shared", "--storage", storage, "--params", str(params),
+    command = ["covidcxr", "tune", "--study", "shared", "--storage", storage, "--config", str(params),
                "--cache-dir", str(cache), "--split", str(split), "--tracking-uri", tracking_uri]
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
     workers = []

@@ -212,6 +212,7 @@ class SourceCheck(Grades):
     epochs: Positive = 10
     batch_size: Positive = 8
     seed: int = 42
+    min_site_images: Positive = 20  # sites with fewer training images are read as their dataset source
 
 
 class Audit(Section):

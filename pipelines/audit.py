@@ -44,15 +44,16 @@ def heatmap_checks(p: dict, classifiers: dict) -> list[audit.Check]:
                                               fail=float(p["fail"]))]
 
 
-def sources_of(index, image_ids) -> np.ndarray:
-    """Each image's site (manifest `site`), or its source dataset where the site is unknown."""
-    frame = index.set_index("image_id")
+def sources_of(index, image_ids, split: np.ndarray, min_images: int) -> np.ndarray:
+    """Each image's site (manifest `site`), or its dataset source where the site is unknown or has fewer than
+    ``min_images`` training images (``audit.group_sources``)."""
+    frame = index.set_index("image_id").loc[list(image_ids)]
+    source = frame["source"].astype(str).to_numpy()
     site = frame["site"] if "site" in frame else None
-    source = frame.loc[list(image_ids), "source"].astype(str).to_numpy()
     if site is None:
-        return source
-    site = site.loc[list(image_ids)]
-    return np.where(site.isna() | (site.astype(str).str.strip() == ""), source, site.astype(str)).astype(object)
+        return source.astype(object)
+    site = np.where(site.isna() | (site.astype(str).str.strip() == ""), source, site.astype(str))
+    return audit.group_sources(site, source, split == "train", min_images)
 
 
 def source_reading(p: dict, classifier: dict, log) -> tuple[audit.SourceReading | None, str, dict]:
@@ -63,8 +64,8 @@ def source_reading(p: dict, classifier: dict, log) -> tuple[audit.SourceReading 
     index, images, _ = _models.load_cache()
     masks = _models.load_masks()
     table, _ = _models.usable()
-    source = sources_of(index, table["image_id"])
     split = table["split"].to_numpy()
+    source = sources_of(index, table["image_id"], split, int(p["min_site_images"]))
     y = (table["label"] == "covid").to_numpy(int)
     counts = {s: {str(k): int(v) for k, v in zip(*np.unique(source[split == s], return_counts=True))}
               for s in ("train", "val", "test")}
@@ -84,7 +85,7 @@ def source_reading(p: dict, classifier: dict, log) -> tuple[audit.SourceReading 
     )
     proba = training.predict(model, x["test"])
     reading = audit.read_sources(classes, proba, source[split == "test"], y[split == "test"],
-                                 source[split == "train"], y[split == "train"])
+                                 source[split == "train"], y[split == "train"], seed=int(p["seed"]))
     called = np.asarray(classes, dtype=object)[proba.argmax(axis=1)]
     confusion = {t: {c: int(((source[split == "test"] == t) & (called == c)).sum()) for c in classes}
                  for t in sorted(set(source[split == "test"]))}

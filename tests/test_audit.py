@@ -172,6 +172,49 @@ def test_source_classifier_fails_a_readable_site_that_predicts_the_label(confoun
         assert check.status == "pass" and check.value == pytest.approx(0.5), check
 
 
+@pytest.mark.slow
+def test_a_site_the_classifier_cannot_learn_is_inconclusive_never_pass():
+    """Sites drawn at random with no mark on the image: nothing to read, so the check cannot measure anything."""
+    n = 400
+    site = np.random.default_rng(7).choice(["site_a", "site_b", "site_c"], n)
+    covid = np.arange(n) % 2 == 1
+    x, _ = radiographs(n, marked=np.zeros(n, bool), opacity=covid, seed=3)
+    parts = split(n)
+    model, classes = audit.train_source_classifier(
+        x[parts["train"]], site[parts["train"]], x[parts["val"]], site[parts["val"]], epochs=4,
+        **{k: TINY[k] for k in ("depth", "width", "head", "lr", "batch_size", "seed")})
+    reading = audit.read_sources(classes, training.predict(model, x[parts["test"]]), site[parts["test"]],
+                                 covid[parts["test"]], site[parts["train"]], covid[parts["train"]])
+    check = audit.source_check(reading, warn=0.6, fail=0.7)
+    assert not reading.readable and reading.balanced_accuracy_low <= reading.chance
+    assert check.status == "inconclusive" and check.value is None and "not clearly above chance" in check.reason
+
+
+def test_source_check_is_inconclusive_when_the_sources_are_read_at_chance():
+    rng = np.random.default_rng(0)
+    classes = ("a", "b", "c")
+    truth = rng.choice(classes, 300)
+    y = (truth == "a").astype(int)  # the source would predict the label perfectly, if it could be read
+    at_chance = audit.read_sources(classes, rng.dirichlet([1, 1, 1], 300), truth, y, truth, y)
+    assert not at_chance.readable
+    assert audit.source_check(at_chance, warn=0.6, fail=0.65).status == "inconclusive"
+    read = audit.read_sources(classes, np.eye(3)[[classes.index(t) for t in truth]] * 0.9 + 0.03, truth, y, truth, y)
+    assert read.readable and read.balanced_accuracy_low > 0.9
+    check = audit.source_check(read, warn=0.6, fail=0.65)
+    assert check.status == "fail" and check.value == pytest.approx(1.0)
+    assert audit.worst(["pass", "inconclusive"]) == "inconclusive" and audit.worst(["inconclusive", "warn"]) == "warn"
+
+
+def test_small_sites_are_read_as_their_dataset():
+    site = np.array(["Germany"] * 30 + ["Peru"] * 3 + ["Italy"] * 25 + ["kermany"] * 40)
+    source = np.array(["cohen"] * 58 + ["kermany"] * 40)
+    train = np.ones(len(site), bool)
+    train[-5:] = False
+    grouped = audit.group_sources(site, source, train, min_images=20)
+    assert set(grouped) == {"Germany", "cohen", "Italy", "kermany"}
+    assert list(grouped[30:33]) == ["cohen"] * 3
+
+
 def test_read_sources_scores_and_unknown_sources():
     classes = ("a", "b")
     proba = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])

@@ -1,6 +1,7 @@
 """The shortcut audit: does a classifier read the lungs, or where the image came from?
 
-Three checks, each graded pass / warn / fail against thresholds the caller passes (or ``skipped``, with the reason):
+Three checks, each graded pass / warn / fail against thresholds the caller passes, ``inconclusive`` when it could not
+measure (counted as a warning, never as a pass), or ``skipped`` with the reason:
 
 - ``lungs_removed_auc`` (per backbone): how much of the full-image model's (variant c) ROC AUC above chance the
   lungs-removed model (variant e) keeps. A variant e that scores near c means the label is readable outside the lungs.
@@ -8,7 +9,10 @@ Three checks, each graded pass / warn / fail against thresholds the caller passe
   image area. 1.0 is what a uniform heat map scores; below it, the heat sits outside the lungs.
 - ``source_classifier`` (all models): the same backbone trained to tell the image's source (site or dataset); the
   value is the ROC AUC of the label predicted from the source *read from the image* (the COVID share in training of the
-  source it predicts). It is high only when the source is both readable and predictive of the label.
+  source it predicts). It is high only when the source is both readable and predictive of the label. Sites with too
+  few training images are grouped into their dataset source (``group_sources``); when the classifier does not read the
+  sources clearly above chance (the lower bound of a bootstrap interval of its balanced accuracy), the check is
+  ``inconclusive``: a low label AUC then says nothing about the model.
 
 Pure functions on numbers and arrays: nothing here reads files or params (``pipelines/audit.py`` does).
 """
@@ -21,9 +25,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-PASS, WARN, FAIL, SKIPPED = "pass", "warn", "fail", "skipped"
-STATUSES: tuple[str, ...] = (PASS, WARN, FAIL, SKIPPED)
-_RANK = {PASS: 0, WARN: 1, FAIL: 2}
+PASS, WARN, FAIL, SKIPPED, INCONCLUSIVE = "pass", "warn", "fail", "skipped", "inconclusive"
+STATUSES: tuple[str, ...] = (PASS, WARN, FAIL, SKIPPED, INCONCLUSIVE)
+_RANK = {PASS: 0, INCONCLUSIVE: 1, WARN: 2, FAIL: 3}  # inconclusive counts as a warning: it never passes
 
 LUNGS_REMOVED, HEATMAP, SOURCE = "lungs_removed_auc", "heatmap_lung_mass", "source_classifier"
 CHECKS: tuple[str, ...] = (LUNGS_REMOVED, HEATMAP, SOURCE)
@@ -161,6 +165,13 @@ class SourceReading:
     chance: float  # balanced accuracy of guessing: 1 / number of sources
     label_auc_true_source: float  # label ROC AUC from the true source's training COVID share
     label_auc_read_source: float  # ... from the source read from the image (the classifier's most probable source)
+    balanced_accuracy_low: float = float("nan")  # 95% bootstrap interval of the balanced accuracy (test images)
+    balanced_accuracy_high: float = float("nan")
+
+    @property
+    def readable(self) -> bool:
+        """Whether the sources are read clearly above chance (the interval's lower bound above it)."""
+        return _finite(self.balanced_accuracy_low) and self.balanced_accuracy_low > self.chance
 
 
 def source_class_weight(codes: np.ndarray, n_classes: int) -> dict[int, float]:
@@ -209,7 +220,8 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
 
 
 def read_sources(classes: Sequence[str], probabilities: np.ndarray, source_test: Sequence[str], y_test: np.ndarray,
-                 source_train: Sequence[str], y_train: np.ndarray) -> SourceReading:
+                 source_train: Sequence[str], y_train: np.ndarray, *, n_boot: int = 500,
+                 seed: int = 0) -> SourceReading:
     """Score a source classifier's test probabilities ``(N, len(classes))``: readability of the source, and the label
     ROC AUC of the source's COVID share in training, with the true source and with the source read from the image
     (its most probable source). Test images of sources unseen in training are left out."""
@@ -225,15 +237,49 @@ def read_sources(classes: Sequence[str], probabilities: np.ndarray, source_test:
     known = np.isin(source_test, classes)
     truth = np.array([classes.index(s) for s in source_test[known]], dtype=int)
     called = p[known].argmax(axis=1)
-    recalls = [float((called[truth == k] == k).mean()) for k in range(len(classes)) if (truth == k).any()]
+    low, high = _balanced_accuracy_interval(truth, called, len(classes), n_boot=n_boot, seed=seed)
     return SourceReading(
         classes=classes, n_test=int(known.sum()),
         accuracy=float((called == truth).mean()) if len(truth) else float("nan"),
-        balanced_accuracy=float(np.mean(recalls)) if recalls else float("nan"),
+        balanced_accuracy=_balanced_accuracy(truth, called, len(classes)),
         chance=1.0 / len(classes),
         label_auc_true_source=_auc(y_test[known], rate[truth]),
         label_auc_read_source=_auc(y_test[known], rate[called]),
+        balanced_accuracy_low=low, balanced_accuracy_high=high,
     )
+
+
+def _balanced_accuracy(truth: np.ndarray, called: np.ndarray, n_classes: int) -> float:
+    recalls = [float((called[truth == k] == k).mean()) for k in range(n_classes) if (truth == k).any()]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def _balanced_accuracy_interval(truth: np.ndarray, called: np.ndarray, n_classes: int, *, n_boot: int = 500,
+                                seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap interval of the balanced accuracy over test images (seeded)."""
+    if len(truth) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(truth), size=(n_boot, len(truth)))
+    values = np.array([_balanced_accuracy(truth[d], called[d], n_classes) for d in draws])
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    return float(np.quantile(values, alpha / 2)), float(np.quantile(values, 1 - alpha / 2))
+
+
+def group_sources(site: Sequence[str], source: Sequence[str], train: np.ndarray, min_images: int) -> np.ndarray:
+    """Each image's site, or its dataset source where the site has fewer than ``min_images`` training images.
+
+    A source classifier cannot learn a class of one to five images (Cohen's sites are 29 countries, most of them
+    tiny): such sites are read as their dataset instead, which is what they share with the other small ones.
+    """
+    site = np.asarray(site, dtype=object).astype(str)
+    source = np.asarray(source, dtype=object).astype(str)
+    train = np.asarray(train, dtype=bool)
+    names, counts = np.unique(site[train], return_counts=True)
+    big = set(names[counts >= min_images].tolist())
+    return np.where(np.isin(site, list(big)), site, source).astype(object)
 
 
 def source_check(reading: SourceReading | None, *, warn: float, fail: float, skip_reason: str = "") -> Check:
@@ -241,6 +287,12 @@ def source_check(reading: SourceReading | None, *, warn: float, fail: float, ski
     if reading is None:
         return _skip(SOURCE, ALL, skip_reason or "no source classifier", warn, fail)
     r = reading
+    read = (f"{len(r.classes)} sources read with balanced accuracy {r.balanced_accuracy:.2f} "
+            f"[{r.balanced_accuracy_low:.2f}, {r.balanced_accuracy_high:.2f}] (chance {r.chance:.2f})")
+    if not r.readable:
+        return Check(SOURCE, ALL, None, warn, fail, INCONCLUSIVE,
+                     f"{read}: not clearly above chance, so the check could not measure whether the source predicts "
+                     f"the label (a classifier at chance reads no source; it does not show there is none)")
     if not _finite(r.label_auc_read_source):
         return _skip(SOURCE, ALL, f"label AUC undefined: the {r.n_test} test images of known sources hold one class",
                      warn, fail)
@@ -249,8 +301,7 @@ def source_check(reading: SourceReading | None, *, warn: float, fail: float, ski
                WARN: "the source read from the image partly predicts the label",
                FAIL: "the source is readable and predicts the label: a shortcut"}[status]
     return Check(SOURCE, ALL, r.label_auc_read_source, warn, fail, status,
-                 f"{len(r.classes)} sources read with balanced accuracy {r.balanced_accuracy:.2f} (chance "
-                 f"{r.chance:.2f}); the read source predicts the label with AUC {r.label_auc_read_source:.2f} (true "
+                 f"{read}; the read source predicts the label with AUC {r.label_auc_read_source:.2f} (true "
                  f"source: {r.label_auc_true_source:.2f}); {meaning}")
 
 

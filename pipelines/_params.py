@@ -109,7 +109,7 @@ class Split(Section):
     fractions_segmentation: Fractions | None = None
     tolerance: Share = 0.1
     experiment: str = "demo"
-    holdout_source: Source | None = None
+    holdout: list[Rule] = []  # rows of the covid task that are the whole test split (held-out sources or hospitals)
     segmentation_external: list[Source] = []
     experiments: dict[str, Experiment] = Field(min_length=1)
 
@@ -194,6 +194,7 @@ class Evaluate(Section):
 
 class Explain(Section):
     per_group: Positive = 3
+    display_size: Annotated[int, Field(ge=64, le=1024)] = 224  # longest side of each Grad-CAM tile, in pixels
 
 
 class Grades(BaseModel):
@@ -221,12 +222,23 @@ class Audit(Section):
     source: SourceCheck
 
 
+class HeldOut(BaseModel):
+    """Held-out-source figures of the same settings (the experiment runner fills them): what register chooses by."""
+
+    model_config = ConfigDict(extra="forbid")
+    figure: str
+    by_classifier: dict[str, float | None]
+    select: list[str] = []
+    sources: dict[str, dict[str, dict[str, Any]]] = {}
+
+
 class Register(Section):
     model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] = "covidcxr"
     variant: Literal["c", "d", "e", "best"] = "best"
     backbone: Literal["vgg16", "vgg19", "best"] = "best"
     metric: SelectionMetric = "roc_auc"
     allow_failed_audit: bool = False
+    heldout: HeldOut | None = None  # set by `python -m pipelines.experiment` from its held-out runs
     max_images: Positive = 16
     max_image_bytes: Positive = 32 << 20
     max_pixels: Positive = 36_000_000
@@ -235,7 +247,6 @@ class Register(Section):
 
 class ModelCard(Section):
     gradcam_all_variants: bool = True
-    external: list[str] = []
 
 
 class Space(BaseModel):

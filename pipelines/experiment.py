@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from covidcxr import runtime
@@ -122,14 +123,69 @@ def _substitute(value: object, real_data: Path) -> object:
 
 
 def runs(name: str, spec: dict) -> list[tuple[str, dict]]:
-    """(DVC experiment name, params) of every run: one, or one per value of the overlay's ``matrix`` key."""
+    """(DVC experiment name, params) of every run: one, or one per value of the overlay's ``matrix`` key (a list of
+    values, or a mapping of run names to values when the values are not names themselves, e.g. held-out rules)."""
     matrix = spec.get("matrix") or {}
     if not matrix:
         return [(name, dict(spec["params"]))]
     if len(matrix) != 1:
         raise ExperimentError(f"experiment {name}: matrix takes one key, got {sorted(matrix)}")
     (key, values), = matrix.items()
-    return [(f"{name}-{v}", {**spec["params"], key: v}) for v in values]
+    return [(f"{name}-{label}", {**spec["params"], key: value}) for label, value in _named(values)]
+
+
+def _named(values: object) -> list[tuple[str, object]]:
+    if isinstance(values, dict):
+        return [(str(k), v) for k, v in values.items()]
+    return [(str(v), v) for v in values]
+
+
+#: The params a seed sets unless the overlay names others (``seed_keys``): the models' own initialisation and order.
+SEED_KEYS = ("train_classifier.seed",)
+
+
+def seeded(planned: list[tuple[str, dict]], spec: dict) -> list[tuple[str, dict, int | None]]:
+    """Every run once per seed of the overlay's ``seeds`` (named ``<run>-s<seed>``), or once without."""
+    seeds = spec.get("seeds") or [None]
+    keys = spec.get("seed_keys") or SEED_KEYS
+    return [(name if seed is None else f"{name}-s{seed}", params if seed is None else {**params, **dict.fromkeys(keys,
+             int(seed))}, seed) for seed in seeds for name, params in planned]
+
+
+def heldout_runs(name: str, spec: dict) -> list[tuple[str, dict]]:
+    """The held-out runs of an overlay's ``heldout`` block: its params, each source or hospital held out in turn."""
+    block = spec.get("heldout")
+    if not block:
+        return []
+    base = {**spec["params"], **(block.get("params") or {})}
+    return [(f"{name}-heldout-{label}", {**base, "split.holdout": rules}) for label, rules in _named(block["matrix"])]
+
+
+def heldout_figures(block: dict, collected: dict[str, dict]) -> dict:
+    """What `register` chooses by (``register.heldout``): per classifier, the worst specificity at its operating
+    threshold over the held-out runs named in ``select`` (validation for the choice); and every held-out run's rows,
+    each marked as used to choose or not (a run used to choose is not a test of the chosen model)."""
+    select = [str(s) for s in block.get("select") or collected]
+    unknown = sorted(set(select) - set(collected))
+    if unknown:
+        raise ExperimentError(f"heldout.select names runs {unknown} that are not in heldout.matrix")
+    models = sorted(next(iter(collected.values()))["models"]) if collected else []
+    by_classifier = {}
+    for model in models:
+        values = [collected[k]["models"][model]["test_specificity"]["value"] for k in select]
+        by_classifier[model] = min(v for v in values if v is not None) if any(v is not None for v in values) else None
+    rows = {label: {model: _heldout_row(m, label in select) for model, m in r["models"].items()}
+            for label, r in collected.items()}
+    return {"figure": f"worst held-out specificity at the operating threshold ({', '.join(select)})",
+            "by_classifier": by_classifier, "select": select, "sources": rows}
+
+
+def _heldout_row(m: dict, used: bool) -> dict:
+    return {"n_covid": m["test_classes"]["covid"], "n_negative": m["test_classes"]["negative"],
+            "auc": m["test_auc"]["value"], "auc_low": m["test_auc"]["low"], "auc_high": m["test_auc"]["high"],
+            "specificity": m["test_specificity"]["value"], "specificity_low": m["test_specificity"]["low"],
+            "specificity_high": m["test_specificity"]["high"], "sensitivity": m["test_sensitivity"]["value"],
+            "threshold": m["operating_threshold"], "used_to_choose": used}
 
 
 def dvc_command(exp_name: str, params: dict, targets: list[str], real_data: Path) -> list[str]:
@@ -199,7 +255,10 @@ def _ci(block: dict, metric: str) -> dict:
     return {"value": ci["value"], "low": ci["low"], "high": ci["high"]}
 
 
-def collect_classifier(workdir: Path, params: dict) -> dict:
+AUDITED = {"audit", "register", "model_card"}  # targets that run the audit (and with register, a registration)
+
+
+def collect_classifier(workdir: Path, params: dict, targets: tuple[str, ...] = ("evaluate",)) -> dict:
     """Test AUC with its 95% CI, sensitivity and specificity at the operating threshold, per variant/backbone.
 
     A one-class test split (a held-out source of negatives only) has no AUC and no sensitivity: they are null, and
@@ -207,6 +266,7 @@ def collect_classifier(workdir: Path, params: dict) -> dict:
     """
     split = _json(workdir / "reports/split/summary.json")
     out: dict = {"split_counts": split["covid"], "models": {}}
+    audit_report = _json(workdir / "reports/audit/audit.json") if AUDITED & set(targets) else None
     for variant in params.get("train_classifier.variants", ["c", "d", "e"]):
         for backbone in params.get("train_classifier.backbones", ["vgg16", "vgg19"]):
             m = _json(workdir / f"reports/evaluate/{variant}_{backbone}/metrics.json")
@@ -222,7 +282,21 @@ def collect_classifier(workdir: Path, params: dict) -> dict:
                                 for k in ("accuracy", "sensitivity", "specificity", "f1", "roc_auc")},
                 "val_auc": m["val"]["at_0.5"]["roc_auc"],
                 "operating_threshold": m["operating_threshold"],
+                "test_ece": test.get("ece"), "test_ece_uncalibrated": test.get("ece_uncalibrated"),
             }
+            if audit_report is not None:
+                from covidcxr import audit
+
+                status, failed = audit.model_verdict(audit_report, f"{variant}_{backbone}")
+                out["models"][f"{variant}_{backbone}"]["audit"] = {
+                    "status": status, "failed": [f"{c['name']}:{c['subject']}" for c in failed]}
+    if audit_report is not None:
+        out["audit"] = {c["name"] + ":" + c["subject"]: {"status": c["status"], "value": c["value"],
+                                                          "reason": c["reason"]} for c in audit_report["checks"]}
+    if {"register", "model_card"} & set(targets):
+        r = _json(workdir / "reports/register/registered.json")
+        out["registered"] = {k: r.get(k) for k in ("model_name", "version", "alias", "classifier", "selected_by",
+                                                    "candidate_value", "reason", "audit_status", "candidates")}
     return out
 
 
@@ -240,7 +314,7 @@ def _run_seconds(project: Path, model_dir: Path) -> float | None:
         return None
 
 
-def collect_segmentation(workdir: Path, params: dict, project: Path = PROJECT) -> dict:
+def collect_segmentation(workdir: Path, params: dict, targets: tuple[str, ...] = (), project: Path = PROJECT) -> dict:
     """U-Net Dice/IoU on its held-out split (internal, per source) and on the external sources."""
     m = _json(workdir / "reports/train_unet/metrics.json")
     return {"internal_test": m["test"], "internal_val": m["val"], "external": m.get("external"),
@@ -248,7 +322,7 @@ def collect_segmentation(workdir: Path, params: dict, project: Path = PROJECT) -
             "train_seconds": _run_seconds(project, workdir / "artifacts/models/unet")}
 
 
-def collect_projection(workdir: Path, params: dict, project: Path = PROJECT) -> dict:
+def collect_projection(workdir: Path, params: dict, targets: tuple[str, ...] = (), project: Path = PROJECT) -> dict:
     """Projection filter accuracy per split, overall and per class (frontal, lateral)."""
     return {"metrics": _json(workdir / "reports/train_projection/metrics.json"),
             "split_counts": _json(workdir / "reports/split/summary.json")["projection"],
@@ -332,6 +406,16 @@ def _projection_rows(result: dict) -> list[str]:
 def _short(r: dict) -> str:
     """One table cell of an experiment's headline figures."""
     h = r["headline"]
+    seeds = {k: v for k, v in h.items() if k.endswith(" over seeds")}
+    if r["kind"] == "classifier" and seeds:
+        def spread(v: dict, name: str) -> str:
+            x = v.get(name)
+            return f"{x['mean']:.3f} ± {x['sd']:.3f}" if x else "null"
+
+        return "; ".join(f"{k.removesuffix(' over seeds').removeprefix(r['experiment'] + '-')}: "
+                         + (f"AUC {spread(v, 'test_auc')}" if v.get("test_auc")
+                            else f"specificity {spread(v, 'test_specificity')}")
+                         + f" ({next(iter(v.values()))['n']} seeds)" for k, v in seeds.items())
     if r["kind"] == "classifier":
         return "; ".join(f"{k.split('/')[-1] if len(r['runs']) == 1 else k.removeprefix(r['experiment'] + '-')}: "
                          + (f"AUC {_fmt(v['test_auc'])}" if v["test_auc"] is not None
@@ -416,6 +500,30 @@ def headline(kind: str, runs_out: dict) -> dict:
         else:
             test = r["metrics"]["test"]
             out[exp_name] = {k: test[k] for k in ("accuracy", "frontal_accuracy", "lateral_accuracy")}
+    return {**out, **over_seeds(out)}
+
+
+def over_seeds(figures: dict[str, dict]) -> dict[str, dict]:
+    """Mean and spread over seeds of every figure of runs named ``<run>-s<seed>[/<model>]``: one entry per run and
+    model, ``<run>/<model> over seeds``, each figure ``{mean, sd, min, max, n}`` (sd with n - 1)."""
+    groups: dict[str, list[dict]] = {}
+    for key, values in figures.items():
+        run, _, model = key.partition("/")
+        base = re.sub(r"-s\d+$", "", run)
+        if base != run:
+            groups.setdefault(f"{base}/{model}" if model else base, []).append(values)
+    out = {}
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        summary = {}
+        for name in members[0]:
+            vals = [m.get(name) for m in members]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                arr = np.asarray(vals, dtype=float)
+                summary[name] = {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)), "min": float(arr.min()),
+                                 "max": float(arr.max()), "n": len(arr)}
+        out[f"{key} over seeds"] = summary
     return out
 
 
@@ -449,44 +557,78 @@ def main(argv: list[str] | None = None) -> int:
             raise ExperimentError(f"--set {item!r}: expected KEY=VALUE")
         spec["params"][key] = yaml.safe_load(value)
     real_data = real_data_root(a.real_data)
-    planned = [(n, p, dvc_command(n, p, spec["targets"], real_data)) for n, p in runs(a.name, spec)]
+    block = spec.get("heldout") or {}
+    held_targets = list(block.get("targets") or ["evaluate"])
+    main_runs = seeded(runs(a.name, spec), spec)
+    held_runs = seeded(heldout_runs(a.name, spec), spec)
     if a.dry_run:
-        for _, _, cmd in planned:
-            print(shlex.join(cmd))
+        for n, p_, _ in held_runs:
+            print(shlex.join(dvc_command(n, p_, held_targets, real_data)))
+        for n, p_, _ in main_runs:
+            extra = {"register.heldout": "<figures of the held-out runs>"} if held_runs else {}
+            print(shlex.join(dvc_command(n, {**p_, **extra}, spec["targets"], real_data)))
         return 0
 
     log = _common.setup_logging()
     workdir = a.workdir.resolve()
     if not (a.reuse_code and (workdir / ".git").is_dir()):
         prepare_workdir(PROJECT, workdir)
-    started, results = time.monotonic(), {}
-    for exp_name, params, cmd in planned:
-        _ensure_mlflow_experiment(PROJECT, f"covidcxr-{params.get('split.experiment', 'demo')}")
-        baseline = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=workdir, check=True, capture_output=True)
-        (workdir / "params.yaml").write_bytes(baseline.stdout)  # every run starts from the copy's baseline params
-        log.info("%s: %s", exp_name, shlex.join(cmd))
-        t0 = time.monotonic()
-        subprocess.run(["dvc", "exp", "remove", exp_name], cwd=workdir, env=_env(PROJECT), capture_output=True)
-        proc = subprocess.run(cmd, cwd=workdir, env=_env(PROJECT, workdir), text=True, capture_output=True)
-        if proc.returncode != 0:
-            raise ExperimentError(f"{exp_name}: dvc exp run exited {proc.returncode}\n{proc.stderr[-4000:]}")
-        result = COLLECTORS[spec["kind"]](workdir, params)
-        result["wall_seconds"] = round(time.monotonic() - t0, 1)
-        results[exp_name] = result
-        log.info("%s done in %.0f s", exp_name, result["wall_seconds"])
+    started, results, held_results, commands = time.monotonic(), {}, {}, []
+    for seed in spec.get("seeds") or [None]:
+        figures = None
+        if held_runs:
+            collected = {}
+            for exp_name, params, s_ in held_runs:
+                if s_ != seed:
+                    continue
+                label = exp_name.removeprefix(f"{a.name}-heldout-").removesuffix(f"-s{seed}")
+                collected[label] = execute(workdir, exp_name, params, held_targets, spec["kind"], real_data, log,
+                                           commands)
+                held_results[exp_name] = collected[label]
+            figures = heldout_figures(block, collected)
+        for exp_name, params, s_ in main_runs:
+            if s_ != seed:
+                continue
+            params = {**params, **({"register.heldout": figures} if figures else {})}
+            results[exp_name] = execute(workdir, exp_name, params, list(spec["targets"]), spec["kind"], real_data, log,
+                                        commands)
+            if figures:
+                results[exp_name]["heldout"] = figures
     command = f"python -m pipelines.experiment {a.name}" + "".join(f" --set {shlex.quote(s)}" for s in a.set)
     out = {
         "experiment": a.name, "description": spec.get("description", ""), "kind": spec["kind"], "command": command,
-        "dvc_commands": [shlex.join(c).replace(real_data.as_posix(), "$COVIDCXR_REAL_DATA") for _, _, c in planned],
+        "dvc_commands": [c.replace(real_data.as_posix(), "$COVIDCXR_REAL_DATA") for c in commands],
         "settings": _settings(spec["params"], yaml.safe_load((workdir / "params.yaml").read_text(encoding="utf-8"))),
-        "wall_seconds": round(time.monotonic() - started, 1),
+        "seeds": spec.get("seeds"), "wall_seconds": round(time.monotonic() - started, 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": spec.get("notes", ""),
-        "paper": spec.get("paper"), "runs": results, "headline": headline(spec["kind"], results),
+        "paper": spec.get("paper"), "runs": results, "heldout_runs": held_results,
+        "headline": headline(spec["kind"], results),
     }
     record(PROJECT, a.name, out)
     render_summary(PROJECT)
     print(json.dumps(out["headline"], indent=2))
     return 0
+
+
+def execute(workdir: Path, exp_name: str, params: dict, targets: list[str], kind: str, real_data: Path, log,
+            commands: list[str]) -> dict:
+    """One `dvc exp run` in the workdir from its baseline params, then the overlay kind's figures."""
+    cmd = dvc_command(exp_name, params, targets, real_data)
+    commands.append(shlex.join(cmd))
+    _ensure_mlflow_experiment(PROJECT, f"covidcxr-{params.get('split.experiment', 'demo')}")
+    baseline = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=workdir, check=True, capture_output=True)
+    (workdir / "params.yaml").write_bytes(baseline.stdout)  # every run starts from the copy's baseline params
+    log.info("%s: %s", exp_name, shlex.join(cmd))
+    t0 = time.monotonic()
+    subprocess.run(["dvc", "exp", "remove", exp_name], cwd=workdir, env=_env(PROJECT), capture_output=True)
+    proc = subprocess.run(cmd, cwd=workdir, env=_env(PROJECT, workdir), text=True, capture_output=True)
+    if proc.returncode != 0:
+        raise ExperimentError(f"{exp_name}: dvc exp run exited {proc.returncode}\n{proc.stderr[-4000:]}")
+    result = COLLECTORS[kind](workdir, params, tuple(targets))
+    result["wall_seconds"] = round(time.monotonic() - t0, 1)
+    result["seed"] = {k: v for k, v in params.items() if k.endswith(".seed")}
+    log.info("%s done in %.0f s", exp_name, result["wall_seconds"])
+    return result
 
 
 if __name__ == "__main__":

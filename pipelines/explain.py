@@ -1,6 +1,7 @@
 """Stage `explain`: Grad-CAM of every classifier on a fixed sample of correct and incorrect test cases of both classes,
-and the share of heat-map mass inside the lung mask (per variant and class) over all test images, beside the lungs'
-share of the image area (what a uniform heat map would score)."""
+drawn over the original images at display size (`explain.display_size`, as serving draws them), and the share of
+heat-map mass inside the lung mask (per variant and class) over all test images, beside the lungs' share of the image
+area (what a uniform heat map would score)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidcxr import gradcam, preprocess, tracking
+from covidcxr import gradcam, io, manifest, preprocess, tracking
 from pipelines import _common, _models, _tracking
 
 OUT = Path("reports/explain")
@@ -27,6 +28,12 @@ def sample(pred: pd.DataFrame, threshold: float, per_group: int) -> pd.DataFrame
     return pd.concat(picks)
 
 
+def original(path: str, longest: int) -> np.ndarray:
+    """The original file at display size, as serving draws its overlays (not the models' small working image)."""
+    pixels, _ = io.read_image(path)
+    return gradcam.display_image(pixels, longest)
+
+
 def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
     import mlflow
 
@@ -34,6 +41,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
     _tracking.setup_tracking()
     index, images, _ = _models.load_cache()
     masks = _models.load_masks()
+    paths = dict(zip(*manifest.read_csv(_common.MANIFEST)[["image_id", "path"]].T.to_numpy()))
     summary: dict = {}
     for variant in classifiers["variants"]:
         for backbone in classifiers["backbones"]:
@@ -56,7 +64,8 @@ def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
                              for suffix, hit in groups.items() for what, values in (("mass", inside), ("area", area))}
             chosen = sample(pred, threshold, int(p["per_group"]))
             where = {img: i for i, img in enumerate(test["image_id"])}
-            tiles = [gradcam.overlay(images[rows[where[i]]], heat[where[i]]) for i in chosen["image_id"]]
+            tiles = [gradcam.overlay(original(paths[i], int(p["display_size"])), heat[where[i]])
+                     for i in chosen["image_id"]]
             titles = [f"{g} p={s:.2f}" for g, s in zip(chosen["group"], chosen["score"])]
             png = OUT / "gradcam" / f"{name}.png"
             if tiles:

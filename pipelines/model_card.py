@@ -1,13 +1,12 @@
 """Stage `model_card`: a self-contained HTML model card for the model `register` just registered.
 
-Reads the reports (register, evaluate, explain, audit, external results), the split tables and the manifest's source
-column (aggregate counts only), renders with covidcxr.modelcard, writes reports/model_card/<name>-v<version>.html and
-index.html, and logs the card to the MLflow run that produced the registered version, tagging the version with it.
-"""
+Reads the reports (register, with the candidates and the held-out results of the model's settings; evaluate, explain,
+audit), the split tables and the manifest's source column (aggregate counts only), renders with covidcxr.modelcard,
+writes reports/model_card/<name>-v<version>.html and index.html, and logs the card to the MLflow run that produced the
+registered version, tagging the version with it."""
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 
 import pandas as pd
@@ -71,12 +70,6 @@ def split_tables() -> dict[str, pd.DataFrame]:
     return tables
 
 
-def external_reports(patterns: list[str]) -> dict[str, dict]:
-    """Held-out-source results: every JSON file matching ``patterns`` (sorted; title = path without the suffix)."""
-    found = sorted({f for pattern in patterns for f in glob.glob(pattern, recursive=True) if f.endswith(".json")})
-    return {str(Path(f).with_suffix("")): read_json(f, "leave-one-source-out") for f in found}
-
-
 def classifier_summary() -> dict[str, dict]:
     """Every trained classifier's headline figures: evaluate's summary and the Grad-CAM lung mass share."""
     evaluated = read_json("reports/evaluate/summary.json", "evaluate")
@@ -118,7 +111,8 @@ def collect(p: dict, registered: dict, run_id: str) -> modelcard.CardData:
         split_check={task: modelcard.split_check(t) for task, t in tables.items()},
         metrics={k: evaluation[k] for k in ("test", "val") if k in evaluation}, curves=curves,
         gradcam=gradcam_images(classifier, bool(p["gradcam_all_variants"])), audit=audit,
-        external=external_reports(list(p["external"])), classifiers=classifier_summary(),
+        heldout=registered.get("heldout"), selection=registered.get("candidates") or (),
+        classifiers=classifier_summary(),
         synthetic="demo" in data["sources"],
     )
 

@@ -1,12 +1,12 @@
 """Stage `register`: the whole pipeline (projection filter, U-Net, one classifier) as one MLflow pyfunc, registered.
 
-The classifier is chosen by :func:`covidcxr.selection.select` among those params allow (`variant`/`backbone`, `best`
-for any): candidates whose own shortcut audit failed are not eligible while another is; then the best by the
-validation `metric`. The new version takes the alias `champion` when its figure is at least the current champion's
-and its audit did not fail (or `register.allow_failed_audit: true`); otherwise `challenger`. Every candidate with its
-figures and why it was or was not chosen, the decision and its reason are printed, logged to MLflow and written to
-reports/register/registered.json.
-"""
+The classifier is chosen by :func:`covidcxr.selection.select` among those params allow (`variant`/`backbone`, `best` for
+any): candidates whose own shortcut audit failed are not eligible while another is; then the best by the held-out figure
+of the same settings when `register.heldout` holds one for every eligible candidate (the experiment runner fills it from
+its held-out-source runs), else by the validation `metric`. The new version takes the alias `champion` when its figure
+is at least the current champion's and its audit did not fail (or `register.allow_failed_audit: true`); otherwise
+`challenger`. Every candidate with its figures and why it was or was not chosen, the decision and its reason are
+printed, logged to MLflow and written to reports/register/registered.json."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def candidates(p: dict, classifiers: dict, audit_report: dict) -> list[selection
         raise _common.ParamsError(
             f"register.variant={p['variant']!r} / backbone={p['backbone']!r} match no trained classifier "
             f"(train_classifier.variants {classifiers['variants']}, backbones {classifiers['backbones']})")
+    heldout = (p.get("heldout") or {}).get("by_classifier") or {}
     out = []
     for variant, backbone in chosen:
         name = f"{variant}_{backbone}"
@@ -43,7 +44,8 @@ def candidates(p: dict, classifiers: dict, audit_report: dict) -> list[selection
         status, failed = audit.model_verdict(audit_report, name)
         out.append(selection.Candidate(variant=variant, backbone=backbone, validation=evaluation["val"]["at_operating"],
                                        audit_status=status,
-                                       audit_failed=tuple(f"{c['name']}:{c['subject']}" for c in failed)))
+                                       audit_failed=tuple(f"{c['name']}:{c['subject']}" for c in failed),
+                                       heldout=heldout.get(name)))
     return out
 
 
@@ -139,7 +141,9 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, fron
     _tracking.setup_tracking()
     client = mlflow.MlflowClient()
     name = p["model_name"]
-    chosen = selection.select(candidates(p, classifiers, read_audit()), p["metric"])
+    heldout = p.get("heldout")
+    chosen = selection.select(candidates(p, classifiers, read_audit()), p["metric"],
+                              heldout_name=heldout["figure"] if heldout else "held-out figure")
     best = chosen.chosen
     classifier = best.name
     allow_failed = bool(p["allow_failed_audit"])
@@ -163,7 +167,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, fron
         "backbone": best.backbone, "git_commit": tags["git_commit"], "data_version": tags["data_version"],
         "experiment": tags["experiment"],
         "selection": {"by": chosen.by, "value": chosen.value, "rule": f"{p['variant']}/{p['backbone']}",
-                      "candidates": chosen.table},
+                      "candidates": chosen.table, "heldout_figure": heldout["figure"] if heldout else None},
         "validation": {"classifier": evaluation["val"], **component_metrics()},
         "operating_threshold": evaluation["operating_threshold"],
         "mask_threshold": models.folder_threshold(_common.UNET_MODEL)["threshold"],
@@ -212,7 +216,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, fron
         "champion_value": champion_value, "git_commit": tags["git_commit"], "data_version": tags["data_version"],
         "audit_status": best.audit_status, "audit_failed": ", ".join(best.audit_failed),
         "allow_failed_audit": allow_failed, "reason": why, "candidates": chosen.table, "experiment": experiment,
-        "serving": config.to_dict(), "mask_threshold": metadata["mask_threshold"],
+        "serving": config.to_dict(), "mask_threshold": metadata["mask_threshold"], "heldout": heldout,
     }
     _common.write_json(OUT, result)
     return result

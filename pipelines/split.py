@@ -3,9 +3,10 @@
 Tasks: `covid` (the experiment chosen in params: positives vs negatives, optionally curated as the paper's exp. 2),
 `projection` (frontal vs lateral, every image whose projection is known) and `segmentation` (images with lung masks).
 
-External validation: `holdout_source` puts every covid-task image of that source in test and splits the rest into
-train/val (leave-one-source-out); `segmentation_external` puts the masks of those sources in an `external` split that
-the U-Net never trains on. Held-out rows are checked only for patient disjointness (they are a whole source).
+External validation: `holdout` (rules, e.g. `[{source: kermany}]` or `[{source: cohen, site: Germany},
+{source: montgomery}]`) puts every covid-task image they match in test and splits the rest into train/val (held-out
+sources or hospitals); `segmentation_external` puts the masks of those sources in an `external` split that the U-Net
+never trains on. Held-out rows are checked only for patient disjointness (they are whole sources or sites).
 """
 
 from __future__ import annotations
@@ -52,16 +53,16 @@ def task_tables(m: pd.DataFrame, p: dict) -> tuple[dict[str, pd.DataFrame], pd.D
     missing = sorted({"covid", "negative"} - set(train["label"]))
     if missing:
         raise splits.SelectionError(f"covid task: the train split has no {missing} images "
-                                    f"(holdout_source={p.get('holdout_source')!r} holds all of them)")
+                                    f"(split.holdout={p['holdout']!r} holds all of them)")
     return out, dropped
 
 
-def _held_out(task: str, p: dict) -> tuple[list[str], str]:
-    """The sources a task holds out of its patient-level split, and the split they go to."""
-    if task == "covid" and p.get("holdout_source"):
-        return [str(p["holdout_source"])], "test"
-    if task == "segmentation" and p.get("segmentation_external"):
-        return [str(s) for s in p["segmentation_external"]], "external"
+def _held_out(task: str, p: dict) -> tuple[list[dict], str]:
+    """The rules of rows a task holds out of its patient-level split, and the split they go to."""
+    if task == "covid" and p["holdout"]:
+        return [dict(rule) for rule in p["holdout"]], "test"
+    if task == "segmentation" and p["segmentation_external"]:
+        return [{"source": str(s)} for s in p["segmentation_external"]], "external"
     return [], ""
 
 
@@ -94,9 +95,8 @@ def run(p: dict, expectations: str) -> dict:
     }
     summary["experiment"] = p["experiment"]
     summary["curated_out"] = len(dropped)
-    if p.get("holdout_source") or p.get("segmentation_external"):  # absent by default: the demo summary is unchanged
-        summary["held_out"] = {"holdout_source": p.get("holdout_source"),
-                               "segmentation_external": list(p.get("segmentation_external") or [])}
+    if p["holdout"] or p["segmentation_external"]:  # absent by default: the demo summary is unchanged
+        summary["held_out"] = {"holdout": p["holdout"], "segmentation_external": list(p["segmentation_external"])}
     for name, table in tables.items():
         _common.write_csv(_common.split_table(name), table)
     _common.write_csv(CURATED, dropped[["image_id", "patient_id", "label"]])

@@ -64,6 +64,19 @@ def metrics_block(auc: float) -> dict:
     return {"at_operating": at, "ci_at_operating": ci, "ece": 0.071}
 
 
+def heldout_row(spec: float, used: bool, auc: float | None = None) -> dict:
+    return {"n_covid": 30 if auc is not None else 0, "n_negative": 40, "auc": auc, "auc_low": auc and auc - 0.1,
+            "auc_high": auc and min(1.0, auc + 0.05), "specificity": spec, "specificity_low": spec - 0.1,
+            "specificity_high": spec + 0.1, "sensitivity": 0.9 if auc is not None else None, "threshold": 0.4321,
+            "used_to_choose": used}
+
+
+HELDOUT = {"figure": "worst held-out specificity at the operating threshold (kermany)", "select": ["kermany"],
+           "by_classifier": {"c_vgg16": 0.41, "e_vgg16": 0.12},
+           "sources": {"kermany": {"c_vgg16": heldout_row(0.41, True), "e_vgg16": heldout_row(0.12, True)},
+                       "hospitals": {"c_vgg16": heldout_row(0.6234, False, auc=0.7777)}}}
+
+
 def card(**changes) -> CardData:
     table = split_table()
     base = dict(
@@ -82,7 +95,11 @@ def card(**changes) -> CardData:
              "reason": f"lungs removed still separates the classes {HOSTILE}"},
             {"name": "source_accuracy", "subject": "all", "value": 0.55, "warn": 0.8, "fail": 0.9, "status": "pass",
              "reason": None}]},
-        external={"held out site_c": {"roc_auc": 0.6234, "patient_id": "P9", "by_source": {"site_c": {"n": 12}}}},
+        heldout=HELDOUT,
+        selection=[{"classifier": "c_vgg16", "val_roc_auc": 0.95, "heldout": 0.41, "audit_status": "warn",
+                    "chosen": True, "reason": "chosen: best worst held-out specificity (0.4100)"},
+                   {"classifier": "e_vgg16", "val_roc_auc": 0.97, "heldout": 0.12, "audit_status": "fail",
+                    "chosen": False, "reason": "not eligible: its audit failed (lungs_removed_auc:c_vgg16)"}],
         classifiers={"c_vgg16": {"test_auc": 0.9137}, "e_vgg16": {"test_auc": 0.42}},
     )
     base.update(changes)
@@ -95,7 +112,8 @@ def test_card_has_every_section_and_parses_as_html():
     text = " ".join(parsed.text)
     for heading in ("Model", "Intended use", "Limitations", "Data", "Patient-level split",
                     "Performance at the operating threshold", "Curves", "Grad-CAM", "Shortcut audit",
-                    "External validation (held-out sources)", "All classifiers of this run"):
+                    "Hospitals and sources it never saw", "Which classifier was registered, and why",
+                    "All classifiers of this run"):
         assert f"<h2>{heading}" in page, heading
     assert "not for diagnosis" in text and "Model card: covidcxr v3 (champion)" in text
     # metrics with their 95% CI at the operating threshold (from the data, not hard-wired)
@@ -103,8 +121,10 @@ def test_card_has_every_section_and_parses_as_html():
     # counts per split and source, and the split statement computed from the table
     assert "no patient appears in more than one split" in text
     assert "site_a" in text and "site_b" in text
-    # the audit table with its statuses, and the external results
-    assert "variant_e_auc" in text and 'class="badge fail"' in page and "0.623" in text
+    # the audit table with its statuses, the held-out results of this model's settings and the selection
+    assert "variant_e_auc" in text and 'class="badge fail"' in page
+    assert "hospitals" in text and "0.778 [0.678, 0.828]" in text and "0.623 [0.523, 0.723]" in text
+    assert "used to choose" in text and "test" in text and "not eligible: its audit failed" in text
     assert page.count("<table") >= 6 and page.rstrip().endswith("</html>")
 
 
@@ -143,10 +163,11 @@ def test_plots_and_gradcam_are_embedded():
     assert base64.b64decode(uris[0].split(",", 1)[1]) == png(1)
 
 
-def test_missing_audit_and_external_are_stated():
-    page = modelcard.render(card(audit=None, external={}, gradcam={}, curves={}))
+def test_missing_audit_and_heldout_results_are_stated():
+    page = modelcard.render(card(audit=None, heldout=None, selection=(), gradcam={}, curves={}))
     assert "audit not run" in page
-    assert "No external validation in this run" in page
+    assert "No held-out-source results for this model's settings" in page
+    assert "Which classifier was registered" not in page
     assert "No Grad-CAM images in this run" in page
     assert "ROC (test): not available" in page
 
@@ -157,10 +178,11 @@ def test_synthetic_note_only_for_demo_data():
 
 
 def test_no_patient_identifiers_reach_the_card():
-    page = modelcard.render(card())
+    page = modelcard.render(card(model={"model_name": "covidcxr", "version": 3, "classifier": "c_vgg16",
+                                        "patient_id": "P9"}))
     for pid in ("P1", "P2", "P5", "P9"):
         assert not re.search(rf"\b{pid}\b", page), pid
-    assert "patient_id" not in page  # hidden keys of free-form reports are dropped
+    assert "patient_id" not in page  # hidden keys of free-form data are dropped
 
 
 def test_counts_and_split_check():
@@ -191,8 +213,7 @@ def test_bad_input_raises_typed_errors():
         modelcard.data_summary(pd.DataFrame({"split": ["train"]}))
 
 
-def test_external_results_show_an_experiments_headline_only():
-    report = {"headline": {"holdout/c_vgg16": {"test_specificity": 0.777}}, "command": "python -m secret-command"}
-    page = modelcard.render(card(external={"reports/experiments/leave-one-source-out": report}))
-    assert "holdout/c_vgg16.test_specificity" in page and "0.777" in page
-    assert "secret-command" not in page
+def test_calibration_before_and_after_is_shown():
+    block = {**metrics_block(0.9), "ece": 0.031, "ece_uncalibrated": 0.214}
+    page = modelcard.render(card(metrics={"test": block}))
+    assert "0.031" in page and "before the calibration fitted on validation: 0.214" in page

@@ -10,8 +10,8 @@ from covidcxr import runtime
 
 
 def test_importing_covidcxr_sets_telemetry_quiet_and_portable_numerics_unless_the_user_did():
-    code = "import os, covidcxr; print({k: os.environ.get(k) for k in %r})" % (
-        [*runtime.TELEMETRY_OFF, *runtime.QUIET, *runtime.PORTABLE_CPU],)
+    names = [*runtime.TELEMETRY_OFF, *runtime.QUIET, *runtime.PORTABLE_CPU]
+    code = f"import os, covidcxr; print({{k: os.environ.get(k) for k in {names!r}}})"
     clean = {k: v for k, v in os.environ.items()
              if k not in {*runtime.TELEMETRY_OFF, *runtime.QUIET, *runtime.PORTABLE_CPU, runtime.NATIVE_CPU_ENV}}
     seen = eval(subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True,

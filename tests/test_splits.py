@@ -119,7 +119,7 @@ def test_holdout_source_is_the_whole_test_split_and_patients_stay_apart():
     df = multi_source()
     fractions = splits.without_split(splits.PAPER_FRACTIONS, "test")
     assert fractions == pytest.approx({"train": 0.75, "val": 0.25})
-    df["split"] = splits.split_with_holdout(df, ["b"], fractions=fractions, seed=3)
+    df["split"] = splits.split_with_holdout(df, [{"source": "b"}], fractions=fractions, seed=3)
     assert set(df.loc[df["source"] == "b", "split"]) == {"test"}
     assert set(df.loc[df["source"] != "b", "split"]) == {"train", "val"}
     assert (df.groupby("patient_id")["split"].nunique() == 1).all()
@@ -131,7 +131,7 @@ def test_holdout_source_is_the_whole_test_split_and_patients_stay_apart():
 
 def test_external_holdout_keeps_the_internal_three_way_split():
     df = multi_source()
-    df["split"] = splits.split_with_holdout(df, ["c"], holdout_split="external", seed=0)
+    df["split"] = splits.split_with_holdout(df, [{"source": "c"}], holdout_split="external", seed=0)
     assert set(df.loc[df["source"] == "c", "split"]) == {"external"}
     assert set(df.loc[df["source"] != "c", "split"]) == {"train", "val", "test"}
     # the internal part is split exactly as it would be without the external source
@@ -141,13 +141,23 @@ def test_external_holdout_keeps_the_internal_three_way_split():
 
 def test_holdout_refuses_unknown_source_everything_and_shared_patients():
     df = multi_source()
-    with pytest.raises(splits.SelectionError, match=r"'zz'.*present: \['a', 'b', 'c'\]"):
-        splits.split_with_holdout(df, ["zz"])
+    with pytest.raises(splits.SelectionError, match=r"held-out rule \{'source': 'zz'\} matches no row"):
+        splits.split_with_holdout(df, [{"source": "zz"}])
     with pytest.raises(splits.SelectionError, match="leaves no rows"):
-        splits.split_with_holdout(df, ["a", "b", "c"])
+        splits.split_with_holdout(df, [{"source": ["a", "b", "c"]}])
     shared = df.copy()
     shared.loc[shared["source"] == "b", "patient_id"] = shared.loc[shared["source"] == "a", "patient_id"].iloc[0]
     with pytest.raises(splits.SelectionError, match="1 patients have images both in and out"):
-        splits.split_with_holdout(shared, ["b"])
+        splits.split_with_holdout(shared, [{"source": "b"}])
+
+
+def test_hospitals_with_both_classes_are_held_out_by_rules():
+    df = multi_source()
+    df["site"] = np.where(df.groupby("patient_id").ngroup() % 2 == 0, "north", "south")  # a patient has one site
+    df["split"] = splits.split_with_holdout(df, [{"source": "a", "site": "north"}, {"source": "b"}],
+                                            fractions={"train": 0.75, "val": 0.25}, seed=1)
+    test = df[df["split"] == "test"]
+    assert set(zip(test["source"], test["site"])) == {("a", "north"), ("b", "north"), ("b", "south")}
+    assert set(test["label"]) == {"covid", "negative"}  # a held-out hospital with both classes: a real AUC
     with pytest.raises(ValueError, match="no split fractions left"):
         splits.without_split({"test": 1.0}, "test")

@@ -24,7 +24,8 @@ def logit(p: np.ndarray) -> np.ndarray:
 
 
 class PlattCalibrator:
-    """``sigmoid(a_ * logit(score) + b_)``, fitted by maximum likelihood (a weak L2 prior keeps separable data finite)."""
+    """``sigmoid(a_ * logit(score) + b_)`` fitted by maximum likelihood (a weak L2 prior keeps separable data
+    finite)."""
 
     def __init__(self, l2: float = 1e-3) -> None:
         self.l2 = l2

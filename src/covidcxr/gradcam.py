@@ -167,6 +167,17 @@ def _to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a
 
 
+def display_image(pixels: np.ndarray, longest: int) -> np.ndarray:
+    """The original image at most ``longest`` pixels on its long side, aspect kept, for an overlay a person reads
+    (serving's answers and the `explain` stage's grids draw on it, not on the models' small working image)."""
+    from covidcxr import preprocess
+
+    height, width = pixels.shape
+    scale = min(1.0, longest / max(height, width))
+    shape = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return preprocess.resize(preprocess.minmax(pixels), shape)
+
+
 def overlay(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
     """The heat map in jet colours blended over the image: uint8 RGB ``(H, W, 3)``.
 

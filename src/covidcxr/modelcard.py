@@ -20,7 +20,7 @@ VARIANTS = {"c": "full image", "d": "lungs only (image × lung mask)", "e": "lun
 #: Metrics shown at the operating threshold, in this order, with their display names.
 METRICS = (("accuracy", "Accuracy"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
            ("precision", "Precision"), ("f1", "F1"), ("roc_auc", "ROC AUC"), ("average_precision", "Average precision"))
-#: Keys never shown from free-form reports (audit, external results): they could carry patient-level data.
+#: Keys never shown from free-form data (the model's facts): they could carry patient-level data.
 HIDDEN_KEYS = ("patient", "path", "image_id", "sha256", "birth", "name_of")
 INTENDED_USE = (
     "Research on COVID-19 detection in chest radiographs and on shortcut learning in public data sets: reproducing "
@@ -55,7 +55,10 @@ class CardData:
     data: from :func:`data_summary`; split_check: per task, from :func:`split_check`.
     metrics: the evaluate report of the registered classifier (``{split: {at_operating, ci_at_operating, ece}}``).
     curves: ``roc``/``pr``/``reliability`` point lists as the evaluate stage writes them.
-    gradcam: title -> PNG or JPEG bytes. audit: the audit report or None (not run). external: title -> report.
+    gradcam: title -> PNG or JPEG bytes. audit: the audit report or None (not run).
+    heldout: the held-out-source results of the registered model's settings (``register.heldout``: ``figure``,
+    ``by_classifier``, ``select``, ``sources`` -> classifier -> row), or None.
+    selection: one row per candidate classifier with its figures and why it was or was not registered.
     classifiers: name -> summary figures of every trained classifier (evaluate and explain summaries).
     """
 
@@ -66,7 +69,8 @@ class CardData:
     curves: Mapping[str, Sequence[Mapping]] = field(default_factory=dict)
     gradcam: Mapping[str, bytes] = field(default_factory=dict)
     audit: Mapping | None = None
-    external: Mapping[str, Mapping] = field(default_factory=dict)
+    heldout: Mapping | None = None
+    selection: Sequence[Mapping] = ()
     classifiers: Mapping[str, Mapping] = field(default_factory=dict)
     synthetic: bool = False
     notes: Sequence[str] = ()
@@ -187,7 +191,7 @@ th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .none{background:#e6e6e6;color:#444}.note{background:#fff7e0;border-left:4px solid #e0a800;padding:.5em .8em}
 .plots{display:flex;flex-wrap:wrap;gap:1em}.pt{font-size:13px;font-weight:600}.tk{font-size:10px;fill:#555}
 .ax{font-size:11px;fill:#333}.lg{font-size:11px}figure{margin:.5em 0}figcaption{font-size:.9em;color:#555}
-img{max-width:100%;image-rendering:pixelated;border:1px solid #ddd}footer{margin-top:2em;font-size:.85em;color:#666}
+img{max-width:100%;border:1px solid #ddd}footer{margin-top:2em;font-size:.85em;color:#666}
 """
 
 
@@ -222,27 +226,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]], numeric: Seq
 
 def _badge(status: object) -> str:
     s = str(status).lower()
-    return f'<span class="badge {s if s in ("pass", "warn", "fail") else "none"}">{_e(status)}</span>'
+    css = {"inconclusive": "warn"}.get(s, s if s in ("pass", "warn", "fail") else "none")
+    return f'<span class="badge {css}">{_e(status)}</span>'
 
 
 def _hidden(key: str) -> bool:
     low = key.lower()
     return any(h in low for h in HIDDEN_KEYS)
-
-
-def flatten(report: object, prefix: str = "") -> list[tuple[str, object]]:
-    """(dotted key, scalar) pairs of a nested report, without keys that could carry patient-level data."""
-    if isinstance(report, Mapping):
-        out = []
-        for key in sorted(report, key=str):
-            if not _hidden(str(key)):
-                out.extend(flatten(report[key], f"{prefix}{key}."))
-        return out
-    if isinstance(report, (list, tuple)):
-        if all(not isinstance(v, (Mapping, list, tuple)) for v in report):
-            return [(prefix.rstrip("."), ", ".join(_fmt(v) for v in report))]
-        return [kv for i, v in enumerate(report) for kv in flatten(v, f"{prefix}{i}.")]
-    return [(prefix.rstrip("."), report)]
 
 
 def image_data_uri(data: bytes) -> str:
@@ -320,7 +310,10 @@ def _section_metrics(metrics: Mapping, threshold: object) -> str:
         out.append(_table(("metric", "value", "95% CI"), rows, numeric=(False, True, True)))
         out.append(_table(("", "called covid", "called negative"),
                           [("covid", at.get("tp"), at.get("fn")), ("negative", at.get("fp"), at.get("tn"))]))
-        out.append(f"<p>Expected calibration error: {_e(_fmt(block.get('ece')))}</p>")
+        before = block.get("ece_uncalibrated")
+        out.append(f"<p>Expected calibration error: {_e(_fmt(block.get('ece')))}"
+                   + (f" (before the calibration fitted on validation: {_e(_fmt(before))})" if before is not None
+                      else "") + "</p>")
     return "".join(out)
 
 
@@ -383,19 +376,52 @@ def _section_classifiers(classifiers: Mapping[str, Mapping], chosen: object) -> 
             "the images carry the label outside the lungs.</p>" + _table(("classifier", *keys), rows))
 
 
-def _section_external(external: Mapping[str, Mapping]) -> str:
-    out = ["<h2>External validation (held-out sources)</h2>"]
-    if not external:
-        return out[0] + "<p>No external validation in this run: every figure above comes from the sources the model " \
-                        "was trained on.</p>"
-    out.append("<p>Held-out-source results found for this run. Results recorded by a separate experiment "
-               "(<code>python -m pipelines.experiment</code>) come from their own runs, whose data and settings may "
-               "differ from this model's.</p>")
-    for title, report in external.items():
-        shown = report.get("headline", report) if isinstance(report, Mapping) else report  # experiments' summary
-        out.append(f"<h3>{_e(title)}</h3>")
-        out.append(_table(("figure", "value"), flatten(shown)[:300], numeric=(False, True)))
+def _interval(value: object, low: object, high: object) -> str:
+    if value is None:
+        return "—"
+    return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]" if low is not None else _fmt(value)
+
+
+def _section_heldout(heldout: Mapping | None, chosen: object) -> str:
+    out = ["<h2>Hospitals and sources it never saw</h2>"]
+    if not heldout:
+        return out[0] + ("<p>No held-out-source results for this model's settings: every figure above comes from the "
+                         "sources the model was trained on, which says little about a new hospital. "
+                         "<code>python -m pipelines.experiment all-sources</code> measures them.</p>")
+    select = set(heldout.get("select") or ())
+    out.append(f"<p>Each row is a model of this model's settings (<b>{_e(chosen)}</b>) trained without that source "
+               "or hospital and tested on it, at its own operating threshold (chosen on its validation split). "
+               "Rows marked <i>used to choose</i> decided which classifier was registered "
+               f"({_e(heldout.get('figure', ''))}); the others never influenced any choice: they are the test. "
+               "Intervals are patient-level bootstrap 95% CIs.</p>")
+    rows = []
+    for source, by_model in (heldout.get("sources") or {}).items():
+        r = (by_model or {}).get(str(chosen))
+        if not r:
+            continue
+        role = "used to choose" if source in select or r.get("used_to_choose") else "test"
+        rows.append((source, role, f"{r.get('n_covid')} / {r.get('n_negative')}",
+                     _interval(r.get("auc"), r.get("auc_low"), r.get("auc_high")),
+                     _interval(r.get("specificity"), r.get("specificity_low"), r.get("specificity_high")),
+                     _fmt(r.get("sensitivity")), _fmt(r.get("threshold"), 4)))
+    out.append(_table(("held out", "role", "n covid / negative", "ROC AUC [95% CI]", "specificity [95% CI]",
+                       "sensitivity", "threshold"), rows,
+                      numeric=(False, False, True, True, True, True, True)) if rows
+               else "<p>The held-out results hold no row for this classifier.</p>")
     return "".join(out)
+
+
+def _section_selection(selection: Sequence[Mapping], chosen: object) -> str:
+    if not selection:
+        return ""
+    keys = [k for k in selection[0] if k.startswith("val_")]
+    rows = [(r.get("classifier"), *(r.get(k) for k in keys), r.get("heldout"), r.get("audit_status"),
+             "registered" if r.get("chosen") else "", r.get("reason")) for r in selection]
+    return ("<h2>Which classifier was registered, and why</h2><p>Candidates whose own shortcut audit failed are not "
+            "eligible while another is; among the others, the best held-out figure when every one has it, else the "
+            f"best validation figure. Registered: <b>{_e(chosen)}</b>.</p>"
+            + _table(("classifier", *keys, "held-out figure", "audit", "", "reason"), rows,
+                     numeric=(False, *([True] * len(keys)), True, False, False, False)))
 
 
 def render(card: CardData) -> str:
@@ -413,7 +439,8 @@ def render(card: CardData) -> str:
         _section_plots(card.curves, str(m.get("classifier", name))),
         _section_gradcam(card.gradcam),
         _section_audit(card.audit),
-        _section_external(card.external),
+        _section_heldout(card.heldout, m.get("classifier")),
+        _section_selection(card.selection, m.get("classifier")),
         _section_classifiers(card.classifiers, m.get("classifier")),
         f"<footer>Generated by covidcxr from the pipeline's reports; self-contained (no network resources). "
         f"git commit {_e(m.get('git_commit', 'unknown'))}, data version {_e(m.get('data_version', 'unknown'))}."

@@ -35,7 +35,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-from covidcxr import io, lungs, models, preprocess, projection
+from covidcxr import gradcam, io, lungs, models, preprocess, projection
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ REASONS: dict[str, str] = {
 #: DICOM modalities of projection radiographs (OT: secondary capture, as exported by many PACS).
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "OT"})
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "THORAX CHEST"})
-DISPLAY_SIZE = 512  # longest side of the Grad-CAM overlay
+DISPLAY_SIZE = 512  # longest side of the served Grad-CAM overlay
 
 
 @dataclass(frozen=True)
@@ -211,14 +211,6 @@ def check_plausible(pixels: np.ndarray, header: Mapping, index: int, max_aspect:
         raise Refused("not_chest_radiograph", f"image[{index}] is a DICOM of body part {body_part}, not the chest")
 
 
-def display_image(pixels: np.ndarray, longest: int = DISPLAY_SIZE) -> np.ndarray:
-    """The image at most ``longest`` pixels on its long side, aspect kept, for the Grad-CAM overlay."""
-    height, width = pixels.shape
-    scale = min(1.0, longest / max(height, width))
-    shape = (max(1, round(height * scale)), max(1, round(width * scale)))
-    return preprocess.resize(preprocess.minmax(pixels), shape)
-
-
 def png_base64(rgb: np.ndarray) -> str:
     from PIL import Image
 
@@ -297,7 +289,7 @@ class Pipeline:
                 work[i] = preprocess.working_image(pixels, cfg.size)
                 views[i] = header.get("view_position")
                 if keep_display:
-                    display[i] = display_image(pixels)
+                    display[i] = gradcam.display_image(pixels, DISPLAY_SIZE)
             except Refused as refusal:
                 refuse(entries[i], refusal.reason, refusal.message)
             except io.ImageReadError as err:
@@ -357,8 +349,6 @@ class Pipeline:
 
     def _explain(self, work: dict[int, np.ndarray], masks: dict[int, np.ndarray], display: dict[int, np.ndarray],
                  order: list[int], entries: list[dict]) -> None:
-        from covidcxr import gradcam
-
         x = preprocess.apply_variant(np.stack([work[i] for i in order]), np.stack([masks[i] for i in order]),
                                      self.config.variant)
         heat = gradcam.gradcam(self.classifier.model, self.classifier.inputs(x))

@@ -124,33 +124,34 @@ def drop_negatives_among_positives(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.D
 
 def split_with_holdout(
     df: pd.DataFrame,
-    holdout: Sequence[str],
+    holdout: Sequence[Mapping[str, object]],
     *,
     holdout_split: str = "test",
-    column: str = "source",
     fractions: Mapping[str, float] = PAPER_FRACTIONS,
     seed: int = 0,
     stratify: str | None = "label",
     group: str = "patient_id",
 ) -> pd.Series:
-    """Split by patient, except that rows whose ``column`` is in ``holdout`` all go to ``holdout_split``.
+    """Split by patient, except that rows matching any rule of ``holdout`` all go to ``holdout_split``.
 
-    Used for external validation: leave-one-source-out (the held-out source is the whole test split; ``fractions``
-    then name only train and val) and external segmentation data (``holdout_split="external"``). A holdout value
-    absent from ``df``, a patient on both sides, or nothing left to split is a :class:`SelectionError`.
+    A rule selects rows by column values as in :func:`select_experiment` (``{"source": "kermany"}``, or
+    ``{"source": "cohen", "site": ["Germany", "Spain"]}`` for hospitals). Used for external validation: held-out sources
+    or sites are the whole test split (``fractions`` then name only train and val), and external segmentation data
+    (``holdout_split="external"``). A rule that matches no row, a patient on both sides, or nothing left to split is a
+    :class:`SelectionError`.
     """
-    holdout = [str(h) for h in holdout]
-    values = df[column].astype("string")
-    present = set(values.dropna())
-    absent = [h for h in holdout if h not in present]
-    if absent:
-        raise SelectionError(f"held-out {column} {absent} has no rows; present: {sorted(present)}")
-    held = values.isin(holdout).fillna(False).astype(bool)
+    held = pd.Series(False, index=df.index)
+    for rule in holdout:
+        matched = _matches(df, rule)
+        if not matched.any():
+            raise SelectionError(f"held-out rule {dict(rule)} matches no row")
+        held |= matched
     if held.all():
-        raise SelectionError(f"holding out {holdout} leaves no rows to train on")
+        raise SelectionError(f"holding out {[dict(r) for r in holdout]} leaves no rows to train on")
     shared = set(df.loc[held, group].astype(str)) & set(df.loc[~held, group].astype(str))
     if shared:
-        raise SelectionError(f"{len(shared)} patients have images both in and out of held-out {column} {holdout}")
+        raise SelectionError(f"{len(shared)} patients have images both in and out of the held-out rows "
+                             f"{[dict(r) for r in holdout]}")
     rest = split_patients(df.loc[~held], fractions=fractions, seed=seed, stratify=stratify, group=group)
     out = pd.Series(pd.array([holdout_split] * len(df), dtype="string"), index=df.index, name="split")
     out[~held] = rest

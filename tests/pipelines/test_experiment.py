@@ -23,14 +23,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_every_overlay_loads_and_names_a_known_selection():
     names = experiment.available()
-    assert {"comparison", "adult-negatives", "leave-one-source-out", "segmentation", "projection"} <= set(names)
+    assert {"comparison", "adult-negatives", "leave-one-source-out", "segmentation", "projection",
+            "all-sources"} <= set(names)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for name in names:
         spec = experiment.load(name)
         assert spec["params"]["split.experiment"] in params["split"]["experiments"], name
         sources = {s["name"] for s in spec["params"]["ingest.sources"]}
-        for value in (spec.get("matrix") or {}).get("split.holdout_source", []):
-            assert value in sources, (name, value)
+        matrices = [(spec.get("matrix") or {}).get("split.holdout", {}), (spec.get("heldout") or {}).get("matrix", {})]
+        for _, rules in (item for m in matrices for item in experiment._named(m)):
+            assert {r["source"] for r in rules} <= sources, (name, rules)
+        if spec["kind"] == "classifier":  # every classifier experiment runs the shortcut audit
+            assert set(spec["targets"]) & experiment.AUDITED, name
 
 
 def test_unknown_experiment_is_a_clear_error(tmp_path: Path):
@@ -50,12 +54,12 @@ def test_matrix_gives_one_dvc_experiment_per_held_out_source(tmp_path: Path):
     spec = experiment.load("leave-one-source-out")
     planned = experiment.runs("leave-one-source-out", spec)
     assert [n for n, _ in planned] == ["leave-one-source-out-kermany", "leave-one-source-out-montgomery",
-                                       "leave-one-source-out-shenzhen"]
+                                       "leave-one-source-out-shenzhen", "leave-one-source-out-hospitals"]
     real = tmp_path / "corpus"
     cmd = experiment.dvc_command(*planned[1], spec["targets"], real)
-    assert cmd[:5] == ["dvc", "exp", "run", "-n", "leave-one-source-out-montgomery"] and cmd[-1] == "evaluate"
+    assert cmd[:5] == ["dvc", "exp", "run", "-n", "leave-one-source-out-montgomery"] and cmd[-1] == "audit"
     sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-S"]
-    assert "split.holdout_source=montgomery" in sets and "split.experiment=leave-one-source-out" in sets
+    assert "split.holdout=[{source:montgomery}]" in sets and "split.experiment=leave-one-source-out" in sets
     assert any(s.startswith("ingest.sources=") and f"'{real.as_posix()}/kermany'" in s for s in sets)
     assert not any("{real_data}" in s for s in sets)
 
@@ -110,13 +114,14 @@ def manifest_rows() -> pd.DataFrame:
 
 def stage_params(**extra) -> dict:
     return {"seed": 1, "fractions": dict(splits.PAPER_FRACTIONS), "tolerance": 0.1, "experiment": "all",
+            "holdout": [], "segmentation_external": [],
             "experiments": {"all": {"positives": [{"source": "pos", "label": "covid"}],
                                     "negatives": [{"label": "negative"}]}}, **extra}
 
 
 def test_split_stage_holds_out_a_source_and_external_masks():
     m = manifest_rows()
-    tables, _ = split_stage.task_tables(m, stage_params(holdout_source="neg1", segmentation_external=["pos"]))
+    tables, _ = split_stage.task_tables(m, stage_params(holdout=[{"source": "neg1"}], segmentation_external=["pos"]))
     covid = tables["covid"].merge(m[["image_id", "source"]])
     assert set(covid.loc[covid["split"] == "test", "source"]) == {"neg1"}
     assert set(covid.loc[covid["source"] == "neg1", "split"]) == {"test"}
@@ -124,17 +129,17 @@ def test_split_stage_holds_out_a_source_and_external_masks():
     seg = tables["segmentation"]
     assert set(seg.loc[seg["label"] == "pos", "split"]) == {"external"}
     assert set(seg.loc[seg["label"] == "neg2", "split"]) == {"train", "val", "test"}
-    assert split_stage.validated_fractions("covid", stage_params(holdout_source="neg1")) == \
+    assert split_stage.validated_fractions("covid", stage_params(holdout=[{"source": "neg1"}])) == \
         pytest.approx({"train": 0.75, "val": 0.25})
     # defaults: exactly the plain patient-level split
     plain, _ = split_stage.task_tables(m, stage_params())
-    again, _ = split_stage.task_tables(m, stage_params(holdout_source=None, segmentation_external=[]))
+    again, _ = split_stage.task_tables(m, stage_params(holdout=[], segmentation_external=[]))
     assert plain["covid"].equals(again["covid"]) and set(plain["covid"]["split"]) == {"train", "val", "test"}
 
 
 def test_holding_out_the_only_positive_source_is_refused():
     with pytest.raises(splits.SelectionError, match=r"train split has no \['covid'\] images .*'pos'"):
-        split_stage.task_tables(manifest_rows(), stage_params(holdout_source="pos"))
+        split_stage.task_tables(manifest_rows(), stage_params(holdout=[{"source": "pos"}]))
 
 
 def test_one_class_test_split_reports_specificity_only(tmp_path: Path):
@@ -180,3 +185,37 @@ def test_record_keeps_other_experiments(tmp_path: Path):
     bench = json.loads((tmp_path / experiment.BENCH).read_text())
     assert bench["one"]["headline"] == {"x": 1} and bench["two"]["headline"] == {"x": 2}
     assert json.loads((tmp_path / "reports/experiments/two.json").read_text())["runs"] == {}
+
+
+def _model(spec: float | None, auc: float | None = None) -> dict:
+    ci = lambda v: {"value": v, "low": None if v is None else v - 0.1, "high": None if v is None else v + 0.1}  # noqa: E731
+    return {"test_specificity": ci(spec), "test_auc": ci(auc), "test_sensitivity": ci(None if auc is None else 0.9),
+            "test_classes": {"covid": 0 if auc is None else 20, "negative": 30}, "operating_threshold": 0.3}
+
+
+def test_heldout_figures_choose_on_the_selection_runs_and_mark_the_rest_as_tests():
+    collected = {"kermany": {"models": {"c_vgg16": _model(0.2), "d_vgg16": _model(0.7)}},
+                 "montgomery": {"models": {"c_vgg16": _model(0.5), "d_vgg16": _model(0.6)}},
+                 "hospitals": {"models": {"c_vgg16": _model(0.9, auc=0.8), "d_vgg16": _model(0.1, auc=0.6)}}}
+    figures = experiment.heldout_figures({"select": ["kermany", "montgomery"]}, collected)
+    assert figures["by_classifier"] == {"c_vgg16": 0.2, "d_vgg16": 0.6}  # the worst of the selection runs only
+    assert figures["sources"]["hospitals"]["c_vgg16"]["used_to_choose"] is False
+    assert figures["sources"]["kermany"]["d_vgg16"]["used_to_choose"] is True
+    assert figures["sources"]["hospitals"]["c_vgg16"]["auc"] == 0.8 and "kermany, montgomery" in figures["figure"]
+    with pytest.raises(experiment.ExperimentError, match="not in heldout.matrix"):
+        experiment.heldout_figures({"select": ["nih"]}, collected)
+
+
+def test_every_run_once_per_seed_and_the_spread_over_seeds():
+    spec = {"params": {"split.experiment": "x"}, "seeds": [1, 2, 3]}
+    planned = experiment.seeded(experiment.runs("exp", spec), spec)
+    assert [(n, p["train_classifier.seed"]) for n, p, _ in planned] == [("exp-s1", 1), ("exp-s2", 2), ("exp-s3", 3)]
+    figures = {f"exp-s{s}/c_vgg16": {"test_auc": auc, "test_specificity": None}
+               for s, auc in ((1, 0.7), (2, 0.8), (3, 0.9))}
+    spread = experiment.over_seeds(figures)["exp/c_vgg16 over seeds"]
+    assert spread["test_auc"]["mean"] == pytest.approx(0.8) and spread["test_auc"]["sd"] == pytest.approx(0.1)
+    assert spread["test_auc"]["n"] == 3 and "test_specificity" not in spread  # undefined figures are not averaged
+    spec["heldout"] = {"matrix": {"k": [{"source": "kermany"}]}, "params": {"split.experiment": "loso"}}
+    held = experiment.seeded(experiment.heldout_runs("exp", spec), spec)
+    assert held[0][0] == "exp-heldout-k-s1" and held[0][1]["split.holdout"] == [{"source": "kermany"}]
+    assert held[0][1]["split.experiment"] == "loso"

@@ -17,7 +17,7 @@ from covidcxr.modelcard import ModelCardError
 from pipelines import model_card
 
 NAME = "covidcxr"
-PARAMS = {"model_card": {"gradcam_all_variants": True, "external": ["reports/external/**/*.json"]}}
+PARAMS = {"model_card": {"gradcam_all_variants": True}}
 SERVING = {"size": 64, "variant": "c", "frontal_threshold": 0.5, "min_area": 0.05, "max_area": 0.8}
 
 
@@ -68,7 +68,6 @@ def project(tmp_path, monkeypatch, empty_store):
     write(tmp_path / "reports/audit/audit.json", {"status": "warn", "checks": [
         {"name": "lung_mass_share", "subject": "c_vgg16", "value": 0.61, "warn": 0.7, "fail": 0.5,
          "status": "warn", "reason": "under 70% of the heat map inside the lungs"}]})
-    write(tmp_path / "reports/external/site_c.json", {"held_out": "site_c", "specificity": 0.4567})
     rows = [(f"IMG{i:02d}", f"PATIENT-{i // 2:02d}", "covid" if i % 4 < 2 else "negative",
              ("train", "val", "test")[(i // 2) % 3]) for i in range(12)]
     write(tmp_path / "artifacts/splits/covid.csv",
@@ -86,7 +85,14 @@ def project(tmp_path, monkeypatch, empty_store):
     write(tmp_path / "reports/register/registered.json",
           {"model_name": NAME, "version": int(version.version), "alias": "champion", "classifier": "c_vgg16",
            "selected_by": "val_roc_auc", "candidate_value": 0.95, "git_commit": "abc123", "data_version": "d41d8.dir",
-           "serving": SERVING, "mask_threshold": 0.5, "experiment": "demo"})
+           "serving": SERVING, "mask_threshold": 0.5, "experiment": "demo",
+           "candidates": [{"classifier": "c_vgg16", "val_roc_auc": 0.95, "heldout": 0.4567, "audit_status": "warn",
+                           "chosen": True, "reason": "chosen: best worst held-out specificity (0.4567)"}],
+           "heldout": {"figure": "worst held-out specificity", "select": ["site_c"],
+                       "by_classifier": {"c_vgg16": 0.4567},
+                       "sources": {"site_c": {"c_vgg16": {"n_covid": 0, "n_negative": 30, "specificity": 0.4567,
+                                                          "specificity_low": 0.3, "specificity_high": 0.6,
+                                                          "threshold": 0.4321, "used_to_choose": True}}}}})
     yield tmp_path, client, run.info.run_id
     mlflow.set_tracking_uri(None)
 
@@ -102,7 +108,8 @@ def test_stage_writes_the_card_and_logs_it_with_the_model(project):
     assert "0.931" in page and "0.701" in page  # registered classifier's metrics and CI
     assert "no patient appears in more than one split" in page
     assert page.count("data:image/png;base64,") == 2  # the registered grid and the other variant's
-    assert "under 70% of the heat map inside the lungs" in page and "0.457" in page  # audit, external
+    assert "under 70% of the heat map inside the lungs" in page and "0.457 [0.300, 0.600]" in page  # audit, held out
+    assert "chosen: best worst held-out specificity" in page
     assert "synthetic phantoms" in page and run_id in page
     for secret in ("PATIENT-", "IMG0", "data/demo/images"):  # no identifiers, no file paths of patient data
         assert secret not in page
@@ -115,13 +122,14 @@ def test_stage_writes_the_card_and_logs_it_with_the_model(project):
     assert Path(logged).read_text(encoding="utf-8") == page
 
 
-def test_missing_audit_and_external_are_stated(project):
+def test_missing_audit_and_heldout_results_are_stated(project):
     root, _, _ = project
     (root / "reports/audit/audit.json").unlink()
-    (root / "reports/external/site_c.json").unlink()
+    registered = json.loads((root / "reports/register/registered.json").read_text())
+    write(root / "reports/register/registered.json", {**registered, "heldout": None})
     model_card.run(PARAMS["model_card"])
     page = (root / "reports/model_card/index.html").read_text(encoding="utf-8")
-    assert "audit not run" in page and "No external validation in this run" in page
+    assert "audit not run" in page and "No held-out-source results for this model's settings" in page
 
 
 def test_bad_inputs_name_the_file(project):

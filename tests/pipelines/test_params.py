@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from covidcxr import datasets, manifest, metrics, preprocess, selection, training
-from pipelines import _common, _params
+from pipelines import _common, _params, experiment
 
 ROOT = _common.PROJECT
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -54,8 +54,11 @@ def test_every_experiment_overlay_gives_valid_params(overlay):
     spec = yaml.safe_load(overlay.read_text())
     base = yaml.safe_load((ROOT / "experiments" / f"{spec['base']}.yaml").read_text()) if spec.get("base") else {}
     merged = dotted(PARAMS, {**base.get("params", {}), **spec.get("params", {})})
-    for value in (spec.get("matrix") or {}).values():
-        merged = dotted(merged, {list(spec["matrix"])[0]: value[0]})
+    for key, values in (spec.get("matrix") or {}).items():
+        merged = dotted(merged, {key: experiment._named(values)[0][1]})
+    for _, rules in experiment._named((spec.get("heldout") or {}).get("matrix", {})):
+        held = dotted(merged, {"split.holdout": rules, **(spec["heldout"].get("params") or {})})
+        _params.validate("split", held["split"])
     for section, values in merged.items():
         _params.validate(section, values)
 
@@ -73,7 +76,7 @@ def test_every_experiment_overlay_gives_valid_params(overlay):
     ("train_classifier", {"threshold_objective": "accuracy"}, "train_classifier.threshold_objective: Input should be "
                                                               "'youden', 'f1' or 'sensitivity'"),
     ("ingest", {"sources": [{"name": "padchets", "root": "x"}]}, "ingest.sources[0].name: Input should be 'bimcv'"),
-    ("split", {"holdout_source": "montgomry"}, "split.holdout_source: Input should be 'bimcv'"),
+    ("split", {"holdout": [{"source": "montgomry"}]}, "split.holdout[0]: unknown source 'montgomry'"),
     ("split", {"experiment": "exp9"}, "split: experiment 'exp9' is not one of the experiments defined here"),
     ("split", {"fractions": {"train": 0.7, "val": 0.2, "test": 0.2}}, "split.fractions: train + val + test must be 1"),
     ("register", {"variant": "f"}, "register.variant: Input should be 'c', 'd', 'e' or 'best'"),
@@ -95,7 +98,7 @@ def test_an_unknown_source_inside_an_experiment_rule_is_refused():
 
 
 def test_defaults_come_from_the_schema():
-    assert _params.validate("explain", {}) == {"per_group": 3}
+    assert _params.validate("explain", {}) == {"per_group": 3, "display_size": 224}
     values = _params.validate("train_unet", {"epochs": 2, "batch_size": 4, "lr": 0.001})
     assert values["mask_threshold"] == 0.5 and values["strategy"] == "default" and values["use_tuned"] is True
 

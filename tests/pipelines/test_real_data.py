@@ -70,11 +70,19 @@ def test_every_experiment_selects_its_data_on_real_corpus(real_data: Path):
         rules = selections["experiments"][params["split.experiment"]]
         covid = splits.select_experiment(m, rules["positives"], rules["negatives"])
         assert (covid["label"] == "covid").sum() >= 300 and (covid["label"] == "negative").sum() >= 300, name
-        for held in (spec.get("matrix") or {}).get("split.holdout_source", []):
-            split = splits.split_with_holdout(covid, [held], fractions={"train": 0.75, "val": 0.25})
-            assert set(covid.loc[split == "test", "source"]) == {held}
-            assert set(covid.loc[split == "train", "label"]) == {"covid", "negative"}, (name, held)
+        held_out = dict(experiment._named((spec.get("matrix") or {}).get("split.holdout", {})))
+        held_out |= dict(experiment._named((spec.get("heldout") or {}).get("matrix", {})))
+        for label, rules in held_out.items():
+            split = splits.split_with_holdout(covid, rules, fractions={"train": 0.75, "val": 0.25})
+            assert set(covid.loc[split == "train", "label"]) == {"covid", "negative"}, (name, label)
+            test = covid[split == "test"]
+            if label == "hospitals":  # held-out hospitals with both classes: a real AUC
+                assert (test["label"] == "covid").sum() >= 50 and (test["label"] == "negative").sum() >= 50
+                assert set(test.loc[test["source"] == "cohen", "site"]) == {"Germany"}
+            else:
+                assert set(test["source"]) == {label}, (name, label)
         seg = m[m["mask_path"].notna()]
-        split = splits.split_with_holdout(seg, params["split.segmentation_external"], holdout_split="external")
+        split = splits.split_with_holdout(seg, [{"source": s} for s in params["split.segmentation_external"]],
+                                          holdout_split="external")
         assert set(seg.loc[split == "external", "source"]) == {"cohen"}
         assert set(seg.loc[split == "train", "source"]) == {"montgomery", "shenzhen"}

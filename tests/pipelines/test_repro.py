@@ -167,7 +167,8 @@ def test_dvc_repro_on_demo_data(project: Path, tmp_path: Path):
     for stage in ("ingest", "cache", "train_projection", "filter_frontal", "train_unet", "segment",
                   "train_classifier@e-vgg16", "evaluate", "explain", "audit"):
         assert f"Running stage '{stage}'" in out.stdout, stage
-    for noise in ("cpu_feature_guard", "absl::InitializeLog", "oneDNN custom operations", "Calculating Metrics"):
+    for noise in ("cpu_feature_guard", "absl::InitializeLog", "oneDNN custom operations", "Calculating Metrics",
+                  "node_def_util", "Downloading artifacts", "UserWarning"):
         lines = [line for line in (out.stdout + out.stderr).splitlines() if noise in line]
         assert not lines, f"third-party noise in the stages' output: {lines[:3]}"
     for stage in ("validate", "split"):  # outputs committed and inputs identical: DVC rightly skips them

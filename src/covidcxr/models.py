@@ -405,7 +405,8 @@ class Component:
                 layer = self.model.get_layer(LOGITS_LAYER)
             except ValueError:
                 raise ValueError(f"model {self.model.name!r} has no {LOGITS_LAYER!r} layer: no features") from None
-            extractor = keras.Model(self.model.inputs, layer.input)
+            inputs = self.model.inputs[0] if len(self.model.inputs) == 1 else self.model.inputs
+            extractor = keras.Model(inputs, layer.input)
             spec = tf.TensorSpec((None, *self.model.input_shape[1:]), tf.float32)
             self._features = tf.function(lambda t: extractor(t, training=False), input_signature=[spec])
         if not len(x):

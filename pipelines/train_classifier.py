@@ -88,7 +88,7 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
             ])
             _common.write_csv(out / _common.PREDICTIONS, predictions)
     _common.write_json(f"reports/train_classifier/{variant}_{backbone}.json",
-                       {s: {k: result[s][k] for k in ("accuracy", "roc_auc", "n")} for s in x})
+                       {**{s: {k: result[s][k] for k in ("accuracy", "roc_auc", "n")} for s in x}, "ood": result["ood"]})
     log.info("classifier %s/%s: val AUC %.3f, test AUC %.3f", variant, backbone,
              result["val"]["roc_auc"], result["test"]["roc_auc"])
     return result

@@ -61,8 +61,10 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
         choice = metrics.operating_threshold(y["val"], scores["val"], p["threshold_objective"],
                                              min_sensitivity=float(p["min_sensitivity"]))
         component.threshold = choice.to_dict()
-        component.ood = ood.MahalanobisDetector(n_components=int(p["ood_components"]), quantile=float(p["ood_quantile"]))
-        component.ood.fit(models.penultimate_features(component, images[parts["train"]], masks[parts["train"]], variant))
+        train = parts["train"]  # the detector learns the training features; its threshold is a validation quantile
+        component.ood = ood.MahalanobisDetector(n_components=int(p["ood_components"]),
+                                                quantile=float(p["ood_quantile"]))
+        component.ood.fit(models.penultimate_features(component, images[train], masks[train], variant))
         ood_scores = {s: models.out_of_distribution(component, images[r], masks[r], variant).score
                       for s, r in parts.items()}
         component.ood.calibrate(ood_scores["val"])
@@ -88,7 +90,8 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
             ])
             _common.write_csv(out / _common.PREDICTIONS, predictions)
     _common.write_json(f"reports/train_classifier/{variant}_{backbone}.json",
-                       {**{s: {k: result[s][k] for k in ("accuracy", "roc_auc", "n")} for s in x}, "ood": result["ood"]})
+                       {**{s: {k: result[s][k] for k in ("accuracy", "roc_auc", "n")} for s in x},
+                        "ood": result["ood"]})
     log.info("classifier %s/%s: val AUC %.3f, test AUC %.3f", variant, backbone,
              result["val"]["roc_auc"], result["test"]["roc_auc"])
     return result

@@ -1,4 +1,4 @@
-"""Drift statistics, the HTML report and `covidcxr monitor` on a real sqlite prediction log (no registry: --reference)."""
+"""Drift statistics, the HTML report and `covidcxr monitor` on a real sqlite prediction log (--reference: offline)."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ class MonitorError(RuntimeError):
     """The monitor cannot run: no reference, an unreadable log, an unknown model version (the message says which)."""
 
 
-# --- the reference -----------------------------------------------------------------------------------------------------
+# --- the reference ----------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -97,7 +97,7 @@ def fetch_reference(name: str, version: str | None = None, alias: str | None = N
     return Reference.load(path), str(mv.version)
 
 
-# --- the tests ---------------------------------------------------------------------------------------------------------
+# --- the tests --------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -269,7 +269,7 @@ def compare(reference: pd.DataFrame, window: pd.DataFrame, *, ood_threshold: flo
                  reasons={"reference": reason_shares(reference), "window": reason_shares(window)})
 
 
-# --- time windows ------------------------------------------------------------------------------------------------------
+# --- time windows -----------------------------------------------------------------------------------------------------
 
 
 def parse_time(text: str | None, now: dt.datetime | None = None) -> dt.datetime | None:
@@ -286,13 +286,14 @@ def parse_time(text: str | None, now: dt.datetime | None = None) -> dt.datetime 
     try:
         value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(f"expected Nd, Nh, Nm or an ISO date/time (2026-01-31, 2026-01-31T08:00:00Z), got {text!r}")
+        raise ValueError(f"expected Nd, Nh, Nm or an ISO date/time (2026-01-31, 2026-01-31T08:00:00Z), "
+                         f"got {text!r}") from None
     if value.tzinfo is not None:
         value = value.astimezone(dt.UTC).replace(tzinfo=None)
     return value
 
 
-# --- the HTML report ---------------------------------------------------------------------------------------------------
+# --- the HTML report --------------------------------------------------------------------------------------------------
 
 
 def svg_histogram(title: str, reference: np.ndarray, window: np.ndarray, *, bins: int = 20, width: int = 320,
@@ -408,7 +409,7 @@ def render(drift: Drift, *, model_name: str, model_version: str, since: object, 
             f"<title>{_e(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-# --- MLflow ------------------------------------------------------------------------------------------------------------
+# --- MLflow -----------------------------------------------------------------------------------------------------------
 
 
 def log_to_mlflow(drift: Drift, files: Sequence[str | os.PathLike], *, model_name: str, model_version: str,

@@ -8,8 +8,8 @@ quantile 0.95 about 5% of in-distribution images score above it. The detector al
 same features (fitted on train) that the prediction log stores as a compact feature vector for drift tests.
 
 Fitted state the scikit-learn way: :meth:`MahalanobisDetector.fit` (train features) sets ``location_``,
-``precision_``, ``pca_mean_``, ``components_``; :meth:`calibrate` (validation scores) sets ``threshold_``. It is saved in
-the classifier's model folder as ``ood.json`` and applied wherever a classifier scores, serving included
+``precision_``, ``pca_mean_``, ``components_``; :meth:`calibrate` (validation scores) sets ``threshold_``. It is saved
+in the classifier's model folder as ``ood.json`` and applied wherever a classifier scores, serving included
 (:func:`covidcxr.models.out_of_distribution`).
 """
 

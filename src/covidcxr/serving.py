@@ -6,8 +6,9 @@ Each image of a request (a PNG, JPEG or DICOM file, base64-encoded) goes: decode
 position, else the projection filter) -> U-Net lung mask and its quality rules (:mod:`covidcxr.lungs`) -> variant
 c/d/e -> classifier -> COVID-19 probability -> label at the operating threshold, the out-of-distribution score
 (:func:`covidcxr.models.out_of_distribution`; above its threshold the image is refused as ``out_of_distribution``, or
-only flagged when ``Config.ood_action`` is ``flag``), and optionally a Grad-CAM overlay (PNG, base64). These are the functions the pipeline's stages call, with the model folders they wrote
-(:class:`covidcxr.models.Component`): the served model is the evaluated one.
+only flagged when ``Config.ood_action`` is ``flag``), and optionally a Grad-CAM overlay (PNG, base64). These are the
+functions the pipeline's stages call, with the model folders they wrote (:class:`covidcxr.models.Component`): the
+served model is the evaluated one.
 
 An image that cannot be used gets an entry with ``accepted=False`` and a ``reason`` from :data:`REASONS`, never a
 failed batch. A malformed request (no ``image`` column, too many images, a threshold outside [0, 1]) raises
@@ -457,7 +458,8 @@ def signature():
         ColSpec("double", "projection_probability", required=False),
         ColSpec("double", "lung_area_fraction", required=False),
         ColSpec("double", "covid_probability", required=False), ColSpec("string", "label", required=False),
-        ColSpec("double", "ood_score", required=False), ColSpec("double", "threshold"), ColSpec("string", "model_version"),
+        ColSpec("double", "ood_score", required=False), ColSpec("double", "threshold"),
+        ColSpec("string", "model_version"),
         ColSpec("string", GRADCAM_FIELD, required=False),
     ])
     params = ParamSchema([ParamSpec("explain", "boolean", False), ParamSpec("threshold", "double", None)])

@@ -4,8 +4,8 @@ Every variant trains on the same images: the experiment's split, predicted front
 probability calibration (Platt) and then the operating threshold (params: objective) are fitted on the validation split
 and saved in the model folder; the predictions of every split come from :func:`covidcxr.models.covid_probability`, the
 function serving calls (``score``: calibrated, as served; ``raw_score``: the network's own). The out-of-distribution
-detector (:mod:`covidcxr.ood`) is fitted on the training split's penultimate features, its threshold set at the
-params quantile of the validation scores, and ``ood_score`` of every split comes from
+detector (:mod:`covidcxr.ood`) is fitted on the training split's features (pooled blocks and penultimate layer), its
+threshold set at the params quantile of the validation scores, and ``ood_score`` of every split comes from
 :func:`covidcxr.models.out_of_distribution`, the function serving calls.
 """
 
@@ -64,7 +64,7 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
         train = parts["train"]  # the detector learns the training features; its threshold is a validation quantile
         component.ood = ood.MahalanobisDetector(n_components=int(p["ood_components"]),
                                                 quantile=float(p["ood_quantile"]))
-        component.ood.fit(models.penultimate_features(component, images[train], masks[train], variant))
+        component.ood.fit(models.ood_features(component, images[train], masks[train], variant))
         ood_scores = {s: models.out_of_distribution(component, images[r], masks[r], variant).score
                       for s, r in parts.items()}
         component.ood.calibrate(ood_scores["val"])

@@ -36,18 +36,19 @@ def test_state_round_trips_exactly_and_errors_say_what_is_missing(tmp_path):
     detector = ood.MahalanobisDetector(n_components=40).fit(gaussian(30, 0))
     assert detector.components_.shape == (24, 24)  # no more components than features
     with pytest.raises(RuntimeError, match="calibrate"):
-        detector.to_dict()
+        detector.save(tmp_path / "ood.npz")
     detector.calibrate(detector.score(gaussian(20, 1)))
-    detector.save(tmp_path / "ood.json")
-    loaded = ood.MahalanobisDetector.load(tmp_path / "ood.json")
+    detector.save(tmp_path / "ood.npz")
+    loaded = ood.MahalanobisDetector.load(tmp_path / "ood.npz")
     x = gaussian(50, 5, shift=0.3)
     assert np.array_equal(loaded.score(x), detector.score(x)) and np.array_equal(loaded.project(x), detector.project(x))
     assert loaded.threshold == detector.threshold
     with pytest.raises(ValueError, match=r"\[N, 24\]"):
         loaded.score(x[:, :5])
-    (tmp_path / "bad.json").write_text('{"method": "mahalanobis-ledoit-wolf"}')
-    with pytest.raises(ValueError, match="bad.json: not a valid OOD detector"):
-        ood.MahalanobisDetector.load(tmp_path / "bad.json")
+    (tmp_path / "bad.npz").write_text('{"method": "mahalanobis-ledoit-wolf"}')
+    with pytest.raises(ValueError, match="bad.npz: not a valid OOD detector"):
+        ood.MahalanobisDetector.load(tmp_path / "bad.npz")
+    assert loaded.summary()["n_features"] == 24 and 0 < loaded.summary()["shrinkage"] < 1
     with pytest.raises(ValueError, match="at least 2"):
         ood.MahalanobisDetector().fit(gaussian(1, 0))
 
@@ -57,29 +58,32 @@ def _classifier_with_detector(folder, train: np.ndarray, masks: np.ndarray, quan
     net = models.build_vgg(16, (SIZE, SIZE, 1), width=1 / 32, head=(6,))
     component = models.Component(net, preprocess.Standardizer().fit(train), threshold={"threshold": 0.5},
                                  info={"run_id": "test"})
-    features = models.penultimate_features(component, train, masks, "c")
+    features = models.ood_features(component, train, masks, "c")
     component.ood = ood.MahalanobisDetector(n_components=4, quantile=quantile).fit(features)
     component.ood.calibrate(component.ood.score(features))
     component.save(folder)
     return component
 
 
-def test_features_are_the_input_of_the_logits_layer_and_travel_with_the_model_folder(tmp_path):
+def test_features_pool_every_block_and_the_penultimate_layer_and_travel_with_the_model_folder(tmp_path):
     train = np.stack([preprocess.resize(phantom(seed=s), SIZE) for s in range(8)])
     masks = np.ones_like(train, dtype=bool)
     component = _classifier_with_detector(tmp_path / "classifier", train, masks)
-    features = models.penultimate_features(component, train, masks, "c")
-    extractor = keras.Model(component.model.inputs[0], component.model.get_layer("logits").input)
-    expected = np.asarray(extractor(component.inputs(train), training=False))
-    assert features.shape == (8, 6) and np.allclose(features, expected, atol=1e-5)
+    features = models.ood_features(component, train, masks, "c")
+    net, x = component.model, component.inputs(train)
+    blocks = [np.asarray(keras.Model(net.inputs[0], net.get_layer(f"block{b}_pool").input)(x)).mean(axis=(1, 2))
+              for b in range(1, 6)]
+    penultimate = np.asarray(keras.Model(net.inputs[0], net.get_layer("logits").input)(x, training=False))
+    widths = [2, 4, 8, 16, 16, 6]  # the VGG16 blocks at width 1/32, then the head's last layer
+    assert features.shape == (8, sum(widths)) and np.allclose(features, np.hstack([*blocks, penultimate]), atol=1e-5)
 
     assert models.OOD_FILE in models.FOLDER_FILES and (tmp_path / "classifier" / models.OOD_FILE).is_file()
     loaded = models.Component.load(tmp_path / "classifier")
     scored = models.out_of_distribution(loaded, train, masks, "c")
     assert np.array_equal(scored.score, component.ood.score(features)) and scored.compact.shape == (8, 4)
-    loaded.ood = None  # a folder without ood.json: no score, no error
+    loaded.ood = None  # a folder without ood.npz: no score, no error
     assert models.out_of_distribution(loaded, train, masks, "c") is None
-    assert models.penultimate_features(loaded, train[:0], masks[:0], "c").shape == (0, 6)
+    assert models.ood_features(loaded, train[:0], masks[:0], "c").shape == (0, sum(widths))
 
 
 @pytest.mark.parametrize("action", ["refuse", "flag"])
@@ -92,7 +96,7 @@ def test_serving_refuses_or_flags_images_above_the_threshold_and_scores_every_ac
 
     work = np.stack([preprocess.resize(phantom(seed=s), SIZE) for s in range(6)])
     pipeline.classifier.ood = ood.MahalanobisDetector(n_components=2).fit(
-        models.penultimate_features(pipeline.classifier, work, np.ones_like(work, bool), "c"))
+        models.ood_features(pipeline.classifier, work, np.ones_like(work, bool), "c"))
     pipeline.classifier.ood.calibrate([1e9])  # nothing is out of distribution
     entries = pipeline.score(images)
     assert all(e["accepted"] and e["reason"] is None and e["ood_score"] >= 0 for e in entries)

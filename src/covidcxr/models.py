@@ -341,7 +341,7 @@ def logits_model(model: keras.Model, layer: str | None = None) -> keras.Model:
 
 MODEL_FILE, STANDARDIZER_FILE = "model.keras", "standardizer.json"
 RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE = "run.json", "threshold.json", "calibration.json"
-OOD_FILE = "ood.json"  # the classifier's out-of-distribution detector (covidcxr.ood)
+OOD_FILE = "ood.npz"  # the classifier's out-of-distribution detector (covidcxr.ood)
 #: The files of a model folder that scoring needs (``predictions.csv`` and the like stay beside it, not in a bundle).
 FOLDER_FILES: tuple[str, ...] = (MODEL_FILE, STANDARDIZER_FILE, RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE, OOD_FILE)
 
@@ -394,23 +394,36 @@ class Component:
             self._forward = tf.function(lambda x: model(x, training=False), input_signature=[spec])
         return self._forward
 
+    def feature_layers(self) -> list:
+        """The tensors :meth:`features` pools: each convolutional block's last output (the input of its max pooling)
+        and the penultimate features (the input of the ``logits`` layer)."""
+        try:
+            penultimate = self.model.get_layer(LOGITS_LAYER).input
+        except ValueError:
+            raise ValueError(f"model {self.model.name!r} has no {LOGITS_LAYER!r} layer: no features") from None
+        blocks = [layer.input for layer in self.model.layers if isinstance(layer, layers.MaxPooling2D)]
+        return [*blocks, penultimate]
+
     def features(self, images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
-        """Penultimate features (float32: the input of the ``logits`` layer) of working-size images ``[N, H, W]`` in
-        [0, 1], standardized and run through one traced function as in :meth:`__call__`."""
+        """Features (float32) of working-size images ``[N, H, W]`` in [0, 1] for the out-of-distribution score: the
+        global average of each convolutional block's output, then the penultimate features, concatenated; one traced
+        function as in :meth:`__call__` (the feature maps are averaged inside it, never returned)."""
         x = self.inputs(np.asarray(images, dtype=np.float32))
+        tensors = self.feature_layers()
         if self._features is None:
             import tensorflow as tf
 
-            try:
-                layer = self.model.get_layer(LOGITS_LAYER)
-            except ValueError:
-                raise ValueError(f"model {self.model.name!r} has no {LOGITS_LAYER!r} layer: no features") from None
             inputs = self.model.inputs[0] if len(self.model.inputs) == 1 else self.model.inputs
-            extractor = keras.Model(inputs, layer.input)
+            extractor = keras.Model(inputs, tensors)
+
+            def pooled(t):
+                outs = extractor(t, training=False)
+                return tf.concat([tf.reduce_mean(o, axis=[1, 2]) if len(o.shape) == 4 else o for o in outs], axis=1)
+
             spec = tf.TensorSpec((None, *self.model.input_shape[1:]), tf.float32)
-            self._features = tf.function(lambda t: extractor(t, training=False), input_signature=[spec])
+            self._features = tf.function(pooled, input_signature=[spec])
         if not len(x):
-            return np.zeros((0, self.model.get_layer(LOGITS_LAYER).input.shape[-1]), dtype=np.float32)
+            return np.zeros((0, sum(int(t.shape[-1]) for t in tensors)), dtype=np.float32)
         return np.concatenate([np.asarray(self._features(x[i:i + batch_size]), dtype=np.float32)
                                for i in range(0, len(x), batch_size)])
 
@@ -493,9 +506,10 @@ def covid_probability(classifier: Component, images: np.ndarray, masks: np.ndarr
     return np.array([round(float(p), PROBABILITY_DECIMALS) for p in raw], dtype=np.float64)
 
 
-def penultimate_features(classifier: Component, images: np.ndarray, masks: np.ndarray, variant: str) -> np.ndarray:
-    """The classifier's penultimate features (the input of its ``logits`` layer) for working-size images with their
-    lung masks under ``variant``: what its out-of-distribution detector is fitted on and applied to."""
+def ood_features(classifier: Component, images: np.ndarray, masks: np.ndarray, variant: str) -> np.ndarray:
+    """The classifier's features (:meth:`Component.features`: pooled block outputs and penultimate features) for
+    working-size images with their lung masks under ``variant``: what its out-of-distribution detector is fitted on
+    and applied to."""
     from covidcxr.preprocess import apply_variant
 
     return classifier.features(apply_variant(images, masks, variant))
@@ -503,7 +517,7 @@ def penultimate_features(classifier: Component, images: np.ndarray, masks: np.nd
 
 def out_of_distribution(classifier: Component, images: np.ndarray, masks: np.ndarray, variant: str):
     """The out-of-distribution twin of :func:`covid_probability`: each image's OOD score (rounded to
-    ``ood.SCORE_DECIMALS``) and compact feature vector, from the classifier folder's detector (``ood.json``).
+    ``ood.SCORE_DECIMALS``) and compact feature vector, from the classifier folder's detector (``ood.npz``).
 
     The one computation behind the classifier stage's ``ood_score`` column and every served ``ood_score``; None when
     the folder has no detector (a model trained before it existed).
@@ -512,5 +526,5 @@ def out_of_distribution(classifier: Component, images: np.ndarray, masks: np.nda
 
     if classifier.ood is None:
         return None
-    features = penultimate_features(classifier, images, masks, variant)
+    features = ood_features(classifier, images, masks, variant)
     return Scored(score=classifier.ood.score(features), compact=classifier.ood.project(features))

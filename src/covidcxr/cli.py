@@ -258,6 +258,7 @@ def _monitor(args: argparse.Namespace) -> int:
 
     from covidcxr import monitoring, predlog
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one JSON line out, no progress bars
     try:
         since, until = monitoring.parse_time(args.since), monitoring.parse_time(args.until)
         if not (args.reference and args.no_mlflow):

@@ -192,7 +192,7 @@ class PredictionLog:
         self.url, self.shown = url, shown_url(url)
         self.max_pending, self.batch_size, self.retry_s = max_pending, batch_size, retry_s
         self.written = self.lost = 0
-        self._lock = threading.Lock()
+        self._lock, self._counting = threading.Lock(), threading.Lock()
         self._pid: int | None = None
         self._queue: queue.Queue = queue.Queue(max_pending)
         self._engine = None
@@ -269,9 +269,12 @@ class PredictionLog:
             self._engine = None
 
     def _lose(self, n: int, why: str) -> None:
-        self.lost += n
-        if time.monotonic() - self._last_report >= 60.0:
-            self._last_report = time.monotonic()
+        with self._counting:  # request threads and the writer both lose records
+            self.lost += n
+            report = time.monotonic() - self._last_report >= 60.0
+            if report:
+                self._last_report = time.monotonic()
+        if report:
             log.error("prediction log %s unavailable (%s): %d record(s) not written so far; answers are unaffected",
                       self.shown, why, self.lost)
 

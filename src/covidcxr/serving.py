@@ -302,9 +302,12 @@ class Pipeline:
         log.info("scored %d image(s): %d accepted, refused %s", len(entries), len(scored),
                  dict(sorted(reasons.items())))
         if self.prediction_log is not None:
-            self.prediction_log.append(predlog.records(
-                entries, {i: predlog.intensity_stats(w) for i, w in work.items()}, compact, when=when,
-                model_name=cfg.model_name, model_version=cfg.model_version))
+            try:
+                self.prediction_log.append(predlog.records(
+                    entries, {i: predlog.intensity_stats(w) for i, w in work.items()}, compact, when=when,
+                    model_name=cfg.model_name, model_version=cfg.model_version))
+            except Exception as exc:  # noqa: BLE001 - the log never fails a request
+                log.error("prediction log: records not built (%s)", type(exc).__name__)
         return entries
 
     def _read_all(self, images: Sequence[object], entries: list[dict], *, keep_display: bool):

@@ -54,7 +54,6 @@ def matmul_tflops(dtype: str, n: int = 8192, repeats: int = 20) -> float:
 
     if keras.backend.backend() == "jax":
         import jax
-        import jax.numpy as jnp
 
         key = jax.random.PRNGKey(0)
         a = jax.random.normal(key, (n, n), dtype=dtype)
@@ -116,10 +115,10 @@ def end_to_end(smoke: bool) -> dict:
         return {"skipped": f"the pipeline needs {missing} here (install requirements.lock with a CUDA TensorFlow)"}
     if not (ROOT / "data" / "demo" / "labels.csv").is_file():
         return {"skipped": "no demo data: run `make data` first"}
-    sets = ["cache.size=224", "train_projection.width=1.0", "train_projection.epochs=1", "train_projection.batch_size=64",
-            "train_unet.f0=64", "train_unet.epochs=1", "train_unet.batch_size=32", "train_unet.use_tuned=false",
-            "tune_unet.n_trials=0" if smoke else "tune_unet.n_trials=1", "tune_unet.epochs=1",
-            "train_classifier.width=1.0", "train_classifier.epochs=1", "train_classifier.batch_size=64"]
+    sets = ["cache.size=224", "train_projection.width=1.0", "train_projection.epochs=1",
+            "train_projection.batch_size=64", "train_unet.f0=64", "train_unet.epochs=1", "train_unet.batch_size=32",
+            "train_unet.use_tuned=false", "tune_unet.n_trials=1", "tune_unet.epochs=1", "train_classifier.width=1.0",
+            "train_classifier.epochs=1", "train_classifier.batch_size=64"]
     cmd = ["dvc", "exp", "run", "-n", "paper-gpu-smoke", *(a for s in sets for a in ("-S", s)), "evaluate"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
@@ -196,9 +195,8 @@ def rows(result: dict) -> list[dict]:
 if __name__ == "__main__":  # on a GPU machine without the project's environment: python bench/gpu.py
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "src"))
-    import json
-
     import importlib.util
+    import json
 
     os.environ.setdefault("KERAS_BACKEND", "tensorflow" if importlib.util.find_spec("tensorflow") else "jax")
     print(json.dumps(run(smoke="--smoke" in sys.argv), indent=2))

@@ -150,6 +150,8 @@ def check_no_phi(project: Path, texts: list[str], scratch: Path) -> None:
     files = outputs(project)
     assert any(p.name == "mlflow.db" for p in files) and any(p.name == "manifest.csv" for p in files)
     assert any(p.suffix == ".keras" for p in files) and any(p.suffix == ".png" for p in files)
+    # The prediction log the served model wrote (sqlite under the project) is scanned like every other output.
+    assert any(p.name == "predictions.db" and p.stat().st_size > 0 for p in files)
     hits = [h for path in files for h in scanner.scan_file(path)]
     hits += [f"log or answer {i}: {h}" for i, text in enumerate(texts) for h in scanner.find(text.encode())]
     assert not hits, f"{len(hits)} identifying values found in {len(files)} outputs and {len(texts)} logs:\n" + \

@@ -63,3 +63,14 @@ def test_smoke_summary_covers_every_benchmark_with_one_schema(tmp_path: Path):
     assert {"ingest", "training", "pipeline"} <= measured
     serving = [r for r in rows if r["name"].startswith("serving")]
     assert all(r["skipped"] is None for r in serving) or "dvc repro register" in serving[0]["skipped"]
+
+
+def test_gpu_benchmark_says_why_it_skips_without_a_gpu():
+    from bench import gpu
+
+    result = gpu.run(smoke=True)
+    assert result["gpu"] is None and "no GPU visible" in result["skipped"]
+    [only] = gpu.rows(result)
+    assert only["skipped"] == result["skipped"] and only["value"] is None and only["pass"] is None
+    recorded = json.loads((ROOT / "bench" / "results-gpu.json").read_text())  # the lent H200's run, in one schema
+    assert recorded["machine"]["gpu"] and all(set(r) == set(ROW_KEYS) for r in recorded["results"])

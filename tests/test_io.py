@@ -887,3 +887,147 @@ def test_real_raster_images_and_masks(real_data):
         band = np.zeros_like(mask)
         band[h // 3 : 2 * h // 3, int(0.45 * w) : int(0.55 * w)] = True
         assert out[mask].mean() < out[band & ~mask].mean()  # lungs darker than the mediastinum
+
+
+# --- the fast paths give pydicom's own numbers ------------------------------------------------------------------------
+
+
+def _pydicom_reference(data: bytes) -> np.ndarray:
+    """What read_image computed before its fast paths, with pydicom alone: ``pixel_array`` (frame 0), the modality and
+    VOI LUTs on the image (or modality only when the VOI fails on the stored range), MONOCHROME1 inverted over what the
+    LUTs give for every stored value."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+
+    ds = pydicom.dcmread(stdio.BytesIO(data))
+    arr = pixel_array(ds, index=0)
+    bits, signed = ds.BitsStored, ds.PixelRepresentation == 1
+    domain = np.arange(-(1 << (bits - 1)) if signed else 0, (1 << (bits - 1 if signed else bits)), dtype=np.int64)
+
+    def luts(x: np.ndarray, voi: bool) -> np.ndarray:
+        out = apply_modality_lut(x, ds)
+        if voi and ds.get("VOILUTSequence") and np.issubdtype(out.dtype, np.floating):
+            out = np.rint(out).astype(np.int64)
+        return apply_voi_lut(out, ds, index=0) if voi else out
+
+    try:
+        domain_out, voi = luts(domain, True), True
+    except Exception:  # noqa: BLE001
+        domain_out, voi = luts(domain, False), False
+    out = luts(arr, voi).astype(np.float64)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        out = (float(domain_out.min()) + float(domain_out.max())) - out
+    return out.astype(np.float32)
+
+
+LUT_HEADERS = {
+    "none": {},
+    "window": dict(WindowCenter=1500, WindowWidth=2000),
+    "rescale": dict(RescaleSlope=2, RescaleIntercept=-1024),
+    "rescale and window": dict(RescaleSlope=0.5, RescaleIntercept=10, WindowCenter=600, WindowWidth=900),
+    "two windows": dict(WindowCenter=[1500, 1000], WindowWidth=[2000, 500]),
+    "narrow window": dict(WindowCenter=2047.5, WindowWidth=1),
+    "invalid window": dict(WindowCenter=100, WindowWidth=0),
+    "window centre only": dict(WindowCenter=1500),
+    "sigmoid": dict(VOILUTFunction="SIGMOID", WindowCenter=1500, WindowWidth=2000),
+    "linear exact": dict(VOILUTFunction="LINEAR_EXACT", WindowCenter=1500, WindowWidth=2000),
+    "voi lut": dict(VOILUTSequence=DicomSequence([_voi_lut_item(np.arange(4096)[::-1] * 3)])),
+}
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize("bits_stored, signed", [(12, False), (16, False), (12, True), (8, False)])
+@pytest.mark.parametrize("header", list(LUT_HEADERS))
+def test_lut_table_and_plain_header_path_give_pydicoms_numbers_bit_for_bit(photometric, bits_stored, signed, header):
+    """The LUT chain applied once per stored value and looked up (what every image large enough takes), the
+    windowing of plain headers without pydicom, and the native decode: the very float32 values pydicom gives."""
+    rng = np.random.default_rng(bits_stored + 2 * signed)
+    lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
+    pixels = rng.integers(lo, hi + 1, (96, 128))
+    pixels[0, :2] = lo, hi
+    data = make_dicom(pixels, photometric=photometric, bits_allocated=8 if bits_stored == 8 else 16,
+                      bits_stored=bits_stored, signed=signed, **LUT_HEADERS[header])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = _pydicom_reference(data)
+    if expected.min() == expected.max():  # e.g. 8-bit data under a 12-bit window: refused as pydicom's numbers say
+        with pytest.raises(io.ZeroVarianceImageError):
+            io.read_image(data)
+        return
+    out, _ = io.read_image(data)
+    np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
+
+
+def test_unused_high_bits_are_ignored_as_pydicom_does(tmp_path):
+    """Stored values with junk above BitsStored: cleared (unsigned) or sign-extended (signed) by the native decode
+    exactly as pydicom's pixel_array, then looked up in the table."""
+    rng = np.random.default_rng(5)
+    for signed in (False, True):
+        stored = rng.integers(0, 1 << 16, (80, 90)).astype(np.uint16)  # every bit set somewhere
+        data = make_dicom(stored.view(np.int16) if signed else stored, bits_stored=12, signed=signed,
+                          WindowCenter=100, WindowWidth=300)
+        out, _ = io.read_image(data)
+        np.testing.assert_array_equal(out, _pydicom_reference(data))
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+@pytest.mark.parametrize("keyword, value", [
+    ("PixelSpacing", "0.1\\0.2"), ("PixelSpacing", "0.1"), ("PixelSpacing", " 1.5e-1\\.3 "), ("PixelSpacing", "a\\b"),
+    ("PixelSpacing", ""), ("NumberOfFrames", "1"), ("NumberOfFrames", " 2 "), ("NumberOfFrames", "1.0"),
+    ("NumberOfFrames", "x"), ("PatientAge", "065Y"), ("PatientSex", "F "), ("ViewPosition", "PA\\AP"),
+    ("BodyPartExamined", "CHEST"), ("WindowCenter", "100\\"), ("WindowWidth", "1e400"), ("RescaleSlope", "nan"),
+])
+def test_header_values_read_from_the_bytes_equal_pydicoms(keyword, value):
+    """The values read straight from an element's bytes are pydicom's, or pydicom is asked (odd ones)."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    def element(tag: int, vr: str, data: bytes) -> bytes:  # explicit VR little endian, written by hand
+        data += b" " * (len(data) % 2)
+        return struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode() + struct.pack("<H", len(data)) + data
+
+    tag = tag_for_keyword(keyword)
+    elements = {0x00280010: element(0x00280010, "US", struct.pack("<H", 4)),
+                tag: element(tag, dictionary_VR(tag), value.encode("ascii"))}
+    data = b"".join(elements[t] for t in sorted(elements))
+    parsed = pydicom.dcmread(stdio.BytesIO(data), force=True)
+    fast = io._plain_values(parsed, keyword)
+    assert (fast is None) == (value in ("a\\b", "", "1.0", "x", "nan"))  # plain values do not go through pydicom
+    try:
+        reference = pydicom.dcmread(stdio.BytesIO(data), force=True).get(keyword)
+    except ValueError:  # pydicom refuses the value: so must the shortcut, leaving it to pydicom
+        assert fast is None
+        return
+    reference = tuple(reference) if isinstance(reference, pydicom.multival.MultiValue) else (reference,)
+    if fast is not None:
+        assert len(fast) == len(reference) and all(
+            f == r or (isinstance(f, float) and np.isnan(f) and np.isnan(r)) for f, r in zip(fast, reference))
+    assert io._get(parsed, "Rows") == 4 and io._plain_values(parsed, "Rows") == (4,)
+
+
+# --- reduced decode for a target size -------------------------------------------------------------------------------
+
+
+def test_a_jpeg_far_above_the_target_is_decoded_at_reduced_scale(tmp_path):
+    big = Image.fromarray(np.tile(gray8(100, 125), (10, 8)))  # 1000 x 1000 px
+    jpeg = png_bytes(big, "JPEG", quality=95)
+    full, header = io.read_image(jpeg)
+    assert full.shape == (1000, 1000) and not io.is_reduced(full, header)
+    for target, shape in [(224, (250, 250)), (64, (125, 125)), ((400, 120), (500, 500)), (500, (500, 500)),
+                          (600, (1000, 1000))]:
+        arr, header = io.read_image(jpeg, target=target)
+        assert arr.shape == shape and (header["width"], header["height"]) == (1000, 1000), target
+        assert io.is_reduced(arr, header) == (shape != (1000, 1000))
+    # the reduced decode keeps the image: its working image is the full decode's, up to the decoder's own filtering
+    from covidcxr import preprocess
+
+    reduced = preprocess.read_working_image(jpeg, 64)[0]
+    assert np.abs(reduced - preprocess.working_image(full, 64)).mean() < 0.02  # hard-edged tiles: the worst case
+    for fmt in ("PNG", "TIFF"):  # other formats are decoded whole
+        arr, header = io.read_image(png_bytes(big, fmt), target=64)
+        assert arr.shape == (1000, 1000) and not io.is_reduced(arr, header)
+    dicom, header = io.read_image(make_dicom(phantom(200, 300)), target=32)
+    assert dicom.shape == (200, 300) and not io.is_reduced(dicom, header)
+    for bad in (0, -3, (0, 5), True):
+        with pytest.raises(ValueError, match="target"):
+            io.read_image(jpeg, target=bad)
+    with pytest.raises(io.ImageTooLargeError):  # limits apply to the file's declared size, whatever the target
+        io.read_image(jpeg, target=64, max_pixels=999_999)

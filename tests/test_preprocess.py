@@ -42,3 +42,38 @@ def test_standardizer_refuses_unfitted_and_empty():
         preprocess.Standardizer().transform(np.zeros((1, 2, 2)))
     with pytest.raises(ValueError, match="no images"):
         preprocess.Standardizer().fit(np.zeros((0, 2, 2)))
+
+
+def _float16_grid() -> np.ndarray:
+    """Float32 values around every rounding decision of float16 in [-65504, 65504]: each float16 value, each midpoint
+    between neighbours (the ties), one float32 step either side of both, a stride through all float32 patterns, and the
+    subnormal range of float16 densely."""
+    halves = np.arange(0, 0x7BFF + 1, dtype=np.uint16).view(np.float16).astype(np.float32)  # 0 .. 65504
+    mids = (halves[:-1].astype(np.float64) + halves[1:]) / 2
+    near = np.concatenate([halves, mids.astype(np.float32)])
+    bits = near.view(np.uint32)
+    around = np.concatenate([bits, bits + 1, bits - 1]).view(np.float32)
+    stride = np.arange(0, np.float32(65504).view(np.uint32), 997, dtype=np.uint32).view(np.float32)
+    subnormal = np.linspace(0, 2**-13, 200_001, dtype=np.float32)
+    grid = np.concatenate([around, stride, subnormal])
+    grid = grid[np.isfinite(grid) & (np.abs(grid) <= 65504)]
+    return np.concatenate([grid, -grid])
+
+
+def test_working_precision_is_numpys_float16_round_trip_bit_for_bit():
+    grid = _float16_grid()
+    expected = grid.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(preprocess.to_working_precision(grid).view(np.uint32), expected.view(np.uint32))
+    odd = np.array([np.nan, np.inf, -np.inf, 65520.0, 70000.0, -1e9, 0.5], dtype=np.float32)  # numpy's own path
+    np.testing.assert_array_equal(preprocess.to_working_precision(odd), odd.astype(np.float16).astype(np.float32))
+    image = np.random.default_rng(0).random((37, 53)).astype(np.float32)
+    out = preprocess.to_working_precision(image)
+    assert out.shape == image.shape and out.dtype == np.float32
+    np.testing.assert_array_equal(out, image.astype(np.float16).astype(np.float32))
+
+
+def test_working_image_is_resize_then_minmax_at_cache_precision():
+    pixels = np.random.default_rng(1).normal(1000, 300, (300, 260)).astype(np.float32)
+    resized = preprocess.resize(pixels, 64)
+    expected = ((resized - resized.min()) / (resized.max() - resized.min())).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(preprocess.working_image(pixels, 64), expected)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from PIL import Image, ImageFile, UnidentifiedImageError
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException
@@ -31,6 +32,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.tag import Tag
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -134,16 +136,25 @@ class UnsupportedPhotometricError(ImageReadError):
 
 
 def read_image(
-    src: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+    src: ImageSource,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+    target: int | tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Float32 2-D grayscale array (native intensity after LUTs, air dark) and a whitelisted header dict.
 
     ``src`` is a path or the file's bytes; ``name`` replaces the path (or ``"<bytes>"``) in error messages and, for
     bytes, supplies the suffix that marks a JSRT raw file. Raises an :class:`ImageReadError` subclass for anything
     that cannot be read faithfully, including images whose pixels all have one value.
+
+    ``target`` (an int for a square, or ``(height, width)``) is the size the caller is about to resize the image to.
+    A JPEG at least twice that size on both sides is then decoded at 1/2, 1/4 or 1/8 scale in the decoder itself
+    (Pillow's draft mode: scaled inverse DCT), keeping both sides at least ``target``; every other format is decoded
+    whole. The header still gives the file's own width and height, so ``arr.shape`` differs from them exactly when
+    the decode was reduced (:func:`is_reduced`). Size limits apply to the file's declared size, before any decode.
     """
-    arr, header, source = _decode(src, max_pixels, name)
-    lo, hi = float(arr.min()), float(arr.max())
+    arr, header, source, (lo, hi) = _decode(src, max_pixels, name, target)
     if lo == hi:
         raise ZeroVarianceImageError(source, f"all pixels have the same value ({lo:g})")
     return arr, header
@@ -160,8 +171,8 @@ def read_mask(paths: ImageSource | Sequence[str | os.PathLike], *, max_pixels: i
     merged: np.ndarray | None = None
     first = ""
     for item in items:
-        arr, _, source = _decode(item, max_pixels, None)
-        mask = _binarize(arr)
+        arr, _, source, (lo, hi) = _decode(item, max_pixels, None)
+        mask = _binarize(arr, lo, hi)
         if merged is None:
             merged, first = mask, source
         elif mask.shape != merged.shape:
@@ -172,6 +183,11 @@ def read_mask(paths: ImageSource | Sequence[str | os.PathLike], *, max_pixels: i
             merged |= mask
     assert merged is not None
     return merged
+
+
+def is_reduced(arr: np.ndarray, header: dict) -> bool:
+    """Whether ``read_image(..., target=...)`` decoded this image below the file's own size (a JPEG in draft mode)."""
+    return arr.shape != (header.get("height"), header.get("width"))
 
 
 def pseudonymize(value: str, salt: str) -> str:
@@ -218,8 +234,11 @@ _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "tiff": "TIFF", "jpe
 _DICOM_NO_PREAMBLE_STARTS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
 
 
-def _decode(src: ImageSource, max_pixels: int, name: str | None) -> tuple[np.ndarray, dict, str]:
-    """Read any supported file into (float32 2-D array, header, source name), without the variance check."""
+def _decode(
+    src: ImageSource, max_pixels: int, name: str | None, target: int | tuple[int, int] | None = None
+) -> tuple[np.ndarray, dict, str, tuple[float, float]]:
+    """Read any supported file into (float32 2-D array, header, source name, (min, max)), without the variance check.
+    """
     if not isinstance(max_pixels, (int, np.integer)) or isinstance(max_pixels, bool) or max_pixels <= 0:
         raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
     data, source, suffix = _load(src, name, _max_file_bytes(max_pixels))
@@ -231,14 +250,26 @@ def _decode(src: ImageSource, max_pixels: int, name: str | None) -> tuple[np.nda
     elif fmt == "jsrt":
         arr, header = _read_jsrt(data, source, max_pixels)
     else:
-        arr, header = _read_raster(data, fmt, source, max_pixels)
+        arr, header = _read_raster(data, fmt, source, max_pixels, _draft_size(target) if fmt == "jpeg" else None)
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if arr.ndim != 2:
         raise UnreadableImageError(source, f"decoded to shape {arr.shape}, expected a 2-D grayscale image")
-    if not np.isfinite(arr).all():
+    # min and max propagate NaN and reach an infinity if there is one: two passes instead of an isfinite array
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         raise UnreadableImageError(source, "pixel values are not all finite (NaN or infinity)")
     logger.debug("read %s: %s %dx%d", source, header["format"], arr.shape[1], arr.shape[0])
-    return arr, header, source
+    return arr, header, source, (lo, hi)
+
+
+def _draft_size(target: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``target`` as Pillow's (width, height), checked; None when no reduced decode is asked for."""
+    if target is None:
+        return None
+    height, width = (target, target) if isinstance(target, (int, np.integer)) else target
+    if isinstance(height, bool) or isinstance(width, bool) or int(height) < 1 or int(width) < 1:
+        raise ValueError(f"target must be a positive int or (height, width), got {target!r}")
+    return int(width), int(height)
 
 
 def _max_file_bytes(max_pixels: int) -> int:
@@ -326,7 +357,9 @@ def _read_dicom(data: bytes, source: str, max_pixels: int, max_bytes: int) -> tu
         _ensure_transfer_syntax(ds, source)
         _check_pixel_length(ds, source, rows, cols, frames, max_pixels)
         try:
-            arr = pixel_array(ds, index=0)
+            arr = _native_frame(ds, rows, cols)
+            if arr is None:
+                arr = pixel_array(ds, index=0)
         except Exception as exc:  # noqa: BLE001 - every decoder failure becomes a typed refusal
             raise UnreadableImageError(source, f"cannot decode DICOM pixel data ({_describe(exc)})") from None
         return _dicom_intensity(arr, ds, photometric, source), header
@@ -578,24 +611,88 @@ def _j2k_size(data: bytes) -> tuple[int, int] | None:
     return ysiz - yosiz, xsiz - xosiz
 
 
+_NATIVE_LITTLE_ENDIAN = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
+_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+_NATIVE_DTYPES = {(8, 0): np.dtype("u1"), (8, 1): np.dtype("i1"), (16, 0): np.dtype("<u2"), (16, 1): np.dtype("<i2")}
+
+
+def _native_frame(ds: Dataset, rows: int, cols: int) -> np.ndarray | None:
+    """Frame 0 of uncompressed little-endian grayscale pixel data, as pydicom's ``pixel_array(ds, index=0)`` gives it.
+
+    pydicom's decoder spends most of its time on a small radiograph setting itself up; for the common layout (8 or 16
+    bits allocated, one sample) this is the same array by the same rule: the frame's values in the stored dtype, the
+    bits above BitsStored cleared (unsigned) or sign-extended (signed), as pydicom's default ``correct_unused_bits``.
+    None for anything else, which pydicom decodes. The data's length was checked before.
+    """
+    if ds.file_meta.get("TransferSyntaxUID") not in _NATIVE_LITTLE_ENDIAN or "PixelData" not in ds:
+        return None
+    allocated, stored = _int(ds, "BitsAllocated"), _int(ds, "BitsStored")
+    dtype = _NATIVE_DTYPES.get((allocated, _int(ds, "PixelRepresentation")))
+    if dtype is None or stored is None or not 1 <= stored <= allocated or _int(ds, "SamplesPerPixel") != 1:
+        return None
+    if not (0 < rows < 2**16 and 0 < cols < 2**16) or _str(ds, "PhotometricInterpretation") not in _MONOCHROME:
+        return None
+    frame = np.frombuffer(ds.PixelData, dtype=dtype, count=rows * cols).reshape(rows, cols)
+    arr = frame.astype(dtype.newbyteorder("="))  # a writeable copy in native byte order
+    if stored < allocated:
+        shift = allocated - stored
+        np.left_shift(arr, shift, out=arr)
+        np.right_shift(arr, shift, out=arr)
+    return arr
+
+
 def _dicom_intensity(arr: np.ndarray, ds: Dataset, photometric: str, source: str) -> np.ndarray:
     """Modality LUT, then VOI LUT or window, then MONOCHROME1 inversion over the VOI output range."""
     if photometric == "RGB":
         return _luminance(arr)
     domain = _stored_domain(ds)
     use_voi = True
-    try:
-        domain_out = _apply_luts(domain, ds, use_voi=True)
-    except Exception as exc:  # noqa: BLE001 - a broken VOI should not discard a readable image; it is logged
-        logger.warning("%s: VOI LUT/window not applied (%s); using modality values", source, type(exc).__name__)
-        use_voi = False
-        domain_out = _apply_luts(domain, ds, use_voi=False)
+    domain_out = _plain_luts(domain, ds)
+    if domain_out is None:
+        try:
+            domain_out = _apply_luts(domain, ds, use_voi=True)
+        except Exception as exc:  # noqa: BLE001 - a broken VOI should not discard a readable image; it is logged
+            logger.warning("%s: VOI LUT/window not applied (%s); using modality values", source, type(exc).__name__)
+            use_voi = False
+            domain_out = _apply_luts(domain, ds, use_voi=False)
+    # MONOCHROME1 is inverted over the range the LUTs can produce from any stored value, not this image's own
+    # min/max, so that the mapping depends on the header only.
+    flip = float(domain_out.min()) + float(domain_out.max()) if photometric == "MONOCHROME1" else None
+    table = _intensity_table(arr, ds, domain, domain_out, use_voi, flip)
+    if table is not None:
+        lo = int(domain[0])
+        return np.take(table, arr if lo == 0 else arr.astype(np.int32) - lo)
     out = _apply_luts(arr, ds, use_voi=use_voi).astype(np.float64)
-    if photometric == "MONOCHROME1":
-        # Invert over the range the LUTs can produce from any stored value, not this image's own min/max, so that
-        # the mapping depends on the header only.
-        out = (float(domain_out.min()) + float(domain_out.max())) - out
-    return out
+    return out if flip is None else flip - out
+
+
+def _intensity_table(
+    arr: np.ndarray, ds: Dataset, domain: np.ndarray, domain_out: np.ndarray, use_voi: bool, flip: float | None
+) -> np.ndarray | None:
+    """The whole LUT chain evaluated once per possible stored value, as float32, indexed by ``value - lowest``.
+
+    Every step (modality rescale or LUT, windowing or VOI LUT, inversion) maps each pixel on its own, so looking the
+    pixels up in this table gives the very numbers (bit for bit) that applying the steps to the image gives: the
+    table is computed from the stored values in the image's own dtype, so that pydicom's dtype-dependent integer
+    arithmetic is the same too. A 2048 x 2048 radiograph has 4M pixels and at most 65,536 stored values. None (apply
+    the steps to the image) beyond 16 bits (``domain`` then holds only the two ends), for non-integer data, for images
+    with fewer pixels than possible values, or when a pixel lies outside BitsStored's range.
+    """
+    lo, hi = int(domain[0]), int(domain[-1])
+    if domain.size != hi - lo + 1 or arr.dtype.kind not in "iu" or arr.size < domain.size:
+        return None
+    info = np.iinfo(arr.dtype)
+    if lo < info.min or hi > info.max or int(arr.min()) < lo or int(arr.max()) > hi:
+        return None
+    if ds.get("ModalityLUTSequence") or (use_voi and ds.get("VOILUTSequence")):
+        # LUT sequences index with integer arithmetic in the input's dtype (overflow included): redo it in that dtype
+        try:
+            domain_out = _apply_luts(domain.astype(arr.dtype), ds, use_voi=use_voi)
+        except Exception:  # noqa: BLE001 - whatever the steps do on this image, they do below, on the image itself
+            return None
+    # otherwise each step is the identity or float64 arithmetic on the value alone: the int64 domain's result is it
+    out = np.asarray(domain_out, dtype=np.float64)
+    return (out if flip is None else flip - out).astype(np.float32)
 
 
 def _stored_domain(ds: Dataset) -> np.ndarray:
@@ -606,6 +703,55 @@ def _stored_domain(ds: Dataset) -> np.ndarray:
     if bits <= 16:
         return np.arange(lo, hi + 1, dtype=np.int64)
     return np.array([lo, hi], dtype=np.int64)
+
+
+_RESCALE_WINDOW = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+_LUT_SEQUENCES = tuple(Tag(tag_for_keyword(k)) for k in ("ModalityLUTSequence", "VOILUTSequence", "VOILUTFunction"))
+
+
+def _plain_luts(domain: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """:func:`_apply_luts` with the VOI for the commonest header, or None (let pydicom do it, errors included).
+
+    The commonest header has no LUT sequence, no VOI LUT Function (LINEAR), plain Rescale Slope/Intercept or none, and
+    one plain Window Center/Width with a width of at least 1, or none. For it this is pydicom's own arithmetic
+    (``apply_modality_lut``, then ``apply_voi_lut``'s windowing, step for step in float64), without its per-call
+    attribute lookups and value parsing: with the domain as short as 4,096 values, those were most of the cost.
+    """
+    if any(tag in ds for tag in _LUT_SEQUENCES):
+        return None
+    bits, representation = _plain_values(ds, "BitsStored"), _plain_values(ds, "PixelRepresentation")
+    slope, intercept, center, width = (_plain_values(ds, k) for k in _RESCALE_WINDOW)
+    if None in (slope, intercept, center, width):
+        return None
+    present = [_PLAIN_TAG[k] in ds for k in _RESCALE_WINDOW]
+    rescale, windowed = all(present[:2]), all(present[2:])  # pydicom uses each pair only when both are present
+    if ((rescale and (len(slope) != 1 or len(intercept) != 1 or "" in slope + intercept))
+            or (windowed and (not center or not width or "" in center[:1] + width[:1] or width[0] < 1))
+            or (windowed and (bits is None or len(bits) != 1 or representation is None or len(representation) != 1))):
+        return None
+    out = domain
+    if rescale:
+        out = domain.astype(np.float64) * slope[0]
+        out += intercept[0]
+    if not windowed:
+        return out
+    if representation[0] == 0:
+        y_min, y_max = 0, 2 ** bits[0] - 1
+    else:
+        y_min, y_max = -(2 ** (bits[0] - 1)), 2 ** (bits[0] - 1) - 1
+    if rescale:
+        y_min, y_max = y_min * slope[0] + intercept[0], y_max * slope[0] + intercept[0]
+    y_range = y_max - y_min
+    out = out.astype("float64")
+    c, w = center[0] - 0.5, width[0] - 1
+    below = out <= (c - w / 2)
+    above = out > (c + w / 2)
+    between = np.logical_and(~below, ~above)
+    out[below] = y_min
+    out[above] = y_max
+    if between.any():
+        out[between] = ((out[between] - c) / w + 0.5) * y_range + y_min
+    return out
 
 
 def _apply_luts(arr: np.ndarray, ds: Dataset, *, use_voi: bool) -> np.ndarray:
@@ -643,13 +789,70 @@ def _dicom_header(ds: Dataset) -> dict:
 
 def _get(ds: Dataset, keyword: str) -> Any:
     """The first value of an element, or None when absent, empty or not decodable."""
-    try:
-        value = ds.get(keyword)
-    except Exception:  # noqa: BLE001 - a malformed optional element is treated as missing
-        return None
-    if isinstance(value, (MultiValue, list, tuple)):
-        value = value[0] if len(value) else None
+    fast = _plain_values(ds, keyword)
+    if fast is not None:
+        value = fast[0] if fast else None
+    else:
+        try:
+            value = ds.get(keyword)
+        except Exception:  # noqa: BLE001 - a malformed optional element is treated as missing
+            return None
+        if isinstance(value, (MultiValue, list, tuple)):
+            value = value[0] if len(value) else None
     return None if value is None or value == "" else value
+
+
+# Header values read straight from the element's bytes where their encoding is plain: US and UL (unsigned integers)
+# and CS, AS, IS and DS (ASCII text, backslash-separated). These are the values pydicom's conversion gives, but
+# pydicom builds and validates a value object per element on first access, which is a good part of the time a small
+# radiograph takes to read. Anything else (another VR than the dictionary's, odd lengths, non-ASCII bytes, a number
+# that does not parse plainly, an element pydicom already converted) goes through pydicom.
+_PLAIN_VR = {
+    "Rows": "US", "Columns": "US", "BitsAllocated": "US", "BitsStored": "US", "PixelRepresentation": "US",
+    "SamplesPerPixel": "US", "FileMetaInformationGroupLength": "UL", "NumberOfFrames": "IS",
+    "PhotometricInterpretation": "CS", "Modality": "CS", "ViewPosition": "CS", "BodyPartExamined": "CS",
+    "PatientSex": "CS", "BurnedInAnnotation": "CS", "PatientAge": "AS", "PixelSpacing": "DS",
+    "ImagerPixelSpacing": "DS", "RescaleSlope": "DS", "RescaleIntercept": "DS", "WindowCenter": "DS",
+    "WindowWidth": "DS",
+}  # fmt: skip
+_PLAIN_TAG = {keyword: Tag(tag_for_keyword(keyword)) for keyword in _PLAIN_VR}
+_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+_DECIMAL = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+
+
+def _plain_values(ds: Dataset, keyword: str) -> tuple | None:
+    """Every value of a :data:`_PLAIN_VR` element as pydicom would give them (empty when absent or empty), or None:
+    ask pydicom."""
+    vr = _PLAIN_VR.get(keyword)
+    if vr is None:
+        return None
+    try:
+        raw = ds.get_item(_PLAIN_TAG[keyword], keep_deferred=True)
+    except Exception:  # noqa: BLE001 - not a plain Dataset
+        return None
+    if raw is None:
+        return ()
+    if not isinstance(raw, RawDataElement) or raw.VR not in (None, vr) or raw.value is None:
+        return None
+    data = raw.value
+    if not data:
+        return ()
+    if vr in ("US", "UL"):
+        size = 2 if vr == "US" else 4
+        if len(data) % size:
+            return None
+        order = "<" if raw.is_little_endian else ">"
+        return struct.unpack(f"{order}{len(data) // size}{'H' if size == 2 else 'I'}", data)
+    try:
+        items = data.decode("ascii").rstrip(" \x00").split("\\")
+    except UnicodeDecodeError:
+        return None
+    if vr in ("CS", "AS"):
+        return tuple(items)
+    pattern, number = (_INTEGER, int) if vr == "IS" else (_DECIMAL, float)
+    if not all(pattern.fullmatch(item) or not item.strip() for item in items):
+        return None
+    return tuple(number(item) if item.strip() else "" for item in items)
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
@@ -670,8 +873,11 @@ def _spacing(ds: Dataset) -> tuple[float, float] | None:
     """(row, column) spacing in mm from PixelSpacing, else ImagerPixelSpacing; None unless two positive numbers."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         try:
-            value = ds.get(keyword)
-            pair = tuple(float(v) for v in value) if value is not None else ()
+            values = _plain_values(ds, keyword)
+            if values is None or len(values) == 1:  # pydicom gives one value as a number: no pair
+                value = ds.get(keyword)
+                values = tuple(value) if value is not None else ()
+            pair = tuple(float(v) for v in values)
         except Exception:  # noqa: BLE001
             continue
         if len(pair) == 2 and all(np.isfinite(v) and v > 0 for v in pair):
@@ -740,8 +946,14 @@ _GRAY_MODES = ("1", "L", "I", "F", "I;16", "I;16B", "I;16L", "I;16N")
 _RGB_MODES = ("RGB", "RGBA", "RGBX", "RGBa")
 
 
-def _read_raster(data: bytes, fmt: str, source: str, max_pixels: int) -> tuple[np.ndarray, dict]:
-    """Size checked from the header before ``load()``; bombs, truncation and decoder errors become typed refusals."""
+def _read_raster(
+    data: bytes, fmt: str, source: str, max_pixels: int, draft: tuple[int, int] | None = None
+) -> tuple[np.ndarray, dict]:
+    """Size checked from the header before ``load()``; bombs, truncation and decoder errors become typed refusals.
+
+    ``draft`` (width, height): a JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale that keeps both sides at
+    least that size (Pillow's draft mode; the colour model is kept, so grayscale is still taken by :func:`_luminance`).
+    """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True; reset to False so truncated files are refused")
         ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -755,6 +967,8 @@ def _read_raster(data: bytes, fmt: str, source: str, max_pixels: int) -> tuple[n
                 n_frames = int(getattr(img, "n_frames", 1) or 1)
                 _check_pixels(width * height * n_frames, max_pixels, source, f"{label} {width}x{height} x {n_frames}")
                 mode = img.mode
+                if draft is not None and width >= 2 * draft[0] and height >= 2 * draft[1]:
+                    img.draft(mode, draft)
                 img.load()
                 arr = _raster_gray(img, label, source)
     except ImageReadError:
@@ -812,8 +1026,7 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
-def _binarize(arr: np.ndarray) -> np.ndarray:
-    lo, hi = float(arr.min()), float(arr.max())
+def _binarize(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
     if lo == hi:
         return np.full(arr.shape, hi > 0, dtype=bool)
     return arr > (lo + hi) / 2

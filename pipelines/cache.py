@@ -1,5 +1,5 @@
 """Stage `cache`: decode every manifest image once at the working size (and its true lung mask, where the source has
-one), with :func:`covidcxr.preprocess.working_image`, the transform serving applies to every request."""
+one), with :func:`covidcxr.preprocess.read_working_image`, the decode and transform serving applies to every request."""
 
 from __future__ import annotations
 

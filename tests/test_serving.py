@@ -200,6 +200,19 @@ def test_explain_adds_a_gradcam_png_of_the_image_size(loaded):
     assert serving.GRADCAM_FIELD not in loaded.score([png_b64(image)])[0]
 
 
+def test_a_jpeg_decoded_at_reduced_scale_still_gets_a_full_resolution_overlay(loaded):
+    """The working image of a large JPEG comes from a reduced decode (as in the cache stage); the overlay a person
+    reads is drawn on the full decode, at the display size, not on the reduced pixels."""
+    big = Image.fromarray(np.round(255 * phantom(size=600)).astype(np.uint8)).resize((1000, 1200))
+    buffer = stdio.BytesIO()
+    big.save(buffer, "JPEG", quality=95)
+    [entry] = loaded.score([b64(buffer.getvalue())], explain=True)
+    overlay = Image.open(stdio.BytesIO(base64.b64decode(entry["gradcam_png"])))
+    assert entry["accepted"] and overlay.size == (427, serving.DISPLAY_SIZE)  # 1000 x 1200 scaled to 512 high
+    [plain] = loaded.score([b64(buffer.getvalue())])
+    assert plain["covid_probability"] == entry["covid_probability"]
+
+
 def test_the_label_follows_from_the_probability_and_threshold_shown(loaded):
     images = [png_b64(phantom(seed=s)) for s in range(4)]
     for entry in loaded.score(images):

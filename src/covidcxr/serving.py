@@ -1,14 +1,15 @@
 """Serving: the whole pipeline as one MLflow pyfunc model, from an image file to a decision with its reasons.
 
-Each image of a request (a PNG, JPEG or DICOM file, base64-encoded) goes: decode -> :func:`covidcxr.io.read_image`
-(pixel limit) -> plausibility checks (aspect ratio, DICOM modality and body part) -> the working image
-(:func:`covidcxr.preprocess.working_image`) -> the projection rule (:func:`covidcxr.projection.decide`: the DICOM view
-position, else the projection filter) -> U-Net lung mask and its quality rules (:mod:`covidcxr.lungs`) -> variant
-c/d/e -> classifier -> COVID-19 probability -> label at the operating threshold, the out-of-distribution score
-(:func:`covidcxr.models.out_of_distribution`; above its threshold the image is refused as ``out_of_distribution``, or
-only flagged when ``Config.ood_action`` is ``flag``), and optionally a Grad-CAM overlay (PNG, base64). These are the
-functions the pipeline's stages call, with the model folders they wrote (:class:`covidcxr.models.Component`): the
-served model is the evaluated one.
+Each image of a request (a PNG, JPEG or DICOM file, base64-encoded) goes: decode and working image
+(:func:`covidcxr.preprocess.read_working_image`, the cache stage's path: :func:`covidcxr.io.read_image` with the pixel
+limit, a JPEG far above the working size decoded at reduced scale, then :func:`covidcxr.preprocess.working_image`) ->
+plausibility checks (aspect ratio, DICOM modality and body part) -> the projection rule
+(:func:`covidcxr.projection.decide`: the DICOM view position, else the projection filter) -> U-Net lung mask and its
+quality rules (:mod:`covidcxr.lungs`) -> variant c/d/e -> classifier -> COVID-19 probability -> label at the operating
+threshold, the out-of-distribution score (:func:`covidcxr.models.out_of_distribution`; above its threshold the image
+is refused as ``out_of_distribution``, or only flagged when ``Config.ood_action`` is ``flag``), and optionally a
+Grad-CAM overlay (PNG, base64). These are the functions the pipeline's stages call, with the model folders they wrote
+(:class:`covidcxr.models.Component`): the served model is the evaluated one.
 
 An image that cannot be used gets an entry with ``accepted=False`` and a ``reason`` from :data:`REASONS`, never a
 failed batch. A malformed request (no ``image`` column, too many images, a threshold outside [0, 1]) raises
@@ -310,12 +311,14 @@ class Pipeline:
         for i, value in enumerate(images):
             try:
                 data = decode_field(value, i, cfg.limits.max_image_bytes)
-                pixels, header = io.read_image(data, max_pixels=cfg.limits.max_pixels, name=f"image[{i}]")
+                read = dict(max_pixels=cfg.limits.max_pixels, name=f"image[{i}]")
+                image, pixels, header = preprocess.read_working_image(data, cfg.size, **read)  # as the cache stage
                 check_plausible(pixels, header, i, cfg.max_aspect)
-                work[i] = preprocess.working_image(pixels, cfg.size)
+                work[i] = image
                 views[i] = header.get("view_position")
-                if keep_display:
-                    display[i] = gradcam.display_image(pixels, DISPLAY_SIZE)
+                if keep_display:  # the overlay a person reads is drawn on the full-resolution image
+                    full = io.read_image(data, **read)[0] if io.is_reduced(pixels, header) else pixels
+                    display[i] = gradcam.display_image(full, DISPLAY_SIZE)
             except Refused as refusal:
                 refuse(entries[i], refusal.reason, refusal.message)
             except io.ImageReadError as err:

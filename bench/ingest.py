@@ -5,6 +5,7 @@
 size decoded at reduced scale in Pillow's draft mode), resize, min-max and rounding to the cache's float16. The
 baseline decodes the same file whole: `pydicom.dcmread(path).pixel_array` or Pillow's `Image.open(path).load()`. The
 figure is the ratio ours / decoder-alone (goal >= 0.8); above 1 where the reduced decode saves more than the rest costs.
+Both sides run in one warm pool of all cores, alternately, best of several rounds (see :func:`best_of_rounds`).
 """
 
 from __future__ import annotations
@@ -37,14 +38,28 @@ def decode_only(path: str) -> float:
         return float(np.asarray(im).flat[0])
 
 
-def images_per_second(fn, paths: list[str], workers: int, repeats: int) -> float:
+def images_per_second(pool: ProcessPoolExecutor, fn, paths: list[str], repeats: int) -> float:
     work = paths * repeats
+    start = time.perf_counter()
+    list(pool.map(fn, work, chunksize=8))
+    return len(work) / (time.perf_counter() - start)
+
+
+def best_of_rounds(paths: list[str], workers: int, repeats: int, rounds: int) -> dict[str, float]:
+    """Images/s of the decoder alone and of ours, in one warm pool, alternating which goes first, best of ``rounds``.
+
+    On a machine shared with other work, a single pass of each is at the mercy of what else ran meanwhile; the best
+    round of each is the least disturbed, and alternating gives neither side the quieter half systematically.
+    """
+    sides = {"decode_only": decode_only, "ours": ours}
+    best = dict.fromkeys(sides, 0.0)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(fn, paths[:workers]))  # warm the workers (imports)
-        start = time.perf_counter()
-        list(pool.map(fn, work, chunksize=8))
-        elapsed = time.perf_counter() - start
-    return len(work) / elapsed
+        for fn in sides.values():  # warm the workers (imports, first-call set-up)
+            list(pool.map(fn, paths[: 2 * workers]))
+        for r in range(rounds):
+            for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                best[name] = max(best[name], images_per_second(pool, sides[name], paths, repeats))
+    return best
 
 
 def find_files(demo: Path, real: Path | None, n: int = 120) -> dict[str, list[str]]:
@@ -63,21 +78,22 @@ def _readable(path: str) -> bool:
         return False
 
 
-def run(demo: Path, real: Path | None, repeats: int = 3, *, smoke: bool = False) -> dict:
-    """Smoke: 8 files once each (checks the benchmark works; the figures mean little)."""
+def run(demo: Path, real: Path | None, repeats: int = 2, rounds: int = 5, *, smoke: bool = False) -> dict:
+    """Smoke: 8 files, one round of one pass each (checks the benchmark works; the figures mean little)."""
     workers = os.cpu_count() or 1
-    result: dict = {"workers": workers, "resize_to": SIZE, "ours": "preprocess.load_working_image (the cache stage)"}
+    if smoke:
+        repeats, rounds = 1, 1
+    result: dict = {"workers": workers, "resize_to": SIZE, "rounds": rounds, "repeats": repeats,
+                    "ours": "preprocess.load_working_image (the cache stage's work per file)"}
     for kind, paths in find_files(demo, real, n=8 if smoke else 120).items():
         if not paths:
             continue
-        repeats = 1 if smoke else repeats
-        base = images_per_second(decode_only, paths, workers, repeats)
-        mine = images_per_second(ours, paths, workers, repeats)
+        best = best_of_rounds(paths, workers, repeats, rounds)
         result[kind] = {
             "files": len(paths),
-            "working_image_ips": round(mine, 1),
-            "decode_only_ips": round(base, 1),
-            "ratio": round(mine / base, 3),
+            "working_image_ips": round(best["ours"], 1),
+            "decode_only_ips": round(best["decode_only"], 1),
+            "ratio": round(best["ours"] / best["decode_only"], 3),
         }
     return result
 

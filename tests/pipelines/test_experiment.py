@@ -69,9 +69,15 @@ def test_overrides_parse_back_through_dvc(tmp_path: Path):
     from dvc.utils.hydra import apply_overrides
 
     real = Path("/corpus with space/it's here")
+    figures = {"figure": "worst held-out specificity (kermany)", "select": ["kermany"],
+               "by_classifier": {"c_vgg16": 0.25, "d_vgg16": None},
+               "sources": {"kermany": {"c_vgg16": {"n_covid": 0, "auc": None, "used_to_choose": True}}}}
     for name in experiment.available():
         spec = experiment.load(name)
-        for exp_name, params in experiment.runs(name, spec):
+        planned = experiment.runs(name, spec) + experiment.heldout_runs(name, spec)
+        if spec.get("heldout"):  # the main runs also carry the held-out runs' figures to register
+            planned = [(n, {**p, "register.heldout": figures}) for n, p in planned]
+        for exp_name, params in planned:
             path = tmp_path / f"{exp_name}.yaml"
             shutil.copy(ROOT / "params.yaml", path)
             cmd = experiment.dvc_command(exp_name, params, [], real)

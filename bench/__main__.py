@@ -30,6 +30,8 @@ def measure(name: str, smoke: bool, demo: Path, real: Path | None) -> dict:
         return module.run(demo, real, smoke=smoke)
     if name == "pipeline":
         return module.run(smoke=smoke, demo=demo)
+    if name == "gpu":
+        return module.run(smoke=smoke)
     return module.run(smoke=smoke)  # serving: skipped until `dvc repro register` ran
 
 
@@ -39,11 +41,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny sizes: check that every benchmark runs (seconds, not minutes)")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), metavar="NAME",
                         help=f"run only these ({', '.join(BENCHMARKS)})")
+    parser.add_argument("--gpu", action="store_true",
+                        help="only the GPU benchmark of the paper profile (bench/gpu.py): bench/results-gpu.json")
     parser.add_argument("--data", type=Path, default=Path("data/demo"), help="the demo data folder")
     parser.add_argument("--out", type=Path, help="results file (default bench/results.json; smoke: "
                                                  "bench/.work/results-smoke.json)")
     args = parser.parse_args(argv)
-    out = args.out or (HERE / ".work" / "results-smoke.json" if args.smoke else HERE / "results.json")
+    if args.gpu:
+        args.only = ["gpu"]
+    default = "results-gpu.json" if args.gpu else "results.json"
+    out = args.out or (HERE / ".work" / "results-smoke.json" if args.smoke else HERE / default)
     real = os.environ.get("COVIDCXR_REAL_DATA")
 
     rows, details = [], {}

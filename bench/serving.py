@@ -1,6 +1,7 @@
 """Serving latency: one 512-px image through `mlflow models serve` (p50/p95 sequentially, and throughput with 4
 concurrent clients) beside the same image through the in-process pyfunc in the same run; the ratio of the p50s is
-what the HTTP server adds (goal: under 1.5x).
+what the HTTP server adds (goal: under 1.5x). Both run without the prediction log; its cost is measured apart: the
+in-process pyfunc with the log (sqlite under bench/.work) against without it, alternating (goal: p50 at most 1.1x).
 
 Needs a registered model (`dvc repro register`) and runs from the project directory (sqlite:///mlflow.db).
 """
@@ -18,10 +19,11 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
-from covidcxr import runtime
+from covidcxr import predlog, runtime
 from tests.pipelines.conftest import stop_server, wait_ready
 
 REGISTERED = Path("reports/register/registered.json")
@@ -32,6 +34,7 @@ def registered_uri(registered: Path = REGISTERED) -> str:
     info = json.loads(registered.read_text())
     return f"models:/{info['model_name']}@{info['alias']}"
 GOAL_RATIO = 1.5
+GOAL_LOG_RATIO = 1.1
 
 
 def image_512(demo: Path = Path("data/demo")) -> str:
@@ -58,7 +61,8 @@ def free_port() -> int:
 def start_server(model_uri: str, port: int, log_path: Path) -> subprocess.Popen:
     """`mlflow models serve` from this environment (its bin first on PATH: the server runs `uvicorn`)."""
     bin_dir = str(Path(sys.executable).parent)
-    env = runtime.environment(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = runtime.environment(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+                              **{predlog.ENV: os.environ.get(predlog.ENV, "none")})
     env.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([f"{bin_dir}/mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
@@ -91,6 +95,31 @@ def load_local(model_uri: str):
     return mlflow.pyfunc.load_model(model_uri)
 
 
+def log_overhead(model, frame, n: int, warmup: int, db: Path = Path("bench/.work/predictions-bench.db")) -> dict:
+    """p50 of the in-process pyfunc with the prediction log (a fresh sqlite file) beside the same calls without it,
+    alternating; every record must have been written."""
+    pipeline = model.unwrap_python_model().pipeline
+    db.parent.mkdir(parents=True, exist_ok=True)
+    db.unlink(missing_ok=True)
+    sink = predlog.PredictionLog(f"sqlite:///{db}")
+    without, with_log = [], []
+    try:
+        for k in range(warmup + n):
+            for sink_now, out in ((None, without), (sink, with_log)):
+                pipeline.prediction_log = sink_now
+                start = time.perf_counter()
+                model.predict(frame)
+                if k >= warmup:
+                    out.append(time.perf_counter() - start)
+    finally:
+        pipeline.prediction_log = None
+    sink.flush(30)
+    ratio = float(np.median(with_log) / np.median(without))
+    return {"without_log": percentiles(without), "with_log": percentiles(with_log), "records_written": sink.written,
+            "records_lost": sink.lost, "overhead_ratio_p50": round(ratio, 3), "goal_ratio_p50": GOAL_LOG_RATIO,
+            "meets_goal": bool(ratio <= GOAL_LOG_RATIO and sink.lost == 0)}
+
+
 def run(model_uri: str | None = None, n: int = 40, clients: int = 4, warmup: int = 3, *, smoke: bool = False) -> dict:
     """Server and in-process calls alternate, so that load from anything else on the machine hits both alike.
 
@@ -107,7 +136,8 @@ def run(model_uri: str | None = None, n: int = 40, clients: int = 4, warmup: int
         model_uri = registered_uri()
 
     try:
-        model = load_local(model_uri)
+        with mock.patch.dict(os.environ, {predlog.ENV: "none"}):  # the baseline: no log; measured apart below
+            model = load_local(model_uri)
     except MlflowException as err:
         return {"skipped": f"{model_uri} cannot be loaded ({err.message[:200]}): run `dvc repro register` first"}
     image = image_512()
@@ -137,6 +167,7 @@ def run(model_uri: str | None = None, n: int = 40, clients: int = 4, warmup: int
         wall = time.perf_counter() - start
     finally:
         stop_server(server)
+    logging_cost = log_overhead(model, frame, n, warmup)
     ratio = float(np.median(remote) / np.median(local))
     return {
         "image": "512x512 8-bit PNG (first demo DICOM, resized)",
@@ -150,6 +181,7 @@ def run(model_uri: str | None = None, n: int = 40, clients: int = 4, warmup: int
         "overhead_ratio_p50": round(ratio, 3),
         "goal_ratio_p50": GOAL_RATIO,
         "meets_goal": bool(ratio < GOAL_RATIO),
+        "prediction_log": logging_cost,
     }
 
 
@@ -169,6 +201,9 @@ def rows(result: dict) -> list[dict]:
             "ms"),
         row("serving.concurrent_throughput", concurrent["images_per_second"], local["images_per_second"],
             "in-process pyfunc images/s, same run", "images/s"),
+        row("serving.p50_with_prediction_log", result["prediction_log"]["with_log"]["p50_ms"],
+            result["prediction_log"]["without_log"]["p50_ms"], "in-process pyfunc p50 without the log, same run",
+            "ms", goal("ratio", "<=", GOAL_LOG_RATIO)),
     ]
 
 

@@ -211,6 +211,8 @@ class TrainClassifier(VGG):
     calibration: Literal["platt", "none"] = "platt"
     threshold_objective: ThresholdObjective = "sensitivity"
     min_sensitivity: Share = 0.95
+    ood_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
+    ood_components: Positive = 16
 
     @field_validator("variants", "backbones")
     @classmethod
@@ -299,6 +301,8 @@ class Register(Section):
     max_image_bytes: Positive = 32 << 20
     max_pixels: Positive = 36_000_000
     max_aspect: Annotated[float, Field(ge=1.0)] = 2.5
+    ood_action: Literal["refuse", "flag"] = "refuse"
+    prediction_log: str | None = "sqlite:///predictions.db"
 
 
 class ModelCard(Section):

@@ -258,11 +258,20 @@ def _ci(block: dict, metric: str) -> dict:
     return {"value": ci["value"], "low": ci["low"], "high": ci["high"]}
 
 
+def _ood_refused(workdir: Path, variant: str, backbone: str) -> float | None:
+    """Share of the test split above the classifier's out-of-distribution threshold (what serving refuses), from the
+    classifier stage's report; None for a model trained without the detector."""
+    path = workdir / f"reports/train_classifier/{variant}_{backbone}.json"
+    report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return (report.get("ood") or {}).get("refused", {}).get("test")
+
+
 AUDITED = {"audit", "register", "model_card"}  # targets that run the audit (and with register, a registration)
 
 
 def collect_classifier(workdir: Path, params: dict, targets: tuple[str, ...] = ("evaluate",)) -> dict:
-    """Test AUC with its 95% CI, sensitivity and specificity at the operating threshold, per variant/backbone.
+    """Test AUC with its 95% CI, sensitivity and specificity at the operating threshold, per variant/backbone, and the
+    test split's share refused as out of distribution (a held-out source's, in leave-one-source-out).
 
     A one-class test split (a held-out source of negatives only) has no AUC and no sensitivity: they are null, and
     ``test_classes`` says why.
@@ -286,6 +295,7 @@ def collect_classifier(workdir: Path, params: dict, targets: tuple[str, ...] = (
                 "val_auc": m["val"]["at_0.5"]["roc_auc"],
                 "operating_threshold": m["operating_threshold"],
                 "test_ece": test.get("ece"), "test_ece_uncalibrated": test.get("ece_uncalibrated"),
+                "test_ood_refused": _ood_refused(workdir, variant, backbone),
             }
             if audit_report is not None:
                 from covidcxr import audit
@@ -557,7 +567,7 @@ def _fmt(value: object, ci: dict | None = None) -> str:
 
 def _classifier_rows(result: dict) -> list[str]:
     rows = ["| run | model | test n (covid/neg) | test AUC [95% CI] | sensitivity | specificity | at 0.5: acc / sens /"
-            " spec / F1 |", "|---|---|---|---|---|---|---|"]
+            " spec / F1 | refused as OOD |", "|---|---|---|---|---|---|---|---|"]
     for exp_name, r in result["runs"].items():
         for model, m in r["models"].items():
             c, a = m["test_classes"], m["test_at_0.5"]
@@ -566,7 +576,7 @@ def _classifier_rows(result: dict) -> list[str]:
                         f"{_fmt(m['test_sensitivity']['value'], m['test_sensitivity'])} | "
                         f"{_fmt(m['test_specificity']['value'], m['test_specificity'])} | "
                         f"{_fmt(a['accuracy'])} / {_fmt(a['sensitivity'])} / {_fmt(a['specificity'])} / "
-                        f"{_fmt(a.get('f1'))} |")
+                        f"{_fmt(a.get('f1'))} | {_fmt(m.get('test_ood_refused'))} |")
     return rows
 
 
@@ -708,7 +718,8 @@ def headline(kind: str, runs_out: dict) -> dict:
                 out[f"{exp_name}/{model}"] = {
                     "test_auc": m["test_auc"]["value"], "test_auc_ci": [m["test_auc"]["low"], m["test_auc"]["high"]],
                     "test_sensitivity": m["test_sensitivity"]["value"],
-                    "test_specificity": m["test_specificity"]["value"]}
+                    "test_specificity": m["test_specificity"]["value"],
+                    "test_ood_refused": m.get("test_ood_refused")}
         elif kind == "segmentation":
             ext = r["external"] or {}
             out[exp_name] = {"internal_test_dice": r["internal_test"]["dice"],

@@ -6,26 +6,33 @@ of the same settings when `register.heldout` holds one for every eligible candid
 its held-out-source runs), else by the validation `metric`. The new version takes the alias `champion` when its figure
 is at least the current champion's and its audit did not fail (or `register.allow_failed_audit: true`); otherwise
 `challenger`. Every candidate with its figures and why it was or was not chosen, the decision and its reason are
-printed, logged to MLflow and written to reports/register/registered.json."""
+printed, logged to MLflow and written to reports/register/registered.json.
+
+The drift reference (what the served model logs for the validation split, scored through the bundled pipeline) is
+bundled with the model and logged to the register run as ``monitoring/reference.json``, for `covidcxr monitor`.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
-from covidcxr import audit, models, preprocess, selection, serving, tracking
+from covidcxr import audit, models, monitoring, predlog, preprocess, selection, serving, tracking
 from pipelines import _common, _models, _tracking
 
 OUT = _common.REGISTERED
 #: Distributions the served model needs, at their installed (requirements.lock) versions.
 SERVING_PACKAGES = ("tensorflow-cpu", "keras", "mlflow", "cloudpickle", "numpy", "pandas", "scipy", "pillow",
-                    "pydicom", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg")
+                    "pydicom", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "scikit-learn", "sqlalchemy")
+REFERENCE_ARTIFACT = "reference"
 
 
 def candidates(p: dict, classifiers: dict, audit_report: dict) -> list[selection.Candidate]:
@@ -83,20 +90,50 @@ def stage_code(tmp: Path) -> str:
     return str(dest)
 
 
+def png_base64(image: np.ndarray, bits: int = 8) -> str:
+    """A cached working image ([0, 1]) as a base64 PNG of ``bits`` (8 or 16) bits: a request's image field."""
+    from PIL import Image
+
+    scale, dtype = (255, np.uint8) if bits == 8 else (65535, np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(scale * np.clip(image, 0, 1)).astype(dtype)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def input_example() -> dict:
     """A PNG of the first usable (frontal, good mask) cached image, base64: a request that works."""
     import pandas as pd
-    from PIL import Image
 
     index, images, _ = _models.load_cache()
     flags = pd.read_csv(_common.MASKS_INDEX, keep_default_na=False)
     usable = sorted(flags.loc[flags["flag"] == "", "image_id"])
     if not usable:
         raise ValueError("no cached image has a usable lung mask: nothing to use as the input example")
-    image = images[preprocess.rows_for(index, usable[:1])[0]]
-    buffer = io.BytesIO()
-    Image.fromarray(np.round(255 * np.clip(image, 0, 1)).astype(np.uint8)).save(buffer, format="PNG")
-    return {serving.INPUT_COLUMN: [base64.b64encode(buffer.getvalue()).decode("ascii")]}
+    return {serving.INPUT_COLUMN: [png_base64(images[preprocess.rows_for(index, usable[:1])[0]])]}
+
+
+def drift_reference(artifacts: dict[str, str], config: serving.Config) -> monitoring.Reference:
+    """What the served model logs for the validation split: every validation image of the covid task (from the
+    working-size cache, as 16-bit PNGs) scored by the bundled pipeline into a memory log."""
+    import pandas as pd
+
+    index, images, _ = _models.load_cache()
+    table = pd.read_csv(_common.split_table("covid"), keep_default_na=False, na_values=[""])
+    cached = set(index["image_id"])
+    val = [i for i in table.loc[table["split"] == "val", "image_id"] if i in cached]
+    if not val:
+        raise ValueError(f"{_common.split_table('covid')}: no cached validation image for the drift reference")
+    pipeline = serving.Pipeline.load(artifacts)
+    pipeline.prediction_log = sink = predlog.MemoryLog()
+    rows = preprocess.rows_for(index, val)
+    step = config.limits.max_images
+    for start in range(0, len(rows), step):
+        pipeline.score([png_base64(images[r], bits=16) for r in rows[start:start + step]])
+    detector = pipeline.classifier.ood
+    meta = {"model_name": config.model_name, "model_version": config.model_version, "split": "val",
+            "n": len(sink.records), "ood_threshold": detector.threshold if detector is not None else None,
+            "ood_quantile": detector.quantile if detector is not None else None, "ood_action": config.ood_action}
+    return monitoring.Reference(sink.frame(), meta)
 
 
 def component_metrics() -> dict:
@@ -149,6 +186,9 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, fron
     allow_failed = bool(p["allow_failed_audit"])
     champion_version, champion_value = current_champion(client, name, chosen.by)
     version = next_version(client, name)
+    if p["prediction_log"] and predlog.has_password(p["prediction_log"]):
+        raise _common.ParamsError("register.prediction_log holds a password: give it in PGPASSWORD (or ~/.pgpass), "
+                                  "never in params")
 
     config = serving.Config(
         size=int(size), variant=best.variant, frontal_threshold=float(frontal_threshold),
@@ -156,6 +196,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, fron
         model_version=str(version),
         limits=serving.Limits(max_images=int(p["max_images"]), max_image_bytes=int(p["max_image_bytes"]),
                               max_pixels=int(p["max_pixels"])),
+        model_name=name, ood_action=p["ood_action"], prediction_log=p["prediction_log"] or None,
     )
     evaluation = _common.read_report(_common.EVALUATE_DIR / classifier / "metrics.json", "evaluate")
     tags = _tracking.repro_tags("register", experiment)
@@ -177,13 +218,19 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, fron
 
     with tracking.run(_common.mlflow_experiment(experiment), f"register-{classifier}",
                       params={**p, "selected": classifier}, tags=tags), tempfile.TemporaryDirectory() as tmp:
-        with tracking.artifact_upload(f"the {name} pyfunc model"):  # registered only once fully uploaded
-            info = mlflow.pyfunc.log_model(
-                name="covidcxr", python_model=serving.CovidCxrModel(),
-                artifacts=stage_bundle(Path(tmp), best.variant, best.backbone, config, metadata),
-                code_paths=[stage_code(Path(tmp))], signature=serving.signature(), input_example=input_example(),
-                pip_requirements=tracking.pins(SERVING_PACKAGES),
-            )
+        artifacts = stage_bundle(Path(tmp), best.variant, best.backbone, config, metadata)
+        # Neither the reference nor an input example MLflow may score is a served prediction: no log meanwhile.
+        with mock.patch.dict(os.environ, {predlog.ENV: "none"}):
+            reference = drift_reference(artifacts, config)
+            reference.save(Path(tmp) / "reference.json")
+            artifacts[REFERENCE_ARTIFACT] = str(Path(tmp) / "reference.json")
+            mlflow.log_artifact(artifacts[REFERENCE_ARTIFACT], Path(monitoring.REFERENCE_ARTIFACT).parent.as_posix())
+            with tracking.artifact_upload(f"the {name} pyfunc model"):  # registered only once fully uploaded
+                info = mlflow.pyfunc.log_model(
+                    name="covidcxr", python_model=serving.CovidCxrModel(), artifacts=artifacts,
+                    code_paths=[stage_code(Path(tmp))], signature=serving.signature(), input_example=input_example(),
+                    pip_requirements=tracking.pins(SERVING_PACKAGES),
+                )
         registered = mlflow.register_model(info.model_uri, name)
         if int(registered.version) != version:
             raise RuntimeError(f"registry gave {name} version {registered.version}, not {version} as predicted "
@@ -199,6 +246,9 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, fron
                          "audit_status": best.audit_status, "decision_reason": why}.items():
             client.set_model_version_tag(name, registered.version, key, tag)
         client.set_registered_model_alias(name, decision, registered.version)
+        mlflow.log_metrics({"reference.n": reference.meta["n"],
+                            **({"ood.threshold": reference.meta["ood_threshold"]}
+                               if reference.meta["ood_threshold"] is not None else {})})
         mlflow.log_metrics({f"candidate.{chosen.by}": chosen.value,
                             **({f"champion.{chosen.by}": champion_value} if champion_value is not None else {})})
         mlflow.log_dict({"candidates": chosen.table}, "register/candidates.json")
@@ -217,6 +267,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, fron
         "audit_status": best.audit_status, "audit_failed": ", ".join(best.audit_failed),
         "allow_failed_audit": allow_failed, "reason": why, "candidates": chosen.table, "experiment": experiment,
         "serving": config.to_dict(), "mask_threshold": metadata["mask_threshold"], "heldout": heldout,
+        "drift_reference": {k: reference.meta[k] for k in ("split", "n", "ood_threshold", "ood_quantile")},
     }
     _common.write_json(OUT, result)
     return result

@@ -3,7 +3,10 @@
 Every variant trains on the same images: the experiment's split, predicted frontal, with a usable lung mask. The
 probability calibration (Platt) and then the operating threshold (params: objective) are fitted on the validation split
 and saved in the model folder; the predictions of every split come from :func:`covidcxr.models.covid_probability`, the
-function serving calls (``score``: calibrated, as served; ``raw_score``: the network's own).
+function serving calls (``score``: calibrated, as served; ``raw_score``: the network's own). The out-of-distribution
+detector (:mod:`covidcxr.ood`) is fitted on the training split's features (pooled blocks and penultimate layer), its
+threshold set at the params quantile of the validation scores, and ``ood_score`` of every split comes from
+:func:`covidcxr.models.out_of_distribution`, the function serving calls.
 
 Robustness levers (params): ``input`` (lung crop with margin, histogram equalisation or CLAHE: an input transform saved
 in the model folder and applied by ``Component.prepare`` everywhere the model scores), ``augment`` (none, basic,
@@ -18,7 +21,7 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from covidcxr import calibration, metrics, models, preprocess, tracking, training
+from covidcxr import calibration, metrics, models, ood, preprocess, tracking, training
 from pipelines import _common, _models, _tracking
 
 
@@ -66,22 +69,37 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
         choice = metrics.operating_threshold(y["val"], scores["val"], p["threshold_objective"],
                                              min_sensitivity=float(p["min_sensitivity"]))
         component.threshold = choice.to_dict()
+        train = parts["train"]  # the detector learns the training features; its threshold is a validation quantile
+        component.ood = ood.MahalanobisDetector(n_components=int(p["ood_components"]),
+                                                quantile=float(p["ood_quantile"]))
+        component.ood.fit(models.ood_features(component, images[train], masks[train], variant))
+        ood_scores = {s: models.out_of_distribution(component, images[r], masks[r], variant).score
+                      for s, r in parts.items()}
+        component.ood.calibrate(ood_scores["val"])
+        ood_refused = {s: float(component.ood.is_out(v).mean()) if len(v) else None for s, v in ood_scores.items()}
         result = {s: metrics.classification_metrics(y[s], scores[s]) for s in x}
         result["operating_threshold"] = choice.threshold
+        result["ood"] = {"threshold": component.ood.threshold, "quantile": component.ood.quantile,
+                         "refused": ood_refused}
         result["excluded"] = excluded
         tracking.log_finite_metrics({**{s: result[s] for s in x}, "operating_threshold": choice.threshold,
                                      "threshold.val_sensitivity": choice.sensitivity,
-                                     "threshold.val_specificity": choice.specificity})
+                                     "threshold.val_specificity": choice.specificity,
+                                     "ood.threshold": component.ood.threshold,
+                                     **{f"ood.{s}.refused": v for s, v in ood_refused.items() if v is not None}})
         tracking.log_keras_model(model, x["val"][..., None])
         with _common.atomic_dir(_common.model_dir(variant, backbone)) as out:  # the folder appears whole, or not
             _models.save_component(out, component)
             predictions = pd.concat([
                 table[split == s][["image_id", "patient_id", "split", "label"]].assign(score=scores[s],
-                                                                                      raw_score=raw[s]) for s in x
+                                                                                      raw_score=raw[s],
+                                                                                      ood_score=ood_scores[s])
+                for s in x
             ])
             _common.write_csv(out / _common.PREDICTIONS, predictions)
     _common.write_json(f"reports/train_classifier/{variant}_{backbone}.json",
-                       {s: {k: result[s][k] for k in ("accuracy", "roc_auc", "n")} for s in x})
+                       {**{s: {k: result[s][k] for k in ("accuracy", "roc_auc", "n")} for s in x},
+                        "ood": result["ood"]})
     log.info("classifier %s/%s: val AUC %.3f, test AUC %.3f", variant, backbone,
              result["val"]["roc_auc"], result["test"]["roc_auc"])
     return result

@@ -1,5 +1,5 @@
 """Command line: `covidcxr demo-data OUT_DIR`, `inspect FILE...`, `predict FILE...`, `pacs --dicomweb-url URL`,
-`tune --study --storage`."""
+`tune --study --storage`, `monitor --model NAME --since 7d`."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 PREDICT_COLUMNS = ("accepted", "projection", "projection_probability", "lung_area_fraction", "covid_probability",
-                   "label", "threshold", "model_version", "reason")
+                   "label", "ood_score", "threshold", "model_version", "reason")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -247,6 +247,63 @@ def _read_tune_config(path: str) -> dict:
     return values.get("tune_unet", values)
 
 
+MONITOR_DRIFT, MONITOR_ERROR = 1, 2  # exit statuses of `covidcxr monitor` (0: no significant drift)
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    """Compare a window of the prediction log with the model version's drift reference; write the HTML report, log it
+    to MLflow, exit 1 on significant drift (2 when it cannot run)."""
+    import os
+    from pathlib import Path
+
+    from covidcxr import monitoring, predlog
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one JSON line out, no progress bars
+    try:
+        since, until = monitoring.parse_time(args.since), monitoring.parse_time(args.until)
+        if not (args.reference and args.no_mlflow):
+            import mlflow
+
+            mlflow.set_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+        if args.reference:
+            reference = monitoring.Reference.load(args.reference)
+            version = str(args.version or reference.meta.get("model_version", "unregistered"))
+        else:
+            reference, version = monitoring.fetch_reference(args.model, args.version,
+                                                            None if args.version else args.alias)
+        url = args.log or predlog.resolve_url(None) or "sqlite:///predictions.db"
+        window = predlog.read(url, model_name=args.model, model_version=version, since=since, until=until)
+        drift = monitoring.compare(reference.frame, window, ood_threshold=reference.meta.get("ood_threshold"),
+                                   alpha=args.alpha, permutations=args.permutations, min_records=args.min_records)
+        out = Path(args.out or f"reports/monitor/{args.model}-v{version}.html")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(monitoring.render(drift, model_name=args.model, model_version=version, since=since, until=until,
+                                         log_url=url, reference_meta=reference.meta, reference=reference.frame,
+                                         window=window), encoding="utf-8")
+        summary = {"model_name": args.model, "model_version": version, "since": since and since.isoformat(),
+                   "until": until and until.isoformat(), "report": str(out), **drift.to_dict()}
+        out.with_suffix(".json").write_text(json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n",
+                                            encoding="utf-8")
+        if not args.no_mlflow:
+            params = {"since": summary["since"], "until": summary["until"], "alpha": args.alpha,
+                      "permutations": args.permutations, "prediction_log": predlog.shown_url(url)}
+            summary["mlflow_run_id"] = monitoring.log_to_mlflow(
+                drift, [out, out.with_suffix(".json")], model_name=args.model, model_version=version, params=params)
+    except (ValueError, monitoring.MonitorError, predlog.PredictionLogError) as err:
+        print(f"monitor: {err}", file=sys.stderr)
+        return MONITOR_ERROR
+    except Exception as err:  # noqa: BLE001 - the tracking server or registry failed: one line, no credentials
+        import logging
+
+        logging.getLogger("covidcxr.monitor").debug("monitor failed", exc_info=True)
+        print(f"monitor: failed ({type(err).__name__}; -v shows the traceback)", file=sys.stderr)
+        return MONITOR_ERROR
+    failed = [t.name for t in drift.tests if t.drift]
+    print(json.dumps({k: summary[k] for k in ("model_name", "model_version", "status", "n_window", "report")}
+                     | {"drifted_tests": failed}, sort_keys=True))
+    return MONITOR_DRIFT if drift.drifted else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covidcxr", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="also the logs of TensorFlow and other libraries")
@@ -307,6 +364,28 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--no-tracking", action="store_true", help="do not log trials to MLflow")
     tune.add_argument("--out", help="also write the summary JSON (best parameters) to this file")
     tune.set_defaults(func=_tune)
+    monitor = sub.add_parser("monitor", help="drift report of a window of the prediction log against the model's "
+                             "reference; exit 1 on significant drift (for schedulers)")
+    monitor.add_argument("--model", default="covidcxr", help="registered model name (default: covidcxr)")
+    which = monitor.add_mutually_exclusive_group()
+    which.add_argument("--version", help="model version whose traffic and reference to compare")
+    which.add_argument("--alias", default="champion", help="or the version an alias points at (default: champion)")
+    monitor.add_argument("--since", default="7d", help="window start: Nd, Nh, Nm back, or an ISO date/time in UTC "
+                         "(default: 7d)")
+    monitor.add_argument("--until", help="window end (exclusive), same forms (default: now)")
+    monitor.add_argument("--log", help="prediction log URL (default: $COVIDCXR_PREDICTION_LOG, else "
+                         "sqlite:///predictions.db; PostgreSQL password from PGPASSWORD)")
+    monitor.add_argument("--reference", help="a reference.json instead of the one logged at register (offline)")
+    monitor.add_argument("--alpha", type=float, default=0.05, help="family-wise significance level (default: 0.05)")
+    monitor.add_argument("--permutations", type=int, default=1000, help="MMD permutations (default: 1000)")
+    monitor.add_argument("--min-records", type=int, default=20,
+                         help="fewer records in the window: insufficient data, exit 0 (default: 20)")
+    monitor.add_argument("--out", help="HTML report path (default: reports/monitor/NAME-vVERSION.html; a .json "
+                         "summary beside it)")
+    monitor.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                         "sqlite:///mlflow.db)")
+    monitor.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
+    monitor.set_defaults(func=_monitor)
     for command in sub.choices.values():  # `-v` after the command works too
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="also the logs of TensorFlow and other libraries")

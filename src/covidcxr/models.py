@@ -445,9 +445,10 @@ def logits_model(model: keras.Model, layer: str | None = None) -> keras.Model:
 
 MODEL_FILE, STANDARDIZER_FILE = "model.keras", "standardizer.json"
 RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE = "run.json", "threshold.json", "calibration.json"
+OOD_FILE = "ood.npz"  # the classifier's out-of-distribution detector (covidcxr.ood)
 INPUT_FILE = "input.json"  # a classifier's input transform (lung crop, intensity normalisation); absent: the identity
 #: The files of a model folder that scoring needs (``predictions.csv`` and the like stay beside it, not in a bundle).
-FOLDER_FILES: tuple[str, ...] = (MODEL_FILE, STANDARDIZER_FILE, RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE,
+FOLDER_FILES: tuple[str, ...] = (MODEL_FILE, STANDARDIZER_FILE, RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE, OOD_FILE,
                                  INPUT_FILE)
 
 
@@ -461,14 +462,16 @@ class Component:
     """
 
     def __init__(self, model: keras.Model, standardizer, *, threshold: dict | None = None,
-                 calibrator=None, info: dict | None = None, input_transform=None) -> None:
+                 calibrator=None, info: dict | None = None, ood=None, input_transform=None) -> None:
         self.model = model
         self.standardizer = standardizer
         self.threshold = dict(threshold) if threshold else None  # {"threshold": t, ...how it was chosen}
         self.calibrator = calibrator  # calibration.PlattCalibrator or None
         self.info = dict(info or {})
+        self.ood = ood  # ood.MahalanobisDetector or None
         self.input_transform = input_transform  # preprocess.InputTransform (a classifier's) or None: the identity
         self._forward = None
+        self._features = None
 
     @property
     def operating_threshold(self) -> float:
@@ -507,6 +510,39 @@ class Component:
             self._forward = tf.function(lambda x: model(x, training=False), input_signature=[spec])
         return self._forward
 
+    def feature_layers(self) -> list:
+        """The tensors :meth:`features` pools: each convolutional block's last output (the input of its max pooling)
+        and the penultimate features (the input of the ``logits`` layer)."""
+        try:
+            penultimate = self.model.get_layer(LOGITS_LAYER).input
+        except ValueError:
+            raise ValueError(f"model {self.model.name!r} has no {LOGITS_LAYER!r} layer: no features") from None
+        blocks = [layer.input for layer in self.model.layers if isinstance(layer, layers.MaxPooling2D)]
+        return [*blocks, penultimate]
+
+    def features(self, images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+        """Features (float32) of working-size images ``[N, H, W]`` in [0, 1] for the out-of-distribution score: the
+        global average of each convolutional block's output, then the penultimate features, concatenated; one traced
+        function as in :meth:`__call__` (the feature maps are averaged inside it, never returned)."""
+        x = self.inputs(np.asarray(images, dtype=np.float32))
+        tensors = self.feature_layers()
+        if self._features is None:
+            import tensorflow as tf
+
+            inputs = self.model.inputs[0] if len(self.model.inputs) == 1 else self.model.inputs
+            extractor = keras.Model(inputs, tensors)
+
+            def pooled(t):
+                outs = extractor(t, training=False)
+                return tf.concat([tf.reduce_mean(o, axis=[1, 2]) if len(o.shape) == 4 else o for o in outs], axis=1)
+
+            spec = tf.TensorSpec((None, *self.model.input_shape[1:]), tf.float32)
+            self._features = tf.function(pooled, input_signature=[spec])
+        if not len(x):
+            return np.zeros((0, sum(int(t.shape[-1]) for t in tensors)), dtype=np.float32)
+        return np.concatenate([np.asarray(self._features(x[i:i + batch_size]), dtype=np.float32)
+                               for i in range(0, len(x), batch_size)])
+
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the model folder (model, standardizer, run info, threshold when there is one)."""
         import json
@@ -523,6 +559,8 @@ class Component:
                                                  encoding="utf-8")
         if self.calibrator is not None:
             self.calibrator.save(folder / CALIBRATION_FILE)
+        if self.ood is not None:
+            self.ood.save(folder / OOD_FILE)
         if self.input_transform is not None:
             self.input_transform.save(folder / INPUT_FILE)
         return folder
@@ -537,9 +575,14 @@ class Component:
         info = folder_info(folder)  # checks the folder first
         model = keras.saving.load_model(folder / MODEL_FILE, compile=False)
         calibrator = PlattCalibrator.load(folder / CALIBRATION_FILE) if (folder / CALIBRATION_FILE).is_file() else None
+        detector = None
+        if (folder / OOD_FILE).is_file():
+            from covidcxr.ood import MahalanobisDetector
+
+            detector = MahalanobisDetector.load(folder / OOD_FILE)
         transform = InputTransform.load(folder / INPUT_FILE) if (folder / INPUT_FILE).is_file() else None
         return cls(model, Standardizer.load(folder / STANDARDIZER_FILE), threshold=folder_threshold(folder),
-                   calibrator=calibrator, info=info, input_transform=transform)
+                   calibrator=calibrator, info=info, ood=detector, input_transform=transform)
 
 
 def folder_info(folder: str | os.PathLike) -> dict:
@@ -579,3 +622,25 @@ def covid_probability(classifier: Component, images: np.ndarray, masks: np.ndarr
     if calibrated and classifier.calibrator is not None:
         raw = classifier.calibrator.transform(raw)
     return np.array([round(float(p), PROBABILITY_DECIMALS) for p in raw], dtype=np.float64)
+
+
+def ood_features(classifier: Component, images: np.ndarray, masks: np.ndarray, variant: str) -> np.ndarray:
+    """The classifier's features (:meth:`Component.features`: pooled block outputs and penultimate features) for
+    working-size images with their lung masks under ``variant`` (through :meth:`Component.prepare`, as the network
+    scores them): what its out-of-distribution detector is fitted on and applied to."""
+    return classifier.features(classifier.prepare(images, masks, variant).images)
+
+
+def out_of_distribution(classifier: Component, images: np.ndarray, masks: np.ndarray, variant: str):
+    """The out-of-distribution twin of :func:`covid_probability`: each image's OOD score (rounded to
+    ``ood.SCORE_DECIMALS``) and compact feature vector, from the classifier folder's detector (``ood.npz``).
+
+    The one computation behind the classifier stage's ``ood_score`` column and every served ``ood_score``; None when
+    the folder has no detector (a model trained before it existed).
+    """
+    from covidcxr.ood import Scored
+
+    if classifier.ood is None:
+        return None
+    features = ood_features(classifier, images, masks, variant)
+    return Scored(score=classifier.ood.score(features), compact=classifier.ood.project(features))

@@ -19,8 +19,10 @@ TELEMETRY_OFF: dict[str, str] = {
     "GX_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
 }
-#: TensorFlow's C++ INFO and WARNING lines (CPU feature guard, absl pre-init notice), hidden unless verbose.
-QUIET: dict[str, str] = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+#: Hidden unless verbose: TensorFlow's C++ log lines (the CPU feature guard, the absl pre-init notice, and ERROR lines
+#: such as tf.data's harmless "NodeDef mentions attribute use_unbounded_threadpool"; real failures raise in Python)
+#: and MLflow's artifact progress bars.
+QUIET: dict[str, str] = {"TF_CPP_MIN_LOG_LEVEL": "3", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 #: CPU numerics that do not depend on the processor's instruction set: TensorFlow turns its oneDNN graph kernels on by
 #: default only on CPUs with AVX-512 (VNNI, BF16, AMX), and oneDNN's matrix products dispatch to the widest
 #: instructions the CPU has; both change the order of float sums, so the same seed trained other weights on an AVX-512
@@ -70,6 +72,7 @@ def configure(verbose: bool = False) -> logging.Logger:
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "true"
     else:
         for key, value in QUIET.items():
             os.environ.setdefault(key, value)

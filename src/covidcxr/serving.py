@@ -4,15 +4,20 @@ Each image of a request (a PNG, JPEG or DICOM file, base64-encoded) goes: decode
 (pixel limit) -> plausibility checks (aspect ratio, DICOM modality and body part) -> the working image
 (:func:`covidcxr.preprocess.working_image`) -> the projection rule (:func:`covidcxr.projection.decide`: the DICOM view
 position, else the projection filter) -> U-Net lung mask and its quality rules (:mod:`covidcxr.lungs`) -> variant
-c/d/e -> classifier -> COVID-19 probability -> label at the operating threshold, and optionally a Grad-CAM overlay
-(PNG, base64). These are the functions the pipeline's stages call, with the model folders they wrote
-(:class:`covidcxr.models.Component`): the served model is the evaluated one.
+c/d/e -> classifier -> COVID-19 probability -> label at the operating threshold, the out-of-distribution score
+(:func:`covidcxr.models.out_of_distribution`; above its threshold the image is refused as ``out_of_distribution``, or
+only flagged when ``Config.ood_action`` is ``flag``), and optionally a Grad-CAM overlay (PNG, base64). These are the
+functions the pipeline's stages call, with the model folders they wrote (:class:`covidcxr.models.Component`): the
+served model is the evaluated one.
 
 An image that cannot be used gets an entry with ``accepted=False`` and a ``reason`` from :data:`REASONS`, never a
 failed batch. A malformed request (no ``image`` column, too many images, a threshold outside [0, 1]) raises
 ``MlflowException(INVALID_PARAMETER_VALUE)``, which ``mlflow models serve`` answers with HTTP 400 and the message.
 Entries hold exactly :data:`FIELDS`: no header field, file name or pixel leaves this module, and the log holds counts
-and reason codes only.
+and reason codes only. Every scored image also appends one record to the prediction log (:mod:`covidcxr.predlog`,
+``Config.prediction_log`` or ``$COVIDCXR_PREDICTION_LOG``): the entry's figures, intensity statistics of the working
+image and the compact feature vector; never pixels, header fields or file names. A dead log database never fails a
+request.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-from covidcxr import gradcam, io, lungs, models, preprocess, projection
+from covidcxr import gradcam, io, lungs, models, predlog, preprocess, projection
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +53,7 @@ INPUT_COLUMN = "image"
 #: Every response entry has exactly these keys (``gradcam_png`` only when ``explain`` is asked).
 FIELDS: tuple[str, ...] = (
     "accepted", "reason", "message", "projection", "projection_probability", "lung_area_fraction",
-    "covid_probability", "label", "threshold", "model_version",
+    "covid_probability", "label", "ood_score", "threshold", "model_version",
 )
 GRADCAM_FIELD = "gradcam_png"
 
@@ -65,6 +70,7 @@ REASONS: dict[str, str] = {
     "not_chest_radiograph": "not a chest radiograph (aspect ratio, DICOM modality or body part)",
     "lateral_view": "a lateral view: the classifier takes frontal (PA/AP) views only",
     **lungs.REASONS,
+    "out_of_distribution": "the image's features lie far from the training images' (OOD score above the threshold)",
     "internal_error": "the server failed on this image; the server log has the error type",
 }
 
@@ -72,6 +78,7 @@ REASONS: dict[str, str] = {
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "OT"})
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "THORAX CHEST"})
 DISPLAY_SIZE = 512  # longest side of the served Grad-CAM overlay
+OOD_ACTIONS = ("refuse", "flag")
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,9 @@ class Config:
     max_aspect: float = 2.5
     model_version: str = "unregistered"
     limits: Limits = Limits()
+    model_name: str = "covidcxr"
+    ood_action: str = "refuse"  # refuse | flag: what an image above the OOD threshold gets
+    prediction_log: str | None = None  # SQLAlchemy URL of the prediction log; None: no log (unless the env sets one)
 
     def __post_init__(self) -> None:
         if self.variant not in preprocess.VARIANTS:
@@ -113,6 +123,10 @@ class Config:
             raise ValueError(f"need 0 <= min_area <= max_area, got {self.min_area}, {self.max_area}")
         if self.max_aspect < 1.0:
             raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
+        if self.ood_action not in OOD_ACTIONS:
+            raise ValueError(f"ood_action must be one of {OOD_ACTIONS}, got {self.ood_action!r}")
+        if self.prediction_log is not None and predlog.has_password(self.prediction_log):
+            raise ValueError("prediction_log holds a password: give it in the environment (PGPASSWORD), not the URL")
 
     def to_dict(self) -> dict:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "limits"}
@@ -226,8 +240,9 @@ class Pipeline:
     """Projection filter, U-Net and classifier (model folders) with the :class:`Config`; scores images."""
 
     def __init__(self, projection: models.Component, unet: models.Component, classifier: models.Component,
-                 config: Config) -> None:
+                 config: Config, prediction_log: predlog.Sink | None = None) -> None:
         self.projection, self.unet, self.classifier = projection, unet, classifier
+        self.prediction_log = prediction_log  # where every scored image's record goes (None: nowhere)
         self.threshold = classifier.operating_threshold
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"operating threshold must be in [0, 1], got {self.threshold}")
@@ -242,7 +257,9 @@ class Pipeline:
         if missing:
             raise ValueError(f"serving artifacts lack {missing}")
         parts = {name: models.Component.load(artifacts[name]) for name in COMPONENTS}
-        pipeline = cls(parts["projection"], parts["unet"], parts["classifier"], Config.load(artifacts[CONFIG_ARTIFACT]))
+        config = Config.load(artifacts[CONFIG_ARTIFACT])
+        pipeline = cls(parts["projection"], parts["unet"], parts["classifier"], config,
+                       prediction_log=predlog.open_log(config.prediction_log))
         pipeline.warm_up()
         return pipeline
 
@@ -265,15 +282,24 @@ class Pipeline:
         if explain:
             for entry in entries:
                 entry[GRADCAM_FIELD] = None
+        when = predlog.now()
         work, display, views = self._read_all(images, entries, keep_display=explain)
         frontal = self._project(work, entries, views)
         masks = self._segment(work, frontal, entries)
-        scored = self._classify(work, masks, entries, used)
+        compact: dict[int, list[float]] = {}
+        scored = self._classify(work, masks, entries, used, compact)
         if explain and scored:
             self._explain(work, masks, display, scored, entries)
         reasons = Counter(e["reason"] for e in entries if not e["accepted"])
         log.info("scored %d image(s): %d accepted, refused %s", len(entries), len(scored),
                  dict(sorted(reasons.items())))
+        if self.prediction_log is not None:
+            try:
+                self.prediction_log.append(predlog.records(
+                    entries, {i: predlog.intensity_stats(w) for i, w in work.items()}, compact, when=when,
+                    model_name=cfg.model_name, model_version=cfg.model_version))
+            except Exception as exc:  # noqa: BLE001 - the log never fails a request
+                log.error("prediction log: records not built (%s)", type(exc).__name__)
         return entries
 
     def _read_all(self, images: Sequence[object], entries: list[dict], *, keep_display: bool):
@@ -337,15 +363,33 @@ class Pipeline:
         return usable
 
     def _classify(self, work: dict[int, np.ndarray], masks: dict[int, np.ndarray], entries: list[dict],
-                  threshold: float) -> list[int]:
+                  threshold: float, compact: dict[int, list[float]]) -> list[int]:
+        """Probability, label and OOD score of each masked image; returns those accepted (``compact``: their
+        compact feature vectors, for the prediction log)."""
         order = sorted(masks)
         if not order:
             return []
-        p_covid = models.covid_probability(self.classifier, np.stack([work[i] for i in order]),
-                                           np.stack([masks[i] for i in order]), self.config.variant)
+        images, lung_masks = np.stack([work[i] for i in order]), np.stack([masks[i] for i in order])
+        p_covid = models.covid_probability(self.classifier, images, lung_masks, self.config.variant)
         for i, p in zip(order, p_covid.tolist()):  # rounded: the label follows from the probability shown
             entries[i].update(accepted=True, covid_probability=p, label=decide_label(p, threshold))
-        return order
+        scored = models.out_of_distribution(self.classifier, images, lung_masks, self.config.variant)
+        if scored is None:  # a classifier folder without a detector
+            return order
+        detector, accepted = self.classifier.ood, []
+        for i, score, vector in zip(order, scored.score.tolist(), scored.compact.tolist()):
+            entries[i]["ood_score"], compact[i] = score, vector
+            if score <= detector.threshold:
+                accepted.append(i)
+                continue
+            message = (f"image[{i}]: out of distribution (OOD score {score:g} > threshold {detector.threshold:g}): "
+                       "unlike the images the model was trained on")
+            if self.config.ood_action == "flag":  # answered, with the flag
+                entries[i].update(reason="out_of_distribution", message=message + "; the answer may be unreliable")
+                accepted.append(i)
+            else:
+                refuse(entries[i], "out_of_distribution", message)
+        return accepted
 
     def _explain(self, work: dict[int, np.ndarray], masks: dict[int, np.ndarray], display: dict[int, np.ndarray],
                  order: list[int], entries: list[dict]) -> None:
@@ -408,7 +452,8 @@ def signature():
         ColSpec("double", "projection_probability", required=False),
         ColSpec("double", "lung_area_fraction", required=False),
         ColSpec("double", "covid_probability", required=False), ColSpec("string", "label", required=False),
-        ColSpec("double", "threshold"), ColSpec("string", "model_version"),
+        ColSpec("double", "ood_score", required=False), ColSpec("double", "threshold"),
+        ColSpec("string", "model_version"),
         ColSpec("string", GRADCAM_FIELD, required=False),
     ])
     params = ParamSchema([ParamSpec("explain", "boolean", False), ParamSpec("threshold", "double", None)])

@@ -344,6 +344,7 @@ def fit(
         class_weight=class_weight,
         callbacks=callbacks,
         verbose=verbose,
+        shuffle=False,  # the dataset shuffles itself, seeded (Keras would only warn that it ignores the flag)
     )
     return {k: [float(v) for v in vs] for k, vs in history.history.items()}
 

@@ -21,7 +21,8 @@ BIN = Path(sys.executable).parent
 
 def run(cmd: list[str], cwd: Path, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command with the project's environment (venv first on PATH, telemetry off)."""
-    env = runtime.environment(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    # the quiet defaults whatever the caller's shell sets: the end-to-end test checks the stages' output is clean
+    env = runtime.environment(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **runtime.QUIET)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n"

@@ -159,13 +159,15 @@ def test_one_class_test_split_reports_specificity_only(tmp_path: Path):
     result["operating_threshold"] = 0.5
     _common.write_json(tmp_path / "reports/evaluate/c_vgg16/metrics.json", result)
     _common.write_json(tmp_path / "reports/split/summary.json", {"covid": {"test": {"negative": n}}})
+    _common.write_json(tmp_path / "reports/train_classifier/c_vgg16.json",  # the held-out source refused as OOD
+                       {"ood": {"threshold": 9.5, "quantile": 0.95, "refused": {"val": 0.05, "test": 0.9}}})
     got = experiment.collect_classifier(tmp_path, {"train_classifier.variants": ["c"],
                                                    "train_classifier.backbones": ["vgg16"]})
     model = got["models"]["c_vgg16"]
     assert model["test_auc"]["value"] is None and model["test_sensitivity"]["value"] is None
     assert model["test_specificity"]["value"] == pytest.approx(0.5)
     assert model["test_specificity"]["low"] < 0.5 < model["test_specificity"]["high"]
-    assert model["test_classes"] == {"covid": 0, "negative": n}
+    assert model["test_classes"] == {"covid": 0, "negative": n} and model["test_ood_refused"] == 0.9
     json.dumps(got, allow_nan=False)  # strict JSON: what bench/ and DVC read
 
     result = {"experiment": "loso", "description": "d", "kind": "classifier", "command": "python -m x", "notes": "n",
@@ -176,7 +178,7 @@ def test_one_class_test_split_reports_specificity_only(tmp_path: Path):
     assert result["headline"]["loso-b/c_vgg16"]["test_auc"] is None
     experiment.record(tmp_path, "loso", result)
     table = experiment.render_summary(tmp_path).read_text()
-    assert "| loso-b | c_vgg16 | 0/30 | null | null | 0.500 [" in table
+    assert "| loso-b | c_vgg16 | 0/30 | null | null | 0.500 [" in table and "| 0.900 |" in table
 
 
 def test_record_keeps_other_experiments(tmp_path: Path):

@@ -150,6 +150,8 @@ def check_no_phi(project: Path, texts: list[str], scratch: Path) -> None:
     files = outputs(project)
     assert any(p.name == "mlflow.db" for p in files) and any(p.name == "manifest.csv" for p in files)
     assert any(p.suffix == ".keras" for p in files) and any(p.suffix == ".png" for p in files)
+    # The prediction log the served model wrote (sqlite under the project) is scanned like every other output.
+    assert any(p.name == "predictions.db" and p.stat().st_size > 0 for p in files)
     hits = [h for path in files for h in scanner.scan_file(path)]
     hits += [f"log or answer {i}: {h}" for i, text in enumerate(texts) for h in scanner.find(text.encode())]
     assert not hits, f"{len(hits)} identifying values found in {len(files)} outputs and {len(texts)} logs:\n" + \
@@ -167,7 +169,8 @@ def test_dvc_repro_on_demo_data(project: Path, tmp_path: Path):
     for stage in ("ingest", "cache", "train_projection", "filter_frontal", "train_unet", "segment",
                   "train_classifier@e-vgg16", "evaluate", "explain", "audit"):
         assert f"Running stage '{stage}'" in out.stdout, stage
-    for noise in ("cpu_feature_guard", "absl::InitializeLog", "oneDNN custom operations", "Calculating Metrics"):
+    for noise in ("cpu_feature_guard", "absl::InitializeLog", "oneDNN custom operations", "Calculating Metrics",
+                  "node_def_util", "Downloading artifacts", "UserWarning"):
         lines = [line for line in (out.stdout + out.stderr).splitlines() if noise in line]
         assert not lines, f"third-party noise in the stages' output: {lines[:3]}"
     for stage in ("validate", "split"):  # outputs committed and inputs identical: DVC rightly skips them

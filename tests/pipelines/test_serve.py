@@ -265,6 +265,83 @@ def phi_of(path: Path) -> list[str]:
     return [str(ds.get(k)) for k in ("PatientName", "PatientID", "PatientBirthDate") if ds.get(k)]
 
 
+def send_all(url: str, files: list[str]) -> list[dict]:
+    entries = []
+    for start in range(0, len(files), 16):
+        status, answer = post(url, {"dataframe_records": [{"image": f} for f in files[start:start + 16]]})
+        assert status == 200, answer
+        entries += answer["predictions"]
+    return entries
+
+
+def wait_logged(db: str, since, n: int, timeout: float = 30.0) -> pd.DataFrame:
+    """The prediction log's records from ``since`` on, once it holds ``n`` (the server writes in the background)."""
+    from covidcxr import predlog
+
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = predlog.read(db, since=since)
+        if len(frame) >= n or time.monotonic() > deadline:
+            return frame
+        time.sleep(0.2)
+
+
+def check_monitoring(project: Path, url: str, version: str, manifest: pd.DataFrame) -> list[str]:
+    """The served model's own test split, then a real source it never saw (Kermany's children, when
+    $COVIDCXR_REAL_DATA is set), through the prediction log the server writes and `covidcxr monitor` against the
+    reference logged at register: no drift and an out-of-distribution share near the quantile, then drift with most
+    images refused. Returns what the monitor printed, for the PHI scan."""
+    import mlflow
+
+    from covidcxr import predlog
+
+    db = f"sqlite:///{project / 'predictions.db'}"
+    quantile = json.loads((project / "reports/register/registered.json").read_text())["drift_reference"][
+        "ood_quantile"]
+    split = pd.read_csv(project / "artifacts/splits/covid.csv")
+    test_ids = split.loc[split["split"] == "test", "image_id"]
+    windows, entries = [predlog.now()], {}
+    entries["test split"] = send_all(url, [serving.encode_file(project / manifest.loc[i, "path"]) for i in test_ids])
+    windows.append(predlog.now())
+    real = os.environ.get("COVIDCXR_REAL_DATA")
+    if real:
+        kermany = sorted((Path(real) / "kermany").rglob("*.jpeg"))[::12][:40]
+        entries["kermany"] = send_all(url, [serving.encode_file(p) for p in kermany])
+        windows.append(predlog.now())
+    logged = wait_logged(db, windows[0], sum(map(len, entries.values())))
+    assert len(logged) == sum(map(len, entries.values())) and (logged["model_version"] == version).all()
+    assert set(logged.columns) == set(predlog.COLUMNS)
+
+    printed, summaries = [], {}
+    for (name, answered), since, until in zip(entries.items(), windows, windows[1:]):
+        scored = [e for e in answered if e["ood_score"] is not None]
+        out = f"reports/monitor/{name.replace(' ', '-')}.html"
+        proc = run(["covidcxr", "monitor", "--model", NAME, "--version", version, "--since", since.isoformat(),
+                    "--until", until.isoformat(), "--out", out], project, check=False)
+        printed += [proc.stdout, proc.stderr]
+        assert proc.returncode in (0, 1), proc.stderr
+        summaries[name] = summary = json.loads((project / out).with_suffix(".json").read_text())
+        drifted = [t["name"] for t in summary["tests"] if t["drift"]]
+        ood = {"ood": sum(e["reason"] == "out_of_distribution" for e in scored) / max(len(scored), 1),
+               "unanswered": sum(not e["accepted"] or e["reason"] == "out_of_distribution" for e in answered)
+               / len(answered)}
+        print(f"monitor, {name}: {summary['status']} ({drifted}), {len(scored)} of {len(answered)} scored, {ood}")
+        if name == "test split":  # in distribution: no drift; refused at about the rate the quantile sets
+            assert proc.returncode == 0 and summary["status"] == "no_drift", (drifted, summary["tests"])
+            assert len(scored) >= 0.6 * len(answered) and ood["ood"] <= (1 - quantile) + 0.15, ood
+        else:
+            assert proc.returncode == 1 and summary["status"] == "drift", summary["tests"]
+            assert ood["unanswered"] > 0.5 and ood["ood"] > 0.5, ood
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    tags = client.get_model_version(NAME, version).tags
+    assert tags["monitor.status"] == summaries[list(entries)[-1]]["status"]
+    run_ = client.get_run(tags["monitor.run_id"])
+    assert run_.data.metrics["drift"] == float(tags["monitor.status"] == "drift")
+    assert {a.path for a in client.list_artifacts(run_.info.run_id, "monitoring")} >= {
+        f"monitoring/{list(entries)[-1].replace(' ', '-')}.html"}
+    return printed
+
+
 def check_register_and_serve(project: Path) -> list[str]:
     """After `dvc repro` with the register stage: the registry, the champion rule, then the served model over HTTP.
 
@@ -361,6 +438,7 @@ def check_register_and_serve(project: Path) -> list[str]:
         table = run(["covidcxr", "predict", str(frontal), str(lateral), "--url", url], project).stdout.splitlines()
         assert table[0].split("\t")[:2] == ["file", "accepted"]
         assert table[1].split("\t")[1] == "True" and table[2].split("\t")[-1] == "lateral_view"
+        monitored = check_monitoring(project, url, served_version, manifest)
     finally:
         stop_server(server)
     local = run(["covidcxr", "predict", str(frontal), str(lateral)], project).stdout.splitlines()
@@ -371,4 +449,4 @@ def check_register_and_serve(project: Path) -> list[str]:
     text = json.dumps(entries) + server_log
     for value in phi_of(frontal) + phi_of(lateral):
         assert value not in text, value
-    return [*transcript, server_log, "\n".join(table), "\n".join(local), out.stdout, out.stderr]
+    return [*transcript, server_log, "\n".join(table), "\n".join(local), out.stdout, out.stderr, *monitored]

@@ -1,0 +1,438 @@
+"""Drift monitoring: a window of the prediction log against the reference saved when the model was registered.
+
+The reference is what the served model logs for its own validation split (``register`` scores it through the serving
+pipeline into a :class:`covidcxr.predlog.MemoryLog`), so both sides have the same columns and meanings. The tests:
+
+- each scalar (COVID-19 probability, OOD score, lung area, projection probability, intensity statistics): the
+  two-sample Kolmogorov-Smirnov test (``scipy.stats.ks_2samp``);
+- the compact feature vectors: a kernel two-sample test, the maximum mean discrepancy (MMD) with a Gaussian kernel
+  (``sklearn.metrics.pairwise.rbf_kernel``, bandwidth by the median heuristic) and a permutation p-value
+  (``scipy.stats.permutation_test``);
+- the positive rate (label ``covid`` among accepted images), the refusal rate (any reason) and the share above the
+  OOD threshold: Fisher's exact test (``scipy.stats.fisher_exact``).
+
+The p-values are Bonferroni-corrected over the tests that ran (as alibi-detect does for feature-wise tests); drift is
+significant when any corrected p-value is below ``alpha``. :func:`render` writes a self-contained HTML report (inline
+SVG, no script, no network), :func:`log_to_mlflow` logs it with its figures under the model version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidcxr import predlog
+
+REFERENCE_ARTIFACT = "monitoring/reference.json"  # in the register run
+EXPERIMENT = "covidcxr-monitoring"
+SCALARS: tuple[str, ...] = ("covid_probability", "ood_score", "lung_area_fraction", "projection_probability",
+                            *predlog.INTENSITY_COLUMNS)
+STATUSES = ("drift", "no_drift", "insufficient_data")
+
+
+class MonitorError(RuntimeError):
+    """The monitor cannot run: no reference, an unreadable log, an unknown model version (the message says which)."""
+
+
+# --- the reference ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reference:
+    """The records the served model gives its validation split, and what they were made with (``meta``: model name
+    and version, OOD threshold and quantile, the split)."""
+
+    frame: pd.DataFrame
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        rows = self.frame.astype(object).where(self.frame.notna(), None).to_dict(orient="records")
+        for row in rows:
+            if isinstance(row.get("time"), (dt.datetime, pd.Timestamp)):
+                row["time"] = row["time"].isoformat()
+        return {"meta": self.meta, "records": rows}
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Reference:
+        try:
+            state = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls(pd.DataFrame(state["records"], columns=list(predlog.COLUMNS)), dict(state["meta"]))
+        except (OSError, KeyError, TypeError, ValueError) as err:
+            raise MonitorError(f"{path}: not a drift reference ({type(err).__name__}: {err})") from None
+
+
+def fetch_reference(name: str, version: str | None = None, alias: str | None = None, *, client=None,
+                    dst: str | os.PathLike | None = None) -> tuple[Reference, str]:
+    """The reference logged by ``register`` for model ``name`` at ``version`` (or ``alias``), and the version."""
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = client or mlflow.MlflowClient()
+    try:
+        mv = client.get_model_version_by_alias(name, alias) if version is None else client.get_model_version(
+            name, str(version))
+    except MlflowException:
+        what = f"version {version}" if version is not None else f"alias @{alias}"
+        raise MonitorError(f"model {name!r} has no {what} in {mlflow.get_tracking_uri()}") from None
+    folder = dst or tempfile.mkdtemp(prefix="covidcxr-reference-")
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=REFERENCE_ARTIFACT, dst_path=folder)
+    except (MlflowException, OSError):
+        raise MonitorError(f"{name} v{mv.version} has no drift reference ({REFERENCE_ARTIFACT} in its register run "
+                           f"{mv.run_id}): registered before monitoring existed; register it again") from None
+    return Reference.load(path), str(mv.version)
+
+
+# --- the tests --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Test:
+    """One test: its statistic and p-value (None when skipped, with the reason in ``note``), the figure it compares on
+    each side, the sample sizes, and the Bonferroni-corrected p-value."""
+
+    name: str
+    kind: str
+    statistic: float | None
+    p_value: float | None
+    reference: float | None
+    window: float | None
+    n_reference: int
+    n_window: int
+    note: str = ""
+    p_adjusted: float | None = None
+    drift: bool = False
+
+
+@dataclass
+class Drift:
+    status: str
+    alpha: float
+    n_reference: int
+    n_window: int
+    tests: list[Test]
+    reasons: dict[str, dict[str, float]]
+
+    @property
+    def drifted(self) -> bool:
+        return self.status == "drift"
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "alpha": self.alpha, "n_reference": self.n_reference,
+                "n_window": self.n_window, "tests": [asdict(t) for t in self.tests], "reasons": self.reasons}
+
+    def metrics(self) -> dict[str, float]:
+        """Flat finite figures for MLflow: ``drift``, counts, and each test's statistic, p-value and window figure."""
+        out = {"drift": float(self.drifted), "n_window": float(self.n_window), "n_reference": float(self.n_reference)}
+        for t in self.tests:
+            for key in ("statistic", "p_value", "p_adjusted", "window"):
+                value = getattr(t, key)
+                if value is not None and math.isfinite(value):
+                    out[f"{t.name}.{key}"] = float(value)
+        return out
+
+
+def _values(frame: pd.DataFrame, column: str) -> np.ndarray:
+    values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+    return values[np.isfinite(values)]
+
+
+def _accepted(frame: pd.DataFrame) -> pd.Series:
+    return frame["accepted"].astype(object).map(lambda v: bool(v) if v is not None and v == v else False)
+
+
+def ks_test(name: str, reference: np.ndarray, window: np.ndarray, min_n: int) -> Test:
+    from scipy.stats import ks_2samp
+
+    ref_mean = float(reference.mean()) if len(reference) else None
+    win_mean = float(window.mean()) if len(window) else None
+    if min(len(reference), len(window)) < min_n:
+        return Test(name, "ks", None, None, ref_mean, win_mean, len(reference), len(window),
+                    note=f"skipped: fewer than {min_n} values on a side")
+    result = ks_2samp(reference, window)
+    return Test(name, "ks", float(result.statistic), float(result.pvalue), ref_mean, win_mean, len(reference),
+                len(window), note="Kolmogorov-Smirnov; figures: means")
+
+
+def rate_test(name: str, reference: np.ndarray, window: np.ndarray, min_n: int) -> Test:
+    """Fisher's exact test of two shares (boolean arrays); the statistic is the window's share minus the reference's."""
+    from scipy.stats import fisher_exact
+
+    ref = float(reference.mean()) if len(reference) else None
+    win = float(window.mean()) if len(window) else None
+    if min(len(reference), len(window)) < min_n:
+        return Test(name, "fisher", None, None, ref, win, len(reference), len(window),
+                    note=f"skipped: fewer than {min_n} images on a side")
+    a, c = int(reference.sum()), int(window.sum())
+    result = fisher_exact([[a, len(reference) - a], [c, len(window) - c]])
+    return Test(name, "fisher", win - ref, float(result.pvalue), ref, win, len(reference), len(window),
+                note="Fisher's exact test; figures: shares")
+
+
+def mmd_test(reference: np.ndarray, window: np.ndarray, *, min_n: int, permutations: int = 1000, seed: int = 0,
+             max_samples: int = 500) -> Test:
+    """Maximum mean discrepancy (biased estimate of MMD squared) of two samples of vectors under a Gaussian kernel whose
+    bandwidth is the median pairwise distance, with a permutation p-value (``scipy.stats.permutation_test``).
+
+    Each side is subsampled (seeded) to ``max_samples`` rows. The statistic of a split of the pooled sample is
+    ``z' K z`` with ``z`` = 1/n on one side and -1/m on the other, over the pooled kernel matrix ``K``, computed once.
+    """
+    from scipy.stats import permutation_test
+    from sklearn.metrics.pairwise import euclidean_distances, rbf_kernel
+
+    n, m = len(reference), len(window)
+    if min(n, m) < min_n:
+        return Test("features_mmd", "mmd", None, None, None, None, n, m,
+                    note=f"skipped: fewer than {min_n} feature vectors on a side")
+    rng = np.random.default_rng(seed)
+    if n > max_samples:
+        reference, n = reference[rng.choice(n, max_samples, replace=False)], max_samples
+    if m > max_samples:
+        window, m = window[rng.choice(m, max_samples, replace=False)], max_samples
+    pooled = np.vstack([reference, window]).astype(np.float64)
+    squared = euclidean_distances(pooled, squared=True)[np.triu_indices(len(pooled), 1)]
+    positive = squared[squared > 0]
+    kernel = rbf_kernel(pooled, gamma=1.0 / float(np.median(positive)) if len(positive) else 1.0)
+
+    def statistic(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        x, y = np.atleast_2d(x).astype(np.intp), np.atleast_2d(y).astype(np.intp)
+        z = np.zeros((x.shape[0], n + m))
+        np.put_along_axis(z, x, 1.0 / n, axis=1)
+        np.put_along_axis(z, y, -1.0 / m, axis=1)
+        return ((z @ kernel) * z).sum(axis=1)
+
+    result = permutation_test((np.arange(n), np.arange(n, n + m)), statistic, permutation_type="independent",
+                              vectorized=True, n_resamples=permutations, alternative="greater", rng=seed, batch=100)
+    return Test("features_mmd", "mmd", float(np.ravel(result.statistic)[0]), float(np.ravel(result.pvalue)[0]),
+                None, None, n, m, note=f"MMD^2 (Gaussian kernel, median heuristic), {permutations} permutations")
+
+
+def _features(frame: pd.DataFrame) -> np.ndarray:
+    vectors = [v for v in frame["features"] if isinstance(v, (list, tuple, np.ndarray)) and len(v)]
+    if not vectors:
+        return np.zeros((0, 0))
+    width = min(len(v) for v in vectors)
+    return np.asarray([list(v)[:width] for v in vectors], dtype=np.float64)
+
+
+def reason_shares(frame: pd.DataFrame) -> dict[str, float]:
+    """Share of each refusal reason (and ``accepted``) among the frame's records."""
+    if not len(frame):
+        return {}
+    labels = frame["reason"].where(~_accepted(frame) | frame["reason"].notna(), "accepted").fillna("unknown")
+    return {str(k): float(v) for k, v in labels.value_counts(normalize=True).sort_index().items()}
+
+
+def compare(reference: pd.DataFrame, window: pd.DataFrame, *, ood_threshold: float | None, alpha: float = 0.05,
+            permutations: int = 1000, min_records: int = 20, min_per_test: int = 5, seed: int = 0) -> Drift:
+    """Every test of the module docstring between the reference records and the window's, with the verdict."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    tests = [ks_test(name, _values(reference, name), _values(window, name), min_per_test) for name in SCALARS]
+    tests.append(mmd_test(_features(reference), _features(window), min_n=min_per_test, permutations=permutations,
+                          seed=seed))
+    accepted = {"reference": _accepted(reference), "window": _accepted(window)}
+
+    def positive(frame: pd.DataFrame, side: str) -> np.ndarray:
+        labels = frame.loc[accepted[side] & frame["label"].notna(), "label"]
+        return (labels == "covid").to_numpy()
+
+    tests.append(rate_test("positive_rate", positive(reference, "reference"), positive(window, "window"), min_per_test))
+    tests.append(rate_test("refusal_rate", ~accepted["reference"].to_numpy(dtype=bool),
+                           ~accepted["window"].to_numpy(dtype=bool), min_per_test))
+    if ood_threshold is not None:
+        tests.append(rate_test("ood_rate", _values(reference, "ood_score") > ood_threshold,
+                               _values(window, "ood_score") > ood_threshold, min_per_test))
+    ran = [t for t in tests if t.p_value is not None]
+    for t in ran:
+        t.p_adjusted = min(1.0, t.p_value * len(ran))
+        t.drift = t.p_adjusted < alpha
+    if len(window) < min_records:
+        status = "insufficient_data"
+    else:
+        status = "drift" if any(t.drift for t in ran) else "no_drift"
+    return Drift(status=status, alpha=alpha, n_reference=len(reference), n_window=len(window), tests=tests,
+                 reasons={"reference": reason_shares(reference), "window": reason_shares(window)})
+
+
+# --- time windows -----------------------------------------------------------------------------------------------------
+
+
+def parse_time(text: str | None, now: dt.datetime | None = None) -> dt.datetime | None:
+    """``Nd``, ``Nh`` or ``Nm`` (days, hours, minutes before now) or an ISO date or date-time (UTC unless it says
+    otherwise) as a UTC time without time zone, as the log stores it; None stays None."""
+    if text is None or not str(text).strip():
+        return None
+    text = str(text).strip()
+    now = now or predlog.now()
+    match = re.fullmatch(r"(\d+)([dhm])", text)
+    if match:
+        unit = {"d": "days", "h": "hours", "m": "minutes"}[match.group(2)]
+        return now - dt.timedelta(**{unit: int(match.group(1))})
+    try:
+        value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"expected Nd, Nh, Nm or an ISO date/time (2026-01-31, 2026-01-31T08:00:00Z), "
+                         f"got {text!r}") from None
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value
+
+
+# --- the HTML report --------------------------------------------------------------------------------------------------
+
+
+def svg_histogram(title: str, reference: np.ndarray, window: np.ndarray, *, bins: int = 20, width: int = 320,
+                  height: int = 210) -> str:
+    """Step histograms (share of images per bin) of two samples on common bins, as an inline SVG string."""
+    from covidcxr.modelcard import PALETTE, _e
+
+    left, right, top, bottom = 44, 10, 24, 34
+    pw, ph = width - left - right, height - top - bottom
+    both = np.concatenate([reference, window])
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="{_e(title)}"><text x="{width / 2:.0f}" y="15" text-anchor="middle" class="pt">{_e(title)}'
+             f'</text><rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>']
+    if not len(both):
+        parts.append(f'<text x="{width / 2:.0f}" y="{top + ph / 2:.0f}" text-anchor="middle" class="tk">no values'
+                     "</text></svg>")
+        return "".join(parts)
+    lo, hi = float(both.min()), float(both.max())
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, bins + 1)
+    shares = [np.histogram(s, edges)[0] / max(len(s), 1) for s in (reference, window)]
+    top_share = max(float(max(s.max() for s in shares)), 1e-9)
+    for k, (name, share, n) in enumerate(zip(("reference", "window"), shares, (len(reference), len(window)))):
+        points = []
+        for b, value in enumerate(share):
+            y = top + ph * (1 - value / top_share)
+            points += [(left + pw * b / bins, y), (left + pw * (b + 1) / bins, y)]
+        colour = PALETTE[k]
+        if n:
+            coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+            parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        parts.append(f'<text x="{left + 6}" y="{top + 13 + 13 * k}" class="lg" fill="{colour}">{name} (n={n})</text>')
+    parts.append(f'<text x="{left}" y="{top + ph + 14}" class="tk">{lo:.3g}</text>'
+                 f'<text x="{left + pw}" y="{top + ph + 14}" text-anchor="end" class="tk">{hi:.3g}</text>'
+                 f'<text x="{left - 4}" y="{top + 8}" text-anchor="end" class="tk">{top_share:.2f}</text>'
+                 f'<text x="{left + pw / 2:.0f}" y="{height - 4}" text-anchor="middle" class="ax">share of images per '
+                 "bin</text></svg>")
+    return "".join(parts)
+
+
+def svg_scatter(title: str, reference: np.ndarray, window: np.ndarray, *, width: int = 320, height: int = 260,
+                max_points: int = 400) -> str:
+    """The first two compact feature dimensions of both samples as points (inline SVG)."""
+    from covidcxr.modelcard import PALETTE, _e
+
+    left, right, top, bottom = 14, 10, 24, 20
+    pw, ph = width - left - right, height - top - bottom
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="{_e(title)}"><text x="{width / 2:.0f}" y="15" text-anchor="middle" class="pt">{_e(title)}'
+             f'</text><rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>']
+    samples = [s[:max_points, :2] for s in (reference, window) if s.ndim == 2 and s.shape[1] >= 2]
+    if len(samples) == 2 and all(len(s) for s in samples):
+        both = np.vstack(samples)
+        lo, hi = both.min(axis=0), both.max(axis=0)
+        span = np.where(hi > lo, hi - lo, 1.0)
+        for k, sample in enumerate(samples):
+            xy = (sample - lo) / span
+            parts.extend(f'<circle cx="{left + 4 + (pw - 8) * x:.1f}" cy="{top + 4 + (ph - 8) * (1 - y):.1f}" r="2.2" '
+                         f'fill="{PALETTE[k]}" fill-opacity="0.55"/>' for x, y in xy)
+            parts.append(f'<text x="{left + 6}" y="{top + 13 + 13 * k}" class="lg" fill="{PALETTE[k]}">'
+                         f'{("reference", "window")[k]}</text>')
+    parts.append(f'<text x="{left + pw / 2:.0f}" y="{height - 5}" text-anchor="middle" class="ax">compact features: '
+                 "dimension 1 (x) and 2 (y)</text></svg>")
+    return "".join(parts)
+
+
+HOW_TO_READ = (
+    "Each test asks whether the window's images could come from the same distribution as the validation images the "
+    "model was registered with. A corrected p-value below alpha marks drift. The OOD score is the Mahalanobis "
+    "distance of the classifier's features to its training images: an OOD rate well above the reference's (about 1 - "
+    "quantile) means images unlike any it learned from, whose answers should not be trusted. A shift in the intensity "
+    "statistics or the lung area points at acquisition (a new scanner, exposure, cropping); a shift in the positive "
+    "rate alone may be a real change in prevalence. Drift is a reason to look, not a verdict on the model: read the "
+    "histograms, then check a sample of the window's images with a radiologist before retraining or withdrawing it.")
+
+
+def render(drift: Drift, *, model_name: str, model_version: str, since: object, until: object, log_url: str,
+           reference_meta: Mapping, reference: pd.DataFrame, window: pd.DataFrame) -> str:
+    """The report as one self-contained HTML document."""
+    from covidcxr.modelcard import CSS, _badge, _e, _table
+
+    verdict = {"drift": "fail", "no_drift": "pass", "insufficient_data": "warn"}[drift.status]
+    title = f"Drift report: {model_name} v{model_version}"
+    rows = [(t.name, t.kind, t.reference, t.window, t.statistic, t.p_value, t.p_adjusted,
+             "drift" if t.drift else ("-" if t.p_value is None else "no drift"), t.note) for t in drift.tests]
+    reasons = sorted(set(drift.reasons["reference"]) | set(drift.reasons["window"]))
+    plots = [svg_histogram(name, _values(reference, name), _values(window, name)) for name in SCALARS]
+    plots.append(svg_scatter("compact features", _features(reference), _features(window)))
+    body = [
+        f"<h1>{_e(title)}</h1>",
+        f"<p>{_badge(verdict)} <b>{_e(drift.status.replace('_', ' '))}</b> at alpha {drift.alpha:g} "
+        f"(Bonferroni over {sum(t.p_value is not None for t in drift.tests)} tests)</p>",
+        _table(("", ""), [("window", f"{since or 'the beginning'} to {until or 'now'} (UTC)"),
+                          ("records in the window", drift.n_window),
+                          ("reference", f"{drift.n_reference} records: the {reference_meta.get('split', 'val')} split "
+                                        f"scored by v{reference_meta.get('model_version', '?')} at registration"),
+                          ("OOD threshold", reference_meta.get("ood_threshold")),
+                          ("prediction log", predlog.shown_url(log_url))], numeric=(False, False)),
+        "<h2>How to read it</h2>", f"<p>{_e(HOW_TO_READ)}</p>",
+        "<h2>Tests</h2>",
+        _table(("test", "kind", "reference", "window", "statistic", "p-value", "corrected p", "verdict", "note"), rows,
+               numeric=(False, False, True, True, True, True, True, False, False)),
+        "<h2>Refusals</h2>",
+        _table(("reason", "reference share", "window share"),
+               [(r, drift.reasons["reference"].get(r, 0.0), drift.reasons["window"].get(r, 0.0)) for r in reasons],
+               numeric=(False, True, True)),
+        "<h2>Distributions</h2>", f'<div class="plots">{"".join(plots)}</div>',
+        "<footer>Generated by covidcxr monitor from aggregate figures of the prediction log (no image, header field or "
+        "file name is logged); self-contained (no network resources).</footer>",
+    ]
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+# --- MLflow -----------------------------------------------------------------------------------------------------------
+
+
+def log_to_mlflow(drift: Drift, files: Sequence[str | os.PathLike], *, model_name: str, model_version: str,
+                  params: Mapping[str, object], experiment: str = EXPERIMENT) -> str:
+    """A run in ``experiment`` with the figures (also linked to the model version's logged model), the report files,
+    and the version's tags ``monitor.status``, ``monitor.run_id``, ``monitor.time``; returns the run id."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version(model_name, str(model_version))
+    if mlflow.get_experiment_by_name(experiment) is None:
+        mlflow.create_experiment(experiment)
+    mlflow.set_experiment(experiment)
+    tags = {"model_name": model_name, "model_version": str(model_version), "monitor.status": drift.status}
+    with mlflow.start_run(run_name=f"monitor-{model_name}-v{model_version}", tags=tags) as run:
+        mlflow.log_params({k: str(v) for k, v in params.items()})
+        metrics = drift.metrics()
+        mlflow.log_metrics(metrics)
+        if getattr(mv, "model_id", None):  # MLflow 3: the figures also show on the registered model's page
+            mlflow.log_metrics(metrics, model_id=mv.model_id)
+        for path in files:
+            mlflow.log_artifact(str(path), "monitoring")
+    for key, value in (("monitor.status", drift.status), ("monitor.run_id", run.info.run_id),
+                       ("monitor.time", predlog.now().isoformat(timespec="seconds") + "Z")):
+        client.set_model_version_tag(model_name, str(model_version), key, value)
+    return run.info.run_id

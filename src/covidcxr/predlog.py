@@ -1,0 +1,309 @@
+"""The prediction log: one database row per image the served model scores, for drift monitoring (`covidcxr monitor`).
+
+A record holds the time (UTC), the model's name and version, whether the image was accepted and the reason if not,
+the projection probability, the lung area fraction, the COVID-19 probability and label, the threshold, the
+out-of-distribution score, intensity statistics of the working image (mean, standard deviation, 5th/50th/95th
+percentiles of the min-max normalised image) and the compact feature vector (:meth:`covidcxr.ood.MahalanobisDetector
+.project`). Never pixels, header fields, file names or messages: nothing that identifies a patient.
+
+Any SQLAlchemy URL works: ``sqlite:///predictions.db`` (relative to where the server runs), or PostgreSQL for a team
+(``postgresql+psycopg2://covidcxr@db-host:5432/covidcxr``) with the password only in the environment (``PGPASSWORD``)
+or ``~/.pgpass``, never in the URL, params or logs. ``$COVIDCXR_PREDICTION_LOG`` overrides the model's own URL
+(``none`` turns the log off).
+
+Writing never fails or slows a request: :class:`PredictionLog` queues records and a background thread inserts them
+in batches; when the database is unreachable the records are counted as lost and the error is logged (its type and the
+URL without a password), at most once a minute, and the server goes on answering.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as dt
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+ENV = "COVIDCXR_PREDICTION_LOG"
+OFF = ("none", "off", "null")
+TABLE = "predictions"
+#: Figures copied from a served entry into its record.
+ENTRY_COLUMNS: tuple[str, ...] = ("accepted", "reason", "projection", "projection_probability", "lung_area_fraction",
+                                  "covid_probability", "label", "threshold", "ood_score")
+INTENSITY_COLUMNS: tuple[str, ...] = ("intensity_mean", "intensity_std", "intensity_p05", "intensity_p50",
+                                      "intensity_p95")
+#: Every column of the log, in order (``id`` is the database's own).
+COLUMNS: tuple[str, ...] = ("time", "model_name", "model_version", *ENTRY_COLUMNS, *INTENSITY_COLUMNS, "features")
+STAT_DECIMALS = 6
+
+
+class PredictionLogError(RuntimeError):
+    """The prediction log cannot be read: the message names its URL (without a password) and the error type."""
+
+
+class Sink(Protocol):
+    """Where :class:`covidcxr.serving.Pipeline` sends the records of each request."""
+
+    def append(self, records: Sequence[Mapping]) -> None: ...
+
+
+# --- records ----------------------------------------------------------------------------------------------------------
+
+
+def now() -> dt.datetime:
+    """The current time in UTC, without time zone (how the log stores it, in sqlite and PostgreSQL alike)."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def intensity_stats(image: np.ndarray) -> dict[str, float]:
+    """Mean, standard deviation and 5th/50th/95th percentiles of a working image (min-max normalised to [0, 1])."""
+    x = np.asarray(image, dtype=np.float32).ravel()
+    p05, p50, p95 = np.percentile(x, (5, 50, 95))
+    values = (x.mean(), x.std(), p05, p50, p95)
+    return {k: round(float(v), STAT_DECIMALS) for k, v in zip(INTENSITY_COLUMNS, values)}
+
+
+def records(entries: Sequence[Mapping], stats: Mapping[int, Mapping], compact: Mapping[int, Sequence[float]], *,
+            when: dt.datetime, model_name: str, model_version: str) -> list[dict]:
+    """One record per served entry (same order): its figures, the intensity statistics of the images that were read
+    and the compact feature vectors of those that reached the classifier (by position in the request)."""
+    out = []
+    for i, entry in enumerate(entries):
+        record = {"time": when, "model_name": model_name, "model_version": str(model_version)}
+        record.update({k: entry.get(k) for k in ENTRY_COLUMNS})
+        record.update(stats.get(i) or dict.fromkeys(INTENSITY_COLUMNS))
+        record["features"] = [float(v) for v in compact[i]] if i in compact else None
+        out.append(record)
+    return out
+
+
+class MemoryLog:
+    """A sink that keeps the records in memory (the drift reference is scored through it; tests use it)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def append(self, records: Sequence[Mapping]) -> None:
+        self.records.extend(dict(r) for r in records)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.records, columns=list(COLUMNS))
+
+
+# --- URLs -------------------------------------------------------------------------------------------------------------
+
+
+def has_password(url: str) -> bool:
+    """Whether an SQLAlchemy URL carries a password (it must come from the environment instead)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).password is not None
+    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: nothing to leak
+        return False
+
+
+def shown_url(url: str) -> str:
+    """The URL for logs and errors: the password, if any, as ``***``."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return url.split("://", 1)[0] + "://..."
+
+
+def resolve_url(configured: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """``$COVIDCXR_PREDICTION_LOG`` when set (``none``/``off``: no log), else the model's configured URL."""
+    env = os.environ if env is None else env
+    value = env.get(ENV, "").strip()
+    if value:
+        return None if value.lower() in OFF else value
+    return configured or None
+
+
+def open_log(configured: str | None) -> PredictionLog | None:
+    """The prediction log the environment or the model's configuration names, or None; a URL with a password is
+    refused (logged, without it) and no log is kept."""
+    url = resolve_url(configured)
+    if url is None:
+        return None
+    if has_password(url):
+        log.error("prediction log %s: the URL holds a password; give it in PGPASSWORD instead. Not logging.",
+                  shown_url(url))
+        return None
+    log.info("prediction log: %s", shown_url(url))
+    return PredictionLog(url)
+
+
+# --- the database -----------------------------------------------------------------------------------------------------
+
+
+def _table():
+    from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, Float, Index, Integer, MetaData, String, Table
+
+    metadata = MetaData()
+    numbers = [Column(name, Float) for name in ("projection_probability", "lung_area_fraction", "covid_probability",
+                                                 "threshold", "ood_score", *INTENSITY_COLUMNS)]
+    table = Table(
+        TABLE, metadata,
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+        Column("time", DateTime, nullable=False), Column("model_name", String(128), nullable=False),
+        Column("model_version", String(32), nullable=False), Column("accepted", Boolean, nullable=False),
+        Column("reason", String(64)), Column("projection", String(16)), Column("label", String(16)),
+        *numbers, Column("features", JSON),
+        Index(f"ix_{TABLE}_model_time", "model_name", "model_version", "time"),
+    )
+    return metadata, table
+
+
+def engine_for(url: str):
+    """An SQLAlchemy engine for the log; a sqlite file's folder is created."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        return create_engine(url, connect_args={"timeout": 30})
+    connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+
+class PredictionLog:
+    """Records queued by :meth:`append` (never raises, never blocks) and inserted by a background thread.
+
+    ``written`` and ``lost`` count records; :meth:`flush` waits until the queue is empty (also run at exit).
+    After a failed write the database is not tried again for ``retry_s`` seconds (records meanwhile are lost).
+    """
+
+    def __init__(self, url: str, *, max_pending: int = 10_000, batch_size: int = 500, retry_s: float = 10.0) -> None:
+        self.url, self.shown = url, shown_url(url)
+        self.max_pending, self.batch_size, self.retry_s = max_pending, batch_size, retry_s
+        self.written = self.lost = 0
+        self._lock, self._counting = threading.Lock(), threading.Lock()
+        self._pid: int | None = None
+        self._queue: queue.Queue = queue.Queue(max_pending)
+        self._engine = None
+        self._down_until = 0.0
+        self._last_report = -1e9
+
+    def append(self, records: Sequence[Mapping]) -> None:
+        try:
+            self._ensure_writer()
+            for i, record in enumerate(records):
+                try:
+                    self._queue.put_nowait(dict(record))
+                except queue.Full:
+                    self._lose(len(records) - i, "queue full (the database is slower than the traffic)")
+                    break
+        except Exception as exc:  # noqa: BLE001 - the log must never fail a request
+            self._lose(len(records), type(exc).__name__)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued record is written or lost; False if ``timeout`` seconds were not enough."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._queue.unfinished_tasks
+
+    def _ensure_writer(self) -> None:
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        with self._lock:
+            if self._pid == pid:
+                return
+            if self._pid is not None:  # a forked worker: the parent's queue, thread and connections are not ours
+                self._queue, self._engine = queue.Queue(self.max_pending), None
+            threading.Thread(target=self._run, name="covidcxr-prediction-log", daemon=True).start()
+            atexit.register(self.flush, 5.0)
+            self._pid = pid
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.batch_size:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._write(batch)
+                self.written += len(batch)
+            except Exception as exc:  # noqa: BLE001 - counted and reported; the server goes on
+                self._lose(len(batch), type(exc).__name__)
+                self._down_until = time.monotonic() + self.retry_s
+                self._dispose()
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    def _write(self, batch: list[dict]) -> None:
+        if time.monotonic() < self._down_until:
+            raise ConnectionError("the prediction log database failed moments ago")
+        if self._engine is None:
+            metadata, self._sql = _table()
+            self._engine = engine_for(self.url)
+            metadata.create_all(self._engine, checkfirst=True)
+        with self._engine.begin() as connection:
+            connection.execute(self._sql.insert(), batch)
+
+    def _dispose(self) -> None:
+        if self._engine is not None:
+            try:
+                self._engine.dispose()
+            except Exception:  # noqa: BLE001
+                pass
+            self._engine = None
+
+    def _lose(self, n: int, why: str) -> None:
+        with self._counting:  # request threads and the writer both lose records
+            self.lost += n
+            report = time.monotonic() - self._last_report >= 60.0
+            if report:
+                self._last_report = time.monotonic()
+        if report:
+            log.error("prediction log %s unavailable (%s): %d record(s) not written so far; answers are unaffected",
+                      self.shown, why, self.lost)
+
+
+def read(url: str, *, model_name: str | None = None, model_version: str | None = None,
+         since: dt.datetime | None = None, until: dt.datetime | None = None) -> pd.DataFrame:
+    """The records of a window (times in UTC; ``since`` inclusive, ``until`` exclusive), oldest first, as a frame of
+    :data:`COLUMNS` (``features`` a list per row, or None); raises :class:`PredictionLogError` naming the log."""
+    from sqlalchemy import inspect, select
+
+    shown = shown_url(url)
+    try:
+        engine = engine_for(url)
+        try:
+            if not inspect(engine).has_table(TABLE):
+                return pd.DataFrame(columns=list(COLUMNS))
+            _, table = _table()
+            query = select(*(table.c[c] for c in COLUMNS)).order_by(table.c.id)
+            for column, value in (("model_name", model_name), ("model_version", model_version)):
+                if value is not None:
+                    query = query.where(table.c[column] == str(value))
+            if since is not None:
+                query = query.where(table.c.time >= since)
+            if until is not None:
+                query = query.where(table.c.time < until)
+            with engine.connect() as connection:
+                rows = [dict(r) for r in connection.execute(query).mappings()]
+        finally:
+            engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - one typed error naming the log, without credentials
+        raise PredictionLogError(f"prediction log {shown} cannot be read ({type(exc).__name__})") from None
+    return pd.DataFrame(rows, columns=list(COLUMNS))

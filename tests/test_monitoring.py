@@ -1,0 +1,136 @@
+"""Drift statistics, the HTML report and `covidcxr monitor` on a real sqlite prediction log (--reference: offline)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidcxr import cli, monitoring, predlog
+
+THRESHOLD = 7.0
+
+
+def traffic(n: int, seed: int, shift: float = 0.0, when: dt.datetime | None = None) -> pd.DataFrame:
+    """Records as the server logs them; ``shift`` moves every figure (another hospital's images)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        ood = float(abs(rng.normal(5.0 + 8 * shift, 1.0)))
+        accepted = ood <= THRESHOLD
+        p = float(np.clip(rng.beta(2, 3) + shift, 0, 1))
+        rows.append({"time": when or predlog.now(), "model_name": "covidcxr", "model_version": "3",
+                     "accepted": accepted, "reason": None if accepted else "out_of_distribution",
+                     "projection": "frontal", "projection_probability": float(rng.uniform(0.9, 1.0)),
+                     "lung_area_fraction": float(rng.normal(0.25, 0.03)),
+                     "covid_probability": p if accepted else None,
+                     "label": ("covid" if p >= 0.5 else "negative") if accepted else None, "threshold": 0.5,
+                     "ood_score": ood, **{c: float(rng.normal(0.45 + shift, 0.05)) for c in predlog.INTENSITY_COLUMNS},
+                     "features": [float(v) for v in rng.normal(shift, 1.0, 8)]})
+    return pd.DataFrame(rows, columns=list(predlog.COLUMNS))
+
+
+REFERENCE = traffic(200, seed=1)
+
+
+def test_the_same_distribution_is_no_drift_and_another_is():
+    same = monitoring.compare(REFERENCE, traffic(80, seed=2), ood_threshold=THRESHOLD, permutations=300)
+    assert same.status == "no_drift" and not same.drifted
+    assert {t.name for t in same.tests} == {*monitoring.SCALARS, "features_mmd", "positive_rate", "refusal_rate",
+                                            "ood_rate"}
+    ran = [t for t in same.tests if t.p_value is not None]
+    assert all(t.p_adjusted == pytest.approx(min(1.0, t.p_value * len(ran))) for t in ran)  # Bonferroni
+
+    shifted = monitoring.compare(REFERENCE, traffic(80, seed=3, shift=0.3), ood_threshold=THRESHOLD, permutations=300)
+    assert shifted.status == "drift"
+    drifted = {t.name for t in shifted.tests if t.drift}
+    assert {"ood_score", "intensity_mean", "features_mmd", "refusal_rate", "ood_rate"} <= drifted
+    rates = {t.name: t for t in shifted.tests}
+    assert rates["ood_rate"].window > 0.5 and rates["ood_rate"].reference < 0.1
+    assert shifted.reasons["window"]["out_of_distribution"] > 0.5
+    metrics = shifted.metrics()
+    assert metrics["drift"] == 1.0 and metrics["n_window"] == 80 and "features_mmd.p_value" in metrics
+
+    few = monitoring.compare(REFERENCE, traffic(10, seed=4, shift=0.3), ood_threshold=THRESHOLD, min_records=20)
+    assert few.status == "insufficient_data" and not few.drifted
+
+
+def test_mmd_permutation_test_detects_a_shift_in_feature_vectors_only():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(150, 8))
+    same = monitoring.mmd_test(x, rng.normal(size=(60, 8)), min_n=5, permutations=500)
+    moved = monitoring.mmd_test(x, rng.normal(size=(60, 8)) + np.r_[0.8, np.zeros(7)], min_n=5, permutations=500)
+    assert same.p_value > 0.05 and moved.p_value < 0.01 and moved.statistic > same.statistic
+    assert monitoring.mmd_test(x, x[:3], min_n=5).p_value is None  # too few: skipped, saying so
+    big = monitoring.mmd_test(rng.normal(size=(900, 8)), rng.normal(size=(700, 8)), min_n=5, permutations=200)
+    assert (big.n_reference, big.n_window) == (500, 500)  # subsampled
+
+
+def test_time_windows():
+    now = dt.datetime(2026, 5, 10, 12, 0)
+    assert monitoring.parse_time("7d", now) == dt.datetime(2026, 5, 3, 12, 0)
+    assert monitoring.parse_time("36h", now) == dt.datetime(2026, 5, 9, 0, 0)
+    assert monitoring.parse_time("15m", now) == dt.datetime(2026, 5, 10, 11, 45)
+    assert monitoring.parse_time("2026-05-01", now) == dt.datetime(2026, 5, 1)
+    assert monitoring.parse_time("2026-05-01T10:00:00+02:00", now) == dt.datetime(2026, 5, 1, 8, 0)
+    assert monitoring.parse_time("2026-05-01T10:00:00Z", now) == dt.datetime(2026, 5, 1, 10, 0)
+    assert monitoring.parse_time(None) is None
+    with pytest.raises(ValueError, match="Nd, Nh, Nm"):
+        monitoring.parse_time("last week")
+
+
+def test_the_report_is_self_contained_and_the_reference_round_trips(tmp_path):
+    window = traffic(60, seed=5, shift=0.3)
+    drift = monitoring.compare(REFERENCE, window, ood_threshold=THRESHOLD, permutations=200)
+    page = monitoring.render(drift, model_name="covidcxr", model_version="3", since=None, until=None,
+                             log_url="postgresql+psycopg2://covidcxr:secret99@db/log",
+                             reference_meta={"ood_threshold": THRESHOLD, "model_version": "3"}, reference=REFERENCE,
+                             window=window)
+    assert "<script" not in page.lower() and not re.search(r"(?i)(src|href)\s*=", page) and "http" not in page
+    assert page.count("<svg") == len(monitoring.SCALARS) + 1 and "secret99" not in page and "How to read" in page
+    assert "features_mmd" in page and "out_of_distribution" in page
+
+    reference = monitoring.Reference(REFERENCE, {"ood_threshold": THRESHOLD, "model_version": "3", "split": "val"})
+    reference.save(tmp_path / "reference.json")
+    loaded = monitoring.Reference.load(tmp_path / "reference.json")
+    assert loaded.meta == reference.meta and len(loaded.frame) == len(REFERENCE)
+    again = monitoring.compare(loaded.frame, window, ood_threshold=THRESHOLD, permutations=200)
+    assert [t.p_value for t in again.tests] == [t.p_value for t in drift.tests]
+    with pytest.raises(monitoring.MonitorError, match="nothing.json: not a drift reference"):
+        monitoring.Reference.load(tmp_path / "nothing.json")
+
+
+def test_monitor_command_exits_by_verdict_for_a_scheduler(tmp_path, capsys):
+    reference = tmp_path / "reference.json"
+    monitoring.Reference(REFERENCE, {"ood_threshold": THRESHOLD, "model_version": "3"}).save(reference)
+    url = f"sqlite:///{tmp_path / 'predictions.db'}"
+    sink = predlog.PredictionLog(url)
+    day1, day2 = dt.datetime(2026, 2, 1, 9), dt.datetime(2026, 2, 2, 9)
+    for frame in (traffic(60, seed=6, when=day1), traffic(60, seed=7, shift=0.3, when=day2)):
+        records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+        sink.append([r | {"time": r["time"].to_pydatetime()} for r in records])
+    assert sink.flush(10) and sink.written == 120
+
+    def monitor(*args: str) -> tuple[int, dict]:
+        out = tmp_path / "report.html"
+        code = cli.main(["monitor", "--reference", str(reference), "--log", url, "--no-mlflow", "--out", str(out),
+                         "--permutations", "200", *args])
+        printed = capsys.readouterr()
+        return code, json.loads(printed.out) if code != cli.MONITOR_ERROR else {"error": printed.err}
+
+    code, summary = monitor("--since", "2026-02-01", "--until", "2026-02-02")
+    assert code == 0 and summary["status"] == "no_drift" and summary["drifted_tests"] == []
+    code, summary = monitor("--since", "2026-02-02")
+    assert code == cli.MONITOR_DRIFT and summary["status"] == "drift" and "ood_rate" in summary["drifted_tests"]
+    assert (tmp_path / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert json.loads((tmp_path / "report.json").read_text())["status"] == "drift"
+    code, summary = monitor("--since", "2030-01-01")
+    assert code == 0 and summary["status"] == "insufficient_data"
+    code, summary = monitor("--since", "yesterday-ish")
+    assert code == cli.MONITOR_ERROR and "Nd, Nh, Nm" in summary["error"]
+    code, summary = cli.main(["monitor", "--reference", str(tmp_path / "none.json"), "--no-mlflow"]), None
+    assert code == cli.MONITOR_ERROR and "not a drift reference" in capsys.readouterr().err

@@ -1,0 +1,127 @@
+"""The prediction log: one record per scored image in a real sqlite database, no PHI, and a dead database that never
+fails a request."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import socket
+import sqlite3
+
+import numpy as np
+import pytest
+
+from covidcxr import predlog, serving
+from tests.helpers import build_bundle, phantom, png_b64
+from tests.test_serving import PHI, b64, dicom_b64, make_dicom
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> serving.Pipeline:
+    return serving.Pipeline.load(build_bundle(tmp_path_factory.mktemp("bundle"), model_version="7"))
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once closed
+
+
+def test_every_scored_image_appends_one_record_without_phi(pipeline, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)
+    url = f"sqlite:///{tmp_path / 'logs' / 'predictions.db'}"
+    monkeypatch.setenv(predlog.ENV, url)
+    sink = predlog.open_log(None)
+    pipeline.prediction_log = sink
+    try:
+        request = [dicom_b64(phantom(), ViewPosition="PA", **PHI), dicom_b64(phantom(), ViewPosition="LL", **PHI),
+                   b64(make_dicom(None, shape=(40, 40), **PHI)), png_b64(phantom(seed=3)), "@@@"]
+        before = predlog.now()
+        entries = pipeline.score(request)
+        assert sink.flush(10) and sink.written == len(request) and sink.lost == 0
+    finally:
+        pipeline.prediction_log = None
+    frame = predlog.read(url)
+    assert list(frame.columns) == list(predlog.COLUMNS) and len(frame) == len(request)
+    assert [r if isinstance(r, str) else None for r in frame["reason"]] == [e["reason"] for e in entries]
+    assert (frame["model_version"] == "7").all() and (frame["model_name"] == "covidcxr").all()
+    first = frame.iloc[0]
+    assert bool(first["accepted"]) and first["covid_probability"] == entries[0]["covid_probability"]
+    assert before <= first["time"].to_pydatetime() <= predlog.now()
+    assert 0 <= first["intensity_p05"] <= first["intensity_p50"] <= first["intensity_p95"] <= 1
+    assert np.isnan(frame.iloc[4]["intensity_mean"])  # never decoded: no statistics
+    # The database holds only these columns, and none of the headers' identifying values anywhere in its bytes.
+    with sqlite3.connect(tmp_path / "logs" / "predictions.db") as db:
+        columns = [row[1] for row in db.execute(f"PRAGMA table_info({predlog.TABLE})")]
+    assert columns == ["id", "time", "model_name", "model_version", "accepted", "reason", "projection", "label",
+                       "projection_probability", "lung_area_fraction", "covid_probability", "threshold", "ood_score",
+                       *predlog.INTENSITY_COLUMNS, "features"]
+    data = (tmp_path / "logs" / "predictions.db").read_bytes() + caplog.text.encode()
+    for value in PHI.values():
+        assert value.encode() not in data and value.split("^")[0].encode() not in data
+
+
+def test_records_carry_the_compact_features_of_the_images_the_classifier_saw():
+    entries = [dict.fromkeys(serving.FIELDS) | {"accepted": True, "ood_score": 3.5},
+               dict.fromkeys(serving.FIELDS) | {"accepted": False, "reason": "lateral_view"}]
+    records = predlog.records(entries, {0: predlog.intensity_stats(np.linspace(0, 1, 100))}, {0: [0.5, -1.25]},
+                              when=dt.datetime(2026, 1, 2), model_name="m", model_version=3)
+    assert [tuple(r) for r in records] == [predlog.COLUMNS] * 2
+    assert records[0]["features"] == [0.5, -1.25] and records[1]["features"] is None
+    assert records[0]["intensity_p50"] == pytest.approx(0.5) and records[1]["intensity_mean"] is None
+    assert records[0]["model_version"] == "3"
+    json.dumps(records, default=str, allow_nan=False)
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "sqlite"])
+def test_a_dead_database_never_fails_a_request(pipeline, tmp_path, caplog, kind):
+    url = {"postgresql": f"postgresql+psycopg2://covidcxr@127.0.0.1:{closed_port()}/covidcxr",
+           "sqlite": f"sqlite:///{tmp_path / 'not-a-folder'}/predictions.db"}[kind]
+    if kind == "sqlite":
+        (tmp_path / "not-a-folder").write_text("a file where the folder should be")
+    sink = predlog.PredictionLog(url, retry_s=0.0)
+    pipeline.prediction_log = sink
+    try:
+        entries = pipeline.score([dicom_b64(phantom(), ViewPosition="PA", **PHI), png_b64(phantom(seed=1))])
+        assert [e["accepted"] for e in entries] == [True, True]
+        assert sink.flush(20) and sink.written == 0 and sink.lost == 2
+        entries = pipeline.score([png_b64(phantom(seed=2))])  # still answering, still counting
+        assert entries[0]["accepted"] and sink.flush(20) and sink.lost == 3
+    finally:
+        pipeline.prediction_log = None
+    errors = [r.getMessage() for r in caplog.records if r.name == "covidcxr.predlog" and r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "unavailable" in errors[0] and "answers are unaffected" in errors[0]
+    for value in PHI.values():
+        assert value not in caplog.text
+
+
+def test_urls_come_from_the_environment_first_and_never_carry_a_password(monkeypatch, caplog):
+    assert predlog.resolve_url("sqlite:///a.db", env={}) == "sqlite:///a.db"
+    assert predlog.resolve_url(None, env={}) is None
+    assert predlog.resolve_url("sqlite:///a.db", env={predlog.ENV: "sqlite:///b.db"}) == "sqlite:///b.db"
+    assert predlog.resolve_url("sqlite:///a.db", env={predlog.ENV: "none"}) is None
+    secret = "postgresql+psycopg2://covidcxr:hunter22@db-host/covidcxr"
+    assert predlog.has_password(secret) and not predlog.has_password("postgresql+psycopg2://covidcxr@db-host/x")
+    assert "hunter22" not in predlog.shown_url(secret) and "db-host" in predlog.shown_url(secret)
+    monkeypatch.setenv(predlog.ENV, secret)
+    assert predlog.open_log("sqlite:///a.db") is None and "hunter22" not in caplog.text and "PGPASSWORD" in caplog.text
+    with pytest.raises(predlog.PredictionLogError, match=r"covidcxr:\*\*\*@127.0.0.1") as err:
+        predlog.read(secret.replace("db-host", f"127.0.0.1:{closed_port()}"))
+    assert "hunter22" not in str(err.value)
+
+
+def test_read_selects_a_window_by_model_version_and_time(tmp_path):
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    assert predlog.read(url).empty  # no table yet: an empty window
+    sink = predlog.PredictionLog(url)
+    start = dt.datetime(2026, 3, 1)
+    for hour in range(6):
+        entry = dict.fromkeys(serving.FIELDS) | {"accepted": True}
+        sink.append(predlog.records([entry], {}, {}, when=start + dt.timedelta(hours=hour), model_name="covidcxr",
+                                    model_version=str(1 + hour % 2)))
+    assert sink.flush(10) and sink.written == 6
+    assert len(predlog.read(url)) == 6 and len(predlog.read(url, model_version="2")) == 3
+    window = predlog.read(url, model_name="covidcxr", model_version="1", since=start + dt.timedelta(hours=1),
+                          until=start + dt.timedelta(hours=4))
+    assert [t.hour for t in window["time"]] == [2] and predlog.read(url, model_name="other").empty

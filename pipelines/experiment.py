@@ -9,6 +9,11 @@ An experiment is an overlay file `experiments/<name>.yaml`: params (dotted keys)
 source). Overlays share `experiments/_base.yaml` (every source ingested, the working size, epochs), so that the
 ingest, cache, projection filter and U-Net of one experiment are reused by the next through DVC's run cache.
 
+An overlay of kind `ablation` names `levers` (params each) and `runs` (params and targets each): every lever runs
+every run for every seed, and one table gives each lever's figures (held-out specificity per source with the COVID-19
+test sensitivity, AUCs, the lungs-removed value, wall time) as mean ± sd over seeds; `--levers` runs a subset,
+`--resume` keeps the runs already recorded, `--dry-run` prints every command and what it will train.
+
 The runs happen in a scratch copy of the project (`--workdir`, default `$TMPDIR/covidcxr-experiments`), never in this
 checkout's workspace; MLflow runs go to this project's tracking store (`MLFLOW_TRACKING_URI` overrides it), one MLflow
 experiment per paper experiment. The corpus is `$COVIDCXR_REAL_DATA`, else `../shared/real-data` beside the project.

@@ -531,6 +531,8 @@ def _ablation_rows(result: dict) -> list[str]:
              "of the same model. Levers:", ""]
     rows += [f"- `{lever}`: {json.dumps(p, sort_keys=True) if p else 'the base profile'}"
              for lever, p in (result.get("levers") or {}).items()]
+    if result.get("goals"):
+        rows += ["", f"Goals: {result['goals'].strip()}"]
     return rows
 
 
@@ -899,7 +901,8 @@ def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
                 encoding="utf-8"))),
             "seeds": spec.get("seeds"), "levers": {k: spec["levers"][k] for k in (levers or spec["levers"])},
             "wall_seconds": round(time.monotonic() - started, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "notes": spec.get("notes", ""), "paper": None, "runs": results, "headline": ablation_table(results),
+            "notes": spec.get("notes", ""), "goals": spec.get("goals", ""), "paper": None, "runs": results,
+            "headline": ablation_table(results),
         }
         record(PROJECT, a.name, out)
     render_summary(PROJECT)

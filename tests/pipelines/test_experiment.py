@@ -315,3 +315,9 @@ def test_ablation_figures_come_from_each_model_s_predictions(tmp_path: Path):
               "levers": {"baseline": {}, "lung-crop": {"train_classifier.input": {"crop": True}}}}
     rows = "\n".join(experiment._ablation_rows(result))
     assert "| lung-crop | " in rows and "0.650 ± 0.071 (+0.400)" in rows and "`lung-crop`: " in rows
+    result.update(description="d", command="python -m pipelines.experiment ablation", notes="", goals="g >= 0.7",
+                  settings=experiment._settings({"cache.size": 64}, {}), wall_seconds=600.0, finished="now")
+    experiment.record(tmp_path, "ablation", result)
+    summary = experiment.render_summary(tmp_path).read_text()
+    assert "| ablation | `python -m pipelines.experiment ablation` |" in summary and "Goals: g >= 0.7" in summary
+    assert experiment.headline("ablation", runs) == table  # --summary recomputes the same table

@@ -31,7 +31,21 @@ def minmax(image: np.ndarray) -> np.ndarray:
     return ((image - lo) / (hi - lo)).astype(np.float32)
 
 
-class Standardizer:
+class JsonState:
+    """``save``/``load`` of a fitted object's ``to_dict``/``from_dict`` as a small, stable JSON file beside a model."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
+            fh.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh))
+
+
+class Standardizer(JsonState):
     """Z-score with the mean and std of the TRAINING images only (the paper's Eq. 2), fitted once, used everywhere.
 
     scikit-learn style: ``fit`` learns ``mean_``, ``std_`` and ``n_images_``; ``transform`` applies them to validation,
@@ -74,16 +88,6 @@ class Standardizer:
         obj = cls(eps=float(state.get("eps", 1e-6)))
         obj.mean_, obj.std_, obj.n_images_ = float(state["mean"]), float(state["std"]), int(state["n_images"])
         return obj
-
-    def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
-            fh.write("\n")
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Standardizer:
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
 
 
 VARIANTS: dict[str, str] = {
@@ -188,7 +192,7 @@ class ClassifierInput(NamedTuple):
 
 
 @dataclass(frozen=True)
-class InputTransform:
+class InputTransform(JsonState):
     """How a classifier's working images become its input: lung crop, intensity normalisation, then the variant.
 
     ``crop``: the square box around the (predicted) lungs with ``margin`` (:func:`lung_box`), resized back to the
@@ -252,16 +256,6 @@ class InputTransform:
     def from_dict(cls, state: dict) -> InputTransform:
         return cls(crop=bool(state.get("crop", False)), margin=float(state.get("margin", 0.1)),
                    intensity=str(state.get("intensity", "none")), clip_limit=float(state.get("clip_limit", 0.01)))
-
-    def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
-            fh.write("\n")
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> InputTransform:
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
 
 
 #: The working-size cache stores images at this precision; :func:`working_image` rounds to it, so that the stages

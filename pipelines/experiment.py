@@ -353,20 +353,22 @@ ABLATION = "ablation"
 BASELINE = "baseline"
 
 
-def ablation_plan(name: str, spec: dict, *, levers: list[str] | None = None,
+def ablation_plan(name: str, spec: dict, *, levers: list[str] | None = None, runs: list[str] | None = None,
                   seeds: list[int | None] | None = None) -> list[dict]:
     """Every run of an ablation overlay, seed by seed, lever by lever: the overlay's ``params``, then the run's
     (``runs: {<run>: {params, targets}}``), then the lever's (``levers: {<lever>: {params}}``), then the seed
     (``seed_keys``). Each step: ``name`` (``<name>-<lever>-<run>[-s<seed>]``), ``lever``, ``run``, ``seed``,
-    ``params`` and ``targets``."""
+    ``params`` and ``targets``. ``levers`` and ``runs`` choose subsets (the overlay's order is kept)."""
     all_levers = spec.get("levers") or {}
     all_runs = spec.get("runs") or {}
     if not all_levers or not all_runs:
         raise ExperimentError(f"experiment {name}: an ablation needs 'levers' and 'runs'")
+    for what, pick, every in (("levers", levers, all_levers), ("runs", runs, all_runs)):
+        unknown = sorted(set(pick or ()) - set(every))
+        if unknown:
+            raise ExperimentError(f"experiment {name}: unknown {what} {unknown}; {what}: {', '.join(every)}")
     chosen = list(all_levers) if levers is None else levers
-    unknown = sorted(set(chosen) - set(all_levers))
-    if unknown:
-        raise ExperimentError(f"experiment {name}: unknown levers {unknown}; levers: {', '.join(all_levers)}")
+    all_runs = {k: v for k, v in all_runs.items() if runs is None or k in runs}
     keys = spec.get("seed_keys") or SEED_KEYS
     plan = []
     for seed in (spec.get("seeds") or [None]) if seeds is None else seeds:
@@ -788,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run on the code already copied into --workdir (one snapshot for a batch of experiments)")
     parser.add_argument("--dry-run", action="store_true", help="print the dvc commands; run nothing")
     parser.add_argument("--levers", help="an ablation: only these levers (comma-separated; default every lever)")
+    parser.add_argument("--runs", help="an ablation: only these runs (comma-separated; default every run)")
     parser.add_argument("--resume", action="store_true",
                         help="an ablation: keep the runs already recorded with the same params, run the others")
     a = parser.parse_args(argv)
@@ -864,7 +867,8 @@ def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
     """Run (or with ``--dry-run`` print, with an estimate of what it trains) every step of an ablation overlay,
     recording after each step, so that a long ablation stopped part way keeps what it measured (``--resume``)."""
     levers = [x.strip() for x in a.levers.split(",") if x.strip()] if a.levers else None
-    plan = ablation_plan(a.name, spec, levers=levers)
+    runs = [x.strip() for x in a.runs.split(",") if x.strip()] if a.runs else None
+    plan = ablation_plan(a.name, spec, levers=levers, runs=runs)
     if a.dry_run:
         for step in plan:
             print(shlex.join(dvc_command(step["name"], step["params"], step["targets"], real_data)))
@@ -882,7 +886,8 @@ def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
     path = PROJECT / REPORTS / f"{a.name}.json"
     done = json.loads(path.read_text(encoding="utf-8"))["runs"] if a.resume and path.is_file() else {}
     started, results, commands = time.monotonic(), {}, []
-    command = f"python -m pipelines.experiment {a.name}" + (f" --levers {a.levers}" if a.levers else "") + "".join(
+    command = f"python -m pipelines.experiment {a.name}" + (f" --levers {a.levers}" if a.levers else "") + (
+        f" --runs {a.runs}" if a.runs else "") + "".join(
         f" --set {shlex.quote(x)}" for x in a.set)
     for step in plan:
         previous = done.get(step["name"])

@@ -261,6 +261,11 @@ def test_the_ablation_plans_every_lever_on_the_same_runs_over_seeds(tmp_path: Pa
     assert {s["lever"] for s in only} == {"baseline", "clahe"}
     with pytest.raises(experiment.ExperimentError, match="unknown levers"):
         experiment.ablation_plan("ablation", spec, levers=["dropout"])
+    held = experiment.ablation_plan("ablation", spec, levers=["baseline"], runs=["shenzhen", "kermany"])
+    assert [s["name"] for s in held[:2]] == ["ablation-baseline-kermany-s1", "ablation-baseline-shenzhen-s1"]
+    assert len(held) == 2 * len(seeds)
+    with pytest.raises(experiment.ExperimentError, match="unknown runs"):
+        experiment.ablation_plan("ablation", spec, runs=["padchest"])
     estimate = experiment.ablation_estimate(only, yaml.safe_load((ROOT / "params.yaml").read_text()))
     per_seed = 3 * 2 + 2 + 2  # three held-out runs of c and e, adult negatives c and d, Cohen pneumonias c and d
     assert estimate["classifier_trainings"] == 2 * per_seed * len(seeds) and estimate["upstream_sets"] == 1

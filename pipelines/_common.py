@@ -39,6 +39,7 @@ MASKS, MASKS_INDEX = f"{MASKS_DIR}/masks.npy", f"{MASKS_DIR}/index.csv"
 MODELS_DIR = "artifacts/models"
 PROJECTION_MODEL, UNET_MODEL = f"{MODELS_DIR}/projection", f"{MODELS_DIR}/unet"
 TUNED_UNET = "artifacts/tune/unet.json"
+PRETRAIN_DIR = "artifacts/pretrain"  # the pretrain stage's encoders, one per backbone
 PREDICTIONS = "predictions.csv"  # beside each classifier's model files
 EVALUATE_DIR = Path("reports/evaluate")
 EXPLAIN_METRICS = Path("reports/explain/metrics.json")
@@ -49,6 +50,11 @@ REGISTERED = Path("reports/register/registered.json")
 def model_dir(variant: str, backbone: str) -> str:
     """The model folder of the classifier of ``variant`` and ``backbone``."""
     return f"{MODELS_DIR}/classifier_{variant}_{backbone}"
+
+
+def pretrained_encoder(backbone: str) -> str:
+    """The encoder weights file the pretrain stage writes for ``backbone`` (vgg16, vgg19)."""
+    return f"{PRETRAIN_DIR}/encoder_{backbone}.weights.h5"
 
 
 def split_table(task: str) -> str:

@@ -55,6 +55,21 @@ def load_component(folder: str | os.PathLike) -> models.Component:
     return models.Component.load(folder)
 
 
+PRETRAINED = "pretrained"
+
+
+def vgg_weights(weights: str, depth: int) -> str:
+    """A VGG's ``weights`` param as ``build_vgg`` takes it: ``pretrained`` is the pretrain stage's encoder of that
+    depth (it must exist), anything else (none, imagenet, a path) passes through."""
+    if weights != PRETRAINED:
+        return weights
+    path = Path(_common.pretrained_encoder(f"vgg{depth}"))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no pretrained VGG{depth} encoder; add vgg{depth} to pretrain.backbones and "
+                                "run the pretrain stage (dvc repro pretrain)")
+    return str(path)
+
+
 def compile_binary(model, lr: float) -> None:
     """Adam + binary cross-entropy, with accuracy and ROC AUC reported every epoch."""
     import keras

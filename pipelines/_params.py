@@ -26,6 +26,9 @@ Fold = Literal["luminance", "sum"]
 ThresholdObjective = Literal["youden", "f1", "sensitivity"]
 SelectionMetric = Literal["roc_auc", "average_precision", "accuracy", "sensitivity", "specificity", "f1", "precision"]
 Source = Literal[SOURCES]  # type: ignore[valid-type]
+AugmentLevel = Literal["none", "basic", "strong"]
+Sampling = Literal["class", "balanced", "source"]
+Intensity = Literal["none", "equalize", "clahe"]
 Share = Annotated[float, Field(ge=0.0, le=1.0)]
 Positive = Annotated[int, Field(ge=1)]
 Rate = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -110,6 +113,7 @@ class Split(Section):
     tolerance: Share = 0.1
     experiment: str = "demo"
     holdout: list[Rule] = []  # rows of the covid task that are the whole test split (held-out sources or hospitals)
+    holdout_with_test: bool = False  # true: the rest is split train/val/test too, and the held-out rows join its test
     segmentation_external: list[Source] = []
     experiments: dict[str, Experiment] = Field(min_length=1)
 
@@ -129,19 +133,38 @@ class Cache(Section):
 # --- models ----------------------------------------------------------------------------------------------------------
 
 
+class AugmentSpec(BaseModel):
+    """An augmentation by its parts (``covidcxr.training.Augmentation``); unnamed parts are off."""
+
+    model_config = ConfigDict(extra="forbid")
+    shift: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
+    rotate: Annotated[float, Field(ge=0.0, le=45.0)] = 0.0
+    scale: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    gamma: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
+    contrast: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    brightness: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
+    noise: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
+
+
+# false/none: off; true/basic: the original shifts and brightness; strong: small affine, gamma, contrast, noise
+Augment = bool | AugmentLevel | AugmentSpec
+
+
 class Training(Section):
     epochs: Positive
     batch_size: Positive
     lr: Annotated[float, Field(gt=0.0, lt=1.0)]
-    augment: bool = False
+    augment: Augment = False
     strategy: Strategy = "default"
     seed: int = 42
 
 
 class VGG(Training):
-    weights: str = "none"  # none | imagenet | a path to a VGG weights file
+    weights: str = "none"  # none | imagenet | pretrained (the pretrain stage's encoder) | a path to a weights file
     fold: Fold = "luminance"
     width: Rate = 1.0
+    # class: class weights in the loss; balanced: batches drawn class-balanced; source: class- and source-balanced
+    sampling: Sampling = "class"
 
 
 class TrainProjection(VGG):
@@ -170,7 +193,18 @@ class Segment(Section):
         return self
 
 
+class ClassifierInput(BaseModel):
+    """The classifiers' input transform (``covidcxr.preprocess.InputTransform``), saved in each model folder."""
+
+    model_config = ConfigDict(extra="forbid")
+    crop: bool = False            # the square box around the predicted lungs, with margin, resized to the working size
+    margin: Share = 0.1           # of the box's longer side, on each side
+    intensity: Intensity = "none"
+    clip_limit: Annotated[float, Field(gt=0.0, le=1.0)] = 0.01  # CLAHE only
+
+
 class TrainClassifier(VGG):
+    input: ClassifierInput = ClassifierInput()
     variants: list[Variant] = Field(default=["c", "d", "e"], min_length=1)
     backbones: list[Backbone] = Field(default=["vgg16", "vgg19"], min_length=1)
     head: list[Positive] = [1024, 512, 64]
@@ -181,6 +215,28 @@ class TrainClassifier(VGG):
     ood_components: Positive = 16
 
     @field_validator("variants", "backbones")
+    @classmethod
+    def _unique(cls, value: list) -> list:
+        if len(set(value)) != len(value):
+            raise ValueError(f"values must be unique, got {value}")
+        return value
+
+
+class Pretrain(Section):
+    """Self-supervised (SimCLR) pretraining of the VGG conv base on every cached image; no label is read."""
+
+    backbones: list[Backbone] = []  # none: no encoder, and the stage costs nothing
+    width: Rate = 0.125           # must equal the width of the models that start from it
+    epochs: Positive = 10
+    batch_size: Annotated[int, Field(ge=2)] = 64
+    lr: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.001
+    temperature: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2
+    projection: list[Positive] = Field(default=[64, 32], min_length=1)
+    augment: Augment = AugmentSpec(shift=0.1, rotate=10.0, scale=0.25, gamma=0.4, contrast=0.3, brightness=0.2,
+                                   noise=0.05)
+    seed: int = 42
+
+    @field_validator("backbones")
     @classmethod
     def _unique(cls, value: list) -> list:
         if len(set(value)) != len(value):
@@ -280,7 +336,7 @@ class TuneUnet(Section):
 SECTIONS: dict[str, type[Section]] = {
     "ingest": Ingest, "validate": Validate, "split": Split, "cache": Cache, "train_projection": TrainProjection,
     "filter_frontal": FilterFrontal, "train_unet": TrainUnet, "segment": Segment,
-    "train_classifier": TrainClassifier, "evaluate": Evaluate, "explain": Explain, "audit": Audit,
+    "train_classifier": TrainClassifier, "pretrain": Pretrain, "evaluate": Evaluate, "explain": Explain, "audit": Audit,
     "register": Register, "model_card": ModelCard, "tune_unet": TuneUnet,
 }
 

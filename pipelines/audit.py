@@ -72,14 +72,16 @@ def source_reading(p: dict, classifier: dict, log) -> tuple[audit.SourceReading 
     if len(counts["train"]) < 2:
         return None, f"one source in training ({list(counts['train'])}): nothing to tell apart", {"counts": counts}
     rows = preprocess.rows_for(index, table["image_id"])
-    inputs = preprocess.apply_variant(images[rows], masks[rows], p["variant"])
+    # what a classifier of this variant reads: its input transform (lung crop, intensity), then the variant
+    inputs = preprocess.InputTransform(**classifier["input"]).apply(images[rows], masks[rows], p["variant"]).images
     std = preprocess.Standardizer().fit(inputs[split == "train"])
     x = {s: std.transform(inputs[split == s]) for s in ("train", "val", "test")}
     backbone = str(p["backbone"])
+    depth = int(backbone.removeprefix("vgg"))
     model, classes = audit.train_source_classifier(
         x["train"], source[split == "train"], x["val"], source[split == "val"],
-        depth=int(backbone.removeprefix("vgg")), width=float(classifier["width"]), head=classifier["head"],
-        weights=classifier["weights"], fold=classifier["fold"], lr=float(classifier["lr"]),
+        depth=depth, width=float(classifier["width"]), head=classifier["head"],
+        weights=_models.vgg_weights(classifier["weights"], depth), fold=classifier["fold"], lr=float(classifier["lr"]),
         epochs=int(p["epochs"]), batch_size=int(p["batch_size"]), seed=int(p["seed"]),
         on_epoch_end=lambda epoch, logs: tracking.log_epoch(epoch, {f"source.{k}": v for k, v in logs.items()}),
     )

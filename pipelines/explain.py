@@ -52,11 +52,12 @@ def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
             threshold = classifier.operating_threshold
             test = pred[pred["split"] == "test"].reset_index(drop=True)
             rows = preprocess.rows_for(index, test["image_id"])
-            heat = gradcam.gradcam(classifier.model,
-                                   classifier.inputs(preprocess.apply_variant(images[rows], masks[rows], variant)))
-            inside = gradcam.mass_inside(heat, masks[rows])
+            prepared = classifier.prepare(images[rows], masks[rows], variant)  # as the classifier scored them
+            heat = gradcam.gradcam(classifier.model, classifier.inputs(prepared.images))
+            inside = gradcam.mass_inside(heat, prepared.masks)
             # The lungs' share of the image over the same images: what a uniform heat map would score (the audit).
-            area = np.where(np.isnan(inside), np.nan, (masks[rows] >= 0.5).mean(axis=(1, 2)))
+            area = np.where(np.isnan(inside), np.nan, (prepared.masks >= 0.5).mean(axis=(1, 2)))
+            heat = preprocess.place_in_box(heat, prepared.boxes, heat.shape[1:])  # a lung crop's maps, drawn whole
             groups = {"": np.ones(len(test), bool)}
             groups.update({f"_{lab}": (test["label"] == lab).to_numpy() for lab in ("covid", "negative")
                            if (test["label"] == lab).any()})

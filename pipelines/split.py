@@ -5,8 +5,10 @@ Tasks: `covid` (the experiment chosen in params: positives vs negatives, optiona
 
 External validation: `holdout` (rules, e.g. `[{source: kermany}]` or `[{source: cohen, site: Germany},
 {source: montgomery}]`) puts every covid-task image they match in test and splits the rest into train/val (held-out
-sources or hospitals); `segmentation_external` puts the masks of those sources in an `external` split that the U-Net
-never trains on. Held-out rows are checked only for patient disjointness (they are whole sources or sites).
+sources or hospitals); with `holdout_with_test` the rest is split train/val/test and the held-out rows join its test,
+so that one model gives both a held-out source's and the other sources' test figures. `segmentation_external` puts
+the masks of those sources in an `external` split that the U-Net never trains on. Held-out rows are checked only for
+patient disjointness (they are whole sources or sites).
 """
 
 from __future__ import annotations
@@ -67,9 +69,12 @@ def _held_out(task: str, p: dict) -> tuple[list[dict], str]:
 
 
 def validated_fractions(task: str, p: dict) -> dict[str, float]:
-    """Target split shares of the rows split by patient (a held-out test source leaves only train and val)."""
+    """Target split shares of the rows split by patient (a held-out test source leaves only train and val, unless
+    ``holdout_with_test``: then the rest has its own test split, which the held-out rows join)."""
     fractions = p.get("fractions_" + task) or p["fractions"]
     held, held_split = _held_out(task, p)
+    if task == "covid" and p.get("holdout_with_test"):
+        return dict(fractions)
     return splits.without_split(fractions, held_split) if held and held_split in fractions else dict(fractions)
 
 
@@ -82,6 +87,9 @@ def run(p: dict, expectations: str) -> dict:
     for name, table in tables.items():
         held, held_split = _held_out(name, p)
         checked_rows = table[table["split"] != held_split] if held else table
+        if held and name == "covid" and p.get("holdout_with_test"):  # the rest's own test split is checked too
+            held_ids = m.loc[splits.rule_matches(m, held), "image_id"]
+            checked_rows = table[~table["image_id"].isin(held_ids)]
         classes = sorted(checked_rows["label"].unique()) if name != "covid" else ["covid", "negative"]
         checked = validation.validate_splits(checked_rows, expectations, fractions=validated_fractions(name, p),
                                              tolerance=float(p["tolerance"]), classes=classes)

@@ -7,6 +7,11 @@ function serving calls (``score``: calibrated, as served; ``raw_score``: the net
 detector (:mod:`covidcxr.ood`) is fitted on the training split's features (pooled blocks and penultimate layer), its
 threshold set at the params quantile of the validation scores, and ``ood_score`` of every split comes from
 :func:`covidcxr.models.out_of_distribution`, the function serving calls.
+
+Robustness levers (params): ``input`` (lung crop with margin, histogram equalisation or CLAHE: an input transform saved
+in the model folder and applied by ``Component.prepare`` everywhere the model scores), ``augment`` (none, basic,
+strong), ``sampling`` (class weights, class-balanced or class- and source-balanced batches) and ``weights: pretrained``
+(the pretrain stage's self-supervised encoder).
 """
 
 from __future__ import annotations
@@ -31,15 +36,17 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
     y_all = (table["label"] == "covid").to_numpy(np.float32)
     split = table["split"].to_numpy()
     parts = {s: rows[split == s] for s in ("train", "val", "test")}
-    inputs = {s: preprocess.apply_variant(images[r], masks[r], variant) for s, r in parts.items()}
+    transform = preprocess.InputTransform(**p["input"])  # saved with the model: Component.prepare applies it
+    inputs = {s: transform.apply(images[r], masks[r], variant).images for s, r in parts.items()}
     std = preprocess.Standardizer().fit(inputs["train"])
     x = {s: std.transform(v) for s, v in inputs.items()}
     y = {s: y_all[split == s] for s in x}
 
     depth = int(backbone.removeprefix("vgg"))
     with training.distribution_strategy(p["strategy"]).scope():
-        model = models.build_vgg(depth, x["train"].shape[1:] + (1,), weights=p["weights"], fold=p["fold"],
-                                 width=float(p["width"]), head=tuple(p["head"]), name=f"covid_{variant}_{backbone}")
+        model = models.build_vgg(depth, x["train"].shape[1:] + (1,), weights=_models.vgg_weights(p["weights"], depth),
+                                 fold=p["fold"], width=float(p["width"]), head=tuple(p["head"]),
+                                 name=f"covid_{variant}_{backbone}")
         _models.compile_binary(model, float(p["lr"]))
     run_params = {**p, "variant": variant, "backbone": backbone, "excluded": excluded}
     with tracking.run(_common.mlflow_experiment(experiment), f"classifier-{variant}-{backbone}", params=run_params,
@@ -47,12 +54,13 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
         history = training.fit(
             model, (x["train"], y["train"]), (x["val"], y["val"]), epochs=int(p["epochs"]),
             batch_size=int(p["batch_size"]), seed=int(p["seed"]), augment=p["augment"],
-            class_weight=training.balanced_class_weight(y["train"]), on_epoch_end=tracking.log_epoch,
-            verbose=1 if _common.show_progress() else 0,
+            **training.sampling(p["sampling"], y["train"], index["source"].to_numpy()[parts["train"]]),
+            on_epoch_end=tracking.log_epoch, verbose=1 if _common.show_progress() else 0,
         )
         component = models.Component(model, std, info={"run_id": active.info.run_id, "variant": variant,
                                                        "backbone": backbone,
-                                                       "epochs_run": len(history.get("loss", []))})
+                                                       "epochs_run": len(history.get("loss", []))},
+                                     input_transform=transform)
         raw = {s: models.covid_probability(component, images[r], masks[r], variant, calibrated=False)
                for s, r in parts.items()}
         if p["calibration"] == "platt":  # fitted on validation, applied wherever a probability is computed

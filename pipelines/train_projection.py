@@ -1,4 +1,10 @@
-"""Stage `train_projection`: the frontal-vs-lateral VGG filter (the paper's part a, Table 1)."""
+"""Stage `train_projection`: the frontal-vs-lateral VGG filter (the paper's part a, Table 1).
+
+``sampling``: ``class`` weighs the loss by inverse class frequency (laterals are rare: about 22x); ``balanced`` draws
+every batch class-balanced instead (the laterals repeated, seeded), ``source`` class- and source-balanced. Accuracy per
+split and class, and per source the recall of each class (``frontal_recall``: frontals kept, ``lateral_recall``:
+laterals refused), with the number of frontals the filter would refuse (the usable images lost).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,15 @@ from pipelines import _common, _models, _tracking
 METRICS = "reports/train_projection/metrics.json"
 
 
+def recalls(y: np.ndarray, p_frontal: np.ndarray, threshold: float = 0.5) -> dict:
+    """Frontal and lateral recall (null without that class), their counts, and the frontals refused."""
+    frontal, called = np.asarray(y) == 1, np.asarray(p_frontal) >= threshold
+    n_frontal, n_lateral = int(frontal.sum()), int((~frontal).sum())
+    return {"frontal_recall": float(called[frontal].mean()) if n_frontal else None,
+            "lateral_recall": float((~called[~frontal]).mean()) if n_lateral else None,
+            "n_frontal": n_frontal, "n_lateral": n_lateral, "frontal_refused": int((frontal & ~called).sum())}
+
+
 def run(p: dict, experiment: str = "demo") -> dict:
     log = _common.setup_logging()
     _tracking.setup_tracking()
@@ -17,26 +32,34 @@ def run(p: dict, experiment: str = "demo") -> dict:
     index, images, _ = _models.load_cache()
     parts = _models.split_arrays("projection", index)
     y = {s: (t["label"] == "frontal").to_numpy(np.float32) for s, (_, t) in parts.items()}  # 1 = frontal
+    source = {s: index["source"].to_numpy()[rows].astype(str) for s, (rows, _) in parts.items()}
     std = preprocess.Standardizer().fit(images[parts["train"][0]])
     x = {s: std.transform(images[rows]) for s, (rows, _) in parts.items()}
 
     with training.distribution_strategy(p["strategy"]).scope():
-        model = models.build_vgg(p["depth"], x["train"].shape[1:] + (1,), weights=p["weights"], fold=p["fold"],
+        model = models.build_vgg(p["depth"], x["train"].shape[1:] + (1,),
+                                 weights=_models.vgg_weights(p["weights"], p["depth"]), fold=p["fold"],
                                  width=p["width"], name=f"projection_vgg{p['depth']}")
         _models.compile_binary(model, p["lr"])
     with tracking.run(_common.mlflow_experiment(experiment), f"projection-vgg{p['depth']}", params=p,
                       tags=_tracking.repro_tags("train_projection", experiment)) as active:
+        weighting = training.sampling(p["sampling"], y["train"], source["train"])
         training.fit(model, (x["train"], y["train"]), (x["val"], y["val"]), epochs=p["epochs"],
-                     batch_size=p["batch_size"], seed=p["seed"], augment=p["augment"],
-                     class_weight=training.balanced_class_weight(y["train"]), on_epoch_end=tracking.log_epoch,
-                     verbose=1 if _common.show_progress() else 0)
+                     batch_size=p["batch_size"], seed=p["seed"], augment=p["augment"], **weighting,
+                     on_epoch_end=tracking.log_epoch, verbose=1 if _common.show_progress() else 0)
         component = models.Component(model, std, info={"run_id": active.info.run_id, "positive_class": "frontal"})
         result = {}
         for split, (rows, _) in parts.items():  # Table 1: accuracy per split, and per class (laterals are few)
-            m = metrics.classification_metrics(y[split], component(images[rows])[:, 0])
+            p_frontal = component(images[rows])[:, 0]
+            m = metrics.classification_metrics(y[split], p_frontal)
             result[split] = {"accuracy": m["accuracy"], "frontal_accuracy": m["sensitivity"],
-                             "lateral_accuracy": m["specificity"], "n": m["n"]}
-        tracking.log_finite_metrics(result)
+                             "lateral_accuracy": m["specificity"], "n": m["n"],
+                             "by_source": {str(src): recalls(y[split][source[split] == src],
+                                                             p_frontal[source[split] == src])
+                                           for src in sorted(set(source[split]))}}
+        tracking.log_finite_metrics({s: {**r, "by_source": {src: {k: v for k, v in d.items() if v is not None}
+                                                            for src, d in r["by_source"].items()}}
+                                     for s, r in result.items()})
         tracking.log_keras_model(model, x["val"][..., None])
         with _common.atomic_dir(_common.PROJECTION_MODEL) as out:
             _models.save_component(out, component)

@@ -1,7 +1,9 @@
 """Stage `train_unet`: the paper's lung U-Net (part b) on image/mask pairs; standard per-image Dice and IoU.
 
-The authors' per-pixel Dice is reported beside it under its own name, only to compare with the paper's Table 2. The
-mask threshold (params, or the tuned one) is saved in the model folder, where `segment` and serving read it.
+The authors' per-pixel Dice is reported beside it under its own name, only to compare with the paper's Table 2, and the
+Dice of the cleaned masks `segment` and serving use (``dice_clean``). The mask threshold (params, or the tuned one) is
+saved in the model folder, where `segment` and serving read it. ``augment`` (a level or its parts: intensity, gamma,
+contrast, small affine) moves each mask with its image.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 
 import numpy as np
 
-from covidcxr import metrics, models, preprocess, tracking, training
+from covidcxr import lungs, metrics, models, preprocess, tracking, training
 from pipelines import _common, _models, _tracking
 
 METRICS = "reports/train_unet/metrics.json"
@@ -26,10 +28,14 @@ def effective_params(p: dict) -> dict:
 
 
 def mask_scores(truth: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
-    """Mean per-image Dice and IoU, the authors' per-pixel Dice, and the count."""
+    """Mean per-image Dice and IoU, the authors' per-pixel Dice, and the count; ``dice_clean``/``iou_clean``: of the
+    masks `segment` and serving use (``covidcxr.lungs.clean_mask``: two largest components, holes filled)."""
+    clean = np.stack([lungs.clean_mask(p, threshold=threshold) for p in prob]).astype(np.float32) if len(prob) else prob
     return {
         "dice": float(np.mean(metrics.dice(truth, prob, threshold=threshold))),
         "iou": float(np.mean(metrics.iou(truth, prob, threshold=threshold))),
+        "dice_clean": float(np.mean(metrics.dice(truth, clean, threshold=0.5))),
+        "iou_clean": float(np.mean(metrics.iou(truth, clean, threshold=0.5))),
         "paper_pixel_dice": float(metrics.paper_pixel_dice(truth, prob, per_pixel=True)),
         "n": int(len(prob)),
     }

@@ -24,3 +24,16 @@ def real_data() -> Path:
     if not (root / "cohen" / "metadata.csv").is_file():
         pytest.fail(f"{REAL_DATA_ENV}={value} does not hold the real-data corpus (no cohen/metadata.csv)")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_restored():
+    """``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into ``os.environ``: without this, a test
+    that calls it in-process (the CLI, a stage's ``main``) would send every later test's subprocesses, such as the
+    end-to-end ``dvc repro`` in a copy of the project, to its own store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 
@@ -319,3 +320,77 @@ def test_missing_weights_file_is_refused(tmp_path):
 def test_logits_model_names_missing_layers():
     with pytest.raises(ValueError, match="logits"):
         logits_model(build_unet(2, (32, 32, 1)))
+
+
+# ------------------------------------------------------------------------------------- pretrained encoders
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory):
+    """A tiny VGG16 encoder (1/16 wide, 32 px) saved as the pretrain stage saves it, with nonzero biases."""
+    keras.utils.set_random_seed(5)
+    encoder = models.build_vgg_encoder(16, (32, 32, 1), width=1 / 16)
+    encoder.set_weights([w + 0.01 for w in encoder.get_weights()])
+    return encoder, models.save_encoder(encoder, tmp_path_factory.mktemp("enc") / "encoder_vgg16.weights.h5",
+                                        depth=16, width=1 / 16, size=32, info={"epochs": 3})
+
+
+def test_a_pretrained_encoder_starts_the_conv_base_of_any_width(encoder_file):
+    encoder, path = encoder_file
+    assert models.encoder_spec(path)["epochs"] == 3 and models.encoder_spec(path)["size"] == 32
+    model = build_vgg(16, (32, 32, 1), weights=path, width=1 / 16, head=(8,))
+    for layer in _convs(encoder):
+        for got, want in zip(model.get_layer(layer.name).get_weights(), layer.get_weights(), strict=True):
+            np.testing.assert_array_equal(got, want)
+    keras.utils.set_random_seed(5)
+    plain = build_vgg(16, (32, 32, 1), width=1 / 16, head=(8,))
+    assert not np.array_equal(plain.get_layer("block1_conv1").get_weights()[0],
+                              model.get_layer("block1_conv1").get_weights()[0])
+
+
+@pytest.mark.parametrize("depth, width, size, what", [
+    (19, 1 / 16, 32, "depth 16 (the model: 19)"),
+    (16, 1 / 8, 32, "width 0.0625 (the model: 0.125)"),
+    (16, 1 / 16, 64, "working size 32 px (the model: 64 px)"),
+])
+def test_an_encoder_of_another_vgg_is_refused_naming_the_file(encoder_file, depth, width, size, what):
+    _, path = encoder_file
+    with pytest.raises(models.EncoderMismatchError, match=rf"{path.name}.*{re.escape(what)}"):
+        build_vgg(depth, (size, size, 1), weights=path, width=width, head=(8,))
+
+
+def test_a_keras_vgg_file_still_needs_the_real_vgg(vgg16_base):
+    _, path = vgg16_base
+    assert models.encoder_spec(path) is None
+    with pytest.raises(ValueError, match="need the real VGG"):
+        build_vgg(16, (32, 32, 1), weights=path, width=0.5)
+
+
+# ------------------------------------------------------------------------------------- a classifier's input
+
+
+def test_component_saves_its_input_transform_and_scores_through_it(tmp_path):
+    from covidcxr import preprocess
+
+    keras.utils.set_random_seed(1)
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 32, 32)).astype(np.float32)
+    masks = np.zeros((4, 32, 32), bool)
+    masks[:, 8:24, 6:26] = True
+    model = build_vgg(16, (32, 32, 1), width=1 / 16, head=(4,))
+    transform = preprocess.InputTransform(crop=True, intensity="clahe")
+    std = preprocess.Standardizer().fit(transform.apply(images, masks, "d").images)
+    folder = models.Component(model, std, info={"run_id": "x"}, input_transform=transform).save(tmp_path / "clf")
+    assert models.INPUT_FILE in models.FOLDER_FILES and (folder / models.INPUT_FILE).is_file()
+    loaded = models.Component.load(folder)
+    assert loaded.input_transform == transform
+    np.testing.assert_array_equal(loaded.prepare(images, masks, "d").images, transform.apply(images, masks, "d").images)
+    p = models.covid_probability(loaded, images, masks, "d")
+    np.testing.assert_allclose(p, np.round(loaded(transform.apply(images, masks, "d").images)[:, 0], 6), atol=1e-6)
+    # a folder without input.json (every folder made before the levers) scores the paper's input
+    (folder / models.INPUT_FILE).unlink()
+    plain = models.Component.load(folder)
+    assert plain.input_transform is None
+    np.testing.assert_array_equal(plain.prepare(images, masks, "d").images,
+                                  preprocess.apply_variant(images, masks, "d"))
+    assert not np.allclose(models.covid_probability(plain, images, masks, "d"), p)

@@ -61,6 +61,10 @@ def test_the_environment_is_the_lock_file():
         assert metadata.version(name) == version, f"{name}: installed {metadata.version(name)}, locked {version}"
 
 
+#: Imported only where they exist: the GPU benchmark runs Keras on JAX on a GPU machine without TensorFlow.
+OPTIONAL = {"jax": "bench/gpu.py"}
+
+
 def test_every_imported_package_is_a_declared_dependency():
     deps, test = declared()
     providers = metadata.packages_distributions()
@@ -68,5 +72,7 @@ def test_every_imported_package_is_a_declared_dependency():
     for folders, allowed, what in ((["src", "pipelines"], library, "dependencies"),
                                    (["tests", "bench"], library | {norm(t) for t in test}, "dependencies or test")):
         for module, where in imported_distributions(folders).items():
+            if OPTIONAL.get(module) == where:
+                continue
             dists = {norm(d) for d in providers.get(module, [module])}
             assert dists & allowed, f"{where} imports {module} ({sorted(dists)}), not in pyproject's {what}"

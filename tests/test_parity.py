@@ -47,22 +47,34 @@ def crisp_unet(x: np.ndarray) -> keras.Model:
     return unet
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory, real_data) -> dict[str, str]:
-    """Model folders as the training stages write them (standardizers fitted on real working images)."""
+#: The classifier's input transform: the paper's input, and the robustness levers' lung crop with CLAHE.
+INPUTS = {"paper": None, "crop-clahe": preprocess.InputTransform(crop=True, margin=0.1, intensity="clahe")}
+
+
+@pytest.fixture(scope="module", params=sorted(INPUTS))
+def folders(request, tmp_path_factory, real_data) -> dict[str, str]:
+    """Model folders as the training stages write them (standardizers fitted on real working images), the classifier
+    with each input transform of :data:`INPUTS`."""
     root = tmp_path_factory.mktemp("folders")
     keras.utils.set_random_seed(0)
     train = np.stack([preprocess.load_working_image(str(p), SIZE)[0]
                       for p in sorted((real_data / "montgomery_shenzhen/images").glob("*.png"))[:8]])
     std = preprocess.Standardizer().fit(train)
     vgg = dict(width=1 / 32, head=(4,))
+    transform = INPUTS[request.param]
+    unet = crisp_unet(std.transform(train))
+    classifier_std = std
+    if transform is not None:  # fitted on the classifier's own inputs, as train_classifier does
+        masks = lungs.masks(unet.predict(std.transform(train)[..., None], verbose=0),
+                            lungs.MaskRules(min_area=0.0, max_area=1.0))[0]
+        classifier_std = preprocess.Standardizer().fit(transform.apply(train, masks, CONFIG["variant"]).images)
     parts = {
         "projection": models.Component(models.build_vgg(16, (SIZE, SIZE, 1), **vgg), std, info={"run_id": "p"}),
-        "unet": models.Component(crisp_unet(std.transform(train)), std, info={"run_id": "u"},
-                                 threshold={"threshold": 0.5}),
-        "classifier": models.Component(models.build_vgg(19, (SIZE, SIZE, 1), **vgg), std, info={"run_id": "c"},
-                                       threshold={"threshold": 0.42},
-                                       calibrator=PlattCalibrator().fit([0, 1, 0, 1], [0.3, 0.9, 0.5, 0.6])),
+        "unet": models.Component(unet, std, info={"run_id": "u"}, threshold={"threshold": 0.5}),
+        "classifier": models.Component(models.build_vgg(19, (SIZE, SIZE, 1), **vgg), classifier_std,
+                                       info={"run_id": "c"}, threshold={"threshold": 0.42},
+                                       calibrator=PlattCalibrator().fit([0, 1, 0, 1], [0.3, 0.9, 0.5, 0.6]),
+                                       input_transform=transform),
     }
     out = {name: str(part.save(root / name)) for name, part in parts.items()}
     serving.Config(**CONFIG).save(root / "serving.json")
@@ -110,6 +122,36 @@ def test_served_answers_equal_the_evaluated_ones(folders, real_data, tmp_path):
                                    CONFIG["variant"], calibrated=False)
     assert np.abs(raw - served["covid_probability"]).max() > 1e-3  # the served probability is the calibrated one
     assert (served["label"] == np.where(served["covid_probability"] >= 0.42, "covid", "negative")).all()
+    transform = models.Component.load(folders["classifier"]).input_transform
+    if transform is not None:  # the input transform changed what the network saw: it is not the paper's input
+        plain = models.Component.load(folders["classifier"])
+        plain.input_transform = None
+        images, masks = raw_inputs(files, folders)
+        assert np.abs(models.covid_probability(plain, images, masks, CONFIG["variant"])
+                      - served["covid_probability"]).max() > 1e-4
+
+
+def test_served_gradcam_sees_the_evaluated_input(folders, real_data, monkeypatch):
+    """Grad-CAM in serving runs on exactly the network input the probability came from (the input transform
+    included), as the explain stage does; a lung crop's map is drawn back where the crop lies."""
+    from covidcxr import gradcam
+
+    files = real_files(real_data)
+    seen = []
+    original = gradcam.gradcam
+
+    def spy(model, x, **kwargs):
+        seen.append(np.array(x))
+        return original(model, x, **kwargs)
+
+    monkeypatch.setattr(gradcam, "gradcam", spy)
+    pipeline = serving.Pipeline.load(folders)
+    entries = pipeline.score([serving.encode_file(f) for f in files.values()], explain=True)
+    assert all(e["accepted"] and e[serving.GRADCAM_FIELD] for e in entries)
+    classifier = models.Component.load(folders["classifier"])
+    images, masks = raw_inputs(files, folders)
+    expected = classifier.inputs(classifier.prepare(images, masks, CONFIG["variant"]).images)
+    np.testing.assert_allclose(seen[-1], expected, atol=1e-5)
 
 
 def test_the_served_working_image_is_the_cached_one(real_data):

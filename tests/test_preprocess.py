@@ -77,3 +77,84 @@ def test_working_image_is_resize_then_minmax_at_cache_precision():
     resized = preprocess.resize(pixels, 64)
     expected = ((resized - resized.min()) / (resized.max() - resized.min())).astype(np.float16).astype(np.float32)
     np.testing.assert_array_equal(preprocess.working_image(pixels, 64), expected)
+
+
+# --- the classifiers' input transform: lung crop, intensity normalisation ------------------------------------------
+
+
+def lungs(size: int = 32, rows=(10, 22), cols=(6, 26)) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=bool)
+    mask[rows[0]:rows[1], cols[0]:cols[1]] = True
+    return mask
+
+
+def test_lung_box_is_square_widened_by_the_margin_and_inside_the_image():
+    r0, r1, c0, c1 = preprocess.lung_box(lungs(), margin=0.1)  # lungs 12 x 20: side 20 * 1.2 = 24
+    assert (r1 - r0, c1 - c0) == (24, 24)
+    assert r0 <= 10 and r1 >= 22 and c0 <= 6 and c1 >= 26
+    assert preprocess.lung_box(lungs(rows=(0, 30), cols=(0, 8)), margin=0.2) == (0, 32, 0, 32)  # cut to the image
+    r0, r1, c0, c1 = preprocess.lung_box(lungs(rows=(0, 8), cols=(0, 8)), margin=0.25)
+    assert (r0, c0) == (0, 0) and r1 - r0 == c1 - c0 == 12  # moved inside, not shrunk
+    assert preprocess.lung_box(np.zeros((32, 32), bool)) == (0, 32, 0, 32)  # no lungs: the whole image
+
+
+def test_place_in_box_puts_a_crop_s_map_back_where_the_crop_was():
+    box = (4, 20, 8, 24)
+    back = preprocess.place_in_box(np.ones((1, 32, 32), np.float32), np.array([box]), 32)[0]
+    assert back[4:20, 8:24].min() == pytest.approx(1.0) and back.sum() == pytest.approx(16 * 16)
+    heat = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)
+    whole = np.array([[0, 32, 0, 32]] * 2)
+    np.testing.assert_array_equal(preprocess.place_in_box(heat, whole, 32), heat)
+
+
+@pytest.mark.parametrize("normalise", [preprocess.equalize, preprocess.clahe])
+def test_intensity_normalisation_keeps_zero_one_and_order(normalise):
+    rng = np.random.default_rng(1)
+    image = np.clip(rng.normal(0.3, 0.05, (32, 32)), 0, 1).astype(np.float32)  # a dull, low-contrast image
+    out = normalise(image)
+    assert out.shape == image.shape and out.dtype == np.float32 and 0.0 <= out.min() and out.max() <= 1.0
+    assert out.std() > 2 * image.std()  # contrast spread out
+    assert not normalise(np.full((8, 8), 0.4, np.float32)).any()  # a constant image maps to zeros
+    if normalise is preprocess.equalize:  # global equalisation is monotone: the order of pixels is kept
+        order = np.argsort(image, axis=None)
+        assert (np.diff(out.ravel()[order]) >= -1e-7).all()
+
+
+def test_input_transform_default_is_the_papers_input():
+    rng = np.random.default_rng(2)
+    images = rng.random((3, 32, 32)).astype(np.float32)
+    masks = np.stack([lungs()] * 3)
+    for variant in "cde":
+        prepared = preprocess.InputTransform().apply(images, masks, variant)
+        np.testing.assert_array_equal(prepared.images, preprocess.apply_variant(images, masks, variant))
+        np.testing.assert_array_equal(prepared.boxes, [[0, 32, 0, 32]] * 3)
+    assert preprocess.InputTransform().apply(images, None, "c").images.shape == (3, 32, 32)  # c needs no masks
+    with pytest.raises(ValueError, match="needs lung masks"):
+        preprocess.InputTransform().apply(images, None, "d")
+    with pytest.raises(ValueError, match="needs lung masks"):
+        preprocess.InputTransform(crop=True).apply(images, None, "c")
+
+
+def test_lung_crop_drops_what_lies_outside_the_lungs_and_crops_the_masks_alike():
+    image = np.full((32, 32), 0.4, np.float32)
+    image[1:4, 1:6] = 1.0  # a burned-in marker in the corner, far from the lungs
+    mask = lungs()
+    image[mask] = 0.2 + 0.01 * np.arange(mask.sum())
+    prepared = preprocess.InputTransform(crop=True, margin=0.05).apply(image[None], mask[None], "c")
+    assert prepared.images.shape == (1, 32, 32) and prepared.images.max() == pytest.approx(1.0)  # min-max again
+    r0, r1, c0, c1 = prepared.boxes[0]
+    assert r0 > 3 or c0 > 5  # the marker is outside the box
+    assert prepared.masks[0].mean() > mask.mean()  # the lungs fill more of the cropped image
+    d = preprocess.InputTransform(crop=True, margin=0.05).apply(image[None], mask[None], "d")
+    assert not d.images[0][~d.masks[0]].any()  # variant d keeps exactly the cropped mask
+
+
+def test_input_transform_round_trip_and_refusals(tmp_path):
+    transform = preprocess.InputTransform(crop=True, margin=0.15, intensity="clahe", clip_limit=0.02)
+    transform.save(tmp_path / "input.json")
+    assert preprocess.InputTransform.load(tmp_path / "input.json") == transform
+    assert not transform.identity and preprocess.InputTransform().identity
+    with pytest.raises(ValueError, match="intensity"):
+        preprocess.InputTransform(intensity="gamma")
+    with pytest.raises(ValueError, match="margin"):
+        preprocess.InputTransform(margin=2.0)

@@ -92,3 +92,114 @@ def test_multi_worker_class_weights_match_keras():
     for (_, _, a), (_, _, b) in zip(ours, keras_own, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     np.testing.assert_allclose(sorted(set(np.concatenate([w.numpy() for _, _, w in ours]).tolist())), [0.7, 1.9])
+
+
+# --- augmentation and balanced sampling ------------------------------------------------------------------------------
+
+
+def _legacy_dataset(x, y, *, batch_size, seed):
+    """The original ``dataset(..., shuffle=True, augment=True)`` (before augmentation levels), to compare with."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x[..., None], y[..., None] if y.ndim == 3 else y))
+    ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    rng = tf.random.Generator.from_seed(seed)
+
+    def jitter(img, target):
+        shift = rng.uniform([2], -0.05, 0.05)
+        img = tf.roll(img, shift=tf.cast(shift * tf.cast(tf.shape(img)[:2], tf.float32), tf.int32), axis=[0, 1])
+        if target.shape.rank == 3:
+            target = tf.roll(target, shift=tf.cast(shift * tf.cast(tf.shape(img)[:2], tf.float32), tf.int32),
+                             axis=[0, 1])
+        return img + rng.uniform([], -0.1, 0.1), target
+
+    return ds.map(jitter, num_parallel_calls=1, deterministic=True).batch(batch_size)
+
+
+def batches(ds):
+    return [(b[0].numpy(), b[1].numpy()) for b in ds]
+
+
+def test_augment_true_and_basic_are_the_original_jitter():
+    x, _ = tiny_data(12)
+    masks = (x > 0.5).astype(np.float32)
+    legacy = batches(_legacy_dataset(x, masks, batch_size=5, seed=4))
+    for value in (True, "basic"):
+        ours = batches(training.dataset(x, masks, batch_size=5, shuffle=True, seed=4, augment=value))
+        for (a, am), (b, bm) in zip(ours, legacy, strict=True):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(am, bm)
+    assert training.Augmentation.of(False) == training.Augmentation.of("none") and not training.LEVELS["none"].active
+
+
+def test_strong_augmentation_is_seeded_and_moves_masks_with_images():
+    x = np.zeros((8, 32, 32), np.float32)
+    x[:, 8:24, 4:14] = 1.0  # the image is its own mask: after a geometric transform they must still coincide
+    geometric = training.Augmentation(shift=0.1, rotate=10.0, scale=0.15)
+    a = batches(training.dataset(x, x.copy(), batch_size=8, shuffle=True, seed=1, augment=geometric))[0]
+    b = batches(training.dataset(x, x.copy(), batch_size=8, shuffle=True, seed=1, augment=geometric))[0]
+    c = batches(training.dataset(x, x.copy(), batch_size=8, shuffle=True, seed=2, augment=geometric))[0]
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a[0], c[0])
+    image, mask = a
+    assert set(np.unique(mask)) <= {0.0, 1.0}  # masks stay binary
+    assert ((image >= 0.5) == (mask >= 0.5)).mean() > 0.995
+    assert not np.array_equal(mask, x[..., None])  # they did move
+    assert (image[:, :, :16].sum(axis=(1, 2, 3)) > image[:, :, 16:].sum(axis=(1, 2, 3))).all()  # never flipped
+
+
+def test_photometric_augmentation_leaves_masks_alone():
+    x, _ = tiny_data(8)
+    masks = (x > 0.5).astype(np.float32)
+    photometric = training.Augmentation(gamma=0.5, contrast=0.3, brightness=0.2, noise=0.05)
+    image, mask = batches(training.dataset(x, masks, batch_size=8, shuffle=False, seed=3, augment=photometric))[0]
+    np.testing.assert_array_equal(mask[..., 0], masks)
+    assert np.isfinite(image).all() and not np.allclose(image[..., 0], x)
+
+
+@pytest.mark.parametrize("value, match", [
+    ("extreme", "augment must be one of"), ({"rotate": 90.0}, "out of range"), ({"shift": -0.1}, ">= 0"),
+    ({"wrap": True, "rotate": 5.0}, "wrap"), (3, "augment must be one of"),
+])
+def test_bad_augmentations_are_refused(value, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        training.Augmentation.of(value)
+
+
+def test_balanced_groups_weigh_classes_then_sources_equally():
+    groups, shares = training.balanced_groups(np.array([0, 0, 0, 0, 1]))
+    assert shares.tolist() == [0.5, 0.5] and groups.tolist() == [0, 0, 0, 0, 1]
+    labels = np.array([1, 1, 0, 0, 0, 0])
+    sources = np.array(["cohen", "cohen", "cohen", "kermany", "kermany", "shenzhen"])
+    groups, shares = training.balanced_groups(labels, sources)
+    by_group = {(lab, src): shares[g] for lab, src, g in zip(labels, sources, groups)}
+    assert by_group == {(1, "cohen"): 0.5, (0, "cohen"): pytest.approx(1 / 6), (0, "kermany"): pytest.approx(1 / 6),
+                        (0, "shenzhen"): pytest.approx(1 / 6)}
+    assert shares.sum() == pytest.approx(1.0)
+
+
+def test_balanced_sampling_draws_the_minority_as_often_and_is_seeded():
+    x, _ = tiny_data(40, size=4)
+    y = (np.arange(40) < 4).astype(np.float32)  # 10% positives
+    balance = training.balanced_groups(y)
+    ds = training.dataset(x, y, batch_size=40, shuffle=True, seed=5, balance=balance)
+    epochs = [np.concatenate([b[1].numpy() for b in ds]) for _ in range(5)]
+    assert all(len(e) == 40 for e in epochs)  # an epoch is as long as the data
+    assert 0.35 < np.mean(epochs) < 0.65
+    again = training.dataset(x, y, batch_size=40, shuffle=True, seed=5, balance=balance)
+    first = [np.concatenate([b[1].numpy() for b in again]) for _ in range(2)]
+    np.testing.assert_array_equal(first[0], epochs[0])  # a fresh pipeline of the same seed draws the same epochs
+    np.testing.assert_array_equal(first[1], epochs[1])
+    assert not all(np.array_equal(epochs[0], e) for e in epochs[1:])  # every epoch draws anew
+
+
+def test_sampling_modes():
+    y = np.array([0, 0, 0, 1])
+    assert training.sampling("class", y)["class_weight"] == training.balanced_class_weight(y)
+    assert training.sampling("class", y)["balance"] is None
+    assert training.sampling("balanced", y)["class_weight"] is None
+    assert len(training.sampling("source", y, np.array(["a", "b", "a", "a"]))["balance"][1]) == 3
+    with pytest.raises(ValueError, match="each image's source"):
+        training.sampling("source", y)
+    with pytest.raises(ValueError, match="sampling"):
+        training.sampling("oversample", y)

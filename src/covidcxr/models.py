@@ -60,6 +60,11 @@ class WeightsFileError(ValueError):
     """A weights file that does not hold the 3-channel VGG conv base asked for."""
 
 
+class EncoderMismatchError(WeightsFileError):
+    """A pretrained encoder (``pretrain`` stage) made for another VGG than the one built: depth, width or working
+    size differ. The message names the file and both values."""
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # U-Net
 
@@ -145,8 +150,10 @@ def build_vgg(
 
     The conv base has keras.applications' layer names (``block1_conv1`` ... ``block5_pool``) and ``width`` times its
     filters. ``weights``: ``None``/``"none"`` (random), ``"imagenet"`` (Keras cache, else Keras' download; fails fast
-    with ``WeightsUnavailableError`` when offline) or the path of a 3-channel VGG base weights file (a Keras
-    ``.weights.h5`` or Keras' ``vgg{depth}_weights_tf_dim_ordering_tf_kernels_notop.h5``). The first kernel is folded
+    with ``WeightsUnavailableError`` when offline), the path of a 3-channel VGG base weights file (a Keras
+    ``.weights.h5`` or Keras' ``vgg{depth}_weights_tf_dim_ordering_tf_kernels_notop.h5``; width 1 only), or of a
+    pretrained one-channel encoder (``save_encoder``, the ``pretrain`` stage; any width, refused with
+    ``EncoderMismatchError`` when made for another depth, width or working size). The first kernel is folded
     to one channel with ``FOLDS[fold]`` in BGR order. Head: global average pooling, dropout, the ``head`` ReLU Dense
     layers (a second dropout after the first), a ``"logits"`` Dense and a separate ``"prediction"`` activation
     (sigmoid for one output, softmax otherwise). ReLU layers start he_normal: a 16-19 layer plain net trained from
@@ -166,24 +173,21 @@ def build_vgg(
         raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout}")
     if isinstance(weights, str) and weights.lower() == "none":
         weights = None
-    if weights is not None and width != 1.0:
+    imagenet = isinstance(weights, str) and weights.lower() == "imagenet"
+    encoder = None if weights is None or imagenet else encoder_spec(weights)
+    if weights is not None and encoder is None and width != 1.0:
         raise ValueError(f"pretrained weights ({weights!s}) need the real VGG (width=1.0), got width={width}")
 
     weights_path = None
     if weights is not None:  # resolved before building, so a missing file or offline ImageNet fails at once
-        weights_path = imagenet_weights_path(depth) if str(weights).lower() == "imagenet" else Path(weights)
+        weights_path = imagenet_weights_path(depth) if imagenet else Path(weights)
         if not weights_path.is_file():
             raise FileNotFoundError(f"VGG{depth} weights file not found: {weights_path}")
+    if encoder is not None:
+        check_encoder(encoder, weights_path, depth=depth, width=width, size=input_shape[0])
 
     inputs = keras.Input(shape=tuple(input_shape), name="image")
-    x = inputs
-    for block, (n_convs, filters) in enumerate(zip(VGG_BLOCKS[depth], VGG_FILTERS), start=1):
-        filters = max(1, round(filters * width))
-        for conv in range(1, n_convs + 1):
-            x = layers.Conv2D(filters, 3, activation="relu", padding="same", kernel_initializer="he_normal",
-                              name=f"block{block}_conv{conv}")(x)
-        x = layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
-
+    x = vgg_conv_base(inputs, depth, width)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     x = layers.Dropout(head_dropout, name="head_dropout1")(x)
     for i, units in enumerate(head, start=1):
@@ -194,9 +198,109 @@ def build_vgg(
     prediction = layers.Activation("sigmoid" if outputs == 1 else "softmax", name=PREDICTION_LAYER)(x)
     model = keras.Model(inputs, prediction, name=name or f"vgg{depth}")
 
-    if weights_path is not None:
+    if encoder is not None:
+        load_encoder_weights(model, weights_path, depth=depth, width=width)
+    elif weights_path is not None:
         load_vgg_base_weights(model, depth, weights_path, fold=fold)
     return model
+
+
+def vgg_filters(depth: int, width: float) -> list[int]:
+    """The number of filters of every convolution of a VGG ``depth`` conv base ``width`` times as wide."""
+    return [max(1, round(filters * width)) for n_convs, filters in zip(VGG_BLOCKS[depth], VGG_FILTERS)
+            for _ in range(n_convs)]
+
+
+def vgg_conv_base(x, depth: int, width: float):
+    """The VGG conv base on tensor ``x``: keras.applications' layer names (``block1_conv1`` ... ``block5_pool``),
+    3x3 ReLU convolutions started he_normal, ``width`` times the filters."""
+    for block, (n_convs, filters) in enumerate(zip(VGG_BLOCKS[depth], VGG_FILTERS), start=1):
+        filters = max(1, round(filters * width))
+        for conv in range(1, n_convs + 1):
+            x = layers.Conv2D(filters, 3, activation="relu", padding="same", kernel_initializer="he_normal",
+                              name=f"block{block}_conv{conv}")(x)
+        x = layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
+    return x
+
+
+# A pretrained encoder (the `pretrain` stage): the one-channel VGG conv base as ``<name>.weights.h5`` and, beside it,
+# ``<name>.json`` saying what it fits (format, depth, width, filters, working size) and how it was made.
+ENCODER_FORMAT = "covidcxr-vgg-encoder/1"
+WEIGHTS_SUFFIX = ".weights.h5"
+
+
+def build_vgg_encoder(depth: int, input_shape: Sequence[int | None], *, width: float = 1.0,
+                      name: str | None = None) -> keras.Model:
+    """The one-channel VGG conv base alone, then global average pooling (``"avg_pool"``): what self-supervised
+    pretraining learns and ``build_vgg(..., weights=<its file>)`` starts from (same layer names)."""
+    if depth not in VGG_BLOCKS:
+        raise ValueError(f"VGG depth must be one of {sorted(VGG_BLOCKS)}, got {depth}")
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(vgg_conv_base(inputs, depth, width))
+    return keras.Model(inputs, x, name=name or f"vgg{depth}_encoder")
+
+
+def encoder_sidecar(path: str | os.PathLike) -> Path:
+    """The JSON beside an encoder weights file (``x.weights.h5`` -> ``x.json``)."""
+    path = Path(path)
+    stem = path.name[: -len(WEIGHTS_SUFFIX)] if path.name.endswith(WEIGHTS_SUFFIX) else path.stem
+    return path.with_name(stem + ".json")
+
+
+def save_encoder(encoder: keras.Model, path: str | os.PathLike, *, depth: int, width: float, size: int,
+                 info: dict | None = None) -> Path:
+    """Write a pretrained encoder: its weights at ``path`` (``*.weights.h5``) and the JSON of what it fits."""
+    import json
+
+    path = Path(path)
+    if not path.name.endswith(WEIGHTS_SUFFIX):
+        raise ValueError(f"an encoder weights file must end in {WEIGHTS_SUFFIX}, got {path.name}")
+    encoder.save_weights(path)
+    spec = {"format": ENCODER_FORMAT, "depth": int(depth), "width": float(width), "size": int(size),
+            "filters": vgg_filters(depth, width), **(info or {})}
+    encoder_sidecar(path).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def encoder_spec(path: str | os.PathLike) -> dict | None:
+    """What a pretrained encoder file fits (its JSON), or None when ``path`` is not one (e.g. Keras' ImageNet file)."""
+    import json
+
+    sidecar = encoder_sidecar(path)
+    if not sidecar.is_file():
+        return None
+    try:
+        spec = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return spec if isinstance(spec, dict) and spec.get("format") == ENCODER_FORMAT else None
+
+
+def check_encoder(spec: dict, path: str | os.PathLike, *, depth: int, width: float, size: int | None) -> None:
+    """Refuse (``EncoderMismatchError``, naming the file) an encoder made for another depth, width or working size."""
+    problems = []
+    if int(spec.get("depth", -1)) != depth:
+        problems.append(f"depth {spec.get('depth')} (the model: {depth})")
+    elif list(spec.get("filters", [])) != vgg_filters(depth, width):
+        problems.append(f"width {spec.get('width')} (the model: {width})")
+    if size is not None and int(spec.get("size", -1)) != int(size):
+        problems.append(f"working size {spec.get('size')} px (the model: {size} px)")
+    if problems:
+        raise EncoderMismatchError(f"{path}: a pretrained encoder of another VGG: {'; '.join(problems)}; pretrain "
+                                   "with the classifier's depth, width and working size")
+
+
+def load_encoder_weights(model: keras.Model, path: str | os.PathLike, *, depth: int, width: float) -> None:
+    """Copy a pretrained encoder's conv layers (one channel, no folding) into ``model``'s, by name."""
+    source = build_vgg_encoder(depth, (None, None, 1), width=width)
+    try:
+        source.load_weights(str(path))
+    except Exception as exc:  # noqa: BLE001 - h5py, Keras and OS errors all mean "not this encoder"
+        raise WeightsFileError(f"{path} is not a VGG{depth} encoder of width {width}: {exc}") from exc
+    for layer in source.layers:
+        if isinstance(layer, layers.Conv2D):
+            model.get_layer(layer.name).set_weights(layer.get_weights())
+    log.info("loaded a pretrained VGG%d encoder from %s", depth, Path(path).name)
 
 
 def fold_kernel(kernel: np.ndarray, fold: str = "luminance") -> np.ndarray:
@@ -342,8 +446,10 @@ def logits_model(model: keras.Model, layer: str | None = None) -> keras.Model:
 MODEL_FILE, STANDARDIZER_FILE = "model.keras", "standardizer.json"
 RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE = "run.json", "threshold.json", "calibration.json"
 OOD_FILE = "ood.npz"  # the classifier's out-of-distribution detector (covidcxr.ood)
+INPUT_FILE = "input.json"  # a classifier's input transform (lung crop, intensity normalisation); absent: the identity
 #: The files of a model folder that scoring needs (``predictions.csv`` and the like stay beside it, not in a bundle).
-FOLDER_FILES: tuple[str, ...] = (MODEL_FILE, STANDARDIZER_FILE, RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE, OOD_FILE)
+FOLDER_FILES: tuple[str, ...] = (MODEL_FILE, STANDARDIZER_FILE, RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE, OOD_FILE,
+                                 INPUT_FILE)
 
 
 class Component:
@@ -356,13 +462,14 @@ class Component:
     """
 
     def __init__(self, model: keras.Model, standardizer, *, threshold: dict | None = None,
-                 calibrator=None, info: dict | None = None, ood=None) -> None:
+                 calibrator=None, info: dict | None = None, ood=None, input_transform=None) -> None:
         self.model = model
         self.standardizer = standardizer
         self.threshold = dict(threshold) if threshold else None  # {"threshold": t, ...how it was chosen}
         self.calibrator = calibrator  # calibration.PlattCalibrator or None
         self.info = dict(info or {})
         self.ood = ood  # ood.MahalanobisDetector or None
+        self.input_transform = input_transform  # preprocess.InputTransform (a classifier's) or None: the identity
         self._forward = None
         self._features = None
 
@@ -375,6 +482,15 @@ class Component:
     def inputs(self, images: np.ndarray) -> np.ndarray:
         """Standardized network inputs ``[N, H, W, 1]`` for working-size images."""
         return self.standardizer.transform(images)[..., None]
+
+    def prepare(self, images: np.ndarray, masks: np.ndarray | None, variant: str):
+        """A classifier's input from working images ``[N, H, W]`` and their lung masks under ``variant``: the folder's
+        input transform (lung crop, intensity normalisation; none: the identity), then the variant
+        (``preprocess.ClassifierInput``: images for ``self(...)``/``self.inputs(...)``, the masks and crop boxes in
+        that frame). The one place this happens: training, ``covid_probability``, Grad-CAM and serving call it."""
+        from covidcxr.preprocess import InputTransform
+
+        return (self.input_transform or InputTransform()).apply(images, masks, variant)
 
     def __call__(self, images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
         """Network outputs (float32) for working-size images ``[N, H, W]`` in [0, 1]."""
@@ -445,13 +561,15 @@ class Component:
             self.calibrator.save(folder / CALIBRATION_FILE)
         if self.ood is not None:
             self.ood.save(folder / OOD_FILE)
+        if self.input_transform is not None:
+            self.input_transform.save(folder / INPUT_FILE)
         return folder
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Component:
         """A component from its model folder; a missing file is an error naming it."""
         from covidcxr.calibration import PlattCalibrator
-        from covidcxr.preprocess import Standardizer
+        from covidcxr.preprocess import InputTransform, Standardizer
 
         folder = Path(folder)
         info = folder_info(folder)  # checks the folder first
@@ -462,8 +580,9 @@ class Component:
             from covidcxr.ood import MahalanobisDetector
 
             detector = MahalanobisDetector.load(folder / OOD_FILE)
+        transform = InputTransform.load(folder / INPUT_FILE) if (folder / INPUT_FILE).is_file() else None
         return cls(model, Standardizer.load(folder / STANDARDIZER_FILE), threshold=folder_threshold(folder),
-                   calibrator=calibrator, info=info, ood=detector)
+                   calibrator=calibrator, info=info, ood=detector, input_transform=transform)
 
 
 def folder_info(folder: str | os.PathLike) -> dict:
@@ -495,12 +614,11 @@ def covid_probability(classifier: Component, images: np.ndarray, masks: np.ndarr
     """The COVID-19 probability of working-size images with their lung masks under ``variant`` (c, d or e).
 
     The one computation behind the classifier stage's predictions (and so evaluate, explain and the audit) and
-    behind every served answer: the network's score, through the folder's calibration when it has one (``calibrated``
-    False: the raw score), rounded to :data:`PROBABILITY_DECIMALS` (Python's correctly rounded ``round``).
+    behind every served answer: the network's score on the folder's input (``Component.prepare``: its input transform,
+    then the variant), through the folder's calibration when it has one (``calibrated`` False: the raw score), rounded
+    to :data:`PROBABILITY_DECIMALS` (Python's correctly rounded ``round``).
     """
-    from covidcxr.preprocess import apply_variant
-
-    raw = classifier(apply_variant(images, masks, variant))[:, 0]
+    raw = classifier(classifier.prepare(images, masks, variant).images)[:, 0]
     if calibrated and classifier.calibrator is not None:
         raw = classifier.calibrator.transform(raw)
     return np.array([round(float(p), PROBABILITY_DECIMALS) for p in raw], dtype=np.float64)
@@ -508,11 +626,9 @@ def covid_probability(classifier: Component, images: np.ndarray, masks: np.ndarr
 
 def ood_features(classifier: Component, images: np.ndarray, masks: np.ndarray, variant: str) -> np.ndarray:
     """The classifier's features (:meth:`Component.features`: pooled block outputs and penultimate features) for
-    working-size images with their lung masks under ``variant``: what its out-of-distribution detector is fitted on
-    and applied to."""
-    from covidcxr.preprocess import apply_variant
-
-    return classifier.features(apply_variant(images, masks, variant))
+    working-size images with their lung masks under ``variant`` (through :meth:`Component.prepare`, as the network
+    scores them): what its out-of-distribution detector is fitted on and applied to."""
+    return classifier.features(classifier.prepare(images, masks, variant).images)
 
 
 def out_of_distribution(classifier: Component, images: np.ndarray, masks: np.ndarray, variant: str):

@@ -1,9 +1,12 @@
-"""Image preprocessing of the paper: resize to the working size, then min-max to [0, 1] per image."""
+"""Image preprocessing of the paper: resize to the working size, then min-max to [0, 1] per image; the classifiers'
+optional input transform (lung crop, histogram equalisation or CLAHE) before the variant."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -30,7 +33,21 @@ def minmax(image: np.ndarray) -> np.ndarray:
     return out.astype(np.float32, copy=False)
 
 
-class Standardizer:
+class JsonState:
+    """``save``/``load`` of a fitted object's ``to_dict``/``from_dict`` as a small, stable JSON file beside a model."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
+            fh.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh))
+
+
+class Standardizer(JsonState):
     """Z-score with the mean and std of the TRAINING images only (the paper's Eq. 2), fitted once, used everywhere.
 
     scikit-learn style: ``fit`` learns ``mean_``, ``std_`` and ``n_images_``; ``transform`` applies them to validation,
@@ -74,16 +91,6 @@ class Standardizer:
         obj.mean_, obj.std_, obj.n_images_ = float(state["mean"]), float(state["std"]), int(state["n_images"])
         return obj
 
-    def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
-            fh.write("\n")
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Standardizer:
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
-
 
 VARIANTS: dict[str, str] = {
     "c": "full image",
@@ -108,6 +115,149 @@ def apply_variant(images: np.ndarray, masks: np.ndarray, variant: str) -> np.nda
 def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Resize a binary mask (area-averaged, then >= 0.5) so thin structures do not vanish or grow."""
     return resize(np.asarray(mask, dtype=np.float32), size) >= 0.5
+
+
+# --- the classifier's input: lung crop and intensity normalisation, before the variant --------------------------------
+
+INTENSITIES: tuple[str, ...] = ("none", "equalize", "clahe")
+
+
+def lung_box(mask: np.ndarray, margin: float = 0.1) -> tuple[int, int, int, int]:
+    """The square box ``(row0, row1, col0, col1)`` (half-open) around a lung mask, for the lung crop.
+
+    The mask's bounding box, its longer side widened by ``margin`` of itself on each side, made square around the
+    box's centre (no aspect distortion when it is resized back) and moved, not shrunk, to lie inside the image (a side
+    longer than the image is cut to it). An empty mask gives the whole image.
+    """
+    mask = np.asarray(mask) >= 0.5
+    height, width = mask.shape
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return 0, height, 0, width
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    side = int(np.ceil(max(r1 - r0, c1 - c0) * (1.0 + 2.0 * margin)))
+
+    def place(lo: int, hi: int, n: int) -> tuple[int, int]:
+        length = min(side, n)
+        start = int(np.floor((lo + hi - length) / 2.0))
+        start = min(max(start, 0), n - length)
+        return start, start + length
+
+    return (*place(r0, r1, height), *place(c0, c1, width))
+
+
+def crop_to_box(image: np.ndarray, box: tuple[int, int, int, int], *, mask: bool = False) -> np.ndarray:
+    """``image[box]`` resized back to the image's own size (bilinear; a mask: area-averaged, then >= 0.5)."""
+    r0, r1, c0, c1 = box
+    part = np.asarray(image)[r0:r1, c0:c1]
+    return resize_mask(part, image.shape) if mask else resize(part, image.shape)
+
+
+def place_in_box(maps: np.ndarray, boxes: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Maps ``[N, H', W']`` computed on cropped inputs, put back where their boxes lie in a ``size`` image (zero
+    outside): how a Grad-CAM of a lung-cropped input is drawn over the whole radiograph."""
+    height, width = (size, size) if isinstance(size, int) else size
+    out = np.zeros((len(maps), height, width), dtype=np.float32)
+    for i, (heat, (r0, r1, c0, c1)) in enumerate(zip(np.asarray(maps, dtype=np.float32), np.asarray(boxes))):
+        out[i, r0:r1, c0:c1] = resize(heat, (int(r1 - r0), int(c1 - c0)))
+    return out
+
+
+def equalize(image: np.ndarray, *, nbins: int = 256) -> np.ndarray:
+    """Global histogram equalisation of an image in [0, 1] (scikit-image); a constant image maps to zeros."""
+    from skimage import exposure
+
+    image = np.asarray(image, dtype=np.float32)
+    if float(image.max()) <= float(image.min()):
+        return np.zeros_like(image)
+    return exposure.equalize_hist(image, nbins=nbins).astype(np.float32)
+
+
+def clahe(image: np.ndarray, *, clip_limit: float = 0.01, nbins: int = 256) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation (scikit-image, tiles of 1/8 of the image) of an image in
+    [0, 1]; a constant image maps to zeros."""
+    from skimage import exposure
+
+    image = np.asarray(image, dtype=np.float32)
+    if float(image.max()) <= float(image.min()):
+        return np.zeros_like(image)
+    return exposure.equalize_adapthist(minmax(image), clip_limit=clip_limit, nbins=nbins).astype(np.float32)
+
+
+class ClassifierInput(NamedTuple):
+    """What a classifier's standardizer and network see: the variant images ``[N, H, W]``, the lung masks in the
+    same frame (cropped with the images) and each image's crop box in working-image pixels ``[N, 4]``."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    boxes: np.ndarray
+
+
+@dataclass(frozen=True)
+class InputTransform(JsonState):
+    """How a classifier's working images become its input: lung crop, intensity normalisation, then the variant.
+
+    ``crop``: the square box around the (predicted) lungs with ``margin`` (:func:`lung_box`), resized back to the
+    working size and min-max scaled again: the text, markers and borders that tell hospitals apart mostly fall away.
+    ``intensity``: ``none``, ``equalize`` (global histogram equalisation) or ``clahe`` (``clip_limit``), on the
+    (cropped) image before the lungs are kept (d) or removed (e). The default is the identity (the paper's input).
+    Saved in the classifier's model folder (``input.json``) and applied by ``models.Component.prepare``, in training,
+    evaluation, Grad-CAM and serving alike.
+    """
+
+    crop: bool = False
+    margin: float = 0.1
+    intensity: str = "none"
+    clip_limit: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.intensity not in INTENSITIES:
+            raise ValueError(f"intensity must be one of {INTENSITIES}, got {self.intensity!r}")
+        if not 0.0 <= self.margin <= 1.0:
+            raise ValueError(f"margin must be in [0, 1], got {self.margin}")
+        if not 0.0 < self.clip_limit <= 1.0:
+            raise ValueError(f"clip_limit must be in (0, 1], got {self.clip_limit}")
+
+    @property
+    def identity(self) -> bool:
+        return not self.crop and self.intensity == "none"
+
+    def apply(self, images: np.ndarray, masks: np.ndarray | None, variant: str) -> ClassifierInput:
+        """The classifier input of working images ``[N, H, W]`` in [0, 1] and their lung masks under ``variant``."""
+        images = np.asarray(images, dtype=np.float32)
+        n, height, width = images.shape if images.ndim == 3 else (0, 0, 0)
+        if images.ndim != 3:
+            raise ValueError(f"images must be [N, H, W], got shape {images.shape}")
+        boxes = np.tile(np.array([0, height, 0, width]), (n, 1))
+        needs_masks = self.crop or variant != "c"
+        if masks is None and needs_masks:
+            raise ValueError(f"variant {variant!r}{' with a lung crop' if self.crop else ''} needs lung masks")
+        masks = np.zeros(images.shape, dtype=bool) if masks is None else np.asarray(masks)
+        if masks.shape != images.shape:
+            if needs_masks:
+                raise ValueError(f"masks {masks.shape} and images {images.shape} differ in shape")
+            masks = np.zeros(images.shape, dtype=bool)  # variant c, no crop: the masks are not used
+        if self.identity:
+            return ClassifierInput(apply_variant(images, masks, variant), masks, boxes)
+        out, out_masks = images.copy(), masks.astype(bool, copy=True)
+        for i in range(n):
+            if self.crop:
+                boxes[i] = lung_box(masks[i], self.margin)
+                out[i] = minmax(crop_to_box(images[i], tuple(boxes[i])))
+                out_masks[i] = crop_to_box(masks[i], tuple(boxes[i]), mask=True)
+            if self.intensity == "equalize":
+                out[i] = equalize(out[i])
+            elif self.intensity == "clahe":
+                out[i] = clahe(out[i], clip_limit=self.clip_limit)
+        return ClassifierInput(apply_variant(out, out_masks, variant), out_masks, boxes)
+
+    def to_dict(self) -> dict:
+        return {"crop": self.crop, "margin": self.margin, "intensity": self.intensity, "clip_limit": self.clip_limit}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> InputTransform:
+        return cls(crop=bool(state.get("crop", False)), margin=float(state.get("margin", 0.1)),
+                   intensity=str(state.get("intensity", "none")), clip_limit=float(state.get("clip_limit", 0.01)))
 
 
 #: The working-size cache stores images at this precision; :func:`working_image` rounds to it, so that the stages

@@ -396,9 +396,10 @@ class Pipeline:
 
     def _explain(self, work: dict[int, np.ndarray], masks: dict[int, np.ndarray], display: dict[int, np.ndarray],
                  order: list[int], entries: list[dict]) -> None:
-        x = preprocess.apply_variant(np.stack([work[i] for i in order]), np.stack([masks[i] for i in order]),
-                                     self.config.variant)
-        heat = gradcam.gradcam(self.classifier.model, self.classifier.inputs(x))
+        prepared = self.classifier.prepare(np.stack([work[i] for i in order]), np.stack([masks[i] for i in order]),
+                                           self.config.variant)
+        heat = gradcam.gradcam(self.classifier.model, self.classifier.inputs(prepared.images))
+        heat = preprocess.place_in_box(heat, prepared.boxes, heat.shape[1:])  # a lung crop's map, on the whole image
         for i, h in zip(order, heat):
             entries[i][GRADCAM_FIELD] = png_base64(gradcam.overlay(display[i], h))
 

@@ -82,6 +82,14 @@ def _matches(df: pd.DataFrame, rule: Mapping[str, object]) -> pd.Series:
     return mask
 
 
+def rule_matches(df: pd.DataFrame, rules: Sequence[Mapping[str, object]]) -> pd.Series:
+    """Rows matching any of ``rules`` (each as in :func:`select_experiment`)."""
+    mask = pd.Series(False, index=df.index)
+    for rule in rules:
+        mask |= _matches(df, rule)
+    return mask
+
+
 def select_experiment(
     manifest: pd.DataFrame,
     positives: Sequence[Mapping[str, object]],

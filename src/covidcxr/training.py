@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -91,12 +93,183 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
+AUGMENT_LEVELS: tuple[str, ...] = ("none", "basic", "strong")
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Seeded random transforms of each training image, and of its mask (U-Net) for the geometric ones.
+
+    Drawn from a ``tf.random.Generator`` seeded by the training seed, in a sequential tf.data map: one seed gives the
+    same images on every run. Never a left/right flip: the two lungs differ (heart, fissures). Geometric (image and
+    mask together, bilinear; the mask re-binarised at 0.5; borders repeat the nearest pixel): ``shift`` (largest
+    translation, a fraction of the side), ``rotate`` (largest rotation, degrees), ``scale`` (zoom in
+    ``[1 - scale, 1 + scale]``). Photometric (image only, on the standardised image): ``gamma`` (exponent in
+    ``[e^-gamma, e^gamma]`` on the image min-max scaled to [0, 1], scaled back after), ``contrast`` (about the image
+    mean, a factor in ``[1 - contrast, 1 + contrast]``), ``brightness`` (an offset in ``[-brightness, brightness]``),
+    ``noise`` (Gaussian, this standard deviation). ``wrap``: the original jitter, a circular roll of up to ``shift``
+    and a brightness offset (level ``basic``, kept exactly as it was, seed for seed).
+    """
+
+    shift: float = 0.0
+    rotate: float = 0.0
+    scale: float = 0.0
+    gamma: float = 0.0
+    contrast: float = 0.0
+    brightness: float = 0.0
+    noise: float = 0.0
+    wrap: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("shift", "rotate", "scale", "gamma", "contrast", "brightness", "noise"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"augmentation {name} must be >= 0, got {getattr(self, name)}")
+        if self.shift > 0.5 or self.scale >= 1.0 or self.contrast >= 1.0 or self.rotate > 45.0:
+            raise ValueError(f"augmentation out of range (shift <= 0.5, scale < 1, contrast < 1, rotate <= 45): {self}")
+        if self.wrap and (self.rotate or self.scale or self.gamma or self.contrast or self.noise):
+            raise ValueError("wrap (the original circular shift) takes only shift and brightness")
+
+    @classmethod
+    def of(cls, value: object) -> Augmentation:
+        """From a level name (:data:`AUGMENT_LEVELS`), a bool (True: ``basic``, the original), a mapping of fields, or
+        an Augmentation."""
+        if isinstance(value, Augmentation):
+            return value
+        if isinstance(value, bool) or value is None:
+            return LEVELS["basic" if value else "none"]
+        if isinstance(value, str):
+            if value not in LEVELS:
+                raise ValueError(f"augment must be one of {AUGMENT_LEVELS}, a bool or a mapping, got {value!r}")
+            return LEVELS[value]
+        if isinstance(value, dict):
+            return cls(**value)
+        raise ValueError(f"augment must be one of {AUGMENT_LEVELS}, a bool or a mapping, got {value!r}")
+
+    @property
+    def active(self) -> bool:
+        return any((self.shift, self.rotate, self.scale, self.gamma, self.contrast, self.brightness, self.noise))
+
+    def map_fn(self, seed: int):
+        """``(image, target) -> (image, target)`` for ``Dataset.map`` (images ``[H, W, 1]``; a ``[H, W, 1]`` target
+        is a mask and moves with the image)."""
+        import math
+
+        import tensorflow as tf
+
+        rng = tf.random.Generator.from_seed(seed)
+        if self.wrap:
+            limit, offset = self.shift, self.brightness
+
+            def jitter(img, target):
+                shift = rng.uniform([2], -limit, limit)
+                img = tf.roll(img, shift=tf.cast(shift * tf.cast(tf.shape(img)[:2], tf.float32), tf.int32),
+                              axis=[0, 1])
+                if target.shape.rank == 3:  # masks move with the image
+                    target = tf.roll(target, shift=tf.cast(shift * tf.cast(tf.shape(img)[:2], tf.float32), tf.int32),
+                                     axis=[0, 1])
+                return img + rng.uniform([], -offset, offset), target
+
+            return jitter
+        geometric = bool(self.shift or self.rotate or self.scale)
+
+        def warp(image, transform):
+            return tf.raw_ops.ImageProjectiveTransformV3(
+                images=image[None], transforms=transform, output_shape=tf.shape(image)[:2], fill_value=0.0,
+                interpolation="BILINEAR", fill_mode="NEAREST")[0]
+
+        def augment(img, target):
+            u = rng.uniform([7], -1.0, 1.0)  # one draw per image: each transform's share of its range
+            if geometric:
+                height, width = tf.cast(tf.shape(img)[0], tf.float32), tf.cast(tf.shape(img)[1], tf.float32)
+                angle = u[0] * (self.rotate * math.pi / 180.0)
+                zoom = 1.0 + u[1] * self.scale
+                cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+                cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
+                ox, oy = cx + u[2] * self.shift * width, cy + u[3] * self.shift * height
+                # output pixel -> input pixel: rotate and zoom about the centre, then translate
+                transform = tf.stack([cos, sin, cx - cos * ox - sin * oy, -sin, cos, cy + sin * ox - cos * oy,
+                                      0.0, 0.0])[None]
+                img = warp(img, transform)
+                if target.shape.rank == 3:  # masks move with the image, and stay binary
+                    target = tf.cast(warp(tf.cast(target, tf.float32), transform) >= 0.5, target.dtype)
+            if self.gamma:
+                lo, hi = tf.reduce_min(img), tf.reduce_max(img)
+                span = tf.maximum(hi - lo, 1e-6)
+                img = tf.pow((img - lo) / span, tf.exp(u[4] * self.gamma)) * span + lo
+            if self.contrast:
+                mean = tf.reduce_mean(img)
+                img = (img - mean) * (1.0 + u[5] * self.contrast) + mean
+            if self.brightness:
+                img = img + u[6] * self.brightness
+            if self.noise:
+                img = img + rng.normal(tf.shape(img), stddev=self.noise)
+            return img, target
+
+        return augment
+
+
+#: Named augmentation levels: ``basic`` is the original jitter (a circular shift of up to 5% and a brightness offset);
+#: ``strong`` adds a small affine (8 degrees, 10% zoom, 6% shift) and gamma, contrast and noise.
+LEVELS: dict[str, Augmentation] = {
+    "none": Augmentation(),
+    "basic": Augmentation(shift=0.05, brightness=0.1, wrap=True),
+    "strong": Augmentation(shift=0.06, rotate=8.0, scale=0.1, gamma=0.3, contrast=0.2, brightness=0.1, noise=0.03),
+}
+
+
+def balanced_groups(labels: np.ndarray, sources: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sampling groups for balanced training: each sample's group number and each group's share of the draws.
+
+    The classes weigh the same; with ``sources``, so does every source within a class (source-balanced sampling: a
+    hospital with few images is drawn as often as one with many, so neither the class nor the source is learnt from
+    how often it comes up).
+    """
+    labels = np.asarray(labels).astype(str).ravel()
+    if sources is None:
+        keys = [(lab, "") for lab in labels]
+    else:
+        sources = np.asarray(sources).astype(str).ravel()
+        if len(sources) != len(labels):
+            raise ValueError(f"{len(sources)} sources for {len(labels)} labels")
+        keys = list(zip(labels, sources))
+    names = sorted(set(keys))
+    number = {k: i for i, k in enumerate(names)}
+    per_class = Counter(lab for lab, _ in names)
+    shares = np.array([1.0 / (len(per_class) * per_class[lab]) for lab, _ in names])
+    return np.array([number[k] for k in keys], dtype=np.int64), shares
+
+
+SAMPLINGS: tuple[str, ...] = ("class", "balanced", "source")
+
+
+def sampling(mode: str, labels: np.ndarray, sources: np.ndarray | None = None) -> dict:
+    """``fit``'s weighting keywords (``class_weight``, ``balance``) for a sampling mode of :data:`SAMPLINGS`.
+
+    ``class``: the loss weighs each class by its inverse frequency (every batch as the data comes); ``balanced``:
+    batches drawn class-balanced instead (the minority repeated, seeded); ``source``: drawn class- and
+    source-balanced (:func:`balanced_groups` with ``sources``).
+    """
+    if mode == "class":
+        return {"class_weight": balanced_class_weight(labels), "balance": None}
+    if mode == "balanced":
+        return {"class_weight": None, "balance": balanced_groups(labels)}
+    if mode == "source":
+        if sources is None:
+            raise ValueError("source-balanced sampling needs each image's source")
+        return {"class_weight": None, "balance": balanced_groups(labels, sources)}
+    raise ValueError(f"sampling must be one of {SAMPLINGS}, got {mode!r}")
+
+
 def dataset(
-    x: np.ndarray, y: np.ndarray, *, batch_size: int, shuffle: bool = False, seed: int = 0, augment: bool = False
+    x: np.ndarray, y: np.ndarray, *, batch_size: int, shuffle: bool = False, seed: int = 0,
+    augment: bool | str | Augmentation | dict = False, balance: tuple[np.ndarray, np.ndarray] | None = None,
 ):
     """A batched ``tf.data.Dataset`` over arrays already decoded and resized (the cache), so training is compute-bound.
 
-    ``augment`` adds small seeded shifts and brightness changes (no flips: left and right lungs differ).
+    ``augment``: an :class:`Augmentation` or its level (``True``: ``basic``, the original shifts and brightness).
+    ``balance`` (``balanced_groups``; training only, with ``shuffle``): each element is drawn by first choosing a group
+    by its share, then the next image of that group (each group reshuffled on every pass, the minority ones repeated):
+    as many draws per epoch as images, every draw seeded, so an epoch costs what it did.
     """
     import tensorflow as tf
 
@@ -106,21 +279,29 @@ def dataset(
     y = np.asarray(y, dtype=np.float32)
     if y.ndim == 3:
         y = y[..., None]
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    if augment:
-        rng = tf.random.Generator.from_seed(seed)
-
-        def jitter(img, target):
-            shift = rng.uniform([2], -0.05, 0.05)
-            img = tf.roll(img, shift=tf.cast(shift * tf.cast(tf.shape(img)[:2], tf.float32), tf.int32), axis=[0, 1])
-            if target.shape.rank == 3:  # masks move with the image
-                target = tf.roll(target, shift=tf.cast(shift * tf.cast(tf.shape(img)[:2], tf.float32), tf.int32),
-                                 axis=[0, 1])
-            return img + rng.uniform([], -0.1, 0.1), target
-
-        ds = ds.map(jitter, num_parallel_calls=1, deterministic=True)
+    if balance is not None and shuffle:
+        groups, shares = balance
+        groups = np.asarray(groups)
+        if len(groups) != len(x):
+            raise ValueError(f"balance: {len(groups)} group numbers for {len(x)} images")
+        x_all, y_all = tf.constant(x), tf.constant(y)
+        pools = []
+        for g in range(len(shares)):
+            members = np.flatnonzero(groups == g).astype(np.int64)
+            if not len(members):
+                raise ValueError(f"balance: group {g} has no images")
+            pools.append(tf.data.Dataset.from_tensor_slices(members)
+                         .shuffle(len(members), seed=seed + 1 + g, reshuffle_each_iteration=True).repeat())
+        order = tf.data.Dataset.sample_from_datasets(pools, weights=[float(w) for w in shares], seed=seed,
+                                                     rerandomize_each_iteration=True).take(len(x))
+        ds = order.map(lambda i: (tf.gather(x_all, i), tf.gather(y_all, i)), num_parallel_calls=1, deterministic=True)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
+        if shuffle:
+            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    transform = Augmentation.of(augment)
+    if transform.active:
+        ds = ds.map(transform.map_fn(seed), num_parallel_calls=1, deterministic=True)
     return ds.batch(batch_size).prefetch(2)
 
 
@@ -132,12 +313,15 @@ def fit(
     epochs: int,
     batch_size: int,
     seed: int = 0,
-    augment: bool = False,
+    augment: bool | str | Augmentation | dict = False,
     class_weight: dict[int, float] | None = None,
+    balance: tuple[np.ndarray, np.ndarray] | None = None,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     verbose: int = 0,
 ) -> dict[str, list[float]]:
     """Fit a compiled model; ``on_epoch_end(epoch, logs)`` receives every epoch's metrics (for MLflow, pruning).
+
+    ``augment`` and ``balance`` as :func:`dataset` (training data only); ``class_weight`` weighs the loss instead.
 
     A model built under ``multi-worker`` trains with ``_fit_multi_worker`` (same steps, metrics and history; the hook
     runs on the chief only, and ``model.stop_training`` set there stops every worker).
@@ -147,14 +331,14 @@ def fit(
 
     if isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return _fit_multi_worker(model, train, val, epochs=epochs, batch_size=batch_size, seed=seed, augment=augment,
-                                 class_weight=class_weight, on_epoch_end=on_epoch_end)
+                                 class_weight=class_weight, balance=balance, on_epoch_end=on_epoch_end)
     callbacks = []
     if on_epoch_end is not None:
         callbacks.append(keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: on_epoch_end(epoch, {k: float(v) for k, v in (logs or {}).items()})
         ))
     history = model.fit(
-        dataset(*train, batch_size=batch_size, shuffle=True, seed=seed, augment=augment),
+        dataset(*train, batch_size=batch_size, shuffle=True, seed=seed, augment=augment, balance=balance),
         validation_data=dataset(*val, batch_size=batch_size),
         epochs=epochs,
         class_weight=class_weight,
@@ -173,9 +357,10 @@ def _fit_multi_worker(
     epochs: int,
     batch_size: int,
     seed: int,
-    augment: bool,
+    augment: bool | str | Augmentation | dict,
     class_weight: dict[int, float] | None,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None,
+    balance: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, list[float]]:
     """``fit`` under ``MultiWorkerMirroredStrategy``, whose Keras 3 ``fit`` fails (keras-team/keras#20585).
 
@@ -190,7 +375,7 @@ def _fit_multi_worker(
     strategy = model.distribute_strategy
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    train_ds = dataset(*train, batch_size=batch_size, shuffle=True, seed=seed, augment=augment)
+    train_ds = dataset(*train, batch_size=batch_size, shuffle=True, seed=seed, augment=augment, balance=balance)
     if class_weight is not None:
         train_ds = train_ds.map(_class_weight_fn(class_weight))
     train_dist = strategy.experimental_distribute_dataset(train_ds.with_options(options))

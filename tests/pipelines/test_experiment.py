@@ -38,7 +38,8 @@ def test_every_overlay_loads_and_names_a_known_selection():
 
 
 def test_unknown_experiment_is_a_clear_error(tmp_path: Path):
-    with pytest.raises(experiment.ExperimentError, match=r"unknown experiment 'nope'; available: adult-negatives"):
+    with pytest.raises(experiment.ExperimentError,
+                       match=r"unknown experiment 'nope'; available: ablation, adult-negatives"):
         experiment.load("nope")
     with pytest.raises(experiment.ExperimentError, match="unknown experiment '_base'"):
         experiment.load("_base")  # the shared base is not an experiment
@@ -69,9 +70,15 @@ def test_overrides_parse_back_through_dvc(tmp_path: Path):
     from dvc.utils.hydra import apply_overrides
 
     real = Path("/corpus with space/it's here")
+    figures = {"figure": "worst held-out specificity (kermany)", "select": ["kermany"],
+               "by_classifier": {"c_vgg16": 0.25, "d_vgg16": None},
+               "sources": {"kermany": {"c_vgg16": {"n_covid": 0, "auc": None, "used_to_choose": True}}}}
     for name in experiment.available():
         spec = experiment.load(name)
-        for exp_name, params in experiment.runs(name, spec):
+        planned = experiment.runs(name, spec) + experiment.heldout_runs(name, spec)
+        if spec.get("heldout"):  # the main runs also carry the held-out runs' figures to register
+            planned = [(n, {**p, "register.heldout": figures}) for n, p in planned]
+        for exp_name, params in planned:
             path = tmp_path / f"{exp_name}.yaml"
             shutil.copy(ROOT / "params.yaml", path)
             cmd = experiment.dvc_command(exp_name, params, [], real)
@@ -221,3 +228,107 @@ def test_every_run_once_per_seed_and_the_spread_over_seeds():
     held = experiment.seeded(experiment.heldout_runs("exp", spec), spec)
     assert held[0][0] == "exp-heldout-k-s1" and held[0][1]["split.holdout"] == [{"source": "kermany"}]
     assert held[0][1]["split.experiment"] == "loso"
+
+
+def test_holdout_with_test_keeps_a_test_split_of_the_rest():
+    m = manifest_rows()
+    p = stage_params(holdout=[{"source": "neg1"}], holdout_with_test=True)
+    tables, _ = split_stage.task_tables(m, p)
+    covid = tables["covid"].merge(m[["image_id", "source"]])
+    assert set(covid.loc[covid["source"] == "neg1", "split"]) == {"test"}
+    rest = covid[covid["source"] != "neg1"]
+    assert set(rest["split"]) == {"train", "val", "test"}  # the other sources keep their own test patients
+    assert {"covid", "negative"} <= set(covid.loc[covid["split"] == "test", "label"])
+    assert split_stage.validated_fractions("covid", p) == dict(splits.PAPER_FRACTIONS)
+    assert not set(rest.loc[rest["split"] == "test", "patient_id"]) & set(rest.loc[rest["split"] != "test",
+                                                                                   "patient_id"])
+
+
+def test_the_ablation_plans_every_lever_on_the_same_runs_over_seeds(tmp_path: Path):
+    spec = experiment.load("ablation")
+    plan = experiment.ablation_plan("ablation", spec)
+    levers, run_names, seeds = spec["levers"], spec["runs"], spec["seeds"]
+    assert len(plan) == len(levers) * len(run_names) * len(seeds) and len(seeds) >= 3
+    assert {"baseline", "lung-crop", "clahe", "augment-strong", "source-balanced", "size-128", "pretrained"} <= \
+        set(levers)
+    step = next(s for s in plan if s["name"] == "ablation-lung-crop-kermany-s2")
+    assert step["params"]["split.holdout"] == [{"source": "kermany"}] and step["params"]["split.holdout_with_test"]
+    assert step["params"]["train_classifier.input"]["crop"] is True and step["params"]["train_classifier.seed"] == 2
+    assert step["params"]["cache.size"] == 64 and step["targets"] == ["train_classifier"]  # _base under it all
+    assert {s["params"]["split.experiment"] for s in plan} == {"leave-one-source-out", "adult-negatives",
+                                                              "cohen-pneumonia"}
+    only = experiment.ablation_plan("ablation", spec, levers=["baseline", "clahe"])
+    assert {s["lever"] for s in only} == {"baseline", "clahe"}
+    with pytest.raises(experiment.ExperimentError, match="unknown levers"):
+        experiment.ablation_plan("ablation", spec, levers=["dropout"])
+    held = experiment.ablation_plan("ablation", spec, levers=["baseline"], runs=["shenzhen", "kermany"])
+    assert [s["name"] for s in held[:2]] == ["ablation-baseline-kermany-s1", "ablation-baseline-shenzhen-s1"]
+    assert len(held) == 2 * len(seeds)
+    with pytest.raises(experiment.ExperimentError, match="unknown runs"):
+        experiment.ablation_plan("ablation", spec, runs=["padchest"])
+    estimate = experiment.ablation_estimate(only, yaml.safe_load((ROOT / "params.yaml").read_text()))
+    per_seed = 3 * 2 + 2 + 2  # three held-out runs of c and e, adult negatives c and d, Cohen pneumonias c and d
+    assert estimate["classifier_trainings"] == 2 * per_seed * len(seeds) and estimate["upstream_sets"] == 1
+    assert estimate["dvc_runs"] == len(only)
+
+
+def _workdir(root: Path, scores: dict[str, tuple[list, list, list]], threshold: float = 0.5) -> Path:
+    """A finished run's files: the cache index (sources), the split summary, params and each classifier's
+    predictions.csv and threshold.json. ``scores``: model -> (image ids, labels, scores) of the test split."""
+    ids = sorted({i for v in scores.values() for i in v[0]})
+    pd.DataFrame({"image_id": ids, "source": [i.split("/")[0] for i in ids]}).to_csv(
+        root / "index.csv", index=False)
+    (root / "artifacts/cache").mkdir(parents=True)
+    (root / "index.csv").rename(root / "artifacts/cache/index.csv")
+    _common.write_json(root / "reports/split/summary.json", {"covid": {"test": {}}})
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    for model, (image_ids, labels, values) in scores.items():
+        folder = root / f"artifacts/models/classifier_{model}"
+        folder.mkdir(parents=True)
+        pd.DataFrame({"image_id": image_ids, "split": "test", "label": labels, "score": values}).to_csv(
+            folder / "predictions.csv", index=False)
+        _common.write_json(folder / "threshold.json", {"threshold": threshold})
+    return root
+
+
+def test_ablation_figures_come_from_each_model_s_predictions(tmp_path: Path):
+    ids = ["cohen/1", "cohen/2", "cohen/3", "cohen/4", "kermany/1", "kermany/2", "kermany/3", "kermany/4"]
+    labels = ["covid", "covid", "negative", "negative"] + ["negative"] * 4
+    work = _workdir(tmp_path, {"c_vgg16": (ids, labels, [0.9, 0.4, 0.2, 0.6, 0.1, 0.2, 0.7, 0.3]),
+                               "e_vgg16": (ids, labels, [0.6, 0.5, 0.5, 0.4, 0.5, 0.5, 0.5, 0.55])})
+    params = {"train_classifier.variants": ["c", "e"], "train_classifier.backbones": ["vgg16"],
+              "split.holdout": [{"source": "kermany"}]}
+    got = experiment.collect_ablation(work, params, project=tmp_path)
+    c = got["models"]["c_vgg16"]
+    assert got["heldout_sources"] == ["kermany"] and c["sensitivity"] == 0.5 and c["n_covid"] == 2
+    assert c["specificity_by_source"] == {"cohen": {"value": 0.5, "n": 2}, "kermany": {"value": 0.75, "n": 4}}
+    assert c["test_auc"] == pytest.approx(10 / 12)
+    expected = max(0.0, (got["models"]["e_vgg16"]["test_auc"] - 0.5) / (c["test_auc"] - 0.5))
+    assert got["lungs_removed"]["vgg16"] == pytest.approx(expected)
+    json.dumps(got, allow_nan=False)
+
+    def run(lever, name, seed, spec, sens, auc=None):
+        models = {"c_vgg16": {"specificity_by_source": {"kermany": {"value": spec}}, "sensitivity": sens,
+                              "test_auc": auc}}
+        return {"lever": lever, "run": name, "seed": seed, "wall_seconds": 120.0, "models": models,
+                "heldout_sources": ["kermany"] if name == "kermany" else [], "lungs_removed": {"vgg16": 0.5}}
+
+    runs = {f"{lever}-{name}-s{seed}": run(lever, name, seed, spec, sens, auc)
+            for lever, base in (("baseline", 0.2), ("lung-crop", 0.6))
+            for seed, (spec, sens, auc) in ((1, (base, 0.9, 0.7)), (2, (base + 0.1, 0.95, 0.8)))
+            for name in ("kermany", "cohen-pneumonia")}
+    table = experiment.ablation_table(runs)
+    assert table["lung-crop"]["specificity kermany"]["mean"] == pytest.approx(0.65)
+    assert table["baseline"]["specificity kermany"]["sd"] == pytest.approx(np.std([0.2, 0.3], ddof=1))
+    assert table["baseline"]["cohen-pneumonia AUC c"]["mean"] == pytest.approx(0.75)
+    assert table["baseline"]["wall_minutes"]["mean"] == pytest.approx(4.0)  # two runs of 2 minutes per seed
+    result = {"experiment": "ablation", "kind": "ablation", "runs": runs, "headline": table,
+              "levers": {"baseline": {}, "lung-crop": {"train_classifier.input": {"crop": True}}}}
+    rows = "\n".join(experiment._ablation_rows(result))
+    assert "| lung-crop | " in rows and "0.650 ± 0.071 (+0.400)" in rows and "`lung-crop`: " in rows
+    result.update(description="d", command="python -m pipelines.experiment ablation", notes="", goals="g >= 0.7",
+                  settings=experiment._settings({"cache.size": 64}, {}), wall_seconds=600.0, finished="now")
+    experiment.record(tmp_path, "ablation", result)
+    summary = experiment.render_summary(tmp_path).read_text()
+    assert "| ablation | `python -m pipelines.experiment ablation` |" in summary and "Goals: g >= 0.7" in summary
+    assert experiment.headline("ablation", runs) == table  # --summary recomputes the same table

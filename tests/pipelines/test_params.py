@@ -111,3 +111,36 @@ def test_a_stage_with_bad_params_stops_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert "cache.size: Input should be a multiple of 16 (got 50)" in proc.stderr
     assert not (tmp_path / "artifacts").exists()  # it never reached the manifest, let alone wrote the cache
+
+
+def test_the_levers_speak_the_library_s_vocabulary():
+    assert literal(_params.AugmentLevel) == training.AUGMENT_LEVELS
+    assert literal(_params.Sampling) == training.SAMPLINGS
+    assert literal(_params.Intensity) == preprocess.INTENSITIES
+    assert set(_params.AugmentSpec.model_fields) == set(training.Augmentation.__dataclass_fields__) - {"wrap"}
+    assert set(_params.ClassifierInput.model_fields) == set(preprocess.InputTransform.__dataclass_fields__)
+
+
+def test_every_ablation_step_gives_params_the_library_accepts():
+    for name in experiment.available():
+        spec = experiment.load(name)
+        if spec["kind"] != experiment.ABLATION:
+            continue
+        for step in experiment.ablation_plan(name, spec):
+            merged = dotted(PARAMS, step["params"])
+            checked = {section: _params.validate(section, values) for section, values in merged.items()}
+            classifier = checked["train_classifier"]
+            preprocess.InputTransform(**classifier["input"])
+            training.Augmentation.of(classifier["augment"])
+            training.Augmentation.of(checked["pretrain"]["augment"])
+            if classifier["weights"] == "pretrained":  # its encoder must fit the classifier
+                assert set(classifier["backbones"]) <= set(checked["pretrain"]["backbones"]), step["name"]
+                assert checked["pretrain"]["width"] == classifier["width"], step["name"]
+
+
+@pytest.mark.parametrize("value", [False, True, "strong", {"rotate": 5.0, "gamma": 0.2}])
+def test_augment_takes_a_flag_a_level_or_its_parts(value):
+    got = _params.validate("train_unet", {**PARAMS["train_unet"], "augment": value})["augment"]
+    assert training.Augmentation.of(got) == training.Augmentation.of(value)
+    with pytest.raises(_params.ParamsError, match=r"train_unet.augment"):
+        _params.validate("train_unet", {**PARAMS["train_unet"], "augment": {"rotate": 90}})

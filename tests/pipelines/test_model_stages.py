@@ -1,0 +1,29 @@
+"""The model stages' own figures: the projection filter's recall per source and class, the U-Net's Dice of the masks
+that are used (cleaned)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines import train_projection, train_unet
+
+
+def test_projection_recalls_count_the_frontals_refused():
+    y = np.array([1, 1, 1, 1, 0, 0])  # 1 = frontal
+    p = np.array([0.9, 0.8, 0.3, 0.6, 0.1, 0.7])
+    r = train_projection.recalls(y, p)
+    assert r == {"frontal_recall": 0.75, "lateral_recall": 0.5, "n_frontal": 4, "n_lateral": 2, "frontal_refused": 1}
+    only_frontals = train_projection.recalls(np.ones(3), np.array([0.9, 0.9, 0.2]))
+    assert only_frontals["lateral_recall"] is None and only_frontals["frontal_recall"] == pytest.approx(2 / 3)
+
+
+def test_unet_scores_include_the_cleaned_masks():
+    truth = np.zeros((2, 16, 16), np.float32)
+    truth[:, 4:12, 2:7] = truth[:, 4:12, 9:14] = 1
+    prob = truth.copy()
+    prob[:, 0, 15] = 0.9  # a speck the cleaning removes (third component)
+    prob[:, 7, 4] = 0.1  # a hole it fills
+    scores = train_unet.mask_scores(truth, prob, 0.5)
+    assert scores["dice"] < 1.0 and scores["dice_clean"] == pytest.approx(1.0) and scores["iou_clean"] == 1.0
+    assert scores["n"] == 2

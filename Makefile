@@ -6,6 +6,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 FAST := not slow and not infra and not fuzz
+# Two pytest-xdist workers: much of the suite waits on subprocesses, servers and single-threaded start-ups, so two
+# workers pay even on 2 cores. A file's tests stay in one worker (tests/conftest.py). WORKERS=0 runs in one process.
+WORKERS ?= 2
+PYTEST := python -m pytest $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)
 
 export PATH := $(BIN):$(PATH)
 
@@ -14,11 +18,11 @@ export PATH := $(BIN):$(PATH)
 run: setup data  ## set up, generate the demo data and run the whole pipeline
 	dvc repro
 
-test: setup  ## run the whole test suite (what CI runs)
-	python -m pytest
+test: setup  ## run the whole test suite (what CI runs), with the slowest tests listed
+	$(PYTEST) --durations=15
 
 test-fast: setup  ## the unit tests only (no training runs, servers or fuzzing): under two minutes
-	python -m pytest -m "$(FAST)"
+	$(PYTEST) -m "$(FAST)"
 
 lint: setup  ## ruff on the library, the stages, the tests and the benchmarks; dvc.yaml deps against the imports
 	ruff check src pipelines tests bench

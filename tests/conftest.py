@@ -1,13 +1,23 @@
-"""Shared fixtures: the real-data corpus (from ../shared, located by COVIDCXR_REAL_DATA) and small helpers."""
+"""Shared fixtures: the real-data corpus (from ../shared, located by COVIDCXR_REAL_DATA), the demo dataset written once
+per test run, and the grouping that keeps expensive shared set-ups in one pytest-xdist worker."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REAL_DATA_ENV = "COVIDCXR_REAL_DATA"
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +34,91 @@ def real_data() -> Path:
     if not (root / "cohen" / "metadata.csv").is_file():
         pytest.fail(f"{REAL_DATA_ENV}={value} does not hold the real-data corpus (no cohen/metadata.csv)")
     return root
+
+
+# --- set-ups shared by the whole test run ---------------------------------------------------------------------------
+
+
+def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of this test run shared by all its processes: pytest's base temp, or with pytest-xdist its parent
+    (each worker has its own base temp below the run's)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def run_lock(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """Exclusive use of ``<run folder>/<name>`` across the run's processes: the first builds it, the others wait."""
+    folder = run_folder(tmp_path_factory) / name
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield folder
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class DemoData:
+    root: Path  # the dataset folder (labels.csv, images/, masks/, README.md): read only, copy it to change it
+    counts: dict[str, int]  # what `covidcxr demo-data` printed
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> DemoData:
+    """The demo dataset as `make run` writes it (`covidcxr demo-data`, seed 0), written once per test run and shared
+    by every test that needs it (the end-to-end pipeline, the interrupted stage, the benchmarks' smoke run, the
+    dataset's own tests): they copy it, or only read it. The generator is byte-deterministic, so one copy serves all.
+    """
+    with run_lock(tmp_path_factory, "demo-data") as folder:
+        counts = folder / "counts.json"
+        if not counts.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+            proc = subprocess.run(["covidcxr", "demo-data", str(folder / "demo")], env=env, capture_output=True,
+                                  text=True, timeout=600)
+            assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+            json.loads(proc.stdout)  # the counts, as JSON
+            counts.write_text(proc.stdout)
+        return DemoData(folder / "demo", json.loads(counts.read_text()))
+
+
+def copy_demo_data(demo: DemoData, dest: Path) -> Path:
+    """A writable copy of the shared demo dataset at ``dest``."""
+    shutil.copytree(demo.root, dest)
+    return dest
+
+
+# --- pytest-xdist: what must run in one worker ------------------------------------------------------------------------
+
+#: Test files whose tests share an expensive set-up beyond their own file, by group: a worker runs a group whole.
+SHARED_SETUPS = {
+    "tests/infra/": "infra servers",  # one private PostgreSQL, S3 and MLflow server for the run (tests/infra/conftest)
+}
+
+#: Files that run for minutes, handed out first so that the other worker works through the rest meanwhile instead
+#: of one long file finishing the run alone.
+LONGEST_FIRST = ("tests/pipelines/test_repro.py", "tests/test_pacs.py", "tests/pipelines/test_serve.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``--dist loadgroup``), every test goes with the other tests of its file (module fixtures:
+    a trained bundle, a private Orthanc, the end-to-end project are built once), and the files of
+    :data:`SHARED_SETUPS` together; the files of :data:`LONGEST_FIRST` go first (a stable sort: the order inside a
+    file is kept). Without xdist nothing changes."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the workers collect (and must agree on the order); else no-op
+        return
+    root = Path(__file__).resolve().parent.parent
+
+    def path(item: pytest.Item) -> str:
+        return Path(str(item.path)).resolve().relative_to(root).as_posix()
+
+    items.sort(key=lambda item: LONGEST_FIRST.index(path(item)) if path(item) in LONGEST_FIRST else len(LONGEST_FIRST))
+    for item in items:
+        if any(m.name == "xdist_group" for m in item.iter_markers()):
+            continue
+        group = next((g for prefix, g in SHARED_SETUPS.items() if path(item).startswith(prefix)), path(item))
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)

@@ -51,10 +51,10 @@ def _mediastinum(mask: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def full(tmp_path_factory) -> tuple[Path, dict]:
-    """One full-size generation with the defaults (the data the pipeline ships)."""
-    root = tmp_path_factory.mktemp("demo") / "demo"
-    return root, demo.generate(root)
+def full(demo_data) -> tuple[Path, dict]:
+    """One full-size generation with the defaults (the data the pipeline ships): the run's shared copy, written by
+    `covidcxr demo-data` (tests/conftest.py), with the counts it printed. Read only."""
+    return demo_data.root, demo_data.counts
 
 
 @pytest.fixture(scope="module")

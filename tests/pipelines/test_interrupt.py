@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -16,7 +15,8 @@ import pytest
 import yaml
 
 from covidcxr import runtime
-from tests.pipelines.conftest import BIN, ROOT, run
+from tests.conftest import copy_demo_data
+from tests.pipelines.conftest import BIN, run
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +31,8 @@ def locked_md5(project: Path, stage: str, out: str) -> str:
     return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == out)
 
 
-def test_killed_stage_leaves_no_valid_output_and_repro_recovers(project: Path, tmp_path: Path):
-    demo = ROOT / "data" / "demo"
-    if (demo / "labels.csv").is_file():  # the generator is byte-deterministic: copying is the same, and faster
-        shutil.copytree(demo, project / "data" / "demo")
-    else:
-        run(["covidcxr", "demo-data", "data/demo"], project)
+def test_killed_stage_leaves_no_valid_output_and_repro_recovers(project: Path, tmp_path: Path, demo_data):
+    copy_demo_data(demo_data, project / "data" / "demo")  # the run's shared `covidcxr demo-data` output
     run(["dvc", "repro", "ingest"], project)
 
     artifacts, out = project / "artifacts", project / "artifacts" / "cache"

@@ -577,7 +577,15 @@ def _fmt(value: object, ci: dict | None = None) -> str:
 def _classifier_rows(result: dict) -> list[str]:
     rows = ["| run | model | test n (covid/neg) | test AUC [95% CI] | sensitivity | specificity | at 0.5: acc / sens /"
             " spec / F1 | refused as OOD |", "|---|---|---|---|---|---|---|---|"]
-    for exp_name, r in result["runs"].items():
+    held = result.get("heldout_runs") or {}
+    if held:  # the same settings trained without a source: where choosing happens, and the test rows the card shows
+        rows = ["Trained on every source (`runs`):", "", *rows]
+    for exp_name, r in [*result["runs"].items(), *([("", None)] if held else []), *held.items()]:
+        if r is None:
+            rows += ["", "The same settings trained without a source, tested on it (`heldout`; the out-of-distribution "
+                     "detector's refused share on an unseen source beside the in-distribution test's above):", "",
+                     *rows[2:4]]
+            continue
         for model, m in r["models"].items():
             c, a = m["test_classes"], m["test_at_0.5"]
             rows.append(f"| {exp_name} | {model} | {c['covid']}/{c['negative']} | "

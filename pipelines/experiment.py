@@ -575,17 +575,22 @@ def _fmt(value: object, ci: dict | None = None) -> str:
 
 
 def _classifier_rows(result: dict) -> list[str]:
-    rows = ["| run | model | test n (covid/neg) | test AUC [95% CI] | sensitivity | specificity | at 0.5: acc / sens /"
-            " spec / F1 | refused as OOD |", "|---|---|---|---|---|---|---|---|"]
+    header = ["| run | model | test n (covid/neg) | test AUC [95% CI] | sensitivity | specificity | at 0.5: acc / sens "
+              "/ spec / F1 | refused as OOD |", "|---|---|---|---|---|---|---|---|"]
     held = result.get("heldout_runs") or {}
-    if held:  # the same settings trained without a source: where choosing happens, and the test rows the card shows
-        rows = ["Trained on every source (`runs`):", "", *rows]
-    for exp_name, r in [*result["runs"].items(), *([("", None)] if held else []), *held.items()]:
-        if r is None:
-            rows += ["", "The same settings trained without a source, tested on it (`heldout`; the out-of-distribution "
-                     "detector's refused share on an unseen source beside the in-distribution test's above):", "",
-                     *rows[2:4]]
-            continue
+    if not held:
+        return header + _model_rows(result["runs"])
+    # the same settings trained without a source: where choosing happens, and the test rows the card shows
+    return ["Trained on every source (`runs`):", "", *header, *_model_rows(result["runs"]), "",
+            "The same settings trained without a source, tested on it (`heldout`; the out-of-distribution detector's "
+            "refused share on an unseen source beside the in-distribution test's above):", "", *header,
+            *_model_rows(held)]
+
+
+def _model_rows(runs: dict) -> list[str]:
+    """One table row per model of every run."""
+    rows = []
+    for exp_name, r in runs.items():
         for model, m in r["models"].items():
             c, a = m["test_classes"], m["test_at_0.5"]
             rows.append(f"| {exp_name} | {model} | {c['covid']}/{c['negative']} | "
@@ -874,8 +879,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
     """Run (or with ``--dry-run`` print, with an estimate of what it trains) every step of an ablation overlay,
     recording after each step, so that a long ablation stopped part way keeps what it measured (``--resume``)."""
-    levers = [x.strip() for x in a.levers.split(",") if x.strip()] if a.levers else None
-    runs = [x.strip() for x in a.runs.split(",") if x.strip()] if a.runs else None
+    levers, runs = ([x.strip() for x in text.split(",") if x.strip()] if text else None for text in (a.levers, a.runs))
     plan = ablation_plan(a.name, spec, levers=levers, runs=runs)
     if a.dry_run:
         for step in plan:

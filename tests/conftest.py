@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from covidcxr import runtime
+
 REAL_DATA_ENV = "COVIDCXR_REAL_DATA"
 BIN = Path(sys.executable).parent
 
@@ -74,7 +76,7 @@ def demo_data(tmp_path_factory) -> DemoData:
         counts = folder / "counts.json"
         if not counts.is_file():
             shutil.rmtree(folder, ignore_errors=True)
-            env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+            env = runtime.environment(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
             proc = subprocess.run(["covidcxr", "demo-data", str(folder / "demo")], env=env, capture_output=True,
                                   text=True, timeout=600)
             assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

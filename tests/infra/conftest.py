@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -26,9 +25,9 @@ from pathlib import Path
 import pytest
 
 from covidcxr import runtime
+from tests.conftest import BIN
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 60
 
 

@@ -896,11 +896,18 @@ def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
     if not (a.reuse_code and (workdir / ".git").is_dir()):
         prepare_workdir(PROJECT, workdir)
     path = PROJECT / REPORTS / f"{a.name}.json"
-    done = json.loads(path.read_text(encoding="utf-8"))["runs"] if a.resume and path.is_file() else {}
-    started, results, commands = time.monotonic(), {}, []
+    recorded = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"runs": {}}
+    done = recorded["runs"] if a.resume else {}
+    # the recorded runs outside this invocation's --levers/--runs stay as they were: a partial run loses nothing
+    planned = {step["name"] for step in plan}
+    results = {k: v for k, v in recorded["runs"].items() if k not in planned}
+    kept_commands = [c for c in recorded.get("dvc_commands", []) if shlex.split(c)[4] not in planned]
+    started, commands = time.monotonic(), []
     command = f"python -m pipelines.experiment {a.name}" + (f" --levers {a.levers}" if a.levers else "") + (
         f" --runs {a.runs}" if a.runs else "") + "".join(
         f" --set {shlex.quote(x)}" for x in a.set)
+    if results:
+        command = f"{recorded['command']}; {command}"
     for step in plan:
         previous = done.get(step["name"])
         if previous is not None and previous.get("params") == json.loads(json.dumps(step["params"])):
@@ -913,10 +920,11 @@ def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
                                      "params": step["params"]}
         out = {
             "experiment": a.name, "description": spec.get("description", ""), "kind": ABLATION, "command": command,
-            "dvc_commands": [c.replace(real_data.as_posix(), "$COVIDCXR_REAL_DATA") for c in commands],
+            "dvc_commands": kept_commands + [c.replace(real_data.as_posix(), "$COVIDCXR_REAL_DATA") for c in commands],
             "settings": _settings(spec["params"], yaml.safe_load((workdir / "params.yaml").read_text(
                 encoding="utf-8"))),
-            "seeds": spec.get("seeds"), "levers": {k: spec["levers"][k] for k in (levers or spec["levers"])},
+            "seeds": spec.get("seeds"), "levers": {k: spec["levers"][k] for k in spec["levers"]
+                                                          if k in {r["lever"] for r in results.values()}},
             "wall_seconds": round(time.monotonic() - started, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "notes": spec.get("notes", ""), "goals": spec.get("goals", ""), "paper": None, "runs": results,
             "headline": ablation_table(results),

@@ -332,3 +332,33 @@ def test_ablation_figures_come_from_each_model_s_predictions(tmp_path: Path):
     summary = experiment.render_summary(tmp_path).read_text()
     assert "| ablation | `python -m pipelines.experiment ablation` |" in summary and "Goals: g >= 0.7" in summary
     assert experiment.headline("ablation", runs) == table  # --summary recomputes the same table
+
+
+def test_a_partial_ablation_keeps_what_was_recorded(tmp_path: Path, monkeypatch):
+    """--levers/--runs run a subset: the other recorded runs, and their dvc commands, stay in the record."""
+    import argparse
+
+    spec = experiment.load("ablation")
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    ran: list[str] = []
+
+    def fake_execute(workdir, exp_name, params, targets, kind, real_data, log, commands):
+        ran.append(exp_name)
+        commands.append(f"dvc exp run -n {exp_name} train_classifier")
+        return {"models": {}, "heldout_sources": [], "lungs_removed": {}, "wall_seconds": 60.0}
+
+    monkeypatch.setattr(experiment, "PROJECT", tmp_path)
+    monkeypatch.setattr(experiment, "prepare_workdir", lambda project, workdir: workdir)
+    monkeypatch.setattr(experiment, "execute", fake_execute)
+    args = dict(name="ablation", workdir=tmp_path, reuse_code=False, dry_run=False, set=[], resume=False)
+    one = argparse.Namespace(**args, levers="clahe", runs="kermany")
+    assert experiment.run_ablation(one, spec, tmp_path) == 0
+    two = argparse.Namespace(**{**args, "resume": True}, levers="equalize", runs="kermany")
+    assert experiment.run_ablation(two, spec, tmp_path) == 0
+    record = json.loads((tmp_path / experiment.REPORTS / "ablation.json").read_text())
+    assert ran == [f"ablation-{lever}-kermany-s{s}" for lever in ("clahe", "equalize") for s in spec["seeds"]]
+    assert set(record["runs"]) == set(ran) and set(record["levers"]) == {"clahe", "equalize"}
+    assert [c.split()[4] for c in record["dvc_commands"]] == ran
+    assert record["command"].count("--levers") == 2
+    assert experiment.run_ablation(two, spec, tmp_path) == 0  # resumed: the recorded equalize runs are kept
+    assert len(ran) == 2 * len(spec["seeds"])

@@ -45,17 +45,24 @@ def forward_flops(model) -> float:
     return total
 
 
-def train_images_per_second(model, size: int, *, batch: int = 4, steps: int = 3, mask: bool = False) -> float:
+def train_images_per_second(model, size: int, *, batch: int = 4, steps: int = 3, mask: bool = False,
+                            rounds: int = 3) -> float:
+    """Images/s of ``steps`` training steps, the best of ``rounds`` (after a warm-up step that builds and traces):
+    a 224-px step takes seconds here, and one pass of three steps read 20% low when anything else woke meanwhile."""
     import keras
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch * steps, size, size, 1)).astype(np.float32)
     y = (rng.random((batch * steps, size, size, 1)) > 0.5 if mask else rng.random((batch * steps, 1)) > 0.5)
+    y = y.astype(np.float32)
     model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy")
-    model.fit(x[:batch], y[:batch].astype(np.float32), batch_size=batch, epochs=1, verbose=0)  # build + warm-up
-    start = time.perf_counter()
-    model.fit(x, y.astype(np.float32), batch_size=batch, epochs=1, verbose=0)
-    return batch * steps / (time.perf_counter() - start)
+    model.fit(x[:batch], y[:batch], batch_size=batch, epochs=1, verbose=0)  # build + warm-up
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+        best = min(best, time.perf_counter() - start)
+    return batch * steps / best
 
 
 def input_pipeline(*, size: int, depth: int, width: float, batch: int, steps: int, augment: object,
@@ -110,17 +117,20 @@ def run(*, smoke: bool = False) -> dict:
 
     peak = matmul_gflops(512, 2) if smoke else matmul_gflops()
     result: dict = {"matmul_gflops": round(peak, 1)}
-    nets = [("vgg19", lambda s: models.build_vgg(19, (s, s, 1)), False),
-            ("unet_f0_64", lambda s: models.build_unet(64, (s, s, 1)), True)]
+    # Each at the batch size its stage trains with (params.yaml: train_classifier 16, train_unet 8): at 224 px the
+    # U-Net reached 0.50 of the peak at batch 2 and 0.67 at batch 8 (an earlier table measured everything at batch 4).
+    nets = [("vgg19", lambda s: models.build_vgg(19, (s, s, 1)), False, 16),
+            ("unet_f0_64", lambda s: models.build_unet(64, (s, s, 1)), True, 8)]
     if smoke:
-        nets = [("vgg19_w0.125", lambda s: models.build_vgg(19, (s, s, 1), width=0.125), False)]
+        nets = [("vgg19_w0.125", lambda s: models.build_vgg(19, (s, s, 1), width=0.125), False, 2)]
     for size in (32,) if smoke else (128, 224):
-        for name, build, is_mask in nets:
+        for name, build, is_mask, batch in nets:
             model = build(size)
-            ips = train_images_per_second(model, size, mask=is_mask, batch=2 if smoke else 4,
-                                          steps=1 if smoke else 3)
+            ips = train_images_per_second(model, size, mask=is_mask, batch=batch, steps=1 if smoke else 2,
+                                          rounds=1 if smoke else 2 if size > 128 else 3)
             achieved = ips * 3 * forward_flops(model) / 1e9  # training ~ 3x the forward pass
             result[f"{name}_{size}px"] = {
+                "batch": batch,
                 "train_images_per_second": round(ips, 2),
                 "achieved_gflops": round(achieved, 1),
                 "ratio_to_matmul_peak": round(achieved / peak, 3),

@@ -63,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
             details[name] = {"error": f"{type(err).__name__}: {err}"[:2000]}
             rows.append(skipped(name, f"failed: {type(err).__name__}: {str(err)[:300]}"))
         details[name]["bench_seconds"] = round(time.perf_counter() - start, 1)
+        details[name]["date"] = datetime.date.today().isoformat()
+    # --only into an existing results file of the same mode: the benchmarks not rerun keep their rows (each
+    # benchmark's details say when it ran)
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    if previous.get("mode") == ("smoke" if args.smoke else "full"):
+        kept = [n for n in previous.get("details", {}) if n not in details]
+        rows = [{k: r[k] for k in ROW_KEYS} for r in previous["results"] if r["name"].split(".")[0] in kept] + rows
+        details = {**{n: previous["details"][n] for n in kept}, **details}
     assert all(tuple(r) == ROW_KEYS for r in rows)
     results = {
         "mode": "smoke" if args.smoke else "full",

@@ -60,6 +60,16 @@ def test_smoke_summary_covers_every_benchmark_with_one_schema(tmp_path: Path, de
     serving = [r for r in rows if r["name"].startswith("serving")]
     assert all(r["skipped"] is None for r in serving) or "dvc repro register" in serving[0]["skipped"]
 
+    # --only reruns one benchmark into the same file: the others keep their rows and details
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--only", "ingest", "--data", str(demo_data.root),
+                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    again = json.loads(out.read_text())
+    assert set(again["details"]) == set(BENCHMARKS) and again["details"]["ingest"]["date"]
+    assert [r for r in again["results"] if not r["name"].startswith("ingest")] == [
+        r for r in rows if not r["name"].startswith("ingest")]
+    assert sorted(r["name"] for r in again["results"]) == sorted(r["name"] for r in rows)
+
 
 def test_gpu_benchmark_says_why_it_skips_without_a_gpu():
     from bench import gpu

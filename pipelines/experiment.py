@@ -511,7 +511,10 @@ def _ablation_rows(result: dict) -> list[str]:
     table = result["headline"]
     columns = list(dict.fromkeys(c for lever in table.values() for c in lever))
     columns = [c for c in columns if c != "wall_minutes"] + ["wall_minutes"]
-    base = table.get(BASELINE, {})
+    # the lever the others are compared with: the record's `reference`, else the overlay's, else baseline
+    overlay = load(result["experiment"]) if result.get("experiment") in available() else {}
+    reference = result.get("reference") or overlay.get("reference") or BASELINE
+    base = table.get(reference, {})
     rows = ["| lever | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for lever, figures in table.items():
         cells = []
@@ -522,12 +525,12 @@ def _ablation_rows(result: dict) -> list[str]:
                 continue
             cell = f"{s['mean']:.3f} ± {s['sd']:.3f}"
             b = base.get(column)
-            if lever != BASELINE and b is not None and column != "wall_minutes":
+            if lever != reference and b is not None and column != "wall_minutes":
                 cell += f" ({s['mean'] - b['mean']:+.3f})"
             cells.append(cell)
         rows.append(f"| {lever} | " + " | ".join(cells) + " |")
     seeds = sorted({r.get("seed") for r in result["runs"].values()}, key=str)
-    rows += ["", f"Mean ± sd over seeds {seeds} (in brackets: the change from `{BASELINE}`). Held-out runs: the "
+    rows += ["", f"Mean ± sd over seeds {seeds} (in brackets: the change from `{reference}`). Held-out runs: the "
              "source is not in train/val; its specificity is at the operating threshold chosen on validation "
              "(sensitivity >= min_sensitivity), with the COVID-19 sensitivity on the other sources' test patients "
              "of the same model. Levers:", ""]
@@ -927,6 +930,7 @@ def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
                                                           if k in {r["lever"] for r in results.values()}},
             "wall_seconds": round(time.monotonic() - started, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "notes": spec.get("notes", ""), "goals": spec.get("goals", ""), "paper": None, "runs": results,
+            "reference": spec.get("reference", BASELINE),
             "headline": ablation_table(results),
         }
         record(PROJECT, a.name, out)

@@ -322,10 +322,13 @@ def test_ablation_figures_come_from_each_model_s_predictions(tmp_path: Path):
     assert table["baseline"]["specificity kermany"]["sd"] == pytest.approx(np.std([0.2, 0.3], ddof=1))
     assert table["baseline"]["cohen-pneumonia AUC c"]["mean"] == pytest.approx(0.75)
     assert table["baseline"]["wall_minutes"]["mean"] == pytest.approx(4.0)  # two runs of 2 minutes per seed
-    result = {"experiment": "ablation", "kind": "ablation", "runs": runs, "headline": table,
+    result = {"experiment": "ablation", "kind": "ablation", "runs": runs, "headline": table, "reference": "baseline",
               "levers": {"baseline": {}, "lung-crop": {"train_classifier.input": {"crop": True}}}}
     rows = "\n".join(experiment._ablation_rows(result))
     assert "| lung-crop | " in rows and "0.650 ± 0.071 (+0.400)" in rows and "`lung-crop`: " in rows
+    result["reference"] = "lung-crop"  # the changes are from the reference lever
+    rows = "\n".join(experiment._ablation_rows(result))
+    assert "0.250 ± 0.071 (-0.400)" in rows and "the change from `lung-crop`" in rows
     result.update(description="d", command="python -m pipelines.experiment ablation", notes="", goals="g >= 0.7",
                   settings=experiment._settings({"cache.size": 64}, {}), wall_seconds=600.0, finished="now")
     experiment.record(tmp_path, "ablation", result)

@@ -63,6 +63,21 @@ def test_candidates_carry_their_own_audit_and_validation(tmp_path, monkeypatch, 
         register.candidates({"variant": "d", "backbone": "vgg19"}, {"variants": ["c"], "backbones": ["vgg16"]}, {})
 
 
+def test_best_never_takes_the_lungs_removed_control(tmp_path, monkeypatch):
+    write_reports(tmp_path, {"c_vgg16": 0.6, "d_vgg16": 0.7, "e_vgg16": 0.99})
+    monkeypatch.chdir(tmp_path)
+    report = {"status": "pass", "checks": []}  # e passes its audit and scores best: still not a candidate of best
+    classifiers = {"variants": ["c", "d", "e"], "backbones": ["vgg16"]}
+    pool = register.candidates({"variant": "best", "backbone": "best"}, classifiers, report)
+    assert [c.name for c in pool] == ["c_vgg16", "d_vgg16"]
+    assert selection.select(pool, "roc_auc").chosen.name == "d_vgg16"
+    assert [c.name for c in register.candidates({"variant": "e", "backbone": "best"}, classifiers, report)] == [
+        "e_vgg16"]  # named, it is registered on purpose
+    with pytest.raises(_common.ParamsError, match="never takes the lungs-removed control"):
+        register.candidates({"variant": "best", "backbone": "best"}, {"variants": ["e"], "backbones": ["vgg16"]},
+                            report)
+
+
 def test_a_missing_or_malformed_audit_names_the_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="audit.json: missing; run the audit stage"):

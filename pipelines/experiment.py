@@ -921,13 +921,13 @@ def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
                               commands)
             results[step["name"]] = {**figures, "lever": step["lever"], "run": step["run"], "seed": step["seed"],
                                      "params": step["params"]}
+        measured = {r["lever"] for r in results.values()}
         out = {
             "experiment": a.name, "description": spec.get("description", ""), "kind": ABLATION, "command": command,
             "dvc_commands": kept_commands + [c.replace(real_data.as_posix(), "$COVIDCXR_REAL_DATA") for c in commands],
             "settings": _settings(spec["params"], yaml.safe_load((workdir / "params.yaml").read_text(
                 encoding="utf-8"))),
-            "seeds": spec.get("seeds"), "levers": {k: spec["levers"][k] for k in spec["levers"]
-                                                          if k in {r["lever"] for r in results.values()}},
+            "seeds": spec.get("seeds"), "levers": {k: v for k, v in spec["levers"].items() if k in measured},
             "wall_seconds": round(time.monotonic() - started, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "notes": spec.get("notes", ""), "goals": spec.get("goals", ""), "paper": None, "runs": results,
             "reference": spec.get("reference", BASELINE),

@@ -213,6 +213,8 @@ class TrainClassifier(VGG):
     min_sensitivity: Share = 0.95
     ood_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
     ood_components: Positive = 16
+    # above 0: a head learns the training negatives' source through a reversed gradient of this weight (not served)
+    source_adversary: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0
 
     @field_validator("variants", "backbones")
     @classmethod

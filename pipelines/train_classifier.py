@@ -10,8 +10,9 @@ threshold set at the params quantile of the validation scores, and ``ood_score``
 
 Robustness levers (params): ``input`` (lung crop with margin, histogram equalisation or CLAHE: an input transform saved
 in the model folder and applied by ``Component.prepare`` everywhere the model scores), ``augment`` (none, basic,
-strong), ``sampling`` (class weights, class-balanced or class- and source-balanced batches) and ``weights: pretrained``
-(the pretrain stage's self-supervised encoder).
+strong), ``sampling`` (class weights, class-balanced or class- and source-balanced batches), ``weights: pretrained``
+(the pretrain stage's self-supervised encoder) and ``source_adversary`` (above 0: the weight of a head that learns the
+negatives' source through a reversed gradient, :mod:`covidcxr.adversary`; trained beside the classifier, never served).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from covidcxr import calibration, metrics, models, ood, preprocess, tracking, training
+from covidcxr import adversary, calibration, metrics, models, ood, preprocess, tracking, training
 from pipelines import _common, _models, _tracking
 
 
@@ -42,24 +43,41 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
     x = {s: std.transform(v) for s, v in inputs.items()}
     y = {s: y_all[split == s] for s in x}
 
+    sources = {s: index["source"].to_numpy()[r] for s, r in parts.items()}
+    weighing = training.sampling(p["sampling"], y["train"], sources["train"])
+    targets = {s: y[s] for s in ("train", "val")}
+    adversary_weight = float(p["source_adversary"])
+    source_names = adversary.source_names(y["train"], sources["train"]) if adversary_weight > 0 else []
+    if adversary_weight > 0 and len(source_names) < 2:  # the demo, cohen-pneumonia: nothing to forget
+        log.info("source adversary off: the training negatives come from one source (%s)", source_names)
+        source_names = []
     depth = int(backbone.removeprefix("vgg"))
     with training.distribution_strategy(p["strategy"]).scope():
         model = models.build_vgg(depth, x["train"].shape[1:] + (1,), weights=_models.vgg_weights(p["weights"], depth),
                                  fold=p["fold"], width=float(p["width"]), head=tuple(p["head"]),
                                  name=f"covid_{variant}_{backbone}")
         _models.compile_binary(model, float(p["lr"]))
+        trainer = model
+        if source_names:  # the classifier shares every layer with the trainer; it alone is saved and served
+            trainer = adversary.build_trainer(model, len(source_names), weight=adversary_weight, seed=int(p["seed"]))
+            adversary.compile_trainer(trainer, float(p["lr"]))
+            class_weight = weighing.pop("class_weight")  # the targets carry it (Keras' cannot weigh a wide row)
+            targets = {s: adversary.pack_targets(y[s], sources[s], source_names, class_weight) for s in targets}
+            weighing["class_weight"] = None
+            log.info("source adversary (weight %g) on the training negatives' sources %s", adversary_weight,
+                     source_names)
     run_params = {**p, "variant": variant, "backbone": backbone, "excluded": excluded}
     with tracking.run(_common.mlflow_experiment(experiment), f"classifier-{variant}-{backbone}", params=run_params,
                       tags=_tracking.repro_tags("train_classifier", experiment)) as active:
         history = training.fit(
-            model, (x["train"], y["train"]), (x["val"], y["val"]), epochs=int(p["epochs"]),
-            batch_size=int(p["batch_size"]), seed=int(p["seed"]), augment=p["augment"],
-            **training.sampling(p["sampling"], y["train"], index["source"].to_numpy()[parts["train"]]),
+            trainer, (x["train"], targets["train"]), (x["val"], targets["val"]), epochs=int(p["epochs"]),
+            batch_size=int(p["batch_size"]), seed=int(p["seed"]), augment=p["augment"], **weighing,
             on_epoch_end=tracking.log_epoch, verbose=1 if _common.show_progress() else 0,
         )
         component = models.Component(model, std, info={"run_id": active.info.run_id, "variant": variant,
                                                        "backbone": backbone,
-                                                       "epochs_run": len(history.get("loss", []))},
+                                                       "epochs_run": len(history.get("loss", [])),
+                                                       **({"source_adversary": source_names} if source_names else {})},
                                      input_transform=transform)
         raw = {s: models.covid_probability(component, images[r], masks[r], variant, calibrated=False)
                for s, r in parts.items()}

@@ -215,6 +215,7 @@ class TrainClassifier(VGG):
     ood_components: Positive = 16
     # above 0: a head learns the training negatives' source through a reversed gradient of this weight (not served)
     source_adversary: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0
+    source_adversary_ramp: bool = False  # true: that weight ramps up from 0 over the epochs (Ganin & Lempitsky)
 
     @field_validator("variants", "backbones")
     @classmethod

@@ -66,13 +66,16 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
             weighing["class_weight"] = None
             log.info("source adversary (weight %g) on the training negatives' sources %s", adversary_weight,
                      source_names)
+    on_epoch_end = tracking.log_epoch
+    if source_names and p["source_adversary_ramp"]:  # 0 in the first epoch, then up towards the weight
+        on_epoch_end = adversary.ramp_hook(trainer, adversary_weight, int(p["epochs"]), then=tracking.log_epoch)
     run_params = {**p, "variant": variant, "backbone": backbone, "excluded": excluded}
     with tracking.run(_common.mlflow_experiment(experiment), f"classifier-{variant}-{backbone}", params=run_params,
                       tags=_tracking.repro_tags("train_classifier", experiment)) as active:
         history = training.fit(
             trainer, (x["train"], targets["train"]), (x["val"], targets["val"]), epochs=int(p["epochs"]),
             batch_size=int(p["batch_size"]), seed=int(p["seed"]), augment=p["augment"], **weighing,
-            on_epoch_end=tracking.log_epoch, verbose=1 if _common.show_progress() else 0,
+            on_epoch_end=on_epoch_end, verbose=1 if _common.show_progress() else 0,
         )
         component = models.Component(model, std, info={"run_id": active.info.run_id, "variant": variant,
                                                        "backbone": backbone,

@@ -98,3 +98,43 @@ def test_the_classifier_trains_through_the_adversarial_model_and_stays_a_plain_c
 def test_a_negative_weight_is_refused():
     with pytest.raises(ValueError, match="weight must be >= 0"):
         adversary.build_trainer(_tiny_vgg(), 2, weight=-1.0)
+
+
+def test_the_ramp_starts_at_zero_and_reaches_the_weight():
+    assert adversary.ramp(0.3, 0.0) == 0.0
+    values = [adversary.ramp(0.3, p) for p in (0.1, 0.2, 0.5, 1.0)]
+    assert values == sorted(values) and 0.13 < values[0] < 0.15 and values[-1] == pytest.approx(0.3, abs=1e-4)
+    assert adversary.ramp(0.3, 2.0) == adversary.ramp(0.3, 1.0)  # progress is clipped to [0, 1]
+
+
+def test_the_ramp_hook_sets_the_reversal_weight_for_each_next_epoch_and_reports_the_one_used():
+    trainer = adversary.build_trainer(_tiny_vgg(), 2, weight=0.5, seed=0)
+    logged = []
+    hook = adversary.ramp_hook(trainer, 0.5, epochs=4, then=lambda epoch, logs: logged.append((epoch, logs)))
+    layer = trainer.get_layer("source_gradient_reversal")
+    assert float(layer.scale.numpy()) == 0.0  # the first epoch learns the label alone
+    for epoch in range(4):
+        hook(epoch, {"loss": 1.0})
+        assert float(layer.scale.numpy()) == pytest.approx(adversary.ramp(0.5, (epoch + 1) / 4), rel=1e-6)
+    used = [logs["source_adversary_weight"] for _, logs in logged]
+    assert used[0] == 0.0 and used == sorted(used) and all(logs["loss"] == 1.0 for _, logs in logged)
+
+
+def test_a_changed_reversal_weight_reaches_the_traced_training_step():
+    training.seed_everything(0)
+    x = np.random.default_rng(0).normal(size=(8, 32, 32)).astype(np.float32)
+    y = adversary.pack_targets(np.array([0, 0, 0, 0, 1, 1, 1, 1]), np.array(["a", "b"] * 4), ["a", "b"])
+    model = _tiny_vgg()
+    trainer = adversary.build_trainer(model, 2, weight=0.0, seed=0)
+    adversary.compile_trainer(trainer, 1e-3)
+    trainer.get_layer("source_gradient_reversal").scale.assign(0.0)
+    conv = model.get_layer("block1_conv1")
+    # with the label weight 0 (no label loss) and reversal 0, nothing reaches the conv base
+    y_adv_only = y.copy()
+    y_adv_only[:, 1] = 0.0
+    before = conv.kernel.numpy().copy()
+    trainer.train_on_batch(x[..., None], y_adv_only)
+    np.testing.assert_array_equal(conv.kernel.numpy(), before)
+    trainer.get_layer("source_gradient_reversal").scale.assign(1.0)  # the same traced step now moves the base
+    trainer.train_on_batch(x[..., None], y_adv_only)
+    assert not np.array_equal(conv.kernel.numpy(), before)

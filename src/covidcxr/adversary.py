@@ -104,14 +104,17 @@ def source_loss(y_true, y_pred):
 
 
 class GradientReversal(layers.Layer):
-    """Identity forward; the gradient multiplied by ``-scale`` backward."""
+    """Identity forward; the gradient multiplied by ``-scale`` backward (``scale`` a variable: :func:`ramp_hook` moves
+    it between epochs without retracing)."""
 
     def __init__(self, scale: float, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.scale = float(scale)
+        self.initial_scale = float(scale)
+        self.scale = self.add_weight(shape=(), initializer=keras.initializers.Constant(self.initial_scale),
+                                     trainable=False, name="scale")
 
     def call(self, x):
-        scale = self.scale
+        scale = tf.convert_to_tensor(self.scale)
 
         @tf.custom_gradient
         def reverse(t):
@@ -120,7 +123,32 @@ class GradientReversal(layers.Layer):
         return reverse(x)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "scale": self.scale}
+        return {**super().get_config(), "scale": self.initial_scale}
+
+
+def ramp(weight: float, progress: float) -> float:
+    """Ganin & Lempitsky's schedule: ``weight * (2 / (1 + exp(-10 p)) - 1)``, 0 at the start, ~weight by a third in.
+
+    The reversed gradient at full strength from the first step can wreck features that do not yet tell anything
+    apart (the classifier collapses to one answer); the ramp lets the label be learnt first.
+    """
+    return float(weight * (2.0 / (1.0 + np.exp(-10.0 * min(max(progress, 0.0), 1.0))) - 1.0))
+
+
+def ramp_hook(trainer: keras.Model, weight: float, epochs: int, then=None):
+    """Set the reversal's weight to :func:`ramp` of the training's progress: 0 for the first epoch, then after every
+    epoch for the next one. Returns an ``on_epoch_end(epoch, logs)`` for :func:`covidcxr.training.fit` that records
+    the weight the epoch trained with (``source_adversary_weight``) and calls ``then`` (e.g. the MLflow logger)."""
+    layer = trainer.get_layer("source_gradient_reversal")
+    layer.scale.assign(ramp(weight, 0.0))
+
+    def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
+        logs = {**logs, "source_adversary_weight": float(layer.scale.numpy())}
+        layer.scale.assign(ramp(weight, (epoch + 1) / max(epochs, 1)))
+        if then is not None:
+            then(epoch, logs)
+
+    return on_epoch_end
 
 
 class LabelAUC(keras.metrics.AUC):

@@ -6,7 +6,8 @@ working size of the default and real-data profiles), the function the cache stag
 size decoded at reduced scale in Pillow's draft mode), resize, min-max and rounding to the cache's float16. The
 baseline decodes the same file whole: `pydicom.dcmread(path).pixel_array` or Pillow's `Image.open(path).load()`. The
 figure is the ratio ours / decoder-alone (goal >= 0.8); above 1 where the reduced decode saves more than the rest costs.
-Both sides run in one warm pool of all cores, alternately, best of several rounds (see :func:`best_of_rounds`).
+Both sides run in one warm pool of all cores, the cache stage's (:func:`covidcxr.parallel.worker_pool`), alternately,
+best of several rounds (see :func:`best_of_rounds`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pydicom
 from PIL import Image
 
 from covidcxr import io, preprocess
+from covidcxr.parallel import worker_pool
 
 SIZE = 224  # the paper's working size: the goal's rows
 PROFILE_SIZE = 64  # the default and real-data profiles' cache.size: what the cache stage does in them
@@ -56,7 +58,7 @@ def best_of_rounds(paths: list[str], workers: int, repeats: int, rounds: int, si
     """
     sides = {"decode_only": decode_only, "ours": functools.partial(ours, size=size)}
     best = dict.fromkeys(sides, 0.0)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with worker_pool(workers) as pool:  # the cache stage's pool (parallel_map's), with its allocator settings
         for fn in sides.values():  # warm the workers (imports, first-call set-up)
             list(pool.map(fn, paths[: 2 * workers]))
         for r in range(rounds):
@@ -114,6 +116,6 @@ def rows(result: dict) -> list[dict]:
     if not keys:
         return [skipped("ingest", "no readable DICOM under the demo data folder")]
     return [row(f"ingest.{key}", result[key]["working_image_ips"], result[key]["decode_only_ips"],
-                f"decoder alone (pydicom / Pillow), same files, same pool; ours at {result[key].get('size', SIZE)} px",
+                f"decoder alone (pydicom / Pillow), same files, same pool; ours at {result[key]['size']} px",
                 "images/s", goal("ratio", ">=", 0.8))
             for key in keys]

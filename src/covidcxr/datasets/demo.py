@@ -22,16 +22,13 @@ IDs or dates) into the manifest schema.
 from __future__ import annotations
 
 import csv
-import ctypes
 import datetime as dt
 import io
 import logging
 import os
 import shutil
-import sys
 import uuid
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -60,6 +57,7 @@ from covidcxr.datasets import (
     require_columns,
     require_file,
 )
+from covidcxr.parallel import worker_pool
 from covidcxr.phantoms import SiteStyle, chest_phantom, draw_anatomy
 
 log = logging.getLogger(__name__)
@@ -86,7 +84,6 @@ _FIRST_DATE = dt.date(2020, 3, 2)
 _UID_NAMESPACE = uuid.UUID("6f1c3a52-5d0e-4c1b-9a57-3d1f0c2b7e44")  # fixed: UIDs depend on seed and names only
 _IMPLEMENTATION_UID = "2.25.215964775525515915778636257534380575988"  # fixed, not pydicom's (version-dependent)
 _IMPLEMENTATION_VERSION = "COVIDCXR_DEMO_1"
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 _DEFECT_TEXT = {
     "truncated": "truncated DICOM, cut in the middle of the pixel data (header intact)",
     "constant": "valid DICOM whose pixels all have one value (zero variance)",
@@ -211,7 +208,7 @@ def generate(
     if workers == 1:
         files = map(_render_files, jobs)
     else:
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=_keep_freed_memory)
+        pool = worker_pool(workers)  # each with freed memory kept: a phantom makes hundreds of 0.5 MB arrays
         files = pool.map(_render_files, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
     try:
         for shot, (dicom, mask_png) in zip(plan.shots, files):
@@ -258,23 +255,6 @@ def _prepare(out: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
-
-
-def _keep_freed_memory() -> None:
-    """In a drawing process, let glibc keep freed heap memory instead of returning it to the system.
-
-    A phantom makes hundreds of short-lived 0.5 MB arrays; reusing their pages instead of faulting
-    in fresh ones saves about a fifth of the time. Elsewhere than glibc this does nothing.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        log.debug("demo: no glibc mallopt; drawing with the default allocator settings")
-        return
-    mallopt(_M_TRIM_THRESHOLD, 256 << 20)
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:

@@ -63,7 +63,6 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
             adversary.compile_trainer(trainer, float(p["lr"]))
             class_weight = weighing.pop("class_weight")  # the targets carry it (Keras' cannot weigh a wide row)
             targets = {s: adversary.pack_targets(y[s], sources[s], source_names, class_weight) for s in targets}
-            weighing["class_weight"] = None
             log.info("source adversary (weight %g) on the training negatives' sources %s", adversary_weight,
                      source_names)
     on_epoch_end = tracking.log_epoch

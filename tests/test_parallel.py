@@ -10,7 +10,15 @@ import pytest
 
 from covidcxr.parallel import parallel_map, worker_pool
 
-GLIBC = sys.platform.startswith("linux") and hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+
+def _has_mallinfo2() -> bool:
+    try:
+        return sys.platform.startswith("linux") and hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:  # another C library (musl)
+        return False
+
+
+GLIBC = _has_mallinfo2()
 needs_glibc = pytest.mark.skipif(not GLIBC, reason="the allocator settings are glibc's (mallinfo2: glibc >= 2.33)")
 
 # Allocate 24 MiB and report how many memory-mapped chunks glibc added for it: by default glibc maps a block

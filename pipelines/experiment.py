@@ -420,7 +420,10 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float | None:
 def collect_ablation(workdir: Path, params: dict, targets: tuple[str, ...] = (), project: Path = PROJECT) -> dict:
     """The issue's figures of one run, from each classifier's own predictions (``predictions.csv``, its operating
     threshold) and the cache's sources: test AUC, COVID-19 sensitivity, specificity per source at the operating
-    threshold, and per backbone the audit's lungs-removed value ``(AUC_e - 0.5) / (AUC_c - 0.5)``."""
+    threshold, per source the AUC of the test COVID-19 against that source's test negatives (whether the model ranks
+    a source's negatives below COVID-19 at all, whatever the threshold: a held-out source with a high AUC and a low
+    specificity is a threshold that did not carry, a low AUC a model that cannot tell), and per backbone the audit's
+    lungs-removed value ``(AUC_e - 0.5) / (AUC_c - 0.5)``."""
     import pandas as pd
 
     from covidcxr import audit
@@ -441,12 +444,15 @@ def collect_ablation(workdir: Path, params: dict, targets: tuple[str, ...] = (),
             y = (test["label"] == "covid").to_numpy()
             called = test["score"].to_numpy() >= threshold
             sources = test["image_id"].map(source_of).astype(str).to_numpy()
+            score = test["score"].to_numpy()
             out["models"][f"{variant}_{backbone}"] = {
                 "test_auc": _auc(y.astype(float), test["score"].to_numpy()),
                 "sensitivity": float(called[y].mean()) if y.any() else None, "n_covid": int(y.sum()),
                 "specificity_by_source": {src: {"value": float((~called[~y & (sources == src)]).mean()),
                                                 "n": int((~y & (sources == src)).sum())}
                                           for src in sorted(set(sources[~y]))},
+                "auc_by_source": {src: _auc(y[keep].astype(float), score[keep])
+                                  for src in sorted(set(sources[~y])) for keep in [y | (sources == src)]},
                 "operating_threshold": threshold, "train_seconds": _run_seconds(project, folder)}
     min_c_auc = float(yaml.safe_load((workdir / "params.yaml").read_text(encoding="utf-8"))["audit"]["lungs_removed"]
                       .get("min_c_auc", 0.6))
@@ -469,7 +475,8 @@ def _stats(values: list) -> dict | None:
 
 def ablation_table(runs_out: dict) -> dict:
     """Per lever, each column's mean, sd, min and max over seeds (``headline`` of an ablation). Columns: per held-out
-    run, the specificity of its held-out sources at the operating threshold (model c); the worst COVID-19 test
+    run, the specificity of its held-out sources at the operating threshold (model c) and their AUC against the
+    COVID-19 test patients (recorded since 2026-12-05: null for the runs before); the worst COVID-19 test
     sensitivity of those runs; per other run, the test AUC of every variant; the lungs-removed value (mean over the
     held-out runs, which have both classes in test); wall minutes per seed."""
     per: dict[str, dict[str, dict[object, list]]] = {}  # lever -> column -> seed -> values
@@ -486,6 +493,7 @@ def ablation_table(runs_out: dict) -> dict:
             c = models.get(f"c_{first}") or {}
             for src in r["heldout_sources"]:
                 add(lever, f"specificity {src}", seed, (c.get("specificity_by_source", {}).get(src) or {}).get("value"))
+                add(lever, f"AUC {src} vs COVID-19", seed, c.get("auc_by_source", {}).get(src))
             add(lever, "covid sensitivity (worst held-out run)", seed, c.get("sensitivity"))
             add(lever, "lungs-removed", seed, r["lungs_removed"].get(first))
         else:

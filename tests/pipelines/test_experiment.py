@@ -303,13 +303,15 @@ def test_ablation_figures_come_from_each_model_s_predictions(tmp_path: Path):
     assert got["heldout_sources"] == ["kermany"] and c["sensitivity"] == 0.5 and c["n_covid"] == 2
     assert c["specificity_by_source"] == {"cohen": {"value": 0.5, "n": 2}, "kermany": {"value": 0.75, "n": 4}}
     assert c["test_auc"] == pytest.approx(10 / 12)
+    # each source's negatives against the same COVID-19 positives, whatever the threshold
+    assert c["auc_by_source"] == {"cohen": pytest.approx(3 / 4), "kermany": pytest.approx(7 / 8)}
     expected = max(0.0, (got["models"]["e_vgg16"]["test_auc"] - 0.5) / (c["test_auc"] - 0.5))
     assert got["lungs_removed"]["vgg16"] == pytest.approx(expected)
     json.dumps(got, allow_nan=False)
 
     def run(lever, name, seed, spec, sens, auc=None):
         models = {"c_vgg16": {"specificity_by_source": {"kermany": {"value": spec}}, "sensitivity": sens,
-                              "test_auc": auc}}
+                              "test_auc": auc, "auc_by_source": {"kermany": spec + 0.5}}}
         return {"lever": lever, "run": name, "seed": seed, "wall_seconds": 120.0, "models": models,
                 "heldout_sources": ["kermany"] if name == "kermany" else [], "lungs_removed": {"vgg16": 0.5}}
 
@@ -321,6 +323,7 @@ def test_ablation_figures_come_from_each_model_s_predictions(tmp_path: Path):
     assert table["lung-crop"]["specificity kermany"]["mean"] == pytest.approx(0.65)
     assert table["baseline"]["specificity kermany"]["sd"] == pytest.approx(np.std([0.2, 0.3], ddof=1))
     assert table["baseline"]["cohen-pneumonia AUC c"]["mean"] == pytest.approx(0.75)
+    assert table["lung-crop"]["AUC kermany vs COVID-19"]["mean"] == pytest.approx(1.15)
     assert table["baseline"]["wall_minutes"]["mean"] == pytest.approx(4.0)  # two runs of 2 minutes per seed
     result = {"experiment": "ablation", "kind": "ablation", "runs": runs, "headline": table, "reference": "baseline",
               "levers": {"baseline": {}, "lung-crop": {"train_classifier.input": {"crop": True}}}}

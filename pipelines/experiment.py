@@ -947,6 +947,23 @@ def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
     return 0
 
 
+def check_working_size(workdir: Path, params: dict) -> None:
+    """Refuse to collect a run whose cached images are not at the working size it asked for.
+
+    A `dvc exp run` can report success over outputs an earlier run left in the workspace when the workspace's dvc.lock
+    was reset under them (seen 2026-12-05: after ``git reset --hard`` in the workdir, nine 64-px runs took 15 s each and
+    would have recorded the 128-px runs' figures as their own).
+    """
+    size = params.get("cache.size")
+    if size is None:
+        size = yaml.safe_load((workdir / "params.yaml").read_text(encoding="utf-8"))["cache"]["size"]
+    images = workdir / "artifacts/cache/images.npy"
+    shape = np.load(images, mmap_mode="r").shape
+    if tuple(shape[1:3]) != (int(size), int(size)):
+        raise ExperimentError(f"{images}: images of {shape[1]}x{shape[2]} px after a run at cache.size {size}: stale "
+                              "outputs in the workdir (remove its artifacts/ and dvc.lock, or use a new --workdir)")
+
+
 def execute(workdir: Path, exp_name: str, params: dict, targets: list[str], kind: str, real_data: Path, log,
             commands: list[str]) -> dict:
     """One `dvc exp run` in the workdir from its baseline params, then the overlay kind's figures."""
@@ -961,6 +978,7 @@ def execute(workdir: Path, exp_name: str, params: dict, targets: list[str], kind
     proc = subprocess.run(cmd, cwd=workdir, env=_env(PROJECT, workdir), text=True, capture_output=True)
     if proc.returncode != 0:
         raise ExperimentError(f"{exp_name}: dvc exp run exited {proc.returncode}\n{proc.stderr[-4000:]}")
+    check_working_size(workdir, params)
     result = COLLECTORS[kind](workdir, params, tuple(targets))
     result["wall_seconds"] = round(time.monotonic() - t0, 1)
     result["seed"] = {k: v for k, v in params.items() if k.endswith(".seed")}

@@ -368,3 +368,15 @@ def test_a_partial_ablation_keeps_what_was_recorded(tmp_path: Path, monkeypatch)
     assert record["command"].count("--levers") == 2
     assert experiment.run_ablation(two, spec, tmp_path) == 0  # resumed: the recorded equalize runs are kept
     assert len(ran) == 2 * len(spec["seeds"])
+
+
+def test_a_run_over_stale_outputs_is_refused_not_recorded(tmp_path: Path):
+    """Images at another size than the run asked for are an earlier run's outputs: an error, never its figures."""
+    (tmp_path / "artifacts/cache").mkdir(parents=True)
+    np.save(tmp_path / "artifacts/cache/images.npy", np.zeros((2, 8, 8), np.float16))
+    experiment.check_working_size(tmp_path, {"cache.size": 8})
+    with pytest.raises(experiment.ExperimentError, match=r"images.npy: images of 8x8 px after a run at cache.size 16"):
+        experiment.check_working_size(tmp_path, {"cache.size": 16})
+    (tmp_path / "params.yaml").write_text("cache: {size: 16}\n")  # the workdir's own params when the run sets none
+    with pytest.raises(experiment.ExperimentError, match="stale outputs"):
+        experiment.check_working_size(tmp_path, {})

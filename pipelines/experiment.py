@@ -442,11 +442,11 @@ def collect_ablation(workdir: Path, params: dict, targets: tuple[str, ...] = (),
             threshold = float(_json(folder / "threshold.json")["threshold"])
             test = pred[pred["split"] == "test"]
             y = (test["label"] == "covid").to_numpy()
-            called = test["score"].to_numpy() >= threshold
-            sources = test["image_id"].map(source_of).astype(str).to_numpy()
             score = test["score"].to_numpy()
+            called = score >= threshold
+            sources = test["image_id"].map(source_of).astype(str).to_numpy()
             out["models"][f"{variant}_{backbone}"] = {
-                "test_auc": _auc(y.astype(float), test["score"].to_numpy()),
+                "test_auc": _auc(y.astype(float), score),
                 "sensitivity": float(called[y].mean()) if y.any() else None, "n_covid": int(y.sum()),
                 "specificity_by_source": {src: {"value": float((~called[~y & (sources == src)]).mean()),
                                                 "n": int((~y & (sources == src)).sum())}

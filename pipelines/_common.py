@@ -33,6 +33,7 @@ os.umask(_UMASK)
 MANIFEST = "artifacts/manifest.csv"
 SPLITS_DIR = "artifacts/splits"
 CACHE_DIR = "artifacts/cache"
+PROJECTION_CACHE_DIR = "artifacts/cache_projection"  # the projection filter's, at train_projection.size
 FRONTAL = "artifacts/frontal.csv"
 MASKS_DIR = "artifacts/masks"
 MASKS, MASKS_INDEX = f"{MASKS_DIR}/masks.npy", f"{MASKS_DIR}/index.csv"

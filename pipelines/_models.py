@@ -12,9 +12,10 @@ from covidcxr import models, preprocess
 from pipelines import _common
 
 
-def load_cache():
-    """The working-size cache: ``(index, images [N,H,W] float32 in [0, 1], true masks)``."""
-    return preprocess.load_cache(_common.CACHE_DIR)
+def load_cache(folder: str = _common.CACHE_DIR):
+    """A working-size cache (the `cache` stage's, else ``folder``: ``_common.PROJECTION_CACHE_DIR``):
+    ``(index, images [N,H,W] float32 in [0, 1], true masks)``."""
+    return preprocess.load_cache(folder)
 
 
 def split_arrays(task: str, index):

@@ -169,6 +169,7 @@ class VGG(Training):
 
 class TrainProjection(VGG):
     depth: Literal[16, 19] = 19
+    size: Annotated[int, Field(ge=16, multiple_of=16)] | None = None  # its own cache's working size; None: cache.size
 
 
 class FilterFrontal(Section):

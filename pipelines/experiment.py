@@ -553,9 +553,9 @@ COLLECTORS = {"classifier": collect_classifier, "segmentation": collect_segmenta
               ABLATION: collect_ablation}
 
 
-SETTINGS = ("cache.size", "train_projection.epochs", "train_projection.lr", "train_projection.width",
-            "train_unet.epochs", "train_unet.f0", "train_classifier.epochs", "train_classifier.width",
-            "train_classifier.variants", "train_classifier.backbones")
+SETTINGS = ("cache.size", "train_projection.size", "train_projection.epochs", "train_projection.lr",
+            "train_projection.width", "train_unet.epochs", "train_unet.f0", "train_classifier.epochs",
+            "train_classifier.width", "train_classifier.variants", "train_classifier.backbones")
 
 
 def _settings(params: dict, effective: dict) -> dict:
@@ -710,7 +710,8 @@ def render_summary(project: Path = PROJECT) -> Path:
               "|---|---|---|---|---|---|"]
     for r in results:
         st = r["settings"]
-        size = (f"{st.get('cache.size')} px; epochs: projection {st.get('train_projection.epochs')}, U-Net "
+        filter_px = f" (projection filter {st['train_projection.size']} px)" if st.get("train_projection.size") else ""
+        size = (f"{st.get('cache.size')} px{filter_px}; epochs: projection {st.get('train_projection.epochs')}, U-Net "
                 f"{st.get('train_unet.epochs')}, classifier {st.get('train_classifier.epochs')}")
         paper = load(r["experiment"]).get("paper_headline", "") if r["experiment"] in available() else ""
         wall = f"{r['wall_seconds'] / 60:.1f} min"
@@ -952,16 +953,23 @@ def check_working_size(workdir: Path, params: dict) -> None:
 
     A `dvc exp run` can report success over outputs an earlier run left in the workspace when the workspace's dvc.lock
     was reset under them (seen 2026-12-05: after ``git reset --hard`` in the workdir, nine 64-px runs took 15 s each and
-    would have recorded the 128-px runs' figures as their own).
+    would have recorded the 128-px runs' figures as their own). The projection filter's cache, where the run made
+    one, is checked against ``train_projection.size`` (null: the cache's size).
     """
-    size = params.get("cache.size")
-    if size is None:
-        size = yaml.safe_load((workdir / "params.yaml").read_text(encoding="utf-8"))["cache"]["size"]
-    images = workdir / "artifacts/cache/images.npy"
-    shape = np.load(images, mmap_mode="r").shape
-    if tuple(shape[1:3]) != (int(size), int(size)):
-        raise ExperimentError(f"{images}: images of {shape[1]}x{shape[2]} px after a run at cache.size {size}: stale "
-                              "outputs in the workdir (remove its artifacts/ and dvc.lock, or use a new --workdir)")
+    own: dict = {}
+    if ("cache.size" not in params or "train_projection.size" not in params) and (workdir / "params.yaml").is_file():
+        own = yaml.safe_load((workdir / "params.yaml").read_text(encoding="utf-8"))
+    size = params.get("cache.size", own.get("cache", {}).get("size"))
+    filter_size = params.get("train_projection.size", (own.get("train_projection") or {}).get("size")) or size
+    for folder, key, want in (("artifacts/cache", "cache.size", size),
+                              ("artifacts/cache_projection", "train_projection.size", filter_size)):
+        images = workdir / folder / "images.npy"
+        if folder != "artifacts/cache" and not images.is_file():
+            continue
+        shape = np.load(images, mmap_mode="r").shape
+        if tuple(shape[1:3]) != (int(want), int(want)):
+            raise ExperimentError(f"{images}: images of {shape[1]}x{shape[2]} px after a run at {key} {want}: stale "
+                                  "outputs in the workdir (remove its artifacts/ and dvc.lock, or use a new --workdir)")
 
 
 def execute(workdir: Path, exp_name: str, params: dict, targets: list[str], kind: str, real_data: Path, log,

@@ -14,7 +14,7 @@ METRICS = "reports/filter_frontal/metrics.json"
 
 def run(p: dict) -> dict:
     log = _common.setup_logging()
-    index, images, _ = _models.load_cache()
+    index, images, _ = _models.load_cache(_common.PROJECTION_CACHE_DIR)  # the filter's own working size
     p_frontal = _models.load_component(_common.PROJECTION_MODEL)(images)[:, 0]
     views = index["header_view_position"].where(index["header_view_position"].notna(), None).tolist()
     predicted, decided_by = projection.decide(p_frontal, views, float(p["threshold"]))

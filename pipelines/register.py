@@ -179,7 +179,7 @@ def current_champion(client, name: str, by: str) -> tuple[int | None, float | No
 
 
 def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, frontal_threshold: float,
-        segment: dict) -> dict:
+        segment: dict, projection_size: int | None = None) -> dict:
     import mlflow
 
     log = _common.setup_logging()
@@ -200,6 +200,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, fron
 
     config = serving.Config(
         size=int(size), variant=best.variant, frontal_threshold=float(frontal_threshold),
+        projection_size=None if projection_size in (None, size) else int(projection_size),
         min_area=float(segment["min_area"]), max_area=float(segment["max_area"]), max_aspect=float(p["max_aspect"]),
         model_version=str(version),
         limits=serving.Limits(max_images=int(p["max_images"]), max_image_bytes=int(p["max_image_bytes"]),
@@ -286,4 +287,4 @@ if __name__ == "__main__":
                                      "backbones": _common.params("train_classifier.backbones")},
         _common.params("split.experiment"),
         size=_common.params("cache.size"), frontal_threshold=_common.params("filter_frontal.threshold"),
-        segment=_common.params("segment"))
+        segment=_common.params("segment"), projection_size=_common.params("train_projection.size"))

@@ -29,7 +29,7 @@ def run(p: dict, experiment: str = "demo") -> dict:
     log = _common.setup_logging()
     _tracking.setup_tracking()
     training.seed_everything(p["seed"])
-    index, images, _ = _models.load_cache()
+    index, images, _ = _models.load_cache(_common.PROJECTION_CACHE_DIR)  # at train_projection.size
     parts = _models.split_arrays("projection", index)
     y = {s: (t["label"] == "frontal").to_numpy(np.float32) for s, (_, t) in parts.items()}  # 1 = frontal
     source = {s: index["source"].to_numpy()[rows].astype(str) for s, (rows, _) in parts.items()}

@@ -38,12 +38,16 @@ def save_component(folder: Path, model: keras.Model, images: np.ndarray, thresho
 
 def build_bundle(root: Path, **config) -> dict[str, str]:
     """Untrained tiny projection VGG, U-Net and classifier VGG with fitted standardizers, as register bundles them;
-    ``config`` overrides :data:`PERMISSIVE` in the saved serving configuration."""
+    ``config`` overrides :data:`PERMISSIVE` in the saved serving configuration (``projection_size``: the projection
+    VGG's input size too)."""
     keras.utils.set_random_seed(0)
     train = np.stack([preprocess.resize(phantom(seed=s), SIZE) for s in range(4)])
     vgg = dict(width=1 / 32, head=(4,))
+    filter_size = config.get("projection_size") or SIZE
+    filter_train = np.stack([preprocess.resize(phantom(seed=s), filter_size) for s in range(4)])
     out = {
-        "projection": save_component(root / "projection", models.build_vgg(16, (SIZE, SIZE, 1), **vgg), train),
+        "projection": save_component(root / "projection",
+                                     models.build_vgg(16, (filter_size, filter_size, 1), **vgg), filter_train),
         "unet": save_component(root / "unet", models.build_unet(2, (SIZE, SIZE, 1)), train, threshold=0.5),
         "classifier": save_component(root / "classifier", models.build_vgg(16, (SIZE, SIZE, 1), **vgg), train,
                                      threshold=0.5),

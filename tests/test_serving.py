@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 from pydicom.sequence import Sequence as DicomSequence
 
-from covidcxr import models, serving
+from covidcxr import models, preprocess, serving
 from tests.helpers import PERMISSIVE, build_bundle, phantom, png_b64
 from tests.test_io import _deflated, _huge_png, _voi_lut_item, codestream_dicom, make_dicom
 
@@ -234,6 +234,30 @@ def test_the_dicom_view_position_decides_before_the_projection_filter(loaded):
     assert png["reason"] == "lateral_view" and "projection filter" in png["message"]
 
 
+def test_the_projection_filter_reads_each_image_at_its_own_working_size(tmp_path):
+    """A filter trained on its own cache (train_projection.size) gets the request read at that size, as the
+    cache_projection stage reads the corpus; the U-Net and the classifier keep the working size."""
+    pipeline = serving.Pipeline.load(build_bundle(tmp_path, projection_size=64))
+    assert pipeline.config.filter_size == 64 and pipeline.config.size == 32
+    projection, unet, seen = pipeline.projection, pipeline.unet, {}
+
+    def recording(name: str, part: models.Component):
+        def call(images: np.ndarray) -> np.ndarray:
+            seen[name] = images
+            return part(images)
+        return call
+
+    pipeline.projection, pipeline.unet = recording("projection", projection), recording("unet", unet)
+    image = png_b64(phantom(size=256))
+    [entry] = pipeline.score([image])
+    assert entry["accepted"] is True and entry["projection"] == "frontal"
+    data = base64.b64decode(image)
+    np.testing.assert_array_equal(seen["projection"][0], preprocess.read_working_image(data, 64)[0])
+    np.testing.assert_array_equal(seen["unet"][0], preprocess.read_working_image(data, 32)[0])
+    with pytest.raises(ValueError, match=r"takes 64x64 px images, the configuration reads 32 px"):
+        serving.Pipeline(projection, unet, pipeline.classifier, serving.Config(**PERMISSIVE))
+
+
 @pytest.mark.parametrize("wrap", [
     lambda s: s, lambda s: "\n".join(s[i:i + 76] for i in range(0, len(s), 76)) + "\n",
     lambda s: "data:application/dicom;base64," + s, lambda s: f"  {s}\t",
@@ -253,7 +277,8 @@ def test_config_round_trip_and_validation(tmp_path):
     config = serving.Config(size=64, variant="e", model_version="7", limits=serving.Limits(max_images=3))
     config.save(tmp_path / "c.json")
     assert serving.Config.load(tmp_path / "c.json") == config
-    for bad in ({"variant": "x"}, {"size": 50}, {"min_area": 0.9, "max_area": 0.1}, {"max_aspect": 0.5}):
+    for bad in ({"variant": "x"}, {"size": 50}, {"min_area": 0.9, "max_area": 0.1}, {"max_aspect": 0.5},
+                {"projection_size": 50}, {"projection_size": 8}, {"projection_size": 64.0}):
         with pytest.raises(ValueError):
             serving.Config(**{"size": 64, "variant": "c", **bad})
     with pytest.raises(ValueError, match="max_images"):
@@ -275,7 +300,7 @@ def test_input_without_an_image_column_is_a_request_error():
 
 def test_a_failure_inside_the_networks_is_a_500_without_traceback(loaded):
     broken = serving.CovidCxrModel()
-    broken.pipeline = with_config(loaded, size=48)  # the networks take 32 px
+    broken.pipeline = with_config(loaded, size=48, projection_size=32)  # the U-Net and the classifier take 32 px
     with pytest.raises(MlflowException) as err:
         broken.predict(None, pd.DataFrame({"image": [png_b64(phantom())]}))
     assert err.value.get_http_status_code() == 500

@@ -4,12 +4,13 @@ Each image of a request (a PNG, JPEG or DICOM file, base64-encoded) goes: decode
 (:func:`covidcxr.preprocess.read_working_image`, the cache stage's path: :func:`covidcxr.io.read_image` with the pixel
 limit, a JPEG far above the working size decoded at reduced scale, then :func:`covidcxr.preprocess.working_image`) ->
 plausibility checks (aspect ratio, DICOM modality and body part) -> the projection rule
-(:func:`covidcxr.projection.decide`: the DICOM view position, else the projection filter) -> U-Net lung mask and its
-quality rules (:mod:`covidcxr.lungs`) -> variant c/d/e -> classifier -> COVID-19 probability -> label at the operating
-threshold, the out-of-distribution score (:func:`covidcxr.models.out_of_distribution`; above its threshold the image
-is refused as ``out_of_distribution``, or only flagged when ``Config.ood_action`` is ``flag``), and optionally a
-Grad-CAM overlay (PNG, base64). These are the functions the pipeline's stages call, with the model folders they wrote
-(:class:`covidcxr.models.Component`): the served model is the evaluated one.
+(:func:`covidcxr.projection.decide`: the DICOM view position, else the projection filter, which reads the image at its
+own working size when ``Config.projection_size`` sets one, as the `cache_projection` stage does) -> U-Net lung mask and
+its quality rules (:mod:`covidcxr.lungs`) -> variant c/d/e -> classifier -> COVID-19 probability -> label at the
+operating threshold, the out-of-distribution score (:func:`covidcxr.models.out_of_distribution`; above its threshold
+the image is refused as ``out_of_distribution``, or only flagged when ``Config.ood_action`` is ``flag``), and
+optionally a Grad-CAM overlay (PNG, base64). These are the functions the pipeline's stages call, with the model folders
+they wrote (:class:`covidcxr.models.Component`): the served model is the evaluated one.
 
 An image that cannot be used gets an entry with ``accepted=False`` and a ``reason`` from :data:`REASONS`, never a
 failed batch. A malformed request (no ``image`` column, too many images, a threshold outside [0, 1]) raises
@@ -112,12 +113,16 @@ class Config:
     model_name: str = "covidcxr"
     ood_action: str = "refuse"  # refuse | flag: what an image above the OOD threshold gets
     prediction_log: str | None = None  # SQLAlchemy URL of the prediction log; None: no log (unless the env sets one)
+    projection_size: int | None = None  # the projection filter's working size (its own cache's); None: ``size``
 
     def __post_init__(self) -> None:
         if self.variant not in preprocess.VARIANTS:
             raise ValueError(f"variant must be one of {sorted(preprocess.VARIANTS)}, got {self.variant!r}")
         if not isinstance(self.size, int) or self.size < 16 or self.size % 16:
             raise ValueError(f"size must be a multiple of 16 (the U-Net pools 4 times), got {self.size!r}")
+        if self.projection_size is not None and (not isinstance(self.projection_size, int)
+                                                 or self.projection_size < 16 or self.projection_size % 16):
+            raise ValueError(f"projection_size must be a multiple of 16 or None, got {self.projection_size!r}")
         if not 0.0 <= self.frontal_threshold <= 1.0:
             raise ValueError(f"frontal_threshold must be in [0, 1], got {self.frontal_threshold}")
         if not 0.0 <= self.min_area <= self.max_area:
@@ -128,6 +133,11 @@ class Config:
             raise ValueError(f"ood_action must be one of {OOD_ACTIONS}, got {self.ood_action!r}")
         if self.prediction_log is not None and predlog.has_password(self.prediction_log):
             raise ValueError("prediction_log holds a password: give it in the environment (PGPASSWORD), not the URL")
+
+    @property
+    def filter_size(self) -> int:
+        """The working size the projection filter reads."""
+        return self.projection_size or self.size
 
     def to_dict(self) -> dict:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "limits"}
@@ -248,6 +258,10 @@ class Pipeline:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"operating threshold must be in [0, 1], got {self.threshold}")
         self.config = config
+        expected = tuple(projection.model.input_shape[1:3])
+        if None not in expected and expected != (config.filter_size, config.filter_size):
+            raise ValueError(f"the projection filter takes {expected[0]}x{expected[1]} px images, the configuration "
+                             f"reads {config.filter_size} px for it (Config.projection_size)")
         self.mask_rules = lungs.MaskRules(threshold=unet.operating_threshold, min_area=config.min_area,
                                           max_area=config.max_area)
 
@@ -266,9 +280,10 @@ class Pipeline:
 
     def warm_up(self) -> None:
         """Build every predict function once, so the first request is not slow and threads never race to build."""
-        blank = np.zeros((1, self.config.size, self.config.size), dtype=np.float32)
-        blank[:, ::2] = 1.0
-        for part in (self.projection, self.unet, self.classifier):
+        for part, size in ((self.projection, self.config.filter_size), (self.unet, self.config.size),
+                           (self.classifier, self.config.size)):
+            blank = np.zeros((1, size, size), dtype=np.float32)
+            blank[:, ::2] = 1.0
             part(blank)
 
     def score(self, images: Sequence[object], *, explain: bool = False, threshold: float | None = None) -> list[dict]:
@@ -284,8 +299,8 @@ class Pipeline:
             for entry in entries:
                 entry[GRADCAM_FIELD] = None
         when = predlog.now()
-        work, display, views = self._read_all(images, entries, keep_display=explain)
-        frontal = self._project(work, entries, views)
+        work, for_filter, display, views = self._read_all(images, entries, keep_display=explain)
+        frontal = self._project(for_filter, entries, views)
         masks = self._segment(work, frontal, entries)
         compact: dict[int, list[float]] = {}
         scored = self._classify(work, masks, entries, used, compact)
@@ -306,6 +321,7 @@ class Pipeline:
     def _read_all(self, images: Sequence[object], entries: list[dict], *, keep_display: bool):
         cfg = self.config
         work: dict[int, np.ndarray] = {}
+        for_filter: dict[int, np.ndarray] = {}  # the projection filter's working images, when its size differs
         display: dict[int, np.ndarray] = {}
         views: dict[int, object] = {}
         for i, value in enumerate(images):
@@ -314,6 +330,8 @@ class Pipeline:
                 read = dict(max_pixels=cfg.limits.max_pixels, name=f"image[{i}]")
                 image, pixels, header = preprocess.read_working_image(data, cfg.size, **read)  # as the cache stage
                 check_plausible(pixels, header, i, cfg.max_aspect)
+                if cfg.filter_size != cfg.size:  # as the cache_projection stage
+                    for_filter[i] = preprocess.read_working_image(data, cfg.filter_size, **read)[0]
                 work[i] = image
                 views[i] = header.get("view_position")
                 if keep_display:  # the overlay a person reads is drawn on the full-resolution image
@@ -330,7 +348,7 @@ class Pipeline:
                 log.error("image[%d]: unexpected %s while reading", i, type(exc).__name__)
                 log.debug("image[%d] traceback", i, exc_info=True)
                 refuse(entries[i], "internal_error", f"image[{i}]: internal error ({type(exc).__name__})")
-        return work, display, views
+        return work, (for_filter if cfg.filter_size != cfg.size else work), display, views
 
     def _project(self, work: dict[int, np.ndarray], entries: list[dict], views: dict[int, object]) -> list[int]:
         order = sorted(work)

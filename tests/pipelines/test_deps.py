@@ -12,7 +12,7 @@ import yaml
 from pipelines import _deps
 
 ROOT = _deps.PROJECT
-HELPERS = {"pipelines._common", "pipelines._models", "pipelines._tracking", "pipelines._params"}
+HELPERS = {"pipelines._cache", "pipelines._common", "pipelines._models", "pipelines._tracking", "pipelines._params"}
 
 
 def test_every_stage_declares_the_files_it_imports_and_the_params_it_reads():

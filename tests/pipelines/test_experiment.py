@@ -380,3 +380,8 @@ def test_a_run_over_stale_outputs_is_refused_not_recorded(tmp_path: Path):
     (tmp_path / "params.yaml").write_text("cache: {size: 16}\n")  # the workdir's own params when the run sets none
     with pytest.raises(experiment.ExperimentError, match="stale outputs"):
         experiment.check_working_size(tmp_path, {})
+    (tmp_path / "artifacts/cache_projection").mkdir()  # the projection filter's cache, at its own size
+    np.save(tmp_path / "artifacts/cache_projection/images.npy", np.zeros((2, 16, 16), np.float16))
+    experiment.check_working_size(tmp_path, {"cache.size": 8, "train_projection.size": 16})
+    with pytest.raises(experiment.ExperimentError, match=r"cache_projection/images.npy: .* at train_projection.size 8"):
+        experiment.check_working_size(tmp_path, {"cache.size": 8, "train_projection.size": None})

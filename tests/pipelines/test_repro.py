@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 
 TINY = {
     "cache": {"size": 32},
-    "train_projection": {"epochs": 2, "width": 0.0625},
+    # The projection filter at its own working size (stage cache_projection), as the real profile runs it; the served
+    # model reads each request at both sizes.
+    "train_projection": {"epochs": 2, "width": 0.0625, "size": 64},
     "tune_unet": {"n_trials": 1, "epochs": 1},
     "train_unet": {"epochs": 2, "f0": 4, "use_tuned": False},
     # One backbone keeps the suite inside its budget; the matrix still expands over c, d and e, and the default
@@ -166,7 +168,7 @@ def test_dvc_repro_on_demo_data(project: Path, tmp_path: Path):
 
     set_params(project, TINY)
     out = run(["dvc", "repro"], project)
-    for stage in ("ingest", "cache", "train_projection", "filter_frontal", "train_unet", "segment",
+    for stage in ("ingest", "cache", "cache_projection", "train_projection", "filter_frontal", "train_unet", "segment",
                   "train_classifier@e-vgg16", "evaluate", "explain", "audit"):
         assert f"Running stage '{stage}'" in out.stdout, stage
     for noise in ("cpu_feature_guard", "absl::InitializeLog", "oneDNN custom operations", "Calculating Metrics",
@@ -197,6 +199,13 @@ def test_dvc_repro_on_demo_data(project: Path, tmp_path: Path):
     assert set(table["Part"]) == {"c", "d", "e"}
     unet = json.loads((project / "reports/train_unet/metrics.json").read_text())
     assert {"dice", "iou", "paper_pixel_dice"} <= set(unet["val"])
+
+    # The projection filter learned and filtered at its own size; everything else at the cache's.
+    assert np.load(project / "artifacts/cache_projection/images.npy", mmap_mode="r").shape[1:] == (64, 64)
+    assert np.load(project / "artifacts/cache/images.npy", mmap_mode="r").shape[1:] == (32, 32)
+    from covidcxr import models
+
+    assert models.Component.load(project / "artifacts/models/projection").model.input_shape[1:3] == (64, 64)
 
     # Standardizers are fitted on the training split only.
     for variant in "cde":

@@ -220,3 +220,11 @@ def read_report(path: str | os.PathLike, made_by: str, error: type[ValueError] =
 def mlflow_experiment(experiment: str) -> str:
     """One MLflow experiment per paper experiment (``split.experiment``)."""
     return f"covidcxr-{experiment}"
+
+
+def filed_under(path: str | os.PathLike = PARAMS_FILE) -> str:
+    """``split.experiment`` for a stage whose outputs do not depend on the selection (ingest, the projection filter,
+    the U-Net and its tuning), which files its MLflow run under that experiment but does not declare it in dvc.yaml:
+    a new selection must not rerun it. Only the run's name in MLflow comes from it; a run DVC restores from its run
+    cache stays filed where it was made."""
+    return params("split.experiment", path)

@@ -8,7 +8,9 @@ Imports are found statically (``ast``), anywhere in a module (inside functions t
 project's own modules (``covidcxr`` under src/, ``pipelines``); importing ``a.b.c`` also runs ``a/__init__.py`` and
 ``a/b/__init__.py``. A module that imports by name at run time (``importlib.import_module``) depends on its whole
 package folder. Params reads are the literal first arguments of ``params(...)`` calls in a stage's own module
-(``_common.params("segment")`` reads the section, ``_common.params("split.experiment")`` one key).
+(``_common.params("segment")`` reads the section, ``_common.params("split.experiment")`` one key); the one read that is
+not an input, ``_common.filed_under()`` (the MLflow experiment a selection-independent stage files its run under), is
+deliberately not seen.
 """
 
 from __future__ import annotations

@@ -116,4 +116,4 @@ def log_to_mlflow(summary: dict, rejects: pd.DataFrame) -> None:
 
 
 if __name__ == "__main__":
-    run(_common.params("ingest"), _common.params("split.experiment"))
+    run(_common.params("ingest"), _common.filed_under())

@@ -69,4 +69,4 @@ def run(p: dict, experiment: str = "demo") -> dict:
 
 
 if __name__ == "__main__":
-    run(_common.params("train_projection"), _common.params("split.experiment"))
+    run(_common.params("train_projection"), _common.filed_under())

@@ -50,4 +50,4 @@ def run(p: dict, experiment: str = "demo") -> dict:
 
 
 if __name__ == "__main__":
-    run(_common.params("tune_unet"), _common.params("split.experiment"))
+    run(_common.params("tune_unet"), _common.filed_under())

@@ -19,6 +19,16 @@ def test_every_stage_declares_the_files_it_imports_and_the_params_it_reads():
     assert _deps.problems() == [], "run `make deps` (python -m pipelines._deps --write) and declare params"
 
 
+def test_a_new_selection_does_not_rerun_the_stages_it_does_not_change():
+    """Ingest, the projection filter and the U-Net read no selection; they only file their MLflow run under it."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name in ("ingest", "cache", "cache_projection", "train_projection", "filter_frontal", "tune_unet",
+                 "train_unet"):
+        declared = stages[name].get("params", [])
+        assert not {"split", "split.experiment"} & set(declared), name
+        assert "artifacts/splits/covid.csv" not in stages[name]["deps"], name
+
+
 def test_no_stage_module_imports_another_stage_module():
     stages = _deps.stages(ROOT / "dvc.yaml")
     modules = {_deps.stage_module(s) for s in stages.values()} - {None}

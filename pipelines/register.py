@@ -108,11 +108,22 @@ def png_base64(image: np.ndarray, bits: int = 8) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def request_cache():
+    """The cache the stage draws requests from: the larger of the working-size cache and the projection filter's.
+
+    The served model reads each request at both sizes; a request made from the smaller cache would show the other model
+    an upsampled, blurred image, and the drift reference would then not be what production logs.
+    """
+    folders = [_common.CACHE_DIR, _common.PROJECTION_CACHE_DIR]
+    sizes = [np.load(Path(f) / preprocess.CACHE_IMAGES, mmap_mode="r").shape[1] for f in folders]
+    return _models.load_cache(folders[int(np.argmax(sizes))])
+
+
 def input_example() -> dict:
     """A PNG of the first usable (frontal, good mask) cached image, base64: a request that works."""
     import pandas as pd
 
-    index, images, _ = _models.load_cache()
+    index, images, _ = request_cache()
     flags = pd.read_csv(_common.MASKS_INDEX, keep_default_na=False)
     usable = sorted(flags.loc[flags["flag"] == "", "image_id"])
     if not usable:
@@ -121,11 +132,11 @@ def input_example() -> dict:
 
 
 def drift_reference(artifacts: dict[str, str], config: serving.Config) -> monitoring.Reference:
-    """What the served model logs for the validation split: every validation image of the covid task (from the
-    working-size cache, as 16-bit PNGs) scored by the bundled pipeline into a memory log."""
+    """What the served model logs for the validation split: every validation image of the covid task (from
+    :func:`request_cache`, as 16-bit PNGs) scored by the bundled pipeline into a memory log."""
     import pandas as pd
 
-    index, images, _ = _models.load_cache()
+    index, images, _ = request_cache()
     table = pd.read_csv(_common.split_table("covid"), keep_default_na=False, na_values=[""])
     cached = set(index["image_id"])
     val = [i for i in table.loc[table["split"] == "val", "image_id"] if i in cached]

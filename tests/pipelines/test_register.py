@@ -98,3 +98,20 @@ def test_pins_are_the_installed_versions_of_the_lock_file():
         assert norm[name.lower()] == version, pin
     with pytest.raises(RuntimeError, match="not installed"):
         tracking.pins(["no-such-distribution-xyz"])
+
+
+@pytest.mark.parametrize("filter_size, expected", [(16, 16), (8, 16), (32, 32)])
+def test_requests_are_drawn_from_the_larger_cache(tmp_path, monkeypatch, filter_size, expected):
+    """The served model reads a request at both working sizes: made from the smaller cache, one model would see an
+    upsampled image that production never sends it."""
+    import numpy as np
+    import pandas as pd
+
+    from covidcxr import preprocess
+
+    monkeypatch.chdir(tmp_path)
+    index = pd.DataFrame({"image_id": ["a"]})
+    for folder, size in ((_common.CACHE_DIR, 16), (_common.PROJECTION_CACHE_DIR, filter_size)):
+        Path(folder).mkdir(parents=True)
+        preprocess.save_cache(folder, index, np.zeros((1, size, size)), np.zeros((1, size, size), bool))
+    assert register.request_cache()[1].shape == (1, expected, expected)

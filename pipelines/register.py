@@ -25,7 +25,7 @@ from unittest import mock
 
 import numpy as np
 
-from covidcxr import audit, models, monitoring, predlog, preprocess, selection, serving, tracking
+from covidcxr import audit, manifest, models, monitoring, predlog, preprocess, selection, serving, tracking
 from pipelines import _common, _models, _tracking
 
 OUT = _common.REGISTERED
@@ -109,11 +109,9 @@ def png_base64(image: np.ndarray, bits: int = 8) -> str:
 
 
 def request_cache():
-    """The cache the stage draws requests from: the larger of the working-size cache and the projection filter's.
-
-    The served model reads each request at both sizes; a request made from the smaller cache would show the other model
-    an upsampled, blurred image, and the drift reference would then not be what production logs.
-    """
+    """The cache the input example is drawn from: the larger of the working-size cache and the projection filter's
+    (the served model reads a request at both sizes; made from the smaller, the example would show the other model an
+    upsampled image)."""
     folders = [_common.CACHE_DIR, _common.PROJECTION_CACHE_DIR]
     sizes = [np.load(Path(f) / preprocess.CACHE_IMAGES, mmap_mode="r").shape[1] for f in folders]
     return _models.load_cache(folders[int(np.argmax(sizes))])
@@ -132,22 +130,25 @@ def input_example() -> dict:
 
 
 def drift_reference(artifacts: dict[str, str], config: serving.Config) -> monitoring.Reference:
-    """What the served model logs for the validation split: every validation image of the covid task (from
-    :func:`request_cache`, as 16-bit PNGs) scored by the bundled pipeline into a memory log."""
+    """What the served model logs for the validation split: every validation image of the covid task, sent as its own
+    file (as production sends them: a DICOM's view position decides its projection, each model reads the file at its
+    own size), scored by the bundled pipeline into a memory log."""
     import pandas as pd
 
-    index, images, _ = request_cache()
+    paths = manifest.read_csv(_common.MANIFEST).set_index("image_id")["path"]
     table = pd.read_csv(_common.split_table("covid"), keep_default_na=False, na_values=[""])
-    cached = set(index["image_id"])
-    val = [i for i in table.loc[table["split"] == "val", "image_id"] if i in cached]
+    val = [str(paths[i]) for i in table.loc[table["split"] == "val", "image_id"] if i in paths.index]
     if not val:
-        raise ValueError(f"{_common.split_table('covid')}: no cached validation image for the drift reference")
+        raise ValueError(f"{_common.split_table('covid')}: no validation image in {_common.MANIFEST} for the drift "
+                         "reference")
+    missing = [p for p in val if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} validation images of the drift reference are gone, e.g. {missing[0]}")
     pipeline = serving.Pipeline.load(artifacts)
     pipeline.prediction_log = sink = predlog.MemoryLog()
-    rows = preprocess.rows_for(index, val)
     step = config.limits.max_images
-    for start in range(0, len(rows), step):
-        pipeline.score([png_base64(images[r], bits=16) for r in rows[start:start + step]])
+    for start in range(0, len(val), step):
+        pipeline.score([serving.encode_file(p) for p in val[start:start + step]])
     detector = pipeline.classifier.ood
     meta = {"model_name": config.model_name, "model_version": config.model_version, "split": "val",
             "n": len(sink.records), "ood_threshold": detector.threshold if detector is not None else None,

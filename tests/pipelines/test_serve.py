@@ -28,7 +28,7 @@ from PIL import Image
 
 from covidcxr import runtime, serving
 from tests.pipelines.conftest import BIN, run, stop_server, wait_ready
-from tests.test_io import _huge_png, codestream_dicom
+from tests.test_io import _huge_png, codestream_dicom, make_dicom
 
 NAME = "covidcxr"
 
@@ -286,8 +286,19 @@ def wait_logged(db: str, since, n: int, timeout: float = 30.0) -> pd.DataFrame:
         time.sleep(0.2)
 
 
+def pa_dicom(path: Path, side: int = 512) -> str:
+    """A JPEG's pixels as a PACS would send them, base64: a DICOM whose view position says PA, so the projection rule
+    lets it through whatever the tiny test filter makes of an unseen source (it calls Kermany's children lateral), and
+    what refuses it is the out-of-distribution detector. Its long side cut to ``side`` to keep the requests small."""
+    with Image.open(path) as im:
+        im = im.convert("L")
+        im.thumbnail((side, side))
+        pixels = np.asarray(im, dtype=np.uint16) * 16  # 8 bits into the 12 stored
+    return base64.b64encode(make_dicom(pixels, ViewPosition="PA")).decode("ascii")
+
+
 def check_monitoring(project: Path, url: str, version: str, manifest: pd.DataFrame) -> list[str]:
-    """The served model's own test split, then a real source it never saw (Kermany's children, when
+    """The served model's own test split, then a real source it never saw (Kermany's children as PA DICOMs, when
     $COVIDCXR_REAL_DATA is set), through the prediction log the server writes and `covidcxr monitor` against the
     reference logged at register: no drift and an out-of-distribution share near the quantile, then drift with most
     images refused. Returns what the monitor printed, for the PHI scan."""
@@ -306,7 +317,7 @@ def check_monitoring(project: Path, url: str, version: str, manifest: pd.DataFra
     real = os.environ.get("COVIDCXR_REAL_DATA")
     if real:
         kermany = sorted((Path(real) / "kermany").rglob("*.jpeg"))[::12][:40]
-        entries["kermany"] = send_all(url, [serving.encode_file(p) for p in kermany])
+        entries["kermany"] = send_all(url, [pa_dicom(p) for p in kermany])
         windows.append(predlog.now())
     logged = wait_logged(db, windows[0], sum(map(len, entries.values())))
     assert len(logged) == sum(map(len, entries.values())) and (logged["model_version"] == version).all()

@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 from pydicom.sequence import Sequence as DicomSequence
 
-from covidcxr import models, preprocess, serving
+from covidcxr import io, models, preprocess, serving
 from tests.helpers import PERMISSIVE, build_bundle, phantom, png_b64
 from tests.test_io import _deflated, _huge_png, _voi_lut_item, codestream_dicom, make_dicom
 
@@ -254,6 +254,15 @@ def test_the_projection_filter_reads_each_image_at_its_own_working_size(tmp_path
     data = base64.b64decode(image)
     np.testing.assert_array_equal(seen["projection"][0], preprocess.read_working_image(data, 64)[0])
     np.testing.assert_array_equal(seen["unet"][0], preprocess.read_working_image(data, 32)[0])
+    # A JPEG decoded at reduced scale for the 32-px models is decoded again for the filter, as its cache stage does.
+    jpeg = stdio.BytesIO()
+    Image.fromarray(np.round(255 * phantom(size=512)).astype(np.uint8)).save(jpeg, format="JPEG", quality=95)
+    [entry] = pipeline.score([base64.b64encode(jpeg.getvalue()).decode()])
+    assert entry["accepted"] is True
+    reduced_for_unet = preprocess.read_working_image(jpeg.getvalue(), 32)
+    assert io.is_reduced(reduced_for_unet[1], reduced_for_unet[2])
+    np.testing.assert_array_equal(seen["projection"][0], preprocess.read_working_image(jpeg.getvalue(), 64)[0])
+    np.testing.assert_array_equal(seen["unet"][0], reduced_for_unet[0])
     with pytest.raises(ValueError, match=r"takes 64x64 px images, the configuration reads 32 px"):
         serving.Pipeline(projection, unet, pipeline.classifier, serving.Config(**PERMISSIVE))
 

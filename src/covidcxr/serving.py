@@ -330,8 +330,11 @@ class Pipeline:
                 read = dict(max_pixels=cfg.limits.max_pixels, name=f"image[{i}]")
                 image, pixels, header = preprocess.read_working_image(data, cfg.size, **read)  # as the cache stage
                 check_plausible(pixels, header, i, cfg.max_aspect)
-                if cfg.filter_size != cfg.size:  # as the cache_projection stage
-                    for_filter[i] = preprocess.read_working_image(data, cfg.filter_size, **read)[0]
+                if cfg.filter_size != cfg.size:  # as the cache_projection stage reads the file at its size
+                    # A decode not reduced for the smaller size is not reduced for a larger one: the same pixels.
+                    same = cfg.filter_size > cfg.size and not io.is_reduced(pixels, header)
+                    for_filter[i] = (preprocess.working_image(pixels, cfg.filter_size) if same
+                                     else preprocess.read_working_image(data, cfg.filter_size, **read)[0])
                 work[i] = image
                 views[i] = header.get("view_position")
                 if keep_display:  # the overlay a person reads is drawn on the full-resolution image

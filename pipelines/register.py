@@ -98,13 +98,12 @@ def stage_code(tmp: Path) -> str:
     return str(dest)
 
 
-def png_base64(image: np.ndarray, bits: int = 8) -> str:
-    """A cached working image ([0, 1]) as a base64 PNG of ``bits`` (8 or 16) bits: a request's image field."""
+def png_base64(image: np.ndarray) -> str:
+    """A cached working image ([0, 1]) as a base64 8-bit PNG: a request's image field."""
     from PIL import Image
 
-    scale, dtype = (255, np.uint8) if bits == 8 else (65535, np.uint16)
     buffer = io.BytesIO()
-    Image.fromarray(np.round(scale * np.clip(image, 0, 1)).astype(dtype)).save(buffer, format="PNG")
+    Image.fromarray(np.round(255 * np.clip(image, 0, 1)).astype(np.uint8)).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -169,31 +169,59 @@ def heldout_runs(name: str, spec: dict) -> list[tuple[str, dict]]:
     return [(f"{name}-heldout-{label}", {**base, "split.holdout": rules}) for label, rules in _named(block["matrix"])]
 
 
-def heldout_figures(block: dict, collected: dict[str, dict]) -> dict:
+def heldout_figures(block: dict, collected: dict[str, dict | list[dict]]) -> dict:
     """What `register` chooses by (``register.heldout``): per classifier, the worst specificity at its operating
     threshold over the held-out runs named in ``select`` (validation for the choice); and every held-out run's rows,
-    each marked as used to choose or not (a run used to choose is not a test of the chosen model)."""
-    select = [str(s) for s in block.get("select") or collected]
-    unknown = sorted(set(select) - set(collected))
+    each marked as used to choose or not (a run used to choose is not a test of the chosen model).
+
+    ``collected``: per held-out run, its figures, or a list of them, one per seed (``heldout.seeds``). Over seeds, a
+    run's specificity is the mean over its seeds, and the worst of those means chooses: one seed's figure moves by
+    more than the models differ. Its row then holds means, the sd and range over seeds, and every seed's value.
+    """
+    runs = {label: r if isinstance(r, list) else [r] for label, r in collected.items()}
+    select = [str(s) for s in block.get("select") or runs]
+    unknown = sorted(set(select) - set(runs))
     if unknown:
         raise ExperimentError(f"heldout.select names runs {unknown} that are not in heldout.matrix")
-    models = sorted(next(iter(collected.values()))["models"]) if collected else []
+    models = sorted(next(iter(runs.values()))[0]["models"]) if runs else []
+    rows = {label: {model: _heldout_row([r["models"][model] for r in rs if model in r["models"]], label in select)
+                    for model in sorted({m for r in rs for m in r["models"]})}
+            for label, rs in runs.items()}
     by_classifier = {}
     for model in models:
-        values = [collected[k]["models"][model]["test_specificity"]["value"] for k in select]
-        by_classifier[model] = min(v for v in values if v is not None) if any(v is not None for v in values) else None
-    rows = {label: {model: _heldout_row(m, label in select) for model, m in r["models"].items()}
-            for label, r in collected.items()}
-    return {"figure": f"worst held-out specificity at the operating threshold ({', '.join(select)})",
-            "by_classifier": by_classifier, "select": select, "sources": rows}
+        values = [v for k in select if (v := (rows[k].get(model) or {}).get("specificity")) is not None]
+        by_classifier[model] = min(values) if values else None
+    n_seeds = max((len(rs) for rs in runs.values()), default=1)
+    what = "worst held-out specificity at the operating threshold" + (f", mean of {n_seeds} seeds," if n_seeds > 1
+                                                                        else "")
+    return {"figure": f"{what} ({', '.join(select)})", "by_classifier": by_classifier, "select": select,
+            "seeds": n_seeds, "sources": rows}
 
 
-def _heldout_row(m: dict, used: bool) -> dict:
-    return {"n_covid": m["test_classes"]["covid"], "n_negative": m["test_classes"]["negative"],
-            "auc": m["test_auc"]["value"], "auc_low": m["test_auc"]["low"], "auc_high": m["test_auc"]["high"],
-            "specificity": m["test_specificity"]["value"], "specificity_low": m["test_specificity"]["low"],
-            "specificity_high": m["test_specificity"]["high"], "sensitivity": m["test_sensitivity"]["value"],
-            "threshold": m["operating_threshold"], "used_to_choose": used}
+def _heldout_row(ms: list[dict], used: bool) -> dict:
+    """One held-out run's row for one classifier: its figures with their bootstrap CIs (one seed), or their mean, sd
+    and range over seeds (several; a CI of one seed's test says nothing of the spread between seeds)."""
+    if len(ms) == 1:
+        m = ms[0]
+        return {"n_covid": m["test_classes"]["covid"], "n_negative": m["test_classes"]["negative"],
+                "auc": m["test_auc"]["value"], "auc_low": m["test_auc"]["low"], "auc_high": m["test_auc"]["high"],
+                "specificity": m["test_specificity"]["value"], "specificity_low": m["test_specificity"]["low"],
+                "specificity_high": m["test_specificity"]["high"], "sensitivity": m["test_sensitivity"]["value"],
+                "threshold": m["operating_threshold"], "used_to_choose": used}
+    row: dict = {"n_covid": ms[0]["test_classes"]["covid"], "n_negative": ms[0]["test_classes"]["negative"],
+                 "n_seeds": len(ms), "used_to_choose": used}
+    for key, figure in (("auc", "test_auc"), ("specificity", "test_specificity"), ("sensitivity", "test_sensitivity")):
+        values = [m[figure]["value"] for m in ms]
+        row[f"{key}_by_seed"] = values
+        defined = [float(v) for v in values if v is not None]
+        if len(defined) < len(values):  # undefined in some seed (e.g. no COVID-19 in a held-out negative source)
+            row[key] = row[f"{key}_sd"] = row[f"{key}_min"] = row[f"{key}_max"] = None
+            continue
+        row[key] = float(np.mean(defined))
+        row[f"{key}_sd"] = float(np.std(defined, ddof=1))
+        row[f"{key}_min"], row[f"{key}_max"] = min(defined), max(defined)
+    row["threshold_by_seed"] = [m["operating_threshold"] for m in ms]
+    return row
 
 
 def dvc_command(exp_name: str, params: dict, targets: list[str], real_data: Path) -> list[str]:
@@ -595,7 +623,34 @@ def _classifier_rows(result: dict) -> list[str]:
     return ["Trained on every source (`runs`):", "", *header, *_model_rows(result["runs"]), "",
             "The same settings trained without a source, tested on it (`heldout`; the out-of-distribution detector's "
             "refused share on an unseen source beside the in-distribution test's above):", "", *header,
-            *_model_rows(held)]
+            *_model_rows(held), *_heldout_summary_rows(result["runs"])]
+
+
+def _heldout_summary_rows(runs: dict) -> list[str]:
+    """The held-out figures a main run chose by, over the held-out runs' seeds: mean ± sd (range)."""
+    out = []
+    for exp_name, r in runs.items():
+        figures = r.get("heldout") or {}
+        if (figures.get("seeds") or 1) < 2:
+            continue
+        out += ["", f"What `{exp_name}` chose by ({figures['figure']}): per held-out run and classifier, mean ± sd "
+                "(min to max) over seeds; chosen by the worst mean of the runs used to choose.", "",
+                "| held out | role | classifier | specificity | ROC AUC | sensitivity | seeds |",
+                "|---|---|---|---|---|---|---|"]
+        for label, by_model in figures["sources"].items():
+            for model, row in by_model.items():
+                role = "used to choose" if row["used_to_choose"] else "test"
+                cells = [_spread(row, k) for k in ("specificity", "auc", "sensitivity")]
+                out.append(f"| {label} | {role} | {model} | {' | '.join(cells)} | {row.get('n_seeds', 1)} |")
+    return out
+
+
+def _spread(row: dict, key: str) -> str:
+    if row.get(key) is None:
+        return "null"
+    if row.get(f"{key}_sd") is None:
+        return f"{row[key]:.3f}"
+    return f"{row[key]:.3f} ± {row[key + '_sd']:.3f} ({row[key + '_min']:.3f} to {row[key + '_max']:.3f})"
 
 
 def _model_rows(runs: dict) -> list[str]:
@@ -838,7 +893,8 @@ def main(argv: list[str] | None = None) -> int:
     block = spec.get("heldout") or {}
     held_targets = list(block.get("targets") or ["evaluate"])
     main_runs = seeded(runs(a.name, spec), spec)
-    held_runs = seeded(heldout_runs(a.name, spec), spec)
+    held_seeds = block.get("seeds")  # the held-out runs' own seeds: every main run chooses by all of them
+    held_runs = seeded(heldout_runs(a.name, spec), {**spec, "seeds": held_seeds} if held_seeds else spec)
     if a.dry_run:
         for n, p_, _ in held_runs:
             print(shlex.join(dvc_command(n, p_, held_targets, real_data)))
@@ -855,14 +911,15 @@ def main(argv: list[str] | None = None) -> int:
     for seed in spec.get("seeds") or [None]:
         figures = None
         if held_runs:
-            collected = {}
+            collected: dict[str, list[dict]] = {}
             for exp_name, params, s_ in held_runs:
-                if s_ != seed:
+                if not held_seeds and s_ != seed:
                     continue
-                label = exp_name.removeprefix(f"{a.name}-heldout-").removesuffix(f"-s{seed}")
-                collected[label] = execute(workdir, exp_name, params, held_targets, spec["kind"], real_data, log,
-                                           commands)
-                held_results[exp_name] = collected[label]
+                if exp_name not in held_results:  # with heldout.seeds, run once for every main run
+                    held_results[exp_name] = execute(workdir, exp_name, params, held_targets, spec["kind"], real_data,
+                                                     log, commands)
+                label = exp_name.removeprefix(f"{a.name}-heldout-").removesuffix("" if s_ is None else f"-s{s_}")
+                collected.setdefault(label, []).append(held_results[exp_name])
             figures = heldout_figures(block, collected)
         for exp_name, params, s_ in main_runs:
             if s_ != seed:
@@ -877,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
         "experiment": a.name, "description": spec.get("description", ""), "kind": spec["kind"], "command": command,
         "dvc_commands": [c.replace(real_data.as_posix(), "$COVIDCXR_REAL_DATA") for c in commands],
         "settings": _settings(spec["params"], yaml.safe_load((workdir / "params.yaml").read_text(encoding="utf-8"))),
-        "seeds": spec.get("seeds"), "wall_seconds": round(time.monotonic() - started, 1),
+        "seeds": spec.get("seeds"), "heldout_seeds": held_seeds, "wall_seconds": round(time.monotonic() - started, 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": spec.get("notes", ""),
         "paper": spec.get("paper"), "runs": results, "heldout_runs": held_results,
         "headline": headline(spec["kind"], results),

@@ -128,6 +128,16 @@ def test_card_has_every_section_and_parses_as_html():
     assert page.count("<table") >= 6 and page.rstrip().endswith("</html>")
 
 
+def test_heldout_rows_over_seeds_show_mean_sd_and_range():
+    row = {"n_covid": 0, "n_negative": 40, "n_seeds": 3, "used_to_choose": True, "specificity": 0.4,
+           "specificity_sd": 0.4359, "specificity_min": 0.1, "specificity_max": 0.9, "auc": None, "sensitivity": None,
+           "threshold_by_seed": [0.25, 0.5, 0.4]}
+    heldout = {**HELDOUT, "seeds": 3, "sources": {"kermany": {"c_vgg16": row}}}
+    text = " ".join(parse(modelcard.render(card(heldout=heldout))).text)
+    assert "repeated with 3 seeds" in text and "specificity [range over seeds]" in text
+    assert "0.400 ± 0.436 [0.100, 0.900]" in text and "0.2500 to 0.5000" in text
+
+
 def test_hostile_strings_are_escaped():
     page = modelcard.render(card(model={"model_name": HOSTILE, "version": HOSTILE_ATTR, "classifier": "c_vgg16"}))
     assert "<script" not in page.lower()

@@ -57,7 +57,8 @@ class CardData:
     curves: ``roc``/``pr``/``reliability`` point lists as the evaluate stage writes them.
     gradcam: title -> PNG or JPEG bytes. audit: the audit report or None (not run).
     heldout: the held-out-source results of the registered model's settings (``register.heldout``: ``figure``,
-    ``by_classifier``, ``select``, ``sources`` -> classifier -> row), or None.
+    ``by_classifier``, ``select``, ``seeds``, ``sources`` -> classifier -> row: one seed's CIs, or the means over
+    seeds), or None.
     selection: one row per candidate classifier with its figures and why it was or was not registered.
     classifiers: name -> summary figures of every trained classifier (evaluate and explain summaries).
     """
@@ -394,21 +395,41 @@ def _section_heldout(heldout: Mapping | None, chosen: object) -> str:
                "Rows marked <i>used to choose</i> decided which classifier was registered "
                f"({_e(heldout.get('figure', ''))}); the others never influenced any choice: they are the test. "
                "Intervals are patient-level bootstrap 95% CIs.</p>")
+    seeds = int(heldout.get("seeds") or 1)
+    if seeds > 1:
+        out.append(f"<p>Every held-out run was repeated with {seeds} seeds (the classifiers' initialisation and "
+                   "order): each figure is the mean ± sd over seeds, with the range in brackets; one seed's figure "
+                   "moves by more than these models differ.</p>")
     rows = []
     for source, by_model in (heldout.get("sources") or {}).items():
         r = (by_model or {}).get(str(chosen))
         if not r:
             continue
         role = "used to choose" if source in select or r.get("used_to_choose") else "test"
-        rows.append((source, role, f"{r.get('n_covid')} / {r.get('n_negative')}",
-                     _interval(r.get("auc"), r.get("auc_low"), r.get("auc_high")),
-                     _interval(r.get("specificity"), r.get("specificity_low"), r.get("specificity_high")),
-                     _fmt(r.get("sensitivity")), _fmt(r.get("threshold"), 4)))
-    out.append(_table(("held out", "role", "n covid / negative", "ROC AUC [95% CI]", "specificity [95% CI]",
+        if r.get("n_seeds"):
+            figures = [_over_seeds(r, k) for k in ("auc", "specificity", "sensitivity")]
+            thresholds = [t for t in r.get("threshold_by_seed") or () if t is not None]
+            threshold = f"{_fmt(min(thresholds), 4)} to {_fmt(max(thresholds), 4)}" if thresholds else "—"
+        else:
+            figures = [_interval(r.get("auc"), r.get("auc_low"), r.get("auc_high")),
+                       _interval(r.get("specificity"), r.get("specificity_low"), r.get("specificity_high")),
+                       _fmt(r.get("sensitivity"))]
+            threshold = _fmt(r.get("threshold"), 4)
+        rows.append((source, role, f"{r.get('n_covid')} / {r.get('n_negative')}", *figures, threshold))
+    spread = "[range over seeds]" if seeds > 1 else "[95% CI]"
+    out.append(_table(("held out", "role", "n covid / negative", f"ROC AUC {spread}", f"specificity {spread}",
                        "sensitivity", "threshold"), rows,
                       numeric=(False, False, True, True, True, True, True)) if rows
                else "<p>The held-out results hold no row for this classifier.</p>")
     return "".join(out)
+
+
+def _over_seeds(row: Mapping, key: str) -> str:
+    """``mean ± sd [min, max]`` of a held-out figure over seeds; a dash where it is undefined."""
+    if row.get(key) is None:
+        return "—"
+    low, high = _fmt(row.get(f"{key}_min")), _fmt(row.get(f"{key}_max"))
+    return f"{_fmt(row[key])} ± {_fmt(row.get(f'{key}_sd'))} [{low}, {high}]"
 
 
 def _section_selection(selection: Sequence[Mapping], chosen: object) -> str:

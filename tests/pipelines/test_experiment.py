@@ -215,6 +215,37 @@ def test_heldout_figures_choose_on_the_selection_runs_and_mark_the_rest_as_tests
         experiment.heldout_figures({"select": ["nih"]}, collected)
 
 
+def test_heldout_figures_over_seeds_choose_by_the_worst_mean():
+    # c is better than d in one seed of kermany and worse on average: the mean over seeds decides, not one seed
+    collected = {"kermany": [{"models": {"c_vgg16": _model(s), "d_vgg16": _model(0.5)}} for s in (0.9, 0.1, 0.2)],
+                 "hospitals": [{"models": {"c_vgg16": _model(0.6, auc=a), "d_vgg16": _model(0.6, auc=0.7)}}
+                               for a in (0.8, 0.6, None)]}
+    figures = experiment.heldout_figures({"select": ["kermany"]}, collected)
+    assert figures["by_classifier"]["c_vgg16"] == pytest.approx(0.4) and figures["by_classifier"]["d_vgg16"] == 0.5
+    assert figures["seeds"] == 3 and "mean of 3 seeds" in figures["figure"]
+    row = figures["sources"]["kermany"]["c_vgg16"]
+    assert row["n_seeds"] == 3 and row["specificity_by_seed"] == [0.9, 0.1, 0.2]
+    assert row["specificity_sd"] == pytest.approx(0.4359, abs=1e-4)
+    assert (row["specificity_min"], row["specificity_max"]) == (0.1, 0.9) and row["used_to_choose"] is True
+    assert row["auc"] is None and "specificity_low" not in row  # a one-seed CI is no spread over seeds
+    hospital = figures["sources"]["hospitals"]["c_vgg16"]
+    assert hospital["auc"] is None and hospital["auc_by_seed"] == [0.8, 0.6, None]  # undefined in a seed: no mean
+    assert figures["sources"]["hospitals"]["d_vgg16"]["auc"] == pytest.approx(0.7)
+    assert hospital["used_to_choose"] is False and hospital["threshold_by_seed"] == [0.3, 0.3, 0.3]
+    one = experiment.heldout_figures({"select": ["kermany"]}, {"kermany": [collected["kermany"][0]]})
+    assert one["sources"]["kermany"]["c_vgg16"]["specificity_low"] == pytest.approx(0.8)  # one seed: its CI
+    rendered = "\n".join(experiment._heldout_summary_rows({"x": {"heldout": figures}}))
+    assert "0.400 ± 0.436 (0.100 to 0.900)" in rendered and "| hospitals | test | c_vgg16 |" in rendered
+
+
+def test_heldout_seeds_run_each_heldout_run_once_per_seed_for_one_main_run():
+    spec = {"params": {"split.experiment": "x"},
+            "heldout": {"matrix": {"k": [{"source": "kermany"}]}, "seeds": [1, 2], "params": {}}}
+    held = experiment.seeded(experiment.heldout_runs("exp", spec), {**spec, "seeds": spec["heldout"]["seeds"]})
+    assert [(n, p["train_classifier.seed"]) for n, p, _ in held] == [("exp-heldout-k-s1", 1), ("exp-heldout-k-s2", 2)]
+    assert [n for n, _, _ in experiment.seeded(experiment.runs("exp", spec), spec)] == ["exp"]
+
+
 def test_every_run_once_per_seed_and_the_spread_over_seeds():
     spec = {"params": {"split.experiment": "x"}, "seeds": [1, 2, 3]}
     planned = experiment.seeded(experiment.runs("exp", spec), spec)

@@ -53,6 +53,7 @@ def project(tmp_path, monkeypatch, empty_store):
     monkeypatch.chdir(tmp_path)
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(None)  # an earlier test's mlflow.set_tracking_uri would outrank the variable
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     for name, auc in (("c_vgg16", 0.9312), ("e_vgg16", 0.5)):
         write(tmp_path / f"reports/evaluate/{name}/metrics.json", evaluation(auc))

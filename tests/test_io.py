@@ -1031,3 +1031,53 @@ def test_a_jpeg_far_above_the_target_is_decoded_at_reduced_scale(tmp_path):
             io.read_image(jpeg, target=bad)
     with pytest.raises(io.ImageTooLargeError):  # limits apply to the file's declared size, whatever the target
         io.read_image(jpeg, target=64, max_pixels=999_999)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_a_jpeg_dicom_far_above_the_target_is_decoded_at_reduced_scale(tmp_path, photometric):
+    from covidcxr import preprocess
+
+    anatomy = np.tile(gray8(100, 125), (8, 8)).astype(np.float32)  # 800 x 1000 px
+    stored = anatomy if photometric == "MONOCHROME2" else 255 - anatomy
+    jpeg = png_bytes(Image.fromarray(stored.astype(np.uint8)), "JPEG", quality=95)
+    data = make_dicom(None, shape=stored.shape, bits_allocated=8, bits_stored=8, photometric=photometric,
+                      transfer_syntax=JPEGBaseline8Bit, frames=[jpeg])
+    full, header = io.read_image(data)
+    assert full.shape == (800, 1000) and not io.is_reduced(full, header)
+    for target, shape in [(224, (400, 500)), (64, (100, 125)), (500, (800, 1000))]:
+        arr, header = io.read_image(data, target=target)
+        assert arr.shape == shape and (header["height"], header["width"]) == (800, 1000), target
+        assert io.is_reduced(arr, header) == (shape != (800, 1000))
+    # the same intensities (LUTs, inversion: air dark) and the same picture as the full decode, resized
+    reduced = preprocess.read_working_image(data, 64)[0]
+    assert np.abs(reduced - preprocess.working_image(full, 64)).mean() < 0.02
+    assert np.abs(reduced - preprocess.working_image(anatomy, 64)).mean() < 0.02  # MONOCHROME1 inverted
+
+
+def test_a_reduced_decode_falls_back_to_the_full_one_where_it_does_not_apply(tmp_path):
+    img = np.tile(gray8(100, 125), (4, 4))  # 400 x 500
+    jpeg = png_bytes(Image.fromarray(img), "JPEG", quality=95)
+    j2k = png_bytes(Image.fromarray(img), "JPEG2000", no_jp2=True)
+    for syntax, frame, bits in ((JPEG2000Lossless, j2k, 8), (JPEGBaseline8Bit, jpeg, 7)):  # 7: values beyond it
+        data = make_dicom(None, shape=img.shape, bits_allocated=8, bits_stored=bits, transfer_syntax=syntax,
+                          frames=[frame])
+        arr, header = io.read_image(data, target=64)
+        assert arr.shape == (400, 500) and not io.is_reduced(arr, header), syntax
+    # a frame that is no JPEG at all: the full decode reports it, typed, naming the file
+    broken = make_dicom(None, shape=img.shape, bits_allocated=8, bits_stored=8, transfer_syntax=JPEGBaseline8Bit,
+                        frames=[b"\xff\xd8\xff\xe0" + bytes(200)])
+    with pytest.raises(io.ImageReadError, match="broken.dcm: .*JPEG"):
+        io.read_image(broken, target=64, name="broken.dcm")
+
+
+def test_real_compressed_dicoms_at_reduced_scale(real_data):
+    from covidcxr import preprocess
+
+    path = real_data / "dicom" / "txv_chest_pa.dcm"  # a real chest PA, 1024 x 1024, baseline JPEG
+    full, _ = io.read_image(path)
+    arr, header = io.read_image(path, target=224)
+    assert arr.shape == (256, 256) and io.is_reduced(arr, header)
+    reduced = preprocess.working_image(arr, 224)
+    assert np.corrcoef(reduced.ravel(), preprocess.working_image(full, 224).ravel())[0, 1] > 0.995
+    arr, header = io.read_image(real_data / "dicom" / "RG1_J2KI.dcm", target=64)  # JPEG 2000: decoded whole
+    assert arr.shape == (1955, 1841) and not io.is_reduced(arr, header)

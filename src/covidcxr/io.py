@@ -27,6 +27,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import BytesLengthException
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
@@ -148,11 +149,12 @@ def read_image(
     bytes, supplies the suffix that marks a JSRT raw file. Raises an :class:`ImageReadError` subclass for anything
     that cannot be read faithfully, including images whose pixels all have one value.
 
-    ``target`` (an int for a square, or ``(height, width)``) is the size the caller is about to resize the image to.
-    A JPEG at least twice that size on both sides is then decoded at 1/2, 1/4 or 1/8 scale in the decoder itself
-    (Pillow's draft mode: scaled inverse DCT), keeping both sides at least ``target``; every other format is decoded
-    whole. The header still gives the file's own width and height, so ``arr.shape`` differs from them exactly when
-    the decode was reduced (:func:`is_reduced`). Size limits apply to the file's declared size, before any decode.
+    ``target`` (an int for a square, or ``(height, width)``) is the size the caller is about to resize the image to. A
+    JPEG at least twice that size on both sides, file or baseline-JPEG DICOM pixel data, is then decoded at 1/2, 1/4 or
+    1/8 scale in the decoder itself (Pillow's draft mode: scaled inverse DCT), keeping both sides at least ``target``;
+    everything else is decoded whole. The header still gives the file's own width and height, so ``arr.shape`` differs
+    from them exactly when the decode was reduced (:func:`is_reduced`). Size limits apply to the file's declared size,
+    before any decode.
     """
     arr, header, source, (lo, hi) = _decode(src, max_pixels, name, target)
     if lo == hi:
@@ -186,7 +188,7 @@ def read_mask(paths: ImageSource | Sequence[str | os.PathLike], *, max_pixels: i
 
 
 def is_reduced(arr: np.ndarray, header: dict) -> bool:
-    """Whether ``read_image(..., target=...)`` decoded this image below the file's own size (a JPEG in draft mode)."""
+    """Whether ``read_image(..., target=...)`` decoded this image below the file's own size (JPEG draft mode)."""
     return arr.shape != (header.get("height"), header.get("width"))
 
 
@@ -246,7 +248,7 @@ def _decode(
     if fmt is None:
         raise NotAnImageError(source, _unknown_format(data))
     if fmt == "dicom":
-        arr, header = _read_dicom(data, source, max_pixels, _max_file_bytes(max_pixels))
+        arr, header = _read_dicom(data, source, max_pixels, _max_file_bytes(max_pixels), _draft_size(target))
     elif fmt == "jsrt":
         arr, header = _read_jsrt(data, source, max_pixels)
     else:
@@ -341,8 +343,14 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian
 
 
-def _read_dicom(data: bytes, source: str, max_pixels: int, max_bytes: int) -> tuple[np.ndarray, dict]:
-    """Header checks first (truncation, pixel data, size, photometric, length), then decode frame 0 only."""
+def _read_dicom(
+    data: bytes, source: str, max_pixels: int, max_bytes: int, draft: tuple[int, int] | None = None
+) -> tuple[np.ndarray, dict]:
+    """Header checks first (truncation, pixel data, size, photometric, length), then decode frame 0 only.
+
+    ``draft`` (width, height): baseline-JPEG grayscale pixel data is decoded at a reduced scale that keeps both sides
+    at least that size (:func:`_reduced_frame`), as a JPEG file is.
+    """
     inflated = _inflate_deflated(data, source, max_bytes)
     data = data if inflated is None else inflated
     ds = _parse_dicom(data, source, data[128:132] == b"DICM")
@@ -358,6 +366,8 @@ def _read_dicom(data: bytes, source: str, max_pixels: int, max_bytes: int) -> tu
         _check_pixel_length(ds, source, rows, cols, frames, max_pixels)
         try:
             arr = _native_frame(ds, rows, cols)
+            if arr is None and frames == 1 and draft is not None:
+                arr = _reduced_frame(ds, rows, cols, draft, source)
             if arr is None:
                 arr = pixel_array(ds, index=0)
         except Exception as exc:  # noqa: BLE001 - every decoder failure becomes a typed refusal
@@ -638,6 +648,44 @@ def _native_frame(ds: Dataset, rows: int, cols: int) -> np.ndarray | None:
         shift = allocated - stored
         np.left_shift(arr, shift, out=arr)
         np.right_shift(arr, shift, out=arr)
+    return arr
+
+
+_JPEG_BASELINE_UID = "1.2.840.10008.1.2.4.50"  # 8-bit lossy JPEG
+
+
+def _reduced_frame(ds: Dataset, rows: int, cols: int, draft: tuple[int, int], source: str) -> np.ndarray | None:
+    """Frame 0 of baseline-JPEG grayscale pixel data decoded at a reduced scale, the stored values as a full decode
+    gives them, smaller; None where that does not apply, and the caller decodes in full.
+
+    A radiograph of 2,000 px is otherwise decoded whole only to be resized to 64 or 224 px: here, as for a JPEG file,
+    at 1/2 to 1/8 scale in the decoder (Pillow's draft mode: a scaled inverse DCT, itself a low-pass), keeping both
+    sides at least ``draft``, and only when the image is at least twice that size. Unsigned 8-bit MONOCHROME, one
+    sample, one frame. A decoded size or mode the header does not predict, values beyond BitsStored, or any decoder
+    error fall back to the full decode, which reports what is wrong with the file. (JPEG 2000 is decoded whole: its
+    reduced resolutions fail on some real codestreams, and pydicom rescales a precision that BitsStored disowns.)
+    """
+    width, height = draft
+    if str(ds.file_meta.get("TransferSyntaxUID", "")) != _JPEG_BASELINE_UID or cols < 2 * width or rows < 2 * height:
+        return None
+    stored = _int(ds, "BitsStored")
+    if (_int(ds, "SamplesPerPixel") or 1) != 1 or _int(ds, "PixelRepresentation") != 0 or stored is None:
+        return None
+    if _str(ds, "PhotometricInterpretation") not in _MONOCHROME or _int(ds, "BitsAllocated") != 8 or stored > 8:
+        return None
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        with Image.open(io.BytesIO(frame), formats=["JPEG"]) as img:
+            if img.size != (cols, rows) or img.mode != "L":
+                return None
+            img.draft("L", (width, height))
+            img.load()
+            arr = np.array(img)
+    except Exception:  # noqa: BLE001 - the full decode reports what is wrong with the file
+        logger.debug("%s: reduced decode not possible; decoding in full", source)
+        return None
+    if arr.ndim != 2 or arr.dtype != np.uint8 or (stored < 8 and int(arr.max()) >> stored):
+        return None
     return arr
 
 

@@ -310,9 +310,9 @@ def read_working_image(src, size: int, **read_options) -> tuple[np.ndarray, np.n
     """Decode one file for the models: ``(working image, decoded pixels, header)``; the one path of the cache stage and
     serving alike, so that they decode every file the same way.
 
-    The decode is asked for ``size`` (``io.read_image(..., target=size)``): a JPEG at least twice the working size is
-    decoded at a reduced scale (1/2 to 1/8), which the working image never needs. The pixels are then not the file's
-    full resolution (``io.is_reduced``); whoever shows the image to a person decodes it again in full.
+    The decode is asked for ``size`` (``io.read_image(..., target=size)``): a JPEG (file or DICOM) at least twice the
+    working size is decoded at a reduced scale (1/2 to 1/8), which the working image never needs. The pixels are then
+    not the file's full resolution (``io.is_reduced``); whoever shows the image to a person decodes it again in full.
     ``read_options``: ``max_pixels``, ``name`` of :func:`covidcxr.io.read_image`.
     """
     from covidcxr import io

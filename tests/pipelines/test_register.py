@@ -114,4 +114,6 @@ def test_requests_are_drawn_from_the_larger_cache(tmp_path, monkeypatch, filter_
     for folder, size in ((_common.CACHE_DIR, 16), (_common.PROJECTION_CACHE_DIR, filter_size)):
         Path(folder).mkdir(parents=True)
         preprocess.save_cache(folder, index, np.zeros((1, size, size)), np.zeros((1, size, size), bool))
-    assert register.request_cache()[1].shape == (1, expected, expected)
+    images = register.request_cache()[1]
+    assert images.shape == (1, expected, expected)
+    assert isinstance(images, np.memmap)  # one image is read for the example, not the whole cache

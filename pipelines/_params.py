@@ -291,6 +291,7 @@ class HeldOut(BaseModel):
     figure: str
     by_classifier: dict[str, float | None]
     select: list[str] = []
+    seeds: Positive = 1  # how many times each held-out run was repeated (its rows then hold means over seeds)
     sources: dict[str, dict[str, dict[str, Any]]] = {}
 
 

@@ -727,8 +727,10 @@ def _short(r: dict) -> str:
 
         n = next(iter(v.values()))["n"] if v else 0
         if r["kind"] == "segmentation":
-            return (f"Dice internal {mean_min('internal_test_dice')}, external (Cohen) {mean_min('external_dice')}"
-                    f" over {n} seeds")
+            sources = ", ".join(f"{k.removeprefix('test_dice_')} {mean_min(k)}"
+                                for k in v if k.startswith("test_dice_"))
+            return (f"Dice internal {mean_min('internal_test_dice')}" + (f" ({sources})" if sources else "")
+                    + f", external (Cohen) {mean_min('external_dice')} over {n} seeds")
         return (f"accuracy {mean_min('accuracy')}; worst source: frontal recall "
                 f"{mean_min('worst_source_frontal_recall')}, lateral recall {mean_min('worst_source_lateral_recall')}"
                 f" over {n} seeds")
@@ -817,6 +819,8 @@ def headline(kind: str, runs_out: dict) -> dict:
             if "dice_clean" in r["internal_test"]:  # the masks segment and serving use
                 out[exp_name].update(internal_test_dice_clean=r["internal_test"]["dice_clean"],
                                      external_dice_clean=ext.get("dice_clean"))
+            for source, v in sorted((r["internal_test"].get("by_source") or {}).items()):  # the goal is per source
+                out[exp_name][f"test_dice_{source}"] = v["dice"]
         else:
             test = r["metrics"]["test"]
             out[exp_name] = {k: test[k] for k in ("accuracy", "frontal_accuracy", "lateral_accuracy")}

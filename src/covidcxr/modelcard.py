@@ -390,12 +390,12 @@ def _section_heldout(heldout: Mapping | None, chosen: object) -> str:
                          "sources the model was trained on, which says little about a new hospital. "
                          "<code>python -m pipelines.experiment all-sources</code> measures them.</p>")
     select = set(heldout.get("select") or ())
+    seeds = int(heldout.get("seeds") or 1)
     out.append(f"<p>Each row is a model of this model's settings (<b>{_e(chosen)}</b>) trained without that source "
                "or hospital and tested on it, at its own operating threshold (chosen on its validation split). "
                "Rows marked <i>used to choose</i> decided which classifier was registered "
-               f"({_e(heldout.get('figure', ''))}); the others never influenced any choice: they are the test. "
-               "Intervals are patient-level bootstrap 95% CIs.</p>")
-    seeds = int(heldout.get("seeds") or 1)
+               f"({_e(heldout.get('figure', ''))}); the others never influenced any choice: they are the test."
+               + (" Intervals are patient-level bootstrap 95% CIs." if seeds == 1 else "") + "</p>")
     if seeds > 1:
         out.append(f"<p>Every held-out run was repeated with {seeds} seeds (the classifiers' initialisation and "
                    "order): each figure is the mean ± sd over seeds, with the range in brackets; one seed's figure "

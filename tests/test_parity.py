@@ -156,11 +156,12 @@ def test_served_gradcam_sees_the_evaluated_input(folders, real_data, monkeypatch
 
 def test_the_served_working_image_is_the_cached_one(real_data):
     """Serving decodes the request's bytes the cache stage's way (``preprocess.read_working_image``), a JPEG far above
-    the working size included: both decode it at the same reduced scale, so the working images are identical."""
+    the working size included (a JPEG file or a baseline-JPEG DICOM): both decode it at the same reduced scale, so
+    the working images are identical."""
     reduced = {}
     for kind, path in real_files(real_data).items():
         served, pixels, header = preprocess.read_working_image(path.read_bytes(), SIZE, name=kind)
         cached, _, _ = preprocess.build_cache([str(path)], [None], SIZE)
         np.testing.assert_array_equal(served, cached[0].astype(np.float32))
         reduced[kind] = io.is_reduced(pixels, header)
-    assert reduced == {"dicom-j2k": False, "dicom": False, "png": False, "jpeg": True}
+    assert reduced == {"dicom-j2k": False, "dicom": True, "png": False, "jpeg": True}

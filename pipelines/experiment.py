@@ -213,13 +213,10 @@ def _heldout_row(ms: list[dict], used: bool) -> dict:
     for key, figure in (("auc", "test_auc"), ("specificity", "test_specificity"), ("sensitivity", "test_sensitivity")):
         values = [m[figure]["value"] for m in ms]
         row[f"{key}_by_seed"] = values
-        defined = [float(v) for v in values if v is not None]
-        if len(defined) < len(values):  # undefined in some seed (e.g. no COVID-19 in a held-out negative source)
-            row[key] = row[f"{key}_sd"] = row[f"{key}_min"] = row[f"{key}_max"] = None
-            continue
-        row[key] = float(np.mean(defined))
-        row[f"{key}_sd"] = float(np.std(defined, ddof=1))
-        row[f"{key}_min"], row[f"{key}_max"] = min(defined), max(defined)
+        # undefined in some seed (e.g. no COVID-19 in a held-out negative source): no mean
+        s = _stats(values) if None not in values else None
+        row[key], row[f"{key}_sd"], row[f"{key}_min"], row[f"{key}_max"] = (
+            (s["mean"], s["sd"], s["min"], s["max"]) if s else (None,) * 4)
     row["threshold_by_seed"] = [m["operating_threshold"] for m in ms]
     return row
 

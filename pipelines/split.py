@@ -1,7 +1,10 @@
 """Stage `split`: patient-level, label-stratified splits for each task, checked by the splits expectation suite.
 
-Tasks: `covid` (the experiment chosen in params: positives vs negatives, optionally curated as the paper's exp. 2),
+Tasks: `covid` (the experiment chosen in params: positives vs negatives, optionally curated as the paper's exp. 2;
+stratified by label and source),
 `projection` (frontal vs lateral, every image whose projection is known) and `segmentation` (images with lung masks).
+The segmentation split is drawn first; a covid-task patient whose masks the U-Net trains or is selected on keeps that
+split (train or val), so that the U-Net never learned a covid test patient's lungs.
 
 External validation: `holdout` (rules, e.g. `[{source: kermany}]` or `[{source: cohen, site: Germany},
 {source: montgomery}]`) puts every covid-task image they match in test and splits the rest into train/val (held-out
@@ -38,25 +41,38 @@ def task_tables(m: pd.DataFrame, p: dict) -> tuple[dict[str, pd.DataFrame], pd.D
 
     projection = m[m["projection"].isin(["frontal", "lateral"])].assign(label=lambda d: d["projection"])
     segmentation = m[m["mask_path"].notna()].assign(label=lambda d: d["source"])
-    tasks = {"covid": covid, "projection": projection, "segmentation": segmentation}
+    # covid strata: label x source, so that every source keeps its share in every split around the U-Net's patients
+    covid = covid.assign(stratum=covid["label"].astype(str) + "/" + covid["source"].astype(str))
+    tasks = {"segmentation": segmentation, "covid": covid, "projection": projection}
     seed = int(p["seed"])
     out = {}
     for name, frame in tasks.items():
         fractions = p.get("fractions_" + name) or p["fractions"]
         held, held_split = _held_out(name, p)
+        fixed = _unet_patients(out["segmentation"]) if name == "covid" else None
+        stratify = "stratum" if name == "covid" else "label"
         if held:
-            assigned = splits.split_with_holdout(frame, held, holdout_split=held_split, seed=seed,
-                                                 fractions=validated_fractions(name, p))
+            assigned = splits.split_with_holdout(frame, held, holdout_split=held_split, seed=seed, stratify=stratify,
+                                                 fractions=validated_fractions(name, p), fixed=fixed)
         else:
-            assigned = splits.split_patients(frame, fractions=fractions, seed=seed)
+            assigned = splits.split_patients(frame, fractions=fractions, seed=seed, stratify=stratify, fixed=fixed)
         frame = frame.assign(split=assigned)
         out[name] = frame[COLUMNS].sort_values("image_id").reset_index(drop=True)
+    out = {name: out[name] for name in ("covid", "projection", "segmentation")}
     train = out["covid"][out["covid"]["split"] == "train"]
     missing = sorted({"covid", "negative"} - set(train["label"]))
     if missing:
         raise splits.SelectionError(f"covid task: the train split has no {missing} images "
                                     f"(split.holdout={p['holdout']!r} holds all of them)")
     return out, dropped
+
+
+def _unet_patients(segmentation: pd.DataFrame) -> dict[str, str]:
+    """The patients whose masks the U-Net trains or is selected on, and their split: the covid task keeps them in the
+    same split, so that no covid test patient's lungs were learned by the U-Net that masks them (variants d and e, the
+    lung crop). Held-out rows still go to test: a held-out source's masks may be in the U-Net's training data."""
+    learned = segmentation[segmentation["split"].isin(["train", "val"])]
+    return dict(zip(learned["patient_id"].astype(str), learned["split"].astype(str)))
 
 
 def _held_out(task: str, p: dict) -> tuple[list[dict], str]:

@@ -45,6 +45,24 @@ def test_custom_fractions_and_zero_share():
     assert abs((s == "train").mean() - 0.8) < 0.05
 
 
+def test_fixed_patients_keep_their_split_and_the_others_fill_around_them():
+    df = frame(200)
+    patients = sorted(df["patient_id"].unique())
+    fixed = {p: "train" for p in patients[:80]} | {p: "val" for p in patients[80:100]}
+    s = splits.split_patients(df, seed=1, fixed=fixed)
+    assert all(s[df["patient_id"] == p].eq(split).all() for p, split in fixed.items())
+    share = s.value_counts(normalize=True)
+    assert abs(share["test"] - 0.2) < 0.03 and abs(share["val"] - 0.2) < 0.03  # targets still met overall
+    assert set(s[df["patient_id"].isin(patients[100:])]) == {"train", "val", "test"}
+
+
+def test_fixed_patients_absent_from_the_frame_change_nothing():
+    df = frame(80)
+    assert splits.split_patients(df, seed=3, fixed={"other:p1": "test"}).equals(splits.split_patients(df, seed=3))
+    with pytest.raises(ValueError, match=r"splits \['external'\]"):
+        splits.split_patients(df, fixed={"s:p1": "external"})
+
+
 @pytest.mark.parametrize("fractions", [{"train": 0.7, "val": 0.2}, {"train": 1.2, "val": -0.2}])
 def test_bad_fractions_refused(fractions):
     with pytest.raises(ValueError, match="fractions"):

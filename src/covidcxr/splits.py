@@ -27,12 +27,15 @@ def split_patients(
     seed: int = 0,
     stratify: str | None = "label",
     group: str = "patient_id",
+    fixed: Mapping[str, str] | None = None,
 ) -> pd.Series:
     """Assign every row a split name so that no group (patient) spans two splits.
 
     Within each stratum, patients are shuffled with ``seed`` and given, one by one, to the split that is furthest below
     its target share of the stratum's images; a patient with several strata is placed by their most frequent one
-    (ties: the lexically first). Returns a string Series aligned with ``df.index``.
+    (ties: the lexically first). ``fixed`` (patient -> split) places those patients first and the others fill around
+    them, e.g. to keep the patients another model trained on out of this task's test split; without fixed patients
+    in ``df`` the result is the same as without ``fixed``. Returns a string Series aligned with ``df.index``.
     """
     names = list(fractions)
     target = np.array([fractions[n] for n in names], dtype=float)
@@ -55,6 +58,11 @@ def split_patients(
     )
     sizes = groups.value_counts()
 
+    pinned = {str(g): s for g, s in (fixed or {}).items() if str(g) in per_patient.index}
+    unknown = sorted({s for s in pinned.values()} - set(names))
+    if unknown:
+        raise ValueError(f"fixed patients are assigned to splits {unknown} that are not among {names}")
+
     rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
     for stratum in sorted(per_patient.unique()):
@@ -62,7 +70,10 @@ def split_patients(
         patients = patients[rng.permutation(len(patients))]
         total = float(sizes[patients].sum())
         filled = np.zeros(len(names))
-        for patient in patients:
+        for patient in (p for p in patients if p in pinned):
+            assignment[patient] = pinned[patient]
+            filled[names.index(pinned[patient])] += sizes[patient]
+        for patient in (p for p in patients if p not in pinned):
             deficit = np.where(target > 0, target * total - filled, -np.inf)
             k = int(np.argmax(deficit))
             assignment[patient] = names[k]
@@ -139,6 +150,7 @@ def split_with_holdout(
     seed: int = 0,
     stratify: str | None = "label",
     group: str = "patient_id",
+    fixed: Mapping[str, str] | None = None,
 ) -> pd.Series:
     """Split by patient, except that rows matching any rule of ``holdout`` all go to ``holdout_split``.
 
@@ -146,7 +158,7 @@ def split_with_holdout(
     ``{"source": "cohen", "site": ["Germany", "Spain"]}`` for hospitals). Used for external validation: held-out sources
     or sites are the whole test split (``fractions`` then name only train and val), and external segmentation data
     (``holdout_split="external"``). A rule that matches no row, a patient on both sides, or nothing left to split is a
-    :class:`SelectionError`.
+    :class:`SelectionError`. ``fixed`` places patients of the rest as in :func:`split_patients`.
     """
     held = pd.Series(False, index=df.index)
     for rule in holdout:
@@ -160,7 +172,7 @@ def split_with_holdout(
     if shared:
         raise SelectionError(f"{len(shared)} patients have images both in and out of the held-out rows "
                              f"{[dict(r) for r in holdout]}")
-    rest = split_patients(df.loc[~held], fractions=fractions, seed=seed, stratify=stratify, group=group)
+    rest = split_patients(df.loc[~held], fractions=fractions, seed=seed, stratify=stratify, group=group, fixed=fixed)
     out = pd.Series(pd.array([holdout_split] * len(df), dtype="string"), index=df.index, name="split")
     out[~held] = rest
     return out

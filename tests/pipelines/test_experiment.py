@@ -144,6 +144,19 @@ def test_split_stage_holds_out_a_source_and_external_masks():
     assert plain["covid"].equals(again["covid"]) and set(plain["covid"]["split"]) == {"train", "val", "test"}
 
 
+@pytest.mark.parametrize("extra", [{}, {"holdout": [{"source": "neg1"}], "holdout_with_test": True}])
+def test_no_covid_test_patient_has_lungs_the_unet_learned(extra):
+    m = manifest_rows()
+    tables, _ = split_stage.task_tables(m, stage_params(**extra))
+    seg, covid = tables["segmentation"], tables["covid"]
+    learned = set(seg.loc[seg["split"].isin(["train", "val"]), "patient_id"])
+    assert learned and not learned & set(covid.loc[covid["split"] == "test", "patient_id"])
+    both = covid.merge(seg, on=["image_id", "patient_id"], suffixes=("", "_seg"))
+    kept = both[both["split_seg"] != "test"]
+    assert len(kept) and (kept["split"] == kept["split_seg"]).all()  # the same split, train or val
+    assert {"covid", "negative"} <= set(covid.loc[covid["split"] == "test", "label"])
+
+
 def test_holding_out_the_only_positive_source_is_refused():
     with pytest.raises(splits.SelectionError, match=r"train split has no \['covid'\] images .*'pos'"):
         split_stage.task_tables(manifest_rows(), stage_params(holdout=[{"source": "pos"}]))

@@ -56,18 +56,23 @@ def paced_training(model, size: int, *, batch: int, steps: int, mask: bool = Fal
     """
     import keras
 
+    from covidcxr import training
+
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch * steps, size, size, 1)).astype(np.float32)
     y = (rng.random((batch * steps, size, size, 1)) > 0.5 if mask else rng.random((batch * steps, 1)) > 0.5)
     y = y.astype(np.float32)
     flops = 3 * forward_flops(model)  # training ~ 3x the forward pass
     model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy")
-    model.fit(x[:batch], y[:batch], batch_size=batch, epochs=1, verbose=0)  # build + warm-up
+    # In-memory tensors through the stages' own tf.data options (training.dataset: no autotuning); Keras' pipeline from
+    # the arrays has autotuning on, which held whole U-Net passes to one core (the 0.50 recorded before 2026-12-05).
+    model.fit(training.dataset(x[:batch], y[:batch], batch_size=batch), epochs=1, verbose=0)  # build + warm-up
+    data = training.dataset(x, y, batch_size=batch)
     measured = []
     for _ in range(rounds):
         peak = matmul_gflops(repeats=2, rounds=1)
         cpu, start = _cpu_seconds(), time.perf_counter()
-        model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+        model.fit(data, epochs=1, verbose=0)
         wall = time.perf_counter() - start
         ips = batch * steps / wall
         measured.append((ips * flops / 1e9 / peak, ips, peak, (_cpu_seconds() - cpu) / wall))
@@ -81,8 +86,8 @@ def paced_training(model, size: int, *, batch: int, steps: int, mask: bool = Fal
 def _cpu_seconds() -> float:
     """This process's CPU time, every thread (user + system): over a pass's wall time, how many cores it kept busy.
 
-    TensorFlow's CPU convolutions split each op over the cores only above a size its cost model picks: the U-Net F0=64
-    at 128 px trained on about one core of two (1.03-1.06 busy) where at 224 px it kept 1.93 busy."""
+    The U-Net F0=64 at 128 px once trained on about one core of two (1.03-1.06 busy): tf.data's autotuning, on in
+    Keras' own pipeline from arrays, not the convolutions (each alone kept 1.9 cores busy)."""
     t = os.times()
     return t.user + t.system
 
@@ -119,7 +124,8 @@ def input_pipeline(*, size: int, depth: int, width: float, batch: int, steps: in
         memory = (tf.constant(images[..., None]), tf.constant(labels))
 
         def synthetic() -> None:
-            model.fit(tf.data.Dataset.from_tensor_slices(memory).batch(batch), epochs=1, verbose=0, shuffle=False)
+            model.fit(tf.data.Dataset.from_tensor_slices(memory).batch(batch).with_options(
+                training.fixed_pipeline_options()), epochs=1, verbose=0, shuffle=False)
 
         best = {"real": float("inf"), "synthetic": float("inf")}
         for k in range(rounds + 1):  # round 0 warms both up (tracing, first allocations) and is not counted

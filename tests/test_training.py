@@ -43,6 +43,19 @@ def test_dataset_batches_and_adds_channel():
     assert mb.shape == (10, 32, 32, 1)  # masks keep their shape (and move with their image)
 
 
+def test_pipelines_run_without_autotuning_and_predict_matches_keras():
+    import keras
+
+    x, y = tiny_data(10)
+    ds = training.dataset(x, y, batch_size=4, shuffle=True, seed=0, augment=True)
+    assert ds.options().autotune.enabled is False  # it held training to one core of two
+    model = models.build_vgg(16, (32, 32, 1), width=0.0625, head=(8,))
+    predicted = training.predict(model, x, batch_size=4)
+    assert predicted.shape == (10, 1) and predicted.dtype == np.float32
+    np.testing.assert_allclose(predicted, keras.ops.convert_to_numpy(model(x[..., None], training=False)), atol=1e-6)
+    assert training.predict(model, x[:0]).shape[0] == 0
+
+
 def test_balanced_class_weight():
     w = training.balanced_class_weight(np.array([0, 0, 0, 1]))
     assert w[1] == pytest.approx(3 * w[0]) and w[0] * 3 + w[1] * 1 == pytest.approx(4)

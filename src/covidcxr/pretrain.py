@@ -41,7 +41,7 @@ def two_views(x: np.ndarray, *, batch_size: int, seed: int, augment: object):
     epoch, each view from its own seeded ``training.Augmentation`` (full batches only, so shapes never change)."""
     import tensorflow as tf
 
-    from covidcxr.training import Augmentation
+    from covidcxr.training import Augmentation, fixed_pipeline_options
 
     transform = Augmentation.of(augment)
     if not transform.active:
@@ -55,7 +55,7 @@ def two_views(x: np.ndarray, *, batch_size: int, seed: int, augment: object):
     x = np.asarray(x, dtype=np.float32)[..., None]
     ds = tf.data.Dataset.from_tensor_slices(x).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.map(views, num_parallel_calls=1, deterministic=True)
-    return ds.batch(batch_size, drop_remainder=True).prefetch(2)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(2).with_options(fixed_pipeline_options())
 
 
 def pretrain(

@@ -302,7 +302,21 @@ def dataset(
     transform = Augmentation.of(augment)
     if transform.active:
         ds = ds.map(transform.map_fn(seed), num_parallel_calls=1, deterministic=True)
-    return ds.batch(batch_size).prefetch(2)
+    return ds.batch(batch_size).prefetch(2).with_options(fixed_pipeline_options())
+
+
+def fixed_pipeline_options():
+    """``tf.data`` options for pipelines whose parallelism and buffers are fixed (no ``AUTOTUNE``): autotuning off.
+
+    With it on, whole epochs of the U-Net F0=64 at 128 px trained on one core of two (20.5 s against 10.9 s for the
+    same three steps; 3 of 4 epochs, measured 2026-12-05), as if the tuner's thread held one of the intra-op threads;
+    off, every epoch used both. The elements and their order are the same either way.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
 
 
 def fit(
@@ -452,4 +466,9 @@ def predict(model, x: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
         outputs = [np.asarray(model(x[i:i + batch_size], training=False), dtype=np.float32)
                    for i in range(0, len(x), batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0, *model.output_shape[1:]), np.float32)
-    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+    if not len(x):  # (Keras' predict fails on no rows)
+        return np.zeros((0, *model.output_shape[1:]), dtype=np.float32)
+    # A dataset of our own rather than Keras' from the arrays, for its options: with tf.data autotuning on, the U-Net
+    # F0=64 at 128 px predicted on 1.35 cores of two (10.3 s against 6.9 s for 64 images).
+    data = tf.data.Dataset.from_tensor_slices(x).batch(batch_size).prefetch(2).with_options(fixed_pipeline_options())
+    return np.asarray(model.predict(data, verbose=0), dtype=np.float32)

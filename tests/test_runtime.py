@@ -9,17 +9,21 @@ import sys
 from covidcxr import runtime
 
 
-def test_importing_covidcxr_sets_telemetry_quiet_and_portable_numerics_unless_the_user_did():
+def test_importing_covidcxr_sets_telemetry_and_quiet_and_portable_numerics_only_when_asked_unless_the_user_did():
     names = [*runtime.TELEMETRY_OFF, *runtime.QUIET, *runtime.PORTABLE_CPU]
     code = f"import os, covidcxr; print({{k: os.environ.get(k) for k in {names!r}}})"
     clean = {k: v for k, v in os.environ.items()
-             if k not in {*runtime.TELEMETRY_OFF, *runtime.QUIET, *runtime.PORTABLE_CPU, runtime.NATIVE_CPU_ENV}}
-    seen = eval(subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True,
-                               check=True).stdout)
-    assert seen == {**runtime.TELEMETRY_OFF, **runtime.QUIET, **runtime.PORTABLE_CPU}
-    mine = eval(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                               env={**clean, "TF_CPP_MIN_LOG_LEVEL": "0", runtime.NATIVE_CPU_ENV: "1"}).stdout)
-    assert mine["TF_CPP_MIN_LOG_LEVEL"] == "0" and mine["ONEDNN_MAX_CPU_ISA"] is None
+             if k not in {*runtime.TELEMETRY_OFF, *runtime.QUIET, *runtime.PORTABLE_CPU, runtime.PORTABLE_CPU_ENV}}
+
+    def seen(**env: str) -> dict:
+        return eval(subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                                   check=True).stdout)
+
+    assert seen() == {**runtime.TELEMETRY_OFF, **runtime.QUIET, **dict.fromkeys(runtime.PORTABLE_CPU)}
+    assert seen(**{runtime.PORTABLE_CPU_ENV: "1"}) == {**runtime.TELEMETRY_OFF, **runtime.QUIET, **runtime.PORTABLE_CPU}
+    mine = seen(TF_CPP_MIN_LOG_LEVEL="0", ONEDNN_MAX_CPU_ISA="AVX512_CORE", **{runtime.PORTABLE_CPU_ENV: "1"})
+    assert mine["TF_CPP_MIN_LOG_LEVEL"] == "0" and mine["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
+    assert mine["TF_ENABLE_ONEDNN_OPTS"] == "0"
 
 
 def test_tensorflow_prints_nothing_on_import_and_first_use():
@@ -33,5 +37,27 @@ def test_a_subprocess_environment_has_telemetry_off_and_keeps_what_is_given():
     env = runtime.environment({"PATH": "/bin", "TF_CPP_MIN_LOG_LEVEL": "1"}, MLFLOW_TRACKING_URI="sqlite:///x.db")
     assert env["MLFLOW_DISABLE_TELEMETRY"] == "true" and env["DVC_NO_ANALYTICS"] == "1"
     assert env["TF_CPP_MIN_LOG_LEVEL"] == "1" and env["MLFLOW_TRACKING_URI"] == "sqlite:///x.db"
-    assert env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert "ONEDNN_MAX_CPU_ISA" not in env
+    assert runtime.environment({runtime.PORTABLE_CPU_ENV: "1"})["ONEDNN_MAX_CPU_ISA"] == "AVX2"
     assert runtime.environment({}, verbose=True)[runtime.VERBOSE_ENV] == "1"
+
+
+def test_stderr_without_drops_only_the_named_notices_and_keeps_every_other_line_in_order():
+    code = ("import os, sys\nfrom covidcxr import runtime\nprint('before', file=sys.stderr)\n"
+            "with runtime.stderr_without(('NOTICE',)):\n"
+            "    os.write(2, b'c level one\\nI0000 port.cc:153] NOTICE: on\\n')\n"
+            "    print('python level', file=sys.stderr)\n"
+            "print('after', file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stderr.splitlines() == ["before", "c level one", "python level", "after"]
+
+
+def test_tensorflow_keeps_its_own_loader_and_a_failing_block_restores_stderr():
+    code = ("import os, sys, covidcxr\nfrom covidcxr import runtime\nimport tensorflow as tf\n"
+            "assert tf.__spec__.loader is tf.__loader__ and type(tf.__loader__).__name__ == 'SourceFileLoader'\n"
+            "assert not any(isinstance(f, runtime._QuietTensorFlowFinder) for f in sys.meta_path)\n"
+            "try:\n    with runtime.stderr_without(('x',)):\n        raise KeyError('boom')\n"
+            "except KeyError:\n    pass\nos.write(2, b'still here\\n')\n")
+    clean = {k: v for k, v in os.environ.items() if k not in runtime.QUIET}
+    proc = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
+    assert proc.stderr == "still here\n"

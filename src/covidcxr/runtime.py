@@ -7,9 +7,13 @@ start subprocesses take :func:`environment`.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.util
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Mapping
 
 #: Telemetry and analytics of MLflow, DVC and Great Expectations, off (and ``analytics = false`` in .dvc/config).
@@ -23,13 +27,15 @@ TELEMETRY_OFF: dict[str, str] = {
 #: such as tf.data's harmless "NodeDef mentions attribute use_unbounded_threadpool"; real failures raise in Python)
 #: and MLflow's artifact progress bars.
 QUIET: dict[str, str] = {"TF_CPP_MIN_LOG_LEVEL": "3", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-#: CPU numerics that do not depend on the processor's instruction set: TensorFlow turns its oneDNN graph kernels on by
-#: default only on CPUs with AVX-512 (VNNI, BF16, AMX), and oneDNN's matrix products dispatch to the widest
-#: instructions the CPU has; both change the order of float sums, so the same seed trained other weights on an AVX-512
-#: machine. Eigen kernels with oneDNN products capped at AVX2 give every x86-64 CPU with AVX2 the same kernels.
-#: ``COVIDCXR_NATIVE_CPU=1`` keeps TensorFlow's own choice (faster on AVX-512, results differ from other CPUs).
+#: CPU numerics that do not depend on the processor's instruction set, for whoever needs the same weights from the same
+#: seed on every x86-64 CPU: TensorFlow turns its oneDNN graph kernels on by default only on CPUs with AVX-512 (VNNI,
+#: BF16, AMX), and oneDNN's matrix products dispatch to the widest instructions the CPU has; both change the order of
+#: float sums. Eigen kernels with oneDNN products capped at AVX2 give every CPU with AVX2 the same kernels, at a price
+#: on AVX-512: on this project's 2-core Xeon (AVX-512, AMX) they trained the U-Net F0=64 at 128 px 2.8x and VGG19 2.5x
+#: slower (measured 2026-12-05). Off by default (TensorFlow's own choice: the same weights run to run on one machine,
+#: other CPUs may differ in the last bits and, through training, more); ``COVIDCXR_PORTABLE_CPU=1`` turns them on.
 PORTABLE_CPU: dict[str, str] = {"TF_ENABLE_ONEDNN_OPTS": "0", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-NATIVE_CPU_ENV = "COVIDCXR_NATIVE_CPU"
+PORTABLE_CPU_ENV = "COVIDCXR_PORTABLE_CPU"
 VERBOSE_ENV = "COVIDCXR_VERBOSE"
 #: Python loggers of third-party libraries that print INFO lines on every run.
 NOISY_LOGGERS: tuple[str, ...] = ("great_expectations", "absl", "tensorflow", "h5py", "matplotlib", "PIL", "alembic",
@@ -43,6 +49,11 @@ def verbose_requested(argv: list[str] | None = None) -> bool:
     return flag or os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
+def portable_cpu_requested(env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``COVIDCXR_PORTABLE_CPU`` asks for the CPU-independent kernels (:data:`PORTABLE_CPU`)."""
+    return (os.environ if env is None else env).get(PORTABLE_CPU_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 def telemetry_off() -> None:
     """Set the telemetry variables in this process (a value the user set is kept)."""
     for key, value in TELEMETRY_OFF.items():
@@ -50,8 +61,8 @@ def telemetry_off() -> None:
 
 
 def apply_defaults() -> None:
-    """Telemetry off, TensorFlow's C++ notices quiet (unless verbose) and portable CPU numerics (:data:`PORTABLE_CPU`)
-    in this process; what the user set is kept.
+    """Telemetry off, TensorFlow's C++ notices quiet (unless verbose) and, when asked for, portable CPU numerics
+    (:data:`PORTABLE_CPU`) in this process; what the user set is kept.
 
     Run when ``covidcxr`` is imported, so that a served model or a notebook gets them too (TensorFlow reads the CPU
     settings when it starts: import covidcxr first).
@@ -60,9 +71,79 @@ def apply_defaults() -> None:
     if not verbose_requested():
         for key, value in QUIET.items():
             os.environ.setdefault(key, value)
-    if os.environ.get(NATIVE_CPU_ENV, "").strip().lower() not in ("1", "true", "yes"):
+    if portable_cpu_requested():
         for key, value in PORTABLE_CPU.items():
             os.environ.setdefault(key, value)
+    elif "tensorflow" not in sys.modules and not verbose_requested():
+        quiet_tensorflow_import()
+
+
+#: What TensorFlow writes to stderr while it is imported with its oneDNN kernels on, whatever TF_CPP_MIN_LOG_LEVEL
+#: says (absl logs before it is initialised): a notice that the kernels are on, and absl's note that it is not
+#: initialised yet. Nothing else is dropped.
+TENSORFLOW_IMPORT_NOTICES: tuple[str, ...] = ("oneDNN custom operations are on",
+                                              "All log messages before absl::InitializeLog() is called")
+
+
+class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
+    """Finds ``tensorflow`` once, through the other finders, with a loader that runs its import under
+    :func:`stderr_without` the start-up notices; then leaves ``sys.meta_path``."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "tensorflow":
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+class _QuietLoader(importlib.abc.Loader):
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader  # the module keeps its own loader
+        with stderr_without(TENSORFLOW_IMPORT_NOTICES):
+            self.loader.exec_module(module)
+
+
+def quiet_tensorflow_import() -> None:
+    """Import TensorFlow, when something first does, without its start-up notices (:data:`TENSORFLOW_IMPORT_NOTICES`).
+
+    With oneDNN's kernels on (the default), TensorFlow writes them to stderr from C++ on import, which
+    ``TF_CPP_MIN_LOG_LEVEL`` no longer silences; a stage's or the CLI's output would open with them every time.
+    """
+    if not any(isinstance(finder, _QuietTensorFlowFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowFinder())
+
+
+@contextlib.contextmanager
+def stderr_without(notices: tuple[str, ...]):
+    """Run the block with file descriptor 2 (C and Python alike) captured; then write back every line of it except
+    those containing one of ``notices``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not any(notice in line for notice in notices)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def configure(verbose: bool = False) -> logging.Logger:
@@ -87,7 +168,7 @@ def environment(base: Mapping[str, str] | None = None, *, verbose: bool = False,
     """An environment for a subprocess: ``base`` (default: this process's) with telemetry off and the quiet defaults."""
     env = dict(os.environ if base is None else base)
     env.update(TELEMETRY_OFF)
-    if env.get(NATIVE_CPU_ENV, "").strip().lower() not in ("1", "true", "yes"):
+    if portable_cpu_requested(env):
         env.update({k: env.get(k, v) for k, v in PORTABLE_CPU.items()})
     if verbose:
         env[VERBOSE_ENV] = "1"

@@ -164,7 +164,34 @@ def run(*, smoke: bool = False) -> dict:
                                                         steps=1 if smoke else 2,
                                                         rounds=1 if smoke else 3 if size > 128 else 5)
     result["input_pipeline"] = input_rows
+    if not smoke:  # two fresh TensorFlow processes: 20 s even at the smoke's sizes
+        result["cpu_kernels"] = cpu_kernels(128, width=1.0, steps=2, rounds=3)
     return result
+
+
+def cpu_kernels(size: int, *, width: float, steps: int, rounds: int) -> dict:
+    """VGG19 training images/s under TensorFlow's own CPU kernels (the default) and under the portable ones
+    (``COVIDCXR_PORTABLE_CPU=1``: Eigen, oneDNN capped at AVX2), each in a fresh process, as the kernels are chosen
+    when TensorFlow starts: what the cross-CPU bit-identity costs on this CPU."""
+    import json
+    import subprocess
+    import sys
+
+    from covidcxr import runtime
+
+    code = ("import json, covidcxr\nfrom covidcxr import models\nfrom bench.training import paced_training\n"
+            f"m = models.build_vgg(19, ({size}, {size}, 1), width={width})\n"
+            f"print(json.dumps(paced_training(m, {size}, batch=16, steps={steps}, rounds={rounds})))")
+    out = {"size": size, "width": width}
+    for kernels in ("native", "portable"):
+        env = {k: v for k, v in os.environ.items()
+               if k not in (runtime.PORTABLE_CPU_ENV, *runtime.PORTABLE_CPU)}
+        if kernels == "portable":
+            env[runtime.PORTABLE_CPU_ENV] = "1"
+        proc = subprocess.run([sys.executable, "-c", code], env=runtime.environment(env), capture_output=True,
+                              text=True, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        out[kernels] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
 
 
 def rows(result: dict) -> list[dict]:
@@ -175,7 +202,13 @@ def rows(result: dict) -> list[dict]:
     out = [row(f"training.{name}", figures["achieved_gflops"], figures["matmul_gflops"],
                "float32 matmul peak of this machine, measured just before the pass", "GFLOP/s",
                goal("ratio", ">=", 0.70))
-           for name, figures in sorted(result.items()) if isinstance(figures, dict)]
+           for name, figures in sorted(result.items()) if isinstance(figures, dict) and name != "cpu_kernels"]
+    if "cpu_kernels" in result:
+        k = result["cpu_kernels"]
+        out.append(row(f"training.portable_cpu_kernels.vgg19_{k['size']}px", k["portable"]["train_images_per_second"],
+                       k["native"]["train_images_per_second"],
+                       "TensorFlow's own CPU kernels (the default), same model, fresh process each, same run",
+                       "images/s", None))
     for p in result.get("input_pipeline", []):
         out.append(row(f"training.input_pipeline.vgg{p['depth']}_{p['size']}px_batch{p['batch']}",
                        p["real_images_per_second"], p["synthetic_images_per_second"],

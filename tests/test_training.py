@@ -133,15 +133,32 @@ def batches(ds):
     return [(b[0].numpy(), b[1].numpy()) for b in ds]
 
 
-def test_augment_true_and_basic_are_the_original_jitter():
-    x, _ = tiny_data(12)
+@pytest.mark.parametrize("n, size, batch_size", [(12, 32, 5), (300, 32, 16)])  # one group of batches; two
+def test_augment_true_and_basic_are_the_original_jitter(n, size, batch_size):
+    """Batch for batch and epoch after epoch (the generator carries on), with a short last batch, masks and labels."""
+    x, labels = tiny_data(n, size=size)
     masks = (x > 0.5).astype(np.float32)
-    legacy = batches(_legacy_dataset(x, masks, batch_size=5, seed=4))
-    for value in (True, "basic"):
-        ours = batches(training.dataset(x, masks, batch_size=5, shuffle=True, seed=4, augment=value))
-        for (a, am), (b, bm) in zip(ours, legacy, strict=True):
-            np.testing.assert_array_equal(a, b)
-            np.testing.assert_array_equal(am, bm)
+    for target in (masks, labels):
+        legacy_ds = _legacy_dataset(x, target, batch_size=batch_size, seed=4)
+        legacy = [batches(legacy_ds) for _ in range(2)]
+        for value in (True, "basic"):
+            ds = training.dataset(x, target, batch_size=batch_size, shuffle=True, seed=4, augment=value)
+            assert int(ds.cardinality()) == len(legacy[0])
+            for epoch in legacy:
+                for (a, am), (b, bm) in zip(batches(ds), epoch, strict=True):
+                    np.testing.assert_array_equal(a, b)
+                    np.testing.assert_array_equal(am, bm)
+    assert not np.array_equal(legacy[0][0][0], legacy[1][0][0])
+
+
+def test_basic_jitter_one_image_at_a_time_draws_as_on_batches():
+    import tensorflow as tf
+
+    x, _ = tiny_data(7)
+    legacy = np.concatenate([b[0] for b in batches(_legacy_dataset(x, x, batch_size=7, seed=9))])
+    one_at_a_time = training.LEVELS["basic"].map_fn(9)
+    ds = tf.data.Dataset.from_tensor_slices(x[..., None]).shuffle(7, seed=9).map(lambda im: one_at_a_time(im, im))
+    np.testing.assert_array_equal(np.stack([im.numpy() for im, _ in ds]), legacy)
     assert training.Augmentation.of(False) == training.Augmentation.of("none") and not training.LEVELS["none"].active
 
 

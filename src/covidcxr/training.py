@@ -156,20 +156,15 @@ class Augmentation:
 
         import tensorflow as tf
 
-        rng = tf.random.Generator.from_seed(seed)
         if self.wrap:
-            limit, offset = self.shift, self.brightness
+            on_batches = self.batch_fn(seed)
 
             def jitter(img, target):
-                shift = rng.uniform([2], -limit, limit)
-                img = tf.roll(img, shift=tf.cast(shift * tf.cast(tf.shape(img)[:2], tf.float32), tf.int32),
-                              axis=[0, 1])
-                if target.shape.rank == 3:  # masks move with the image
-                    target = tf.roll(target, shift=tf.cast(shift * tf.cast(tf.shape(img)[:2], tf.float32), tf.int32),
-                                     axis=[0, 1])
-                return img + rng.uniform([], -offset, offset), target
+                img, target = on_batches(img[None], target[None])
+                return img[0], target[0]
 
             return jitter
+        rng = tf.random.Generator.from_seed(seed)
         geometric = bool(self.shift or self.rotate or self.scale)
 
         def warp(image, transform):
@@ -207,6 +202,51 @@ class Augmentation:
 
         return augment
 
+    def batch_fn(self, seed: int):
+        """The ``wrap`` jitter on whole batches: ``(images [B, H, W, 1], targets) -> (images, targets)`` (a
+        ``[B, H, W, 1]`` target is a mask and rolls with its image).
+
+        Image for image the same draws as one image at a time from ``tf.random.Generator.from_seed(seed)`` (its
+        ``uniform([2])`` shift, then its ``uniform([])`` offset), and the same pixels: the batch reads the generator's
+        state and advances it as those draws would, then takes the draws from the Philox stream at the counters each
+        image's calls would have used. Per image, the map calls cost more than the jitter itself: at 64 px, 88 ms of
+        pipeline per 1,024 images against 8 without augmentation, and a tenth of the classifier's training speed.
+        """
+        import tensorflow as tf
+        from tensorflow.python.ops import gen_stateful_random_ops
+
+        if not self.wrap:
+            raise ValueError("only the wrap jitter (level basic) runs on whole batches")
+        rng = tf.random.Generator.from_seed(seed)
+        # A stateful draw of k numbers advances the Philox counter by 256 k (TensorFlow's choice); each counter value
+        # gives 4 numbers. One image draws 2 + 1 numbers: 3 x 256 counters, its shift at the first, its offset at 512.
+        per_image, stride = 3, 3 * 256 * 4
+        lo_shift, hi_shift = tf.constant(-self.shift, tf.float32), tf.constant(self.shift, tf.float32)
+        lo_offset, hi_offset = tf.constant(-self.brightness, tf.float32), tf.constant(self.brightness, tf.float32)
+
+        def roll(images, rows, cols):
+            return tf.gather(tf.gather(images, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+
+        def jitter(img, target):
+            n = tf.shape(img)[0]
+            state = tf.bitcast(gen_stateful_random_ops.rng_read_and_skip(
+                rng.state.handle, alg=rng.algorithm, delta=tf.cast(per_image * n, tf.uint64)), tf.uint64)
+            u = tf.reshape(tf.raw_ops.StatelessRandomUniformV2(
+                shape=[n * stride], key=state[2:], counter=state[:2], alg=rng.algorithm, dtype=tf.float32),
+                [n, stride])
+            shift = u[:, :2] * (hi_shift - lo_shift) + lo_shift  # what Generator.uniform computes from [0, 1)
+            offset = u[:, 2 * 256 * 4] * (hi_offset - lo_offset) + lo_offset
+            size = tf.shape(img)[1:3]
+            steps = tf.cast(shift * tf.cast(size, tf.float32), tf.int32)  # [n, 2]: rows, columns, as tf.roll took
+            rows = tf.math.floormod(tf.range(size[0])[None] - steps[:, :1], size[0])
+            cols = tf.math.floormod(tf.range(size[1])[None] - steps[:, 1:], size[1])
+            rolled = tf.ensure_shape(roll(img, rows, cols), img.shape)
+            if target.shape.rank == 4:  # masks move with the image
+                target = tf.ensure_shape(roll(target, rows, cols), target.shape)
+            return rolled + offset[:, None, None, None], target
+
+        return jitter
+
 
 #: Named augmentation levels: ``basic`` is the original jitter (a circular shift of up to 5% and a brightness offset);
 #: ``strong`` adds a small affine (8 degrees, 10% zoom, 6% shift) and gamma, contrast and noise.
@@ -215,6 +255,10 @@ LEVELS: dict[str, Augmentation] = {
     "basic": Augmentation(shift=0.05, brightness=0.1, wrap=True),
     "strong": Augmentation(shift=0.06, rotate=8.0, scale=0.1, gamma=0.3, contrast=0.2, brightness=0.1, noise=0.03),
 }
+
+
+#: About how many images go through the ``basic`` jitter in one map call (a whole number of batches).
+JITTER_GROUP_IMAGES = 256
 
 
 def balanced_groups(labels: np.ndarray, sources: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -300,9 +344,17 @@ def dataset(
         if shuffle:
             ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     transform = Augmentation.of(augment)
-    if transform.active:
-        ds = ds.map(transform.map_fn(seed), num_parallel_calls=1, deterministic=True)
-    return ds.batch(batch_size).prefetch(2).with_options(fixed_pipeline_options())
+    if transform.wrap and transform.active:
+        # Groups of whole batches through the jitter, cut back to batch_size: the same batches and draws, a few map
+        # calls per epoch instead of one per batch (on 2 cores each call's ops also slow the model's step beside it).
+        group = batch_size * max(1, JITTER_GROUP_IMAGES // batch_size)
+        ds = ds.batch(group).map(transform.batch_fn(seed), num_parallel_calls=1, deterministic=True)
+        ds = ds.rebatch(batch_size).apply(tf.data.experimental.assert_cardinality(-(-len(x) // batch_size)))
+    else:
+        if transform.active:
+            ds = ds.map(transform.map_fn(seed), num_parallel_calls=1, deterministic=True)
+        ds = ds.batch(batch_size)
+    return ds.prefetch(2).with_options(fixed_pipeline_options())
 
 
 def fixed_pipeline_options():

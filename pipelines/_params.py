@@ -293,6 +293,8 @@ class HeldOut(BaseModel):
     select: list[str] = []
     seeds: Positive = 1  # how many times each held-out run was repeated (its rows then hold means over seeds)
     sources: dict[str, dict[str, dict[str, Any]]] = {}
+    standard_error: dict[str, float | None] = {}  # of by_classifier over seeds: within it, candidates are tied
+    mean: dict[str, float | None] = {}  # the specificity's mean over the select runs: breaks such a tie
 
 
 class Register(Section):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -177,6 +178,9 @@ def heldout_figures(block: dict, collected: dict[str, dict | list[dict]]) -> dic
     ``collected``: per held-out run, its figures, or a list of them, one per seed (``heldout.seeds``). Over seeds, a
     run's specificity is the mean over its seeds, and the worst of those means chooses: one seed's figure moves by
     more than the models differ. Its row then holds means, the sd and range over seeds, and every seed's value.
+    ``standard_error`` (that worst mean's, over seeds) and ``mean`` (the specificity's mean over the ``select`` runs)
+    let `register` treat figures within noise of each other as tied and break the tie by the mean
+    (:func:`covidcxr.selection.select`).
     """
     runs = {label: r if isinstance(r, list) else [r] for label, r in collected.items()}
     select = [str(s) for s in block.get("select") or runs]
@@ -187,15 +191,19 @@ def heldout_figures(block: dict, collected: dict[str, dict | list[dict]]) -> dic
     rows = {label: {model: _heldout_row([r["models"][model] for r in rs if model in r["models"]], label in select)
                     for model in sorted({m for r in rs for m in r["models"]})}
             for label, rs in runs.items()}
-    by_classifier = {}
+    by_classifier, standard_error, mean = {}, {}, {}
     for model in models:
-        values = [v for k in select if (v := (rows[k].get(model) or {}).get("specificity")) is not None]
-        by_classifier[model] = min(values) if values else None
+        used = [row for k in select if (row := rows[k].get(model) or {}).get("specificity") is not None]
+        worst = min(used, key=lambda row: row["specificity"]) if used else {}
+        by_classifier[model] = worst.get("specificity")
+        sd, n = worst.get("specificity_sd"), worst.get("n_seeds") or 1
+        standard_error[model] = sd / math.sqrt(n) if sd is not None and n > 1 else None
+        mean[model] = float(np.mean([row["specificity"] for row in used])) if used else None
     n_seeds = max((len(rs) for rs in runs.values()), default=1)
     what = "worst held-out specificity at the operating threshold" + (f", mean of {n_seeds} seeds," if n_seeds > 1
                                                                         else "")
     return {"figure": f"{what} ({', '.join(select)})", "by_classifier": by_classifier, "select": select,
-            "seeds": n_seeds, "sources": rows}
+            "seeds": n_seeds, "sources": rows, "standard_error": standard_error, "mean": mean}
 
 
 def _heldout_row(ms: list[dict], used: bool) -> dict:

@@ -3,7 +3,8 @@
 The classifier is chosen by :func:`covidcxr.selection.select` among those params allow (`variant`/`backbone`, `best` for
 any): candidates whose own shortcut audit failed are not eligible while another is; then the best by the held-out figure
 of the same settings when `register.heldout` holds one for every eligible candidate (the experiment runner fills it from
-its held-out-source runs), else by the validation `metric`. The new version takes the alias `champion` when its figure
+its held-out-source runs; candidates within the seeds' noise of the best are tied, and the mean over the held-out runs
+chooses among them), else by the validation `metric`. The new version takes the alias `champion` when its figure
 is at least the current champion's and its audit did not fail (or `register.allow_failed_audit: true`); otherwise
 `challenger`. Every candidate with its figures and why it was or was not chosen, the decision and its reason are
 printed, logged to MLflow and written to reports/register/registered.json.
@@ -51,7 +52,8 @@ def candidates(p: dict, classifiers: dict, audit_report: dict) -> list[selection
             f"register.variant={p['variant']!r} / backbone={p['backbone']!r} match no trained classifier "
             f"(train_classifier.variants {classifiers['variants']}, backbones {classifiers['backbones']}; best "
             f"never takes the lungs-removed control {', '.join(CONTROL_VARIANTS)})")
-    heldout = (p.get("heldout") or {}).get("by_classifier") or {}
+    figures = p.get("heldout") or {}
+    heldout = figures.get("by_classifier") or {}
     out = []
     for variant, backbone in chosen:
         name = f"{variant}_{backbone}"
@@ -60,7 +62,9 @@ def candidates(p: dict, classifiers: dict, audit_report: dict) -> list[selection
         out.append(selection.Candidate(variant=variant, backbone=backbone, validation=evaluation["val"]["at_operating"],
                                        audit_status=status,
                                        audit_failed=tuple(f"{c['name']}:{c['subject']}" for c in failed),
-                                       heldout=heldout.get(name)))
+                                       heldout=heldout.get(name),
+                                       heldout_se=(figures.get("standard_error") or {}).get(name),
+                                       heldout_mean=(figures.get("mean") or {}).get(name)))
     return out
 
 

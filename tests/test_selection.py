@@ -46,6 +46,42 @@ def test_held_out_figures_decide_when_every_eligible_candidate_has_one():
     assert partial.by == "val_roc_auc" and partial.chosen.name == "c_vgg16"
 
 
+def heldout(name: str, worst: float, se: float | None, mean: float | None, status: str = "pass") -> Candidate:
+    return Candidate(*name.split("_"), {"roc_auc": 0.9}, audit_status=status, heldout=worst, heldout_se=se,
+                     heldout_mean=mean)
+
+
+def test_held_out_figures_within_noise_are_tied_and_the_mean_breaks_the_tie():
+    # the 2026-12-05 all-sources run: Montgomery decided, c 0.063 +- 0.023 against d 0.045 +- 0.012 (standard errors)
+    pool = [heldout("d_vgg16", 0.063, 0.023, 0.22), heldout("c_vgg16", 0.045, 0.012, 0.365),
+            heldout("c_vgg19", 0.010, 0.004, 0.90)]  # far below the best's noise: never tied, whatever its mean
+    chosen = selection.select(pool, "roc_auc", heldout_name="worst held-out specificity")
+    assert chosen.chosen.name == "c_vgg16" and chosen.by == "heldout" and chosen.value == 0.045
+    rows = {r["classifier"]: r for r in chosen.table}
+    assert "best held-out mean (0.3650) of the 2 within noise of the best worst held-out specificity (0.0630)" in (
+        rows["c_vgg16"]["reason"])
+    assert "0.0630 within noise of 0.0450 (difference 0.0180 <= 0.0259" in rows["d_vgg16"]["reason"]
+    assert "held-out mean 0.2200 < 0.3650" in rows["d_vgg16"]["reason"]
+    assert rows["c_vgg19"]["reason"] == "worst held-out specificity 0.0100 < 0.0630"
+    assert rows["c_vgg16"]["heldout_se"] == 0.012 and rows["c_vgg16"]["heldout_mean"] == 0.365
+
+
+@pytest.mark.parametrize("pool, why", [
+    ([heldout("d_vgg16", 0.30, 0.02, 0.3), heldout("c_vgg16", 0.20, 0.02, 0.9)], "apart by more than their noise"),
+    ([heldout("d_vgg16", 0.30, None, 0.3), heldout("c_vgg16", 0.29, None, 0.9)], "one seed: no standard error"),
+    ([heldout("d_vgg16", 0.30, 0.05, 0.3), heldout("c_vgg16", 0.29, 0.05, None)], "a tied candidate has no mean"),
+])
+def test_the_best_held_out_figure_chooses_when_no_tie_can_be_measured(pool, why):
+    chosen = selection.select(pool, "roc_auc")
+    assert chosen.chosen.name == "d_vgg16", why
+    assert chosen.table[0]["reason"] == "chosen: best held-out figure (0.3000)"
+
+
+def test_a_tie_never_brings_back_a_candidate_whose_audit_failed():
+    pool = [heldout("d_vgg16", 0.30, 0.05, 0.3), heldout("c_vgg16", 0.29, 0.05, 0.9, status="fail")]
+    assert selection.select(pool, "roc_auc").chosen.name == "d_vgg16"
+
+
 def test_bad_selections_are_errors():
     with pytest.raises(ValueError, match="higher is better"):
         selection.select([candidate("c_vgg16", 0.9)], "ece")

@@ -2,8 +2,11 @@
 
 ``select`` ranks the candidates (one per variant and backbone): those whose own shortcut audit failed are not eligible
 while another is; among the eligible, the best by the selection figure, and the figure is a held-out-source one when
-every eligible candidate has it (how the model does on hospitals it never saw), else a validation metric. Every
-candidate is listed with its figures and the reason it was or was not chosen. ``decide`` gives the new version its
+every eligible candidate has it (how the model does on hospitals it never saw), else a validation metric. A held-out
+figure that is a mean over seeds comes with its standard error: candidates within noise of the best (a difference no
+larger than the two standard errors combined) are tied on it, and their mean over the held-out runs breaks the tie, so
+that the seeds' noise on one near-hopeless source does not choose. Every candidate is listed with its figures and the
+reason it was or was not chosen. ``decide`` gives the new version its
 alias; ``reason`` says why in one line. Nothing here touches MLflow: the `register` stage does.
 """
 
@@ -32,6 +35,8 @@ class Candidate:
     audit_failed: tuple[str, ...] = ()
     heldout: float | None = None  # higher is better, e.g. the worst held-out source's specificity
     heldout_detail: Mapping[str, object] = field(default_factory=dict)
+    heldout_se: float | None = None  # the standard error of ``heldout`` over seeds (None: one seed, no spread)
+    heldout_mean: float | None = None  # the tie-break: e.g. the specificity's mean over every held-out run
 
     @property
     def name(self) -> str:
@@ -56,6 +61,15 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
+def noise(c: Candidate, best: Candidate) -> float | None:
+    """The combined standard error of two held-out figures when ``c``'s is within it of ``best``'s, else None (also
+    when either has no standard error: one seed says nothing of the noise)."""
+    if not (_finite(c.heldout) and _finite(best.heldout) and _finite(c.heldout_se) and _finite(best.heldout_se)):
+        return None
+    combined = math.hypot(float(c.heldout_se), float(best.heldout_se))
+    return combined if abs(float(best.heldout) - float(c.heldout)) <= combined else None
+
+
 def select(candidates: Sequence[Candidate], metric: str, *, heldout_name: str = "held-out figure") -> Selection:
     """The candidate to register (see the module docstring); ties keep the first in ``candidates`` order."""
     if metric not in METRICS:
@@ -74,25 +88,41 @@ def select(candidates: Sequence[Candidate], metric: str, *, heldout_name: str = 
     if not scored:
         raise ValueError(f"validation {metric} is undefined for every eligible candidate "
                          f"{[c.name for c in eligible]}")
-    chosen = max(scored, key=figure)  # max keeps the first of equals: params order breaks ties
+    best = max(scored, key=figure)  # max keeps the first of equals: params order breaks ties
+    tied = [c for c in scored if use_heldout and (c is best or noise(c, best) is not None)]
+    chosen = best
+    if len(tied) > 1 and all(_finite(c.heldout_mean) for c in tied):
+        chosen = max(tied, key=lambda c: float(c.heldout_mean))
+    else:
+        tied = [best]
     label = heldout_name if use_heldout else f"val {metric}"
     table = []
     for c in candidates:
         if c is chosen:
             why = f"chosen: best {label} ({figure(c):.4f})"
+            if len(tied) > 1:
+                why = (f"chosen: best held-out mean ({c.heldout_mean:.4f}) of the {len(tied)} within noise of the best "
+                       f"{label} ({figure(best):.4f})")
             if all_failed:
                 why += " though every candidate failed its audit"
         elif c.audit_status == audit.FAIL and not all_failed:
             why = f"not eligible: its audit failed ({', '.join(c.audit_failed) or 'fail'})"
         elif not math.isfinite(figure(c)):
             why = f"{label} undefined"
+        elif any(c is t for t in tied):
+            other = chosen if c is best else best
+            why = (f"{label} {figure(c):.4f} within noise of {figure(other):.4f} (difference "
+                   f"{abs(figure(c) - figure(other)):.4f} <= {noise(c, other):.4f}, the standard errors combined); "
+                   f"held-out mean {c.heldout_mean:.4f} < {chosen.heldout_mean:.4f}")
         else:
-            why = f"{label} {figure(c):.4f} < {figure(chosen):.4f}"
+            why = f"{label} {figure(c):.4f} < {figure(best):.4f}"
         table.append({
             "classifier": c.name, "variant": c.variant, "backbone": c.backbone, "chosen": c is chosen,
             "reason": why, "audit_status": c.audit_status, "audit_failed": list(c.audit_failed),
             f"val_{metric}": c.metric(metric), "heldout": c.heldout, **({"heldout_detail": dict(c.heldout_detail)}
                                                                        if c.heldout_detail else {}),
+            **({"heldout_se": c.heldout_se, "heldout_mean": c.heldout_mean}
+               if c.heldout_se is not None or c.heldout_mean is not None else {}),
         })
     return Selection(chosen=chosen, by=by, value=figure(chosen), table=table)
 

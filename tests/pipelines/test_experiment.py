@@ -221,6 +221,8 @@ def test_heldout_figures_choose_on_the_selection_runs_and_mark_the_rest_as_tests
                  "hospitals": {"models": {"c_vgg16": _model(0.9, auc=0.8), "d_vgg16": _model(0.1, auc=0.6)}}}
     figures = experiment.heldout_figures({"select": ["kermany", "montgomery"]}, collected)
     assert figures["by_classifier"] == {"c_vgg16": 0.2, "d_vgg16": 0.6}  # the worst of the selection runs only
+    assert figures["mean"] == pytest.approx({"c_vgg16": 0.35, "d_vgg16": 0.65})  # hospitals never counts
+    assert figures["standard_error"] == {"c_vgg16": None, "d_vgg16": None}  # one seed: no spread to measure
     assert figures["sources"]["hospitals"]["c_vgg16"]["used_to_choose"] is False
     assert figures["sources"]["kermany"]["d_vgg16"]["used_to_choose"] is True
     assert figures["sources"]["hospitals"]["c_vgg16"]["auc"] == 0.8 and "kermany, montgomery" in figures["figure"]
@@ -236,6 +238,9 @@ def test_heldout_figures_over_seeds_choose_by_the_worst_mean():
     figures = experiment.heldout_figures({"select": ["kermany"]}, collected)
     assert figures["by_classifier"]["c_vgg16"] == pytest.approx(0.4) and figures["by_classifier"]["d_vgg16"] == 0.5
     assert figures["seeds"] == 3 and "mean of 3 seeds" in figures["figure"]
+    # the worst mean's standard error over seeds (sd / sqrt 3), and the mean over the select runs (kermany alone here)
+    assert figures["standard_error"]["c_vgg16"] == pytest.approx(0.4359 / 3**0.5, abs=1e-4)
+    assert figures["standard_error"]["d_vgg16"] == 0.0 and figures["mean"]["c_vgg16"] == pytest.approx(0.4)
     row = figures["sources"]["kermany"]["c_vgg16"]
     assert row["n_seeds"] == 3 and row["specificity_by_seed"] == [0.9, 0.1, 0.2]
     assert row["specificity_sd"] == pytest.approx(0.4359, abs=1e-4)

@@ -224,8 +224,10 @@ class Augmentation:
         lo_shift, hi_shift = tf.constant(-self.shift, tf.float32), tf.constant(self.shift, tf.float32)
         lo_offset, hi_offset = tf.constant(-self.brightness, tf.float32), tf.constant(self.brightness, tf.float32)
 
-        def roll(images, rows, cols):
-            return tf.gather(tf.gather(images, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+        def roll(images, rows, cols):  # rows, then columns as rows of the transposed images: whole-row copies
+            rolled = tf.gather(images, rows, axis=1, batch_dims=1)
+            rolled = tf.gather(tf.transpose(rolled, [0, 2, 1, 3]), cols, axis=1, batch_dims=1)
+            return tf.transpose(rolled, [0, 2, 1, 3])
 
         def jitter(img, target):
             n = tf.shape(img)[0]

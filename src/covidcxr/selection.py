@@ -6,8 +6,8 @@ every eligible candidate has it (how the model does on hospitals it never saw), 
 figure that is a mean over seeds comes with its standard error: candidates within noise of the best (a difference no
 larger than the two standard errors combined) are tied on it, and their mean over the held-out runs breaks the tie, so
 that the seeds' noise on one near-hopeless source does not choose. Every candidate is listed with its figures and the
-reason it was or was not chosen. ``decide`` gives the new version its
-alias; ``reason`` says why in one line. Nothing here touches MLflow: the `register` stage does.
+reason it was or was not chosen. ``decide`` gives the new version its alias; ``reason`` says why in one line. Nothing
+here touches MLflow: the `register` stage does.
 """
 
 from __future__ import annotations

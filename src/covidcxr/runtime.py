@@ -46,12 +46,17 @@ def verbose_requested(argv: list[str] | None = None) -> bool:
     """Whether ``-v``/``--verbose`` is among the arguments, or ``COVIDCXR_VERBOSE`` is set to a true value."""
     argv = sys.argv[1:] if argv is None else argv
     flag = any(a in ("-v", "--verbose") for a in argv)
-    return flag or os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes")
+    return flag or _env_flag(os.environ, VERBOSE_ENV)
 
 
 def portable_cpu_requested(env: Mapping[str, str] | None = None) -> bool:
     """Whether ``COVIDCXR_PORTABLE_CPU`` asks for the CPU-independent kernels (:data:`PORTABLE_CPU`)."""
-    return (os.environ if env is None else env).get(PORTABLE_CPU_ENV, "").strip().lower() in ("1", "true", "yes")
+    return _env_flag(os.environ if env is None else env, PORTABLE_CPU_ENV)
+
+
+def _env_flag(env: Mapping[str, str], name: str) -> bool:
+    """Whether the variable ``name`` of ``env`` is set to 1, true or yes (any case, spaces ignored)."""
+    return env.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def telemetry_off() -> None:

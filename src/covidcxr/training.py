@@ -220,7 +220,8 @@ class Augmentation:
         rng = tf.random.Generator.from_seed(seed)
         # A stateful draw of k numbers advances the Philox counter by 256 k (TensorFlow's choice); each counter value
         # gives 4 numbers. One image draws 2 + 1 numbers: 3 x 256 counters, its shift at the first, its offset at 512.
-        per_image, stride = 3, 3 * 256 * 4
+        per_draw = 256 * 4  # numbers of the stream that one drawn number moves past
+        per_image, stride = 3, 3 * per_draw
         lo_shift, hi_shift = tf.constant(-self.shift, tf.float32), tf.constant(self.shift, tf.float32)
         lo_offset, hi_offset = tf.constant(-self.brightness, tf.float32), tf.constant(self.brightness, tf.float32)
 
@@ -237,7 +238,7 @@ class Augmentation:
                 shape=[n * stride], key=state[2:], counter=state[:2], alg=rng.algorithm, dtype=tf.float32),
                 [n, stride])
             shift = u[:, :2] * (hi_shift - lo_shift) + lo_shift  # what Generator.uniform computes from [0, 1)
-            offset = u[:, 2 * 256 * 4] * (hi_offset - lo_offset) + lo_offset
+            offset = u[:, 2 * per_draw] * (hi_offset - lo_offset) + lo_offset
             size = tf.shape(img)[1:3]
             steps = tf.cast(shift * tf.cast(size, tf.float32), tf.int32)  # [n, 2]: rows, columns, as tf.roll took
             rows = tf.math.floormod(tf.range(size[0])[None] - steps[:, :1], size[0])

@@ -344,6 +344,10 @@ def collect_classifier(workdir: Path, params: dict, targets: tuple[str, ...] = (
     if audit_report is not None:
         out["audit"] = {c["name"] + ":" + c["subject"]: {"status": c["status"], "value": c["value"],
                                                           "reason": c["reason"]} for c in audit_report["checks"]}
+    unet = workdir / "reports/train_unet/metrics.json"
+    external = _json(unet).get("external") if unet.is_file() else None
+    if external:  # a held-out source's masks: the U-Net that cropped and masked its images never learned them
+        out["unet_external"] = {k: external[k] for k in ("n", "dice", "iou", "dice_clean")}
     if {"register", "model_card"} & set(targets):
         r = _json(workdir / "reports/register/registered.json")
         out["registered"] = {k: r.get(k) for k in ("model_name", "version", "alias", "classifier", "selected_by",
@@ -628,7 +632,23 @@ def _classifier_rows(result: dict) -> list[str]:
     return ["Trained on every source (`runs`):", "", *header, *_model_rows(result["runs"]), "",
             "The same settings trained without a source, tested on it (`heldout`; the out-of-distribution detector's "
             "refused share on an unseen source beside the in-distribution test's above):", "", *header,
-            *_model_rows(held), *_heldout_summary_rows(result["runs"])]
+            *_model_rows(held), *_heldout_summary_rows(result["runs"]), *_heldout_unet_rows(held)]
+
+
+def _heldout_unet_rows(held: dict) -> list[str]:
+    """The U-Net's Dice on each held-out run's masks, which it never trained on (one U-Net for every seed of a run:
+    the seeds are the classifier's)."""
+    rows = {}
+    for exp_name, r in held.items():
+        if r.get("unet_external"):
+            rows.setdefault(re.sub(r"-s\d+$", "", exp_name), r["unet_external"])
+    if not rows:
+        return []
+    return ["", "The U-Net of each held-out run on the held-out masks (never trained or selected on them): Dice of "
+            "its thresholded output, and of the cleaned masks the lung crop and variants d and e use.", "",
+            "| run | masks | Dice | IoU | Dice (cleaned) |", "|---|---|---|---|---|",
+            *(f"| {name} | {v['n']} | {_fmt(v['dice'])} | {_fmt(v['iou'])} | {_fmt(v.get('dice_clean'))} |"
+              for name, v in rows.items())]
 
 
 def _heldout_summary_rows(runs: dict) -> list[str]:

@@ -10,8 +10,9 @@ External validation: `holdout` (rules, e.g. `[{source: kermany}]` or `[{source: 
 {source: montgomery}]`) puts every covid-task image they match in test and splits the rest into train/val (held-out
 sources or hospitals); with `holdout_with_test` the rest is split train/val/test and the held-out rows join its test,
 so that one model gives both a held-out source's and the other sources' test figures. `segmentation_external` puts
-the masks of those sources in an `external` split that the U-Net never trains on. Held-out rows are checked only for
-patient disjointness (they are whole sources or sites).
+the masks of those sources in an `external` split that the U-Net never trains on; so do the `holdout` rules, for the
+masks they match: a held-out source or hospital is unseen by the U-Net that crops and masks its images, as by the
+classifier. Held-out rows are checked only for patient disjointness (they are whole sources or sites).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def task_tables(m: pd.DataFrame, p: dict) -> tuple[dict[str, pd.DataFrame], pd.D
         covid, dropped = splits.drop_negatives_among_positives(covid)
 
     projection = m[m["projection"].isin(["frontal", "lateral"])].assign(label=lambda d: d["projection"])
-    segmentation = m[m["mask_path"].notna()].assign(label=lambda d: d["source"])
+    segmentation = m[m["mask_path"].notna()]  # labelled by source once split: the manifest's label for the rules
     # covid strata: label x source, so that every source keeps its share in every split around the U-Net's patients
     covid = covid.assign(stratum=covid["label"].astype(str) + "/" + covid["source"].astype(str))
     tasks = {"segmentation": segmentation, "covid": covid, "projection": projection}
@@ -48,15 +49,17 @@ def task_tables(m: pd.DataFrame, p: dict) -> tuple[dict[str, pd.DataFrame], pd.D
     out = {}
     for name, frame in tasks.items():
         fractions = p.get("fractions_" + name) or p["fractions"]
-        held, held_split = _held_out(name, p)
+        held, held_split = _held_out(name, p, frame)
         fixed = _unet_patients(out["segmentation"]) if name == "covid" else None
-        stratify = "stratum" if name == "covid" else "label"
+        stratify = {"covid": "stratum", "segmentation": "source"}.get(name, "label")
         if held:
             assigned = splits.split_with_holdout(frame, held, holdout_split=held_split, seed=seed, stratify=stratify,
                                                  fractions=validated_fractions(name, p), fixed=fixed)
         else:
             assigned = splits.split_patients(frame, fractions=fractions, seed=seed, stratify=stratify, fixed=fixed)
         frame = frame.assign(split=assigned)
+        if name == "segmentation":
+            frame = frame.assign(label=frame["source"])
         out[name] = frame[COLUMNS].sort_values("image_id").reset_index(drop=True)
     out = {name: out[name] for name in ("covid", "projection", "segmentation")}
     train = out["covid"][out["covid"]["split"] == "train"]
@@ -70,17 +73,25 @@ def task_tables(m: pd.DataFrame, p: dict) -> tuple[dict[str, pd.DataFrame], pd.D
 def _unet_patients(segmentation: pd.DataFrame) -> dict[str, str]:
     """The patients whose masks the U-Net trains or is selected on, and their split: the covid task keeps them in the
     same split, so that no covid test patient's lungs were learned by the U-Net that masks them (variants d and e, the
-    lung crop). Held-out rows still go to test: a held-out source's masks may be in the U-Net's training data."""
+    lung crop). Held-out rows still go to test; their masks are the U-Net's `external` split (:func:`_held_out`)."""
     learned = segmentation[segmentation["split"].isin(["train", "val"])]
     return dict(zip(learned["patient_id"].astype(str), learned["split"].astype(str)))
 
 
-def _held_out(task: str, p: dict) -> tuple[list[dict], str]:
-    """The rules of rows a task holds out of its patient-level split, and the split they go to."""
+def _held_out(task: str, p: dict, frame: pd.DataFrame | None = None) -> tuple[list[dict], str]:
+    """The rules of rows a task holds out of its patient-level split, and the split they go to.
+
+    Segmentation holds out the `segmentation_external` sources and every `holdout` rule that matches one of its rows
+    (``frame``, the task's rows; without it, every rule): the masks of a source or hospital held out of the covid task
+    never train or select the U-Net whose masks its images get.
+    """
     if task == "covid" and p["holdout"]:
         return [dict(rule) for rule in p["holdout"]], "test"
-    if task == "segmentation" and p["segmentation_external"]:
-        return [{"source": str(s)} for s in p["segmentation_external"]], "external"
+    if task == "segmentation":
+        rules = [{"source": str(s)} for s in p["segmentation_external"]]
+        rules += [dict(rule) for rule in p["holdout"] or []
+                  if frame is None or splits.rule_matches(frame, [rule]).any()]
+        return rules, "external" if rules else ""
     return [], ""
 
 
@@ -100,8 +111,9 @@ def run(p: dict, expectations: str) -> dict:
     tables, dropped = task_tables(m, p)
 
     results = []
+    segmentation_rows = m[m["mask_path"].notna()]
     for name, table in tables.items():
-        held, held_split = _held_out(name, p)
+        held, held_split = _held_out(name, p, segmentation_rows if name == "segmentation" else None)
         checked_rows = table[table["split"] != held_split] if held else table
         if held and name == "covid" and p.get("holdout_with_test"):  # the rest's own test split is checked too
             held_ids = m.loc[splits.rule_matches(m, held), "image_id"]
@@ -120,7 +132,8 @@ def run(p: dict, expectations: str) -> dict:
     summary["experiment"] = p["experiment"]
     summary["curated_out"] = len(dropped)
     if p["holdout"] or p["segmentation_external"]:  # absent by default: the demo summary is unchanged
-        summary["held_out"] = {"holdout": p["holdout"], "segmentation_external": list(p["segmentation_external"])}
+        summary["held_out"] = {"holdout": p["holdout"], "segmentation_external": list(p["segmentation_external"]),
+                               "segmentation": _held_out("segmentation", p, segmentation_rows)[0]}
     for name, table in tables.items():
         _common.write_csv(_common.split_table(name), table)
     _common.write_csv(CURATED, dropped[["image_id", "patient_id", "label"]])

@@ -144,6 +144,24 @@ def test_split_stage_holds_out_a_source_and_external_masks():
     assert plain["covid"].equals(again["covid"]) and set(plain["covid"]["split"]) == {"train", "val", "test"}
 
 
+@pytest.mark.parametrize("rule", [{"source": "neg2"}, {"source": "neg2", "label": "negative"}])
+def test_a_held_out_source_masks_never_train_the_unet(rule):
+    """Holding out a source with lung masks holds its masks out of the U-Net's train/val too (its `external` split),
+    matched by the manifest's own columns (its label, not the segmentation table's label, which is the source)."""
+    m = manifest_rows()
+    p = stage_params(holdout=[rule, {"source": "neg1"}])  # neg1 has no masks: its rule leaves segmentation alone
+    tables, _ = split_stage.task_tables(m, p)
+    seg, covid = tables["segmentation"], tables["covid"].merge(m[["image_id", "source"]])
+    assert set(seg.loc[seg["label"] == "neg2", "split"]) == {"external"}
+    assert set(seg.loc[seg["label"] == "pos", "split"]) == {"train", "val", "test"}
+    assert set(covid.loc[covid["source"] == "neg2", "split"]) == {"test"}
+    assert split_stage._held_out("segmentation", p, m[m["mask_path"].notna()]) == ([rule], "external")
+    # the masks of sources the covid task keeps are split as without the hold-out rules
+    plain, _ = split_stage.task_tables(m, stage_params(holdout=[{"source": "neg1"}]))
+    assert plain["segmentation"].equals(split_stage.task_tables(m, stage_params())[0]["segmentation"])
+    assert set(plain["segmentation"].loc[plain["segmentation"]["label"] == "neg2", "split"]) != {"external"}
+
+
 @pytest.mark.parametrize("extra", [{}, {"holdout": [{"source": "neg1"}], "holdout_with_test": True}])
 def test_no_covid_test_patient_has_lungs_the_unet_learned(extra):
     m = manifest_rows()
@@ -187,7 +205,14 @@ def test_one_class_test_split_reports_specificity_only(tmp_path: Path):
     assert model["test_specificity"]["value"] == pytest.approx(0.5)
     assert model["test_specificity"]["low"] < 0.5 < model["test_specificity"]["high"]
     assert model["test_classes"] == {"covid": 0, "negative": n} and model["test_ood_refused"] == 0.9
+    assert "unet_external" not in got  # a U-Net with no held-out masks
     json.dumps(got, allow_nan=False)  # strict JSON: what bench/ and DVC read
+    # the held-out source's masks were the U-Net's external split: its Dice on them joins the held-out run's figures
+    scores = {"n": 12, "dice": 0.81, "iou": 0.7, "dice_clean": 0.83, "paper_pixel_dice": 0.8}
+    _common.write_json(tmp_path / "reports/train_unet/metrics.json", {"test": scores, "external": scores})
+    held = experiment.collect_classifier(tmp_path, {"train_classifier.variants": ["c"],
+                                                    "train_classifier.backbones": ["vgg16"]})
+    assert held["unet_external"] == {"n": 12, "dice": 0.81, "iou": 0.7, "dice_clean": 0.83}
 
     result = {"experiment": "loso", "description": "d", "kind": "classifier", "command": "python -m x", "notes": "n",
               "settings": experiment._settings({"cache.size": 64}, {"train_unet": {"f0": 16}}), "paper": None,
@@ -198,6 +223,11 @@ def test_one_class_test_split_reports_specificity_only(tmp_path: Path):
     experiment.record(tmp_path, "loso", result)
     table = experiment.render_summary(tmp_path).read_text()
     assert "| loso-b | c_vgg16 | 0/30 | null | null | 0.500 [" in table and "| 0.900 |" in table
+    assert "held-out masks" not in table
+    result["heldout_runs"] = {"loso-heldout-kermany-s1": held, "loso-heldout-kermany-s2": held}
+    experiment.record(tmp_path, "loso", result)
+    table = experiment.render_summary(tmp_path).read_text()
+    assert table.count("| loso-heldout-kermany | 12 | 0.810 | 0.700 | 0.830 |") == 1  # one U-Net for the seeds
 
 
 def test_record_keeps_other_experiments(tmp_path: Path):

@@ -292,6 +292,9 @@ def test_heldout_seeds_run_each_heldout_run_once_per_seed_for_one_main_run():
     held = experiment.seeded(experiment.heldout_runs("exp", spec), {**spec, "seeds": spec["heldout"]["seeds"]})
     assert [(n, p["train_classifier.seed"]) for n, p, _ in held] == [("exp-heldout-k-s1", 1), ("exp-heldout-k-s2", 2)]
     assert [n for n, _, _ in experiment.seeded(experiment.runs("exp", spec), spec)] == ["exp"]
+    spec["heldout"]["matrix"]["m"] = [{"source": "montgomery"}]  # a run's seeds in a row: upstream stages stay put
+    held = experiment.seeded(experiment.heldout_runs("exp", spec), {**spec, "seeds": spec["heldout"]["seeds"]})
+    assert [n for n, _, _ in held] == ["exp-heldout-k-s1", "exp-heldout-k-s2", "exp-heldout-m-s1", "exp-heldout-m-s2"]
 
 
 def test_every_run_once_per_seed_and_the_spread_over_seeds():

@@ -139,11 +139,12 @@ def input_pipeline(*, size: int, depth: int, width: float, batch: int, steps: in
                 seconds[name] = time.perf_counter() - start
             if k:
                 pairs.append((seconds["real"], seconds["synthetic"]))
-    real_s, synthetic_s = sorted(pairs, key=lambda p: p[1] / p[0])[len(pairs) // 2]
+    by_ratio = sorted((s / r, r, s) for r, s in pairs)
+    _, real_s, synthetic_s = by_ratio[len(by_ratio) // 2]
     return {"size": size, "depth": depth, "width": width, "batch": batch, "steps": steps, "epochs": epochs,
             "augment": augment, "rounds": rounds, "real_images_per_second": round(n * epochs / real_s, 2),
             "synthetic_images_per_second": round(n * epochs / synthetic_s, 2),
-            "ratios": sorted(round(s / r, 3) for r, s in pairs)}
+            "ratios": [round(ratio, 3) for ratio, _, _ in by_ratio]}
 
 
 def run(*, smoke: bool = False) -> dict:

@@ -41,7 +41,7 @@ def task_tables(m: pd.DataFrame, p: dict) -> tuple[dict[str, pd.DataFrame], pd.D
         covid, dropped = splits.drop_negatives_among_positives(covid)
 
     projection = m[m["projection"].isin(["frontal", "lateral"])].assign(label=lambda d: d["projection"])
-    segmentation = m[m["mask_path"].notna()]  # labelled by source once split: the manifest's label for the rules
+    segmentation = _segmentation_rows(m)  # labelled by source once split: the manifest's label for the rules
     # covid strata: label x source, so that every source keeps its share in every split around the U-Net's patients
     covid = covid.assign(stratum=covid["label"].astype(str) + "/" + covid["source"].astype(str))
     tasks = {"segmentation": segmentation, "covid": covid, "projection": projection}
@@ -68,6 +68,11 @@ def task_tables(m: pd.DataFrame, p: dict) -> tuple[dict[str, pd.DataFrame], pd.D
         raise splits.SelectionError(f"covid task: the train split has no {missing} images "
                                     f"(split.holdout={p['holdout']!r} holds all of them)")
     return out, dropped
+
+
+def _segmentation_rows(m: pd.DataFrame) -> pd.DataFrame:
+    """The manifest's images with lung masks: the segmentation task's rows."""
+    return m[m["mask_path"].notna()]
 
 
 def _unet_patients(segmentation: pd.DataFrame) -> dict[str, str]:
@@ -110,10 +115,10 @@ def run(p: dict, expectations: str) -> dict:
     m = manifest.read_csv(MANIFEST)
     tables, dropped = task_tables(m, p)
 
-    results = []
-    segmentation_rows = m[m["mask_path"].notna()]
+    results, held_rules = [], {}
     for name, table in tables.items():
-        held, held_split = _held_out(name, p, segmentation_rows if name == "segmentation" else None)
+        held, held_split = _held_out(name, p, _segmentation_rows(m) if name == "segmentation" else None)
+        held_rules[name] = held
         checked_rows = table[table["split"] != held_split] if held else table
         if held and name == "covid" and p.get("holdout_with_test"):  # the rest's own test split is checked too
             held_ids = m.loc[splits.rule_matches(m, held), "image_id"]
@@ -133,7 +138,7 @@ def run(p: dict, expectations: str) -> dict:
     summary["curated_out"] = len(dropped)
     if p["holdout"] or p["segmentation_external"]:  # absent by default: the demo summary is unchanged
         summary["held_out"] = {"holdout": p["holdout"], "segmentation_external": list(p["segmentation_external"]),
-                               "segmentation": _held_out("segmentation", p, segmentation_rows)[0]}
+                               "segmentation": held_rules["segmentation"]}
     for name, table in tables.items():
         _common.write_csv(_common.split_table(name), table)
     _common.write_csv(CURATED, dropped[["image_id", "patient_id", "label"]])

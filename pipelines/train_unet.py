@@ -23,7 +23,12 @@ def effective_params(p: dict) -> dict:
     """params, with the tuned values when params ask for them (the tuner never writes params.yaml)."""
     if p["use_tuned"] and os.path.exists(_common.TUNED_UNET):
         with open(_common.TUNED_UNET, encoding="utf-8") as fh:
-            return {**p, **json.load(fh)["best_params"]}
+            tuned = json.load(fh)
+        if tuned["best_params"] is None:
+            raise _common.ParamsError(f"params.yaml: train_unet.use_tuned is true but {_common.TUNED_UNET} holds no "
+                                      f"tuned values ({tuned.get('reason', 'no completed trial')}): set "
+                                      "tune_unet.n_trials above 0 or train_unet.use_tuned to false")
+        return {**p, **tuned["best_params"]}
     return p
 
 

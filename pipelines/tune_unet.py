@@ -5,12 +5,16 @@ This stage runs `tune_unet.n_trials` trials itself and writes the study's best p
 (train_unet uses them when `train_unet.use_tuned` is true; params.yaml is never written). The study lives in
 `tune_unet.storage`, or $COVIDCXR_OPTUNA_STORAGE, or sqlite under artifacts/tune/ (then fresh on every run, since DVC
 clears the stage's outputs first). With a shared PostgreSQL storage, `covidcxr tune` workers on other machines add
-their trials to the same study, and this stage (with `n_trials: 0` if they did all the work) exports the best.
+their trials to the same study, and this stage (with `n_trials: 0` if they did all the work) exports the best. With
+`n_trials: 0` and the local sqlite file there is no study at all: the stage only records that nothing was tuned
+(``best_params`` null), in seconds, for profiles that train the U-Net from params (`train_unet.use_tuned: false`).
 """
 
 from __future__ import annotations
 
 import os
+
+import pandas as pd
 
 from covidcxr import tuning
 from pipelines import _common, _tracking
@@ -30,12 +34,14 @@ def storage_url(p: dict) -> str:
 
 def run(p: dict, experiment: str = "demo") -> dict:
     log = _common.setup_logging()
-    _tracking.setup_tracking()
     try:
         tuning.unet_config(p)  # the search space is checked before any work
     except ValueError as err:
         raise _common.ParamsError(f"params.yaml: tune_unet: {err}") from None
     url = storage_url(p)
+    if int(p["n_trials"]) == 0 and url == DEFAULT_STORAGE:
+        return _untuned(p["study"], log)
+    _tracking.setup_tracking()
     data = tuning.load_unet_data(_common.CACHE_DIR, _common.split_table("segmentation"))
     result, trials = tuning.tune_unet(
         p["study"], url, data, config=p, n_trials=int(p["n_trials"]), seed=int(p["seed"]),
@@ -46,6 +52,18 @@ def run(p: dict, experiment: str = "demo") -> dict:
     _common.write_csv(f"{REPORTS}/trials.csv", trials)
     _common.write_json(f"{REPORTS}/metrics.json", {"best_value": result["best_value"], "trials": result["trials"]})
     log.info("best trial %d: val Dice %.4f with %s", result["best_trial"], result["best_value"], result["best_params"])
+    return result
+
+
+def _untuned(study: str, log) -> dict:
+    """The outputs of a stage asked for no trial in a study of its own: nothing tuned, said so, nothing trained."""
+    result = {"study": study, "objective": "val_dice", "best_trial": None, "best_value": None, "best_params": None,
+              "trials": dict.fromkeys(("complete", "pruned", "fail", "running", "waiting"), 0),
+              "reason": "tune_unet.n_trials is 0 and no shared storage holds a study: nothing was tuned"}
+    _common.write_json(_common.TUNED_UNET, result)
+    _common.write_csv(f"{REPORTS}/trials.csv", pd.DataFrame(columns=["number", "state", "value", "epochs_reported"]))
+    _common.write_json(f"{REPORTS}/metrics.json", {"best_value": None, "trials": result["trials"]})
+    log.info("%s", result["reason"])
     return result
 
 

@@ -3,6 +3,8 @@ that are used (cleaned)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -27,3 +29,22 @@ def test_unet_scores_include_the_cleaned_masks():
     scores = train_unet.mask_scores(truth, prob, 0.5)
     assert scores["dice"] < 1.0 and scores["dice_clean"] == pytest.approx(1.0) and scores["iou_clean"] == 1.0
     assert scores["n"] == 2
+
+
+def test_no_trial_in_a_study_of_its_own_tunes_nothing_and_says_so(tmp_path, monkeypatch):
+    """`n_trials: 0` on the local sqlite file: no study, no data read; train_unet refuses to take tuned values from it
+    and trains from params when told to."""
+    from covidcxr import tuning
+    from pipelines import _common, tune_unet
+
+    p = _common.params("tune_unet", Path(__file__).resolve().parents[2] / _common.PARAMS_FILE)
+    monkeypatch.delenv(tuning.STORAGE_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # no cache, no split table here: a stage that read them would fail
+    result = tune_unet.run({**p, "n_trials": 0})
+    assert result["best_params"] is None and "nothing was tuned" in result["reason"]
+    assert not (tmp_path / "artifacts/tune/optuna.db").exists()
+    assert (tmp_path / "reports/tune_unet/trials.csv").read_text().startswith("number,state,value")
+    unet = {"use_tuned": False, "epochs": 3}
+    assert train_unet.effective_params(unet) == unet
+    with pytest.raises(_common.ParamsError, match="use_tuned is true but artifacts/tune/unet.json holds no tuned"):
+        train_unet.effective_params({**unet, "use_tuned": True})

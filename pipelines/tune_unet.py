@@ -12,6 +12,7 @@ their trials to the same study, and this stage (with `n_trials: 0` if they did a
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pandas as pd
@@ -55,10 +56,10 @@ def run(p: dict, experiment: str = "demo") -> dict:
     return result
 
 
-def _untuned(study: str, log) -> dict:
-    """The outputs of a stage asked for no trial in a study of its own: nothing tuned, said so, nothing trained."""
+def _untuned(study: str, log: logging.Logger) -> dict:
+    """The outputs of a stage asked for no trial in a study of its own: nothing tuned, and the reason."""
     result = {"study": study, "objective": "val_dice", "best_trial": None, "best_value": None, "best_params": None,
-              "trials": dict.fromkeys(("complete", "pruned", "fail", "running", "waiting"), 0),
+              "trials": dict.fromkeys(tuning.TRIAL_STATES, 0),
               "reason": "tune_unet.n_trials is 0 and no shared storage holds a study: nothing was tuned"}
     _common.write_json(_common.TUNED_UNET, result)
     _common.write_csv(f"{REPORTS}/trials.csv", pd.DataFrame(columns=["number", "state", "value", "epochs_reported"]))

@@ -468,6 +468,10 @@ def optimize(study: optuna.Study, objective: Objective, n_trials: int, *, tracke
         tracker.client.set_terminated(tracker.parent_run_id, "FINISHED")
 
 
+#: The trial states a summary counts (Optuna's, lower case).
+TRIAL_STATES: tuple[str, ...] = ("complete", "pruned", "fail", "running", "waiting")
+
+
 def summary(study: optuna.Study) -> dict:
     """The best trial (number, value, parameters) and the trial counts by state; raises if no trial completed.
 
@@ -486,7 +490,7 @@ def summary(study: optuna.Study) -> dict:
         "best_trial": best.number,
         "best_value": float(best.value),
         "best_params": {**fixed, **best.params},
-        "trials": {state: int(counts.get(state, 0)) for state in ("complete", "pruned", "fail", "running", "waiting")},
+        "trials": {state: int(counts.get(state, 0)) for state in TRIAL_STATES},
     }
 
 

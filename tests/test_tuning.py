@@ -158,3 +158,33 @@ def test_tune_command_runs_a_real_unet_trial_and_exports_the_best(tmp_path, caps
     assert len(dice) == 2 and dice[-1] == study.best_value and 0.0 <= dice[-1] <= 1.0  # validation Dice per epoch
     table = tuning.trials_table(study)
     assert list(table["number"]) == [0] and "param_f0" in table and "datetime_start" not in table
+
+
+def test_a_tag_race_between_workers_is_retried_and_other_errors_are_not():
+    """Two workers finishing together tag the same best run: MLflow's read-then-insert loses the race on PostgreSQL's
+    unique key (seen in CI); the retry updates the row. Anything else is raised at once."""
+    from mlflow.exceptions import MlflowException
+
+    calls = []
+
+    def flaky(run_id, key, value, fail_with):
+        calls.append((run_id, key, value))
+        if len(calls) == 1:
+            raise MlflowException(fail_with)
+        return "set"
+
+    race = 'duplicate key value violates unique constraint "tag_pk"'
+    assert tuning._racing(flaky, "r1", "best_trial", "true", fail_with=race) == "set" and len(calls) == 2
+    calls.clear()
+    with pytest.raises(MlflowException, match="no such run"):
+        tuning._racing(flaky, "r1", "best_trial", "true", fail_with="no such run")
+    assert len(calls) == 1
+
+    def always(*_):
+        calls.append(1)
+        raise MlflowException(race)
+
+    calls.clear()
+    with pytest.raises(MlflowException, match="duplicate key"):
+        tuning._racing(always, "r1", attempts=3)
+    assert len(calls) == 3

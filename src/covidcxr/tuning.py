@@ -389,16 +389,35 @@ class StudyTracker:
         )
         for run in stale:
             if run.info.run_id != best_run:
-                self.client.set_tag(run.info.run_id, BEST_TAG, "false")
+                _racing(self.client.set_tag, run.info.run_id, BEST_TAG, "false")
         if best_run:
-            self.client.set_tag(best_run, BEST_TAG, "true")
-        self.client.log_batch(
+            _racing(self.client.set_tag, best_run, BEST_TAG, "true")
+        _racing(
+            self.client.log_batch,
             self.parent_run_id,
             metrics=[Metric("best_value", float(best.value), int(time.time() * 1000), 0)],
             tags=[RunTag("best_trial_number", str(best.number)), RunTag("best_run_id", str(best_run)),
                   *[RunTag(f"best.{k}", str(v)) for k, v in sorted(best.params.items())]],
         )
         return best.number
+
+
+def _racing(call: Callable, *args, attempts: int = 3, **kwargs):
+    """``call``, again when another worker wrote the same tag between MLflow's read and its insert.
+
+    MLflow's SQL store sets a tag by reading it, then inserting or updating: two workers of a shared study that finish
+    together tag the same best run at once, and the later insert fails on PostgreSQL's unique key. Again, the read
+    finds the row and updates it. Any other error, or a race lost ``attempts`` times, is raised.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except MlflowException as err:
+            if attempt == attempts - 1 or "duplicate key" not in str(err):
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def attach_tracker(

@@ -157,7 +157,7 @@ def seeded(planned: list[tuple[str, dict]], spec: dict) -> list[tuple[str, dict,
     """Every run once per seed of the overlay's ``seeds`` (named ``<run>-s<seed>``), or once without.
 
     A run's seeds are consecutive: in one workdir, DVC then redoes only what the seed changes (the classifiers and
-    their evaluation), where alternating held-out runs redid the split, the token U-Net study and the evaluation at
+    their evaluation), where alternating held-out runs redid the split, the U-Net study stage and the evaluation at
     every switch (about 50 s each, measured 2026-12-05, once each held-out run has its own U-Net)."""
     seeds = spec.get("seeds") or [None]
     keys = spec.get("seed_keys") or SEED_KEYS

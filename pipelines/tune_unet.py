@@ -12,7 +12,6 @@ their trials to the same study, and this stage (with `n_trials: 0` if they did a
 
 from __future__ import annotations
 
-import logging
 import os
 
 import pandas as pd
@@ -41,31 +40,31 @@ def run(p: dict, experiment: str = "demo") -> dict:
         raise _common.ParamsError(f"params.yaml: tune_unet: {err}") from None
     url = storage_url(p)
     if int(p["n_trials"]) == 0 and url == DEFAULT_STORAGE:
-        return _untuned(p["study"], log)
-    _tracking.setup_tracking()
-    data = tuning.load_unet_data(_common.CACHE_DIR, _common.split_table("segmentation"))
-    result, trials = tuning.tune_unet(
-        p["study"], url, data, config=p, n_trials=int(p["n_trials"]), seed=int(p["seed"]),
-        tracking=tuning.Tracking(experiment=_common.mlflow_experiment(experiment), run_name=f"tune-unet-{p['study']}",
-                                 tags=_tracking.repro_tags("tune_unet", experiment)),
-    )
+        result, trials = _untuned(p["study"])
+        log.info("%s", result["reason"])
+    else:
+        _tracking.setup_tracking()
+        data = tuning.load_unet_data(_common.CACHE_DIR, _common.split_table("segmentation"))
+        result, trials = tuning.tune_unet(
+            p["study"], url, data, config=p, n_trials=int(p["n_trials"]), seed=int(p["seed"]),
+            tracking=tuning.Tracking(experiment=_common.mlflow_experiment(experiment),
+                                     run_name=f"tune-unet-{p['study']}",
+                                     tags=_tracking.repro_tags("tune_unet", experiment)),
+        )
+        log.info("best trial %d: val Dice %.4f with %s", result["best_trial"], result["best_value"],
+                 result["best_params"])
     _common.write_json(_common.TUNED_UNET, result)
     _common.write_csv(f"{REPORTS}/trials.csv", trials)
     _common.write_json(f"{REPORTS}/metrics.json", {"best_value": result["best_value"], "trials": result["trials"]})
-    log.info("best trial %d: val Dice %.4f with %s", result["best_trial"], result["best_value"], result["best_params"])
     return result
 
 
-def _untuned(study: str, log: logging.Logger) -> dict:
-    """The outputs of a stage asked for no trial in a study of its own: nothing tuned, and the reason."""
+def _untuned(study: str) -> tuple[dict, pd.DataFrame]:
+    """A stage asked for no trial in a study of its own: nothing tuned, the reason, and an empty trials table."""
     result = {"study": study, "objective": "val_dice", "best_trial": None, "best_value": None, "best_params": None,
               "trials": dict.fromkeys(tuning.TRIAL_STATES, 0),
               "reason": "tune_unet.n_trials is 0 and no shared storage holds a study: nothing was tuned"}
-    _common.write_json(_common.TUNED_UNET, result)
-    _common.write_csv(f"{REPORTS}/trials.csv", pd.DataFrame(columns=["number", "state", "value", "epochs_reported"]))
-    _common.write_json(f"{REPORTS}/metrics.json", {"best_value": None, "trials": result["trials"]})
-    log.info("%s", result["reason"])
-    return result
+    return result, pd.DataFrame(columns=["number", "state", "value", "epochs_reported"])
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ SelectionMetric = Literal["roc_auc", "average_precision", "accuracy", "sensitivi
 Source = Literal[SOURCES]  # type: ignore[valid-type]
 AugmentLevel = Literal["none", "basic", "strong"]
 Sampling = Literal["class", "balanced", "source"]
-Intensity = Literal["none", "equalize", "clahe"]
+Intensity = Literal["none", "equalize", "equalize-lungs", "clahe"]
 Share = Annotated[float, Field(ge=0.0, le=1.0)]
 Positive = Annotated[int, Field(ge=1)]
 Rate = Annotated[float, Field(gt=0.0, le=1.0)]

@@ -120,6 +120,26 @@ def test_intensity_normalisation_keeps_zero_one_and_order(normalise):
         assert (np.diff(out.ravel()[order]) >= -1e-7).all()
 
 
+def test_equalize_lungs_takes_the_histogram_of_the_lungs_alone():
+    rng = np.random.default_rng(3)
+    image = np.clip(rng.normal(0.8, 0.05, (32, 32)), 0, 1).astype(np.float32)  # bright soft tissue and borders
+    mask = lungs()
+    image[mask] = np.clip(rng.normal(0.2, 0.02, mask.sum()), 0, 1)  # dull, dark lungs: a small part of the image
+    whole, in_lungs = preprocess.equalize(image), preprocess.equalize(image, mask=mask)
+    assert in_lungs.shape == image.shape and in_lungs.dtype == np.float32
+    assert 0.0 <= in_lungs.min() and in_lungs.max() <= 1.0
+    assert in_lungs[mask].std() > 2 * whole[mask].std()  # the lungs' own contrast spread over [0, 1]
+    assert in_lungs[mask].std() == pytest.approx(np.sqrt(1 / 12), abs=0.03)  # ~uniform inside the lungs
+    order = np.argsort(image, axis=None)  # still one monotone map of the whole image
+    assert (np.diff(in_lungs.ravel()[order]) >= -1e-7).all()
+    no_lungs = np.zeros_like(mask)
+    np.testing.assert_array_equal(preprocess.equalize(image, mask=no_lungs), whole)  # nothing to read: global
+    prepared = preprocess.InputTransform(crop=True, intensity="equalize-lungs").apply(image[None], mask[None], "c")
+    assert prepared.images[0][prepared.masks[0]].std() > 0.25
+    with pytest.raises(ValueError, match="equalize-lungs needs lung masks"):
+        preprocess.InputTransform(intensity="equalize-lungs").apply(image[None], None, "c")
+
+
 def test_input_transform_default_is_the_papers_input():
     rng = np.random.default_rng(2)
     images = rng.random((3, 32, 32)).astype(np.float32)

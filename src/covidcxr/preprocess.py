@@ -119,7 +119,7 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 # --- the classifier's input: lung crop and intensity normalisation, before the variant --------------------------------
 
-INTENSITIES: tuple[str, ...] = ("none", "equalize", "clahe")
+INTENSITIES: tuple[str, ...] = ("none", "equalize", "equalize-lungs", "clahe")
 
 
 def lung_box(mask: np.ndarray, margin: float = 0.1) -> tuple[int, int, int, int]:
@@ -163,13 +163,23 @@ def place_in_box(maps: np.ndarray, boxes: np.ndarray, size: int | tuple[int, int
     return out
 
 
-def equalize(image: np.ndarray, *, nbins: int = 256) -> np.ndarray:
-    """Global histogram equalisation of an image in [0, 1] (scikit-image); a constant image maps to zeros."""
+def equalize(image: np.ndarray, *, nbins: int = 256, mask: np.ndarray | None = None) -> np.ndarray:
+    """Global histogram equalisation of an image in [0, 1] (scikit-image); a constant image maps to zeros.
+
+    With ``mask``, the histogram is that of the masked pixels only (the lungs), applied to the whole image: what is
+    outside the lungs (arms, soft tissue, a child's small chest in a large field) no longer sets the lungs' contrast.
+    An empty mask, or one whose pixels are all alike, equalises over the whole image.
+    """
     from skimage import exposure
 
     image = np.asarray(image, dtype=np.float32)
     if float(image.max()) <= float(image.min()):
         return np.zeros_like(image)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        inside = image[mask]
+        if inside.size and float(inside.max()) > float(inside.min()):
+            return np.clip(exposure.equalize_hist(image, nbins=nbins, mask=mask), 0.0, 1.0).astype(np.float32)
     return exposure.equalize_hist(image, nbins=nbins).astype(np.float32)
 
 
@@ -199,8 +209,9 @@ class InputTransform(JsonState):
 
     ``crop``: the square box around the (predicted) lungs with ``margin`` (:func:`lung_box`), resized back to the
     working size and min-max scaled again: the text, markers and borders that tell hospitals apart mostly fall away.
-    ``intensity``: ``none``, ``equalize`` (global histogram equalisation) or ``clahe`` (``clip_limit``), on the
-    (cropped) image before the lungs are kept (d) or removed (e). The default is the identity (the paper's input).
+    ``intensity``: ``none``, ``equalize`` (global histogram equalisation), ``equalize-lungs`` (the same, its histogram
+    that of the lung mask's pixels) or ``clahe`` (``clip_limit``), on the (cropped) image before the lungs are kept
+    (d) or removed (e). The default is the identity (the paper's input).
     Saved in the classifier's model folder (``input.json``) and applied by ``models.Component.prepare``, in training,
     evaluation, Grad-CAM and serving alike.
     """
@@ -229,9 +240,10 @@ class InputTransform(JsonState):
         if images.ndim != 3:
             raise ValueError(f"images must be [N, H, W], got shape {images.shape}")
         boxes = np.tile(np.array([0, height, 0, width]), (n, 1))
-        needs_masks = self.crop or variant != "c"
+        needs_masks = self.crop or self.intensity == "equalize-lungs" or variant != "c"
         if masks is None and needs_masks:
-            raise ValueError(f"variant {variant!r}{' with a lung crop' if self.crop else ''} needs lung masks")
+            by = " with a lung crop" if self.crop else f" with {self.intensity}" if variant == "c" else ""
+            raise ValueError(f"variant {variant!r}{by} needs lung masks")
         masks = np.zeros(images.shape, dtype=bool) if masks is None else np.asarray(masks)
         if masks.shape != images.shape:
             if needs_masks:
@@ -247,6 +259,8 @@ class InputTransform(JsonState):
                 out_masks[i] = crop_to_box(masks[i], tuple(boxes[i]), mask=True)
             if self.intensity == "equalize":
                 out[i] = equalize(out[i])
+            elif self.intensity == "equalize-lungs":
+                out[i] = equalize(out[i], mask=out_masks[i])
             elif self.intensity == "clahe":
                 out[i] = clahe(out[i], clip_limit=self.clip_limit)
         return ClassifierInput(apply_variant(out, out_masks, variant), out_masks, boxes)

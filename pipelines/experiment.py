@@ -352,6 +352,10 @@ def collect_classifier(workdir: Path, params: dict, targets: tuple[str, ...] = (
     external = _json(unet).get("external") if unet.is_file() else None
     if external:  # a held-out source's masks: the U-Net that cropped and masked its images never learned them
         out["unet_external"] = {k: external[k] for k in ("n", "dice", "iou", "dice_clean")}
+    projection = workdir / "reports/train_projection/metrics.json"
+    unseen = _json(projection).get("external") if projection.is_file() else None
+    if unseen:  # a held-out source's images: the filter that kept or refused them never learned from them
+        out["projection_external"] = _filter_recalls(unseen["by_source"])
     if {"register", "model_card"} & set(targets):
         r = _json(workdir / "reports/register/registered.json")
         out["registered"] = {k: r.get(k) for k in ("model_name", "version", "alias", "classifier", "selected_by",
@@ -636,23 +640,46 @@ def _classifier_rows(result: dict) -> list[str]:
     return ["Trained on every source (`runs`):", "", *header, *_model_rows(result["runs"]), "",
             "The same settings trained without a source, tested on it (`heldout`; the out-of-distribution detector's "
             "refused share on an unseen source beside the in-distribution test's above):", "", *header,
-            *_model_rows(held), *_heldout_summary_rows(result["runs"]), *_heldout_unet_rows(held)]
+            *_model_rows(held), *_heldout_summary_rows(result["runs"]), *_heldout_upstream_rows(held)]
 
 
-def _heldout_unet_rows(held: dict) -> list[str]:
-    """The U-Net's Dice on each held-out run's masks, which it never trained on (one U-Net for every seed of a run:
-    the seeds are the classifier's)."""
-    rows = {}
+def _filter_recalls(by_source: dict) -> dict:
+    """The projection filter's recalls pooled over sources (``train_projection``'s per-source counts): frontals
+    kept, laterals refused (null without that class), and the frontals it refused (usable images lost)."""
+    n_frontal = sum(int(v["n_frontal"]) for v in by_source.values())
+    n_lateral = sum(int(v["n_lateral"]) for v in by_source.values())
+    refused = sum(int(v["frontal_refused"]) for v in by_source.values())
+    laterals_refused = sum(round(v["lateral_recall"] * v["n_lateral"]) for v in by_source.values() if v["n_lateral"])
+    return {"n_frontal": n_frontal, "n_lateral": n_lateral, "frontal_refused": refused,
+            "frontal_recall": 1.0 - refused / n_frontal if n_frontal else None,
+            "lateral_recall": laterals_refused / n_lateral if n_lateral else None}
+
+
+def _heldout_upstream_rows(held: dict) -> list[str]:
+    """The U-Net's Dice on each held-out run's masks, and the projection filter's recall on its images, neither of
+    which they ever trained on (one U-Net and one filter for every seed of a run: the seeds are the classifier's)."""
+    rows, filters = {}, {}
     for exp_name, r in held.items():
+        run = re.sub(r"-s\d+$", "", exp_name)
         if r.get("unet_external"):
-            rows.setdefault(re.sub(r"-s\d+$", "", exp_name), r["unet_external"])
-    if not rows:
-        return []
-    return ["", "The U-Net of each held-out run on the held-out masks (never trained or selected on them): Dice of "
-            "its thresholded output, and of the cleaned masks the lung crop and variants d and e use.", "",
-            "| run | masks | Dice | IoU | Dice (cleaned) |", "|---|---|---|---|---|",
-            *(f"| {name} | {v['n']} | {_fmt(v['dice'])} | {_fmt(v['iou'])} | {_fmt(v.get('dice_clean'))} |"
-              for name, v in rows.items())]
+            rows.setdefault(run, r["unet_external"])
+        if r.get("projection_external"):
+            filters.setdefault(run, r["projection_external"])
+    out = []
+    if rows:
+        out += ["", "The U-Net of each held-out run on the held-out masks (never trained or selected on them): Dice "
+                "of its thresholded output, and of the cleaned masks the lung crop and variants d and e use.", "",
+                "| run | masks | Dice | IoU | Dice (cleaned) |", "|---|---|---|---|---|",
+                *(f"| {name} | {v['n']} | {_fmt(v['dice'])} | {_fmt(v['iou'])} | {_fmt(v.get('dice_clean'))} |"
+                  for name, v in rows.items())]
+    if filters:
+        out += ["", "The projection filter of each held-out run on the held-out images (never trained or selected "
+                "on them): frontals kept, laterals refused, and the frontals it refused (usable images lost).", "",
+                "| run | frontals | frontal recall | laterals | lateral recall | frontals refused |",
+                "|---|---|---|---|---|---|",
+                *(f"| {name} | {v['n_frontal']} | {_fmt(v['frontal_recall'])} | {v['n_lateral']} | "
+                  f"{_fmt(v['lateral_recall'])} | {v['frontal_refused']} |" for name, v in filters.items())]
+    return out
 
 
 def _heldout_summary_rows(runs: dict) -> list[str]:

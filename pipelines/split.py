@@ -11,8 +11,9 @@ External validation: `holdout` (rules, e.g. `[{source: kermany}]` or `[{source: 
 sources or hospitals); with `holdout_with_test` the rest is split train/val/test and the held-out rows join its test,
 so that one model gives both a held-out source's and the other sources' test figures. `segmentation_external` puts
 the masks of those sources in an `external` split that the U-Net never trains on; so do the `holdout` rules, for the
-masks they match: a held-out source or hospital is unseen by the U-Net that crops and masks its images, as by the
-classifier. Held-out rows are checked only for patient disjointness (they are whole sources or sites).
+masks they match, and for the projection task's images (its `external` split): a held-out source or hospital is
+unseen by the projection filter that keeps its images and the U-Net that crops and masks them, as by the classifier.
+Held-out rows are checked only for patient disjointness (they are whole sources or sites).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def task_tables(m: pd.DataFrame, p: dict) -> tuple[dict[str, pd.DataFrame], pd.D
     if experiment.get("curate", False):
         covid, dropped = splits.drop_negatives_among_positives(covid)
 
-    projection = m[m["projection"].isin(["frontal", "lateral"])].assign(label=lambda d: d["projection"])
+    projection = _projection_rows(m).assign(label=lambda d: d["projection"])
     segmentation = _segmentation_rows(m)  # labelled by source once split: the manifest's label for the rules
     # covid strata: label x source, so that every source keeps its share in every split around the U-Net's patients
     covid = covid.assign(stratum=covid["label"].astype(str) + "/" + covid["source"].astype(str))
@@ -75,6 +76,16 @@ def _segmentation_rows(m: pd.DataFrame) -> pd.DataFrame:
     return m[m["mask_path"].notna()]
 
 
+def _projection_rows(m: pd.DataFrame) -> pd.DataFrame:
+    """The manifest's images whose projection is known: the projection task's rows."""
+    return m[m["projection"].isin(["frontal", "lateral"])]
+
+
+def _task_rows(task: str, m: pd.DataFrame) -> pd.DataFrame | None:
+    """A held-out-aware task's rows in the manifest (the covid task: None, its rules must each match)."""
+    return {"segmentation": _segmentation_rows, "projection": _projection_rows}.get(task, lambda _: None)(m)
+
+
 def _unet_patients(segmentation: pd.DataFrame) -> dict[str, str]:
     """The patients whose masks the U-Net trains or is selected on, and their split: the covid task keeps them in the
     same split, so that no covid test patient's lungs were learned by the U-Net that masks them (variants d and e, the
@@ -88,12 +99,14 @@ def _held_out(task: str, p: dict, frame: pd.DataFrame | None = None) -> tuple[li
 
     Segmentation holds out the `segmentation_external` sources and every `holdout` rule that matches one of its rows
     (``frame``, the task's rows; without it, every rule): the masks of a source or hospital held out of the covid task
-    never train or select the U-Net whose masks its images get.
+    never train or select the U-Net whose masks its images get. Projection holds out the `holdout` rules alike: the
+    filter that keeps or refuses a held-out source's images never learned from that source either, and its `external`
+    split says how it does on a source it never saw.
     """
     if task == "covid" and p["holdout"]:
         return [dict(rule) for rule in p["holdout"]], "test"
-    if task == "segmentation":
-        rules = [{"source": str(s)} for s in p["segmentation_external"]]
+    if task in ("segmentation", "projection"):
+        rules = [{"source": str(s)} for s in p["segmentation_external"]] if task == "segmentation" else []
         rules += [dict(rule) for rule in p["holdout"] or []
                   if frame is None or splits.rule_matches(frame, [rule]).any()]
         return rules, "external" if rules else ""
@@ -117,7 +130,7 @@ def run(p: dict, expectations: str) -> dict:
 
     results, held_rules = [], {}
     for name, table in tables.items():
-        held, held_split = _held_out(name, p, _segmentation_rows(m) if name == "segmentation" else None)
+        held, held_split = _held_out(name, p, _task_rows(name, m))
         held_rules[name] = held
         checked_rows = table[table["split"] != held_split] if held else table
         if held and name == "covid" and p.get("holdout_with_test"):  # the rest's own test split is checked too
@@ -138,7 +151,7 @@ def run(p: dict, expectations: str) -> dict:
     summary["curated_out"] = len(dropped)
     if p["holdout"] or p["segmentation_external"]:  # absent by default: the demo summary is unchanged
         summary["held_out"] = {"holdout": p["holdout"], "segmentation_external": list(p["segmentation_external"]),
-                               "segmentation": held_rules["segmentation"]}
+                               "segmentation": held_rules["segmentation"], "projection": held_rules["projection"]}
     for name, table in tables.items():
         _common.write_csv(_common.split_table(name), table)
     _common.write_csv(CURATED, dropped[["image_id", "patient_id", "label"]])

@@ -162,6 +162,26 @@ def test_a_held_out_source_masks_never_train_the_unet(rule):
     assert set(plain["segmentation"].loc[plain["segmentation"]["label"] == "neg2", "split"]) != {"external"}
 
 
+def test_a_held_out_source_never_trains_the_projection_filter():
+    """The projection filter that keeps or refuses a held-out source's images never learned from that source: its
+    rows are the projection task's `external` split, reported apart; without hold-out rules the split is as before."""
+    m = manifest_rows()
+    lateral = (m["source"] == "pos") & (m.index % 4 == 3)  # every source but pos is all frontal
+    m.loc[lateral, "projection"] = "lateral"
+    p = stage_params(holdout=[{"source": "neg1"}], holdout_with_test=True)
+    tables, _ = split_stage.task_tables(m, p)
+    proj = tables["projection"].merge(m[["image_id", "source"]])
+    assert set(proj.loc[proj["source"] == "neg1", "split"]) == {"external"}
+    assert set(proj.loc[proj["split"] == "external", "source"]) == {"neg1"}
+    assert {"train", "val", "test"} <= set(proj.loc[proj["source"] != "neg1", "split"])
+    assert split_stage._held_out("projection", p, split_stage._projection_rows(m)) == ([{"source": "neg1"}],
+                                                                                       "external")
+    plain, _ = split_stage.task_tables(m, stage_params())
+    assert "external" not in set(plain["projection"]["split"])
+    kept = proj[proj["source"] != "neg1"][["image_id", "split"]].reset_index(drop=True)
+    assert len(kept) == len(plain["projection"]) - int((m["source"] == "neg1").sum())
+
+
 @pytest.mark.parametrize("extra", [{}, {"holdout": [{"source": "neg1"}], "holdout_with_test": True}])
 def test_no_covid_test_patient_has_lungs_the_unet_learned(extra):
     m = manifest_rows()
@@ -213,6 +233,18 @@ def test_one_class_test_split_reports_specificity_only(tmp_path: Path):
     held = experiment.collect_classifier(tmp_path, {"train_classifier.variants": ["c"],
                                                     "train_classifier.backbones": ["vgg16"]})
     assert held["unet_external"] == {"n": 12, "dice": 0.81, "iou": 0.7, "dice_clean": 0.83}
+    assert "projection_external" not in held  # a filter that learned from every source
+    # the held-out source's images were the projection filter's external split: its recall on them joins them too
+    by_source = {"kermany": {"frontal_recall": 0.9, "lateral_recall": None, "n_frontal": 40, "n_lateral": 0,
+                             "frontal_refused": 4},
+                 "cohen": {"frontal_recall": 1.0, "lateral_recall": 0.5, "n_frontal": 10, "n_lateral": 2,
+                           "frontal_refused": 0}}
+    _common.write_json(tmp_path / "reports/train_projection/metrics.json",
+                       {"test": {"by_source": by_source}, "external": {"by_source": by_source}})
+    held = experiment.collect_classifier(tmp_path, {"train_classifier.variants": ["c"],
+                                                    "train_classifier.backbones": ["vgg16"]})
+    assert held["projection_external"] == {"n_frontal": 50, "n_lateral": 2, "frontal_refused": 4,
+                                           "frontal_recall": pytest.approx(0.92), "lateral_recall": 0.5}
 
     result = {"experiment": "loso", "description": "d", "kind": "classifier", "command": "python -m x", "notes": "n",
               "settings": experiment._settings({"cache.size": 64}, {"train_unet": {"f0": 16}}), "paper": None,
@@ -228,6 +260,7 @@ def test_one_class_test_split_reports_specificity_only(tmp_path: Path):
     experiment.record(tmp_path, "loso", result)
     table = experiment.render_summary(tmp_path).read_text()
     assert table.count("| loso-heldout-kermany | 12 | 0.810 | 0.700 | 0.830 |") == 1  # one U-Net for the seeds
+    assert table.count("| loso-heldout-kermany | 50 | 0.920 | 2 | 0.500 | 4 |") == 1  # one filter for the seeds
 
 
 def test_record_keeps_other_experiments(tmp_path: Path):

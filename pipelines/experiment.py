@@ -649,7 +649,9 @@ def _filter_recalls(by_source: dict) -> dict:
     n_frontal = sum(int(v["n_frontal"]) for v in by_source.values())
     n_lateral = sum(int(v["n_lateral"]) for v in by_source.values())
     refused = sum(int(v["frontal_refused"]) for v in by_source.values())
-    laterals_refused = sum(round(v["lateral_recall"] * v["n_lateral"]) for v in by_source.values() if v["n_lateral"])
+    laterals_refused = sum(int(v["lateral_refused"]) if "lateral_refused" in v  # records before 2026-12-06: none
+                           else round(v["lateral_recall"] * v["n_lateral"])
+                           for v in by_source.values() if v["n_lateral"])
     return {"n_frontal": n_frontal, "n_lateral": n_lateral, "frontal_refused": refused,
             "frontal_recall": 1.0 - refused / n_frontal if n_frontal else None,
             "lateral_recall": laterals_refused / n_lateral if n_lateral else None}

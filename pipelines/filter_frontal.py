@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from covidcxr import projection
+from covidcxr import models, projection
 from pipelines import _common, _models
 
 DISAGREE = "reports/filter_frontal/disagreements.csv"
@@ -15,7 +15,7 @@ METRICS = "reports/filter_frontal/metrics.json"
 def run(p: dict) -> dict:
     log = _common.setup_logging()
     index, images, _ = _models.load_cache(_common.PROJECTION_CACHE_DIR)  # the filter's own working size
-    p_frontal = _models.load_component(_common.PROJECTION_MODEL)(images)[:, 0]
+    p_frontal = models.frontal_probability(_models.load_component(_common.PROJECTION_MODEL), images)
     views = index["header_view_position"].where(index["header_view_position"].notna(), None).tolist()
     predicted, decided_by = projection.decide(p_frontal, views, float(p["threshold"]))
     out = index[["image_id", "projection"]].assign(p_frontal=np.round(p_frontal, 6), predicted=predicted,

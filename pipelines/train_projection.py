@@ -17,12 +17,14 @@ METRICS = "reports/train_projection/metrics.json"
 
 
 def recalls(y: np.ndarray, p_frontal: np.ndarray, threshold: float = 0.5) -> dict:
-    """Frontal and lateral recall (null without that class), their counts, and the frontals refused."""
+    """Frontal and lateral recall (null without that class), their counts, the frontals refused (usable images lost)
+    and the laterals refused (so that recalls pool over sources by counts, not by rebuilding them from ratios)."""
     frontal, called = np.asarray(y) == 1, np.asarray(p_frontal) >= threshold
     n_frontal, n_lateral = int(frontal.sum()), int((~frontal).sum())
     return {"frontal_recall": float(called[frontal].mean()) if n_frontal else None,
             "lateral_recall": float((~called[~frontal]).mean()) if n_lateral else None,
-            "n_frontal": n_frontal, "n_lateral": n_lateral, "frontal_refused": int((frontal & ~called).sum())}
+            "n_frontal": n_frontal, "n_lateral": n_lateral, "frontal_refused": int((frontal & ~called).sum()),
+            "lateral_refused": int((~frontal & ~called).sum())}
 
 
 def run(p: dict, experiment: str = "demo") -> dict:
@@ -50,7 +52,7 @@ def run(p: dict, experiment: str = "demo") -> dict:
         component = models.Component(model, std, info={"run_id": active.info.run_id, "positive_class": "frontal"})
         result = {}
         for split, (rows, _) in parts.items():  # Table 1: accuracy per split, and per class (laterals are few)
-            p_frontal = component(images[rows])[:, 0]
+            p_frontal = models.frontal_probability(component, images[rows])
             m = metrics.classification_metrics(y[split], p_frontal)
             result[split] = {"accuracy": m["accuracy"], "frontal_accuracy": m["sensitivity"],
                              "lateral_accuracy": m["specificity"], "n": m["n"],

@@ -394,3 +394,25 @@ def test_component_saves_its_input_transform_and_scores_through_it(tmp_path):
     np.testing.assert_array_equal(plain.prepare(images, masks, "d").images,
                                   preprocess.apply_variant(images, masks, "d"))
     assert not np.allclose(models.covid_probability(plain, images, masks, "d"), p)
+
+
+def test_frontal_probability_reads_images_through_the_filters_input_transform(tmp_path):
+    from covidcxr import preprocess
+
+    keras.utils.set_random_seed(2)
+    images = np.random.default_rng(1).random((3, 32, 32)).astype(np.float32) ** 3  # dark films: equalising moves them
+    model = build_vgg(19, (32, 32, 1), width=1 / 16, head=(4,))
+    std = preprocess.Standardizer().fit(images)
+    plain = models.Component(model, std)
+    np.testing.assert_array_equal(models.frontal_probability(plain, images), plain(images)[:, 0])
+    transform = preprocess.InputTransform(intensity="equalize")
+    folder = models.Component(model, std, input_transform=transform).save(tmp_path / "projection")
+    loaded = models.Component.load(folder)
+    p = models.frontal_probability(loaded, images)
+    assert p.shape == (3,)
+    np.testing.assert_allclose(p, loaded(transform.apply(images, None, "c").images)[:, 0], atol=1e-6)
+    assert not np.allclose(p, plain(images)[:, 0], atol=1e-4)
+    # the filter comes before the lungs: a lung crop cannot apply
+    cropping = models.Component(model, std, input_transform=preprocess.InputTransform(crop=True))
+    with pytest.raises(ValueError, match="needs lung masks"):
+        models.frontal_probability(cropping, images)

@@ -247,7 +247,16 @@ def test_the_projection_filter_reads_each_image_at_its_own_working_size(tmp_path
             return part(images)
         return call
 
-    pipeline.projection, pipeline.unet = recording("projection", projection), recording("unet", unet)
+    def reading(name: str, part: models.Component) -> None:  # the filter reads images through its prepare
+        prepare = part.prepare
+
+        def call(images: np.ndarray, masks, variant: str):
+            seen[name] = images
+            return prepare(images, masks, variant)
+        part.prepare = call
+
+    reading("projection", projection)
+    pipeline.unet = recording("unet", unet)
     image = png_b64(phantom(size=256))
     [entry] = pipeline.score([image])
     assert entry["accepted"] is True and entry["projection"] == "frontal"

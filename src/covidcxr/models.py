@@ -624,6 +624,18 @@ def covid_probability(classifier: Component, images: np.ndarray, masks: np.ndarr
     return np.array([round(float(p), PROBABILITY_DECIMALS) for p in raw], dtype=np.float64)
 
 
+def frontal_probability(projection_filter: Component, images: np.ndarray) -> np.ndarray:
+    """The projection filter's probability of frontal for working images ``[N, H, W]`` at the filter's own size.
+
+    The one computation behind the `train_projection` stage's recalls, the `filter_frontal` stage and serving (which
+    then apply :func:`covidcxr.projection.decide`): through :meth:`Component.prepare`, so that a filter saved with an
+    input transform (intensity normalisation; never a lung crop: the filter comes before the lungs) reads every image
+    the way it was trained.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    return projection_filter(projection_filter.prepare(images, None, "c").images)[:, 0]
+
+
 def ood_features(classifier: Component, images: np.ndarray, masks: np.ndarray, variant: str) -> np.ndarray:
     """The classifier's features (:meth:`Component.features`: pooled block outputs and penultimate features) for
     working-size images with their lung masks under ``variant`` (through :meth:`Component.prepare`, as the network

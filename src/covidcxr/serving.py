@@ -357,7 +357,7 @@ class Pipeline:
         order = sorted(work)
         if not order:
             return []
-        p_frontal = self.projection(np.stack([work[i] for i in order]))[:, 0]
+        p_frontal = models.frontal_probability(self.projection, np.stack([work[i] for i in order]))
         called, decided_by = projection.decide(p_frontal, [views[i] for i in order], self.config.frontal_threshold)
         frontal = []
         for i, p, view, by in zip(order, p_frontal.tolist(), called, decided_by):

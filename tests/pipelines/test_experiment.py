@@ -236,15 +236,23 @@ def test_one_class_test_split_reports_specificity_only(tmp_path: Path):
     assert "projection_external" not in held  # a filter that learned from every source
     # the held-out source's images were the projection filter's external split: its recall on them joins them too
     by_source = {"kermany": {"frontal_recall": 0.9, "lateral_recall": None, "n_frontal": 40, "n_lateral": 0,
-                             "frontal_refused": 4},
-                 "cohen": {"frontal_recall": 1.0, "lateral_recall": 0.5, "n_frontal": 10, "n_lateral": 2,
-                           "frontal_refused": 0}}
+                             "frontal_refused": 4, "lateral_refused": 0},
+                 "cohen": {"frontal_recall": 1.0, "lateral_recall": 1 / 3, "n_frontal": 10, "n_lateral": 3,
+                           "frontal_refused": 0, "lateral_refused": 1}}
+    expected = {"n_frontal": 50, "n_lateral": 3, "frontal_refused": 4, "frontal_recall": pytest.approx(0.92),
+                "lateral_recall": pytest.approx(1 / 3)}
     _common.write_json(tmp_path / "reports/train_projection/metrics.json",
                        {"test": {"by_source": by_source}, "external": {"by_source": by_source}})
     held = experiment.collect_classifier(tmp_path, {"train_classifier.variants": ["c"],
                                                     "train_classifier.backbones": ["vgg16"]})
-    assert held["projection_external"] == {"n_frontal": 50, "n_lateral": 2, "frontal_refused": 4,
-                                           "frontal_recall": pytest.approx(0.92), "lateral_recall": 0.5}
+    assert held["projection_external"] == expected
+    # a record written before the stage counted the laterals refused: the count comes back from recall x laterals
+    for v in by_source.values():
+        del v["lateral_refused"]
+    _common.write_json(tmp_path / "reports/train_projection/metrics.json", {"external": {"by_source": by_source}})
+    assert experiment.collect_classifier(tmp_path, {"train_classifier.variants": ["c"],
+                                                    "train_classifier.backbones": ["vgg16"]})["projection_external"] \
+        == expected
 
     result = {"experiment": "loso", "description": "d", "kind": "classifier", "command": "python -m x", "notes": "n",
               "settings": experiment._settings({"cache.size": 64}, {"train_unet": {"f0": 16}}), "paper": None,
@@ -260,7 +268,7 @@ def test_one_class_test_split_reports_specificity_only(tmp_path: Path):
     experiment.record(tmp_path, "loso", result)
     table = experiment.render_summary(tmp_path).read_text()
     assert table.count("| loso-heldout-kermany | 12 | 0.810 | 0.700 | 0.830 |") == 1  # one U-Net for the seeds
-    assert table.count("| loso-heldout-kermany | 50 | 0.920 | 2 | 0.500 | 4 |") == 1  # one filter for the seeds
+    assert table.count("| loso-heldout-kermany | 50 | 0.920 | 3 | 0.333 | 4 |") == 1  # one filter for the seeds
 
 
 def test_record_keeps_other_experiments(tmp_path: Path):

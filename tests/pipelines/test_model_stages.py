@@ -15,7 +15,8 @@ def test_projection_recalls_count_the_frontals_refused():
     y = np.array([1, 1, 1, 1, 0, 0])  # 1 = frontal
     p = np.array([0.9, 0.8, 0.3, 0.6, 0.1, 0.7])
     r = train_projection.recalls(y, p)
-    assert r == {"frontal_recall": 0.75, "lateral_recall": 0.5, "n_frontal": 4, "n_lateral": 2, "frontal_refused": 1}
+    assert r == {"frontal_recall": 0.75, "lateral_recall": 0.5, "n_frontal": 4, "n_lateral": 2, "frontal_refused": 1,
+                 "lateral_refused": 1}
     only_frontals = train_projection.recalls(np.ones(3), np.array([0.9, 0.9, 0.2]))
     assert only_frontals["lateral_recall"] is None and only_frontals["frontal_recall"] == pytest.approx(2 / 3)
 

@@ -747,13 +747,14 @@ def _projection_rows(result: dict) -> list[str]:
             lateral = r["split_counts"][split].get("lateral", 0)
             rows.append(f"| {split} | {m['n']} ({lateral} lateral) | {_fmt(m['accuracy'])} | "
                         f"{_fmt(m['frontal_accuracy'])} | {_fmt(m['lateral_accuracy'])} |")
-    per_source = [(name, src, v) for name, r in result["runs"].items()
-                  for src, v in (r["metrics"]["test"].get("by_source") or {}).items()]
-    if per_source:
-        rows += ["", "| run | test source | frontals (refused) | frontal recall | laterals | lateral recall |",
-                 "|---|---|---|---|---|---|"]
-        rows += [f"| {name} | {src} | {v['n_frontal']} ({v['frontal_refused']}) | {_fmt(v['frontal_recall'])} | "
-                 f"{v['n_lateral']} | {_fmt(v['lateral_recall'])} |" for name, src, v in per_source]
+    for split, what in (("test", "test source"), ("external", "held-out source (never trained on)")):
+        per_source = [(name, src, v) for name, r in result["runs"].items()
+                      for src, v in ((r["metrics"].get(split) or {}).get("by_source") or {}).items()]
+        if per_source:
+            rows += ["", f"| run | {what} | frontals (refused) | frontal recall | laterals | lateral recall |",
+                     "|---|---|---|---|---|---|"]
+            rows += [f"| {name} | {src} | {v['n_frontal']} ({v['frontal_refused']}) | {_fmt(v['frontal_recall'])} | "
+                     f"{v['n_lateral']} | {_fmt(v['lateral_recall'])} |" for name, src, v in per_source]
     return rows
 
 
@@ -889,6 +890,12 @@ def headline(kind: str, runs_out: dict) -> dict:
                     out[exp_name][f"worst_source_{cls}_recall"] = min(recalls)
             if by_source:
                 out[exp_name]["frontal_refused"] = sum(v["frontal_refused"] for v in by_source.values())
+            unseen = (r["metrics"].get("external") or {}).get("by_source")
+            if unseen:  # held-out sources' images: the filter never trained or chose on them
+                pooled = _filter_recalls(unseen)
+                out[exp_name].update(unseen_frontal_recall=pooled["frontal_recall"],
+                                     unseen_frontal_refused=pooled["frontal_refused"],
+                                     unseen_lateral_recall=pooled["lateral_recall"])
     return {**out, **over_seeds(out)}
 
 

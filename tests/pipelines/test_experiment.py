@@ -353,6 +353,30 @@ def test_every_run_once_per_seed_and_the_spread_over_seeds():
     assert held[0][1]["split.experiment"] == "loso"
 
 
+def test_a_projection_run_with_a_held_out_source_reports_the_filter_on_it_over_seeds():
+    def record(kept: int) -> dict:
+        test = {"frontal_recall": 1.0, "lateral_recall": 1.0, "n_frontal": 30, "n_lateral": 2, "frontal_refused": 0,
+                "lateral_refused": 2}
+        unseen = {"frontal_recall": kept / 40, "lateral_recall": None, "n_frontal": 40, "n_lateral": 0,
+                  "frontal_refused": 40 - kept, "lateral_refused": 0}
+        split = {"n": 32, "accuracy": 1.0, "frontal_accuracy": 1.0, "lateral_accuracy": 1.0}
+        return {"metrics": {s: {**split, "by_source": {"cohen": test}} for s in ("train", "val", "test")}
+                | {"external": {**split, "by_source": {"kermany": unseen}}},
+                "split_counts": {s: {"frontal": 30, "lateral": 2} for s in ("train", "val", "test")}}
+
+    runs = {f"unseen-s{seed}": record(kept) for seed, kept in ((1, 20), (2, 38), (3, 40))}
+    h = experiment.headline("projection", runs)
+    first = h["unseen-s1"]
+    assert first["unseen_frontal_recall"] == pytest.approx(0.5) and first["unseen_frontal_refused"] == 20
+    assert first["unseen_lateral_recall"] is None  # no lateral among the held-out images: not measured
+    spread = h["unseen over seeds"]
+    assert spread["unseen_frontal_recall"]["min"] == pytest.approx(0.5)
+    assert spread["unseen_frontal_recall"]["mean"] == pytest.approx(98 / 120)
+    assert spread["worst_source_frontal_recall"]["mean"] == 1.0  # the test split's sources, apart
+    rows = "\n".join(experiment._projection_rows({"runs": runs}))
+    assert "| unseen-s1 | kermany | 40 (20) | 0.500 | 0 | null |" in rows and "held-out source" in rows
+
+
 def test_holdout_with_test_keeps_a_test_split_of_the_rest():
     m = manifest_rows()
     p = stage_params(holdout=[{"source": "neg1"}], holdout_with_test=True)

@@ -437,9 +437,9 @@ UPSTREAM = ("cache.", "ingest.", "train_projection.", "train_unet.", "tune_unet.
 
 
 def ablation_estimate(plan: list[dict], baseline: dict) -> dict:
-    """What a plan trains: classifier trainings (variants x backbones of every run), the upstream stage sets (cache,
-    projection filter, U-Net, segment, pretrain) that differ and are computed once each (DVC's run cache shares the
-    rest), and a rough wall time."""
+    """What a plan trains: classifier trainings (variants x backbones x ensemble members of every run), the upstream
+    stage sets (cache, projection filter, U-Net, segment, pretrain) that differ and are computed once each (DVC's run
+    cache shares the rest), and a rough wall time."""
     def value(params: dict, key: str) -> object:
         section, _, leaf = key.partition(".")
         return params[key] if key in params else (baseline.get(section) or {}).get(leaf)
@@ -448,6 +448,7 @@ def ablation_estimate(plan: list[dict], baseline: dict) -> dict:
     for step in plan:
         p = step["params"]
         n = len(value(p, "train_classifier.variants") or []) * len(value(p, "train_classifier.backbones") or [])
+        n *= int(value(p, "train_classifier.members") or 1)
         trainings += n
         size = int(value(p, "cache.size") or 64)
         seconds += n * TRAINING_SECONDS_64PX * (size / 64) ** 2 + RUN_OVERHEAD_SECONDS

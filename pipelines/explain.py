@@ -53,7 +53,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
             test = pred[pred["split"] == "test"].reset_index(drop=True)
             rows = preprocess.rows_for(index, test["image_id"])
             prepared = classifier.prepare(images[rows], masks[rows], variant)  # as the classifier scored them
-            heat = gradcam.gradcam(classifier.model, classifier.inputs(prepared.images))
+            heat = gradcam.heat_maps(classifier, prepared.images)
             inside = gradcam.mass_inside(heat, prepared.masks)
             # The lungs' share of the image over the same images: what a uniform heat map would score (the audit).
             area = np.where(np.isnan(inside), np.nan, (prepared.masks >= 0.5).mean(axis=(1, 2)))

@@ -84,9 +84,8 @@ def stage_bundle(tmp: Path, variant: str, backbone: str, config: serving.Config,
     for name, src in sources.items():
         dest = tmp / name
         dest.mkdir()
-        for file in models.FOLDER_FILES:
-            if (Path(src) / file).is_file():
-                shutil.copy2(Path(src) / file, dest / file)
+        for file in models.folder_files(src):
+            shutil.copy2(Path(src) / file, dest / file)
         artifacts[name] = str(dest)
     config.save(tmp / "serving.json")
     (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")

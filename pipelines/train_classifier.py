@@ -13,6 +13,8 @@ in the model folder and applied by ``Component.prepare`` everywhere the model sc
 strong), ``sampling`` (class weights, class-balanced or class- and source-balanced batches), ``weights: pretrained``
 (the pretrain stage's self-supervised encoder) and ``source_adversary`` (above 0: the weight of a head that learns the
 negatives' source through a reversed gradient, :mod:`covidcxr.adversary`; trained beside the classifier, never served).
+``members`` above 1 trains that many networks with seeds ``seed``, ``seed + 1000``, ... on the same inputs: a seed
+ensemble whose mean output is calibrated, thresholded, scored and served as one model (``models.Component``).
 """
 
 from __future__ import annotations
@@ -52,35 +54,53 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
         log.info("source adversary off: the training negatives come from one source (%s)", source_names)
         source_names = []
     depth = int(backbone.removeprefix("vgg"))
-    with training.distribution_strategy(p["strategy"]).scope():
-        model = models.build_vgg(depth, x["train"].shape[1:] + (1,), weights=_models.vgg_weights(p["weights"], depth),
-                                 fold=p["fold"], width=float(p["width"]), head=tuple(p["head"]),
-                                 name=f"covid_{variant}_{backbone}")
-        _models.compile_binary(model, float(p["lr"]))
-        trainer = model
-        if source_names:  # the classifier shares every layer with the trainer; it alone is saved and served
-            trainer = adversary.build_trainer(model, len(source_names), weight=adversary_weight, seed=int(p["seed"]))
-            adversary.compile_trainer(trainer, float(p["lr"]))
-            class_weight = weighing.pop("class_weight")  # the targets carry it (Keras' cannot weigh a wide row)
-            targets = {s: adversary.pack_targets(y[s], sources[s], source_names, class_weight) for s in targets}
-            log.info("source adversary (weight %g) on the training negatives' sources %s", adversary_weight,
-                     source_names)
-    on_epoch_end = tracking.log_epoch
-    if source_names and p["source_adversary_ramp"]:  # 0 in the first epoch, then up towards the weight
-        on_epoch_end = adversary.ramp_hook(trainer, adversary_weight, int(p["epochs"]), then=tracking.log_epoch)
+    if source_names:  # the classifier shares every layer with the trainer; it alone is saved and served
+        class_weight = weighing.pop("class_weight")  # the targets carry it (Keras' cannot weigh a wide row)
+        targets = {s: adversary.pack_targets(y[s], sources[s], source_names, class_weight) for s in targets}
+        log.info("source adversary (weight %g) on the training negatives' sources %s", adversary_weight,
+                 source_names)
+
+    def build(seed: int, log_epoch):
+        """One network, the model that trains it (with the source adversary, when there is one) and its epoch hook."""
+        with training.distribution_strategy(p["strategy"]).scope():
+            network = models.build_vgg(depth, x["train"].shape[1:] + (1,),
+                                       weights=_models.vgg_weights(p["weights"], depth), fold=p["fold"],
+                                       width=float(p["width"]), head=tuple(p["head"]),
+                                       name=f"covid_{variant}_{backbone}")
+            _models.compile_binary(network, float(p["lr"]))
+            trainer = network
+            if source_names:
+                trainer = adversary.build_trainer(network, len(source_names), weight=adversary_weight, seed=seed)
+                adversary.compile_trainer(trainer, float(p["lr"]))
+        hook = log_epoch
+        if source_names and p["source_adversary_ramp"]:  # 0 in the first epoch, then up towards the weight
+            hook = adversary.ramp_hook(trainer, adversary_weight, int(p["epochs"]), then=log_epoch)
+        return network, trainer, hook
+
+    seeds = member_seeds(int(p["seed"]), int(p["members"]))
+    network, trainer, hook = build(seeds[0], tracking.log_epoch)
     run_params = {**p, "variant": variant, "backbone": backbone, "excluded": excluded}
     with tracking.run(_common.mlflow_experiment(experiment), f"classifier-{variant}-{backbone}", params=run_params,
                       tags=_tracking.repro_tags("train_classifier", experiment)) as active:
-        history = training.fit(
-            trainer, (x["train"], targets["train"]), (x["val"], targets["val"]), epochs=int(p["epochs"]),
-            batch_size=int(p["batch_size"]), seed=int(p["seed"]), augment=p["augment"], **weighing,
-            on_epoch_end=on_epoch_end, verbose=1 if _common.show_progress() else 0,
-        )
-        component = models.Component(model, std, info={"run_id": active.info.run_id, "variant": variant,
-                                                       "backbone": backbone,
-                                                       "epochs_run": len(history.get("loss", [])),
-                                                       **({"source_adversary": source_names} if source_names else {})},
-                                     input_transform=transform)
+        networks, history = [], {}
+        for i, seed in enumerate(seeds):
+            if i:  # a further member of the ensemble: its own initial weights, batches and augmentation
+                training.seed_everything(seed)
+                network, trainer, hook = build(seed, _member_log(i))
+            fitted = training.fit(
+                trainer, (x["train"], targets["train"]), (x["val"], targets["val"]), epochs=int(p["epochs"]),
+                batch_size=int(p["batch_size"]), seed=seed, augment=p["augment"], **weighing,
+                on_epoch_end=hook, verbose=1 if _common.show_progress() else 0,
+            )
+            history = history or fitted
+            networks.append(network)
+        ensemble = {"members": len(seeds), "member_seeds": seeds} if len(seeds) > 1 else {}
+        component = models.Component(networks[0], std, info={"run_id": active.info.run_id, "variant": variant,
+                                                             "backbone": backbone,
+                                                             "epochs_run": len(history.get("loss", [])), **ensemble,
+                                                             **({"source_adversary": source_names}
+                                                                if source_names else {})},
+                                     input_transform=transform, members=networks[1:])
         raw = {s: models.covid_probability(component, images[r], masks[r], variant, calibrated=False)
                for s, r in parts.items()}
         if p["calibration"] == "platt":  # fitted on validation, applied wherever a probability is computed
@@ -107,7 +127,7 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
                                      "threshold.val_specificity": choice.specificity,
                                      "ood.threshold": component.ood.threshold,
                                      **{f"ood.{s}.refused": v for s, v in ood_refused.items() if v is not None}})
-        tracking.log_keras_model(model, x["val"][..., None])
+        tracking.log_keras_model(component.model, x["val"][..., None])  # an ensemble's first network
         with _common.atomic_dir(_common.model_dir(variant, backbone)) as out:  # the folder appears whole, or not
             _models.save_component(out, component)
             predictions = pd.concat([
@@ -123,6 +143,20 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
     log.info("classifier %s/%s: val AUC %.3f, test AUC %.3f", variant, backbone,
              result["val"]["roc_auc"], result["test"]["roc_auc"])
     return result
+
+
+#: An ensemble's members train with ``seed``, ``seed + MEMBER_SEED_STRIDE``, ...: apart from every other run's seed.
+MEMBER_SEED_STRIDE = 1000
+
+
+def member_seeds(seed: int, members: int) -> list[int]:
+    """The seed of each network of a ``members``-network ensemble trained with ``seed`` (the first is ``seed``)."""
+    return [seed + MEMBER_SEED_STRIDE * i for i in range(members)]
+
+
+def _member_log(i: int):
+    """Epoch metrics of the ``i``-th further member, logged under ``member<i>.`` beside the first network's."""
+    return lambda epoch, logs: tracking.log_epoch(epoch, {f"member{i}.{k}": v for k, v in logs.items()})
 
 
 if __name__ == "__main__":

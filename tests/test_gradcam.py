@@ -214,3 +214,19 @@ def test_nested_model_gives_a_clear_error(model, images):
     outer = keras.Model(inputs, keras.layers.Activation("linear", name="head")(model(inputs)), name="outer")
     with pytest.raises(ValueError, match="nested models"):
         G.gradcam(outer, images)
+
+
+def test_an_ensembles_heat_maps_are_the_mean_of_its_networks(images):
+    class Ensemble:  # what heat_maps reads of a models.Component: its networks and its standardised inputs
+        networks = [_tiny_model(left_only=True, seed=1), _tiny_model(seed=2)]
+
+        @staticmethod
+        def inputs(x: np.ndarray) -> np.ndarray:
+            return x[..., None]
+
+    plain = images[..., 0]
+    each = [G.gradcam(n, images) for n in Ensemble.networks]
+    assert not np.allclose(each[0], each[1], atol=1e-3)
+    np.testing.assert_allclose(G.heat_maps(Ensemble(), plain), (each[0] + each[1]) / 2, atol=1e-6)
+    Ensemble.networks = Ensemble.networks[:1]  # one network: its own maps
+    np.testing.assert_array_equal(G.heat_maps(Ensemble(), plain), each[0])

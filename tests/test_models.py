@@ -416,3 +416,30 @@ def test_frontal_probability_reads_images_through_the_filters_input_transform(tm
     cropping = models.Component(model, std, input_transform=preprocess.InputTransform(crop=True))
     with pytest.raises(ValueError, match="needs lung masks"):
         models.frontal_probability(cropping, images)
+
+
+def test_a_seed_ensemble_scores_the_mean_of_its_networks_and_saves_every_member(tmp_path):
+    from covidcxr import preprocess
+
+    images = np.random.default_rng(2).random((5, 32, 32)).astype(np.float32)
+    networks = []
+    for seed in (1, 2, 3):
+        keras.utils.set_random_seed(seed)
+        networks.append(build_vgg(16, (32, 32, 1), width=1 / 16, head=(4,)))
+    std = preprocess.Standardizer().fit(images)
+    singles = [models.Component(n, std)(images) for n in networks]
+    assert not np.allclose(singles[0], singles[1], atol=1e-4)  # the members differ, or the test could not fail
+    ensemble = models.Component(networks[0], std, members=networks[1:], threshold={"threshold": 0.5})
+    assert ensemble.networks == networks
+    np.testing.assert_allclose(ensemble(images), np.mean(singles, axis=0), atol=1e-6)
+    folder = ensemble.save(tmp_path / "clf")
+    assert models.member_files(folder) == ["member1.keras", "member2.keras"]
+    assert set(models.folder_files(folder)) == {"model.keras", "standardizer.json", "run.json", "threshold.json",
+                                                "member1.keras", "member2.keras"}
+    loaded = models.Component.load(folder)
+    assert len(loaded.networks) == 3
+    np.testing.assert_allclose(loaded(images), ensemble(images), atol=1e-6)
+    # a single network written over the ensemble's folder leaves no member behind to be averaged in
+    models.Component(networks[0], std).save(folder)
+    assert models.member_files(folder) == []
+    np.testing.assert_allclose(models.Component.load(folder)(images), singles[0], atol=1e-6)

@@ -72,6 +72,15 @@ def _logit_output(model: keras.Model) -> Iterator[keras.KerasTensor]:
     yield out_layer.output
 
 
+def heat_maps(classifier, images: np.ndarray) -> np.ndarray:
+    """Grad-CAM heat maps ``(N, H, W)`` of a classifier (a ``models.Component``) for its prepared input images
+    (``classifier.prepare(...).images``): the one place explain and serving compute them. An ensemble's are the mean
+    of its networks' maps (``classifier.networks``), as its score is the mean of theirs."""
+    x = classifier.inputs(images)
+    maps = [gradcam(network, x) for network in classifier.networks]
+    return maps[0] if len(maps) == 1 else np.mean(maps, axis=0)
+
+
 def gradcam(
     model: keras.Model,
     images: np.ndarray,

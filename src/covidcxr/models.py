@@ -447,6 +447,7 @@ MODEL_FILE, STANDARDIZER_FILE = "model.keras", "standardizer.json"
 RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE = "run.json", "threshold.json", "calibration.json"
 OOD_FILE = "ood.npz"  # the classifier's out-of-distribution detector (covidcxr.ood)
 INPUT_FILE = "input.json"  # a classifier's input transform (lung crop, intensity normalisation); absent: the identity
+MEMBER_FILE = "member{}.keras"  # an ensemble's further networks (1, 2, ...), beside MODEL_FILE, the first
 #: The files of a model folder that scoring needs (``predictions.csv`` and the like stay beside it, not in a bundle).
 FOLDER_FILES: tuple[str, ...] = (MODEL_FILE, STANDARDIZER_FILE, RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE, OOD_FILE,
                                  INPUT_FILE)
@@ -458,12 +459,17 @@ class Component:
 
     The one way images are scored: ``component(images)`` standardizes working-size images ``[N, H, W]`` in [0, 1] and
     runs the network through one traced function (every batch size, no retracing), in batches of ``batch_size``.
-    ``save``/``load`` write and read a model folder (:data:`FOLDER_FILES`).
+    ``members``: further networks of the same architecture trained with other seeds on the same inputs (a seed
+    ensemble); the component's output is then the mean of every network's, and its calibration, threshold and heat
+    maps are those of that mean. ``save``/``load`` write and read a model folder (:data:`FOLDER_FILES`, and
+    :data:`MEMBER_FILE` per member).
     """
 
     def __init__(self, model: keras.Model, standardizer, *, threshold: dict | None = None,
-                 calibrator=None, info: dict | None = None, ood=None, input_transform=None) -> None:
+                 calibrator=None, info: dict | None = None, ood=None, input_transform=None,
+                 members: Sequence[keras.Model] = ()) -> None:
         self.model = model
+        self.members = list(members)
         self.standardizer = standardizer
         self.threshold = dict(threshold) if threshold else None  # {"threshold": t, ...how it was chosen}
         self.calibrator = calibrator  # calibration.PlattCalibrator or None
@@ -472,6 +478,11 @@ class Component:
         self.input_transform = input_transform  # preprocess.InputTransform (a classifier's) or None: the identity
         self._forward = None
         self._features = None
+
+    @property
+    def networks(self) -> list[keras.Model]:
+        """Every network the output averages: ``model``, then the members."""
+        return [self.model, *self.members]
 
     @property
     def operating_threshold(self) -> float:
@@ -506,8 +517,12 @@ class Component:
             import tensorflow as tf
 
             spec = tf.TensorSpec((None, *self.model.input_shape[1:]), tf.float32)
-            model = self.model
-            self._forward = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+            model, networks = self.model, self.networks
+            if len(networks) == 1:
+                self._forward = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+            else:  # one graph for the ensemble: the mean of the members' outputs
+                self._forward = tf.function(lambda x: tf.add_n([n(x, training=False) for n in networks])
+                                            / float(len(networks)), input_signature=[spec])
         return self._forward
 
     def feature_layers(self) -> list:
@@ -523,7 +538,9 @@ class Component:
     def features(self, images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
         """Features (float32) of working-size images ``[N, H, W]`` in [0, 1] for the out-of-distribution score: the
         global average of each convolutional block's output, then the penultimate features, concatenated; one traced
-        function as in :meth:`__call__` (the feature maps are averaged inside it, never returned)."""
+        function as in :meth:`__call__` (the feature maps are averaged inside it, never returned). An ensemble's are
+        its first network's: what is out of distribution for one member is for the others, trained on the same
+        images."""
         x = self.inputs(np.asarray(images, dtype=np.float32))
         tensors = self.feature_layers()
         if self._features is None:
@@ -550,8 +567,11 @@ class Component:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         partial = folder / ".partial.keras"  # Keras insists on the suffix; renamed into place once complete
-        self.model.save(partial)
-        os.replace(partial, folder / MODEL_FILE)
+        for i, network in enumerate(self.networks):
+            network.save(partial)
+            os.replace(partial, folder / (MEMBER_FILE.format(i) if i else MODEL_FILE))
+        for stale in member_files(folder)[len(self.members):]:  # a smaller ensemble written over a larger one
+            (folder / stale).unlink()
         self.standardizer.save(folder / STANDARDIZER_FILE)
         (folder / RUN_FILE).write_text(json.dumps(self.info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if self.threshold:
@@ -574,6 +594,7 @@ class Component:
         folder = Path(folder)
         info = folder_info(folder)  # checks the folder first
         model = keras.saving.load_model(folder / MODEL_FILE, compile=False)
+        members = [keras.saving.load_model(folder / name, compile=False) for name in member_files(folder)]
         calibrator = PlattCalibrator.load(folder / CALIBRATION_FILE) if (folder / CALIBRATION_FILE).is_file() else None
         detector = None
         if (folder / OOD_FILE).is_file():
@@ -582,7 +603,22 @@ class Component:
             detector = MahalanobisDetector.load(folder / OOD_FILE)
         transform = InputTransform.load(folder / INPUT_FILE) if (folder / INPUT_FILE).is_file() else None
         return cls(model, Standardizer.load(folder / STANDARDIZER_FILE), threshold=folder_threshold(folder),
-                   calibrator=calibrator, info=info, ood=detector, input_transform=transform)
+                   calibrator=calibrator, info=info, ood=detector, input_transform=transform, members=members)
+
+
+def member_files(folder: str | os.PathLike) -> list[str]:
+    """The file names of a model folder's further ensemble networks, in order (``member1.keras``, ...; none for a
+    single network). Numbered from 1 without gaps: a gap ends the list."""
+    names, i = [], 1
+    while (Path(folder) / MEMBER_FILE.format(i)).is_file():
+        names.append(MEMBER_FILE.format(i))
+        i += 1
+    return names
+
+
+def folder_files(folder: str | os.PathLike) -> list[str]:
+    """The files of a model folder that scoring needs and that it holds: :data:`FOLDER_FILES` and its members'."""
+    return [f for f in FOLDER_FILES if (Path(folder) / f).is_file()] + member_files(folder)
 
 
 def folder_info(folder: str | os.PathLike) -> dict:

@@ -419,7 +419,7 @@ class Pipeline:
                  order: list[int], entries: list[dict]) -> None:
         prepared = self.classifier.prepare(np.stack([work[i] for i in order]), np.stack([masks[i] for i in order]),
                                            self.config.variant)
-        heat = gradcam.gradcam(self.classifier.model, self.classifier.inputs(prepared.images))
+        heat = gradcam.heat_maps(self.classifier, prepared.images)
         heat = preprocess.place_in_box(heat, prepared.boxes, heat.shape[1:])  # a lung crop's map, on the whole image
         for i, h in zip(order, heat):
             entries[i][GRADCAM_FIELD] = png_base64(gradcam.overlay(display[i], h))

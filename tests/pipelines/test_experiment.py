@@ -417,6 +417,9 @@ def test_the_ablation_plans_every_lever_on_the_same_runs_over_seeds(tmp_path: Pa
     per_seed = 3 * 2 + 2 + 2  # three held-out runs of c and e, adult negatives c and d, Cohen pneumonias c and d
     assert estimate["classifier_trainings"] == 2 * per_seed * len(seeds) and estimate["upstream_sets"] == 1
     assert estimate["dvc_runs"] == len(only)
+    ensembles = experiment.ablation_plan("ablation", spec, levers=["lung-crop-equalize-ensemble-3"])
+    trained = experiment.ablation_estimate(ensembles, yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert trained["classifier_trainings"] == 3 * per_seed * len(seeds)  # three networks per model
 
 
 def _workdir(root: Path, scores: dict[str, tuple[list, list, list]], threshold: float = 0.5) -> Path:

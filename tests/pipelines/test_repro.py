@@ -27,8 +27,9 @@ TINY = {
     "tune_unet": {"n_trials": 1, "epochs": 1},
     "train_unet": {"epochs": 2, "f0": 4, "use_tuned": False},
     # One backbone keeps the suite inside its budget; the matrix still expands over c, d and e, and the default
-    # profile's two backbones run in every `make run` (dvc.lock, reports/).
-    "train_classifier": {"epochs": 2, "width": 0.0625, "backbones": ["vgg16"]},
+    # profile's two backbones run in every `make run` (dvc.lock, reports/). Two-network seed ensembles: what is
+    # trained, evaluated, explained, registered and served is the ensemble.
+    "train_classifier": {"epochs": 2, "width": 0.0625, "backbones": ["vgg16"], "members": 2},
     "evaluate": {"n_boot": 50},
     "explain": {"per_group": 1},
     # The demo data carries a shortcut by design and the tiny models' audit verdicts are arbitrary; the refusal itself
@@ -193,8 +194,9 @@ def test_dvc_repro_on_demo_data(project: Path, tmp_path: Path):
     for variant in "cde":
         for backbone in TINY["train_classifier"]["backbones"]:
             d = project / f"artifacts/models/classifier_{variant}_{backbone}"
-            assert {"model.keras", "standardizer.json", "threshold.json", "predictions.csv", "run.json"} <= {
-                p.name for p in d.iterdir()}
+            assert {"model.keras", "member1.keras", "standardizer.json", "threshold.json", "predictions.csv",
+                    "run.json"} <= {p.name for p in d.iterdir()}
+            assert json.loads((d / "run.json").read_text())["member_seeds"] == [42, 1042]
             assert (project / f"reports/explain/gradcam/{variant}_{backbone}.png").stat().st_size > 1000
     table = pd.read_csv(project / "reports/evaluate/comparison.csv")
     assert set(table["Part"]) == {"c", "d", "e"}

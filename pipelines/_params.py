@@ -165,6 +165,7 @@ class VGG(Training):
     width: Rate = 1.0
     # class: class weights in the loss; balanced: batches drawn class-balanced; source: class- and source-balanced
     sampling: Sampling = "class"
+    members: Annotated[int, Field(ge=1, le=16)] = 1  # above 1: a seed ensemble of that many networks, served as one
 
 
 class TrainProjection(VGG):
@@ -217,7 +218,6 @@ class TrainClassifier(VGG):
     # above 0: a head learns the training negatives' source through a reversed gradient of this weight (not served)
     source_adversary: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0
     source_adversary_ramp: bool = False  # true: that weight ramps up from 0 over the epochs (Ganin & Lempitsky)
-    members: Annotated[int, Field(ge=1, le=16)] = 1  # above 1: a seed ensemble of that many networks, served as one
 
     @field_validator("variants", "backbones")
     @classmethod

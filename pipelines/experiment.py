@@ -791,6 +791,13 @@ def _short(r: dict) -> str:
                                 for k in v if k.startswith("test_dice_"))
             return (f"Dice internal {mean_min('internal_test_dice')}" + (f" ({sources})" if sources else "")
                     + f", external (Cohen) {mean_min('external_dice')} over {n} seeds")
+        if any(x.get("unseen_frontal_recall") for x in seeds.values()):  # held-out sources: each run's own
+            def of(x: dict, name: str) -> str:
+                return f"{x[name]['mean']:.3f} (min {x[name]['min']:.3f})" if x.get(name) else "null"
+
+            return "; ".join(f"{k.removesuffix(' over seeds').removeprefix(r['experiment'] + '-')}: frontal recall "
+                             f"on the held-out source {of(x, 'unseen_frontal_recall')}, worst test source's "
+                             f"{of(x, 'worst_source_frontal_recall')}" for k, x in seeds.items()) + f" over {n} seeds"
         return (f"accuracy {mean_min('accuracy')}; worst source: frontal recall "
                 f"{mean_min('worst_source_frontal_recall')}, lateral recall {mean_min('worst_source_lateral_recall')}"
                 f" over {n} seeds")

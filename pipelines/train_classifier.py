@@ -77,7 +77,7 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
             hook = adversary.ramp_hook(trainer, adversary_weight, int(p["epochs"]), then=log_epoch)
         return network, trainer, hook
 
-    seeds = member_seeds(int(p["seed"]), int(p["members"]))
+    seeds = training.member_seeds(int(p["seed"]), int(p["members"]))
     network, trainer, hook = build(seeds[0], tracking.log_epoch)
     run_params = {**p, "variant": variant, "backbone": backbone, "excluded": excluded}
     with tracking.run(_common.mlflow_experiment(experiment), f"classifier-{variant}-{backbone}", params=run_params,
@@ -86,7 +86,7 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
         for i, seed in enumerate(seeds):
             if i:  # a further member of the ensemble: its own initial weights, batches and augmentation
                 training.seed_everything(seed)
-                network, trainer, hook = build(seed, _member_log(i))
+                network, trainer, hook = build(seed, tracking.member_epoch_log(i))
             fitted = training.fit(
                 trainer, (x["train"], targets["train"]), (x["val"], targets["val"]), epochs=int(p["epochs"]),
                 batch_size=int(p["batch_size"]), seed=seed, augment=p["augment"], **weighing,
@@ -143,20 +143,6 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
     log.info("classifier %s/%s: val AUC %.3f, test AUC %.3f", variant, backbone,
              result["val"]["roc_auc"], result["test"]["roc_auc"])
     return result
-
-
-#: An ensemble's members train with ``seed``, ``seed + MEMBER_SEED_STRIDE``, ...: apart from every other run's seed.
-MEMBER_SEED_STRIDE = 1000
-
-
-def member_seeds(seed: int, members: int) -> list[int]:
-    """The seed of each network of a ``members``-network ensemble trained with ``seed`` (the first is ``seed``)."""
-    return [seed + MEMBER_SEED_STRIDE * i for i in range(members)]
-
-
-def _member_log(i: int):
-    """Epoch metrics of the ``i``-th further member, logged under ``member<i>.`` beside the first network's."""
-    return lambda epoch, logs: tracking.log_epoch(epoch, {f"member{i}.{k}": v for k, v in logs.items()})
 
 
 if __name__ == "__main__":

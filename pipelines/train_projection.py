@@ -1,5 +1,8 @@
 """Stage `train_projection`: the frontal-vs-lateral VGG filter (the paper's part a, Table 1).
 
+``members`` above 1: a seed ensemble of that many filters (``covidcxr.training.member_seeds``), whose mean output
+decides, in this stage, `filter_frontal` and serving alike (``models.frontal_probability``).
+
 ``sampling``: ``class`` weighs the loss by inverse class frequency (laterals are rare: about 22x); ``balanced`` draws
 every batch class-balanced instead (the laterals repeated, seeded), ``source`` class- and source-balanced. Accuracy per
 split and class, and per source the recall of each class (``frontal_recall``: frontals kept, ``lateral_recall``:
@@ -38,18 +41,33 @@ def run(p: dict, experiment: str = "demo") -> dict:
     std = preprocess.Standardizer().fit(images[parts["train"][0]])
     x = {s: std.transform(images[rows]) for s, (rows, _) in parts.items()}
 
-    with training.distribution_strategy(p["strategy"]).scope():
-        model = models.build_vgg(p["depth"], x["train"].shape[1:] + (1,),
-                                 weights=_models.vgg_weights(p["weights"], p["depth"]), fold=p["fold"],
-                                 width=p["width"], name=f"projection_vgg{p['depth']}")
-        _models.compile_binary(model, p["lr"])
+
+    def build():
+        with training.distribution_strategy(p["strategy"]).scope():
+            network = models.build_vgg(p["depth"], x["train"].shape[1:] + (1,),
+                                       weights=_models.vgg_weights(p["weights"], p["depth"]), fold=p["fold"],
+                                       width=p["width"], name=f"projection_vgg{p['depth']}")
+            _models.compile_binary(network, p["lr"])
+        return network
+
+    seeds = training.member_seeds(int(p["seed"]), int(p["members"]))
+    network = build()
     with tracking.run(_common.mlflow_experiment(experiment), f"projection-vgg{p['depth']}", params=p,
                       tags=_tracking.repro_tags("train_projection", experiment)) as active:
         weighting = training.sampling(p["sampling"], y["train"], source["train"])
-        training.fit(model, (x["train"], y["train"]), (x["val"], y["val"]), epochs=p["epochs"],
-                     batch_size=p["batch_size"], seed=p["seed"], augment=p["augment"], **weighting,
-                     on_epoch_end=tracking.log_epoch, verbose=1 if _common.show_progress() else 0)
-        component = models.Component(model, std, info={"run_id": active.info.run_id, "positive_class": "frontal"})
+        networks = []
+        for i, seed in enumerate(seeds):
+            if i:  # a further member of the ensemble: its own initial weights, batches and augmentation
+                training.seed_everything(seed)
+                network = build()
+            training.fit(network, (x["train"], y["train"]), (x["val"], y["val"]), epochs=p["epochs"],
+                         batch_size=p["batch_size"], seed=seed, augment=p["augment"], **weighting,
+                         on_epoch_end=tracking.member_epoch_log(i) if i else tracking.log_epoch,
+                         verbose=1 if _common.show_progress() else 0)
+            networks.append(network)
+        ensemble = {"members": len(seeds), "member_seeds": seeds} if len(seeds) > 1 else {}
+        component = models.Component(networks[0], std, members=networks[1:],
+                                     info={"run_id": active.info.run_id, "positive_class": "frontal", **ensemble})
         result = {}
         for split, (rows, _) in parts.items():  # Table 1: accuracy per split, and per class (laterals are few)
             p_frontal = models.frontal_probability(component, images[rows])
@@ -62,7 +80,7 @@ def run(p: dict, experiment: str = "demo") -> dict:
         tracking.log_finite_metrics({s: {**r, "by_source": {src: {k: v for k, v in d.items() if v is not None}
                                                             for src, d in r["by_source"].items()}}
                                      for s, r in result.items()})
-        tracking.log_keras_model(model, x["val"][..., None])
+        tracking.log_keras_model(component.model, x["val"][..., None])  # an ensemble's first network
         with _common.atomic_dir(_common.PROJECTION_MODEL) as out:
             _models.save_component(out, component)
     _common.write_json(METRICS, result)

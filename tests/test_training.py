@@ -233,3 +233,12 @@ def test_sampling_modes():
         training.sampling("source", y)
     with pytest.raises(ValueError, match="sampling"):
         training.sampling("oversample", y)
+
+
+def test_an_ensembles_members_train_with_seeds_apart_from_other_runs():
+    assert training.member_seeds(42, 1) == [42]
+    assert training.member_seeds(1, 3) == [1, 1001, 2001]
+    seeds = {s for run in (1, 2, 3) for s in training.member_seeds(run, 3)}
+    assert len(seeds) == 9  # three runs' three-network ensembles share no seed
+    with pytest.raises(ValueError, match="at least one member"):
+        training.member_seeds(1, 0)

@@ -246,6 +246,12 @@ def log_epoch(epoch: int, logs: Mapping[str, float]) -> None:
     mlflow.log_metrics({k: float(v) for k, v in logs.items() if np.isfinite(v)}, step=int(epoch))
 
 
+def member_epoch_log(i: int) -> Callable[[int, Mapping[str, float]], None]:
+    """:func:`log_epoch` for the ``i``-th further network of a seed ensemble: its metrics under ``member<i>.``,
+    beside the first network's in the same run."""
+    return lambda epoch, logs: log_epoch(epoch, {f"member{i}.{k}": v for k, v in logs.items()})
+
+
 def log_finite_metrics(metrics: Mapping[str, object], prefix: str = "") -> None:
     """Log the numeric, finite entries of a (nested) metrics dict under flat ``prefix.key`` names."""
     flat: dict[str, float] = {}

@@ -93,6 +93,17 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
+#: A seed ensemble's networks train with ``seed``, ``seed + MEMBER_SEED_STRIDE``, ...: apart from other runs' seeds.
+MEMBER_SEED_STRIDE = 1000
+
+
+def member_seeds(seed: int, members: int) -> list[int]:
+    """The seed of each network of a ``members``-network seed ensemble trained with ``seed`` (the first: ``seed``)."""
+    if members < 1:
+        raise ValueError(f"an ensemble has at least one member, got {members}")
+    return [int(seed) + MEMBER_SEED_STRIDE * i for i in range(int(members))]
+
+
 AUGMENT_LEVELS: tuple[str, ...] = ("none", "basic", "strong")
 
 

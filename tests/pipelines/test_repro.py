@@ -22,8 +22,8 @@ pytestmark = pytest.mark.slow
 TINY = {
     "cache": {"size": 32},
     # The projection filter at its own working size (stage cache_projection), as the real profile runs it; the served
-    # model reads each request at both sizes.
-    "train_projection": {"epochs": 2, "width": 0.0625, "size": 64},
+    # model reads each request at both sizes. A two-filter seed ensemble decides, in the stages and when served.
+    "train_projection": {"epochs": 2, "width": 0.0625, "size": 64, "members": 2},
     "tune_unet": {"n_trials": 1, "epochs": 1},
     "train_unet": {"epochs": 2, "f0": 4, "use_tuned": False},
     # One backbone keeps the suite inside its budget; the matrix still expands over c, d and e, and the default
@@ -208,7 +208,8 @@ def test_dvc_repro_on_demo_data(project: Path, tmp_path: Path):
     assert np.load(project / "artifacts/cache/images.npy", mmap_mode="r").shape[1:] == (32, 32)
     from covidcxr import models
 
-    assert models.Component.load(project / "artifacts/models/projection").model.input_shape[1:3] == (64, 64)
+    projection = models.Component.load(project / "artifacts/models/projection")
+    assert projection.model.input_shape[1:3] == (64, 64) and len(projection.networks) == 2  # a two-filter ensemble
 
     # Standardizers are fitted on the training split only.
     for variant in "cde":

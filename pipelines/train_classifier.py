@@ -60,8 +60,9 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
         log.info("source adversary (weight %g) on the training negatives' sources %s", adversary_weight,
                  source_names)
 
-    def build(seed: int, log_epoch):
-        """One network, the model that trains it (with the source adversary, when there is one) and its epoch hook."""
+    def build(seed: int, i: int):
+        """Network ``i`` of the ensemble, the model that trains it (with the source adversary, when there is one) and
+        its epoch hook."""
         with training.distribution_strategy(p["strategy"]).scope():
             network = models.build_vgg(depth, x["train"].shape[1:] + (1,),
                                        weights=_models.vgg_weights(p["weights"], depth), fold=p["fold"],
@@ -72,29 +73,24 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
             if source_names:
                 trainer = adversary.build_trainer(network, len(source_names), weight=adversary_weight, seed=seed)
                 adversary.compile_trainer(trainer, float(p["lr"]))
-        hook = log_epoch
+        hook = tracking.member_epoch_log(i)
         if source_names and p["source_adversary_ramp"]:  # 0 in the first epoch, then up towards the weight
-            hook = adversary.ramp_hook(trainer, adversary_weight, int(p["epochs"]), then=log_epoch)
+            hook = adversary.ramp_hook(trainer, adversary_weight, int(p["epochs"]), then=hook)
         return network, trainer, hook
 
+    def fit(member, seed: int, i: int) -> dict:
+        _, trainer, hook = member
+        return training.fit(trainer, (x["train"], targets["train"]), (x["val"], targets["val"]),
+                            epochs=int(p["epochs"]), batch_size=int(p["batch_size"]), seed=seed, augment=p["augment"],
+                            **weighing, on_epoch_end=hook, verbose=1 if _common.show_progress() else 0)
+
     seeds = training.member_seeds(int(p["seed"]), int(p["members"]))
-    network, trainer, hook = build(seeds[0], tracking.log_epoch)
+    first = build(seeds[0], 0)
     run_params = {**p, "variant": variant, "backbone": backbone, "excluded": excluded}
     with tracking.run(_common.mlflow_experiment(experiment), f"classifier-{variant}-{backbone}", params=run_params,
                       tags=_tracking.repro_tags("train_classifier", experiment)) as active:
-        networks, history = [], {}
-        for i, seed in enumerate(seeds):
-            if i:  # a further member of the ensemble: its own initial weights, batches and augmentation
-                training.seed_everything(seed)
-                network, trainer, hook = build(seed, tracking.member_epoch_log(i))
-            fitted = training.fit(
-                trainer, (x["train"], targets["train"]), (x["val"], targets["val"]), epochs=int(p["epochs"]),
-                batch_size=int(p["batch_size"]), seed=seed, augment=p["augment"], **weighing,
-                on_epoch_end=hook, verbose=1 if _common.show_progress() else 0,
-            )
-            history = history or fitted
-            networks.append(network)
-        ensemble = {"members": len(seeds), "member_seeds": seeds} if len(seeds) > 1 else {}
+        members, history, ensemble = _models.fit_members(seeds, first, build, fit)
+        networks = [network for network, _, _ in members]
         component = models.Component(networks[0], std, info={"run_id": active.info.run_id, "variant": variant,
                                                              "backbone": backbone,
                                                              "epochs_run": len(history.get("loss", [])), **ensemble,

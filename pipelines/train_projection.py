@@ -41,7 +41,6 @@ def run(p: dict, experiment: str = "demo") -> dict:
     std = preprocess.Standardizer().fit(images[parts["train"][0]])
     x = {s: std.transform(images[rows]) for s, (rows, _) in parts.items()}
 
-
     def build():
         with training.distribution_strategy(p["strategy"]).scope():
             network = models.build_vgg(p["depth"], x["train"].shape[1:] + (1,),
@@ -55,17 +54,13 @@ def run(p: dict, experiment: str = "demo") -> dict:
     with tracking.run(_common.mlflow_experiment(experiment), f"projection-vgg{p['depth']}", params=p,
                       tags=_tracking.repro_tags("train_projection", experiment)) as active:
         weighting = training.sampling(p["sampling"], y["train"], source["train"])
-        networks = []
-        for i, seed in enumerate(seeds):
-            if i:  # a further member of the ensemble: its own initial weights, batches and augmentation
-                training.seed_everything(seed)
-                network = build()
-            training.fit(network, (x["train"], y["train"]), (x["val"], y["val"]), epochs=p["epochs"],
-                         batch_size=p["batch_size"], seed=seed, augment=p["augment"], **weighting,
-                         on_epoch_end=tracking.member_epoch_log(i) if i else tracking.log_epoch,
-                         verbose=1 if _common.show_progress() else 0)
-            networks.append(network)
-        ensemble = {"members": len(seeds), "member_seeds": seeds} if len(seeds) > 1 else {}
+        networks, _, ensemble = _models.fit_members(
+            seeds, network, lambda seed, i: build(),
+            lambda member, seed, i: training.fit(member, (x["train"], y["train"]), (x["val"], y["val"]),
+                                                 epochs=p["epochs"], batch_size=p["batch_size"], seed=seed,
+                                                 augment=p["augment"], **weighting,
+                                                 on_epoch_end=tracking.member_epoch_log(i),
+                                                 verbose=1 if _common.show_progress() else 0))
         component = models.Component(networks[0], std, members=networks[1:],
                                      info={"run_id": active.info.run_id, "positive_class": "frontal", **ensemble})
         result = {}

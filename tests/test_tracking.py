@@ -34,10 +34,14 @@ def test_run_logs_flat_params_tags_and_finite_metrics(tmp_path):
         with tracking.run("exp", "model-a", params={"lr": 0.1, "head": {"units": 8}}, tags={"stage": "t"}) as active:
             tracking.log_finite_metrics({"val": {"auc": 0.9, "f1": float("nan")}, "note": "text"}, prefix="m.")
             tracking.log_epoch(0, {"loss": 1.5})
+            tracking.member_epoch_log(0)(1, {"loss": 1.25})  # a seed ensemble's first network: a single one's names
+            tracking.member_epoch_log(2)(0, {"loss": 2.5})
         run = mlflow.get_run(active.info.run_id)
         assert run.data.params == {"lr": "0.1", "head.units": "8"}
         assert run.data.tags["stage"] == "t"
-        assert run.data.metrics == {"m.val.auc": 0.9, "loss": 1.5}
+        assert run.data.metrics == {"m.val.auc": 0.9, "loss": 1.25, "member2.loss": 2.5}
+        history = mlflow.MlflowClient().get_metric_history(active.info.run_id, "loss")
+        assert [(m.step, m.value) for m in history] == [(0, 1.5), (1, 1.25)]
         with tracking.run("exp", "ignored", run_id=active.info.run_id):  # evaluation resumes the model's run
             tracking.log_finite_metrics({"later": 1})
         assert mlflow.get_run(active.info.run_id).data.metrics["later"] == 1

@@ -247,8 +247,10 @@ def log_epoch(epoch: int, logs: Mapping[str, float]) -> None:
 
 
 def member_epoch_log(i: int) -> Callable[[int, Mapping[str, float]], None]:
-    """:func:`log_epoch` for the ``i``-th further network of a seed ensemble: its metrics under ``member<i>.``,
-    beside the first network's in the same run."""
+    """:func:`log_epoch` for network ``i`` of a seed ensemble: the first's metrics as a single network's, a further
+    one's under ``member<i>.`` beside them in the same run."""
+    if i == 0:
+        return log_epoch
     return lambda epoch, logs: log_epoch(epoch, {f"member{i}.{k}": v for k, v in logs.items()})
 
 

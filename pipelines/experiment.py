@@ -741,12 +741,12 @@ def _segmentation_rows(result: dict) -> list[str]:
 
 
 def _projection_rows(result: dict) -> list[str]:
-    rows = ["| split | n | accuracy | frontal accuracy | lateral accuracy |", "|---|---|---|---|---|"]
-    for r in result["runs"].values():
+    rows = ["| run | split | n | accuracy | frontal accuracy | lateral accuracy |", "|---|---|---|---|---|---|"]
+    for name, r in result["runs"].items():
         for split in ("train", "val", "test"):
             m = r["metrics"][split]
             lateral = r["split_counts"][split].get("lateral", 0)
-            rows.append(f"| {split} | {m['n']} ({lateral} lateral) | {_fmt(m['accuracy'])} | "
+            rows.append(f"| {name} | {split} | {m['n']} ({lateral} lateral) | {_fmt(m['accuracy'])} | "
                         f"{_fmt(m['frontal_accuracy'])} | {_fmt(m['lateral_accuracy'])} |")
     for split, what in (("test", "test source"), ("external", "held-out source (never trained on)")):
         per_source = [(name, src, v) for name, r in result["runs"].items()
@@ -850,8 +850,8 @@ def render_summary(project: Path = PROJECT) -> Path:
         lines += [f"## {r['experiment']}", "", r["description"].strip(), "",
                   f"- command: `{r['command']}`", f"- settings: {settings}",
                   f"- wall time: {r['wall_seconds'] / 60:.1f} min on 2 shared CPU cores (finished {r['finished']})"]
-        lines += [f"- {k}: {_fmt(v) if not isinstance(v, dict) else v}"
-                  for run in r["runs"].values() for k, v in run.items() if k == "train_seconds"]
+        lines += [f"- train_seconds ({name}): {_fmt(run['train_seconds'])}"
+                  for name, run in r["runs"].items() if run.get("train_seconds") is not None]
         lines += [""] + render[r["kind"]](r) + [""]
         if r.get("paper"):
             lines += ["Paper: `" + json.dumps(r["paper"], sort_keys=True) + "`", ""]

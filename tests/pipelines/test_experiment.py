@@ -375,6 +375,7 @@ def test_a_projection_run_with_a_held_out_source_reports_the_filter_on_it_over_s
     assert spread["worst_source_frontal_recall"]["mean"] == 1.0  # the test split's sources, apart
     rows = "\n".join(experiment._projection_rows({"runs": runs}))
     assert "| unseen-s1 | kermany | 40 (20) | 0.500 | 0 | null |" in rows and "held-out source" in rows
+    assert "| unseen-s2 | test | 32 (2 lateral) | 1.000 | 1.000 | 1.000 |" in rows  # each split row names its run
     cell = experiment._short({"kind": "projection", "headline": h, "experiment": "projection", "runs": runs})
     assert cell == ("unseen: frontal recall on the held-out source 0.817 (min 0.500), worst test source's 1.000 "
                     "(min 1.000) over 3 seeds")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidcxr import models, preprocess, training
+from covidcxr import models, preprocess
 from pipelines import _common
 
 
@@ -77,23 +77,3 @@ def compile_binary(model, lr: float) -> None:
 
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="binary_crossentropy",
                   metrics=["accuracy", keras.metrics.AUC(name="auc")])
-
-
-def fit_members(seeds: list[int], first, build, fit) -> tuple[list, object, dict]:
-    """Train a seed ensemble (``covidcxr.training.member_seeds``) one network after another.
-
-    ``first`` is member 0, built by the caller under ``seeds[0]`` before its MLflow run (where a single network has
-    always been built, so one member trains exactly as one network did); ``build(seed, i)`` makes each further member
-    after every generator is re-seeded with its seed; ``fit(member, seed, i)`` trains one and returns its history.
-    Returns the members in order, the first's history and the model info naming them (``{}`` for one network)."""
-    members, history = [], None
-    for i, seed in enumerate(seeds):
-        member = first
-        if i:  # its own initial weights, batches and augmentation
-            training.seed_everything(seed)
-            member = build(seed, i)
-        fitted = fit(member, seed, i)
-        history = fitted if history is None else history
-        members.append(member)
-    info = {"members": len(seeds), "member_seeds": [int(s) for s in seeds]} if len(seeds) > 1 else {}
-    return members, history, info

@@ -89,7 +89,7 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
     run_params = {**p, "variant": variant, "backbone": backbone, "excluded": excluded}
     with tracking.run(_common.mlflow_experiment(experiment), f"classifier-{variant}-{backbone}", params=run_params,
                       tags=_tracking.repro_tags("train_classifier", experiment)) as active:
-        members, history, ensemble = _models.fit_members(seeds, first, build, fit)
+        members, history, ensemble = training.fit_members(seeds, first, build, fit)
         networks = [network for network, _, _ in members]
         component = models.Component(networks[0], std, info={"run_id": active.info.run_id, "variant": variant,
                                                              "backbone": backbone,

@@ -54,7 +54,7 @@ def run(p: dict, experiment: str = "demo") -> dict:
     with tracking.run(_common.mlflow_experiment(experiment), f"projection-vgg{p['depth']}", params=p,
                       tags=_tracking.repro_tags("train_projection", experiment)) as active:
         weighting = training.sampling(p["sampling"], y["train"], source["train"])
-        networks, _, ensemble = _models.fit_members(
+        networks, _, ensemble = training.fit_members(
             seeds, network, lambda seed, i: build(),
             lambda member, seed, i: training.fit(member, (x["train"], y["train"]), (x["val"], y["val"]),
                                                  epochs=p["epochs"], batch_size=p["batch_size"], seed=seed,

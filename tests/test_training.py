@@ -242,3 +242,29 @@ def test_an_ensembles_members_train_with_seeds_apart_from_other_runs():
     assert len(seeds) == 9  # three runs' three-network ensembles share no seed
     with pytest.raises(ValueError, match="at least one member"):
         training.member_seeds(1, 0)
+
+
+def test_fit_members_reseeds_each_further_member_and_names_the_ensemble():
+    draws, fitted = [], []
+
+    def build(seed, i):
+        draws.append(np.random.random())  # the member's initial weights, from generators its seed set
+        return f"m{i}"
+
+    def fit(member, seed, i):
+        fitted.append((member, seed, i))
+        return {"loss": [float(i)]}
+
+    training.seed_everything(5)
+    members, history, info = training.fit_members([1, 1001, 2001], "m0", build, fit)
+    assert members == ["m0", "m1", "m2"] and history == {"loss": [0.0]}
+    assert fitted == [("m0", 1, 0), ("m1", 1001, 1), ("m2", 2001, 2)]
+    assert info == {"members": 3, "member_seeds": [1, 1001, 2001]}
+    expected = []
+    for seed in (1001, 2001):
+        training.seed_everything(seed)
+        expected.append(np.random.random())
+    assert draws == expected
+    draws.clear()
+    assert training.fit_members([7], "m0", build, fit) == (["m0"], {"loss": [0.0]}, {})
+    assert draws == []  # one network: nothing re-seeded or built beyond the caller's

@@ -104,6 +104,26 @@ def member_seeds(seed: int, members: int) -> list[int]:
     return [int(seed) + MEMBER_SEED_STRIDE * i for i in range(int(members))]
 
 
+def fit_members(seeds: list[int], first, build: Callable, fit: Callable) -> tuple[list, object, dict]:
+    """Train a seed ensemble (:func:`member_seeds`) one network after another.
+
+    ``first`` is member 0, built by the caller under ``seeds[0]`` where it builds a single network (so one member trains
+    exactly as one network did); ``build(seed, i)`` makes each further member
+    after every generator is re-seeded with its seed; ``fit(member, seed, i)`` trains one and returns its history.
+    Returns the members in order, the first's history and the model info naming them (``{}`` for one network)."""
+    members, history = [], None
+    for i, seed in enumerate(seeds):
+        member = first
+        if i:  # its own initial weights, batches and augmentation
+            seed_everything(seed)
+            member = build(seed, i)
+        fitted = fit(member, seed, i)
+        history = fitted if history is None else history
+        members.append(member)
+    info = {"members": len(seeds), "member_seeds": [int(s) for s in seeds]} if len(seeds) > 1 else {}
+    return members, history, info
+
+
 AUGMENT_LEVELS: tuple[str, ...] = ("none", "basic", "strong")
 
 

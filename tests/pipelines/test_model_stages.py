@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covidcxr import training
-from pipelines import _models, train_projection, train_unet
+from pipelines import train_projection, train_unet
 
 
 def test_projection_recalls_count_the_frontals_refused():
@@ -50,29 +49,3 @@ def test_no_trial_in_a_study_of_its_own_tunes_nothing_and_says_so(tmp_path, monk
     assert train_unet.effective_params(unet) == unet
     with pytest.raises(_common.ParamsError, match="use_tuned is true but artifacts/tune/unet.json holds no tuned"):
         train_unet.effective_params({**unet, "use_tuned": True})
-
-
-def test_fit_members_reseeds_each_further_member_and_names_the_ensemble():
-    draws, fitted = [], []
-
-    def build(seed, i):
-        draws.append(np.random.random())  # the member's initial weights, from generators its seed set
-        return f"m{i}"
-
-    def fit(member, seed, i):
-        fitted.append((member, seed, i))
-        return {"loss": [float(i)]}
-
-    training.seed_everything(5)
-    members, history, info = _models.fit_members([1, 1001, 2001], "m0", build, fit)
-    assert members == ["m0", "m1", "m2"] and history == {"loss": [0.0]}
-    assert fitted == [("m0", 1, 0), ("m1", 1001, 1), ("m2", 2001, 2)]
-    assert info == {"members": 3, "member_seeds": [1, 1001, 2001]}
-    expected = []
-    for seed in (1001, 2001):
-        training.seed_everything(seed)
-        expected.append(np.random.random())
-    assert draws == expected
-    draws.clear()
-    assert _models.fit_members([7], "m0", build, fit) == (["m0"], {"loss": [0.0]}, {})
-    assert draws == []  # one network: nothing re-seeded or built beyond the caller's

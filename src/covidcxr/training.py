@@ -108,9 +108,9 @@ def fit_members(seeds: list[int], first, build: Callable, fit: Callable) -> tupl
     """Train a seed ensemble (:func:`member_seeds`) one network after another.
 
     ``first`` is member 0, built by the caller under ``seeds[0]`` where it builds a single network (so one member trains
-    exactly as one network did); ``build(seed, i)`` makes each further member
-    after every generator is re-seeded with its seed; ``fit(member, seed, i)`` trains one and returns its history.
-    Returns the members in order, the first's history and the model info naming them (``{}`` for one network)."""
+    exactly as one network did); ``build(seed, i)`` makes each further member after every generator is re-seeded with
+    its seed; ``fit(member, seed, i)`` trains one and returns its history. Returns the members in order, the first's
+    history and the model info naming them (``{}`` for one network)."""
     members, history = [], None
     for i, seed in enumerate(seeds):
         member = first

@@ -171,6 +171,8 @@ class VGG(Training):
 class TrainProjection(VGG):
     depth: Literal[16, 19] = 19
     size: Annotated[int, Field(ge=16, multiple_of=16)] | None = None  # its own cache's working size; None: cache.size
+    lateral_check: bool = True  # a lateral must lie within the training laterals' features (covidcxr.projection)
+    lateral_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95  # of the validation laterals' check scores
 
 
 class FilterFrontal(Section):

@@ -1,5 +1,6 @@
 """Stage `filter_frontal`: keep the images the projection rule calls frontal (:func:`covidcxr.projection.decide`: the
-file's own DICOM view position, else the projection filter), as serving does; report where it disagrees with labels."""
+file's own DICOM view position, else the projection filter and its lateral check), as serving does; report where it
+disagrees with labels."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ METRICS = "reports/filter_frontal/metrics.json"
 def run(p: dict) -> dict:
     log = _common.setup_logging()
     index, images, _ = _models.load_cache(_common.PROJECTION_CACHE_DIR)  # the filter's own working size
-    p_frontal = models.frontal_probability(_models.load_component(_common.PROJECTION_MODEL), images)
+    p_frontal, like_lateral = models.frontal_evidence(_models.load_component(_common.PROJECTION_MODEL), images)
     views = index["header_view_position"].where(index["header_view_position"].notna(), None).tolist()
-    predicted, decided_by = projection.decide(p_frontal, views, float(p["threshold"]))
+    predicted, decided_by = projection.decide(p_frontal, views, float(p["threshold"]), like_lateral)
     out = index[["image_id", "projection"]].assign(p_frontal=np.round(p_frontal, 6), predicted=predicted,
                                                    decided_by=decided_by)
     known = out["projection"].isin(["frontal", "lateral"])

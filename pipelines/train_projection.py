@@ -7,27 +7,48 @@ decides, in this stage, `filter_frontal` and serving alike (``models.frontal_pro
 every batch class-balanced instead (the laterals repeated, seeded), ``source`` class- and source-balanced. Accuracy per
 split and class, and per source the recall of each class (``frontal_recall``: frontals kept, ``lateral_recall``:
 laterals refused), with the number of frontals the filter would refuse (the usable images lost).
+
+``lateral_check`` (true): a Mahalanobis detector of the filter's features fitted on the training laterals, its
+threshold the ``lateral_quantile`` of the validation laterals' scores, saved in the model folder (``ood.npz``): an
+image the network calls lateral but that lies outside the laterals it learned is kept as frontal
+(:func:`covidcxr.projection.decide`). Every recall here is the rule's, as `filter_frontal` and serving apply it;
+``kept_by_check`` counts the images the check kept that the network alone would have refused.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from covidcxr import metrics, models, preprocess, tracking, training
+from covidcxr import metrics, models, ood, preprocess, projection, tracking, training
 from pipelines import _common, _models, _tracking
 
 METRICS = "reports/train_projection/metrics.json"
 
 
-def recalls(y: np.ndarray, p_frontal: np.ndarray, threshold: float = 0.5) -> dict:
+def recalls(y: np.ndarray, called_frontal: np.ndarray) -> dict:
     """Frontal and lateral recall (null without that class), their counts, the frontals refused (usable images lost)
     and the laterals refused (so that recalls pool over sources by counts, not by rebuilding them from ratios)."""
-    frontal, called = np.asarray(y) == 1, np.asarray(p_frontal) >= threshold
+    frontal, called = np.asarray(y) == 1, np.asarray(called_frontal, dtype=bool)
     n_frontal, n_lateral = int(frontal.sum()), int((~frontal).sum())
     return {"frontal_recall": float(called[frontal].mean()) if n_frontal else None,
             "lateral_recall": float((~called[~frontal]).mean()) if n_lateral else None,
             "n_frontal": n_frontal, "n_lateral": n_lateral, "frontal_refused": int((frontal & ~called).sum()),
             "lateral_refused": int((~frontal & ~called).sum())}
+
+
+def fit_lateral_check(component: models.Component, images: np.ndarray, parts: dict, y: dict, p: dict) -> dict:
+    """Fit the filter's lateral check on the training laterals' features and set its threshold on the validation
+    laterals' scores (``component.ood``); with fewer than 2 training laterals or no validation lateral there is nothing
+    to fit or calibrate on, and the network decides alone (the returned status says so)."""
+    laterals = {s: parts[s][0][y[s] == 0] for s in ("train", "val")}
+    if len(laterals["train"]) < 2 or not len(laterals["val"]):
+        return {"status": "skipped", "reason": f"{len(laterals['train'])} training and {len(laterals['val'])} "
+                                               "validation laterals (needs 2 and 1)"}
+    detector = ood.MahalanobisDetector(quantile=float(p["lateral_quantile"]))
+    detector.fit(models.ood_features(component, images[laterals["train"]], None, "c"))
+    component.ood = detector
+    detector.calibrate(models.out_of_distribution(component, images[laterals["val"]], None, "c").score)
+    return {"status": "fitted", **detector.summary()}
 
 
 def run(p: dict, experiment: str = "demo") -> dict:
@@ -63,23 +84,29 @@ def run(p: dict, experiment: str = "demo") -> dict:
                                                  verbose=1 if _common.show_progress() else 0))
         component = models.Component(networks[0], std, members=networks[1:],
                                      info={"run_id": active.info.run_id, "positive_class": "frontal", **ensemble})
+        check = fit_lateral_check(component, images, parts, y, p) if p["lateral_check"] else {"status": "off"}
+        log.info("lateral check: %s", check)
         result = {}
         for split, (rows, _) in parts.items():  # Table 1: accuracy per split, and per class (laterals are few)
-            p_frontal = models.frontal_probability(component, images[rows])
-            m = metrics.classification_metrics(y[split], p_frontal)
+            p_frontal, like_lateral = models.frontal_evidence(component, images[rows])
+            called, decided_by = projection.decide(p_frontal, None, 0.5, like_lateral)
+            called = called == "frontal"
+            m = metrics.classification_metrics(y[split], called.astype(np.float64))
             result[split] = {"accuracy": m["accuracy"], "frontal_accuracy": m["sensitivity"],
                              "lateral_accuracy": m["specificity"], "n": m["n"],
+                             "kept_by_check": int((decided_by == projection.BY_CHECK).sum()),
                              "by_source": {str(src): recalls(y[split][source[split] == src],
-                                                             p_frontal[source[split] == src])
+                                                             called[source[split] == src])
                                            for src in sorted(set(source[split]))}}
+        result["lateral_check"] = check
         tracking.log_finite_metrics({s: {**r, "by_source": {src: {k: v for k, v in d.items() if v is not None}
                                                             for src, d in r["by_source"].items()}}
-                                     for s, r in result.items()})
+                                     for s, r in result.items() if s in parts} | {"lateral_check": check})
         tracking.log_keras_model(component.model, x["val"][..., None])  # an ensemble's first network
         with _common.atomic_dir(_common.PROJECTION_MODEL) as out:
             _models.save_component(out, component)
     _common.write_json(METRICS, result)
-    log.info("projection filter accuracy: %s", {s: round(v["accuracy"], 4) for s, v in result.items()})
+    log.info("projection filter accuracy: %s", {s: round(result[s]["accuracy"], 4) for s in parts})
     return result
 
 

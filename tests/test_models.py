@@ -418,6 +418,29 @@ def test_frontal_probability_reads_images_through_the_filters_input_transform(tm
         models.frontal_probability(cropping, images)
 
 
+def test_frontal_evidence_adds_the_filters_lateral_check_saved_in_its_folder(tmp_path):
+    from covidcxr import ood, preprocess
+
+    keras.utils.set_random_seed(3)
+    rng = np.random.default_rng(3)
+    laterals = rng.random((12, 32, 32)).astype(np.float32) * 0.2  # dark, alike: what the check learns
+    others = np.clip(rng.random((6, 32, 32)).astype(np.float32) + np.linspace(0, 1, 32)[None, None], 0, 1)
+    model = build_vgg(19, (32, 32, 1), width=1 / 16, head=(4,))
+    filt = models.Component(model, preprocess.Standardizer().fit(np.concatenate([laterals, others])))
+    p, like = models.frontal_evidence(filt, others)
+    assert like is None  # no check: the network decides alone
+    np.testing.assert_array_equal(p, models.frontal_probability(filt, others))
+
+    filt.ood = ood.MahalanobisDetector(n_components=4).fit(models.ood_features(filt, laterals[:8], None, "c"))
+    filt.ood.calibrate(models.out_of_distribution(filt, laterals[8:], None, "c").score)
+    loaded = models.Component.load(filt.save(tmp_path / "projection"))
+    assert (tmp_path / "projection" / models.OOD_FILE).is_file()
+    p2, like2 = models.frontal_evidence(loaded, np.concatenate([laterals[8:], others]))
+    np.testing.assert_allclose(p2[4:], p, atol=1e-6)
+    assert like2[:4].all()  # the validation laterals set the threshold: each lies within it
+    assert not like2[4:].any()  # images unlike every training lateral: the check would keep them as frontal
+
+
 def test_a_seed_ensemble_scores_the_mean_of_its_networks_and_saves_every_member(tmp_path):
     from covidcxr import preprocess
 

@@ -19,6 +19,7 @@ import pytest
 
 from covidcxr import io, lungs, models, preprocess, projection, serving
 from covidcxr.calibration import PlattCalibrator
+from covidcxr.ood import MahalanobisDetector
 
 SIZE = 32
 CONFIG = dict(size=SIZE, variant="d", frontal_threshold=0.0, min_area=0.0, max_area=1.0)  # every file scored
@@ -68,8 +69,12 @@ def folders(request, tmp_path_factory, real_data) -> dict[str, str]:
         masks = lungs.masks(unet.predict(std.transform(train)[..., None], verbose=0),
                             lungs.MaskRules(min_area=0.0, max_area=1.0))[0]
         classifier_std = preprocess.Standardizer().fit(transform.apply(train, masks, CONFIG["variant"]).images)
+    projection_filter = models.Component(models.build_vgg(16, (SIZE, SIZE, 1), **vgg), std, info={"run_id": "p"})
+    projection_filter.ood = MahalanobisDetector(n_components=2).fit(  # a lateral check, as train_projection fits one
+        models.ood_features(projection_filter, train[:4], None, "c"))
+    projection_filter.ood.calibrate(models.out_of_distribution(projection_filter, train[4:6], None, "c").score)
     parts = {
-        "projection": models.Component(models.build_vgg(16, (SIZE, SIZE, 1), **vgg), std, info={"run_id": "p"}),
+        "projection": projection_filter,
         "unet": models.Component(unet, std, info={"run_id": "u"}, threshold={"threshold": 0.5}),
         "classifier": models.Component(models.build_vgg(19, (SIZE, SIZE, 1), **vgg), classifier_std,
                                        info={"run_id": "c"}, threshold={"threshold": 0.42},
@@ -87,7 +92,8 @@ def stages_path(files: list[Path], folders: dict[str, str]) -> pd.DataFrame:
     images = images.astype(np.float32)  # as the stages load the cache
     views = [io.read_image(f)[1].get("view_position") for f in files]  # the manifest's header_view_position
     proj = models.Component.load(folders["projection"])
-    called, _ = projection.decide(proj(images)[:, 0], views, CONFIG["frontal_threshold"])
+    p_frontal, like_lateral = models.frontal_evidence(proj, images)  # as filter_frontal does
+    called, _ = projection.decide(p_frontal, views, CONFIG["frontal_threshold"], like_lateral)
     unet = models.Component.load(folders["unet"])
     rules = lungs.MaskRules(threshold=unet.operating_threshold, min_area=CONFIG["min_area"],
                             max_area=CONFIG["max_area"])

@@ -445,7 +445,7 @@ def logits_model(model: keras.Model, layer: str | None = None) -> keras.Model:
 
 MODEL_FILE, STANDARDIZER_FILE = "model.keras", "standardizer.json"
 RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE = "run.json", "threshold.json", "calibration.json"
-OOD_FILE = "ood.npz"  # the classifier's out-of-distribution detector (covidcxr.ood)
+OOD_FILE = "ood.npz"  # covidcxr.ood: a classifier's out-of-distribution detector, a projection filter's lateral check
 INPUT_FILE = "input.json"  # a classifier's input transform (lung crop, intensity normalisation); absent: the identity
 MEMBER_FILE = "member{}.keras"  # an ensemble's further networks (1, 2, ...), beside MODEL_FILE, the first
 #: The files of a model folder that scoring needs (``predictions.csv`` and the like stay beside it, not in a bundle).
@@ -474,7 +474,7 @@ class Component:
         self.threshold = dict(threshold) if threshold else None  # {"threshold": t, ...how it was chosen}
         self.calibrator = calibrator  # calibration.PlattCalibrator or None
         self.info = dict(info or {})
-        self.ood = ood  # ood.MahalanobisDetector or None
+        self.ood = ood  # ood.MahalanobisDetector (a projection filter's: its lateral check) or None
         self.input_transform = input_transform  # preprocess.InputTransform (a classifier's) or None: the identity
         self._forward = None
         self._features = None
@@ -670,6 +670,18 @@ def frontal_probability(projection_filter: Component, images: np.ndarray) -> np.
     """
     images = np.asarray(images, dtype=np.float32)
     return projection_filter(projection_filter.prepare(images, None, "c").images)[:, 0]
+
+
+def frontal_evidence(projection_filter: Component, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(p_frontal, like_lateral)``: what :func:`covidcxr.projection.decide` needs of the filter, for the
+    `train_projection` and `filter_frontal` stages and serving alike.
+
+    ``like_lateral``: whether each image lies within the filter's training laterals (its folder's detector, fitted
+    on their features: ``ood.npz``); None for a filter saved without one, whose network then decides alone.
+    """
+    p_frontal = frontal_probability(projection_filter, images)
+    scored = out_of_distribution(projection_filter, images, None, "c")
+    return p_frontal, None if scored is None else ~projection_filter.ood.is_out(scored.score)
 
 
 def ood_features(classifier: Component, images: np.ndarray, masks: np.ndarray, variant: str) -> np.ndarray:

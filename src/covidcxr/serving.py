@@ -4,13 +4,14 @@ Each image of a request (a PNG, JPEG or DICOM file, base64-encoded) goes: decode
 (:func:`covidcxr.preprocess.read_working_image`, the cache stage's path: :func:`covidcxr.io.read_image` with the pixel
 limit, a JPEG far above the working size decoded at reduced scale, then :func:`covidcxr.preprocess.working_image`) ->
 plausibility checks (aspect ratio, DICOM modality and body part) -> the projection rule
-(:func:`covidcxr.projection.decide`: the DICOM view position, else the projection filter, which reads the image at its
-own working size when ``Config.projection_size`` sets one, as the `cache_projection` stage does) -> U-Net lung mask and
-its quality rules (:mod:`covidcxr.lungs`) -> variant c/d/e -> classifier -> COVID-19 probability -> label at the
-operating threshold, the out-of-distribution score (:func:`covidcxr.models.out_of_distribution`; above its threshold
-the image is refused as ``out_of_distribution``, or only flagged when ``Config.ood_action`` is ``flag``), and
-optionally a Grad-CAM overlay (PNG, base64). These are the functions the pipeline's stages call, with the model folders
-they wrote (:class:`covidcxr.models.Component`): the served model is the evaluated one.
+(:func:`covidcxr.projection.decide`: the DICOM view position, else the projection filter and its lateral check, which
+read the image at its own working size when ``Config.projection_size`` sets one, as the `cache_projection` stage does)
+-> U-Net lung mask and its quality rules (:mod:`covidcxr.lungs`) -> variant c/d/e -> classifier -> COVID-19
+probability -> label at the operating threshold, the out-of-distribution score
+(:func:`covidcxr.models.out_of_distribution`; above its threshold the image is refused as ``out_of_distribution``, or
+only flagged when ``Config.ood_action`` is ``flag``), and optionally a Grad-CAM overlay (PNG, base64). These are the
+functions the pipeline's stages call, with the model folders they wrote (:class:`covidcxr.models.Component`): the
+served model is the evaluated one.
 
 An image that cannot be used gets an entry with ``accepted=False`` and a ``reason`` from :data:`REASONS`, never a
 failed batch. A malformed request (no ``image`` column, too many images, a threshold outside [0, 1]) raises
@@ -357,8 +358,9 @@ class Pipeline:
         order = sorted(work)
         if not order:
             return []
-        p_frontal = models.frontal_probability(self.projection, np.stack([work[i] for i in order]))
-        called, decided_by = projection.decide(p_frontal, [views[i] for i in order], self.config.frontal_threshold)
+        p_frontal, like_lateral = models.frontal_evidence(self.projection, np.stack([work[i] for i in order]))
+        called, decided_by = projection.decide(p_frontal, [views[i] for i in order], self.config.frontal_threshold,
+                                               like_lateral)
         frontal = []
         for i, p, view, by in zip(order, p_frontal.tolist(), called, decided_by):
             is_frontal = view == "frontal"

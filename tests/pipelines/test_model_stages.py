@@ -13,12 +13,35 @@ from pipelines import train_projection, train_unet
 
 def test_projection_recalls_count_the_frontals_refused():
     y = np.array([1, 1, 1, 1, 0, 0])  # 1 = frontal
-    p = np.array([0.9, 0.8, 0.3, 0.6, 0.1, 0.7])
-    r = train_projection.recalls(y, p)
+    called = np.array([0.9, 0.8, 0.3, 0.6, 0.1, 0.7]) >= 0.5  # the rule's calls (frontal: True)
+    r = train_projection.recalls(y, called)
     assert r == {"frontal_recall": 0.75, "lateral_recall": 0.5, "n_frontal": 4, "n_lateral": 2, "frontal_refused": 1,
                  "lateral_refused": 1}
-    only_frontals = train_projection.recalls(np.ones(3), np.array([0.9, 0.9, 0.2]))
+    only_frontals = train_projection.recalls(np.ones(3), np.array([True, True, False]))
     assert only_frontals["lateral_recall"] is None and only_frontals["frontal_recall"] == pytest.approx(2 / 3)
+
+
+def test_the_lateral_check_is_fitted_on_training_laterals_and_set_on_validation_ones():
+    import keras
+
+    from covidcxr import models, preprocess
+
+    keras.utils.set_random_seed(4)
+    images = np.random.default_rng(4).random((20, 32, 32)).astype(np.float32)
+    filt = models.Component(models.build_vgg(16, (32, 32, 1), width=1 / 16, head=(4,)),
+                            preprocess.Standardizer().fit(images))
+    y = {"train": np.array([1] * 6 + [0] * 6), "val": np.array([1, 1, 0, 0, 0])}  # 1 = frontal
+    parts = {"train": (np.arange(12), None), "val": (np.arange(12, 17), None)}
+    check = train_projection.fit_lateral_check(filt, images, parts, y, {"lateral_quantile": 0.95})
+    assert check["status"] == "fitted" and check["n_fit"] == 6 and check["n_calibration"] == 3
+    val_scores = models.out_of_distribution(filt, images[14:17], None, "c").score
+    assert check["threshold"] == filt.ood.threshold == val_scores.max()  # 0.95 of three scores: the highest
+
+    bare = models.Component(filt.model, filt.standardizer)
+    few = {"train": np.array([1] * 11 + [0]), "val": y["val"]}
+    skipped = train_projection.fit_lateral_check(bare, images, parts, few, {"lateral_quantile": 0.95})
+    assert skipped == {"status": "skipped", "reason": "1 training and 3 validation laterals (needs 2 and 1)"}
+    assert bare.ood is None  # nothing to fit on: the network decides alone
 
 
 def test_unet_scores_include_the_cleaned_masks():

@@ -210,6 +210,8 @@ def test_dvc_repro_on_demo_data(project: Path, tmp_path: Path):
 
     projection = models.Component.load(project / "artifacts/models/projection")
     assert projection.model.input_shape[1:3] == (64, 64) and len(projection.networks) == 2  # a two-filter ensemble
+    check = json.loads((project / "reports/train_projection/metrics.json").read_text())["lateral_check"]
+    assert check["status"] == "fitted" and projection.ood.threshold == check["threshold"]  # saved with the filter
 
     # Standardizers are fitted on the training split only.
     for variant in "cde":

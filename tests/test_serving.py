@@ -234,6 +234,33 @@ def test_the_dicom_view_position_decides_before_the_projection_filter(loaded):
     assert png["reason"] == "lateral_view" and "projection filter" in png["message"]
 
 
+def test_the_filters_lateral_check_keeps_what_resembles_no_training_lateral(loaded):
+    """The network calls everything lateral (threshold 0.999); with a check fitted on dark noise the phantom resembles
+    no lateral and is scored as frontal; with one fitted on the phantom itself the network's call stands."""
+    from covidcxr import ood
+
+    never_frontal = with_config(loaded, frontal_threshold=0.999)
+    proj, size = never_frontal.projection, never_frontal.projection.model.input_shape[1]
+    rng = np.random.default_rng(5)
+    image = preprocess.working_image(np.round(255 * np.clip(phantom(), 0, 1)) / 255, size)  # as the PNG is read
+
+    def served_with_check(laterals: np.ndarray, spread: float) -> dict:
+        checked = models.Component(proj.model, proj.standardizer)
+        checked.ood = ood.MahalanobisDetector(n_components=2).fit(models.ood_features(checked, laterals, None, "c"))
+        calibration = np.clip(laterals[:3] + rng.normal(0, spread, laterals[:3].shape), 0, 1).astype(np.float32)
+        checked.ood.calibrate(models.out_of_distribution(checked, calibration, None, "c").score)
+        pipeline = serving.Pipeline(checked, never_frontal.unet, never_frontal.classifier, never_frontal.config)
+        return pipeline.score([png_b64(phantom())])[0]
+
+    dark = (rng.random((8, size, size)) * 0.1).astype(np.float32)
+    kept = served_with_check(dark, 0.01)
+    assert kept["projection"] == "frontal" and kept["reason"] != "lateral_view"
+    assert kept["projection_probability"] < 0.999  # the network's own probability: it leaned lateral
+    alike = np.clip(image[None] + rng.normal(0, 0.005, (8, size, size)), 0, 1).astype(np.float32)
+    refused = served_with_check(alike, 0.05)
+    assert refused["reason"] == "lateral_view" and "projection filter" in refused["message"]
+
+
 def test_the_projection_filter_reads_each_image_at_its_own_working_size(tmp_path):
     """A filter trained on its own cache (train_projection.size) gets the request read at that size, as the
     cache_projection stage reads the corpus; the U-Net and the classifier keep the working size."""

@@ -22,6 +22,7 @@ Variant = Literal["c", "d", "e"]
 Backbone = Literal["vgg16", "vgg19"]
 Strategy = Literal["default", "mirrored", "multi-worker"]
 TuningStrategy = Literal["default", "mirrored"]
+Precision = Literal["float32", "mixed_bfloat16", "mixed_float16"]
 Fold = Literal["luminance", "sum"]
 ThresholdObjective = Literal["youden", "f1", "sensitivity"]
 SelectionMetric = Literal["roc_auc", "average_precision", "accuracy", "sensitivity", "specificity", "f1", "precision"]
@@ -156,6 +157,7 @@ class Training(Section):
     lr: Annotated[float, Field(gt=0.0, lt=1.0)]
     augment: Augment = False
     strategy: Strategy = "default"
+    precision: Precision = "float32"
     seed: int = 42
 
 

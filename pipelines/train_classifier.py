@@ -63,7 +63,7 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
     def build(seed: int, i: int):
         """Network ``i`` of the ensemble, the model that trains it (with the source adversary, when there is one) and
         its epoch hook."""
-        with training.distribution_strategy(p["strategy"]).scope():
+        with training.build_scope(p["strategy"], p["precision"]):
             network = models.build_vgg(depth, x["train"].shape[1:] + (1,),
                                        weights=_models.vgg_weights(p["weights"], depth), fold=p["fold"],
                                        width=float(p["width"]), head=tuple(p["head"]),

@@ -63,7 +63,7 @@ def run(p: dict, experiment: str = "demo") -> dict:
     x = {s: std.transform(images[rows]) for s, (rows, _) in parts.items()}
 
     def build():
-        with training.distribution_strategy(p["strategy"]).scope():
+        with training.build_scope(p["strategy"], p["precision"]):
             network = models.build_vgg(p["depth"], x["train"].shape[1:] + (1,),
                                        weights=_models.vgg_weights(p["weights"], p["depth"]), fold=p["fold"],
                                        width=p["width"], name=f"projection_vgg{p['depth']}")

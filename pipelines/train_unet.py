@@ -60,7 +60,7 @@ def run(p: dict, experiment: str = "demo") -> dict:
 
     import keras
 
-    with training.distribution_strategy(p["strategy"]).scope():
+    with training.build_scope(p["strategy"], p["precision"]):
         model = models.build_unet(int(p["f0"]), x["train"].shape[1:] + (1,), dropout_scale=float(p["dropout_scale"]))
         model.compile(optimizer=keras.optimizers.Adam(float(p["lr"])), loss=models.bce_dice_loss)
     with tracking.run(_common.mlflow_experiment(experiment), f"unet-f0{p['f0']}", params=p,

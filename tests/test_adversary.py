@@ -74,17 +74,19 @@ def test_the_encoder_receives_the_adversarys_gradient_reversed_and_scaled():
     np.testing.assert_allclose(grads[2.5].numpy(), 2.5 * grads[1.0].numpy(), rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_the_classifier_trains_through_the_adversarial_model_and_stays_a_plain_classifier():
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_the_classifier_trains_through_the_adversarial_model_and_stays_a_plain_classifier(precision):
     training.seed_everything(0)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(24, 32, 32)).astype(np.float32)
     labels = np.tile([0, 0, 1], 8).astype(np.float32)
     sources = np.tile(["a", "b", "a"], 8)
     x[labels > 0.5, 8:24, 8:24] += 2.0  # the disease: a bright square
-    model = _tiny_vgg()
-    before = [w.copy() for w in model.get_weights()]
     names = adversary.source_names(labels, sources)
-    trainer = adversary.build_trainer(model, len(names), weight=0.5, seed=0)
+    with training.precision(precision):  # mixed: the reversed gradient is bfloat16, the outputs stay float32
+        model = _tiny_vgg()
+        trainer = adversary.build_trainer(model, len(names), weight=0.5, seed=0)
+    before = [w.copy() for w in model.get_weights()]
     adversary.compile_trainer(trainer, 1e-3)
     weighing = training.sampling("class", labels)
     targets = adversary.pack_targets(labels, sources, names, weighing["class_weight"])

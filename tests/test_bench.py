@@ -57,6 +57,7 @@ def test_smoke_summary_covers_every_benchmark_with_one_schema(tmp_path: Path, de
             assert set(r["goal"]) == {"on", "op", "target"} and isinstance(r["pass"], bool), r
     measured = {r["name"].split(".")[0] for r in rows if r["skipped"] is None}
     assert {"ingest", "training", "pipeline"} <= measured
+    assert any(r["name"].startswith("training.mixed_bfloat16.") for r in rows)  # the same network, bfloat16 maths
     serving = [r for r in rows if r["name"].startswith("serving")]
     assert all(r["skipped"] is None for r in serving) or "dvc repro register" in serving[0]["skipped"]
 

@@ -76,6 +76,17 @@ def test_heatmaps_shape_range(model, images):
     np.testing.assert_allclose(G.gradcam(model, images, batch_size=4), maps, atol=1e-6)
 
 
+def test_a_mixed_precision_model_gives_float32_maps_close_to_its_float32_twin(model, images):
+    from covidcxr import training
+
+    with training.precision("mixed_bfloat16"):
+        mixed = _tiny_model()
+    mixed.set_weights(model.get_weights())
+    maps, reference = G.gradcam(mixed, images), G.gradcam(model, images)
+    assert maps.dtype == np.float32 and np.allclose(maps.max(axis=(1, 2)), 1.0)
+    np.testing.assert_allclose(maps, reference, atol=0.05)  # bfloat16 keeps 3 significant digits
+
+
 def test_heat_follows_the_evidence(images):
     """A model whose logit depends only on the left half puts its heat there, despite a brighter right half."""
     left = _tiny_model(left_only=True)

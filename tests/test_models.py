@@ -466,3 +466,22 @@ def test_a_seed_ensemble_scores_the_mean_of_its_networks_and_saves_every_member(
     models.Component(networks[0], std).save(folder)
     assert models.member_files(folder) == []
     np.testing.assert_allclose(models.Component.load(folder)(images), singles[0], atol=1e-6)
+
+
+def test_a_mixed_precision_component_scores_as_trained_once_saved_and_loaded(tmp_path):
+    from covidcxr import preprocess, training
+
+    rng = np.random.default_rng(0)
+    images = rng.random((6, 32, 32)).astype(np.float32)
+    with training.precision("mixed_bfloat16"):
+        model = build_vgg(16, (32, 32, 1), width=1 / 16, head=(4,))
+    component = models.Component(model, preprocess.Standardizer().fit(images), info={"run_id": "x"})
+    folder = component.save(tmp_path / "clf")
+    loaded = models.Component.load(folder)  # under the float32 default: each layer keeps the policy it was built under
+    assert loaded.model.get_layer("block1_conv1").compute_dtype == "bfloat16"
+    out, features = loaded(images), loaded.features(images)
+    assert out.dtype == features.dtype == np.float32 and np.all(np.isfinite(features))
+    np.testing.assert_array_equal(out, component(images))
+    twin = build_vgg(16, (32, 32, 1), width=1 / 16, head=(4,))  # float32, the same weights
+    twin.set_weights(model.get_weights())
+    assert not np.array_equal(out, models.Component(twin, component.standardizer)(images))  # bfloat16 maths

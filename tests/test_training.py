@@ -268,3 +268,76 @@ def test_fit_members_reseeds_each_further_member_and_names_the_ensemble():
     draws.clear()
     assert training.fit_members([7], "m0", build, fit) == (["m0"], {"loss": [0.0]}, {})
     assert draws == []  # one network: nothing re-seeded or built beyond the caller's
+
+
+def test_models_built_under_a_precision_keep_it_and_the_policy_is_restored():
+    import keras
+
+    with training.precision("mixed_bfloat16"):
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+        vgg = models.build_vgg(16, (32, 32, 1), width=0.0625, head=(8,))
+        unet = models.build_unet(4, (32, 32, 1))
+    assert keras.mixed_precision.global_policy().name == "float32"
+    conv = vgg.get_layer("block1_conv1")
+    assert (conv.compute_dtype, conv.variable_dtype) == ("bfloat16", "float32")  # bfloat16 maths, float32 weights
+    # the scores stay float32: bfloat16 logits would tie images that the ROC curve and the threshold must separate
+    assert {vgg.get_layer(n).compute_dtype for n in (models.LOGITS_LAYER, models.PREDICTION_LAYER)} == {"float32"}
+    assert unet.get_layer("mask").compute_dtype == "float32"
+    assert unet.get_layer("down1_conv1").compute_dtype == "bfloat16"
+    x = np.random.default_rng(0).random((2, 32, 32, 1)).astype(np.float32)
+    assert vgg(x).dtype == "float32" and unet(x).dtype == "float32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        with training.precision("float8"):
+            pass
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_build_scope_is_the_strategy_under_the_precision(caplog):
+    import keras
+    import tensorflow as tf
+
+    with training.build_scope("default", "mixed_bfloat16") as strategy:
+        assert strategy is tf.distribute.get_strategy()
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_bfloat16_on_a_cpu_without_bfloat16_instructions_says_it_will_be_slow():
+    assert "emulated" in training.precision_note("mixed_bfloat16", cpu_flags={"avx2", "fma"})
+    assert training.precision_note("mixed_bfloat16", cpu_flags={"avx512f", "avx512_bf16"}) is None
+    assert training.precision_note("mixed_bfloat16", cpu_flags={"amx_bf16"}) is None
+    assert training.precision_note("float32", cpu_flags={"avx2"}) is None
+    assert training.precision_note("mixed_bfloat16", cpu_flags=set()) is None  # flags unknown: no claim
+
+
+def test_bfloat16_under_the_portable_cpu_kernels_says_it_will_be_slow(monkeypatch):
+    from covidcxr import runtime
+
+    monkeypatch.setenv(runtime.PORTABLE_CPU_ENV, "1")
+    assert "AVX2" in training.precision_note("mixed_bfloat16")
+    monkeypatch.setenv(runtime.PORTABLE_CPU_ENV, "0")
+    assert training.precision_note("float32") is None
+
+
+def test_a_bfloat16_model_trains_deterministically_and_near_its_float32_twin():
+    import keras
+
+    def run(precision):
+        training.seed_everything(3)
+        x, y = tiny_data()
+        with training.precision(precision):
+            model = models.build_vgg(16, (32, 32, 1), width=0.0625, head=(8,))
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+        history = training.fit(model, (x, y), (x, y), epochs=2, batch_size=8, seed=3)
+        return history["loss"], training.predict(model, x)
+
+    loss_a, p_a = run("mixed_bfloat16")
+    loss_b, p_b = run("mixed_bfloat16")
+    assert loss_a == loss_b and np.array_equal(p_a, p_b)  # seeded: bit for bit
+    assert p_a.dtype == np.float32 and np.all(np.isfinite(loss_a))
+    _, p_32 = run("float32")
+    assert not np.array_equal(p_a, p_32)  # bfloat16 maths did happen
+    from sklearn.metrics import roc_auc_score
+
+    _, y = tiny_data()
+    assert roc_auc_score(y, p_a[:, 0]) > 0.8 and roc_auc_score(y, p_32[:, 0]) > 0.8  # both learn the task (0.94, 1.0)

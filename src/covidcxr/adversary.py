@@ -75,8 +75,8 @@ def build_trainer(model: keras.Model, n_sources: int, *, weight: float, units: i
     h = layers.Dense(units, activation="relu", kernel_initializer=keras.initializers.HeNormal(seed),
                      name="source_dense")(h)
     sources = layers.Dense(n_sources, activation="softmax", kernel_initializer=keras.initializers.GlorotUniform(seed),
-                           name="source_probability")(h)
-    out = layers.Concatenate(name="label_and_source")([model.output, sources])
+                           name="source_probability", dtype="float32")(h)  # float32 under mixed precision, as
+    out = layers.Concatenate(name="label_and_source", dtype="float32")([model.output, sources])  # the label's output
     return keras.Model(model.input, out, name=f"{model.name}_source_adversarial")
 
 
@@ -118,7 +118,7 @@ class GradientReversal(layers.Layer):
 
         @tf.custom_gradient
         def reverse(t):
-            return tf.identity(t), lambda dy: -scale * dy
+            return tf.identity(t), lambda dy: -tf.cast(scale, dy.dtype) * dy
 
         return reverse(x)
 

@@ -125,7 +125,8 @@ def _batch_cam(grad_model: keras.Model, x: np.ndarray, class_index: int, size: t
         features, logits = grad_model(inputs, training=False)
         target = logits[:, class_index]
     # images are independent (inference mode), so the gradient of the sum is each image's own gradient
-    grads = tape.gradient(target, features)
+    grads = tf.cast(tape.gradient(target, features), tf.float32)  # a mixed-precision model's maps are bfloat16
+    features = tf.cast(features, tf.float32)
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))
     cam = tf.image.resize(cam, size, method="bilinear")[..., 0].numpy()

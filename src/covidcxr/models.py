@@ -108,7 +108,7 @@ def build_unet(
         x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"up{j + 1}_transpose")(x)
         x = layers.Concatenate(name=f"up{j + 1}_concat")([x, skip])
         x = _unet_conv_pair(x, filters, UNET_DROPOUT_UP[j] * dropout_scale, f"up{j + 1}")
-    outputs = layers.Conv2D(1, 1, activation="sigmoid", name="mask")(x)
+    outputs = layers.Conv2D(1, 1, activation="sigmoid", name="mask", dtype="float32")(x)  # float32 in mixed precision
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -194,8 +194,10 @@ def build_vgg(
         x = layers.Dense(units, activation="relu", kernel_initializer="he_normal", name=f"head_dense{i}")(x)
         if i == 1:
             x = layers.Dropout(head_dropout, name="head_dropout2")(x)
-    x = layers.Dense(outputs, name=LOGITS_LAYER)(x)
-    prediction = layers.Activation("sigmoid" if outputs == 1 else "softmax", name=PREDICTION_LAYER)(x)
+    # float32 logits and output under mixed precision (training.precision): bfloat16 would round the scores to 3
+    # significant digits, tying images the ROC curve and the operating threshold must tell apart
+    x = layers.Dense(outputs, name=LOGITS_LAYER, dtype="float32")(x)
+    prediction = layers.Activation("sigmoid" if outputs == 1 else "softmax", name=PREDICTION_LAYER, dtype="float32")(x)
     model = keras.Model(inputs, prediction, name=name or f"vgg{depth}")
 
     if encoder is not None:
@@ -551,6 +553,7 @@ class Component:
 
             def pooled(t):
                 outs = extractor(t, training=False)
+                outs = [tf.cast(o, tf.float32) for o in outs]  # mixed precision: average in float32
                 return tf.concat([tf.reduce_mean(o, axis=[1, 2]) if len(o.shape) == 4 else o for o in outs], axis=1)
 
             spec = tf.TensorSpec((None, *self.model.input_shape[1:]), tf.float32)

@@ -29,6 +29,7 @@ def test_the_schema_speaks_the_library_s_vocabulary():
     assert literal(_params.SelectionMetric) == selection.METRICS
     assert literal(_params.TuningStrategy) == training.STRATEGIES
     assert literal(_params.Strategy) == (*training.STRATEGIES, training.MULTI_WORKER)
+    assert literal(_params.Precision) == training.PRECISIONS
 
 
 def test_every_section_of_params_yaml_is_valid_and_covered():

@@ -28,8 +28,10 @@ TINY = {
     "train_unet": {"epochs": 2, "f0": 4, "use_tuned": False},
     # One backbone keeps the suite inside its budget; the matrix still expands over c, d and e, and the default
     # profile's two backbones run in every `make run` (dvc.lock, reports/). Two-network seed ensembles: what is
-    # trained, evaluated, explained, registered and served is the ensemble.
-    "train_classifier": {"epochs": 2, "width": 0.0625, "backbones": ["vgg16"], "members": 2},
+    # trained, evaluated, explained, registered and served is the ensemble. Its networks compute in bfloat16 (the
+    # stages' `precision`), so that a mixed-precision model is proven through every stage and the served model.
+    "train_classifier": {"epochs": 2, "width": 0.0625, "backbones": ["vgg16"], "members": 2,
+                         "precision": "mixed_bfloat16"},
     "evaluate": {"n_boot": 50},
     "explain": {"per_group": 1},
     # The demo data carries a shortcut by design and the tiny models' audit verdicts are arbitrary; the refusal itself
@@ -210,6 +212,9 @@ def test_dvc_repro_on_demo_data(project: Path, tmp_path: Path):
 
     projection = models.Component.load(project / "artifacts/models/projection")
     assert projection.model.input_shape[1:3] == (64, 64) and len(projection.networks) == 2  # a two-filter ensemble
+    classifier = models.Component.load(project / "artifacts/models/classifier_c_vgg16")  # what register bundles
+    assert {n.get_layer("block1_conv1").compute_dtype for n in classifier.networks} == {"bfloat16"}
+    assert projection.model.get_layer("block1_conv1").compute_dtype == "float32"  # the default
     check = json.loads((project / "reports/train_projection/metrics.json").read_text())["lateral_check"]
     assert check["status"] == "fitted" and projection.ood.threshold == check["threshold"]  # saved with the filter
 

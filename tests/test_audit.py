@@ -205,6 +205,24 @@ def test_source_check_is_inconclusive_when_the_sources_are_read_at_chance():
     assert audit.worst(["pass", "inconclusive"]) == "inconclusive" and audit.worst(["inconclusive", "warn"]) == "warn"
 
 
+def test_a_source_classifier_collapsed_onto_one_source_reads_nothing():
+    """What a real run's source classifier did: it named one source (Hannover) for nearly every test image, so it read
+    that source's own images right and nothing else: balanced accuracy 0.15 [0.13, 0.18] against a chance of 0.125.
+    Graded, its label AUC (0.40) passed the check; it measured nothing."""
+    classes = ("China", "Germany", "Italy", "cohen", "guangzhou", "montgomery", "shenzhen", "unknown")
+    truth = np.repeat(classes, [6, 22, 12, 40, 154, 22, 89, 6])
+    called = np.full(len(truth), "Germany", dtype=object)  # Hannover for nearly every image
+    called[np.flatnonzero(truth == "montgomery")[:5]] = "montgomery"
+    called[np.flatnonzero(truth == "guangzhou")[:6]] = "montgomery"
+    y = np.isin(truth, ["China", "Germany", "Italy", "cohen", "unknown"]).astype(int)
+    p = np.eye(len(classes))[[classes.index(c) for c in called]] * 0.9 + 0.1 / len(classes)
+    reading = audit.read_sources(classes, p, truth, y, truth, y)
+    assert reading.chance < reading.balanced_accuracy_low < reading.readable_above  # above chance, yet reads nothing
+    assert not reading.readable
+    check = audit.source_check(reading, warn=0.6, fail=0.65)
+    assert check.status == "inconclusive" and check.value is None and "must exceed 0.21" in check.reason
+
+
 def test_small_sites_are_read_as_their_dataset():
     site = np.array(["Germany"] * 30 + ["Peru"] * 3 + ["Italy"] * 25 + ["kermany"] * 40)
     source = np.array(["cohen"] * 58 + ["kermany"] * 40)

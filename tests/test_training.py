@@ -292,14 +292,21 @@ def test_models_built_under_a_precision_keep_it_and_the_policy_is_restored():
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
-def test_build_scope_is_the_strategy_under_the_precision(caplog):
+def test_build_scope_is_the_strategy_under_the_precision_and_warns_when_bfloat16_is_emulated(caplog, monkeypatch):
     import keras
     import tensorflow as tf
 
-    with training.build_scope("default", "mixed_bfloat16") as strategy:
-        assert strategy is tf.distribute.get_strategy()
-        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2", "fma"})  # a CPU without bfloat16 instructions
+    with caplog.at_level("WARNING", logger="covidcxr.training"):
+        with training.build_scope("default", "mixed_bfloat16") as strategy:
+            assert strategy is tf.distribute.get_strategy()
+            assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     assert keras.mixed_precision.global_policy().name == "float32"
+    assert any("emulated" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="covidcxr.training"), training.build_scope("default", "float32"):
+        pass
+    assert not caplog.records
 
 
 def test_bfloat16_on_a_cpu_without_bfloat16_instructions_says_it_will_be_slow():
@@ -319,8 +326,9 @@ def test_bfloat16_under_the_portable_cpu_kernels_says_it_will_be_slow(monkeypatc
     assert training.precision_note("float32") is None
 
 
-def test_a_bfloat16_model_trains_deterministically_and_near_its_float32_twin():
+def test_a_bfloat16_model_trains_deterministically_and_learns_as_its_float32_twin_does():
     import keras
+    from sklearn.metrics import roc_auc_score
 
     def run(precision):
         training.seed_everything(3)
@@ -337,7 +345,5 @@ def test_a_bfloat16_model_trains_deterministically_and_near_its_float32_twin():
     assert p_a.dtype == np.float32 and np.all(np.isfinite(loss_a))
     _, p_32 = run("float32")
     assert not np.array_equal(p_a, p_32)  # bfloat16 maths did happen
-    from sklearn.metrics import roc_auc_score
-
     _, y = tiny_data()
     assert roc_auc_score(y, p_a[:, 0]) > 0.8 and roc_auc_score(y, p_32[:, 0]) > 0.8  # both learn the task (0.94, 1.0)

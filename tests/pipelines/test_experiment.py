@@ -84,9 +84,11 @@ def test_overrides_parse_back_through_dvc(tmp_path: Path):
             cmd = experiment.dvc_command(exp_name, params, [], real)
             apply_overrides(str(path), [cmd[i + 1] for i, a in enumerate(cmd) if a == "-S"])
             got = yaml.safe_load(path.read_text())
-            for key, value in params.items():
-                section, _, leaf = key.partition(".")
-                assert got[section][leaf] == experiment._substitute(value, real), (exp_name, key)
+            for key, value in params.items():  # dotted keys nest as deep as they go (audit.source.epochs)
+                node = got
+                for part in key.split("."):
+                    node = node[part]
+                assert node == experiment._substitute(value, real), (exp_name, key)
 
 
 @pytest.mark.parametrize("value", [None, True, 3, 0.0005, "true", "a-b", "/x/y", ["a", 1], {"k": "v w"}])

@@ -87,23 +87,23 @@ def build(spec: dict, size: int = SIZE):
 
 def train_images_per_second(spec: dict, batch: int, mask: bool, *, mixed: bool, xla: bool, steps: int,
                             size: int = SIZE) -> float:
-    """Images per second of ``model.fit`` steps on in-memory tensors (after a warm-up that compiles)."""
+    """Images per second of ``model.fit`` steps on in-memory tensors (after a warm-up that compiles); ``mixed``: the
+    network built as the stages' ``precision: mixed_bfloat16`` builds it (:func:`covidcxr.training.precision`)."""
     import keras
 
+    from covidcxr import training
+
     keras.backend.clear_session()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16" if mixed else "float32")
-    try:
+    with training.precision("mixed_bfloat16" if mixed else "float32"):
         model = build(spec, size)
-        rng = np.random.default_rng(0)
-        x = rng.normal(size=(batch * steps, size, size, 1)).astype(np.float32)
-        y = (rng.random((batch * steps, size, size, 1)) if mask else rng.random((batch * steps, 1))) > 0.5
-        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy", jit_compile=xla)
-        model.fit(x[: 2 * batch], y[: 2 * batch].astype(np.float32), batch_size=batch, epochs=1, verbose=0)
-        start = time.perf_counter()
-        model.fit(x, y.astype(np.float32), batch_size=batch, epochs=1, verbose=0)
-        return batch * steps / (time.perf_counter() - start)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch * steps, size, size, 1)).astype(np.float32)
+    y = (rng.random((batch * steps, size, size, 1)) if mask else rng.random((batch * steps, 1))) > 0.5
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy", jit_compile=xla)
+    model.fit(x[: 2 * batch], y[: 2 * batch].astype(np.float32), batch_size=batch, epochs=1, verbose=0)
+    start = time.perf_counter()
+    model.fit(x, y.astype(np.float32), batch_size=batch, epochs=1, verbose=0)
+    return batch * steps / (time.perf_counter() - start)
 
 
 def end_to_end(smoke: bool) -> dict:

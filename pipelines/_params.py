@@ -175,10 +175,7 @@ class TrainProjection(VGG):
     size: Annotated[int, Field(ge=16, multiple_of=16)] | None = None  # its own cache's working size; None: cache.size
     lateral_check: bool = True  # a lateral must lie within the training laterals' features (covidcxr.projection)
     lateral_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95  # of the validation laterals' check scores
-
-
-class FilterFrontal(Section):
-    threshold: Share = 0.5
+    threshold: Share = 0.5  # P(frontal) below which the network calls lateral; saved with the filter
 
 
 class TrainUnet(Training):
@@ -347,7 +344,7 @@ class TuneUnet(Section):
 
 SECTIONS: dict[str, type[Section]] = {
     "ingest": Ingest, "validate": Validate, "split": Split, "cache": Cache, "train_projection": TrainProjection,
-    "filter_frontal": FilterFrontal, "train_unet": TrainUnet, "segment": Segment,
+    "train_unet": TrainUnet, "segment": Segment,
     "train_classifier": TrainClassifier, "pretrain": Pretrain, "evaluate": Evaluate, "explain": Explain, "audit": Audit,
     "register": Register, "model_card": ModelCard, "tune_unet": TuneUnet,
 }

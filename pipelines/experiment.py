@@ -432,7 +432,7 @@ def ablation_plan(name: str, spec: dict, *, levers: list[str] | None = None, run
 #: epochs, VGG16 1/8 wide; it grows with the pixel count), and the fixed cost of a `dvc exp run` (checks, cache
 #: restores, a stage process per classifier).
 TRAINING_SECONDS_64PX, RUN_OVERHEAD_SECONDS = 50.0, 30.0
-UPSTREAM = ("cache.", "ingest.", "train_projection.", "train_unet.", "tune_unet.", "pretrain.", "filter_frontal.",
+UPSTREAM = ("cache.", "ingest.", "train_projection.", "train_unet.", "tune_unet.", "pretrain.",
             "segment.")
 
 

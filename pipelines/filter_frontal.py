@@ -1,6 +1,6 @@
 """Stage `filter_frontal`: keep the images the projection rule calls frontal (:func:`covidcxr.projection.decide`: the
-file's own DICOM view position, else the projection filter and its lateral check), as serving does; report where it
-disagrees with labels."""
+file's own DICOM view position, else the projection filter, at the threshold saved with it, and its lateral check), as
+serving does; report where it disagrees with labels. No params of its own: the filter's folder holds its rule."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ DISAGREE = "reports/filter_frontal/disagreements.csv"
 METRICS = "reports/filter_frontal/metrics.json"
 
 
-def run(p: dict) -> dict:
+def run() -> dict:
     log = _common.setup_logging()
     index, images, _ = _models.load_cache(_common.PROJECTION_CACHE_DIR)  # the filter's own working size
-    p_frontal, like_lateral = models.frontal_evidence(_models.load_component(_common.PROJECTION_MODEL), images)
+    projection_filter = _models.load_component(_common.PROJECTION_MODEL)
+    p_frontal, like_lateral = models.frontal_evidence(projection_filter, images)
     views = index["header_view_position"].where(index["header_view_position"].notna(), None).tolist()
-    predicted, decided_by = projection.decide(p_frontal, views, float(p["threshold"]), like_lateral)
+    predicted, decided_by = projection.decide(p_frontal, views, projection_filter.operating_threshold, like_lateral)
     out = index[["image_id", "projection"]].assign(p_frontal=np.round(p_frontal, 6), predicted=predicted,
                                                    decided_by=decided_by)
     known = out["projection"].isin(["frontal", "lateral"])
@@ -39,4 +40,4 @@ def run(p: dict) -> dict:
 
 
 if __name__ == "__main__":
-    run(_common.params("filter_frontal"))
+    run()

@@ -194,8 +194,8 @@ def current_champion(client, name: str, by: str) -> tuple[int | None, float | No
     return int(version.version), (float(value) if value not in (None, "") else None)
 
 
-def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, frontal_threshold: float,
-        segment: dict, projection_size: int | None = None) -> dict:
+def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segment: dict,
+        projection_size: int | None = None) -> dict:
     import mlflow
 
     log = _common.setup_logging()
@@ -215,7 +215,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, fron
                                   "never in params")
 
     config = serving.Config(
-        size=int(size), variant=best.variant, frontal_threshold=float(frontal_threshold),
+        size=int(size), variant=best.variant, frontal_threshold=models.operating_threshold(_common.PROJECTION_MODEL),
         projection_size=None if projection_size in (None, size) else int(projection_size),
         min_area=float(segment["min_area"]), max_area=float(segment["max_area"]), max_aspect=float(p["max_aspect"]),
         model_version=str(version),
@@ -236,7 +236,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, fron
                       "candidates": chosen.table, "heldout_figure": heldout["figure"] if heldout else None},
         "validation": {"classifier": evaluation["val"], **component_metrics()},
         "operating_threshold": evaluation["operating_threshold"],
-        "mask_threshold": models.folder_threshold(_common.UNET_MODEL)["threshold"],
+        "mask_threshold": models.operating_threshold(_common.UNET_MODEL),
         "component_runs": runs, "config": config.to_dict(),
         "audit": {"status": best.audit_status, "failed": list(best.audit_failed)},
     }
@@ -302,5 +302,5 @@ if __name__ == "__main__":
     run(_common.params("register"), {"variants": _common.params("train_classifier.variants"),
                                      "backbones": _common.params("train_classifier.backbones")},
         _common.params("split.experiment"),
-        size=_common.params("cache.size"), frontal_threshold=_common.params("filter_frontal.threshold"),
+        size=_common.params("cache.size"),
         segment=_common.params("segment"), projection_size=_common.params("train_projection.size"))

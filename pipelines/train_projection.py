@@ -11,8 +11,10 @@ laterals refused), with the number of frontals the filter would refuse (the usab
 ``lateral_check`` (true): a Mahalanobis detector of the filter's features fitted on the training laterals, its
 threshold the ``lateral_quantile`` of the validation laterals' scores, saved in the model folder (``ood.npz``): an
 image the network calls lateral but that lies outside the laterals it learned is kept as frontal
-(:func:`covidcxr.projection.decide`). Every recall here is the rule's, as `filter_frontal` and serving apply it;
-``kept_by_check`` counts the images the check kept that the network alone would have refused.
+(:func:`covidcxr.projection.decide`). ``threshold``: P(frontal) below which the network calls lateral, saved with the
+filter (``threshold.json``) so that every consumer applies the one value trained here. Every recall here is the
+rule's, as `filter_frontal` and serving apply it; ``kept_by_check`` counts the images the check kept that the network
+alone would have refused.
 """
 
 from __future__ import annotations
@@ -83,13 +85,14 @@ def run(p: dict, experiment: str = "demo") -> dict:
                                                  on_epoch_end=tracking.member_epoch_log(i),
                                                  verbose=1 if _common.show_progress() else 0))
         component = models.Component(networks[0], std, members=networks[1:],
-                                     info={"run_id": active.info.run_id, "positive_class": "frontal", **ensemble})
+                                     info={"run_id": active.info.run_id, "positive_class": "frontal", **ensemble},
+                                     threshold={"threshold": float(p["threshold"]), "source": "params"})
         check = fit_lateral_check(component, images, parts, y, p) if p["lateral_check"] else {"status": "off"}
         log.info("lateral check: %s", check)
         result = {}
         for split, (rows, _) in parts.items():  # Table 1: accuracy per split, and per class (laterals are few)
             p_frontal, like_lateral = models.frontal_evidence(component, images[rows])
-            called, decided_by = projection.decide(p_frontal, None, 0.5, like_lateral)
+            called, decided_by = projection.decide(p_frontal, None, component.operating_threshold, like_lateral)
             called = called == "frontal"
             m = metrics.classification_metrics(y[split], called.astype(np.float64))
             result[split] = {"accuracy": m["accuracy"], "frontal_accuracy": m["sensitivity"],

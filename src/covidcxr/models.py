@@ -643,6 +643,15 @@ def folder_threshold(folder: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def operating_threshold(folder: str | os.PathLike) -> float:
+    """The threshold saved with a model folder, as its loaded :class:`Component` applies it; a folder without one is
+    an error naming the file."""
+    saved = folder_threshold(folder)
+    if not saved:
+        raise FileNotFoundError(f"{folder}: no operating threshold ({THRESHOLD_FILE}); rerun the stage that trains it")
+    return float(saved["threshold"])
+
+
 #: COVID-19 probabilities are reported, stored and compared with thresholds at this many decimals, everywhere: the
 #: label a served answer shows then always follows from the probability it shows.
 PROBABILITY_DECIMALS = 6

@@ -23,7 +23,8 @@ TINY = {
     "cache": {"size": 32},
     # The projection filter at its own working size (stage cache_projection), as the real profile runs it; the served
     # model reads each request at both sizes. A two-filter seed ensemble decides, in the stages and when served.
-    "train_projection": {"epochs": 2, "width": 0.0625, "size": 64, "members": 2},
+    # threshold: not the default, so that a consumer applying 0.5 instead of the filter's saved threshold shows.
+    "train_projection": {"epochs": 2, "width": 0.0625, "size": 64, "members": 2, "threshold": 0.45},
     "tune_unet": {"n_trials": 1, "epochs": 1},
     "train_unet": {"epochs": 2, "f0": 4, "use_tuned": False},
     # One backbone keeps the suite inside its budget; the matrix still expands over c, d and e, and the default
@@ -217,6 +218,19 @@ def test_dvc_repro_on_demo_data(project: Path, tmp_path: Path):
     assert projection.model.get_layer("block1_conv1").compute_dtype == "float32"  # the default
     check = json.loads((project / "reports/train_projection/metrics.json").read_text())["lateral_check"]
     assert check["status"] == "fitted" and projection.ood.threshold == check["threshold"]  # saved with the filter
+    # Its frontal threshold too, and the stage's own figures are the rule's at that threshold (register serves the
+    # same value: test_serve; the demo's DICOMs all carry a view position, so filter_frontal's calls come from them).
+    assert projection.operating_threshold == TINY["train_projection"]["threshold"]
+    from covidcxr import preprocess
+    from covidcxr import projection as rule
+
+    index, images, _ = preprocess.load_cache(project / "artifacts/cache_projection")
+    test = pd.read_csv(project / "artifacts/splits/projection.csv").query("split == 'test'")
+    rows = preprocess.rows_for(index, list(test["image_id"]))
+    p_frontal, like_lateral = models.frontal_evidence(projection, images[rows])
+    called, _ = rule.decide(p_frontal, None, 0.45, like_lateral)
+    stage = json.loads((project / "reports/train_projection/metrics.json").read_text())["test"]
+    assert stage["accuracy"] == pytest.approx(float(np.mean(called == test["label"].to_numpy())))
 
     # Standardizers are fitted on the training split only.
     for variant in "cde":

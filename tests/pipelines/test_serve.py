@@ -26,7 +26,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from covidcxr import runtime, serving
+from covidcxr import models, runtime, serving
 from tests.pipelines.conftest import BIN, run, stop_server, wait_ready
 from tests.test_io import _huge_png, codestream_dicom, make_dicom
 
@@ -46,8 +46,6 @@ def _fit(model, x: np.ndarray, y: np.ndarray, loss, epochs: int) -> None:
 
 
 def _save(folder: Path, model, std, threshold: float | None = None) -> str:
-    from covidcxr import models
-
     models.Component(model, std, info={"run_id": "test"},
                      threshold=None if threshold is None else {"threshold": threshold}).save(folder)
     return str(folder)
@@ -58,7 +56,7 @@ def test_real_files_through_the_pyfunc(real_data, tmp_path):
     """A DICOM and a JPEG accepted, a held-out lateral refused by the projection filter, non-X-rays refused."""
     import mlflow
 
-    from covidcxr import models, preprocess, training
+    from covidcxr import preprocess, training
 
     training.seed_everything(0)
     rows = list(csv.DictReader(open(real_data / "cohen/metadata.csv", encoding="latin-1")))
@@ -374,6 +372,8 @@ def check_register_and_serve(project: Path) -> list[str]:
 
     values = {n: val_auc(n) for n in classifiers}
     assert first["version"] == 1 and first["alias"] == "champion" and first["champion_version"] is None
+    # The served filter threshold is the one saved with the filter that train_projection evaluated.
+    assert first["serving"]["frontal_threshold"] == models.operating_threshold(project / "artifacts/models/projection")
     from pipelines.register import CONTROL_VARIANTS
 
     candidates = [n for n in classifiers if n.split("_")[0] not in CONTROL_VARIANTS]  # best never takes e

@@ -78,7 +78,7 @@ def source_reading(p: dict, classifier: dict, log) -> tuple[audit.SourceReading 
     x = {s: std.transform(inputs[split == s]) for s in ("train", "val", "test")}
     backbone = str(p["backbone"])
     depth = int(backbone.removeprefix("vgg"))
-    model, classes = audit.train_source_classifier(
+    model, classes, epoch = audit.train_source_classifier(
         x["train"], source[split == "train"], x["val"], source[split == "val"],
         depth=depth, width=float(classifier["width"]), head=classifier["head"],
         weights=_models.vgg_weights(classifier["weights"], depth), fold=classifier["fold"], lr=float(classifier["lr"]),
@@ -94,7 +94,7 @@ def source_reading(p: dict, classifier: dict, log) -> tuple[audit.SourceReading 
     covid_share = {c: float(y[(split == "train") & (source == c)].mean()) for c in classes}
     log.info("source classifier: balanced accuracy %.3f (chance %.3f), label AUC via the read source %.3f",
              reading.balanced_accuracy, reading.chance, reading.label_auc_read_source)
-    details = {**dataclasses.asdict(reading), "classes": list(classes),
+    details = {**dataclasses.asdict(reading), "classes": list(classes), "restored_epoch": epoch,
                "backbone": backbone, "variant": p["variant"], "counts": counts,
                "train_covid_share": covid_share, "test_confusion": confusion}
     return reading, "", details

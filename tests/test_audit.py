@@ -158,10 +158,18 @@ def test_source_classifier_fails_a_readable_site_that_predicts_the_label(confoun
     covid = np.where(site == "site_a", rank < (8 if confounded else 5), rank < (2 if confounded else 5))
     x, _ = radiographs(n, marked=site == "site_a", opacity=covid, seed=2)  # site a burns in a marker
     parts = split(n)
-    model, classes = audit.train_source_classifier(
+    seen: list[dict] = []
+    model, classes, epoch = audit.train_source_classifier(
         x[parts["train"]], site[parts["train"]], x[parts["val"]], site[parts["val"]], epochs=4,
+        on_epoch_end=lambda e, logs: seen.append(logs),
         **{k: TINY[k] for k in ("depth", "width", "head", "lr", "batch_size", "seed")})
-    assert classes == ("site_a", "site_b")
+    assert classes == ("site_a", "site_b") and len(seen) == 4
+    # The weights of the epoch of the lowest validation loss are restored, whichever epoch that was.
+    losses = [logs["val_loss"] for logs in seen]
+    assert epoch == 1 + int(np.argmin(losses))
+    y_val = (site[parts["val"]] == "site_b").astype(np.float32)
+    restored = model.evaluate(x[parts["val"]][..., None], y_val, batch_size=TINY["batch_size"], verbose=0)[0]
+    assert restored == pytest.approx(min(losses), rel=1e-4)
     reading = audit.read_sources(classes, training.predict(model, x[parts["test"]]), site[parts["test"]],
                                  covid[parts["test"]], site[parts["train"]], covid[parts["train"]])
     assert reading.balanced_accuracy > 0.9 and reading.chance == 0.5  # the site is readable either way
@@ -180,7 +188,7 @@ def test_a_site_the_classifier_cannot_learn_is_inconclusive_never_pass():
     covid = np.arange(n) % 2 == 1
     x, _ = radiographs(n, marked=np.zeros(n, bool), opacity=covid, seed=3)
     parts = split(n)
-    model, classes = audit.train_source_classifier(
+    model, classes, _ = audit.train_source_classifier(
         x[parts["train"]], site[parts["train"]], x[parts["val"]], site[parts["val"]], epochs=4,
         **{k: TINY[k] for k in ("depth", "width", "head", "lr", "batch_size", "seed")})
     reading = audit.read_sources(classes, training.predict(model, x[parts["test"]]), site[parts["test"]],

@@ -601,11 +601,13 @@ COLLECTORS = {"classifier": collect_classifier, "segmentation": collect_segmenta
 
 SETTINGS = ("cache.size", "train_projection.size", "train_projection.epochs", "train_projection.lr",
             "train_projection.width", "train_unet.epochs", "train_unet.f0", "train_classifier.epochs",
-            "train_classifier.width", "train_classifier.variants", "train_classifier.backbones")
+            "train_classifier.width", "train_classifier.variants", "train_classifier.backbones",
+            "train_projection.precision", "train_unet.precision", "train_classifier.precision")
 
 
 def _settings(params: dict, effective: dict) -> dict:
-    """The size/epochs/width figures a reader compares runs by: the overlay's, else the params.yaml ``effective``."""
+    """The size/epochs/width/precision figures a reader compares runs by: the overlay's, else the params.yaml
+    ``effective``."""
     def value(key: str) -> object:
         section, _, leaf = key.partition(".")
         return params[key] if key in params else (effective.get(section) or {}).get(leaf)

@@ -261,6 +261,9 @@ def test_one_class_test_split_reports_specificity_only(tmp_path: Path):
               "wall_seconds": 60.0, "finished": "now", "runs": {"loso-b": got},
               "headline": experiment.headline("classifier", {"loso-b": got})}
     assert result["settings"]["cache.size"] == 64 and result["settings"]["train_unet.f0"] == 16
+    effective = {"train_unet": {"precision": "x"}, "train_classifier": {"precision": "float32"}}
+    precision = experiment._settings({"train_unet.precision": "mixed_bfloat16"}, effective)  # the overlay's first
+    assert (precision["train_unet.precision"], precision["train_classifier.precision"]) == ("mixed_bfloat16", "float32")
     assert result["headline"]["loso-b/c_vgg16"]["test_auc"] is None
     experiment.record(tmp_path, "loso", result)
     table = experiment.render_summary(tmp_path).read_text()

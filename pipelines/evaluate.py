@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidcxr import metrics, models, tracking
+from covidcxr import folders, metrics, tracking
 from pipelines import _common, _tracking
 
 OUT = _common.EVALUATE_DIR
@@ -84,7 +84,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
             name = f"{variant}_{backbone}"
             d = Path(_common.model_dir(variant, backbone))
             pred = pd.read_csv(d / _common.PREDICTIONS)
-            threshold = models.operating_threshold(d)
+            threshold = folders.operating_threshold(d)
             result = evaluate_model(pred, threshold, p)
             result["operating_threshold"] = threshold
             data = curves(pred, int(p["calibration_bins"]))
@@ -94,7 +94,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
             everything[name] = result
             for split in ("val", "test"):
                 rows.append({"variant": variant, "backbone": backbone, "split": split, **result[split]["at_0.5"]})
-            run_id = models.folder_info(d)["run_id"]
+            run_id = folders.folder_info(d)["run_id"]
             with tracking.run(_common.mlflow_experiment(experiment), name, run_id=run_id):
                 tracking.log_finite_metrics({s: result[s] for s in ("val", "test")}, prefix="eval.")
                 fig = figure(name, data)

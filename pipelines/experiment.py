@@ -367,11 +367,11 @@ def _run_seconds(project: Path, model_dir: Path) -> float | None:
     """Training time of the MLflow run that made a model (the stage may have been reused from an earlier run)."""
     import mlflow
 
-    from covidcxr import models
+    from covidcxr import folders
 
     try:
         mlflow.set_tracking_uri(_env(project)["MLFLOW_TRACKING_URI"])
-        info = mlflow.get_run(models.folder_info(model_dir)["run_id"]).info
+        info = mlflow.get_run(folders.folder_info(model_dir)["run_id"]).info
         return round((info.end_time - info.start_time) / 1000.0, 1) if info.end_time else None
     except Exception:  # noqa: BLE001 - a figure for the table, not a reason to fail the experiment
         return None

@@ -26,7 +26,7 @@ from unittest import mock
 
 import numpy as np
 
-from covidcxr import audit, manifest, models, monitoring, predlog, preprocess, selection, serving, tracking
+from covidcxr import audit, folders, manifest, monitoring, predlog, preprocess, selection, serving, tracking
 from pipelines import _common, _tracking
 
 OUT = _common.REGISTERED
@@ -84,7 +84,7 @@ def stage_bundle(tmp: Path, variant: str, backbone: str, config: serving.Config,
     for name, src in sources.items():
         dest = tmp / name
         dest.mkdir()
-        for file in models.folder_files(src):
+        for file in folders.folder_files(src):
             shutil.copy2(Path(src) / file, dest / file)
         artifacts[name] = str(dest)
     config.save(tmp / "serving.json")
@@ -114,10 +114,10 @@ def request_cache():
     """The cache the input example is drawn from: the larger of the working-size cache and the projection filter's
     (the served model reads a request at both sizes; made from the smaller, the example would show the other model an
     upsampled image)."""
-    folders = [_common.CACHE_DIR, _common.PROJECTION_CACHE_DIR]
-    sizes = [np.load(Path(f) / preprocess.CACHE_IMAGES, mmap_mode="r").shape[1] for f in folders]
+    caches = [_common.CACHE_DIR, _common.PROJECTION_CACHE_DIR]
+    sizes = [np.load(Path(f) / preprocess.CACHE_IMAGES, mmap_mode="r").shape[1] for f in caches]
     # memory-mapped (float16): one image is read, not the whole cache (130 MB at 128 px on the real corpus)
-    return preprocess.load_cache(folders[int(np.argmax(sizes))], mmap=True)
+    return preprocess.load_cache(caches[int(np.argmax(sizes))], mmap=True)
 
 
 def input_example() -> dict:
@@ -215,7 +215,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
                                   "never in params")
 
     config = serving.Config(
-        size=int(size), variant=best.variant, frontal_threshold=models.operating_threshold(_common.PROJECTION_MODEL),
+        size=int(size), variant=best.variant, frontal_threshold=folders.operating_threshold(_common.PROJECTION_MODEL),
         projection_size=None if projection_size in (None, size) else int(projection_size),
         min_area=float(segment["min_area"]), max_area=float(segment["max_area"]), max_aspect=float(p["max_aspect"]),
         model_version=str(version),
@@ -225,9 +225,9 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
     )
     evaluation = _common.read_report(_common.EVALUATE_DIR / classifier / "metrics.json", "evaluate")
     tags = _tracking.repro_tags("register", experiment)
-    folders = {"projection": _common.PROJECTION_MODEL, "unet": _common.UNET_MODEL,
-               "classifier": _common.model_dir(best.variant, best.backbone)}
-    runs = {part: models.folder_info(folder)["run_id"] for part, folder in folders.items()}
+    parts = {"projection": _common.PROJECTION_MODEL, "unet": _common.UNET_MODEL,
+             "classifier": _common.model_dir(best.variant, best.backbone)}
+    runs = {part: folders.folder_info(folder)["run_id"] for part, folder in parts.items()}
     metadata = {
         "model_name": name, "model_version": str(version), "classifier": classifier, "variant": best.variant,
         "backbone": best.backbone, "git_commit": tags["git_commit"], "data_version": tags["data_version"],
@@ -236,7 +236,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
                       "candidates": chosen.table, "heldout_figure": heldout["figure"] if heldout else None},
         "validation": {"classifier": evaluation["val"], **component_metrics()},
         "operating_threshold": evaluation["operating_threshold"],
-        "mask_threshold": models.operating_threshold(_common.UNET_MODEL),
+        "mask_threshold": folders.operating_threshold(_common.UNET_MODEL),
         "component_runs": runs, "config": config.to_dict(),
         "audit": {"status": best.audit_status, "failed": list(best.audit_failed)},
     }

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from covidcxr import models
+from covidcxr import folders, models
 from covidcxr.models import (
     WeightsFileError,
     WeightsUnavailableError,
@@ -381,14 +381,14 @@ def test_component_saves_its_input_transform_and_scores_through_it(tmp_path):
     transform = preprocess.InputTransform(crop=True, intensity="clahe")
     std = preprocess.Standardizer().fit(transform.apply(images, masks, "d").images)
     folder = models.Component(model, std, info={"run_id": "x"}, input_transform=transform).save(tmp_path / "clf")
-    assert models.INPUT_FILE in models.FOLDER_FILES and (folder / models.INPUT_FILE).is_file()
+    assert folders.INPUT_FILE in folders.FOLDER_FILES and (folder / folders.INPUT_FILE).is_file()
     loaded = models.Component.load(folder)
     assert loaded.input_transform == transform
     np.testing.assert_array_equal(loaded.prepare(images, masks, "d").images, transform.apply(images, masks, "d").images)
     p = models.covid_probability(loaded, images, masks, "d")
     np.testing.assert_allclose(p, np.round(loaded(transform.apply(images, masks, "d").images)[:, 0], 6), atol=1e-6)
     # a folder without input.json (every folder made before the levers) scores the paper's input
-    (folder / models.INPUT_FILE).unlink()
+    (folder / folders.INPUT_FILE).unlink()
     plain = models.Component.load(folder)
     assert plain.input_transform is None
     np.testing.assert_array_equal(plain.prepare(images, masks, "d").images,
@@ -434,7 +434,7 @@ def test_frontal_evidence_adds_the_filters_lateral_check_saved_in_its_folder(tmp
     filt.ood = ood.MahalanobisDetector(n_components=4).fit(models.ood_features(filt, laterals[:8], None, "c"))
     filt.ood.calibrate(models.out_of_distribution(filt, laterals[8:], None, "c").score)
     loaded = models.Component.load(filt.save(tmp_path / "projection"))
-    assert (tmp_path / "projection" / models.OOD_FILE).is_file()
+    assert (tmp_path / "projection" / folders.OOD_FILE).is_file()
     p2, like2 = models.frontal_evidence(loaded, np.concatenate([laterals[8:], others]))
     np.testing.assert_allclose(p2[4:], p, atol=1e-6)
     assert like2[:4].all()  # the validation laterals set the threshold: each lies within it
@@ -456,15 +456,15 @@ def test_a_seed_ensemble_scores_the_mean_of_its_networks_and_saves_every_member(
     assert ensemble.networks == networks
     np.testing.assert_allclose(ensemble(images), np.mean(singles, axis=0), atol=1e-6)
     folder = ensemble.save(tmp_path / "clf")
-    assert models.member_files(folder) == ["member1.keras", "member2.keras"]
-    assert set(models.folder_files(folder)) == {"model.keras", "standardizer.json", "run.json", "threshold.json",
+    assert folders.member_files(folder) == ["member1.keras", "member2.keras"]
+    assert set(folders.folder_files(folder)) == {"model.keras", "standardizer.json", "run.json", "threshold.json",
                                                 "member1.keras", "member2.keras"}
     loaded = models.Component.load(folder)
     assert len(loaded.networks) == 3
     np.testing.assert_allclose(loaded(images), ensemble(images), atol=1e-6)
     # a single network written over the ensemble's folder leaves no member behind to be averaged in
     models.Component(networks[0], std).save(folder)
-    assert models.member_files(folder) == []
+    assert folders.member_files(folder) == []
     np.testing.assert_allclose(models.Component.load(folder)(images), singles[0], atol=1e-6)
 
 

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from covidcxr import models, ood, preprocess, serving
+from covidcxr import folders, models, ood, preprocess, serving
 from tests.helpers import SIZE, build_bundle, phantom, png_b64
 
 
@@ -77,7 +77,7 @@ def test_features_pool_every_block_and_the_penultimate_layer_and_travel_with_the
     widths = [2, 4, 8, 16, 16, 6]  # the VGG16 blocks at width 1/32, then the head's last layer
     assert features.shape == (8, sum(widths)) and np.allclose(features, np.hstack([*blocks, penultimate]), atol=1e-5)
 
-    assert models.OOD_FILE in models.FOLDER_FILES and (tmp_path / "classifier" / models.OOD_FILE).is_file()
+    assert folders.OOD_FILE in folders.FOLDER_FILES and (tmp_path / "classifier" / folders.OOD_FILE).is_file()
     loaded = models.Component.load(tmp_path / "classifier")
     scored = models.out_of_distribution(loaded, train, masks, "c")
     assert np.array_equal(scored.score, component.ood.score(features)) and scored.compact.shape == (8, 4)

@@ -22,6 +22,20 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from covidcxr.folders import (
+    CALIBRATION_FILE,
+    INPUT_FILE,
+    MEMBER_FILE,
+    MODEL_FILE,
+    OOD_FILE,
+    RUN_FILE,
+    STANDARDIZER_FILE,
+    THRESHOLD_FILE,
+    folder_info,
+    folder_threshold,
+    member_files,
+)
+
 log = logging.getLogger(__name__)
 
 UNET_DROPOUT_DOWN: tuple[float, ...] = (0.1, 0.1, 0.2, 0.2, 0.3)
@@ -442,17 +456,8 @@ def logits_model(model: keras.Model, layer: str | None = None) -> keras.Model:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Model folders: a trained network with its fitted state, written by the training stages and read by every stage
-# that scores and by serving (register bundles the same files).
-
-MODEL_FILE, STANDARDIZER_FILE = "model.keras", "standardizer.json"
-RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE = "run.json", "threshold.json", "calibration.json"
-OOD_FILE = "ood.npz"  # covidcxr.ood: a classifier's out-of-distribution detector, a projection filter's lateral check
-INPUT_FILE = "input.json"  # a classifier's input transform (lung crop, intensity normalisation); absent: the identity
-MEMBER_FILE = "member{}.keras"  # an ensemble's further networks (1, 2, ...), beside MODEL_FILE, the first
-#: The files of a model folder that scoring needs (``predictions.csv`` and the like stay beside it, not in a bundle).
-FOLDER_FILES: tuple[str, ...] = (MODEL_FILE, STANDARDIZER_FILE, RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE, OOD_FILE,
-                                 INPUT_FILE)
+# Model folders (the layout: covidcxr.folders): a trained network with its fitted state, written by the training
+# stages and read by every stage that scores and by serving (register bundles the same files).
 
 
 class Component:
@@ -463,7 +468,7 @@ class Component:
     runs the network through one traced function (every batch size, no retracing), in batches of ``batch_size``.
     ``members``: further networks of the same architecture trained with other seeds on the same inputs (a seed
     ensemble); the component's output is then the mean of every network's, and its calibration, threshold and heat
-    maps are those of that mean. ``save``/``load`` write and read a model folder (:data:`FOLDER_FILES`, and
+    maps are those of that mean. ``save``/``load`` write and read a model folder (``folders.FOLDER_FILES``, and
     :data:`MEMBER_FILE` per member).
     """
 
@@ -607,49 +612,6 @@ class Component:
         transform = InputTransform.load(folder / INPUT_FILE) if (folder / INPUT_FILE).is_file() else None
         return cls(model, Standardizer.load(folder / STANDARDIZER_FILE), threshold=folder_threshold(folder),
                    calibrator=calibrator, info=info, ood=detector, input_transform=transform, members=members)
-
-
-def member_files(folder: str | os.PathLike) -> list[str]:
-    """The file names of a model folder's further ensemble networks, in order (``member1.keras``, ...; none for a
-    single network). Numbered from 1 without gaps: a gap ends the list."""
-    names, i = [], 1
-    while (Path(folder) / MEMBER_FILE.format(i)).is_file():
-        names.append(MEMBER_FILE.format(i))
-        i += 1
-    return names
-
-
-def folder_files(folder: str | os.PathLike) -> list[str]:
-    """The files of a model folder that scoring needs and that it holds: :data:`FOLDER_FILES` and its members'."""
-    return [f for f in FOLDER_FILES if (Path(folder) / f).is_file()] + member_files(folder)
-
-
-def folder_info(folder: str | os.PathLike) -> dict:
-    """The run info of a model folder (``run_id`` of its MLflow run and what made it), without loading the network."""
-    import json
-
-    folder = Path(folder)
-    for name in (MODEL_FILE, STANDARDIZER_FILE, RUN_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder}: not a model folder (no {name}); run the stage that trains it")
-    return json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
-
-
-def folder_threshold(folder: str | os.PathLike) -> dict | None:
-    """The operating threshold of a model folder and how it was chosen (``threshold.json``), or None."""
-    import json
-
-    path = Path(folder) / THRESHOLD_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def operating_threshold(folder: str | os.PathLike) -> float:
-    """The threshold saved with a model folder, as its loaded :class:`Component` applies it; a folder without one is
-    an error naming the file."""
-    saved = folder_threshold(folder)
-    if not saved:
-        raise FileNotFoundError(f"{folder}: no operating threshold ({THRESHOLD_FILE}); rerun the stage that trains it")
-    return float(saved["threshold"])
 
 
 #: COVID-19 probabilities are reported, stored and compared with thresholds at this many decimals, everywhere: the

@@ -26,7 +26,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from covidcxr import models, runtime, serving
+from covidcxr import folders, models, runtime, serving
 from tests.pipelines.conftest import BIN, run, stop_server, wait_ready
 from tests.test_io import _huge_png, codestream_dicom, make_dicom
 
@@ -373,7 +373,7 @@ def check_register_and_serve(project: Path) -> list[str]:
     values = {n: val_auc(n) for n in classifiers}
     assert first["version"] == 1 and first["alias"] == "champion" and first["champion_version"] is None
     # The served filter threshold is the one saved with the filter that train_projection evaluated.
-    assert first["serving"]["frontal_threshold"] == models.operating_threshold(project / "artifacts/models/projection")
+    assert first["serving"]["frontal_threshold"] == folders.operating_threshold(project / "artifacts/models/projection")
     from pipelines.register import CONTROL_VARIANTS
 
     candidates = [n for n in classifiers if n.split("_")[0] not in CONTROL_VARIANTS]  # best never takes e

@@ -205,11 +205,13 @@ def train_source_classifier(
     """The classifier's backbone (``build_vgg``) trained with ``training.fit`` to predict the source of each image.
 
     Images are the model's inputs ``(N, H, W)`` (already standardized). Returns ``(model, classes, epoch)``: a softmax
-    over the sources of the training split, in sorted order, with the weights of the epoch (1-based) of the lowest
-    validation loss, restored after training; validation images of unseen sources are left out. The probe's reading
-    then rests on its best epoch, not on wherever a fixed count of epochs left it (on the real corpus one probe
-    collapsed onto one site in its last epochs); ``epoch`` is None when there was no validation loss to choose by, and
-    the last weights stand.
+    over the sources of the training split, in sorted order, with the weights of the epoch (1-based) of the highest
+    balanced accuracy on the validation images, restored after training; validation images of unseen sources are left
+    out. The probe's reading then rests on its best epoch, not on wherever a fixed count of epochs left it (on the real
+    corpus one probe collapsed onto one site in its last epochs). Balanced accuracy, the measure its reading is graded
+    by, and not the validation loss: the loss is unweighted while training weighs the sources equally, so a probe that
+    calls everything the largest source can have the lowest loss. ``epoch`` is None without validation images, and the
+    last weights stand.
     """
     import keras
 
@@ -227,16 +229,19 @@ def train_source_classifier(
     model = models.build_vgg(depth, x_train.shape[1:3] + (1,), weights=weights, fold=fold, width=width,
                              head=tuple(head), outputs=len(classes), name=f"source_vgg{depth}")
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    best: dict = {"loss": math.inf, "epoch": None, "weights": None}
+    x_val = np.asarray(x_val, dtype=np.float32)[known]
+    best: dict = {"score": -math.inf, "epoch": None, "weights": None}
 
     def keep_best(epoch: int, logs: dict[str, float]) -> None:
-        loss = logs.get("val_loss", math.nan)
-        if math.isfinite(loss) and loss < best["loss"]:
-            best.update(loss=loss, epoch=epoch + 1, weights=model.get_weights())
+        if len(y_val):
+            score = _balanced_accuracy(y_val, training.predict(model, x_val).argmax(axis=1), len(classes))
+            logs = {**logs, "val_balanced_accuracy": score}
+            if score > best["score"]:
+                best.update(score=score, epoch=epoch + 1, weights=model.get_weights())
         if on_epoch_end is not None:
             on_epoch_end(epoch, logs)
 
-    training.fit(model, (x_train, y_train), (np.asarray(x_val, dtype=np.float32)[known], y_val), epochs=epochs,
+    training.fit(model, (x_train, y_train), (x_val, y_val), epochs=epochs,
                  batch_size=batch_size, seed=seed, class_weight=source_class_weight(y_train, len(classes)),
                  on_epoch_end=keep_best)
     if best["weights"] is not None:

@@ -170,16 +170,23 @@ def component_metrics() -> dict:
     return out
 
 
+#: A registered-model tag: the highest version number this stage has been given. The registry numbers a new version
+#: after every version it ever made, deleted ones included, and its search no longer returns deleted ones: without the
+#: tag, deleting the newest version made every later registration mispredict its number and fail.
+LAST_VERSION_TAG = "covidcxr.last_version"
+
+
 def next_version(client, name: str) -> int:
     """The version number the registry will give the next version of ``name``."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_registered_model(name)
+        model = client.get_registered_model(name)
     except MlflowException:
         return 1
     versions = client.search_model_versions(f"name='{name}'")
-    return max((int(v.version) for v in versions), default=0) + 1
+    last = str(model.tags.get(LAST_VERSION_TAG, ""))
+    return max([int(v.version) for v in versions] + [int(last) if last.isdigit() else 0]) + 1
 
 
 def current_champion(client, name: str, by: str) -> tuple[int | None, float | None]:
@@ -257,6 +264,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
                     pip_requirements=tracking.pins(SERVING_PACKAGES),
                 )
         registered = mlflow.register_model(info.model_uri, name)
+        client.set_registered_model_tag(name, LAST_VERSION_TAG, str(max(version, int(registered.version))))
         if int(registered.version) != version:
             raise RuntimeError(f"registry gave {name} version {registered.version}, not {version} as predicted "
                                "(another registration ran at the same time); rerun the stage")

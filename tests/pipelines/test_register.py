@@ -29,6 +29,13 @@ def test_champion_and_next_version_from_the_registry(client, tmp_path):
         client.create_model_version(NAME, source=str(tmp_path), tags={"val_roc_auc": "0.81"})
     assert register.next_version(client, NAME) == 3
     assert register.current_champion(client, NAME, "val_roc_auc") == (None, None)
+    # A deleted newest version: the registry still numbers after it, and the stage's tag remembers it.
+    client.create_model_version(NAME, source=str(tmp_path))
+    client.set_registered_model_tag(NAME, register.LAST_VERSION_TAG, "3")  # as register.run records it
+    client.delete_model_version(NAME, "3")
+    assert register.next_version(client, NAME) == 4
+    assert client.create_model_version(NAME, source=str(tmp_path)).version in (4, "4")
+    client.delete_model_version(NAME, "4")
     client.set_registered_model_alias(NAME, selection.CHAMPION, "2")
     assert register.current_champion(client, NAME, "val_roc_auc") == (2, 0.81)
     assert register.current_champion(client, NAME, "val_f1") == (2, None)

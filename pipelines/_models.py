@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidcxr import models, preprocess
+from covidcxr import folders, models, preprocess
 from pipelines import _common
 
 
@@ -46,7 +46,7 @@ def save_component(out_dir: str | os.PathLike, component) -> None:
 
     component.save(out_dir)
     if mlflow.active_run() is not None:  # the fitted preprocessing travels with the model's run
-        for name in ("standardizer.json", "threshold.json"):
+        for name in (folders.STANDARDIZER_FILE, folders.THRESHOLD_FILE):
             if (Path(out_dir) / name).is_file():
                 mlflow.log_artifact(str(Path(out_dir) / name), "preprocessing")
 

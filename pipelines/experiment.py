@@ -472,7 +472,7 @@ def collect_ablation(workdir: Path, params: dict, targets: tuple[str, ...] = (),
     lungs-removed value ``(AUC_e - 0.5) / (AUC_c - 0.5)``."""
     import pandas as pd
 
-    from covidcxr import audit
+    from covidcxr import audit, folders
 
     index = pd.read_csv(workdir / "artifacts/cache/index.csv", usecols=["image_id", "source"])
     source_of = dict(zip(index["image_id"], index["source"].astype(str)))
@@ -485,7 +485,7 @@ def collect_ablation(workdir: Path, params: dict, targets: tuple[str, ...] = (),
         for backbone in backbones:
             folder = workdir / f"artifacts/models/classifier_{variant}_{backbone}"
             pred = pd.read_csv(folder / "predictions.csv")
-            threshold = float(_json(folder / "threshold.json")["threshold"])
+            threshold = folders.operating_threshold(folder)
             test = pred[pred["split"] == "test"]
             y = (test["label"] == "covid").to_numpy()
             score = test["score"].to_numpy()

@@ -2,11 +2,12 @@
 
 Every variant trains on the same images: the experiment's split, predicted frontal, with a usable lung mask. The
 probability calibration (Platt) and then the operating threshold (params: objective) are fitted on the validation split
-and saved in the model folder; the predictions of every split come from :func:`covidcxr.models.covid_probability`, the
-function serving calls (``score``: calibrated, as served; ``raw_score``: the network's own). The out-of-distribution
-detector (:mod:`covidcxr.ood`) is fitted on the training split's features (pooled blocks and penultimate layer), its
-threshold set at the params quantile of the validation scores, and ``ood_score`` of every split comes from
-:func:`covidcxr.models.out_of_distribution`, the function serving calls.
+and saved in the model folder; the predictions of every split come from one forward pass
+(:meth:`covidcxr.models.Component.evidence`) made probabilities by :func:`covidcxr.models.probability`, as serving's
+:func:`covidcxr.models.classifier_evidence` makes them (``score``: calibrated, as served; ``raw_score``: the network's
+own). The out-of-distribution detector (:mod:`covidcxr.ood`) is fitted on the training split's features (pooled blocks
+and penultimate layer) from the same pass, its threshold set at the params quantile of the validation scores, and
+``ood_score`` of every split comes from :func:`covidcxr.models.ood_scored`, as every served one.
 
 Robustness levers (params): ``input`` (lung crop with margin, histogram equalisation or CLAHE: an input transform saved
 in the model folder and applied by ``Component.prepare`` everywhere the model scores), ``augment`` (none, basic,
@@ -97,20 +98,22 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
                                                              **({"source_adversary": source_names}
                                                                 if source_names else {})},
                                      input_transform=transform, members=networks[1:])
-        raw = {s: models.covid_probability(component, images[r], masks[r], variant, calibrated=False)
-               for s, r in parts.items()}
+        # One forward pass of each split gives the outputs and the features; the probabilities and OOD scores below
+        # are serving's (models.classifier_evidence) for the same images.
+        passes = {s: component.evidence(component.prepare(images[r], masks[r], variant).images)
+                  for s, r in parts.items()}
+        raw = {s: models.probability(component, out, calibrated=False) for s, (out, _) in passes.items()}
         if p["calibration"] == "platt":  # fitted on validation, applied wherever a probability is computed
             component.calibrator = calibration.PlattCalibrator().fit(y["val"], raw["val"])
-        scores = {s: models.covid_probability(component, images[r], masks[r], variant) for s, r in parts.items()}
+        scores = {s: models.probability(component, out) for s, (out, _) in passes.items()}
         choice = metrics.operating_threshold(y["val"], scores["val"], p["threshold_objective"],
                                              min_sensitivity=float(p["min_sensitivity"]))
         component.threshold = choice.to_dict()
-        train = parts["train"]  # the detector learns the training features; its threshold is a validation quantile
+        # the detector learns the training features; its threshold is a validation quantile
         component.ood = ood.MahalanobisDetector(n_components=int(p["ood_components"]),
                                                 quantile=float(p["ood_quantile"]))
-        component.ood.fit(models.ood_features(component, images[train], masks[train], variant))
-        ood_scores = {s: models.out_of_distribution(component, images[r], masks[r], variant).score
-                      for s, r in parts.items()}
+        component.ood.fit(passes["train"][1])
+        ood_scores = {s: models.ood_scored(component, features).score for s, (_, features) in passes.items()}
         component.ood.calibrate(ood_scores["val"])
         ood_refused = {s: float(component.ood.is_out(v).mean()) if len(v) else None for s, v in ood_scores.items()}
         result = {s: metrics.classification_metrics(y[s], scores[s]) for s in x}

@@ -485,3 +485,44 @@ def test_a_mixed_precision_component_scores_as_trained_once_saved_and_loaded(tmp
     twin = build_vgg(16, (32, 32, 1), width=1 / 16, head=(4,))  # float32, the same weights
     twin.set_weights(model.get_weights())
     assert not np.array_equal(out, models.Component(twin, component.standardizer)(images))  # bfloat16 maths
+
+
+@pytest.mark.parametrize("kind", ["single", "ensemble", "mixed_bfloat16"])
+def test_one_forward_pass_gives_the_scores_and_the_features_of_two(kind):
+    """Component.evidence (the stages' and serving's single pass) answers what __call__ and a features-only pass
+    would, bit for bit, so that a probability or OOD score never depends on which of them computed it."""
+    from covidcxr import ood, preprocess, training
+
+    images = np.random.default_rng(3).random((70, 32, 32)).astype(np.float32)  # two batches of 64
+    networks = []
+    for seed in (1, 2, 3)[: 3 if kind == "ensemble" else 1]:
+        keras.utils.set_random_seed(seed)
+        with training.precision("mixed_bfloat16" if kind == "mixed_bfloat16" else "float32"):
+            networks.append(build_vgg(16, (32, 32, 1), width=1 / 16, head=(4,)))
+    component = models.Component(networks[0], preprocess.Standardizer().fit(images), members=networks[1:])
+    outputs, features = component.evidence(images)
+    np.testing.assert_array_equal(outputs, component(images))
+    separate = models.Component(networks[0], component.standardizer, members=networks[1:])  # its own traced graphs
+    inputs = separate.inputs(images)
+    extractor = keras.Model(networks[0].inputs[0], separate.feature_layers())
+    pooled = np.concatenate([np.asarray(keras.ops.mean(keras.ops.cast(t, "float32"), axis=(1, 2)))
+                             if len(t.shape) == 4 else np.asarray(t, dtype=np.float32)
+                             for t in extractor(inputs, training=False)], axis=1)
+    np.testing.assert_allclose(features, pooled, rtol=1e-5, atol=1e-6)
+    assert features.shape == (70, sum(int(t.shape[-1]) for t in separate.feature_layers()))
+    np.testing.assert_array_equal(component.features(images), features)
+    empty_out, empty_features = component.evidence(images[:0])
+    assert empty_out.shape == (0, 1) and empty_features.shape == (0, features.shape[1])
+    # the classifier's single pass: covid_probability and out_of_distribution, the same numbers
+    masks = np.ones_like(images, dtype=bool)
+    component.ood = ood.MahalanobisDetector(n_components=2).fit(models.ood_features(component, images, masks, "c"))
+    component.ood.calibrate(models.out_of_distribution(component, images[:10], masks[:10], "c").score)
+    p, scored = models.classifier_evidence(component, images, masks, "c")
+    np.testing.assert_array_equal(p, models.covid_probability(component, images, masks, "c"))
+    alone = models.out_of_distribution(component, images, masks, "c")
+    np.testing.assert_array_equal(scored.score, alone.score)
+    np.testing.assert_array_equal(scored.compact, alone.compact)
+    component.ood = None
+    p_plain, none = models.classifier_evidence(component, images, masks, "c")
+    assert none is None
+    np.testing.assert_array_equal(p_plain, p)

@@ -484,7 +484,7 @@ class Component:
         self.ood = ood  # ood.MahalanobisDetector (a projection filter's: its lateral check) or None
         self.input_transform = input_transform  # preprocess.InputTransform (a classifier's) or None: the identity
         self._forward = None
-        self._features = None
+        self._evidence = None
 
     @property
     def networks(self) -> list[keras.Model]:
@@ -542,31 +542,46 @@ class Component:
         blocks = [layer.input for layer in self.model.layers if isinstance(layer, layers.MaxPooling2D)]
         return [*blocks, penultimate]
 
-    def features(self, images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
-        """Features (float32) of working-size images ``[N, H, W]`` in [0, 1] for the out-of-distribution score: the
-        global average of each convolutional block's output, then the penultimate features, concatenated; one traced
-        function as in :meth:`__call__` (the feature maps are averaged inside it, never returned). An ensemble's are
-        its first network's: what is out of distribution for one member is for the others, trained on the same
-        images."""
+    def evidence(self, images: np.ndarray, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """``(outputs, features)`` of working-size images ``[N, H, W]`` in [0, 1] from one forward pass.
+
+        ``outputs`` are :meth:`__call__`'s, bit for bit (the same layers in one traced graph; an ensemble's the mean of
+        its networks'); ``features`` (float32) are what the out-of-distribution score reads: the global average of each
+        convolutional block's output, then the penultimate features, concatenated (averaged inside the graph, never
+        returned whole). An ensemble's features are its first network's: what is out of distribution for one member
+        is for the others, trained on the same images. Where a model scores and checks the same images (the stages,
+        serving), one pass instead of two.
+        """
         x = self.inputs(np.asarray(images, dtype=np.float32))
         tensors = self.feature_layers()
-        if self._features is None:
+        if self._evidence is None:
             import tensorflow as tf
 
             inputs = self.model.inputs[0] if len(self.model.inputs) == 1 else self.model.inputs
-            extractor = keras.Model(inputs, tensors)
+            extractor = keras.Model(inputs, [*tensors, self.model.outputs[0]])
+            members = self.members
 
-            def pooled(t):
+            def both(t):
                 outs = extractor(t, training=False)
-                outs = [tf.cast(o, tf.float32) for o in outs]  # mixed precision: average in float32
-                return tf.concat([tf.reduce_mean(o, axis=[1, 2]) if len(o.shape) == 4 else o for o in outs], axis=1)
+                output = outs[-1]
+                if members:  # as __call__: the mean of every network's output
+                    output = tf.add_n([output, *[n(t, training=False) for n in members]]) / float(len(members) + 1)
+                pooled = [tf.cast(o, tf.float32) for o in outs[:-1]]  # mixed precision: average in float32
+                return output, tf.concat([tf.reduce_mean(o, axis=[1, 2]) if len(o.shape) == 4 else o
+                                          for o in pooled], axis=1)
 
             spec = tf.TensorSpec((None, *self.model.input_shape[1:]), tf.float32)
-            self._features = tf.function(pooled, input_signature=[spec])
+            self._evidence = tf.function(both, input_signature=[spec])
         if not len(x):
-            return np.zeros((0, sum(int(t.shape[-1]) for t in tensors)), dtype=np.float32)
-        return np.concatenate([np.asarray(self._features(x[i:i + batch_size]), dtype=np.float32)
-                               for i in range(0, len(x), batch_size)])
+            return (np.zeros((0, *self.model.output_shape[1:]), dtype=np.float32),
+                    np.zeros((0, sum(int(t.shape[-1]) for t in tensors)), dtype=np.float32))
+        passes = [self._evidence(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        return (np.concatenate([np.asarray(out, dtype=np.float32) for out, _ in passes]),
+                np.concatenate([np.asarray(feat, dtype=np.float32) for _, feat in passes]))
+
+    def features(self, images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+        """The out-of-distribution features of :meth:`evidence`, alone."""
+        return self.evidence(images, batch_size=batch_size)[1]
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the model folder (model, standardizer, run info, threshold when there is one)."""
@@ -623,24 +638,40 @@ def covid_probability(classifier: Component, images: np.ndarray, masks: np.ndarr
                       calibrated: bool = True) -> np.ndarray:
     """The COVID-19 probability of working-size images with their lung masks under ``variant`` (c, d or e).
 
-    The one computation behind the classifier stage's predictions (and so evaluate, explain and the audit) and
-    behind every served answer: the network's score on the folder's input (``Component.prepare``: its input transform,
-    then the variant), through the folder's calibration when it has one (``calibrated`` False: the raw score), rounded
-    to :data:`PROBABILITY_DECIMALS` (Python's correctly rounded ``round``).
+    The network's score on the folder's input (``Component.prepare``: its input transform, then the variant), made a
+    probability by :func:`probability`. Where the same images are also checked for being out of distribution (the
+    classifier stage, serving), :func:`classifier_evidence` gives both from one forward pass, the same numbers.
     """
-    raw = classifier(classifier.prepare(images, masks, variant).images)[:, 0]
+    return probability(classifier, classifier(classifier.prepare(images, masks, variant).images), calibrated=calibrated)
+
+
+def probability(classifier: Component, outputs: np.ndarray, *, calibrated: bool = True) -> np.ndarray:
+    """COVID-19 probabilities from the network's outputs ``[N, 1]``: through the folder's calibration when it has one
+    (``calibrated`` False: the raw score), rounded to :data:`PROBABILITY_DECIMALS` (Python's correctly rounded
+    ``round``). The one rule behind the classifier stage's predictions (and so evaluate, explain and the audit) and
+    every served answer."""
+    raw = np.asarray(outputs)[:, 0]
     if calibrated and classifier.calibrator is not None:
         raw = classifier.calibrator.transform(raw)
     return np.array([round(float(p), PROBABILITY_DECIMALS) for p in raw], dtype=np.float64)
 
 
+def classifier_evidence(classifier: Component, images: np.ndarray, masks: np.ndarray, variant: str):
+    """``(probability, scored)``: :func:`covid_probability` and :func:`out_of_distribution` of the same images from
+    one forward pass (:meth:`Component.evidence`); ``scored`` is None for a folder without a detector."""
+    prepared = classifier.prepare(images, masks, variant).images
+    if classifier.ood is None:
+        return probability(classifier, classifier(prepared)), None
+    outputs, features = classifier.evidence(prepared)
+    return probability(classifier, outputs), ood_scored(classifier, features)
+
+
 def frontal_probability(projection_filter: Component, images: np.ndarray) -> np.ndarray:
     """The projection filter's probability of frontal for working images ``[N, H, W]`` at the filter's own size.
 
-    The one computation behind the `train_projection` stage's recalls, the `filter_frontal` stage and serving (which
-    then apply :func:`covidcxr.projection.decide`): through :meth:`Component.prepare`, so that a filter saved with an
-    input transform (intensity normalisation; never a lung crop: the filter comes before the lungs) reads every image
-    the way it was trained.
+    Through :meth:`Component.prepare`, so that a filter saved with an input transform (intensity normalisation; never
+    a lung crop: the filter comes before the lungs) reads every image the way it was trained. The stages and serving
+    take it from :func:`frontal_evidence`, with the filter's lateral check, in the same pass.
     """
     images = np.asarray(images, dtype=np.float32)
     return projection_filter(projection_filter.prepare(images, None, "c").images)[:, 0]
@@ -648,14 +679,17 @@ def frontal_probability(projection_filter: Component, images: np.ndarray) -> np.
 
 def frontal_evidence(projection_filter: Component, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """``(p_frontal, like_lateral)``: what :func:`covidcxr.projection.decide` needs of the filter, for the
-    `train_projection` and `filter_frontal` stages and serving alike.
+    `train_projection` and `filter_frontal` stages and serving alike, from one forward pass.
 
-    ``like_lateral``: whether each image lies within the filter's training laterals (its folder's detector, fitted
-    on their features: ``ood.npz``); None for a filter saved without one, whose network then decides alone.
+    ``p_frontal`` is :func:`frontal_probability`'s; ``like_lateral``: whether each image lies within the filter's
+    training laterals (its folder's detector, fitted on their features: ``ood.npz``); None for a filter saved without
+    one, whose network then decides alone.
     """
-    p_frontal = frontal_probability(projection_filter, images)
-    scored = out_of_distribution(projection_filter, images, None, "c")
-    return p_frontal, None if scored is None else ~projection_filter.ood.is_out(scored.score)
+    if projection_filter.ood is None:
+        return frontal_probability(projection_filter, images), None
+    prepared = projection_filter.prepare(np.asarray(images, dtype=np.float32), None, "c").images
+    outputs, features = projection_filter.evidence(prepared)
+    return outputs[:, 0], ~projection_filter.ood.is_out(ood_scored(projection_filter, features).score)
 
 
 def ood_features(classifier: Component, images: np.ndarray, masks: np.ndarray, variant: str) -> np.ndarray:
@@ -666,15 +700,17 @@ def ood_features(classifier: Component, images: np.ndarray, masks: np.ndarray, v
 
 
 def out_of_distribution(classifier: Component, images: np.ndarray, masks: np.ndarray, variant: str):
-    """The out-of-distribution twin of :func:`covid_probability`: each image's OOD score (rounded to
-    ``ood.SCORE_DECIMALS``) and compact feature vector, from the classifier folder's detector (``ood.npz``).
-
-    The one computation behind the classifier stage's ``ood_score`` column and every served ``ood_score``; None when
-    the folder has no detector (a model trained before it existed).
-    """
-    from covidcxr.ood import Scored
-
+    """The out-of-distribution twin of :func:`covid_probability`: :func:`ood_scored` of the images' features (the
+    classifier stage's ``ood_score`` column and every served ``ood_score`` come from the same features); None when
+    the folder has no detector (a model trained before it existed)."""
     if classifier.ood is None:
         return None
-    features = ood_features(classifier, images, masks, variant)
+    return ood_scored(classifier, ood_features(classifier, images, masks, variant))
+
+
+def ood_scored(classifier: Component, features: np.ndarray):
+    """Each image's OOD score (rounded to ``ood.SCORE_DECIMALS``) and compact feature vector, from the folder's
+    detector (``ood.npz``) and the images' features (:meth:`Component.evidence`)."""
+    from covidcxr.ood import Scored
+
     return Scored(score=classifier.ood.score(features), compact=classifier.ood.project(features))

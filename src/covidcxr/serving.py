@@ -396,10 +396,9 @@ class Pipeline:
         if not order:
             return []
         images, lung_masks = np.stack([work[i] for i in order]), np.stack([masks[i] for i in order])
-        p_covid = models.covid_probability(self.classifier, images, lung_masks, self.config.variant)
+        p_covid, scored = models.classifier_evidence(self.classifier, images, lung_masks, self.config.variant)
         for i, p in zip(order, p_covid.tolist()):  # rounded: the label follows from the probability shown
             entries[i].update(accepted=True, covid_probability=p, label=decide_label(p, threshold))
-        scored = models.out_of_distribution(self.classifier, images, lung_masks, self.config.variant)
         if scored is None:  # a classifier folder without a detector
             return order
         detector, accepted = self.classifier.ood, []

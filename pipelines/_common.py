@@ -6,6 +6,7 @@ other's outputs only through the paths below; they never import one another.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -13,10 +14,12 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -27,6 +30,17 @@ PROJECT = Path(__file__).resolve().parent.parent
 PARAMS_FILE = "params.yaml"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+def finish() -> NoReturn:
+    """End a stage's process once its work is done and written: Python's exit handlers run (logging, MLflow, worker
+    pools), then the process exits without the interpreter's teardown of TensorFlow and the rest, which took 1 to 2 s
+    in every stage (0.9 s for a bare ``import tensorflow``; a real-data experiment starts about 45 stage processes).
+    Every output is closed by then; a stage that fails raises before it and exits the usual way."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
 
 # --- where the stages' outputs live (the one place that decides it) ---------------------------------------------------
 

@@ -137,3 +137,4 @@ def run(p: dict, classifier: dict, experiment: str = "demo") -> dict:
 
 if __name__ == "__main__":
     run(_common.params("audit"), _common.params("train_classifier"), _common.params("split.experiment"))
+    _common.finish()

@@ -13,3 +13,4 @@ def run(p: dict) -> None:
 
 if __name__ == "__main__":
     run(_common.params("cache"))
+    _common.finish()

@@ -28,3 +28,4 @@ def run(size: int | None, cache: dict) -> None:
 
 if __name__ == "__main__":
     run(_common.params("train_projection.size"), _common.params("cache"))
+    _common.finish()

@@ -120,3 +120,4 @@ if __name__ == "__main__":
     run(_common.params("evaluate"), {"variants": _common.params("train_classifier.variants"),
                                   "backbones": _common.params("train_classifier.backbones")},
         _common.params("split.experiment"))
+    _common.finish()

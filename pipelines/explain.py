@@ -88,3 +88,4 @@ if __name__ == "__main__":
     run(_common.params("explain"), {"variants": _common.params("train_classifier.variants"),
                                   "backbones": _common.params("train_classifier.backbones")},
         _common.params("split.experiment"))
+    _common.finish()

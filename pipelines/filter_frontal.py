@@ -41,3 +41,4 @@ def run() -> dict:
 
 if __name__ == "__main__":
     run()
+    _common.finish()

@@ -117,3 +117,4 @@ def log_to_mlflow(summary: dict, rejects: pd.DataFrame) -> None:
 
 if __name__ == "__main__":
     run(_common.params("ingest"), _common.filed_under())
+    _common.finish()

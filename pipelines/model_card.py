@@ -147,3 +147,4 @@ def run(p: dict) -> dict:
 
 if __name__ == "__main__":
     run(_common.params("model_card"))
+    _common.finish()

@@ -55,3 +55,4 @@ def run(p: dict) -> dict:
 
 if __name__ == "__main__":
     run(_common.params("pretrain"))
+    _common.finish()

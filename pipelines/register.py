@@ -312,3 +312,4 @@ if __name__ == "__main__":
         _common.params("split.experiment"),
         size=_common.params("cache.size"),
         segment=_common.params("segment"), projection_size=_common.params("train_projection.size"))
+    _common.finish()

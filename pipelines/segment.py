@@ -51,3 +51,4 @@ def run(p: dict) -> dict:
 
 if __name__ == "__main__":
     run(_common.params("segment"))
+    _common.finish()

@@ -165,3 +165,4 @@ def run(p: dict, expectations: str) -> dict:
 
 if __name__ == "__main__":
     run(_common.params("split"), _common.params("validate.expectations"))
+    _common.finish()

@@ -151,3 +151,4 @@ if __name__ == "__main__":
     args.add_argument("-v", "--verbose", action="store_true", help="third-party and TensorFlow logs too")
     a = args.parse_args()
     run(_common.params("train_classifier"), a.variant, a.backbone, _common.params("split.experiment"))
+    _common.finish()

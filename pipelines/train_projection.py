@@ -115,3 +115,4 @@ def run(p: dict, experiment: str = "demo") -> dict:
 
 if __name__ == "__main__":
     run(_common.params("train_projection"), _common.filed_under())
+    _common.finish()

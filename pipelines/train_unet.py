@@ -91,3 +91,4 @@ def run(p: dict, experiment: str = "demo") -> dict:
 
 if __name__ == "__main__":
     run(_common.params("train_unet"), _common.filed_under())
+    _common.finish()

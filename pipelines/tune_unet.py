@@ -69,3 +69,4 @@ def _untuned(study: str) -> tuple[dict, pd.DataFrame]:
 
 if __name__ == "__main__":
     run(_common.params("tune_unet"), _common.filed_under())
+    _common.finish()

@@ -25,3 +25,4 @@ def run(p: dict) -> None:
 
 if __name__ == "__main__":
     run(_common.params("validate"))
+    _common.finish()

@@ -689,7 +689,7 @@ def frontal_evidence(projection_filter: Component, images: np.ndarray) -> tuple[
         return frontal_probability(projection_filter, images), None
     prepared = projection_filter.prepare(np.asarray(images, dtype=np.float32), None, "c").images
     outputs, features = projection_filter.evidence(prepared)
-    return outputs[:, 0], ~projection_filter.ood.is_out(ood_scored(projection_filter, features).score)
+    return outputs[:, 0], ~projection_filter.ood.is_out(projection_filter.ood.score(features))
 
 
 def ood_features(classifier: Component, images: np.ndarray, masks: np.ndarray, variant: str) -> np.ndarray:

@@ -14,7 +14,8 @@ a compact feature vector for drift tests.
 Fitted state the scikit-learn way: :meth:`MahalanobisDetector.fit` (train features) sets ``center_``, ``scale_``,
 ``location_``, ``precision_``, ``components_``; :meth:`calibrate` (validation scores) sets ``threshold_``. It is saved
 in the classifier's model folder as ``ood.npz`` (numpy arrays: exact, and compact for a large precision matrix) and
-applied wherever a classifier scores, serving included (:func:`covidcxr.models.out_of_distribution`).
+applied wherever a classifier scores, serving included (:func:`covidcxr.models.ood_scored`, on the features of the
+pass that scores the image: :func:`covidcxr.models.classifier_evidence`).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ plausibility checks (aspect ratio, DICOM modality and body part) -> the projecti
 (:func:`covidcxr.projection.decide`: the DICOM view position, else the projection filter and its lateral check, which
 read the image at its own working size when ``Config.projection_size`` sets one, as the `cache_projection` stage does)
 -> U-Net lung mask and its quality rules (:mod:`covidcxr.lungs`) -> variant c/d/e -> classifier -> COVID-19
-probability -> label at the operating threshold, the out-of-distribution score
-(:func:`covidcxr.models.out_of_distribution`; above its threshold the image is refused as ``out_of_distribution``, or
+probability -> label at the operating threshold, the out-of-distribution score (from the same forward pass:
+:func:`covidcxr.models.classifier_evidence`; above its threshold the image is refused as ``out_of_distribution``, or
 only flagged when ``Config.ood_action`` is ``flag``), and optionally a Grad-CAM overlay (PNG, base64). These are the
 functions the pipeline's stages call, with the model folders they wrote (:class:`covidcxr.models.Component`): the
 served model is the evaluated one.

@@ -47,6 +47,7 @@ REAL_DATA_ENV = "COVIDCXR_REAL_DATA"
 DEFAULT_REAL_DATA = "../shared/real-data"  # relative to the project root
 PLACEHOLDER = "{real_data}"
 REPORTS = "reports/experiments"
+GOALS = "_goals.md"  # in experiments/: where the issue's goals stand, rendered at the top of the summary
 BENCH = "bench/experiments.json"
 
 
@@ -821,7 +822,8 @@ def refresh(project: Path = PROJECT) -> None:
 
 
 def render_summary(project: Path = PROJECT) -> Path:
-    """reports/experiments/README.md: every recorded experiment's command, settings, wall time, figures and notes."""
+    """reports/experiments/README.md: where the goals stand (experiments/_goals.md), then every recorded experiment's
+    command, settings, wall time, figures and notes."""
     lines = ["# Experiments on the real chest X-ray corpus", "",
              "Written by `python -m pipelines.experiment` from the JSON files beside it (do not edit by hand: edit "
              "the overlay's `notes` in `experiments/`). Development figures: the corpus is a downscaled subset "
@@ -829,6 +831,9 @@ def render_summary(project: Path = PROJECT) -> Path:
              "are on 2 CPU cores shared with other work; the experiments share ingest, cache, projection filter and "
              "U-Net through DVC's run cache, so the first one run in a fresh workdir also computes those (comparison "
              "did here).", ""]
+    goals = Path(project) / "experiments" / GOALS
+    if goals.is_file():  # the issue's goals: where each stands, what moved it, what next (written by hand)
+        lines += [goals.read_text(encoding="utf-8").strip(), ""]
     render = {"classifier": _classifier_rows, "segmentation": _segmentation_rows, "projection": _projection_rows,
               ABLATION: _ablation_rows}
     results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((project / REPORTS).glob("*.json"))]

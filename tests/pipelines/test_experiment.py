@@ -276,6 +276,18 @@ def test_one_class_test_split_reports_specificity_only(tmp_path: Path):
     assert table.count("| loso-heldout-kermany | 50 | 0.920 | 3 | 0.333 | 4 |") == 1  # one filter for the seeds
 
 
+def test_the_summary_opens_with_where_the_goals_stand(tmp_path: Path):
+    base = {"experiment": "one", "command": "c", "description": "d", "settings": {}, "wall_seconds": 60.0,
+            "finished": "now", "headline": {}, "runs": {}, "kind": "classifier"}
+    experiment.record(tmp_path, "one", base)
+    assert "goals stand" not in experiment.render_summary(tmp_path).read_text()  # no goals file: nothing invented
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / experiment.GOALS).write_text("## Where the goals stand\n\n| goal | today |\n")
+    summary = experiment.render_summary(tmp_path).read_text()
+    assert summary.index("## Where the goals stand") < summary.index("| experiment | command |")
+    assert (ROOT / "experiments" / experiment.GOALS).is_file()  # the project's own, rendered by --summary
+
+
 def test_record_keeps_other_experiments(tmp_path: Path):
     base = {"command": "c", "settings": {}, "wall_seconds": 1.0, "finished": "now", "headline": {"x": 1}}
     experiment.record(tmp_path, "one", {**base, "runs": {}})

@@ -23,6 +23,7 @@ Results: `reports/experiments/<name>.json` and the headline figures in `bench/ex
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -276,7 +277,36 @@ def prepare_workdir(project: Path, workdir: Path) -> Path:
     _git(["add", "-A"], workdir)
     _git(["-c", "user.email=experiments@covidcxr", "-c", "user.name=covidcxr", "commit", "-q", "--allow-empty",
           "-m", "baseline for experiments"], workdir)
+    (workdir / ".git" / BASELINE_DIGEST).write_text(_baseline_digest(workdir) + "\n", encoding="utf-8")
     return workdir
+
+
+#: In the workdir's .git: the digest of the baseline params.yaml that :func:`prepare_workdir` committed.
+BASELINE_DIGEST = "covidcxr-baseline-params.sha256"
+
+
+def _baseline_digest(workdir: Path) -> str:
+    head = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=workdir, check=True, capture_output=True).stdout
+    return hashlib.sha256(head).hexdigest()
+
+
+def check_baseline(workdir: Path) -> None:
+    """``--reuse-code``: refuse a workdir whose baseline params are not the ones :func:`prepare_workdir` committed.
+
+    Every run starts from the baseline commit's params.yaml, so a commit made in the workdir by hand (``git add -A``
+    after a run takes in the params the last experiment applied to the workspace, such as a held-out run's classifier
+    seed) would change every later run's params that its overlay does not set, silently (seen 2026-12-06: a main run
+    trained with seed 3). Committing code alone keeps the params and passes.
+    """
+    recorded = workdir / ".git" / BASELINE_DIGEST
+    if not recorded.is_file():
+        raise ExperimentError(f"{workdir}: no record of the baseline params this runner copied (a workdir prepared "
+                              "before the check, or by hand): run once without --reuse-code")
+    if _baseline_digest(workdir) != recorded.read_text(encoding="utf-8").strip():
+        raise ExperimentError(f"{workdir}: its baseline commit's params.yaml is not the one the runner copied (a "
+                              "commit made in the workdir carries params of its own, such as an experiment's applied "
+                              "values): run without --reuse-code to copy the project again, or reset the workdir to "
+                              "the runner's baseline and commit only code")
 
 
 def _ensure_mlflow_experiment(project: Path, name: str) -> None:
@@ -989,7 +1019,9 @@ def main(argv: list[str] | None = None) -> int:
 
     log = _common.setup_logging()
     workdir = a.workdir.resolve()
-    if not (a.reuse_code and (workdir / ".git").is_dir()):
+    if a.reuse_code and (workdir / ".git").is_dir():
+        check_baseline(workdir)
+    else:
         prepare_workdir(PROJECT, workdir)
     started, results, held_results, commands = time.monotonic(), {}, {}, []
     for seed in spec.get("seeds") or [None]:
@@ -1046,7 +1078,9 @@ def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
         return 0
     log = _common.setup_logging()
     workdir = a.workdir.resolve()
-    if not (a.reuse_code and (workdir / ".git").is_dir()):
+    if a.reuse_code and (workdir / ".git").is_dir():
+        check_baseline(workdir)
+    else:
         prepare_workdir(PROJECT, workdir)
     path = PROJECT / REPORTS / f"{a.name}.json"
     recorded = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"runs": {}}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -556,3 +557,33 @@ def test_a_run_over_stale_outputs_is_refused_not_recorded(tmp_path: Path):
     experiment.check_working_size(tmp_path, {"cache.size": 8, "train_projection.size": 16})
     with pytest.raises(experiment.ExperimentError, match=r"cache_projection/images.npy: .* at train_projection.size 8"):
         experiment.check_working_size(tmp_path, {"cache.size": 8, "train_projection.size": None})
+
+
+def test_reuse_code_refuses_a_baseline_whose_params_were_committed_by_hand(tmp_path: Path):
+    """The runner's own baseline passes, and so does a commit of code alone; a commit that takes in an experiment's
+    applied params.yaml (what `git add -A` after a run does) is refused, as is a workdir the runner never prepared."""
+    project, workdir = tmp_path / "project", tmp_path / "work"
+    project.mkdir()
+    (project / "params.yaml").write_text("train_classifier:\n  seed: 42\n")
+    (project / "stage.py").write_text("print('stage')\n")
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"],
+                 ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "project"]):
+        subprocess.run(["git", *args], cwd=project, check=True)
+    experiment.prepare_workdir(project, workdir)
+    experiment.check_baseline(workdir)
+
+    def commit(name: str, text: str) -> None:
+        (workdir / name).write_text(text)
+        for args in (["add", name], ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", name]):
+            subprocess.run(["git", *args], cwd=workdir, check=True)
+
+    commit("stage.py", "print('stage, mended')\n")
+    experiment.check_baseline(workdir)  # code alone: the params every run starts from are the runner's
+    commit("params.yaml", "train_classifier:\n  seed: 3\n")  # a held-out run's applied seed, committed by hand
+    with pytest.raises(experiment.ExperimentError, match="baseline commit's params.yaml"):
+        experiment.check_baseline(workdir)
+    experiment.prepare_workdir(project, workdir)  # run without --reuse-code: the project's params again
+    experiment.check_baseline(workdir)
+    (workdir / ".git" / experiment.BASELINE_DIGEST).unlink()
+    with pytest.raises(experiment.ExperimentError, match="run once without --reuse-code"):
+        experiment.check_baseline(workdir)

@@ -99,9 +99,9 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
                                                                 if source_names else {})},
                                      input_transform=transform, members=networks[1:])
         # One forward pass of each split gives the outputs and the features; the probabilities and OOD scores below
-        # are serving's (models.classifier_evidence) for the same images.
-        passes = {s: component.evidence(component.prepare(images[r], masks[r], variant).images)
-                  for s, r in parts.items()}
+        # are serving's (models.classifier_evidence) for the same images. ``inputs`` are what component.prepare
+        # gives (the same transform, saved with the component), computed once above.
+        passes = {s: component.evidence(v) for s, v in inputs.items()}
         raw = {s: models.probability(component, out, calibrated=False) for s, (out, _) in passes.items()}
         if p["calibration"] == "platt":  # fitted on validation, applied wherever a probability is computed
             component.calibrator = calibration.PlattCalibrator().fit(y["val"], raw["val"])

@@ -31,6 +31,7 @@ PARAMS_FILE = "params.yaml"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+
 def finish() -> NoReturn:
     """End a stage's process once its work is done and written: Python's exit handlers run (logging, MLflow, worker
     pools), then the process exits without the interpreter's teardown of TensorFlow and the rest, which took 1 to 2 s

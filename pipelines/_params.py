@@ -28,6 +28,7 @@ ThresholdObjective = Literal["youden", "f1", "sensitivity"]
 SelectionMetric = Literal["roc_auc", "average_precision", "accuracy", "sensitivity", "specificity", "f1", "precision"]
 Source = Literal[SOURCES]  # type: ignore[valid-type]
 AugmentLevel = Literal["none", "basic", "strong"]
+LRSchedule = Literal["constant", "cosine"]
 Sampling = Literal["class", "balanced", "source"]
 Intensity = Literal["none", "equalize", "equalize-lungs", "clahe"]
 Share = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -183,6 +184,7 @@ class TrainUnet(Training):
     dropout_scale: Annotated[float, Field(ge=0.0, le=3.0)] = 1.0
     mask_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
     use_tuned: bool = True
+    lr_schedule: LRSchedule = "constant"  # cosine: lr decays to zero over the run (covidcxr.training.learning_rate)
 
 
 class Segment(Section):

@@ -62,7 +62,9 @@ def run(p: dict, experiment: str = "demo") -> dict:
 
     with training.build_scope(p["strategy"], p["precision"]):
         model = models.build_unet(int(p["f0"]), x["train"].shape[1:] + (1,), dropout_scale=float(p["dropout_scale"]))
-        model.compile(optimizer=keras.optimizers.Adam(float(p["lr"])), loss=models.bce_dice_loss)
+        lr = training.learning_rate(float(p["lr"]), p["lr_schedule"], epochs=int(p["epochs"]),
+                                    n_train=len(x["train"]), batch_size=int(p["batch_size"]))
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss=models.bce_dice_loss)
     with tracking.run(_common.mlflow_experiment(experiment), f"unet-f0{p['f0']}", params=p,
                       tags=_tracking.repro_tags("train_unet", experiment)) as active:
         training.fit(model, (x["train"], y["train"]), (x["val"], y["val"]), epochs=int(p["epochs"]),

@@ -347,3 +347,22 @@ def test_a_bfloat16_model_trains_deterministically_and_learns_as_its_float32_twi
     assert not np.array_equal(p_a, p_32)  # bfloat16 maths did happen
     _, y = tiny_data()
     assert roc_auc_score(y, p_a[:, 0]) > 0.8 and roc_auc_score(y, p_32[:, 0]) > 0.8  # both learn the task (0.94, 1.0)
+
+
+def test_learning_rate_is_constant_or_a_cosine_to_zero_over_every_step_fit_takes():
+    import keras
+
+    assert training.learning_rate(0.001) == 0.001
+    assert training.learning_rate(0.001, "constant", epochs=3, n_train=10, batch_size=4) == 0.001
+    with pytest.raises(ValueError, match="schedule"):
+        training.learning_rate(0.001, "step")
+    x, y = tiny_data(n=20)
+    schedule = training.learning_rate(0.01, "cosine", epochs=2, n_train=len(x), batch_size=8)
+    assert schedule.decay_steps == 6  # 3 batches an epoch (the last one partial), 2 epochs
+    assert float(schedule(0)) == pytest.approx(0.01) and float(schedule(3)) == pytest.approx(0.005)
+    training.seed_everything(0)
+    model = models.build_vgg(16, (32, 32, 1), width=0.0625, head=(8,))
+    optimizer = keras.optimizers.Adam(schedule)
+    model.compile(optimizer=optimizer, loss="binary_crossentropy")
+    training.fit(model, (x, y), (x, y), epochs=2, batch_size=8)
+    assert int(optimizer.iterations) == 6 and float(optimizer.learning_rate) == pytest.approx(0.0, abs=1e-9)

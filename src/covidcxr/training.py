@@ -164,6 +164,23 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+
+
+def learning_rate(lr: float, schedule: str = "constant", *, epochs: int = 1, n_train: int = 1, batch_size: int = 1):
+    """The optimizer's learning rate: ``lr`` throughout (``constant``), or ``lr`` decayed to zero along a half cosine
+    over every training step of ``epochs`` epochs of ``n_train`` images in batches of ``batch_size`` (``cosine``:
+    the last epochs refine at small steps instead of ending wherever a full-size step left the weights)."""
+    if schedule == "constant":
+        return float(lr)
+    if schedule != "cosine":
+        raise ValueError(f"learning-rate schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    import keras
+
+    steps = int(epochs) * max(1, -(-int(n_train) // int(batch_size)))  # the batches fit draws: the last one partial
+    return keras.optimizers.schedules.CosineDecay(float(lr), decay_steps=steps, alpha=0.0)
+
+
 #: A seed ensemble's networks train with ``seed``, ``seed + MEMBER_SEED_STRIDE``, ...: apart from other runs' seeds.
 MEMBER_SEED_STRIDE = 1000
 

@@ -154,3 +154,11 @@ def test_augment_takes_a_flag_a_level_or_its_parts(value):
     assert training.Augmentation.of(got) == training.Augmentation.of(value)
     with pytest.raises(_params.ParamsError, match=r"train_unet.augment"):
         _params.validate("train_unet", {**PARAMS["train_unet"], "augment": {"rotate": 90}})
+
+
+def test_the_unet_learning_rate_schedule_is_one_the_library_knows():
+    for schedule in training.LR_SCHEDULES:
+        checked = _params.validate("train_unet", {**PARAMS["train_unet"], "lr_schedule": schedule})
+        assert checked["lr_schedule"] == schedule
+    with pytest.raises(_params.ParamsError, match=r"train_unet.lr_schedule"):
+        _params.validate("train_unet", {**PARAMS["train_unet"], "lr_schedule": "step"})

@@ -71,8 +71,9 @@ def vgg_weights(weights: str, depth: int) -> str:
     return str(path)
 
 
-def compile_binary(model, lr: float) -> None:
-    """Adam + binary cross-entropy, with accuracy and ROC AUC reported every epoch."""
+def compile_binary(model, lr) -> None:
+    """Adam + binary cross-entropy, with accuracy and ROC AUC reported every epoch; ``lr`` a rate or a schedule
+    (``covidcxr.training.learning_rate``)."""
     import keras
 
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="binary_crossentropy",

@@ -157,6 +157,7 @@ class Training(Section):
     batch_size: Positive
     lr: Annotated[float, Field(gt=0.0, lt=1.0)]
     augment: Augment = False
+    lr_schedule: LRSchedule = "constant"  # cosine: lr decays to zero over the run (covidcxr.training.learning_rate)
     strategy: Strategy = "default"
     precision: Precision = "float32"
     seed: int = 42
@@ -184,7 +185,6 @@ class TrainUnet(Training):
     dropout_scale: Annotated[float, Field(ge=0.0, le=3.0)] = 1.0
     mask_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
     use_tuned: bool = True
-    lr_schedule: LRSchedule = "constant"  # cosine: lr decays to zero over the run (covidcxr.training.learning_rate)
 
 
 class Segment(Section):

@@ -61,6 +61,9 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
         log.info("source adversary (weight %g) on the training negatives' sources %s", adversary_weight,
                  source_names)
 
+    lr = training.learning_rate(float(p["lr"]), p["lr_schedule"], epochs=int(p["epochs"]), n_train=len(x["train"]),
+                                batch_size=int(p["batch_size"]))
+
     def build(seed: int, i: int):
         """Network ``i`` of the ensemble, the model that trains it (with the source adversary, when there is one) and
         its epoch hook."""
@@ -69,11 +72,11 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
                                        weights=_models.vgg_weights(p["weights"], depth), fold=p["fold"],
                                        width=float(p["width"]), head=tuple(p["head"]),
                                        name=f"covid_{variant}_{backbone}")
-            _models.compile_binary(network, float(p["lr"]))
+            _models.compile_binary(network, lr)
             trainer = network
             if source_names:
                 trainer = adversary.build_trainer(network, len(source_names), weight=adversary_weight, seed=seed)
-                adversary.compile_trainer(trainer, float(p["lr"]))
+                adversary.compile_trainer(trainer, lr)
         hook = tracking.member_epoch_log(i)
         if source_names and p["source_adversary_ramp"]:  # 0 in the first epoch, then up towards the weight
             hook = adversary.ramp_hook(trainer, adversary_weight, int(p["epochs"]), then=hook)

@@ -64,12 +64,15 @@ def run(p: dict, experiment: str = "demo") -> dict:
     std = preprocess.Standardizer().fit(images[parts["train"][0]])
     x = {s: std.transform(images[rows]) for s, (rows, _) in parts.items()}
 
+    lr = training.learning_rate(float(p["lr"]), p["lr_schedule"], epochs=int(p["epochs"]), n_train=len(x["train"]),
+                                batch_size=int(p["batch_size"]))
+
     def build():
         with training.build_scope(p["strategy"], p["precision"]):
             network = models.build_vgg(p["depth"], x["train"].shape[1:] + (1,),
                                        weights=_models.vgg_weights(p["weights"], p["depth"]), fold=p["fold"],
                                        width=p["width"], name=f"projection_vgg{p['depth']}")
-            _models.compile_binary(network, p["lr"])
+            _models.compile_binary(network, lr)
         return network
 
     seeds = training.member_seeds(int(p["seed"]), int(p["members"]))

@@ -80,8 +80,9 @@ def build_trainer(model: keras.Model, n_sources: int, *, weight: float, units: i
     return keras.Model(model.input, out, name=f"{model.name}_source_adversarial")
 
 
-def compile_trainer(trainer: keras.Model, lr: float) -> None:
-    """Adam on :func:`loss`, with the label's accuracy and ROC AUC under the names a plain classifier reports."""
+def compile_trainer(trainer: keras.Model, lr) -> None:
+    """Adam on :func:`loss`, with the label's accuracy and ROC AUC under the names a plain classifier reports; ``lr``
+    a rate or a schedule (:func:`covidcxr.training.learning_rate`)."""
     trainer.compile(optimizer=keras.optimizers.Adam(lr), loss=loss,
                     metrics=[LabelAccuracy(name="accuracy"), LabelAUC(name="auc"), source_loss])
 

@@ -156,9 +156,10 @@ def test_augment_takes_a_flag_a_level_or_its_parts(value):
         _params.validate("train_unet", {**PARAMS["train_unet"], "augment": {"rotate": 90}})
 
 
-def test_the_unet_learning_rate_schedule_is_one_the_library_knows():
-    for schedule in training.LR_SCHEDULES:
-        checked = _params.validate("train_unet", {**PARAMS["train_unet"], "lr_schedule": schedule})
-        assert checked["lr_schedule"] == schedule
-    with pytest.raises(_params.ParamsError, match=r"train_unet.lr_schedule"):
-        _params.validate("train_unet", {**PARAMS["train_unet"], "lr_schedule": "step"})
+def test_the_learning_rate_schedule_is_one_the_library_knows():
+    for stage in ("train_projection", "train_unet", "train_classifier"):
+        for schedule in training.LR_SCHEDULES:
+            checked = _params.validate(stage, {**PARAMS[stage], "lr_schedule": schedule})
+            assert checked["lr_schedule"] == schedule
+        with pytest.raises(_params.ParamsError, match=rf"{stage}.lr_schedule"):
+            _params.validate(stage, {**PARAMS[stage], "lr_schedule": "step"})

@@ -26,7 +26,7 @@ TINY = {
     # threshold: not the default, so that a consumer applying 0.5 instead of the filter's saved threshold shows.
     "train_projection": {"epochs": 2, "width": 0.0625, "size": 64, "members": 2, "threshold": 0.45},
     "tune_unet": {"n_trials": 1, "epochs": 1},
-    "train_unet": {"epochs": 2, "f0": 4, "use_tuned": False, "lr_schedule": "cosine"},  # a schedule through a stage
+    "train_unet": {"epochs": 2, "f0": 4, "use_tuned": False},
     # One backbone keeps the suite inside its budget; the matrix still expands over c, d and e, and the default
     # profile's two backbones run in every `make run` (dvc.lock, reports/). Two-network seed ensembles: what is
     # trained, evaluated, explained, registered and served is the ensemble. Its networks compute in bfloat16 (the

@@ -42,7 +42,9 @@ def model_facts(registered: dict, evaluation: dict, run_id: str) -> dict:
         "classifier": classifier, "variant": variant, "backbone": backbone,
         "working_size": f"{int(serving['size'])} px",
         "operating_threshold": evaluation.get("operating_threshold"),
-        "frontal_threshold": serving["frontal_threshold"], "mask_threshold": registered.get("mask_threshold"),
+        # the filter folder's threshold (registered since it stopped being copied into the serving configuration)
+        "frontal_threshold": registered.get("frontal_threshold", serving.get("frontal_threshold")),
+        "mask_threshold": registered.get("mask_threshold"),
         "lung_area_bounds": f"{serving['min_area']} – {serving['max_area']}",
         "experiment": registered.get("experiment"), "mlflow_run_id": run_id,
     }

@@ -222,7 +222,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
                                   "never in params")
 
     config = serving.Config(
-        size=int(size), variant=best.variant, frontal_threshold=folders.operating_threshold(_common.PROJECTION_MODEL),
+        size=int(size), variant=best.variant,  # frontal_threshold: None, the filter folder's own (as filter_frontal)
         projection_size=None if projection_size in (None, size) else int(projection_size),
         min_area=float(segment["min_area"]), max_area=float(segment["max_area"]), max_aspect=float(p["max_aspect"]),
         model_version=str(version),
@@ -244,6 +244,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
         "validation": {"classifier": evaluation["val"], **component_metrics()},
         "operating_threshold": evaluation["operating_threshold"],
         "mask_threshold": folders.operating_threshold(_common.UNET_MODEL),
+        "frontal_threshold": folders.operating_threshold(_common.PROJECTION_MODEL),
         "component_runs": runs, "config": config.to_dict(),
         "audit": {"status": best.audit_status, "failed": list(best.audit_failed)},
     }
@@ -299,7 +300,8 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
         "champion_value": champion_value, "git_commit": tags["git_commit"], "data_version": tags["data_version"],
         "audit_status": best.audit_status, "audit_failed": ", ".join(best.audit_failed),
         "allow_failed_audit": allow_failed, "reason": why, "candidates": chosen.table, "experiment": experiment,
-        "serving": config.to_dict(), "mask_threshold": metadata["mask_threshold"], "heldout": heldout,
+        "serving": config.to_dict(), "mask_threshold": metadata["mask_threshold"],
+        "frontal_threshold": metadata["frontal_threshold"], "heldout": heldout,
         "drift_reference": {k: reference.meta[k] for k in ("split", "n", "ood_threshold", "ood_quantile")},
     }
     _common.write_json(OUT, result)

@@ -47,7 +47,8 @@ def build_bundle(root: Path, **config) -> dict[str, str]:
     filter_train = np.stack([preprocess.resize(phantom(seed=s), filter_size) for s in range(4)])
     out = {
         "projection": save_component(root / "projection",
-                                     models.build_vgg(16, (filter_size, filter_size, 1), **vgg), filter_train),
+                                     models.build_vgg(16, (filter_size, filter_size, 1), **vgg), filter_train,
+                                     threshold=0.5),
         "unet": save_component(root / "unet", models.build_unet(2, (SIZE, SIZE, 1)), train, threshold=0.5),
         "classifier": save_component(root / "classifier", models.build_vgg(16, (SIZE, SIZE, 1), **vgg), train,
                                      threshold=0.5),

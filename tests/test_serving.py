@@ -234,6 +234,25 @@ def test_the_dicom_view_position_decides_before_the_projection_filter(loaded):
     assert png["reason"] == "lateral_view" and "projection filter" in png["message"]
 
 
+def test_the_filter_threshold_is_the_filter_folders_own_unless_the_configuration_overrides_it(loaded):
+    """As filter_frontal applies it: the threshold saved with the filter (register no longer copies it into the
+    configuration); a number in the configuration overrides it; a filter without one is refused at load."""
+    proj, own = loaded.projection, {**PERMISSIVE, "frontal_threshold": None}
+
+    def served(threshold: float | None, config: dict) -> serving.Pipeline:
+        part = models.Component(proj.model, proj.standardizer,
+                                threshold=None if threshold is None else {"threshold": threshold})
+        return serving.Pipeline(part, loaded.unet, loaded.classifier, serving.Config(**config))
+
+    assert served(0.37, own).frontal_threshold == 0.37
+    assert served(0.37, {**own, "frontal_threshold": 0.2}).frontal_threshold == 0.2
+    entry = served(0.999, own).score([png_b64(phantom())])[0]  # the network calls everything lateral
+    assert entry["reason"] == "lateral_view" and "< 0.999)" in entry["message"]
+    assert served(0.0, own).score([png_b64(phantom())])[0]["projection"] == "frontal"
+    with pytest.raises(ValueError, match="no operating threshold"):
+        served(None, own)
+
+
 def test_the_filters_lateral_check_keeps_what_resembles_no_training_lateral(loaded):
     """The network calls everything lateral (threshold 0.999); with a check fitted on dark noise the phantom resembles
     no lateral and is scored as frontal; with one fitted on the phantom itself the network's call stands."""
@@ -321,9 +340,11 @@ def test_encoded_size_is_checked_before_decoding():
 def test_config_round_trip_and_validation(tmp_path):
     config = serving.Config(size=64, variant="e", model_version="7", limits=serving.Limits(max_images=3))
     config.save(tmp_path / "c.json")
-    assert serving.Config.load(tmp_path / "c.json") == config
+    assert serving.Config.load(tmp_path / "c.json") == config and config.frontal_threshold is None  # the filter's
+    old = {**config.to_dict(), "frontal_threshold": 0.45}  # as registered models carried it before
+    assert serving.Config.from_dict(old).frontal_threshold == 0.45
     for bad in ({"variant": "x"}, {"size": 50}, {"min_area": 0.9, "max_area": 0.1}, {"max_aspect": 0.5},
-                {"projection_size": 50}, {"projection_size": 8}, {"projection_size": 64.0}):
+                {"projection_size": 50}, {"projection_size": 8}, {"projection_size": 64.0}, {"frontal_threshold": 1.5}):
         with pytest.raises(ValueError):
             serving.Config(**{"size": 64, "variant": "c", **bad})
     with pytest.raises(ValueError, match="max_images"):

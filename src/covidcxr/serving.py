@@ -105,7 +105,9 @@ class Config:
 
     size: int
     variant: str
-    frontal_threshold: float = 0.5
+    # None: the projection filter's own saved threshold (threshold.json), which filter_frontal applies; a number
+    # overrides it (tests, or an operator's deliberate choice)
+    frontal_threshold: float | None = None
     min_area: float = 0.05
     max_area: float = 0.8
     max_aspect: float = 2.5
@@ -124,8 +126,8 @@ class Config:
         if self.projection_size is not None and (not isinstance(self.projection_size, int)
                                                  or self.projection_size < 16 or self.projection_size % 16):
             raise ValueError(f"projection_size must be a multiple of 16 or None, got {self.projection_size!r}")
-        if not 0.0 <= self.frontal_threshold <= 1.0:
-            raise ValueError(f"frontal_threshold must be in [0, 1], got {self.frontal_threshold}")
+        if self.frontal_threshold is not None and not 0.0 <= self.frontal_threshold <= 1.0:
+            raise ValueError(f"frontal_threshold must be in [0, 1] or None, got {self.frontal_threshold}")
         if not 0.0 <= self.min_area <= self.max_area:
             raise ValueError(f"need 0 <= min_area <= max_area, got {self.min_area}, {self.max_area}")
         if self.max_aspect < 1.0:
@@ -259,6 +261,10 @@ class Pipeline:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"operating threshold must be in [0, 1], got {self.threshold}")
         self.config = config
+        # The filter's threshold is the one its folder carries, as for the U-Net's and the classifier's, unless the
+        # configuration overrides it
+        self.frontal_threshold = (projection.operating_threshold if config.frontal_threshold is None
+                                  else float(config.frontal_threshold))
         expected = tuple(projection.model.input_shape[1:3])
         if None not in expected and expected != (config.filter_size, config.filter_size):
             raise ValueError(f"the projection filter takes {expected[0]}x{expected[1]} px images, the configuration "
@@ -359,7 +365,7 @@ class Pipeline:
         if not order:
             return []
         p_frontal, like_lateral = models.frontal_evidence(self.projection, np.stack([work[i] for i in order]))
-        called, decided_by = projection.decide(p_frontal, [views[i] for i in order], self.config.frontal_threshold,
+        called, decided_by = projection.decide(p_frontal, [views[i] for i in order], self.frontal_threshold,
                                                like_lateral)
         frontal = []
         for i, p, view, by in zip(order, p_frontal.tolist(), called, decided_by):
@@ -372,7 +378,7 @@ class Pipeline:
                 refuse(entries[i], "lateral_view", f"image[{i}]: the DICOM view position is lateral")
             else:
                 refuse(entries[i], "lateral_view", f"image[{i}]: the projection filter calls it lateral "
-                                                   f"(P(frontal) = {p:.3f} < {self.config.frontal_threshold:g})")
+                                                   f"(P(frontal) = {p:.3f} < {self.frontal_threshold:g})")
         return frontal
 
     def _segment(self, work: dict[int, np.ndarray], frontal: list[int], entries: list[dict]) -> dict[int, np.ndarray]:

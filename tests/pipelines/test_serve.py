@@ -372,8 +372,10 @@ def check_register_and_serve(project: Path) -> list[str]:
 
     values = {n: val_auc(n) for n in classifiers}
     assert first["version"] == 1 and first["alias"] == "champion" and first["champion_version"] is None
-    # The served filter threshold is the one saved with the filter that train_projection evaluated.
-    assert first["serving"]["frontal_threshold"] == folders.operating_threshold(project / "artifacts/models/projection")
+    # The served filter threshold is the one saved with the filter that train_projection evaluated: the bundled
+    # filter folder's own, not a copy in the configuration.
+    assert first["serving"]["frontal_threshold"] is None
+    assert first["frontal_threshold"] == folders.operating_threshold(project / "artifacts/models/projection")
     from pipelines.register import CONTROL_VARIANTS
 
     candidates = [n for n in classifiers if n.split("_")[0] not in CONTROL_VARIANTS]  # best never takes e

@@ -80,7 +80,7 @@ def test_real_files_through_the_pyfunc(real_data, tmp_path):
          models.bce_dice_loss, epochs=12)
 
     classifier = models.build_vgg(16, (SIZE, SIZE, 1), width=1 / 32, head=(4,))  # untrained: the contract, not skill
-    artifacts = {"projection": _save(tmp_path / "projection", projection, std),
+    artifacts = {"projection": _save(tmp_path / "projection", projection, std, threshold=0.5),  # as train_projection
                  "unet": _save(tmp_path / "unet", unet, lung_std, threshold=0.5),
                  "classifier": _save(tmp_path / "classifier", classifier, lung_std, threshold=0.5)}
     serving.Config(size=SIZE, variant="d").save(tmp_path / "serving.json")  # the pipeline's own area limits

@@ -309,6 +309,15 @@ def check_baseline(workdir: Path) -> None:
                               "the runner's baseline and commit only code")
 
 
+def open_workdir(workdir: Path, *, reuse_code: bool) -> Path:
+    """The workdir a batch runs in: with ``reuse_code``, an existing one as it is once its baseline is checked
+    (:func:`check_baseline`); otherwise the project copied into it (:func:`prepare_workdir`)."""
+    if reuse_code and (workdir / ".git").is_dir():
+        check_baseline(workdir)
+        return workdir
+    return prepare_workdir(PROJECT, workdir)
+
+
 def _ensure_mlflow_experiment(project: Path, name: str) -> None:
     """Create the MLflow experiment with its artifacts under the project's mlruns/ (not the scratch copy's)."""
     import mlflow
@@ -1018,11 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     log = _common.setup_logging()
-    workdir = a.workdir.resolve()
-    if a.reuse_code and (workdir / ".git").is_dir():
-        check_baseline(workdir)
-    else:
-        prepare_workdir(PROJECT, workdir)
+    workdir = open_workdir(a.workdir.resolve(), reuse_code=a.reuse_code)
     started, results, held_results, commands = time.monotonic(), {}, {}, []
     for seed in spec.get("seeds") or [None]:
         figures = None
@@ -1077,11 +1082,7 @@ def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
               f"on 2 cores (at {TRAINING_SECONDS_64PX:.0f} s per classifier training at 64 px)")
         return 0
     log = _common.setup_logging()
-    workdir = a.workdir.resolve()
-    if a.reuse_code and (workdir / ".git").is_dir():
-        check_baseline(workdir)
-    else:
-        prepare_workdir(PROJECT, workdir)
+    workdir = open_workdir(a.workdir.resolve(), reuse_code=a.reuse_code)
     path = PROJECT / REPORTS / f"{a.name}.json"
     recorded = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"runs": {}}
     done = recorded["runs"] if a.resume else {}

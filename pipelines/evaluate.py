@@ -1,4 +1,5 @@
-"""Stage `evaluate`: every classifier on val and test, at 0.5 and at its operating threshold.
+"""Stage `evaluate`: every classifier on val and test, at 0.5 and at its operating threshold, and what serving answers
+(refused as out of distribution, called COVID-19, called negative) for each split's images.
 
 Metrics with patient-level bootstrap 95% CIs, calibration, ROC/PR/reliability data (DVC plots and MLflow figures),
 and a comparison table laid out like the paper's Tables 6/10/14.
@@ -17,14 +18,20 @@ from pipelines import _common, _tracking
 OUT = _common.EVALUATE_DIR
 
 
-def evaluate_model(pred: pd.DataFrame, threshold: float, p: dict) -> dict:
+def evaluate_model(pred: pd.DataFrame, threshold: float, p: dict, detector=None) -> dict:
+    """Per split (val, test): metrics at 0.5 and at the operating threshold, with CIs and calibration; and ``served``,
+    what serving answers for the split's images (``detector``: the folder's OOD detector, whose refusals serving
+    makes; None: a folder without one, which serving refuses nothing from)."""
     result: dict = {}
     for split, part in pred.groupby("split"):
         if split == "train":
             continue
         y = (part["label"] == "covid").to_numpy(int)
         s = part["score"].to_numpy(float)
+        refused = (detector.is_out(part["ood_score"].to_numpy(float)) if detector is not None
+                   else np.zeros(len(part), dtype=bool))
         result[split] = {
+            "served": metrics.served_outcomes(y, s, refused, threshold=threshold),
             "at_0.5": metrics.classification_metrics(y, s, threshold=0.5),
             "at_operating": metrics.classification_metrics(y, s, threshold=threshold),
             "ci_at_operating": metrics.confidence_intervals(
@@ -85,7 +92,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
             d = Path(_common.model_dir(variant, backbone))
             pred = pd.read_csv(d / _common.PREDICTIONS)
             threshold = folders.operating_threshold(d)
-            result = evaluate_model(pred, threshold, p)
+            result = evaluate_model(pred, threshold, p, folders.ood_detector(d))
             result["operating_threshold"] = threshold
             data = curves(pred, int(p["calibration_bins"]))
             for key, value in data.items():

@@ -221,7 +221,8 @@ def _heldout_row(ms: list[dict], used: bool) -> dict:
                 "auc": m["test_auc"]["value"], "auc_low": m["test_auc"]["low"], "auc_high": m["test_auc"]["high"],
                 "specificity": m["test_specificity"]["value"], "specificity_low": m["test_specificity"]["low"],
                 "specificity_high": m["test_specificity"]["high"], "sensitivity": m["test_sensitivity"]["value"],
-                "threshold": m["operating_threshold"], "used_to_choose": used}
+                "threshold": m["operating_threshold"], "used_to_choose": used,
+                **_served_row([m])}
     row: dict = {"n_covid": ms[0]["test_classes"]["covid"], "n_negative": ms[0]["test_classes"]["negative"],
                  "n_seeds": len(ms), "used_to_choose": used}
     for key, figure in (("auc", "test_auc"), ("specificity", "test_specificity"), ("sensitivity", "test_sensitivity")):
@@ -232,6 +233,26 @@ def _heldout_row(ms: list[dict], used: bool) -> dict:
         row[key], row[f"{key}_sd"], row[f"{key}_min"], row[f"{key}_max"] = (
             (s["mean"], s["sd"], s["min"], s["max"]) if s else (None,) * 4)
     row["threshold_by_seed"] = [m["operating_threshold"] for m in ms]
+    return {**row, **_served_row(ms)}
+
+
+def _served_row(ms: list[dict]) -> dict:
+    """The held-out negatives serving called COVID-19 and those it refused (out of distribution), mean and sd over
+    seeds (one seed: its value); nothing for records made before `evaluate` reported what serving answers."""
+    served = [m.get("test_served") for m in ms]
+    if not served or None in served:
+        return {}
+    row: dict = {}
+    for key, figure in (("called_covid", "negatives_called_covid"), ("refused", "negatives_refused")):
+        values = [v[figure] for v in served]
+        if any(v is None or math.isnan(v) for v in values):
+            continue
+        if len(values) == 1:
+            row[key] = values[0]
+            continue
+        s = _stats(values)
+        row[key], row[f"{key}_sd"], row[f"{key}_min"], row[f"{key}_max"] = s["mean"], s["sd"], s["min"], s["max"]
+        row[f"{key}_by_seed"] = values
     return row
 
 
@@ -348,6 +369,17 @@ def _ood_refused(workdir: Path, variant: str, backbone: str) -> float | None:
     return (report.get("ood") or {}).get("refused", {}).get("test")
 
 
+SERVED = ("refused_share", "positives_called_covid", "negatives_called_covid", "negatives_refused",
+          "answered_sensitivity", "answered_specificity")
+
+
+def _served(split_metrics: dict) -> dict | None:
+    """What serving answered for a test split (`evaluate`'s ``served``): the shares a site sees; None in records made
+    before `evaluate` reported it."""
+    served = split_metrics.get("served")
+    return {k: served[k] for k in SERVED} if served else None
+
+
 AUDITED = {"audit", "register", "model_card"}  # targets that run the audit (and with register, a registration)
 
 
@@ -378,6 +410,7 @@ def collect_classifier(workdir: Path, params: dict, targets: tuple[str, ...] = (
                 "operating_threshold": m["operating_threshold"],
                 "test_ece": test.get("ece"), "test_ece_uncalibrated": test.get("ece_uncalibrated"),
                 "test_ood_refused": _ood_refused(workdir, variant, backbone),
+                "test_served": _served(test),
             }
             if audit_report is not None:
                 from covidcxr import audit
@@ -736,12 +769,13 @@ def _heldout_summary_rows(runs: dict) -> list[str]:
             continue
         out += ["", f"What `{exp_name}` chose by ({figures['figure']}): per held-out run and classifier, mean ± sd "
                 "(min to max) over seeds; chosen by the worst mean of the runs used to choose.", "",
-                "| held out | role | classifier | specificity | ROC AUC | sensitivity | seeds |",
-                "|---|---|---|---|---|---|---|"]
+                "| held out | role | classifier | specificity | ROC AUC | sensitivity | negatives called COVID-19 by "
+                "serving | negatives refused (OOD) | seeds |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for label, by_model in figures["sources"].items():
             for model, row in by_model.items():
                 role = "used to choose" if row["used_to_choose"] else "test"
-                cells = [_spread(row, k) for k in ("specificity", "auc", "sensitivity")]
+                cells = [_spread(row, k) for k in ("specificity", "auc", "sensitivity", "called_covid", "refused")]
                 out.append(f"| {label} | {role} | {model} | {' | '.join(cells)} | {row.get('n_seeds', 1)} |")
     return out
 

@@ -493,3 +493,32 @@ def test_operating_threshold_is_the_exact_optimum(objective, ties, seed):
 def test_operating_threshold_rejects_bad_input(y, s, kwargs, match):
     with pytest.raises(ValueError, match=match):
         M.operating_threshold(np.array(y), np.array(s), **kwargs)
+
+
+def test_served_outcomes_count_refusals_apart_from_answers():
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0])
+    s = np.array([0.9, 0.5, 0.2, 0.8, 0.7, 0.1, 0.5, 0.3, 0.95])
+    refused = np.array([0, 0, 0, 1, 0, 0, 0, 1, 1], dtype=bool)
+    out = M.served_outcomes(y, s, refused, threshold=0.5)
+    assert (out["n"], out["n_positive"], out["n_negative"], out["refused"]) == (9, 4, 5, 3)
+    assert out["positives_called_covid"] == pytest.approx(2 / 4)  # 0.9 and 0.5 (inclusive); 0.8 was refused
+    assert out["positives_refused"] == pytest.approx(1 / 4)
+    assert out["negatives_called_covid"] == pytest.approx(2 / 5)  # 0.7 and 0.5; 0.95 was refused, not answered
+    assert out["negatives_refused"] == pytest.approx(2 / 5) and out["refused_share"] == pytest.approx(3 / 9)
+    assert out["answered_sensitivity"] == pytest.approx(2 / 3)
+    assert out["answered_specificity"] == pytest.approx(1 / 3)
+    # nothing refused: the served figures are the classification metrics at the same threshold
+    plain = M.served_outcomes(y, s, np.zeros(len(y), dtype=bool), threshold=0.5)
+    m = M.classification_metrics(y, s, threshold=0.5)
+    assert plain["negatives_called_covid"] == pytest.approx(1 - m["specificity"])
+    assert plain["answered_sensitivity"] == pytest.approx(m["sensitivity"]) and plain["refused"] == 0
+
+
+def test_served_outcomes_of_one_class_and_bad_input():
+    negatives = M.served_outcomes([0, 0, 0, 0], [0.9, 0.2, 0.6, 0.1], [True, False, False, False], threshold=0.5)
+    assert math.isnan(negatives["positives_called_covid"]) and math.isnan(negatives["answered_sensitivity"])
+    assert negatives["negatives_called_covid"] == pytest.approx(0.25) and negatives["negatives_refused"] == 0.25
+    everything_refused = M.served_outcomes([0, 1], [0.9, 0.9], [True, True], threshold=0.5)
+    assert math.isnan(everything_refused["answered_specificity"]) and everything_refused["negatives_called_covid"] == 0
+    with pytest.raises(ValueError, match="refused has 1 entries for 2 labels"):
+        M.served_outcomes([0, 1], [0.1, 0.9], [True], threshold=0.5)

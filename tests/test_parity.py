@@ -137,6 +137,36 @@ def test_served_answers_equal_the_evaluated_ones(folders, real_data, tmp_path):
                       - served["covid_probability"]).max() > 1e-4
 
 
+def test_served_refusals_are_the_evaluated_ones(folders, real_data, tmp_path):
+    """`evaluate` counts as refused what the classifier folder's detector puts out of distribution, on the OOD scores
+    the stages record (``models.classifier_evidence``); serving refuses by the same detector and scores: with a
+    threshold between the files' scores, the same files are refused in both."""
+    from covidcxr import folders as model_folders
+    from covidcxr import metrics
+
+    files = real_files(real_data)
+    images, masks = raw_inputs(files, folders)
+    classifier = models.Component.load(folders["classifier"])
+    features = models.ood_features(classifier, images, masks, CONFIG["variant"])
+    classifier.ood = MahalanobisDetector(n_components=2).fit(features)
+    classifier.ood.quantile = 0.3  # an observed score: the two files above it are out of distribution
+    classifier.ood.calibrate(classifier.ood.score(features))
+    with_detector = {**folders, "classifier": str(classifier.save(tmp_path / "classifier"))}
+
+    probability, scored = models.classifier_evidence(models.Component.load(with_detector["classifier"]), images,
+                                                     masks, CONFIG["variant"])
+    refused = model_folders.ood_detector(with_detector["classifier"]).is_out(scored.score)
+    assert 0 < refused.sum() < len(files)  # both outcomes occur: the comparison can fail
+    evaluated = metrics.served_outcomes(np.zeros(len(files)), probability, refused, threshold=0.42)
+
+    entries = serving.Pipeline.load(with_detector).score([serving.encode_file(f) for f in files.values()])
+    served_refused = np.array([not e["accepted"] and e["reason"] == "out_of_distribution" for e in entries])
+    assert all(e["accepted"] or e["reason"] == "out_of_distribution" for e in entries)
+    np.testing.assert_array_equal(served_refused, refused)
+    called = sum(e["accepted"] and e["label"] == "covid" for e in entries)
+    assert evaluated["refused"] == served_refused.sum() and evaluated["negatives_called_covid"] * len(files) == called
+
+
 def test_served_gradcam_sees_the_evaluated_input(folders, real_data, monkeypatch):
     """Grad-CAM in serving runs on exactly the network input the probability came from (the input transform
     included), as the explain stage does; a lung crop's map is drawn back where the crop lies."""

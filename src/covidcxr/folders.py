@@ -51,6 +51,17 @@ def folder_threshold(folder: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def ood_detector(folder: str | os.PathLike):
+    """The folder's out-of-distribution detector (:class:`covidcxr.ood.MahalanobisDetector`, numpy only), or None for
+    a folder saved without one (serving then refuses nothing as out of distribution)."""
+    path = Path(folder) / OOD_FILE
+    if not path.is_file():
+        return None
+    from covidcxr.ood import MahalanobisDetector
+
+    return MahalanobisDetector.load(path)
+
+
 def operating_threshold(folder: str | os.PathLike) -> float:
     """The threshold saved with a model folder, as its loaded ``models.Component`` applies it; a folder without one is
     an error naming the file."""

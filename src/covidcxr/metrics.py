@@ -193,6 +193,36 @@ def classification_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold
     return out
 
 
+def served_outcomes(y_true: np.ndarray, y_score: np.ndarray, refused: np.ndarray, *, threshold: float) -> dict:
+    """What serving answers for each image, by class: refused (``refused``: e.g. out of distribution), called COVID-19
+    (``score >= threshold``) or called negative; the shares are of the class's images, refusals included.
+
+    The figure a site sees: ``negatives_called_covid`` is the share of its healthy films that come back COVID-19 (one
+    minus specificity counts refused films as false alarms too), ``negatives_refused`` those it is told to read
+    itself. ``answered_sensitivity``/``answered_specificity`` are of the answered images alone. NaN where a class is
+    absent; the counts are ints.
+    """
+    t, s = _labels_scores(y_true, y_score)
+    out = np.asarray(refused, dtype=bool).ravel()
+    if out.shape != t.shape:
+        raise ValueError(f"refused has {out.size} entries for {t.size} labels")
+    called = (s >= threshold) & ~out
+    counts = {}
+    for name, cls in (("positives", 1), ("negatives", 0)):
+        member = t == cls
+        counts[name] = (int(np.count_nonzero(member)), int(np.count_nonzero(member & out)),
+                        int(np.count_nonzero(member & called)))
+    (n_pos, pos_refused, tp), (n_neg, neg_refused, fp) = counts["positives"], counts["negatives"]
+    return {
+        "n": len(t), "n_positive": n_pos, "n_negative": n_neg, "refused": pos_refused + neg_refused,
+        "refused_share": float(_ratio(pos_refused + neg_refused, len(t))),
+        "positives_called_covid": float(_ratio(tp, n_pos)), "positives_refused": float(_ratio(pos_refused, n_pos)),
+        "negatives_called_covid": float(_ratio(fp, n_neg)), "negatives_refused": float(_ratio(neg_refused, n_neg)),
+        "answered_sensitivity": float(_ratio(tp, n_pos - pos_refused)),
+        "answered_specificity": float(_ratio(n_neg - neg_refused - fp, n_neg - neg_refused)),
+    }
+
+
 def _finite_thresholds(thresholds: np.ndarray, y_score: np.ndarray) -> np.ndarray:
     """Replace scikit-learn's ``inf`` threshold ("nothing positive") by the next float above the highest score."""
     top = np.nextafter(float(np.max(y_score)), np.inf)

@@ -34,6 +34,7 @@ from covidcxr.folders import (
     folder_info,
     folder_threshold,
     member_files,
+    ood_detector,
 )
 
 log = logging.getLogger(__name__)
@@ -619,11 +620,7 @@ class Component:
         model = keras.saving.load_model(folder / MODEL_FILE, compile=False)
         members = [keras.saving.load_model(folder / name, compile=False) for name in member_files(folder)]
         calibrator = PlattCalibrator.load(folder / CALIBRATION_FILE) if (folder / CALIBRATION_FILE).is_file() else None
-        detector = None
-        if (folder / OOD_FILE).is_file():
-            from covidcxr.ood import MahalanobisDetector
-
-            detector = MahalanobisDetector.load(folder / OOD_FILE)
+        detector = ood_detector(folder)
         transform = InputTransform.load(folder / INPUT_FILE) if (folder / INPUT_FILE).is_file() else None
         return cls(model, Standardizer.load(folder / STANDARDIZER_FILE), threshold=folder_threshold(folder),
                    calibrator=calibrator, info=info, ood=detector, input_transform=transform, members=members)

@@ -198,6 +198,50 @@ def test_no_covid_test_patient_has_lungs_the_unet_learned(extra):
     assert {"covid", "negative"} <= set(covid.loc[covid["split"] == "test", "label"])
 
 
+def test_evaluation_reports_what_serving_answers_and_held_out_rows_carry_it(tmp_path: Path):
+    """A held-out source's negatives: those above the folder's OOD threshold are refused (serving's rule), the rest
+    answered at the operating threshold; the held-out rows show the share called COVID-19 and the share refused."""
+    from covidcxr import folders
+    from covidcxr.ood import MahalanobisDetector
+
+    rng = np.random.default_rng(1)
+    detector = MahalanobisDetector(n_components=2).fit(rng.normal(size=(12, 3))).calibrate(np.arange(10.0))
+    detector.save(tmp_path / "ood.npz")
+    loaded = folders.ood_detector(tmp_path)
+    assert loaded.threshold == detector.threshold == 9.0 and folders.ood_detector(tmp_path / "none") is None
+    scores = [0.9, 0.8, 0.2, 0.6, 0.1, 0.7, 0.3, 0.4]
+    ood = [1.0, 9.5, 2.0, 9.0, 3.0, 12.0, 4.0, 5.0]  # above 9: refused (9.0 itself is answered, as serving does)
+    pred = pd.DataFrame({"split": ["val"] * 4 + ["test"] * 8, "label": ["covid", "negative"] * 2 + ["negative"] * 8,
+                         "score": [0.9, 0.1, 0.8, 0.2, *scores], "ood_score": [1.0] * 4 + ood,
+                         "patient_id": [f"p{i}" for i in range(12)]})
+    p = {"n_boot": 20, "seed": 0, "calibration_bins": 5}
+    result = evaluate.evaluate_model(pred, 0.5, p, loaded)
+    served = result["test"]["served"]
+    assert (served["n_negative"], served["refused"]) == (8, 2)
+    assert served["negatives_called_covid"] == pytest.approx(2 / 8)  # 0.9 and 0.6 answered; 0.8 and 0.7 refused
+    assert result["test"]["at_operating"]["specificity"] == pytest.approx(4 / 8)  # counts the refused ones too
+    assert evaluate.evaluate_model(pred, 0.5, p)["test"]["served"]["refused"] == 0  # no detector: nothing refused
+    result["operating_threshold"] = 0.5
+    _common.write_json(tmp_path / "reports/evaluate/c_vgg16/metrics.json", result)
+    _common.write_json(tmp_path / "reports/split/summary.json", {"covid": {"test": {"negative": 8}}})
+    got = experiment.collect_classifier(tmp_path, {"train_classifier.variants": ["c"],
+                                                   "train_classifier.backbones": ["vgg16"]})
+    model = got["models"]["c_vgg16"]
+    assert model["test_served"]["negatives_called_covid"] == pytest.approx(0.25)
+    assert model["test_served"]["negatives_refused"] == pytest.approx(0.25)
+    run = {"models": {"c_vgg16": model}}
+    old = {"models": {"c_vgg16": {k: v for k, v in model.items() if k != "test_served"}}}  # recorded before it
+    figures = experiment.heldout_figures({"select": ["kermany"]}, {"kermany": [run, run, old], "shenzhen": [run]})
+    three = figures["sources"]["kermany"]["c_vgg16"]
+    assert "called_covid" not in three  # one seed without the figure: no mean over the others
+    figures = experiment.heldout_figures({"select": ["kermany"]}, {"kermany": [run, run], "shenzhen": [run]})
+    two, one = figures["sources"]["kermany"]["c_vgg16"], figures["sources"]["shenzhen"]["c_vgg16"]
+    assert two["called_covid"] == pytest.approx(0.25) and two["called_covid_sd"] == 0.0
+    assert two["refused_by_seed"] == [pytest.approx(0.25)] * 2 and one["refused"] == pytest.approx(0.25)
+    rendered = "\n".join(experiment._heldout_summary_rows({"x": {"heldout": figures}}))
+    assert "negatives called COVID-19 by serving" in rendered and "0.250 ± 0.000 (0.250 to 0.250)" in rendered
+
+
 def test_holding_out_the_only_positive_source_is_refused():
     with pytest.raises(splits.SelectionError, match=r"train split has no \['covid'\] images .*'pos'"):
         split_stage.task_tables(manifest_rows(), stage_params(holdout=[{"source": "pos"}]))

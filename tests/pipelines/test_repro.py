@@ -203,6 +203,13 @@ def test_dvc_repro_on_demo_data(project: Path, tmp_path: Path):
             assert (project / f"reports/explain/gradcam/{variant}_{backbone}.png").stat().st_size > 1000
     table = pd.read_csv(project / "reports/evaluate/comparison.csv")
     assert set(table["Part"]) == {"c", "d", "e"}
+    # What serving answers, per split: refused by the folder's detector as the classifier stage counted them
+    for variant in "cde":
+        served = json.loads((project / f"reports/evaluate/{variant}_vgg16/metrics.json").read_text())["test"]["served"]
+        stage = json.loads((project / f"reports/train_classifier/{variant}_vgg16.json").read_text())["ood"]["refused"]
+        assert served["refused_share"] == pytest.approx(stage["test"])
+        assert 0.0 <= served["negatives_called_covid"] <= 1.0 and served["n"] == served["n_positive"] + \
+            served["n_negative"]
     unet = json.loads((project / "reports/train_unet/metrics.json").read_text())
     assert {"dice", "iou", "paper_pixel_dice"} <= set(unet["val"])
 

@@ -338,6 +338,7 @@ class TuneUnet(Section):
     epochs: Positive = 3
     seed: int = 42
     augment: bool = False
+    lr_schedule: LRSchedule = "constant"  # the trials' schedule (covidcxr.training.learning_rate, over their epochs)
     strategy: TuningStrategy = "default"
     space: Space
     sampler: dict[str, Any] = {}

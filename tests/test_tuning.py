@@ -60,6 +60,7 @@ def test_suggest_covers_choices_ranges_and_fixed_values():
     ({"space": {**TINY_SPACE, "lr": {"low": 1, "high": 0.1}}}, "low > high"),
     ({"epochs": 0}, "at least one epoch"),
     ({"strategy": "tpu"}, "strategy must be one of"),
+    ({"lr_schedule": "step"}, "lr_schedule must be one of"),
 ])
 def test_unet_config_rejects_bad_configurations(change, match):
     with pytest.raises(ValueError, match=match):
@@ -135,6 +136,30 @@ def test_pruned_and_completed_trials_become_nested_mlflow_runs(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_trial_trains_under_the_configured_schedule(tmp_path, monkeypatch):
+    """The trial's rate is ``training.learning_rate`` of the study's schedule over the trial's own steps: under
+    ``cosine`` the tuned rate is a cosine's peak, as train_unet would use it with the same schedule."""
+    from covidcxr import training
+
+    cache, split = write_tiny_cache(tmp_path)
+    data = tuning.load_unet_data(cache, split)
+    calls, original = [], training.learning_rate
+
+    def spy(lr, schedule="constant", **steps):
+        calls.append((lr, schedule, steps))
+        return original(lr, schedule, **steps)
+
+    monkeypatch.setattr(training, "learning_rate", spy)
+    point = {"f0": 2, "lr": 0.004, "batch_size": 8, "mask_threshold": 0.5}
+    for schedule in ("constant", "cosine"):
+        objective = tuning.unet_objective(data, {**TINY_CONFIG, "lr_schedule": schedule})
+        value = objective(optuna.trial.FixedTrial(point), lambda step, logs: None)
+        assert 0.0 <= value <= 1.0
+    assert calls == [(0.004, "constant", {"epochs": 2, "n_train": 18, "batch_size": 8}),
+                     (0.004, "cosine", {"epochs": 2, "n_train": 18, "batch_size": 8})]
+    assert tuning.unet_config(TINY_CONFIG)["lr_schedule"] == "constant"  # a study stored before the key: constant
+
+
 def test_tune_command_runs_a_real_unet_trial_and_exports_the_best(tmp_path, capsys):
     cache, split = write_tiny_cache(tmp_path)
     params = tmp_path / "params.yaml"

@@ -42,6 +42,7 @@ UNET_DEFAULTS: dict = {
     "epochs": 3,
     "seed": 42,
     "augment": False,
+    "lr_schedule": "constant",
     "strategy": "default",
     "sampler": {"n_startup_trials": 2},
     "pruner": {"n_startup_trials": 2, "n_warmup_steps": 1},
@@ -93,10 +94,12 @@ def unet_config(values: Mapping) -> dict:
             raise ValueError(f"U-Net search space: {name!r} has low > high ({spec['low']} > {spec['high']})")
     if int(config["epochs"]) < 1:
         raise ValueError(f"U-Net tuning needs at least one epoch, got {config['epochs']}")
-    from covidcxr.training import STRATEGIES
+    from covidcxr.training import LR_SCHEDULES, STRATEGIES
 
     if config["strategy"] not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {config['strategy']!r}")
+    if config["lr_schedule"] not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {config['lr_schedule']!r}")
     return {**config, "space": {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in space.items()}}
 
 
@@ -148,7 +151,9 @@ def load_unet_data(cache_dir: str | os.PathLike, split_csv: str | os.PathLike) -
 
 def unet_objective(data: UNetData, config: Mapping) -> Objective:
     """The U-Net objective: train ``config['epochs']`` epochs at one point of ``config['space']``, return the mean
-    standard per-image validation Dice at the point's ``mask_threshold``.
+    standard per-image validation Dice at the point's ``mask_threshold``. The point's ``lr`` is the rate of
+    ``config['lr_schedule']`` (``training.learning_rate``, over the trial's epochs), so that a rate tuned for a cosine
+    run was found under a cosine.
 
     Every epoch's validation Dice is reported to the trial; a trial the pruner stops raises ``optuna.TrialPruned``.
     Models are built under ``config['strategy']`` (see ``training.distribution_strategy``).
@@ -168,7 +173,9 @@ def unet_objective(data: UNetData, config: Mapping) -> Objective:
         with strategy.scope():
             model = models.build_unet(int(point["f0"]), data.x_train.shape[1:] + (1,),
                                       dropout_scale=float(point["dropout_scale"]))
-            model.compile(optimizer=keras.optimizers.Adam(float(point["lr"])), loss=models.bce_dice_loss)
+            rate = training.learning_rate(float(point["lr"]), config["lr_schedule"], epochs=epochs,
+                                          n_train=len(data.x_train), batch_size=int(point["batch_size"]))
+            model.compile(optimizer=keras.optimizers.Adam(rate), loss=models.bce_dice_loss)
         history: list[float] = []
         pruned_at: list[int] = []
 

@@ -157,7 +157,7 @@ def test_augment_takes_a_flag_a_level_or_its_parts(value):
 
 
 def test_the_learning_rate_schedule_is_one_the_library_knows():
-    for stage in ("train_projection", "train_unet", "train_classifier"):
+    for stage in ("train_projection", "train_unet", "train_classifier", "tune_unet"):
         for schedule in training.LR_SCHEDULES:
             checked = _params.validate(stage, {**PARAMS[stage], "lr_schedule": schedule})
             assert checked["lr_schedule"] == schedule

@@ -237,13 +237,16 @@ def _heldout_row(ms: list[dict], used: bool) -> dict:
 
 
 def _served_row(ms: list[dict]) -> dict:
-    """The held-out negatives serving called COVID-19 and those it refused (out of distribution), mean and sd over
-    seeds (one seed: its value); nothing for records made before `evaluate` reported what serving answers."""
+    """What serving answered for a held-out run's test: its negatives called COVID-19 and refused (out of
+    distribution), and (a run with COVID-19 films) its COVID-19 films called COVID-19, ``detected``, which counts a
+    refused film as missed; mean and sd over seeds (one seed: its value). Nothing for records made before `evaluate`
+    reported what serving answers."""
     served = [m.get("test_served") for m in ms]
     if not served or None in served:
         return {}
     row: dict = {}
-    for key, figure in (("called_covid", "negatives_called_covid"), ("refused", "negatives_refused")):
+    for key, figure in (("called_covid", "negatives_called_covid"), ("refused", "negatives_refused"),
+                        ("detected", "positives_called_covid")):
         values = [v[figure] for v in served]
         if any(v is None or math.isnan(v) for v in values):
             continue
@@ -770,12 +773,13 @@ def _heldout_summary_rows(runs: dict) -> list[str]:
         out += ["", f"What `{exp_name}` chose by ({figures['figure']}): per held-out run and classifier, mean ± sd "
                 "(min to max) over seeds; chosen by the worst mean of the runs used to choose.", "",
                 "| held out | role | classifier | specificity | ROC AUC | sensitivity | negatives called COVID-19 by "
-                "serving | negatives refused (OOD) | seeds |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "serving | negatives refused (OOD) | COVID-19 called COVID-19 by serving | seeds |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for label, by_model in figures["sources"].items():
             for model, row in by_model.items():
                 role = "used to choose" if row["used_to_choose"] else "test"
-                cells = [_spread(row, k) for k in ("specificity", "auc", "sensitivity", "called_covid", "refused")]
+                cells = [_spread(row, k) for k in ("specificity", "auc", "sensitivity", "called_covid", "refused",
+                                                   "detected")]
                 out.append(f"| {label} | {role} | {model} | {' | '.join(cells)} | {row.get('n_seeds', 1)} |")
     return out
 

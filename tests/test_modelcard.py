@@ -132,13 +132,14 @@ def test_heldout_rows_over_seeds_show_mean_sd_and_range():
     row = {"n_covid": 0, "n_negative": 40, "n_seeds": 3, "used_to_choose": True, "specificity": 0.4,
            "specificity_sd": 0.4359, "specificity_min": 0.1, "specificity_max": 0.9, "auc": None, "sensitivity": None,
            "threshold_by_seed": [0.25, 0.5, 0.4], "called_covid": 0.3, "called_covid_sd": 0.1, "called_covid_min": 0.2,
-           "called_covid_max": 0.4}
+           "called_covid_max": 0.4, "detected": None}
     heldout = {**HELDOUT, "seeds": 3, "sources": {"kermany": {"c_vgg16": row}}}
     text = " ".join(parse(modelcard.render(card(heldout=heldout))).text)
     assert "repeated with 3 seeds" in text and "specificity [range over seeds]" in text
     # what a new site sees: its negatives called COVID-19 by serving; the refused share was not recorded: a dash
     assert "negatives called COVID-19 by serving [range over seeds]" in text and "0.300 ± 0.100 [0.200, 0.400]" in text
     assert "negatives refused as unfamiliar [range over seeds]" in text and "—" in text
+    assert "COVID-19 called COVID-19 by serving [range over seeds]" in text
     assert "bootstrap 95% CIs" not in text.split("never saw")[1].split("Which classifier")[0]
     assert "0.400 ± 0.436 [0.100, 0.900]" in text and "0.2500 to 0.5000" in text
 

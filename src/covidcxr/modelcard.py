@@ -396,9 +396,10 @@ def _section_heldout(heldout: Mapping | None, chosen: object) -> str:
                "Rows marked <i>used to choose</i> decided which classifier was registered "
                f"({_e(heldout.get('figure', ''))}); the others never influenced any choice: they are the test."
                + (" Intervals are patient-level bootstrap 95% CIs." if seeds == 1 else "")
-               + " What a new site would see: the share of its negatives that serving calls COVID-19, and the share "
-               "it refuses as unlike the training images (out of distribution: the reader reads those alone); "
-               "specificity counts every negative, refused or not.</p>")
+               + " What a new site would see: the share of its negatives that serving calls COVID-19, the share it "
+               "refuses as unlike the training images (out of distribution: the reader reads those alone), and the "
+               "share of its COVID-19 films that serving calls COVID-19 (a refused film is not detected); "
+               "specificity and sensitivity count every film, refused or not.</p>")
     if seeds > 1:
         out.append(f"<p>Every held-out run was repeated with {seeds} seeds (the classifiers' initialisation and "
                    "order): each figure is the mean ± sd over seeds, with the range in brackets; one seed's figure "
@@ -410,20 +411,23 @@ def _section_heldout(heldout: Mapping | None, chosen: object) -> str:
             continue
         role = "used to choose" if source in select or r.get("used_to_choose") else "test"
         if r.get("n_seeds"):
-            figures = [_over_seeds(r, k) for k in ("auc", "specificity", "sensitivity", "called_covid", "refused")]
+            figures = [_over_seeds(r, k) for k in ("auc", "specificity", "sensitivity", "called_covid", "refused",
+                                                   "detected")]
             thresholds = [t for t in r.get("threshold_by_seed") or () if t is not None]
             threshold = f"{_fmt(min(thresholds), 4)} to {_fmt(max(thresholds), 4)}" if thresholds else "—"
         else:
             figures = [_interval(r.get("auc"), r.get("auc_low"), r.get("auc_high")),
                        _interval(r.get("specificity"), r.get("specificity_low"), r.get("specificity_high")),
-                       _fmt(r.get("sensitivity")), _fmt(r.get("called_covid")), _fmt(r.get("refused"))]
+                       _fmt(r.get("sensitivity")), _fmt(r.get("called_covid")), _fmt(r.get("refused")),
+                       _fmt(r.get("detected"))]
             threshold = _fmt(r.get("threshold"), 4)
         rows.append((source, role, f"{r.get('n_covid')} / {r.get('n_negative')}", *figures, threshold))
     spread = "[range over seeds]" if seeds > 1 else "[95% CI]"
     out.append(_table(("held out", "role", "n covid / negative", f"ROC AUC {spread}", f"specificity {spread}",
                        "sensitivity", f"negatives called COVID-19 by serving {spread if seeds > 1 else ''}".strip(),
-                       f"negatives refused as unfamiliar {spread if seeds > 1 else ''}".strip(), "threshold"), rows,
-                      numeric=(False, False, True, True, True, True, True, True, True)) if rows
+                       f"negatives refused as unfamiliar {spread if seeds > 1 else ''}".strip(),
+                       f"COVID-19 called COVID-19 by serving {spread if seeds > 1 else ''}".strip(), "threshold"),
+                      rows, numeric=(False, False, True, True, True, True, True, True, True, True)) if rows
                else "<p>The held-out results hold no row for this classifier.</p>")
     return "".join(out)
 

@@ -238,6 +238,11 @@ def test_evaluation_reports_what_serving_answers_and_held_out_rows_carry_it(tmp_
     two, one = figures["sources"]["kermany"]["c_vgg16"], figures["sources"]["shenzhen"]["c_vgg16"]
     assert two["called_covid"] == pytest.approx(0.25) and two["called_covid_sd"] == 0.0
     assert two["refused_by_seed"] == [pytest.approx(0.25)] * 2 and one["refused"] == pytest.approx(0.25)
+    assert "detected" not in two  # a source of negatives only: no COVID-19 film to detect
+    with_covid = {"models": {"c_vgg16": {**model, "test_served": {**model["test_served"],
+                                                                  "positives_called_covid": 0.4}}}}
+    hospitals = experiment.heldout_figures({"select": ["kermany"]}, {"kermany": [run], "hospitals": [with_covid]})
+    assert hospitals["sources"]["hospitals"]["c_vgg16"]["detected"] == 0.4
     rendered = "\n".join(experiment._heldout_summary_rows({"x": {"heldout": figures}}))
     assert "negatives called COVID-19 by serving" in rendered and "0.250 ± 0.000 (0.250 to 0.250)" in rendered
 

@@ -80,7 +80,9 @@ def figure(name: str, data: dict[str, list[dict]]):
     return fig
 
 
-def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
+def run(p: dict, classifiers: dict, experiment: str = "demo", ood_action: str = "refuse") -> dict:
+    """Every classifier's metrics; ``served`` follows the registered model's ``ood_action`` (register's param): under
+    ``flag`` serving answers every image, so nothing counts as refused."""
     import mlflow
 
     log = _common.setup_logging()
@@ -92,8 +94,8 @@ def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
             d = Path(_common.model_dir(variant, backbone))
             pred = pd.read_csv(d / _common.PREDICTIONS)
             threshold = folders.operating_threshold(d)
-            result = evaluate_model(pred, threshold, p, folders.ood_detector(d))
-            result["operating_threshold"] = threshold
+            result = evaluate_model(pred, threshold, p, folders.ood_detector(d) if ood_action == "refuse" else None)
+            result["operating_threshold"], result["ood_action"] = threshold, ood_action
             data = curves(pred, int(p["calibration_bins"]))
             for key, value in data.items():
                 _common.write_json(OUT / name / f"{key}.json", value)
@@ -126,5 +128,5 @@ def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
 if __name__ == "__main__":
     run(_common.params("evaluate"), {"variants": _common.params("train_classifier.variants"),
                                   "backbones": _common.params("train_classifier.backbones")},
-        _common.params("split.experiment"))
+        _common.params("split.experiment"), _common.params("register.ood_action"))
     _common.finish()

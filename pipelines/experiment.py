@@ -226,12 +226,7 @@ def _heldout_row(ms: list[dict], used: bool) -> dict:
     row: dict = {"n_covid": ms[0]["test_classes"]["covid"], "n_negative": ms[0]["test_classes"]["negative"],
                  "n_seeds": len(ms), "used_to_choose": used}
     for key, figure in (("auc", "test_auc"), ("specificity", "test_specificity"), ("sensitivity", "test_sensitivity")):
-        values = [m[figure]["value"] for m in ms]
-        row[f"{key}_by_seed"] = values
-        # undefined in some seed (e.g. no COVID-19 in a held-out negative source): no mean
-        s = _stats(values) if None not in values else None
-        row[key], row[f"{key}_sd"], row[f"{key}_min"], row[f"{key}_max"] = (
-            (s["mean"], s["sd"], s["min"], s["max"]) if s else (None,) * 4)
+        row.update(_over_seeds(key, [m[figure]["value"] for m in ms]))
     row["threshold_by_seed"] = [m["operating_threshold"] for m in ms]
     return {**row, **_served_row(ms)}
 
@@ -250,13 +245,16 @@ def _served_row(ms: list[dict]) -> dict:
         values = [v[figure] for v in served]
         if any(v is None or math.isnan(v) for v in values):
             continue
-        if len(values) == 1:
-            row[key] = values[0]
-            continue
-        s = _stats(values)
-        row[key], row[f"{key}_sd"], row[f"{key}_min"], row[f"{key}_max"] = s["mean"], s["sd"], s["min"], s["max"]
-        row[f"{key}_by_seed"] = values
+        row.update({key: values[0]} if len(values) == 1 else _over_seeds(key, values))
     return row
+
+
+def _over_seeds(key: str, values: list) -> dict:
+    """A held-out figure over seeds: every seed's value, and their mean, sd and range (None where the figure is
+    undefined in some seed, e.g. no COVID-19 in a held-out negative source)."""
+    s = _stats(values) if None not in values else None
+    return {f"{key}_by_seed": values, key: s and s["mean"], f"{key}_sd": s and s["sd"], f"{key}_min": s and s["min"],
+            f"{key}_max": s and s["max"]}
 
 
 def dvc_command(exp_name: str, params: dict, targets: list[str], real_data: Path) -> list[str]:

@@ -423,10 +423,11 @@ def _section_heldout(heldout: Mapping | None, chosen: object) -> str:
             threshold = _fmt(r.get("threshold"), 4)
         rows.append((source, role, f"{r.get('n_covid')} / {r.get('n_negative')}", *figures, threshold))
     spread = "[range over seeds]" if seeds > 1 else "[95% CI]"
+    ranged = " [range over seeds]" if seeds > 1 else ""  # the served shares have no CI of one seed
     out.append(_table(("held out", "role", "n covid / negative", f"ROC AUC {spread}", f"specificity {spread}",
-                       "sensitivity", f"negatives called COVID-19 by serving {spread if seeds > 1 else ''}".strip(),
-                       f"negatives refused as unfamiliar {spread if seeds > 1 else ''}".strip(),
-                       f"COVID-19 called COVID-19 by serving {spread if seeds > 1 else ''}".strip(), "threshold"),
+                       "sensitivity", f"negatives called COVID-19 by serving{ranged}",
+                       f"negatives refused as unfamiliar{ranged}", f"COVID-19 called COVID-19 by serving{ranged}",
+                       "threshold"),
                       rows, numeric=(False, False, True, True, True, True, True, True, True, True)) if rows
                else "<p>The held-out results hold no row for this classifier.</p>")
     return "".join(out)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import operator
+import os
+import platform
 
 #: The keys of every row of bench/results.json, in this order.
 ROW_KEYS = ("name", "value", "baseline", "baseline_name", "ratio", "unit", "goal", "pass", "skipped")
@@ -40,3 +42,19 @@ def skipped(name: str, reason: str) -> dict:
 
 def _round(x: float | None, ndigits: int) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), ndigits)
+
+
+def machine() -> dict:
+    """What a figure was measured on: cores, the CPU's name and the CPU kernels TensorFlow runs (portable: the
+    ``COVIDCXR_PORTABLE_CPU`` kernels, capped at AVX2; native: TensorFlow's own, oneDNN on AVX-512). Benchmarks and
+    the experiments' records (``pipelines.experiment``) name it: wall times and, with native kernels, trained weights
+    differ from one machine to the next."""
+    from covidcxr import runtime
+
+    cpu = None
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    kernels = "portable" if runtime.portable_cpu_requested() else "native"
+    return {"cpus": os.cpu_count(), "cpu": cpu or platform.processor() or None, "python": platform.python_version(),
+            "platform": platform.platform(), "cpu_kernels": kernels}

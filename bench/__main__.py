@@ -12,13 +12,12 @@ import datetime
 import importlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import covidcxr  # noqa: F401 - its CPU kernel settings (covidcxr.runtime) before any benchmark starts TensorFlow
-from bench import ROW_KEYS, skipped
+from bench import ROW_KEYS, machine, skipped
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("ingest", "training", "serving", "pipeline")
@@ -34,20 +33,6 @@ def measure(name: str, smoke: bool, demo: Path, real: Path | None) -> dict:
     if name == "gpu":
         return module.run(smoke=smoke)
     return module.run(smoke=smoke)  # serving: skipped until `dvc repro register` ran
-
-
-def machine() -> dict:
-    """What the figures were measured on: cores, the CPU's name and the CPU kernels TensorFlow runs (portable: the
-    ``COVIDCXR_PORTABLE_CPU`` kernels, capped at AVX2; native: TensorFlow's own, oneDNN on AVX-512)."""
-    from covidcxr import runtime
-
-    cpu = None
-    if Path("/proc/cpuinfo").is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), None)
-    kernels = "portable" if runtime.portable_cpu_requested() else "native"
-    return {"cpus": os.cpu_count(), "cpu": cpu or platform.processor() or None, "python": platform.python_version(),
-            "platform": platform.platform(), "cpu_kernels": kernels}
 
 
 def main(argv: list[str] | None = None) -> int:

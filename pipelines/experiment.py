@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+import bench
 from covidcxr import runtime
 from pipelines import _common
 
@@ -694,8 +695,14 @@ def record(project: Path, name: str, result: dict) -> None:
     _common.write_json(project / REPORTS / f"{name}.json", result)
     bench_path = project / BENCH
     bench = json.loads(bench_path.read_text(encoding="utf-8")) if bench_path.is_file() else {}
-    bench[name] = {k: result[k] for k in ("command", "settings", "wall_seconds", "finished", "headline")}
+    bench[name] = {k: result.get(k) for k in ("command", "settings", "wall_seconds", "finished", "machine", "headline")}
     _common.write_json(bench_path, bench)
+
+
+def _machine(result: dict) -> str:
+    """The cores a record's wall time was measured on (records before 2026-12-07 did not say which CPU)."""
+    m = result.get("machine")
+    return f"{m['cpus']} cores of {m['cpu']}" if m else "2 shared CPU cores (CPU not recorded)"
 
 
 def _fmt(value: object, ci: dict | None = None) -> str:
@@ -931,7 +938,7 @@ def render_summary(project: Path = PROJECT) -> Path:
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
         lines += [f"## {r['experiment']}", "", r["description"].strip(), "",
                   f"- command: `{r['command']}`", f"- settings: {settings}",
-                  f"- wall time: {r['wall_seconds'] / 60:.1f} min on 2 shared CPU cores (finished {r['finished']})"]
+                  f"- wall time: {r['wall_seconds'] / 60:.1f} min on {_machine(r)} (finished {r['finished']})"]
         lines += [f"- train_seconds ({name}): {_fmt(run['train_seconds'])}"
                   for name, run in r["runs"].items() if run.get("train_seconds") is not None]
         lines += [""] + render[r["kind"]](r) + [""]
@@ -1092,7 +1099,7 @@ def main(argv: list[str] | None = None) -> int:
         "dvc_commands": [c.replace(real_data.as_posix(), "$COVIDCXR_REAL_DATA") for c in commands],
         "settings": _settings(spec["params"], yaml.safe_load((workdir / "params.yaml").read_text(encoding="utf-8"))),
         "seeds": spec.get("seeds"), "heldout_seeds": held_seeds, "wall_seconds": round(time.monotonic() - started, 1),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": spec.get("notes", ""),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": bench.machine(), "notes": spec.get("notes", ""),
         "paper": spec.get("paper"), "runs": results, "heldout_runs": held_results,
         "headline": headline(spec["kind"], results),
     }
@@ -1150,7 +1157,8 @@ def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
                 encoding="utf-8"))),
             "seeds": spec.get("seeds"), "levers": {k: v for k, v in spec["levers"].items() if k in measured},
             "wall_seconds": round(time.monotonic() - started, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "notes": spec.get("notes", ""), "goals": spec.get("goals", ""), "paper": None, "runs": results,
+            "machine": bench.machine(), "notes": spec.get("notes", ""), "goals": spec.get("goals", ""), "paper": None,
+            "runs": results,
             "reference": spec.get("reference", BASELINE),
             "headline": ablation_table(results),
         }
@@ -1201,6 +1209,7 @@ def execute(workdir: Path, exp_name: str, params: dict, targets: list[str], kind
     check_working_size(workdir, params)
     result = COLLECTORS[kind](workdir, params, tuple(targets))
     result["wall_seconds"] = round(time.monotonic() - t0, 1)
+    result["cpu"] = bench.machine()["cpu"]  # an ablation's rows come from several sessions, maybe machines
     result["seed"] = {k: v for k, v in params.items() if k.endswith(".seed")}
     log.info("%s done in %.0f s", exp_name, result["wall_seconds"])
     return result

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import ROW_KEYS, goal, row
+from bench import ROW_KEYS, goal, machine, row
 from bench.__main__ import BENCHMARKS
 from covidcxr import runtime
 
@@ -70,6 +70,16 @@ def test_smoke_summary_covers_every_benchmark_with_one_schema(tmp_path: Path, de
     assert [r for r in again["results"] if not r["name"].startswith("ingest")] == [
         r for r in rows if not r["name"].startswith("ingest")]
     assert sorted(r["name"] for r in again["results"]) == sorted(r["name"] for r in rows)
+
+
+def test_machine_names_the_cpu_and_the_kernels_the_figures_were_measured_with(monkeypatch):
+    monkeypatch.delenv(runtime.PORTABLE_CPU_ENV, raising=False)
+    native = machine()
+    assert native["cpus"] == os.cpu_count() and native["cpu_kernels"] == "native" and native["python"].count(".") == 2
+    with open("/proc/cpuinfo", encoding="utf-8") as f:  # Linux: the CPU's own name, as lscpu shows it
+        assert native["cpu"] and native["cpu"] in f.read()
+    monkeypatch.setenv(runtime.PORTABLE_CPU_ENV, "1")
+    assert machine()["cpu_kernels"] == "portable"
 
 
 def test_gpu_benchmark_says_why_it_skips_without_a_gpu():

@@ -335,15 +335,20 @@ def test_the_summary_opens_with_where_the_goals_stand(tmp_path: Path):
     (tmp_path / "experiments" / experiment.GOALS).write_text("## Where the goals stand\n\n| goal | today |\n")
     summary = experiment.render_summary(tmp_path).read_text()
     assert summary.index("## Where the goals stand") < summary.index("| experiment | command |")
+    assert "1.0 min on 2 shared CPU cores (CPU not recorded)" in summary  # a record from before machines were kept
+    experiment.record(tmp_path, "one", {**base, "machine": {"cpus": 2, "cpu": "Test CPU"}})
+    assert "1.0 min on 2 cores of Test CPU" in experiment.render_summary(tmp_path).read_text()
     assert (ROOT / "experiments" / experiment.GOALS).is_file()  # the project's own, rendered by --summary
 
 
 def test_record_keeps_other_experiments(tmp_path: Path):
     base = {"command": "c", "settings": {}, "wall_seconds": 1.0, "finished": "now", "headline": {"x": 1}}
     experiment.record(tmp_path, "one", {**base, "runs": {}})
-    experiment.record(tmp_path, "two", {**base, "headline": {"x": 2}, "runs": {}})
+    machine = {"cpus": 2, "cpu": "Test CPU", "python": "3.11.7", "platform": "Linux", "cpu_kernels": "native"}
+    experiment.record(tmp_path, "two", {**base, "headline": {"x": 2}, "runs": {}, "machine": machine})
     bench = json.loads((tmp_path / experiment.BENCH).read_text())
     assert bench["one"]["headline"] == {"x": 1} and bench["two"]["headline"] == {"x": 2}
+    assert bench["one"]["machine"] is None and bench["two"]["machine"] == machine  # a wall time names its machine
     assert json.loads((tmp_path / "reports/experiments/two.json").read_text())["runs"] == {}
 
 

@@ -252,9 +252,17 @@ class Pretrain(Section):
         return value
 
 
+class SiteCalibration(Section):
+    """covidcxr.sites.local_calibration: films of each class a site's threshold is chosen on, and how many draws."""
+
+    n_per_class: Annotated[int, Field(ge=2)] = 20
+    draws: Positive = 200
+
+
 class Evaluate(Section):
     n_boot: Positive = 500
     calibration_bins: Annotated[int, Field(ge=2)] = 10
+    site_calibration: SiteCalibration = SiteCalibration()
     seed: int = 42
 
 

@@ -1,5 +1,6 @@
-"""Stage `evaluate`: every classifier on val and test, at 0.5 and at its operating threshold, and what serving answers
-(refused as out of distribution, called COVID-19, called negative) for each split's images.
+"""Stage `evaluate`: every classifier on val and test, at 0.5 and at its operating threshold, what serving answers
+(refused as out of distribution, called COVID-19, called negative) for each split's images, and what the test split's
+site would gain from a threshold chosen on a few of its own labelled films.
 
 Metrics with patient-level bootstrap 95% CIs, calibration, ROC/PR/reliability data (DVC plots and MLflow figures),
 and a comparison table laid out like the paper's Tables 6/10/14.
@@ -12,16 +13,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidcxr import folders, metrics, tracking
+from covidcxr import folders, metrics, sites, tracking
 from pipelines import _common, _tracking
 
 OUT = _common.EVALUATE_DIR
 
 
-def evaluate_model(pred: pd.DataFrame, threshold: float, p: dict, detector=None) -> dict:
-    """Per split (val, test): metrics at 0.5 and at the operating threshold, with CIs and calibration; and ``served``,
-    what serving answers for the split's images (``detector``: the folder's OOD detector, whose refusals serving
-    makes; None: a folder without one, which serving refuses nothing from)."""
+def evaluate_model(pred: pd.DataFrame, rule: dict, p: dict, detector=None) -> dict:
+    """Per split (val, test): metrics at 0.5 and at the operating threshold (``rule``: the choice saved with the
+    model), with CIs and calibration; ``served``, what serving answers for the split's images (``detector``: the
+    folder's OOD detector, whose refusals serving makes; None: a folder without one, which serving refuses nothing
+    from); and for the test split, ``site_calibration``: what a site gains by choosing its own threshold with the
+    model's rule on a few of its labelled films (:func:`covidcxr.sites.local_calibration`, on the films serving
+    answers)."""
+    threshold = float(rule["threshold"])
     result: dict = {}
     for split, part in pred.groupby("split"):
         if split == "train":
@@ -39,6 +44,11 @@ def evaluate_model(pred: pd.DataFrame, threshold: float, p: dict, detector=None)
             ),
             "ece": metrics.expected_calibration_error(y, s, n_bins=int(p["calibration_bins"])),
         }
+        if split == "test":  # a held-out site's test split: what its own threshold would give it
+            site = p["site_calibration"]
+            result[split]["site_calibration"] = sites.local_calibration(
+                y[~refused], s[~refused], rule, n_per_class=int(site["n_per_class"]), draws=int(site["draws"]),
+                seed=int(p["seed"]))
         if "raw_score" in part:  # before the calibration fitted on validation: what it changed
             result[split]["ece_uncalibrated"] = metrics.expected_calibration_error(
                 y, part["raw_score"].to_numpy(float), n_bins=int(p["calibration_bins"]))
@@ -94,7 +104,8 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", ood_action: str = 
             d = Path(_common.model_dir(variant, backbone))
             pred = pd.read_csv(d / _common.PREDICTIONS)
             threshold = folders.operating_threshold(d)
-            result = evaluate_model(pred, threshold, p, folders.ood_detector(d) if ood_action == "refuse" else None)
+            result = evaluate_model(pred, folders.folder_threshold(d), p,
+                                    folders.ood_detector(d) if ood_action == "refuse" else None)
             result["operating_threshold"], result["ood_action"] = threshold, ood_action
             data = curves(pred, int(p["calibration_bins"]))
             for key, value in data.items():

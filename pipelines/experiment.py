@@ -223,13 +223,13 @@ def _heldout_row(ms: list[dict], used: bool) -> dict:
                 "specificity": m["test_specificity"]["value"], "specificity_low": m["test_specificity"]["low"],
                 "specificity_high": m["test_specificity"]["high"], "sensitivity": m["test_sensitivity"]["value"],
                 "threshold": m["operating_threshold"], "used_to_choose": used,
-                **_served_row([m])}
+                **_served_row([m]), **_site_row([m])}
     row: dict = {"n_covid": ms[0]["test_classes"]["covid"], "n_negative": ms[0]["test_classes"]["negative"],
                  "n_seeds": len(ms), "used_to_choose": used}
     for key, figure in (("auc", "test_auc"), ("specificity", "test_specificity"), ("sensitivity", "test_sensitivity")):
         row.update(_over_seeds(key, [m[figure]["value"] for m in ms]))
     row["threshold_by_seed"] = [m["operating_threshold"] for m in ms]
-    return {**row, **_served_row(ms)}
+    return {**row, **_served_row(ms), **_site_row(ms)}
 
 
 def _served_row(ms: list[dict]) -> dict:
@@ -237,13 +237,30 @@ def _served_row(ms: list[dict]) -> dict:
     distribution), and (a run with COVID-19 films) its COVID-19 films called COVID-19, ``detected``, which counts a
     refused film as missed; mean and sd over seeds (one seed: its value). Nothing for records made before `evaluate`
     reported what serving answers."""
-    served = [m.get("test_served") for m in ms]
-    if not served or None in served:
+    return _block_row(ms, "test_served", (("called_covid", "negatives_called_covid"), ("refused", "negatives_refused"),
+                                          ("detected", "positives_called_covid")))
+
+
+def _site_row(ms: list[dict]) -> dict:
+    """A held-out run with both classes: sensitivity and specificity with a threshold the site chose on a few of its
+    own films (``site_``), and with the model's own threshold on the same films (``site_model_``), each the mean over
+    draws; mean and sd over seeds. Nothing where it was not measured (one class, too few films, older records)."""
+    if any((m.get("test_site_calibration") or {}).get("status") != "measured" for m in ms):
+        return {}
+    keys = ("sensitivity", "specificity", "model_sensitivity", "model_specificity")
+    return {"site_n_per_class": ms[0]["test_site_calibration"]["n_per_class"],
+            **_block_row(ms, "test_site_calibration", tuple((f"site_{k}", k) for k in keys))}
+
+
+def _block_row(ms: list[dict], block: str, keys: tuple[tuple[str, str], ...]) -> dict:
+    """Figures of one block of each seed's record (``keys``: row name, figure name) over seeds; a figure missing or
+    undefined in some seed is left out, and a block missing in some seed leaves the row empty."""
+    blocks = [m.get(block) for m in ms]
+    if not blocks or None in blocks:
         return {}
     row: dict = {}
-    for key, figure in (("called_covid", "negatives_called_covid"), ("refused", "negatives_refused"),
-                        ("detected", "positives_called_covid")):
-        values = [v[figure] for v in served]
+    for key, figure in keys:
+        values = [b.get(figure) for b in blocks]
         if any(v is None or math.isnan(v) for v in values):
             continue
         row.update({key: values[0]} if len(values) == 1 else _over_seeds(key, values))
@@ -413,6 +430,7 @@ def collect_classifier(workdir: Path, params: dict, targets: tuple[str, ...] = (
                 "test_ece": test.get("ece"), "test_ece_uncalibrated": test.get("ece_uncalibrated"),
                 "test_ood_refused": _ood_refused(workdir, variant, backbone),
                 "test_served": _served(test),
+                "test_site_calibration": test.get("site_calibration"),
             }
             if audit_report is not None:
                 from covidcxr import audit
@@ -786,6 +804,19 @@ def _heldout_summary_rows(runs: dict) -> list[str]:
                 cells = [_spread(row, k) for k in ("specificity", "auc", "sensitivity", "called_covid", "refused",
                                                    "detected")]
                 out.append(f"| {label} | {role} | {model} | {' | '.join(cells)} | {row.get('n_seeds', 1)} |")
+        sited = [(label, model, row) for label, by_model in figures["sources"].items()
+                 for model, row in by_model.items() if row.get("site_specificity") is not None]
+        if sited:
+            n = sited[0][2]["site_n_per_class"]
+            out += ["", f"A threshold chosen at the site (the model's own rule on {n} COVID-19 and {n} negative films "
+                    "of the held-out run's test, drawn at random, and its other films called with it; mean over the "
+                    "draws, then mean ± sd (min to max) over seeds) against the model's threshold on the same films "
+                    "(films refused as out of distribution left out):", "",
+                    "| held out | classifier | specificity, site threshold | sensitivity, site threshold | "
+                    "specificity, model's threshold | sensitivity, model's threshold |", "|---|---|---|---|---|---|"]
+            out += [f"| {label} | {model} | " + " | ".join(_spread(row, f"site_{k}") for k in (
+                "specificity", "sensitivity", "model_specificity", "model_sensitivity")) + " |"
+                for label, model, row in sited]
     return out
 
 

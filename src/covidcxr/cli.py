@@ -1,5 +1,5 @@
-"""Command line: `covidcxr demo-data OUT_DIR`, `inspect FILE...`, `predict FILE...`, `pacs --dicomweb-url URL`,
-`tune --study --storage`, `monitor --model NAME --since 7d`."""
+"""Command line: `covidcxr demo-data OUT_DIR`, `inspect FILE...`, `predict FILE...`, `calibrate-site LABELS.csv`,
+`pacs --dicomweb-url URL`, `tune --study --storage`, `monitor --model NAME --since 7d`."""
 
 from __future__ import annotations
 
@@ -43,26 +43,14 @@ def _predict(args: argparse.Namespace) -> int:
     import base64
     from pathlib import Path
 
-    from covidcxr import serving
-
     params = {"explain": bool(args.explain), **({"threshold": args.threshold} if args.threshold is not None else {})}
-    rows: list[tuple[str, dict]] = []
-    readable = []
-    for path in args.files:
-        try:
-            readable.append((path, serving.encode_file(path)))
-        except OSError as err:
-            rows.append((path, {"accepted": False, "reason": "unreadable", "message": f"cannot read ({err.strerror})"}))
     try:
-        score = _scorer(args.model_uri, args.url, args.timeout)
-        for start in range(0, len(readable), args.batch_size):
-            chunk = readable[start:start + args.batch_size]
-            rows += list(zip([p for p, _ in chunk], score([b for _, b in chunk], params), strict=True))
+        rows = _score_files(args.files, args, params)
     except Exception as err:  # noqa: BLE001 - the CLI reports a failed request in one line, not a traceback
         print(f"predict failed: {getattr(err, 'message', None) or err}", file=sys.stderr)
         return 1
     print("\t".join(("file", *PREDICT_COLUMNS)))
-    for path, entry in sorted(rows, key=lambda r: args.files.index(r[0])):
+    for path, entry in rows:
         cells = [_cell(entry.get(c)) for c in PREDICT_COLUMNS]
         print("\t".join((path, *cells)))
         if entry.get("gradcam_png"):
@@ -71,6 +59,86 @@ def _predict(args: argparse.Namespace) -> int:
             out.write_bytes(base64.b64decode(entry["gradcam_png"]))
     if args.explain:
         print(f"Grad-CAM overlays of accepted images: {args.gradcam_dir}/<file stem>.png", file=sys.stderr)
+    return 0
+
+
+def _score_files(files: Sequence[str], args: argparse.Namespace, params: dict) -> list[tuple[str, dict]]:
+    """Each file's served entry, in the order given, scored in batches of ``args.batch_size`` by the model here
+    (``args.model_uri``) or on a server (``args.url``); a file that cannot be read gets an ``unreadable`` entry."""
+    from covidcxr import serving
+
+    rows: list[tuple[str, dict]] = []
+    readable = []
+    for path in files:
+        try:
+            readable.append((path, serving.encode_file(path)))
+        except OSError as err:
+            rows.append((path, {"accepted": False, "reason": "unreadable", "message": f"cannot read ({err.strerror})"}))
+    score = _scorer(args.model_uri, args.url, args.timeout)
+    for start in range(0, len(readable), args.batch_size):
+        chunk = readable[start:start + args.batch_size]
+        rows += list(zip([p for p, _ in chunk], score([b for _, b in chunk], params), strict=True))
+    order = {path: i for i, path in enumerate(files)}
+    return sorted(rows, key=lambda r: order[r[0]])
+
+
+def _calibrate_site(args: argparse.Namespace) -> int:
+    """A site's own threshold: score its labelled films with the model (here or on a server) and apply the model's
+    threshold rule to the films it answers (covidcxr.sites); print the threshold, what it gives on those films and what
+    the model's own threshold gives on them, as JSON."""
+    import csv
+    from pathlib import Path
+
+    import numpy as np
+
+    from covidcxr import sites
+
+    labels = Path(args.labels)
+    try:
+        with labels.open(newline="", encoding="utf-8") as fh:
+            table = list(csv.DictReader(fh))
+    except OSError as err:
+        print(f"calibrate-site: cannot read {labels} ({err.strerror})", file=sys.stderr)
+        return 1
+    bad = [i for i, row in enumerate(table, start=2) if row.get("label") not in ("covid", "negative")
+           or not row.get("file")]
+    if not table or bad:
+        print(f"calibrate-site: {labels} needs the columns file and label (covid or negative) on every row; "
+              f"{'no rows' if not table else f'lines {bad[:5]} do not have them'}", file=sys.stderr)
+        return 1
+    files = [str(labels.parent / row["file"]) for row in table]  # relative paths: from the table's folder
+    try:
+        rows = _score_files(files, args, {})
+    except Exception as err:  # noqa: BLE001 - the CLI reports a failed request in one line, not a traceback
+        print(f"calibrate-site failed: {getattr(err, 'message', None) or err}", file=sys.stderr)
+        return 1
+    answered = [(row["label"] == "covid", entry) for row, (_, entry) in zip(table, rows, strict=True)
+                if entry.get("accepted")]
+    refused: dict[str, int] = {}
+    for _, entry in rows:
+        if not entry.get("accepted"):
+            refused[entry.get("reason") or "unknown"] = refused.get(entry.get("reason") or "unknown", 0) + 1
+    y = np.array([int(c) for c, _ in answered], dtype=int)
+    score = np.array([e["covid_probability"] for _, e in answered], dtype=float)
+    rule = {"objective": args.objective, "min_sensitivity": args.min_sensitivity}
+    try:
+        choice = sites.local_threshold(y, score, rule)
+    except ValueError as err:
+        print(f"calibrate-site: of {len(rows)} films the model answered {len(y)} ({refused} refused): {err}",
+              file=sys.stderr)
+        return 1
+    model_threshold = float(answered[0][1]["threshold"])
+    at_model = score >= model_threshold
+    out = {"threshold": choice.threshold, "objective": choice.objective, "min_sensitivity": choice.min_sensitivity,
+           "n_covid": choice.n_positive, "n_negative": choice.n_negative, "sensitivity": choice.sensitivity,
+           "specificity": choice.specificity, "model_threshold": model_threshold,
+           "model_sensitivity": float(at_model[y == 1].mean()), "model_specificity": float((~at_model[y == 0]).mean()),
+           "refused": refused, "model_version": answered[0][1].get("model_version"),
+           "note": "figures on the films the threshold was chosen on (optimistic); serve with this threshold as the "
+                   "request's params.threshold, or `covidcxr predict --threshold`"}
+    print(json.dumps(out, indent=2))
+    if args.output:
+        Path(args.output).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
@@ -328,6 +396,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=8, help="images per request (default: 8)")
     predict.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
     predict.set_defaults(func=_predict)
+    site = sub.add_parser("calibrate-site", help="a new site's own threshold: the model's rule on its labelled films")
+    site.add_argument("labels", help="CSV with columns file (relative to the CSV's folder) and label (covid or "
+                                     "negative): at least 10 answered films of each (20 or more advised)")
+    site.add_argument("--model-uri", default="models:/covidcxr@champion", help="MLflow model URI (local scoring)")
+    site.add_argument("--url", help="a running `mlflow models serve` (e.g. http://127.0.0.1:5000) instead")
+    site.add_argument("--objective", default="sensitivity",
+                      help="the model's threshold rule: sensitivity, youden or f1 "
+                           "(train_classifier.threshold_objective)")
+    site.add_argument("--min-sensitivity", type=float, default=0.95,
+                      help="its minimum sensitivity (train_classifier.min_sensitivity; default 0.95, the pipeline's)")
+    site.add_argument("--output", help="also write the JSON here")
+    site.add_argument("--batch-size", type=int, default=8, help="images per request (default: 8)")
+    site.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
+    site.set_defaults(func=_calibrate_site)
     worker = sub.add_parser("pacs", help="score new CR/DX studies of a DICOMweb PACS; store SR + overlay back")
     worker.add_argument("--dicomweb-url", required=True, help="DICOMweb root (QIDO/WADO/STOW), e.g. "
                         "https://pacs.example.org/dicom-web; basic auth from $COVIDCXR_PACS_USER/_PASSWORD")

@@ -214,13 +214,15 @@ def test_evaluation_reports_what_serving_answers_and_held_out_rows_carry_it(tmp_
     pred = pd.DataFrame({"split": ["val"] * 4 + ["test"] * 8, "label": ["covid", "negative"] * 2 + ["negative"] * 8,
                          "score": [0.9, 0.1, 0.8, 0.2, *scores], "ood_score": [1.0] * 4 + ood,
                          "patient_id": [f"p{i}" for i in range(12)]})
-    p = {"n_boot": 20, "seed": 0, "calibration_bins": 5}
-    result = evaluate.evaluate_model(pred, 0.5, p, loaded)
+    p = {"n_boot": 20, "seed": 0, "calibration_bins": 5, "site_calibration": {"n_per_class": 20, "draws": 10}}
+    rule = {"threshold": 0.5, "objective": "sensitivity", "min_sensitivity": 0.9}
+    result = evaluate.evaluate_model(pred, rule, p, loaded)
     served = result["test"]["served"]
     assert (served["n_negative"], served["refused"]) == (8, 2)
     assert served["negatives_called_covid"] == pytest.approx(2 / 8)  # 0.9 and 0.6 answered; 0.8 and 0.7 refused
     assert result["test"]["at_operating"]["specificity"] == pytest.approx(4 / 8)  # counts the refused ones too
-    assert evaluate.evaluate_model(pred, 0.5, p)["test"]["served"]["refused"] == 0  # no detector: nothing refused
+    assert evaluate.evaluate_model(pred, rule, p)["test"]["served"]["refused"] == 0  # no detector: nothing refused
+    assert result["test"]["site_calibration"]["status"] == "skipped" and "site_calibration" not in result["val"]
     result["operating_threshold"] = 0.5
     _common.write_json(tmp_path / "reports/evaluate/c_vgg16/metrics.json", result)
     _common.write_json(tmp_path / "reports/split/summary.json", {"covid": {"test": {"negative": 8}}})
@@ -247,6 +249,43 @@ def test_evaluation_reports_what_serving_answers_and_held_out_rows_carry_it(tmp_
     assert "negatives called COVID-19 by serving" in rendered and "0.250 ± 0.000 (0.250 to 0.250)" in rendered
 
 
+def test_a_held_out_site_with_both_classes_reports_its_own_threshold_beside_the_model_s(tmp_path: Path):
+    """At a new site every score sits higher (its healthy films look like COVID-19 to the model): the model's
+    threshold calls most negatives COVID-19; a threshold chosen on 20 + 20 of the site's own films, by the model's rule
+    (sensitivity >= 0.9), calls far fewer, and the held-out rows and summary carry both on the same films."""
+    rng = np.random.default_rng(3)
+    n_pos, n_neg = 60, 120
+    test_scores = np.r_[rng.uniform(0.6, 1.0, n_pos), rng.uniform(0.35, 0.75, n_neg)]
+    pred = pd.DataFrame({"split": ["val"] * 4 + ["test"] * (n_pos + n_neg),
+                         "label": ["covid", "negative"] * 2 + ["covid"] * n_pos + ["negative"] * n_neg,
+                         "score": [0.9, 0.1, 0.8, 0.2, *test_scores], "ood_score": 1.0,
+                         "patient_id": [f"p{i}" for i in range(4 + n_pos + n_neg)]})
+    rule = {"threshold": 0.3, "objective": "sensitivity", "min_sensitivity": 0.9}
+    p = {"n_boot": 20, "seed": 0, "calibration_bins": 5, "site_calibration": {"n_per_class": 20, "draws": 50}}
+    result = evaluate.evaluate_model(pred, rule, p)
+    site = result["test"]["site_calibration"]
+    assert site["status"] == "measured" and (site["n_covid"], site["n_negative"]) == (n_pos, n_neg)
+    assert site["model_specificity"] == 0.0 and site["model_sensitivity"] == 1.0  # every film above 0.3
+    assert site["specificity"] > 0.5 and site["sensitivity"] >= 0.8 and site["threshold_median"] > 0.55
+    result["operating_threshold"] = 0.3
+    _common.write_json(tmp_path / "reports/evaluate/c_vgg16/metrics.json", result)
+    _common.write_json(tmp_path / "reports/split/summary.json", {"covid": {"test": {"covid": n_pos}}})
+    got = experiment.collect_classifier(tmp_path, {"train_classifier.variants": ["c"],
+                                                   "train_classifier.backbones": ["vgg16"]})
+    run = {"models": {"c_vgg16": got["models"]["c_vgg16"]}}
+    older = {"models": {"c_vgg16": {k: v for k, v in run["models"]["c_vgg16"].items()
+                                    if k != "test_site_calibration"}}}
+    assert "site_specificity" not in experiment.heldout_figures({"select": ["x"]}, {"x": [run, older]})[
+        "sources"]["x"]["c_vgg16"]  # a seed without the figure: no mean over the others
+    figures = experiment.heldout_figures({"select": ["kermany"]}, {"kermany": [run, run], "hospitals": [run, run]})
+    row = figures["sources"]["hospitals"]["c_vgg16"]
+    assert row["site_specificity"] == pytest.approx(site["specificity"]) and row["site_specificity_sd"] == 0.0
+    assert row["site_model_specificity"] == 0.0 and row["site_n_per_class"] == 20
+    rendered = "\n".join(experiment._heldout_summary_rows({"x": {"heldout": figures}}))
+    assert "the model's own rule on 20 COVID-19 and 20 negative films" in rendered
+    assert f"| hospitals | c_vgg16 | {site['specificity']:.3f} ± 0.000" in rendered
+
+
 def test_holding_out_the_only_positive_source_is_refused():
     with pytest.raises(splits.SelectionError, match=r"train split has no \['covid'\] images .*'pos'"):
         split_stage.task_tables(manifest_rows(), stage_params(holdout=[{"source": "pos"}]))
@@ -260,8 +299,12 @@ def test_one_class_test_split_reports_specificity_only(tmp_path: Path):
                          "label": ["covid", "negative"] * (n // 2) + ["negative"] * n,
                          "score": np.r_[rng.random(n), np.linspace(0.05, 0.95, n)],
                          "patient_id": [f"p{i}" for i in range(2 * n)]})
-    result = evaluate.evaluate_model(pred, 0.5, {"n_boot": 50, "seed": 0, "calibration_bins": 5})
+    rule = {"threshold": 0.5, "objective": "sensitivity", "min_sensitivity": 0.9}
+    p = {"n_boot": 50, "seed": 0, "calibration_bins": 5, "site_calibration": {"n_per_class": 20, "draws": 10}}
+    result = evaluate.evaluate_model(pred, rule, p)
     assert result["test"]["at_operating"]["specificity"] == pytest.approx(0.5)
+    site = result["test"]["site_calibration"]  # no COVID-19 film: a site threshold cannot be chosen, and it says so
+    assert site["status"] == "skipped" and "0 COVID-19 and 30 negative films" in site["reason"]
     assert np.isnan(result["test"]["at_operating"]["roc_auc"])
     curves = evaluate.curves(pred, 5)
     assert curves["roc"] == [] and curves["pr"] == []

@@ -295,6 +295,33 @@ def pa_dicom(path: Path, side: int = 512) -> str:
     return base64.b64encode(make_dicom(pixels, ViewPosition="PA")).decode("ascii")
 
 
+def site_labels(project: Path, scored: pd.DataFrame, manifest: pd.DataFrame, lateral: Path) -> Path:
+    """A new site's labelled films for `covidcxr calibrate-site`: 10 COVID-19 and 10 negative frontals that serving
+    answers (paths relative to the table's folder) and one lateral, which it refuses and the threshold must not use."""
+    chosen = [i for label in ("covid", "negative") for i in scored.index[scored["label"] == label][:10]]
+    assert len(chosen) == 20, "the demo has at least 10 usable films of each class"
+    rows = [(manifest.loc[i, "path"], scored.loc[i, "label"]) for i in chosen]
+    rows.append((str(lateral.relative_to(project)), "negative"))
+    table = project / "site" / "labels.csv"
+    table.parent.mkdir(exist_ok=True)
+    table.write_text("file,label\n" + "".join(f"../{f},{label}\n" for f, label in rows))
+    return table
+
+
+def check_site_threshold(remote: dict, local: dict, scored: pd.DataFrame, version: str) -> None:
+    """The site's threshold is the model's rule (sensitivity >= 0.95, then the highest specificity) applied to the 20
+    films it answered, served or in process alike; the lateral is counted as refused, not used."""
+    assert remote == local and remote["model_version"] == version
+    assert (remote["n_covid"], remote["n_negative"], remote["refused"]) == (10, 10, {"lateral_view": 1})
+    assert (remote["objective"], remote["min_sensitivity"]) == ("sensitivity", 0.95)
+    assert remote["sensitivity"] >= 0.95 and 0.0 <= remote["specificity"] <= 1.0
+    films = scored[scored["label"] == "covid"].iloc[:10]
+    negatives = scored[scored["label"] == "negative"].iloc[:10]
+    # the threshold is one of the films' own served probabilities (those match the stage's scores to 1e-4)
+    assert min(abs(s - remote["threshold"]) for s in pd.concat([films, negatives])["score"]) < 1e-3
+    assert remote["model_specificity"] == pytest.approx(float((negatives["score"] < remote["model_threshold"]).mean()))
+
+
 def check_monitoring(project: Path, url: str, version: str, manifest: pd.DataFrame) -> list[str]:
     """The served model's own test split, then a real source it never saw (Kermany's children as PA DICOMs, when
     $COVIDCXR_REAL_DATA is set), through the prediction log the server writes and `covidcxr monitor` against the
@@ -458,11 +485,17 @@ def check_register_and_serve(project: Path) -> list[str]:
         table = run(["covidcxr", "predict", str(frontal), str(lateral), "--url", url], project).stdout.splitlines()
         assert table[0].split("\t")[:2] == ["file", "accepted"]
         assert table[1].split("\t")[1] == "True" and table[2].split("\t")[-1] == "lateral_view"
+        detector = folders.ood_detector(project / f"artifacts/models/classifier_{served_name}")
+        answered = scores.loc[usable][~detector.is_out(scores.loc[usable, "ood_score"].to_numpy())]
+        site = site_labels(project, answered, manifest, lateral)
+        remote_site = json.loads(run(["covidcxr", "calibrate-site", str(site), "--url", url], project).stdout)
         monitored = check_monitoring(project, url, served_version, manifest)
     finally:
         stop_server(server)
     local = run(["covidcxr", "predict", str(frontal), str(lateral)], project).stdout.splitlines()
     assert local == table  # the same model through the same code path, in process
+    local_site = json.loads(run(["covidcxr", "calibrate-site", str(site)], project).stdout)
+    check_site_threshold(remote_site, local_site, answered, served_version)
 
     server_log = log.read_text()
     assert "Doe^Janet" not in server_log

@@ -1,0 +1,84 @@
+"""A new site's own operating threshold: the model's threshold rule applied to a few labelled films of that site.
+
+A threshold chosen on the validation split of the training sources does not carry to a hospital the model never saw:
+on the real corpus, at the held-out hospitals, the validation threshold gives a sensitivity above its target and a
+specificity of a third. The field's remedy is local validation before use: the site scores a small labelled set of
+its own films and the threshold is chosen there by the model's own rule (:func:`covidcxr.metrics.operating_threshold`
+with the objective and minimum sensitivity saved with the model, ``threshold.json``). :func:`local_threshold` does it
+(``covidcxr calibrate-site``); serving applies the result as a request's ``threshold``. :func:`local_calibration`
+measures what it buys (stage ``evaluate``, on a test split with both classes): it draws many small calibration sets
+from the split, chooses the threshold on each and scores the split's other films with it, beside the model's own
+threshold on the same films.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from covidcxr import metrics
+
+#: Fewest films of each class a site threshold is chosen on: below it one film moves the sensitivity by over 10%.
+MIN_PER_CLASS = 10
+
+
+def local_threshold(y: np.ndarray, score: np.ndarray, rule: Mapping, *,
+                    min_per_class: int = MIN_PER_CLASS) -> metrics.ThresholdChoice:
+    """The model's threshold rule (``rule``: the choice saved with it, as :func:`covidcxr.folders.folder_threshold`
+    reads it: ``objective`` and ``min_sensitivity``) applied to a site's labelled films (``y`` 1 for COVID-19, the
+    served ``score``). Fewer than ``min_per_class`` films of either class is an error that says how many there are."""
+    y, score = np.asarray(y, dtype=int).ravel(), np.asarray(score, dtype=float).ravel()
+    if len(y) != len(score):
+        raise ValueError(f"{len(y)} labels for {len(score)} scores")
+    if not np.isfinite(score).all():
+        raise ValueError("every score must be a finite probability (a refused film has none: leave it out)")
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    if min(n_pos, n_neg) < min_per_class:
+        raise ValueError(f"a site threshold needs at least {min_per_class} COVID-19 and {min_per_class} negative "
+                         f"films; got {n_pos} and {n_neg}")
+    extra = {"min_sensitivity": float(rule["min_sensitivity"])} if rule.get("min_sensitivity") is not None else {}
+    return metrics.operating_threshold(y, score, str(rule["objective"]), **extra)
+
+
+def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_class: int = 20, draws: int = 200,
+                      seed: int = 0) -> dict:
+    """What a site gains from its own threshold, measured on a labelled split of films it never trained on.
+
+    Each of ``draws`` times: ``n_per_class`` COVID-19 and ``n_per_class`` negative films drawn at random (without
+    replacement) choose a threshold by :func:`local_threshold`, and the split's other films are called with it and,
+    for comparison, with the model's own threshold (``rule["threshold"]``). Returns the mean over draws of each
+    sensitivity and specificity, their 10th and 90th percentiles (how much a site's few films move them), and the
+    median threshold; ``status`` is ``skipped``, with the reason, when a class has too few films to both choose and
+    test (``n_per_class`` + 5).
+    """
+    y, score = np.asarray(y, dtype=int).ravel(), np.asarray(score, dtype=float).ravel()
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    base = {"n_per_class": int(n_per_class), "draws": int(draws), "n_covid": n_pos, "n_negative": n_neg,
+            "objective": rule.get("objective"), "min_sensitivity": rule.get("min_sensitivity")}
+    if rule.get("objective") is None:
+        return {**base, "status": "skipped", "reason": "the model's threshold does not say by which rule it was chosen"}
+    if min(n_pos, n_neg) < n_per_class + 5:
+        return {**base, "status": "skipped",
+                "reason": f"{n_pos} COVID-19 and {n_neg} negative films: a site threshold on {n_per_class} of each "
+                          f"needs at least {n_per_class + 5} of each (the rest test it)"}
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    figures: dict[str, list[float]] = {k: [] for k in ("sensitivity", "specificity", "threshold",
+                                                       "model_sensitivity", "model_specificity")}
+    for _ in range(int(draws)):
+        p, n = rng.permutation(pos), rng.permutation(neg)
+        chosen = np.r_[p[:n_per_class], n[:n_per_class]]
+        rest_y, rest_s = np.r_[y[p[n_per_class:]], y[n[n_per_class:]]], np.r_[score[p[n_per_class:]],
+                                                                              score[n[n_per_class:]]]
+        t = local_threshold(y[chosen], score[chosen], rule, min_per_class=min(n_per_class, MIN_PER_CLASS)).threshold
+        for prefix, threshold in (("", t), ("model_", float(rule["threshold"]))):
+            called = rest_s >= threshold
+            figures[prefix + "sensitivity"].append(float(called[rest_y == 1].mean()))
+            figures[prefix + "specificity"].append(float((~called[rest_y == 0]).mean()))
+        figures["threshold"].append(t)
+    out = {**base, "status": "measured", "threshold_median": float(np.median(figures.pop("threshold")))}
+    for key, values in figures.items():
+        out[key] = float(np.mean(values))
+        out[f"{key}_p10"], out[f"{key}_p90"] = (float(v) for v in np.percentile(values, [10, 90]))
+    return out

@@ -1,0 +1,59 @@
+"""covidcxr.sites: a site's own threshold by the model's rule, and what it buys on films it was not chosen on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from covidcxr import metrics, sites
+
+RULE = {"threshold": 0.3, "objective": "sensitivity", "min_sensitivity": 0.9}
+
+
+def test_local_threshold_is_the_model_s_rule_on_the_site_s_films():
+    y = np.r_[np.ones(10, int), np.zeros(10, int)]
+    score = np.r_[np.linspace(0.55, 0.95, 10), np.linspace(0.1, 0.6, 10)]
+    choice = sites.local_threshold(y, score, RULE)
+    assert choice == metrics.operating_threshold(y, score, "sensitivity", min_sensitivity=0.9)
+    assert choice.sensitivity >= 0.9 and choice.threshold > RULE["threshold"]
+    youden = sites.local_threshold(y, score, {"threshold": 0.5, "objective": "youden", "min_sensitivity": None})
+    assert youden == metrics.operating_threshold(y, score, "youden")
+
+
+@pytest.mark.parametrize("y, score, message", [
+    (np.r_[np.ones(9, int), np.zeros(10, int)], np.full(19, 0.5), "10 COVID-19 and 10 negative films; got 9 and 10"),
+    (np.r_[np.ones(10, int), np.zeros(10, int)], np.r_[np.full(19, 0.5), np.nan], "finite probability"),
+    (np.ones(3, int), np.full(4, 0.5), "3 labels for 4 scores"),
+])
+def test_local_threshold_refuses_what_it_cannot_choose_on(y, score, message):
+    with pytest.raises(ValueError, match=message):
+        sites.local_threshold(y, score, RULE)
+
+
+def test_local_calibration_measures_the_site_threshold_on_the_other_films_beside_the_model_s():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(50, int), np.zeros(150, int)]
+    score = np.r_[rng.uniform(0.6, 1.0, 50), rng.uniform(0.35, 0.75, 150)]  # a site whose healthy films score high
+    out = sites.local_calibration(y, score, RULE, n_per_class=20, draws=100, seed=1)
+    assert out["status"] == "measured" and (out["n_covid"], out["n_negative"], out["draws"]) == (50, 150, 100)
+    assert out["model_specificity"] == 0.0 and out["model_sensitivity"] == 1.0
+    assert 0.5 < out["specificity"] < 1.0 and out["sensitivity_p10"] <= out["sensitivity"] <= out["sensitivity_p90"]
+    assert out["threshold_median"] > 0.55
+    # by hand, the first draw: the same generator, the same films, the same threshold and figures
+    g = np.random.default_rng(1)
+    p, n = g.permutation(np.flatnonzero(y == 1)), g.permutation(np.flatnonzero(y == 0))
+    t = metrics.operating_threshold(y[np.r_[p[:20], n[:20]]], score[np.r_[p[:20], n[:20]]], "sensitivity",
+                                    min_sensitivity=0.9).threshold
+    once = sites.local_calibration(y, score, RULE, n_per_class=20, draws=1, seed=1)
+    assert once["threshold_median"] == t
+    assert once["specificity"] == pytest.approx(float((score[n[20:]] < t).mean()))
+    assert once["sensitivity"] == pytest.approx(float((score[p[20:]] >= t).mean()))
+    assert sites.local_calibration(y, score, RULE, n_per_class=20, draws=100, seed=1) == out  # seeded
+
+
+def test_local_calibration_says_why_it_could_not_measure():
+    y, score = np.r_[np.ones(24, int), np.zeros(100, int)], np.linspace(0, 1, 124)
+    short = sites.local_calibration(y, score, RULE, n_per_class=20)
+    assert short["status"] == "skipped" and "24 COVID-19 and 100 negative films" in short["reason"]
+    unknown = sites.local_calibration(y, score, {"threshold": 0.5}, n_per_class=5)
+    assert unknown["status"] == "skipped" and "by which rule" in unknown["reason"]

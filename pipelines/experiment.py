@@ -244,8 +244,13 @@ def _served_row(ms: list[dict]) -> dict:
 def _site_row(ms: list[dict]) -> dict:
     """A held-out run with both classes: sensitivity and specificity with a threshold the site chose on a few of its
     own films (``site_``), and with the model's own threshold on the same films (``site_model_``), each the mean over
-    draws; mean and sd over seeds. Nothing where it was not measured (one class, too few films, older records)."""
-    if any((m.get("test_site_calibration") or {}).get("status") != "measured" for m in ms):
+    draws; mean and sd over seeds. ``site_skipped``: why a seed with COVID-19 films could not measure it (e.g. serving
+    refused most of them); nothing for a source of negatives only or a record made before it was measured."""
+    blocks = [m.get("test_site_calibration") or {} for m in ms]
+    skipped = [b for b in blocks if b.get("status") == "skipped" and b.get("n_covid")]
+    if skipped:
+        return {"site_skipped": f"{len(skipped)} of {len(blocks)} seeds: {skipped[0]['reason']}"}
+    if any(b.get("status") != "measured" for b in blocks):
         return {}
     keys = ("sensitivity", "specificity", "model_sensitivity", "model_specificity")
     return {"site_n_per_class": ms[0]["test_site_calibration"]["n_per_class"],
@@ -805,18 +810,21 @@ def _heldout_summary_rows(runs: dict) -> list[str]:
                                                    "detected")]
                 out.append(f"| {label} | {role} | {model} | {' | '.join(cells)} | {row.get('n_seeds', 1)} |")
         sited = [(label, model, row) for label, by_model in figures["sources"].items()
-                 for model, row in by_model.items() if row.get("site_specificity") is not None]
+                 for model, row in by_model.items()
+                 if row.get("site_specificity") is not None or row.get("site_skipped")]
         if sited:
-            n = sited[0][2]["site_n_per_class"]
+            n = next((row["site_n_per_class"] for _, _, row in sited if row.get("site_n_per_class")), "n")
             out += ["", f"A threshold chosen at the site (the model's own rule on {n} COVID-19 and {n} negative films "
                     "of the held-out run's test, drawn at random, and its other films called with it; mean over the "
                     "draws, then mean ± sd (min to max) over seeds) against the model's threshold on the same films "
                     "(films refused as out of distribution left out):", "",
                     "| held out | classifier | specificity, site threshold | sensitivity, site threshold | "
                     "specificity, model's threshold | sensitivity, model's threshold |", "|---|---|---|---|---|---|"]
-            out += [f"| {label} | {model} | " + " | ".join(_spread(row, f"site_{k}") for k in (
-                "specificity", "sensitivity", "model_specificity", "model_sensitivity")) + " |"
-                for label, model, row in sited]
+            figures_of = ("specificity", "sensitivity", "model_specificity", "model_sensitivity")
+            for label, model, row in sited:
+                cells = ([f"not measured: {row['site_skipped']}", "", "", ""] if row.get("site_skipped")
+                         else [_spread(row, f"site_{k}") for k in figures_of])
+                out.append(f"| {label} | {model} | {' | '.join(cells)} |")
     return out
 
 

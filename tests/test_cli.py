@@ -43,3 +43,13 @@ def test_verbose_flag_before_or_after_the_command():
     assert parser.parse_args(["-v", "inspect", "a.png"]).verbose is True
     assert parser.parse_args(["inspect", "a.png", "-v"]).verbose is True
     assert parser.parse_args(["inspect", "a.png"]).verbose is False
+
+
+def test_calibrate_site_refuses_a_table_it_cannot_use_before_loading_any_model(tmp_path, capsys):
+    table = tmp_path / "labels.csv"
+    table.write_text("file,label\na.png,covid\nb.png,healthy\n,negative\n")
+    assert cli.main(["calibrate-site", str(table)]) == 1
+    err = capsys.readouterr().err
+    assert "needs the columns file and label (covid or negative)" in err and "lines [3, 4]" in err
+    assert cli.main(["calibrate-site", str(tmp_path / "missing.csv")]) == 1
+    assert "cannot read" in capsys.readouterr().err

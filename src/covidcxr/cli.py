@@ -87,6 +87,7 @@ def _calibrate_site(args: argparse.Namespace) -> int:
     threshold rule to the films it answers (covidcxr.sites); print the threshold, what it gives on those films and what
     the model's own threshold gives on them, as JSON."""
     import csv
+    from collections import Counter
     from pathlib import Path
 
     import numpy as np
@@ -114,10 +115,7 @@ def _calibrate_site(args: argparse.Namespace) -> int:
         return 1
     answered = [(row["label"] == "covid", entry) for row, (_, entry) in zip(table, rows, strict=True)
                 if entry.get("accepted")]
-    refused: dict[str, int] = {}
-    for _, entry in rows:
-        if not entry.get("accepted"):
-            refused[entry.get("reason") or "unknown"] = refused.get(entry.get("reason") or "unknown", 0) + 1
+    refused = dict(Counter(entry.get("reason") or "unknown" for _, entry in rows if not entry.get("accepted")))
     y = np.array([int(c) for c, _ in answered], dtype=int)
     score = np.array([e["covid_probability"] for _, e in answered], dtype=float)
     rule = {"objective": args.objective, "min_sensitivity": args.min_sensitivity}

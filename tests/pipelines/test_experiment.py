@@ -284,6 +284,16 @@ def test_a_held_out_site_with_both_classes_reports_its_own_threshold_beside_the_
     rendered = "\n".join(experiment._heldout_summary_rows({"x": {"heldout": figures}}))
     assert "the model's own rule on 20 COVID-19 and 20 negative films" in rendered
     assert f"| hospitals | c_vgg16 | {site['specificity']:.3f} ± 0.000" in rendered
+    # serving refused most of the site's COVID-19 films in one seed: the row says so instead of a mean of the others
+    few = {**run["models"]["c_vgg16"], "test_site_calibration": {
+        "status": "skipped", "n_covid": 7, "reason": "7 COVID-19 and 434 negative films: too few"}}
+    figures = experiment.heldout_figures({"select": ["kermany"]}, {"kermany": [run], "hospitals": [
+        run, {"models": {"c_vgg16": few}}]})
+    assert figures["sources"]["hospitals"]["c_vgg16"]["site_skipped"] == "1 of 2 seeds: 7 COVID-19 and 434 negative " \
+                                                                         "films: too few"
+    assert "site_skipped" not in figures["sources"]["kermany"]["c_vgg16"]
+    rendered = "\n".join(experiment._heldout_summary_rows({"x": {"heldout": figures}}))
+    assert "| hospitals | c_vgg16 | not measured: 1 of 2 seeds: 7 COVID-19" in rendered
 
 
 def test_holding_out_the_only_positive_source_is_refused():

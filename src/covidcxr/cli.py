@@ -126,7 +126,7 @@ def _calibrate_site(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     model_threshold = float(answered[0][1]["threshold"])
-    at_model = score >= model_threshold
+    at_model = np.array([e["label"] == "covid" for _, e in answered])  # serving's own call at the model's threshold
     out = {"threshold": choice.threshold, "objective": choice.objective, "min_sensitivity": choice.min_sensitivity,
            "n_covid": choice.n_positive, "n_negative": choice.n_negative, "sensitivity": choice.sensitivity,
            "specificity": choice.specificity, "model_threshold": model_threshold,

@@ -253,7 +253,9 @@ def _site_row(ms: list[dict]) -> dict:
     if any(b.get("status") != "measured" for b in blocks):
         return {}
     keys = ("sensitivity", "specificity", "model_sensitivity", "model_specificity")
-    return {"site_n_per_class": ms[0]["test_site_calibration"]["n_per_class"],
+    first = ms[0]["test_site_calibration"]
+    promised = {"site_promised_sensitivity": first["promised_sensitivity"]} if "promised_sensitivity" in first else {}
+    return {"site_n_per_class": first["n_per_class"], **promised,
             **_block_row(ms, "test_site_calibration", tuple((f"site_{k}", k) for k in keys))}
 
 
@@ -814,7 +816,11 @@ def _heldout_summary_rows(runs: dict) -> list[str]:
                  if row.get("site_specificity") is not None or row.get("site_skipped")]
         if sited:
             n = next((row["site_n_per_class"] for _, _, row in sited if row.get("site_n_per_class")), "n")
-            out += ["", f"A threshold chosen at the site (the model's own rule on {n} COVID-19 and {n} negative films "
+            promised = next((row["site_promised_sensitivity"] for _, _, row in sited
+                             if row.get("site_promised_sensitivity") is not None), None)
+            rule = "the model's own rule" if promised is None else (
+                f"the model's own rule, its sensitivity target kept on the site's next films (promised {promised:.3f})")
+            out += ["", f"A threshold chosen at the site ({rule} on {n} COVID-19 and {n} negative films "
                     "of the held-out run's test, drawn at random, and its other films called with it; mean over the "
                     "draws, then mean ± sd (min to max) over seeds) against the model's threshold on the same films "
                     "(films refused as out of distribution left out):", "",

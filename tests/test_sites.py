@@ -10,14 +10,53 @@ from covidcxr import metrics, sites
 RULE = {"threshold": 0.3, "objective": "sensitivity", "min_sensitivity": 0.9}
 
 
-def test_local_threshold_is_the_model_s_rule_on_the_site_s_films():
+def test_local_threshold_is_the_model_s_rule_kept_on_the_site_s_next_films():
     y = np.r_[np.ones(10, int), np.zeros(10, int)]
     score = np.r_[np.linspace(0.55, 0.95, 10), np.linspace(0.1, 0.6, 10)]
     choice = sites.local_threshold(y, score, RULE)
-    assert choice == metrics.operating_threshold(y, score, "sensitivity", min_sensitivity=0.9)
-    assert choice.sensitivity >= 0.9 and choice.threshold > RULE["threshold"]
+    # 10 films promise 0.9 only if none falls below: the threshold is the lowest COVID-19 score, where "0.9 of these
+    # films" (the point estimate) would leave one below
+    assert choice.threshold == 0.55 and choice.sensitivity == 1.0 and choice.min_sensitivity == 0.9
+    point = metrics.operating_threshold(y, score, "sensitivity", min_sensitivity=0.9)
+    assert point.threshold > choice.threshold and point.sensitivity == 0.9
+    assert choice.specificity == float((score[10:] < 0.55).mean())
     youden = sites.local_threshold(y, score, {"threshold": 0.5, "objective": "youden", "min_sensitivity": None})
     assert youden == metrics.operating_threshold(y, score, "youden")
+
+
+@pytest.mark.parametrize("n, target, misses, promised", [
+    (20, 0.95, 0, 20 / 21), (19, 0.95, 0, 19 / 20), (40, 0.95, 1, 39 / 41), (20, 0.9, 1, 19 / 21), (9, 0.9, 0, 0.9),
+])
+def test_site_rule_leaves_as_many_films_below_as_the_promise_allows(n, target, misses, promised):
+    assert sites.site_rule(n, target) == (misses, pytest.approx(promised))
+    assert (n - misses - 1) / (n + 1) < target  # one more miss would break the promise
+
+
+@pytest.mark.parametrize("n, target, message", [(18, 0.95, "18 COVID-19 films .* at least 19"),
+                                                 (10, 1.0, r"in \[0, 1\)")])
+def test_site_rule_says_how_many_films_a_promise_takes(n, target, message):
+    with pytest.raises(ValueError, match=message):
+        sites.site_rule(n, target)
+
+
+def test_the_site_rule_keeps_its_promise_on_new_films_where_the_point_estimate_does_not():
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(400, int), np.zeros(400, int)]
+    score = np.r_[rng.beta(5, 2, 400), rng.beta(2, 5, 400)]
+    rule = {"threshold": 0.5, "objective": "sensitivity", "min_sensitivity": 0.95}
+    out = sites.local_calibration(y, score, rule, n_per_class=20, draws=400, seed=0)
+    assert out["promised_sensitivity"] == pytest.approx(20 / 21)
+    assert out["sensitivity"] >= 0.945  # 20/21 in expectation; the 400 draws' mean is within 0.005 of it
+    # the point estimate on the same draws (one of 20 films below the threshold) averages 19/21
+    g = np.random.default_rng(0)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    kept = []
+    for _ in range(400):
+        p, n = g.permutation(pos), g.permutation(neg)
+        t = metrics.operating_threshold(y[np.r_[p[:20], n[:20]]], score[np.r_[p[:20], n[:20]]], "sensitivity",
+                                        min_sensitivity=0.95).threshold
+        kept.append(float((score[p[20:]] >= t).mean()))
+    assert np.mean(kept) < 0.925
 
 
 @pytest.mark.parametrize("y, score, message", [
@@ -42,8 +81,7 @@ def test_local_calibration_measures_the_site_threshold_on_the_other_films_beside
     # by hand, the first draw: the same generator, the same films, the same threshold and figures
     g = np.random.default_rng(1)
     p, n = g.permutation(np.flatnonzero(y == 1)), g.permutation(np.flatnonzero(y == 0))
-    t = metrics.operating_threshold(y[np.r_[p[:20], n[:20]]], score[np.r_[p[:20], n[:20]]], "sensitivity",
-                                    min_sensitivity=0.9).threshold
+    t = float(np.sort(score[p[:20]])[1])  # 20 films promise 0.9 with one below: the second-lowest COVID-19 score
     once = sites.local_calibration(y, score, RULE, n_per_class=20, draws=1, seed=1)
     assert once["threshold_median"] == t
     assert once["specificity"] == pytest.approx(float((score[n[20:]] < t).mean()))
@@ -57,3 +95,5 @@ def test_local_calibration_says_why_it_could_not_measure():
     assert short["status"] == "skipped" and "24 COVID-19 and 100 negative films" in short["reason"]
     unknown = sites.local_calibration(y, score, {"threshold": 0.5}, n_per_class=5)
     assert unknown["status"] == "skipped" and "by which rule" in unknown["reason"]
+    few = sites.local_calibration(y, score, {**RULE, "min_sensitivity": 0.95}, n_per_class=10)
+    assert few["status"] == "skipped" and "10 COVID-19 films cannot promise sensitivity 0.95" in few["reason"]

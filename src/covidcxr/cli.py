@@ -127,13 +127,17 @@ def _calibrate_site(args: argparse.Namespace) -> int:
         return 1
     model_threshold = float(answered[0][1]["threshold"])
     at_model = np.array([e["label"] == "covid" for _, e in answered])  # serving's own call at the model's threshold
+    promised = sites.site_rule(choice.n_positive, choice.min_sensitivity)[1] if choice.min_sensitivity is not None \
+        else None
     out = {"threshold": choice.threshold, "objective": choice.objective, "min_sensitivity": choice.min_sensitivity,
+           "promised_sensitivity": promised,
            "n_covid": choice.n_positive, "n_negative": choice.n_negative, "sensitivity": choice.sensitivity,
            "specificity": choice.specificity, "model_threshold": model_threshold,
            "model_sensitivity": float(at_model[y == 1].mean()), "model_specificity": float((~at_model[y == 0]).mean()),
            "refused": refused, "model_version": answered[0][1].get("model_version"),
-           "note": "figures on the films the threshold was chosen on (optimistic); serve with this threshold as the "
-                   "request's params.threshold, or `covidcxr predict --threshold`"}
+           "note": "figures on the films the threshold was chosen on (optimistic; promised_sensitivity is what the "
+                   "site's next COVID-19 films get on average); serve with this threshold as the request's "
+                   "params.threshold, or `covidcxr predict --threshold`"}
     print(json.dumps(out, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
@@ -396,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=_predict)
     site = sub.add_parser("calibrate-site", help="a new site's own threshold: the model's rule on its labelled films")
     site.add_argument("labels", help="CSV with columns file (relative to the CSV's folder) and label (covid or "
-                                     "negative): at least 10 answered films of each (20 or more advised)")
+                                     "negative): at least 10 answered films of each; a sensitivity target of 0.95 "
+                                     "takes 19 COVID-19 films (n films promise at most n / (n + 1))")
     site.add_argument("--model-uri", default="models:/covidcxr@champion", help="MLflow model URI (local scoring)")
     site.add_argument("--url", help="a running `mlflow models serve` (e.g. http://127.0.0.1:5000) instead")
     site.add_argument("--objective", default="sensitivity",

@@ -252,7 +252,8 @@ def test_evaluation_reports_what_serving_answers_and_held_out_rows_carry_it(tmp_
 def test_a_held_out_site_with_both_classes_reports_its_own_threshold_beside_the_model_s(tmp_path: Path):
     """At a new site every score sits higher (its healthy films look like COVID-19 to the model): the model's
     threshold calls most negatives COVID-19; a threshold chosen on 20 + 20 of the site's own films, by the model's rule
-    (sensitivity >= 0.9), calls far fewer, and the held-out rows and summary carry both on the same films."""
+    (sensitivity 0.9, kept on the site's next films), calls far fewer, and the held-out rows and summary carry both on
+    the same films."""
     rng = np.random.default_rng(3)
     n_pos, n_neg = 60, 120
     test_scores = np.r_[rng.uniform(0.6, 1.0, n_pos), rng.uniform(0.35, 0.75, n_neg)]
@@ -281,8 +282,10 @@ def test_a_held_out_site_with_both_classes_reports_its_own_threshold_beside_the_
     row = figures["sources"]["hospitals"]["c_vgg16"]
     assert row["site_specificity"] == pytest.approx(site["specificity"]) and row["site_specificity_sd"] == 0.0
     assert row["site_model_specificity"] == 0.0 and row["site_n_per_class"] == 20
+    assert row["site_promised_sensitivity"] == pytest.approx(19 / 21)  # 20 films, 0.9: one may fall below
     rendered = "\n".join(experiment._heldout_summary_rows({"x": {"heldout": figures}}))
-    assert "the model's own rule on 20 COVID-19 and 20 negative films" in rendered
+    assert ("the model's own rule, its sensitivity target kept on the site's next films (promised 0.905) on 20 "
+            "COVID-19 and 20 negative films") in rendered
     assert f"| hospitals | c_vgg16 | {site['specificity']:.3f} ± 0.000" in rendered
     # serving refused most of the site's COVID-19 films in one seed: the row says so instead of a mean of the others
     few = {**run["models"]["c_vgg16"], "test_site_calibration": {

@@ -25,7 +25,8 @@ def evaluate_model(pred: pd.DataFrame, rule: dict, p: dict, detector=None) -> di
     folder's OOD detector, whose refusals serving makes; None: a folder without one, which serving refuses nothing
     from); and for the test split, ``site_calibration``: what a site gains by choosing its own threshold with the
     model's rule on a few of its labelled films (:func:`covidcxr.sites.local_calibration`, on the films serving
-    answers)."""
+    answers), and ``site_admission``: the same when the site also admits its own films past the OOD check
+    (``covidcxr calibrate-site --admit``; with a detector only)."""
     threshold = float(rule["threshold"])
     result: dict = {}
     for split, part in pred.groupby("split"):
@@ -45,10 +46,12 @@ def evaluate_model(pred: pd.DataFrame, rule: dict, p: dict, detector=None) -> di
             "ece": metrics.expected_calibration_error(y, s, n_bins=int(p["calibration_bins"])),
         }
         if split == "test":  # a held-out site's test split: what its own threshold would give it
-            site = p["site_calibration"]
-            result[split]["site_calibration"] = sites.local_calibration(
-                y[~refused], s[~refused], rule, n_per_class=int(site["n_per_class"]), draws=int(site["draws"]),
-                seed=int(p["seed"]))
+            site = {"n_per_class": int(p["site_calibration"]["n_per_class"]),
+                    "draws": int(p["site_calibration"]["draws"]), "seed": int(p["seed"])}
+            result[split]["site_calibration"] = sites.local_calibration(y[~refused], s[~refused], rule, **site)
+            if detector is not None:  # ... and its own threshold on its own films, admitted however far they lie
+                result[split]["site_admission"] = sites.local_calibration(
+                    y, s, rule, ood=(part["ood_score"].to_numpy(float), detector.threshold), **site)
         if "raw_score" in part:  # before the calibration fitted on validation: what it changed
             result[split]["ece_uncalibrated"] = metrics.expected_calibration_error(
                 y, part["raw_score"].to_numpy(float), n_bins=int(p["calibration_bins"]))

@@ -223,13 +223,13 @@ def _heldout_row(ms: list[dict], used: bool) -> dict:
                 "specificity": m["test_specificity"]["value"], "specificity_low": m["test_specificity"]["low"],
                 "specificity_high": m["test_specificity"]["high"], "sensitivity": m["test_sensitivity"]["value"],
                 "threshold": m["operating_threshold"], "used_to_choose": used,
-                **_served_row([m]), **_site_row([m])}
+                **_served_row([m]), **_site_row([m]), **_site_row([m], ADMISSION)}
     row: dict = {"n_covid": ms[0]["test_classes"]["covid"], "n_negative": ms[0]["test_classes"]["negative"],
                  "n_seeds": len(ms), "used_to_choose": used}
     for key, figure in (("auc", "test_auc"), ("specificity", "test_specificity"), ("sensitivity", "test_sensitivity")):
         row.update(_over_seeds(key, [m[figure]["value"] for m in ms]))
     row["threshold_by_seed"] = [m["operating_threshold"] for m in ms]
-    return {**row, **_served_row(ms), **_site_row(ms)}
+    return {**row, **_served_row(ms), **_site_row(ms), **_site_row(ms, ADMISSION)}
 
 
 def _served_row(ms: list[dict]) -> dict:
@@ -241,22 +241,32 @@ def _served_row(ms: list[dict]) -> dict:
                                           ("detected", "positives_called_covid")))
 
 
-def _site_row(ms: list[dict]) -> dict:
+#: The held-out rows' site figures: (record block, row prefix, figures).
+SITE = ("test_site_calibration", "site_", ("sensitivity", "specificity", "model_sensitivity", "model_specificity"))
+ADMISSION = ("test_site_admission", "admit_", (*SITE[2], "refused", "model_refused"))
+
+
+def _site_row(ms: list[dict], kind: tuple = SITE) -> dict:
     """A held-out run with both classes: sensitivity and specificity with a threshold the site chose on a few of its
     own films (``site_``), and with the model's own threshold on the same films (``site_model_``), each the mean over
     draws; mean and sd over seeds. ``site_skipped``: why a seed with COVID-19 films could not measure it (e.g. serving
-    refused most of them); nothing for a source of negatives only or a record made before it was measured."""
-    blocks = [m.get("test_site_calibration") or {} for m in ms]
-    skipped = [b for b in blocks if b.get("status") == "skipped" and b.get("n_covid")]
+    refused most of them); nothing for a source of negatives only or a record made before it was measured.
+    ``kind`` :data:`ADMISSION`: the same when the site also admits its own films past the OOD check (``admit_``), with
+    the shares refused at the site's OOD threshold and at the model's."""
+    block, prefix, keys = kind
+    blocks = [m.get(block) or {} for m in ms]
+    # a run whose test holds COVID-19 films, even if serving answered none of them (not a source of negatives only)
+    skipped = [b for m, b in zip(ms, blocks, strict=True) if b.get("status") == "skipped"
+               and ((m.get("test_classes") or {}).get("covid") or b.get("n_covid"))]
     if skipped:
-        return {"site_skipped": f"{len(skipped)} of {len(blocks)} seeds: {skipped[0]['reason']}"}
+        return {f"{prefix}skipped": f"{len(skipped)} of {len(blocks)} seeds: {skipped[0]['reason']}"}
     if any(b.get("status") != "measured" for b in blocks):
         return {}
-    keys = ("sensitivity", "specificity", "model_sensitivity", "model_specificity")
-    first = ms[0]["test_site_calibration"]
-    promised = {"site_promised_sensitivity": first["promised_sensitivity"]} if "promised_sensitivity" in first else {}
-    return {"site_n_per_class": first["n_per_class"], **promised,
-            **_block_row(ms, "test_site_calibration", tuple((f"site_{k}", k) for k in keys))}
+    first = ms[0][block]
+    promised = ({f"{prefix}promised_sensitivity": first["promised_sensitivity"]} if "promised_sensitivity" in first
+                else {})
+    return {f"{prefix}n_per_class": first["n_per_class"], **promised,
+            **_block_row(ms, block, tuple((f"{prefix}{k}", k) for k in keys))}
 
 
 def _block_row(ms: list[dict], block: str, keys: tuple[tuple[str, str], ...]) -> dict:
@@ -438,6 +448,7 @@ def collect_classifier(workdir: Path, params: dict, targets: tuple[str, ...] = (
                 "test_ood_refused": _ood_refused(workdir, variant, backbone),
                 "test_served": _served(test),
                 "test_site_calibration": test.get("site_calibration"),
+                "test_site_admission": test.get("site_admission"),
             }
             if audit_report is not None:
                 from covidcxr import audit
@@ -811,26 +822,42 @@ def _heldout_summary_rows(runs: dict) -> list[str]:
                 cells = [_spread(row, k) for k in ("specificity", "auc", "sensitivity", "called_covid", "refused",
                                                    "detected")]
                 out.append(f"| {label} | {role} | {model} | {' | '.join(cells)} | {row.get('n_seeds', 1)} |")
-        sited = [(label, model, row) for label, by_model in figures["sources"].items()
-                 for model, row in by_model.items()
-                 if row.get("site_specificity") is not None or row.get("site_skipped")]
-        if sited:
-            n = next((row["site_n_per_class"] for _, _, row in sited if row.get("site_n_per_class")), "n")
-            promised = next((row["site_promised_sensitivity"] for _, _, row in sited
-                             if row.get("site_promised_sensitivity") is not None), None)
-            rule = "the model's own rule" if promised is None else (
-                f"the model's own rule, its sensitivity target kept on the site's next films (promised {promised:.3f})")
-            out += ["", f"A threshold chosen at the site ({rule} on {n} COVID-19 and {n} negative films "
-                    "of the held-out run's test, drawn at random, and its other films called with it; mean over the "
-                    "draws, then mean ± sd (min to max) over seeds) against the model's threshold on the same films "
-                    "(films refused as out of distribution left out):", "",
-                    "| held out | classifier | specificity, site threshold | sensitivity, site threshold | "
-                    "specificity, model's threshold | sensitivity, model's threshold |", "|---|---|---|---|---|---|"]
-            figures_of = ("specificity", "sensitivity", "model_specificity", "model_sensitivity")
-            for label, model, row in sited:
-                cells = ([f"not measured: {row['site_skipped']}", "", "", ""] if row.get("site_skipped")
-                         else [_spread(row, f"site_{k}") for k in figures_of])
-                out.append(f"| {label} | {model} | {' | '.join(cells)} |")
+        out += _site_tables(figures["sources"])
+    return out
+
+
+def _site_tables(sources: dict) -> list[str]:
+    """The held-out rows' site figures as tables: the site's own threshold against the model's on the films serving
+    answers (:data:`SITE`), and, where measured, the same with the site's films admitted (:data:`ADMISSION`)."""
+    out: list[str] = []
+    for (_, prefix, _), intro, columns in (
+        (SITE, "against the model's threshold on the same films (films refused as out of distribution left out)",
+         ("specificity", "sensitivity", "model_specificity", "model_sensitivity")),
+        (ADMISSION, "with the site's films also admitted past the out-of-distribution check (its OOD threshold the "
+         "highest OOD score of the drawn films, never below the model's; every drawn film chooses), against what "
+         "serving answers without either (the model's thresholds); refused: the share of the other films above each "
+         "OOD threshold", ("specificity", "sensitivity", "refused", "model_specificity", "model_sensitivity",
+                           "model_refused")),
+    ):
+        sited = [(label, model, row) for label, by_model in sources.items() for model, row in by_model.items()
+                 if row.get(f"{prefix}specificity") is not None or row.get(f"{prefix}skipped")]
+        if not sited:
+            continue
+        n = next((row[f"{prefix}n_per_class"] for _, _, row in sited if row.get(f"{prefix}n_per_class")), "n")
+        promised = next((row[f"{prefix}promised_sensitivity"] for _, _, row in sited
+                         if row.get(f"{prefix}promised_sensitivity") is not None), None)
+        rule = "the model's own rule" if promised is None else (
+            f"the model's own rule, its sensitivity target kept on the site's next films (promised {promised:.3f})")
+        names = [c.replace("model_", "").replace("_", " ") + (", model's" if c.startswith("model_") else ", site's")
+                 for c in columns]
+        out += ["", f"A threshold chosen at the site ({rule} on {n} COVID-19 and {n} negative films of the held-out "
+                "run's test, drawn at random, and its other films called with it; mean over the draws, then mean ± sd "
+                f"(min to max) over seeds) {intro}:", "",
+                f"| held out | classifier | {' | '.join(names)} |", "|---|---|" + "---|" * len(columns)]
+        for label, model, row in sited:
+            cells = ([f"not measured: {row[f'{prefix}skipped']}", *[""] * (len(columns) - 1)]
+                     if row.get(f"{prefix}skipped") else [_spread(row, f"{prefix}{k}") for k in columns])
+            out.append(f"| {label} | {model} | {' | '.join(cells)} |")
     return out
 
 

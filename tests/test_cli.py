@@ -53,3 +53,51 @@ def test_calibrate_site_refuses_a_table_it_cannot_use_before_loading_any_model(t
     assert "needs the columns file and label (covid or negative)" in err and "lines [3, 4]" in err
     assert cli.main(["calibrate-site", str(tmp_path / "missing.csv")]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distribution(tmp_path, monkeypatch, capsys):
+    """Real serving code (tiny untrained networks) whose OOD check refuses half of a site's films: without --admit
+    the threshold cannot be chosen (too few films answered); with it, every film joins and the site's OOD threshold is
+    the highest OOD score among them, which a request then uses to answer them all."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from covidcxr import models, ood, preprocess, serving
+    from tests.helpers import SIZE, build_bundle, phantom
+
+    pipeline = serving.Pipeline.load(build_bundle(tmp_path / "bundle", variant="c"))
+    work = np.stack([preprocess.resize(phantom(seed=s), SIZE) for s in range(6)])
+    pipeline.classifier.ood = ood.MahalanobisDetector(n_components=2).fit(
+        models.ood_features(pipeline.classifier, work, np.ones_like(work, bool), "c"))
+    pyfunc = serving.CovidCxrModel()
+    pyfunc.pipeline = pipeline
+
+    def score(images: list[str], params: dict) -> list[dict]:
+        return pyfunc.predict(None, pd.DataFrame({serving.INPUT_COLUMN: images}), params)
+
+    monkeypatch.setattr(cli, "_scorer", lambda *args: score)
+    site = tmp_path / "site"
+    site.mkdir()
+    for i in range(24):
+        Image.fromarray((phantom(seed=100 + i) * 255).astype(np.uint8)).save(site / f"f{i}.png")
+    table = site / "labels.csv"
+    table.write_text("file,label\n" + "".join(f"f{i}.png,{'covid' if i % 2 else 'negative'}\n" for i in range(24)))
+    images = [serving.encode_file(site / f"f{i}.png") for i in range(24)]
+    everything = score(images[:12], {"ood_threshold": 1e300}) + score(images[12:], {"ood_threshold": 1e300})
+    ood_scores = sorted(e["ood_score"] for e in everything)
+    pipeline.classifier.ood.threshold_ = ood_scores[11]  # the model answers the 12 nearest films only
+
+    assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9"]) == 1
+    assert "10 COVID-19 and 10 negative films" in capsys.readouterr().err
+    assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9", "--admit"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["n_covid"], out["n_negative"], out["admitted"], out["model_answered"]) == (12, 12, 12, 12)
+    assert out["ood_threshold"] == ood_scores[-1] and out["model_ood_threshold"] == ood_scores[11]
+    assert out["refused"] == {} and out["promised_sensitivity"] == 12 / 13
+    assert out["threshold"] == min(e["covid_probability"] for i, e in enumerate(everything) if i % 2)
+    at_site = {"threshold": out["threshold"], "ood_threshold": out["ood_threshold"]}
+    served = score(images[:12], at_site) + score(images[12:], at_site)
+    assert all(e["accepted"] for e in served)  # the site's films, answered at its thresholds

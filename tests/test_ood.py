@@ -5,8 +5,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from mlflow.exceptions import MlflowException
 
-from covidcxr import folders, models, ood, preprocess, serving
+from covidcxr import folders, models, ood, preprocess, serving, sites
 from tests.helpers import SIZE, build_bundle, phantom, png_b64
 
 
@@ -122,3 +123,32 @@ def test_config_takes_the_ood_action_and_refuses_a_log_url_with_a_password():
     assert "s3cret" not in str(err.value)
     old = {"size": 32, "variant": "c", "limits": {}}  # a config registered before these fields existed
     assert serving.Config.from_dict(old).ood_action == "refuse" and serving.Config.from_dict(old).prediction_log is None
+
+
+def test_a_request_s_ood_threshold_replaces_the_detector_s_and_every_entry_says_which_decided(tmp_path):
+    """A site that admits its own films (``covidcxr calibrate-site --admit``) sends its OOD threshold with each
+    request: films between the model's and the site's threshold are answered, films above both still refused."""
+    pipeline = serving.Pipeline.load(build_bundle(tmp_path, variant="c"))
+    images = [png_b64(phantom(seed=s)) for s in range(4)]
+    work = np.stack([preprocess.resize(phantom(seed=s), SIZE) for s in range(6)])
+    pipeline.classifier.ood = ood.MahalanobisDetector(n_components=2).fit(
+        models.ood_features(pipeline.classifier, work, np.ones_like(work, bool), "c"))
+    pipeline.classifier.ood.threshold_ = -1.0  # the model refuses every image
+    refused = pipeline.score(images)
+    assert all(e["reason"] == "out_of_distribution" and e["ood_threshold"] == -1.0 for e in refused)
+    scores = sorted(e["ood_score"] for e in refused)
+    site = sites.local_ood_threshold(scores[:2], pipeline.classifier.ood.threshold)  # the site labelled two of them
+    assert site == scores[1]
+    entries = pipeline.score(images, ood_threshold=site)
+    for entry, before in zip(entries, refused, strict=True):
+        assert entry["ood_threshold"] == site and entry["ood_score"] == before["ood_score"]
+        assert entry["accepted"] == (entry["ood_score"] <= site)
+        assert entry["reason"] == (None if entry["accepted"] else "out_of_distribution")
+        assert (entry["covid_probability"] is None) != entry["accepted"]
+    assert sum(e["accepted"] for e in entries) == 2  # the two the site labelled; the two further out still refused
+    for bad in (-0.5, float("nan"), float("inf"), "x"):
+        with pytest.raises(MlflowException, match="ood_threshold"):
+            pipeline.score(images, ood_threshold=bad)
+    assert "ood_threshold" in [p.name for p in serving.signature().params.params]
+    pipeline.classifier.ood = None  # no detector: nothing to replace, and the entries say so
+    assert all(e["accepted"] and e["ood_threshold"] is None for e in pipeline.score(images, ood_threshold=3.0))

@@ -97,3 +97,39 @@ def test_local_calibration_says_why_it_could_not_measure():
     assert unknown["status"] == "skipped" and "by which rule" in unknown["reason"]
     few = sites.local_calibration(y, score, {**RULE, "min_sensitivity": 0.95}, n_per_class=10)
     assert few["status"] == "skipped" and "10 COVID-19 films cannot promise sensitivity 0.95" in few["reason"]
+
+
+def test_a_site_admits_its_own_films_up_to_the_highest_ood_score_it_labelled():
+    assert sites.local_ood_threshold([3.0, 7.5, 5.0], 6.0) == 7.5
+    assert sites.local_ood_threshold([3.0, 5.0], 6.0) == 6.0  # never stricter than the model
+    for bad in ([], [1.0, np.nan]):
+        with pytest.raises(ValueError, match="finite OOD scores"):
+            sites.local_ood_threshold(bad, 6.0)
+
+
+def test_local_calibration_with_admission_answers_the_films_the_model_refuses():
+    """A site whose COVID-19 films all lie beyond the model's OOD threshold: serving answers none of them, so the
+    model's sensitivity is undefined in every draw; admitted, they are answered and the target holds."""
+    rng = np.random.default_rng(5)
+    y = np.r_[np.ones(60, int), np.zeros(120, int)]
+    score = np.r_[rng.uniform(0.5, 1.0, 60), rng.uniform(0.0, 0.7, 120)]
+    ood_scores = np.r_[rng.uniform(12.0, 20.0, 60), rng.uniform(0.0, 8.0, 120)]
+    rule = {"threshold": 0.6, "objective": "sensitivity", "min_sensitivity": 0.9}
+    out = sites.local_calibration(y, score, rule, n_per_class=20, draws=50, seed=2, ood=(ood_scores, 10.0))
+    assert out["status"] == "measured"
+    assert out["model_sensitivity"] is None and out["model_sensitivity_draws"] == 0  # no COVID-19 film answered
+    assert out["model_refused"] == pytest.approx(40 / 140)  # every other COVID-19 film, in every draw
+    assert out["refused"] < 0.05 and out["sensitivity"] >= 0.85 and out["sensitivity_draws"] == 50
+    assert out["model_specificity"] == pytest.approx(float((score[60:] < 0.6).mean()), abs=0.05)
+    # by hand, the first draw: the site admits up to the highest OOD score of its 40 drawn films
+    g = np.random.default_rng(2)
+    p, n = g.permutation(np.flatnonzero(y == 1)), g.permutation(np.flatnonzero(y == 0))
+    chosen, rest = np.r_[p[:20], n[:20]], np.r_[p[20:], n[20:]]
+    limit = max(10.0, ood_scores[chosen].max())
+    once = sites.local_calibration(y, score, rule, n_per_class=20, draws=1, seed=2, ood=(ood_scores, 10.0))
+    assert once["refused"] == pytest.approx(float((ood_scores[rest] > limit).mean()))
+    t = float(np.sort(score[p[:20]])[1])
+    answered = rest[ood_scores[rest] <= limit]
+    assert once["sensitivity"] == pytest.approx(float((score[answered][y[answered] == 1] >= t).mean()))
+    plain = sites.local_calibration(y, score, rule, n_per_class=20, draws=50, seed=2)
+    assert "refused" not in plain and "sensitivity_draws" not in plain  # without OOD scores: as before

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -43,7 +43,9 @@ def _predict(args: argparse.Namespace) -> int:
     import base64
     from pathlib import Path
 
-    params = {"explain": bool(args.explain), **({"threshold": args.threshold} if args.threshold is not None else {})}
+    params = {"explain": bool(args.explain), **{k: v for k, v in (("threshold", args.threshold),
+                                                                   ("ood_threshold", args.ood_threshold))
+                                                 if v is not None}}
     try:
         rows = _score_files(args.files, args, params)
     except Exception as err:  # noqa: BLE001 - the CLI reports a failed request in one line, not a traceback
@@ -62,9 +64,11 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _score_files(files: Sequence[str], args: argparse.Namespace, params: dict) -> list[tuple[str, dict]]:
+def _score_files(files: Sequence[str], args: argparse.Namespace, params: dict,
+                 score: Callable[[list[str], dict], list[dict]] | None = None) -> list[tuple[str, dict]]:
     """Each file's served entry, in the order given, scored in batches of ``args.batch_size`` by the model here
-    (``args.model_uri``) or on a server (``args.url``); a file that cannot be read gets an ``unreadable`` entry."""
+    (``args.model_uri``) or on a server (``args.url``), or by ``score``; a file that cannot be read gets an
+    ``unreadable`` entry."""
     from covidcxr import serving
 
     rows: list[tuple[str, dict]] = []
@@ -74,7 +78,7 @@ def _score_files(files: Sequence[str], args: argparse.Namespace, params: dict) -
             readable.append((path, serving.encode_file(path)))
         except OSError as err:
             rows.append((path, {"accepted": False, "reason": "unreadable", "message": f"cannot read ({err.strerror})"}))
-    score = _scorer(args.model_uri, args.url, args.timeout)
+    score = score or _scorer(args.model_uri, args.url, args.timeout)
     for start in range(0, len(readable), args.batch_size):
         chunk = readable[start:start + args.batch_size]
         rows += list(zip([p for p, _ in chunk], score([b for _, b in chunk], params), strict=True))
@@ -85,7 +89,8 @@ def _score_files(files: Sequence[str], args: argparse.Namespace, params: dict) -
 def _calibrate_site(args: argparse.Namespace) -> int:
     """A site's own threshold: score its labelled films with the model (here or on a server) and apply the model's
     threshold rule to the films it answers (covidcxr.sites); print the threshold, what it gives on those films and what
-    the model's own threshold gives on them, as JSON."""
+    the model's own threshold gives on them, as JSON. ``--admit``: the films the model refuses as out of distribution
+    are admitted too (the site's own OOD threshold, :func:`covidcxr.sites.local_ood_threshold`) and join the choice."""
     import csv
     from collections import Counter
     from pathlib import Path
@@ -109,35 +114,46 @@ def _calibrate_site(args: argparse.Namespace) -> int:
         return 1
     files = [str(labels.parent / row["file"]) for row in table]  # relative paths: from the table's folder
     try:
-        rows = _score_files(files, args, {})
+        score = _scorer(args.model_uri, args.url, args.timeout)
+        served = _score_files(files, args, {}, score)  # what the model answers today
+        # --admit: every film again, whatever its OOD score, for the site's own OOD threshold
+        rows = _score_files(files, args, {"ood_threshold": sys.float_info.max}, score) if args.admit else served
     except Exception as err:  # noqa: BLE001 - the CLI reports a failed request in one line, not a traceback
         print(f"calibrate-site failed: {getattr(err, 'message', None) or err}", file=sys.stderr)
         return 1
+    model = [(row["label"] == "covid", entry) for row, (_, entry) in zip(table, served, strict=True)
+             if entry.get("accepted")]
     answered = [(row["label"] == "covid", entry) for row, (_, entry) in zip(table, rows, strict=True)
                 if entry.get("accepted")]
     refused = dict(Counter(entry.get("reason") or "unknown" for _, entry in rows if not entry.get("accepted")))
     y = np.array([int(c) for c, _ in answered], dtype=int)
-    score = np.array([e["covid_probability"] for _, e in answered], dtype=float)
+    probability = np.array([e["covid_probability"] for _, e in answered], dtype=float)
     rule = {"objective": args.objective, "min_sensitivity": args.min_sensitivity}
     try:
-        choice = sites.local_threshold(y, score, rule)
+        choice = sites.local_threshold(y, probability, rule)
     except ValueError as err:
         print(f"calibrate-site: of {len(rows)} films the model answered {len(y)} ({refused} refused): {err}",
               file=sys.stderr)
         return 1
-    model_threshold = float(answered[0][1]["threshold"])
-    at_model = np.array([e["label"] == "covid" for _, e in answered])  # serving's own call at the model's threshold
+    model_ood = next((e["ood_threshold"] for _, e in served if e.get("ood_threshold") is not None), None)
+    admitted = sum(e.get("reason") == "out_of_distribution" for _, e in served) if args.admit else 0
+    ood_threshold = (sites.local_ood_threshold([e["ood_score"] for _, e in answered], model_ood)
+                     if admitted and model_ood is not None else None)
+    model_y = np.array([int(c) for c, _ in model], dtype=int)
+    at_model = np.array([e["label"] == "covid" for _, e in model])  # serving's own call at the model's thresholds
     promised = sites.site_rule(choice.n_positive, choice.min_sensitivity)[1] if choice.min_sensitivity is not None \
         else None
     out = {"threshold": choice.threshold, "objective": choice.objective, "min_sensitivity": choice.min_sensitivity,
-           "promised_sensitivity": promised,
+           "promised_sensitivity": promised, "ood_threshold": ood_threshold, "admitted": admitted,
            "n_covid": choice.n_positive, "n_negative": choice.n_negative, "sensitivity": choice.sensitivity,
-           "specificity": choice.specificity, "model_threshold": model_threshold,
-           "model_sensitivity": float(at_model[y == 1].mean()), "model_specificity": float((~at_model[y == 0]).mean()),
+           "specificity": choice.specificity, "model_threshold": float(answered[0][1]["threshold"]),
+           "model_ood_threshold": model_ood, "model_answered": len(model),
+           "model_sensitivity": float(at_model[model_y == 1].mean()) if (model_y == 1).any() else None,
+           "model_specificity": float((~at_model[model_y == 0]).mean()) if (model_y == 0).any() else None,
            "refused": refused, "model_version": answered[0][1].get("model_version"),
            "note": "figures on the films the threshold was chosen on (optimistic; promised_sensitivity is what the "
-                   "site's next COVID-19 films get on average); serve with this threshold as the request's "
-                   "params.threshold, or `covidcxr predict --threshold`"}
+                   "site's next COVID-19 films get on average); serve with this threshold (and ood_threshold, when "
+                   "not null) as the request's params, or `covidcxr predict --threshold --ood-threshold`"}
     print(json.dumps(out, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
@@ -395,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--explain", action="store_true", help="also write Grad-CAM overlays to --gradcam-dir")
     predict.add_argument("--gradcam-dir", default="gradcam", help="folder for the overlays (default: gradcam)")
     predict.add_argument("--threshold", type=float, help="decision threshold instead of the model's operating one")
+    predict.add_argument("--ood-threshold", type=float,
+                         help="out-of-distribution threshold instead of the model's (a site's, from calibrate-site "
+                              "--admit)")
     predict.add_argument("--batch-size", type=int, default=8, help="images per request (default: 8)")
     predict.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
     predict.set_defaults(func=_predict)
@@ -409,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(train_classifier.threshold_objective)")
     site.add_argument("--min-sensitivity", type=float, default=0.95,
                       help="its minimum sensitivity (train_classifier.min_sensitivity; default 0.95, the pipeline's)")
+    site.add_argument("--admit", action="store_true",
+                      help="admit the films the model refuses as out of distribution: the site's own OOD threshold "
+                           "(the highest OOD score of its films), and those films join the threshold's choice")
     site.add_argument("--output", help="also write the JSON here")
     site.add_argument("--batch-size", type=int, default=8, help="images per request (default: 8)")
     site.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")

@@ -8,8 +8,9 @@ plausibility checks (aspect ratio, DICOM modality and body part) -> the projecti
 read the image at its own working size when ``Config.projection_size`` sets one, as the `cache_projection` stage does)
 -> U-Net lung mask and its quality rules (:mod:`covidcxr.lungs`) -> variant c/d/e -> classifier -> COVID-19
 probability -> label at the operating threshold, the out-of-distribution score (from the same forward pass:
-:func:`covidcxr.models.classifier_evidence`; above its threshold the image is refused as ``out_of_distribution``, or
-only flagged when ``Config.ood_action`` is ``flag``), and optionally a Grad-CAM overlay (PNG, base64). These are the
+:func:`covidcxr.models.classifier_evidence`; above its threshold, or a request's ``ood_threshold`` (a site's own:
+:func:`covidcxr.sites.local_ood_threshold`), the image is refused as ``out_of_distribution``, or only flagged when
+``Config.ood_action`` is ``flag``), and optionally a Grad-CAM overlay (PNG, base64). These are the
 functions the pipeline's stages call, with the model folders they wrote (:class:`covidcxr.models.Component`): the
 served model is the evaluated one.
 
@@ -56,7 +57,7 @@ INPUT_COLUMN = "image"
 #: Every response entry has exactly these keys (``gradcam_png`` only when ``explain`` is asked).
 FIELDS: tuple[str, ...] = (
     "accepted", "reason", "message", "projection", "projection_probability", "lung_area_fraction",
-    "covid_probability", "label", "ood_score", "threshold", "model_version",
+    "covid_probability", "label", "ood_score", "ood_threshold", "threshold", "model_version",
 )
 GRADCAM_FIELD = "gradcam_png"
 
@@ -293,15 +294,20 @@ class Pipeline:
             blank[:, ::2] = 1.0
             part(blank)
 
-    def score(self, images: Sequence[object], *, explain: bool = False, threshold: float | None = None) -> list[dict]:
-        """One entry per image (same order) for base64 ``images``; see the module docstring."""
+    def score(self, images: Sequence[object], *, explain: bool = False, threshold: float | None = None,
+              ood_threshold: float | None = None) -> list[dict]:
+        """One entry per image (same order) for base64 ``images``; see the module docstring. ``threshold`` and
+        ``ood_threshold`` replace the model's (a site's own, from ``covidcxr calibrate-site``)."""
         cfg = self.config
         if len(images) > cfg.limits.max_images:
             raise invalid_request(f"the request holds {len(images)} images; at most {cfg.limits.max_images} per "
                                   "request (send several requests)")
         used = self.threshold if threshold is None else check_threshold(threshold)
-        entries = [dict.fromkeys(FIELDS) | {"accepted": False, "threshold": used, "model_version": cfg.model_version}
-                   for _ in images]
+        ood_limit = None if ood_threshold is None else check_ood_threshold(ood_threshold)
+        detector = self.classifier.ood
+        ood_used = None if detector is None else detector.threshold if ood_limit is None else ood_limit
+        entries = [dict.fromkeys(FIELDS) | {"accepted": False, "threshold": used, "ood_threshold": ood_used,
+                                            "model_version": cfg.model_version} for _ in images]
         if explain:
             for entry in entries:
                 entry[GRADCAM_FIELD] = None
@@ -310,7 +316,7 @@ class Pipeline:
         frontal = self._project(for_filter, entries, views)
         masks = self._segment(work, frontal, entries)
         compact: dict[int, list[float]] = {}
-        scored = self._classify(work, masks, entries, used, compact)
+        scored = self._classify(work, masks, entries, used, compact, ood_limit)
         if explain and scored:
             self._explain(work, masks, display, scored, entries)
         reasons = Counter(e["reason"] for e in entries if not e["accepted"])
@@ -395,9 +401,9 @@ class Pipeline:
         return usable
 
     def _classify(self, work: dict[int, np.ndarray], masks: dict[int, np.ndarray], entries: list[dict],
-                  threshold: float, compact: dict[int, list[float]]) -> list[int]:
+                  threshold: float, compact: dict[int, list[float]], ood_limit: float | None = None) -> list[int]:
         """Probability, label and OOD score of each masked image; returns those accepted (``compact``: their
-        compact feature vectors, for the prediction log)."""
+        compact feature vectors, for the prediction log; ``ood_limit``: the OOD threshold, if not the detector's)."""
         order = sorted(masks)
         if not order:
             return []
@@ -407,13 +413,13 @@ class Pipeline:
             entries[i].update(accepted=True, covid_probability=p, label=decide_label(p, threshold))
         if scored is None:  # a classifier folder without a detector
             return order
-        detector, accepted = self.classifier.ood, []
+        limit, accepted = self.classifier.ood.threshold if ood_limit is None else ood_limit, []
         for i, score, vector in zip(order, scored.score.tolist(), scored.compact.tolist()):
             entries[i]["ood_score"], compact[i] = score, vector
-            if score <= detector.threshold:
+            if score <= limit:
                 accepted.append(i)
                 continue
-            message = (f"image[{i}]: out of distribution (OOD score {score:g} > threshold {detector.threshold:g}): "
+            message = (f"image[{i}]: out of distribution (OOD score {score:g} > threshold {limit:g}): "
                        "unlike the images the model was trained on")
             if self.config.ood_action == "flag":  # answered, with the flag
                 entries[i].update(reason="out_of_distribution", message=message + "; the answer may be unreliable")
@@ -451,6 +457,16 @@ def check_threshold(value: object) -> float:
     return threshold
 
 
+def check_ood_threshold(value: object) -> float:
+    try:
+        limit = float(value)
+    except (TypeError, ValueError):
+        raise invalid_request(f"param 'ood_threshold' must be a non-negative number, got {value!r}") from None
+    if not (np.isfinite(limit) and limit >= 0.0):
+        raise invalid_request(f"param 'ood_threshold' must be a finite non-negative number, got {limit}")
+    return limit
+
+
 def images_from_input(model_input: object) -> list:
     """The ``image`` values of what the pyfunc receives: a DataFrame, a ``{"image": [...]}`` dict, or a list."""
     if isinstance(model_input, pd.DataFrame):
@@ -473,7 +489,8 @@ def images_from_input(model_input: object) -> list:
 
 
 def signature():
-    """The model signature: one string column ``image``; params ``explain`` and ``threshold``; the entry fields."""
+    """The model signature: one string column ``image``; params ``explain``, ``threshold`` and ``ood_threshold``; the
+    entry fields."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -483,11 +500,13 @@ def signature():
         ColSpec("double", "projection_probability", required=False),
         ColSpec("double", "lung_area_fraction", required=False),
         ColSpec("double", "covid_probability", required=False), ColSpec("string", "label", required=False),
-        ColSpec("double", "ood_score", required=False), ColSpec("double", "threshold"),
+        ColSpec("double", "ood_score", required=False), ColSpec("double", "ood_threshold", required=False),
+        ColSpec("double", "threshold"),
         ColSpec("string", "model_version"),
         ColSpec("string", GRADCAM_FIELD, required=False),
     ])
-    params = ParamSchema([ParamSpec("explain", "boolean", False), ParamSpec("threshold", "double", None)])
+    params = ParamSchema([ParamSpec("explain", "boolean", False), ParamSpec("threshold", "double", None),
+                          ParamSpec("ood_threshold", "double", None)])
     return ModelSignature(inputs=Schema([ColSpec("string", INPUT_COLUMN)]), outputs=outputs, params=params)
 
 
@@ -499,15 +518,17 @@ class CovidCxrModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[dict]:
         params = dict(params or {})
-        unknown = sorted(set(params) - {"explain", "threshold"})
+        unknown = sorted(set(params) - {"explain", "threshold", "ood_threshold"})
         if unknown:
-            raise invalid_request(f"unknown params {unknown}: the model takes 'explain' and 'threshold'")
+            raise invalid_request(f"unknown params {unknown}: the model takes 'explain', 'threshold' and "
+                                  "'ood_threshold'")
         explain = params.get("explain", False)
         if not isinstance(explain, (bool, np.bool_)):
             raise invalid_request(f"param 'explain' must be true or false, got {explain!r}")
         images = images_from_input(model_input)
         try:
-            return self.pipeline.score(images, explain=bool(explain), threshold=params.get("threshold"))
+            return self.pipeline.score(images, explain=bool(explain), threshold=params.get("threshold"),
+                                       ood_threshold=params.get("ood_threshold"))
         except MlflowException:
             raise
         except Exception as exc:  # noqa: BLE001 - a server bug answers 500 without a stack trace or request data

@@ -76,8 +76,23 @@ def local_threshold(y: np.ndarray, score: np.ndarray, rule: Mapping, *,
     return dataclasses.replace(choice, min_sensitivity=target)
 
 
+def local_ood_threshold(ood_scores: np.ndarray, model_threshold: float) -> float:
+    """The out-of-distribution threshold at which a site admits its own films: the highest OOD score of the films it
+    labelled (each a chest X-ray of its patients that it vouched for), never below the model's own threshold.
+
+    A next film of the site scores at or below it with probability at least ``n / (n + 1)`` (its rank among the
+    ``n + 1`` is uniform), so the site's own films are refused about as rarely as the model's validation films are
+    (5%); anything further from training than every film the site labelled is still refused. Serving applies it as a
+    request's ``ood_threshold``.
+    """
+    scores = np.asarray(ood_scores, dtype=float).ravel()
+    if not len(scores) or not np.isfinite(scores).all():
+        raise ValueError("a site's OOD threshold needs the finite OOD scores of its labelled films")
+    return max(float(model_threshold), float(scores.max()))
+
+
 def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_class: int = 20, draws: int = 200,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, ood: tuple[np.ndarray, float] | None = None) -> dict:
     """What a site gains from its own threshold, measured on a labelled split of films it never trained on.
 
     Each of ``draws`` times: ``n_per_class`` COVID-19 and ``n_per_class`` negative films drawn at random (without
@@ -87,6 +102,13 @@ def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_
     threshold and, for the sensitivity objective, the sensitivity the site rule promises (:func:`site_rule`); ``status``
     is ``skipped``, with the reason, when a class has too few films to both choose and test (``n_per_class`` + 5) or
     ``n_per_class`` COVID-19 films cannot promise the target.
+
+    ``ood``: the films' OOD scores and the model's OOD threshold, the films serving refuses as out of distribution
+    included: the site also admits its own films (:func:`local_ood_threshold` of the drawn films), so the threshold is
+    chosen on every drawn film and the other films are answered up to the site's OOD threshold (``refused``: the share
+    of them above it); the model's figures are what serving gives without either (its threshold, on the films its
+    own OOD threshold answers; ``model_refused``). A figure no film defines in a draw (no COVID-19 film answered)
+    leaves that draw out of its mean.
     """
     y, score = np.asarray(y, dtype=int).ravel(), np.asarray(score, dtype=float).ravel()
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
@@ -106,21 +128,34 @@ def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_
             return {**base, "status": "skipped", "reason": str(err)}
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    figures: dict[str, list[float]] = {k: [] for k in ("sensitivity", "specificity", "threshold",
-                                                       "model_sensitivity", "model_specificity")}
+    names = ("sensitivity", "specificity", "model_sensitivity", "model_specificity")
+    figures: dict[str, list[float]] = {k: [] for k in names + (("refused", "model_refused") if ood else ())}
+    thresholds = []
     for _ in range(int(draws)):
         p, n = rng.permutation(pos), rng.permutation(neg)
-        chosen = np.r_[p[:n_per_class], n[:n_per_class]]
-        rest_y, rest_s = np.r_[y[p[n_per_class:]], y[n[n_per_class:]]], np.r_[score[p[n_per_class:]],
-                                                                              score[n[n_per_class:]]]
+        chosen, rest = np.r_[p[:n_per_class], n[:n_per_class]], np.r_[p[n_per_class:], n[n_per_class:]]
+        answered = {"": rest, "model_": rest}
+        if ood is not None:
+            ood_scores, model_ood = np.asarray(ood[0], dtype=float).ravel(), float(ood[1])
+            limits = {"": local_ood_threshold(ood_scores[chosen], model_ood), "model_": model_ood}
+            for prefix, limit in limits.items():
+                answered[prefix] = rest[ood_scores[rest] <= limit]
+                figures[prefix + "refused"].append(1.0 - len(answered[prefix]) / len(rest))
         t = local_threshold(y[chosen], score[chosen], rule, min_per_class=min(n_per_class, MIN_PER_CLASS)).threshold
         for prefix, threshold in (("", t), ("model_", float(rule["threshold"]))):
-            called = rest_s >= threshold
-            figures[prefix + "sensitivity"].append(float(called[rest_y == 1].mean()))
-            figures[prefix + "specificity"].append(float((~called[rest_y == 0]).mean()))
-        figures["threshold"].append(t)
-    out = {**base, **promised, "status": "measured", "threshold_median": float(np.median(figures.pop("threshold")))}
+            films_y, called = y[answered[prefix]], score[answered[prefix]] >= threshold
+            figures[prefix + "sensitivity"].append(float(called[films_y == 1].mean()) if (films_y == 1).any()
+                                                   else np.nan)
+            figures[prefix + "specificity"].append(float((~called[films_y == 0]).mean()) if (films_y == 0).any()
+                                                   else np.nan)
+        thresholds.append(t)
+    out = {**base, **promised, "status": "measured", "threshold_median": float(np.median(thresholds))}
     for key, values in figures.items():
-        out[key] = float(np.mean(values))
-        out[f"{key}_p10"], out[f"{key}_p90"] = (float(v) for v in np.percentile(values, [10, 90]))
+        values = np.asarray(values, dtype=float)
+        values = values[np.isfinite(values)]
+        out[key] = float(np.mean(values)) if len(values) else None
+        out[f"{key}_p10"], out[f"{key}_p90"] = ((float(v) for v in np.percentile(values, [10, 90])) if len(values)
+                                                else (None, None))
+        if ood is not None:
+            out[f"{key}_draws"] = int(len(values))
     return out

@@ -697,3 +697,45 @@ def test_reuse_code_refuses_a_baseline_whose_params_were_committed_by_hand(tmp_p
     (workdir / ".git" / experiment.BASELINE_DIGEST).unlink()
     with pytest.raises(experiment.ExperimentError, match="run once without --reuse-code"):
         experiment.check_baseline(workdir)
+
+
+def test_a_held_out_site_whose_covid_films_the_ood_check_refuses_reports_them_admitted(tmp_path: Path):
+    """c at the held-out hospitals: the model's OOD check refuses the new site's COVID-19 films, so its own threshold
+    cannot be measured on the films serving answers (skipped, with the counts); admitted past the check, it can, and
+    the held-out rows and summary carry both, with the shares refused."""
+    from covidcxr import ood as ood_module
+
+    rng = np.random.default_rng(4)
+    n_pos, n_neg = 60, 120
+    detector = ood_module.MahalanobisDetector()
+    detector.threshold_ = 10.0
+    pred = pd.DataFrame({"split": ["val"] * 4 + ["test"] * (n_pos + n_neg),
+                         "label": ["covid", "negative"] * 2 + ["covid"] * n_pos + ["negative"] * n_neg,
+                         "score": [0.9, 0.1, 0.8, 0.2, *rng.uniform(0.5, 1.0, n_pos), *rng.uniform(0.0, 0.7, n_neg)],
+                         "ood_score": [1.0] * 4 + [*rng.uniform(12.0, 20.0, n_pos), *rng.uniform(0.0, 8.0, n_neg)],
+                         "patient_id": [f"p{i}" for i in range(4 + n_pos + n_neg)]})
+    rule = {"threshold": 0.6, "objective": "sensitivity", "min_sensitivity": 0.9}
+    p = {"n_boot": 20, "seed": 0, "calibration_bins": 5, "site_calibration": {"n_per_class": 20, "draws": 30}}
+    result = evaluate.evaluate_model(pred, rule, p, detector)
+    assert result["test"]["site_calibration"]["status"] == "skipped"  # no COVID-19 film answered
+    admitted = result["test"]["site_admission"]
+    assert admitted["status"] == "measured" and admitted["model_sensitivity"] is None
+    assert admitted["sensitivity"] >= 0.85 and admitted["refused"] < 0.05
+    assert "site_admission" not in evaluate.evaluate_model(pred, rule, p)["test"]  # no detector: nothing to admit
+    result["operating_threshold"] = 0.6
+    _common.write_json(tmp_path / "reports/evaluate/c_vgg16/metrics.json", result)
+    _common.write_json(tmp_path / "reports/split/summary.json", {"covid": {"test": {"covid": n_pos}}})
+    got = experiment.collect_classifier(tmp_path, {"train_classifier.variants": ["c"],
+                                                   "train_classifier.backbones": ["vgg16"]})
+    run = {"models": {"c_vgg16": got["models"]["c_vgg16"]}}
+    figures = experiment.heldout_figures({"select": ["kermany"]}, {"kermany": [run], "hospitals": [run, run]})
+    row = figures["sources"]["hospitals"]["c_vgg16"]
+    assert row["site_skipped"].startswith("2 of 2 seeds: 0 COVID-19")
+    assert row["admit_sensitivity"] == pytest.approx(admitted["sensitivity"]) and row["admit_refused_sd"] == 0.0
+    assert row["admit_model_refused"] == pytest.approx(admitted["model_refused"])
+    assert "admit_model_sensitivity" not in row  # undefined: left out, not averaged as zero
+    rendered = "\n".join(experiment._heldout_summary_rows({"x": {"heldout": figures}}))
+    assert "with the site's films also admitted past the out-of-distribution check" in rendered
+    assert (f"| hospitals | c_vgg16 | {admitted['specificity']:.3f} ± 0.000 (min {admitted['specificity']:.3f}"
+            in rendered or f"| hospitals | c_vgg16 | {admitted['specificity']:.3f} ± 0.000" in rendered)
+    assert "| hospitals | c_vgg16 | not measured: 2 of 2 seeds: 0 COVID-19" in rendered

@@ -313,6 +313,8 @@ def check_site_threshold(remote: dict, local: dict, scored: pd.DataFrame, versio
     specificity) applied to the 20 films it answered, served or in process alike; the lateral is counted as refused,
     not used."""
     assert remote == local and remote["model_version"] == version
+    assert (remote["admitted"], remote["ood_threshold"], remote["model_answered"]) == (0, None, 20)
+    assert remote["model_ood_threshold"] > 0
     assert (remote["n_covid"], remote["n_negative"], remote["refused"]) == (10, 10, {"lateral_view": 1})
     assert (remote["objective"], remote["min_sensitivity"]) == ("sensitivity", 0.9)
     assert remote["promised_sensitivity"] == pytest.approx(10 / 11)
@@ -491,8 +493,10 @@ def check_register_and_serve(project: Path) -> list[str]:
         detector = folders.ood_detector(project / f"artifacts/models/classifier_{served_name}")
         answered = scores.loc[usable][~detector.is_out(scores.loc[usable, "ood_score"].to_numpy())]
         site = site_labels(project, answered, manifest, lateral)
+        # --admit on the server: a second pass with the site's ood_threshold param; none of these films is refused
+        # as out of distribution, so it admits none and must answer what the in-process run without it answers
         remote_site = json.loads(run(["covidcxr", "calibrate-site", str(site), "--url", url, "--min-sensitivity",
-                                      "0.9"], project).stdout)
+                                      "0.9", "--admit"], project).stdout)
         monitored = check_monitoring(project, url, served_version, manifest)
     finally:
         stop_server(server)

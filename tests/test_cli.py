@@ -92,8 +92,11 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
 
     assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9"]) == 1
     assert "10 COVID-19 and 10 negative films" in capsys.readouterr().err
-    assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9", "--admit"]) == 0
+    thresholds = tmp_path / "site.json"
+    assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9", "--admit", "--output",
+                     str(thresholds)]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert json.loads(thresholds.read_text()) == out
     assert (out["n_covid"], out["n_negative"], out["admitted"], out["model_answered"]) == (12, 12, 12, 12)
     assert out["ood_threshold"] == ood_scores[-1] and out["model_ood_threshold"] == ood_scores[11]
     assert out["refused"] == {} and out["promised_sensitivity"] == 12 / 13
@@ -101,3 +104,13 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
     at_site = {"threshold": out["threshold"], "ood_threshold": out["ood_threshold"]}
     served = score(images[:12], at_site) + score(images[12:], at_site)
     assert all(e["accepted"] for e in served)  # the site's films, answered at its thresholds
+
+    # predict --site: the site's two thresholds on every file, as the PACS worker's --site does
+    assert cli.main(["predict", *[str(site / f"f{i}.png") for i in range(24)], "--site", str(thresholds)]) == 0
+    table_out = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    header, rows = table_out[0], table_out[1:]
+    assert len(rows) == 24 and {r[header.index("accepted")] for r in rows} == {"True"}
+    assert [float(r[header.index("threshold")]) for r in rows] == [pytest.approx(out["threshold"], abs=5e-5)] * 24
+    thresholds.write_text('{"ood_threshold": 3}')
+    assert cli.main(["predict", str(site / "f0.png"), "--site", str(thresholds)]) == 2
+    assert "not a thresholds file of `covidcxr calibrate-site --output`" in capsys.readouterr().err

@@ -28,6 +28,7 @@ ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 MODEL_NAME = "covidcxr-pacs-test"
 WORKER_TIMEOUT_S = 150
+SITE_THRESHOLD = 0.25  # a hospital's own threshold (`--site`), not the model's 0.5: the results must record it
 
 
 @dataclass(frozen=True)
@@ -136,12 +137,12 @@ def plant_and_upload(orthanc: Orthanc, folder: Path) -> dict[str, dict]:
     return {uid: s for uid, s in studies.items() if s["sources"]}
 
 
-def run_worker(orthanc: Orthanc, registry: Path) -> tuple[dict, str]:
-    """`covidcxr pacs --once` in a subprocess; (its summary, everything it printed)."""
+def run_worker(orthanc: Orthanc, registry: Path, *extra: str) -> tuple[dict, str]:
+    """`covidcxr pacs --once` in a subprocess (``extra``: more options); (its summary, everything it printed)."""
     env = base_env(MLFLOW_TRACKING_URI=f"sqlite:///{registry / 'mlflow.db'}", COVIDCXR_PACS_USER=orthanc.user,
                    COVIDCXR_PACS_PASSWORD=orthanc.password)
     proc = subprocess.run([str(BIN / "python"), "-m", "covidcxr.cli", "pacs", "--dicomweb-url", orthanc.dicomweb,
-                           "--model-uri", f"models:/{MODEL_NAME}@champion", "--once", "--retries", "1"],
+                           "--model-uri", f"models:/{MODEL_NAME}@champion", "--once", "--retries", "1", *extra],
                           env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
@@ -199,7 +200,9 @@ def test_worker_writes_sr_and_overlay_into_each_study_once_and_leaks_no_phi(orth
     before = orthanc.instance_count()
     assert before == n_sources >= 12
 
-    summary, output = run_worker(orthanc, registry)
+    site = tmp_path / "site.json"  # this hospital's own threshold (calibrate-site --output), on every image
+    site.write_text(json.dumps({"threshold": SITE_THRESHOLD, "ood_threshold": None, "note": "calibrate-site"}))
+    summary, output = run_worker(orthanc, registry, "--site", str(site))
     assert summary["studies"] == len(studies) and summary["images"] == n_sources and summary["already_done"] == 0
     assert summary["scored"] + summary["refused"] == n_sources and summary["scored"] > 0 and summary["refused"] > 0
     assert summary["stored_sr"] == n_sources and summary["stored_sc"] == summary["scored"]
@@ -222,12 +225,12 @@ def test_worker_writes_sr_and_overlay_into_each_study_once_and_leaks_no_phi(orth
             assert sr.StudyInstanceUID == study_uid and sr.SOPInstanceUID not in study["sources"]
             source, findings = check_sr(sr, study["phi"])
             assert source in study["sources"]
-            assert findings["Operating threshold"] == (0.5, "{probability}")
+            assert findings["Operating threshold"] == (SITE_THRESHOLD, "{probability}")
             if findings["Scoring status"] == "scored":
                 scored += 1
                 probability, unit = findings["COVID-19 probability"]
                 assert 0.0 <= probability <= 1.0 and unit == "{probability}"
-                assert findings["COVID-19 label"] == ("840539006" if probability >= 0.5 else "260385009")
+                assert findings["COVID-19 label"] == ("840539006" if probability >= SITE_THRESHOLD else "260385009")
                 assert findings["Image View"] == "frontal" and source in overlays
             else:
                 refused += 1

@@ -145,8 +145,12 @@ def _calibrate_site(args: argparse.Namespace) -> int:
     try:
         score = _scorer(args.model_uri, args.url, args.timeout)
         served = _score_files(files, args, {}, score)  # what the model answers today
-        # --admit: every film again, whatever its OOD score, for the site's own OOD threshold
-        rows = _score_files(files, args, {"ood_threshold": sys.float_info.max}, score) if args.admit else served
+        rows = list(served)
+        # --admit: the films refused as out of distribution again, without an OOD limit (the rest would not change)
+        far = [i for i, (_, e) in enumerate(served) if e.get("reason") == "out_of_distribution"] if args.admit else []
+        again = _score_files([files[i] for i in far], args, {"ood_threshold": sys.float_info.max}, score)
+        for i, row in zip(far, again, strict=True):
+            rows[i] = row
     except Exception as err:  # noqa: BLE001 - the CLI reports a failed request in one line, not a traceback
         print(f"calibrate-site failed: {getattr(err, 'message', None) or err}", file=sys.stderr)
         return 1
@@ -165,7 +169,7 @@ def _calibrate_site(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     model_ood = next((e["ood_threshold"] for _, e in served if e.get("ood_threshold") is not None), None)
-    admitted = sum(e.get("reason") == "out_of_distribution" for _, e in served) if args.admit else 0
+    admitted = sum(rows[i][1].get("accepted", False) for i in far)
     ood_threshold = (sites.local_ood_threshold([e["ood_score"] for _, e in answered], model_ood)
                      if admitted and model_ood is not None else None)
     model_y = np.array([int(c) for c, _ in model], dtype=int)
@@ -182,7 +186,8 @@ def _calibrate_site(args: argparse.Namespace) -> int:
            "refused": refused, "model_version": answered[0][1].get("model_version"),
            "note": "figures on the films the threshold was chosen on (optimistic; promised_sensitivity is what the "
                    "site's next COVID-19 films get on average); serve with this threshold (and ood_threshold, when "
-                   "not null) as the request's params, or `covidcxr predict --threshold --ood-threshold`"}
+                   "not null) as the request's params, or this file as `covidcxr predict --site` / `covidcxr pacs "
+                   "--site`"}
     print(json.dumps(out, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")

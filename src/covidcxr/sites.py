@@ -10,6 +10,9 @@ measures what it buys (stage ``evaluate``, on a test split with both classes): i
 from the split, chooses the threshold on each and scores the split's other films with it, beside the model's own
 threshold on the same films.
 
+A site can also admit its own films past the model's out-of-distribution check (:func:`local_ood_threshold`, served as
+a request's ``ood_threshold``), where that check refuses what the site sees every day.
+
 A sensitivity target is kept on the site's next films, not only on the few it was chosen on (:func:`site_rule`): on 20
 COVID-19 films, "at least 0.95 of these" lets one fall below the threshold, and the next films then average 19/21 =
 0.905 (0.91 measured at the held-out hospitals); the site rule lets none fall below, which promises 20/21.
@@ -81,9 +84,9 @@ def local_ood_threshold(ood_scores: np.ndarray, model_threshold: float) -> float
     labelled (each a chest X-ray of its patients that it vouched for), never below the model's own threshold.
 
     A next film of the site scores at or below it with probability at least ``n / (n + 1)`` (its rank among the
-    ``n + 1`` is uniform), so the site's own films are refused about as rarely as the model's validation films are
-    (5%); anything further from training than every film the site labelled is still refused. Serving applies it as a
-    request's ``ood_threshold``.
+    ``n + 1`` is uniform): on average at most 1 in ``n + 1`` of the site's films is refused (1 in 41 for 40 films; the
+    model's own threshold refuses 1 in 20 of its validation films), and anything further from training than every film
+    the site labelled still is. Serving applies it as a request's ``ood_threshold``.
     """
     scores = np.asarray(ood_scores, dtype=float).ravel()
     if not len(scores) or not np.isfinite(scores).all():
@@ -129,14 +132,16 @@ def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     names = ("sensitivity", "specificity", "model_sensitivity", "model_specificity")
-    figures: dict[str, list[float]] = {k: [] for k in names + (("refused", "model_refused") if ood else ())}
+    figures: dict[str, list[float]] = {k: [] for k in names + (("refused", "model_refused") if ood is not None
+                                                                 else ())}
+    if ood is not None:
+        ood_scores, model_ood = np.asarray(ood[0], dtype=float).ravel(), float(ood[1])
     thresholds = []
     for _ in range(int(draws)):
         p, n = rng.permutation(pos), rng.permutation(neg)
         chosen, rest = np.r_[p[:n_per_class], n[:n_per_class]], np.r_[p[n_per_class:], n[n_per_class:]]
         answered = {"": rest, "model_": rest}
         if ood is not None:
-            ood_scores, model_ood = np.asarray(ood[0], dtype=float).ravel(), float(ood[1])
             limits = {"": local_ood_threshold(ood_scores[chosen], model_ood), "model_": model_ood}
             for prefix, limit in limits.items():
                 answered[prefix] = rest[ood_scores[rest] <= limit]

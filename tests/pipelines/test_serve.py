@@ -468,11 +468,19 @@ def check_register_and_serve(project: Path) -> list[str]:
 
         status, answer = post(url, {"inputs": {"image": [images["frontal"]]}, "params": {"threshold": 0.0}})
         assert status == 200 and answer["predictions"][0]["label"] == "covid", answer
+        # a site's OOD threshold (calibrate-site --admit) below this film's score: refused, and the entry says at what
+        site_ood = hit["ood_score"] / 2
+        status, answer = post(url, {"inputs": {"image": [images["frontal"]]}, "params": {"ood_threshold": site_ood}})
+        [far] = answer["predictions"]
+        assert status == 200 and far["reason"] == "out_of_distribution" and far["ood_threshold"] == site_ood, answer
+        assert hit["ood_threshold"] > 0 and hit["ood_score"] <= hit["ood_threshold"]  # the model's own, by default
         for payload, needle in [
             (b'{"dataframe_records": [', "valid JSON"),
             ({"dataframe_records": [{"img": images["frontal"]}]}, "missing inputs ['image']"),
             ({"dataframe_records": [{"image": images["not an image"]}] * 17}, "at most 16 per request"),
             ({"dataframe_records": [{"image": images["frontal"]}], "params": {"threshold": 2}}, "must be in [0, 1]"),
+            ({"dataframe_records": [{"image": images["frontal"]}], "params": {"ood_threshold": -1}},
+             "'ood_threshold' must be a finite non-negative number"),
         ]:
             status, answer = post(url, payload)
             assert status == 400 and needle in answer and "Traceback" not in answer, (status, answer[:500])
@@ -493,8 +501,8 @@ def check_register_and_serve(project: Path) -> list[str]:
         detector = folders.ood_detector(project / f"artifacts/models/classifier_{served_name}")
         answered = scores.loc[usable][~detector.is_out(scores.loc[usable, "ood_score"].to_numpy())]
         site = site_labels(project, answered, manifest, lateral)
-        # --admit on the server: a second pass with the site's ood_threshold param; none of these films is refused
-        # as out of distribution, so it admits none and must answer what the in-process run without it answers
+        # --admit on the server: none of these films is refused as out of distribution, so it admits none (no second
+        # pass) and must answer what the in-process run without it answers
         remote_site = json.loads(run(["covidcxr", "calibrate-site", str(site), "--url", url, "--min-sensitivity",
                                       "0.9", "--admit"], project).stdout)
         monitored = check_monitoring(project, url, served_version, manifest)

@@ -233,3 +233,20 @@ def test_calibration_before_and_after_is_shown():
     block = {**metrics_block(0.9), "ece": 0.031, "ece_uncalibrated": 0.214}
     page = modelcard.render(card(metrics={"test": block}))
     assert "0.031" in page and "before the calibration fitted on validation: 0.214" in page
+
+
+def test_a_held_out_hospital_s_own_thresholds_are_on_the_card():
+    """What a new site would get from calibrate-site (its threshold, and its films admitted past the OOD check),
+    beside what serving answers today, for the registered classifier only; no section where nothing measured it."""
+    figures = {"site_n_per_class": 20, "site_specificity": 0.21, "site_sensitivity": 0.957,
+               "admit_specificity": 0.197, "admit_sensitivity": 0.949, "admit_refused": 0.006,
+               "admit_model_specificity": 0.177, "admit_model_sensitivity": 0.974, "admit_model_refused": 0.038}
+    hospitals = {"c_vgg16": {**heldout_row(0.6234, False, auc=0.7777), **figures},
+                 "e_vgg16": {**heldout_row(0.5, False, auc=0.7), "site_specificity": 0.4242}}
+    heldout = {**HELDOUT, "sources": {**HELDOUT["sources"], "hospitals": hospitals}}
+    text = " ".join(parse(modelcard.render(card(heldout=heldout))).text)
+    assert "A new site's own thresholds" in text and "20 COVID-19 and 20 negative films" in text
+    for value in ("0.210", "0.957", "0.197", "0.949", "0.006", "0.177", "0.974", "0.038"):
+        assert value in text.split("A new site's own thresholds")[1]
+    assert "0.424" not in text  # another classifier's figure: not this card's
+    assert "A new site's own thresholds" not in " ".join(parse(modelcard.render(card())).text)

@@ -430,7 +430,42 @@ def _section_heldout(heldout: Mapping | None, chosen: object) -> str:
                        "threshold"),
                       rows, numeric=(False, False, True, True, True, True, True, True, True, True)) if rows
                else "<p>The held-out results hold no row for this classifier.</p>")
+    out.append(_site_onboarding(heldout, chosen))
     return "".join(out)
+
+
+#: The held-out rows' site figures the card shows (row key: column), the experiment runner's names.
+SITE_COLUMNS = (
+    ("site_specificity", "specificity, site threshold"), ("site_sensitivity", "sensitivity, site threshold"),
+    ("admit_specificity", "specificity, films admitted"), ("admit_sensitivity", "sensitivity, films admitted"),
+    ("admit_refused", "refused, films admitted"), ("admit_model_specificity", "specificity, served as is"),
+    ("admit_model_sensitivity", "sensitivity, served as is"), ("admit_model_refused", "refused, served as is"),
+)
+
+
+def _site_onboarding(heldout: Mapping, chosen: object) -> str:
+    """What a new site gains from its own threshold (``covidcxr calibrate-site``) and from admitting its own films
+    (``--admit``), where a held-out run with both classes measured it; nothing where none did."""
+    rows = []
+    for source, by_model in (heldout.get("sources") or {}).items():
+        r = (by_model or {}).get(str(chosen)) or {}
+        if r.get("site_specificity") is None and r.get("admit_specificity") is None:
+            continue
+        cells = [_over_seeds(r, key) if r.get("n_seeds") else _fmt(r.get(key)) for key, _ in SITE_COLUMNS]
+        rows.append((source, *cells))
+    if not rows:
+        return ""
+    n = next(((by_model or {}).get(str(chosen), {}).get("site_n_per_class") for by_model in
+              (heldout.get("sources") or {}).values() if (by_model or {}).get(str(chosen), {}).get("site_n_per_class")),
+             "n")
+    return ("<h3>A new site's own thresholds</h3><p>Before use at a new hospital, <code>covidcxr calibrate-site"
+            "</code> chooses the threshold on the site's own labelled films by this model's rule, its sensitivity "
+            "target kept on the site's next films; with <code>--admit</code> the site also admits its films past the "
+            "out-of-distribution check (its OOD threshold the highest OOD score among them). Measured on the held-out "
+            f"runs below: {_e(n)} COVID-19 and {_e(n)} negative films drawn at random, many times, choose; the "
+            "run's other films are called with the site's thresholds and, for comparison, as this model is served "
+            "today. The site's films never choose the registered model.</p>"
+            + _table(("held out", *(name for _, name in SITE_COLUMNS)), rows, numeric=(False, *[True] * 8)))
 
 
 def _over_seeds(row: Mapping, key: str) -> str:

@@ -446,18 +446,17 @@ SITE_COLUMNS = (
 def _site_onboarding(heldout: Mapping, chosen: object) -> str:
     """What a new site gains from its own threshold (``covidcxr calibrate-site``) and from admitting its own films
     (``--admit``), where a held-out run with both classes measured it; nothing where none did."""
-    rows = []
+    rows, n = [], None
     for source, by_model in (heldout.get("sources") or {}).items():
         r = (by_model or {}).get(str(chosen)) or {}
         if r.get("site_specificity") is None and r.get("admit_specificity") is None:
             continue
+        n = n or r.get("site_n_per_class") or r.get("admit_n_per_class")
         cells = [_over_seeds(r, key) if r.get("n_seeds") else _fmt(r.get(key)) for key, _ in SITE_COLUMNS]
         rows.append((source, *cells))
     if not rows:
         return ""
-    n = next(((by_model or {}).get(str(chosen), {}).get("site_n_per_class") for by_model in
-              (heldout.get("sources") or {}).values() if (by_model or {}).get(str(chosen), {}).get("site_n_per_class")),
-             "n")
+    n = n or "n"
     return ("<h3>A new site's own thresholds</h3><p>Before use at a new hospital, <code>covidcxr calibrate-site"
             "</code> chooses the threshold on the site's own labelled films by this model's rule, its sensitivity "
             "target kept on the site's next films; with <code>--admit</code> the site also admits its films past the "

@@ -154,10 +154,11 @@ def _calibrate_site(args: argparse.Namespace) -> int:
     except Exception as err:  # noqa: BLE001 - the CLI reports a failed request in one line, not a traceback
         print(f"calibrate-site failed: {getattr(err, 'message', None) or err}", file=sys.stderr)
         return 1
-    model = [(row["label"] == "covid", entry) for row, (_, entry) in zip(table, served, strict=True)
-             if entry.get("accepted")]
-    answered = [(row["label"] == "covid", entry) for row, (_, entry) in zip(table, rows, strict=True)
+    def answered_in(scored: list[tuple[str, dict]]) -> list[tuple[bool, dict]]:  # (COVID-19?, entry) of each answer
+        return [(row["label"] == "covid", entry) for row, (_, entry) in zip(table, scored, strict=True)
                 if entry.get("accepted")]
+
+    model, answered = answered_in(served), answered_in(rows)
     refused = dict(Counter(entry.get("reason") or "unknown" for _, entry in rows if not entry.get("accepted")))
     y = np.array([int(c) for c, _ in answered], dtype=int)
     probability = np.array([e["covid_probability"] for _, e in answered], dtype=float)

@@ -316,7 +316,7 @@ class Pipeline:
         frontal = self._project(for_filter, entries, views)
         masks = self._segment(work, frontal, entries)
         compact: dict[int, list[float]] = {}
-        scored = self._classify(work, masks, entries, used, compact, ood_limit)
+        scored = self._classify(work, masks, entries, used, compact, ood_used)
         if explain and scored:
             self._explain(work, masks, display, scored, entries)
         reasons = Counter(e["reason"] for e in entries if not e["accepted"])
@@ -401,9 +401,10 @@ class Pipeline:
         return usable
 
     def _classify(self, work: dict[int, np.ndarray], masks: dict[int, np.ndarray], entries: list[dict],
-                  threshold: float, compact: dict[int, list[float]], ood_limit: float | None = None) -> list[int]:
+                  threshold: float, compact: dict[int, list[float]], ood_threshold: float | None) -> list[int]:
         """Probability, label and OOD score of each masked image; returns those accepted (``compact``: their
-        compact feature vectors, for the prediction log; ``ood_limit``: the OOD threshold, if not the detector's)."""
+        compact feature vectors, for the prediction log; ``ood_threshold``: the one in force, the detector's or the
+        request's)."""
         order = sorted(masks)
         if not order:
             return []
@@ -413,13 +414,13 @@ class Pipeline:
             entries[i].update(accepted=True, covid_probability=p, label=decide_label(p, threshold))
         if scored is None:  # a classifier folder without a detector
             return order
-        limit, accepted = self.classifier.ood.threshold if ood_limit is None else ood_limit, []
+        accepted = []
         for i, score, vector in zip(order, scored.score.tolist(), scored.compact.tolist()):
             entries[i]["ood_score"], compact[i] = score, vector
-            if score <= limit:
+            if score <= ood_threshold:
                 accepted.append(i)
                 continue
-            message = (f"image[{i}]: out of distribution (OOD score {score:g} > threshold {limit:g}): "
+            message = (f"image[{i}]: out of distribution (OOD score {score:g} > threshold {ood_threshold:g}): "
                        "unlike the images the model was trained on")
             if self.config.ood_action == "flag":  # answered, with the flag
                 entries[i].update(reason="out_of_distribution", message=message + "; the answer may be unreliable")

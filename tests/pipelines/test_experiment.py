@@ -198,6 +198,16 @@ def test_no_covid_test_patient_has_lungs_the_unet_learned(extra):
     assert {"covid", "negative"} <= set(covid.loc[covid["split"] == "test", "label"])
 
 
+def collected_c_vgg16(workdir: Path, result: dict, threshold: float, test_classes: dict) -> dict:
+    """What the experiment runner collects for c_vgg16 from a workdir holding ``result`` as its evaluate report (with
+    the operating threshold) and ``test_classes`` as the split's test counts."""
+    _common.write_json(workdir / "reports/evaluate/c_vgg16/metrics.json", {**result, "operating_threshold": threshold})
+    _common.write_json(workdir / "reports/split/summary.json", {"covid": {"test": test_classes}})
+    got = experiment.collect_classifier(workdir, {"train_classifier.variants": ["c"],
+                                                  "train_classifier.backbones": ["vgg16"]})
+    return got["models"]["c_vgg16"]
+
+
 def test_evaluation_reports_what_serving_answers_and_held_out_rows_carry_it(tmp_path: Path):
     """A held-out source's negatives: those above the folder's OOD threshold are refused (serving's rule), the rest
     answered at the operating threshold; the held-out rows show the share called COVID-19 and the share refused."""
@@ -223,12 +233,7 @@ def test_evaluation_reports_what_serving_answers_and_held_out_rows_carry_it(tmp_
     assert result["test"]["at_operating"]["specificity"] == pytest.approx(4 / 8)  # counts the refused ones too
     assert evaluate.evaluate_model(pred, rule, p)["test"]["served"]["refused"] == 0  # no detector: nothing refused
     assert result["test"]["site_calibration"]["status"] == "skipped" and "site_calibration" not in result["val"]
-    result["operating_threshold"] = 0.5
-    _common.write_json(tmp_path / "reports/evaluate/c_vgg16/metrics.json", result)
-    _common.write_json(tmp_path / "reports/split/summary.json", {"covid": {"test": {"negative": 8}}})
-    got = experiment.collect_classifier(tmp_path, {"train_classifier.variants": ["c"],
-                                                   "train_classifier.backbones": ["vgg16"]})
-    model = got["models"]["c_vgg16"]
+    model = collected_c_vgg16(tmp_path, result, 0.5, {"negative": 8})
     assert model["test_served"]["negatives_called_covid"] == pytest.approx(0.25)
     assert model["test_served"]["negatives_refused"] == pytest.approx(0.25)
     run = {"models": {"c_vgg16": model}}
@@ -268,12 +273,7 @@ def test_a_held_out_site_with_both_classes_reports_its_own_threshold_beside_the_
     assert site["status"] == "measured" and (site["n_covid"], site["n_negative"]) == (n_pos, n_neg)
     assert site["model_specificity"] == 0.0 and site["model_sensitivity"] == 1.0  # every film above 0.3
     assert site["specificity"] > 0.5 and site["sensitivity"] >= 0.8 and site["threshold_median"] > 0.55
-    result["operating_threshold"] = 0.3
-    _common.write_json(tmp_path / "reports/evaluate/c_vgg16/metrics.json", result)
-    _common.write_json(tmp_path / "reports/split/summary.json", {"covid": {"test": {"covid": n_pos}}})
-    got = experiment.collect_classifier(tmp_path, {"train_classifier.variants": ["c"],
-                                                   "train_classifier.backbones": ["vgg16"]})
-    run = {"models": {"c_vgg16": got["models"]["c_vgg16"]}}
+    run = {"models": {"c_vgg16": collected_c_vgg16(tmp_path, result, 0.3, {"covid": n_pos})}}
     older = {"models": {"c_vgg16": {k: v for k, v in run["models"]["c_vgg16"].items()
                                     if k != "test_site_calibration"}}}
     assert "site_specificity" not in experiment.heldout_figures({"select": ["x"]}, {"x": [run, older]})[
@@ -722,12 +722,7 @@ def test_a_held_out_site_whose_covid_films_the_ood_check_refuses_reports_them_ad
     assert admitted["status"] == "measured" and admitted["model_sensitivity"] is None
     assert admitted["sensitivity"] >= 0.85 and admitted["refused"] < 0.05
     assert "site_admission" not in evaluate.evaluate_model(pred, rule, p)["test"]  # no detector: nothing to admit
-    result["operating_threshold"] = 0.6
-    _common.write_json(tmp_path / "reports/evaluate/c_vgg16/metrics.json", result)
-    _common.write_json(tmp_path / "reports/split/summary.json", {"covid": {"test": {"covid": n_pos}}})
-    got = experiment.collect_classifier(tmp_path, {"train_classifier.variants": ["c"],
-                                                   "train_classifier.backbones": ["vgg16"]})
-    run = {"models": {"c_vgg16": got["models"]["c_vgg16"]}}
+    run = {"models": {"c_vgg16": collected_c_vgg16(tmp_path, result, 0.6, {"covid": n_pos})}}
     figures = experiment.heldout_figures({"select": ["kermany"]}, {"kermany": [run], "hospitals": [run, run]})
     row = figures["sources"]["hospitals"]["c_vgg16"]
     assert row["site_skipped"].startswith("2 of 2 seeds: 0 COVID-19")

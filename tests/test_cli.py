@@ -111,6 +111,12 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
     header, rows = table_out[0], table_out[1:]
     assert len(rows) == 24 and {r[header.index("accepted")] for r in rows} == {"True"}
     assert [float(r[header.index("threshold")]) for r in rows] == [pytest.approx(out["threshold"], abs=5e-5)] * 24
+    # chosen on another version's scores: no answer at thresholds that mean nothing for the model answering
+    thresholds.write_text(json.dumps({**out, "model_version": "9"}))
+    assert cli.main(["predict", str(site / "f0.png"), "--site", str(thresholds)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "chosen on model version 9's scores; the model answering is version " \
+        f"{out['model_version']}" in captured.err
     thresholds.write_text('{"ood_threshold": 3}')
     assert cli.main(["predict", str(site / "f0.png"), "--site", str(thresholds)]) == 2
     assert "not a thresholds file of `covidcxr calibrate-site --output`" in capsys.readouterr().err

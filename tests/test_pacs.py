@@ -137,16 +137,17 @@ def plant_and_upload(orthanc: Orthanc, folder: Path) -> dict[str, dict]:
     return {uid: s for uid, s in studies.items() if s["sources"]}
 
 
-def run_worker(orthanc: Orthanc, registry: Path, *extra: str) -> tuple[dict, str]:
-    """`covidcxr pacs --once` in a subprocess (``extra``: more options); (its summary, everything it printed)."""
+def run_worker(orthanc: Orthanc, registry: Path, *extra: str, status: int = 0) -> tuple[dict, str]:
+    """`covidcxr pacs --once` in a subprocess (``extra``: more options) that exits with ``status``; (its summary, or
+    {} when it printed none, and everything it printed)."""
     env = base_env(MLFLOW_TRACKING_URI=f"sqlite:///{registry / 'mlflow.db'}", COVIDCXR_PACS_USER=orthanc.user,
                    COVIDCXR_PACS_PASSWORD=orthanc.password)
     proc = subprocess.run([str(BIN / "python"), "-m", "covidcxr.cli", "pacs", "--dicomweb-url", orthanc.dicomweb,
                            "--model-uri", f"models:/{MODEL_NAME}@champion", "--once", "--retries", "1", *extra],
                           env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-5000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1]), output
+    assert proc.returncode == status, output[-5000:]
+    return (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}), output
 
 
 def results_of(orthanc: Orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
@@ -201,7 +202,11 @@ def test_worker_writes_sr_and_overlay_into_each_study_once_and_leaks_no_phi(orth
     assert before == n_sources >= 12
 
     site = tmp_path / "site.json"  # this hospital's own threshold (calibrate-site --output), on every image
-    site.write_text(json.dumps({"threshold": SITE_THRESHOLD, "ood_threshold": None, "note": "calibrate-site"}))
+    site.write_text(json.dumps({"threshold": SITE_THRESHOLD, "ood_threshold": None, "model_version": "2"}))
+    stale, stale_output = run_worker(orthanc, registry, "--site", str(site), status=1)  # chosen for another version
+    assert stale == {} and "the model answering is version 1" in stale_output and "nothing was stored" in stale_output
+    assert orthanc.instance_count() == before
+    site.write_text(json.dumps({"threshold": SITE_THRESHOLD, "ood_threshold": None, "model_version": "1"}))
     summary, output = run_worker(orthanc, registry, "--site", str(site))
     assert summary["studies"] == len(studies) and summary["images"] == n_sources and summary["already_done"] == 0
     assert summary["scored"] + summary["refused"] == n_sources and summary["scored"] > 0 and summary["refused"] > 0
@@ -246,7 +251,7 @@ def test_worker_writes_sr_and_overlay_into_each_study_once_and_leaks_no_phi(orth
     # Identifiers went into the PACS only: not into the worker's output or log, nor into the MLflow store it read.
     secrets_ = [v for s in studies.values() for v in s["phi"].values()] + [orthanc.password]
     uids = list(studies) + [uid for s in studies.values() for uid in s["sources"]]
-    printed = output + output_again
+    printed = output + output_again + stale_output
     assert "pass over" in printed and "study " in printed  # it did log, with counts and hashed ids
     for value in secrets_ + uids:
         assert value not in printed, "an identifier reached the worker's output"

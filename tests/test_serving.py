@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 from pydicom.sequence import Sequence as DicomSequence
 
-from covidcxr import io, models, preprocess, serving
+from covidcxr import io, models, preprocess, serving, sites
 from tests.helpers import PERMISSIVE, build_bundle, phantom, png_b64
 from tests.test_io import _deflated, _huge_png, _voi_lut_item, codestream_dicom, make_dicom
 
@@ -189,6 +189,28 @@ def test_threshold_param_overrides_the_operating_threshold(loaded):
     for bad in (1.5, -0.1, "x"):
         with pytest.raises(MlflowException, match="threshold"):
             loaded.score(images, threshold=bad)
+
+
+def test_a_server_with_a_site_file_applies_its_thresholds_and_refuses_per_request_ones(bundle, loaded, tmp_path,
+                                                                                        monkeypatch):
+    """$COVIDCXR_SITE: the site's thresholds (calibrate-site --output) on every request, whoever sends it; a file
+    chosen on another model version stops the server from loading."""
+    images = [png_b64(phantom(seed=s)) for s in range(4)]
+    probabilities = sorted(e["covid_probability"] for e in loaded.score(images))
+    site = tmp_path / "site.json"
+    site.write_text(json.dumps({"threshold": probabilities[2], "ood_threshold": None, "model_version": "unregistered"}))
+    monkeypatch.setenv(sites.ENV, str(site))
+    at_site = serving.Pipeline.load(bundle)
+    entries = at_site.score(images)
+    assert {e["threshold"] for e in entries} == {probabilities[2]}
+    assert sorted(e["label"] for e in entries) == ["covid", "covid", "negative", "negative"]
+    for params in ({"threshold": 0.0}, {"ood_threshold": 1e9}):
+        with pytest.raises(MlflowException, match=r"applies the site's own thresholds \(\$COVIDCXR_SITE\)"):
+            at_site.score(images, **params)
+    site.write_text(json.dumps({"threshold": 0.2, "ood_threshold": None, "model_version": "7"}))
+    with pytest.raises(sites.SiteFileError, match="chosen on model version 7's scores; the model answering is "
+                                                  "version unregistered"):
+        serving.Pipeline.load(bundle)
 
 
 def test_explain_adds_a_gradcam_png_of_the_image_size(loaded):

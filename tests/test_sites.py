@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -133,3 +135,48 @@ def test_local_calibration_with_admission_answers_the_films_the_model_refuses():
     assert once["sensitivity"] == pytest.approx(float((score[answered][y[answered] == 1] >= t).mean()))
     plain = sites.local_calibration(y, score, rule, n_per_class=20, draws=50, seed=2)
     assert "refused" not in plain and "sensitivity_draws" not in plain  # without OOD scores: as before
+
+
+def test_a_thresholds_file_reads_back_as_the_params_that_apply_it(tmp_path):
+    path = tmp_path / "site.json"
+    path.write_text(json.dumps({"threshold": 0.25, "ood_threshold": 31.5, "model_version": 3, "n_covid": 20}))
+    site = sites.SiteThresholds.load(path)
+    assert (site.threshold, site.ood_threshold, site.model_version) == (0.25, 31.5, "3")
+    assert site.params() == {"threshold": 0.25, "ood_threshold": 31.5}
+    path.write_text(json.dumps({"threshold": 0.25, "ood_threshold": None, "model_version": "3"}))
+    assert sites.SiteThresholds.load(path).params() == {"threshold": 0.25}  # the model's own OOD threshold
+    assert sites.from_env({sites.ENV: str(path)}) == sites.SiteThresholds.load(path)
+    assert sites.from_env({sites.ENV: " "}) is None and sites.from_env({}) is None
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"),
+    ("{not json", "not JSON"),
+    ('{"ood_threshold": 3, "model_version": "1"}', "not a thresholds file of `covidcxr calibrate-site --output`"),
+    ('{"threshold": true, "model_version": "1"}', "not a thresholds file"),
+    ('[0.3]', "not a thresholds file"),
+    ('{"threshold": 1.5, "model_version": "1"}', r"threshold must be in \[0, 1\], got 1.5"),
+    ('{"threshold": 0.3, "ood_threshold": -2, "model_version": "1"}', "ood_threshold must be null or a finite"),
+    ('{"threshold": 0.3, "ood_threshold": "far", "model_version": "1"}', "ood_threshold must be null or a finite"),
+    ('{"threshold": 0.3}', "no model_version"),
+    ('{"threshold": 0.3, "model_version": " "}', "no model_version"),
+])
+def test_a_thresholds_file_that_cannot_be_used_is_an_error_naming_it(tmp_path, content, message):
+    path = tmp_path / "site.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(sites.SiteFileError, match=message) as caught:
+        sites.SiteThresholds.load(path)
+    assert str(path) in str(caught.value)
+
+
+def test_thresholds_apply_only_to_the_model_version_they_were_chosen_on(tmp_path):
+    path = tmp_path / "site.json"
+    path.write_text(json.dumps({"threshold": 0.25, "ood_threshold": None, "model_version": "3"}))
+    site = sites.SiteThresholds.load(path)
+    site.check_version("3")
+    site.check_version(3)
+    with pytest.raises(sites.SiteFileError, match="chosen on model version 3's scores; the model answering is version "
+                                                  "4: calibrate the site again") as caught:
+        site.check_version("4")
+    assert str(path) in str(caught.value)

@@ -38,45 +38,33 @@ PREDICT_COLUMNS = ("accepted", "projection", "projection_probability", "lung_are
                    "label", "ood_score", "threshold", "model_version", "reason")
 
 
-class SiteFileError(ValueError):
-    """A ``--site`` file that does not hold what ``calibrate-site --output`` writes."""
-
-
-def _site_params(path: str | None) -> dict:
-    """The request params a site's thresholds file sets (``calibrate-site --output``): ``threshold``, and
-    ``ood_threshold`` when the site admitted its films; nothing without a file."""
-    if not path:
-        return {}
-    from pathlib import Path
-
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        params = {"threshold": float(data["threshold"])}
-        if data.get("ood_threshold") is not None:
-            params["ood_threshold"] = float(data["ood_threshold"])
-    except OSError as err:
-        raise SiteFileError(f"--site {path}: cannot read ({err.strerror})") from None
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise SiteFileError(f"--site {path}: not a thresholds file of `covidcxr calibrate-site --output` (a JSON "
-                            "object with a numeric threshold)") from None
-    return params
-
-
 def _predict(args: argparse.Namespace) -> int:
     """Score files with the registered model in this process, or with a running server (``--url``); print a table."""
     import base64
     from pathlib import Path
 
+    from covidcxr import sites
+
     try:
-        site = _site_params(args.site)
-    except SiteFileError as err:
+        site = sites.SiteThresholds.load(args.site) if args.site else None
+    except sites.SiteFileError as err:
         print(f"predict: {err}", file=sys.stderr)
         return 2
-    params = {"explain": bool(args.explain), **site, **{k: v for k, v in (("threshold", args.threshold),
-                                                                           ("ood_threshold", args.ood_threshold))
-                                                         if v is not None}}
+    params = {"explain": bool(args.explain), **(site.params() if site else {}),
+              **{k: v for k, v in (("threshold", args.threshold), ("ood_threshold", args.ood_threshold))
+                 if v is not None}}
     try:
-        rows = _score_files(args.files, args, params)
+        score = None
+        if site is not None:  # the site's thresholds only on the model version they were chosen for
+            served = _scorer(args.model_uri, args.url, args.timeout)
+
+            def score(images: list[str], params: dict) -> list[dict]:
+                entries = served(images, params)
+                for entry in entries:
+                    site.check_version(entry["model_version"])
+                return entries
+
+        rows = _score_files(args.files, args, params, score)
     except Exception as err:  # noqa: BLE001 - the CLI reports a failed request in one line, not a traceback
         print(f"predict failed: {getattr(err, 'message', None) or err}", file=sys.stderr)
         return 1
@@ -268,14 +256,14 @@ def _pacs(args: argparse.Namespace) -> int:
     import time
     import warnings
 
-    from covidcxr import pacs, serving
+    from covidcxr import pacs, serving, sites
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     warnings.showwarning = _warning_without_text
     log = logging.getLogger("covidcxr.pacs")
     try:
         since = pacs.parse_since(args.since)
-        site = _site_params(args.site)
+        site = sites.SiteThresholds.load(args.site) if args.site else None
     except ValueError as err:
         print(f"pacs: {err}", file=sys.stderr)
         return 2
@@ -290,12 +278,13 @@ def _pacs(args: argparse.Namespace) -> int:
         return 1
 
     def score(images: list[str], params: dict) -> list[dict]:  # the site's thresholds on every request
-        return served(images, {**params, **site})
+        return served(images, {**params, **(site.params() if site else {})})
 
     status = 0
     while True:
         try:
-            summary = pacs.run(client, score, model_name, since=since, batch_size=args.batch_size)
+            summary = pacs.run(client, score, model_name, since=since, batch_size=args.batch_size,
+                               version=site and site.model_version)
             print(json.dumps(summary.to_dict(), sort_keys=True), flush=True)
             status = 1 if summary.failed_studies else 0
         except (pacs.PacsError, pacs.ModelChanged) as err:
@@ -452,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--gradcam-dir", default="gradcam", help="folder for the overlays (default: gradcam)")
     predict.add_argument("--threshold", type=float, help="decision threshold instead of the model's operating one")
     predict.add_argument("--site", help="a site's thresholds (`calibrate-site --output`): its threshold and, when it "
-                                        "admitted its films, its OOD threshold; --threshold/--ood-threshold override")
+                                        "admitted its films, its OOD threshold; --threshold/--ood-threshold override; "
+                                        "an error when the model answering is not the version they were chosen on")
     predict.add_argument("--ood-threshold", type=float,
                          help="out-of-distribution threshold instead of the model's (a site's, from calibrate-site "
                               "--admit)")
@@ -490,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--once", action="store_true", help="one pass, then exit (the default; for cron or timers)")
     when.add_argument("--interval", type=float, help="run a pass every INTERVAL seconds until stopped")
     worker.add_argument("--site", help="the site's thresholds (`calibrate-site --output`) on every image, instead of "
-                                       "the model's: the results record the threshold that decided")
+                                       "the model's: the results record the threshold that decided; nothing is scored "
+                                       "when the model answering is not the version they were chosen on")
     worker.add_argument("--batch-size", type=int, default=8, help="images per scoring request (default: 8)")
     worker.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
     worker.add_argument("--pacs-timeout", type=float, default=30.0, help="seconds per PACS request (default: 30)")

@@ -10,9 +10,10 @@ read the image at its own working size when ``Config.projection_size`` sets one,
 probability -> label at the operating threshold, the out-of-distribution score (from the same forward pass:
 :func:`covidcxr.models.classifier_evidence`; above its threshold, or a request's ``ood_threshold`` (a site's own:
 :func:`covidcxr.sites.local_ood_threshold`), the image is refused as ``out_of_distribution``, or only flagged when
-``Config.ood_action`` is ``flag``), and optionally a Grad-CAM overlay (PNG, base64). These are the
-functions the pipeline's stages call, with the model folders they wrote (:class:`covidcxr.models.Component`): the
-served model is the evaluated one.
+``Config.ood_action`` is ``flag``), and optionally a Grad-CAM overlay (PNG, base64). A server given a site's thresholds
+file (``$COVIDCXR_SITE``, :class:`covidcxr.sites.SiteThresholds`, chosen on this model version) applies them to every
+request and refuses a request's own. These are the functions the pipeline's stages call, with the model folders they
+wrote (:class:`covidcxr.models.Component`): the served model is the evaluated one.
 
 An image that cannot be used gets an entry with ``accepted=False`` and a ``reason`` from :data:`REASONS`, never a
 failed batch. A malformed request (no ``image`` column, too many images, a threshold outside [0, 1]) raises
@@ -44,7 +45,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-from covidcxr import gradcam, io, lungs, models, predlog, preprocess, projection
+from covidcxr import gradcam, io, lungs, models, predlog, preprocess, projection, sites
 
 log = logging.getLogger(__name__)
 
@@ -255,13 +256,18 @@ class Pipeline:
     """Projection filter, U-Net and classifier (model folders) with the :class:`Config`; scores images."""
 
     def __init__(self, projection: models.Component, unet: models.Component, classifier: models.Component,
-                 config: Config, prediction_log: predlog.Sink | None = None) -> None:
+                 config: Config, prediction_log: predlog.Sink | None = None,
+                 site: sites.SiteThresholds | None = None) -> None:
         self.projection, self.unet, self.classifier = projection, unet, classifier
         self.prediction_log = prediction_log  # where every scored image's record goes (None: nowhere)
         self.threshold = classifier.operating_threshold
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"operating threshold must be in [0, 1], got {self.threshold}")
         self.config = config
+        # A site's own thresholds on every request, in place of the model's; chosen on this version's scores only
+        self.site = site
+        if site is not None:
+            site.check_version(config.model_version)
         # The filter's threshold is the one its folder carries, as for the U-Net's and the classifier's, unless the
         # configuration overrides it
         self.frontal_threshold = (projection.operating_threshold if config.frontal_threshold is None
@@ -282,7 +288,7 @@ class Pipeline:
         parts = {name: models.Component.load(artifacts[name]) for name in COMPONENTS}
         config = Config.load(artifacts[CONFIG_ARTIFACT])
         pipeline = cls(parts["projection"], parts["unet"], parts["classifier"], config,
-                       prediction_log=predlog.open_log(config.prediction_log))
+                       prediction_log=predlog.open_log(config.prediction_log), site=sites.from_env())
         pipeline.warm_up()
         return pipeline
 
@@ -297,11 +303,17 @@ class Pipeline:
     def score(self, images: Sequence[object], *, explain: bool = False, threshold: float | None = None,
               ood_threshold: float | None = None) -> list[dict]:
         """One entry per image (same order) for base64 ``images``; see the module docstring. ``threshold`` and
-        ``ood_threshold`` replace the model's (a site's own, from ``covidcxr calibrate-site``)."""
+        ``ood_threshold`` replace the model's (a site's own, from ``covidcxr calibrate-site``), unless the pipeline
+        applies a site's thresholds to every request (``site``), which then refuses them."""
         cfg = self.config
         if len(images) > cfg.limits.max_images:
             raise invalid_request(f"the request holds {len(images)} images; at most {cfg.limits.max_images} per "
                                   "request (send several requests)")
+        if self.site is not None:
+            if threshold is not None or ood_threshold is not None:
+                raise invalid_request(f"this server applies the site's own thresholds (${sites.ENV}) to every "
+                                      "request: params 'threshold' and 'ood_threshold' are refused")
+            threshold, ood_threshold = self.site.threshold, self.site.ood_threshold
         used = self.threshold if threshold is None else check_threshold(threshold)
         ood_limit = None if ood_threshold is None else check_ood_threshold(ood_threshold)
         detector = self.classifier.ood

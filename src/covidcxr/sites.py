@@ -16,13 +16,21 @@ a request's ``ood_threshold``), where that check refuses what the site sees ever
 A sensitivity target is kept on the site's next films, not only on the few it was chosen on (:func:`site_rule`): on 20
 COVID-19 films, "at least 0.95 of these" lets one fall below the threshold, and the next films then average 19/21 =
 0.905 (0.91 measured at the held-out hospitals); the site rule lets none fall below, which promises 20/21.
+
+What ``calibrate-site --output`` writes is read back by :meth:`SiteThresholds.load` (``covidcxr predict --site``,
+``covidcxr pacs --site``, or a server's ``$COVIDCXR_SITE``, which applies it to every request and refuses per-request
+thresholds). The thresholds were chosen on one model version's scores and mean nothing for another: every use checks
+the version that answers against the one they were chosen for.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +38,67 @@ from covidcxr import metrics
 
 #: Fewest films of each class a site threshold is chosen on: below it one film moves the sensitivity by over 10%.
 MIN_PER_CLASS = 10
+#: A server's site thresholds file: applied to every request, per-request thresholds refused.
+ENV = "COVIDCXR_SITE"
+
+
+class SiteFileError(ValueError):
+    """A site's thresholds file that cannot be used (unreadable, not what ``calibrate-site --output`` writes, or chosen
+    for another model version); the message names the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteThresholds:
+    """A site's own thresholds (``calibrate-site --output``): its operating threshold, its OOD threshold when it
+    admitted its films (None: the model's), and the model version whose scores they were chosen on."""
+
+    threshold: float
+    ood_threshold: float | None
+    model_version: str
+    path: str = ""
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SiteThresholds:
+        """The thresholds file at ``path``; :class:`SiteFileError` naming it and what is wrong."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as err:
+            raise SiteFileError(f"site thresholds {path}: cannot read ({err.strerror})") from None
+        except ValueError:
+            raise SiteFileError(f"site thresholds {path}: not JSON") from None
+        if not isinstance(data, Mapping) or isinstance(data.get("threshold"), bool) \
+                or not isinstance(data.get("threshold"), (int, float)):
+            raise SiteFileError(f"site thresholds {path}: not a thresholds file of `covidcxr calibrate-site --output` "
+                                "(a JSON object with a numeric threshold)")
+        threshold, limit, version = float(data["threshold"]), data.get("ood_threshold"), data.get("model_version")
+        if not 0.0 <= threshold <= 1.0:
+            raise SiteFileError(f"site thresholds {path}: threshold must be in [0, 1], got {threshold}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
+                                  or not math.isfinite(limit) or limit < 0):
+            raise SiteFileError(f"site thresholds {path}: ood_threshold must be null or a finite non-negative "
+                                f"number, got {limit!r}")
+        if version is None or isinstance(version, bool) or not str(version).strip():
+            raise SiteFileError(f"site thresholds {path}: no model_version; thresholds mean nothing without the model "
+                                "version they were chosen for: calibrate the site again (`covidcxr calibrate-site`)")
+        return cls(threshold, None if limit is None else float(limit), str(version), str(path))
+
+    def params(self) -> dict:
+        """The request params that apply them: ``threshold``, and ``ood_threshold`` when the site admitted its films."""
+        return {"threshold": self.threshold, **({} if self.ood_threshold is None else
+                                                {"ood_threshold": self.ood_threshold})}
+
+    def check_version(self, model_version: object) -> None:
+        """:class:`SiteFileError` unless ``model_version`` (the model answering) is the one they were chosen for."""
+        if str(model_version) != self.model_version:
+            raise SiteFileError(f"site thresholds {self.path} were chosen on model version {self.model_version}'s "
+                                f"scores; the model answering is version {model_version}: calibrate the site again "
+                                "for it (`covidcxr calibrate-site`)")
+
+
+def from_env(env: Mapping[str, str] | None = None) -> SiteThresholds | None:
+    """The thresholds file ``$COVIDCXR_SITE`` names, or None when it is unset or empty."""
+    path = (os.environ if env is None else env).get(ENV, "").strip()
+    return SiteThresholds.load(path) if path else None
 
 
 def site_rule(n_covid: int, min_sensitivity: float) -> tuple[int, float]:

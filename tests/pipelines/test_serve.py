@@ -510,8 +510,14 @@ def check_register_and_serve(project: Path) -> list[str]:
         stop_server(server)
     local = run(["covidcxr", "predict", str(frontal), str(lateral)], project).stdout.splitlines()
     assert local == table  # the same model through the same code path, in process
-    local_site = json.loads(run(["covidcxr", "calibrate-site", str(site), "--min-sensitivity", "0.9"], project).stdout)
+    site_file = project / "site-thresholds.json"
+    local_site = json.loads(run(["covidcxr", "calibrate-site", str(site), "--min-sensitivity", "0.9", "--output",
+                                 str(site_file)], project).stdout)
     check_site_threshold(remote_site, local_site, answered, served_version)
+    # the file it wrote names the registered version, so predict --site applies it to that model
+    at_site = run(["covidcxr", "predict", str(frontal), "--site", str(site_file)], project).stdout.splitlines()
+    assert float(at_site[1].split("\t")[at_site[0].split("\t").index("threshold")]) == \
+        pytest.approx(local_site["threshold"], abs=5e-5)
     short = run(["covidcxr", "calibrate-site", str(site)], project, check=False)  # the pipeline's 0.95: 19 films
     assert short.returncode == 1 and "10 COVID-19 films cannot promise sensitivity 0.95" in short.stderr, short.stderr
 

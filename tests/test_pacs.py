@@ -6,6 +6,7 @@ output or the MLflow store."""
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import secrets
 import shutil
@@ -179,8 +180,11 @@ def check_sr(sr: pydicom.Dataset, phi: dict) -> tuple[str, dict]:
             if item.ValueType == "NUM":
                 value = item.MeasuredValueSequence[0]
                 findings[name] = (float(value.NumericValue), value.MeasurementUnitsCodeSequence[0].CodeValue)
-            elif item.ValueType == "CODE":
-                findings[name] = item.ConceptCodeSequence[0].CodeValue
+            elif item.ValueType == "CODE":  # a value over 16 characters is a LongCodeValue (out_of_distribution)
+                code = item.ConceptCodeSequence[0]
+                findings[name] = code.get("CodeValue") or code.get("LongCodeValue")
+            elif item.ValueType == "TEXT" and name == "Algorithm Parameters":
+                findings.setdefault(name, []).append(item.TextValue)
             elif item.ValueType == "TEXT":
                 findings.setdefault(name, item.TextValue)
             elif item.ValueType == "IMAGE":
@@ -259,6 +263,57 @@ def test_worker_writes_sr_and_overlay_into_each_study_once_and_leaks_no_phi(orth
         if path.is_file():
             data = path.read_bytes()
             assert not any(v.encode() in data for v in secrets_), f"an identifier reached {path.name}"
+
+
+def sr_of(header: pydicom.Dataset, **changes) -> dict:
+    """The SR of a film refused as out of distribution at a site's own OOD threshold, read back by check_sr."""
+    entry = {**dict.fromkeys(serving.FIELDS), "accepted": False, "reason": "out_of_distribution",
+             "message": "far from training", "projection": "frontal", "projection_probability": 0.97,
+             "lung_area_fraction": 0.31, "ood_score": 41.5, "ood_threshold": 30.25, "threshold": 0.25,
+             "model_version": "3", **changes}
+    model = pacs.ModelId("covidcxr", "3")
+    built = pacs.build_sr(header, entry, model, pacs.series_uids(header.StudyInstanceUID, model)["sr"],
+                          pacs.result_uids(header.SOPInstanceUID, model)["sr"], 1)
+    buffer = io.BytesIO()
+    built.save_as(buffer)
+    sr = pydicom.dcmread(io.BytesIO(buffer.getvalue()))  # as the PACS would store and return it
+    source, findings = check_sr(sr, {})
+    assert source == header.SOPInstanceUID
+    return findings
+
+
+@pytest.mark.parametrize("described", [True, False])
+def test_the_sr_records_the_ood_score_and_both_thresholds_that_decided(described):
+    """A film far from training is where an auditor asks which limits were in force: the SR says by how much and at
+    what, beside the operating threshold; with or without what the image library describes a radiograph by."""
+    import numpy as np
+
+    from tests.test_io import make_dicom
+
+    described_by = {"PatientOrientation": ["L", "F"], "ImagerPixelSpacing": [0.2, 0.2]} if described else {}
+    data = make_dicom(np.full((8, 8), 100, np.uint16), StudyInstanceUID="1.2.826.0.1.3680043.8.498.7",
+                      SeriesInstanceUID="1.2.826.0.1.3680043.8.498.8", **described_by)
+    header = pacs.header_only(pydicom.dcmread(io.BytesIO(data)))
+    assert pacs.library_describes(header) is described
+    findings = sr_of(header)
+    assert findings["Out-of-distribution score"] == (41.5, "1")
+    assert findings["Out-of-distribution threshold"] == (30.25, "1")
+    assert findings["Operating threshold"] == (0.25, "{probability}")
+    assert findings["Reason not scored"] == "out_of_distribution" and "COVID-19 probability" not in findings
+    assert findings["Algorithm Parameters"] == ["threshold=0.25", "ood_threshold=30.25"]
+    assert ("Horizontal Pixel Spacing" in findings) is described
+
+
+def test_real_crs_without_imager_pixel_spacing_get_their_sr(real_data):
+    """Both real CRs lack ImagerPixelSpacing (one has no patient orientation either), which highdicom's image library
+    reads for a radiograph: their SRs were refused, so a PACS of such files would have failed every study forever."""
+    files = sorted((real_data / "dicom").glob("*.dcm"))
+    assert len(files) == 2
+    for path in files:
+        header = pacs.header_only(pydicom.dcmread(path, stop_before_pixels=True))
+        assert not pacs.library_describes(header)
+        findings = sr_of(header, accepted=True, reason=None, covid_probability=0.8, label="covid")
+        assert findings["COVID-19 probability"] == (0.8, "{probability}") and findings["Scoring status"] == "scored"
 
 
 @pytest.mark.infra

@@ -56,6 +56,8 @@ CODES = {
     "negative": Code("260385009", "SCT", "Negative"),
     "probability": Code("covid-prob", SCHEME, "COVID-19 probability"),
     "threshold": Code("threshold", SCHEME, "Operating threshold"),
+    "ood_score": Code("ood-score", SCHEME, "Out-of-distribution score"),
+    "ood_threshold": Code("ood-threshold", SCHEME, "Out-of-distribution threshold"),
     "lung_area": Code("lung-area", SCHEME, "Lung area fraction"),
     "projection_probability": Code("proj-prob", SCHEME, "Projection probability"),
     "label": Code("label", SCHEME, "COVID-19 label"),
@@ -276,13 +278,15 @@ def file_base64(ds: Dataset) -> str:
 
 
 def build_sr(header: Dataset, entry: dict, model: ModelId, series_uid: str, sop_uid: str, instance_number: int):
-    """The Comprehensive SR (TID 1500) of one image's entry: scored with its figures, or not scored with why."""
+    """The Comprehensive SR (TID 1500) of one image's entry: scored with its figures, or not scored with why; with
+    the two thresholds that decided (the operating one, and the out-of-distribution one the OOD score was held to)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     numbers = [("probability", "covid_probability", "probability"), ("threshold", "threshold", "probability"),
                ("lung_area", "lung_area_fraction", "fraction"),
-               ("projection_probability", "projection_probability", "probability")]
+               ("projection_probability", "projection_probability", "probability"),
+               ("ood_score", "ood_score", "fraction"), ("ood_threshold", "ood_threshold", "fraction")]
     measurements = [hd.sr.Measurement(name=CODES[code], value=float(entry[key]), unit=UNITS[unit])
                     for code, key, unit in numbers if entry.get(key) is not None]
     evaluations = [hd.sr.QualitativeEvaluation(CODES["status"], CODES["scored" if entry["accepted"] else "not_scored"])]
@@ -300,7 +304,8 @@ def build_sr(header: Dataset, entry: dict, model: ModelId, series_uid: str, sop_
                                                      identifier="COVID-19 score"),
         finding_type=CODES["finding"],
         algorithm_id=hd.sr.AlgorithmIdentification(name=model.name, version=model.version,
-                                                   parameters=[f"threshold={entry.get('threshold')}"]),
+                                                   parameters=[f"threshold={entry.get('threshold')}",
+                                                               f"ood_threshold={entry.get('ood_threshold')}"]),
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
         measurements=measurements or None, qualitative_evaluations=evaluations,
     )
@@ -310,11 +315,20 @@ def build_sr(header: Dataset, entry: dict, model: ModelId, series_uid: str, sop_
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.DCM.Device, observer_identifying_attributes=device)),
-        procedure_reported=CODES["procedure"], imaging_measurements=[group], referenced_images=[header])
+        procedure_reported=CODES["procedure"], imaging_measurements=[group],
+        referenced_images=[header] if library_describes(header) else None)
     return hd.sr.ComprehensiveSR(
         evidence=[header], content=report[0], series_instance_uid=series_uid, series_number=SR_SERIES_NUMBER,
         sop_instance_uid=sop_uid, instance_number=instance_number, manufacturer=MANUFACTURER, is_complete=True,
         series_description=f"COVID-19 AI result, {model.name} v{model.version} (research use)"[:64])
+
+
+def library_describes(header: Dataset) -> bool:
+    """Whether the SR's image library can describe the source: for a projection radiograph highdicom reads two
+    patient orientation values (type 2: often empty) and the imager pixel spacing (type 3: often absent, as in both
+    real CRs of the corpus). Without them the SR leaves the library out; the measurement group and the evidence still
+    reference the image."""
+    return all(len(header.get(keyword) or ()) == 2 for keyword in ("PatientOrientation", "ImagerPixelSpacing"))
 
 
 def build_sc(header: Dataset, overlay_png_b64: str, model: ModelId, series_uid: str, sop_uid: str,

@@ -317,6 +317,21 @@ def test_real_crs_without_imager_pixel_spacing_get_their_sr(real_data):
 
 
 @pytest.mark.infra
+def test_real_crs_make_the_round_trip(orthanc, registry, real_data, tmp_path):
+    """The corpus's two real CRs (JPEG 2000 and native; neither with ImagerPixelSpacing, one without patient
+    orientation) through the PACS: each gets its SR, none of their studies fails."""
+    for path in (real_data / "dicom").glob("*.dcm"):
+        shutil.copy(path, tmp_path / path.name)
+    studies = plant_and_upload(orthanc, tmp_path)
+    assert sum(len(s["sources"]) for s in studies.values()) == 2
+    summary, _ = run_worker(orthanc, registry)
+    assert summary["failed_studies"] == 0
+    for study_uid, study in studies.items():
+        found = results_of(orthanc, study_uid)
+        assert {check_sr(sr, study["phi"])[0] for sr in found["SR"]} == study["sources"]
+
+
+@pytest.mark.infra
 def test_wrong_credentials_are_a_typed_error_that_does_not_quote_them(orthanc):
     client = pacs.DicomWeb(orthanc.dicomweb, user=orthanc.user, password="not-the-password", retries=0)
     with pytest.raises(pacs.PacsError, match="HTTP 401 to QIDO-RS study search.*COVIDCXR_PACS_PASSWORD") as caught:

@@ -15,20 +15,23 @@ from covidcxr import cli, monitoring, predlog
 THRESHOLD = 7.0
 
 
-def traffic(n: int, seed: int, shift: float = 0.0, when: dt.datetime | None = None) -> pd.DataFrame:
-    """Records as the server logs them; ``shift`` moves every figure (another hospital's images)."""
+def traffic(n: int, seed: int, shift: float = 0.0, when: dt.datetime | None = None, threshold: float = 0.5,
+            ood_limit: float = THRESHOLD) -> pd.DataFrame:
+    """Records as the server logs them; ``shift`` moves every figure (another hospital's images); ``threshold`` and
+    ``ood_limit``: the thresholds served (a site's own, or the model's 0.5 and THRESHOLD)."""
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(n):
         ood = float(abs(rng.normal(5.0 + 8 * shift, 1.0)))
-        accepted = ood <= THRESHOLD
+        accepted = ood <= ood_limit
         p = float(np.clip(rng.beta(2, 3) + shift, 0, 1))
         rows.append({"time": when or predlog.now(), "model_name": "covidcxr", "model_version": "3",
                      "accepted": accepted, "reason": None if accepted else "out_of_distribution",
                      "projection": "frontal", "projection_probability": float(rng.uniform(0.9, 1.0)),
                      "lung_area_fraction": float(rng.normal(0.25, 0.03)),
                      "covid_probability": p if accepted else None,
-                     "label": ("covid" if p >= 0.5 else "negative") if accepted else None, "threshold": 0.5,
+                     "label": ("covid" if p >= threshold else "negative") if accepted else None,
+                     "threshold": threshold,
                      "ood_score": ood, **{c: float(rng.normal(0.45 + shift, 0.05)) for c in predlog.INTENSITY_COLUMNS},
                      "features": [float(v) for v in rng.normal(shift, 1.0, 8)]})
     return pd.DataFrame(rows, columns=list(predlog.COLUMNS))
@@ -48,15 +51,29 @@ def test_the_same_distribution_is_no_drift_and_another_is():
     shifted = monitoring.compare(REFERENCE, traffic(80, seed=3, shift=0.3), ood_threshold=THRESHOLD, permutations=300)
     assert shifted.status == "drift"
     drifted = {t.name for t in shifted.tests if t.drift}
-    assert {"ood_score", "intensity_mean", "features_mmd", "refusal_rate", "ood_rate"} <= drifted
+    assert {"ood_score", "intensity_mean", "features_mmd", "positive_rate", "ood_rate"} <= drifted
     rates = {t.name: t for t in shifted.tests}
     assert rates["ood_rate"].window > 0.5 and rates["ood_rate"].reference < 0.1
+    assert rates["refusal_rate"].window == rates["refusal_rate"].reference == 0.0  # every refusal here is OOD
     assert shifted.reasons["window"]["out_of_distribution"] > 0.5
     metrics = shifted.metrics()
     assert metrics["drift"] == 1.0 and metrics["n_window"] == 80 and "features_mmd.p_value" in metrics
 
     few = monitoring.compare(REFERENCE, traffic(10, seed=4, shift=0.3), ood_threshold=THRESHOLD, min_records=20)
     assert few.status == "insufficient_data" and not few.drifted
+
+
+def test_a_window_served_at_a_site_s_own_thresholds_is_held_to_the_model_s():
+    """The same images served at a site's threshold (0.3) and OOD threshold (9): more labels say COVID-19 and fewer
+    films are refused, with no change in the images; the rates compare them at the model's thresholds."""
+    site = traffic(80, seed=2, threshold=0.3, ood_limit=9.0)
+    drift = monitoring.compare(REFERENCE, site, ood_threshold=THRESHOLD, permutations=300)
+    rates = {t.name: t for t in drift.tests}
+    assert not rates["positive_rate"].drift and not rates["refusal_rate"].drift and drift.status == "no_drift"
+    as_labelled = float((site.loc[site["accepted"], "label"] == "covid").mean())
+    assert as_labelled > rates["positive_rate"].window + 0.2  # what the labels alone would have compared
+    probabilities = site.loc[site["accepted"], "covid_probability"]
+    assert rates["positive_rate"].window == pytest.approx(float((probabilities >= 0.5).mean()))
 
 
 def test_mmd_permutation_test_detects_a_shift_in_feature_vectors_only():

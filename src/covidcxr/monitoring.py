@@ -8,8 +8,11 @@ pipeline into a :class:`covidcxr.predlog.MemoryLog`), so both sides have the sam
 - the compact feature vectors: a kernel two-sample test, the maximum mean discrepancy (MMD) with a Gaussian kernel
   (``sklearn.metrics.pairwise.rbf_kernel``, bandwidth by the median heuristic) and a permutation p-value
   (``scipy.stats.permutation_test``);
-- the positive rate (label ``covid`` among accepted images), the refusal rate (any reason) and the share above the
-  OOD threshold: Fisher's exact test (``scipy.stats.fisher_exact``).
+- the positive rate (accepted images whose COVID-19 probability reaches the reference's threshold, the model's), the
+  refusal rate (any reason but out of distribution) and the share above the model's OOD threshold: Fisher's exact test
+  (``scipy.stats.fisher_exact``). Each is held to the model's thresholds on both sides, so a window served at a site's
+  own thresholds (a request's, or a server's ``$COVIDCXR_SITE``) is compared on what its images are, not on how the
+  site chose to call them; films a site admitted past the OOD check still count in the OOD share.
 
 The p-values are Bonferroni-corrected over the tests that ran (as alibi-detect does for feature-wise tests); drift is
 significant when any corrected p-value is below ``alpha``. :func:`render` writes a self-contained HTML report (inline
@@ -246,14 +249,22 @@ def compare(reference: pd.DataFrame, window: pd.DataFrame, *, ood_threshold: flo
     tests.append(mmd_test(_features(reference), _features(window), min_n=min_per_test, permutations=permutations,
                           seed=seed))
     accepted = {"reference": _accepted(reference), "window": _accepted(window)}
+    thresholds = _values(reference, "threshold")
+    model_threshold = float(np.median(thresholds)) if len(thresholds) else None
 
     def positive(frame: pd.DataFrame, side: str) -> np.ndarray:
-        labels = frame.loc[accepted[side] & frame["label"].notna(), "label"]
-        return (labels == "covid").to_numpy()
+        if model_threshold is None:  # a reference without thresholds: the labels as served
+            return (frame.loc[accepted[side] & frame["label"].notna(), "label"] == "covid").to_numpy()
+        return _values(frame.loc[accepted[side]], "covid_probability") >= model_threshold
+
+    def refused(frame: pd.DataFrame, side: str) -> np.ndarray:
+        out = ~accepted[side].to_numpy(dtype=bool)
+        if ood_threshold is not None:  # the OOD share below tests those at the model's OOD threshold
+            out &= (frame["reason"] != "out_of_distribution").to_numpy(dtype=bool)
+        return out
 
     tests.append(rate_test("positive_rate", positive(reference, "reference"), positive(window, "window"), min_per_test))
-    tests.append(rate_test("refusal_rate", ~accepted["reference"].to_numpy(dtype=bool),
-                           ~accepted["window"].to_numpy(dtype=bool), min_per_test))
+    tests.append(rate_test("refusal_rate", refused(reference, "reference"), refused(window, "window"), min_per_test))
     if ood_threshold is not None:
         tests.append(rate_test("ood_rate", _values(reference, "ood_score") > ood_threshold,
                                _values(window, "ood_score") > ood_threshold, min_per_test))

@@ -65,7 +65,7 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
     import pandas as pd
     from PIL import Image
 
-    from covidcxr import models, ood, preprocess, serving
+    from covidcxr import models, ood, preprocess, serving, sites
     from tests.helpers import SIZE, build_bundle, phantom
 
     pipeline = serving.Pipeline.load(build_bundle(tmp_path / "bundle", variant="c"))
@@ -111,6 +111,12 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
     header, rows = table_out[0], table_out[1:]
     assert len(rows) == 24 and {r[header.index("accepted")] for r in rows} == {"True"}
     assert [float(r[header.index("threshold")]) for r in rows] == [pytest.approx(out["threshold"], abs=5e-5)] * 24
+    # a model that answers at a site's thresholds ($COVIDCXR_SITE) cannot be calibrated against: its own are refused
+    pipeline.site = sites.SiteThresholds(out["threshold"], out["ood_threshold"], out["model_version"])
+    assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9"]) == 1
+    assert "answers at a site's thresholds ($COVIDCXR_SITE)" in capsys.readouterr().err
+    pipeline.site = None
+
     # chosen on another version's scores: no answer at thresholds that mean nothing for the model answering
     thresholds.write_text(json.dumps({**out, "model_version": "9"}))
     assert cli.main(["predict", str(site / "f0.png"), "--site", str(thresholds)]) == 1

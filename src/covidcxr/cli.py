@@ -132,6 +132,11 @@ def _calibrate_site(args: argparse.Namespace) -> int:
     files = [str(labels.parent / row["file"]) for row in table]  # relative paths: from the table's folder
     try:
         score = _scorer(args.model_uri, args.url, args.timeout)
+        if _applies_a_site(score):
+            print(f"calibrate-site: the model answers at a site's thresholds (${sites.ENV}) and refuses its own, which "
+                  f"the site's are chosen against: calibrate in process or on a server without {sites.ENV}",
+                  file=sys.stderr)
+            return 1
         served = _score_files(files, args, {}, score)  # what the model answers today
         rows = list(served)
         # --admit: the films refused as out of distribution again, without an OOD limit (the rest would not change)
@@ -181,6 +186,20 @@ def _calibrate_site(args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def _applies_a_site(score: Callable[[list[str], dict], list[dict]]) -> bool:
+    """Whether ``score`` answers every request at a site's thresholds (``$COVIDCXR_SITE``): it refuses a request's
+    own ``threshold`` with a message naming the variable."""
+    from covidcxr import serving, sites
+
+    try:
+        score([serving.probe_image()], {"threshold": 0.5})
+    except Exception as err:  # noqa: BLE001 - refused remotely (ScoringError) or in process (MlflowException)
+        if sites.ENV in str(getattr(err, "message", None) or err):
+            return True
+        raise
+    return False
 
 
 def _cell(value: object) -> str:

@@ -366,11 +366,7 @@ def _meaning(reason: str) -> str:
 
 def probe_version(score: serving.Scorer) -> str:
     """The version of the model behind ``score``: it stamps every entry, even of an image it refuses unread."""
-    from PIL import Image
-
-    buffer = _bytes_io.BytesIO()
-    Image.fromarray(np.zeros((16, 16), np.uint8)).save(buffer, format="PNG")  # refused as zero_variance, cheaply
-    [entry] = score([base64.b64encode(buffer.getvalue()).decode("ascii")], {"explain": False})
+    [entry] = score([serving.probe_image()], {"explain": False})
     return str(entry["model_version"])
 
 

@@ -551,6 +551,16 @@ class CovidCxrModel(mlflow.pyfunc.PythonModel):
                                error_code=INTERNAL_ERROR) from None
 
 
+def probe_image() -> str:
+    """A blank 16 x 16 PNG, base64: every pipeline refuses it as ``zero_variance`` before any network runs, so a
+    request with it asks a scorer what it would answer (its model version, whether it takes a param) at no cost."""
+    from PIL import Image
+
+    buffer = _bytes_io.BytesIO()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def encode_file(path: str | os.PathLike) -> str:
     """A file's bytes as the base64 string a request carries."""
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")

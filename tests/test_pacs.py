@@ -208,7 +208,7 @@ def test_worker_writes_sr_and_overlay_into_each_study_once_and_leaks_no_phi(orth
     site = tmp_path / "site.json"  # this hospital's own threshold (calibrate-site --output), on every image
     site.write_text(json.dumps({"threshold": SITE_THRESHOLD, "ood_threshold": None, "model_version": "2"}))
     stale, stale_output = run_worker(orthanc, registry, "--site", str(site), status=1)  # chosen for another version
-    assert stale == {} and "the model answering is version 1" in stale_output and "nothing was stored" in stale_output
+    assert stale == {} and "the model answering is version 1: calibrate the site again" in stale_output
     assert orthanc.instance_count() == before
     site.write_text(json.dumps({"threshold": SITE_THRESHOLD, "ood_threshold": None, "model_version": "1"}))
     summary, output = run_worker(orthanc, registry, "--site", str(site))

@@ -302,11 +302,10 @@ def _pacs(args: argparse.Namespace) -> int:
     status = 0
     while True:
         try:
-            summary = pacs.run(client, score, model_name, since=since, batch_size=args.batch_size,
-                               version=site and site.model_version)
+            summary = pacs.run(client, score, model_name, since=since, batch_size=args.batch_size, site=site)
             print(json.dumps(summary.to_dict(), sort_keys=True), flush=True)
             status = 1 if summary.failed_studies else 0
-        except (pacs.PacsError, pacs.ModelChanged) as err:
+        except (pacs.PacsError, pacs.ModelChanged, sites.SiteFileError) as err:
             log.error("%s", err)
             status = 1
         except serving.ScoringError as err:  # the server's text is left out: it could quote a request

@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from covidcxr import serving
+from covidcxr import serving, sites
 from covidcxr.tracking import public_uri
 
 log = logging.getLogger(__name__)
@@ -410,20 +410,18 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
 
 
 def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.date | None = None,
-        batch_size: int = 8, version: str | None = None) -> Summary:
+        batch_size: int = 8, site: sites.SiteThresholds | None = None) -> Summary:
     """One pass over the PACS: every CR/DX study (from ``since`` on) gets the results it lacks.
 
     A study whose images the PACS will not deliver or whose results it refuses is counted in ``failed_studies`` and
-    left for the next pass; an unreachable PACS or scorer, a model that changed mid-pass, or one other than
-    ``version`` (the model version the scorer's site thresholds were chosen for) stops the pass.
+    left for the next pass; an unreachable PACS or scorer, a model that changed mid-pass, or a model version other
+    than the one ``site`` (the thresholds ``score`` applies) was chosen on stops the pass, the last before any study.
     """
     if not 1 <= batch_size <= serving.Limits().max_images:
         raise ValueError(f"batch_size must be in [1, {serving.Limits().max_images}], got {batch_size}")
     model = ModelId(model_name, probe_version(score))
-    if version is not None and model.version != str(version):
-        raise ModelChanged(f"the site's thresholds were chosen on model version {version}'s scores; the model "
-                           f"answering is version {model.version}: calibrate the site again (`covidcxr "
-                           "calibrate-site`); nothing was stored")
+    if site is not None:
+        site.check_version(model.version)
     studies = pacs.find_studies(since)
     summary = Summary(studies=len(studies))
     for study_uid in studies:

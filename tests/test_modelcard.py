@@ -246,6 +246,7 @@ def test_a_held_out_hospital_s_own_thresholds_are_on_the_card():
     heldout = {**HELDOUT, "sources": {**HELDOUT["sources"], "hospitals": hospitals}}
     text = " ".join(parse(modelcard.render(card(heldout=heldout))).text)
     assert "A new site's own thresholds" in text and "20 COVID-19 and 20 negative films" in text
+    assert "this model version only" in text and "COVIDCXR_SITE" in text
     for value in ("0.210", "0.957", "0.197", "0.949", "0.006", "0.177", "0.974", "0.038"):
         assert value in text.split("A new site's own thresholds")[1]
     assert "0.424" not in text  # another classifier's figure: not this card's

@@ -463,7 +463,10 @@ def _site_onboarding(heldout: Mapping, chosen: object) -> str:
             "out-of-distribution check (its OOD threshold the highest OOD score among them). Measured on the held-out "
             f"runs below: {_e(n)} COVID-19 and {_e(n)} negative films drawn at random, many times, choose; the "
             "run's other films are called with the site's thresholds and, for comparison, as this model is served "
-            "today. The site's films never choose the registered model.</p>"
+            "today. The site's films never choose the registered model. The thresholds it writes hold for this "
+            "model version only: <code>predict --site</code> and <code>pacs --site</code> apply them, or a server "
+            "started with <code>COVIDCXR_SITE</code> applies them to every request and refuses a request's own; each "
+            "refuses another version's answers.</p>"
             + _table(("held out", *(name for _, name in SITE_COLUMNS)), rows, numeric=(False, *[True] * 8)))
 
 

@@ -312,8 +312,10 @@ def test_real_crs_without_imager_pixel_spacing_get_their_sr(real_data):
     for path in files:
         header = pacs.header_only(pydicom.dcmread(path, stop_before_pixels=True))
         assert not pacs.library_describes(header)
-        findings = sr_of(header, accepted=True, reason=None, covid_probability=0.8, label="covid")
+        findings = sr_of(header, accepted=True, reason=None, covid_probability=0.8, label="covid", ood_score=None,
+                         ood_threshold=None)  # a model without an OOD detector
         assert findings["COVID-19 probability"] == (0.8, "{probability}") and findings["Scoring status"] == "scored"
+        assert findings["Algorithm Parameters"] == ["threshold=0.25"] and "Out-of-distribution score" not in findings
 
 
 @pytest.mark.infra

@@ -304,8 +304,9 @@ def build_sr(header: Dataset, entry: dict, model: ModelId, series_uid: str, sop_
                                                      identifier="COVID-19 score"),
         finding_type=CODES["finding"],
         algorithm_id=hd.sr.AlgorithmIdentification(name=model.name, version=model.version,
-                                                   parameters=[f"threshold={entry.get('threshold')}",
-                                                               f"ood_threshold={entry.get('ood_threshold')}"]),
+                                                   parameters=[f"{key}={entry[key]}" for key in
+                                                               ("threshold", "ood_threshold")
+                                                               if entry.get(key) is not None]),
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
         measurements=measurements or None, qualitative_evaluations=evaluations,
     )

@@ -115,6 +115,9 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
     pipeline.site = sites.SiteThresholds(out["threshold"], out["ood_threshold"], out["model_version"])
     assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9"]) == 1
     assert "answers at a site's thresholds ($COVIDCXR_SITE)" in capsys.readouterr().err
+    # nor can the PACS worker send it a site's thresholds (it would refuse every request): said before any PACS call
+    assert cli.main(["pacs", "--dicomweb-url", "http://127.0.0.1:9/dicom-web", "--site", str(thresholds)]) == 2
+    assert "already answers at a site's thresholds ($COVIDCXR_SITE on the server)" in capsys.readouterr().err
     pipeline.site = None
 
     # chosen on another version's scores: no answer at thresholds that mean nothing for the model answering

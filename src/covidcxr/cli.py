@@ -295,6 +295,14 @@ def _pacs(args: argparse.Namespace) -> int:
     except Exception as err:  # noqa: BLE001 - one line naming the model, not a traceback
         print(f"pacs: cannot load {args.model_uri}: {type(err).__name__}", file=sys.stderr)
         return 1
+    try:
+        locked = site is not None and _applies_a_site(served)  # it would refuse every request carrying --site's
+    except Exception:  # noqa: BLE001 - an unreachable scorer: the pass below reports it
+        locked = False
+    if locked:
+        print(f"pacs: the model already answers at a site's thresholds (${sites.ENV} on the server): leave out --site",
+              file=sys.stderr)
+        return 2
 
     def score(images: list[str], params: dict) -> list[dict]:  # the site's thresholds on every request
         return served(images, {**params, **(site.params() if site else {})})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pytest
 
@@ -111,6 +113,22 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
     header, rows = table_out[0], table_out[1:]
     assert len(rows) == 24 and {r[header.index("accepted")] for r in rows} == {"True"}
     assert [float(r[header.index("threshold")]) for r in rows] == [pytest.approx(out["threshold"], abs=5e-5)] * 24
+    # --log: the calibration as an MLflow run; the bundle's version ("unregistered") is in no registry: no tags
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9", "--admit", "--log", "ward-7"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == out and "is not in the registry: no version tags" in captured.err
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = mlflow.search_runs(experiment_names=[sites.EXPERIMENT], output_format="list")
+    assert run.data.tags["site"] == "ward-7" and run.data.params["objective"] == "sensitivity"
+    metrics = run.data.metrics
+    assert metrics["threshold"] == out["threshold"] and metrics["ood_threshold"] == out["ood_threshold"]
+    logged = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="site",
+                                                 dst_path=str(tmp_path / "logged"))
+    assert [json.loads(p.read_text()) for p in Path(logged).glob("*.json")] == [out]
+    assert cli.main(["calibrate-site", str(table), "--log", "ward 7; drop"]) == 2
+    assert "a site name is 1 to 64 letters" in capsys.readouterr().err
+
     # a model that answers at a site's thresholds ($COVIDCXR_SITE) cannot be calibrated against: its own are refused
     pipeline.site = sites.SiteThresholds(out["threshold"], out["ood_threshold"], out["model_version"])
     assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9"]) == 1

@@ -116,6 +116,10 @@ def _calibrate_site(args: argparse.Namespace) -> int:
 
     from covidcxr import sites
 
+    if args.log and not sites.SITE_NAME.fullmatch(args.log):
+        print(f"calibrate-site: --log {args.log!r}: a site name is 1 to 64 letters, digits, '.', '_' or '-', starting "
+              "with a letter or digit", file=sys.stderr)
+        return 2
     labels = Path(args.labels)
     try:
         with labels.open(newline="", encoding="utf-8") as fh:
@@ -181,10 +185,40 @@ def _calibrate_site(args: argparse.Namespace) -> int:
            "note": "figures on the films the threshold was chosen on (optimistic; promised_sensitivity is what the "
                    "site's next COVID-19 films get on average); serve with this threshold (and ood_threshold, when "
                    "not null) as the request's params, or this file as `covidcxr predict --site` / `covidcxr pacs "
-                   "--site`"}
+                   "--site` or a server's COVIDCXR_SITE, with this model version only"}
     print(json.dumps(out, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    if args.log:
+        return _log_site(out, args)
+    return 0
+
+
+def _log_site(out: dict, args: argparse.Namespace) -> int:
+    """``calibrate-site --log NAME``: the calibration as an MLflow run, and the registered version's site tags."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    from covidcxr import sites
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    name = _registered_name(args.model_uri)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(args.output or Path(tmp) / f"site-{args.log}.json")
+            if not args.output:
+                path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+            run_id, tagged = sites.log_to_mlflow(out, path, site=args.log, model_name=name)
+    except Exception as err:  # noqa: BLE001 - the store failed: one line (the calibration is printed above)
+        print(f"calibrate-site: logging to MLflow failed ({type(err).__name__}; the calibration is above)",
+              file=sys.stderr)
+        return 1
+    where = (f"tagged {name} v{out['model_version']} site.{args.log}.*" if tagged else
+             f"{name} v{out['model_version']} is not in the registry: no version tags")
+    print(f"calibrate-site: logged to MLflow run {run_id} (experiment {sites.EXPERIMENT}); {where}", file=sys.stderr)
     return 0
 
 
@@ -490,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="admit the films the model refuses as out of distribution: the site's own OOD threshold "
                            "(the highest OOD score of its films), and those films join the threshold's choice")
     site.add_argument("--output", help="also write the JSON here")
+    site.add_argument("--log", metavar="SITE", help="log the calibration to MLflow under this site's name (experiment "
+                      "covidcxr-sites) and tag the registered model version with site.SITE.threshold, "
+                      "site.SITE.ood_threshold and site.SITE.run_id")
     site.add_argument("--batch-size", type=int, default=8, help="images per request (default: 8)")
     site.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
     site.set_defaults(func=_calibrate_site)

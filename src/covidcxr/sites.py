@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -93,6 +94,49 @@ class SiteThresholds:
             raise SiteFileError(f"site thresholds {self.path} were chosen on model version {self.model_version}'s "
                                 f"scores; the model answering is version {model_version}: calibrate the site again "
                                 "for it (`covidcxr calibrate-site`)")
+
+
+#: The MLflow experiment of the sites' calibrations (``calibrate-site --log NAME``).
+EXPERIMENT = "covidcxr-sites"
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: What a calibration's figures are logged as (those of ``calibrate-site``'s output that are numbers).
+LOGGED_METRICS: tuple[str, ...] = (
+    "threshold", "promised_sensitivity", "sensitivity", "specificity", "ood_threshold", "admitted", "n_covid",
+    "n_negative", "model_threshold", "model_ood_threshold", "model_answered", "model_sensitivity", "model_specificity")
+
+
+def log_to_mlflow(result: Mapping, path: str | os.PathLike, *, site: str, model_name: str,
+                  experiment: str = EXPERIMENT) -> tuple[str, bool]:
+    """A run in ``experiment`` with one site's calibration (``result``: what ``calibrate-site`` wrote, at ``path``):
+    its rule as params, its figures as metrics, the file as an artifact; and, when the model version it was chosen on
+    is registered under ``model_name``, that version's tags ``site.<site>.threshold``, ``site.<site>.ood_threshold``
+    and ``site.<site>.run_id``, so the registry says which thresholds each site uses with which version. Returns the
+    run id and whether the version was tagged."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not SITE_NAME.fullmatch(site):
+        raise ValueError(f"site name {site!r}: 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or "
+                         "digit (it names MLflow tags)")
+    version = str(result["model_version"])
+    if mlflow.get_experiment_by_name(experiment) is None:
+        mlflow.create_experiment(experiment)
+    mlflow.set_experiment(experiment)
+    tags = {"site": site, "model_name": model_name, "model_version": version}
+    with mlflow.start_run(run_name=f"site-{site}-{model_name}-v{version}", tags=tags) as run:
+        mlflow.log_params({"site": site, "objective": result.get("objective"),
+                           "min_sensitivity": result.get("min_sensitivity")})
+        mlflow.log_metrics({k: float(result[k]) for k in LOGGED_METRICS if result.get(k) is not None})
+        mlflow.log_artifact(str(path), "site")
+    client = mlflow.MlflowClient()
+    try:
+        client.get_model_version(model_name, version)
+    except MlflowException:
+        return run.info.run_id, False
+    for key, value in (("threshold", result["threshold"]), ("ood_threshold", result.get("ood_threshold")),
+                       ("run_id", run.info.run_id)):
+        client.set_model_version_tag(model_name, version, f"site.{site}.{key}", "none" if value is None else str(value))
+    return run.info.run_id, True
 
 
 def from_env(env: Mapping[str, str] | None = None) -> SiteThresholds | None:

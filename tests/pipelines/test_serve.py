@@ -511,9 +511,17 @@ def check_register_and_serve(project: Path) -> list[str]:
     local = run(["covidcxr", "predict", str(frontal), str(lateral)], project).stdout.splitlines()
     assert local == table  # the same model through the same code path, in process
     site_file = project / "site-thresholds.json"
-    local_site = json.loads(run(["covidcxr", "calibrate-site", str(site), "--min-sensitivity", "0.9", "--output",
-                                 str(site_file)], project).stdout)
+    logged = run(["covidcxr", "calibrate-site", str(site), "--min-sensitivity", "0.9", "--output", str(site_file),
+                  "--log", "ward-7"], project)
+    local_site = json.loads(logged.stdout)
     check_site_threshold(remote_site, local_site, answered, served_version)
+    # --log: the registry says which thresholds this site uses with this version
+    import mlflow
+
+    tags = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}").get_model_version(
+        NAME, served_version).tags
+    assert tags["site.ward-7.threshold"] == str(local_site["threshold"]) and tags["site.ward-7.ood_threshold"] == "none"
+    assert tags["site.ward-7.run_id"] in logged.stderr
     # the file it wrote names the registered version, so predict --site applies it to that model
     at_site = run(["covidcxr", "predict", str(frontal), "--site", str(site_file)], project).stdout.splitlines()
     assert float(at_site[1].split("\t")[at_site[0].split("\t").index("threshold")]) == \

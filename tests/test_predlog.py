@@ -56,7 +56,7 @@ def test_every_scored_image_appends_one_record_without_phi(pipeline, tmp_path, m
         columns = [row[1] for row in db.execute(f"PRAGMA table_info({predlog.TABLE})")]
     assert columns == ["id", "time", "model_name", "model_version", "accepted", "reason", "projection", "label",
                        "projection_probability", "lung_area_fraction", "covid_probability", "threshold", "ood_score",
-                       *predlog.INTENSITY_COLUMNS, "features"]
+                       *predlog.INTENSITY_COLUMNS, "features", "ood_threshold"]
     data = (tmp_path / "logs" / "predictions.db").read_bytes() + caplog.text.encode()
     for value in PHI.values():
         assert value.encode() not in data and value.split("^")[0].encode() not in data
@@ -125,3 +125,47 @@ def test_read_selects_a_window_by_model_version_and_time(tmp_path):
     window = predlog.read(url, model_name="covidcxr", model_version="1", since=start + dt.timedelta(hours=1),
                           until=start + dt.timedelta(hours=4))
     assert [t.hour for t in window["time"]] == [2] and predlog.read(url, model_name="other").empty
+
+
+def old_log(url: str, when: dt.datetime) -> None:
+    """A log as servers before the ood_threshold column wrote it, with one record of theirs."""
+    from sqlalchemy import text
+
+    metadata, table = predlog._table()
+    engine = predlog.engine_for(url)
+    try:
+        metadata.create_all(engine)
+        with engine.begin() as connection:
+            connection.execute(text(f"ALTER TABLE {predlog.TABLE} DROP COLUMN ood_threshold"))
+            connection.execute(text(f"INSERT INTO {predlog.TABLE} (time, model_name, model_version, accepted, "
+                                    "threshold, ood_score) VALUES (:t, 'covidcxr', '3', :a, 0.5, 4.0)"),
+                               {"t": when, "a": True})
+    finally:
+        engine.dispose()
+
+
+def check_migration(url: str) -> None:
+    """An earlier version's log: read as it is (no OOD threshold), then the first write adds the column, keeps the old
+    record (null there) and writes the new one's."""
+    start = dt.datetime(2026, 3, 1)
+    old_log(url, start)
+    before = predlog.read(url)
+    assert list(before.columns) == list(predlog.COLUMNS) and len(before) == 1
+    assert before["ood_threshold"].isna().all() and before["ood_score"].tolist() == [4.0]
+    sink = predlog.PredictionLog(url)
+    entry = dict.fromkeys(serving.FIELDS) | {"accepted": True, "threshold": 0.25, "ood_score": 9.0,
+                                             "ood_threshold": 12.5}
+    sink.append(predlog.records([entry], {}, {}, when=start + dt.timedelta(hours=1), model_name="covidcxr",
+                                model_version="3"))
+    assert sink.flush(20) and (sink.written, sink.lost) == (1, 0)
+    after = predlog.read(url)
+    assert after["ood_score"].tolist() == [4.0, 9.0] and after["threshold"].tolist() == [0.5, 0.25]
+    assert np.isnan(after["ood_threshold"].iloc[0]) and after["ood_threshold"].iloc[1] == 12.5
+    again = predlog.PredictionLog(url)  # a second server on the migrated log: nothing left to add
+    again.append(predlog.records([entry], {}, {}, when=start + dt.timedelta(hours=2), model_name="covidcxr",
+                                 model_version="3"))
+    assert again.flush(20) and (again.written, again.lost) == (1, 0) and len(predlog.read(url)) == 3
+
+
+def test_a_log_of_an_earlier_version_gains_the_ood_threshold_column_on_first_write(tmp_path):
+    check_migration(f"sqlite:///{tmp_path / 'old.db'}")

@@ -382,6 +382,18 @@ HOW_TO_READ = (
     "histograms, then check a sample of the window's images with a radiologist before retraining or withdrawing it.")
 
 
+def served_thresholds(frame: pd.DataFrame) -> str:
+    """The operating and OOD thresholds the records were served at, with their counts (a site's own show here; the
+    tests hold both sides to the model's): ``0.5 / OOD 7: 60``; ``-`` where none was in force or logged."""
+    def shown(value: object) -> str:
+        number = pd.to_numeric(value, errors="coerce")
+        return "-" if pd.isna(number) else f"{float(number):.6g}"
+
+    counts = pd.Series([f"{shown(t)} / OOD {shown(o)}" for t, o in zip(frame["threshold"], frame["ood_threshold"])],
+                       dtype=object).value_counts()
+    return "; ".join(f"{pair}: {n}" for pair, n in counts.items()) or "-"
+
+
 def render(drift: Drift, *, model_name: str, model_version: str, since: object, until: object, log_url: str,
            reference_meta: Mapping, reference: pd.DataFrame, window: pd.DataFrame) -> str:
     """The report as one self-contained HTML document."""
@@ -403,6 +415,7 @@ def render(drift: Drift, *, model_name: str, model_version: str, since: object, 
                           ("reference", f"{drift.n_reference} records: the {reference_meta.get('split', 'val')} split "
                                         f"scored by v{reference_meta.get('model_version', '?')} at registration"),
                           ("OOD threshold", reference_meta.get("ood_threshold")),
+                          ("thresholds served in the window", served_thresholds(window)),
                           ("prediction log", predlog.shown_url(log_url))], numeric=(False, False)),
         "<h2>How to read it</h2>", f"<p>{_e(HOW_TO_READ)}</p>",
         "<h2>Tests</h2>",

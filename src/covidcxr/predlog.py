@@ -39,9 +39,11 @@ OFF = ("none", "off", "null")
 TABLE = "predictions"
 #: Figures copied from a served entry into its record.
 ENTRY_COLUMNS: tuple[str, ...] = ("accepted", "reason", "projection", "projection_probability", "lung_area_fraction",
-                                  "covid_probability", "label", "threshold", "ood_score")
+                                  "covid_probability", "label", "threshold", "ood_score", "ood_threshold")
 INTENSITY_COLUMNS: tuple[str, ...] = ("intensity_mean", "intensity_std", "intensity_p05", "intensity_p50",
                                       "intensity_p95")
+#: Columns a log written by an earlier version lacks: added on first write (:func:`add_missing_columns`).
+ADDED_COLUMNS: tuple[str, ...] = ("ood_threshold",)
 #: Every column of the log, in order (``id`` is the database's own).
 COLUMNS: tuple[str, ...] = ("time", "model_name", "model_version", *ENTRY_COLUMNS, *INTENSITY_COLUMNS, "features")
 STAT_DECIMALS = 6
@@ -155,16 +157,43 @@ def _table():
     metadata = MetaData()
     numbers = [Column(name, Float) for name in ("projection_probability", "lung_area_fraction", "covid_probability",
                                                  "threshold", "ood_score", *INTENSITY_COLUMNS)]
+    # Added after the first deployments: appended to an existing table by add_missing_columns, so it comes last
+    added = [Column(name, Float) for name in ADDED_COLUMNS]
     table = Table(
         TABLE, metadata,
         Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
         Column("time", DateTime, nullable=False), Column("model_name", String(128), nullable=False),
         Column("model_version", String(32), nullable=False), Column("accepted", Boolean, nullable=False),
         Column("reason", String(64)), Column("projection", String(16)), Column("label", String(16)),
-        *numbers, Column("features", JSON),
+        *numbers, Column("features", JSON), *added,
         Index(f"ix_{TABLE}_model_time", "model_name", "model_version", "time"),
     )
     return metadata, table
+
+
+def add_missing_columns(engine, table) -> list[str]:
+    """Bring a log table created by an earlier version up to :func:`_table`'s: add each nullable column it lacks
+    (:data:`ADDED_COLUMNS`; rows written before have nulls there). Returns the columns added. Another writer adding
+    the same column at the same moment is no error."""
+    from sqlalchemy import inspect, text
+
+    existing = {c["name"] for c in inspect(engine).get_columns(table.name)}
+    added = []
+    for column in table.columns:
+        if column.name in existing:
+            continue
+        if column.name not in ADDED_COLUMNS:
+            raise RuntimeError(f"the prediction log's table lacks column {column.name!r}, which no migration adds")
+        kind = column.type.compile(dialect=engine.dialect)
+        try:
+            with engine.begin() as connection:
+                connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
+        except Exception:
+            if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                raise
+        added.append(column.name)
+        log.info("prediction log: column %s added to %s", column.name, table.name)
+    return added
 
 
 def engine_for(url: str):
@@ -257,6 +286,7 @@ class PredictionLog:
             metadata, self._sql = _table()
             self._engine = engine_for(self.url)
             metadata.create_all(self._engine, checkfirst=True)
+            add_missing_columns(self._engine, self._sql)
         with self._engine.begin() as connection:
             connection.execute(self._sql.insert(), batch)
 
@@ -292,7 +322,8 @@ def read(url: str, *, model_name: str | None = None, model_version: str | None =
             if not inspect(engine).has_table(TABLE):
                 return pd.DataFrame(columns=list(COLUMNS))
             _, table = _table()
-            query = select(*(table.c[c] for c in COLUMNS)).order_by(table.c.id)
+            present = {c["name"] for c in inspect(engine).get_columns(TABLE)}  # a log no server has migrated yet
+            query = select(*(table.c[c] for c in COLUMNS if c in present)).order_by(table.c.id)
             for column, value in (("model_name", model_name), ("model_version", model_version)):
                 if value is not None:
                     query = query.where(table.c[column] == str(value))

@@ -127,7 +127,7 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
                                                  dst_path=str(tmp_path / "logged"))
     assert [json.loads(p.read_text()) for p in Path(logged).glob("*.json")] == [out]
     assert cli.main(["calibrate-site", str(table), "--log", "ward 7; drop"]) == 2
-    assert "a site name is 1 to 64 letters" in capsys.readouterr().err
+    assert "--log: site name 'ward 7; drop': 1 to 64 letters" in capsys.readouterr().err
 
     # a model that answers at a site's thresholds ($COVIDCXR_SITE) cannot be calibrated against: its own are refused
     pipeline.site = sites.SiteThresholds(out["threshold"], out["ood_threshold"], out["model_version"])

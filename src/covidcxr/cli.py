@@ -116,9 +116,11 @@ def _calibrate_site(args: argparse.Namespace) -> int:
 
     from covidcxr import sites
 
-    if args.log and not sites.SITE_NAME.fullmatch(args.log):
-        print(f"calibrate-site: --log {args.log!r}: a site name is 1 to 64 letters, digits, '.', '_' or '-', starting "
-              "with a letter or digit", file=sys.stderr)
+    try:
+        if args.log:
+            sites.check_site_name(args.log)
+    except ValueError as err:
+        print(f"calibrate-site: --log: {err}", file=sys.stderr)
         return 2
     labels = Path(args.labels)
     try:

@@ -105,6 +105,14 @@ LOGGED_METRICS: tuple[str, ...] = (
     "n_negative", "model_threshold", "model_ood_threshold", "model_answered", "model_sensitivity", "model_specificity")
 
 
+def check_site_name(site: str) -> str:
+    """``site`` when it can name MLflow tags (``site.<site>.threshold``), else a ValueError that says what can."""
+    if not SITE_NAME.fullmatch(site):
+        raise ValueError(f"site name {site!r}: 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or "
+                         "digit (it names MLflow tags)")
+    return site
+
+
 def log_to_mlflow(result: Mapping, path: str | os.PathLike, *, site: str, model_name: str,
                   experiment: str = EXPERIMENT) -> tuple[str, bool]:
     """A run in ``experiment`` with one site's calibration (``result``: what ``calibrate-site`` wrote, at ``path``):
@@ -115,9 +123,7 @@ def log_to_mlflow(result: Mapping, path: str | os.PathLike, *, site: str, model_
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    if not SITE_NAME.fullmatch(site):
-        raise ValueError(f"site name {site!r}: 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or "
-                         "digit (it names MLflow tags)")
+    check_site_name(site)
     version = str(result["model_version"])
     if mlflow.get_experiment_by_name(experiment) is None:
         mlflow.create_experiment(experiment)

@@ -113,6 +113,8 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
     header, rows = table_out[0], table_out[1:]
     assert len(rows) == 24 and {r[header.index("accepted")] for r in rows} == {"True"}
     assert [float(r[header.index("threshold")]) for r in rows] == [pytest.approx(out["threshold"], abs=5e-5)] * 24
+    site_ood = pytest.approx(out["ood_threshold"], rel=1e-4)
+    assert [float(r[header.index("ood_threshold")]) for r in rows] == [site_ood] * 24
     # --log: the calibration as an MLflow run; the bundle's version ("unregistered") is in no registry: no tags
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9", "--admit", "--log", "ward-7"]) == 0

@@ -303,10 +303,11 @@ def test_dicom_without_preamble_is_read(tmp_path):
 def test_header_fields(tmp_path, age, years):
     data = make_dicom(
         phantom(), PatientAge=age, PatientSex="F", ViewPosition=" pa ", BodyPartExamined="CHEST",
-        PixelSpacing=[0.14, 0.15], BurnedInAnnotation="NO",
+        PixelSpacing=[0.14, 0.15], BurnedInAnnotation="NO", PresentationIntentType="FOR PROCESSING",
     )  # fmt: skip
     _, header = io.read_image(write(tmp_path, "h.dcm", data))
     assert tuple(header) == io.HEADER_FIELDS
+    assert header["presentation_intent"] == "FOR PROCESSING"
     assert header["age"] == years
     assert (header["sex"], header["view_position"], header["body_part"]) == ("F", "PA", "CHEST")
     assert header["pixel_spacing"] == (0.14, 0.15)

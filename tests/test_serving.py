@@ -87,6 +87,8 @@ BAD = {
     "panorama": (png_b64(np.tile(phantom(), (1, 3))), "not_chest_radiograph"),
     "CT slice": (dicom_b64(phantom(), modality="CT"), "not_chest_radiograph"),
     "hand radiograph": (dicom_b64(phantom(), BodyPartExamined="HAND"), "not_chest_radiograph"),
+    "DX for processing": (dicom_b64(phantom(), modality="DX", PresentationIntentType="FOR PROCESSING"),
+                          "not_for_presentation"),
     "lateral by header": (dicom_b64(phantom(), ViewPosition="LL"), "lateral_view"),
     "DICOM without pixels": (b64(make_dicom(None, shape=(40, 40))), "no_pixel_data"),
     "zero bytes": (b64(b""), "missing_image"),
@@ -127,6 +129,7 @@ def _odd_but_valid() -> dict[str, str]:
         "RGB DICOM": b64(make_dicom(rgb, photometric="RGB", bits_allocated=8, bits_stored=8, shape=rgb.shape[:2])),
         "RGB photograph PNG": b64(_png(rgb)),
         "16-bit PNG": b64(buffer.getvalue()),
+        "DX for presentation": b64(make_dicom(stored, modality="DX", PresentationIntentType="FOR PRESENTATION")),
     }
 
 

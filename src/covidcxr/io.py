@@ -62,6 +62,7 @@ HEADER_FIELDS: tuple[str, ...] = (
     "age",
     "transfer_syntax",
     "burned_in_annotation",
+    "presentation_intent",
 )
 
 ImageSource = str | os.PathLike | bytes
@@ -831,6 +832,7 @@ def _dicom_header(ds: Dataset) -> dict:
         age=_parse_age(_str(ds, "PatientAge")),
         transfer_syntax=_transfer_syntax(ds),
         burned_in_annotation={"YES": True, "NO": False}.get(_str(ds, "BurnedInAnnotation") or ""),
+        presentation_intent=_str(ds, "PresentationIntentType"),  # DX: FOR PRESENTATION, or FOR PROCESSING (raw)
     )
     return header
 
@@ -861,7 +863,7 @@ _PLAIN_VR = {
     "PhotometricInterpretation": "CS", "Modality": "CS", "ViewPosition": "CS", "BodyPartExamined": "CS",
     "PatientSex": "CS", "BurnedInAnnotation": "CS", "PatientAge": "AS", "PixelSpacing": "DS",
     "ImagerPixelSpacing": "DS", "RescaleSlope": "DS", "RescaleIntercept": "DS", "WindowCenter": "DS",
-    "WindowWidth": "DS",
+    "WindowWidth": "DS", "PresentationIntentType": "CS",
 }  # fmt: skip
 _PLAIN_TAG = {keyword: Tag(tag_for_keyword(keyword)) for keyword in _PLAIN_VR}
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")

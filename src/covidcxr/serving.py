@@ -73,6 +73,7 @@ REASONS: dict[str, str] = {
     "no_pixel_data": "a DICOM without pixel data",
     "unsupported_photometric": "a colour model that cannot be converted to grayscale faithfully",
     "not_chest_radiograph": "not a chest radiograph (aspect ratio, DICOM modality or body part)",
+    "not_for_presentation": "a DICOM FOR PROCESSING: raw detector data, not an image meant for reading",
     "lateral_view": "a lateral view: the classifier takes frontal (PA/AP) views only",
     **lungs.REASONS,
     "out_of_distribution": "the image's features lie far from the training images' (OOD score above the threshold)",
@@ -225,7 +226,8 @@ def decode_field(value: object, index: int, max_bytes: int) -> bytes:
 
 
 def check_plausible(pixels: np.ndarray, header: Mapping, index: int, max_aspect: float) -> None:
-    """Refuse what is visibly not a chest radiograph from its shape and whitelisted DICOM header fields."""
+    """Refuse what is visibly not a chest radiograph, or not one meant for reading, from its shape and whitelisted
+    DICOM header fields."""
     height, width = pixels.shape
     aspect = max(height, width) / min(height, width)
     if aspect > max_aspect:
@@ -239,6 +241,10 @@ def check_plausible(pixels: np.ndarray, header: Mapping, index: int, max_aspect:
     body_part = (header.get("body_part") or "").strip().upper()[:16]  # a DICOM code string: 16 characters
     if body_part and body_part not in CHEST_BODY_PARTS:
         raise Refused("not_chest_radiograph", f"image[{index}] is a DICOM of body part {body_part}, not the chest")
+    # A DX archived twice, raw and processed for display: the raw one is no radiograph a reader (or the model) reads
+    if (header.get("presentation_intent") or "").strip().upper() == "FOR PROCESSING":
+        raise Refused("not_for_presentation", f"image[{index}] is a DICOM FOR PROCESSING (raw detector data): the "
+                                              "model reads images FOR PRESENTATION, as radiologists do")
 
 
 def png_base64(rgb: np.ndarray) -> str:

@@ -442,14 +442,12 @@ def log_to_mlflow(drift: Drift, files: Sequence[str | os.PathLike], *, model_nam
     and the version's tags ``monitor.status``, ``monitor.run_id``, ``monitor.time``; returns the run id."""
     import mlflow
 
+    from covidcxr import tracking
+
     client = mlflow.MlflowClient()
     mv = client.get_model_version(model_name, str(model_version))
-    if mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment)
-    mlflow.set_experiment(experiment)
     tags = {"model_name": model_name, "model_version": str(model_version), "monitor.status": drift.status}
-    with mlflow.start_run(run_name=f"monitor-{model_name}-v{model_version}", tags=tags) as run:
-        mlflow.log_params({k: str(v) for k, v in params.items()})
+    with tracking.run(experiment, f"monitor-{model_name}-v{model_version}", params=params, tags=tags) as run:
         metrics = drift.metrics()
         mlflow.log_metrics(metrics)
         if getattr(mv, "model_id", None):  # MLflow 3: the figures also show on the registered model's page

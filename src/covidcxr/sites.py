@@ -123,15 +123,13 @@ def log_to_mlflow(result: Mapping, path: str | os.PathLike, *, site: str, model_
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from covidcxr import tracking
+
     check_site_name(site)
     version = str(result["model_version"])
-    if mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment)
-    mlflow.set_experiment(experiment)
     tags = {"site": site, "model_name": model_name, "model_version": version}
-    with mlflow.start_run(run_name=f"site-{site}-{model_name}-v{version}", tags=tags) as run:
-        mlflow.log_params({"site": site, "objective": result.get("objective"),
-                           "min_sensitivity": result.get("min_sensitivity")})
+    params = {"site": site, "objective": result.get("objective"), "min_sensitivity": result.get("min_sensitivity")}
+    with tracking.run(experiment, f"site-{site}-{model_name}-v{version}", params=params, tags=tags) as run:
         mlflow.log_metrics({k: float(result[k]) for k in LOGGED_METRICS if result.get(k) is not None})
         mlflow.log_artifact(str(path), "site")
     client = mlflow.MlflowClient()

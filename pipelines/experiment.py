@@ -848,9 +848,9 @@ def _site_tables(sources: dict) -> list[str]:
                          if row.get(f"{prefix}promised_sensitivity") is not None), None)
         rule = "the model's own rule" if promised is None else (
             f"the model's own rule, its sensitivity target kept on the site's next films (promised {promised:.3f})")
-        site, model = ("site threshold", "model's threshold") if prefix == SITE[1] else ("site's thresholds",
-                                                                                     "served as is")
-        names = [f"{c.removeprefix('model_')}, {model if c.startswith('model_') else site}" for c in columns]
+        at_site, as_served = (("site threshold", "model's threshold") if prefix == SITE[1]
+                              else ("site's thresholds", "served as is"))
+        names = [f"{c.removeprefix('model_')}, {as_served if c.startswith('model_') else at_site}" for c in columns]
         out += ["", f"A threshold chosen at the site ({rule} on {n} COVID-19 and {n} negative films of the held-out "
                 "run's test, drawn at random, and its other films called with it; mean over the draws, then mean ± sd "
                 f"(min to max) over seeds) {intro}:", "",

@@ -522,3 +522,18 @@ def test_served_outcomes_of_one_class_and_bad_input():
     assert math.isnan(everything_refused["answered_specificity"]) and everything_refused["negatives_called_covid"] == 0
     with pytest.raises(ValueError, match="refused has 1 entries for 2 labels"):
         M.served_outcomes([0, 1], [0.1, 0.9], [True], threshold=0.5)
+
+
+def test_the_threshold_rules_refuse_what_is_not_a_threshold_and_name_it():
+    """One rule for a model's operating threshold, a site's file and a request's param (each wraps the ValueError in
+    its own error); a bool is no number (``True`` would have served as 1.0)."""
+    assert M.check_threshold(0) == 0.0 and M.check_threshold(np.float32(0.25)) == 0.25
+    assert M.check_ood_threshold(0) == 0.0 and M.check_ood_threshold(np.float64(31.5)) == 31.5
+    for value, message in [(1.5, r"x must be in \[0, 1\], got 1.5"), (float("nan"), "got nan"),
+                           (True, r"x must be a number in \[0, 1\], got True"), ("0.3", "got '0.3'"), (None, "None")]:
+        with pytest.raises(ValueError, match=message):
+            M.check_threshold(value, "x")
+    for value, message in [(-1, "got -1.0"), (float("inf"), "got inf"), (np.bool_(True), "got np.True_"),
+                           ("far", "got 'far'")]:
+        with pytest.raises(ValueError, match=rf"ood_threshold must be a finite non-negative number, {message}"):
+            M.check_ood_threshold(value)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -552,6 +553,30 @@ def threshold_for_sensitivity(y_true: np.ndarray, y_score: np.ndarray, min_sensi
 
 
 THRESHOLD_OBJECTIVES: tuple[str, ...] = ("youden", "f1", "sensitivity")
+
+
+def check_threshold(value: object, name: str = "threshold") -> float:
+    """``value`` as an operating threshold, a number in [0, 1] (positive when ``score >= threshold``); a ValueError
+    naming ``name`` otherwise. The one rule for a model's threshold, a site's thresholds file and a request's param."""
+    number = _number(value, name, "a number in [0, 1]")
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {number}")
+    return number
+
+
+def check_ood_threshold(value: object, name: str = "ood_threshold") -> float:
+    """``value`` as an out-of-distribution threshold (scores above it are refused), a finite non-negative number; a
+    ValueError naming ``name`` otherwise. The one rule for a site's thresholds file and a request's param."""
+    number = _number(value, name, "a finite non-negative number")
+    if not (np.isfinite(number) and number >= 0.0):
+        raise ValueError(f"{name} must be a finite non-negative number, got {number}")
+    return number
+
+
+def _number(value: object, name: str, what: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-from covidcxr import gradcam, io, lungs, models, predlog, preprocess, projection, sites
+from covidcxr import gradcam, io, lungs, metrics, models, predlog, preprocess, projection, sites
 
 log = logging.getLogger(__name__)
 
@@ -266,9 +266,7 @@ class Pipeline:
                  site: sites.SiteThresholds | None = None) -> None:
         self.projection, self.unet, self.classifier = projection, unet, classifier
         self.prediction_log = prediction_log  # where every scored image's record goes (None: nowhere)
-        self.threshold = classifier.operating_threshold
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"operating threshold must be in [0, 1], got {self.threshold}")
+        self.threshold = metrics.check_threshold(classifier.operating_threshold, "operating threshold")
         self.config = config
         # A site's own thresholds on every request, in place of the model's; chosen on this version's scores only
         self.site = site
@@ -467,23 +465,19 @@ def refuse(entry: dict, reason: str, message: str) -> None:
 
 
 def check_threshold(value: object) -> float:
+    """A request's ``threshold`` param (:func:`covidcxr.metrics.check_threshold`); HTTP 400 otherwise."""
     try:
-        threshold = float(value)
-    except (TypeError, ValueError):
-        raise invalid_request(f"param 'threshold' must be a number in [0, 1], got {value!r}") from None
-    if not 0.0 <= threshold <= 1.0:
-        raise invalid_request(f"param 'threshold' must be in [0, 1], got {threshold}")
-    return threshold
+        return metrics.check_threshold(value, "param 'threshold'")
+    except ValueError as err:
+        raise invalid_request(str(err)) from None
 
 
 def check_ood_threshold(value: object) -> float:
+    """A request's ``ood_threshold`` param (:func:`covidcxr.metrics.check_ood_threshold`); HTTP 400 otherwise."""
     try:
-        limit = float(value)
-    except (TypeError, ValueError):
-        raise invalid_request(f"param 'ood_threshold' must be a non-negative number, got {value!r}") from None
-    if not (np.isfinite(limit) and limit >= 0.0):
-        raise invalid_request(f"param 'ood_threshold' must be a finite non-negative number, got {limit}")
-    return limit
+        return metrics.check_ood_threshold(value, "param 'ood_threshold'")
+    except ValueError as err:
+        raise invalid_request(str(err)) from None
 
 
 def images_from_input(model_input: object) -> list:

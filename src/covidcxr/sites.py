@@ -67,21 +67,19 @@ class SiteThresholds:
             raise SiteFileError(f"site thresholds {path}: cannot read ({err.strerror})") from None
         except ValueError:
             raise SiteFileError(f"site thresholds {path}: not JSON") from None
-        if not isinstance(data, Mapping) or isinstance(data.get("threshold"), bool) \
-                or not isinstance(data.get("threshold"), (int, float)):
+        if not isinstance(data, Mapping) or "threshold" not in data:
             raise SiteFileError(f"site thresholds {path}: not a thresholds file of `covidcxr calibrate-site --output` "
-                                "(a JSON object with a numeric threshold)")
-        threshold, limit, version = float(data["threshold"]), data.get("ood_threshold"), data.get("model_version")
-        if not 0.0 <= threshold <= 1.0:
-            raise SiteFileError(f"site thresholds {path}: threshold must be in [0, 1], got {threshold}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
-                                  or not math.isfinite(limit) or limit < 0):
-            raise SiteFileError(f"site thresholds {path}: ood_threshold must be null or a finite non-negative "
-                                f"number, got {limit!r}")
+                                "(a JSON object with a threshold)")
+        version = data.get("model_version")
+        try:
+            threshold = metrics.check_threshold(data["threshold"])
+            limit = None if data.get("ood_threshold") is None else metrics.check_ood_threshold(data["ood_threshold"])
+        except ValueError as err:
+            raise SiteFileError(f"site thresholds {path}: {err}") from None
         if version is None or isinstance(version, bool) or not str(version).strip():
             raise SiteFileError(f"site thresholds {path}: no model_version; thresholds mean nothing without the model "
                                 "version they were chosen for: calibrate the site again (`covidcxr calibrate-site`)")
-        return cls(threshold, None if limit is None else float(limit), str(version), str(path))
+        return cls(threshold, limit, str(version), str(path))
 
     def params(self) -> dict:
         """The request params that apply them: ``threshold``, and ``ood_threshold`` when the site admitted its films."""

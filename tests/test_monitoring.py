@@ -16,9 +16,10 @@ THRESHOLD = 7.0
 
 
 def traffic(n: int, seed: int, shift: float = 0.0, when: dt.datetime | None = None, threshold: float = 0.5,
-            ood_limit: float = THRESHOLD) -> pd.DataFrame:
+            ood_limit: float = THRESHOLD, source: str | None = "model") -> pd.DataFrame:
     """Records as the server logs them; ``shift`` moves every figure (another hospital's images); ``threshold`` and
-    ``ood_limit``: the thresholds served (a site's own, or the model's 0.5 and THRESHOLD)."""
+    ``ood_limit``: the thresholds served (a site's own, or the model's 0.5 and THRESHOLD), ``source`` whose they were
+    (None: a log of an earlier version)."""
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(n):
@@ -31,7 +32,7 @@ def traffic(n: int, seed: int, shift: float = 0.0, when: dt.datetime | None = No
                      "lung_area_fraction": float(rng.normal(0.25, 0.03)),
                      "covid_probability": p if accepted else None,
                      "label": ("covid" if p >= threshold else "negative") if accepted else None,
-                     "threshold": threshold, "ood_threshold": ood_limit,
+                     "threshold": threshold, "ood_threshold": ood_limit, "thresholds_from": source,
                      "ood_score": ood, **{c: float(rng.normal(0.45 + shift, 0.05)) for c in predlog.INTENSITY_COLUMNS},
                      "features": [float(v) for v in rng.normal(shift, 1.0, 8)]})
     return pd.DataFrame(rows, columns=list(predlog.COLUMNS))
@@ -110,10 +111,12 @@ def test_the_report_is_self_contained_and_the_reference_round_trips(tmp_path):
     assert "<script" not in page.lower() and not re.search(r"(?i)(src|href)\s*=", page) and "http" not in page
     assert page.count("<svg") == len(monitoring.SCALARS) + 1 and "secret99" not in page and "How to read" in page
     assert "features_mmd" in page and "out_of_distribution" in page
-    assert "thresholds served in the window" in page and "0.5 / OOD 7: 60" in page
-    mixed = pd.concat([window, traffic(20, seed=6, threshold=0.3, ood_limit=9.25)])  # a site's own, for 20 records
-    assert monitoring.served_thresholds(mixed) == "0.5 / OOD 7: 60; 0.3 / OOD 9.25: 20"
-    assert monitoring.served_thresholds(mixed.assign(ood_threshold=None)).endswith("0.3 / OOD -: 20")
+    assert "thresholds served in the window" in page and "0.5 / OOD 7 (model): 60" in page
+    mixed = pd.concat([window, traffic(20, seed=6, threshold=0.3, ood_limit=9.25, source="site")])  # a site's own
+    assert monitoring.served_thresholds(mixed) == "0.5 / OOD 7 (model): 60; 0.3 / OOD 9.25 (site): 20"
+    assert monitoring.served_thresholds(mixed.assign(ood_threshold=None)).endswith("0.3 / OOD - (site): 20")
+    earlier = traffic(5, seed=7, source=None)  # records of a server before thresholds_from: no source to show
+    assert monitoring.served_thresholds(earlier) == "0.5 / OOD 7: 5"
 
     reference = monitoring.Reference(REFERENCE, {"ood_threshold": THRESHOLD, "model_version": "3", "split": "val"})
     reference.save(tmp_path / "reference.json")

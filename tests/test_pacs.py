@@ -270,7 +270,7 @@ def sr_of(header: pydicom.Dataset, **changes) -> dict:
     entry = {**dict.fromkeys(serving.FIELDS), "accepted": False, "reason": "out_of_distribution",
              "message": "far from training", "projection": "frontal", "projection_probability": 0.97,
              "lung_area_fraction": 0.31, "ood_score": 41.5, "ood_threshold": 30.25, "threshold": 0.25,
-             "model_version": "3", **changes}
+             "thresholds_from": "site", "model_version": "3", **changes}
     model = pacs.ModelId("covidcxr", "3")
     built = pacs.build_sr(header, entry, model, pacs.series_uids(header.StudyInstanceUID, model)["sr"],
                           pacs.result_uids(header.SOPInstanceUID, model)["sr"], 1)
@@ -300,7 +300,7 @@ def test_the_sr_records_the_ood_score_and_both_thresholds_that_decided(described
     assert findings["Out-of-distribution threshold"] == (30.25, "1")
     assert findings["Operating threshold"] == (0.25, "{probability}")
     assert findings["Reason not scored"] == "out_of_distribution" and "COVID-19 probability" not in findings
-    assert findings["Algorithm Parameters"] == ["threshold=0.25", "ood_threshold=30.25"]
+    assert findings["Algorithm Parameters"] == ["threshold=0.25", "ood_threshold=30.25", "thresholds_from=site"]
     assert ("Horizontal Pixel Spacing" in findings) is described
 
 
@@ -313,9 +313,10 @@ def test_real_crs_without_imager_pixel_spacing_get_their_sr(real_data):
         header = pacs.header_only(pydicom.dcmread(path, stop_before_pixels=True))
         assert not pacs.library_describes(header)
         findings = sr_of(header, accepted=True, reason=None, covid_probability=0.8, label="covid", ood_score=None,
-                         ood_threshold=None)  # a model without an OOD detector
+                         ood_threshold=None, thresholds_from="model")  # a model without an OOD detector
         assert findings["COVID-19 probability"] == (0.8, "{probability}") and findings["Scoring status"] == "scored"
-        assert findings["Algorithm Parameters"] == ["threshold=0.25"] and "Out-of-distribution score" not in findings
+        assert findings["Algorithm Parameters"] == ["threshold=0.25", "thresholds_from=model"]
+        assert "Out-of-distribution score" not in findings
 
 
 @pytest.mark.infra

@@ -10,6 +10,7 @@ import socket
 import sqlite3
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from covidcxr import predlog, serving
@@ -46,6 +47,7 @@ def test_every_scored_image_appends_one_record_without_phi(pipeline, tmp_path, m
     assert list(frame.columns) == list(predlog.COLUMNS) and len(frame) == len(request)
     assert [r if isinstance(r, str) else None for r in frame["reason"]] == [e["reason"] for e in entries]
     assert (frame["model_version"] == "7").all() and (frame["model_name"] == "covidcxr").all()
+    assert (frame["thresholds_from"] == "model").all()
     first = frame.iloc[0]
     assert bool(first["accepted"]) and first["covid_probability"] == entries[0]["covid_probability"]
     assert before <= first["time"].to_pydatetime() <= predlog.now()
@@ -56,7 +58,7 @@ def test_every_scored_image_appends_one_record_without_phi(pipeline, tmp_path, m
         columns = [row[1] for row in db.execute(f"PRAGMA table_info({predlog.TABLE})")]
     assert columns == ["id", "time", "model_name", "model_version", "accepted", "reason", "projection", "label",
                        "projection_probability", "lung_area_fraction", "covid_probability", "threshold", "ood_score",
-                       *predlog.INTENSITY_COLUMNS, "features", "ood_threshold"]
+                       *predlog.INTENSITY_COLUMNS, "features", "ood_threshold", "thresholds_from"]
     data = (tmp_path / "logs" / "predictions.db").read_bytes() + caplog.text.encode()
     for value in PHI.values():
         assert value.encode() not in data and value.split("^")[0].encode() not in data
@@ -127,8 +129,8 @@ def test_read_selects_a_window_by_model_version_and_time(tmp_path):
     assert [t.hour for t in window["time"]] == [2] and predlog.read(url, model_name="other").empty
 
 
-def old_log(url: str, when: dt.datetime) -> None:
-    """A log as servers before the ood_threshold column wrote it, with one record of theirs."""
+def old_log(url: str, when: dt.datetime, lacking: tuple[str, ...]) -> None:
+    """A log as servers before the ``lacking`` columns wrote it, with one record of theirs."""
     from sqlalchemy import text
 
     metadata, table = predlog._table()
@@ -136,7 +138,8 @@ def old_log(url: str, when: dt.datetime) -> None:
     try:
         metadata.create_all(engine)
         with engine.begin() as connection:
-            connection.execute(text(f"ALTER TABLE {predlog.TABLE} DROP COLUMN ood_threshold"))
+            for column in lacking:
+                connection.execute(text(f"ALTER TABLE {predlog.TABLE} DROP COLUMN {column}"))
             connection.execute(text(f"INSERT INTO {predlog.TABLE} (time, model_name, model_version, accepted, "
                                     "threshold, ood_score) VALUES (:t, 'covidcxr', '3', :a, 0.5, 4.0)"),
                                {"t": when, "a": True})
@@ -144,28 +147,30 @@ def old_log(url: str, when: dt.datetime) -> None:
         engine.dispose()
 
 
-def check_migration(url: str) -> None:
-    """An earlier version's log: read as it is (no OOD threshold), then the first write adds the column, keeps the old
-    record (null there) and writes the new one's."""
+def check_migration(url: str, lacking: tuple[str, ...] = predlog.ADDED_COLUMNS) -> None:
+    """An earlier version's log, without the ``lacking`` columns: read as it is (nulls there), then the first write
+    adds them, keeps the old record (null there) and writes the new one's."""
     start = dt.datetime(2026, 3, 1)
-    old_log(url, start)
+    old_log(url, start, lacking)
     before = predlog.read(url)
     assert list(before.columns) == list(predlog.COLUMNS) and len(before) == 1
-    assert before["ood_threshold"].isna().all() and before["ood_score"].tolist() == [4.0]
+    assert before[list(lacking)].isna().all().all() and before["ood_score"].tolist() == [4.0]
     sink = predlog.PredictionLog(url)
     entry = dict.fromkeys(serving.FIELDS) | {"accepted": True, "threshold": 0.25, "ood_score": 9.0,
-                                             "ood_threshold": 12.5}
+                                             "ood_threshold": 12.5, "thresholds_from": "site"}
     sink.append(predlog.records([entry], {}, {}, when=start + dt.timedelta(hours=1), model_name="covidcxr",
                                 model_version="3"))
     assert sink.flush(20) and (sink.written, sink.lost) == (1, 0)
     after = predlog.read(url)
     assert after["ood_score"].tolist() == [4.0, 9.0] and after["threshold"].tolist() == [0.5, 0.25]
-    assert np.isnan(after["ood_threshold"].iloc[0]) and after["ood_threshold"].iloc[1] == 12.5
+    assert after["ood_threshold"].iloc[1] == 12.5 and after["thresholds_from"].iloc[1] == "site"
+    assert all(pd.isna(after[column].iloc[0]) for column in lacking)
     again = predlog.PredictionLog(url)  # a second server on the migrated log: nothing left to add
     again.append(predlog.records([entry], {}, {}, when=start + dt.timedelta(hours=2), model_name="covidcxr",
                                  model_version="3"))
     assert again.flush(20) and (again.written, again.lost) == (1, 0) and len(predlog.read(url)) == 3
 
 
-def test_a_log_of_an_earlier_version_gains_the_ood_threshold_column_on_first_write(tmp_path):
-    check_migration(f"sqlite:///{tmp_path / 'old.db'}")
+@pytest.mark.parametrize("lacking", [("ood_threshold", "thresholds_from"), ("thresholds_from",)])
+def test_a_log_of_an_earlier_version_gains_the_missing_columns_on_first_write(tmp_path, lacking):
+    check_migration(f"sqlite:///{tmp_path / 'old.db'}", lacking)

@@ -184,12 +184,13 @@ def test_model_steps_refuse_with_their_reason(loaded, changes, reason, needle):
 def test_threshold_param_overrides_the_operating_threshold(loaded):
     images = [png_b64(phantom(seed=s)) for s in range(3)]
     default = loaded.score(images)
-    assert {e["threshold"] for e in default} == {0.5}
-    assert all(e["label"] == "covid" for e in loaded.score(images, threshold=0.0))
+    assert {e["threshold"] for e in default} == {0.5} and {e["thresholds_from"] for e in default} == {"model"}
+    assert all(e["label"] == "covid" and e["thresholds_from"] == "request" for e in loaded.score(images, threshold=0.0))
+    assert {e["thresholds_from"] for e in loaded.score(images, ood_threshold=1e9)} == {"request"}
     lowered = loaded.score(images, threshold=min(e["covid_probability"] for e in default))
     assert all(e["label"] == "covid" for e in lowered)
     assert [e["covid_probability"] for e in lowered] == [e["covid_probability"] for e in default]
-    for bad in (1.5, -0.1, "x"):
+    for bad in (1.5, -0.1, "x", True):
         with pytest.raises(MlflowException, match="threshold"):
             loaded.score(images, threshold=bad)
 
@@ -205,7 +206,7 @@ def test_a_server_with_a_site_file_applies_its_thresholds_and_refuses_per_reques
     monkeypatch.setenv(sites.ENV, str(site))
     at_site = serving.Pipeline.load(bundle)
     entries = at_site.score(images)
-    assert {e["threshold"] for e in entries} == {probabilities[2]}
+    assert {(e["threshold"], e["thresholds_from"]) for e in entries} == {(probabilities[2], "site")}
     assert sorted(e["label"] for e in entries) == ["covid", "covid", "negative", "negative"]
     for params in ({"threshold": 0.0}, {"ood_threshold": 1e9}):
         with pytest.raises(MlflowException, match=r"applies the site's own thresholds \(\$COVIDCXR_SITE\)"):

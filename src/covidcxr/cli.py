@@ -35,7 +35,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 PREDICT_COLUMNS = ("accepted", "projection", "projection_probability", "lung_area_fraction", "covid_probability",
-                   "label", "ood_score", "ood_threshold", "threshold", "model_version", "reason")
+                   "label", "ood_score", "ood_threshold", "threshold", "thresholds_from", "model_version", "reason")
 
 
 def _predict(args: argparse.Namespace) -> int:

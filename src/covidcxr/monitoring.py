@@ -383,13 +383,15 @@ HOW_TO_READ = (
 
 
 def served_thresholds(frame: pd.DataFrame) -> str:
-    """The operating and OOD thresholds the records were served at, with their counts (a site's own show here; the
-    tests hold both sides to the model's): ``0.5 / OOD 7: 60``; ``-`` where none was in force or logged."""
+    """The operating and OOD thresholds the records were served at and whose they were, with their counts (a site's
+    own show here; the tests hold both sides to the model's): ``0.5 / OOD 7 (model): 60``; ``-`` where none was in
+    force or logged (a log of an earlier version has no ``thresholds_from``)."""
     def shown(value: object) -> str:
         number = pd.to_numeric(value, errors="coerce")
         return "-" if pd.isna(number) else f"{float(number):.6g}"
 
-    counts = pd.Series([f"{shown(t)} / OOD {shown(o)}" for t, o in zip(frame["threshold"], frame["ood_threshold"])],
+    counts = pd.Series([f"{shown(t)} / OOD {shown(o)}" + ("" if pd.isna(w) else f" ({w})")
+                        for t, o, w in zip(frame["threshold"], frame["ood_threshold"], frame["thresholds_from"])],
                        dtype=object).value_counts()
     return "; ".join(f"{pair}: {n}" for pair, n in counts.items()) or "-"
 

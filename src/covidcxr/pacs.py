@@ -279,7 +279,8 @@ def file_base64(ds: Dataset) -> str:
 
 def build_sr(header: Dataset, entry: dict, model: ModelId, series_uid: str, sop_uid: str, instance_number: int):
     """The Comprehensive SR (TID 1500) of one image's entry: scored with its figures, or not scored with why; with
-    the two thresholds that decided (the operating one, and the out-of-distribution one the OOD score was held to)."""
+    the two thresholds that decided (the operating one, and the out-of-distribution one the OOD score was held to) and
+    whose they were (the model's, the site's or the request's: the algorithm's parameters)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -305,7 +306,7 @@ def build_sr(header: Dataset, entry: dict, model: ModelId, series_uid: str, sop_
         finding_type=CODES["finding"],
         algorithm_id=hd.sr.AlgorithmIdentification(name=model.name, version=model.version,
                                                    parameters=[f"{key}={entry[key]}" for key in
-                                                               ("threshold", "ood_threshold")
+                                                               ("threshold", "ood_threshold", "thresholds_from")
                                                                if entry.get(key) is not None]),
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
         measurements=measurements or None, qualitative_evaluations=evaluations,

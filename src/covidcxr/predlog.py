@@ -39,11 +39,12 @@ OFF = ("none", "off", "null")
 TABLE = "predictions"
 #: Figures copied from a served entry into its record.
 ENTRY_COLUMNS: tuple[str, ...] = ("accepted", "reason", "projection", "projection_probability", "lung_area_fraction",
-                                  "covid_probability", "label", "threshold", "ood_score", "ood_threshold")
+                                  "covid_probability", "label", "threshold", "ood_score", "ood_threshold",
+                                  "thresholds_from")
 INTENSITY_COLUMNS: tuple[str, ...] = ("intensity_mean", "intensity_std", "intensity_p05", "intensity_p50",
                                       "intensity_p95")
 #: Columns a log written by an earlier version lacks: added on first write (:func:`add_missing_columns`).
-ADDED_COLUMNS: tuple[str, ...] = ("ood_threshold",)
+ADDED_COLUMNS: tuple[str, ...] = ("ood_threshold", "thresholds_from")
 #: Every column of the log, in order (``id`` is the database's own).
 COLUMNS: tuple[str, ...] = ("time", "model_name", "model_version", *ENTRY_COLUMNS, *INTENSITY_COLUMNS, "features")
 STAT_DECIMALS = 6
@@ -157,8 +158,9 @@ def _table():
     metadata = MetaData()
     numbers = [Column(name, Float) for name in ("projection_probability", "lung_area_fraction", "covid_probability",
                                                  "threshold", "ood_score", *INTENSITY_COLUMNS)]
-    # Added after the first deployments: appended to an existing table by add_missing_columns, so it comes last
-    added = [Column(name, Float) for name in ADDED_COLUMNS]
+    # Added after the first deployments (ADDED_COLUMNS, in that order): appended to an existing table by
+    # add_missing_columns, so they come last
+    added = [Column("ood_threshold", Float), Column("thresholds_from", String(16))]
     table = Table(
         TABLE, metadata,
         Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),

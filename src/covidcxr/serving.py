@@ -58,8 +58,11 @@ INPUT_COLUMN = "image"
 #: Every response entry has exactly these keys (``gradcam_png`` only when ``explain`` is asked).
 FIELDS: tuple[str, ...] = (
     "accepted", "reason", "message", "projection", "projection_probability", "lung_area_fraction",
-    "covid_probability", "label", "ood_score", "ood_threshold", "threshold", "model_version",
+    "covid_probability", "label", "ood_score", "ood_threshold", "threshold", "thresholds_from", "model_version",
 )
+#: Whose thresholds decided an entry (``thresholds_from``): the model's own (chosen on its validation split), a site's
+#: thresholds file that the server applies to every request (``$COVIDCXR_SITE``), or the request's own params.
+THRESHOLD_SOURCES: tuple[str, ...] = ("model", "site", "request")
 GRADCAM_FIELD = "gradcam_png"
 
 REASONS: dict[str, str] = {
@@ -318,12 +321,15 @@ class Pipeline:
                 raise invalid_request(f"this server applies the site's own thresholds (${sites.ENV}) to every "
                                       "request: params 'threshold' and 'ood_threshold' are refused")
             threshold, ood_threshold = self.site.threshold, self.site.ood_threshold
+        source = "site" if self.site is not None else "model" if threshold is None and ood_threshold is None \
+            else "request"
         used = self.threshold if threshold is None else check_threshold(threshold)
         ood_limit = None if ood_threshold is None else check_ood_threshold(ood_threshold)
         detector = self.classifier.ood
         ood_used = None if detector is None else detector.threshold if ood_limit is None else ood_limit
         entries = [dict.fromkeys(FIELDS) | {"accepted": False, "threshold": used, "ood_threshold": ood_used,
-                                            "model_version": cfg.model_version} for _ in images]
+                                            "thresholds_from": source, "model_version": cfg.model_version}
+                   for _ in images]
         if explain:
             for entry in entries:
                 entry[GRADCAM_FIELD] = None

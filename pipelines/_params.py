@@ -321,6 +321,7 @@ class Register(Section):
     max_pixels: Positive = 36_000_000
     max_aspect: Annotated[float, Field(ge=1.0)] = 2.5
     ood_action: Literal["refuse", "flag"] = "refuse"
+    min_age: Annotated[float, Field(ge=0.0, le=150.0)] | None = 18.0
     prediction_log: str | None = "sqlite:///predictions.db"
 
 

@@ -229,6 +229,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
         limits=serving.Limits(max_images=int(p["max_images"]), max_image_bytes=int(p["max_image_bytes"]),
                               max_pixels=int(p["max_pixels"])),
         model_name=name, ood_action=p["ood_action"], prediction_log=p["prediction_log"] or None,
+        min_age=None if p["min_age"] is None else float(p["min_age"]),
     )
     evaluation = _common.read_report(_common.EVALUATE_DIR / classifier / "metrics.json", "evaluate")
     tags = _tracking.repro_tags("register", experiment)

@@ -113,6 +113,24 @@ def test_one_bad_image_gives_an_error_entry_not_a_failed_batch(loaded, case):
     assert entries[0]["covid_probability"] == entries[2]["covid_probability"]
 
 
+def test_a_patient_younger_than_the_intended_population_is_refused_by_the_header_age(loaded):
+    """The training data's COVID-19 films are adults' (Kermany's children are all negatives): a child's film would be
+    scored by a model whose sensitivity was never measured on children. Only a DICOM says the age; the message gives
+    the limit, never the patient's age."""
+    gated = with_config(loaded, min_age=18)
+    request = [dicom_b64(phantom(), PatientAge="004Y"), dicom_b64(phantom(), PatientAge="018Y"),
+               dicom_b64(phantom(), PatientAge="010M"), dicom_b64(phantom()), png_b64(phantom())]
+    entries = gated.score(request)
+    assert [e["reason"] for e in entries] == ["outside_intended_use", None, "outside_intended_use", None, None]
+    assert [e["accepted"] for e in entries] == [False, True, False, True, True]
+    child = entries[0]
+    assert child["message"] == ("image[0]: the DICOM header gives an age under 18 years; the model's sensitivity was "
+                                "never measured on such patients") and child["covid_probability"] is None
+    assert all(e["accepted"] for e in loaded.score(request))  # min_age None: no age limit (models registered before)
+    with pytest.raises(ValueError, match="min_age"):
+        serving.Config(size=32, variant="c", min_age=-1)
+
+
 def _odd_but_valid() -> dict[str, str]:
     image = phantom()
     stored = np.round(image * 4000).astype(np.int64)

@@ -77,6 +77,7 @@ REASONS: dict[str, str] = {
     "unsupported_photometric": "a colour model that cannot be converted to grayscale faithfully",
     "not_chest_radiograph": "not a chest radiograph (aspect ratio, DICOM modality or body part)",
     "not_for_presentation": "a DICOM FOR PROCESSING: raw detector data, not an image meant for reading",
+    "outside_intended_use": "the DICOM header gives an age below the model's intended population (Config.min_age)",
     "lateral_view": "a lateral view: the classifier takes frontal (PA/AP) views only",
     **lungs.REASONS,
     "out_of_distribution": "the image's features lie far from the training images' (OOD score above the threshold)",
@@ -123,6 +124,9 @@ class Config:
     ood_action: str = "refuse"  # refuse | flag: what an image above the OOD threshold gets
     prediction_log: str | None = None  # SQLAlchemy URL of the prediction log; None: no log (unless the env sets one)
     projection_size: int | None = None  # the projection filter's working size (its own cache's); None: ``size``
+    # Patients younger than this (years, from a DICOM's PatientAge) are refused as outside_intended_use: the model's
+    # sensitivity was measured on adults only. A file without an age is scored. None: no age limit.
+    min_age: float | None = None
 
     def __post_init__(self) -> None:
         if self.variant not in preprocess.VARIANTS:
@@ -138,6 +142,8 @@ class Config:
             raise ValueError(f"need 0 <= min_area <= max_area, got {self.min_area}, {self.max_area}")
         if self.max_aspect < 1.0:
             raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
+        if self.min_age is not None and not 0.0 <= self.min_age <= 150.0:
+            raise ValueError(f"min_age must be in [0, 150] years or None, got {self.min_age}")
         if self.ood_action not in OOD_ACTIONS:
             raise ValueError(f"ood_action must be one of {OOD_ACTIONS}, got {self.ood_action!r}")
         if self.prediction_log is not None and predlog.has_password(self.prediction_log):
@@ -248,6 +254,15 @@ def check_plausible(pixels: np.ndarray, header: Mapping, index: int, max_aspect:
     if (header.get("presentation_intent") or "").strip().upper() == "FOR PROCESSING":
         raise Refused("not_for_presentation", f"image[{index}] is a DICOM FOR PROCESSING (raw detector data): the "
                                               "model reads images FOR PRESENTATION, as radiologists do")
+
+
+def check_intended_use(header: Mapping, index: int, min_age: float | None) -> None:
+    """Refuse a patient younger than the model's intended population, by the DICOM header's age (the one source of an
+    age a request has); the message gives the limit, never the patient's age."""
+    age = header.get("age")
+    if min_age is not None and age is not None and age < min_age:
+        raise Refused("outside_intended_use", f"image[{index}]: the DICOM header gives an age under {min_age:g} years; "
+                                              "the model's sensitivity was never measured on such patients")
 
 
 def png_base64(rgb: np.ndarray) -> str:
@@ -365,6 +380,7 @@ class Pipeline:
                 read = dict(max_pixels=cfg.limits.max_pixels, name=f"image[{i}]")
                 image, pixels, header = preprocess.read_working_image(data, cfg.size, **read)  # as the cache stage
                 check_plausible(pixels, header, i, cfg.max_aspect)
+                check_intended_use(header, i, cfg.min_age)
                 if cfg.filter_size != cfg.size:  # as the cache_projection stage reads the file at its size
                     # A decode not reduced for the smaller size is not reduced for a larger one: the same pixels.
                     same = cfg.filter_size > cfg.size and not io.is_reduced(pixels, header)

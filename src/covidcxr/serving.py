@@ -60,9 +60,9 @@ FIELDS: tuple[str, ...] = (
     "accepted", "reason", "message", "projection", "projection_probability", "lung_area_fraction",
     "covid_probability", "label", "ood_score", "ood_threshold", "threshold", "thresholds_from", "model_version",
 )
-#: Whose thresholds decided an entry (``thresholds_from``): the model's own (chosen on its validation split), a site's
-#: thresholds file that the server applies to every request (``$COVIDCXR_SITE``), or the request's own params.
-THRESHOLD_SOURCES: tuple[str, ...] = ("model", "site", "request")
+#: ``thresholds_from`` says whose thresholds decided an entry: ``model`` (its own, chosen on its validation split),
+#: ``site`` (a site's thresholds file the server applies to every request, ``$COVIDCXR_SITE``) or ``request`` (its
+#: params).
 GRADCAM_FIELD = "gradcam_png"
 
 REASONS: dict[str, str] = {

@@ -46,7 +46,8 @@ def model_facts(registered: dict, evaluation: dict, run_id: str) -> dict:
         "frontal_threshold": registered.get("frontal_threshold", serving.get("frontal_threshold")),
         "mask_threshold": registered.get("mask_threshold"),
         "lung_area_bounds": f"{serving['min_area']} – {serving['max_area']}",
-        "patients": ("any age" if serving.get("min_age") is None else
+        # (a key with "patient" in it is hidden as a possible identifier)
+        "intended_population": ("any age" if serving.get("min_age") is None else
                      f"aged {float(serving['min_age']):g} and over: a DICOM giving a younger age is refused "
                      "(outside_intended_use); a file without an age is scored"),
         "experiment": registered.get("experiment"), "mlflow_run_id": run_id,

@@ -112,7 +112,8 @@ def test_serving_refuses_or_flags_images_above_the_threshold_and_scores_every_ac
         else:
             assert entry["accepted"] and entry["label"] in ("covid", "negative")
     assert "out_of_distribution" in serving.REASONS and "ood_score" in serving.FIELDS
-    assert "ood_score" in serving.signature().outputs.input_names()
+    # the published output schema is the entry: the fields, and the overlay when asked
+    assert serving.signature().outputs.input_names() == [*serving.FIELDS, serving.GRADCAM_FIELD]
 
 
 def test_config_takes_the_ood_action_and_refuses_a_log_url_with_a_password():
@@ -142,6 +143,7 @@ def test_a_request_s_ood_threshold_replaces_the_detector_s_and_every_entry_says_
     entries = pipeline.score(images, ood_threshold=site)
     for entry, before in zip(entries, refused, strict=True):
         assert entry["ood_threshold"] == site and entry["ood_score"] == before["ood_score"]
+        assert entry["thresholds_from"] == "request" and entry["threshold"] == before["threshold"]  # only one replaced
         assert entry["accepted"] == (entry["ood_score"] <= site)
         assert entry["reason"] == (None if entry["accepted"] else "out_of_distribution")
         assert (entry["covid_probability"] is None) != entry["accepted"]
@@ -151,4 +153,5 @@ def test_a_request_s_ood_threshold_replaces_the_detector_s_and_every_entry_says_
             pipeline.score(images, ood_threshold=bad)
     assert "ood_threshold" in [p.name for p in serving.signature().params.params]
     pipeline.classifier.ood = None  # no detector: nothing to replace, and the entries say so
-    assert all(e["accepted"] and e["ood_threshold"] is None for e in pipeline.score(images, ood_threshold=3.0))
+    assert all(e["accepted"] and e["ood_threshold"] is None and e["thresholds_from"] == "model"
+               for e in pipeline.score(images, ood_threshold=3.0))

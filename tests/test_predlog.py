@@ -147,7 +147,7 @@ def old_log(url: str, when: dt.datetime, lacking: tuple[str, ...]) -> None:
         engine.dispose()
 
 
-def check_migration(url: str, lacking: tuple[str, ...] = predlog.ADDED_COLUMNS) -> None:
+def check_migration(url: str, lacking: tuple[str, ...] = tuple(predlog.ADDED_COLUMNS)) -> None:
     """An earlier version's log, without the ``lacking`` columns: read as it is (nulls there), then the first write
     adds them, keeps the old record (null there) and writes the new one's."""
     start = dt.datetime(2026, 3, 1)

@@ -158,7 +158,7 @@ def test_a_thresholds_file_reads_back_as_the_params_that_apply_it(tmp_path):
     ('[0.3]', "not a thresholds file"),
     ('{"threshold": 1.5, "model_version": "1"}', r"threshold must be in \[0, 1\], got 1.5"),
     ('{"threshold": 0.3, "ood_threshold": -2, "model_version": "1"}',
-     "ood_threshold must be a finite non-negative number, got -2"),
+     r"ood_threshold must be a finite non-negative number, got -2.0 \(or null: the model's own\)"),
     ('{"threshold": 0.3, "ood_threshold": "far", "model_version": "1"}',
      "ood_threshold must be a finite non-negative number, got 'far'"),
     ('{"threshold": 0.3}', "no model_version"),

@@ -576,7 +576,10 @@ def check_ood_threshold(value: object, name: str = "ood_threshold") -> float:
 def _number(value: object, name: str, what: str) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be {what}, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any float (a JSON number of hundreds of digits)
+        raise ValueError(f"{name} must be {what}, got an integer of {len(str(value))} digits") from None
 
 
 @dataclass(frozen=True)

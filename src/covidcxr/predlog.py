@@ -44,7 +44,7 @@ ENTRY_COLUMNS: tuple[str, ...] = ("accepted", "reason", "projection", "projectio
 INTENSITY_COLUMNS: tuple[str, ...] = ("intensity_mean", "intensity_std", "intensity_p05", "intensity_p50",
                                       "intensity_p95")
 #: Columns a log written by an earlier version lacks: added on first write (:func:`add_missing_columns`).
-ADDED_COLUMNS: tuple[str, ...] = ("ood_threshold", "thresholds_from")
+ADDED_COLUMNS: dict[str, str] = {"ood_threshold": "float", "thresholds_from": "text"}
 #: Every column of the log, in order (``id`` is the database's own).
 COLUMNS: tuple[str, ...] = ("time", "model_name", "model_version", *ENTRY_COLUMNS, *INTENSITY_COLUMNS, "features")
 STAT_DECIMALS = 6
@@ -158,9 +158,8 @@ def _table():
     metadata = MetaData()
     numbers = [Column(name, Float) for name in ("projection_probability", "lung_area_fraction", "covid_probability",
                                                  "threshold", "ood_score", *INTENSITY_COLUMNS)]
-    # Added after the first deployments (ADDED_COLUMNS, in that order): appended to an existing table by
-    # add_missing_columns, so they come last
-    added = [Column("ood_threshold", Float), Column("thresholds_from", String(16))]
+    # Added after the first deployments: appended to an existing table by add_missing_columns, so they come last
+    added = [Column(name, {"float": Float, "text": String(16)}[kind]) for name, kind in ADDED_COLUMNS.items()]
     table = Table(
         TABLE, metadata,
         Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),

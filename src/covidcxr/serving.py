@@ -60,9 +60,9 @@ FIELDS: tuple[str, ...] = (
     "accepted", "reason", "message", "projection", "projection_probability", "lung_area_fraction",
     "covid_probability", "label", "ood_score", "ood_threshold", "threshold", "thresholds_from", "model_version",
 )
-#: ``thresholds_from`` says whose thresholds decided an entry: ``model`` (its own, chosen on its validation split),
-#: ``site`` (a site's thresholds file the server applies to every request, ``$COVIDCXR_SITE``) or ``request`` (its
-#: params).
+#: ``thresholds_from`` says whose thresholds decided an entry: ``model`` (both its own, chosen on its validation split),
+#: ``site`` (a site's thresholds file the server applies to every request, ``$COVIDCXR_SITE``) or ``request`` (the
+#: request's params, a client's ``--site`` file included, replaced at least one; each value is in the entry).
 GRADCAM_FIELD = "gradcam_png"
 
 REASONS: dict[str, str] = {
@@ -77,7 +77,7 @@ REASONS: dict[str, str] = {
     "unsupported_photometric": "a colour model that cannot be converted to grayscale faithfully",
     "not_chest_radiograph": "not a chest radiograph (aspect ratio, DICOM modality or body part)",
     "not_for_presentation": "a DICOM FOR PROCESSING: raw detector data, not an image meant for reading",
-    "outside_intended_use": "the DICOM header gives an age below the model's intended population (Config.min_age)",
+    "outside_intended_use": "a DICOM age below the model's intended population (min_age)",
     "lateral_view": "a lateral view: the classifier takes frontal (PA/AP) views only",
     **lungs.REASONS,
     "out_of_distribution": "the image's features lie far from the training images' (OOD score above the threshold)",
@@ -336,12 +336,13 @@ class Pipeline:
                 raise invalid_request(f"this server applies the site's own thresholds (${sites.ENV}) to every "
                                       "request: params 'threshold' and 'ood_threshold' are refused")
             threshold, ood_threshold = self.site.threshold, self.site.ood_threshold
-        source = "site" if self.site is not None else "model" if threshold is None and ood_threshold is None \
-            else "request"
         used = self.threshold if threshold is None else check_threshold(threshold)
         ood_limit = None if ood_threshold is None else check_ood_threshold(ood_threshold)
         detector = self.classifier.ood
         ood_used = None if detector is None else detector.threshold if ood_limit is None else ood_limit
+        # Whose values were applied: an ood_threshold for a model without a detector replaces nothing
+        replaced = threshold is not None or (ood_limit is not None and detector is not None)
+        source = "model" if not replaced else "site" if self.site is not None else "request"
         entries = [dict.fromkeys(FIELDS) | {"accepted": False, "threshold": used, "ood_threshold": ood_used,
                                             "thresholds_from": source, "model_version": cfg.model_version}
                    for _ in images]
@@ -536,7 +537,7 @@ def signature():
         ColSpec("double", "lung_area_fraction", required=False),
         ColSpec("double", "covid_probability", required=False), ColSpec("string", "label", required=False),
         ColSpec("double", "ood_score", required=False), ColSpec("double", "ood_threshold", required=False),
-        ColSpec("double", "threshold"),
+        ColSpec("double", "threshold"), ColSpec("string", "thresholds_from"),
         ColSpec("string", "model_version"),
         ColSpec("string", GRADCAM_FIELD, required=False),
     ])

@@ -75,7 +75,8 @@ class SiteThresholds:
             threshold = metrics.check_threshold(data["threshold"])
             limit = None if data.get("ood_threshold") is None else metrics.check_ood_threshold(data["ood_threshold"])
         except ValueError as err:
-            raise SiteFileError(f"site thresholds {path}: {err}") from None
+            null = " (or null: the model's own)" if str(err).startswith("ood_threshold") else ""
+            raise SiteFileError(f"site thresholds {path}: {err}{null}") from None
         if version is None or isinstance(version, bool) or not str(version).strip():
             raise SiteFileError(f"site thresholds {path}: no model_version; thresholds mean nothing without the model "
                                 "version they were chosen for: calibrate the site again (`covidcxr calibrate-site`)")

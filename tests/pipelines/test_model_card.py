@@ -144,3 +144,9 @@ def test_bad_inputs_name_the_file(project):
     with pytest.raises(ModelCardError, match="covidcxr v7, which the registry"):
         model_card.run(PARAMS["model_card"])
     assert not (root / "reports/model_card").exists()
+
+
+def test_the_intended_population_of_a_model_registered_before_the_age_limit_is_any_age():
+    registered = {"model_name": NAME, "version": "1", "classifier": "c_vgg16",
+                  "serving": {k: v for k, v in SERVING.items() if k != "min_age"}}
+    assert model_card.model_facts(registered, {}, "run")["intended_population"] == "any age"

@@ -149,3 +149,30 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
     thresholds.write_text('{"ood_threshold": 3}')
     assert cli.main(["predict", str(site / "f0.png"), "--site", str(thresholds)]) == 2
     assert "not a thresholds file of `covidcxr calibrate-site --output`" in capsys.readouterr().err
+
+
+def test_a_site_threshold_is_chosen_by_the_answering_models_own_rule_unless_the_flags_give_one(tmp_path, capsys):
+    """calibrate-site read the rule from its flags' defaults (sensitivity 0.95), whatever rule the model was trained
+    with: now the model's own (its classifier's threshold.json, of the version that answered), the flags overriding."""
+    import argparse
+    import json
+
+    model = tmp_path / "model"
+    (model / "artifacts" / "classifier").mkdir(parents=True)
+    (model / "artifacts" / "classifier" / "threshold.json").write_text(json.dumps(
+        {"objective": "sensitivity", "min_sensitivity": 0.8, "threshold": 0.4}))
+
+    def rule(objective=None, min_sensitivity=None, uri=str(model)):
+        args = argparse.Namespace(objective=objective, min_sensitivity=min_sensitivity, model_uri=uri)
+        return cli._site_rule(args, "3")
+
+    assert rule() == ({"objective": "sensitivity", "min_sensitivity": 0.8}, "model")
+    assert rule(min_sensitivity=0.9) == ({"objective": "sensitivity", "min_sensitivity": 0.9}, "flags")
+    assert rule(objective="youden") == ({"objective": "youden", "min_sensitivity": None}, "flags")
+    assert rule(objective="sensitivity") == ({"objective": "sensitivity", "min_sensitivity": 0.8}, "model and flags")
+    assert rule(objective="youden", uri=str(tmp_path / "nowhere"))[1] == "flags"  # no model needed
+    with pytest.raises(RuntimeError, match=r"threshold rule cannot be read from .*nowhere.*give --objective"):
+        rule(uri=str(tmp_path / "nowhere"))
+    (model / "artifacts" / "classifier" / "threshold.json").write_text(json.dumps({"threshold": 0.4}))
+    with pytest.raises(RuntimeError, match="does not say by which rule"):
+        rule()

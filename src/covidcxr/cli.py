@@ -43,7 +43,7 @@ def _predict(args: argparse.Namespace) -> int:
     import base64
     from pathlib import Path
 
-    from covidcxr import sites
+    from covidcxr import serving, sites
 
     try:
         site = sites.SiteThresholds.load(args.site) if args.site else None
@@ -57,10 +57,11 @@ def _predict(args: argparse.Namespace) -> int:
         score = None
         if site is not None:  # the site's thresholds only on the model version they were chosen for
             served = _scorer(args.model_uri, args.url, args.timeout)
+            site.check_version(serving.probe_version(served))  # before any film is scored (and logged)
 
             def score(images: list[str], params: dict) -> list[dict]:
                 entries = served(images, params)
-                for entry in entries:
+                for entry in entries:  # the server may have changed model since the probe
                     site.check_version(entry["model_version"])
                 return entries
 
@@ -161,7 +162,11 @@ def _calibrate_site(args: argparse.Namespace) -> int:
     refused = dict(Counter(entry.get("reason") or "unknown" for _, entry in rows if not entry.get("accepted")))
     y = np.array([int(c) for c, _ in answered], dtype=int)
     probability = np.array([e["covid_probability"] for _, e in answered], dtype=float)
-    rule = {"objective": args.objective, "min_sensitivity": args.min_sensitivity}
+    try:  # the rule of the version that answered (the films' entries name it)
+        rule, rule_from = _site_rule(args, served[0][1].get("model_version"))
+    except RuntimeError as err:
+        print(f"calibrate-site: {err}", file=sys.stderr)
+        return 1
     try:
         choice = sites.local_threshold(y, probability, rule)
     except ValueError as err:
@@ -177,7 +182,8 @@ def _calibrate_site(args: argparse.Namespace) -> int:
     promised = sites.site_rule(choice.n_positive, choice.min_sensitivity)[1] if choice.min_sensitivity is not None \
         else None
     out = {"threshold": choice.threshold, "objective": choice.objective, "min_sensitivity": choice.min_sensitivity,
-           "promised_sensitivity": promised, "ood_threshold": ood_threshold, "admitted": admitted,
+           "rule_from": rule_from, "promised_sensitivity": promised, "ood_threshold": ood_threshold,
+           "admitted": admitted,
            "n_covid": choice.n_positive, "n_negative": choice.n_negative, "sensitivity": choice.sensitivity,
            "specificity": choice.specificity, "model_threshold": float(answered[0][1]["threshold"]),
            "model_ood_threshold": model_ood, "model_answered": len(model),
@@ -198,7 +204,6 @@ def _calibrate_site(args: argparse.Namespace) -> int:
 
 def _log_site(out: dict, args: argparse.Namespace) -> int:
     """``calibrate-site --log NAME``: the calibration as an MLflow run, and the registered version's site tags."""
-    import os
     import tempfile
     from pathlib import Path
 
@@ -206,7 +211,7 @@ def _log_site(out: dict, args: argparse.Namespace) -> int:
 
     from covidcxr import sites
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    mlflow.set_tracking_uri(_tracking_uri())
     name = _registered_name(args.model_uri)
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -249,7 +254,6 @@ def _cell(value: object) -> str:
 def _scorer(model_uri: str, url: str | None, timeout: float):
     """The pyfunc's scoring function: on the server at ``url``, else the model loaded here (sqlite:///mlflow.db by
     default, or $MLFLOW_TRACKING_URI)."""
-    import os
 
     from covidcxr import serving
 
@@ -257,7 +261,7 @@ def _scorer(model_uri: str, url: str | None, timeout: float):
         return serving.remote_scorer(url, timeout)
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    mlflow.set_tracking_uri(_tracking_uri())
     missing = _missing_alias(model_uri)
     if missing:
         raise RuntimeError(missing)
@@ -372,6 +376,51 @@ def _warning_without_text(message, category, filename, lineno, file=None, line=N
                                                category.__name__, Path(filename).name)
 
 
+def _tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else $MLFLOW_TRACKING_URI, else the project's ``sqlite:///mlflow.db``: where commands find MLflow."""
+    import os
+
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def _model_rule(model_uri: str, version: object) -> dict:
+    """The threshold rule saved with the classifier of ``model_uri``'s model at ``version`` (its ``threshold.json``:
+    objective, min_sensitivity), read from the registry; RuntimeError saying why when it cannot be read."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    mlflow.set_tracking_uri(_tracking_uri())
+    base = (f"models:/{_registered_name(model_uri)}/{version}" if model_uri.startswith("models:/")
+            else model_uri.rstrip("/"))
+    uri = f"{base}/artifacts/classifier/threshold.json"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)).read_text())
+    except Exception as err:  # noqa: BLE001 - any failure to read it is reported, with the way round it
+        raise RuntimeError(f"the model's threshold rule cannot be read from {uri} ({type(err).__name__}): give "
+                           "--objective and --min-sensitivity") from None
+
+
+def _site_rule(args: argparse.Namespace, version: object) -> tuple[dict, str]:
+    """The rule a site's threshold is chosen by, and whose it is: the answering model's own (``model``), unless the
+    flags give it (``flags``), or replace part of it (``model and flags``). ``--min-sensitivity`` alone means the
+    sensitivity objective."""
+    given = {k: v for k, v in (("objective", args.objective), ("min_sensitivity", args.min_sensitivity))
+             if v is not None}
+    if given.get("min_sensitivity") is not None:
+        given.setdefault("objective", "sensitivity")
+    if given.get("objective", "sensitivity") != "sensitivity" or len(given) == 2:
+        return {"objective": given["objective"], "min_sensitivity": given.get("min_sensitivity")}, "flags"
+    saved = _model_rule(args.model_uri, version)
+    rule = {"objective": saved.get("objective"), "min_sensitivity": saved.get("min_sensitivity"), **given}
+    if rule["objective"] is None:
+        raise RuntimeError("the model's threshold does not say by which rule it was chosen: give --objective and "
+                           "--min-sensitivity")
+    return rule, "model and flags" if given else "model"
+
+
 def _registered_name(model_uri: str) -> str:
     """NAME of ``models:/NAME@alias`` or ``models:/NAME/version``; ``covidcxr`` for any other URI."""
     if model_uri.startswith("models:/"):
@@ -397,7 +446,7 @@ def _tune(args: argparse.Namespace) -> int:
     data = tuning.load_unet_data(args.cache_dir, args.split)
     tracking = None if args.no_tracking else tuning.Tracking(
         experiment=args.experiment, run_name=f"tune-unet-{args.study}",
-        tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+        tracking_uri=_tracking_uri(args.tracking_uri))
     try:
         result, _ = tuning.tune_unet(args.study, url, data, config=config, n_trials=args.n_trials, seed=seed,
                                      tracking=tracking)
@@ -441,7 +490,7 @@ def _monitor(args: argparse.Namespace) -> int:
         if not (args.reference and args.no_mlflow):
             import mlflow
 
-            mlflow.set_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+            mlflow.set_tracking_uri(_tracking_uri(args.tracking_uri))
         if args.reference:
             reference = monitoring.Reference.load(args.reference)
             version = str(args.version or reference.meta.get("model_version", "unregistered"))
@@ -517,11 +566,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "takes 19 COVID-19 films (n films promise at most n / (n + 1))")
     site.add_argument("--model-uri", default="models:/covidcxr@champion", help="MLflow model URI (local scoring)")
     site.add_argument("--url", help="a running `mlflow models serve` (e.g. http://127.0.0.1:5000) instead")
-    site.add_argument("--objective", default="sensitivity",
-                      help="the model's threshold rule: sensitivity, youden or f1 "
-                           "(train_classifier.threshold_objective)")
-    site.add_argument("--min-sensitivity", type=float, default=0.95,
-                      help="its minimum sensitivity (train_classifier.min_sensitivity; default 0.95, the pipeline's)")
+    site.add_argument("--objective", help="the threshold rule: sensitivity, youden or f1 (default: the model's own, "
+                                          "saved with its classifier: train_classifier.threshold_objective)")
+    site.add_argument("--min-sensitivity", type=float,
+                      help="the sensitivity objective's minimum (default: the model's own, "
+                           "train_classifier.min_sensitivity)")
     site.add_argument("--admit", action="store_true",
                       help="admit the films the model refuses as out of distribution: the site's own OOD threshold "
                            "(the highest OOD score of its films), and those films join the threshold's choice")

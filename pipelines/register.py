@@ -26,7 +26,7 @@ from unittest import mock
 
 import numpy as np
 
-from covidcxr import audit, folders, manifest, monitoring, predlog, preprocess, selection, serving, tracking
+from covidcxr import audit, folders, manifest, monitoring, predlog, preprocess, selection, serving, sites, tracking
 from pipelines import _common, _tracking
 
 OUT = _common.REGISTERED
@@ -253,8 +253,9 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
     with tracking.run(_common.mlflow_experiment(experiment), f"register-{classifier}",
                       params={**p, "selected": classifier}, tags=tags), tempfile.TemporaryDirectory() as tmp:
         artifacts = stage_bundle(Path(tmp), best.variant, best.backbone, config, metadata)
-        # Neither the reference nor an input example MLflow may score is a served prediction: no log meanwhile.
-        with mock.patch.dict(os.environ, {predlog.ENV: "none"}):
+        # Neither the reference nor an input example MLflow may score is a served prediction: no log meanwhile; and
+        # both are the model's own answers, whatever site's thresholds a shell left in $COVIDCXR_SITE.
+        with mock.patch.dict(os.environ, {predlog.ENV: "none", sites.ENV: ""}):
             reference = drift_reference(artifacts, config)
             reference.save(Path(tmp) / "reference.json")
             artifacts[REFERENCE_ARTIFACT] = str(Path(tmp) / "reference.json")

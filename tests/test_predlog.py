@@ -174,3 +174,19 @@ def check_migration(url: str, lacking: tuple[str, ...] = tuple(predlog.ADDED_COL
 @pytest.mark.parametrize("lacking", [("ood_threshold", "thresholds_from"), ("thresholds_from",)])
 def test_a_log_of_an_earlier_version_gains_the_missing_columns_on_first_write(tmp_path, lacking):
     check_migration(f"sqlite:///{tmp_path / 'old.db'}", lacking)
+
+
+def test_a_probe_asks_without_leaving_a_record(pipeline):
+    """The PACS worker probes the server on every pass and predict/pacs --site and calibrate-site before they start: a
+    blank probe, refused as zero_variance. Logged, 288 of them a day at a 5-minute interval read as refusals in the
+    monitor's refusal rate; a request of probes only is no served prediction. A real film beside a probe still is."""
+    sink = predlog.MemoryLog()
+    pipeline.prediction_log = sink
+    try:
+        [probe] = pipeline.score([serving.probe_image()])
+        assert probe["reason"] == "zero_variance" and sink.records == []
+        assert serving.probe_version(lambda images, params: pipeline.score(images)) == "7" and sink.records == []
+        pipeline.score([serving.probe_image(), png_b64(phantom())])
+        assert [r["reason"] for r in sink.records] == ["zero_variance", None]
+    finally:
+        pipeline.prediction_log = None

@@ -366,12 +366,6 @@ def _meaning(reason: str) -> str:
 # --- the worker ----------------------------------------------------------------------------------------------------
 
 
-def probe_version(score: serving.Scorer) -> str:
-    """The version of the model behind ``score``: it stamps every entry, even of an image it refuses unread."""
-    [entry] = score([serving.probe_image()], {"explain": False})
-    return str(entry["model_version"])
-
-
 def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: ModelId, summary: Summary, *,
                   batch_size: int = 8) -> None:
     """Score every CR/DX image of the study without a result of ``model`` and store its SR (and SC)."""
@@ -421,7 +415,7 @@ def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.dat
     """
     if not 1 <= batch_size <= serving.Limits().max_images:
         raise ValueError(f"batch_size must be in [1, {serving.Limits().max_images}], got {batch_size}")
-    model = ModelId(model_name, probe_version(score))
+    model = ModelId(model_name, serving.probe_version(score))
     if site is not None:
         site.check_version(model.version)
     studies = pacs.find_studies(since)

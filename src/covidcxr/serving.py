@@ -360,7 +360,7 @@ class Pipeline:
         reasons = Counter(e["reason"] for e in entries if not e["accepted"])
         log.info("scored %d image(s): %d accepted, refused %s", len(entries), len(scored),
                  dict(sorted(reasons.items())))
-        if self.prediction_log is not None:
+        if self.prediction_log is not None and not all(image == _PROBE for image in images):
             try:
                 self.prediction_log.append(predlog.records(
                     entries, {i: predlog.intensity_stats(w) for i, w in work.items()}, compact, when=when,
@@ -576,12 +576,22 @@ class CovidCxrModel(mlflow.pyfunc.PythonModel):
 
 def probe_image() -> str:
     """A blank 16 x 16 PNG, base64: every pipeline refuses it as ``zero_variance`` before any network runs, so a
-    request with it asks a scorer what it would answer (its model version, whether it takes a param) at no cost."""
+    request with it asks a scorer what it would answer (its model version, whether it takes a param) at no cost. A
+    request of probes only is not a served prediction: it leaves no record in the prediction log."""
     from PIL import Image
 
     buffer = _bytes_io.BytesIO()
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def probe_version(score: Scorer) -> str:
+    """The version of the model behind ``score``: it stamps every entry, even of an image it refuses unread."""
+    [entry] = score([probe_image()], {"explain": False})
+    return str(entry["model_version"])
+
+
+_PROBE = probe_image()
 
 
 def encode_file(path: str | os.PathLike) -> str:

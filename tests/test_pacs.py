@@ -368,3 +368,72 @@ def test_since_accepts_dates_and_days_back():
     assert pacs.parse_since(None) is None
     with pytest.raises(ValueError, match="YYYY-MM-DD"):
         pacs.parse_since("last week")
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key, as a hospital's own CA would sign its PACS's: (cert, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pacs.hospital.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "ca.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_an_https_pacs_signed_by_a_hospitals_own_ca_is_trusted_only_when_given(tmp_path):
+    """The worker never reads REQUESTS_CA_BUNDLE (nor proxies): a PACS behind the hospital's own CA answered only
+    'unreachable' after every retry. Its CA is now given explicitly; without it the error says so, at once."""
+    import http.server
+    import ssl
+    import threading
+
+    cert, key = _self_signed(tmp_path)
+    requests_seen = []
+
+    class Qido(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            requests_seen.append(self.path)
+            body = b"[]"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Qido)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/dicom-web"
+    try:
+        assert pacs.DicomWeb(url, ca_bundle=str(cert), retries=0, timeout=5).find_studies() == []
+        assert requests_seen and requests_seen[0].startswith("/dicom-web/studies")
+        start = time.monotonic()
+        with pytest.raises(pacs.PacsError, match="TLS certificate is not trusted .*--pacs-ca-bundle") as caught:
+            pacs.DicomWeb(url, retries=3, backoff=1.0, timeout=5).find_studies()
+        assert not isinstance(caught.value, pacs.PacsUnavailable) and time.monotonic() - start < 1.0  # no retries
+        with pytest.raises(pacs.PacsError, match="no such file"):
+            pacs.DicomWeb(url, ca_bundle=str(tmp_path / "missing.pem"))
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -327,9 +327,13 @@ def _pacs(args: argparse.Namespace) -> int:
         print(f"pacs: {err}", file=sys.stderr)
         return 2
     model_name = args.model_name or _registered_name(args.model_uri)
-    client = pacs.DicomWeb(args.dicomweb_url, user=os.environ.get(pacs.USER_ENV),
-                           password=os.environ.get(pacs.PASSWORD_ENV), timeout=args.pacs_timeout,
-                           retries=args.retries)
+    try:
+        client = pacs.DicomWeb(args.dicomweb_url, user=os.environ.get(pacs.USER_ENV),
+                               password=os.environ.get(pacs.PASSWORD_ENV), timeout=args.pacs_timeout,
+                               retries=args.retries, ca_bundle=args.pacs_ca_bundle)
+    except pacs.PacsError as err:
+        print(f"pacs: {err}", file=sys.stderr)
+        return 2
     try:
         served = _scorer(args.model_uri, args.url, args.timeout)
     except Exception as err:  # noqa: BLE001 - one line naming the model, not a traceback
@@ -599,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--batch-size", type=int, default=8, help="images per scoring request (default: 8)")
     worker.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
     worker.add_argument("--pacs-timeout", type=float, default=30.0, help="seconds per PACS request (default: 30)")
+    worker.add_argument("--pacs-ca-bundle", metavar="PEM",
+                        help="certificate authorities to trust for an https PACS (a hospital's own CA); the "
+                             "environment's REQUESTS_CA_BUNDLE and proxies are never read")
     worker.add_argument("--retries", type=int, default=3,
                         help="retries of a failed PACS request, waiting 1, 2, 4... s (default: 3)")
     worker.set_defaults(func=_pacs)

@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -136,7 +137,7 @@ class DicomWeb:
 
     def __init__(self, url: str, *, user: str | None = None, password: str | None = None, timeout: float = 30.0,
                  retries: int = 3, backoff: float = 1.0, page_size: int = 500, max_pages: int = 100,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, ca_bundle: str | None = None) -> None:
         import requests
         from dicomweb_client.api import DICOMwebClient
 
@@ -145,7 +146,11 @@ class DicomWeb:
         self.retries, self.backoff, self._sleep = int(retries), float(backoff), sleep
         self.page_size, self.max_pages = int(page_size), int(max_pages)
         session = requests.Session()
-        session.trust_env = False  # no proxy or netrc picked up behind the caller's back
+        session.trust_env = False  # no proxy, netrc or CA bundle picked up behind the caller's back
+        if ca_bundle is not None:  # a hospital's own certificate authority (PEM), given explicitly
+            if not Path(ca_bundle).is_file():
+                raise PacsError(f"CA bundle {ca_bundle}: no such file")
+            session.verify = str(ca_bundle)
         if user is not None:
             session.auth = (user, password or "")
         self.client = DICOMwebClient(self.endpoint, session=session, timeout=timeout)
@@ -168,6 +173,9 @@ class DicomWeb:
                     raise PacsError(f"DICOMweb server {self.endpoint} answered HTTP {status} to {operation}{hint}") \
                         from None
                 problem = f"HTTP {status}"
+            except requests.exceptions.SSLError:  # no retry mends an untrusted certificate
+                raise PacsError(f"DICOMweb server {self.endpoint}: its TLS certificate is not trusted ({operation}); "
+                                "give its certificate authority as --pacs-ca-bundle") from None
             except (requests.ConnectionError, requests.Timeout) as err:
                 problem = type(err).__name__
         raise PacsUnavailable(f"DICOMweb server {self.endpoint} is unreachable ({operation}): {problem} after "

@@ -176,3 +176,26 @@ def test_a_site_threshold_is_chosen_by_the_answering_models_own_rule_unless_the_
     (model / "artifacts" / "classifier" / "threshold.json").write_text(json.dumps({"threshold": 0.4}))
     with pytest.raises(RuntimeError, match="does not say by which rule"):
         rule()
+
+
+def test_predict_writes_one_overlay_per_file_even_when_two_share_a_name(tmp_path, monkeypatch, capsys):
+    """Two folders' scan.png: the second overlay overwrote the first; now scan.png and scan-2.png, in order."""
+    import numpy as np
+    from PIL import Image
+
+    files = []
+    for folder, value in (("ward-a", 10), ("ward-b", 200)):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.full((8, 8), value, np.uint8)).save(tmp_path / folder / "scan.png")
+        files.append(str(tmp_path / folder / "scan.png"))
+
+    def score(images: list[str], params: dict) -> list[dict]:  # each overlay: the file itself, to tell them apart
+        return [{"accepted": True, "gradcam_png": image} for image in images]
+
+    monkeypatch.setattr(cli, "_scorer", lambda *args: score)
+    out = tmp_path / "overlays"
+    assert cli.main(["predict", *files, "--explain", "--gradcam-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["scan-2.png", "scan.png"]
+    for name, source in (("scan.png", files[0]), ("scan-2.png", files[1])):
+        assert (out / name).read_bytes() == Path(source).read_bytes()
+    assert "scan-2.png" not in capsys.readouterr().out  # the table names the files, not the overlays

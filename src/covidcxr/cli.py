@@ -70,15 +70,23 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"predict failed: {getattr(err, 'message', None) or err}", file=sys.stderr)
         return 1
     print("\t".join(("file", *PREDICT_COLUMNS)))
+    written: set[str] = set()
     for path, entry in rows:
         cells = [_cell(entry.get(c)) for c in PREDICT_COLUMNS]
         print("\t".join((path, *cells)))
         if entry.get("gradcam_png"):
-            out = Path(args.gradcam_dir) / f"{Path(path).stem}.png"
+            # files of the same name in different folders: stem.png, stem-2.png, ... in the order given
+            name, n = f"{Path(path).stem}.png", 1
+            while name in written:
+                n += 1
+                name = f"{Path(path).stem}-{n}.png"
+            written.add(name)
+            out = Path(args.gradcam_dir) / name
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(base64.b64decode(entry["gradcam_png"]))
     if args.explain:
-        print(f"Grad-CAM overlays of accepted images: {args.gradcam_dir}/<file stem>.png", file=sys.stderr)
+        print(f"Grad-CAM overlays of accepted images: {args.gradcam_dir}/<file stem>.png (-2, -3... for files of the "
+              "same name)", file=sys.stderr)
     return 0
 
 

@@ -164,7 +164,7 @@ def test_a_site_threshold_is_chosen_by_the_answering_models_own_rule_unless_the_
 
     def rule(objective=None, min_sensitivity=None, uri=str(model)):
         args = argparse.Namespace(objective=objective, min_sensitivity=min_sensitivity, model_uri=uri)
-        return cli._site_rule(args, "3")
+        return cli._site_rule(args, "3", 0.4)
 
     assert rule() == ({"objective": "sensitivity", "min_sensitivity": 0.8}, "model")
     assert rule(min_sensitivity=0.9) == ({"objective": "sensitivity", "min_sensitivity": 0.9}, "flags")
@@ -173,6 +173,9 @@ def test_a_site_threshold_is_chosen_by_the_answering_models_own_rule_unless_the_
     assert rule(objective="youden", uri=str(tmp_path / "nowhere"))[1] == "flags"  # no model needed
     with pytest.raises(RuntimeError, match=r"threshold rule cannot be read from .*nowhere.*give --objective"):
         rule(uri=str(tmp_path / "nowhere"))
+    args = argparse.Namespace(objective=None, min_sensitivity=None, model_uri=str(model))
+    with pytest.raises(RuntimeError, match=r"another model's \(its threshold 0.4, the model answering 0.7\)"):
+        cli._site_rule(args, "3", 0.7)  # a server of another model than --model-uri names
     (model / "artifacts" / "classifier" / "threshold.json").write_text(json.dumps({"threshold": 0.4}))
     with pytest.raises(RuntimeError, match="does not say by which rule"):
         rule()

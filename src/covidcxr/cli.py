@@ -170,8 +170,8 @@ def _calibrate_site(args: argparse.Namespace) -> int:
     refused = dict(Counter(entry.get("reason") or "unknown" for _, entry in rows if not entry.get("accepted")))
     y = np.array([int(c) for c, _ in answered], dtype=int)
     probability = np.array([e["covid_probability"] for _, e in answered], dtype=float)
-    try:  # the rule of the version that answered (the films' entries name it)
-        rule, rule_from = _site_rule(args, served[0][1].get("model_version"))
+    try:  # the rule of the version that answered (the films' entries name it, and its threshold)
+        rule, rule_from = _site_rule(args, served[0][1].get("model_version"), served[0][1].get("threshold"))
     except RuntimeError as err:
         print(f"calibrate-site: {err}", file=sys.stderr)
         return 1
@@ -415,10 +415,11 @@ def _model_rule(model_uri: str, version: object) -> dict:
                            "--objective and --min-sensitivity") from None
 
 
-def _site_rule(args: argparse.Namespace, version: object) -> tuple[dict, str]:
+def _site_rule(args: argparse.Namespace, version: object, threshold: object) -> tuple[dict, str]:
     """The rule a site's threshold is chosen by, and whose it is: the answering model's own (``model``), unless the
     flags give it (``flags``), or replace part of it (``model and flags``). ``--min-sensitivity`` alone means the
-    sensitivity objective."""
+    sensitivity objective. The rule read must be of the model that answered at ``threshold`` (a server of another
+    registered name than ``--model-uri``'s has its own version numbers)."""
     given = {k: v for k, v in (("objective", args.objective), ("min_sensitivity", args.min_sensitivity))
              if v is not None}
     if given.get("min_sensitivity") is not None:
@@ -426,6 +427,10 @@ def _site_rule(args: argparse.Namespace, version: object) -> tuple[dict, str]:
     if given.get("objective", "sensitivity") != "sensitivity" or len(given) == 2:
         return {"objective": given["objective"], "min_sensitivity": given.get("min_sensitivity")}, "flags"
     saved = _model_rule(args.model_uri, version)
+    if saved.get("threshold") != threshold:
+        raise RuntimeError(f"the threshold rule read for version {version} of {args.model_uri} is another model's (its "
+                           f"threshold {saved.get('threshold')}, the model answering {threshold}): name the served "
+                           "model with --model-uri, or give --objective and --min-sensitivity")
     rule = {"objective": saved.get("objective"), "min_sensitivity": saved.get("min_sensitivity"), **given}
     if rule["objective"] is None:
         raise RuntimeError("the model's threshold does not say by which rule it was chosen: give --objective and "

@@ -26,7 +26,19 @@ from unittest import mock
 
 import numpy as np
 
-from covidcxr import audit, folders, manifest, monitoring, predlog, preprocess, selection, serving, sites, tracking
+from covidcxr import (
+    audit,
+    dburl,
+    folders,
+    manifest,
+    monitoring,
+    predlog,
+    preprocess,
+    selection,
+    serving,
+    sites,
+    tracking,
+)
 from pipelines import _common, _tracking
 
 OUT = _common.REGISTERED
@@ -217,7 +229,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
     allow_failed = bool(p["allow_failed_audit"])
     champion_version, champion_value = current_champion(client, name, chosen.by)
     version = next_version(client, name)
-    if p["prediction_log"] and predlog.has_password(p["prediction_log"]):
+    if p["prediction_log"] and dburl.has_password(p["prediction_log"]):
         raise _common.ParamsError("register.prediction_log holds a password: give it in PGPASSWORD (or ~/.pgpass), "
                                   "never in params")
 

@@ -16,7 +16,7 @@ import os
 
 import pandas as pd
 
-from covidcxr import tuning
+from covidcxr import dburl, tuning
 from pipelines import _common, _tracking
 
 OUT_DIR = "artifacts/tune"
@@ -26,7 +26,7 @@ REPORTS = "reports/tune_unet"
 
 def storage_url(p: dict) -> str:
     """$COVIDCXR_OPTUNA_STORAGE, else params' storage, else the local sqlite file; params must hold no password."""
-    if p.get("storage") and tuning.has_password(str(p["storage"])):
+    if p.get("storage") and dburl.has_password(str(p["storage"])):
         raise _common.ParamsError("tune_unet.storage holds a password: put it in PGPASSWORD or ~/.pgpass (or the "
                                   f"whole URL in ${tuning.STORAGE_ENV}), never in params.yaml")
     return tuning.resolve_storage(os.environ.get(tuning.STORAGE_ENV), p.get("storage"), DEFAULT_STORAGE)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidcxr import predlog, serving
+from covidcxr import dburl, predlog, serving
 from tests.helpers import build_bundle, phantom, png_b64
 from tests.test_serving import PHI, b64, dicom_b64, make_dicom
 
@@ -104,8 +104,8 @@ def test_urls_come_from_the_environment_first_and_never_carry_a_password(monkeyp
     assert predlog.resolve_url("sqlite:///a.db", env={predlog.ENV: "sqlite:///b.db"}) == "sqlite:///b.db"
     assert predlog.resolve_url("sqlite:///a.db", env={predlog.ENV: "none"}) is None
     secret = "postgresql+psycopg2://covidcxr:hunter22@db-host/covidcxr"
-    assert predlog.has_password(secret) and not predlog.has_password("postgresql+psycopg2://covidcxr@db-host/x")
-    assert "hunter22" not in predlog.shown_url(secret) and "db-host" in predlog.shown_url(secret)
+    assert dburl.has_password(secret) and not dburl.has_password("postgresql+psycopg2://covidcxr@db-host/x")
+    assert "hunter22" not in dburl.shown_url(secret) and "db-host" in dburl.shown_url(secret)
     monkeypatch.setenv(predlog.ENV, secret)
     assert predlog.open_log("sqlite:///a.db") is None and "hunter22" not in caplog.text and "PGPASSWORD" in caplog.text
     with pytest.raises(predlog.PredictionLogError, match=r"covidcxr:\*\*\*@127.0.0.1") as err:

@@ -499,7 +499,7 @@ def _monitor(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from covidcxr import monitoring, predlog
+    from covidcxr import dburl, monitoring, predlog
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one JSON line out, no progress bars
     try:
@@ -529,7 +529,7 @@ def _monitor(args: argparse.Namespace) -> int:
                                             encoding="utf-8")
         if not args.no_mlflow:
             params = {"since": summary["since"], "until": summary["until"], "alpha": args.alpha,
-                      "permutations": args.permutations, "prediction_log": predlog.shown_url(url)}
+                      "permutations": args.permutations, "prediction_log": dburl.shown_url(url)}
             summary["mlflow_run_id"] = monitoring.log_to_mlflow(
                 drift, [out, out.with_suffix(".json")], model_name=args.model, model_version=version, params=params)
     except (ValueError, monitoring.MonitorError, predlog.PredictionLogError) as err:

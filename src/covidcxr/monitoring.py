@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidcxr import predlog
+from covidcxr import dburl, predlog
 
 REFERENCE_ARTIFACT = "monitoring/reference.json"  # in the register run
 EXPERIMENT = "covidcxr-monitoring"
@@ -418,7 +418,7 @@ def render(drift: Drift, *, model_name: str, model_version: str, since: object, 
                                         f"scored by v{reference_meta.get('model_version', '?')} at registration"),
                           ("OOD threshold", reference_meta.get("ood_threshold")),
                           ("thresholds served in the window", served_thresholds(window)),
-                          ("prediction log", predlog.shown_url(log_url))], numeric=(False, False)),
+                          ("prediction log", dburl.shown_url(log_url))], numeric=(False, False)),
         "<h2>How to read it</h2>", f"<p>{_e(HOW_TO_READ)}</p>",
         "<h2>Tests</h2>",
         _table(("test", "kind", "reference", "window", "statistic", "p-value", "corrected p", "verdict", "note"), rows,

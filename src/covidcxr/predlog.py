@@ -32,6 +32,8 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from covidcxr import dburl
+
 log = logging.getLogger(__name__)
 
 ENV = "COVIDCXR_PREDICTION_LOG"
@@ -106,26 +108,6 @@ class MemoryLog:
 # --- URLs -------------------------------------------------------------------------------------------------------------
 
 
-def has_password(url: str) -> bool:
-    """Whether an SQLAlchemy URL carries a password (it must come from the environment instead)."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).password is not None
-    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: nothing to leak
-        return False
-
-
-def shown_url(url: str) -> str:
-    """The URL for logs and errors: the password, if any, as ``***``."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001
-        return url.split("://", 1)[0] + "://..."
-
-
 def resolve_url(configured: str | None, env: Mapping[str, str] | None = None) -> str | None:
     """``$COVIDCXR_PREDICTION_LOG`` when set (``none``/``off``: no log), else the model's configured URL."""
     env = os.environ if env is None else env
@@ -141,11 +123,11 @@ def open_log(configured: str | None) -> PredictionLog | None:
     url = resolve_url(configured)
     if url is None:
         return None
-    if has_password(url):
+    if dburl.has_password(url):
         log.error("prediction log %s: the URL holds a password; give it in PGPASSWORD instead. Not logging.",
-                  shown_url(url))
+                  dburl.shown_url(url))
         return None
-    log.info("prediction log: %s", shown_url(url))
+    log.info("prediction log: %s", dburl.shown_url(url))
     return PredictionLog(url)
 
 
@@ -219,7 +201,7 @@ class PredictionLog:
     """
 
     def __init__(self, url: str, *, max_pending: int = 10_000, batch_size: int = 500, retry_s: float = 10.0) -> None:
-        self.url, self.shown = url, shown_url(url)
+        self.url, self.shown = url, dburl.shown_url(url)
         self.max_pending, self.batch_size, self.retry_s = max_pending, batch_size, retry_s
         self.written = self.lost = 0
         self._lock, self._counting = threading.Lock(), threading.Lock()
@@ -316,7 +298,7 @@ def read(url: str, *, model_name: str | None = None, model_version: str | None =
     :data:`COLUMNS` (``features`` a list per row, or None); raises :class:`PredictionLogError` naming the log."""
     from sqlalchemy import inspect, select
 
-    shown = shown_url(url)
+    shown = dburl.shown_url(url)
     try:
         engine = engine_for(url)
         try:

@@ -45,7 +45,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-from covidcxr import gradcam, io, lungs, metrics, models, predlog, preprocess, projection, sites
+from covidcxr import dburl, gradcam, io, lungs, metrics, models, predlog, preprocess, projection, sites
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class Config:
             raise ValueError(f"min_age must be in [0, 150] years or None, got {self.min_age}")
         if self.ood_action not in OOD_ACTIONS:
             raise ValueError(f"ood_action must be one of {OOD_ACTIONS}, got {self.ood_action!r}")
-        if self.prediction_log is not None and predlog.has_password(self.prediction_log):
+        if self.prediction_log is not None and dburl.has_password(self.prediction_log):
             raise ValueError("prediction_log holds a password: give it in the environment (PGPASSWORD), not the URL")
 
     @property

@@ -29,6 +29,8 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from covidcxr import dburl
+
 log = logging.getLogger(__name__)
 
 STORAGE_ENV = "COVIDCXR_OPTUNA_STORAGE"
@@ -211,26 +213,6 @@ def resolve_storage(*candidates: str | None) -> str:
     raise ValueError("no Optuna storage URL given")
 
 
-def redact(url: str) -> str:
-    """A storage URL fit for logs and tags: the password (if any) replaced by ``***``."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: show only its scheme
-        return url.split("://", 1)[0] + "://..."
-
-
-def has_password(url: str) -> bool:
-    """Whether an SQLAlchemy URL carries a password (params files must not: use PGPASSWORD, ~/.pgpass or the env)."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).password is not None
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def make_storage(url: str, *, heartbeat_s: int | None = 60) -> optuna.storages.BaseStorage:
     """An Optuna RDB storage for any SQLAlchemy URL, sqlite or PostgreSQL (``postgresql+psycopg2://user@host/db``).
 
@@ -252,7 +234,7 @@ def make_storage(url: str, *, heartbeat_s: int | None = 60) -> optuna.storages.B
         except SQLAlchemyError as exc:
             if attempt == 3:
                 raise
-            log.info("Optuna storage %s not ready (%s); retrying", redact(url), type(exc).__name__)
+            log.info("Optuna storage %s not ready (%s); retrying", dburl.shown_url(url), type(exc).__name__)
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
 
@@ -553,12 +535,13 @@ def tune_unet(study_name: str, storage: str, data: UNetData, *, config: Mapping 
     ``config`` configures a new study (an existing one keeps its own); ``seed`` seeds this worker's sampler (give every
     worker of a shared study its own). With ``tracking`` each trial is an MLflow run nested under the study's run.
     """
-    log.info("Optuna study %r in %s: %d trial(s) here, sampler seed %d", study_name, redact(storage), n_trials, seed)
+    log.info("Optuna study %r in %s: %d trial(s) here, sampler seed %d", study_name, dburl.shown_url(storage),
+             n_trials, seed)
     study, created = open_study(study_name, storage, config, data_sha256=data.sha256, seed=seed)
     tracker = None
     if tracking is not None:
         tracker = attach_tracker(study, created, experiment=tracking.experiment, run_name=tracking.run_name,
-                                 tags={**tracking.tags, "optuna_storage": redact(storage)},
+                                 tags={**tracking.tags, "optuna_storage": dburl.shown_url(storage)},
                                  tracking_uri=tracking.tracking_uri)
     objective = unet_objective(data, study_config(study)) if n_trials > 0 else None
     optimize(study, objective, n_trials, tracker=tracker)

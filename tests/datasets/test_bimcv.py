@@ -86,8 +86,10 @@ def test_rows_and_fields(pos, caplog):
     with caplog.at_level(logging.INFO):
         df = load("bimcv", pos)
     assert list(df.columns) == manifest.COLUMNS
-    assert len(df) == 3  # sub-S09999 is not in participants.tsv; the CT volume is not an X-ray
-    assert "1 subject folder(s) not in participants.tsv" in caplog.text
+    assert len(df) == 4  # the CT volume is not an X-ray
+    # sub-S09999 is in no participants.tsv: its image is kept (it was dropped with an INFO line), sex and age from its
+    # sidecar
+    assert "1 image(s) of 1 subject(s) that no participants.tsv lists: kept" in caplog.text
     assert "1 participant(s) have no CR/DX image" in caplog.text
     rows = df.set_index(df["image_id"].str.rsplit("/", n=1).str[-1])
     pa = rows.loc["sub-S03047_ses-E06316_run-1_bp-chest_vp-pa_cr"]
@@ -106,6 +108,8 @@ def test_rows_and_fields(pos, caplog):
     dx = rows.loc["sub-S03048_ses-E06400_run-1_bp-chest_dx"]
     assert (dx["projection"], dx["sex"], dx["modality"], dx["finding"]) == ("unknown", "F", "DX", "COVID-19")
     assert pd.isna(dx["age"]) and pd.isna(dx["photometric"])  # two ages listed, no sidecar
+    unlisted = rows.loc["sub-S09999_ses-E00001_run-1_cr"]
+    assert (unlisted["patient_id"], unlisted["sex"], unlisted["age"]) == ("bimcv:sub-S09999", "M", 65.0)
 
 
 def test_no_report_text_or_dates_copied(pos):
@@ -144,7 +148,7 @@ def test_sidecar_without_image_is_a_missing_image(pos, caplog):
     with pytest.raises(DatasetLayoutError, match=r"missing on disk \(1: .*run-1_bp-chest_vp-pa_cr\.png"):
         bimcv.load(pos)
     with caplog.at_level(logging.WARNING):
-        assert len(bimcv.load(pos, on_missing="skip")) == 2
+        assert len(bimcv.load(pos, on_missing="skip")) == 3
     assert "missing on disk" in caplog.text
 
 
@@ -177,3 +181,36 @@ def test_missing_labels_column(pos):
 )
 def test_parse_labels(text, expected):
     assert bimcv.parse_labels(text) == expected
+
+
+def test_every_iterations_participants_and_labels_are_read(pos):
+    """BIMCV-COVID19+ ships head_iter1 and head_iter2, each with its participants.tsv and labels: only the first found
+    was read, so every subject of the second iteration lost its sex and age (and was dropped, before)."""
+    head2 = pos / "bimcv_covid19_posi_head_iter2"
+    (head2 / "derivatives" / "labels").mkdir(parents=True)
+    header = PARTICIPANTS.splitlines()[0]
+    (head2 / "participants.tsv").write_text(f"{header}\nsub-S09999\t['CR']\t[]\t[41]\tF\n")
+    (head2 / "derivatives" / "labels" / "labels_covid19_posi.tsv").write_text(
+        "PatientID\tReportID\tReport\tLabels\tLocalizations\n"
+        "sub-S09999\tses-E00001\tx\t['COVID 19' 'infiltrates']\t[]\n")
+    rows = load("bimcv", pos).set_index("patient_id")
+    second = rows.loc["bimcv:sub-S09999"]
+    assert second["finding"] == "COVID 19|infiltrates"  # from the second iteration's labels
+    assert second["sex"] == "M" and second["age"] == 65.0  # the image's own sidecar still wins over participants.tsv
+
+
+def test_a_folders_other_sidecar_is_never_borrowed(pos):
+    """Two runs in one folder, only one with its sidecar: the other took that sidecar (its view PA and photometric
+    MONOCHROME1 on a lateral). Now it keeps what its file name says."""
+    rx = pos / "bimcv_covid19_posi_subjects_1" / "sub-S03047" / "ses-E06316" / "mod-rx"
+    (rx / "sub-S03047_ses-E06316_run-2_bp-chest_vp-ll_cr.json").unlink()
+    rows = load("bimcv", pos)
+    by_name = rows.set_index(rows["image_id"].str.rsplit("/", n=1).str[-1])
+    ll = by_name.loc["sub-S03047_ses-E06316_run-2_bp-chest_vp-ll_cr"]
+    assert (ll["view_position"], ll["projection"]) == ("LL", "lateral") and pd.isna(ll["photometric"])
+    # a folder of one image and one sidecar of another name: that sidecar is the image's
+    alone = pos / "bimcv_covid19_posi_subjects_1" / "sub-S03048" / "ses-E06400" / "mod-rx"
+    (alone / "sub-S03048_ses-E06400_run-1_bp-chest.json").write_text(json.dumps(tags(view="AP")))
+    rows = load("bimcv", pos)
+    dx = rows.set_index(rows["image_id"].str.rsplit("/", n=1).str[-1]).loc["sub-S03048_ses-E06400_run-1_bp-chest_dx"]
+    assert dx["view_position"] == "AP"

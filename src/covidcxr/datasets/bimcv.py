@@ -4,7 +4,8 @@ Medical Imaging Databank of the Valencia Region (github.com/BIMCV-CSUSP/BIMCV-CO
 Both collections use the same MIDS (BIDS-like) layout; ``root`` is the unpacked collection, its
 subjects directly below it or below one level of archive folders::
 
-    root/[<archive>/]participants.tsv     participant, modality_dicom, body_parts, age, gender
+    root/[<archive>/]participants.tsv     participant, modality_dicom, body_parts, age, gender (every such
+                                          file is read: the collection ships one per iteration, head_iter1/2)
     root/[<archive>/]derivatives/labels/labels_*.tsv   (optional) PatientID, ReportID, Labels, ...
     root/[<archive>/]sub-S0xxxx/ses-Exxxxx/mod-rx/
         sub-S0xxxx_ses-Exxxxx_run-1[_bp-chest][_vp-pa]_cr.png   (or ..._dx.png)
@@ -14,9 +15,11 @@ subjects directly below it or below one level of archive folders::
 (``<archive>`` is e.g. ``bimcv_covid19_posi_subjects_1`` or ``covid19_posi``.) Only CR and DX
 radiographs are kept; CT volumes and other series are left out and counted in a log message. A
 sidecar JSON whose PNG is missing counts as a missing image; subjects of ``participants.tsv``
-without any image on disk (a partial download) are only counted in a log message.
+without any image on disk (a partial download) are only counted in a log message. Images of a
+subject no ``participants.tsv`` lists are kept (sex and age from their sidecars), with a warning.
 
-From the sidecar (falling back to the file name and participants.tsv): view position (0018,5101)
+From the sidecar (the image's own; the only one of a folder that holds one image; falling back to
+the file name and participants.tsv): view position (0018,5101)
 or the ``vp-`` entity, sex (0010,0040), age (0010,1010), and the stored-image facts the PNG keeps
 from its DICOM: photometric interpretation (0028,0004; MONOCHROME1 PNGs are not inverted), bits
 stored (0028,0101), rows/columns (0028,0010/0011) and modality (0008,0060). ``finding`` is the
@@ -59,6 +62,7 @@ log = logging.getLogger(__name__)
 SOURCE = "bimcv"
 MODALITIES = ("cr", "dx")
 DEFAULT_FINDING = {"covid": "COVID-19", "negative": "COVID-19 negative"}
+UNLISTED = {"sex": "", "age": None}  # a subject that no participants.tsv lists
 TAG_VIEW, TAG_SEX, TAG_AGE = "00185101", "00100040", "00101010"
 TAG_PHOTOMETRIC, TAG_BITS, TAG_ROWS, TAG_COLUMNS = "00280004", "00280101", "00280010", "00280011"
 TAG_MODALITY = "00080060"
@@ -94,25 +98,28 @@ def load(
     )
     images = {f[: -len(".png")] for f in files if f.lower().endswith(".png")}
     sidecars = {f[: -len(".json")] for f in files if f.lower().endswith(".json")}
-    by_folder: dict[str, list[str]] = {}
-    for stem in sorted(sidecars):
-        by_folder.setdefault(str(PurePosixPath(stem).parent), []).append(stem)
-    rows, other, unlisted, seen = [], 0, set(), set()
+    by_folder: dict[str, tuple[list[str], list[str]]] = {}  # folder: (its images, its sidecars)
+    for stem in sorted(images | sidecars):
+        held = by_folder.setdefault(str(PurePosixPath(stem).parent), ([], []))
+        for kind, present in enumerate((stem in images, stem in sidecars)):
+            if present:
+                held[kind].append(stem)
+    rows, other, unlisted, seen = [], 0, {}, set()
     for stem in sorted(images | sidecars):
         if stem.rsplit("_", 1)[-1].lower() not in MODALITIES:
             other += stem in images
             continue
         subject = PurePosixPath(stem).parts[-4]
         if subject not in participants:
-            unlisted.add(subject)
-            continue
+            unlisted[subject] = unlisted.get(subject, 0) + 1
         seen.add(subject)
         tags = _tags(base, stem, by_folder)
-        rows.append(_row(root, stem, tags, participants[subject], findings, label, site))
+        rows.append(_row(root, stem, tags, participants.get(subject, UNLISTED), findings, label, site))
     if other:
         log.info("bimcv: left out %d image(s) that are not CR/DX radiographs", other)
     if unlisted:
-        log.info("bimcv: %d subject folder(s) not in participants.tsv ignored", len(unlisted))
+        log.warning("bimcv: %d image(s) of %d subject(s) that no participants.tsv lists: kept, sex and age from "
+                    "their sidecars", sum(unlisted.values()), len(unlisted))
         log.debug("bimcv: subjects not in participants.tsv: %s", listing(sorted(unlisted)))
     absent = sorted(set(participants) - seen)
     if absent:
@@ -172,20 +179,21 @@ def infer_label(root: Path) -> str:
 
 
 def _participants(base: Path) -> dict[str, dict]:
-    """{participant: {"sex", "age"}} from participants.tsv at ``base`` or one folder below."""
-    candidates = [base / "participants.tsv"] + sorted(base.glob("*/participants.tsv"))
-    file = next((f for f in candidates if f.is_file()), None)
-    if file is None:
+    """{participant: {"sex", "age"}} from every participants.tsv at ``base`` or one folder below (a participant listed
+    twice keeps the first listing's values)."""
+    files = [f for f in [base / "participants.tsv", *sorted(base.glob("*/participants.tsv"))] if f.is_file()]
+    if not files:
         raise DatasetLayoutError(f"{base / 'participants.tsv'}: missing BIMCV participants file")
-    df = read_table(file, sep="\t")
-    require_columns(df, ("participant",), file)
-    out = {}
-    for record in df.to_dict("records"):
-        ages = {float(a) for a in _NUMBER.findall(record.get("age", ""))}
-        out[record["participant"].strip()] = {
-            "sex": record.get("gender", ""),
-            "age": parse_age(ages.pop()) if len(ages) == 1 else None,
-        }
+    out: dict[str, dict] = {}
+    for file in files:
+        df = read_table(file, sep="\t")
+        require_columns(df, ("participant",), file)
+        for record in df.to_dict("records"):
+            ages = {float(a) for a in _NUMBER.findall(record.get("age", ""))}
+            out.setdefault(record["participant"].strip(), {
+                "sex": record.get("gender", ""),
+                "age": parse_age(ages.pop()) if len(ages) == 1 else None,
+            })
     return out
 
 
@@ -194,15 +202,12 @@ def _session_findings(base: Path) -> dict[str, str]:
     candidates = sorted(base.glob("derivatives/labels/*.tsv")) + sorted(
         base.glob("*/derivatives/labels/*.tsv")
     )
-    files = [f for f in candidates if "label" in f.name.lower()]
-    if not files:
-        return {}
-    file = files[0]
-    df = read_table(file, sep="\t", usecols=lambda c: c.strip() in ("ReportID", "Labels"))
-    require_columns(df, ("ReportID", "Labels"), file)
-    findings = {}
-    for session, labels in zip(df["ReportID"], df["Labels"]):
-        findings.setdefault(session.strip(), parse_labels(labels))
+    findings: dict[str, str] = {}
+    for file in (f for f in candidates if "label" in f.name.lower()):  # every iteration's
+        df = read_table(file, sep="\t", usecols=lambda c: c.strip() in ("ReportID", "Labels"))
+        require_columns(df, ("ReportID", "Labels"), file)
+        for session, labels in zip(df["ReportID"], df["Labels"]):
+            findings.setdefault(session.strip(), parse_labels(labels))
     return {k: v for k, v in findings.items() if v}
 
 
@@ -214,11 +219,12 @@ def parse_labels(text: str) -> str:
     return "|".join(unique)
 
 
-def _tags(base: Path, stem: str, by_folder: dict[str, list[str]]) -> dict:
-    """The DICOM JSON sidecar of ``stem``, else the only sidecar of its folder, else {}."""
-    same_folder = by_folder.get(str(PurePosixPath(stem).parent), [])
+def _tags(base: Path, stem: str, by_folder: dict[str, tuple[list[str], list[str]]]) -> dict:
+    """The DICOM JSON sidecar of ``stem``, else the only sidecar of a folder that holds only this image, else {}: a
+    folder's other image's sidecar (another view, another photometric) is never borrowed."""
+    images, same_folder = by_folder.get(str(PurePosixPath(stem).parent), ([], []))
     if stem not in same_folder:
-        if len(same_folder) != 1:
+        if len(same_folder) != 1 or images != [stem]:
             return {}
         stem = same_folder[0]
     file = base / f"{stem}.json"

@@ -92,7 +92,10 @@ def test_conform_refuses_unknown_columns():
 
 
 @pytest.mark.parametrize("view,expected", [("PA", "frontal"), ("ap supine", "frontal"), ("L", "lateral"),
-                                           ("LL", "lateral"), (None, "unknown"), ("?", "unknown")])
+                                           ("LL", "lateral"), (None, "unknown"), ("?", "unknown"),
+                                           # lateral decubitus: a frontal projection of a patient on one side, which
+                                           # was called lateral (and refused by serving): the filter decides
+                                           ("LLD", "unknown"), ("RLD", "unknown")])
 def test_projection_from_view(view, expected):
     assert manifest.projection_from_view(view) == expected
 

@@ -54,8 +54,11 @@ _VIEW_TO_PROJECTION = {
     "RL": "lateral",
     "LAT": "lateral",
     "LATERAL": "lateral",
-    "RLD": "lateral",
-    "LLD": "lateral",
+    # Lateral *decubitus* (DICOM RLD/LLD): the patient lies on one side and a horizontal beam passes AP or PA, so the
+    # image is a frontal projection of an unusual posture; neither the header nor the label says frontal or lateral
+    # for it: the projection filter decides
+    "RLD": "unknown",
+    "LLD": "unknown",
 }
 
 

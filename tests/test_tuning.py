@@ -1,4 +1,5 @@
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +214,19 @@ def test_a_tag_race_between_workers_is_retried_and_other_errors_are_not():
     with pytest.raises(MlflowException, match="duplicate key"):
         tuning._racing(always, "r1", attempts=3)
     assert len(calls) == 3
+
+
+def test_a_dead_workers_trial_is_failed_before_the_summary(tmp_path):
+    """A worker killed mid-trial leaves it RUNNING; Optuna fails such a trial only when some worker starts its next
+    one, so after the study's last trial (or in an export that runs none) the summary reported it running forever."""
+    storage = tuning.make_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_s=1)
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    with pytest.warns(UserWarning, match="Heartbeat of storage is supposed to be used with Study.optimize"):
+        done = study.ask()  # trials by hand, as a worker's optimize loop makes them
+        study.tell(done, 0.8)
+        dead = study.ask()
+    storage.record_heartbeat(dead._trial_id)  # its worker beat once, then died
+    time.sleep(3.5)  # the grace period, 3 heartbeats
+    result = tuning.summary(study)
+    assert result["trials"]["running"] == 0 and result["trials"]["fail"] == 1 and result["best_value"] == 0.8
+    assert study.trials[dead.number].state == optuna.trial.TrialState.FAIL

@@ -484,7 +484,12 @@ def summary(study: optuna.Study) -> dict:
     """The best trial (number, value, parameters) and the trial counts by state; raises if no trial completed.
 
     ``best_params`` also holds the values the search space fixed, so that a model trained with them is the one tuned.
+    Trials of dead workers (no heartbeat for the storage's grace period) are marked failed first: Optuna does it only
+    when a worker starts its next trial, so the study's last one, or an export that runs none, left them running.
     """
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and used on purpose
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     counts = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
     try:
         best = study.best_trial

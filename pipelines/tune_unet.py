@@ -43,10 +43,18 @@ def run(p: dict, experiment: str = "demo") -> dict:
         result, trials = _untuned(p["study"])
         log.info("%s", result["reason"])
     else:
+        export_only = int(p["n_trials"]) == 0  # the best of a shared study that `covidcxr tune` workers fill
+        if export_only:  # joined, never created: a mistyped name would leave an empty study in the shared storage
+            try:
+                tuning.open_study(p["study"], url)
+            except KeyError:
+                raise _common.ParamsError(f"tune_unet.study {p['study']!r} is no study of {dburl.shown_url(url)}: with "
+                                          "n_trials 0 the stage only exports a study that `covidcxr tune` workers "
+                                          "filled; check the name and the storage") from None
         _tracking.setup_tracking()
         data = tuning.load_unet_data(_common.CACHE_DIR, _common.split_table("segmentation"))
         result, trials = tuning.tune_unet(
-            p["study"], url, data, config=p, n_trials=int(p["n_trials"]), seed=int(p["seed"]),
+            p["study"], url, data, config=None if export_only else p, n_trials=int(p["n_trials"]), seed=int(p["seed"]),
             tracking=tuning.Tracking(experiment=_common.mlflow_experiment(experiment),
                                      run_name=f"tune-unet-{p['study']}",
                                      tags=_tracking.repro_tags("tune_unet", experiment)),

@@ -72,3 +72,21 @@ def test_no_trial_in_a_study_of_its_own_tunes_nothing_and_says_so(tmp_path, monk
     assert train_unet.effective_params(unet) == unet
     with pytest.raises(_common.ParamsError, match="use_tuned is true but artifacts/tune/unet.json holds no tuned"):
         train_unet.effective_params({**unet, "use_tuned": True})
+
+
+def test_exporting_a_study_that_does_not_exist_creates_none(tmp_path, monkeypatch):
+    """`n_trials: 0` on a shared storage exports the study `covidcxr tune` workers filled; a mistyped study name
+    created an empty study (and an MLflow parent run) in the team's database before failing. Now it names the
+    problem, before any data is read, and the storage holds no study."""
+    import optuna
+
+    from covidcxr import tuning
+    from pipelines import _common, tune_unet
+
+    p = _common.params("tune_unet", Path(__file__).resolve().parents[2] / _common.PARAMS_FILE)
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    monkeypatch.setenv(tuning.STORAGE_ENV, shared)
+    monkeypatch.chdir(tmp_path)  # no cache, no split table here: a stage that read them would fail otherwise
+    with pytest.raises(_common.ParamsError, match=r"tune_unet.study 'unet-dmeo' is no study of sqlite:///"):
+        tune_unet.run({**p, "study": "unet-dmeo", "n_trials": 0})
+    assert optuna.get_all_study_names(storage=shared) == []

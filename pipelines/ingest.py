@@ -27,6 +27,18 @@ def pseudonymize_patients(frame: pd.DataFrame, salt: str) -> pd.DataFrame:
     return out
 
 
+def check_unique_ids(listed: pd.DataFrame) -> None:
+    """A DatasetLayoutError when two sources list the same image id: two `generic` folders with the same relative
+    paths (ids are the source's name and the path), whose images the duplicate handling below would then confuse."""
+    clash = listed[listed["image_id"].duplicated(keep=False)]
+    if len(clash):
+        first = clash["image_id"].iloc[0]
+        roots = sorted(set(clash.loc[clash["image_id"] == first, "_root"]))
+        raise datasets.DatasetLayoutError(
+            f"{clash['image_id'].nunique()} image id(s) listed by more than one source (first: {first}, under "
+            f"{' and '.join(roots)}): give the collections different folder layouts, or merge them into one CSV")
+
+
 def run(p: dict, experiment: str = "demo") -> dict:
     log = _common.setup_logging()
     frames = []
@@ -34,8 +46,9 @@ def run(p: dict, experiment: str = "demo") -> dict:
         options = {k: v for k, v in source.items() if k not in ("name", "root")}
         frame = datasets.load(source["name"], source["root"], **options)
         log.info("%s: %d images listed under %s", source["name"], len(frame), source["root"])
-        frames.append(frame)
-    listed = manifest.conform(pd.concat(frames, ignore_index=True))
+        frames.append(frame.assign(_root=str(source["root"])))
+    check_unique_ids(pd.concat(frames, ignore_index=True))
+    listed = manifest.conform(pd.concat(frames, ignore_index=True).drop(columns="_root"))
 
     described, rejects = manifest.describe_images(
         listed, max_pixels=p["max_pixels"], workers=int(p["workers"] or os.cpu_count() or 1),

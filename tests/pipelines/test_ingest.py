@@ -89,3 +89,20 @@ def test_too_many_rejects_fail_naming_the_share_and_the_threshold(corpus: Path):
     found, logged = ingest_run(corpus)
     assert found.info.status == "FAILED"
     assert found.data.metrics["n_rejected"] == 2 and len(logged) == 2
+
+
+def test_two_sources_listing_the_same_image_ids_are_an_error_naming_both(corpus: Path):
+    """Two hospitals' generic folders with the same relative paths gave the same image ids: the manifest held both,
+    and the duplicate handling would remove both rows wherever one was a copy of another image; validate's uniqueness
+    check was the first to say anything. Now ingest names the clash and both folders."""
+    import shutil
+
+    from covidcxr import datasets
+
+    shutil.copytree(corpus / ROOT, corpus / "data/private-site-8")
+    two = {**params(max_reject_fraction=0.4),
+           "sources": [{"name": "generic", "root": ROOT}, {"name": "generic", "root": "data/private-site-8"}]}
+    with pytest.raises(datasets.DatasetLayoutError, match=r"6 image id\(s\) listed by more than one source \(first: "
+                                                          r"generic/scans/.*under data/private-site-7 and "
+                                                          r"data/private-site-8\)"):
+        ingest.run(two, "ingest-test")

@@ -226,7 +226,7 @@ def test_a_dead_workers_trial_is_failed_before_the_summary(tmp_path):
         study.tell(done, 0.8)
         dead = study.ask()
     storage.record_heartbeat(dead._trial_id)  # its worker beat once, then died
-    time.sleep(3.5)  # the grace period, 3 heartbeats
+    time.sleep(4.5)  # the grace period, 3 heartbeats, and a second more: sqlite keeps whole-second timestamps
     result = tuning.summary(study)
     assert result["trials"]["running"] == 0 and result["trials"]["fail"] == 1 and result["best_value"] == 0.8
     assert study.trials[dead.number].state == optuna.trial.TrialState.FAIL

@@ -104,7 +104,7 @@ def test_open_study_stores_the_configuration_and_checks_the_data(tmp_path):
 def test_pruned_and_completed_trials_become_nested_mlflow_runs(tmp_path):
     study, created = tuning.open_study("pure", f"sqlite:///{tmp_path / 'optuna.db'}", TINY_CONFIG)
     tracker = tuning.attach_tracker(study, created, experiment="tune-test",
-                                    tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+                                    tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", sampler_seed=17)
 
     def objective(trial, report):  # trial 0 climbs to 0.9; later trials with x < 0.5 stall at 0.1 and get pruned
         x = trial.suggest_float("x", 0.0, 1.0)
@@ -121,6 +121,7 @@ def test_pruned_and_completed_trials_become_nested_mlflow_runs(tmp_path):
     trial_runs = {int(r.data.tags["optuna_trial"]): r for r in runs if "optuna_trial" in r.data.tags}
     assert sorted(trial_runs) == list(range(6))
     assert all(r.data.tags["mlflow.parentRunId"] == tracker.parent_run_id for r in trial_runs.values())
+    assert {r.data.tags["sampler_seed"] for r in trial_runs.values()} == {"17"}  # the worker's seed, recorded
     for t in study.trials:
         run = trial_runs[t.number]
         assert run.data.tags["optuna_state"] == t.state.name and run.data.params["x"] == str(t.params["x"])

@@ -460,6 +460,7 @@ def _tune(args: argparse.Namespace) -> int:
     config = _read_tune_config(args.config) if args.config else None
     # A shared study needs a different sampler seed in every worker (pids repeat across containers).
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    print(f"tune: sampler seed {seed} (each trial's MLflow run is tagged sampler_seed)", file=sys.stderr)
     data = tuning.load_unet_data(args.cache_dir, args.split)
     tracking = None if args.no_tracking else tuning.Tracking(
         experiment=args.experiment, run_name=f"tune-unet-{args.study}",

@@ -337,12 +337,14 @@ class StudyTracker:
     parent_run_id: str
     study_name: str
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    sampler_seed: int | None = None  # this worker's: with the study's trials, what replays its proposals
 
     def start(self, trial: optuna.Trial) -> str:
+        seed = {} if self.sampler_seed is None else {"sampler_seed": str(self.sampler_seed)}
         run = self.client.create_run(
             self.experiment_id, run_name=f"trial-{trial.number:03d}",
             tags={"mlflow.parentRunId": self.parent_run_id, "optuna_study": self.study_name,
-                  "optuna_trial": str(trial.number), "worker": self.worker},
+                  "optuna_trial": str(trial.number), "worker": self.worker, **seed},
         )
         trial.set_user_attr(RUN_ATTR, run.info.run_id)
         return run.info.run_id
@@ -418,6 +420,7 @@ def attach_tracker(
     tags: Mapping[str, str] | None = None,
     tracking_uri: str | None = None,
     wait_s: float = 60.0,
+    sampler_seed: int | None = None,
 ) -> StudyTracker:
     """The study's MLflow run: created (with the stored configuration as params) by the worker that created the study,
     found through the study by every other worker. Joiners log into the parent's experiment, whatever ``experiment``.
@@ -432,7 +435,7 @@ def attach_tracker(
         parent = _wait_for_attrs(study, [RUN_ATTR], wait_s)[RUN_ATTR]
         try:
             experiment_id = client.get_run(parent).info.experiment_id
-            return StudyTracker(client, experiment_id, parent, study.study_name)
+            return StudyTracker(client, experiment_id, parent, study.study_name, sampler_seed=sampler_seed)
         except MlflowException:
             log.warning("study %r's MLflow run %s is not in this tracking store (%s): logging under a new run",
                         study.study_name, parent, client.tracking_uri)
@@ -443,7 +446,7 @@ def attach_tracker(
     params = flatten(study.user_attrs.get(CONFIG_ATTR, {}))
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(params.items())])
     study.set_user_attr(RUN_ATTR, run.info.run_id)
-    return StudyTracker(client, experiment_id, run.info.run_id, study.study_name)
+    return StudyTracker(client, experiment_id, run.info.run_id, study.study_name, sampler_seed=sampler_seed)
 
 
 def tracked(objective: Objective, tracker: StudyTracker | None) -> Callable[[optuna.Trial], float]:
@@ -547,7 +550,7 @@ def tune_unet(study_name: str, storage: str, data: UNetData, *, config: Mapping 
     if tracking is not None:
         tracker = attach_tracker(study, created, experiment=tracking.experiment, run_name=tracking.run_name,
                                  tags={**tracking.tags, "optuna_storage": dburl.shown_url(storage)},
-                                 tracking_uri=tracking.tracking_uri)
+                                 tracking_uri=tracking.tracking_uri, sampler_seed=seed)
     objective = unet_objective(data, study_config(study)) if n_trials > 0 else None
     optimize(study, objective, n_trials, tracker=tracker)
     return summary(study), trials_table(study)

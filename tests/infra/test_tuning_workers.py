@@ -67,6 +67,8 @@ def test_two_workers_tune_one_postgres_study(postgres, tmp_path, monkeypatch):
     assert len(runs) == len(by_trial) == 2 * TRIALS_PER_WORKER
     assert {t.number: t.user_attrs[tuning.RUN_ATTR] for t in trials} == {n: r.info.run_id for n, r in by_trial.items()}
     assert len({r.data.tags["worker"] for r in runs}) == 2  # both workers did trials
+    # each worker's sampler seed (--seed 0 and 1) on its trials: what replays its proposals
+    assert {r.data.tags["sampler_seed"] for r in runs} == {"0", "1"}
     assert [n for n, r in by_trial.items() if r.data.tags.get(tuning.BEST_TAG) == "true"] == [summary["best_trial"]]
     assert parent.data.tags["optuna_study"] == "shared"
     assert client.get_run(parent.info.run_id).data.tags["best_trial_number"] == str(summary["best_trial"])

@@ -47,8 +47,9 @@ def run(p: dict, experiment: str = "demo") -> dict:
         frame = datasets.load(source["name"], source["root"], **options)
         log.info("%s: %d images listed under %s", source["name"], len(frame), source["root"])
         frames.append(frame.assign(_root=str(source["root"])))
-    check_unique_ids(pd.concat(frames, ignore_index=True))
-    listed = manifest.conform(pd.concat(frames, ignore_index=True).drop(columns="_root"))
+    combined = pd.concat(frames, ignore_index=True)
+    check_unique_ids(combined)
+    listed = manifest.conform(combined.drop(columns="_root"))
 
     described, rejects = manifest.describe_images(
         listed, max_pixels=p["max_pixels"], workers=int(p["workers"] or os.cpu_count() or 1),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io as _bytes_io
 import json
 import logging
@@ -360,7 +361,7 @@ class Pipeline:
         reasons = Counter(e["reason"] for e in entries if not e["accepted"])
         log.info("scored %d image(s): %d accepted, refused %s", len(entries), len(scored),
                  dict(sorted(reasons.items())))
-        if self.prediction_log is not None and not all(image == _PROBE for image in images):
+        if self.prediction_log is not None and not all(image == probe_image() for image in images):
             try:
                 self.prediction_log.append(predlog.records(
                     entries, {i: predlog.intensity_stats(w) for i, w in work.items()}, compact, when=when,
@@ -574,6 +575,7 @@ class CovidCxrModel(mlflow.pyfunc.PythonModel):
                                error_code=INTERNAL_ERROR) from None
 
 
+@functools.cache
 def probe_image() -> str:
     """A blank 16 x 16 PNG, base64: every pipeline refuses it as ``zero_variance`` before any network runs, so a
     request with it asks a scorer what it would answer (its model version, whether it takes a param) at no cost. A
@@ -589,9 +591,6 @@ def probe_version(score: Scorer) -> str:
     """The version of the model behind ``score``: it stamps every entry, even of an image it refuses unread."""
     [entry] = score([probe_image()], {"explain": False})
     return str(entry["model_version"])
-
-
-_PROBE = probe_image()
 
 
 def encode_file(path: str | os.PathLike) -> str:

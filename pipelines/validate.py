@@ -1,5 +1,8 @@
 """Stage `validate`: the image-metadata and projection-label expectation suites on the manifest.
 
+The manifest file is checked as written (:func:`covidcxr.manifest.read_raw_csv`, not conformed): a column it lacks
+fails the column-set expectation rather than being added empty, and an empty image-fact column fails its not-null one.
+
 Results go to a small JSON (a DVC metric) and to offline Data Docs; a failing critical expectation fails the stage.
 """
 
@@ -15,7 +18,7 @@ DOCS = "reports/validate/data_docs"
 
 def run(p: dict) -> None:
     log = _common.setup_logging()
-    results = validation.validate_manifest(manifest.read_csv(MANIFEST), p["expectations"])
+    results = validation.validate_manifest(manifest.read_raw_csv(MANIFEST), p["expectations"])
     _common.write_json(CHECKS, validation.results_to_json(results))
     validation.write_data_docs(results, DOCS)
     for r in results:

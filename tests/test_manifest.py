@@ -105,3 +105,28 @@ def test_real_montgomery_shenzhen_describe(real_data):
     out, rejects = manifest.describe_images(df, workers=2)
     assert rejects.empty and len(out) == 12
     assert (out["width"] == 256).all() and out["mask_path"].notna().all()
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda df: df.assign(clinical_notes="x"), r"columns not in the manifest schema: \['clinical_notes'\]"),
+        (lambda df: df.assign(width="wide"), "not a readable manifest CSV"),
+    ],
+    ids=["unknown-column", "bad-value"],
+)
+def test_read_csv_errors_name_the_file(tmp_path, edit, problem):
+    path = tmp_path / "manifest.csv"
+    edit(listed([row("a", "a.png")])).to_csv(path, index=False)
+    with pytest.raises(manifest.ManifestError, match=problem) as err:
+        manifest.read_csv(path)
+    assert str(path) in str(err.value)
+
+
+def test_read_raw_csv_adds_no_column_and_keeps_the_dtypes(tmp_path):
+    path = tmp_path / "manifest.csv"
+    listed([row("a", "a.png", width=40)]).drop(columns=["modality"]).to_csv(path, index=False)
+    raw = manifest.read_raw_csv(path)
+    assert "modality" not in raw and raw["width"].dtype == "Int64" and raw["mask_path"].dtype == "string"
+    assert raw["mask_path"].isna().all()  # an empty cell is <NA>, as in read_csv
+    assert manifest.read_csv(path)["modality"].isna().all()

@@ -69,6 +69,11 @@ def projection_from_view(view: object) -> str:
     return _VIEW_TO_PROJECTION.get(str(view).strip().upper().replace("-", " "), "unknown")
 
 
+class ManifestError(ValueError):
+    """A manifest (file or frame) that does not follow :data:`SCHEMA`: a column it does not know or a value its dtype
+    cannot hold."""
+
+
 def empty() -> pd.DataFrame:
     """An empty manifest with the right columns and dtypes."""
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in SCHEMA.items()})
@@ -77,17 +82,21 @@ def empty() -> pd.DataFrame:
 def conform(df: pd.DataFrame) -> pd.DataFrame:
     """Return ``df`` with exactly the manifest columns, in order, with the manifest dtypes.
 
-    Missing columns are added as <NA>; extra columns raise, so that nothing is dropped silently.
+    Missing columns are added as <NA>; extra columns raise :class:`ManifestError`, so that nothing is dropped
+    silently, and so does a value the column's dtype cannot hold.
     """
     extra = [c for c in df.columns if c not in SCHEMA]
     if extra:
-        raise ValueError(f"columns not in the manifest schema: {extra}")
+        raise ManifestError(f"columns not in the manifest schema: {extra}")
     out = df.copy()
     for col, dtype in SCHEMA.items():
         if col not in out:
             out[col] = pd.Series(pd.NA, index=out.index, dtype=dtype)
         else:
-            out[col] = out[col].astype(dtype)
+            try:
+                out[col] = out[col].astype(dtype)
+            except (TypeError, ValueError) as err:
+                raise ManifestError(f"column {col!r} does not hold {dtype} values ({err})") from None
     return out[COLUMNS].reset_index(drop=True)
 
 
@@ -207,10 +216,21 @@ def find_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def read_raw_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """A manifest file exactly as written: its own columns (none added, none dropped), each schema column read with
+    the schema's dtype. What the validate stage checks, so that a missing or empty column fails there."""
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+        return pd.read_csv(path, dtype={c: SCHEMA[c] for c in header if c in SCHEMA}, keep_default_na=False,
+                           na_values=[""])
+    except ValueError as err:  # pandas' parser errors, an empty file, a value its column's dtype cannot hold
+        raise ManifestError(f"{path}: not a readable manifest CSV: {err}") from None
+
 
 def read_csv(path: str | os.PathLike) -> pd.DataFrame:
-    """A manifest written by the ingest stage, with the manifest dtypes."""
-    frame = pd.read_csv(
-        path, dtype={c: "string" for c, t in SCHEMA.items() if t == "string"}, keep_default_na=False, na_values=[""]
-    )
-    return conform(frame)
+    """A manifest written by the ingest stage, conformed (:func:`conform`: missing columns added as <NA>)."""
+    frame = read_raw_csv(path)
+    try:
+        return conform(frame)
+    except ManifestError as err:
+        raise ManifestError(f"{path}: {err}") from None

@@ -146,7 +146,8 @@ def run_suite(
 
 
 def validate_manifest(manifest: pd.DataFrame, expectations_dir: str | os.PathLike[str]) -> list[SuiteResult]:
-    """Run the image-metadata and projection-label suites on a manifest (as given: it is not conformed first)."""
+    """Run the image-metadata and projection-label suites on a manifest as given: it is not conformed first, so that
+    a missing column fails (the validate stage reads the file with :func:`covidcxr.manifest.read_raw_csv`)."""
     return [run_suite(manifest, Path(expectations_dir) / suite) for suite in MANIFEST_SUITES]
 
 

@@ -281,6 +281,10 @@ class LungsRemoved(Grades):
     min_c_auc: Share = 0.6
 
 
+class HeatmapCheck(Grades):
+    min_maps: Positive = 5  # fewer maps with any heat in a class: inconclusive
+
+
 class SourceCheck(Grades):
     backbone: Backbone = "vgg16"
     variant: Variant = "c"
@@ -292,7 +296,7 @@ class SourceCheck(Grades):
 
 class Audit(Section):
     lungs_removed: LungsRemoved
-    heatmap: Grades
+    heatmap: HeatmapCheck
     source: SourceCheck
 
 

@@ -1,8 +1,9 @@
 """Stage `audit`: the shortcut audit of every classifier (README, "Shortcut audit").
 
 Reads the evaluate and explain reports, trains the source classifier on the classifiers' own images, grades every
-check against params (`audit`), writes reports/audit/audit.json (the shape the model card and `register` read) and
-logs it to MLflow as the run `audit`.
+check against params (`audit`) on the validation split (the audit gates the registered model: nothing is chosen on the
+test split, whose source reading is reported beside it), writes reports/audit/audit.json (the shape the model card and
+`register` read) and logs it to MLflow as the run `audit`.
 """
 
 from __future__ import annotations
@@ -18,20 +19,25 @@ from pipelines import _common, _models, _tracking
 OUT = _common.AUDIT_REPORT.parent
 
 
-def classifier_test_auc(name: str) -> float:
-    """A classifier's test ROC AUC (threshold-free) from the evaluate report; NaN when undefined."""
+#: The split the audit grades (it gates the registered model's choice: never the test split) and the one it only
+#: reports.
+GRADED, REPORTED = "val", "test"
+
+
+def classifier_auc(name: str, split: str = GRADED) -> float:
+    """A classifier's ROC AUC (threshold-free) on ``split`` from the evaluate report; NaN when undefined."""
     path = _common.EVALUATE_DIR / name / "metrics.json"
     try:
-        value = _common.read_report(path, "evaluate")["test"]["at_0.5"]["roc_auc"]
+        value = _common.read_report(path, "evaluate")[split]["at_0.5"]["roc_auc"]
     except KeyError as err:
-        raise ValueError(f"{path}: no test.at_0.5.roc_auc ({err} missing)") from None
+        raise ValueError(f"{path}: no {split}.at_0.5.roc_auc ({err} missing)") from None
     return float("nan") if value is None else float(value)
 
 
 def lungs_removed_checks(p: dict, classifiers: dict) -> list[audit.Check]:
     trained = set(classifiers["variants"])
     def auc(variant: str, backbone: str) -> float | None:
-        return classifier_test_auc(f"{variant}_{backbone}") if variant in trained else None
+        return classifier_auc(f"{variant}_{backbone}") if variant in trained else None
 
     return [audit.lungs_removed_check(b, auc("c", b), auc("e", b), warn=float(p["warn"]), fail=float(p["fail"]),
                                       min_c_auc=float(p["min_c_auc"])) for b in classifiers["backbones"]]
@@ -40,8 +46,9 @@ def lungs_removed_checks(p: dict, classifiers: dict) -> list[audit.Check]:
 def heatmap_checks(p: dict, classifiers: dict) -> list[audit.Check]:
     explain = _common.read_report(_common.EXPLAIN_METRICS, "explain")
     return [check for v in classifiers["variants"] for b in classifiers["backbones"]
-            for check in audit.heatmap_checks(f"{v}_{b}", explain.get(f"{v}_{b}", {}), warn=float(p["warn"]),
-                                              fail=float(p["fail"]))]
+            for check in audit.heatmap_checks(f"{v}_{b}", explain.get(f"{v}_{b}", {}).get(GRADED, {}),
+                                              warn=float(p["warn"]), fail=float(p["fail"]),
+                                              min_maps=int(p["min_maps"]))]
 
 
 def sources_of(index, image_ids, split: np.ndarray, min_images: int) -> np.ndarray:
@@ -57,9 +64,10 @@ def sources_of(index, image_ids, split: np.ndarray, min_images: int) -> np.ndarr
 
 
 def source_reading(p: dict, classifier: dict, log) -> tuple[audit.SourceReading | None, str, dict]:
-    """Train the source classifier on the classifiers' images (train split), read the test split.
+    """Train the source classifier on the classifiers' images (train split, its epoch chosen on validation), read the
+    validation split (graded) and the test split (reported only).
 
-    Returns (reading or None, the reason when None, details for reports/audit/source_classifier.json).
+    Returns (the validation reading or None, the reason when None, details for reports/audit/source_classifier.json).
     """
     index, images, _ = _models.load_cache()
     masks = _models.load_masks()
@@ -85,18 +93,25 @@ def source_reading(p: dict, classifier: dict, log) -> tuple[audit.SourceReading 
         epochs=int(p["epochs"]), batch_size=int(p["batch_size"]), seed=int(p["seed"]),
         on_epoch_end=lambda epoch, logs: tracking.log_epoch(epoch, {f"source.{k}": v for k, v in logs.items()}),
     )
-    proba = training.predict(model, x["test"])
-    reading = audit.read_sources(classes, proba, source[split == "test"], y[split == "test"],
-                                 source[split == "train"], y[split == "train"], seed=int(p["seed"]))
-    called = np.asarray(classes, dtype=object)[proba.argmax(axis=1)]
-    confusion = {t: {c: int(((source[split == "test"] == t) & (called == c)).sum()) for c in classes}
-                 for t in sorted(set(source[split == "test"]))}
+    patients = table["patient_id"].astype(str).to_numpy()
+    readings, confusion = {}, {}
+    for part in (GRADED, REPORTED):
+        proba = training.predict(model, x[part])
+        readings[part] = audit.read_sources(classes, proba, source[split == part], y[split == part],
+                                            source[split == "train"], y[split == "train"],
+                                            patients=patients[split == part],
+                                            split={"val": "validation"}.get(part, part), seed=int(p["seed"]))
+        called = np.asarray(classes, dtype=object)[proba.argmax(axis=1)]
+        confusion[part] = {t: {c: int(((source[split == part] == t) & (called == c)).sum()) for c in classes}
+                           for t in sorted(set(source[split == part]))}
+    reading = readings[GRADED]
     covid_share = {c: float(y[(split == "train") & (source == c)].mean()) for c in classes}
-    log.info("source classifier: balanced accuracy %.3f (chance %.3f), label AUC via the read source %.3f",
-             reading.balanced_accuracy, reading.chance, reading.label_auc_read_source)
+    log.info("source classifier (validation): balanced accuracy %.3f (chance %.3f), label AUC via the read source "
+             "%.3f", reading.balanced_accuracy, reading.chance, reading.label_auc_read_source)
     details = {**dataclasses.asdict(reading), "classes": list(classes), "restored_epoch": epoch,
-               "backbone": backbone, "variant": p["variant"], "counts": counts,
-               "train_covid_share": covid_share, "test_confusion": confusion}
+               "backbone": backbone, "variant": p["variant"], "counts": counts, "train_covid_share": covid_share,
+               "confusion": confusion[GRADED], REPORTED: {**dataclasses.asdict(readings[REPORTED]),
+                                                          "confusion": confusion[REPORTED]}}
     return reading, "", details
 
 

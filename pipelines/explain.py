@@ -1,7 +1,8 @@
 """Stage `explain`: Grad-CAM of every classifier on a fixed sample of correct and incorrect test cases of both classes,
-drawn over the original images at display size (`explain.display_size`, as serving draws them), and the share of
-heat-map mass inside the lung mask (per variant and class) over all test images, beside the lungs' share of the image
-area (what a uniform heat map would score)."""
+drawn over the original images at display size (`explain.display_size`, as serving draws them), and, per split
+(validation and test), variant and class, the share of heat-map mass inside the lung mask beside the lungs' share of
+the image area (what a uniform heat map would score), with how many maps were empty. Each map explains the call the
+model made at its operating threshold, as the served map does."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from covidcxr import gradcam, io, manifest, preprocess, tracking
 from pipelines import _common, _models, _tracking
 
 OUT = Path("reports/explain")
+#: The splits whose maps are measured: validation, which the audit grades and so may gate the registered model's
+#: choice, and test, reported only.
+SPLITS = ("val", "test")
 GROUPS = [("covid", True, "TP"), ("covid", False, "FN"), ("negative", True, "TN"), ("negative", False, "FP")]
 
 
@@ -34,6 +38,30 @@ def original(path: str, longest: int) -> np.ndarray:
     return gradcam.display_image(pixels, longest)
 
 
+def lung_shares(classifier, variant: str, images: np.ndarray, masks: np.ndarray, rows: np.ndarray,
+                pred: pd.DataFrame) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Grad-CAM of one split's images (``pred``: their predictions, ``rows``: their cache rows), each map of the class
+    the model called at its operating threshold; per class and overall, the mean share of heat-map mass inside the
+    lungs, the lungs' share of the image over the same images (what a uniform map would score: the audit's
+    baseline), how many maps there were and how many were empty (no location argued for the call: no share to take).
+    Returns (figures, the maps placed on the whole image, the calls)."""
+    called = (pred["score"] >= classifier.operating_threshold).to_numpy()
+    prepared = classifier.prepare(images[rows], masks[rows], variant)  # as the classifier scored them
+    heat = gradcam.heat_maps(classifier, prepared.images, called)
+    inside = gradcam.mass_inside(heat, prepared.masks)
+    area = np.where(np.isnan(inside), np.nan, (prepared.masks >= 0.5).mean(axis=(1, 2)))
+    groups = {"": np.ones(len(pred), bool)}
+    groups.update({f"_{lab}": (pred["label"] == lab).to_numpy() for lab in ("covid", "negative")
+                   if (pred["label"] == lab).any()})
+    figures: dict = {}
+    for suffix, hit in groups.items():
+        measured = hit & ~np.isnan(inside)
+        figures.update({f"lung_mass_share{suffix}": float(inside[measured].mean()) if measured.any() else None,
+                        f"lung_area_share{suffix}": float(area[measured].mean()) if measured.any() else None,
+                        f"n_maps{suffix}": int(hit.sum()), f"n_empty{suffix}": int((hit & np.isnan(inside)).sum())})
+    return figures, preprocess.place_in_box(heat, prepared.boxes, heat.shape[1:]), called
+
+
 def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
     import mlflow
 
@@ -49,22 +77,18 @@ def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
             d = Path(_common.model_dir(variant, backbone))
             classifier = _models.load_component(d)
             pred = pd.read_csv(d / _common.PREDICTIONS)
-            threshold = classifier.operating_threshold
-            test = pred[pred["split"] == "test"].reset_index(drop=True)
-            rows = preprocess.rows_for(index, test["image_id"])
-            prepared = classifier.prepare(images[rows], masks[rows], variant)  # as the classifier scored them
-            heat = gradcam.heat_maps(classifier, prepared.images)
-            inside = gradcam.mass_inside(heat, prepared.masks)
-            # The lungs' share of the image over the same images: what a uniform heat map would score (the audit).
-            area = np.where(np.isnan(inside), np.nan, (prepared.masks >= 0.5).mean(axis=(1, 2)))
-            heat = preprocess.place_in_box(heat, prepared.boxes, heat.shape[1:])  # a lung crop's maps, drawn whole
-            groups = {"": np.ones(len(test), bool)}
-            groups.update({f"_{lab}": (test["label"] == lab).to_numpy() for lab in ("covid", "negative")
-                           if (test["label"] == lab).any()})
-            summary[name] = {f"lung_{what}_share{suffix}": float(np.nanmean(values[hit]))
-                             for suffix, hit in groups.items() for what, values in (("mass", inside), ("area", area))}
-            chosen = sample(pred, threshold, int(p["per_group"]))
-            where = {img: i for i, img in enumerate(test["image_id"])}
+            summary[name], heat = {}, None
+            for split in SPLITS:
+                part = pred[pred["split"] == split].reset_index(drop=True)
+                if not len(part):
+                    summary[name][split] = {}
+                    continue
+                figures, maps, _ = lung_shares(classifier, variant, images, masks,
+                                               preprocess.rows_for(index, part["image_id"]), part)
+                summary[name][split] = figures
+                if split == "test":
+                    heat, where = maps, {img: i for i, img in enumerate(part["image_id"])}
+            chosen = sample(pred, classifier.operating_threshold, int(p["per_group"]))
             tiles = [gradcam.overlay(original(paths[i], int(p["display_size"])), heat[where[i]])
                      for i in chosen["image_id"]]
             titles = [f"{g} p={s:.2f}" for g, s in zip(chosen["group"], chosen["score"])]
@@ -76,11 +100,13 @@ def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
                 picture = Image.fromarray(grid)
                 _common.write_with(png, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
             with tracking.run(_common.mlflow_experiment(experiment), name, run_id=classifier.info["run_id"]):
-                tracking.log_finite_metrics(summary[name], prefix="gradcam.")
+                tracking.log_finite_metrics({f"{split}.{k}": v for split, figures in summary[name].items()
+                                             for k, v in figures.items() if v is not None}, prefix="gradcam.")
                 if tiles:
                     mlflow.log_artifact(str(png), "gradcam")
     _common.write_json(OUT / "metrics.json", summary)
-    log.info("Grad-CAM mass inside the lungs: %s", {k: round(v["lung_mass_share"], 3) for k, v in summary.items()})
+    log.info("Grad-CAM mass inside the lungs (test): %s",
+             {k: v["test"].get("lung_mass_share") for k, v in summary.items()})
     return summary
 
 

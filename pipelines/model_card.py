@@ -81,7 +81,8 @@ def classifier_summary() -> dict[str, dict]:
     evaluated = read_json("reports/evaluate/summary.json", "evaluate")
     explain = Path("reports/explain/metrics.json")
     explained = read_json(explain, "explain") if explain.is_file() else {}
-    return {name: {**figures, **({"lung_mass_share": explained[name]["lung_mass_share"]} if name in explained else {})}
+    return {name: {**figures, **({"lung_mass_share": explained[name]["test"].get("lung_mass_share")}
+                                 if name in explained else {})}
             for name, figures in evaluated.items()}
 
 

@@ -83,8 +83,11 @@ def test_lungs_removed_check_rules():
     assert check(0.9, 0.7).value == pytest.approx(0.5) and check(0.9, 0.7).subject == "c_vgg16"
     skipped = check(0.99, None)
     assert skipped.status == "skipped" and "e_vgg16 not trained" in skipped.reason and skipped.value is None
-    assert "too close to chance" in check(0.55, 0.55).reason and check(0.55, 0.55).status == "skipped"
-    assert check(float("nan"), 0.7).status == "skipped"
+    # Could not measure: inconclusive (a warning), never skipped and ignored; e far above a near-chance c included.
+    assert "too close to chance" in check(0.55, 0.85).reason and check(0.55, 0.85).status == "inconclusive"
+    assert check(float("nan"), 0.7).status == "inconclusive" and "one class in validation" in check(
+        float("nan"), 0.7).reason
+    assert audit.worst([check(0.55, 0.85).status, "pass"]) == "inconclusive"
 
 
 def test_report_shape_and_the_checks_of_one_model():
@@ -122,12 +125,28 @@ def test_heatmap_check_on_heat_maps_with_and_without_a_shortcut():
     assert shortcut.status == "fail" and shortcut.value < 0.5
     assert clean.status == "pass" and clean.value > 2.5
     assert uniform.status == "fail" and uniform.value == pytest.approx(1.0)  # a flat map says nothing about the lungs
-    per_class = audit.heatmap_checks("e_vgg19", {"lung_mass_share_covid": 0.1, "lung_area_share_covid": 0.3},
-                                     warn=1.5, fail=1.0)
+    per_class = audit.heatmap_checks("e_vgg19", {"lung_mass_share_covid": 0.1, "lung_area_share_covid": 0.3,
+                                                 "n_maps_covid": 9, "n_empty_covid": 0}, warn=1.5, fail=1.0)
     assert [c.status for c in per_class] == ["skipped", "skipped"]
-    partial = audit.heatmap_checks("d_vgg19", {"lung_mass_share_covid": 0.6, "lung_area_share_covid": 0.25},
-                                   warn=1.5, fail=1.0)
+    partial = audit.heatmap_checks("d_vgg19", {"lung_mass_share_covid": 0.6, "lung_area_share_covid": 0.25,
+                                               "n_maps_covid": 9, "n_empty_covid": 2}, warn=1.5, fail=1.0, min_maps=5)
     assert [(c.subject, c.status) for c in partial] == [("d_vgg19/covid", "pass"), ("d_vgg19/negative", "skipped")]
+    assert "7 of 9 covid validation maps hold heat" in partial[0].reason
+
+
+def test_heatmap_check_with_too_few_maps_holding_heat_is_inconclusive():
+    """Empty maps argue for nothing and have no share: graded on the few others, a class's mean says nothing, and a
+    class whose every map is empty must not pass unnoticed (it was skipped, and ignored by the verdict)."""
+    few = {"lung_mass_share_negative": 0.05, "lung_area_share_negative": 0.25, "n_maps_negative": 22,
+           "n_empty_negative": 18}
+    none = {"lung_mass_share_negative": None, "lung_area_share_negative": None, "n_maps_negative": 22,
+            "n_empty_negative": 22}
+    for figures, heat in ((few, 4), (none, 0)):
+        (check,) = audit.heatmap_checks("d_vgg16", figures, warn=1.5, fail=1.0, min_maps=5, classes=("negative",))
+        assert check.status == "inconclusive" and check.value is None
+        assert f"{heat} of 22 negative validation heat maps hold any heat, fewer than 5" in check.reason
+    enough = audit.heatmap_checks("d_vgg16", few, warn=1.5, fail=1.0, min_maps=4, classes=("negative",))
+    assert enough[0].status == "fail"
 
 
 # --- lungs removed: trained models --------------------------------------------------------------------------------
@@ -246,11 +265,32 @@ def test_read_sources_scores_and_unknown_sources():
     proba = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])
     reading = audit.read_sources(classes, proba, ["a", "b", "b", "z"], np.array([1, 0, 1, 0]),
                                  ["a", "a", "b", "b"], np.array([1, 1, 0, 1]))
-    assert reading.n_test == 3  # the unseen source z cannot be read
+    assert reading.n_read == 3 and reading.split == "validation"  # the unseen source z cannot be read
     assert reading.accuracy == pytest.approx(2 / 3) and reading.balanced_accuracy == pytest.approx(0.75)
     assert reading.label_auc_read_source == 1.0 and reading.label_auc_true_source == pytest.approx(0.75)
     with pytest.raises(ValueError, match="do not match"):
         audit.read_sources(classes, proba[:2], ["a", "b", "b"], np.zeros(3), ["a", "b"], np.zeros(2))
+    with pytest.raises(ValueError, match="2 patient ids for 4 validation images"):
+        audit.read_sources(classes, proba, ["a", "b", "b", "z"], np.zeros(4), ["a", "b"], np.zeros(2),
+                           patients=["p1", "p2"])
     with pytest.raises(ValueError, match="at least two sources"):
         audit.train_source_classifier(np.zeros((2, 32, 32)), ["a", "a"], np.zeros((1, 32, 32)), ["a"], epochs=1,
                                       **{k: TINY[k] for k in ("depth", "width", "head", "lr", "batch_size", "seed")})
+
+
+def test_the_source_readings_interval_resamples_patients_not_films():
+    """A patient's films share a site and are read alike: resampling films treats 10 films of one patient as 10
+    independent readings and narrows the interval whose lower bound decides whether the check may grade at all."""
+    rng = np.random.default_rng(3)
+    classes = ("a", "b")
+    site = np.repeat(rng.choice(classes, 20), 10)  # 20 patients, 10 films each
+    patients = np.repeat([f"p{i}" for i in range(20)], 10)
+    right = np.repeat(rng.random(20) < 0.7, 10)  # read right or wrong per patient, all films alike
+    called = np.where(right, site, np.where(site == "a", "b", "a"))
+    proba = np.array([[0.9, 0.1] if c == "a" else [0.1, 0.9] for c in called])
+    y = (site == "a").astype(int)
+    by_film = audit.read_sources(classes, proba, site, y, site, y)
+    by_patient = audit.read_sources(classes, proba, site, y, site, y, patients=patients)
+    assert by_film.balanced_accuracy == by_patient.balanced_accuracy
+    width = {r: r.balanced_accuracy_high - r.balanced_accuracy_low for r in (by_film, by_patient)}
+    assert width[by_patient] > 2 * width[by_film]

@@ -238,6 +238,27 @@ def test_an_ensembles_heat_maps_are_the_mean_of_its_networks(images):
     plain = images[..., 0]
     each = [G.gradcam(n, images) for n in Ensemble.networks]
     assert not np.allclose(each[0], each[1], atol=1e-3)
-    np.testing.assert_allclose(G.heat_maps(Ensemble(), plain), (each[0] + each[1]) / 2, atol=1e-6)
+    covid = np.ones(len(images), bool)
+    np.testing.assert_allclose(G.heat_maps(Ensemble(), plain, covid), (each[0] + each[1]) / 2, atol=1e-6)
     Ensemble.networks = Ensemble.networks[:1]  # one network: its own maps
-    np.testing.assert_array_equal(G.heat_maps(Ensemble(), plain), each[0])
+    np.testing.assert_array_equal(G.heat_maps(Ensemble(), plain, covid), each[0])
+    with pytest.raises(ValueError, match="one call per image"):
+        G.heat_maps(Ensemble(), plain, covid[:1])
+
+
+def test_a_negative_call_is_explained_by_the_negated_logit(images):
+    """A model whose only evidence is for the negative class (its logit falls with the left half's brightness): the
+    COVID-19 logit's map is empty, so a negative call explained by it would show nothing (and the audit's negative
+    class would have been graded on the few non-empty maps); the negated logit shows where it read."""
+    negative = _tiny_model(left_only=True, seed=4)
+    logit = negative.get_layer("logit")
+    logit.set_weights([-np.abs(w) for w in logit.get_weights()])
+    assert not G.gradcam(negative, images).any()  # nothing argues for COVID-19
+    against = G.gradcam(negative, images, against=np.ones(len(images), bool))
+    assert against.max(axis=(1, 2)).min() == pytest.approx(1.0)
+    assert against[:, :, SIZE // 2 + 1:].sum() < 0.01 * against.sum()  # the heat is where it read: the left half
+    mixed = G.gradcam(negative, images, against=np.arange(len(images)) % 2 == 0)  # per image
+    np.testing.assert_allclose(mixed[::2], against[::2], atol=1e-6)
+    assert not mixed[1::2].any()
+    with pytest.raises(ValueError, match="one bool per image"):
+        G.gradcam(negative, images, against=np.ones(2, bool))

@@ -6,7 +6,8 @@ measure (counted as a warning, never as a pass), or ``skipped`` with the reason:
 - ``lungs_removed_auc`` (per backbone): how much of the full-image model's (variant c) ROC AUC above chance the
   lungs-removed model (variant e) keeps. A variant e that scores near c means the label is readable outside the lungs.
 - ``heatmap_lung_mass`` (per variant and class): the Grad-CAM mass inside the lungs divided by the lungs' share of the
-  image area. 1.0 is what a uniform heat map scores; below it, the heat sits outside the lungs.
+  image area. 1.0 is what a uniform heat map scores; below it, the heat sits outside the lungs. Too few maps with any
+  heat is ``inconclusive``.
 - ``source_classifier`` (all models): the same backbone trained to tell the image's source (site or dataset); the
   value is the ROC AUC of the label predicted from the source *read from the image* (the COVID share in training of the
   source it predicts). It is high only when the source is both readable and predictive of the label. Sites with too
@@ -15,11 +16,17 @@ measure (counted as a warning, never as a pass), or ``skipped`` with the reason:
   the way from chance to 1, :data:`READABLE_MARGIN`), the check is ``inconclusive``: a low label AUC then says nothing
   about the model.
 
+The checks are graded on the validation split (the audit gates which classifier is registered and whether it becomes
+champion, and nothing may be chosen on a test split); the heat maps each explain the call the model made. The source
+classifier picks its epoch on the same validation images it is then read on, an optimistic reading of the source:
+the gate errs strict. The test split's figures are reported beside them, never graded.
+
 Pure functions on numbers and arrays: nothing here reads files or params (``pipelines/audit.py`` does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -88,30 +95,32 @@ def _skip(name: str, subject: str, reason: str, warn: float | None, fail: float 
 # --- check 1: variant e (lungs removed) against variant c (full image) ------------------------------------------------
 
 def lungs_removed_check(backbone: str, auc_c: float | None, auc_e: float | None, *, warn: float, fail: float,
-                        min_c_auc: float = 0.6) -> Check:
+                        min_c_auc: float = 0.6, split: str = "validation") -> Check:
     """Share of c's ROC AUC above chance that e keeps, ``(AUC_e - 0.5) / (AUC_c - 0.5)``, floored at 0.
 
-    ``None`` for a variant means it was not trained (skipped). When c itself scores below ``min_c_auc`` there is too
-    little to compare against (skipped, with both AUCs in the reason).
+    ``None`` for a variant means it was not trained (skipped). An AUC that is undefined (one class in ``split``), or a c
+    that scores below ``min_c_auc`` (too little to compare against), could not be measured: ``inconclusive``, with
+    both AUCs in the reason (an e far above a near-chance c is itself a shortcut's sign, never a pass).
     """
     subject = f"c_{backbone}"
     if auc_c is None or auc_e is None:
         missing = " and ".join(f"{v}_{backbone}" for v, a in (("c", auc_c), ("e", auc_e)) if a is None)
         return _skip(LUNGS_REMOVED, subject, f"{missing} not trained: nothing to compare", warn, fail)
     if not (_finite(auc_c) and _finite(auc_e)):
-        return _skip(LUNGS_REMOVED, subject, f"test ROC AUC undefined (c {auc_c}, e {auc_e}): one class in test",
-                     warn, fail)
+        return Check(LUNGS_REMOVED, subject, None, warn, fail, INCONCLUSIVE,
+                     f"{split} ROC AUC undefined (c {auc_c}, e {auc_e}): one class in {split}")
     if auc_c < min_c_auc:
-        return _skip(LUNGS_REMOVED, subject, f"c_{backbone} test AUC {auc_c:.3f} is below {min_c_auc}: too close to "
-                     f"chance to compare e_{backbone} ({auc_e:.3f}) against", warn, fail)
+        return Check(LUNGS_REMOVED, subject, None, warn, fail, INCONCLUSIVE,
+                     f"c_{backbone} {split} AUC {auc_c:.3f} is below {min_c_auc}: too close to chance to compare "
+                     f"e_{backbone} ({auc_e:.3f}) against")
     kept = max(0.0, (auc_e - 0.5) / (auc_c - 0.5))
     status = grade(kept, warn, fail)
     meaning = {PASS: "the label is hardly readable without the lungs",
                WARN: "much of the signal lies outside the lungs",
                FAIL: "the label is readable outside the lungs: a shortcut"}[status]
     return Check(LUNGS_REMOVED, subject, kept, warn, fail, status,
-                 f"e_{backbone} test AUC {auc_e:.3f} vs c_{backbone} {auc_c:.3f}: keeps {kept:.0%} of c's AUC above "
-                 f"chance; {meaning}")
+                 f"e_{backbone} {split} AUC {auc_e:.3f} vs c_{backbone} {auc_c:.3f}: keeps {kept:.0%} of c's AUC "
+                 f"above chance; {meaning}")
 
 
 # --- check 2: Grad-CAM mass inside the lungs, relative to the lungs' area ---------------------------------------------
@@ -132,11 +141,13 @@ def heatmap_check(subject: str, mass_share: float | None, area_share: float | No
                  f"({ratio:.2f}x uniform); {meaning}")
 
 
-def heatmap_checks(name: str, explain: Mapping[str, float], *, warn: float, fail: float,
-                   classes: Sequence[str] = ("covid", "negative")) -> list[Check]:
-    """One heat-map check per class of a classifier ``<variant>_<backbone>`` from its explain metrics
-    (``lung_mass_share_<class>`` and ``lung_area_share_<class>``). Variant e is skipped: its lungs are blanked out,
-    so its heat is outside them by design."""
+def heatmap_checks(name: str, explain: Mapping[str, float], *, warn: float, fail: float, min_maps: int = 1,
+                   classes: Sequence[str] = ("covid", "negative"), split: str = "validation") -> list[Check]:
+    """One heat-map check per class of a classifier ``<variant>_<backbone>`` from its explain figures over one split
+    (``lung_mass_share_<class>``, ``lung_area_share_<class>``, ``n_maps_<class>``, ``n_empty_<class>``). Fewer than
+    ``min_maps`` maps with any heat (an empty map argues for nothing and has no share) is ``inconclusive``: the mean
+    of a handful says nothing of the class. Variant e is skipped: its lungs are blanked out, so its heat is outside
+    them by design."""
     checks = []
     for label in classes:
         subject = f"{name}/{label}"
@@ -144,12 +155,20 @@ def heatmap_checks(name: str, explain: Mapping[str, float], *, warn: float, fail
             checks.append(_skip(HEATMAP, subject, "variant e has its lungs removed: heat outside them is by design",
                                 warn, fail))
             continue
-        mass, area = explain.get(f"lung_mass_share_{label}"), explain.get(f"lung_area_share_{label}")
-        if mass is None or area is None:
-            checks.append(_skip(HEATMAP, subject, f"the explain report has no lung_mass_share_{label} or "
-                                f"lung_area_share_{label} (no {label} test images?)", warn, fail))
-        else:
-            checks.append(heatmap_check(subject, mass, area, warn=warn, fail=fail))
+        n_maps = int(explain.get(f"n_maps_{label}") or 0)
+        n_heat = n_maps - int(explain.get(f"n_empty_{label}") or 0)
+        if not n_maps:
+            checks.append(_skip(HEATMAP, subject, f"no {label} {split} images to explain", warn, fail))
+            continue
+        if n_heat < min_maps:
+            checks.append(Check(HEATMAP, subject, None, warn, fail, INCONCLUSIVE,
+                                f"{n_heat} of {n_maps} {label} {split} heat maps hold any heat, fewer than {min_maps}: "
+                                f"too few to say where the model reads"))
+            continue
+        check = heatmap_check(subject, explain.get(f"lung_mass_share_{label}"),
+                              explain.get(f"lung_area_share_{label}"), warn=warn, fail=fail)
+        checks.append(dataclasses.replace(check, reason=f"{check.reason} ({n_heat} of {n_maps} {label} {split} maps "
+                                                        f"hold heat)"))
     return checks
 
 
@@ -165,17 +184,19 @@ READABLE_MARGIN = 0.1
 
 @dataclass(frozen=True)
 class SourceReading:
-    """How well the source is read from the images (test split), and how much that tells about the label."""
+    """How well the source is read from the images of one split (``split``), and how much that tells about the
+    label."""
 
     classes: tuple[str, ...]
-    n_test: int  # test images of a source seen in training (others cannot be read and are left out)
+    n_read: int  # images of a source seen in training (others cannot be read and are left out)
     accuracy: float
     balanced_accuracy: float
     chance: float  # balanced accuracy of guessing: 1 / number of sources
     label_auc_true_source: float  # label ROC AUC from the true source's training COVID share
     label_auc_read_source: float  # ... from the source read from the image (the classifier's most probable source)
-    balanced_accuracy_low: float = float("nan")  # 95% bootstrap interval of the balanced accuracy (test images)
+    balanced_accuracy_low: float = float("nan")  # 95% bootstrap interval of the balanced accuracy (patients resampled)
     balanced_accuracy_high: float = float("nan")
+    split: str = "validation"
 
     @property
     def readable_above(self) -> float:
@@ -255,33 +276,38 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else float("nan")
 
 
-def read_sources(classes: Sequence[str], probabilities: np.ndarray, source_test: Sequence[str], y_test: np.ndarray,
-                 source_train: Sequence[str], y_train: np.ndarray, *, n_boot: int = 500,
-                 seed: int = 0) -> SourceReading:
-    """Score a source classifier's test probabilities ``(N, len(classes))``: readability of the source, and the label
-    ROC AUC of the source's COVID share in training, with the true source and with the source read from the image
-    (its most probable source). Test images of sources unseen in training are left out."""
+def read_sources(classes: Sequence[str], probabilities: np.ndarray, source_read: Sequence[str], y_read: np.ndarray,
+                 source_train: Sequence[str], y_train: np.ndarray, *, patients: Sequence[str] | None = None,
+                 split: str = "validation", n_boot: int = 500, seed: int = 0) -> SourceReading:
+    """Score a source classifier's probabilities ``(N, len(classes))`` on one split's images: readability of the
+    source, and the label ROC AUC of the source's COVID share in training, with the true source and with the source
+    read from the image (its most probable source). Images of sources unseen in training are left out. The balanced
+    accuracy's interval resamples ``patients`` (one id per image; else each image is its own): a patient's films
+    share a site and are read alike, so resampling films would narrow it."""
     classes = tuple(classes)
     p = np.asarray(probabilities, dtype=np.float64)
-    source_test = np.asarray(source_test, dtype=object).astype(str)
+    source_read = np.asarray(source_read, dtype=object).astype(str)
     source_train = np.asarray(source_train, dtype=object).astype(str)
-    y_test, y_train = np.asarray(y_test).astype(int), np.asarray(y_train).astype(int)
-    if p.shape != (len(source_test), len(classes)):
-        raise ValueError(f"probabilities {p.shape} do not match {len(source_test)} test images x "
+    y_read, y_train = np.asarray(y_read).astype(int), np.asarray(y_train).astype(int)
+    if p.shape != (len(source_read), len(classes)):
+        raise ValueError(f"probabilities {p.shape} do not match {len(source_read)} {split} images x "
                          f"{len(classes)} sources")
+    patients = np.arange(len(source_read)) if patients is None else np.asarray(patients, dtype=object)
+    if len(patients) != len(source_read):
+        raise ValueError(f"{len(patients)} patient ids for {len(source_read)} {split} images")
     rate = np.array([y_train[source_train == c].mean() if (source_train == c).any() else np.nan for c in classes])
-    known = np.isin(source_test, classes)
-    truth = np.array([classes.index(s) for s in source_test[known]], dtype=int)
+    known = np.isin(source_read, classes)
+    truth = np.array([classes.index(s) for s in source_read[known]], dtype=int)
     called = p[known].argmax(axis=1)
-    low, high = _balanced_accuracy_interval(truth, called, len(classes), n_boot=n_boot, seed=seed)
+    low, high = _balanced_accuracy_interval(truth, called, len(classes), patients[known], n_boot=n_boot, seed=seed)
     return SourceReading(
-        classes=classes, n_test=int(known.sum()),
+        classes=classes, n_read=int(known.sum()),
         accuracy=float((called == truth).mean()) if len(truth) else float("nan"),
         balanced_accuracy=_balanced_accuracy(truth, called, len(classes)),
         chance=1.0 / len(classes),
-        label_auc_true_source=_auc(y_test[known], rate[truth]),
-        label_auc_read_source=_auc(y_test[known], rate[called]),
-        balanced_accuracy_low=low, balanced_accuracy_high=high,
+        label_auc_true_source=_auc(y_read[known], rate[truth]),
+        label_auc_read_source=_auc(y_read[known], rate[called]),
+        balanced_accuracy_low=low, balanced_accuracy_high=high, split=split,
     )
 
 
@@ -290,14 +316,24 @@ def _balanced_accuracy(truth: np.ndarray, called: np.ndarray, n_classes: int) ->
     return float(np.mean(recalls)) if recalls else float("nan")
 
 
-def _balanced_accuracy_interval(truth: np.ndarray, called: np.ndarray, n_classes: int, *, n_boot: int = 500,
-                                seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap interval of the balanced accuracy over test images (seeded)."""
+def _balanced_accuracy_interval(truth: np.ndarray, called: np.ndarray, n_classes: int, patients: np.ndarray, *,
+                                n_boot: int = 500, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap interval of the balanced accuracy, resampling patients (seeded); a resample's recall of
+    a source weighs each film by how often its patient was drawn."""
+    from covidcxr import metrics
+
     if len(truth) < 2:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(truth), size=(n_boot, len(truth)))
-    values = np.array([_balanced_accuracy(truth[d], called[d], n_classes) for d in draws])
+    weights = metrics.patient_resample_weights(patients, n_boot=n_boot, seed=seed).astype(np.float64)
+    recalls = []
+    for k in range(n_classes):
+        total = weights[:, truth == k].sum(axis=1)
+        right = weights[:, (truth == k) & (called == k)].sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            recalls.append(np.where(total > 0, right / np.where(total > 0, total, 1.0), np.nan))
+    recalls = np.array(recalls)
+    present = ~np.isnan(recalls)
+    values = np.where(present.any(axis=0), np.nansum(recalls, axis=0) / np.maximum(present.sum(axis=0), 1), np.nan)
     values = values[np.isfinite(values)]
     if not len(values):
         return float("nan"), float("nan")
@@ -323,7 +359,7 @@ def source_check(reading: SourceReading | None, *, warn: float, fail: float, ski
     if reading is None:
         return _skip(SOURCE, ALL, skip_reason or "no source classifier", warn, fail)
     r = reading
-    read = (f"{len(r.classes)} sources read with balanced accuracy {r.balanced_accuracy:.2f} "
+    read = (f"{len(r.classes)} sources read on {r.split} with balanced accuracy {r.balanced_accuracy:.2f} "
             f"[{r.balanced_accuracy_low:.2f}, {r.balanced_accuracy_high:.2f}] (chance {r.chance:.2f})")
     if not r.readable:
         return Check(SOURCE, ALL, None, warn, fail, INCONCLUSIVE,
@@ -331,8 +367,8 @@ def source_check(reading: SourceReading | None, *, warn: float, fail: float, ski
                      f"check could not measure whether the source predicts the label (a classifier at chance reads no "
                      f"source; it does not show there is none)")
     if not _finite(r.label_auc_read_source):
-        return _skip(SOURCE, ALL, f"label AUC undefined: the {r.n_test} test images of known sources hold one class",
-                     warn, fail)
+        return Check(SOURCE, ALL, None, warn, fail, INCONCLUSIVE,
+                     f"label AUC undefined: the {r.n_read} {r.split} images of known sources hold one class")
     status = grade(r.label_auc_read_source, warn, fail)
     meaning = {PASS: "the source read from the image says little about the label",
                WARN: "the source read from the image partly predicts the label",

@@ -72,12 +72,19 @@ def _logit_output(model: keras.Model) -> Iterator[keras.KerasTensor]:
     yield out_layer.output
 
 
-def heat_maps(classifier, images: np.ndarray) -> np.ndarray:
+def heat_maps(classifier, images: np.ndarray, covid: np.ndarray) -> np.ndarray:
     """Grad-CAM heat maps ``(N, H, W)`` of a classifier (a ``models.Component``) for its prepared input images
-    (``classifier.prepare(...).images``): the one place explain and serving compute them. An ensemble's are the mean
-    of its networks' maps (``classifier.networks``), as its score is the mean of theirs."""
+    (``classifier.prepare(...).images``), each explaining the class the model called for that image (``covid``: one
+    bool per image, the call at the operating threshold): the COVID-19 logit where it called COVID-19, the negated
+    logit (the negative class's log-odds) where it called negative. A negative call's map of the COVID-19 logit shows
+    where COVID-19 evidence is, usually nowhere, not what the model read to call the film negative. The one place
+    explain and serving compute them. An ensemble's are the mean of its networks' maps (``classifier.networks``), as
+    its score is the mean of theirs."""
     x = classifier.inputs(images)
-    maps = [gradcam(network, x) for network in classifier.networks]
+    covid = np.asarray(covid, dtype=bool).reshape(-1)
+    if len(covid) != len(x):
+        raise ValueError(f"one call per image: {len(covid)} calls for {len(x)} images")
+    maps = [gradcam(network, x, against=~covid) for network in classifier.networks]
     return maps[0] if len(maps) == 1 else np.mean(maps, axis=0)
 
 
@@ -87,6 +94,7 @@ def gradcam(
     *,
     layer: str | None = None,
     class_index: int = 0,
+    against: np.ndarray | None = None,
     batch_size: int = 32,
 ) -> np.ndarray:
     """Grad-CAM heat maps ``(N, H, W)`` in [0, 1] at the input size, one per image.
@@ -96,7 +104,9 @@ def gradcam(
     layer (``x = vgg(inputs)``) must instead be built into the model (``VGG19(input_tensor=...)``, ``base.output``).
     The gradient is that of the pre-activation logit of ``class_index`` (the input of the layer named
     ``"prediction"``, or of the model's last layer if it applies a sigmoid/softmax) with respect to the layer's feature
-    maps. Channel weights are the spatial mean of the gradient;
+    maps; ``against`` (one bool per image) takes the negated logit for the images where it is true, the evidence
+    against the class (for a one-logit sigmoid model, the other class's log-odds). Channel weights are the spatial mean
+    of the gradient;
     the map is ``ReLU(sum_k w_k A_k)``, resized bilinearly to the input and divided by its maximum (an all-zero map,
     where no location argues for the class, stays zero). ``images`` are what the model takes, ``(N, H, W, C)``, or
     ``(N, H, W)`` for one channel.
@@ -106,6 +116,9 @@ def gradcam(
         x = x[..., None]
     if x.ndim != 4 or len(x) == 0:
         raise ValueError(f"images must be a non-empty (N, H, W[, C]) batch, got shape {np.asarray(images).shape}")
+    sign = np.ones(len(x), np.float32) if against is None else np.where(np.asarray(against, bool), -1.0, 1.0)
+    if sign.shape != (len(x),):
+        raise ValueError(f"against must hold one bool per image ({len(x)}), got shape {np.shape(against)}")
     conv = _find_conv_layer(model, layer)
     height, width = x.shape[1:3]
     maps = []
@@ -115,15 +128,17 @@ def gradcam(
             raise ValueError(f"class_index {class_index} out of range: the logit has {n_classes} classes")
         grad_model = keras.Model(model.inputs, [conv.output, logit])
         for start in range(0, len(x), batch_size):
-            maps.append(_batch_cam(grad_model, x[start:start + batch_size], class_index, (height, width)))
+            maps.append(_batch_cam(grad_model, x[start:start + batch_size], class_index,
+                                   sign[start:start + batch_size].astype(np.float32), (height, width)))
     return np.concatenate(maps)
 
 
-def _batch_cam(grad_model: keras.Model, x: np.ndarray, class_index: int, size: tuple[int, int]) -> np.ndarray:
+def _batch_cam(grad_model: keras.Model, x: np.ndarray, class_index: int, sign: np.ndarray,
+               size: tuple[int, int]) -> np.ndarray:
     inputs = tf.convert_to_tensor(x)
     with tf.GradientTape() as tape:
         features, logits = grad_model(inputs, training=False)
-        target = logits[:, class_index]
+        target = tf.cast(logits[:, class_index], tf.float32) * sign
     # images are independent (inference mode), so the gradient of the sum is each image's own gradient
     grads = tf.cast(tape.gradient(target, features), tf.float32)  # a mixed-precision model's maps are bfloat16
     features = tf.cast(features, tf.float32)

@@ -348,6 +348,14 @@ def _draw_group_counts(n_groups: int, n_boot: int, seed: int) -> np.ndarray:
     return np.bincount(flat, minlength=n_boot * n_groups).reshape(n_boot, n_groups)
 
 
+def patient_resample_weights(groups: Sequence | np.ndarray, *, n_boot: int, seed: int) -> np.ndarray:
+    """``(n_boot, N)`` weights of each sample in each bootstrap resample of its groups (patients) with replacement:
+    a patient drawn twice counts its films twice, one not drawn counts none (the resampling of :func:`bootstrap_ci`,
+    for figures computed elsewhere)."""
+    codes, n_groups = _group_codes(groups, len(np.asarray(groups)))
+    return _draw_group_counts(n_groups, n_boot, seed)[:, codes]
+
+
 def _ranking_metrics(weights: np.ndarray, t_sorted: np.ndarray, level_end: np.ndarray) -> dict[str, np.ndarray]:
     """Weighted ROC AUC and average precision for each row of ``weights``.
 

@@ -473,7 +473,8 @@ class Pipeline:
                  order: list[int], entries: list[dict]) -> None:
         prepared = self.classifier.prepare(np.stack([work[i] for i in order]), np.stack([masks[i] for i in order]),
                                            self.config.variant)
-        heat = gradcam.heat_maps(self.classifier, prepared.images)
+        called = np.array([entries[i]["label"] == "covid" for i in order])  # each map explains the call made
+        heat = gradcam.heat_maps(self.classifier, prepared.images, called)
         heat = preprocess.place_in_box(heat, prepared.boxes, heat.shape[1:])  # a lung crop's map, on the whole image
         for i, h in zip(order, heat):
             entries[i][GRADCAM_FIELD] = png_base64(gradcam.overlay(display[i], h))

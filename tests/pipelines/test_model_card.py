@@ -65,7 +65,7 @@ def project(tmp_path, monkeypatch, empty_store):
         (tmp_path / "reports/explain/gradcam").mkdir(parents=True, exist_ok=True)
         (tmp_path / f"reports/explain/gradcam/{name}.png").write_bytes(png(len(name) + int(auc * 10)))
     write(tmp_path / "reports/evaluate/summary.json", {"c_vgg16": {"test_auc": 0.9312}, "e_vgg16": {"test_auc": 0.5}})
-    write(tmp_path / "reports/explain/metrics.json", {"c_vgg16": {"lung_mass_share": 0.61}})
+    write(tmp_path / "reports/explain/metrics.json", {"c_vgg16": {"test": {"lung_mass_share": 0.61}}})
     write(tmp_path / "reports/audit/audit.json", {"status": "warn", "checks": [
         {"name": "lung_mass_share", "subject": "c_vgg16", "value": 0.61, "warn": 0.7, "fail": 0.5,
          "status": "warn", "reason": "under 70% of the heat map inside the lungs"}]})

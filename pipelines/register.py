@@ -5,8 +5,10 @@ any): candidates whose own shortcut audit failed are not eligible while another 
 of the same settings when `register.heldout` holds one for every eligible candidate (the experiment runner fills it from
 its held-out-source runs; candidates within the seeds' noise of the best are tied, and the mean over the held-out runs
 chooses among them), else by the validation `metric`. The new version takes the alias `champion` when its figure
-is at least the current champion's and its audit did not fail (or `register.allow_failed_audit: true`); otherwise
-`challenger`. Every candidate with its figures and why it was or was not chosen, the decision and its reason are
+is at least the current champion's and its audit (graded on validation) did not fail (or
+`register.allow_failed_audit: true`); otherwise `challenger`. A champion's figure of other data (its `data_version`)
+or of another measure (its `selection_figure`) is no yardstick: the new version is then judged as if the champion had
+none. Every candidate with its figures and why it was or was not chosen, the decision and its reason are
 printed, logged to MLflow and written to reports/register/registered.json.
 
 The drift reference (what the served model logs for the validation split, scored through the bundled pipeline) is
@@ -201,16 +203,30 @@ def next_version(client, name: str) -> int:
     return max([int(v.version) for v in versions] + [int(last) if last.isdigit() else 0]) + 1
 
 
-def current_champion(client, name: str, by: str) -> tuple[int | None, float | None]:
-    """(version, its selection figure ``by``) of the current champion, or (None, None)."""
+#: A model-version tag: the name of the figure that chose it (a held-out figure's name, or ``val_<metric>``), so that a
+#: later registration compares its figure with the champion's only when both are the same measure.
+FIGURE_TAG = "selection_figure"
+
+
+def current_champion(client, name: str, by: str, *, data_version: str | None = None,
+                     figure: str | None = None) -> tuple[int | None, float | None, str]:
+    """(version, its selection figure ``by``, why that figure is not comparable or "") of the current champion, or
+    (None, None, ""). A figure measured on other data (its ``data_version`` tag differs from ``data_version``) or
+    another measure (its :data:`FIGURE_TAG` differs from ``figure``) is no yardstick: its value is then None."""
     from mlflow.exceptions import MlflowException
 
     try:
         version = client.get_model_version_by_alias(name, selection.CHAMPION)
     except MlflowException:
-        return None, None
+        return None, None, ""
     value = version.tags.get(by)
-    return int(version.version), (float(value) if value not in (None, "") else None)
+    if value in (None, ""):
+        return int(version.version), None, ""
+    theirs = {"data_version": version.tags.get("data_version"), FIGURE_TAG: version.tags.get(FIGURE_TAG)}
+    for key, ours in (("data_version", data_version), (FIGURE_TAG, figure)):
+        if ours is not None and theirs[key] not in (None, "") and theirs[key] != ours:
+            return int(version.version), None, f"its {by} is of {key} {theirs[key]}, not this {ours}"
+    return int(version.version), float(value), ""
 
 
 def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segment: dict,
@@ -227,7 +243,10 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
     best = chosen.chosen
     classifier = best.name
     allow_failed = bool(p["allow_failed_audit"])
-    champion_version, champion_value = current_champion(client, name, chosen.by)
+    figure = heldout["figure"] if heldout and chosen.by == "heldout" else chosen.by
+    tags = _tracking.repro_tags("register", experiment)
+    champion_version, champion_value, not_comparable = current_champion(
+        client, name, chosen.by, data_version=tags["data_version"], figure=figure)
     version = next_version(client, name)
     if p["prediction_log"] and dburl.has_password(p["prediction_log"]):
         raise _common.ParamsError("register.prediction_log holds a password: give it in PGPASSWORD (or ~/.pgpass), "
@@ -244,7 +263,6 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
         min_age=None if p["min_age"] is None else float(p["min_age"]),
     )
     evaluation = _common.read_report(_common.EVALUATE_DIR / classifier / "metrics.json", "evaluate")
-    tags = _tracking.repro_tags("register", experiment)
     parts = {"projection": _common.PROJECTION_MODEL, "unet": _common.UNET_MODEL,
              "classifier": _common.model_dir(best.variant, best.backbone)}
     runs = {part: folders.folder_info(folder)["run_id"] for part, folder in parts.items()}
@@ -285,11 +303,13 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
                                "(another registration ran at the same time); rerun the stage")
         decision = selection.decide(chosen.value, champion_value, best.audit_status, allow_failed)
         against = (f"champion v{champion_version} {champion_value:.4f}" if champion_value is not None
+                   else f"champion v{champion_version} (not comparable: {not_comparable})" if not_comparable
                    else f"champion v{champion_version} (no {chosen.by} recorded)" if champion_version
                    else "no champion")
         why = selection.reason(decision, chosen.by, chosen.value, against, best.audit_status, best.audit_failed,
                                allow_failed)
-        for key, tag in {chosen.by: str(chosen.value), "classifier": classifier, "git_commit": tags["git_commit"],
+        for key, tag in {chosen.by: str(chosen.value), FIGURE_TAG: figure, "classifier": classifier,
+                         "git_commit": tags["git_commit"],
                          "data_version": tags["data_version"], "decision": decision,
                          "audit_status": best.audit_status, "decision_reason": why}.items():
             client.set_model_version_tag(name, registered.version, key, tag)

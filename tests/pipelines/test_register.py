@@ -23,12 +23,12 @@ def client(tmp_path):
 
 def test_champion_and_next_version_from_the_registry(client, tmp_path):
     assert register.next_version(client, NAME) == 1
-    assert register.current_champion(client, NAME, "val_roc_auc") == (None, None)
+    assert register.current_champion(client, NAME, "val_roc_auc") == (None, None, "")
     client.create_registered_model(NAME)
     for _ in range(2):
         client.create_model_version(NAME, source=str(tmp_path), tags={"val_roc_auc": "0.81"})
     assert register.next_version(client, NAME) == 3
-    assert register.current_champion(client, NAME, "val_roc_auc") == (None, None)
+    assert register.current_champion(client, NAME, "val_roc_auc") == (None, None, "")
     # A deleted newest version: the registry still numbers after it, and the stage's tag remembers it.
     client.create_model_version(NAME, source=str(tmp_path))
     client.set_registered_model_tag(NAME, register.LAST_VERSION_TAG, "3")  # as register.run records it
@@ -37,8 +37,27 @@ def test_champion_and_next_version_from_the_registry(client, tmp_path):
     assert client.create_model_version(NAME, source=str(tmp_path)).version in (4, "4")
     client.delete_model_version(NAME, "4")
     client.set_registered_model_alias(NAME, selection.CHAMPION, "2")
-    assert register.current_champion(client, NAME, "val_roc_auc") == (2, 0.81)
-    assert register.current_champion(client, NAME, "val_f1") == (2, None)
+    assert register.current_champion(client, NAME, "val_roc_auc") == (2, 0.81, "")
+    assert register.current_champion(client, NAME, "val_f1") == (2, None, "")
+
+
+def test_a_champion_figure_of_other_data_or_another_measure_is_no_yardstick(client, tmp_path):
+    client.create_registered_model(NAME)
+    client.create_model_version(NAME, source=str(tmp_path), tags={
+        "heldout": "0.41", "data_version": "aaa", register.FIGURE_TAG: "worst held-out specificity"})
+    client.set_registered_model_alias(NAME, selection.CHAMPION, "1")
+    same = register.current_champion(client, NAME, "heldout", data_version="aaa", figure="worst held-out specificity")
+    assert same == (1, 0.41, "")
+    version, value, why = register.current_champion(client, NAME, "heldout", data_version="bbb",
+                                                    figure="worst held-out specificity")
+    assert (version, value) == (1, None) and "data_version aaa" in why and "bbb" in why
+    version, value, why = register.current_champion(client, NAME, "heldout", data_version="aaa",
+                                                    figure="mean held-out AUC")
+    assert (version, value) == (1, None) and "worst held-out specificity" in why
+    # A champion registered before the tags existed is compared as it was.
+    client.create_model_version(NAME, source=str(tmp_path), tags={"heldout": "0.30"})
+    client.set_registered_model_alias(NAME, selection.CHAMPION, "2")
+    assert register.current_champion(client, NAME, "heldout", data_version="bbb", figure="x") == (2, 0.30, "")
 
 
 def write_reports(root: Path, values: dict[str, float | None]) -> None:

@@ -622,12 +622,18 @@ def collect_ablation(workdir: Path, params: dict, targets: tuple[str, ...] = (),
 
 
 def _stats(values: list) -> dict | None:
+    """Mean, sd (n - 1; None below two values: one seed says nothing of the spread), min, max and n of the finite
+    values; None when there is none."""
     vals = [float(v) for v in values if isinstance(v, (int, float)) and v is not None and np.isfinite(v)]
     if not vals:
         return None
     arr = np.asarray(vals)
-    return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+    return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if len(arr) > 1 else None,
             "min": float(arr.min()), "max": float(arr.max()), "n": len(arr)}
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
 def ablation_table(runs_out: dict) -> dict:
@@ -635,28 +641,34 @@ def ablation_table(runs_out: dict) -> dict:
     run, the specificity of its held-out sources at the operating threshold (model c) and their AUC against the
     COVID-19 test patients (recorded since 2026-12-05: null for the runs before); the worst COVID-19 test
     sensitivity of those runs; per other run, the test AUC of every variant; the lungs-removed value (mean over the
-    held-out runs, which have both classes in test); wall minutes per seed."""
-    per: dict[str, dict[str, dict[object, list]]] = {}  # lever -> column -> seed -> values
+    held-out runs, which have both classes in test); wall minutes per seed.
 
-    def add(lever: str, column: str, seed: object, value: object) -> None:
-        per.setdefault(lever, {}).setdefault(column, {}).setdefault(seed, []).append(value)
+    A seed counts in a column only when every run that feeds the column in any seed of the lever measured it there
+    (a worst or a mean over fewer runs, or a seed interrupted part way, is not the same figure): ``n`` and ``seeds``
+    say which seeds a cell holds, ``values`` each one's figure (in the order of ``seeds``), so that a change between
+    levers is taken over the seeds both measured (:func:`_ablation_rows`)."""
+    per: dict[str, dict[str, dict[object, dict[str, object]]]] = {}  # lever -> column -> seed -> run -> value
+
+    def add(lever: str, column: str, seed: object, run: str, value: object) -> None:
+        per.setdefault(lever, {}).setdefault(column, {}).setdefault(seed, {})[run] = value
 
     for r in runs_out.values():
         lever, run, seed = r["lever"], r["run"], r.get("seed")
-        add(lever, "wall_minutes", seed, r.get("wall_seconds", 0.0) / 60.0)
+        add(lever, "wall_minutes", seed, run, r.get("wall_seconds", 0.0) / 60.0)
         models = r["models"]
         first = sorted({m.split("_", 1)[1] for m in models})[0] if models else None
         if r["heldout_sources"]:
             c = models.get(f"c_{first}") or {}
             for src in r["heldout_sources"]:
-                add(lever, f"specificity {src}", seed, (c.get("specificity_by_source", {}).get(src) or {}).get("value"))
-                add(lever, f"AUC {src} vs COVID-19", seed, c.get("auc_by_source", {}).get(src))
-            add(lever, "covid sensitivity (worst held-out run)", seed, c.get("sensitivity"))
-            add(lever, "lungs-removed", seed, r["lungs_removed"].get(first))
+                add(lever, f"specificity {src}", seed, run,
+                    (c.get("specificity_by_source", {}).get(src) or {}).get("value"))
+                add(lever, f"AUC {src} vs COVID-19", seed, run, c.get("auc_by_source", {}).get(src))
+            add(lever, "covid sensitivity (worst held-out run)", seed, run, c.get("sensitivity"))
+            add(lever, "lungs-removed", seed, run, r["lungs_removed"].get(first))
         else:
             for model, m in models.items():
                 if model.endswith(f"_{first}"):
-                    add(lever, f"{run} AUC {model.split('_')[0]}", seed, m["test_auc"])
+                    add(lever, f"{run} AUC {model.split('_')[0]}", seed, run, m["test_auc"])
     table = {}
     for lever, columns in per.items():
         table[lever] = {}
@@ -667,19 +679,40 @@ def ablation_table(runs_out: dict) -> dict:
                 reduce = sum
             else:
                 reduce = np.mean
-            values = [reduce(v) for v in ([x for x in vs if x is not None] for vs in by_seed.values()) if v]
-            table[lever][column] = _stats(values)
+            feeding = set().union(*by_seed.values())
+            counted = {seed: float(reduce(list(vs.values()))) for seed, vs in by_seed.items()
+                       if set(vs) == feeding and all(_finite(v) for v in vs.values())}
+            seeds = sorted(counted, key=str)
+            stats = _stats([counted[s] for s in seeds])
+            table[lever][column] = stats and {**stats, "seeds": seeds, "values": [counted[s] for s in seeds]}
     return table
 
 
+def _ablation_cell(s: dict, base: dict | None, n_seeds: int) -> str:
+    """One lever's figure: mean ± sd, its n when below the footer's ``n_seeds`` (no sd under two seeds), and the
+    change from the reference's ``base`` over the seeds both measured (their count when below ``n_seeds``)."""
+    cell = f"{s['mean']:.3f}" if s.get("sd") is None else f"{s['mean']:.3f} ± {s['sd']:.3f}"
+    if s["n"] < n_seeds:
+        cell += f" (n={s['n']})"
+    if base is None:
+        return cell
+    mine, theirs = dict(zip(map(str, s["seeds"]), s["values"])), dict(zip(map(str, base["seeds"]), base["values"]))
+    shared = [seed for seed in mine if seed in theirs]
+    if not shared:
+        return cell + " (no seed shared)"
+    delta = float(np.mean([mine[seed] - theirs[seed] for seed in shared]))
+    return cell + (f" ({delta:+.3f})" if len(shared) >= n_seeds else f" ({delta:+.3f} over n={len(shared)})")
+
+
 def _ablation_rows(result: dict) -> list[str]:
-    table = result["headline"]
+    table = ablation_table(result["runs"])  # from the runs: a record written before a rule changed is shown by it
     columns = list(dict.fromkeys(c for lever in table.values() for c in lever))
     columns = [c for c in columns if c != "wall_minutes"] + ["wall_minutes"]
     # the lever the others are compared with: the record's `reference`, else the overlay's, else baseline
     overlay = load(result["experiment"]) if result.get("experiment") in available() else {}
     reference = result.get("reference") or overlay.get("reference") or BASELINE
     base = table.get(reference, {})
+    seeds = sorted({r.get("seed") for r in result["runs"].values()}, key=str)
     rows = ["| lever | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for lever, figures in table.items():
         cells = []
@@ -688,14 +721,14 @@ def _ablation_rows(result: dict) -> list[str]:
             if s is None:
                 cells.append("null")
                 continue
-            cell = f"{s['mean']:.3f} ± {s['sd']:.3f}"
-            b = base.get(column)
-            if lever != reference and b is not None and column != "wall_minutes":
-                cell += f" ({s['mean'] - b['mean']:+.3f})"
-            cells.append(cell)
+            compare = lever != reference and column != "wall_minutes" and base.get(column) is not None
+            cells.append(_ablation_cell(s, base.get(column) if compare else None, len(seeds)))
         rows.append(f"| {lever} | " + " | ".join(cells) + " |")
-    seeds = sorted({r.get("seed") for r in result["runs"].values()}, key=str)
-    rows += ["", f"Mean ± sd over seeds {seeds} (in brackets: the change from `{reference}`). Held-out runs: the "
+    rows += ["", f"Mean ± sd over seeds {seeds} (in brackets: the change from `{reference}`, the mean of the "
+             "per-seed differences over the seeds both levers measured). A cell over fewer seeds says its n, and one "
+             "seed gives no sd; a seed counts in a cell only when every run of the column measured it (lungs-removed "
+             "is undefined in a run whose model c has a test AUC under the audit's min_c_auc); a change over fewer "
+             "shared seeds says its n. Held-out runs: the "
              "source is not in train/val; its specificity is at the operating threshold chosen on validation "
              "(sensitivity >= min_sensitivity), with the COVID-19 sensitivity on the other sources' test patients "
              "of the same model. Levers:", ""]

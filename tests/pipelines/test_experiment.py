@@ -734,3 +734,30 @@ def test_a_held_out_site_whose_covid_films_the_ood_check_refuses_reports_them_ad
     assert (f"| hospitals | c_vgg16 | {admitted['specificity']:.3f} ± 0.000 (min {admitted['specificity']:.3f}"
             in rendered or f"| hospitals | c_vgg16 | {admitted['specificity']:.3f} ± 0.000" in rendered)
     assert "| hospitals | c_vgg16 | not measured: 2 of 2 seeds: 0 COVID-19" in rendered
+
+
+def _ablation_run(lever: str, run: str, seed: int, spec: float | None, cpu: str | None = None) -> dict:
+    """One recorded ablation run of a held-out source (Kermany) with model c's specificity ``spec`` there."""
+    models = {"c_vgg16": {"specificity_by_source": {"kermany": {"value": spec}}, "sensitivity": 0.9,
+                          "test_auc": 0.8, "auc_by_source": {"kermany": 0.7}}}
+    return {"lever": lever, "run": run, "seed": seed, "wall_seconds": 60.0, "models": models, "cpu": cpu,
+            "heldout_sources": ["kermany"], "lungs_removed": {"vgg16": 0.5}}
+
+
+def test_an_ablation_cell_over_fewer_seeds_says_so_and_its_change_is_over_the_shared_seeds():
+    """An interrupted lever (one seed) and a seed whose figure is missing: the cell says its n, one seed has no sd,
+    and the change from the reference is over the seeds both measured, not against the reference's every seed."""
+    runs = {f"{lever}-kermany-s{seed}": _ablation_run(lever, "kermany", seed, spec)
+            for lever, specs in (("baseline", (0.2, 0.3, 0.5)), ("lung-crop", (0.6,)), ("clahe", (0.5, None, 0.7)))
+            for seed, spec in zip((1, 2, 3), specs)}
+    table = experiment.ablation_table(runs)
+    assert table["lung-crop"]["specificity kermany"]["n"] == 1 and table["lung-crop"]["specificity kermany"]["sd"] \
+        is None
+    assert table["clahe"]["specificity kermany"]["seeds"] == [1, 3]
+    rows = "\n".join(experiment._ablation_rows({"experiment": "test", "runs": runs, "reference": "baseline"}))
+    assert "Mean ± sd over seeds [1, 2, 3]" in rows
+    lung_crop = next(line for line in rows.splitlines() if line.startswith("| lung-crop |"))
+    assert "0.600 (n=1) (+0.400 over n=1)" in lung_crop and "±" not in lung_crop.split("|")[2]
+    assert "0.600 ± 0.141 (n=2) (+0.250 over n=2)" in rows  # clahe: seeds 1 and 3 against baseline's 0.2 and 0.5
+    assert "0.333 ± 0.153 |" in rows  # the reference: every seed, no n
+    assert "over the seeds both levers measured" in rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from covidcxr import metrics
+from covidcxr import calibration, metrics
 from covidcxr.calibration import PlattCalibrator
 
 
@@ -38,8 +38,38 @@ def test_separable_data_stays_finite_and_round_trips(tmp_path):
     np.testing.assert_array_equal(again.transform([0.0, 0.3, 1.0]), cal.transform([0.0, 0.3, 1.0]))
 
 
+def test_scores_ranking_validation_worse_than_chance_are_flattened_never_reversed(caplog):
+    """Scores that rank validation below chance: an unbounded fit took a < 0 and turned the ranking around (AUC 0.35
+    before, 0.65 after calibration); a >= 0 leaves every probability at about the base rate, with a warning."""
+    y, s = overconfident(2, n=300)
+    s = 1 - s  # the ranking of a model worse than chance on this split
+    rng = np.random.default_rng(3)
+    s = 1 / (1 + np.exp(-(calibration.logit(s) / 6 + rng.normal(0, 1, len(s)))))
+    auc = metrics.classification_metrics(y, s)["roc_auc"]
+    assert 0.3 < auc < 0.5
+    cal = PlattCalibrator().fit(y, s)
+    assert cal.a_ == 0.0 and cal.transform(s) == pytest.approx(np.full(len(s), y.mean()), abs=0.01)
+    assert np.all(np.diff(cal.transform(np.linspace(0.01, 0.99, 50))) >= 0)
+    assert "worse than chance" in caplog.text
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_positive_slope_is_the_unbounded_fit_to_the_bit(seed):
+    """Calibrators fitted before a >= 0 was enforced are unchanged: where the unbounded optimum has a > 0 it is kept as
+    L-BFGS-B finds it without bounds (with bounds its steps differ, the same optimum only to about 1e-5)."""
+    from scipy.optimize import minimize
+
+    y, s = overconfident(10 + seed, n=200 + 150 * seed)
+    unbounded = minimize(calibration._loss, x0=np.array([1.0, 0.0]), args=(y.astype(float), calibration.logit(s),
+                         1e-3), jac=True, method="L-BFGS-B")
+    cal = PlattCalibrator().fit(y, s)
+    assert unbounded.x[0] > 0 and (cal.a_, cal.b_) == (float(unbounded.x[0]), float(unbounded.x[1]))
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="both classes"):
         PlattCalibrator().fit([1, 1], [0.2, 0.3])
+    with pytest.raises(ValueError, match="finite scores: 2 of 4 are NaN or infinite"):
+        PlattCalibrator().fit([0, 1, 0, 1], [0.2, np.nan, 0.4, np.inf])
     with pytest.raises(RuntimeError, match="not fitted"):
         PlattCalibrator().transform([0.5])

@@ -3,24 +3,53 @@
 A network trained with class weights on confounded sources gives scores, not probabilities (the demo's test ECE was
 0.20 to 0.27 at its operating threshold). ``PlattCalibrator`` learns ``p = sigmoid(a * logit(s) + b)`` on validation
 labels and scores (scikit-learn style: ``fit`` sets ``a_``, ``b_``; ``transform`` applies them), is saved in the model
-folder (``calibration.json``) and applied wherever a probability is computed, serving included. It is monotonic, so
-ranking metrics (AUC) are unchanged and a threshold keeps its meaning once chosen on the calibrated scores.
+folder (``calibration.json``) and applied wherever a probability is computed, serving included. It is monotonic
+(``a_ >= 0``), so ranking metrics (AUC) are unchanged and a threshold keeps its meaning once chosen on the calibrated
+scores. A validation split the scores rank worse than chance gets ``a_ = 0`` (every probability its base rate, with a
+warning), never a reversed ranking.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 _EPS = 1e-7
+
+
+class CalibrationError(RuntimeError):
+    """The Platt fit did not converge: the message says the optimiser's reason and the number of scores."""
 
 
 def logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0 - _EPS)
     return np.log(p) - np.log1p(-p)
+
+
+def _loss(params: np.ndarray, y: np.ndarray, z: np.ndarray, l2: float) -> tuple[float, np.ndarray]:
+    """Mean negative log-likelihood of ``sigmoid(a * z + b)`` with an L2 prior on ``(a, b)``, and its gradient."""
+    a, b = params
+    t = a * z + b
+    nll = np.logaddexp(0.0, t) - y * t
+    grad_t = 1.0 / (1.0 + np.exp(-t)) - y
+    value = nll.mean() + l2 * (a * a + b * b) / 2
+    return float(value), np.array([(grad_t * z).mean() + l2 * a, grad_t.mean() + l2 * b])
+
+
+def _minimize(y: np.ndarray, z: np.ndarray, l2: float, *, flat: bool):
+    """L-BFGS-B from ``a = 1, b = 0``; ``flat``: with ``a`` held at 0 (only ``b`` fitted)."""
+    from scipy.optimize import minimize
+
+    if flat:
+        return minimize(_loss, x0=np.zeros(2), args=(y, z, l2), jac=True, method="L-BFGS-B",
+                        bounds=[(0.0, 0.0), (None, None)])
+    return minimize(_loss, x0=np.array([1.0, 0.0]), args=(y, z, l2), jac=True, method="L-BFGS-B")
 
 
 class PlattCalibrator:
@@ -31,26 +60,30 @@ class PlattCalibrator:
         self.l2 = l2
 
     def fit(self, y_true: np.ndarray, scores: np.ndarray) -> PlattCalibrator:
-        """Learn ``a_`` and ``b_`` on labels (0/1) and scores in [0, 1]; both classes are needed."""
-        from scipy.optimize import minimize
-
+        """Learn ``a_ >= 0`` and ``b_`` on labels (0/1) and finite scores in [0, 1]; both classes are needed.
+        Raises ValueError on bad input, :class:`CalibrationError` when the optimiser fails."""
         y = np.asarray(y_true, dtype=np.float64).ravel()
-        z = logit(scores).ravel()
-        if len(y) != len(z) or len(y) == 0:
-            raise ValueError(f"y_true ({len(y)}) and scores ({len(z)}) must be non-empty and of equal length")
+        raw = np.asarray(scores, dtype=np.float64).ravel()
+        if len(y) != len(raw) or len(y) == 0:
+            raise ValueError(f"y_true ({len(y)}) and scores ({len(raw)}) must be non-empty and of equal length")
         if not np.isin(y, (0.0, 1.0)).all() or y.min() == y.max():
             raise ValueError("calibration needs binary labels of both classes")
-
-        def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
-            a, b = params
-            t = a * z + b
-            nll = np.logaddexp(0.0, t) - y * t  # -log-likelihood of sigmoid(t)
-            grad_t = 1.0 / (1.0 + np.exp(-t)) - y
-            value = nll.mean() + self.l2 * (a * a + b * b) / 2
-            return float(value), np.array([(grad_t * z).mean() + self.l2 * a, grad_t.mean() + self.l2 * b])
-
-        result = minimize(loss, x0=np.array([1.0, 0.0]), jac=True, method="L-BFGS-B")
+        bad = int((~np.isfinite(raw)).sum())
+        if bad:
+            raise ValueError(f"calibration needs finite scores: {bad} of {len(raw)} are NaN or infinite")
+        z = logit(raw)
+        # The loss is convex, so the optimum under a >= 0 is the unbounded one when its a is positive, else on a = 0.
+        # Fitting it so, rather than with bounds (0, inf), keeps every calibrator fitted before bit-identical (bounds
+        # change L-BFGS-B's steps: the same optimum to ~1e-5) and finds a = 0 (bounded, L-BFGS-B can stop short of it).
+        result = _minimize(y, z, self.l2, flat=False)
+        if result.x[0] < 0:  # scores that rank validation worse than chance: a would reverse the ranking
+            result = _minimize(y, z, self.l2, flat=True)
+        if not result.success or not np.isfinite(result.x).all():
+            raise CalibrationError(f"Platt calibration did not converge on {len(y)} scores: {result.message}")
         self.a_, self.b_ = float(result.x[0]), float(result.x[1])
+        if self.a_ == 0.0:
+            log.warning("Platt calibration: the scores rank the %d validation images worse than chance; every "
+                        "calibrated probability is about their base rate (a = 0)", len(y))
         self.n_fit_ = int(len(y))
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -50,6 +51,17 @@ def test_stderr_without_drops_only_the_named_notices_and_keeps_every_other_line_
             "print('after', file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stderr.splitlines() == ["before", "c level one", "python level", "after"]
+
+
+def test_a_native_abort_in_the_block_leaves_its_message_on_stderr():
+    """TensorFlow aborts from C++ while it loads (an unsupported CPU, a CUDA check): the lines it wrote just before
+    are the only clue, and a capture written back at the block's end lost them all."""
+    code = ("import os\nfrom covidcxr import runtime\nwith runtime.stderr_without(('NOTICE',)):\n"
+            "    os.write(2, b'I0000 port.cc:153] NOTICE: on\\nF0000 cpu_feature_guard.cc:1] this CPU lacks AVX\\n')\n"
+            "    os.abort()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGABRT
+    assert proc.stderr.splitlines() == ["F0000 cpu_feature_guard.cc:1] this CPU lacks AVX"]
 
 
 def test_tensorflow_keeps_its_own_loader_and_a_failing_block_restores_stderr():

@@ -12,8 +12,8 @@ import importlib.abc
 import importlib.util
 import logging
 import os
+import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping
 
 #: Telemetry and analytics of MLflow, DVC and Great Expectations, off (and ``analytics = false`` in .dvc/config).
@@ -88,6 +88,8 @@ def apply_defaults() -> None:
 #: initialised yet. Nothing else is dropped.
 TENSORFLOW_IMPORT_NOTICES: tuple[str, ...] = ("oneDNN custom operations are on",
                                               "All log messages before absl::InitializeLog() is called")
+#: How long :func:`stderr_without` waits for its filter to forward the last lines of the block.
+FORWARDER_WAIT_S = 5.0
 
 
 class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
@@ -129,26 +131,61 @@ def quiet_tensorflow_import() -> None:
         sys.meta_path.insert(0, _QuietTensorFlowFinder())
 
 
+#: The filter process of :func:`stderr_without`: copies its stdin to its stdout as lines arrive, except the lines that
+#: hold one of its arguments, until its stdin ends (also when the process writing it dies); never stopped by Ctrl-C.
+_FORWARDER = r"""
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+notices, pending, out = [n.encode() for n in sys.argv[1:]], b"", True
+def forward(data):
+    global out
+    try:
+        while out and data:
+            data = data[os.write(1, data):]
+    except OSError:
+        out = False  # stderr is gone: keep reading, so the writer never blocks or breaks
+while chunk := os.read(0, 65536):
+    *lines, pending = (pending + chunk).split(b"\n")
+    forward(b"".join(line + b"\n" for line in lines if not any(n in line for n in notices)))
+if not any(n in pending for n in notices):
+    forward(pending)
+"""
+
+
 @contextlib.contextmanager
 def stderr_without(notices: tuple[str, ...]):
-    """Run the block with file descriptor 2 (C and Python alike) captured; then write back every line of it except
-    those containing one of ``notices``."""
+    """Run the block with file descriptor 2 (C and Python alike) going through a filter that forwards every line as
+    it arrives, except those containing one of ``notices``.
+
+    The filter is a separate process, not a thread: a native abort in the block (TensorFlow's CPU feature check, a CUDA
+    check failure) ends this process at once, and a thread of it would not have run (the aborting thread holds the
+    GIL), so the message would be lost; the filter reads on to the end and forwards it. If the filter cannot start,
+    the block runs with stderr as it is (the notices show, nothing is lost).
+    """
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            kept = [line for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True)
-                    if not any(notice in line for notice in notices)]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
+    read, write = os.pipe()
+    try:
+        forwarder = subprocess.Popen([sys.executable, "-I", "-S", "-c", _FORWARDER, *notices], stdin=read,
+                                     stdout=saved, stderr=subprocess.DEVNULL)
+    except (OSError, ValueError):
+        forwarder = None
+    os.close(read)
+    if forwarder is None:
+        os.close(write)
+        os.close(saved)
+        yield
+        return
+    os.dup2(write, 2)
+    os.close(write)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer closed: the filter forwards what is left and ends
+        os.close(saved)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a child started in the block may hold the pipe on
+            forwarder.wait(timeout=FORWARDER_WAIT_S)
 
 
 def configure(verbose: bool = False) -> logging.Logger:

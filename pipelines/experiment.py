@@ -11,8 +11,11 @@ ingest, cache, projection filter and U-Net of one experiment are reused by the n
 
 An overlay of kind `ablation` names `levers` (params each) and `runs` (params and targets each): every lever runs
 every run for every seed, and one table gives each lever's figures (held-out specificity per source with the COVID-19
-test sensitivity, AUCs, the lungs-removed value, wall time) as mean ± sd over seeds; `--levers` runs a subset,
-`--resume` keeps the runs already recorded, `--dry-run` prints every command and what it will train.
+test sensitivity, AUCs, the lungs-removed value, wall time) as mean ± sd over seeds (a cell over fewer seeds says its
+n; a change from the reference is over the seeds both levers measured), with the machines each lever's runs came
+from; `--levers` runs a subset, `--resume` keeps the runs already recorded (whatever machine they ran on: the table
+marks a change between machines), `--summary` re-renders the tables from the records, `--dry-run` prints every
+command and what it will train.
 
 The runs happen in a scratch copy of the project (`--workdir`, default `$TMPDIR/covidcxr-experiments`), never in this
 checkout's workspace; MLflow runs go to this project's tracking store (`MLFLOW_TRACKING_URI` overrides it), one MLflow
@@ -646,14 +649,17 @@ def ablation_table(runs_out: dict) -> dict:
     A seed counts in a column only when every run that feeds the column in any seed of the lever measured it there
     (a worst or a mean over fewer runs, or a seed interrupted part way, is not the same figure): ``n`` and ``seeds``
     say which seeds a cell holds, ``values`` each one's figure (in the order of ``seeds``), so that a change between
-    levers is taken over the seeds both measured (:func:`_ablation_rows`)."""
+    levers is taken over the seeds both measured (:func:`_ablation_rows`); ``machines`` the machines its runs ran on
+    (:func:`run_machine`; null: not recorded)."""
     per: dict[str, dict[str, dict[object, dict[str, object]]]] = {}  # lever -> column -> seed -> run -> value
+    machine: dict[tuple[str, object, str], str | None] = {}  # (lever, seed, run) -> machine
 
     def add(lever: str, column: str, seed: object, run: str, value: object) -> None:
         per.setdefault(lever, {}).setdefault(column, {}).setdefault(seed, {})[run] = value
 
     for r in runs_out.values():
         lever, run, seed = r["lever"], r["run"], r.get("seed")
+        machine[lever, seed, run] = run_machine(r)
         add(lever, "wall_minutes", seed, run, r.get("wall_seconds", 0.0) / 60.0)
         models = r["models"]
         first = sorted({m.split("_", 1)[1] for m in models})[0] if models else None
@@ -670,9 +676,9 @@ def ablation_table(runs_out: dict) -> dict:
                 if model.endswith(f"_{first}"):
                     add(lever, f"{run} AUC {model.split('_')[0]}", seed, run, m["test_auc"])
     table = {}
-    for lever, columns in per.items():
+    for lever, columns in sorted(per.items()):  # in the order a record's JSON keeps them
         table[lever] = {}
-        for column, by_seed in columns.items():
+        for column, by_seed in sorted(columns.items()):
             if column.startswith("covid sensitivity"):
                 reduce = min
             elif column == "wall_minutes":
@@ -684,13 +690,31 @@ def ablation_table(runs_out: dict) -> dict:
                        if set(vs) == feeding and all(_finite(v) for v in vs.values())}
             seeds = sorted(counted, key=str)
             stats = _stats([counted[s] for s in seeds])
-            table[lever][column] = stats and {**stats, "seeds": seeds, "values": [counted[s] for s in seeds]}
+            machines = _machines(machine[lever, seed, run] for seed in seeds for run in by_seed[seed])
+            table[lever][column] = stats and {**stats, "seeds": seeds, "values": [counted[s] for s in seeds],
+                                              "machines": machines}
     return table
+
+
+def run_machine(r: dict) -> str | None:
+    """The machine one run's figures come from: its CPU model, with the kernels TensorFlow ran when portable ones
+    (``bench.machine``: trained weights differ between machines and kernels); None where the run did not record it
+    (ablation runs before 2026-12-07)."""
+    if not r.get("cpu"):
+        return None
+    return r["cpu"] + (" (portable kernels)" if r.get("cpu_kernels") == "portable" else "")
+
+
+def _machines(labels: object) -> list[str | None]:
+    """Distinct machines, known ones sorted, then None (unknown) if any run did not record its own."""
+    found = set(labels)
+    return sorted(m for m in found if m is not None) + ([None] if None in found else [])
 
 
 def _ablation_cell(s: dict, base: dict | None, n_seeds: int) -> str:
     """One lever's figure: mean ± sd, its n when below the footer's ``n_seeds`` (no sd under two seeds), and the
-    change from the reference's ``base`` over the seeds both measured (their count when below ``n_seeds``)."""
+    change from the reference's ``base`` over the seeds both measured (their count when below ``n_seeds``), marked †
+    unless both levers' runs of the column ran on one and the same recorded machine."""
     cell = f"{s['mean']:.3f}" if s.get("sd") is None else f"{s['mean']:.3f} ± {s['sd']:.3f}"
     if s["n"] < n_seeds:
         cell += f" (n={s['n']})"
@@ -701,7 +725,10 @@ def _ablation_cell(s: dict, base: dict | None, n_seeds: int) -> str:
     if not shared:
         return cell + " (no seed shared)"
     delta = float(np.mean([mine[seed] - theirs[seed] for seed in shared]))
-    return cell + (f" ({delta:+.3f})" if len(shared) >= n_seeds else f" ({delta:+.3f} over n={len(shared)})")
+    machines = {*s.get("machines", [None]), *base.get("machines", [None])}
+    mixed = "" if len(machines) == 1 and None not in machines else "†"
+    return cell + (f" ({delta:+.3f}{mixed})" if len(shared) >= n_seeds
+                   else f" ({delta:+.3f}{mixed} over n={len(shared)})")
 
 
 def _ablation_rows(result: dict) -> list[str]:
@@ -713,7 +740,12 @@ def _ablation_rows(result: dict) -> list[str]:
     reference = result.get("reference") or overlay.get("reference") or BASELINE
     base = table.get(reference, {})
     seeds = sorted({r.get("seed") for r in result["runs"].values()}, key=str)
-    rows = ["| lever | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    ran_on: dict[str, list[str | None]] = {}
+    for r in result["runs"].values():
+        ran_on.setdefault(r["lever"], []).append(run_machine(r))
+    known = _machines(m for ms in ran_on.values() for m in ms)
+    names = {m: "unknown" if m is None else f"M{i}" for i, m in enumerate(known, start=1)}
+    rows = ["| lever | " + " | ".join(columns) + " | machines (runs) |", "|---|" + "---|" * (len(columns) + 1)]
     for lever, figures in table.items():
         cells = []
         for column in columns:
@@ -723,12 +755,17 @@ def _ablation_rows(result: dict) -> list[str]:
                 continue
             compare = lever != reference and column != "wall_minutes" and base.get(column) is not None
             cells.append(_ablation_cell(s, base.get(column) if compare else None, len(seeds)))
-        rows.append(f"| {lever} | " + " | ".join(cells) + " |")
+        machines = ", ".join(f"{names[m]} ({ran_on[lever].count(m)})" for m in _machines(ran_on[lever]))
+        rows.append(f"| {lever} | " + " | ".join(cells) + f" | {machines} |")
     rows += ["", f"Mean ± sd over seeds {seeds} (in brackets: the change from `{reference}`, the mean of the "
              "per-seed differences over the seeds both levers measured). A cell over fewer seeds says its n, and one "
              "seed gives no sd; a seed counts in a cell only when every run of the column measured it (lungs-removed "
              "is undefined in a run whose model c has a test AUC under the audit's min_c_auc); a change over fewer "
-             "shared seeds says its n. Held-out runs: the "
+             "shared seeds says its n. † marks a change between runs of different machines, or of a machine not "
+             "recorded: trained weights differ from one CPU (and its TensorFlow kernels) to another, so the change "
+             "may be the machine's rather than the lever's. Machines: "
+             + "; ".join(f"{names[m]} {'not recorded (runs before the runner recorded it)' if m is None else m}"
+                         for m in known) + ". Held-out runs: the "
              "source is not in train/val; its specificity is at the operating threshold chosen on validation "
              "(sensitivity >= min_sensitivity), with the COVID-19 sensitivity on the other sources' test patients "
              "of the same model. Levers:", ""]
@@ -1315,7 +1352,8 @@ def execute(workdir: Path, exp_name: str, params: dict, targets: list[str], kind
     check_working_size(workdir, params)
     result = COLLECTORS[kind](workdir, params, tuple(targets))
     result["wall_seconds"] = round(time.monotonic() - t0, 1)
-    result["cpu"] = bench.machine()["cpu"]  # an ablation's rows come from several sessions, maybe machines
+    machine = bench.machine()  # an ablation's rows come from several sessions, maybe machines (run_machine)
+    result["cpu"], result["cpu_kernels"] = machine["cpu"], machine["cpu_kernels"]
     result["seed"] = {k: v for k, v in params.items() if k.endswith(".seed")}
     log.info("%s done in %.0f s", exp_name, result["wall_seconds"])
     return result

@@ -594,7 +594,7 @@ def test_ablation_figures_come_from_each_model_s_predictions(tmp_path: Path):
     def run(lever, name, seed, spec, sens, auc=None):
         models = {"c_vgg16": {"specificity_by_source": {"kermany": {"value": spec}}, "sensitivity": sens,
                               "test_auc": auc, "auc_by_source": {"kermany": spec + 0.5}}}
-        return {"lever": lever, "run": name, "seed": seed, "wall_seconds": 120.0, "models": models,
+        return {"lever": lever, "run": name, "seed": seed, "wall_seconds": 120.0, "models": models, "cpu": "Test CPU",
                 "heldout_sources": ["kermany"] if name == "kermany" else [], "lungs_removed": {"vgg16": 0.5}}
 
     runs = {f"{lever}-{name}-s{seed}": run(lever, name, seed, spec, sens, auc)
@@ -747,7 +747,7 @@ def _ablation_run(lever: str, run: str, seed: int, spec: float | None, cpu: str 
 def test_an_ablation_cell_over_fewer_seeds_says_so_and_its_change_is_over_the_shared_seeds():
     """An interrupted lever (one seed) and a seed whose figure is missing: the cell says its n, one seed has no sd,
     and the change from the reference is over the seeds both measured, not against the reference's every seed."""
-    runs = {f"{lever}-kermany-s{seed}": _ablation_run(lever, "kermany", seed, spec)
+    runs = {f"{lever}-kermany-s{seed}": _ablation_run(lever, "kermany", seed, spec, cpu="Test CPU")
             for lever, specs in (("baseline", (0.2, 0.3, 0.5)), ("lung-crop", (0.6,)), ("clahe", (0.5, None, 0.7)))
             for seed, spec in zip((1, 2, 3), specs)}
     table = experiment.ablation_table(runs)
@@ -761,3 +761,35 @@ def test_an_ablation_cell_over_fewer_seeds_says_so_and_its_change_is_over_the_sh
     assert "0.600 ± 0.141 (n=2) (+0.250 over n=2)" in rows  # clahe: seeds 1 and 3 against baseline's 0.2 and 0.5
     assert "0.333 ± 0.153 |" in rows  # the reference: every seed, no n
     assert "over the seeds both levers measured" in rows
+
+
+def test_the_ablation_table_says_which_machine_each_lever_ran_on_and_flags_a_change_across_machines():
+    """--resume keeps runs of whatever CPU they ran on: each lever names its machines, and a change from the reference
+    between runs of different machines (or of one not recorded) is marked, never presented as the lever's alone."""
+    xeon, epyc = "Intel(R) Xeon(R) Processor", "AMD EPYC 9B14"
+    runs = {f"{lever}-kermany-s{seed}": _ablation_run(lever, "kermany", seed, spec + seed / 100, cpu)
+            for lever, spec, cpu in (("baseline", 0.2, None), ("lung-crop", 0.5, xeon), ("clahe", 0.4, xeon),
+                                     ("equalize", 0.3, epyc))
+            for seed in (1, 2, 3)}
+    runs["clahe-kermany-s1"]["cpu"] = None
+    result = {"experiment": "test", "runs": runs, "reference": "lung-crop"}
+    assert experiment.ablation_table(runs)["clahe"]["specificity kermany"]["machines"] == [xeon, None]
+    rows = "\n".join(experiment._ablation_rows(result))
+    line = {row.split(" | ")[0].removeprefix("| "): row for row in rows.splitlines() if row.startswith("| ")}
+    assert line["lung-crop"].endswith("| M2 (3) |") and line["baseline"].endswith("| unknown (3) |")
+    assert line["clahe"].endswith("| M2 (2), unknown (1) |") and line["equalize"].endswith("| M1 (3) |")
+    assert "(-0.300†)" in line["baseline"] and "(-0.100†)" in line["clahe"] and "(-0.200†)" in line["equalize"]
+    assert f"M1 {epyc}; M2 {xeon}; unknown not recorded" in rows
+    runs["clahe-kermany-s1"]["cpu"] = xeon  # one and the same recorded machine: no mark
+    line = next(row for row in experiment._ablation_rows(result) if row.startswith("| clahe |"))
+    assert "(-0.100)" in line and "†" not in line
+
+
+def test_every_run_records_the_machine_it_ran_on():
+    """`execute` records the CPU and the kernels of each run: the ablation's table reads them back per run."""
+    import inspect
+
+    assert 'result["cpu"], result["cpu_kernels"]' in inspect.getsource(experiment.execute)
+    assert experiment.run_machine({"cpu": "X", "cpu_kernels": "portable"}) == "X (portable kernels)"
+    assert experiment.run_machine({"cpu": "X", "cpu_kernels": "native"}) == "X"
+    assert experiment.run_machine({}) is None

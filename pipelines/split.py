@@ -4,7 +4,9 @@ Tasks: `covid` (the experiment chosen in params: positives vs negatives, optiona
 stratified by label and source),
 `projection` (frontal vs lateral, every image whose projection is known) and `segmentation` (images with lung masks).
 The segmentation split is drawn first; a covid-task patient whose masks the U-Net trains or is selected on keeps that
-split (train or val), so that the U-Net never learned a covid test patient's lungs.
+split (train or val), so that the U-Net never learned a covid test patient's lungs. The projection split is drawn last,
+with every covid test patient in its test split: the filter that decides which covid test images are usable never
+learned from a covid test patient's films.
 
 External validation: `holdout` (rules, e.g. `[{source: kermany}]` or `[{source: cohen, site: Germany},
 {source: montgomery}]`) puts every covid-task image they match in test and splits the rest into train/val (held-out
@@ -13,7 +15,10 @@ so that one model gives both a held-out source's and the other sources' test fig
 the masks of those sources in an `external` split that the U-Net never trains on; so do the `holdout` rules, for the
 masks they match, and for the projection task's images (its `external` split): a held-out source or hospital is
 unseen by the projection filter that keeps its images and the U-Net that crops and masks them, as by the classifier.
-Held-out rows are checked only for patient disjointness (they are whole sources or sites).
+The rules are matched on the manifest's rows (its own columns: a task's table relabels `label`); the covid task
+holds out the images they match (a patient with images on both sides is an error), the projection and segmentation
+tasks every image of those images' patients, and a held-out patient found in their train or val is a
+:class:`HeldOutLeak`. Held-out rows are checked only for patient disjointness (they are whole sources or sites).
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ DOCS = "reports/split/data_docs"
 COLUMNS = ["image_id", "patient_id", "label", "split"]
 
 
+class HeldOutLeak(splits.SelectionError):
+    """A patient of the held-out rows is in the train or val split of a task whose model serves the classifier."""
+
+
 def task_tables(m: pd.DataFrame, p: dict) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """The split table of every task, and the images curation removed."""
     experiment = p["experiments"][p["experiment"]]
@@ -42,20 +51,27 @@ def task_tables(m: pd.DataFrame, p: dict) -> tuple[dict[str, pd.DataFrame], pd.D
         covid, dropped = splits.drop_negatives_among_positives(covid)
 
     projection = _projection_rows(m).assign(label=lambda d: d["projection"])
-    segmentation = _segmentation_rows(m)  # labelled by source once split: the manifest's label for the rules
+    segmentation = _segmentation_rows(m)  # labelled by source once split
     # covid strata: label x source, so that every source keeps its share in every split around the U-Net's patients
     covid = covid.assign(stratum=covid["label"].astype(str) + "/" + covid["source"].astype(str))
+    _check_rules(m, p, covid)
     tasks = {"segmentation": segmentation, "covid": covid, "projection": projection}
     seed = int(p["seed"])
     out = {}
     for name, frame in tasks.items():
         fractions = p.get("fractions_" + name) or p["fractions"]
-        held, held_split = _held_out(name, p, frame)
-        fixed = _unet_patients(out["segmentation"]) if name == "covid" else None
+        held = _held_rows(name, p, m, frame)
+        held_split = _held_out(name, p)[1]
+        fixed = None  # the patients another task's model learned from, or tests on, keep that task's split
+        if name == "covid":
+            fixed = _unet_patients(out["segmentation"])
+        elif name == "projection":
+            fixed = _covid_test_patients(out["covid"])
         stratify = {"covid": "stratum", "segmentation": "source"}.get(name, "label")
-        if held:
-            assigned = splits.split_with_holdout(frame, held, holdout_split=held_split, seed=seed, stratify=stratify,
-                                                 fractions=validated_fractions(name, p), fixed=fixed)
+        if held.any():
+            assigned = splits.split_held_out(frame, held, holdout_split=held_split, seed=seed, stratify=stratify,
+                                             fractions=validated_fractions(name, p), fixed=fixed,
+                                             what=f"the held-out rows {_held_out(name, p, m)[0]}")
         else:
             assigned = splits.split_patients(frame, fractions=fractions, seed=seed, stratify=stratify, fixed=fixed)
         frame = frame.assign(split=assigned)
@@ -63,12 +79,37 @@ def task_tables(m: pd.DataFrame, p: dict) -> tuple[dict[str, pd.DataFrame], pd.D
             frame = frame.assign(label=frame["source"])
         out[name] = frame[COLUMNS].sort_values("image_id").reset_index(drop=True)
     out = {name: out[name] for name in ("covid", "projection", "segmentation")}
+    check_held_out(out, set(m.loc[splits.rule_matches(m, p["holdout"] or []), "patient_id"].astype(str)))
     train = out["covid"][out["covid"]["split"] == "train"]
     missing = sorted({"covid", "negative"} - set(train["label"]))
     if missing:
         raise splits.SelectionError(f"covid task: the train split has no {missing} images "
                                     f"(split.holdout={p['holdout']!r} holds all of them)")
     return out, dropped
+
+
+def check_held_out(tables: dict[str, pd.DataFrame], held_patients: set[str]) -> None:
+    """A :class:`HeldOutLeak` if a held-out patient is in the train or val split of the projection or segmentation
+    task: the filter or the U-Net would have learned from a held-out source or hospital it is meant never to see."""
+    for task, model in (("projection", "projection filter"), ("segmentation", "U-Net")):
+        table = tables[task]
+        leaked = table[table["split"].isin(["train", "val"]) & table["patient_id"].astype(str).isin(held_patients)]
+        if len(leaked):
+            raise HeldOutLeak(f"{task} task: {leaked['patient_id'].nunique()} held-out patient(s) "
+                              f"({len(leaked)} images) are in its train or val split: the {model} would learn from "
+                              "the held-out rows (split.holdout) it is meant never to see")
+
+
+def _check_rules(m: pd.DataFrame, p: dict, covid: pd.DataFrame) -> None:
+    """A SelectionError for a `holdout` rule that matches no image of the covid task, or a `segmentation_external`
+    source without masks (a misspelt source or site)."""
+    for rule in p["holdout"] or []:
+        if not covid["image_id"].isin(m.loc[splits.rule_matches(m, [rule]), "image_id"]).any():
+            raise splits.SelectionError(f"held-out rule {dict(rule)} matches no row of the covid task")
+    masked = set(_segmentation_rows(m)["source"].astype(str))
+    for source in p["segmentation_external"]:
+        if str(source) not in masked:
+            raise splits.SelectionError(f"split.segmentation_external: source {source!r} has no image with lung masks")
 
 
 def _segmentation_rows(m: pd.DataFrame) -> pd.DataFrame:
@@ -81,9 +122,9 @@ def _projection_rows(m: pd.DataFrame) -> pd.DataFrame:
     return m[m["projection"].isin(["frontal", "lateral"])]
 
 
-def _task_rows(task: str, m: pd.DataFrame) -> pd.DataFrame | None:
-    """A held-out-aware task's rows in the manifest (the covid task: None, its rules must each match)."""
-    return {"segmentation": _segmentation_rows, "projection": _projection_rows}.get(task, lambda _: None)(m)
+def _task_rows(task: str, m: pd.DataFrame) -> pd.DataFrame:
+    """A task's rows in the manifest (the covid task: every row; its experiment selects among them)."""
+    return {"segmentation": _segmentation_rows, "projection": _projection_rows}.get(task, lambda rows: rows)(m)
 
 
 def _unet_patients(segmentation: pd.DataFrame) -> dict[str, str]:
@@ -94,23 +135,43 @@ def _unet_patients(segmentation: pd.DataFrame) -> dict[str, str]:
     return dict(zip(learned["patient_id"].astype(str), learned["split"].astype(str)))
 
 
-def _held_out(task: str, p: dict, frame: pd.DataFrame | None = None) -> tuple[list[dict], str]:
+def _covid_test_patients(covid: pd.DataFrame) -> dict[str, str]:
+    """The covid task's test patients: the projection task puts them in its test split too, so that the filter that
+    decides which covid test images are usable never trained or was selected on their films. Only test is pinned: the
+    rest fill around them, and a held-out run whose covid task has no test split of its own (its test is the held-out
+    rows, the projection task's `external` ones, :func:`_held_rows`) still gets a projection test split."""
+    test = covid[covid["split"] == "test"]
+    return dict.fromkeys(test["patient_id"].astype(str), "test")
+
+
+def _held_out(task: str, p: dict, m: pd.DataFrame | None = None) -> tuple[list[dict], str]:
     """The rules of rows a task holds out of its patient-level split, and the split they go to.
 
-    Segmentation holds out the `segmentation_external` sources and every `holdout` rule that matches one of its rows
-    (``frame``, the task's rows; without it, every rule): the masks of a source or hospital held out of the covid task
-    never train or select the U-Net whose masks its images get. Projection holds out the `holdout` rules alike: the
-    filter that keeps or refuses a held-out source's images never learned from that source either, and its `external`
-    split says how it does on a source it never saw.
+    Segmentation holds out the `segmentation_external` sources and every `holdout` rule whose patients have rows in
+    the task (``m``: the manifest, or any part of it holding the task's rows; without it, every rule): the masks of a
+    source or hospital held out of the covid task never train or select the U-Net whose masks its images get.
+    Projection holds out the `holdout` rules alike: the filter that keeps or refuses a held-out source's images never
+    learned from that source either, and its `external` split says how it does on a source it never saw. Rules are
+    matched on ``m``'s own columns (a task's table relabels `label`).
     """
     if task == "covid" and p["holdout"]:
         return [dict(rule) for rule in p["holdout"]], "test"
     if task in ("segmentation", "projection"):
         rules = [{"source": str(s)} for s in p["segmentation_external"]] if task == "segmentation" else []
+        patients = None if m is None else _task_rows(task, m)["patient_id"]
         rules += [dict(rule) for rule in p["holdout"] or []
-                  if frame is None or splits.rule_matches(frame, [rule]).any()]
+                  if patients is None or patients.isin(m.loc[splits.rule_matches(m, [rule]), "patient_id"]).any()]
         return rules, "external" if rules else ""
     return [], ""
+
+
+def _held_rows(task: str, p: dict, m: pd.DataFrame, frame: pd.DataFrame) -> pd.Series:
+    """The rows of ``frame`` (a task's table) that ``task`` holds out: the covid task, the images its rules match in
+    the manifest ``m``; the projection and segmentation tasks, every image of those images' patients."""
+    matched = m[splits.rule_matches(m, _held_out(task, p, m)[0])]
+    if task == "covid":
+        return frame["image_id"].isin(matched["image_id"])
+    return frame["patient_id"].isin(matched["patient_id"])
 
 
 def validated_fractions(task: str, p: dict) -> dict[str, float]:
@@ -130,7 +191,7 @@ def run(p: dict, expectations: str) -> dict:
 
     results, held_rules = [], {}
     for name, table in tables.items():
-        held, held_split = _held_out(name, p, _task_rows(name, m))
+        held, held_split = _held_out(name, p, m)
         held_rules[name] = held
         checked_rows = table[table["split"] != held_split] if held else table
         if held and name == "covid" and p.get("holdout_with_test"):  # the rest's own test split is checked too

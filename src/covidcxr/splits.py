@@ -157,8 +157,8 @@ def split_with_holdout(
     A rule selects rows by column values as in :func:`select_experiment` (``{"source": "kermany"}``, or
     ``{"source": "cohen", "site": ["Germany", "Spain"]}`` for hospitals). Used for external validation: held-out sources
     or sites are the whole test split (``fractions`` then name only train and val), and external segmentation data
-    (``holdout_split="external"``). A rule that matches no row, a patient on both sides, or nothing left to split is a
-    :class:`SelectionError`. ``fixed`` places patients of the rest as in :func:`split_patients`.
+    (``holdout_split="external"``). A rule that matches no row is a :class:`SelectionError`, and so is what
+    :func:`split_held_out` refuses.
     """
     held = pd.Series(False, index=df.index)
     for rule in holdout:
@@ -166,12 +166,33 @@ def split_with_holdout(
         if not matched.any():
             raise SelectionError(f"held-out rule {dict(rule)} matches no row")
         held |= matched
+    return split_held_out(df, held, holdout_split=holdout_split, fractions=fractions, seed=seed, stratify=stratify,
+                          group=group, fixed=fixed, what=f"the held-out rows {[dict(r) for r in holdout]}")
+
+
+def split_held_out(
+    df: pd.DataFrame,
+    held: pd.Series,
+    *,
+    holdout_split: str = "test",
+    fractions: Mapping[str, float] = PAPER_FRACTIONS,
+    seed: int = 0,
+    stratify: str | None = "label",
+    group: str = "patient_id",
+    fixed: Mapping[str, str] | None = None,
+    what: str = "the held-out rows",
+) -> pd.Series:
+    """Split by patient, except that the rows where ``held`` is true all go to ``holdout_split``.
+
+    A patient on both sides, or nothing left to split, is a :class:`SelectionError` (``what`` names the held-out rows
+    in its message). ``fixed`` places patients of the rest as in :func:`split_patients`.
+    """
+    held = held.reindex(df.index, fill_value=False).astype(bool)
     if held.all():
-        raise SelectionError(f"holding out {[dict(r) for r in holdout]} leaves no rows to train on")
+        raise SelectionError(f"holding out {what} leaves no rows to train on")
     shared = set(df.loc[held, group].astype(str)) & set(df.loc[~held, group].astype(str))
     if shared:
-        raise SelectionError(f"{len(shared)} patients have images both in and out of the held-out rows "
-                             f"{[dict(r) for r in holdout]}")
+        raise SelectionError(f"{len(shared)} patients have images both in and out of {what}")
     rest = split_patients(df.loc[~held], fractions=fractions, seed=seed, stratify=stratify, group=group, fixed=fixed)
     out = pd.Series(pd.array([holdout_split] * len(df), dtype="string"), index=df.index, name="split")
     out[~held] = rest

@@ -1,0 +1,119 @@
+"""Stage `split`: held-out rules matched once on the manifest and applied to every task, the projection task pinned to
+the covid task's patients. In memory (task_tables), and one stage run in a scratch directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from covidcxr import splits
+from pipelines import _common
+from pipelines import split as split_stage
+
+EXPECTATIONS = str(Path(__file__).resolve().parents[2] / "expectations")
+
+
+def manifest_rows() -> pd.DataFrame:
+    """Three sources of two-image patients: `pos` (covid and negative, masks), `neg1` (negatives, no masks) and
+    `neg2` (masks; each patient's first film a negative frontal, the second a lateral of unknown label, which no
+    experiment selects but the projection and segmentation tasks use)."""
+    rows = []
+    for source, n in (("pos", 60), ("neg1", 40), ("neg2", 40)):
+        for i in range(n):
+            label = ("covid" if i < 30 else "negative") if source == "pos" else "negative"
+            if source == "neg2" and i % 2:
+                label = "unknown"
+            rows.append({"image_id": f"{source}/{i:03d}", "patient_id": f"{source}:{i // 2}", "source": source,
+                         "label": label, "projection": "lateral" if i % 4 == 3 else "frontal",
+                         "mask_path": None if source == "neg1" else f"m/{source}{i}.png"})
+    return pd.DataFrame(rows)
+
+
+def stage_params(**extra) -> dict:
+    return {"seed": 1, "fractions": dict(splits.PAPER_FRACTIONS), "tolerance": 0.15, "experiment": "all",
+            "holdout": [], "holdout_with_test": False, "segmentation_external": [],
+            "experiments": {"all": {"positives": [{"source": "pos", "label": "covid"}],
+                                    "negatives": [{"label": "negative"}]}}, **extra}
+
+
+def by_patient(table: pd.DataFrame) -> dict[str, str]:
+    assert (table.groupby("patient_id")["split"].nunique() == 1).all()
+    return dict(zip(table["patient_id"], table["split"]))
+
+
+RULE = {"source": "neg2", "label": "negative"}
+
+
+@pytest.mark.parametrize("with_test", [False, True])
+def test_a_held_out_rule_naming_the_label_holds_its_patients_out_of_the_projection_filter(with_test):
+    """The projection table's label is frontal/lateral: a rule naming the label matched none of its rows and was
+    dropped, so the filter trained on the held-out source, while the summary listed the rule as applied."""
+    m = manifest_rows()
+    p = stage_params(holdout=[RULE], holdout_with_test=with_test)
+    tables, _ = split_stage.task_tables(m, p)
+    held_patients = set(m.loc[splits.rule_matches(m, [RULE]), "patient_id"])
+    for task in ("projection", "segmentation"):
+        table = tables[task]
+        assert set(table.loc[table["patient_id"].isin(held_patients), "split"]) == {"external"}, task
+        assert set(table.loc[table["split"] == "external", "patient_id"]) == held_patients, task
+        assert len(table[table["patient_id"].isin(held_patients)]) == 40  # the unknown-label laterals too
+    covid = tables["covid"]
+    assert set(covid.loc[covid["patient_id"].isin(held_patients), "split"]) == {"test"}
+    assert split_stage._held_out("projection", p, m) == ([RULE], "external")
+    assert split_stage._held_out("segmentation", p, m) == ([RULE], "external")
+
+
+def test_a_held_out_patient_in_the_filter_s_or_the_unet_s_training_is_an_error():
+    m = manifest_rows()
+    tables, _ = split_stage.task_tables(m, stage_params())  # nothing held out: neg2 trains both
+    held = set(m.loc[m["source"] == "neg2", "patient_id"])
+    with pytest.raises(split_stage.HeldOutLeak, match=r"projection task: \d+ held-out patient\(s\) \(\d+ images\) "
+                                                      r"are in its train or val split: the projection filter"):
+        split_stage.check_held_out(tables, held)
+    tables["projection"] = tables["projection"].assign(split="external")
+    with pytest.raises(split_stage.HeldOutLeak, match="segmentation task: .* the U-Net"):
+        split_stage.check_held_out(tables, held)
+    assert issubclass(split_stage.HeldOutLeak, splits.SelectionError)
+    tables["segmentation"] = tables["segmentation"].assign(split="external")
+    split_stage.check_held_out(tables, held)
+
+
+def test_held_out_rules_matching_nothing_in_their_task_are_errors():
+    m = manifest_rows()
+    with pytest.raises(splits.SelectionError, match=r"held-out rule \{'source': 'neg3'\} matches no row of the covid"):
+        split_stage.task_tables(m, stage_params(holdout=[{"source": "neg3"}]))
+    with pytest.raises(splits.SelectionError, match="segmentation_external: source 'neg1' has no image with lung"):
+        split_stage.task_tables(m, stage_params(segmentation_external=["neg1"]))
+
+
+@pytest.mark.parametrize("extra", [{}, {"holdout": [{"source": "neg1"}], "holdout_with_test": True},
+                                   {"holdout": [{"source": "neg1"}]}])
+def test_no_covid_test_patient_s_films_train_or_select_the_projection_filter(extra):
+    """The projection split was drawn apart from the covid split: a covid test patient's films trained the filter
+    that then decides which covid test images are usable."""
+    m = manifest_rows()
+    tables, _ = split_stage.task_tables(m, stage_params(**extra))
+    covid, projection = by_patient(tables["covid"]), by_patient(tables["projection"])
+    held = set(m.loc[splits.rule_matches(m, extra.get("holdout", [])), "patient_id"])
+    tested = {p for p, s in covid.items() if s == "test"}
+    if extra.get("holdout_with_test", not extra):  # the covid task has test patients of its own
+        assert tested - held
+    assert {projection[p] for p in tested - held} <= {"test"}
+    assert {projection[p] for p in tested & held} <= {"external"}
+    # the others are split around them, every split present (a covid task without a test of its own included)
+    assert {"train", "val", "test"} <= set(tables["projection"]["split"])
+
+
+def test_the_stage_lists_only_the_rules_it_applied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    m = manifest_rows()
+    _common.write_csv(split_stage.MANIFEST, m)
+    summary = split_stage.run(stage_params(holdout=[RULE, {"source": "neg1"}]), EXPECTATIONS)
+    assert summary["held_out"]["projection"] == [RULE, {"source": "neg1"}]
+    assert summary["held_out"]["segmentation"] == [RULE]  # neg1 has no masks
+    projection = pd.read_csv(_common.split_table("projection")).merge(m[["image_id", "source"]])
+    assert set(projection.loc[projection["split"] == "external", "source"]) == {"neg1", "neg2"}
+    assert json.loads(Path(split_stage.SUMMARY).read_text())["held_out"]["projection"] == [RULE, {"source": "neg1"}]

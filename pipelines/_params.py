@@ -331,6 +331,7 @@ class Register(Section):
 
 class ModelCard(Section):
     gradcam_all_variants: bool = True
+    heldout_untouched: bool = False
 
 
 class Space(BaseModel):

@@ -1079,7 +1079,10 @@ def render_summary(project: Path = PROJECT) -> Path:
     lines.append("")
     for r in results:
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
-        lines += [f"## {r['experiment']}", "", r["description"].strip(), "",
+        description = r["description"]  # the overlay's current one, as its notes: corrected descriptions are shown
+        if r["experiment"] in available():
+            description = load(r["experiment"]).get("description") or description
+        lines += [f"## {r['experiment']}", "", description.strip(), "",
                   f"- command: `{r['command']}`", f"- settings: {settings}",
                   f"- wall time: {r['wall_seconds'] / 60:.1f} min on {_machine(r)} (finished {r['finished']})"]
         lines += [f"- train_seconds ({name}): {_fmt(run['train_seconds'])}"

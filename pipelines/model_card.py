@@ -118,7 +118,8 @@ def collect(p: dict, registered: dict, run_id: str) -> modelcard.CardData:
         split_check={task: modelcard.split_check(t) for task, t in tables.items()},
         metrics={k: evaluation[k] for k in ("test", "val") if k in evaluation}, curves=curves,
         gradcam=gradcam_images(classifier, bool(p["gradcam_all_variants"])), audit=audit,
-        heldout=registered.get("heldout"), selection=registered.get("candidates") or (),
+        heldout=registered.get("heldout"), heldout_untouched=bool(p["heldout_untouched"]),
+        selection=registered.get("candidates") or (),
         classifiers=classifier_summary(),
         synthetic="demo" in data["sources"],
     )

@@ -251,3 +251,14 @@ def test_a_held_out_hospital_s_own_thresholds_are_on_the_card():
         assert value in text.split("A new site's own thresholds")[1]
     assert "0.424" not in text  # another classifier's figure: not this card's
     assert "A new site's own thresholds" not in " ".join(parse(modelcard.render(card())).text)
+
+
+def test_held_out_rows_are_development_figures_unless_the_card_is_told_they_are_untouched():
+    """The real-data profile's settings were chosen on held-out runs of the same rules and test images: the card never
+    calls a held-out row an untouched test unless told no choice ever saw it."""
+    section = " ".join(parse(modelcard.render(card())).text).split("never saw")[1].split("Which classifier")[0]
+    assert "no row is an untouched external test" in section and "every row here is a development figure" in section
+    assert "development (did not choose)" in section and "never influenced" not in section
+    untouched = " ".join(parse(modelcard.render(card(heldout_untouched=True))).text)
+    assert "influenced no choice, of the classifier or of its settings: they are the test" in untouched
+    assert "development figure" not in untouched

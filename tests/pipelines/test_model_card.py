@@ -17,7 +17,7 @@ from covidcxr.modelcard import ModelCardError
 from pipelines import model_card
 
 NAME = "covidcxr"
-PARAMS = {"model_card": {"gradcam_all_variants": True}}
+PARAMS = {"model_card": {"gradcam_all_variants": True, "heldout_untouched": False}}
 SERVING = {"size": 64, "variant": "c", "frontal_threshold": 0.5, "min_area": 0.05, "max_area": 0.8, "min_age": 18.0}
 
 
@@ -110,7 +110,7 @@ def test_stage_writes_the_card_and_logs_it_with_the_model(project):
     assert "no patient appears in more than one split" in page
     assert page.count("data:image/png;base64,") == 2  # the registered grid and the other variant's
     assert "under 70% of the heat map inside the lungs" in page and "0.457 [0.300, 0.600]" in page  # audit, held out
-    assert "chosen: best worst held-out specificity" in page
+    assert "chosen: best worst held-out specificity" in page and "development figure" in page
     assert "synthetic phantoms" in page and run_id in page
     assert "intended population</td><td>aged 18 and over: a DICOM giving a younger age is refused" in page
     for secret in ("PATIENT-", "IMG0", "data/demo/images"):  # no identifiers, no file paths of patient data

@@ -1079,10 +1079,13 @@ def render_summary(project: Path = PROJECT) -> Path:
     lines.append("")
     for r in results:
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
-        description = r["description"]  # the overlay's current one, as its notes: corrected descriptions are shown
+        # the overlay's current description (corrected since, maybe), and the record's own where it differs
+        description = r["description"].strip()
         if r["experiment"] in available():
-            description = load(r["experiment"]).get("description") or description
-        lines += [f"## {r['experiment']}", "", description.strip(), "",
+            current = (load(r["experiment"]).get("description") or "").strip()
+            if current and current != description:
+                description = f"{current}\n\n(The description this record was made under, superseded: {description})"
+        lines += [f"## {r['experiment']}", "", description, "",
                   f"- command: `{r['command']}`", f"- settings: {settings}",
                   f"- wall time: {r['wall_seconds'] / 60:.1f} min on {_machine(r)} (finished {r['finished']})"]
         lines += [f"- train_seconds ({name}): {_fmt(run['train_seconds'])}"

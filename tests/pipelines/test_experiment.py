@@ -797,9 +797,14 @@ def test_every_run_records_the_machine_it_ran_on():
 
 def test_the_summary_shows_an_overlay_s_current_description_not_the_one_recorded(tmp_path: Path):
     """A record keeps the description it ran with; the summary shows the overlay's (corrected since: the held-out
-    sources of all-sources are development figures, where the record said they never influenced a choice)."""
+    sources of all-sources are development figures, where the record said they never influenced a choice), and the
+    record's as superseded."""
     base = {"experiment": "all-sources", "command": "c", "description": "never influence a choice", "settings": {},
             "wall_seconds": 60.0, "finished": "now", "headline": {}, "runs": {}, "kind": "classifier"}
     experiment.record(tmp_path, "all-sources", base)
     summary = experiment.render_summary(tmp_path).read_text()
-    assert "never influence a choice" not in summary and "is a development figure" in summary
+    current = summary.index("is a development figure")
+    assert current < summary.index("made under, superseded: never influence a choice)")
+    current = experiment.load("all-sources")["description"].strip()
+    experiment.record(tmp_path, "all-sources", {**base, "description": current})  # the same: shown once
+    assert "superseded" not in experiment.render_summary(tmp_path).read_text()

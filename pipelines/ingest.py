@@ -1,4 +1,10 @@
-"""Stage `ingest`: every configured source -> one manifest; rejects and duplicates reported, never dropped silently."""
+"""Stage `ingest`: every configured source -> one manifest; rejects and duplicates reported, never dropped silently.
+
+A byte-identical file listed twice (by two sources, or by one under two patient ids) is kept once, the first copy in
+source order; the patient keys that share such a file become one (:func:`covidcxr.manifest.merge_patients`), so that
+the split keeps that person's images together, and copies whose labels disagree are counted (``label_conflicts``)
+and warned about: the kept copy's label is the one the manifest holds.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +61,9 @@ def run(p: dict, experiment: str = "demo") -> dict:
         listed, max_pixels=p["max_pixels"], workers=int(p["workers"] or os.cpu_count() or 1),
         progress=_common.show_progress(),
     )
+    described, patients_merged = manifest.merge_patients(described)
     duplicates = manifest.find_duplicates(described)
+    label_conflicts = int(duplicates["same_label"].eq(False).sum())
     result = described[~described["image_id"].isin(duplicates["image_id"])].reset_index(drop=True)
     if p["pseudonymize"]:
         salt = os.environ.get("COVIDCXR_PSEUDONYM_SALT") or str(p["salt"])
@@ -70,6 +78,8 @@ def run(p: dict, experiment: str = "demo") -> dict:
         "rejected": rejected,
         "masks_rejected": int((rejects["kind"] == "mask").sum()),
         "duplicates": len(duplicates),
+        "label_conflicts": label_conflicts,
+        "patients_merged": patients_merged,
         "reject_fraction": round(rejected / max(len(listed), 1), 6),
         "by_source": {s: int(n) for s, n in result["source"].value_counts().sort_index().items()},
         "by_label": {s: int(n) for s, n in result["label"].value_counts().sort_index().items()},
@@ -85,6 +95,12 @@ def run(p: dict, experiment: str = "demo") -> dict:
         log.warning("rejected %s of %s (%s): %s", row.kind, row.image_id, row.reason, row.problem)
     log.info("manifest: %d images of %d patients; %d images and %d masks rejected, %d duplicates", len(result),
              summary["patients"], rejected, summary["masks_rejected"], len(duplicates))
+    if patients_merged:
+        log.warning("%d patient key(s) merged into another: they share a byte-identical image (%s)", patients_merged,
+                    DUPLICATES)
+    if label_conflicts:
+        log.warning("%d duplicate image(s) carry another label than the copy kept, whose label the manifest holds: "
+                    "see same_label in %s", label_conflicts, DUPLICATES)
     _tracking.setup_tracking()
     with tracking.run(_common.mlflow_experiment(experiment), "ingest", params=run_params(p),
                       tags=_tracking.repro_tags("ingest", experiment)):  # a failure below: run FAILED, rejects logged
@@ -124,7 +140,8 @@ def log_to_mlflow(summary: dict, rejects: pd.DataFrame) -> None:
 
     mlflow.log_metrics({"n_listed": summary["listed"], "n_accepted": summary["accepted"],
                         "n_rejected": summary["rejected"], "n_masks_rejected": summary["masks_rejected"],
-                        "n_duplicates": summary["duplicates"], "reject_fraction": summary["reject_fraction"]})
+                        "n_duplicates": summary["duplicates"], "n_label_conflicts": summary["label_conflicts"],
+                        "reject_fraction": summary["reject_fraction"]})
     mlflow.log_text(mlflow_rejects(rejects).to_csv(index=False, lineterminator="\n"), "ingest/rejects.csv")
     mlflow.log_dict(summary, "ingest/summary.json")
 

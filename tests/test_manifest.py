@@ -130,3 +130,18 @@ def test_read_raw_csv_adds_no_column_and_keeps_the_dtypes(tmp_path):
     assert "modality" not in raw and raw["width"].dtype == "Int64" and raw["mask_path"].dtype == "string"
     assert raw["mask_path"].isna().all()  # an empty cell is <NA>, as in read_csv
     assert manifest.read_csv(path)["modality"].isna().all()
+
+
+def test_patients_sharing_a_file_become_one_the_first_listed():
+    files = [("a1", "a:1", "h1"), ("b1", "b:9", "h1"), ("b2", "b:9", "h2"), ("c1", "c:3", "h2"), ("c2", "c:3", "h3"),
+             ("d1", "d:4", "h4")]
+    df = listed([row(i, f"{i}.png", patient_id=patient, sha256=sha) for i, patient, sha in files])
+    merged, n = manifest.merge_patients(df)
+    assert n == 2  # b:9 through a shared file with a:1, c:3 through one with b:9
+    assert list(merged["patient_id"]) == ["a:1"] * 5 + ["d:4"]
+    assert merged.drop(columns="patient_id").equals(df.drop(columns="patient_id"))
+    # later keys never win, whatever order the links are met in
+    again, _ = manifest.merge_patients(df.iloc[[0, 3, 4, 1, 2, 5]].reset_index(drop=True))
+    assert set(again["patient_id"]) == {"a:1", "d:4"}
+    unique = df.assign(sha256=[f"h{i}" for i in range(len(df))])
+    assert manifest.merge_patients(unique) == (unique, 0)

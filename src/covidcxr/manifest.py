@@ -200,6 +200,37 @@ def describe_images(
     return conform(out), rejects
 
 
+def merge_patients(manifest: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """One patient key for the keys that share an image: ``(manifest with merged patient_id, keys merged)``.
+
+    A file listed by two sources, or twice by one under two patient ids, is one person's film: their keys are grouped
+    (union-find over keys linked by a content hash) and every row of a group takes the key of the group's first row
+    in manifest order, which is the kept copy's for :func:`find_duplicates`. Ingest merges before it drops the later
+    copies, so the split, which splits by ``patient_id``, keeps the person's remaining images together; no column is
+    added. Returns how many keys were merged into another one (0: the manifest is unchanged).
+    """
+    keys = manifest["patient_id"].astype("string")
+    order = {key: i for i, key in enumerate(keys.dropna().unique())}
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.get(key, key) != key:
+            key = parent[key]
+        return key
+
+    for shared in manifest.assign(patient_id=keys).groupby("sha256", sort=False)["patient_id"]:
+        linked = shared[1].dropna().unique()
+        for other in linked[1:]:
+            a, b = sorted((root(linked[0]), root(other)), key=order.__getitem__)
+            if a != b:
+                parent[b] = a  # the earlier key stays
+    if not parent:
+        return manifest, 0
+    out = manifest.copy()
+    out["patient_id"] = pd.array([k if pd.isna(k) else root(k) for k in keys], dtype="string")
+    return out, len(parent)
+
+
 def find_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
     """Images whose content hash equals an earlier image's (manifest order): which one is kept, and label agreement."""
     first = manifest.drop_duplicates("sha256").set_index("sha256")

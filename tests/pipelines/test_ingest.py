@@ -106,3 +106,31 @@ def test_two_sources_listing_the_same_image_ids_are_an_error_naming_both(corpus:
                                                           r"generic/scans/.*under data/private-site-7 and "
                                                           r"data/private-site-8\)"):
         ingest.run(two, "ingest-test")
+
+
+def test_a_file_listed_under_two_patients_merges_them_and_a_label_conflict_is_counted(corpus: Path, caplog):
+    """The same film under a second patient id (and another label): ingest dropped the copy but left its patient a
+    separate person, whose other films the split could put in train while the kept copy's patient was in test; the
+    copies' disagreement on the label was neither counted nor reported."""
+    import logging
+
+    root = corpus / ROOT
+    (root / "scans/zz_copy_of_0.png").write_bytes((root / "scans/good_0.png").read_bytes())
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 32), dtype=np.uint8)).save(root / "scans/zz_p7.png")
+    listed = pd.read_csv(root / "manifest.csv")
+    extra = pd.DataFrame({"path": ["scans/zz_copy_of_0.png", "scans/zz_p7.png"], "patient_id": ["p7", "p7"],
+                          "label": ["covid", "covid"], "projection": "frontal"})  # good_0: p0's, negative, listed first
+    pd.concat([listed, extra]).to_csv(root / "manifest.csv", index=False)
+
+    with caplog.at_level(logging.WARNING, logger="covidcxr"):
+        summary = ingest.run(params(max_reject_fraction=0.4), "ingest-test")
+    assert (summary["accepted"], summary["duplicates"]) == (5, 1)
+    assert (summary["label_conflicts"], summary["patients_merged"]) == (1, 1)
+    assert summary["patients"] == 4  # p0..p3, p7 now p0
+    m = pd.read_csv(corpus / ingest.MANIFEST).set_index("image_id")
+    assert m.loc["generic/scans/zz_p7", "patient_id"] == m.loc["generic/scans/good_0", "patient_id"]
+    assert m.loc["generic/scans/good_0", "label"] == "negative"  # the kept copy's
+    assert "1 duplicate image(s) carry another label than the copy kept" in caplog.text
+    assert "1 patient key(s) merged" in caplog.text
+    found, _ = ingest_run(corpus)
+    assert found.data.metrics["n_label_conflicts"] == 1

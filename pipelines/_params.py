@@ -330,6 +330,7 @@ class Register(Section):
 
 
 class ModelCard(Section):
+    images: bool = True
     gradcam_all_variants: bool = True
     heldout_untouched: bool = False
 

@@ -1,9 +1,10 @@
 """Stage `model_card`: a self-contained HTML model card for the model `register` just registered.
 
 Reads the reports (register, with the candidates and the held-out results of the model's settings; evaluate, explain,
-audit), the split tables and the manifest's source column (aggregate counts only), renders with covidcxr.modelcard,
-writes reports/model_card/<name>-v<version>.html and index.html, and logs the card to the MLflow run that produced the
-registered version, tagging the version with it."""
+audit), the split tables and the manifest's source column (aggregate counts only), and the Grad-CAM grids, which are
+test radiographs with whatever text is burned into them (`model_card.images: false` leaves them out, for data that is
+not public), renders with covidcxr.modelcard, writes reports/model_card/<name>-v<version>.html and index.html, and
+logs the card to the MLflow run that produced the registered version, tagging the version with it."""
 
 from __future__ import annotations
 
@@ -117,7 +118,8 @@ def collect(p: dict, registered: dict, run_id: str) -> modelcard.CardData:
         model=model_facts(registered, evaluation, run_id), data=data,
         split_check={task: modelcard.split_check(t) for task, t in tables.items()},
         metrics={k: evaluation[k] for k in ("test", "val") if k in evaluation}, curves=curves,
-        gradcam=gradcam_images(classifier, bool(p["gradcam_all_variants"])), audit=audit,
+        gradcam=gradcam_images(classifier, bool(p["gradcam_all_variants"])) if p["images"] else {},
+        images=bool(p["images"]), audit=audit,
         heldout=registered.get("heldout"), heldout_untouched=bool(p["heldout_untouched"]),
         selection=registered.get("candidates") or (),
         classifiers=classifier_summary(),

@@ -262,3 +262,10 @@ def test_held_out_rows_are_development_figures_unless_the_card_is_told_they_are_
     untouched = " ".join(parse(modelcard.render(card(heldout_untouched=True))).text)
     assert "influenced no choice, of the classifier or of its settings: they are the test" in untouched
     assert "development figure" not in untouched
+
+
+def test_the_card_says_its_grad_cam_images_are_radiographs_and_leaves_them_out_when_told():
+    shown = " ".join(parse(modelcard.render(card())).text)
+    assert "the test radiographs themselves" in shown and "text burned into them" in shown
+    page = modelcard.render(card(images=False))  # even with grids given: none is embedded
+    assert "data:image" not in page and "<img" not in page and "Grad-CAM grids left out of this card" in page

@@ -3,7 +3,10 @@
 The card renders offline: inline CSS, plots as inline SVG, images as base64 ``data:`` URIs; no scripts, fonts or
 links to the network. Every string that reaches the page is escaped with :func:`html.escape`. The caller (the
 ``model_card`` stage) reads the reports and decides where the card goes; this module never touches a file.
-No patient-level data belongs here: only aggregate counts.
+Every figure is an aggregate count or rate, never an identifier; but the Grad-CAM grids are radiographs: test images
+drawn over the original files at display size, so any text burned into a film (a name, a date, an accession number)
+reaches the card with them. For data that is not public, leave them out (``CardData.images`` False; the stage's
+``model_card.images: false``).
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ class CardData:
     data: from :func:`data_summary`; split_check: per task, from :func:`split_check`.
     metrics: the evaluate report of the registered classifier (``{split: {at_operating, ci_at_operating, ece}}``).
     curves: ``roc``/``pr``/``reliability`` point lists as the evaluate stage writes them.
-    gradcam: title -> PNG or JPEG bytes. audit: the audit report or None (not run).
+    gradcam: title -> PNG or JPEG bytes: radiographs, with whatever text is burned into them; images: False leaves
+    them out (the card says so; for data that is not public). audit: the audit report or None (not run).
     heldout: the held-out-source results of the registered model's settings (``register.heldout``: ``figure``,
     ``by_classifier``, ``select``, ``seeds``, ``sources`` -> classifier -> row: one seed's CIs, or the means over
     seeds), or None.
@@ -72,6 +76,7 @@ class CardData:
     metrics: Mapping[str, Mapping]
     curves: Mapping[str, Sequence[Mapping]] = field(default_factory=dict)
     gradcam: Mapping[str, bytes] = field(default_factory=dict)
+    images: bool = True
     audit: Mapping | None = None
     heldout: Mapping | None = None
     heldout_untouched: bool = False
@@ -334,12 +339,20 @@ def _section_plots(curves: Mapping[str, Sequence[Mapping]], label: str) -> str:
     return "".join(out)
 
 
-def _section_gradcam(images: Mapping[str, bytes]) -> str:
+def _section_gradcam(images: Mapping[str, bytes], shown: bool = True) -> str:
     out = ["<h2>Grad-CAM</h2>"]
+    if not shown:
+        return out[0] + ("<p>Grad-CAM grids left out of this card (<code>model_card.images: false</code>): they are "
+                         "the test radiographs themselves, and text burned into a film (a name, a date, an accession "
+                         "number) would reach the card with them. <code>reports/explain/gradcam/</code> holds them "
+                         "where the data may be read.</p>")
     if not images:
         return out[0] + "<p>No Grad-CAM images in this run.</p>"
     out.append("<p>Heat maps (gradients of the logit of the last convolutional block) on a fixed sample of test "
-               "images: true and false positives and negatives, with the model's score.</p>")
+               "images: true and false positives and negatives, with the model's score. The images are the test "
+               "radiographs themselves, drawn over the original files at display size, with any text burned into "
+               "them: fine for public collections; for a hospital's data render the card without them "
+               "(<code>model_card.images: false</code>).</p>")
     for title, data in images.items():
         out.append(f'<figure><img alt="{_e(title)}" src="{image_data_uri(data)}">'
                    f"<figcaption>{_e(title)}</figcaption></figure>")
@@ -514,7 +527,7 @@ def render(card: CardData) -> str:
         _section_data(card.data, card.split_check),
         _section_metrics(card.metrics, m.get("operating_threshold")),
         _section_plots(card.curves, str(m.get("classifier", name))),
-        _section_gradcam(card.gradcam),
+        _section_gradcam(card.gradcam, card.images),
         _section_audit(card.audit),
         _section_heldout(card.heldout, m.get("classifier"), card.heldout_untouched),
         _section_selection(card.selection, m.get("classifier")),

@@ -17,7 +17,7 @@ from covidcxr.modelcard import ModelCardError
 from pipelines import model_card
 
 NAME = "covidcxr"
-PARAMS = {"model_card": {"gradcam_all_variants": True, "heldout_untouched": False}}
+PARAMS = {"model_card": {"images": True, "gradcam_all_variants": True, "heldout_untouched": False}}
 SERVING = {"size": 64, "variant": "c", "frontal_threshold": 0.5, "min_area": 0.05, "max_area": 0.8, "min_age": 18.0}
 
 
@@ -122,6 +122,16 @@ def test_stage_writes_the_card_and_logs_it_with_the_model(project):
     assert tag == f"runs:/{run_id}/model_card/covidcxr-v1.html" == result["artifact_uri"]
     logged = mlflow.artifacts.download_artifacts(tag, dst_path=str(root / "download"))
     assert Path(logged).read_text(encoding="utf-8") == page
+
+
+def test_a_card_of_data_that_is_not_public_holds_no_radiograph(project):
+    """The Grad-CAM grids are test films with whatever text is burned into them: `images: false` leaves every one out
+    and the card says why."""
+    root, _, _ = project
+    model_card.run({**PARAMS["model_card"], "images": False})
+    page = (root / "reports/model_card/index.html").read_text(encoding="utf-8")
+    assert "data:image" not in page and "<img" not in page
+    assert "Grad-CAM grids left out of this card" in page and "burned into a film" in page
 
 
 def test_missing_audit_and_heldout_results_are_stated(project):

@@ -100,8 +100,8 @@ def gradcam_images(classifier: str, all_variants: bool) -> dict[str, bytes]:
     return images
 
 
-def collect(p: dict, registered: dict, run_id: str) -> modelcard.CardData:
-    """The card's content from the reports on disk."""
+def collect(p: dict, registered: dict, run_id: str, n_boot: int | None = None) -> modelcard.CardData:
+    """The card's content from the reports on disk (``n_boot``: evaluate's bootstrap resamples)."""
     classifier = str(registered["classifier"])
     evaluation = read_json(f"reports/evaluate/{classifier}/metrics.json", "evaluate")
     curves = {name: read_json(f"reports/evaluate/{classifier}/{name}.json", "evaluate")
@@ -117,7 +117,7 @@ def collect(p: dict, registered: dict, run_id: str) -> modelcard.CardData:
     return modelcard.CardData(
         model=model_facts(registered, evaluation, run_id), data=data,
         split_check={task: modelcard.split_check(t) for task, t in tables.items()},
-        metrics={k: evaluation[k] for k in ("test", "val") if k in evaluation}, curves=curves,
+        metrics={k: evaluation[k] for k in ("test", "val") if k in evaluation}, n_boot=n_boot, curves=curves,
         gradcam=gradcam_images(classifier, bool(p["gradcam_all_variants"])) if p["images"] else {},
         images=bool(p["images"]), audit=audit,
         heldout=registered.get("heldout"), heldout_untouched=bool(p["heldout_untouched"]),
@@ -127,7 +127,9 @@ def collect(p: dict, registered: dict, run_id: str) -> modelcard.CardData:
     )
 
 
-def run(p: dict) -> dict:
+def run(p: dict, n_boot: int | None = None) -> dict:
+    """Render, write and log the card; ``n_boot``: the resamples of evaluate's bootstrap CIs (``evaluate.n_boot``),
+    against which the card judges how many of them left a metric undefined."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -144,7 +146,7 @@ def run(p: dict) -> dict:
         raise ModelCardError(f"{REGISTERED} names {name} v{version}, which the registry at "
                              f"{mlflow.get_tracking_uri()} does not hold") from exc
 
-    page = modelcard.render(collect(p, registered, run_id))
+    page = modelcard.render(collect(p, registered, run_id, n_boot))
     card = OUT / f"{name}-v{version}.html"
     for path in (card, OUT / "index.html"):
         _common.write_with(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
@@ -156,5 +158,5 @@ def run(p: dict) -> dict:
 
 
 if __name__ == "__main__":
-    run(_common.params("model_card"))
+    run(_common.params("model_card"), n_boot=int(_common.params("evaluate.n_boot")))
     _common.finish()

@@ -269,3 +269,20 @@ def test_the_card_says_its_grad_cam_images_are_radiographs_and_leaves_them_out_w
     assert "the test radiographs themselves" in shown and "text burned into them" in shown
     page = modelcard.render(card(images=False))  # even with grids given: none is embedded
     assert "data:image" not in page and "<img" not in page and "Grad-CAM grids left out of this card" in page
+
+
+def test_a_ci_shows_its_undefined_resamples_and_none_past_the_limit():
+    """A bootstrap CI is over the resamples where its metric was defined: the card counts the others, and a CI
+    undefined in more than SKIPPED_LIMIT of them is a dash, not an interval of the lucky resamples."""
+    block = metrics_block(0.9)
+    block["ci_at_operating"] = {"roc_auc": {"value": 0.9, "low": 0.812, "high": 0.999, "n_skipped": 0},
+                                "sensitivity": {"value": 0.8, "low": 0.61, "high": 0.94, "n_skipped": 120},
+                                "specificity": {"value": 0.95, "low": 0.9, "high": 0.99, "n_skipped": 30},
+                                "f1": {"value": 0.86, "low": 0.7, "high": 0.9}}  # a report from before the count
+    text = " ".join(parse(modelcard.render(card(metrics={"test": block}, n_boot=500))).text)
+    assert "500 resamples" in text and "resamples undefined" in text
+    assert "— (undefined in 24% of resamples)" in text and "120 of 500" in text and "0.610 – 0.940" not in text
+    assert "0.900 – 0.990" in text and "30 of 500" in text and "0.812 – 0.999" in text and "0 of 500" in text
+    assert "0.700 – 0.900" in text and "not recorded" in text
+    unknown = " ".join(parse(modelcard.render(card(metrics={"test": block}))).text)  # n_boot not given: the count
+    assert "0.610 – 0.940" in unknown and "120" in unknown

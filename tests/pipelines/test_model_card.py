@@ -124,6 +124,19 @@ def test_stage_writes_the_card_and_logs_it_with_the_model(project):
     assert Path(logged).read_text(encoding="utf-8") == page
 
 
+def test_the_card_judges_each_ci_by_the_bootstrap_s_resamples(project):
+    """`evaluate.n_boot` reaches the card: a CI whose metric was undefined in most resamples is not shown."""
+    root, _, _ = project
+    report = evaluation(0.9312)
+    report["test"] = {**report["test"], "ci_at_operating": {
+        "roc_auc": {"low": 0.701, "high": 1.0, "n_skipped": 0},
+        "sensitivity": {"low": 0.5, "high": 1.0, "n_skipped": 300}}}
+    write(root / "reports/evaluate/c_vgg16/metrics.json", report)
+    model_card.run(PARAMS["model_card"], n_boot=500)
+    page = (root / "reports/model_card/index.html").read_text(encoding="utf-8")
+    assert "500 resamples" in page and "undefined in 60% of resamples" in page and "300 of 500" in page
+
+
 def test_a_card_of_data_that_is_not_public_holds_no_radiograph(project):
     """The Grad-CAM grids are test films with whatever text is burned into them: `images: false` leaves every one out
     and the card says why."""

@@ -8,6 +8,8 @@ import json
 import logging
 import socket
 import sqlite3
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -113,9 +115,23 @@ def test_urls_come_from_the_environment_first_and_never_carry_a_password(monkeyp
     assert "hunter22" not in str(err.value)
 
 
+def test_reading_creates_nothing_and_says_what_is_missing(tmp_path):
+    """`covidcxr monitor --log sqlite:///typo.db` read an empty window (a quiet day) and left the file behind."""
+    typo = tmp_path / "typo" / "predictions.db"
+    with pytest.raises(predlog.PredictionLogError, match=r"typo/predictions.db cannot be read: its file .* does not "
+                                                         r"exist"):
+        predlog.read(f"sqlite:///{typo}")
+    assert not typo.parent.exists()
+    other = tmp_path / "mlflow.db"  # a database, but not a prediction log
+    sqlite3.connect(other).execute("CREATE TABLE runs (id INTEGER)").connection.close()
+    before = other.read_bytes()
+    with pytest.raises(predlog.PredictionLogError, match="mlflow.db cannot be read: it holds no 'predictions' table"):
+        predlog.read(f"sqlite:///{other}")
+    assert other.read_bytes() == before
+
+
 def test_read_selects_a_window_by_model_version_and_time(tmp_path):
     url = f"sqlite:///{tmp_path / 'p.db'}"
-    assert predlog.read(url).empty  # no table yet: an empty window
     sink = predlog.PredictionLog(url)
     start = dt.datetime(2026, 3, 1)
     for hour in range(6):
@@ -127,6 +143,44 @@ def test_read_selects_a_window_by_model_version_and_time(tmp_path):
     window = predlog.read(url, model_name="covidcxr", model_version="1", since=start + dt.timedelta(hours=1),
                           until=start + dt.timedelta(hours=4))
     assert [t.hour for t in window["time"]] == [2] and predlog.read(url, model_name="other").empty
+
+
+WRITER = """
+import datetime as dt, json, sys
+from covidcxr import predlog
+entry = dict.fromkeys(predlog.ENTRY_COLUMNS) | {"accepted": True}
+records = predlog.records([entry] * 5, {}, {}, when=dt.datetime(2026, 3, 1), model_name="covidcxr", model_version="1")
+metadata, _ = predlog._table()  # SQLAlchemy's lazy imports done before the start, so the writers meet at the CREATE
+metadata.create_all(predlog.engine_for("sqlite://"))
+print("ready", flush=True)
+for url in sys.stdin:  # one fresh log a round, given to every writer at once
+    sink = predlog.PredictionLog(url.strip())
+    sink.append(records)
+    sink.flush(30)
+    print(json.dumps({"written": sink.written, "lost": sink.lost}), flush=True)
+"""
+
+
+def test_writers_starting_together_on_a_fresh_log_lose_nothing(tmp_path):
+    """Servers (or workers) started at once on a new log all create its table: the CREATE of all but the first failed
+    (table already exists), and they lost their first batch and every record of the next 10 seconds. Six writers on
+    each of eight fresh logs (the race is one of timing: on two loaded cores, some rounds do not meet)."""
+    n, rounds = 6, 8
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True) for _ in range(n)]
+    try:
+        assert [w.stdout.readline() for w in writers] == ["ready\n"] * n
+        for k in range(rounds):
+            url = f"sqlite:///{tmp_path / str(k) / 'predictions.db'}"
+            for w in writers:
+                w.stdin.write(url + "\n")
+                w.stdin.flush()
+            results = [json.loads(w.stdout.readline()) for w in writers]
+            assert results == [{"written": 5, "lost": 0}] * n, f"round {k}"
+            assert len(predlog.read(url)) == 5 * n
+    finally:
+        for w in writers:
+            w.kill()
 
 
 def old_log(url: str, when: dt.datetime, lacking: tuple[str, ...]) -> None:

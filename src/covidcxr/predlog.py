@@ -23,6 +23,7 @@ import datetime as dt
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -154,6 +155,18 @@ def _table():
     return metadata, table
 
 
+def create_table(engine, metadata) -> None:
+    """Create the log's table (and its index) where it is missing. Another writer creating it at the same moment is no
+    error: the CREATE of whichever comes second fails, and the table is there."""
+    from sqlalchemy import inspect
+
+    try:
+        metadata.create_all(engine, checkfirst=True)
+    except Exception:
+        if not inspect(engine).has_table(TABLE):
+            raise
+
+
 def add_missing_columns(engine, table) -> list[str]:
     """Bring a log table created by an earlier version up to :func:`_table`'s: add each nullable column it lacks
     (:data:`ADDED_COLUMNS`; rows written before have nulls there). Returns the columns added. Another writer adding
@@ -179,16 +192,26 @@ def add_missing_columns(engine, table) -> list[str]:
     return added
 
 
-def engine_for(url: str):
-    """An SQLAlchemy engine for the log; a sqlite file's folder is created."""
+def engine_for(url: str, *, create: bool = True):
+    """An SQLAlchemy engine for the log. ``create`` (writing): a sqlite file's folder is created, and the file on first
+    connection; else (reading) a missing sqlite file raises :class:`PredictionLogError` and the file is opened so that
+    it cannot be created."""
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        return create_engine(url, connect_args={"timeout": 30})
+        path = parsed.database
+        if not path or path == ":memory:" or path.startswith("file:"):
+            return create_engine(url, connect_args={"timeout": 30})
+        if create:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return create_engine(url, connect_args={"timeout": 30})
+        if not Path(path).is_file():
+            raise PredictionLogError(f"prediction log {dburl.shown_url(url)} cannot be read: its file {path} does not "
+                                     "exist (a server creates it on its first write; check the URL)")
+        uri = Path(path).resolve().as_uri() + "?mode=rw"  # rw: never creates the file (it may be gone by now)
+        return create_engine(url, creator=lambda: sqlite3.connect(uri, uri=True, timeout=30))
     connect_args = {"connect_timeout": 5} if parsed.get_backend_name() == "postgresql" else {}
     return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
@@ -268,7 +291,7 @@ class PredictionLog:
         if self._engine is None:
             metadata, self._sql = _table()
             self._engine = engine_for(self.url)
-            metadata.create_all(self._engine, checkfirst=True)
+            create_table(self._engine, metadata)
             add_missing_columns(self._engine, self._sql)
         with self._engine.begin() as connection:
             connection.execute(self._sql.insert(), batch)
@@ -295,15 +318,17 @@ class PredictionLog:
 def read(url: str, *, model_name: str | None = None, model_version: str | None = None,
          since: dt.datetime | None = None, until: dt.datetime | None = None) -> pd.DataFrame:
     """The records of a window (times in UTC; ``since`` inclusive, ``until`` exclusive), oldest first, as a frame of
-    :data:`COLUMNS` (``features`` a list per row, or None); raises :class:`PredictionLogError` naming the log."""
+    :data:`COLUMNS` (``features`` a list per row, or None). Reading creates nothing: a missing sqlite file, or a
+    database without the log's table, raises :class:`PredictionLogError` naming the log, as does any other failure."""
     from sqlalchemy import inspect, select
 
     shown = dburl.shown_url(url)
     try:
-        engine = engine_for(url)
+        engine = engine_for(url, create=False)
         try:
             if not inspect(engine).has_table(TABLE):
-                return pd.DataFrame(columns=list(COLUMNS))
+                raise PredictionLogError(f"prediction log {shown} cannot be read: it holds no {TABLE!r} table (no "
+                                         "server has written to it; check the URL)")
             _, table = _table()
             present = {c["name"] for c in inspect(engine).get_columns(TABLE)}  # a log no server has migrated yet
             query = select(*(table.c[c] for c in COLUMNS if c in present)).order_by(table.c.id)
@@ -318,6 +343,8 @@ def read(url: str, *, model_name: str | None = None, model_version: str | None =
                 rows = [dict(r) for r in connection.execute(query).mappings()]
         finally:
             engine.dispose()
+    except PredictionLogError:
+        raise
     except Exception as exc:  # noqa: BLE001 - one typed error naming the log, without credentials
         raise PredictionLogError(f"prediction log {shown} cannot be read ({type(exc).__name__})") from None
     return pd.DataFrame(rows, columns=list(COLUMNS))

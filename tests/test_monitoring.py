@@ -73,8 +73,79 @@ def test_a_window_served_at_a_site_s_own_thresholds_is_held_to_the_model_s():
     assert not rates["positive_rate"].drift and not rates["refusal_rate"].drift and drift.status == "no_drift"
     as_labelled = float((site.loc[site["accepted"], "label"] == "covid").mean())
     assert as_labelled > rates["positive_rate"].window + 0.2  # what the labels alone would have compared
-    probabilities = site.loc[site["accepted"], "covid_probability"]
+    probabilities = site.loc[site["accepted"] & (site["ood_score"] <= THRESHOLD), "covid_probability"]
     assert rates["positive_rate"].window == pytest.approx(float((probabilities >= 0.5).mean()))
+
+
+def admitted(n: int, seed: int, flagged: bool = False) -> pd.DataFrame:
+    """Films beyond the model's OOD threshold (7) that a site's own (9) admitted, all called COVID-19 with confidence;
+    ``flagged``: answered at the model's own thresholds too, as a model with ``ood_action: flag`` does."""
+    rng = np.random.default_rng(seed)
+    films = traffic(n, seed=seed, threshold=0.3, ood_limit=9.0, source="site")
+    p = rng.uniform(0.8, 1.0, n)
+    return films.assign(ood_score=rng.uniform(7.2, 8.9, n), accepted=True, covid_probability=p, label="covid",
+                        reason="out_of_distribution" if flagged else None)
+
+
+def test_films_a_site_admitted_past_the_model_s_ood_threshold_count_in_the_ood_share_only():
+    """The model refuses films above its OOD threshold, so the reference holds none: a site that admits them (its own
+    OOD threshold) added their probabilities to the window's, and the probability test called that drift."""
+    site = traffic(80, seed=2, threshold=0.3, ood_limit=9.0, source="site")
+    window = pd.concat([site, admitted(30, seed=9)], ignore_index=True)
+    drift = monitoring.compare(REFERENCE, window, ood_threshold=THRESHOLD, permutations=300)
+    tests = {t.name: t for t in drift.tests}
+    answered = window.loc[window["accepted"] & (window["ood_score"] <= THRESHOLD)]
+    assert not tests["covid_probability"].drift and tests["covid_probability"].n_window == len(answered)
+    assert tests["positive_rate"].window == pytest.approx(float((answered["covid_probability"] >= 0.5).mean()))
+    assert tests["positive_rate"].n_window == len(answered) and not tests["positive_rate"].drift
+    beyond = int((window["accepted"] & (window["ood_score"] > THRESHOLD)).sum())  # the 30, and a few of the site's
+    assert beyond >= 30 and f"{beyond} film(s) admitted past the model's OOD threshold" in tests["positive_rate"].note
+    assert tests["ood_rate"].drift and tests["ood_rate"].n_window == len(window)  # still counted where they belong
+    assert tests["refusal_rate"].n_window == len(window)
+
+    # A model that flags such films answers them in its reference too: both sides keep them
+    flagging = pd.concat([REFERENCE, admitted(10, seed=11, flagged=True).assign(threshold=0.5, ood_limit=THRESHOLD)],
+                         ignore_index=True)
+    kept = monitoring.compare(flagging, window, ood_threshold=THRESHOLD, permutations=300)
+    assert {t.name: t for t in kept.tests}["positive_rate"].n_window == int(window["accepted"].sum())
+
+    # Answered films without an OOD score: the log cannot tell, and the report says so
+    blind = monitoring.compare(REFERENCE, window.assign(ood_score=None), ood_threshold=THRESHOLD, permutations=300)
+    assert "the log cannot tell" in {t.name: t for t in blind.tests}["covid_probability"].note
+
+
+def shifted_features(frame: pd.DataFrame, sd: float = 3.0) -> pd.DataFrame:
+    """The same records with every compact feature moved by ``sd`` standard deviations (1 in :func:`traffic`)."""
+    return frame.assign(features=[[v + sd for v in f] for f in frame["features"]])
+
+
+@pytest.mark.parametrize("options", [{"alpha": 0.01}, {"permutations": 100}, {"alpha": 0.002, "permutations": 300}])
+def test_the_feature_test_can_always_fire(options):
+    """Its smallest Monte Carlo p-value, 1 / (permutations + 1), times 13 tests stayed above alpha: features moved by
+    3 SD read no drift. The permutations are raised to what alpha and the tests need, and the report says so."""
+    drift = monitoring.compare(REFERENCE, shifted_features(traffic(80, seed=2)), ood_threshold=THRESHOLD, **options)
+    mmd = {t.name: t for t in drift.tests}["features_mmd"]
+    ran = sum(t.p_value is not None for t in drift.tests)
+    assert mmd.drift and drift.status == "drift" and mmd.p_min * ran < drift.alpha
+    assert "raised from" in mmd.note and not mmd.inconclusive
+    assert all(t.p_min is not None for t in drift.tests if t.p_value is not None)
+    with pytest.raises(ValueError, match="permutations must be at least 1"):
+        monitoring.compare(REFERENCE, traffic(80, seed=2), ood_threshold=THRESHOLD, permutations=0)
+
+
+def test_a_test_too_small_to_show_drift_is_inconclusive_not_no_drift():
+    """Five records a side: the exact permutation test's smallest p-value is 2 / 252 over all splits, and no
+    Kolmogorov-Smirnov or Fisher test can pass alpha / 13 either, however far apart the samples are."""
+    drift = monitoring.compare(traffic(5, seed=1), shifted_features(traffic(5, seed=2)), ood_threshold=THRESHOLD,
+                               min_records=5)
+    mmd = {t.name: t for t in drift.tests}["features_mmd"]
+    assert mmd.p_min == pytest.approx(2 / 252) and "exact over all 252 splits" in mmd.note
+    assert mmd.inconclusive and not mmd.drift and "inconclusive" in mmd.note
+    assert drift.status == "insufficient_data" and not drift.drifted
+    page = monitoring.render(drift, model_name="covidcxr", model_version="3", since=None, until=None,
+                             log_url="sqlite:///p.db", reference_meta={}, reference=traffic(5, seed=1),
+                             window=traffic(5, seed=2))
+    assert "smallest possible p" in page and "inconclusive" in page
 
 
 def test_mmd_permutation_test_detects_a_shift_in_feature_vectors_only():
@@ -156,5 +227,8 @@ def test_monitor_command_exits_by_verdict_for_a_scheduler(tmp_path, capsys):
     assert code == 0 and summary["status"] == "insufficient_data"
     code, summary = monitor("--since", "yesterday-ish")
     assert code == cli.MONITOR_ERROR and "Nd, Nh, Nm" in summary["error"]
+    code, summary = monitor("--log", f"sqlite:///{tmp_path / 'typo.db'}")  # a mistyped log: an error, not a quiet day
+    assert code == cli.MONITOR_ERROR and "typo.db does not exist" in summary["error"]
+    assert not (tmp_path / "typo.db").exists()
     code, summary = cli.main(["monitor", "--reference", str(tmp_path / "none.json"), "--no-mlflow"]), None
     assert code == cli.MONITOR_ERROR and "not a drift reference" in capsys.readouterr().err

@@ -12,10 +12,16 @@ pipeline into a :class:`covidcxr.predlog.MemoryLog`), so both sides have the sam
   refusal rate (any reason but out of distribution) and the share above the model's OOD threshold: Fisher's exact test
   (``scipy.stats.fisher_exact``). Each is held to the model's thresholds on both sides, so a window served at a site's
   own thresholds (a request's, or a server's ``$COVIDCXR_SITE``) is compared on what its images are, not on how the
-  site chose to call them; films a site admitted past the OOD check still count in the OOD share.
+  site chose to call them. Films a site admitted past the model's OOD threshold count in the OOD share, and in neither
+  the positive rate nor the probability test: the model would have refused them, and the reference has none (unless
+  the model only flags them, ``register.ood_action: flag``, and the reference answers such films too).
 
 The p-values are Bonferroni-corrected over the tests that ran (as alibi-detect does for feature-wise tests); drift is
-significant when any corrected p-value is below ``alpha``. :func:`render` writes a self-contained HTML report (inline
+significant when any corrected p-value is below ``alpha``. Each test records the smallest p-value its sample sizes
+allow (``p_min``); a test whose ``p_min`` cannot fall below ``alpha`` over the number of tests is ``inconclusive`` (too
+few records to show drift: with no drift elsewhere, the verdict is ``insufficient_data``, never ``no_drift``). The
+MMD test's permutations are raised where needed, so that a Monte Carlo p-value (at least ``1 / (permutations + 1)``)
+can pass. :func:`render` writes a self-contained HTML report (inline
 SVG, no script, no network), :func:`log_to_mlflow` logs it with its figures under the model version.
 """
 
@@ -106,7 +112,8 @@ def fetch_reference(name: str, version: str | None = None, alias: str | None = N
 @dataclass
 class Test:
     """One test: its statistic and p-value (None when skipped, with the reason in ``note``), the figure it compares on
-    each side, the sample sizes, and the Bonferroni-corrected p-value."""
+    each side, the sample sizes, the Bonferroni-corrected p-value, the smallest p-value these sample sizes allow, and
+    whether that smallest p-value could not pass the corrected alpha (``inconclusive``: it could not show drift)."""
 
     name: str
     kind: str
@@ -119,6 +126,8 @@ class Test:
     note: str = ""
     p_adjusted: float | None = None
     drift: bool = False
+    p_min: float | None = None
+    inconclusive: bool = False
 
 
 @dataclass
@@ -139,10 +148,10 @@ class Drift:
                 "n_window": self.n_window, "tests": [asdict(t) for t in self.tests], "reasons": self.reasons}
 
     def metrics(self) -> dict[str, float]:
-        """Flat finite figures for MLflow: ``drift``, counts, and each test's statistic, p-value and window figure."""
+        """Flat finite figures for MLflow: ``drift``, counts, and each test's statistic, p-values and window figure."""
         out = {"drift": float(self.drifted), "n_window": float(self.n_window), "n_reference": float(self.n_reference)}
         for t in self.tests:
-            for key in ("statistic", "p_value", "p_adjusted", "window"):
+            for key in ("statistic", "p_value", "p_adjusted", "p_min", "window"):
                 value = getattr(t, key)
                 if value is not None and math.isfinite(value):
                     out[f"{t.name}.{key}"] = float(value)
@@ -167,8 +176,10 @@ def ks_test(name: str, reference: np.ndarray, window: np.ndarray, min_n: int) ->
         return Test(name, "ks", None, None, ref_mean, win_mean, len(reference), len(window),
                     note=f"skipped: fewer than {min_n} values on a side")
     result = ks_2samp(reference, window)
-    return Test(name, "ks", float(result.statistic), float(result.pvalue), ref_mean, win_mean, len(reference),
-                len(window), note="Kolmogorov-Smirnov; figures: means")
+    n, m = len(reference), len(window)
+    p_min = float(ks_2samp(np.arange(n), np.arange(n, n + m)).pvalue)  # samples apart: the largest statistic, 1
+    return Test(name, "ks", float(result.statistic), float(result.pvalue), ref_mean, win_mean, n, m,
+                note="Kolmogorov-Smirnov; figures: means", p_min=p_min)
 
 
 def rate_test(name: str, reference: np.ndarray, window: np.ndarray, min_n: int) -> Test:
@@ -182,8 +193,9 @@ def rate_test(name: str, reference: np.ndarray, window: np.ndarray, min_n: int) 
                     note=f"skipped: fewer than {min_n} images on a side")
     a, c = int(reference.sum()), int(window.sum())
     result = fisher_exact([[a, len(reference) - a], [c, len(window) - c]])
+    p_min = float(fisher_exact([[len(reference), 0], [0, len(window)]]).pvalue)  # all on one side, none on the other
     return Test(name, "fisher", win - ref, float(result.pvalue), ref, win, len(reference), len(window),
-                note="Fisher's exact test; figures: shares")
+                note="Fisher's exact test; figures: shares", p_min=p_min)
 
 
 def mmd_test(reference: np.ndarray, window: np.ndarray, *, min_n: int, permutations: int = 1000, seed: int = 0,
@@ -193,6 +205,8 @@ def mmd_test(reference: np.ndarray, window: np.ndarray, *, min_n: int, permutati
 
     Each side is subsampled (seeded) to ``max_samples`` rows. The statistic of a split of the pooled sample is
     ``z' K z`` with ``z`` = 1/n on one side and -1/m on the other, over the pooled kernel matrix ``K``, computed once.
+    ``p_min``: ``1 / (permutations + 1)``, or over every split when ``permutations`` reach their number (scipy then
+    runs the exact test).
     """
     from scipy.stats import permutation_test
     from sklearn.metrics.pairwise import euclidean_distances, rbf_kernel
@@ -220,8 +234,22 @@ def mmd_test(reference: np.ndarray, window: np.ndarray, *, min_n: int, permutati
 
     result = permutation_test((np.arange(n), np.arange(n, n + m)), statistic, permutation_type="independent",
                               vectorized=True, n_resamples=permutations, alternative="greater", rng=seed, batch=100)
+    splits = math.comb(n + m, n)
+    if permutations >= splits:  # scipy runs every split (exact): the observed one and, for n = m, its mirror count
+        p_min, how = (2 if n == m else 1) / splits, f"exact over all {splits} splits"
+    else:
+        p_min, how = 1 / (permutations + 1), f"{permutations} permutations"
     return Test("features_mmd", "mmd", float(np.ravel(result.statistic)[0]), float(np.ravel(result.pvalue)[0]),
-                None, None, n, m, note=f"MMD^2 (Gaussian kernel, median heuristic), {permutations} permutations")
+                None, None, n, m, note=f"MMD^2 (Gaussian kernel, median heuristic), {how}", p_min=p_min)
+
+
+def permutations_for(alpha: float, n_tests: int, requested: int) -> int:
+    """The permutations the MMD test needs for its smallest Monte Carlo p-value, ``1 / (permutations + 1)``, to pass
+    Bonferroni's ``alpha / n_tests``: ``requested``, or more where that is too few."""
+    needed = max(requested, math.floor(n_tests / alpha))
+    while min(1.0, 1.0 / (needed + 1) * n_tests) >= alpha:
+        needed += 1
+    return needed
 
 
 def _features(frame: pd.DataFrame) -> np.ndarray:
@@ -245,17 +273,22 @@ def compare(reference: pd.DataFrame, window: pd.DataFrame, *, ood_threshold: flo
     """Every test of the module docstring between the reference records and the window's, with the verdict."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    tests = [ks_test(name, _values(reference, name), _values(window, name), min_per_test) for name in SCALARS]
-    tests.append(mmd_test(_features(reference), _features(window), min_n=min_per_test, permutations=permutations,
-                          seed=seed))
+    if permutations < 1:
+        raise ValueError(f"permutations must be at least 1, got {permutations}")
+    reference, window = reference.reset_index(drop=True), window.reset_index(drop=True)
     accepted = {"reference": _accepted(reference), "window": _accepted(window)}
+    beyond, notes = _beyond_the_model(reference, window, accepted, ood_threshold)
+    tests = [ks_test(name, _values(reference, name),
+                     _values(window.loc[~beyond] if name == "covid_probability" else window, name), min_per_test)
+             for name in SCALARS]
     thresholds = _values(reference, "threshold")
     model_threshold = float(np.median(thresholds)) if len(thresholds) else None
 
-    def positive(frame: pd.DataFrame, side: str) -> np.ndarray:
+    def positive(frame: pd.DataFrame, answered: pd.Series) -> np.ndarray:
+        frame = frame.loc[answered]
         if model_threshold is None:  # a reference without thresholds: the labels as served
-            return (frame.loc[accepted[side] & frame["label"].notna(), "label"] == "covid").to_numpy()
-        return _values(frame.loc[accepted[side]], "covid_probability") >= model_threshold
+            return (frame.loc[frame["label"].notna(), "label"] == "covid").to_numpy()
+        return _values(frame, "covid_probability") >= model_threshold
 
     def refused(frame: pd.DataFrame, side: str) -> np.ndarray:
         out = ~accepted[side].to_numpy(dtype=bool)
@@ -263,21 +296,67 @@ def compare(reference: pd.DataFrame, window: pd.DataFrame, *, ood_threshold: flo
             out &= (frame["reason"] != "out_of_distribution").to_numpy(dtype=bool)
         return out
 
-    tests.append(rate_test("positive_rate", positive(reference, "reference"), positive(window, "window"), min_per_test))
+    tests.append(rate_test("positive_rate", positive(reference, accepted["reference"]),
+                           positive(window, accepted["window"] & ~beyond), min_per_test))
     tests.append(rate_test("refusal_rate", refused(reference, "reference"), refused(window, "window"), min_per_test))
     if ood_threshold is not None:
         tests.append(rate_test("ood_rate", _values(reference, "ood_score") > ood_threshold,
                                _values(window, "ood_score") > ood_threshold, min_per_test))
+    for t in tests:
+        if t.name in ("covid_probability", "positive_rate") and notes:
+            t.note += "; " + notes
+    # The MMD test last, as it needs the number of tests for its permutations; listed after the scalars
+    vectors = {"reference": _features(reference), "window": _features(window)}
+    n_tests = sum(t.p_value is not None for t in tests) + (min(map(len, vectors.values())) >= min_per_test)
+    used = permutations_for(alpha, n_tests, permutations)
+    mmd = mmd_test(vectors["reference"], vectors["window"], min_n=min_per_test, permutations=used, seed=seed)
+    if used > permutations:
+        mmd.note += f" (raised from {permutations}: fewer could not pass alpha / {n_tests} tests)"
+    tests.insert(len(SCALARS), mmd)
     ran = [t for t in tests if t.p_value is not None]
     for t in ran:
         t.p_adjusted = min(1.0, t.p_value * len(ran))
         t.drift = t.p_adjusted < alpha
+        t.inconclusive = t.p_min is not None and min(1.0, t.p_min * len(ran)) >= alpha
+        if t.inconclusive:
+            t.note += (f"; inconclusive: too few records, its smallest possible p-value ({t.p_min:.3g}) cannot pass "
+                       f"alpha / {len(ran)} tests ({alpha / len(ran):.3g})")
     if len(window) < min_records:
         status = "insufficient_data"
+    elif any(t.drift for t in ran):
+        status = "drift"
     else:
-        status = "drift" if any(t.drift for t in ran) else "no_drift"
+        status = "insufficient_data" if any(t.inconclusive for t in ran) else "no_drift"
     return Drift(status=status, alpha=alpha, n_reference=len(reference), n_window=len(window), tests=tests,
                  reasons={"reference": reason_shares(reference), "window": reason_shares(window)})
+
+
+def _beyond_the_model(reference: pd.DataFrame, window: pd.DataFrame, accepted: Mapping[str, pd.Series],
+                      ood_threshold: float | None) -> tuple[pd.Series, str]:
+    """The window's records the model's own thresholds would not have answered (left out of its side of the positive
+    rate and the probability test), and a note saying what was left out or cannot be told ("" when nothing).
+
+    Those answered above the model's OOD threshold (a site's own admitted them; the model refuses them), unless the
+    reference answers such films too (a model that only flags them, ``ood_action: flag``). An answered record without
+    an OOD score is kept and counted in the note: the log cannot tell whether the model would have answered it.
+    """
+    none = pd.Series(False, index=window.index)
+    if ood_threshold is None:
+        return none, ""
+    scores = {side: pd.to_numeric(frame["ood_score"], errors="coerce")
+              for side, frame in (("reference", reference), ("window", window))}
+    if (accepted["reference"] & (scores["reference"] > ood_threshold)).any():  # the model answers them, flagged
+        return none, ""
+    beyond = accepted["window"] & (scores["window"] > ood_threshold)
+    unknown = int((accepted["window"] & scores["window"].isna()).sum())
+    notes = []
+    if beyond.any():
+        notes.append(f"window: {int(beyond.sum())} film(s) admitted past the model's OOD threshold (a site's own) "
+                     "left out")
+    if unknown:
+        notes.append(f"window: {unknown} answered film(s) without an OOD score kept (the log cannot tell whether the "
+                     "model's threshold would have answered them)")
+    return beyond, "; ".join(notes)
 
 
 # --- time windows -----------------------------------------------------------------------------------------------------
@@ -403,15 +482,19 @@ def render(drift: Drift, *, model_name: str, model_version: str, since: object, 
 
     verdict = {"drift": "fail", "no_drift": "pass", "insufficient_data": "warn"}[drift.status]
     title = f"Drift report: {model_name} v{model_version}"
-    rows = [(t.name, t.kind, t.reference, t.window, t.statistic, t.p_value, t.p_adjusted,
-             "drift" if t.drift else ("-" if t.p_value is None else "no drift"), t.note) for t in drift.tests]
+    rows = [(t.name, t.kind, t.reference, t.window, t.statistic, t.p_value, t.p_adjusted, t.p_min,
+             "drift" if t.drift else "-" if t.p_value is None else "inconclusive" if t.inconclusive else "no drift",
+             t.note) for t in drift.tests]
     reasons = sorted(set(drift.reasons["reference"]) | set(drift.reasons["window"]))
+    unmeasured = [t.name for t in drift.tests if t.inconclusive]
     plots = [svg_histogram(name, _values(reference, name), _values(window, name)) for name in SCALARS]
     plots.append(svg_scatter("compact features", _features(reference), _features(window)))
     body = [
         f"<h1>{_e(title)}</h1>",
         f"<p>{_badge(verdict)} <b>{_e(drift.status.replace('_', ' '))}</b> at alpha {drift.alpha:g} "
-        f"(Bonferroni over {sum(t.p_value is not None for t in drift.tests)} tests)</p>",
+        f"(Bonferroni over {sum(t.p_value is not None for t in drift.tests)} tests)"
+        + (f"; too few records for {_e(', '.join(unmeasured))} to show drift at all (inconclusive)"
+           if unmeasured else "") + "</p>",
         _table(("", ""), [("window", f"{since or 'the beginning'} to {until or 'now'} (UTC)"),
                           ("records in the window", drift.n_window),
                           ("reference", f"{drift.n_reference} records: the {reference_meta.get('split', 'val')} split "
@@ -421,8 +504,8 @@ def render(drift: Drift, *, model_name: str, model_version: str, since: object, 
                           ("prediction log", dburl.shown_url(log_url))], numeric=(False, False)),
         "<h2>How to read it</h2>", f"<p>{_e(HOW_TO_READ)}</p>",
         "<h2>Tests</h2>",
-        _table(("test", "kind", "reference", "window", "statistic", "p-value", "corrected p", "verdict", "note"), rows,
-               numeric=(False, False, True, True, True, True, True, False, False)),
+        _table(("test", "kind", "reference", "window", "statistic", "p-value", "corrected p", "smallest possible p",
+                "verdict", "note"), rows, numeric=(False, False, True, True, True, True, True, True, False, False)),
         "<h2>Refusals</h2>",
         _table(("reason", "reference share", "window share"),
                [(r, drift.reasons["reference"].get(r, 0.0), drift.reasons["window"].get(r, 0.0)) for r in reasons],

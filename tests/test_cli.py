@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -202,3 +203,149 @@ def test_predict_writes_one_overlay_per_file_even_when_two_share_a_name(tmp_path
     for name, source in (("scan.png", files[0]), ("scan-2.png", files[1])):
         assert (out / name).read_bytes() == Path(source).read_bytes()
     assert "scan-2.png" not in capsys.readouterr().out  # the table names the files, not the overlays
+
+
+def test_score_files_pairs_each_file_with_its_own_answer_in_the_order_given(tmp_path):
+    """A file given twice kept only its last position when the answers were put back in order: the rows came back
+    reordered, and calibrate-site paired them with the wrong labels. Now each answer stays at its file's position."""
+    import argparse
+    import base64
+
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(name.encode())
+    files = [str(tmp_path / n) for n in ("a.png", "missing.png", "b.png", "a.png", "b.png")]
+    seen = []
+
+    def score(images: list[str], params: dict) -> list[dict]:  # each answer names the request it came in
+        seen.append(len(images))
+        return [{"accepted": True, "image": image, "request": len(seen)} for image in images]
+
+    args = argparse.Namespace(batch_size=2)
+    rows = cli._score_files(files, args, {}, score)
+    assert [path for path, _ in rows] == files
+    assert [entry.get("request") for _, entry in rows] == [1, None, 1, 2, 2] and seen == [2, 2]
+    for path, entry in rows:
+        if "image" in entry:
+            assert base64.b64decode(entry["image"]) == Path(path).read_bytes()  # its own file's answer
+    assert rows[1][1]["reason"] == "unreadable" and "No such file or directory" in rows[1][1]["message"]
+
+
+def test_calibrate_site_refuses_a_film_listed_twice_before_loading_any_model(tmp_path, capsys):
+    table = tmp_path / "labels.csv"
+    table.write_text("file,label\nf0.png,covid\nf1.png,negative\nf0.png,negative\n")
+    assert cli.main(["calibrate-site", str(table)]) == 1
+    err = capsys.readouterr().err
+    assert f"calibrate-site: {table} lists a film more than once ('f0.png' on lines 2, 4)" in err
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """The tiny untrained pipeline registered as covidcxr v1 @champion, as register logs it: its classifier's rule
+    (sensitivity 0.8), a prediction log of its own in its configuration, a drift reference in its run; and 24 films of
+    a site labelled by the model's own ranking (the top 12 COVID-19), so that it separates them."""
+    import json
+    from unittest import mock
+
+    import numpy as np
+    from PIL import Image
+
+    from covidcxr import monitoring, predlog, serving
+    from tests.helpers import build_bundle, phantom
+
+    root = tmp_path_factory.mktemp("registered")
+    log_url = f"sqlite:///{root / 'predictions.db'}"
+    bundle = build_bundle(root / "bundle", model_version="1", prediction_log=log_url)
+    Path(bundle["classifier"], "threshold.json").write_text(json.dumps(
+        {"threshold": 0.5, "objective": "sensitivity", "min_sensitivity": 0.8}))
+    site = root / "site"
+    site.mkdir()
+    for i in range(24):
+        Image.fromarray((phantom(seed=100 + i) * 255).astype(np.uint8)).save(site / f"f{i}.png")
+    images = [serving.encode_file(site / f"f{i}.png") for i in range(24)]
+    with mock.patch.dict(os.environ, {predlog.ENV: "none"}):
+        pipeline = serving.Pipeline.load(bundle)
+    pipeline.prediction_log = sink = predlog.MemoryLog()
+    entries = pipeline.score(images[:12]) + pipeline.score(images[12:])
+    top = set(np.argsort([e["covid_probability"] for e in entries])[12:])
+    labels = [(f"f{i}.png", "covid" if i in top else "negative") for i in range(24)]
+    monitoring.Reference(sink.frame(), {"model_version": "1", "ood_threshold": None}).save(root / "reference.json")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.create_experiment("cli-test", artifact_location=(root / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment):
+            mlflow.log_artifact(str(root / "reference.json"), Path(monitoring.REFERENCE_ARTIFACT).parent.as_posix())
+            mlflow.pyfunc.log_model(name="model", python_model=serving.CovidCxrModel(), artifacts=bundle,
+                                    signature=serving.signature(), pip_requirements=["mlflow"],
+                                    registered_model_name="covidcxr")
+        mlflow.MlflowClient().set_registered_model_alias("covidcxr", "champion", "1")
+    finally:
+        mlflow.set_tracking_uri(None)
+    return {"root": root, "tracking_uri": uri, "log_url": log_url, "site": site, "labels": labels}
+
+
+def _labels(folder: Path, rows: list[tuple[str, str]]) -> Path:
+    table = folder / "labels.csv"
+    table.write_text("file,label\n" + "".join(f"{name},{label}\n" for name, label in rows))
+    return table
+
+
+def _logged(url: str) -> int:
+    """Rows in the prediction log at ``url`` (0 when it does not exist)."""
+    import sqlite3
+
+    path = Path(url.removeprefix("sqlite:///"))
+    if not path.exists():
+        return 0
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT count(*) FROM predictions").fetchone()[0]
+
+
+def test_calibrate_site_reads_the_rule_of_the_version_that_answered_when_the_first_film_is_unreadable(
+        registered, monkeypatch, capsys):
+    """The version and threshold came from the first film's entry: unreadable here, it had none, and the rule was read
+    from models:/covidcxr/None/... (a stage to MLflow), failing with a misleading message. Now from the first film the
+    model answered."""
+    import json
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["tracking_uri"])
+    monkeypatch.setenv("COVIDCXR_PREDICTION_LOG", "none")
+    table = _labels(registered["site"], [("gone.png", "covid"), *registered["labels"]])
+    try:
+        assert cli.main(["calibrate-site", str(table)]) == 0
+    finally:
+        mlflow.set_tracking_uri(None)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert (out["rule_from"], out["objective"], out["min_sensitivity"]) == ("model", "sensitivity", 0.8)
+    assert out["model_version"] == "1" and out["model_threshold"] == 0.5 and out["refused"] == {"unreadable": 1}
+    # its labels, paired right (the model ranks them perfectly): 12 films promise 0.8 with one below the threshold
+    assert (out["n_covid"], out["n_negative"], out["sensitivity"], out["specificity"]) == (12, 12, 11 / 12, 1.0)
+    assert f"calibrate-site: {registered['site'] / 'gone.png'}: cannot read (No such file or directory)" in captured.err
+
+
+def test_calibrate_site_keeps_its_films_out_of_the_prediction_log(registered, tmp_path):
+    """Scoring in process loaded the model with its configured prediction log, so a site's labelled films (the
+    refused ones twice with --admit) entered the monitored traffic. A real command, whose log is flushed at exit:
+    `predict` logs its film, `calibrate-site` none."""
+    import os
+    import subprocess
+    import sys
+
+    from covidcxr import runtime
+
+    env = runtime.environment(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                              MLFLOW_TRACKING_URI=registered["tracking_uri"])
+    env.pop("COVIDCXR_PREDICTION_LOG", None)
+    table = _labels(tmp_path, [(str(registered["site"] / name), label) for name, label in registered["labels"]])
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["covidcxr", *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    before = _logged(registered["log_url"])
+    proc = run("calibrate-site", str(table), "--admit")
+    assert proc.returncode == 0, proc.stderr
+    assert _logged(registered["log_url"]) == before
+    proc = run("predict", str(registered["site"] / "f0.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert _logged(registered["log_url"]) == before + 1  # the model does log what it serves

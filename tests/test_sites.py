@@ -183,3 +183,53 @@ def test_thresholds_apply_only_to_the_model_version_they_were_chosen_on(tmp_path
                                                   "4: calibrate the site again") as caught:
         site.check_version("4")
     assert str(path) in str(caught.value)
+
+
+def test_a_site_threshold_is_refused_where_the_model_does_not_separate_the_site_s_films():
+    """A model whose ROC at the site is on or below the diagonal: Youden's J is never above 0, and the training rule's
+    threshold (kept as it was) lies above every score, 1.0000000000000002 for a top score of 1; the site path refused it
+    only when the file was used. Now calibrating says why at once."""
+    y = np.r_[np.ones(10, int), np.zeros(10, int)]
+    score = np.r_[np.linspace(0.05, 0.5, 10), np.linspace(0.55, 1.0, 10)]  # the negatives score higher
+    assert metrics.youden_threshold(y, score) == np.nextafter(1.0, 2.0)  # the training-time rule, unchanged
+    for rule in ({"objective": "youden", "min_sensitivity": None}, RULE, {"objective": "f1", "min_sensitivity": None}):
+        with pytest.raises(ValueError, match=r"does not separate this site's films: ROC AUC 0.000, at or below chance"):
+            sites.local_threshold(y, score, rule)
+    chance = np.r_[np.full(10, 0.4), np.full(10, 0.4)]  # AUC 0.5: no better than calling at random
+    with pytest.raises(ValueError, match="ROC AUC 0.500, at or below chance"):
+        sites.local_threshold(y, chance, RULE)
+
+
+def test_the_sensitivity_objective_without_a_target_is_a_clear_error():
+    """A rule of the sensitivity objective with no min_sensitivity (--objective sensitivity over a youden model) was a
+    TypeError from float(None)."""
+    y = np.r_[np.ones(10, int), np.zeros(10, int)]
+    score = np.r_[np.linspace(0.55, 0.95, 10), np.linspace(0.1, 0.6, 10)]
+    with pytest.raises(ValueError, match="the sensitivity objective needs a min_sensitivity"):
+        sites.local_threshold(y, score, {"objective": "sensitivity", "min_sensitivity": None})
+
+
+def test_local_calibration_still_measures_draws_the_scores_do_not_separate():
+    """Evaluate's measurement keeps every draw, a useless one included (its figures are unchanged): only a site's own
+    calibration refuses scores at or below chance."""
+    rng = np.random.default_rng(4)
+    y = np.r_[np.ones(30, int), np.zeros(30, int)]
+    score = rng.uniform(0, 1, 60)  # no signal: some draws of 10 + 10 fall at or below chance
+    out = sites.local_calibration(y, score, {**RULE, "objective": "youden"}, n_per_class=10, draws=50, seed=0)
+    assert out["status"] == "measured"
+
+
+def test_a_labels_table_lists_each_film_once(tmp_path):
+    """A film listed twice was scored twice and its rows paired with the wrong films' answers (and it counted twice):
+    now refused, naming the film and its lines, however its path is spelled."""
+    table = tmp_path / "labels.csv"
+    table.write_text("file,label\nf0.png,covid\nf1.png,negative\n./f0.png,negative\nf2.png,covid\nsub/../f1.png,covid\n")
+    with pytest.raises(sites.LabelsFileError, match=r"lists a film more than once \('f0.png' on lines 2, 4; 'f1.png' "
+                                                    r"on lines 3, 6\)") as caught:
+        sites.read_labels(table)
+    assert str(table) in str(caught.value)
+    table.write_text("file,label\nf0.png,covid\nf1.png,negative\n")
+    assert sites.read_labels(table) == [(str(tmp_path / "f0.png"), True), (str(tmp_path / "f1.png"), False)]
+    table.write_bytes(b"file,label\n\xff\xfe.png,covid\n")
+    with pytest.raises(sites.LabelsFileError, match="not a UTF-8 CSV table"):
+        sites.read_labels(table)

@@ -92,24 +92,32 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _score_files(files: Sequence[str], args: argparse.Namespace, params: dict,
                  score: Callable[[list[str], dict], list[dict]] | None = None) -> list[tuple[str, dict]]:
-    """Each file's served entry, in the order given, scored in batches of ``args.batch_size`` by the model here
-    (``args.model_uri``) or on a server (``args.url``), or by ``score``; a file that cannot be read gets an
-    ``unreadable`` entry."""
+    """Each file's served entry, in the order given (a file given twice: twice), scored in batches of
+    ``args.batch_size`` by the model here (``args.model_uri``) or on a server (``args.url``), or by ``score``; a file
+    that cannot be read gets an ``unreadable`` entry whose ``message`` says why (:func:`_unreadable`)."""
     from covidcxr import serving
 
-    rows: list[tuple[str, dict]] = []
-    readable = []
-    for path in files:
+    entries: list[dict | None] = [None] * len(files)
+    readable: list[tuple[int, str]] = []
+    for i, path in enumerate(files):
         try:
-            readable.append((path, serving.encode_file(path)))
+            readable.append((i, serving.encode_file(path)))
         except OSError as err:
-            rows.append((path, {"accepted": False, "reason": "unreadable", "message": f"cannot read ({err.strerror})"}))
+            entries[i] = {"accepted": False, "reason": "unreadable",
+                          "message": f"cannot read ({err.strerror or type(err).__name__})"}
     score = score or _scorer(args.model_uri, args.url, args.timeout)
     for start in range(0, len(readable), args.batch_size):
         chunk = readable[start:start + args.batch_size]
-        rows += list(zip([p for p, _ in chunk], score([b for _, b in chunk], params), strict=True))
-    order = {path: i for i, path in enumerate(files)}
-    return sorted(rows, key=lambda r: order[r[0]])
+        for (i, _), entry in zip(chunk, score([b for _, b in chunk], params), strict=True):
+            entries[i] = entry
+    return list(zip(files, entries, strict=True))
+
+
+def _unreadable(rows: Sequence[tuple[str, dict]]) -> list[str]:
+    """``PATH: cannot read (why)`` for each file of ``rows`` (:func:`_score_files`) that could not be read here (an
+    ``unreadable`` entry of the model's own, a file it could not decode, names the model version)."""
+    return [f"{path}: {entry.get('message')}" for path, entry in rows if entry.get("reason") == "unreadable"
+            and entry.get("model_version") is None]
 
 
 def _calibrate_site(args: argparse.Namespace) -> int:
@@ -117,13 +125,14 @@ def _calibrate_site(args: argparse.Namespace) -> int:
     threshold rule to the films it answers (covidcxr.sites); print the threshold, what it gives on those films and what
     the model's own threshold gives on them, as JSON. ``--admit``: the films the model refuses as out of distribution
     are admitted too (the site's own OOD threshold, :func:`covidcxr.sites.local_ood_threshold`) and join the choice."""
-    import csv
+    import os
     from collections import Counter
     from pathlib import Path
+    from unittest import mock
 
     import numpy as np
 
-    from covidcxr import sites
+    from covidcxr import predlog, sites
 
     try:
         if args.log:
@@ -131,22 +140,17 @@ def _calibrate_site(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"calibrate-site: --log: {err}", file=sys.stderr)
         return 2
-    labels = Path(args.labels)
     try:
-        with labels.open(newline="", encoding="utf-8") as fh:
-            table = list(csv.DictReader(fh))
-    except OSError as err:
-        print(f"calibrate-site: cannot read {labels} ({err.strerror})", file=sys.stderr)
+        films = sites.read_labels(args.labels)
+    except sites.LabelsFileError as err:
+        print(f"calibrate-site: {err}", file=sys.stderr)
         return 1
-    bad = [i for i, row in enumerate(table, start=2) if row.get("label") not in ("covid", "negative")
-           or not row.get("file")]
-    if not table or bad:
-        print(f"calibrate-site: {labels} needs the columns file and label (covid or negative) on every row; "
-              f"{'no rows' if not table else f'lines {bad[:5]} do not have them'}", file=sys.stderr)
-        return 1
-    files = [str(labels.parent / row["file"]) for row in table]  # relative paths: from the table's folder
+    files = [path for path, _ in films]
     try:
-        score = _scorer(args.model_uri, args.url, args.timeout)
+        # The labelled films are no production traffic: a model loaded here keeps no prediction log (a server's own
+        # log records them, README)
+        with mock.patch.dict(os.environ, {predlog.ENV: "none"}):
+            score = _scorer(args.model_uri, args.url, args.timeout)
         if _applies_a_site(score):
             print(f"calibrate-site: the model answers at a site's thresholds (${sites.ENV}) and refuses its own, which "
                   f"the site's are chosen against: calibrate in process or on a server without {sites.ENV}",
@@ -162,16 +166,23 @@ def _calibrate_site(args: argparse.Namespace) -> int:
     except Exception as err:  # noqa: BLE001 - the CLI reports a failed request in one line, not a traceback
         print(f"calibrate-site failed: {getattr(err, 'message', None) or err}", file=sys.stderr)
         return 1
+    for line in _unreadable(served):  # left out of the choice (counted as refused): said, by name, here only
+        print(f"calibrate-site: {line}: left out", file=sys.stderr)
+
     def answered_in(scored: list[tuple[str, dict]]) -> list[tuple[bool, dict]]:  # (COVID-19?, entry) of each answer
-        return [(row["label"] == "covid", entry) for row, (_, entry) in zip(table, scored, strict=True)
-                if entry.get("accepted")]
+        return [(covid, entry) for (_, covid), (_, entry) in zip(films, scored, strict=True) if entry.get("accepted")]
 
     model, answered = answered_in(served), answered_in(rows)
     refused = dict(Counter(entry.get("reason") or "unknown" for _, entry in rows if not entry.get("accepted")))
     y = np.array([int(c) for c, _ in answered], dtype=int)
     probability = np.array([e["covid_probability"] for _, e in answered], dtype=float)
-    try:  # the rule of the version that answered (the films' entries name it, and its threshold)
-        rule, rule_from = _site_rule(args, served[0][1].get("model_version"), served[0][1].get("threshold"))
+    # The model that answered (a film read here and sent to it): its version and threshold, for its rule
+    first = next((e for _, e in served if e.get("model_version") is not None), None)
+    if first is None:
+        print(f"calibrate-site: none of the {len(rows)} films could be read ({refused})", file=sys.stderr)
+        return 1
+    try:
+        rule, rule_from = _site_rule(args, first["model_version"], first.get("threshold"))
     except RuntimeError as err:
         print(f"calibrate-site: {err}", file=sys.stderr)
         return 1
@@ -193,11 +204,11 @@ def _calibrate_site(args: argparse.Namespace) -> int:
            "rule_from": rule_from, "promised_sensitivity": promised, "ood_threshold": ood_threshold,
            "admitted": admitted,
            "n_covid": choice.n_positive, "n_negative": choice.n_negative, "sensitivity": choice.sensitivity,
-           "specificity": choice.specificity, "model_threshold": float(answered[0][1]["threshold"]),
+           "specificity": choice.specificity, "model_threshold": float(first["threshold"]),
            "model_ood_threshold": model_ood, "model_answered": len(model),
            "model_sensitivity": float(at_model[model_y == 1].mean()) if (model_y == 1).any() else None,
            "model_specificity": float((~at_model[model_y == 0]).mean()) if (model_y == 0).any() else None,
-           "refused": refused, "model_version": answered[0][1].get("model_version"),
+           "refused": refused, "model_version": first["model_version"],
            "note": "figures on the films the threshold was chosen on (optimistic; promised_sensitivity is what the "
                    "site's next COVID-19 films get on average); serve with this threshold (and ood_threshold, when "
                    "not null) as the request's params, or this file as `covidcxr predict --site` / `covidcxr pacs "
@@ -418,8 +429,9 @@ def _model_rule(model_uri: str, version: object) -> dict:
 def _site_rule(args: argparse.Namespace, version: object, threshold: object) -> tuple[dict, str]:
     """The rule a site's threshold is chosen by, and whose it is: the answering model's own (``model``), unless the
     flags give it (``flags``), or replace part of it (``model and flags``). ``--min-sensitivity`` alone means the
-    sensitivity objective. The rule read must be of the model that answered at ``threshold`` (a server of another
-    registered name than ``--model-uri``'s has its own version numbers)."""
+    sensitivity objective; ``--objective sensitivity`` over a model trained by another rule needs it. The rule read
+    must be of the model that answered at ``threshold`` (a server of another registered name than ``--model-uri``'s
+    has its own version numbers)."""
     given = {k: v for k, v in (("objective", args.objective), ("min_sensitivity", args.min_sensitivity))
              if v is not None}
     if given.get("min_sensitivity") is not None:
@@ -435,6 +447,9 @@ def _site_rule(args: argparse.Namespace, version: object, threshold: object) -> 
     if rule["objective"] is None:
         raise RuntimeError("the model's threshold does not say by which rule it was chosen: give --objective and "
                            "--min-sensitivity")
+    if rule["objective"] == "sensitivity" and rule["min_sensitivity"] is None:
+        raise RuntimeError(f"the sensitivity objective needs a target: give --min-sensitivity (the model's own rule, "
+                           f"{saved.get('objective')}, has none)")
     return rule, "model and flags" if given else "model"
 
 

@@ -95,6 +95,43 @@ class SiteThresholds:
                                 "for it (`covidcxr calibrate-site`)")
 
 
+class LabelsFileError(ValueError):
+    """A site's table of labelled films (``calibrate-site LABELS.csv``) that cannot be used; the message names the
+    file and the problem."""
+
+
+def read_labels(path: str | os.PathLike) -> list[tuple[str, bool]]:
+    """The films of a site's labels table, in its order: (path, COVID-19?) for each row. Its columns are ``file``
+    (relative to the table's folder) and ``label`` (``covid`` or ``negative``). :class:`LabelsFileError` when it
+    cannot be read, a row lacks either, or a film is listed twice: a curation error that would also count the film
+    twice in the threshold's choice."""
+    import csv
+
+    labels = Path(path)
+    try:
+        with labels.open(newline="", encoding="utf-8") as fh:
+            table = list(csv.DictReader(fh))
+    except OSError as err:
+        raise LabelsFileError(f"cannot read {labels} ({err.strerror})") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise LabelsFileError(f"{labels} is not a UTF-8 CSV table ({type(err).__name__})") from None
+    bad = [i for i, row in enumerate(table, start=2) if row.get("label") not in ("covid", "negative")
+           or not row.get("file")]
+    if not table or bad:
+        raise LabelsFileError(f"{labels} needs the columns file and label (covid or negative) on every row; "
+                              f"{'no rows' if not table else f'lines {bad[:5]} do not have them'}")
+    films = [str(labels.parent / row["file"]) for row in table]  # relative paths: from the table's folder
+    lines: dict[Path, list[int]] = {}
+    for line, film in enumerate(films, start=2):
+        lines.setdefault(Path(film).resolve(), []).append(line)
+    twice = [(table[at[0] - 2]["file"], at) for at in lines.values() if len(at) > 1]
+    if twice:
+        listed = "; ".join(f"{name!r} on lines {', '.join(map(str, at))}" for name, at in twice[:5])
+        raise LabelsFileError(f"{labels} lists a film more than once ({listed}{'; ...' if len(twice) > 5 else ''}): "
+                              "list each film once (twice, it would count twice in the threshold's choice)")
+    return [(film, row["label"] == "covid") for film, row in zip(films, table)]
+
+
 #: The MLflow experiment of the sites' calibrations (``calibrate-site --log NAME``).
 EXPERIMENT = "covidcxr-sites"
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -172,12 +209,30 @@ def local_threshold(y: np.ndarray, score: np.ndarray, rule: Mapping, *,
                     min_per_class: int = MIN_PER_CLASS) -> metrics.ThresholdChoice:
     """The model's threshold rule (``rule``: the choice saved with it, as :func:`covidcxr.folders.folder_threshold`
     reads it: ``objective`` and ``min_sensitivity``) applied to a site's labelled films (``y`` 1 for COVID-19, the
-    served ``score``). Fewer than ``min_per_class`` films of either class is an error that says how many there are.
+    served ``score``). Fewer than ``min_per_class`` films of either class is an error that says how many there are; so
+    are a sensitivity rule without its ``min_sensitivity`` and scores that do not separate the films (ROC AUC at or
+    below 0.5: no threshold of them does better than chance, and Youden's J, never above 0, would put one above every
+    score, beyond 1 when the top score is 1).
 
     The ``sensitivity`` objective keeps its target on the site's next films (:func:`site_rule`): the highest threshold
     that leaves at most ``k`` of these COVID-19 films below it. The choice's ``sensitivity`` is that on these films;
     its ``min_sensitivity`` the target.
     """
+    if rule["objective"] == "sensitivity" and rule.get("min_sensitivity") is None:
+        raise ValueError("the sensitivity objective needs a min_sensitivity (the target kept on the site's next "
+                         "COVID-19 films)")
+    choice = _rule_choice(y, score, rule, min_per_class=min_per_class)
+    auc = metrics.classification_metrics(y, score)["roc_auc"]
+    if not auc > 0.5:
+        raise ValueError(f"the model does not separate this site's films: ROC AUC {auc:.3f}, at or below chance "
+                         "(0.5); no threshold of its scores does better than calling at random")
+    metrics.check_threshold(choice.threshold, "site threshold")  # a sensitivity target of 0 is above every score
+    return choice
+
+
+def _rule_choice(y: np.ndarray, score: np.ndarray, rule: Mapping, *, min_per_class: int) -> metrics.ThresholdChoice:
+    """``rule`` applied to the films as :func:`local_threshold` does, without refusing scores that do not separate
+    them: :func:`local_calibration` measures what a site's few films give in every draw, a useless choice included."""
     y, score = np.asarray(y, dtype=int).ravel(), np.asarray(score, dtype=float).ravel()
     if len(y) != len(score):
         raise ValueError(f"{len(y)} labels for {len(score)} scores")
@@ -215,7 +270,8 @@ def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_
     """What a site gains from its own threshold, measured on a labelled split of films it never trained on.
 
     Each of ``draws`` times: ``n_per_class`` COVID-19 and ``n_per_class`` negative films drawn at random (without
-    replacement) choose a threshold by :func:`local_threshold`, and the split's other films are called with it and,
+    replacement) choose a threshold by the model's rule as :func:`local_threshold` does (a draw its scores do not
+    separate included), and the split's other films are called with it and,
     for comparison, with the model's own threshold (``rule["threshold"]``). Returns the mean over draws of each
     sensitivity and specificity, their 10th and 90th percentiles (how much a site's few films move them), the median
     threshold and, for the sensitivity objective, the sensitivity the site rule promises (:func:`site_rule`); ``status``
@@ -262,7 +318,8 @@ def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_
             for prefix, limit in limits.items():
                 answered[prefix] = rest[ood_scores[rest] <= limit]
                 figures[prefix + "refused"].append(1.0 - len(answered[prefix]) / len(rest))
-        t = local_threshold(y[chosen], score[chosen], rule, min_per_class=min(n_per_class, MIN_PER_CLASS)).threshold
+        least = min(n_per_class, MIN_PER_CLASS)
+        t = _rule_choice(y[chosen], score[chosen], rule, min_per_class=least).threshold
         for prefix, threshold in (("", t), ("model_", float(rule["threshold"]))):
             films_y, called = y[answered[prefix]], score[answered[prefix]] >= threshold
             figures[prefix + "sensitivity"].append(float(called[films_y == 1].mean()) if (films_y == 1).any()

@@ -238,6 +238,38 @@ def test_calibrate_site_refuses_a_film_listed_twice_before_loading_any_model(tmp
     assert f"calibrate-site: {table} lists a film more than once ('f0.png' on lines 2, 4)" in err
 
 
+def test_predict_exits_1_naming_each_file_it_could_not_read(tmp_path, monkeypatch, capsys):
+    """A missing file printed an `unreadable` row and exited 0, as if scored; now the table still lists it and the
+    command says which file and why, and fails."""
+    (tmp_path / "scan.png").write_bytes(b"read here, answered by the model below")
+
+    def score(images: list[str], params: dict) -> list[dict]:
+        return [{"accepted": True, "covid_probability": 0.25, "model_version": "1"} for _ in images]
+
+    monkeypatch.setattr(cli, "_scorer", lambda *args: score)
+    missing = tmp_path / "gone.dcm"
+    assert cli.main(["predict", str(tmp_path / "scan.png"), str(missing)]) == 1
+    captured = capsys.readouterr()
+    rows = [line.split("\t") for line in captured.out.splitlines()]
+    assert [r[0] for r in rows] == ["file", str(tmp_path / "scan.png"), str(missing)]
+    assert rows[2][rows[0].index("reason")] == "unreadable" and rows[1][rows[0].index("accepted")] == "True"
+    assert f"predict: {missing}: cannot read (No such file or directory)" in captured.err
+    assert cli.main(["predict", str(tmp_path / "scan.png")]) == 0
+
+
+@pytest.mark.parametrize("command", [["predict", "a.png"], ["calibrate-site", "labels.csv"],
+                                     ["pacs", "--dicomweb-url", "http://pacs"]])
+@pytest.mark.parametrize("value, message", [("0", "at least 1 image per request, got 0"),
+                                            ("-1", "at least 1 image per request, got -1"),
+                                            ("two", "a whole number of images")])
+def test_batch_size_is_at_least_one(command, value, message, capsys):
+    """--batch-size -1 scored nothing and exited 0; 0 failed with a vague error: now argparse refuses both."""
+    with pytest.raises(SystemExit) as caught:
+        cli.build_parser().parse_args([*command, "--batch-size", value])
+    assert caught.value.code == 2 and message in capsys.readouterr().err
+    assert cli.build_parser().parse_args([*command, "--batch-size", "1"]).batch_size == 1
+
+
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """The tiny untrained pipeline registered as covidcxr v1 @champion, as register logs it: its classifier's rule

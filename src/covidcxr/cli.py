@@ -34,6 +34,17 @@ def _inspect(args: argparse.Namespace) -> int:
     return status
 
 
+def _batch_size(text: str) -> int:
+    """``--batch-size``: a whole number of images, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of images (at least 1), got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 image per request, got {value}")
+    return value
+
+
 PREDICT_COLUMNS = ("accepted", "projection", "projection_probability", "lung_area_fraction", "covid_probability",
                    "label", "ood_score", "ood_threshold", "threshold", "thresholds_from", "model_version", "reason")
 
@@ -87,7 +98,10 @@ def _predict(args: argparse.Namespace) -> int:
     if args.explain:
         print(f"Grad-CAM overlays of accepted images: {args.gradcam_dir}/<file stem>.png (-2, -3... for files of the "
               "same name)", file=sys.stderr)
-    return 0
+    unread = _unreadable(rows)
+    for line in unread:
+        print(f"predict: {line}", file=sys.stderr)
+    return 1 if unread else 0
 
 
 def _score_files(files: Sequence[str], args: argparse.Namespace, params: dict,
@@ -590,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--ood-threshold", type=float,
                          help="out-of-distribution threshold instead of the model's (a site's, from calibrate-site "
                               "--admit)")
-    predict.add_argument("--batch-size", type=int, default=8, help="images per request (default: 8)")
+    predict.add_argument("--batch-size", type=_batch_size, default=8, help="images per request (default: 8)")
     predict.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
     predict.set_defaults(func=_predict)
     site = sub.add_parser("calibrate-site", help="a new site's own threshold: the model's rule on its labelled films")
@@ -611,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("--log", metavar="SITE", help="log the calibration to MLflow under this site's name (experiment "
                       "covidcxr-sites) and tag the registered model version with site.SITE.threshold, "
                       "site.SITE.ood_threshold and site.SITE.run_id")
-    site.add_argument("--batch-size", type=int, default=8, help="images per request (default: 8)")
+    site.add_argument("--batch-size", type=_batch_size, default=8, help="images per request (default: 8)")
     site.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
     site.set_defaults(func=_calibrate_site)
     worker = sub.add_parser("pacs", help="score new CR/DX studies of a DICOMweb PACS; store SR + overlay back")
@@ -629,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--site", help="the site's thresholds (`calibrate-site --output`) on every image, instead of "
                                        "the model's: the results record the threshold that decided; nothing is scored "
                                        "when the model answering is not the version they were chosen on")
-    worker.add_argument("--batch-size", type=int, default=8, help="images per scoring request (default: 8)")
+    worker.add_argument("--batch-size", type=_batch_size, default=8, help="images per scoring request (default: 8)")
     worker.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
     worker.add_argument("--pacs-timeout", type=float, default=30.0, help="seconds per PACS request (default: 30)")
     worker.add_argument("--pacs-ca-bundle", metavar="PEM",

@@ -381,3 +381,49 @@ def test_calibrate_site_keeps_its_films_out_of_the_prediction_log(registered, tm
     proc = run("predict", str(registered["site"] / "f0.png"))
     assert proc.returncode == 0, proc.stderr
     assert _logged(registered["log_url"]) == before + 1  # the model does log what it serves
+
+
+def test_monitor_reads_the_registered_model_s_own_log_and_exits_3_when_it_cannot_measure(
+        registered, tmp_path, monkeypatch, capsys):
+    """Without --log or $COVIDCXR_PREDICTION_LOG, monitor read ./predictions.db (creating it), not the log the model
+    writes to; with the log turned off (none) it did the same; a --log holding a password was used; and too few records
+    to measure exited 0, as if no drift."""
+    import json
+
+    from covidcxr import predlog, serving
+
+    pipeline = serving.Pipeline.load({k: str(registered["root"] / "bundle" / v) for k, v in (
+        ("projection", "projection"), ("unet", "unet"), ("classifier", "classifier"), ("config", "serving.json"))})
+    assert isinstance(pipeline.prediction_log, predlog.PredictionLog)  # the model's own log, where it writes
+    pipeline.score([serving.encode_file(registered["site"] / f"f{i}.png") for i in range(12)])
+    assert pipeline.prediction_log.flush(30)
+    served = len(predlog.read(registered["log_url"], model_name="covidcxr", model_version="1"))
+    assert served >= 12
+
+    monkeypatch.chdir(tmp_path)  # a ./predictions.db here would be the wrong log
+    monkeypatch.delenv("COVIDCXR_PREDICTION_LOG", raising=False)
+
+    def monitor(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["tracking_uri"])  # set_tracking_uri(None) unsets it
+        try:
+            code = cli.main(["monitor", "--no-mlflow", "--since", "1d", "--out", str(tmp_path / "r.html"), *args])
+        finally:
+            mlflow.set_tracking_uri(None)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    code, out, err = monitor("--min-records", "5")
+    assert code in (0, cli.MONITOR_DRIFT), err
+    assert json.loads(out)["n_window"] == served
+    assert json.loads((tmp_path / "r.json").read_text())["n_window"] == served
+    code, out, err = monitor("--min-records", str(served + 1))
+    assert code == cli.MONITOR_UNMEASURED == 3 and json.loads(out)["status"] == "insufficient_data", err
+    monkeypatch.setenv("COVIDCXR_PREDICTION_LOG", "none")
+    code, out, err = monitor()
+    assert code == cli.MONITOR_ERROR and out == ""
+    assert "$COVIDCXR_PREDICTION_LOG=none turns the prediction log off: there is no traffic to monitor" in err
+    monkeypatch.delenv("COVIDCXR_PREDICTION_LOG")
+    code, _, err = monitor("--log", f"sqlite:///{tmp_path / 'x.db'}?password=hunter2")
+    assert code == cli.MONITOR_ERROR and "--log: the prediction log URL" in err and "holds a password" in err
+    assert "hunter2" not in err
+    assert not (tmp_path / "predictions.db").exists() and not (tmp_path / "x.db").exists()

@@ -224,7 +224,7 @@ def test_monitor_command_exits_by_verdict_for_a_scheduler(tmp_path, capsys):
     assert (tmp_path / "report.html").read_text().startswith("<!DOCTYPE html>")
     assert json.loads((tmp_path / "report.json").read_text())["status"] == "drift"
     code, summary = monitor("--since", "2030-01-01")
-    assert code == 0 and summary["status"] == "insufficient_data"
+    assert code == cli.MONITOR_UNMEASURED and summary["status"] == "insufficient_data"  # could not measure: no pass
     code, summary = monitor("--since", "yesterday-ish")
     assert code == cli.MONITOR_ERROR and "Nd, Nh, Nm" in summary["error"]
     code, summary = monitor("--log", f"sqlite:///{tmp_path / 'typo.db'}")  # a mistyped log: an error, not a quiet day

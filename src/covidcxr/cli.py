@@ -520,12 +520,15 @@ def _read_tune_config(path: str) -> dict:
     return values.get("tune_unet", values)
 
 
-MONITOR_DRIFT, MONITOR_ERROR = 1, 2  # exit statuses of `covidcxr monitor` (0: no significant drift)
+#: Exit statuses of `covidcxr monitor` (0: no significant drift): drift, could not run, could not measure (too few
+#: records in the window)
+MONITOR_DRIFT, MONITOR_ERROR, MONITOR_UNMEASURED = 1, 2, 3
 
 
 def _monitor(args: argparse.Namespace) -> int:
     """Compare a window of the prediction log with the model version's drift reference; write the HTML report, log it
-    to MLflow, exit 1 on significant drift (2 when it cannot run)."""
+    to MLflow, exit 1 on significant drift, 3 when the window holds too few records to measure (2 when it cannot
+    run)."""
     import os
     from pathlib import Path
 
@@ -544,7 +547,7 @@ def _monitor(args: argparse.Namespace) -> int:
         else:
             reference, version = monitoring.fetch_reference(args.model, args.version,
                                                             None if args.version else args.alias)
-        url = args.log or predlog.resolve_url(None) or "sqlite:///predictions.db"
+        url = _monitored_log(args, version)
         window = predlog.read(url, model_name=args.model, model_version=version, since=since, until=until)
         drift = monitoring.compare(reference.frame, window, ood_threshold=reference.meta.get("ood_threshold"),
                                    alpha=args.alpha, permutations=args.permutations, min_records=args.min_records)
@@ -574,7 +577,59 @@ def _monitor(args: argparse.Namespace) -> int:
     failed = [t.name for t in drift.tests if t.drift]
     print(json.dumps({k: summary[k] for k in ("model_name", "model_version", "status", "n_window", "report")}
                      | {"drifted_tests": failed}, sort_keys=True))
+    if drift.status == "insufficient_data":
+        return MONITOR_UNMEASURED
     return MONITOR_DRIFT if drift.drifted else 0
+
+
+def _monitored_log(args: argparse.Namespace, version: str) -> str:
+    """The prediction log `monitor` reads: ``--log``, else ``$COVIDCXR_PREDICTION_LOG``, else the one the registered
+    model version writes to (its configuration's ``prediction_log``, ``register.prediction_log``, as serving reads
+    it). ValueError when none is named, logging is off, or the URL holds a password."""
+    import os
+
+    from covidcxr import dburl, predlog
+
+    if args.log:
+        url, whose = args.log, "--log"
+    elif os.environ.get(predlog.ENV, "").strip():
+        url, whose = predlog.resolve_url(None), f"${predlog.ENV}"
+        if url is None:
+            raise ValueError(f"${predlog.ENV}={os.environ[predlog.ENV].strip()} turns the prediction log off: there "
+                             "is no traffic to monitor; name the log with --log URL")
+    elif args.reference:
+        raise ValueError(f"with --reference, name the prediction log with --log URL or ${predlog.ENV} (the model's "
+                         "own is read from the registry)")
+    else:
+        url, whose = _configured_log(args.model, version), f"{args.model} v{version}'s configuration"
+        if url is None:
+            raise ValueError(f"{args.model} v{version} keeps no prediction log (register.prediction_log is empty) and "
+                             f"${predlog.ENV} names none: there is no traffic to monitor; name a log with --log URL")
+    if dburl.has_password(url):
+        raise ValueError(f"{whose}: the prediction log URL {dburl.shown_url(url)} holds a password; give it in "
+                         "PGPASSWORD or ~/.pgpass instead")
+    return url
+
+
+def _configured_log(name: str, version: str) -> str | None:
+    """The prediction log URL saved in the configuration of registered model ``name`` at ``version`` (the pyfunc's
+    ``config`` artifact); None when it keeps none. MonitorError when the configuration cannot be read."""
+    import tempfile
+
+    import mlflow
+
+    from covidcxr import monitoring, serving
+
+    uri = f"models:/{name}/{version}"
+    try:
+        artifact = mlflow.models.get_model_info(uri).flavors["python_function"]["artifacts"][serving.CONFIG_ARTIFACT]
+        with tempfile.TemporaryDirectory() as tmp:
+            config = serving.Config.load(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{artifact['path']}",
+                                                                             dst_path=tmp))
+    except Exception as err:  # noqa: BLE001 - any failure: said with the way round it
+        raise monitoring.MonitorError(f"{name} v{version}: its configured prediction log cannot be read from {uri} "
+                                      f"({type(err).__name__}): name the log with --log URL") from None
+    return config.prediction_log
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -671,7 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", help="also write the summary JSON (best parameters) to this file")
     tune.set_defaults(func=_tune)
     monitor = sub.add_parser("monitor", help="drift report of a window of the prediction log against the model's "
-                             "reference; exit 1 on significant drift (for schedulers)")
+                             "reference; exit 1 on significant drift, 2 when it cannot run, 3 when it could not "
+                             "measure (too few records in the window) (for schedulers)")
     monitor.add_argument("--model", default="covidcxr", help="registered model name (default: covidcxr)")
     which = monitor.add_mutually_exclusive_group()
     which.add_argument("--version", help="model version whose traffic and reference to compare")
@@ -679,13 +735,14 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--since", default="7d", help="window start: Nd, Nh, Nm back, or an ISO date/time in UTC "
                          "(default: 7d)")
     monitor.add_argument("--until", help="window end (exclusive), same forms (default: now)")
-    monitor.add_argument("--log", help="prediction log URL (default: $COVIDCXR_PREDICTION_LOG, else "
-                         "sqlite:///predictions.db; PostgreSQL password from PGPASSWORD)")
+    monitor.add_argument("--log", help="prediction log URL (default: $COVIDCXR_PREDICTION_LOG, else the one the "
+                         "registered model version writes to, register.prediction_log; a sqlite path is relative to "
+                         "where this runs; PostgreSQL password from PGPASSWORD, never the URL)")
     monitor.add_argument("--reference", help="a reference.json instead of the one logged at register (offline)")
     monitor.add_argument("--alpha", type=float, default=0.05, help="family-wise significance level (default: 0.05)")
     monitor.add_argument("--permutations", type=int, default=1000, help="MMD permutations (default: 1000)")
     monitor.add_argument("--min-records", type=int, default=20,
-                         help="fewer records in the window: insufficient data, exit 0 (default: 20)")
+                         help="fewer records in the window: insufficient data, exit 3 (default: 20)")
     monitor.add_argument("--out", help="HTML report path (default: reports/monitor/NAME-vVERSION.html; a .json "
                          "summary beside it)")
     monitor.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "

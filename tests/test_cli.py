@@ -270,6 +270,25 @@ def test_batch_size_is_at_least_one(command, value, message, capsys):
     assert cli.build_parser().parse_args([*command, "--batch-size", "1"]).batch_size == 1
 
 
+def test_the_pacs_worker_s_log_lines_carry_their_time(tmp_path):
+    """The worker's own logging.basicConfig with a time came after runtime.configure's and did nothing: a long-running
+    worker's log had no times. A real worker, whose scoring server is unreachable, logs the failed pass with one."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from covidcxr import runtime
+
+    env = runtime.environment(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(["covidcxr", "pacs", "--dicomweb-url", "http://127.0.0.1:9/dicom-web", "--url",
+                           "http://127.0.0.1:9", "--retries", "0", "--pacs-timeout", "1", "--once"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    line = next(line for line in proc.stderr.splitlines() if "covidcxr.pacs" in line)
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR covidcxr\.pacs: ", line), line
+
+
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """The tiny untrained pipeline registered as covidcxr v1 @champion, as register logs it: its classifier's rule

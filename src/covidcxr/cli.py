@@ -350,7 +350,7 @@ def _pacs(args: argparse.Namespace) -> int:
 
     from covidcxr import pacs, serving, sites
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _timestamped_logs()  # a long-running worker's lines need their time
     warnings.showwarning = _warning_without_text
     log = logging.getLogger("covidcxr.pacs")
     try:
@@ -402,6 +402,18 @@ def _pacs(args: argparse.Namespace) -> int:
         if args.interval is None:
             return status
         time.sleep(args.interval)
+
+
+def _timestamped_logs() -> None:
+    """Each log line to stderr opens with its time: the format of the handler :func:`covidcxr.runtime.configure` set
+    up (logging.basicConfig's: a plain StreamHandler; its level and filters are kept), which a second basicConfig
+    would not change. Other handlers (a test's capture) keep their own."""
+    import logging
+
+    stamped = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setFormatter(stamped)
 
 
 def _warning_without_text(message, category, filename, lineno, file=None, line=None) -> None:

@@ -270,6 +270,14 @@ def test_batch_size_is_at_least_one(command, value, message, capsys):
     assert cli.build_parser().parse_args([*command, "--batch-size", "1"]).batch_size == 1
 
 
+def test_pacs_refuses_a_batch_larger_than_a_request_before_loading_anything(capsys):
+    """pacs.run refuses a batch above a request's image limit: the worker said so with a traceback after loading the
+    model; now in one line, before any model or PACS call (the model URI names nothing that exists)."""
+    assert cli.main(["pacs", "--dicomweb-url", "http://127.0.0.1:9/dicom-web", "--model-uri", "models:/nothing/1",
+                     "--batch-size", "17"]) == 2
+    assert "--batch-size 17 is above a request's 16 images" in capsys.readouterr().err
+
+
 def test_the_pacs_worker_s_log_lines_carry_their_time(tmp_path):
     """The worker's own logging.basicConfig with a time came after runtime.configure's and did nothing: a long-running
     worker's log had no times. A real worker, whose scoring server is unreachable, logs the failed pass with one."""

@@ -232,3 +232,12 @@ def test_monitor_command_exits_by_verdict_for_a_scheduler(tmp_path, capsys):
     assert not (tmp_path / "typo.db").exists()
     code, summary = cli.main(["monitor", "--reference", str(tmp_path / "none.json"), "--no-mlflow"]), None
     assert code == cli.MONITOR_ERROR and "not a drift reference" in capsys.readouterr().err
+
+
+def test_a_window_where_every_test_was_skipped_is_not_no_drift():
+    """Enough records, but every test too small to run (min_per_test above both sides): nothing was measured, so the
+    verdict cannot be that nothing drifted."""
+    drift = monitoring.compare(traffic(30, seed=1), shifted_features(traffic(30, seed=2)), ood_threshold=THRESHOLD,
+                               min_records=5, min_per_test=1000)
+    assert all(t.p_value is None for t in drift.tests)
+    assert drift.status == "insufficient_data" and not drift.drifted

@@ -356,6 +356,9 @@ def _pacs(args: argparse.Namespace) -> int:
     try:
         since = pacs.parse_since(args.since)
         site = sites.SiteThresholds.load(args.site) if args.site else None
+        if args.batch_size > serving.Limits().max_images:  # pacs.run's own limit, said before any model loads
+            raise ValueError(f"--batch-size {args.batch_size} is above a request's {serving.Limits().max_images} "
+                             "images")
     except ValueError as err:
         print(f"pacs: {err}", file=sys.stderr)
         return 2

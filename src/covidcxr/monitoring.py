@@ -321,7 +321,7 @@ def compare(reference: pd.DataFrame, window: pd.DataFrame, *, ood_threshold: flo
         if t.inconclusive:
             t.note += (f"; inconclusive: too few records, its smallest possible p-value ({t.p_min:.3g}) cannot pass "
                        f"alpha / {len(ran)} tests ({alpha / len(ran):.3g})")
-    if len(window) < min_records:
+    if len(window) < min_records or not ran:  # too few records, or every test skipped: nothing was measured
         status = "insufficient_data"
     elif any(t.drift for t in ran):
         status = "drift"

@@ -279,8 +279,13 @@ def wait_logged(db: str, since, n: int, timeout: float = 30.0) -> pd.DataFrame:
 
     deadline = time.monotonic() + timeout
     while True:
-        frame = predlog.read(db, since=since)
-        if len(frame) >= n or time.monotonic() > deadline:
+        try:
+            frame = predlog.read(db, since=since)
+        except predlog.PredictionLogError:  # the server has not made its log yet (reading never creates it)
+            if time.monotonic() > deadline:
+                raise
+            frame = None
+        if frame is not None and (len(frame) >= n or time.monotonic() > deadline):
             return frame
         time.sleep(0.2)
 

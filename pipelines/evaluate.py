@@ -48,10 +48,13 @@ def evaluate_model(pred: pd.DataFrame, rule: dict, p: dict, detector=None) -> di
         if split == "test":  # a held-out site's test split: what its own threshold would give it
             site = {"n_per_class": int(p["site_calibration"]["n_per_class"]),
                     "draws": int(p["site_calibration"]["draws"]), "seed": int(p["seed"])}
-            result[split]["site_calibration"] = sites.local_calibration(y[~refused], s[~refused], rule, **site)
+            patients = part["patient_id"].astype(str).to_numpy()
+            result[split]["site_calibration"] = sites.local_calibration(y[~refused], s[~refused], rule,
+                                                                        patients=patients[~refused], **site)
             if detector is not None:  # ... and its own threshold on its own films, admitted however far they lie
                 result[split]["site_admission"] = sites.local_calibration(
-                    y, s, rule, ood=(part["ood_score"].to_numpy(float), detector.threshold), **site)
+                    y, s, rule, ood=(part["ood_score"].to_numpy(float), detector.threshold), patients=patients,
+                    **site)
         if "raw_score" in part:  # before the calibration fitted on validation: what it changed
             result[split]["ece_uncalibrated"] = metrics.expected_calibration_error(
                 y, part["raw_score"].to_numpy(float), n_bins=int(p["calibration_bins"]))

@@ -91,6 +91,29 @@ def test_local_calibration_measures_the_site_threshold_on_the_other_films_beside
     assert sites.local_calibration(y, score, RULE, n_per_class=20, draws=100, seed=1) == out  # seeded
 
 
+def test_local_calibration_never_tests_a_drawn_patient_s_other_films():
+    """A site labels patients' films: a COVID-19 patient's second film, scored like the first, tested a threshold
+    chosen on the very patient (drawn by film, the first film chose it and the second confirmed it)."""
+    rng = np.random.default_rng(2)
+    patients = np.repeat([f"p{i}" for i in range(100)], 2)  # every patient twice, both films scored alike
+    y = np.repeat(np.r_[np.ones(30, int), np.zeros(70, int)], 2)
+    score = np.repeat(np.r_[rng.uniform(0.3, 1.0, 30), rng.uniform(0.0, 0.7, 70)], 2)
+    once = sites.local_calibration(y, score, RULE, n_per_class=20, draws=1, seed=4, patients=patients)
+    g = np.random.default_rng(4)
+    p, n = g.permutation(np.flatnonzero(y == 1)), g.permutation(np.flatnonzero(y == 0))
+    chosen = np.r_[p[:20], n[:20]]
+    rest = np.r_[p[20:], n[20:]]
+    rest = rest[~np.isin(patients[rest], patients[chosen])]
+    t = once["threshold_median"]
+    assert once["sensitivity"] == pytest.approx(float((score[rest][y[rest] == 1] >= t).mean()))
+    assert once["specificity"] == pytest.approx(float((score[rest][y[rest] == 0] < t).mean()))
+    by_film = sites.local_calibration(y, score, RULE, n_per_class=20, draws=200, seed=4)
+    by_patient = sites.local_calibration(y, score, RULE, n_per_class=20, draws=200, seed=4, patients=patients)
+    assert by_patient["sensitivity"] < by_film["sensitivity"]  # the drawn patients' twins no longer confirm it
+    with pytest.raises(ValueError, match="3 patient ids for 200 films"):
+        sites.local_calibration(y, score, RULE, patients=patients[:3])
+
+
 def test_local_calibration_says_why_it_could_not_measure():
     y, score = np.r_[np.ones(24, int), np.zeros(100, int)], np.linspace(0, 1, 124)
     short = sites.local_calibration(y, score, RULE, n_per_class=20)

@@ -266,7 +266,8 @@ def local_ood_threshold(ood_scores: np.ndarray, model_threshold: float) -> float
 
 
 def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_class: int = 20, draws: int = 200,
-                      seed: int = 0, ood: tuple[np.ndarray, float] | None = None) -> dict:
+                      seed: int = 0, ood: tuple[np.ndarray, float] | None = None,
+                      patients: np.ndarray | None = None) -> dict:
     """What a site gains from its own threshold, measured on a labelled split of films it never trained on.
 
     Each of ``draws`` times: ``n_per_class`` COVID-19 and ``n_per_class`` negative films drawn at random (without
@@ -284,6 +285,9 @@ def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_
     of them above it); the model's figures are what serving gives without either (its threshold, on the films its
     own OOD threshold answers; ``model_refused``). A figure no film defines in a draw (no COVID-19 film answered)
     leaves that draw out of its mean.
+
+    ``patients`` (one id per film): the other films of a drawn film's patient are not tested either (a site labels
+    patients' films, and a patient's other films would test a threshold chosen on that very patient).
     """
     y, score = np.asarray(y, dtype=int).ravel(), np.asarray(score, dtype=float).ravel()
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
@@ -301,6 +305,9 @@ def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_
             promised = {"promised_sensitivity": site_rule(int(n_per_class), float(rule["min_sensitivity"]))[1]}
         except ValueError as err:
             return {**base, "status": "skipped", "reason": str(err)}
+    if patients is not None and len(patients) != len(y):
+        raise ValueError(f"{len(patients)} patient ids for {len(y)} films")
+    patient = None if patients is None else np.unique(np.asarray(patients).astype(str), return_inverse=True)[1]
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     names = ("sensitivity", "specificity", "model_sensitivity", "model_specificity")
@@ -312,6 +319,8 @@ def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_
     for _ in range(int(draws)):
         p, n = rng.permutation(pos), rng.permutation(neg)
         chosen, rest = np.r_[p[:n_per_class], n[:n_per_class]], np.r_[p[n_per_class:], n[n_per_class:]]
+        if patient is not None:  # nor the drawn patients' other films
+            rest = rest[~np.isin(patient[rest], patient[chosen])]
         answered = {"": rest, "model_": rest}
         if ood is not None:
             limits = {"": local_ood_threshold(ood_scores[chosen], model_ood), "model_": model_ood}

@@ -222,6 +222,14 @@ class TrainClassifier(VGG):
     source_adversary: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0
     source_adversary_ramp: bool = False  # true: that weight ramps up from 0 over the epochs (Ganin & Lempitsky)
 
+    @model_validator(mode="after")
+    def _ramp_on_one_machine(self) -> TrainClassifier:
+        # the ramp moves its weight at each epoch's end, which only the chief runs: the other workers would keep 0
+        if self.source_adversary_ramp and self.strategy == "multi-worker":
+            raise ValueError("source_adversary_ramp cannot run under strategy multi-worker: the weight moves at each "
+                             "epoch's end, which only the chief worker runs (the others would keep it at 0)")
+        return self
+
     @field_validator("variants", "backbones")
     @classmethod
     def _unique(cls, value: list) -> list:

@@ -1,8 +1,9 @@
 """Stage `train_unet`: the paper's lung U-Net (part b) on image/mask pairs; standard per-image Dice and IoU.
 
 The authors' per-pixel Dice is reported beside it under its own name, only to compare with the paper's Table 2, and the
-Dice of the cleaned masks `segment` and serving use (``dice_clean``). The mask threshold (params, or the tuned one) is
-saved in the model folder, where `segment` and serving read it. ``augment`` (a level or its parts: intensity, gamma,
+Dice of the cleaned masks `segment` and serving use (``dice_clean``). The mask threshold (params; with `use_tuned`,
+chosen again on this network's validation Dice, as the tuned value was the best of a short trial's network) is saved
+in the model folder, where `segment` and serving read it. ``augment`` (a level or its parts: intensity, gamma,
 contrast, small affine) moves each mask with its image.
 """
 
@@ -30,6 +31,18 @@ def effective_params(p: dict) -> dict:
                                       "tune_unet.n_trials above 0 or train_unet.use_tuned to false")
         return {**p, **tuned["best_params"]}
     return p
+
+
+#: The mask thresholds :func:`choose_mask_threshold` tries.
+MASK_THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
+
+
+def choose_mask_threshold(truth: np.ndarray, prob: np.ndarray, prefer: float) -> float:
+    """The mask threshold of the best mean per-image Dice of these (validation) probabilities, among
+    :data:`MASK_THRESHOLDS`; ties go to the one nearest ``prefer``."""
+    dice = [float(np.mean(metrics.dice(truth, prob, threshold=float(t)))) for t in MASK_THRESHOLDS]
+    best = max(dice)
+    return float(min((t for t, d in zip(MASK_THRESHOLDS, dice) if d == best), key=lambda t: abs(t - prefer)))
 
 
 def mask_scores(truth: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
@@ -71,9 +84,13 @@ def run(p: dict, experiment: str = "demo") -> dict:
                      batch_size=int(p["batch_size"]), seed=int(p["seed"]), augment=p["augment"],
                      on_epoch_end=tracking.log_epoch,
                      verbose=1 if _common.show_progress() else 0)
+        chosen = {"threshold": threshold, "source": "params"}
+        if p["use_tuned"]:  # the tuned value was the best of a short trial's network, not this one's: chosen again
+            val_prob = models.Component(model, std)(images[parts["val"][0]])[..., 0]
+            threshold = choose_mask_threshold(y["val"], val_prob, prefer=threshold)
+            chosen = {"threshold": threshold, "source": "validation", "tuned": float(p["mask_threshold"])}
         component = models.Component(model, std, info={"run_id": active.info.run_id, "f0": int(p["f0"])},
-                                     threshold={"threshold": threshold,
-                                                "source": "tuned" if p["use_tuned"] else "params"})
+                                     threshold=chosen)
         result = {}
         for split, (rows, table) in parts.items():  # `external`: sources held out of training
             prob = component(images[rows])[..., 0]

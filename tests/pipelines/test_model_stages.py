@@ -90,3 +90,17 @@ def test_exporting_a_study_that_does_not_exist_creates_none(tmp_path, monkeypatc
     with pytest.raises(_common.ParamsError, match=r"tune_unet.study 'unet-dmeo' is no study of sqlite:///"):
         tune_unet.run({**p, "study": "unet-dmeo", "n_trials": 0})
     assert optuna.get_all_study_names(storage=shared) == []
+
+
+def test_the_mask_threshold_is_chosen_on_the_network_s_own_validation_dice():
+    """A tuned mask threshold was the best of a short trial's network: the trained U-Net's own validation
+    probabilities choose it again (ties to the one nearest the tuned value)."""
+    from pipelines import train_unet
+
+    truth = np.zeros((4, 8, 8), np.float32)
+    truth[:, 2:6, 2:6] = 1.0
+    prob = np.where(truth > 0, 0.3, 0.1).astype(np.float32)  # a less confident network: lungs at 0.3
+    assert train_unet.choose_mask_threshold(truth, prob, prefer=0.5) == 0.3  # 0.15 to 0.3 all perfect: nearest 0.5
+    assert train_unet.choose_mask_threshold(truth, prob, prefer=0.2) == 0.2
+    confident = np.where(truth > 0, 0.9, 0.6).astype(np.float32)
+    assert train_unet.choose_mask_threshold(truth, confident, prefer=0.5) == 0.65

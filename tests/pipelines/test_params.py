@@ -93,6 +93,8 @@ def test_every_experiment_overlay_gives_valid_params(overlay):
     ("register", {"metric": "ece"}, "register.metric: Input should be 'roc_auc'"),
     ("segment", {"min_area": 0.9, "max_area": 0.1}, "min_area (0.9) must not exceed max_area (0.1)"),
     ("tune_unet", {"strategy": "multi-worker"}, "tune_unet.strategy: Input should be 'default' or 'mirrored'"),
+    ("train_classifier", {"source_adversary": 0.3, "source_adversary_ramp": True, "strategy": "multi-worker"},
+     "source_adversary_ramp cannot run under strategy multi-worker"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(section, change, message):
     with pytest.raises(_params.ParamsError) as err:

@@ -212,6 +212,11 @@ def test_dvc_repro_on_demo_data(project: Path, tmp_path: Path):
             served["n_negative"]
     unet = json.loads((project / "reports/train_unet/metrics.json").read_text())
     assert {"dice", "iou", "paper_pixel_dice"} <= set(unet["val"])
+    # segment's Dice per segmentation split (pooled, the U-Net's own training images dominated it), the counts whole
+    segmented = json.loads((project / "reports/segment/metrics.json").read_text())
+    by_split = segmented["dice_vs_true_masks"]
+    assert {"train", "test"} <= set(by_split) and all(0.0 <= v["dice"] <= 1.0 for v in by_split.values())
+    assert sum(v["n"] for v in by_split.values()) == segmented["n_with_true_masks"]
 
     # The projection filter learned and filtered at its own size; everything else at the cache's.
     assert np.load(project / "artifacts/cache_projection/images.npy", mmap_mode="r").shape[1:] == (64, 64)

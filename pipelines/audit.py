@@ -44,11 +44,16 @@ def lungs_removed_checks(p: dict, classifiers: dict) -> list[audit.Check]:
 
 
 def heatmap_checks(p: dict, classifiers: dict) -> list[audit.Check]:
+    """The heat-map checks of every classifier, on the explain report's validation figures; a classifier without them
+    (a report of an older explain, or of other classifiers) is an error, never a skipped check the verdict ignores."""
     explain = _common.read_report(_common.EXPLAIN_METRICS, "explain")
-    return [check for v in classifiers["variants"] for b in classifiers["backbones"]
-            for check in audit.heatmap_checks(f"{v}_{b}", explain.get(f"{v}_{b}", {}).get(GRADED, {}),
-                                              warn=float(p["warn"]), fail=float(p["fail"]),
-                                              min_maps=int(p["min_maps"]))]
+    checks = []
+    for name in (f"{v}_{b}" for v in classifiers["variants"] for b in classifiers["backbones"]):
+        if not isinstance(explain.get(name), dict) or not isinstance(explain[name].get(GRADED), dict):
+            raise ValueError(f"{_common.EXPLAIN_METRICS}: no {GRADED} figures for {name}: rerun the explain stage")
+        checks += audit.heatmap_checks(name, explain[name][GRADED], warn=float(p["warn"]), fail=float(p["fail"]),
+                                       min_maps=int(p["min_maps"]))
+    return checks
 
 
 def sources_of(index, image_ids, split: np.ndarray, min_images: int) -> np.ndarray:

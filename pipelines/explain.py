@@ -2,7 +2,7 @@
 drawn over the original images at display size (`explain.display_size`, as serving draws them), and, per split
 (validation and test), variant and class, the share of heat-map mass inside the lung mask beside the lungs' share of
 the image area (what a uniform heat map would score), with how many maps were empty. Each map explains the call the
-model made at its operating threshold, as the served map does."""
+model made at its operating threshold, as the served map explains the call served (at the thresholds in force)."""
 
 from __future__ import annotations
 

@@ -375,8 +375,10 @@ def _section_gradcam(images: Mapping[str, bytes], shown: bool = True) -> str:
                          "where the data may be read.</p>")
     if not images:
         return out[0] + "<p>No Grad-CAM images in this run.</p>"
-    out.append("<p>Heat maps (gradients of the logit of the last convolutional block) on a fixed sample of test "
-               "images: true and false positives and negatives, with the model's score. The images are the test "
+    out.append("<p>Heat maps (Grad-CAM of the last convolutional block, each explaining the call the model made at "
+               "its operating threshold: the COVID-19 logit where it called COVID-19, the negated logit where it "
+               "called negative) on a fixed sample of test images: true and false positives and negatives, with the "
+               "model's score. The images are the test "
                "radiographs themselves, drawn over the original files at display size, with any text burned into "
                "them: fine for public collections; for a hospital's data render the card without them "
                "(<code>model_card.images: false</code>).</p>")

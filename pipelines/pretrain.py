@@ -4,11 +4,13 @@ The images of the working-size cache (all sources, all views; no label is read) 
 `pretrain.backbones`, at `pretrain.width` and the cache's working size; none by default, and then the stage only
 writes an empty index and costs nothing. Left out, read from the split tables' `split` column: the covid task's test
 split (the images the classifiers are tested on: in a held-out run, every image the `split.holdout` rules hold out,
-with the other sources' test patients) and the projection task's `external` split (the held-out images the filter
-never learns from). Unlabelled as they are, an encoder trained on them would make every held-out figure of a
-`weights: pretrained` model transductive. `weights: pretrained` in `train_classifier` and
-`train_projection` (and so the audit's source classifier) starts the VGG's conv base from it; a model of another
-depth, width or working size is refused (``covidcxr.models.EncoderMismatchError``, naming the file).
+with the other sources' test patients) and the projection task's `test` and `external` splits (the images the filter
+is tested on, every covid test patient's films among them, and the held-out images it never learns from; the U-Net
+never starts from the encoder, so its splits stay in). Unlabelled as they are, an encoder trained on them would make
+every test and held-out figure of a `weights: pretrained` model transductive. `weights: pretrained` in
+`train_classifier` and `train_projection` (and so the audit's source classifier) starts the VGG's conv base from it;
+a model of another depth, width or working size is refused (``covidcxr.models.EncoderMismatchError``, naming the
+file).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ METRICS = "reports/pretrain/metrics.json"
 INDEX = "encoders.json"  # {backbone: weights file} of the folder; {} when pretrain.backbones is empty
 MLFLOW_EXPERIMENT = "covidcxr-pretrain"  # shared by every paper experiment: the stage never reads split.experiment
 #: (task, split) of the split tables whose images pretraining never sees: the classifiers' test, held-out rows included,
-#: and the projection filter's held-out images.
-UNSEEN = (("covid", "test"), ("projection", "external"))
+#: and the projection filter's test and held-out images (train_projection can start from the encoder too).
+UNSEEN = (("covid", "test"), ("projection", "test"), ("projection", "external"))
 
 
 def unseen(index) -> np.ndarray:

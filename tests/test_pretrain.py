@@ -73,18 +73,19 @@ def test_the_stage_writes_an_encoder_that_weights_pretrained_loads(tmp_path, mon
     ids = [f"i{i}" for i in range(14)]
     preprocess.save_cache(cache, pd.DataFrame({"image_id": ids}), x, np.zeros(x.shape, bool))
     # a held-out run's split tables: i0-i1 the classifiers' test (a held-out source's rows and the others' test
-    # patients), i2 a held-out image the projection filter never learns from (its `external` split)
+    # patients), i2 a held-out image the projection filter never learns from (its `external` split), i3 the filter's
+    # test image (train_projection can start from the encoder: its test figures would be transductive)
     covid = pd.DataFrame({"image_id": ids[:6], "patient_id": ids[:6], "label": "negative",
                           "split": ["test", "test", "train", "train", "val", "train"]})
     projection = pd.DataFrame({"image_id": ids[1:5], "patient_id": ids[1:5], "label": "frontal",
                                "split": ["test", "external", "test", "train"]})
     _common.write_csv(_common.split_table("covid"), covid)
     _common.write_csv(_common.split_table("projection"), projection)
-    assert list(stage.unseen(_models.load_cache()[0])) == [0, 1, 2]
+    assert list(stage.unseen(_models.load_cache()[0])) == [0, 1, 2, 3]
     p = {"backbones": ["vgg16"], "width": 1 / 16, "epochs": 1, "batch_size": 8, "lr": 1e-3, "temperature": 0.2,
          "projection": [8], "augment": "strong", "seed": 0}
     result = stage.run(p)
-    assert result["vgg16"]["n_images"] == 11 and result["vgg16"]["n_left_out"] == 3  # no test or held-out image
+    assert result["vgg16"]["n_images"] == 10 and result["vgg16"]["n_left_out"] == 4  # no test or held-out image
     assert result["vgg16"]["epochs"] == 1
     assert json.loads((tmp_path / stage.METRICS).read_text())["vgg16"]["loss_last"] > 0
     assert json.loads((tmp_path / _common.PRETRAIN_DIR / stage.INDEX).read_text()) == {

@@ -15,10 +15,11 @@ so that one model gives both a held-out source's and the other sources' test fig
 the masks of those sources in an `external` split that the U-Net never trains on; so do the `holdout` rules, for the
 masks they match, and for the projection task's images (its `external` split): a held-out source or hospital is
 unseen by the projection filter that keeps its images and the U-Net that crops and masks them, as by the classifier.
-The rules are matched on the manifest's rows (its own columns: a task's table relabels `label`); the covid task
-holds out the images they match (a patient with images on both sides is an error), the projection and segmentation
-tasks every image of those images' patients, and a held-out patient found in their train or val is a
-:class:`HeldOutLeak`. Held-out rows are checked only for patient disjointness (they are whole sources or sites).
+The rules are matched on the manifest's rows (its own columns: a task's table relabels `label`); every task holds
+out every image of the matched images' patients (ingest merges the patient keys of sources that share a file, so a
+person held out by source may have films of another source: they go to the held-out side with the rest), and a
+held-out patient found in the projection or segmentation task's train or val is a :class:`HeldOutLeak`. Held-out
+rows are checked only for patient disjointness (they are whole sources or sites).
 """
 
 from __future__ import annotations
@@ -166,11 +167,9 @@ def _held_out(task: str, p: dict, m: pd.DataFrame | None = None) -> tuple[list[d
 
 
 def _held_rows(task: str, p: dict, m: pd.DataFrame, frame: pd.DataFrame) -> pd.Series:
-    """The rows of ``frame`` (a task's table) that ``task`` holds out: the covid task, the images its rules match in
-    the manifest ``m``; the projection and segmentation tasks, every image of those images' patients."""
+    """The rows of ``frame`` (a task's table) that ``task`` holds out: every image of the patients of the images its
+    rules match in the manifest ``m`` (a patient whose key ingest merged across sources keeps all films together)."""
     matched = m[splits.rule_matches(m, _held_out(task, p, m)[0])]
-    if task == "covid":
-        return frame["image_id"].isin(matched["image_id"])
     return frame["patient_id"].isin(matched["patient_id"])
 
 
@@ -195,8 +194,7 @@ def run(p: dict, expectations: str) -> dict:
         held_rules[name] = held
         checked_rows = table[table["split"] != held_split] if held else table
         if held and name == "covid" and p.get("holdout_with_test"):  # the rest's own test split is checked too
-            held_ids = m.loc[splits.rule_matches(m, held), "image_id"]
-            checked_rows = table[~table["image_id"].isin(held_ids)]
+            checked_rows = table[~_held_rows(name, p, m, table)]
         classes = sorted(checked_rows["label"].unique()) if name != "covid" else ["covid", "negative"]
         checked = validation.validate_splits(checked_rows, expectations, fractions=validated_fractions(name, p),
                                              tolerance=float(p["tolerance"]), classes=classes)

@@ -117,3 +117,24 @@ def test_the_stage_lists_only_the_rules_it_applied(tmp_path: Path, monkeypatch: 
     projection = pd.read_csv(_common.split_table("projection")).merge(m[["image_id", "source"]])
     assert set(projection.loc[projection["split"] == "external", "source"]) == {"neg1", "neg2"}
     assert json.loads(Path(split_stage.SUMMARY).read_text())["held_out"]["projection"] == [RULE, {"source": "neg1"}]
+
+
+@pytest.mark.parametrize("with_test", [False, True])
+def test_a_patient_key_merged_across_sources_is_held_out_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 with_test: bool):
+    """Ingest gives a file found in two sources one patient key: holding out the second source matched only its
+    images of that person, and split failed ("1 patients have images both in and out of the held-out rows")."""
+    m = manifest_rows()
+    merged = {"image_id": "neg1/dup", "patient_id": "pos:20", "source": "neg1", "label": "negative",
+              "projection": "frontal", "mask_path": None}  # pos:20's negative films, one also filed under neg1
+    m = pd.concat([m, pd.DataFrame([merged])], ignore_index=True)
+    p = stage_params(holdout=[{"source": "neg1"}], holdout_with_test=with_test)
+    tables, _ = split_stage.task_tables(m, p)
+    for task, held_split in (("covid", "test"), ("projection", "external")):
+        person = tables[task][tables[task]["patient_id"] == "pos:20"]
+        assert len(person) == 3 and set(person["split"]) == {held_split}, task
+    assert by_patient(tables["segmentation"])["pos:20"] == "external"  # its masks never train the U-Net either
+    monkeypatch.chdir(tmp_path)
+    _common.write_csv(split_stage.MANIFEST, m)
+    summary = split_stage.run(p, EXPECTATIONS)
+    assert summary["covid"]["test"]["negative"] >= 42  # neg1's 40 and pos:20's two pos films

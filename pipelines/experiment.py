@@ -7,7 +7,9 @@
 An experiment is an overlay file `experiments/<name>.yaml`: params (dotted keys) applied with `dvc exp run -n <name>
 -S key=value ...`, the stages to reproduce, and an optional `matrix` (one DVC experiment per value, e.g. each held-out
 source). Overlays share `experiments/_base.yaml` (every source ingested, the working size, epochs), so that the
-ingest, cache, projection filter and U-Net of one experiment are reused by the next through DVC's run cache.
+ingest, cache and U-Net of one experiment are reused by the next through DVC's run cache (with the same
+`split.holdout`). The projection filter is not: the projection split puts the selection's covid test patients in its
+test split, so each selection trains its own filter and reruns `filter_frontal` and what follows.
 
 An overlay of kind `ablation` names `levers` (params each) and `runs` (params and targets each): every lever runs
 every run for every seed, and one table gives each lever's figures (held-out specificity per source with the COVID-19
@@ -1053,9 +1055,10 @@ def render_summary(project: Path = PROJECT) -> Path:
              "Written by `python -m pipelines.experiment` from the JSON files beside it (do not edit by hand: edit "
              "the overlay's `notes` in `experiments/`). Development figures: the corpus is a downscaled subset "
              "(about one patient in five held back), and the models are CPU-sized (no ImageNet weights). Wall times "
-             "are on 2 CPU cores shared with other work; the experiments share ingest, cache, projection filter and "
-             "U-Net through DVC's run cache, so the first one run in a fresh workdir also computes those (comparison "
-             "did here).", ""]
+             "are on 2 CPU cores shared with other work; the experiments share ingest, cache and U-Net through DVC's "
+             "run cache, so the first one run in a fresh workdir also computes those (comparison did here); each "
+             "selection trains its own projection filter (its split puts the selection's covid test patients in "
+             "its test split).", ""]
     goals = Path(project) / "experiments" / GOALS
     if goals.is_file():  # the goals: where each stands, what moved it, what next (written by hand)
         lines += [goals.read_text(encoding="utf-8").strip(), ""]

@@ -19,14 +19,35 @@ def test_every_stage_declares_the_files_it_imports_and_the_params_it_reads():
     assert _deps.problems() == [], "run `make deps` (python -m pipelines._deps --write) and declare params"
 
 
-def test_a_new_selection_does_not_rerun_the_stages_it_does_not_change():
-    """Ingest, the projection filter and the U-Net read no selection; they only file their MLflow run under it."""
+def test_a_new_selection_does_not_rerun_the_stages_it_does_not_change(tmp_path, monkeypatch):
+    """Ingest, the caches and the U-Net read no selection: their params and deps leave it out, and the segmentation
+    split they read is byte-identical under two selections. The projection split pins the selection's covid test
+    patients into its test split, so train_projection, filter_frontal and what follows do rerun per selection."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for name in ("ingest", "cache", "cache_projection", "train_projection", "filter_frontal", "tune_unet",
-                 "train_unet"):
+    for name in ("ingest", "cache", "cache_projection", "tune_unet", "train_unet"):
         declared = stages[name].get("params", [])
         assert not {"split", "split.experiment"} & set(declared), name
-        assert "artifacts/splits/covid.csv" not in stages[name]["deps"], name
+        assert not {"artifacts/splits/covid.csv", "artifacts/splits/projection.csv"} & set(stages[name]["deps"]), name
+    assert "artifacts/splits/projection.csv" in stages["train_projection"]["deps"]
+    assert "artifacts/models/projection" in stages["filter_frontal"]["deps"]
+
+    from pipelines import _common
+    from pipelines import split as split_stage
+    from tests.pipelines.test_split import EXPECTATIONS, manifest_rows, stage_params
+
+    monkeypatch.chdir(tmp_path)
+    _common.write_csv(split_stage.MANIFEST, manifest_rows())
+    covid = [{"source": "pos", "label": "covid"}]
+    selections = {"all": {"positives": covid, "negatives": [{"label": "negative"}]},
+                  "pos-only": {"positives": covid, "negatives": [{"source": "pos", "label": "negative"}]}}
+    written = {}
+    for name in selections:
+        split_stage.run(stage_params(experiment=name, experiments=selections), EXPECTATIONS)
+        written[name] = {task: (tmp_path / _common.split_table(task)).read_bytes()
+                         for task in ("covid", "projection", "segmentation")}
+    assert written["all"]["segmentation"] == written["pos-only"]["segmentation"]  # the U-Net's inputs: unchanged
+    assert written["all"]["covid"] != written["pos-only"]["covid"]
+    assert written["all"]["projection"] != written["pos-only"]["projection"]  # the filter trains again
 
 
 def test_no_stage_module_imports_another_stage_module():

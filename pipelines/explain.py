@@ -39,12 +39,12 @@ def original(path: str, longest: int) -> np.ndarray:
 
 
 def lung_shares(classifier, variant: str, images: np.ndarray, masks: np.ndarray, rows: np.ndarray,
-                pred: pd.DataFrame) -> tuple[dict, np.ndarray, np.ndarray]:
+                pred: pd.DataFrame) -> tuple[dict, np.ndarray]:
     """Grad-CAM of one split's images (``pred``: their predictions, ``rows``: their cache rows), each map of the class
     the model called at its operating threshold; per class and overall, the mean share of heat-map mass inside the
     lungs, the lungs' share of the image over the same images (what a uniform map would score: the audit's
     baseline), how many maps there were and how many were empty (no location argued for the call: no share to take).
-    Returns (figures, the maps placed on the whole image, the calls)."""
+    Returns (figures, the maps placed on the whole image)."""
     called = (pred["score"] >= classifier.operating_threshold).to_numpy()
     prepared = classifier.prepare(images[rows], masks[rows], variant)  # as the classifier scored them
     heat = gradcam.heat_maps(classifier, prepared.images, called)
@@ -59,7 +59,7 @@ def lung_shares(classifier, variant: str, images: np.ndarray, masks: np.ndarray,
         figures.update({f"lung_mass_share{suffix}": float(inside[measured].mean()) if measured.any() else None,
                         f"lung_area_share{suffix}": float(area[measured].mean()) if measured.any() else None,
                         f"n_maps{suffix}": int(hit.sum()), f"n_empty{suffix}": int((hit & np.isnan(inside)).sum())})
-    return figures, preprocess.place_in_box(heat, prepared.boxes, heat.shape[1:]), called
+    return figures, preprocess.place_in_box(heat, prepared.boxes, heat.shape[1:])
 
 
 def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
@@ -83,7 +83,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
                 if not len(part):
                     summary[name][split] = {}
                     continue
-                figures, maps, _ = lung_shares(classifier, variant, images, masks,
+                figures, maps = lung_shares(classifier, variant, images, masks,
                                                preprocess.rows_for(index, part["image_id"]), part)
                 summary[name][split] = figures
                 if split == "test":

@@ -84,21 +84,21 @@ def run(p: dict, experiment: str = "demo") -> dict:
                      batch_size=int(p["batch_size"]), seed=int(p["seed"]), augment=p["augment"],
                      on_epoch_end=tracking.log_epoch,
                      verbose=1 if _common.show_progress() else 0)
+        component = models.Component(model, std, info={"run_id": active.info.run_id, "f0": int(p["f0"])})
+        prob = {split: component(images[rows])[..., 0] for split, (rows, _) in parts.items()}
         chosen = {"threshold": threshold, "source": "params"}
         if p["use_tuned"]:  # the tuned value was the best of a short trial's network, not this one's: chosen again
-            val_prob = models.Component(model, std)(images[parts["val"][0]])[..., 0]
-            threshold = choose_mask_threshold(y["val"], val_prob, prefer=threshold)
+            threshold = choose_mask_threshold(y["val"], prob["val"], prefer=threshold)
             chosen = {"threshold": threshold, "source": "validation", "tuned": float(p["mask_threshold"])}
-        component = models.Component(model, std, info={"run_id": active.info.run_id, "f0": int(p["f0"])},
-                                     threshold=chosen)
+        component.threshold = chosen
         result = {}
-        for split, (rows, table) in parts.items():  # `external`: sources held out of training
-            prob = component(images[rows])[..., 0]
-            result[split] = mask_scores(y[split], prob, threshold)
+        for split, (_, table) in parts.items():  # `external`: sources held out of training
+            result[split] = mask_scores(y[split], prob[split], threshold)
             sources = table["label"].to_numpy()  # the segmentation task's label is the source
             if len(set(sources)) > 1:
-                result[split]["by_source"] = {str(src): mask_scores(y[split][sources == src], prob[sources == src],
-                                                                    threshold) for src in sorted(set(sources))}
+                result[split]["by_source"] = {str(src): mask_scores(y[split][sources == src],
+                                                                    prob[split][sources == src], threshold)
+                                              for src in sorted(set(sources))}
         tracking.log_finite_metrics(result)
         tracking.log_keras_model(model, x["val"][..., None])
         with _common.atomic_dir(_common.UNET_MODEL) as out:

@@ -6,7 +6,7 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
-from covidcxr import datasets, manifest
+from covidcxr import datasets, manifest, projection
 
 
 def write_png(path, value_seed, size=(40, 30)):
@@ -98,6 +98,19 @@ def test_conform_refuses_unknown_columns():
                                            ("LLD", "unknown"), ("RLD", "unknown")])
 def test_projection_from_view(view, expected):
     assert manifest.projection_from_view(view) == expected
+
+
+@pytest.mark.parametrize("view", ["AP_SUPINE", "ap_supine", "AP-SUPINE", " AP  SUPINE ", "AP_HORIZONTAL",
+                                  "ap horizontal"])
+def test_projection_from_view_reads_underscores_and_spaces_as_one_spelling(view):
+    # real exports write AP_SUPINE for DICOM's "AP SUPINE"; it was left unknown, for the filter to guess
+    assert manifest.projection_from_view(view) == "frontal"
+
+
+def test_header_view_with_underscores_decides_the_projection():
+    # the DICOM View Position the projection rule trusts (filter_frontal and serving) is read the same way
+    called, decided_by = projection.decide(np.array([0.1, 0.1]), ["AP_SUPINE", "LL"], 0.5)
+    assert list(called) == ["frontal", "lateral"] and list(decided_by) == [projection.BY_HEADER] * 2
 
 
 def test_real_montgomery_shenzhen_describe(real_data):

@@ -39,7 +39,9 @@ PROJECTIONS = ("frontal", "lateral", "unknown")
 LABELS = ("covid", "negative", "unknown")
 SEXES = ("M", "F", "unknown")
 
-# View-position spellings seen in DICOM (0018,5101), Cohen, PadChest and BIMCV, mapped to projection.
+# View-position spellings seen in DICOM (0018,5101), Cohen, PadChest and BIMCV, mapped to projection. Looked up by
+# :func:`view_key`; the keys are also the raw spellings the projection_labels expectation suite pairs with a
+# projection, which is why "AP_HORIZONTAL" stays beside "AP HORIZONTAL".
 _VIEW_TO_PROJECTION = {
     "PA": "frontal",
     "AP": "frontal",
@@ -62,11 +64,17 @@ _VIEW_TO_PROJECTION = {
 }
 
 
+def view_key(view: object) -> str:
+    """A view-position string as the view map knows it: upper case, '-' and '_' as spaces, one space between words
+    (exports spell AP SUPINE also AP_SUPINE, AP-SUPINE, "ap  supine")."""
+    return " ".join(str(view).upper().replace("-", " ").replace("_", " ").split())
+
+
 def projection_from_view(view: object) -> str:
     """Map a view-position string to ``frontal``, ``lateral`` or ``unknown``."""
     if view is None or (isinstance(view, float) and pd.isna(view)) or view is pd.NA:
         return "unknown"
-    return _VIEW_TO_PROJECTION.get(str(view).strip().upper().replace("-", " "), "unknown")
+    return _VIEW_TO_PROJECTION.get(view_key(view), "unknown")
 
 
 class ManifestError(ValueError):

@@ -73,3 +73,30 @@ def test_bad_input_is_refused():
         PlattCalibrator().fit([0, 1, 0, 1], [0.2, np.nan, 0.4, np.inf])
     with pytest.raises(RuntimeError, match="not fitted"):
         PlattCalibrator().transform([0.5])
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "message"),
+    [("-0.5", "0.1", "negative slope a = -0.5"), ("NaN", "0.1", "non-finite"), ("0.5", "Infinity", "non-finite"),
+     ("-Infinity", "0.0", "non-finite")],
+)
+def test_a_saved_state_fit_cannot_give_is_refused_naming_the_file(tmp_path, a, b, message):
+    """A calibration.json with a < 0 loaded silently and reversed every probability's ranking; a NaN slope made every
+    probability NaN."""
+    path = tmp_path / "calibration.json"
+    path.write_text(f'{{"a": {a}, "b": {b}, "l2": 0.001, "method": "platt", "n_fit": 40}}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=message) as caught:
+        PlattCalibrator.load(path)
+    assert str(path) in str(caught.value)
+
+
+def test_a_valid_saved_state_loads_to_the_bit(tmp_path):
+    """Every state fit gives (a = 0, the flattened fit, included) loads as saved."""
+    for y, s in ([[0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]], overconfident(4)):
+        cal = PlattCalibrator().fit(y, s)
+        cal.save(tmp_path / "c.json")
+        again = PlattCalibrator.load(tmp_path / "c.json")
+        assert again.to_dict() == cal.to_dict()
+    (tmp_path / "flat.json").write_text('{"a": 0.0, "b": -0.3, "l2": 0.001, "method": "platt", "n_fit": 9}\n')
+    assert PlattCalibrator.load(tmp_path / "flat.json").to_dict() == {"a": 0.0, "b": -0.3, "l2": 0.001,
+                                                                     "method": "platt", "n_fit": 9}

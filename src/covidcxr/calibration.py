@@ -98,10 +98,17 @@ class PlattCalibrator:
 
     @classmethod
     def from_dict(cls, state: dict) -> PlattCalibrator:
+        """A fitted calibrator from :meth:`to_dict`'s state; ValueError for a state ``fit`` cannot give (a slope that
+        is negative, reversing the model's ranking, or a slope or intercept that is not finite)."""
         if state.get("method") != "platt":
             raise ValueError(f"not a Platt calibration: {state.get('method')!r}")
         obj = cls(l2=float(state.get("l2", 1e-3)))
         obj.a_, obj.b_, obj.n_fit_ = float(state["a"]), float(state["b"]), int(state["n_fit"])
+        if not (np.isfinite(obj.a_) and np.isfinite(obj.b_)):
+            raise ValueError(f"Platt calibration with a non-finite slope or intercept: a = {obj.a_}, b = {obj.b_}")
+        if obj.a_ < 0:
+            raise ValueError(f"Platt calibration with a negative slope a = {obj.a_}: it would reverse the model's "
+                             "ranking (a fitted calibrator has a >= 0)")
         return obj
 
     def save(self, path: str | os.PathLike) -> None:
@@ -109,4 +116,8 @@ class PlattCalibrator:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PlattCalibrator:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        """The calibrator saved at ``path``; a state :meth:`from_dict` refuses is a ValueError naming the file."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None

@@ -548,19 +548,23 @@ def ablation_plan(name: str, spec: dict, *, levers: list[str] | None = None, run
 #: epochs, VGG16 1/8 wide; it grows with the pixel count), and the fixed cost of a `dvc exp run` (checks, cache
 #: restores, a stage process per classifier).
 TRAINING_SECONDS_64PX, RUN_OVERHEAD_SECONDS = 50.0, 30.0
-UPSTREAM = ("cache.", "ingest.", "train_projection.", "train_unet.", "tune_unet.", "pretrain.",
-            "segment.")
+UPSTREAM = ("cache.", "ingest.", "train_unet.", "tune_unet.", "pretrain.", "segment.")
+#: The params that decide what train_projection learns from (its params, its cache's, pretrain's, and through
+#: artifacts/splits/projection.csv ingest's, validate's and the data selection's: the projection split pins the
+#: selection's covid test patients to its test split). DVC's run cache reuses a filter only where all are the same.
+PROJECTION_FILTER_INPUTS = ("ingest.", "validate.", "split.", "cache.", "pretrain.", "train_projection.")
 
 
 def ablation_estimate(plan: list[dict], baseline: dict) -> dict:
-    """What a plan trains: classifier trainings (variants x backbones x ensemble members of every run), the upstream
-    stage sets (cache, projection filter, U-Net, segment, pretrain) that differ and are computed once each (DVC's run
-    cache shares the rest), and a rough wall time."""
+    """What a plan trains: classifier trainings (variants x backbones x ensemble members of every run), projection
+    filter trainings (one per distinct data selection and filter inputs, :data:`PROJECTION_FILTER_INPUTS`), the
+    other upstream stage sets (cache, U-Net, segment, pretrain) that differ and are computed once each (DVC's run
+    cache shares the rest), and a rough wall time of the classifier trainings and runs."""
     def value(params: dict, key: str) -> object:
         section, _, leaf = key.partition(".")
         return params[key] if key in params else (baseline.get(section) or {}).get(leaf)
 
-    trainings, seconds, upstream = 0, 0.0, set()
+    trainings, seconds, upstream, filters = 0, 0.0, set(), set()
     for step in plan:
         p = step["params"]
         n = len(value(p, "train_classifier.variants") or []) * len(value(p, "train_classifier.backbones") or [])
@@ -569,8 +573,10 @@ def ablation_estimate(plan: list[dict], baseline: dict) -> dict:
         size = int(value(p, "cache.size") or 64)
         seconds += n * TRAINING_SECONDS_64PX * (size / 64) ** 2 + RUN_OVERHEAD_SECONDS
         upstream.add(json.dumps({k: v for k, v in p.items() if k.startswith(UPSTREAM)}, sort_keys=True, default=str))
-    return {"dvc_runs": len(plan), "classifier_trainings": trainings, "upstream_sets": len(upstream),
-            "hours_rough": round(seconds / 3600.0, 1)}
+        filters.add(json.dumps({k: v for k, v in p.items() if k.startswith(PROJECTION_FILTER_INPUTS)}, sort_keys=True,
+                               default=str))
+    return {"dvc_runs": len(plan), "classifier_trainings": trainings, "projection_filter_trainings": len(filters),
+            "upstream_sets": len(upstream), "hours_rough": round(seconds / 3600.0, 1)}
 
 
 def _auc(y: np.ndarray, score: np.ndarray) -> float | None:
@@ -1272,9 +1278,11 @@ def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
         baseline = yaml.safe_load((PROJECT / "params.yaml").read_text(encoding="utf-8"))
         estimate = ablation_estimate(plan, baseline)
         print(f"# {estimate['dvc_runs']} dvc exp runs, {estimate['classifier_trainings']} classifier trainings, "
-              f"{estimate['upstream_sets']} distinct upstream stage sets (cache, projection filter, U-Net, segment, "
+              f"{estimate['projection_filter_trainings']} projection filter trainings (one per data selection and "
+              f"filter settings), {estimate['upstream_sets']} distinct upstream stage sets (cache, U-Net, segment, "
               f"pretrain: each computed once, then reused by DVC's run cache); roughly {estimate['hours_rough']} h "
-              f"on 2 cores (at {TRAINING_SECONDS_64PX:.0f} s per classifier training at 64 px)")
+              f"on 2 cores (at {TRAINING_SECONDS_64PX:.0f} s per classifier training at 64 px; the filters' and "
+              "upstream stages' time not counted)")
         return 0
     log = _common.setup_logging()
     workdir = open_workdir(a.workdir.resolve(), reuse_code=a.reuse_code)

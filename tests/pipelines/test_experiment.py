@@ -554,6 +554,30 @@ def test_the_ablation_plans_every_lever_on_the_same_runs_over_seeds(tmp_path: Pa
     assert trained["classifier_trainings"] == 3 * per_seed * len(seeds)  # three networks per model
 
 
+def test_the_dry_run_counts_one_projection_filter_per_data_selection(tmp_path: Path, capsys):
+    """Each selection trains its own filter (the projection split pins its covid test patients to its test split:
+    test_deps), and so does each lever that changes the filter's inputs; the estimate counted one filter in all."""
+    spec = experiment.load("ablation")
+    baseline = yaml.safe_load((ROOT / "params.yaml").read_text())
+    selections = {json.dumps({k: v for k, v in run["params"].items() if k.startswith("split.")}, sort_keys=True)
+                  for run in spec["runs"].values()}
+    assert len(selections) == len(spec["runs"]) == 5  # three held-out sources, adult negatives, Cohen pneumonias
+    plain = experiment.ablation_plan("ablation", spec, levers=["baseline", "clahe"])  # the filter's inputs as _base's
+    assert experiment.ablation_estimate(plain, baseline)["projection_filter_trainings"] == len(selections)
+    one = experiment.ablation_plan("ablation", spec, levers=["baseline"], runs=["adult-negatives"])
+    assert experiment.ablation_estimate(one, baseline)["projection_filter_trainings"] == 1  # over every seed
+    # size-128 changes the filter's cache, pretrained the pretrain stage it depends on: five filters more each
+    inputs = experiment.ablation_plan("ablation", spec, levers=["baseline", "size-128", "pretrained"])
+    assert experiment.ablation_estimate(inputs, baseline)["projection_filter_trainings"] == 3 * len(selections)
+
+    (tmp_path / "cohen").mkdir()
+    (tmp_path / "cohen/metadata.csv").write_text("filename\n")
+    assert experiment.main(["ablation", "--dry-run", "--levers", "baseline", "--real-data", str(tmp_path)]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "5 projection filter trainings (one per data selection" in summary
+    assert "upstream stage sets (cache, U-Net, segment, pretrain" in summary  # no longer says the filter is shared
+
+
 def _workdir(root: Path, scores: dict[str, tuple[list, list, list]], threshold: float = 0.5) -> Path:
     """A finished run's files: the cache index (sources), the split summary, params and each classifier's
     predictions.csv and threshold.json. ``scores``: model -> (image ids, labels, scores) of the test split."""

@@ -232,6 +232,19 @@ def test_the_sensitivity_objective_without_a_target_is_a_clear_error():
         sites.local_threshold(y, score, {"objective": "sensitivity", "min_sensitivity": None})
 
 
+@pytest.mark.parametrize("n", [20, 50])  # too few films to measure (skipped, before), and enough (a TypeError)
+@pytest.mark.parametrize("rule", [{"threshold": 0.3, "objective": "sensitivity", "min_sensitivity": None},
+                                  {"threshold": 0.3, "objective": "sensitivity"}])
+def test_local_calibration_refuses_the_sensitivity_objective_without_a_target_up_front(n, rule):
+    """evaluate's site measurement took a sensitivity rule without its target as well: skipped it as short of films,
+    or failed in float(None) once there were enough."""
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(n, int), np.zeros(n, int)]
+    score = np.r_[rng.uniform(0.5, 1.0, n), rng.uniform(0.0, 0.6, n)]
+    with pytest.raises(ValueError, match="the sensitivity objective needs a min_sensitivity"):
+        sites.local_calibration(y, score, rule, n_per_class=20, draws=5)
+
+
 def test_local_calibration_still_measures_draws_the_scores_do_not_separate():
     """Evaluate's measurement keeps every draw, a useless one included (its figures are unchanged): only a site's own
     calibration refuses scores at or below chance."""

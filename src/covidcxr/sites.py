@@ -218,9 +218,7 @@ def local_threshold(y: np.ndarray, score: np.ndarray, rule: Mapping, *,
     that leaves at most ``k`` of these COVID-19 films below it. The choice's ``sensitivity`` is that on these films;
     its ``min_sensitivity`` the target.
     """
-    if rule["objective"] == "sensitivity" and rule.get("min_sensitivity") is None:
-        raise ValueError("the sensitivity objective needs a min_sensitivity (the target kept on the site's next "
-                         "COVID-19 films)")
+    _check_rule(rule)
     choice = _rule_choice(y, score, rule, min_per_class=min_per_class)
     auc = metrics.classification_metrics(y, score)["roc_auc"]
     if not auc > 0.5:
@@ -228,6 +226,13 @@ def local_threshold(y: np.ndarray, score: np.ndarray, rule: Mapping, *,
                          "(0.5); no threshold of its scores does better than calling at random")
     metrics.check_threshold(choice.threshold, "site threshold")  # a sensitivity target of 0 is above every score
     return choice
+
+
+def _check_rule(rule: Mapping) -> None:
+    """A ValueError for a sensitivity rule without its target: there is nothing a site's threshold could keep."""
+    if rule["objective"] == "sensitivity" and rule.get("min_sensitivity") is None:
+        raise ValueError("the sensitivity objective needs a min_sensitivity (the target kept on the site's next "
+                         "COVID-19 films)")
 
 
 def _rule_choice(y: np.ndarray, score: np.ndarray, rule: Mapping, *, min_per_class: int) -> metrics.ThresholdChoice:
@@ -277,7 +282,8 @@ def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_
     sensitivity and specificity, their 10th and 90th percentiles (how much a site's few films move them), the median
     threshold and, for the sensitivity objective, the sensitivity the site rule promises (:func:`site_rule`); ``status``
     is ``skipped``, with the reason, when a class has too few films to both choose and test (``n_per_class`` + 5) or
-    ``n_per_class`` COVID-19 films cannot promise the target.
+    ``n_per_class`` COVID-19 films cannot promise the target. A sensitivity rule without its ``min_sensitivity`` is a
+    ValueError, whatever the films (as for :func:`local_threshold`).
 
     ``ood``: the films' OOD scores and the model's OOD threshold, the films serving refuses as out of distribution
     included: the site also admits its own films (:func:`local_ood_threshold` of the drawn films), so the threshold is
@@ -295,6 +301,7 @@ def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_
             "objective": rule.get("objective"), "min_sensitivity": rule.get("min_sensitivity")}
     if rule.get("objective") is None:
         return {**base, "status": "skipped", "reason": "the model's threshold does not say by which rule it was chosen"}
+    _check_rule(rule)
     if min(n_pos, n_neg) < n_per_class + 5:
         return {**base, "status": "skipped",
                 "reason": f"{n_pos} COVID-19 and {n_neg} negative films: a site threshold on {n_per_class} of each "

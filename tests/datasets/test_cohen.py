@@ -197,3 +197,8 @@ def test_real_corpus(real_data):
     assert df["patient_id"].nunique() == 302
     values = [str(v) for v in df.to_numpy().ravel()]
     assert not any("http" in v or "admitted" in v.lower() for v in values)
+
+
+@pytest.mark.parametrize("view", ["AP semi-erect", "AP_SEMI_ERECT", "ap  semi erect", "APS"])
+def test_every_spelling_of_a_semi_erect_ap_is_frontal(view):
+    assert cohen.projection(view) == "frontal"

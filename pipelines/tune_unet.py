@@ -27,8 +27,9 @@ REPORTS = "reports/tune_unet"
 def storage_url(p: dict) -> str:
     """$COVIDCXR_OPTUNA_STORAGE, else params' storage, else the local sqlite file; params must hold no password."""
     if p.get("storage") and dburl.has_password(str(p["storage"])):
-        raise _common.ParamsError("tune_unet.storage holds a password: put it in PGPASSWORD or ~/.pgpass (or the "
-                                  f"whole URL in ${tuning.STORAGE_ENV}), never in params.yaml")
+        raise _common.ParamsError("tune_unet.storage holds a password, or is no URL SQLAlchemy parses safely (then it "
+                                  "may hide one): put the password in PGPASSWORD or ~/.pgpass (or the whole URL in "
+                                  f"${tuning.STORAGE_ENV}), never in params.yaml")
     return tuning.resolve_storage(os.environ.get(tuning.STORAGE_ENV), p.get("storage"), DEFAULT_STORAGE)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from covidcxr import dburl
+from covidcxr import dburl, tuning
+from pipelines import _common, tune_unet
 
 
 @pytest.mark.parametrize("url, secret", [
@@ -22,4 +23,22 @@ def test_a_password_anywhere_in_the_url_is_found_and_hidden(url, secret):
 def test_urls_without_a_password_are_shown_as_they_are():
     for url in ("postgresql+psycopg2://covidcxr@db-host:5432/log?sslmode=require", "sqlite:///predictions.db"):
         assert not dburl.has_password(url) and dburl.shown_url(url) == url
-    assert not dburl.has_password("not a url") and dburl.shown_url("ftp://x:y@h/z").startswith("ftp://")
+    assert dburl.shown_url("ftp://x@h/z") == "ftp://x@h/z" and dburl.shown_url("ftp://x:y@h/z") == "ftp://x:***@h/z"
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql//u:s3cret@h/db",  # no '://': SQLAlchemy cannot parse it, and it was shown whole
+    "postgresql://u:s3cr@t@h/db",  # an unescaped '@' in the password: parsed as password 's3cr', host 't@h'
+    "not a url",
+])
+def test_a_url_that_cannot_be_parsed_safely_counts_as_holding_a_password_and_is_never_shown(url):
+    assert dburl.has_password(url) and dburl.shown_url(url) == dburl.UNSHOWN
+
+
+def test_the_stage_guards_refuse_a_url_that_cannot_be_parsed_safely(monkeypatch):
+    monkeypatch.delenv(tuning.STORAGE_ENV, raising=False)
+    for url in ("postgresql//u:s3cret@h/db", "postgresql://u:s3cr@t@h/db"):
+        with pytest.raises(_common.ParamsError, match="tune_unet.storage") as err:
+            tune_unet.storage_url({"storage": url})
+        assert "s3cr" not in str(err.value)
+    assert dburl.has_password("sqlite:////tmp/a@b/optuna.db") is False  # an '@' in a file path is no password

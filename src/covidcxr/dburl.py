@@ -1,7 +1,9 @@
 """Database URLs (the prediction log's, an Optuna study's): where a password may hide in one, and how one is shown.
 
 SQLAlchemy takes a password in the URL's user part (``user:secret@host``) and, for PostgreSQL through libpq, in its
-query string (``?password=secret``): both count, and both are hidden when a URL is logged, tagged or reported.
+query string (``?password=secret``): both count, and both are hidden when a URL is logged, tagged or reported. A string
+SQLAlchemy cannot parse, or parses with an ``@`` left in the host (``user:p@ss@host``: an unescaped ``@`` in the
+password), may hold a password anywhere: it counts as holding one and is never shown.
 """
 
 from __future__ import annotations
@@ -9,27 +11,33 @@ from __future__ import annotations
 #: Query keys that carry a secret (libpq's ``password`` and ``sslpassword``, and common spellings), any case.
 SECRET_KEYS: frozenset[str] = frozenset({"password", "sslpassword", "passwd", "pwd"})
 
+#: What :func:`shown_url` shows of a URL it cannot split safely into its parts.
+UNSHOWN = "<unparsable URL>"
 
-def has_password(url: str) -> bool:
-    """Whether an SQLAlchemy URL carries a password, in its user part or its query (it must come from the environment:
-    ``PGPASSWORD``, ``~/.pgpass``); False for what is not an SQLAlchemy URL (nothing to leak)."""
+
+def _parsed(url: str):
+    """The SQLAlchemy URL, or None when ``url`` is none or may have been split in the middle of its password."""
     from sqlalchemy.engine import make_url
 
     try:
         parsed = make_url(url)
     except Exception:  # noqa: BLE001 - not an SQLAlchemy URL
-        return False
-    return parsed.password is not None or any(key.lower() in SECRET_KEYS for key in parsed.query)
+        return None
+    return None if "@" in (parsed.host or "") else parsed
+
+
+def has_password(url: str) -> bool:
+    """Whether an SQLAlchemy URL carries a password, in its user part or its query (it must come from the environment:
+    ``PGPASSWORD``, ``~/.pgpass``); True for what cannot be parsed safely, where no one can tell."""
+    parsed = _parsed(url)
+    return parsed is None or parsed.password is not None or any(key.lower() in SECRET_KEYS for key in parsed.query)
 
 
 def shown_url(url: str) -> str:
-    """The URL for logs, tags and reports: a password, in the user part or the query, as ``***``; only the scheme of
-    what is not an SQLAlchemy URL."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except Exception:  # noqa: BLE001
-        return url.split("://", 1)[0] + "://..."
+    """The URL for logs, tags and reports: a password, in the user part or the query, as ``***``; :data:`UNSHOWN` for
+    what cannot be parsed safely."""
+    parsed = _parsed(url)
+    if parsed is None:
+        return UNSHOWN
     hidden = {key: ("***" if key.lower() in SECRET_KEYS else value) for key, value in parsed.query.items()}
     return parsed.set(query=hidden).render_as_string(hide_password=True)

@@ -64,3 +64,15 @@ def test_public_uri_drops_credentials_and_query():
     assert tracking.public_uri("http://[::1]:5000") == "http://[::1]:5000"
     assert tracking.public_uri("s3://bucket/mlartifacts") == "s3://bucket/mlartifacts"
     assert tracking.public_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+
+
+def test_a_files_sha256_has_one_helper(tmp_path):
+    """tracking.file_sha256 duplicated io.sha256_file and nothing called it: one way to hash a file."""
+    import hashlib
+
+    from covidcxr import io
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 3_000_000)
+    assert io.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert not hasattr(tracking, "file_sha256")

@@ -5,7 +5,6 @@ Pure plumbing around the MLflow fluent API; callers (the pipeline stages) decide
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import subprocess
@@ -82,14 +81,6 @@ def dvc_file_hash(path: str | os.PathLike) -> str:
     except OSError:
         return "unknown"
     return str(outs[0].get("md5", "unknown")) if outs else "unknown"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class TrackingUnavailable(ConnectionError):

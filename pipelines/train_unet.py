@@ -21,16 +21,21 @@ METRICS = "reports/train_unet/metrics.json"
 
 
 def effective_params(p: dict) -> dict:
-    """params, with the tuned values when params ask for them (the tuner never writes params.yaml)."""
-    if p["use_tuned"] and os.path.exists(_common.TUNED_UNET):
-        with open(_common.TUNED_UNET, encoding="utf-8") as fh:
-            tuned = json.load(fh)
-        if tuned["best_params"] is None:
-            raise _common.ParamsError(f"params.yaml: train_unet.use_tuned is true but {_common.TUNED_UNET} holds no "
-                                      f"tuned values ({tuned.get('reason', 'no completed trial')}): set "
-                                      "tune_unet.n_trials above 0 or train_unet.use_tuned to false")
-        return {**p, **tuned["best_params"]}
-    return p
+    """params, with the tuned values when params ask for them (the tuner never writes params.yaml); asked for and
+    absent, a ParamsError naming the file (params' values would be recorded as tuned)."""
+    if not p["use_tuned"]:
+        return p
+    if not os.path.exists(_common.TUNED_UNET):
+        raise _common.ParamsError(f"params.yaml: train_unet.use_tuned is true but {_common.TUNED_UNET} does not exist: "
+                                  "run the tune_unet stage first (dvc repro tune_unet) or set train_unet.use_tuned to "
+                                  "false")
+    with open(_common.TUNED_UNET, encoding="utf-8") as fh:
+        tuned = json.load(fh)
+    if tuned["best_params"] is None:
+        raise _common.ParamsError(f"params.yaml: train_unet.use_tuned is true but {_common.TUNED_UNET} holds no "
+                                  f"tuned values ({tuned.get('reason', 'no completed trial')}): set "
+                                  "tune_unet.n_trials above 0 or train_unet.use_tuned to false")
+    return {**p, **tuned["best_params"]}
 
 
 #: The mask thresholds :func:`choose_mask_threshold` tries.

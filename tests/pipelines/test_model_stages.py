@@ -74,6 +74,16 @@ def test_no_trial_in_a_study_of_its_own_tunes_nothing_and_says_so(tmp_path, monk
         train_unet.effective_params({**unet, "use_tuned": True})
 
 
+def test_tuned_values_asked_for_and_absent_are_refused(tmp_path, monkeypatch):
+    """`use_tuned: true` without artifacts/tune/unet.json trained from params and recorded their mask threshold as
+    the tuned one (threshold source 'validation'); now it names the missing file."""
+    from pipelines import _common
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(_common.ParamsError, match="use_tuned is true but artifacts/tune/unet.json does not exist"):
+        train_unet.effective_params({"use_tuned": True, "epochs": 3, "mask_threshold": 0.5})
+
+
 def test_exporting_a_study_that_does_not_exist_creates_none(tmp_path, monkeypatch):
     """`n_trials: 0` on a shared storage exports the study `covidcxr tune` workers filled; a mistyped study name
     created an empty study (and an MLflow parent run) in the team's database before failing. Now it names the

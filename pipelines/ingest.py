@@ -28,6 +28,8 @@ class TooManyRejects(RuntimeError):
 def pseudonymize_patients(frame: pd.DataFrame, salt: str) -> pd.DataFrame:
     """Replace the raw part of ``source:id`` patient keys by a salted hash (equal ids stay equal)."""
     out = frame.copy()
+    if out.empty:  # every image rejected: nothing to hash (splitting no keys gives no columns to index)
+        return out
     parts = out["patient_id"].str.split(":", n=1, expand=True)
     out["patient_id"] = parts[0] + ":" + parts[1].map(lambda raw: io.pseudonymize(raw, salt))
     return out

@@ -134,3 +134,22 @@ def test_a_file_listed_under_two_patients_merges_them_and_a_label_conflict_is_co
     assert "1 patient key(s) merged" in caplog.text
     found, _ = ingest_run(corpus)
     assert found.data.metrics["n_label_conflicts"] == 1
+
+
+def test_every_image_rejected_is_too_many_rejects_with_the_report_written(corpus: Path):
+    """A source whose files are all Git LFS pointer texts (a clone without `git lfs pull`): pseudonymising the empty
+    manifest crashed with a bare KeyError: 0 before any report was written."""
+    root = corpus / ROOT
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 5120\n"
+    for i in range(3):
+        (root / f"scans/lfs_{i}.png").write_text(pointer.format(f"{i:064x}"))
+    pd.DataFrame({"path": [f"scans/lfs_{i}.png" for i in range(3)], "patient_id": ["p1", "p2", "p3"],
+                  "label": "covid", "projection": "frontal"}).to_csv(root / "manifest.csv", index=False)
+
+    with pytest.raises(ingest.TooManyRejects, match=r"3 of 3 images rejected \(100.0%\)"):
+        ingest.run(params(max_reject_fraction=0.4), "ingest-test")
+    rejects = pd.read_csv(corpus / ingest.REJECTS)
+    assert list(rejects["reason"]) == ["not_an_image"] * 3
+    assert len(pd.read_csv(corpus / ingest.MANIFEST)) == 0
+    found, logged = ingest_run(corpus)
+    assert found.info.status == "FAILED" and len(logged) == 3

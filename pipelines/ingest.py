@@ -19,6 +19,9 @@ MANIFEST = _common.MANIFEST
 REJECTS = "reports/ingest/rejects.csv"
 DUPLICATES = "reports/ingest/duplicates.csv"
 SUMMARY = "reports/ingest/summary.json"
+SALT_ENV = "COVIDCXR_PSEUDONYM_SALT"
+#: Adapters of a site's own data: their patient ids are not public, unlike those of the public datasets' adapters.
+PRIVATE_ADAPTERS = ("generic",)
 
 
 class TooManyRejects(RuntimeError):
@@ -47,8 +50,28 @@ def check_unique_ids(listed: pd.DataFrame) -> None:
             f"{' and '.join(roots)}): give the collections different folder layouts, or merge them into one CSV")
 
 
+def pseudonym_salt(p: dict) -> str:
+    """The salt patient ids are hashed with: :data:`SALT_ENV` when set, else ``ingest.salt``.
+
+    ``ingest.salt`` is public (params.yaml, dvc.lock): fine for the public datasets, whose patient ids are published
+    with them, but a site's own ids hashed with it can be recovered by hashing guesses. So a :class:`ParamsError`,
+    before any work, when ids of a :data:`PRIVATE_ADAPTERS` source would be pseudonymised with it.
+    """
+    salt = os.environ.get(SALT_ENV)
+    if salt:
+        return salt
+    private = sorted({s["name"] for s in p["sources"] if s["name"] in PRIVATE_ADAPTERS})
+    if p["pseudonymize"] and private:
+        raise _common.ParamsError(
+            f"ingest.sources has a {' and a '.join(private)} source (a site's own data) and {SALT_ENV} is not set: "
+            f"ingest.salt is public (params.yaml, dvc.lock), and patient ids hashed with it can be recovered by "
+            f"hashing guesses. Set {SALT_ENV} to a secret kept with the data (the same value on every run over it)")
+    return str(p["salt"])
+
+
 def run(p: dict, experiment: str = "demo") -> dict:
     log = _common.setup_logging()
+    salt = pseudonym_salt(p)
     frames = []
     for source in p["sources"]:
         options = {k: v for k, v in source.items() if k not in ("name", "root")}
@@ -68,7 +91,6 @@ def run(p: dict, experiment: str = "demo") -> dict:
     label_conflicts = int(duplicates["same_label"].eq(False).sum())
     result = described[~described["image_id"].isin(duplicates["image_id"])].reset_index(drop=True)
     if p["pseudonymize"]:
-        salt = os.environ.get("COVIDCXR_PSEUDONYM_SALT") or str(p["salt"])
         result = pseudonymize_patients(result, salt)
     if p["max_age"] is not None:  # ages above the cap are identifying (HIPAA safe harbour: 90+)
         result["age"] = result["age"].clip(upper=float(p["max_age"]))

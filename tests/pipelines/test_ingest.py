@@ -14,6 +14,7 @@ from PIL import Image
 from pipelines import ingest
 
 ROOT = "data/private-site-7"  # stands for a site folder whose name must not reach the tracking server
+SITE_SALT = "site-secret"  # a site's own data is pseudonymised only with a salt from the environment
 
 
 @pytest.fixture
@@ -21,7 +22,7 @@ def corpus(tmp_path: Path, monkeypatch) -> Path:
     """Four good PNGs, one truncated PNG and one zero-byte file, described by a generic manifest.csv."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("COVIDCXR_PSEUDONYM_SALT", raising=False)
+    monkeypatch.setenv(ingest.SALT_ENV, SITE_SALT)
     (tmp_path / "params.yaml").write_text("split:\n  experiment: ingest-test\n")
     root = tmp_path / ROOT
     (root / "scans").mkdir(parents=True)
@@ -153,3 +154,22 @@ def test_every_image_rejected_is_too_many_rejects_with_the_report_written(corpus
     assert len(pd.read_csv(corpus / ingest.MANIFEST)) == 0
     found, logged = ingest_run(corpus)
     assert found.info.status == "FAILED" and len(logged) == 3
+
+
+def test_a_site_s_own_data_is_not_pseudonymised_with_the_public_params_salt(corpus: Path, monkeypatch):
+    """ingest.salt is in params.yaml and dvc.lock: a generic source's patient ids hashed with it could be recovered
+    by hashing guesses. Without COVIDCXR_PSEUDONYM_SALT the stage now stops before any work, naming the variable."""
+    from covidcxr import io
+    from pipelines import _common
+
+    monkeypatch.delenv(ingest.SALT_ENV)
+    with pytest.raises(_common.ParamsError, match=r"generic source .*COVIDCXR_PSEUDONYM_SALT is not set"):
+        ingest.run(params(max_reject_fraction=0.4), "ingest-test")
+    assert not (corpus / "reports").exists() and not (corpus / ingest.MANIFEST).exists()
+
+    # not pseudonymised: no salt needed; with the variable set, its salt is the one used
+    ingest.run({**params(max_reject_fraction=0.4), "pseudonymize": False}, "ingest-test")
+    monkeypatch.setenv(ingest.SALT_ENV, SITE_SALT)
+    ingest.run(params(max_reject_fraction=0.4), "ingest-test")
+    m = pd.read_csv(corpus / ingest.MANIFEST).set_index("image_id")
+    assert m.loc["generic/scans/good_0", "patient_id"] == f"generic:{io.pseudonymize('p0', SITE_SALT)}"

@@ -52,6 +52,9 @@ def model_facts(registered: dict, evaluation: dict, run_id: str) -> dict:
                      f"aged {float(serving['min_age']):g} and over: a DICOM giving a younger age is refused "
                      "(outside_intended_use); a file without an age is scored"),
         "experiment": registered.get("experiment"), "mlflow_run_id": run_id,
+        # what the figures were computed on (modelcard.DATA_VERSION), and the code; data.dvc's hash of data/ besides
+        "git_commit": registered.get("git_commit"), "data_version": registered.get("data_version"),
+        "data_dvc": registered.get("data_dvc"),
     }
     if registered.get("selected_by"):
         value = registered.get("candidate_value")

@@ -6,9 +6,10 @@ of the same settings when `register.heldout` holds one for every eligible candid
 its held-out-source runs; candidates within the seeds' noise of the best are tied, and the mean over the held-out runs
 chooses among them), else by the validation `metric`. The new version takes the alias `champion` when its figure
 is at least the current champion's and its audit (graded on validation) did not fail (or
-`register.allow_failed_audit: true`); otherwise `challenger`. A champion's figure of other data (its `data_version`)
-or of another measure (its `selection_figure`) is no yardstick: the new version is then judged as if the champion had
-none. Every candidate with its figures and why it was or was not chosen, the decision and its reason are
+`register.allow_failed_audit: true`); otherwise `challenger`. A champion's figure of other data (its `data_version`:
+the SHA-256 of the manifest and the covid split table, so another corpus, download, selection or split seed is other
+data) or of another measure (its `selection_figure`) is no yardstick: the new version is then judged as if the champion
+had none. Every candidate with its figures and why it was or was not chosen, the decision and its reason are
 printed, logged to MLflow and written to reports/register/registered.json.
 
 The drift reference (what the served model logs for the validation split, scored through the bundled pipeline) is
@@ -269,7 +270,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
     metadata = {
         "model_name": name, "model_version": str(version), "classifier": classifier, "variant": best.variant,
         "backbone": best.backbone, "git_commit": tags["git_commit"], "data_version": tags["data_version"],
-        "experiment": tags["experiment"],
+        "data_dvc": tags["data_dvc"], "experiment": tags["experiment"],
         "selection": {"by": chosen.by, "value": chosen.value, "rule": f"{p['variant']}/{p['backbone']}",
                       "candidates": chosen.table, "heldout_figure": heldout["figure"] if heldout else None},
         "validation": {"classifier": evaluation["val"], **component_metrics()},
@@ -310,7 +311,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
                                allow_failed)
         for key, tag in {chosen.by: str(chosen.value), FIGURE_TAG: figure, "classifier": classifier,
                          "git_commit": tags["git_commit"],
-                         "data_version": tags["data_version"], "decision": decision,
+                         "data_version": tags["data_version"], "data_dvc": tags["data_dvc"], "decision": decision,
                          "audit_status": best.audit_status, "decision_reason": why}.items():
             client.set_model_version_tag(name, registered.version, key, tag)
         client.set_registered_model_alias(name, decision, registered.version)
@@ -332,6 +333,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
         "model_name": name, "version": int(registered.version), "alias": decision, "classifier": classifier,
         "selected_by": chosen.by, "candidate_value": chosen.value, "champion_version": champion_version,
         "champion_value": champion_value, "git_commit": tags["git_commit"], "data_version": tags["data_version"],
+        "data_dvc": tags["data_dvc"],
         "audit_status": best.audit_status, "audit_failed": ", ".join(best.audit_failed),
         "allow_failed_audit": allow_failed, "reason": why, "candidates": chosen.table, "experiment": experiment,
         "serving": config.to_dict(), "mask_threshold": metadata["mask_threshold"],

@@ -112,6 +112,9 @@ def test_stage_writes_the_card_and_logs_it_with_the_model(project):
     assert "under 70% of the heat map inside the lungs" in page and "0.457 [0.300, 0.600]" in page  # audit, held out
     assert "chosen: best worst held-out specificity" in page and "development figure" in page
     assert "synthetic phantoms" in page and run_id in page
+    # the footer said "git commit unknown, data version unknown" whatever register recorded; now it says what it is
+    assert "git commit abc123, data version d41d8.dir (SHA-256 of the manifest" in page
+    assert "data version</td><td>d41d8.dir" in page and "split table the figures were computed on" in page
     assert "intended population</td><td>aged 18 and over: a DICOM giving a younger age is refused" in page
     for secret in ("PATIENT-", "IMG0", "data/demo/images"):  # no identifiers, no file paths of patient data
         assert secret not in page

@@ -276,12 +276,17 @@ def test_dvc_repro_on_demo_data(project: Path, tmp_path: Path):
     names = {r.info.run_name for r in runs}
     assert {"projection-vgg19", "unet-f04", "classifier-c-vgg16", "classifier-e-vgg16"} <= names
     classifier = next(r for r in runs if r.info.run_name == "classifier-d-vgg16")
-    assert classifier.data.tags["data_version"] == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
+    assert classifier.data.tags["data_dvc"] == yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]["md5"]
+    from pipelines import _tracking
+
+    data = {role: project / path for role, path in _tracking.stage_data("train_classifier").items()}
+    assert classifier.data.tags["data_version"] == _tracking.data_version(data)  # the manifest and covid split
     assert {"eval.test.at_0.5.roc_auc", "eval.test.at_0.5.accuracy"} & set(classifier.data.metrics)
 
     # The model card of the registered version: written, self-contained, logged with the model, no patient ids.
     assert "Running stage 'model_card'" in out.stdout
     registered = json.loads((project / "reports/register/registered.json").read_text())
+    assert registered["data_version"] == classifier.data.tags["data_version"]  # the same data: the same version
     card = project / f"reports/model_card/{registered['model_name']}-v{registered['version']}.html"
     page = card.read_text(encoding="utf-8")
     assert page == (project / "reports/model_card/index.html").read_text(encoding="utf-8")

@@ -9,6 +9,7 @@ and warned about: the kept copy's label is the one the manifest holds.
 from __future__ import annotations
 
 import os
+from pathlib import PurePosixPath
 
 import pandas as pd
 
@@ -128,7 +129,7 @@ def run(p: dict, experiment: str = "demo") -> dict:
     _tracking.setup_tracking()
     with tracking.run(_common.mlflow_experiment(experiment), "ingest", params=run_params(p),
                       tags=_tracking.repro_tags("ingest", experiment)):  # a failure below: run FAILED, rejects logged
-        log_to_mlflow(summary, rejects)
+        log_to_mlflow(summary, rejects, {str(s["root"]): s["name"] for s in p["sources"]})
         if summary["reject_fraction"] > float(p["max_reject_fraction"]):
             raise TooManyRejects(
                 f"{rejected} of {len(listed)} images rejected ({summary['reject_fraction']:.1%}), more than "
@@ -139,34 +140,41 @@ def run(p: dict, experiment: str = "demo") -> dict:
 
 def run_params(p: dict) -> dict:
     """What the MLflow run records of params: everything but the pseudonymisation salt (it would make the patient
-    hashes reversible by guessing ids)."""
-    return {k: v for k, v in p.items() if k != "salt"} | {
-        "sources": ", ".join(f"{s['name']}:{s['root']}" for s in p["sources"])}
+    hashes reversible by guessing ids), and of each source only its adapter's name (a site's folder names the site)."""
+    return {k: v for k, v in p.items() if k != "salt"} | {"sources": ", ".join(s["name"] for s in p["sources"])}
 
 
-def mlflow_rejects(rejects: pd.DataFrame) -> pd.DataFrame:
-    """The rejects as MLflow gets them: images named by ``image_id`` only, without the file path column and with the
-    path cut out of each problem text (a tracking server is shared more widely than the project's own outputs)."""
+def mlflow_rejects(rejects: pd.DataFrame, roots: dict[str, str] | None = None) -> pd.DataFrame:
+    """The rejects as MLflow gets them: images named by ``image_id`` only, without the file path column, with the
+    path cut out of each problem text and every other file under a source's root (``roots``: root -> adapter name)
+    named ``<adapter>/<path under the root>`` like an image id, as the other mask of a left/right pair is (a tracking
+    server is shared more widely than the project's own outputs, and a site's folder names the site)."""
+    prefixes = sorted(((f"{PurePosixPath(root)}/", f"{name}/") for root, name in (roots or {}).items()
+                       if str(PurePosixPath(root)) != "."), key=lambda pair: -len(pair[0]))  # nested roots: longest
+
     def clean(problem: str, path: str, image_id: str) -> str:
         head, sep, rest = problem.partition(": ")
         if sep and ("/" in head or "\\" in head):  # "<file>: <what is wrong>", the file being the image or its mask
             problem = rest
-        return problem.replace(path, image_id)
+        problem = problem.replace(path, image_id)
+        for prefix, name in prefixes:
+            problem = problem.replace(prefix, name)
+        return problem
 
     problems = [clean(str(problem), str(path), str(image_id))
                 for problem, path, image_id in zip(rejects["problem"], rejects["path"], rejects["image_id"])]
     return rejects.drop(columns=["path"]).assign(problem=problems)
 
 
-def log_to_mlflow(summary: dict, rejects: pd.DataFrame) -> None:
-    """Counts as metrics, the rejects and the summary as artifacts of the active run."""
+def log_to_mlflow(summary: dict, rejects: pd.DataFrame, roots: dict[str, str] | None = None) -> None:
+    """Counts as metrics, the rejects (:func:`mlflow_rejects`) and the summary as artifacts of the active run."""
     import mlflow
 
     mlflow.log_metrics({"n_listed": summary["listed"], "n_accepted": summary["accepted"],
                         "n_rejected": summary["rejected"], "n_masks_rejected": summary["masks_rejected"],
                         "n_duplicates": summary["duplicates"], "n_label_conflicts": summary["label_conflicts"],
                         "reject_fraction": summary["reject_fraction"]})
-    mlflow.log_text(mlflow_rejects(rejects).to_csv(index=False, lineterminator="\n"), "ingest/rejects.csv")
+    mlflow.log_text(mlflow_rejects(rejects, roots).to_csv(index=False, lineterminator="\n"), "ingest/rejects.csv")
     mlflow.log_dict(summary, "ingest/summary.json")
 
 

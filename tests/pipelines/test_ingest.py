@@ -173,3 +173,27 @@ def test_a_site_s_own_data_is_not_pseudonymised_with_the_public_params_salt(corp
     ingest.run(params(max_reject_fraction=0.4), "ingest-test")
     m = pd.read_csv(corpus / ingest.MANIFEST).set_index("image_id")
     assert m.loc["generic/scans/good_0", "patient_id"] == f"generic:{io.pseudonymize('p0', SITE_SALT)}"
+
+
+def test_no_site_folder_name_reaches_mlflow(corpus: Path):
+    """The run's params named each source's folder (generic:data/private-site-7), and a left/right mask pair of two
+    shapes was reported with the first mask's full path, which cutting the leading path left in the logged rejects."""
+    root = corpus / ROOT
+    (root / "masks").mkdir()
+    Image.fromarray(np.full((40, 32), 255, dtype=np.uint8)).save(root / "masks/left.png")
+    Image.fromarray(np.full((20, 16), 255, dtype=np.uint8)).save(root / "masks/right.png")
+    listed = pd.read_csv(root / "manifest.csv")
+    listed["mask_path"] = ["masks/left.png;masks/right.png"] + [""] * (len(listed) - 1)
+    listed.to_csv(root / "manifest.csv", index=False)
+
+    summary = ingest.run(params(max_reject_fraction=0.4), "ingest-test")
+    assert summary["masks_rejected"] == 1
+    local = pd.read_csv(corpus / ingest.REJECTS)
+    assert local["problem"].str.contains(f"of {ROOT}/masks/left.png").any()  # the local report keeps the paths
+
+    found, logged = ingest_run(corpus)
+    assert found.data.params["sources"] == "generic"
+    assert "private-site-7" not in str(found.data.params)
+    assert not logged.astype(str).apply(lambda c: c.str.contains("private-site-7")).any().any()
+    (problem,) = logged.loc[logged["kind"] == "mask", "problem"]
+    assert problem.endswith("of generic/masks/left.png"), problem

@@ -319,6 +319,42 @@ def test_real_crs_without_imager_pixel_spacing_get_their_sr(real_data):
         assert "Out-of-distribution score" not in findings
 
 
+def source_header(**elements) -> pydicom.Dataset:
+    """The header of a small CR of one study (``elements``: more attributes, by keyword), as the worker copies it."""
+    import numpy as np
+
+    from tests.test_io import make_dicom
+
+    data = make_dicom(np.full((8, 8), 100, np.uint16), StudyInstanceUID="1.2.826.0.1.3680043.8.498.7",
+                      SeriesInstanceUID="1.2.826.0.1.3680043.8.498.8", **elements)
+    return pacs.header_only(pydicom.dcmread(io.BytesIO(data)))
+
+
+@pytest.mark.parametrize("source, expected", [
+    ({"BurnedInAnnotation": "NO"}, {"BurnedInAnnotation": "NO"}),
+    ({"BurnedInAnnotation": "YES", "LossyImageCompression": "01", "LossyImageCompressionRatio": [12.5],
+      "LossyImageCompressionMethod": ["ISO_10918_1"]},
+     {"BurnedInAnnotation": "YES", "LossyImageCompression": "01", "LossyImageCompressionRatio": 12.5,
+      "LossyImageCompressionMethod": "ISO_10918_1"}),
+    ({}, {"BurnedInAnnotation": "YES", "LossyImageCompression": None}),
+])
+def test_the_overlay_keeps_what_the_source_says_of_its_burned_in_text_and_lossy_compression(source, expected):
+    """The Grad-CAM SC is drawn on the source's pixels, but said nothing of the text burned into them (nor of the lossy
+    compression they went through): a de-identifier trusting it would pass a name in the pixels. It now copies both;
+    a source that does not say gets YES, as pixels nobody checked."""
+    import numpy as np
+
+    model = pacs.ModelId("covidcxr", "3")
+    header = source_header(**source)
+    sc = pacs.build_sc(header, serving.png_base64(np.zeros((8, 8, 3), np.uint8)), model,
+                       pacs.series_uids(header.StudyInstanceUID, model)["sc"],
+                       pacs.result_uids(header.SOPInstanceUID, model)["sc"], 1)
+    buffer = io.BytesIO()
+    sc.save_as(buffer)
+    stored = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    assert {k: stored.get(k) for k in expected} == expected
+
+
 @pytest.mark.infra
 def test_real_crs_make_the_round_trip(orthanc, registry, real_data, tmp_path):
     """The corpus's two real CRs (JPEG 2000 and native; neither with ImagerPixelSpacing, one without patient

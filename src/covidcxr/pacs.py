@@ -69,6 +69,8 @@ CODES = {
     "reason": Code("reason", SCHEME, "Reason not scored"),
 }
 UNITS = {"probability": Code("{probability}", "UCUM", "probability"), "fraction": Code("1", "UCUM", "no units")}
+#: What the source says of the lossy compression its pixels went through, which the overlay drawn on them inherits.
+LOSSY_KEYWORDS = ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod")
 
 
 class PacsError(RuntimeError):
@@ -362,6 +364,12 @@ def build_sc(header: Dataset, overlay_png_b64: str, model: ModelId, series_uid: 
     sc.SourceImageSequence = [reference]
     sc.DerivationDescription = f"Grad-CAM overlay of the COVID-19 classifier {model.name} v{model.version}"[:1024]
     sc.ImageType = ["DERIVED", "SECONDARY"]
+    # The overlay is drawn on the source's pixels: text burned into them, and any lossy compression they went through,
+    # carry into it. A source that does not say gets YES: only pixel data checked clean may say NO (PS3.15 E.3.1).
+    sc.BurnedInAnnotation = str(header.get("BurnedInAnnotation") or "YES")
+    for keyword in LOSSY_KEYWORDS:
+        if header.get(keyword) not in (None, ""):
+            setattr(sc, keyword, header.get(keyword))
     return sc
 
 

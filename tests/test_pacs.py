@@ -265,6 +265,17 @@ def test_worker_writes_sr_and_overlay_into_each_study_once_and_leaks_no_phi(orth
             assert not any(v.encode() in data for v in secrets_), f"an identifier reached {path.name}"
 
 
+def source_header(**elements) -> pydicom.Dataset:
+    """The header of a small CR of one study (``elements``: more attributes, by keyword), as the worker copies it."""
+    import numpy as np
+
+    from tests.test_io import make_dicom
+
+    data = make_dicom(np.full((8, 8), 100, np.uint16), StudyInstanceUID="1.2.826.0.1.3680043.8.498.7",
+                      SeriesInstanceUID="1.2.826.0.1.3680043.8.498.8", **elements)
+    return pacs.header_only(pydicom.dcmread(io.BytesIO(data)))
+
+
 def sr_of(header: pydicom.Dataset, **changes) -> dict:
     """The SR of a film refused as out of distribution at a site's own OOD threshold, read back by check_sr."""
     entry = {**dict.fromkeys(serving.FIELDS), "accepted": False, "reason": "out_of_distribution",
@@ -304,6 +315,17 @@ def test_the_sr_records_the_ood_score_and_both_thresholds_that_decided(described
     assert ("Horizontal Pixel Spacing" in findings) is described
 
 
+def test_an_image_scored_with_the_out_of_distribution_flag_says_so_in_its_sr():
+    """Under ood_action: flag a film far from training is answered (accepted) with reason out_of_distribution: its SR
+    had the score and no word of the flag, which only a refused film's reason carried."""
+    findings = sr_of(source_header(), accepted=True, covid_probability=0.8, label="covid",
+                     message="out of distribution; the answer may be unreliable")
+    assert findings["Scoring status"] == "scored" and findings["COVID-19 probability"] == (0.8, "{probability}")
+    assert findings["Result flag"] == "out_of_distribution" and "Reason not scored" not in findings
+    assert "Result flag" not in sr_of(source_header(), accepted=True, reason=None, covid_probability=0.8,
+                                      label="covid")
+
+
 def test_real_crs_without_imager_pixel_spacing_get_their_sr(real_data):
     """Both real CRs lack ImagerPixelSpacing (one has no patient orientation either), which highdicom's image library
     reads for a radiograph: their SRs were refused, so a PACS of such files would have failed every study forever."""
@@ -317,17 +339,6 @@ def test_real_crs_without_imager_pixel_spacing_get_their_sr(real_data):
         assert findings["COVID-19 probability"] == (0.8, "{probability}") and findings["Scoring status"] == "scored"
         assert findings["Algorithm Parameters"] == ["threshold=0.25", "thresholds_from=model"]
         assert "Out-of-distribution score" not in findings
-
-
-def source_header(**elements) -> pydicom.Dataset:
-    """The header of a small CR of one study (``elements``: more attributes, by keyword), as the worker copies it."""
-    import numpy as np
-
-    from tests.test_io import make_dicom
-
-    data = make_dicom(np.full((8, 8), 100, np.uint16), StudyInstanceUID="1.2.826.0.1.3680043.8.498.7",
-                      SeriesInstanceUID="1.2.826.0.1.3680043.8.498.8", **elements)
-    return pacs.header_only(pydicom.dcmread(io.BytesIO(data)))
 
 
 @pytest.mark.parametrize("source, expected", [

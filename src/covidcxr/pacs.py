@@ -5,7 +5,8 @@ For every CR/DX image of a study (QIDO-RS to find them, WADO-RS to fetch them), 
 
 * a Comprehensive SR (TID 1500 measurement report, made with highdicom) holding the COVID-19 probability, the label,
   the operating threshold, the projection, the lung area, the model's name and version, and, for an image that was
-  not scored, the reason; it references the source image (evidence, image library, measurement group source);
+  not scored, the reason (for a scored one with a flag, such as out of distribution under ``ood_action: flag``, the
+  flag); it references the source image (evidence, image library, measurement group source);
 * for a scored image, a Secondary Capture of the Grad-CAM overlay (RGB), referencing the source image.
 
 Both carry the source's patient and study modules (so they attach to the study) and new UIDs derived from the source
@@ -67,6 +68,7 @@ CODES = {
     "scored": Code("scored", SCHEME, "Scored"),
     "not_scored": Code("not-scored", SCHEME, "Not scored"),
     "reason": Code("reason", SCHEME, "Reason not scored"),
+    "flag": Code("flag", SCHEME, "Result flag"),  # a scored image's caveat (the served entry's reason)
 }
 UNITS = {"probability": Code("{probability}", "UCUM", "probability"), "fraction": Code("1", "UCUM", "no units")}
 #: What the source says of the lossy compression its pixels went through, which the overlay drawn on them inherits.
@@ -310,6 +312,9 @@ def build_sr(header: Dataset, entry: dict, model: ModelId, series_uid: str, sop_
     if not entry["accepted"]:
         reason = entry.get("reason") or "unknown"
         evaluations.append(hd.sr.QualitativeEvaluation(CODES["reason"], Code(reason, SCHEME, _meaning(reason))))
+    elif entry.get("reason"):  # answered with a flag: out of distribution under ood_action flag
+        reason = entry["reason"]
+        evaluations.append(hd.sr.QualitativeEvaluation(CODES["flag"], Code(reason, SCHEME, _meaning(reason))))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[sop_uid, "tracking"]),
                                                      identifier="COVID-19 score"),

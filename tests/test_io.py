@@ -298,7 +298,8 @@ def test_dicom_without_preamble_is_read(tmp_path):
 @pytest.mark.filterwarnings("ignore:Invalid value for VR")  # " pa ", "62" and "abc" are deliberately off-standard
 @pytest.mark.parametrize(
     ("age", "years"), [("065Y", 65.0), ("018M", 1.5), ("030D", round(30 / 365.25, 4)), ("004W", round(28 / 365.25, 4)),
-                       ("62", 62.0), ("abc", None)],
+                       ("62", 62.0), ("abc", None), ("120Y", 120.0),
+                       ("999Y", None), ("121", None)],  # absurd ages are unknown, as in the datasets' metadata
 )  # fmt: skip
 def test_header_fields(tmp_path, age, years):
     data = make_dicom(

@@ -829,7 +829,7 @@ def _dicom_header(ds: Dataset) -> dict:
         body_part=_str(ds, "BodyPartExamined"),
         pixel_spacing=_spacing(ds),
         sex=_sex(_str(ds, "PatientSex")),
-        age=_parse_age(_str(ds, "PatientAge")),
+        age=_header_age(_str(ds, "PatientAge")),
         transfer_syntax=_transfer_syntax(ds),
         burned_in_annotation={"YES": True, "NO": False}.get(_str(ds, "BurnedInAnnotation") or ""),
         presentation_intent=_str(ds, "PresentationIntentType"),  # DX: FOR PRESENTATION, or FOR PROCESSING (raw)
@@ -939,16 +939,37 @@ def _sex(value: str | None) -> str:
     return value if value in ("M", "F") else "unknown"
 
 
-_AGE_RE = re.compile(r"^(\d{1,3})\s*([DWMY]?)$")
-_AGE_UNIT_YEARS = {"Y": 1.0, "": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+MAX_AGE: float = 120.0  # years; an age above it is a typo or a placeholder, read as unknown
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
-def _parse_age(value: str | None) -> float | None:
-    """Years from a DICOM age string ("065Y", "018M", "030D", "004W"); a bare number is read as years."""
-    match = _AGE_RE.match((value or "").strip().upper())
-    if match is None:
+def parse_age(value: object) -> float | None:
+    """Years from 58, "58", "058Y" (DICOM AS), "006M", "35yrs"; None when unknown or absurd (above :data:`MAX_AGE`).
+
+    The one age rule, for DICOM headers here and the datasets' metadata alike (:func:`covidcxr.datasets.parse_age`).
+    A missing value of any kind (None, NaN, pandas' NA) is no number: None.
+    """
+    match = _AGE.match(str(value)) if value is not None else None
+    if not match:
         return None
-    return round(int(match.group(1)) * _AGE_UNIT_YEARS[match.group(2)], 4)
+    number, unit = float(match.group(1)), match.group(2).lower()
+    if unit in ("", "y", "yr", "yrs", "year", "years"):
+        age = number
+    elif unit in ("m", "mo", "month", "months"):
+        age = number / 12.0
+    elif unit in ("w", "week", "weeks"):
+        age = number * 7.0 / 365.25
+    elif unit in ("d", "day", "days"):
+        age = number / 365.25
+    else:
+        return None
+    return age if 0.0 <= age <= MAX_AGE else None
+
+
+def _header_age(value: str | None) -> float | None:
+    """:func:`parse_age` of a DICOM Patient's Age, to 4 decimals."""
+    age = parse_age(value)
+    return None if age is None else round(age, 4)
 
 
 def _transfer_syntax(ds: Dataset) -> str | None:

@@ -22,17 +22,17 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
 from covidcxr import manifest
+from covidcxr.io import MAX_AGE, parse_age  # the one age rule, DICOM headers' too
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NAMES", "DatasetLayoutError", "load"]
+__all__ = ["MAX_AGE", "NAMES", "DatasetLayoutError", "load", "parse_age"]
 
 
 class DatasetLayoutError(ValueError):
@@ -145,31 +145,6 @@ def normalise_sex(value: object) -> str:
     if text in ("f", "female", "woman"):
         return "F"
     return "unknown"
-
-
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
-MAX_AGE = 120.0
-
-
-def parse_age(value: object) -> float | None:
-    """Years from 58, "58", "058Y" (DICOM AS), "006M", "35yrs"; None when unknown or absurd."""
-    if value is None or value is pd.NA or (isinstance(value, float) and pd.isna(value)):
-        return None
-    match = _AGE.match(str(value))
-    if not match:
-        return None
-    number, unit = float(match.group(1)), match.group(2).lower()
-    if unit in ("", "y", "yr", "yrs", "year", "years"):
-        age = number
-    elif unit in ("m", "mo", "month", "months"):
-        age = number / 12.0
-    elif unit in ("w", "week", "weeks"):
-        age = number * 7.0 / 365.25
-    elif unit in ("d", "day", "days"):
-        age = number / 365.25
-    else:
-        return None
-    return age if 0.0 <= age <= MAX_AGE else None
 
 
 def finish(

@@ -187,6 +187,43 @@ def test_tune_command_runs_a_real_unet_trial_and_exports_the_best(tmp_path, caps
     assert list(table["number"]) == [0] and "param_f0" in table and "datetime_start" not in table
 
 
+def test_a_study_created_without_tracking_is_joined_and_exported_by_workers_that_track(tmp_path, capsys):
+    """Only a creator that tracked stored the study's MLflow run id: a joiner that tracks (the default), and the export
+    (which always tracks), waited 60 s for it and died telling the user to delete the study and its trials. Now the
+    first joiner that tracks starts the study's run, and later workers log under it."""
+    from mlflow.tracking import MlflowClient
+
+    cache, split = write_tiny_cache(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"tune_unet": {"study": "tiny", **TINY_CONFIG}}))
+    storage, mlflow_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["tune", "--study", "tiny", "--storage", storage, "--cache-dir", str(cache), "--split", str(split)]
+    assert cli.main([*common, "--no-tracking", "--config", str(params), "--n-trials", "1", "--seed", "0"]) == 0
+    assert cli.main([*common, "--tracking-uri", mlflow_uri, "--n-trials", "1", "--seed", "1"]) == 0
+    assert cli.main([*common, "--tracking-uri", mlflow_uri, "--n-trials", "0"]) == 0  # the export of the best
+    capsys.readouterr()
+
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("covidcxr-tuning").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and study.user_attrs[tuning.RUN_ATTR] == parents[0].info.run_id  # the export found it
+    assert [r.data.tags["optuna_trial"] for r in trials] == ["1"]  # the untracked creator's trial 0 has no run
+    assert trials[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert parents[0].data.tags["best_trial_number"] == str(study.best_trial.number)
+
+
+def test_a_tracking_creator_that_died_mid_setup_is_a_typed_error_that_keeps_the_study(tmp_path):
+    """A creator that meant to track and died before it logged the study's run: joiners that track stop with an
+    error the tune command catches (a RuntimeError), and are not told to delete a study that may hold trials."""
+    study, created = tuning.open_study("s", f"sqlite:///{tmp_path / 'optuna.db'}", TINY_CONFIG)  # no run logged
+    assert created and tuning.RUN_ATTR not in study.user_attrs
+    with pytest.raises(tuning.StudyNotReady, match="has no \\['mlflow_run_id'\\] after 0 s") as err:
+        tuning.attach_tracker(study, False, experiment="e", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", wait_s=0.2)
+    assert isinstance(err.value, RuntimeError) and "do not delete it" in str(err.value)
+
+
 def test_a_tag_race_between_workers_is_retried_and_other_errors_are_not():
     """Two workers finishing together tag the same best run: MLflow's read-then-insert loses the race on PostgreSQL's
     unique key (seen in CI); the retry updates the row. Anything else is raised at once."""

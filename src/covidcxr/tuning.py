@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 STORAGE_ENV = "COVIDCXR_OPTUNA_STORAGE"
 CONFIG_ATTR = "covidcxr_config"
 DATA_ATTR = "covidcxr_data_sha256"
-RUN_ATTR = "mlflow_run_id"
+RUN_ATTR = "mlflow_run_id"  # the study's MLflow run (on a trial: the trial's); "" when its creator did not track
 BEST_TAG = "best_trial"
 
 UNET_PARAMS: tuple[str, ...] = ("f0", "lr", "dropout_scale", "batch_size", "mask_threshold")
@@ -248,6 +248,11 @@ def _pruner(config: Mapping) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(**dict(config.get("pruner") or {}))
 
 
+class StudyNotReady(RuntimeError):
+    """A joined study still lacks what its creator stores while setting it up (its configuration, or the MLflow run
+    it said it would log to) after the wait: the creator died mid-setup, or is stuck."""
+
+
 def _wait_for_attrs(study: optuna.Study, names: Sequence[str], wait_s: float) -> dict:
     deadline = time.monotonic() + wait_s
     while True:
@@ -256,8 +261,14 @@ def _wait_for_attrs(study: optuna.Study, names: Sequence[str], wait_s: float) ->
             return attrs
         if time.monotonic() > deadline:
             absent = [n for n in names if n not in attrs]
-            raise TimeoutError(f"study {study.study_name!r} has no {absent} after {wait_s:.0f} s: its creator died "
-                               "before setting it up; delete the study and start again")
+            held = len(study.get_trials(deepcopy=False))
+            fix = (f"the study and its {held} trial(s) are kept: do not delete it. If its creator is gone, record that "
+                   f"the study has no MLflow run (optuna.load_study(study_name={study.study_name!r}, storage=...)"
+                   f".set_user_attr({RUN_ATTR!r}, '')) or join with --no-tracking"
+                   if absent == [RUN_ATTR] else
+                   f"the study holds {held} trial(s); with none, delete it (optuna delete-study) and start again")
+            raise StudyNotReady(f"study {study.study_name!r} has no {absent} after {wait_s:.0f} s: its creator died "
+                                f"while setting it up, or is stuck; {fix}")
         time.sleep(0.2)
 
 
@@ -269,6 +280,7 @@ def open_study(
     data_sha256: str | None = None,
     seed: int | None = None,
     wait_s: float = 60.0,
+    tracked: bool = True,
 ) -> tuple[optuna.Study, bool]:
     """Create study ``name`` with ``config`` or join it if it exists; returns ``(study, created)``.
 
@@ -276,6 +288,9 @@ def open_study(
     creates the study and stores ``config`` and ``data_sha256``; the others wait for them and then use the stored
     configuration (their own ``config`` only says what a new study would get). Joining with other data raises
     ``ValueError``. ``seed`` seeds this worker's sampler (default: the configuration's seed); give each worker its own.
+    ``tracked``: whether this worker, if it creates the study, will log it to MLflow (``attach_tracker``); if not, the
+    study records that it has no MLflow run, so that joiners that track start one instead of waiting for it.
+    A joiner still without the stored configuration after ``wait_s`` seconds raises :class:`StudyNotReady`.
     """
     storage = make_storage(storage) if isinstance(storage, str) else storage
     created = False
@@ -293,6 +308,8 @@ def open_study(
     if created:
         if data_sha256:
             study.set_user_attr(DATA_ATTR, data_sha256)
+        if not tracked:  # before the configuration, for which joiners wait: they see both at once
+            study.set_user_attr(RUN_ATTR, "")
         study.set_user_attr(CONFIG_ATTR, dict(config))
         stored = dict(config)
     else:
@@ -424,6 +441,8 @@ def attach_tracker(
 ) -> StudyTracker:
     """The study's MLflow run: created (with the stored configuration as params) by the worker that created the study,
     found through the study by every other worker. Joiners log into the parent's experiment, whatever ``experiment``.
+    A study whose creator did not track it (an empty run id) gets its run from the first joiner that tracks. A joiner
+    waits up to ``wait_s`` seconds for a tracking creator's run id, then raises :class:`StudyNotReady`.
     """
     from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
@@ -433,12 +452,16 @@ def attach_tracker(
     client = _mlflow_client(tracking_uri)
     if not created:
         parent = _wait_for_attrs(study, [RUN_ATTR], wait_s)[RUN_ATTR]
-        try:
-            experiment_id = client.get_run(parent).info.experiment_id
-            return StudyTracker(client, experiment_id, parent, study.study_name, sampler_seed=sampler_seed)
-        except MlflowException:
-            log.warning("study %r's MLflow run %s is not in this tracking store (%s): logging under a new run",
-                        study.study_name, parent, client.tracking_uri)
+        if not parent:
+            log.info("study %r has no MLflow run (its creator did not track it): this worker starts one",
+                     study.study_name)
+        else:
+            try:
+                experiment_id = client.get_run(parent).info.experiment_id
+                return StudyTracker(client, experiment_id, parent, study.study_name, sampler_seed=sampler_seed)
+            except MlflowException:
+                log.warning("study %r's MLflow run %s is not in this tracking store (%s): logging under a new run",
+                            study.study_name, parent, client.tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     run = client.create_run(experiment_id, run_name=run_name or f"tune-{study.study_name}",
@@ -545,7 +568,8 @@ def tune_unet(study_name: str, storage: str, data: UNetData, *, config: Mapping 
     """
     log.info("Optuna study %r in %s: %d trial(s) here, sampler seed %d", study_name, dburl.shown_url(storage),
              n_trials, seed)
-    study, created = open_study(study_name, storage, config, data_sha256=data.sha256, seed=seed)
+    study, created = open_study(study_name, storage, config, data_sha256=data.sha256, seed=seed,
+                                tracked=tracking is not None)
     tracker = None
     if tracking is not None:
         tracker = attach_tracker(study, created, experiment=tracking.experiment, run_name=tracking.run_name,

@@ -5,6 +5,7 @@ output or the MLflow store."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
@@ -20,7 +21,7 @@ import pydicom
 import pytest
 import requests
 
-from covidcxr import pacs, serving
+from covidcxr import pacs, predlog, serving
 from covidcxr.datasets import demo
 from tests.helpers import build_bundle
 from tests.infra.conftest import BIN, base_env, free_port, missing, stop_group
@@ -58,12 +59,12 @@ class Orthanc:
         return DICOMwebClient(self.dicomweb, session=session, timeout=10)
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory) -> Iterator[Orthanc]:
-    """A private Orthanc: throwaway config and storage, HTTP on a free port (loopback only), DIMSE off, a test user."""
+@contextlib.contextmanager
+def running_orthanc(work: Path) -> Iterator[Orthanc]:
+    """A private Orthanc in ``work``: throwaway config and storage, HTTP on a free port (loopback only), DIMSE off, a
+    test user."""
     if not (ORTHANC.exists() and DICOMWEB_PLUGIN.exists()):
         missing("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
-    work = tmp_path_factory.mktemp("orthanc")
     server = Orthanc(f"http://127.0.0.1:{free_port()}", "covidcxr", secrets.token_hex(12))
     config = {
         "Name": "COVIDCXR-TEST", "StorageDirectory": str(work / "db"), "IndexDirectory": str(work / "db"),
@@ -93,6 +94,20 @@ def orthanc(tmp_path_factory) -> Iterator[Orthanc]:
     finally:
         stop_group(proc)
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory) -> Iterator[Orthanc]:
+    """The Orthanc the worker's round trips share."""
+    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
+
+
+@pytest.fixture
+def own_orthanc(tmp_path_factory) -> Iterator[Orthanc]:
+    """An Orthanc of one test's own, whose every study is the test's."""
+    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -484,3 +499,86 @@ def test_an_https_pacs_signed_by_a_hospitals_own_ca_is_trusted_only_when_given(t
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- the worker in this process (pacs.run with the pyfunc's scorer), on a PACS of the test's own --------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> serving.Pipeline:
+    """The tiny untrained pipeline (version 1), loaded here: it scores every readable film (helpers.PERMISSIVE)."""
+    return serving.Pipeline.load(build_bundle(tmp_path_factory.mktemp("bundle"), model_version="1"))
+
+
+def scorer(pipeline: serving.Pipeline, **config) -> tuple[serving.Scorer, predlog.MemoryLog]:
+    """The worker's in-process scorer (the pyfunc's predict, which `serving.local_scorer` calls) over ``pipeline``'s
+    networks under ``config``'s changes, and the prediction log it writes."""
+    import dataclasses
+
+    import pandas as pd
+
+    changed = serving.Pipeline(pipeline.projection, pipeline.unet, pipeline.classifier,
+                               dataclasses.replace(pipeline.config, **config), prediction_log=predlog.MemoryLog())
+    model = serving.CovidCxrModel()
+    model.pipeline = changed
+
+    def score(images: list[str], params: dict) -> list[dict]:
+        return model.predict(None, pd.DataFrame({serving.INPUT_COLUMN: images}), params)
+
+    return score, changed.prediction_log
+
+
+def upload_films(orthanc: Orthanc, n: int, **elements) -> tuple[str, list[str]]:
+    """A new study of ``n`` CR films (phantoms; ``elements``: more header attributes) in the PACS: its and their
+    UIDs."""
+    import numpy as np
+
+    from tests.helpers import phantom
+    from tests.test_io import make_dicom
+
+    study, series, sops = pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), []
+    for i in range(n):
+        sop = pydicom.uid.generate_uid()
+        data = make_dicom(np.round(phantom(seed=i) * 4000).astype(np.uint16), StudyInstanceUID=study,
+                          SeriesInstanceUID=series, SOPInstanceUID=sop, PatientID="PHI-0042", **elements)
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        requests.post(f"{orthanc.url}/instances", data=buffer.getvalue(), auth=(orthanc.user, orthanc.password),
+                      timeout=10).raise_for_status()
+        sops.append(sop)
+    return study, sops
+
+
+def dicomweb(orthanc: Orthanc) -> pacs.DicomWeb:
+    return pacs.DicomWeb(orthanc.dicomweb, user=orthanc.user, password=orthanc.password, retries=0)
+
+
+@pytest.mark.infra
+def test_the_results_name_the_model_that_scored_them(own_orthanc, pipeline):
+    """The name in the results (the SR's algorithm, both series' descriptions, and the result UIDs derived from it)
+    was the CLI's (--model-name, else NAME of --model-uri, else covidcxr with --url) whatever model answered: another
+    model of the same version number found the images already done. It is now the name the model reports, as its
+    version; a model from before entries carried it gets the CLI's."""
+    study, sops = upload_films(own_orthanc, 2)
+    client = dicomweb(own_orthanc)
+    ward, _ = scorer(pipeline, model_name="covidcxr-ward")
+    summary = pacs.run(client, ward, "covidcxr")
+    assert (summary.stored_sr, summary.stored_sc, summary.failed_studies) == (2, 2, 0)
+    found = results_of(own_orthanc, study)
+    model = pacs.ModelId("covidcxr-ward", "1")
+    assert {sr.SOPInstanceUID for sr in found["SR"]} == {pacs.result_uids(sop, model)["sr"] for sop in sops}
+    assert {check_sr(sr, {})[1]["Algorithm Name"] for sr in found["SR"]} == {"covidcxr-ward"}
+    assert {ds.SeriesDescription for ds in found["SR"] + found["OT"]} == {
+        "COVID-19 AI result, covidcxr-ward v1 (research use)", "COVID-19 AI heat map, covidcxr-ward v1 (research use)"}
+
+    other, _ = scorer(pipeline, model_name="covidcxr-chest")  # another model, the same version number
+    assert pacs.run(client, other, "covidcxr").already_done == 0
+    assert pacs.run(client, ward, "covidcxr").already_done == 2
+
+    def unnamed(images: list[str], params: dict) -> list[dict]:  # a server from before entries carried model_name
+        return [{k: v for k, v in entry.items() if k != "model_name"} for entry in ward(images, params)]
+
+    assert pacs.run(client, unnamed, "covidcxr-legacy").stored_sr == 2
+    assert len(results_of(own_orthanc, study)["SR"]) == 6

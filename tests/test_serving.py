@@ -57,9 +57,17 @@ def test_entry_has_exactly_the_fields_and_a_consistent_decision(loaded):
     assert tuple(entry) == serving.FIELDS
     assert entry["accepted"] is True and entry["reason"] is None and entry["projection"] == "frontal"
     assert 0.0 <= entry["covid_probability"] <= 1.0 and 0.0 <= entry["lung_area_fraction"] <= 1.0
-    assert entry["threshold"] == 0.5 and entry["model_version"] == "unregistered"
+    assert entry["threshold"] == 0.5 and (entry["model_name"], entry["model_version"]) == ("covidcxr", "unregistered")
     assert entry["label"] == ("covid" if entry["covid_probability"] >= 0.5 else "negative")
     json.dumps(entry, allow_nan=False)  # strict JSON: no NaN, no numpy types
+
+
+def test_a_probe_learns_the_models_name_as_its_version(loaded):
+    """Entries said the model's version but not its name: a client (the PACS worker with --url) named the results
+    after its own guess. Both come from the model's configuration, in every entry and so in a probe."""
+    named = with_config(loaded, model_name="covidcxr-ward", model_version="4")
+    assert serving.probe(lambda images, params: named.score(images)) == {"model_name": "covidcxr-ward",
+                                                                        "model_version": "4"}
 
 
 def test_no_phi_in_the_response_or_the_log(loaded, caplog):

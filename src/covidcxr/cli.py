@@ -703,8 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "https://pacs.example.org/dicom-web; basic auth from $COVIDCXR_PACS_USER/_PASSWORD")
     worker.add_argument("--model-uri", default="models:/covidcxr@champion", help="MLflow model URI (local scoring)")
     worker.add_argument("--url", help="a running `mlflow models serve` (e.g. http://127.0.0.1:5000) instead")
-    worker.add_argument("--model-name", help="model name written into the results (default: NAME of "
-                        "--model-uri models:/NAME@alias, else covidcxr)")
+    worker.add_argument("--model-name", help="model name written into the results for a model that does not report "
+                        "its own (one served before entries carried model_name; default: NAME of --model-uri "
+                        "models:/NAME@alias, else covidcxr)")
     worker.add_argument("--since", help="only studies from this study date on: YYYY-MM-DD, YYYYMMDD or Nd (N days "
                         "back, for schedules)")
     when = worker.add_mutually_exclusive_group()

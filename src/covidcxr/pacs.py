@@ -402,10 +402,11 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
         del datasets
         if len(entries) != len(chunk):
             raise RuntimeError(f"the scorer answered {len(entries)} entries for {len(chunk)} images")
-        versions = {str(e["model_version"]) for e in entries}
-        if versions != {model.version}:
-            raise ModelChanged(f"the scorer answered with model version(s) {sorted(versions)}, expected "
-                               f"{model.version}: the served model changed during the run; run again")
+        answered = {(str(e.get("model_name") or model.name), str(e["model_version"])) for e in entries}
+        if answered != {(model.name, model.version)}:
+            raise ModelChanged(f"the scorer answered with {', '.join(f'{n} v{v}' for n, v in sorted(answered))}, "
+                               f"expected {model.name} v{model.version}: the served model changed during the run; "
+                               "run again")
         srs, scs = [], []
         for offset, (source, header, entry) in enumerate(zip(chunk, headers, entries)):
             uids, number = result_uids(source.sop_uid, model), done + start + offset + 1
@@ -428,7 +429,9 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
 
 def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.date | None = None,
         batch_size: int = 8, site: sites.SiteThresholds | None = None) -> Summary:
-    """One pass over the PACS: every CR/DX study (from ``since`` on) gets the results it lacks.
+    """One pass over the PACS: every CR/DX study (from ``since`` on) gets the results it lacks, under the name and
+    version the model behind ``score`` reports (``model_name``: the name of a model that does not report its own, one
+    served before entries carried it).
 
     A study whose images the PACS will not deliver or whose results it refuses is counted in ``failed_studies`` and
     left for the next pass; an unreachable PACS or scorer, a model that changed mid-pass, or a model version other
@@ -436,7 +439,8 @@ def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.dat
     """
     if not 1 <= batch_size <= serving.Limits().max_images:
         raise ValueError(f"batch_size must be in [1, {serving.Limits().max_images}], got {batch_size}")
-    model = ModelId(model_name, serving.probe_version(score))
+    about = serving.probe(score)
+    model = ModelId(str(about["model_name"] or model_name), str(about["model_version"]))
     if site is not None:
         site.check_version(model.version)
     studies = pacs.find_studies(since)

@@ -59,11 +59,13 @@ INPUT_COLUMN = "image"
 #: Every response entry has exactly these keys (``gradcam_png`` only when ``explain`` is asked).
 FIELDS: tuple[str, ...] = (
     "accepted", "reason", "message", "projection", "projection_probability", "lung_area_fraction",
-    "covid_probability", "label", "ood_score", "ood_threshold", "threshold", "thresholds_from", "model_version",
+    "covid_probability", "label", "ood_score", "ood_threshold", "threshold", "thresholds_from", "model_name",
+    "model_version",
 )
 #: ``thresholds_from`` says whose thresholds decided an entry: ``model`` (both its own, chosen on its validation split),
 #: ``site`` (a site's thresholds file the server applies to every request, ``$COVIDCXR_SITE``) or ``request`` (the
 #: request's params, a client's ``--site`` file included, replaced at least one; each value is in the entry).
+#: ``model_name`` and ``model_version`` say which model answered (``Config.model_name``: its registered name).
 GRADCAM_FIELD = "gradcam_png"
 
 REASONS: dict[str, str] = {
@@ -345,7 +347,8 @@ class Pipeline:
         replaced = threshold is not None or (ood_limit is not None and detector is not None)
         source = "model" if not replaced else "site" if self.site is not None else "request"
         entries = [dict.fromkeys(FIELDS) | {"accepted": False, "threshold": used, "ood_threshold": ood_used,
-                                            "thresholds_from": source, "model_version": cfg.model_version}
+                                            "thresholds_from": source, "model_name": cfg.model_name,
+                                            "model_version": cfg.model_version}
                    for _ in images]
         if explain:
             for entry in entries:
@@ -540,7 +543,7 @@ def signature():
         ColSpec("double", "covid_probability", required=False), ColSpec("string", "label", required=False),
         ColSpec("double", "ood_score", required=False), ColSpec("double", "ood_threshold", required=False),
         ColSpec("double", "threshold"), ColSpec("string", "thresholds_from"),
-        ColSpec("string", "model_version"),
+        ColSpec("string", "model_name"), ColSpec("string", "model_version"),
         ColSpec("string", GRADCAM_FIELD, required=False),
     ])
     params = ParamSchema([ParamSpec("explain", "boolean", False), ParamSpec("threshold", "double", None),
@@ -588,10 +591,20 @@ def probe_image() -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def probe_version(score: Scorer) -> str:
-    """The version of the model behind ``score``: it stamps every entry, even of an image it refuses unread."""
+#: What a model says of itself in every entry (a model from before an entry carried one of them answers None for it).
+ABOUT_FIELDS: tuple[str, ...] = ("model_name", "model_version")
+
+
+def probe(score: Scorer) -> dict:
+    """What the model behind ``score`` says of itself (:data:`ABOUT_FIELDS`): it stamps every entry, even of an image
+    it refuses unread."""
     [entry] = score([probe_image()], {"explain": False})
-    return str(entry["model_version"])
+    return {key: entry.get(key) for key in ABOUT_FIELDS}
+
+
+def probe_version(score: Scorer) -> str:
+    """The version of the model behind ``score``."""
+    return str(probe(score)["model_version"])
 
 
 def encode_file(path: str | os.PathLike) -> str:

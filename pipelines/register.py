@@ -13,7 +13,8 @@ had none. Every candidate with its figures and why it was or was not chosen, the
 printed, logged to MLflow and written to reports/register/registered.json.
 
 The drift reference (what the served model logs for the validation split, scored through the bundled pipeline) is
-bundled with the model and logged to the register run as ``monitoring/reference.json``, for `covidcxr monitor`.
+bundled with the model and logged to the register run as ``monitoring/reference.json``, for `covidcxr monitor`. The
+model's input example is a synthetic phantom: no corpus image travels with the model.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from covidcxr import (
     folders,
     manifest,
     monitoring,
+    phantoms,
     predlog,
     preprocess,
     selection,
@@ -117,7 +119,7 @@ def stage_code(tmp: Path) -> str:
 
 
 def png_base64(image: np.ndarray) -> str:
-    """A cached working image ([0, 1]) as a base64 8-bit PNG: a request's image field."""
+    """A working image ([0, 1]) as a base64 8-bit PNG: a request's image field."""
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -125,27 +127,35 @@ def png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def request_cache():
-    """The cache the input example is drawn from: the larger of the working-size cache and the projection filter's
-    (the served model reads a request at both sizes; made from the smaller, the example would show the other model an
-    upsampled image)."""
-    caches = [_common.CACHE_DIR, _common.PROJECTION_CACHE_DIR]
-    sizes = [np.load(Path(f) / preprocess.CACHE_IMAGES, mmap_mode="r").shape[1] for f in caches]
-    # memory-mapped (float16): one image is read, not the whole cache (130 MB at 128 px on the real corpus)
-    return preprocess.load_cache(caches[int(np.argmax(sizes))], mmap=True)
+#: The seed of the input example's phantom: every version carries the same example.
+EXAMPLE_SEED = 0
+#: The smallest phantom :func:`covidcxr.phantoms.chest_phantom` draws; a smaller working size gets it resized.
+PHANTOM_MIN_SIZE = 64
 
 
-def input_example() -> dict:
-    """A PNG of the first usable (frontal, good mask) cached image, base64: a request that works."""
-    import pandas as pd
+def input_example(size: int) -> dict:
+    """A request that works and is of no patient: one synthetic frontal chest (a fixed :mod:`covidcxr.phantoms`
+    phantom) at ``size``, the larger of the working sizes (at the smaller, one model would be shown an upsampled
+    image that production never sends it), as a base64 PNG.
 
-    index, images, _ = request_cache()
-    flags = pd.read_csv(_common.MASKS_INDEX, keep_default_na=False)
-    usable = sorted(flags.loc[flags["flag"] == "", "image_id"])
-    if not usable:
-        raise ValueError("no cached image has a usable lung mask: nothing to use as the input example")
-    row = preprocess.rows_for(index, usable[:1])[0]
-    return {serving.INPUT_COLUMN: [png_base64(np.asarray(images[row], dtype=np.float32))]}  # exact, as load_cache
+    Never a corpus image: the example travels with every version of the model (input_example.json,
+    serving_input_example.json), whatever ``model_card.images`` says of the data being public.
+    """
+    image, _ = phantoms.chest_phantom(np.random.default_rng(EXAMPLE_SEED), max(int(size), PHANTOM_MIN_SIZE),
+                                      projection="frontal", covid=False, site=phantoms.SiteStyle())
+    return {serving.INPUT_COLUMN: [png_base64(preprocess.resize(image, int(size)))]}
+
+
+def log_pyfunc(artifacts: dict[str, str], code: str, size: int):
+    """Log the bundled pipeline as the active run's pyfunc model, with its signature, pins and the synthetic input
+    example at working size ``size`` (MLflow scores the example to check it, as a server would read it)."""
+    import mlflow
+
+    return mlflow.pyfunc.log_model(
+        name="covidcxr", python_model=serving.CovidCxrModel(), artifacts=artifacts, code_paths=[code],
+        signature=serving.signature(), input_example=input_example(size),
+        pip_requirements=tracking.pins(SERVING_PACKAGES),
+    )
 
 
 def drift_reference(artifacts: dict[str, str], config: serving.Config) -> monitoring.Reference:
@@ -292,11 +302,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
             artifacts[REFERENCE_ARTIFACT] = str(Path(tmp) / "reference.json")
             mlflow.log_artifact(artifacts[REFERENCE_ARTIFACT], Path(monitoring.REFERENCE_ARTIFACT).parent.as_posix())
             with tracking.artifact_upload(f"the {name} pyfunc model"):  # registered only once fully uploaded
-                info = mlflow.pyfunc.log_model(
-                    name="covidcxr", python_model=serving.CovidCxrModel(), artifacts=artifacts,
-                    code_paths=[stage_code(Path(tmp))], signature=serving.signature(), input_example=input_example(),
-                    pip_requirements=tracking.pins(SERVING_PACKAGES),
-                )
+                info = log_pyfunc(artifacts, stage_code(Path(tmp)), max(int(size), int(projection_size or size)))
         registered = mlflow.register_model(info.model_uri, name)
         client.set_registered_model_tag(name, LAST_VERSION_TAG, str(max(version, int(registered.version))))
         if int(registered.version) != version:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from covidcxr import audit, selection
@@ -126,20 +129,64 @@ def test_pins_are_the_installed_versions_of_the_lock_file():
         tracking.pins(["no-such-distribution-xyz"])
 
 
-@pytest.mark.parametrize("filter_size, expected", [(16, 16), (8, 16), (32, 32)])
-def test_requests_are_drawn_from_the_larger_cache(tmp_path, monkeypatch, filter_size, expected):
-    """The served model reads a request at both working sizes: made from the smaller cache, one model would see an
-    upsampled image that production never sends it."""
-    import numpy as np
+def cache_of_the_corpus(root: Path, size: int) -> np.ndarray:
+    """A working-size cache and masks index where the stage reads them, every image usable (the old example was the
+    first usable one), and the cached images as an 8-bit PNG of them holds them."""
     import pandas as pd
 
     from covidcxr import preprocess
+    from tests.helpers import phantom
 
+    images = np.stack([preprocess.resize(phantom(seed=s), size) for s in range(10, 16)])  # the corpus' films
+    ids = pd.DataFrame({"image_id": [f"img{i}" for i in range(len(images))]})
+    for folder in (_common.CACHE_DIR, _common.PROJECTION_CACHE_DIR):
+        (root / folder).mkdir(parents=True)
+        preprocess.save_cache(root / folder, ids, images, images > 0.5)
+    (root / _common.MASKS_INDEX).parent.mkdir(parents=True, exist_ok=True)
+    ids.assign(flag="").to_csv(root / _common.MASKS_INDEX, index=False)
+    stored = preprocess.load_cache(root / _common.CACHE_DIR)[1].astype(np.float32)  # float16 on disk
+    return np.round(255 * np.clip(stored, 0, 1)).astype(np.uint8)
+
+
+def pixels(example: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(example))))
+
+
+def test_the_logged_input_example_is_a_phantom_not_a_corpus_image(tmp_path, monkeypatch):
+    """Every registered version carried a cached radiograph of the corpus, base64 in its input_example.json and
+    serving_input_example.json, even for data that is not public. Now a fixed phantom at the working size, which
+    MLflow still scores as a server would read it."""
+    import mlflow
+
+    from tests.helpers import SIZE, build_bundle
+
+    bundle = build_bundle(tmp_path / "bundle")
+    cached = cache_of_the_corpus(tmp_path, SIZE)
     monkeypatch.chdir(tmp_path)
-    index = pd.DataFrame({"image_id": ["a"]})
-    for folder, size in ((_common.CACHE_DIR, 16), (_common.PROJECTION_CACHE_DIR, filter_size)):
-        Path(folder).mkdir(parents=True)
-        preprocess.save_cache(folder, index, np.zeros((1, size, size)), np.zeros((1, size, size), bool))
-    images = register.request_cache()[1]
-    assert images.shape == (1, expected, expected)
-    assert isinstance(images, np.memmap)  # one image is read for the example, not the whole cache
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        mlflow.set_experiment("register-test")
+        with mlflow.start_run():
+            info = register.log_pyfunc(bundle, register.stage_code(tmp_path), SIZE)
+        model = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "logged")))
+        logged = json.loads((model / "input_example.json").read_text())
+        serving_input = json.loads((model / "serving_input_example.json").read_text())
+        answer = mlflow.pyfunc.load_model(info.model_uri).predict(logged)
+    finally:
+        mlflow.set_tracking_uri(None)
+    [example] = logged["image"]
+    assert serving_input["inputs"]["image"] == [example]  # what `mlflow models serve` is shown as a request
+    shown = pixels(example)
+    assert shown.shape == (SIZE, SIZE) and not any(np.array_equal(shown, image) for image in cached)
+    assert example == register.input_example(SIZE)["image"][0]  # the same phantom for every version
+    assert len(answer) == 1 and answer[0]["model_version"] is not None  # a request the model answers
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_the_input_example_is_drawn_at_the_working_size(size):
+    """The served model reads a request at both working sizes: register asks for the larger, so that neither model is
+    shown an upsampled image that production never sends it."""
+    shown = pixels(register.input_example(size)["image"][0])
+    assert shown.shape == (size, size) and shown.std() > 10  # a chest, not a blank

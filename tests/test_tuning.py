@@ -224,6 +224,41 @@ def test_a_tracking_creator_that_died_mid_setup_is_a_typed_error_that_keeps_the_
     assert isinstance(err.value, RuntimeError) and "do not delete it" in str(err.value)
 
 
+def test_the_best_tag_follows_a_better_trial_another_worker_tags_meanwhile(tmp_path):
+    """Worker A reads the best (trial 0); worker B completes a better trial 1 and tags it; A then untagged B's run as
+    stale and tagged trial 0, leaving best_trial=true on a run that is not the best. A now reads the best again after
+    tagging and follows it."""
+    url, mlflow_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study_a, created = tuning.open_study("race", url, TINY_CONFIG)
+    tracker_a = tuning.attach_tracker(study_a, created, experiment="race", tracking_uri=mlflow_uri)
+    study_b, _ = tuning.open_study("race", url)
+    tracker_b = tuning.attach_tracker(study_b, False, experiment="race", tracking_uri=mlflow_uri)
+    tuning.optimize(study_a, lambda trial, report: 0.5, 1, tracker=tracker_a)  # trial 0, tagged the best
+
+    class ReadBeforeB:
+        """Study A, whose first read of the best comes just before worker B's better trial completes."""
+
+        def __init__(self, study):
+            self.study, self.reads = study, 0
+
+        def __getattr__(self, name):
+            return getattr(self.study, name)
+
+        @property
+        def best_trial(self):
+            best = self.study.best_trial
+            self.reads += 1
+            if self.reads == 1:
+                tuning.optimize(study_b, lambda trial, report: 0.9, 1, tracker=tracker_b)  # trial 1, tagged
+            return best
+
+    assert tracker_a.tag_best(ReadBeforeB(study_a)) == 1
+    runs = tracker_a.client.search_runs([tracker_a.experiment_id], filter_string=f"tags.{tuning.BEST_TAG} = 'true'")
+    assert [r.data.tags["optuna_trial"] for r in runs] == ["1"]
+    parent = tracker_a.client.get_run(tracker_a.parent_run_id).data
+    assert parent.tags["best_trial_number"] == "1" and parent.metrics["best_value"] == 0.9
+
+
 def test_a_tag_race_between_workers_is_retried_and_other_errors_are_not():
     """Two workers finishing together tag the same best run: MLflow's read-then-insert loses the race on PostgreSQL's
     unique key (seen in CI); the retry updates the row. Anything else is raised at once."""

@@ -382,31 +382,43 @@ class StudyTracker:
         self.client.log_batch(run_id, params=params, metrics=metrics, tags=[RunTag("optuna_state", state)])
         self.client.set_terminated(run_id, "FAILED" if state == "FAIL" else "FINISHED")
 
-    def tag_best(self, study: optuna.Study) -> int | None:
-        """Tag the study's best trial run ``best_trial=true`` (and no other); record it on the study's run."""
+    def tag_best(self, study: optuna.Study, *, passes: int = 5) -> int | None:
+        """Tag the study's best trial run ``best_trial=true`` (and no other); record it on the study's run.
+
+        Another worker may complete a better trial and tag it while this one tags the best it read, and this one would
+        then untag the new best: each pass ends by reading the best again, and tags again when it changed (at most
+        ``passes`` times; the last worker to finish tags again anyway).
+        """
         from mlflow.entities import Metric, RunTag
 
         try:
             best = study.best_trial
         except ValueError:
             return None
-        best_run = best.user_attrs.get(RUN_ATTR)
-        stale = self.client.search_runs(
-            [self.experiment_id], max_results=1000,
-            filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.{BEST_TAG} = 'true'",
-        )
-        for run in stale:
-            if run.info.run_id != best_run:
-                _racing(self.client.set_tag, run.info.run_id, BEST_TAG, "false")
-        if best_run:
-            _racing(self.client.set_tag, best_run, BEST_TAG, "true")
-        _racing(
-            self.client.log_batch,
-            self.parent_run_id,
-            metrics=[Metric("best_value", float(best.value), int(time.time() * 1000), 0)],
-            tags=[RunTag("best_trial_number", str(best.number)), RunTag("best_run_id", str(best_run)),
-                  *[RunTag(f"best.{k}", str(v)) for k, v in sorted(best.params.items())]],
-        )
+        for _ in range(passes):
+            best_run = best.user_attrs.get(RUN_ATTR)
+            stale = self.client.search_runs(
+                [self.experiment_id], max_results=1000,
+                filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.{BEST_TAG} = 'true'",
+            )
+            for run in stale:
+                if run.info.run_id != best_run:
+                    _racing(self.client.set_tag, run.info.run_id, BEST_TAG, "false")
+            if best_run:
+                _racing(self.client.set_tag, best_run, BEST_TAG, "true")
+            _racing(
+                self.client.log_batch,
+                self.parent_run_id,
+                metrics=[Metric("best_value", float(best.value), int(time.time() * 1000), 0)],
+                tags=[RunTag("best_trial_number", str(best.number)), RunTag("best_run_id", str(best_run)),
+                      *[RunTag(f"best.{k}", str(v)) for k, v in sorted(best.params.items())]],
+            )
+            now = study.best_trial
+            if now.number == best.number:
+                return best.number
+            best = now
+        log.warning("study %r: its best trial kept changing while this worker tagged it (now %d); the last worker to "
+                    "finish tags it again", study.study_name, best.number)
         return best.number
 
 

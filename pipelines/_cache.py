@@ -15,13 +15,17 @@ INDEX_COLUMNS = ["image_id", "source", "patient_id", "label", "projection", "sit
 
 def write(folder: str | Path, size: int, workers: int, log: logging.Logger) -> None:
     """Decode every manifest image (and its true lung mask, where the source has one) at ``size`` into ``folder``,
-    with :func:`covidcxr.preprocess.read_working_image`, the decode and transform serving applies to every request;
-    the folder appears whole, or not at all."""
+    with :func:`covidcxr.preprocess.read_working_image`, the decode and transform serving applies to every request,
+    told each row's ``photometric`` and ``bits_stored`` (a MONOCHROME1 PNG export, BIMCV's or PadChest's, is inverted
+    for air dark as its DICOM would be); the folder appears whole, or not at all."""
     m = manifest.read_csv(_common.MANIFEST)
     mask_paths = [None if pd.isna(x) else str(x) for x in m["mask_path"]]
+    photometric = [None if pd.isna(x) else str(x) for x in m["photometric"]]
+    bits_stored = [None if pd.isna(x) else int(x) for x in m["bits_stored"]]
     with _common.atomic_dir(folder) as out:
         images, masks, has_mask = preprocess.build_cache(
             list(m["path"]), mask_paths, int(size), workers=int(workers), progress=_common.show_progress(),
+            photometric=photometric, bits_stored=bits_stored,
         )
         preprocess.save_cache(out, m.assign(has_mask=has_mask)[INDEX_COLUMNS], images, masks)
     log.info("%s: cached %d images at %d px (%d with lung masks)", folder, len(m), size, int(has_mask.sum()))

@@ -588,6 +588,40 @@ def test_one_bit(tmp_path):
     assert header["photometric"] == "1" and header["bits_stored"] == 1
 
 
+@pytest.mark.parametrize(
+    ("bits_stored", "top"), [(12, 4095), (None, 65535), (8, 65535), (0, 65535)],
+)  # stated and fitting; unknown, not fitting the pixels, or unusable: the 16-bit file's own range
+def test_a_monochrome1_raster_is_inverted_over_its_stored_range(tmp_path, bits_stored, top):
+    """A DICOM exported as PNG with its stored values (BIMCV, PadChest) keeps MONOCHROME1's air bright; what its source
+    states of it inverts it as the DICOM is (over the stored range, not the image's own min/max). It was read as
+    stored, air bright, whatever the source said."""
+    stored = phantom().astype(np.uint16)  # up to 3000 (12 bits)
+    path = write(tmp_path, "m1.png", png_bytes(Image.fromarray(stored)))
+    out, header = io.read_image(path, photometric="MONOCHROME1", bits_stored=bits_stored)
+    np.testing.assert_array_equal(out, top - stored.astype(np.float32))
+    assert (header["photometric"], header["bits_stored"]) == ("I;16", 16)  # the file as stored
+    for other in (None, "MONOCHROME2", "L", "RGB"):
+        np.testing.assert_array_equal(io.read_image(path, photometric=other, bits_stored=12)[0], stored)
+
+
+def test_the_monochrome1_hint_of_an_8_bit_jpeg_and_of_a_float_tiff(tmp_path):
+    jpeg = write(tmp_path, "m1.jpg", png_bytes(Image.fromarray(gray8()), "JPEG"))
+    np.testing.assert_array_equal(io.read_image(jpeg, photometric=" monochrome1 ")[0], 255 - io.read_image(jpeg)[0])
+    floats = write(tmp_path, "m1.tif", png_bytes(Image.fromarray(phantom().astype(np.float32)), "TIFF"))
+    with pytest.raises(io.UnsupportedPhotometricError, match=r"m1.tif: a floating-point image has no stored range"):
+        io.read_image(floats, photometric="MONOCHROME1")
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_a_dicom_or_jsrt_file_ignores_the_photometric_hint(tmp_path, photometric):
+    dicom = write(tmp_path, "a.dcm", make_dicom(phantom(), photometric=photometric))
+    jsrt = write(tmp_path, "a.img", np.resize(phantom(), io.JSRT_SHAPE).astype(">u2").tobytes())
+    for path in (dicom, jsrt):
+        plain = io.read_image(path, max_pixels=io.JSRT_BYTES)[0]
+        hinted = io.read_image(path, max_pixels=io.JSRT_BYTES, photometric="MONOCHROME1", bits_stored=8)[0]
+        np.testing.assert_array_equal(hinted, plain)
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "GIF", "BMP", "TIFF"])
 def test_other_raster_formats(tmp_path, fmt):
     gray = gray8()

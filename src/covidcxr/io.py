@@ -143,6 +143,8 @@ def read_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     name: str | None = None,
     target: int | tuple[int, int] | None = None,
+    photometric: str | None = None,
+    bits_stored: int | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Float32 2-D grayscale array (native intensity after LUTs, air dark) and a whitelisted header dict.
 
@@ -156,8 +158,13 @@ def read_image(
     everything else is decoded whole. The header still gives the file's own width and height, so ``arr.shape`` differs
     from them exactly when the decode was reduced (:func:`is_reduced`). Size limits apply to the file's declared size,
     before any decode.
+
+    ``photometric`` and ``bits_stored`` are what the file's source states of a raster file (PNG, JPEG, ...) that has no
+    header to say it: a DICOM exported as a PNG with its stored values (BIMCV, PadChest) keeps MONOCHROME1's air bright,
+    and ``photometric="MONOCHROME1"`` inverts it as a DICOM's would be (:func:`_invert_monochrome1`). A DICOM or JSRT
+    file ignores them: its own header or format decides. The header still describes the file as stored.
     """
-    arr, header, source, (lo, hi) = _decode(src, max_pixels, name, target)
+    arr, header, source, (lo, hi) = _decode(src, max_pixels, name, target, photometric, bits_stored)
     if lo == hi:
         raise ZeroVarianceImageError(source, f"all pixels have the same value ({lo:g})")
     return arr, header
@@ -238,10 +245,15 @@ _DICOM_NO_PREAMBLE_STARTS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
 
 
 def _decode(
-    src: ImageSource, max_pixels: int, name: str | None, target: int | tuple[int, int] | None = None
+    src: ImageSource,
+    max_pixels: int,
+    name: str | None,
+    target: int | tuple[int, int] | None = None,
+    photometric: str | None = None,
+    bits_stored: int | None = None,
 ) -> tuple[np.ndarray, dict, str, tuple[float, float]]:
-    """Read any supported file into (float32 2-D array, header, source name, (min, max)), without the variance check.
-    """
+    """Read any supported file into (float32 2-D array, header, source name, (min, max)), without the variance check;
+    ``photometric`` and ``bits_stored``: the source's word on a raster file (:func:`read_image`)."""
     if not isinstance(max_pixels, (int, np.integer)) or isinstance(max_pixels, bool) or max_pixels <= 0:
         raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
     data, source, suffix = _load(src, name, _max_file_bytes(max_pixels))
@@ -254,6 +266,8 @@ def _decode(
         arr, header = _read_jsrt(data, source, max_pixels)
     else:
         arr, header = _read_raster(data, fmt, source, max_pixels, _draft_size(target) if fmt == "jpeg" else None)
+        if isinstance(photometric, str) and photometric.strip().upper() == "MONOCHROME1":
+            arr = _invert_monochrome1(arr, header, bits_stored, source)
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if arr.ndim != 2:
         raise UnreadableImageError(source, f"decoded to shape {arr.shape}, expected a 2-D grayscale image")
@@ -1060,6 +1074,29 @@ def _read_raster(
         bits_stored=_MODE_BITS.get(mode), sex="unknown",
     )  # fmt: skip
     return arr, header
+
+
+def _invert_monochrome1(arr: np.ndarray, header: dict, bits_stored: int | None, source: str) -> np.ndarray:
+    """A raster file of a MONOCHROME1 image (high value = dark film) inverted for air dark, as a DICOM's is: over the
+    range its stored values can take, not the image's own min/max, so that the mapping depends on what is known of the
+    file only. That range is 0 to 2**bits_stored - 1 when the source states a ``bits_stored`` the pixels fit in, else
+    the file's own sample range (8 bits for L, RGB or palette, 16 for I;16, the int32 range for I). A floating-point
+    file has no such range: refused.
+    """
+    mode = header["photometric"]
+    if mode == "F":
+        raise UnsupportedPhotometricError(
+            source, "a floating-point image has no stored range to invert a MONOCHROME1 source's values over"
+        )
+    lo, hi = float(arr.min()), float(arr.max())
+    stated = bits_stored if isinstance(bits_stored, (int, np.integer)) and not isinstance(bits_stored, bool) else None
+    if stated is not None and 1 <= stated <= 32 and 0 <= lo and hi <= 2.0**stated - 1:
+        flip = 2.0**stated - 1
+    elif mode == "I":
+        flip = -1.0  # int32: -2**31 + (2**31 - 1)
+    else:
+        flip = 2.0 ** header["bits_stored"] - 1
+    return np.float32(flip) - np.asarray(arr, dtype=np.float32)  # exact: both are integers below 2**24 up to 16 bits
 
 
 def _raster_gray(img: Image.Image, label: str, source: str) -> np.ndarray:

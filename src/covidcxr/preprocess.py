@@ -327,7 +327,8 @@ def read_working_image(src, size: int, **read_options) -> tuple[np.ndarray, np.n
     The decode is asked for ``size`` (``io.read_image(..., target=size)``): a JPEG (file or DICOM) at least twice the
     working size is decoded at a reduced scale (1/2 to 1/8), which the working image never needs. The pixels are then
     not the file's full resolution (``io.is_reduced``); whoever shows the image to a person decodes it again in full.
-    ``read_options``: ``max_pixels``, ``name`` of :func:`covidcxr.io.read_image`.
+    ``read_options``: ``max_pixels``, ``name``, and ``photometric`` and ``bits_stored`` (what a raster file's source
+    states of it: a MONOCHROME1 PNG is inverted for air dark) of :func:`covidcxr.io.read_image`.
     """
     from covidcxr import io
 
@@ -335,33 +336,47 @@ def read_working_image(src, size: int, **read_options) -> tuple[np.ndarray, np.n
     return working_image(pixels, size), pixels, header
 
 
-def load_working_image(path: str, size: int, mask_path: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """One file as the models see it (:func:`read_working_image`), and its lung mask at the same size when it has
-    one."""
+def load_working_image(
+    path: str, size: int, mask_path: str | None = None, *, photometric: str | None = None,
+    bits_stored: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One file as the models see it (:func:`read_working_image`, with what its source states of a raster file's
+    ``photometric`` and ``bits_stored``), and its lung mask at the same size when it has one."""
     from covidcxr import io
 
-    image, _, _ = read_working_image(path, size)
+    image, _, _ = read_working_image(path, size, photometric=photometric, bits_stored=bits_stored)
     mask = None
     if mask_path:
         mask = resize_mask(io.read_mask(mask_path.split(";")), size)
     return image, mask
 
 
-def _cache_one(args: tuple[str, str | None, int]) -> tuple[np.ndarray, np.ndarray | None]:
-    path, mask_path, size = args
-    return load_working_image(path, size, mask_path)
+def _cache_one(args: tuple[str, str | None, int, str | None, int | None]) -> tuple[np.ndarray, np.ndarray | None]:
+    path, mask_path, size, photometric, bits_stored = args
+    return load_working_image(path, size, mask_path, photometric=photometric, bits_stored=bits_stored)
 
 
 def build_cache(
-    paths: list[str], mask_paths: list[str | None], size: int, *, workers: int = 1, progress: bool = False
+    paths: list[str],
+    mask_paths: list[str | None],
+    size: int,
+    *,
+    workers: int = 1,
+    progress: bool = False,
+    photometric: list[str | None] | None = None,
+    bits_stored: list[int | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode every image once at the working size: ``(images float16 [N,H,W], masks bool [N,H,W], has_mask [N])``.
 
-    Training then reads these arrays through tf.data, so it is compute-bound, not decode-bound.
+    ``photometric`` and ``bits_stored``, one per path (the manifest's columns), are what each raster file's source
+    states of it (:func:`covidcxr.io.read_image`): a MONOCHROME1 PNG export is inverted for air dark. Training then
+    reads these arrays through tf.data, so it is compute-bound, not decode-bound.
     """
     from covidcxr.parallel import parallel_map
 
-    jobs = [(p, m, size) for p, m in zip(paths, mask_paths, strict=True)]
+    photometric = [None] * len(paths) if photometric is None else photometric
+    bits_stored = [None] * len(paths) if bits_stored is None else bits_stored
+    jobs = [(p, m, size, ph, b) for p, m, ph, b in zip(paths, mask_paths, photometric, bits_stored, strict=True)]
     results = parallel_map(_cache_one, jobs, workers=workers, progress=progress, desc="caching")
     images = np.zeros((len(jobs), size, size), dtype=WORKING_DTYPE)
     masks = np.zeros((len(jobs), size, size), dtype=bool)

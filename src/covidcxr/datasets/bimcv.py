@@ -21,10 +21,11 @@ subject no ``participants.tsv`` lists are kept (sex and age from their sidecars)
 From the sidecar (the image's own; the only one of a folder that holds one image; falling back to
 the file name and participants.tsv): view position (0018,5101)
 or the ``vp-`` entity, sex (0010,0040), age (0010,1010), and the stored-image facts the PNG keeps
-from its DICOM: photometric interpretation (0028,0004; MONOCHROME1 PNGs are not inverted), bits
-stored (0028,0101), rows/columns (0028,0010/0011) and modality (0008,0060). ``finding`` is the
-session's report labels from ``derivatives/labels`` (joined with "|") when that file is present,
-else "COVID-19" / "COVID-19 negative". Report texts, dates and session notes are never read.
+from its DICOM: photometric interpretation (0028,0004; a MONOCHROME1 PNG keeps the stored values, air
+bright, and the cache stages invert it by this column, :func:`covidcxr.io.read_image`'s
+``photometric``), bits stored (0028,0101), rows/columns (0028,0010/0011) and modality (0008,0060).
+``finding`` is the session's report labels from ``derivatives/labels`` (joined with "|") when that
+file is present, else "COVID-19" / "COVID-19 negative". Report texts, dates and session notes are never read.
 
 ``label`` is the collection's: the positive and negative collections are separate downloads, so
 option ``label="covid"|"negative"`` says which one ``root`` is; by default it is read from a

@@ -13,8 +13,9 @@ Layout::
 COSTAL/EXCLUDE/UNK -> unknown; it is also kept as ``view_position``. ``age`` is the study year
 minus the birth year (the dates themselves are not kept). ``finding`` is the Labels list joined
 with "|"; PadChest predates COVID-19 (2009-2017), so ``label`` is ``negative``. The CSV's DICOM
-fields give ``photometric`` (MONOCHROME1 PNGs are stored uninverted), ``bits_stored``, ``width``/
-``height`` (Columns/Rows) and ``modality``. Report texts are never read. All images come from
+fields give ``photometric`` (MONOCHROME1 PNGs are stored uninverted, air bright: the cache stages
+invert them by this column, :func:`covidcxr.io.read_image`'s ``photometric``), ``bits_stored``,
+``width``/``height`` (Columns/Rows) and ``modality``. Report texts are never read. All images come from
 Hospital San Juan, Alicante: site "padchest".
 """
 

@@ -20,8 +20,7 @@ def write(folder: str | Path, size: int, workers: int, log: logging.Logger) -> N
     for air dark as its DICOM would be); the folder appears whole, or not at all."""
     m = manifest.read_csv(_common.MANIFEST)
     mask_paths = [None if pd.isna(x) else str(x) for x in m["mask_path"]]
-    photometric = [None if pd.isna(x) else str(x) for x in m["photometric"]]
-    bits_stored = [None if pd.isna(x) else int(x) for x in m["bits_stored"]]
+    photometric, bits_stored = manifest.decode_hints(m)
     with _common.atomic_dir(folder) as out:
         images, masks, has_mask = preprocess.build_cache(
             list(m["path"]), mask_paths, int(size), workers=int(workers), progress=_common.show_progress(),
@@ -29,3 +28,4 @@ def write(folder: str | Path, size: int, workers: int, log: logging.Logger) -> N
         )
         preprocess.save_cache(out, m.assign(has_mask=has_mask)[INDEX_COLUMNS], images, masks)
     log.info("%s: cached %d images at %d px (%d with lung masks)", folder, len(m), size, int(has_mask.sum()))
+

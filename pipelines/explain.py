@@ -32,9 +32,10 @@ def sample(pred: pd.DataFrame, threshold: float, per_group: int) -> pd.DataFrame
     return pd.concat(picks)
 
 
-def original(path: str, longest: int) -> np.ndarray:
-    """The original file at display size, as serving draws its overlays (not the models' small working image)."""
-    pixels, _ = io.read_image(path)
+def original(path: str, longest: int, **hints) -> np.ndarray:
+    """The original file at display size, as serving draws its overlays (not the models' small working image);
+    ``hints``: the manifest row's ``photometric`` and ``bits_stored`` (:func:`covidcxr.manifest.decode_hints`)."""
+    pixels, _ = io.read_image(path, **hints)
     return gradcam.display_image(pixels, longest)
 
 
@@ -69,7 +70,9 @@ def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
     _tracking.setup_tracking()
     index, images, _ = _models.load_cache()
     masks = _models.load_masks()
-    paths = dict(zip(*manifest.read_csv(_common.MANIFEST)[["image_id", "path"]].T.to_numpy()))
+    m = manifest.read_csv(_common.MANIFEST)
+    files = {image_id: (path, {"photometric": ph, "bits_stored": bits})
+             for image_id, path, ph, bits in zip(m["image_id"], m["path"], *manifest.decode_hints(m))}
     summary: dict = {}
     for variant in classifiers["variants"]:
         for backbone in classifiers["backbones"]:
@@ -89,7 +92,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
                 if split == "test":
                     heat, where = maps, {img: i for i, img in enumerate(part["image_id"])}
             chosen = sample(pred, classifier.operating_threshold, int(p["per_group"]))
-            tiles = [gradcam.overlay(original(paths[i], int(p["display_size"])), heat[where[i]])
+            tiles = [gradcam.overlay(original(files[i][0], int(p["display_size"]), **files[i][1]), heat[where[i]])
                      for i in chosen["image_id"]]
             titles = [f"{g} p={s:.2f}" for g, s in zip(chosen["group"], chosen["score"])]
             png = OUT / "gradcam" / f"{name}.png"

@@ -158,3 +158,21 @@ def test_patients_sharing_a_file_become_one_the_first_listed():
     assert set(again["patient_id"]) == {"a:1", "d:4"}
     unique = df.assign(sha256=[f"h{i}" for i in range(len(df))])
     assert manifest.merge_patients(unique) == (unique, 0)
+
+
+def test_decode_hints_give_each_row_its_photometric_and_bits_for_read_image(tmp_path):
+    from PIL import Image
+
+    from covidcxr import io
+    from pipelines import explain
+
+    ramp = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))  # MONOCHROME1: the stored 0 (left) is white
+    Image.fromarray(ramp).save(tmp_path / "m1.png")
+    m = pd.DataFrame({"photometric": ["MONOCHROME1", pd.NA], "bits_stored": [8, pd.NA]})
+    photometric, bits = manifest.decode_hints(m)
+    assert (photometric, bits) == (["MONOCHROME1", None], [8, None])
+    shown = explain.original(str(tmp_path / "m1.png"), 64, photometric=photometric[0], bits_stored=bits[0])
+    as_stored = explain.original(str(tmp_path / "m1.png"), 64)
+    assert shown[:, 0].mean() > shown[:, -1].mean()  # inverted for display, as in the cache
+    assert as_stored[:, 0].mean() < as_stored[:, -1].mean()
+    assert io.read_image(str(tmp_path / "m1.png"), photometric=photometric[1], bits_stored=bits[1])[0][0, 0] == 0

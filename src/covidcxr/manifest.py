@@ -273,3 +273,12 @@ def read_csv(path: str | os.PathLike) -> pd.DataFrame:
         return conform(frame)
     except ManifestError as err:
         raise ManifestError(f"{path}: {err}") from None
+
+
+def decode_hints(m: pd.DataFrame) -> tuple[list[str | None], list[int | None]]:
+    """Each manifest row's ``photometric`` and ``bits_stored`` as :func:`covidcxr.io.read_image` takes them: what every
+    stage that decodes a manifest file passes, so that a MONOCHROME1 PNG export (BIMCV's, PadChest's) reads air dark
+    in the cache and in the Grad-CAM overlays alike."""
+    photometric = [None if pd.isna(x) else str(x) for x in m["photometric"]]
+    bits_stored = [None if pd.isna(x) else int(x) for x in m["bits_stored"]]
+    return photometric, bits_stored

@@ -3,15 +3,19 @@ maximising the standard per-image validation Dice, pruned per epoch.
 
 This stage runs `tune_unet.n_trials` trials itself and writes the study's best parameters to artifacts/tune/unet.json
 (train_unet uses them when `train_unet.use_tuned` is true; params.yaml is never written). The study lives in
-`tune_unet.storage`, or $COVIDCXR_OPTUNA_STORAGE, or sqlite under artifacts/tune/ (then fresh on every run, since DVC
-clears the stage's outputs first). With a shared PostgreSQL storage, `covidcxr tune` workers on other machines add
-their trials to the same study, and this stage (with `n_trials: 0` if they did all the work) exports the best. With
-`n_trials: 0` and the local sqlite file there is no study at all: the stage only records that nothing was tuned
-(``best_params`` null), in seconds, for profiles that train the U-Net from params (`train_unet.use_tuned: false`).
+$COVIDCXR_OPTUNA_STORAGE (which overrides params: logged, with a warning when params name another database), or
+`tune_unet.storage`, or sqlite under artifacts/tune/ (then fresh on every run, since DVC clears the stage's outputs
+first). With a shared PostgreSQL storage, `covidcxr tune` workers on other machines add their trials to the same study,
+and this stage (with `n_trials: 0` if they did all the work) exports the best. DVC sees neither the environment nor
+the study's trials: dvc.yaml keeps the stage out of DVC's run cache, and an export is forced (README, "Tuning on N GPU
+runners"). With `n_trials: 0` and the local sqlite file there is no study at all: the stage only records that nothing
+was tuned (``best_params`` null), in seconds, for profiles that train the U-Net from params
+(`train_unet.use_tuned: false`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pandas as pd
@@ -19,22 +23,36 @@ import pandas as pd
 from covidcxr import dburl, tuning
 from pipelines import _common, _tracking
 
+log = logging.getLogger("covidcxr.pipelines")
+
 OUT_DIR = "artifacts/tune"
 DEFAULT_STORAGE = f"sqlite:///{OUT_DIR}/optuna.db"
 REPORTS = "reports/tune_unet"
 
 
 def storage_url(p: dict) -> str:
-    """$COVIDCXR_OPTUNA_STORAGE, else params' storage, else the local sqlite file; params must hold no password."""
-    if p.get("storage") and dburl.has_password(str(p["storage"])):
+    """$COVIDCXR_OPTUNA_STORAGE, else params' storage, else the local sqlite file; params must hold no password.
+
+    Which one, and from where, is logged (without a password): DVC records params, not the environment, so a study
+    the environment names instead of params' is said, with a warning when params name another database.
+    """
+    configured, env = p.get("storage"), os.environ.get(tuning.STORAGE_ENV)
+    if configured and dburl.has_password(str(configured)):
         raise _common.ParamsError("tune_unet.storage holds a password, or is no URL SQLAlchemy parses safely (then it "
                                   "may hide one): put the password in PGPASSWORD or ~/.pgpass (or the whole URL in "
                                   f"${tuning.STORAGE_ENV}), never in params.yaml")
-    return tuning.resolve_storage(os.environ.get(tuning.STORAGE_ENV), p.get("storage"), DEFAULT_STORAGE)
+    url = tuning.resolve_storage(env, configured, DEFAULT_STORAGE)
+    source = f"${tuning.STORAGE_ENV}" if env else "tune_unet.storage" if configured else "the stage's own sqlite file"
+    log.info("Optuna storage %s (from %s), study %r", dburl.shown_url(url), source, p.get("study"))
+    if env and configured and not dburl.same_database(env, str(configured)):
+        log.warning("$%s (%s) overrides tune_unet.storage (%s): study %r is read from the environment's database, "
+                    "which DVC does not record", tuning.STORAGE_ENV, dburl.shown_url(env),
+                    dburl.shown_url(str(configured)), p.get("study"))
+    return url
 
 
 def run(p: dict, experiment: str = "demo") -> dict:
-    log = _common.setup_logging()
+    _common.setup_logging()
     try:
         tuning.unet_config(p)  # the search space is checked before any work
     except ValueError as err:

@@ -42,3 +42,12 @@ def test_the_stage_guards_refuse_a_url_that_cannot_be_parsed_safely(monkeypatch)
             tune_unet.storage_url({"storage": url})
         assert "s3cr" not in str(err.value)
     assert dburl.has_password("sqlite:////tmp/a@b/optuna.db") is False  # an '@' in a file path is no password
+
+
+def test_two_urls_name_the_same_database_whatever_their_passwords():
+    base = "postgresql+psycopg2://optuna@db-host:5432/optuna?sslmode=require"
+    assert dburl.same_database(base, "postgresql+psycopg2://optuna:s3cret@db-host:5432/optuna?sslmode=require")
+    assert dburl.same_database(base, base + "&password=s3cret")
+    assert not dburl.same_database(base, base.replace("db-host", "db-other"))
+    assert not dburl.same_database(base, base.replace("/optuna?", "/other?"))
+    assert not dburl.same_database("postgresql//u@h/db", "postgresql//u@h/db")  # unparsable: never the same

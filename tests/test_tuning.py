@@ -84,6 +84,27 @@ def test_storage_urls_are_resolved_and_redacted(monkeypatch):
     assert tune_unet.storage_url({"storage": None}) == url
 
 
+def test_the_stage_says_which_storage_it_used_and_warns_when_the_environment_overrides_params(monkeypatch, caplog):
+    """DVC records params, not $COVIDCXR_OPTUNA_STORAGE: the environment's database replaced params' silently."""
+    from pipelines import tune_unet
+
+    caplog.set_level("INFO", logger="covidcxr.pipelines")
+    params = {"study": "unet-paper", "storage": "postgresql+psycopg2://optuna@db-a/optuna"}
+    monkeypatch.setenv(tuning.STORAGE_ENV, "postgresql+psycopg2://optuna:s3cret@db-a/optuna")  # params' + password
+    assert tune_unet.storage_url(params).endswith("@db-a/optuna")
+    assert "postgresql+psycopg2://optuna:***@db-a/optuna (from $COVIDCXR_OPTUNA_STORAGE)" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    caplog.clear()
+    monkeypatch.setenv(tuning.STORAGE_ENV, "postgresql+psycopg2://optuna:s3cret@db-b/optuna")
+    assert tune_unet.storage_url(params).endswith("@db-b/optuna")
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "db-b" in warning and "db-a" in warning and "'unet-paper'" in warning and "s3cret" not in caplog.text
+    monkeypatch.delenv(tuning.STORAGE_ENV)
+    caplog.clear()
+    assert tune_unet.storage_url({"study": "unet-demo", "storage": None}) == tune_unet.DEFAULT_STORAGE
+    assert "(from the stage's own sqlite file)" in caplog.text
+
+
 # --- studies ------------------------------------------------------------------------------------------------------
 
 

@@ -33,6 +33,20 @@ def has_password(url: str) -> bool:
     return parsed is None or parsed.password is not None or any(key.lower() in SECRET_KEYS for key in parsed.query)
 
 
+def same_database(a: str, b: str) -> bool:
+    """Whether two URLs name the same database (driver, user, host, port, database, query), passwords aside; False
+    when either cannot be parsed safely."""
+    first, second = _parsed(a), _parsed(b)
+    if first is None or second is None:
+        return False
+
+    def bare(parsed) -> tuple:
+        query = {k: v for k, v in parsed.query.items() if k.lower() not in SECRET_KEYS}
+        return parsed.drivername, parsed.username, parsed.host, parsed.port, parsed.database, query
+
+    return bare(first) == bare(second)
+
+
 def shown_url(url: str) -> str:
     """The URL for logs, tags and reports: a password, in the user part or the query, as ``***``; :data:`UNSHOWN` for
     what cannot be parsed safely."""

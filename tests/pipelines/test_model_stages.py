@@ -3,12 +3,16 @@ that are used (cleaned)."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from pipelines import train_projection, train_unet
+from tests.pipelines.conftest import run
 
 
 def test_projection_recalls_count_the_frontals_refused():
@@ -114,3 +118,44 @@ def test_the_mask_threshold_is_chosen_on_the_network_s_own_validation_dice():
     assert train_unet.choose_mask_threshold(truth, prob, prefer=0.2) == 0.2
     confident = np.where(truth > 0, 0.9, 0.6).astype(np.float32)
     assert train_unet.choose_mask_threshold(truth, confident, prefer=0.5) == 0.65
+
+
+EXPORT = """\
+import json, pathlib, sys
+best = pathlib.Path(sys.argv[1]).read_text()  # the shared study: outside the repository, out of DVC's sight
+for path, text in (("artifacts/tune/unet.json", json.dumps({"best_value": best})),
+                   ("reports/tune_unet/trials.csv", f"number,value\\n0,{best}\\n"),
+                   ("reports/tune_unet/metrics.json", json.dumps({"best_value": best}))):
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(path).write_text(text)
+"""
+
+
+def test_dvc_never_restores_an_export_of_a_shared_study_from_its_run_cache(tmp_path):
+    """DVC sees neither $COVIDCXR_OPTUNA_STORAGE nor the trials runners add to the study: an export run again with
+    the same params, after more trials, was restored from DVC's run cache (saved by `dvc commit`, shared by
+    `dvc push --run-cache`) with the old best. The stage's outputs, as dvc.yaml declares them, keep it out of the run
+    cache (real dvc, on a stand-in command)."""
+    declared = yaml.safe_load((Path(__file__).resolve().parents[2] / "dvc.yaml").read_text())["stages"]["tune_unet"]
+    repo, study = tmp_path / "repo", tmp_path / "study.txt"
+    repo.mkdir()
+    (repo / "export.py").write_text(EXPORT)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"tune_unet": {
+        "cmd": f"{sys.executable} export.py {study}", "deps": ["export.py"], "params": ["tune_unet"],
+        "outs": declared["outs"], "metrics": declared["metrics"]}}}))
+
+    def dvc(*args: str) -> None:
+        run(["dvc", *args], repo, timeout=120)
+
+    def export(n_trials: int) -> None:
+        (repo / "params.yaml").write_text(yaml.safe_dump({"tune_unet": {"study": "unet-paper", "n_trials": n_trials}}))
+        dvc("repro")
+
+    dvc("init", "--no-scm", "-q")
+    study.write_text("0.5")
+    export(0)
+    dvc("commit", "-f")  # what saves a run cache entry where DVC allows one
+    export(4)  # another state of the stage (a demo study), recorded in dvc.lock
+    study.write_text("0.9")  # runners added a better trial
+    export(0)
+    assert json.loads((repo / "artifacts/tune/unet.json").read_text())["best_value"] == "0.9"

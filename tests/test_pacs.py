@@ -505,9 +505,15 @@ def test_an_https_pacs_signed_by_a_hospitals_own_ca_is_trusted_only_when_given(t
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> serving.Pipeline:
-    """The tiny untrained pipeline (version 1), loaded here: it scores every readable film (helpers.PERMISSIVE)."""
-    return serving.Pipeline.load(build_bundle(tmp_path_factory.mktemp("bundle"), model_version="1"))
+def bundle(tmp_path_factory) -> dict[str, str]:
+    """The tiny untrained pipeline's artifacts (version 1): it scores every readable film (helpers.PERMISSIVE)."""
+    return build_bundle(tmp_path_factory.mktemp("bundle"), model_version="1")
+
+
+@pytest.fixture(scope="module")
+def pipeline(bundle) -> serving.Pipeline:
+    """The tiny pipeline, loaded here."""
+    return serving.Pipeline.load(bundle)
 
 
 def scorer(pipeline: serving.Pipeline, **config) -> tuple[serving.Scorer, predlog.MemoryLog]:
@@ -582,3 +588,137 @@ def test_the_results_name_the_model_that_scored_them(own_orthanc, pipeline):
 
     assert pacs.run(client, unnamed, "covidcxr-legacy").stored_sr == 2
     assert len(results_of(own_orthanc, study)["SR"]) == 6
+
+
+@contextlib.contextmanager
+def served_over_http(score: serving.Scorer, down: int | None = None) -> Iterator[str]:
+    """``score`` behind HTTP as `mlflow models serve` answers (/invocations; an MlflowException as its HTTP status and
+    JSON); ``down``: that status, from a proxy, to every request but a probe (the server gone after it answered one)."""
+    import http.server
+    import threading
+
+    from mlflow.exceptions import MlflowException
+
+    class Invocations(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            images = [record[serving.INPUT_COLUMN] for record in request["dataframe_records"]]
+            try:
+                if down and images != [serving.probe_image()]:
+                    status, body = down, b"<html>the service is unavailable</html>"
+                else:
+                    status, body = 200, json.dumps({"predictions": score(images, request["params"])}).encode()
+            except MlflowException as err:
+                status, body = err.get_http_status_code(), err.serialize_as_json().encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Invocations)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.infra
+def test_requests_hold_no_more_images_than_the_model_takes(own_orthanc, pipeline):
+    """The worker's batch was held to the default limit (16), not to the model's: a model taking 4 was sent 8, and
+    refused every study of more than 4 pending images, in process with a traceback that ended an --interval worker,
+    over HTTP with a 400 that ended the pass at the same study every time. It now asks the model its limit."""
+    client = dicomweb(own_orthanc)
+    score, _ = scorer(pipeline, limits=serving.Limits(max_images=4))
+    study, _ = upload_films(own_orthanc, 6)
+    summary = pacs.run(client, score, "covidcxr", batch_size=8)
+    assert (summary.stored_sr, summary.failed_studies) == (6, 0)
+    with served_over_http(score) as url:
+        upload_films(own_orthanc, 6)
+        summary = pacs.run(client, serving.remote_scorer(url, timeout=60), "covidcxr", batch_size=8)
+    assert (summary.studies, summary.already_done, summary.stored_sr, summary.failed_studies) == (2, 6, 6, 0)
+
+
+@pytest.mark.infra
+def test_a_study_the_scorer_fails_on_is_counted_and_the_pass_goes_on(own_orthanc, bundle, pipeline):
+    """A scorer's failure on a study's images ended the pass (an in-process ServingError with a traceback, a server's
+    error answer as ScoringError), at the same study on every pass: no later study was ever scored. Each such study is
+    now counted in failed_studies and the pass goes on; only a scorer that is gone stops it."""
+    client = dicomweb(own_orthanc)
+    for _ in range(2):
+        upload_films(own_orthanc, 1)
+
+    def broken() -> serving.Scorer:  # its U-Net and classifier take 32 px: a 500. Networks of its own: a traced
+        # function that failed in one thread hangs in another, which a server of its own process never meets
+        return scorer(serving.Pipeline.load(bundle), size=48, projection_size=32)[0]
+
+    summary = pacs.run(client, broken(), "covidcxr")
+    assert (summary.studies, summary.failed_studies, summary.stored_sr) == (2, 2, 0)
+    with served_over_http(broken()) as url:
+        summary = pacs.run(client, serving.remote_scorer(url, timeout=60), "covidcxr")
+    assert (summary.studies, summary.failed_studies, summary.stored_sr) == (2, 2, 0)
+    score, _ = scorer(pipeline)
+    with served_over_http(score, down=503) as url, pytest.raises(serving.ScoringError) as gone:
+        pacs.run(client, serving.remote_scorer(url, timeout=60), "covidcxr")
+    assert gone.value.status == 503
+
+
+@contextlib.contextmanager
+def dicomweb_answering(wado: dict[str, tuple[str, bytes]]) -> Iterator[str]:
+    """A DICOMweb server whose QIDO-RS finds one CR image in each study of ``wado`` and whose WADO-RS answers it with
+    that study's (content type, body)."""
+    import http.server
+    import threading
+    from urllib.parse import urlparse
+
+    def element(keyword: str, vr: str, value: str) -> dict:
+        return {f"{pydicom.datadict.tag_for_keyword(keyword):08X}": {"vr": vr, "Value": [value]}}
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            parts = urlparse(self.path).path.strip("/").split("/")[1:]  # after dicom-web
+            if parts == ["studies"]:
+                kind, body = "application/dicom+json", json.dumps(
+                    [element("StudyInstanceUID", "UI", uid) for uid in wado]).encode()
+            elif len(parts) == 3 and parts[2] == "instances":
+                kind, body = "application/dicom+json", json.dumps([
+                    element("Modality", "CS", "CR") | element("SeriesInstanceUID", "UI", f"{parts[1]}.1")
+                    | element("SOPInstanceUID", "UI", f"{parts[1]}.1.1")]).encode()
+            else:
+                kind, body = wado[parts[1]]
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_answer_holding_no_readable_instance_fails_its_study_only(pipeline):
+    """A WADO-RS answer whose part is not DICOM (pydicom's InvalidDicomError) or that has no part at all (IndexError in
+    dicomweb-client) ended the pass with a traceback. Each is now a PacsError of its study, counted, and the pass goes
+    on."""
+    multipart = 'multipart/related; type="application/dicom"; boundary=b0undary'
+    with dicomweb_answering({
+        "1.2.826.0.1.3680043.8.498.101": (multipart, b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n"
+                                                     b"not a DICOM file\r\n--b0undary--\r\n"),
+        "1.2.826.0.1.3680043.8.498.102": (multipart, b"--b0undary--\r\n"),
+    }) as url:
+        score, _ = scorer(pipeline)
+        summary = pacs.run(pacs.DicomWeb(url, retries=0), score, "covidcxr")
+    assert (summary.studies, summary.images, summary.failed_studies, summary.stored_sr) == (2, 2, 2, 0)

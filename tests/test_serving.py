@@ -62,12 +62,13 @@ def test_entry_has_exactly_the_fields_and_a_consistent_decision(loaded):
     json.dumps(entry, allow_nan=False)  # strict JSON: no NaN, no numpy types
 
 
-def test_a_probe_learns_the_models_name_as_its_version(loaded):
-    """Entries said the model's version but not its name: a client (the PACS worker with --url) named the results
-    after its own guess. Both come from the model's configuration, in every entry and so in a probe."""
-    named = with_config(loaded, model_name="covidcxr-ward", model_version="4")
+def test_a_probe_learns_the_models_name_and_request_limit_as_its_version(loaded):
+    """Entries said the model's version but not its name, nor how many images a request may hold: a client (the PACS
+    worker) named the results after its own guess and sized its batches by the default limit. All three come from the
+    model's configuration, in every entry and so in a probe."""
+    named = with_config(loaded, model_name="covidcxr-ward", model_version="4", limits=serving.Limits(max_images=4))
     assert serving.probe(lambda images, params: named.score(images)) == {"model_name": "covidcxr-ward",
-                                                                        "model_version": "4"}
+                                                                        "model_version": "4", "max_images": 4}
 
 
 def test_no_phi_in_the_response_or_the_log(loaded, caplog):

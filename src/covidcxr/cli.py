@@ -348,6 +348,8 @@ def _pacs(args: argparse.Namespace) -> int:
     import time
     import warnings
 
+    from mlflow.exceptions import MlflowException
+
     from covidcxr import pacs, serving, sites
 
     _timestamped_logs()  # a long-running worker's lines need their time
@@ -356,9 +358,6 @@ def _pacs(args: argparse.Namespace) -> int:
     try:
         since = pacs.parse_since(args.since)
         site = sites.SiteThresholds.load(args.site) if args.site else None
-        if args.batch_size > serving.Limits().max_images:  # pacs.run's own limit, said before any model loads
-            raise ValueError(f"--batch-size {args.batch_size} is above a request's {serving.Limits().max_images} "
-                             "images")
     except ValueError as err:
         print(f"pacs: {err}", file=sys.stderr)
         return 2
@@ -398,6 +397,9 @@ def _pacs(args: argparse.Namespace) -> int:
             status = 1
         except serving.ScoringError as err:  # the server's text is left out: it could quote a request
             log.error("scoring failed: %s answered HTTP %d", err.endpoint, err.status)
+            status = 1
+        except MlflowException as err:  # the model here refused or failed the probe
+            log.error("scoring failed: %s (%s)", type(err).__name__, err.error_code)
             status = 1
         except OSError as err:  # the scoring server unreachable
             log.error("scoring failed: %s", type(err).__name__)
@@ -714,7 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--site", help="the site's thresholds (`calibrate-site --output`) on every image, instead of "
                                        "the model's: the results record the threshold that decided; nothing is scored "
                                        "when the model answering is not the version they were chosen on")
-    worker.add_argument("--batch-size", type=_batch_size, default=8, help="images per scoring request (default: 8)")
+    worker.add_argument("--batch-size", type=_batch_size, default=8,
+                        help="images per scoring request (default: 8; at most the model's own limit, max_images)")
     worker.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
     worker.add_argument("--pacs-timeout", type=float, default=30.0, help="seconds per PACS request (default: 30)")
     worker.add_argument("--pacs-ca-bundle", metavar="PEM",

@@ -47,6 +47,9 @@ SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 #: Environment variables holding the DICOMweb basic-auth credentials (read by the CLI, never flags or logs).
 USER_ENV, PASSWORD_ENV = "COVIDCXR_PACS_USER", "COVIDCXR_PACS_PASSWORD"
+#: HTTP statuses a scoring server answers through its proxy when it is down or overloaded: they stop the pass, as an
+#: unreachable one does; any other error answer is the study's own failure.
+SCORER_DOWN = frozenset({502, 503, 504})
 #: Third-party loggers that put URLs (hence UIDs) or server text in their records: kept quiet.
 CHATTY_LOGGERS: tuple[str, ...] = ("dicomweb_client", "urllib3", "highdicom")
 
@@ -85,6 +88,11 @@ class PacsUnavailable(PacsError, ConnectionError):
 
 class ModelChanged(RuntimeError):
     """The scorer answered with another model version than the one the results' UIDs were derived from."""
+
+
+class StudyFailed(RuntimeError):
+    """One study could not be completed this pass (the scorer failed on its images...): the message names the step and
+    the error type, never a UID or the text of an error (which may quote a header or a request)."""
 
 
 @dataclass(frozen=True)
@@ -220,9 +228,17 @@ class DicomWeb:
         return [{k: qido_value(item, k) for k in keys} for item in items]
 
     def retrieve(self, source: Source) -> Dataset:
-        """The instance as stored (its own transfer syntax: the PACS need not transcode)."""
-        return self._call("WADO-RS instance retrieval", self.client.retrieve_instance, source.study_uid,
-                          source.series_uid, source.sop_uid, media_types=(("application/dicom", "*"),))
+        """The instance as stored (its own transfer syntax: the PACS need not transcode); PacsError when the answer
+        holds no readable instance."""
+        operation = "WADO-RS instance retrieval"
+        try:
+            return self._call(operation, self.client.retrieve_instance, source.study_uid, source.series_uid,
+                              source.sop_uid, media_types=(("application/dicom", "*"),))
+        except PacsError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a part that is not DICOM (InvalidDicomError), no part (IndexError)...
+            raise PacsError(f"DICOMweb server {self.endpoint} answered {operation} with no readable DICOM instance "
+                            f"({type(err).__name__})") from None
 
     def store(self, datasets: Sequence[Dataset], study_uid: str) -> None:
         """STOW-RS the datasets into their study; raises PacsError when the PACS refuses any of them."""
@@ -397,11 +413,9 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
     for start in range(0, len(pending), batch_size):
         chunk = pending[start:start + batch_size]
         datasets = [pacs.retrieve(source) for source in chunk]
-        entries = score([file_base64(ds) for ds in datasets], {"explain": True})
+        entries = score_files(score, [file_base64(ds) for ds in datasets])
         headers = [header_only(ds) for ds in datasets]
         del datasets
-        if len(entries) != len(chunk):
-            raise RuntimeError(f"the scorer answered {len(entries)} entries for {len(chunk)} images")
         answered = {(str(e.get("model_name") or model.name), str(e["model_version"])) for e in entries}
         if answered != {(model.name, model.version)}:
             raise ModelChanged(f"the scorer answered with {', '.join(f'{n} v{v}' for n, v in sorted(answered))}, "
@@ -427,22 +441,54 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
             hashed(study_uid), len(pending) + done, done, len(pending))
 
 
+def score_files(score: serving.Scorer, files: list[str]) -> list[dict]:
+    """One entry per file (base64 DICOM) from the scorer, with Grad-CAM overlays. The scorer failing on them (an error
+    answer, an in-process ServingError, an answer that is not one entry per file) is their study's failure,
+    :class:`StudyFailed`; an unreachable scorer (OSError, or a proxy's 502/503/504) propagates: it stops the pass."""
+    try:
+        entries = score(files, {"explain": True})
+    except serving.ScoringError as err:
+        if err.status in SCORER_DOWN:
+            raise
+        raise StudyFailed(f"the scorer answered HTTP {err.status}") from None
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - in process: ServingError (INTERNAL_ERROR...); remote: a garbled answer
+        code = getattr(err, "error_code", None)
+        raise StudyFailed(f"the scorer failed ({type(err).__name__}{f', {code}' if code else ''})") from None
+    if not isinstance(entries, list) or len(entries) != len(files):
+        raise StudyFailed(f"the scorer answered {len(entries) if isinstance(entries, list) else 'no list of'} entries "
+                          f"for {len(files)} images")
+    return entries
+
+
 def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.date | None = None,
         batch_size: int = 8, site: sites.SiteThresholds | None = None) -> Summary:
     """One pass over the PACS: every CR/DX study (from ``since`` on) gets the results it lacks, under the name and
     version the model behind ``score`` reports (``model_name``: the name of a model that does not report its own, one
     served before entries carried it).
 
-    A study whose images the PACS will not deliver or whose results it refuses is counted in ``failed_studies`` and
-    left for the next pass; an unreachable PACS or scorer, a model that changed mid-pass, or a model version other
-    than the one ``site`` (the thresholds ``score`` applies) was chosen on stops the pass, the last before any study.
+    Requests hold at most ``batch_size`` images, and no more than the model takes (its ``max_images``). A study whose
+    images the PACS will not deliver, the scorer fails on, or whose results the PACS refuses is counted in
+    ``failed_studies`` and left for the next pass; an unreachable PACS or scorer, a model that changed mid-pass, or a
+    model version other than the one ``site`` (the thresholds ``score`` applies) was chosen on stops the pass, the last
+    before any study.
     """
-    if not 1 <= batch_size <= serving.Limits().max_images:
-        raise ValueError(f"batch_size must be in [1, {serving.Limits().max_images}], got {batch_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     about = serving.probe(score)
     model = ModelId(str(about["model_name"] or model_name), str(about["model_version"]))
     if site is not None:
         site.check_version(model.version)
+    limit = about["max_images"]
+    if limit is None:
+        limit = serving.Limits().max_images
+        log.warning("the model does not say how many images a request may hold (one served before answers said so): "
+                    "requests of at most %d, the default limit", limit)
+    if batch_size > int(limit):
+        log.info("requests of %d images: the model takes at most %d a request (batch size %d)", limit, limit,
+                 batch_size)
+        batch_size = int(limit)
     studies = pacs.find_studies(since)
     summary = Summary(studies=len(studies))
     for study_uid in studies:
@@ -450,7 +496,7 @@ def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.dat
             process_study(pacs, study_uid, score, model, summary, batch_size=batch_size)
         except PacsUnavailable:
             raise
-        except PacsError as err:
+        except (PacsError, StudyFailed) as err:
             summary.failed_studies += 1
             log.error("study %s left for the next pass: %s", hashed(study_uid), err)
         except (ValueError, TypeError, AttributeError) as err:  # a header highdicom cannot copy; its text may hold PHI

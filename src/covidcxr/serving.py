@@ -60,12 +60,13 @@ INPUT_COLUMN = "image"
 FIELDS: tuple[str, ...] = (
     "accepted", "reason", "message", "projection", "projection_probability", "lung_area_fraction",
     "covid_probability", "label", "ood_score", "ood_threshold", "threshold", "thresholds_from", "model_name",
-    "model_version",
+    "model_version", "max_images",
 )
 #: ``thresholds_from`` says whose thresholds decided an entry: ``model`` (both its own, chosen on its validation split),
 #: ``site`` (a site's thresholds file the server applies to every request, ``$COVIDCXR_SITE``) or ``request`` (the
 #: request's params, a client's ``--site`` file included, replaced at least one; each value is in the entry).
-#: ``model_name`` and ``model_version`` say which model answered (``Config.model_name``: its registered name).
+#: ``model_name`` and ``model_version`` say which model answered (``Config.model_name``: its registered name),
+#: ``max_images`` how many images a request to it may hold (``Limits.max_images``), so a client can size its batches.
 GRADCAM_FIELD = "gradcam_png"
 
 REASONS: dict[str, str] = {
@@ -348,7 +349,8 @@ class Pipeline:
         source = "model" if not replaced else "site" if self.site is not None else "request"
         entries = [dict.fromkeys(FIELDS) | {"accepted": False, "threshold": used, "ood_threshold": ood_used,
                                             "thresholds_from": source, "model_name": cfg.model_name,
-                                            "model_version": cfg.model_version}
+                                            "model_version": cfg.model_version,
+                                            "max_images": cfg.limits.max_images}
                    for _ in images]
         if explain:
             for entry in entries:
@@ -543,7 +545,7 @@ def signature():
         ColSpec("double", "covid_probability", required=False), ColSpec("string", "label", required=False),
         ColSpec("double", "ood_score", required=False), ColSpec("double", "ood_threshold", required=False),
         ColSpec("double", "threshold"), ColSpec("string", "thresholds_from"),
-        ColSpec("string", "model_name"), ColSpec("string", "model_version"),
+        ColSpec("string", "model_name"), ColSpec("string", "model_version"), ColSpec("long", "max_images"),
         ColSpec("string", GRADCAM_FIELD, required=False),
     ])
     params = ParamSchema([ParamSpec("explain", "boolean", False), ParamSpec("threshold", "double", None),
@@ -592,7 +594,7 @@ def probe_image() -> str:
 
 
 #: What a model says of itself in every entry (a model from before an entry carried one of them answers None for it).
-ABOUT_FIELDS: tuple[str, ...] = ("model_name", "model_version")
+ABOUT_FIELDS: tuple[str, ...] = ("model_name", "model_version", "max_images")
 
 
 def probe(score: Scorer) -> dict:

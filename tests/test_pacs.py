@@ -722,3 +722,27 @@ def test_an_answer_holding_no_readable_instance_fails_its_study_only(pipeline):
         score, _ = scorer(pipeline)
         summary = pacs.run(pacs.DicomWeb(url, retries=0), score, "covidcxr")
     assert (summary.studies, summary.images, summary.failed_studies, summary.stored_sr) == (2, 2, 2, 0)
+
+
+@pytest.mark.infra
+def test_an_image_the_scorer_failed_on_gets_no_result_and_is_scored_on_the_next_pass(own_orthanc, pipeline):
+    """An internal error, or a MemoryError (answered too_large, like a file over the limits), got an SR 'not scored'
+    like any refusal, and an image with an SR is done: it was never scored by this model version. Such an image now
+    gets no result, is counted, fails its study for this pass, and the next pass scores it."""
+    study, sops = upload_films(own_orthanc, 3)
+    client = dicomweb(own_orthanc)
+    score, _ = scorer(pipeline)
+
+    def failing(images: list[str], params: dict) -> list[dict]:  # the server short of memory, then a bug, on two
+        entries = score(images, params)
+        if len(images) == 3:
+            serving.refuse(entries[1], "out_of_memory", "image[1] needs more memory than the server has now")
+            serving.refuse(entries[2], "internal_error", "image[2]: internal error (KeyError)")
+        return entries
+
+    summary = pacs.run(client, failing, "covidcxr")
+    assert (summary.stored_sr, summary.deferred, summary.refused, summary.failed_studies) == (1, 2, 0, 1)
+    assert len(results_of(own_orthanc, study)["SR"]) == 1
+    summary = pacs.run(client, score, "covidcxr")
+    assert (summary.already_done, summary.stored_sr, summary.deferred, summary.failed_studies) == (1, 2, 0, 0)
+    assert {check_sr(sr, {})[0] for sr in results_of(own_orthanc, study)["SR"]} == set(sops)

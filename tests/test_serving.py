@@ -198,6 +198,23 @@ def test_byte_and_pixel_limits_refuse_the_image_with_a_clear_message(loaded, lim
     assert entry["reason"] == "too_large" and needle in entry["message"]
 
 
+
+def test_running_out_of_memory_is_told_apart_from_a_file_over_the_limits(loaded, monkeypatch):
+    """A MemoryError while reading an image was answered too_large, as a file over the limits is: a client (the PACS
+    worker) could not tell that another try may succeed, and wrote the image off. It is out_of_memory now, a reason
+    that says the server failed (RETRY_REASONS, with internal_error). A real MemoryError cannot be had on demand."""
+    def short_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    over = with_config(loaded, limits=serving.Limits(max_image_bytes=100))
+    monkeypatch.setattr(preprocess, "read_working_image", short_of_memory)
+    [entry] = loaded.score([png_b64(phantom())])
+    assert entry["reason"] == "out_of_memory" and "needs more memory than the server has" in entry["message"]
+    monkeypatch.undo()
+    [entry] = over.score([png_b64(phantom())])
+    assert entry["reason"] == "too_large"
+    assert serving.RETRY_REASONS == {"internal_error", "out_of_memory"} <= set(serving.REASONS)
+
 @pytest.mark.parametrize("changes, reason, needle", [
     ({"frontal_threshold": 0.999}, "lateral_view", "projection filter"),
     ({"mask_threshold": 0.999, "min_area": 0.01}, "empty_lung_mask", "covers 0.0%"),

@@ -12,8 +12,10 @@ For every CR/DX image of a study (QIDO-RS to find them, WADO-RS to fetch them), 
 Both carry the source's patient and study modules (so they attach to the study) and new UIDs derived from the source
 SOP Instance UID and the model's name and version: a result that is already in the study is not made again, so a
 second run over the same studies adds nothing. The SC is stored before the SR: an image counts as done when its SR
-exists. Nothing identifying leaves this module except into the PACS: the log holds counts and hashed study ids, and
-errors name the PACS endpoint (never its credentials) and the operation, never a UID.
+exists. An image the scorer failed on (an internal error, or out of memory) gets neither: its refusal says nothing of
+the image, and the next pass sends it again. Nothing identifying leaves this module except into the PACS: the log
+holds counts and hashed study ids, and errors name the PACS endpoint (never its credentials) and the operation, never
+a UID.
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ class Summary:
     refused: int = 0
     stored_sr: int = 0
     stored_sc: int = 0
+    deferred: int = 0  # images the scorer failed on (serving.RETRY_REASONS): no result, sent again on the next pass
     failed_studies: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -405,11 +408,14 @@ def _meaning(reason: str) -> str:
 
 def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: ModelId, summary: Summary, *,
                   batch_size: int = 8) -> None:
-    """Score every CR/DX image of the study without a result of ``model`` and store its SR (and SC)."""
+    """Score every CR/DX image of the study without a result of ``model`` and store its SR (and SC); an image the
+    scorer failed on (:data:`covidcxr.serving.RETRY_REASONS`) gets none, so that the next pass sends it again, and
+    fails the study (:class:`StudyFailed`) once the others are stored."""
     pending, done = pending_sources(pacs.study_instances(study_uid), study_uid, model)
     summary.images += len(pending) + done
     summary.already_done += done
     series = series_uids(study_uid, model)
+    deferred: dict[str, int] = {}
     for start in range(0, len(pending), batch_size):
         chunk = pending[start:start + batch_size]
         datasets = [pacs.retrieve(source) for source in chunk]
@@ -424,6 +430,9 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
         srs, scs = [], []
         for offset, (source, header, entry) in enumerate(zip(chunk, headers, entries)):
             uids, number = result_uids(source.sop_uid, model), done + start + offset + 1
+            if not entry["accepted"] and entry.get("reason") in serving.RETRY_REASONS:  # not the image's failure
+                deferred[entry["reason"]] = deferred.get(entry["reason"], 0) + 1
+                continue
             if entry["accepted"]:
                 summary.scored += 1
                 if entry.get(serving.GRADCAM_FIELD):
@@ -439,6 +448,10 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
         summary.stored_sr += len(srs)
     log.log(logging.INFO if pending else logging.DEBUG, "study %s: %d CR/DX image(s), %d already done, %d processed",
             hashed(study_uid), len(pending) + done, done, len(pending))
+    if deferred:
+        summary.deferred += sum(deferred.values())
+        raise StudyFailed(f"the scorer failed on {sum(deferred.values())} image(s) "
+                          f"({', '.join(f'{r} {n}' for r, n in sorted(deferred.items()))}): no result written")
 
 
 def score_files(score: serving.Scorer, files: list[str]) -> list[dict]:

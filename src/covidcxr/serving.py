@@ -86,7 +86,11 @@ REASONS: dict[str, str] = {
     **lungs.REASONS,
     "out_of_distribution": "the image's features lie far from the training images' (OOD score above the threshold)",
     "internal_error": "the server failed on this image; the server log has the error type",
+    "out_of_memory": "the server ran out of memory reading this image; it may be sent again later",
 }
+#: Reasons that say the server failed, not the image: the same file may be answered on another try (the PACS worker
+#: writes no result for them and sends the image again on its next pass).
+RETRY_REASONS = frozenset({"internal_error", "out_of_memory"})
 
 #: DICOM modalities of projection radiographs (OT: secondary capture, as exported by many PACS).
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "OT"})
@@ -403,8 +407,8 @@ class Pipeline:
             except io.ImageReadError as err:
                 reason = err.reason if err.reason in REASONS else "unreadable"
                 refuse(entries[i], reason, str(err))
-            except MemoryError:
-                refuse(entries[i], "too_large", f"image[{i}] needs more memory than the server has")
+            except MemoryError:  # the server's state, not the file's size (too_large: over the limits)
+                refuse(entries[i], "out_of_memory", f"image[{i}] needs more memory than the server has now")
             except Exception as exc:  # noqa: BLE001 - one image's failure must not fail the batch
                 log.error("image[%d]: unexpected %s while reading", i, type(exc).__name__)
                 log.debug("image[%d] traceback", i, exc_info=True)

@@ -280,15 +280,20 @@ def test_worker_writes_sr_and_overlay_into_each_study_once_and_leaks_no_phi(orth
             assert not any(v.encode() in data for v in secrets_), f"an identifier reached {path.name}"
 
 
-def source_header(**elements) -> pydicom.Dataset:
-    """The header of a small CR of one study (``elements``: more attributes, by keyword), as the worker copies it."""
+def source_dataset(**elements) -> pydicom.Dataset:
+    """A small CR of one study (``elements``: more attributes, by keyword), as retrieved from the PACS."""
     import numpy as np
 
     from tests.test_io import make_dicom
 
     data = make_dicom(np.full((8, 8), 100, np.uint16), StudyInstanceUID="1.2.826.0.1.3680043.8.498.7",
                       SeriesInstanceUID="1.2.826.0.1.3680043.8.498.8", **elements)
-    return pacs.header_only(pydicom.dcmread(io.BytesIO(data)))
+    return pydicom.dcmread(io.BytesIO(data))
+
+
+def source_header(**elements) -> pydicom.Dataset:
+    """The header of :func:`source_dataset`'s CR, as the worker copies it."""
+    return pacs.header_only(source_dataset(**elements))
 
 
 def sr_of(header: pydicom.Dataset, **changes) -> dict:
@@ -548,7 +553,7 @@ def upload_films(orthanc: Orthanc, n: int, **elements) -> tuple[str, list[str]]:
         data = make_dicom(np.round(phantom(seed=i) * 4000).astype(np.uint16), StudyInstanceUID=study,
                           SeriesInstanceUID=series, SOPInstanceUID=sop, PatientID="PHI-0042", **elements)
         ds = pydicom.dcmread(io.BytesIO(data))
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.file_meta.MediaStorageSOPInstanceUID, ds.file_meta.MediaStorageSOPClassUID = sop, ds.SOPClassUID
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         requests.post(f"{orthanc.url}/instances", data=buffer.getvalue(), auth=(orthanc.user, orthanc.password),
@@ -746,3 +751,87 @@ def test_an_image_the_scorer_failed_on_gets_no_result_and_is_scored_on_the_next_
     summary = pacs.run(client, score, "covidcxr")
     assert (summary.already_done, summary.stored_sr, summary.deferred, summary.failed_studies) == (1, 2, 0, 0)
     assert {check_sr(sr, {})[0] for sr in results_of(own_orthanc, study)["SR"]} == set(sops)
+
+
+
+def test_the_results_copy_no_patient_or_study_value_highdicom_would_refuse():
+    """highdicom refuses a date such as '2020-01-01', a time such as '12:30:00' (which serving accepts) and a sex
+    other than M, F or O for the whole SR and SC: such a study never got a result, and was scored again every pass.
+    These type 2 values are now copied empty (unknown: no date is guessed at), the source's own left as they were."""
+    odd = {"StudyDate": "2020-01-01", "StudyTime": "12:30:00", "PatientBirthDate": "1950-01-01",
+           "PatientSex": "UNKNOWN"}
+    source = source_dataset(**odd, AccessionNumber="ACC1")
+    header = pacs.header_only(source)
+    assert {k: header[k].value for k in odd} == dict.fromkeys(odd) and header.AccessionNumber == "ACC1"
+    assert {k: source[k].value for k in odd} == odd
+    assert sr_of(header)["Reason not scored"] == "out_of_distribution"
+    fine = {"StudyDate": "20200101", "StudyTime": "123000.5", "PatientBirthDate": "19500101", "PatientSex": "F"}
+    assert {k: pacs.header_only(source_dataset(**fine))[k].value for k in fine} == fine
+
+
+def counting(score: serving.Scorer) -> tuple[serving.Scorer, list[int]]:
+    """``score``, and the sizes of the requests it was sent (probes left out)."""
+    sent: list[int] = []
+
+    def counted(images: list[str], params: dict) -> list[dict]:
+        if images != [serving.probe_image()]:
+            sent.append(len(images))
+        return score(images, params)
+
+    return counted, sent
+
+
+@pytest.mark.infra
+def test_a_study_with_a_date_highdicom_refuses_gets_its_results_once(own_orthanc, pipeline):
+    """A StudyDate of '2020-01-01' and a StudyTime of '12:30:00' (which serving accepts) failed the study after its
+    images were scored: no result, ever, and a fresh set of prediction-log records on every pass."""
+    study, sops = upload_films(own_orthanc, 2, StudyDate="2020-01-01", StudyTime="12:30:00")
+    client = dicomweb(own_orthanc)
+    score, records = scorer(pipeline)
+    for already_done in (0, 2):
+        summary = pacs.run(client, score, "covidcxr")
+        assert (summary.already_done, summary.stored_sr, summary.failed_studies) == (already_done, 2 - already_done, 0)
+    assert len(records.records) == 2
+    found = results_of(own_orthanc, study)
+    assert {check_sr(sr, {})[0] for sr in found["SR"]} == set(sops)
+    assert {(ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime) for ds in found["SR"] + found["OT"]} == {(study, "", "")}
+
+
+@pytest.mark.infra
+def test_a_header_no_result_can_be_made_from_fails_its_study_before_scoring(own_orthanc, pipeline):
+    """A header highdicom cannot make results from (here a private SOP class, which an SR cannot describe) failed the
+    study after its images were scored, so every pass scored them again and logged them again. The results are now
+    tried on the header first: the study fails before the scorer sees its images."""
+    upload_films(own_orthanc, 2, SOPClassUID="1.2.826.0.1.3680043.8.498.999")
+    counted, sent = counting(scorer(pipeline)[0])
+    summary = pacs.run(dicomweb(own_orthanc), counted, "covidcxr")
+    assert (summary.images, summary.failed_studies, summary.stored_sr, sent) == (2, 1, 0, [])
+
+
+@pytest.mark.infra
+def test_a_study_that_fails_pass_after_pass_is_given_up_by_the_worker_and_still_counted(own_orthanc, pipeline):
+    """A study that failed after scoring was scored again on every pass, forever. A worker now gives up on a study
+    after GIVE_UP_AFTER failed passes in a row (it keeps no state across processes: a new one tries again), and still
+    counts it in failed_studies (skipped_studies says why) and logs it, every pass."""
+    import base64
+
+    bad, _ = upload_films(own_orthanc, 1)
+    upload_films(own_orthanc, 1)
+    score, _ = scorer(pipeline)
+
+    def failing(images: list[str], params: dict) -> list[dict]:  # a bug of the server's, on one study's image
+        entries = score(images, params)
+        for image, entry in zip(images, entries):
+            if image != serving.probe_image() and pydicom.dcmread(
+                    io.BytesIO(base64.b64decode(image))).StudyInstanceUID == bad:
+                serving.refuse(entry, "internal_error", "image[0]: internal error (KeyError)")
+        return entries
+
+    counted, sent = counting(failing)
+    client, failures = dicomweb(own_orthanc), {}
+    summaries = [pacs.run(client, counted, "covidcxr", failures=failures) for _ in range(pacs.GIVE_UP_AFTER + 2)]
+    assert [s.failed_studies for s in summaries] == [1] * (pacs.GIVE_UP_AFTER + 2)
+    assert [s.skipped_studies for s in summaries] == [0] * pacs.GIVE_UP_AFTER + [1, 1]
+    assert [s.deferred for s in summaries] == [1] * pacs.GIVE_UP_AFTER + [0, 0]
+    assert len(sent) == 1 + pacs.GIVE_UP_AFTER  # the good study once, the failing one until given up
+    assert pacs.run(client, counted, "covidcxr").deferred == 1  # a new worker tries it again

@@ -387,9 +387,11 @@ def _pacs(args: argparse.Namespace) -> int:
         return served(images, {**params, **(site.params() if site else {})})
 
     status = 0
+    failures: dict[str, int] = {}  # consecutive failed passes of each study (hashed id), kept while this process runs
     while True:
         try:
-            summary = pacs.run(client, score, model_name, since=since, batch_size=args.batch_size, site=site)
+            summary = pacs.run(client, score, model_name, since=since, batch_size=args.batch_size, site=site,
+                               failures=failures)
             print(json.dumps(summary.to_dict(), sort_keys=True), flush=True)
             status = 1 if summary.failed_studies else 0
         except (pacs.PacsError, pacs.ModelChanged, sites.SiteFileError) as err:

@@ -52,6 +52,12 @@ USER_ENV, PASSWORD_ENV = "COVIDCXR_PACS_USER", "COVIDCXR_PACS_PASSWORD"
 #: HTTP statuses a scoring server answers through its proxy when it is down or overloaded: they stop the pass, as an
 #: unreachable one does; any other error answer is the study's own failure.
 SCORER_DOWN = frozenset({502, 503, 504})
+#: What highdicom raises for a header value it refuses (the text may quote the header: only the type is reported).
+BUILD_ERRORS = (ValueError, TypeError, AttributeError, KeyError)
+#: A study that failed this many consecutive passes of one worker process is not tried again by it (it stays counted
+#: in failed_studies, and logged, every pass): a failure after scoring would otherwise score its images again, and add
+#: their prediction-log records, on every pass, forever.
+GIVE_UP_AFTER = 3
 #: Third-party loggers that put URLs (hence UIDs) or server text in their records: kept quiet.
 CHATTY_LOGGERS: tuple[str, ...] = ("dicomweb_client", "urllib3", "highdicom")
 
@@ -127,6 +133,7 @@ class Summary:
     stored_sc: int = 0
     deferred: int = 0  # images the scorer failed on (serving.RETRY_REASONS): no result, sent again on the next pass
     failed_studies: int = 0
+    skipped_studies: int = 0  # of failed_studies: not tried, having failed GIVE_UP_AFTER passes in a row
     reasons: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -286,16 +293,38 @@ def pending_sources(instances: Iterable[dict], study_uid: str, model: ModelId) -
     return pending, len(sources) - len(pending)
 
 
+#: The type 2 patient and study attributes highdicom copies into the results (present, and empty when unknown).
+COPIED_TYPE2: tuple[str, ...] = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+                                 "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
 def header_only(ds: Dataset) -> Dataset:
     """The dataset without its pixel data (what the results copy and reference), with the type 2 patient and study
-    attributes that highdicom reads present even when the source left them out."""
+    attributes that highdicom reads present even when the source left them out, and empty where the source's value is
+    one highdicom refuses (a date such as '2020-01-01', a time such as '12:30:00', a sex other than M, F or O): it
+    would refuse the results of every image of the study, on every pass, and a value is not guessed at."""
     pixel_tags = {0x7FE00010, 0x7FE00008, 0x7FE00009}
     header = Dataset({tag: elem for tag, elem in ds.items() if tag not in pixel_tags})
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
-                    "StudyDate", "StudyTime", "ReferringPhysicianName"):
+    for keyword in COPIED_TYPE2:
         if keyword not in header:
             setattr(header, keyword, None)
+        elif not copyable(header[keyword]):
+            header.add_new(header[keyword].tag, header[keyword].VR, None)  # a new element: the source keeps its own
     return header
+
+
+def copyable(element: pydicom.DataElement) -> bool:
+    """Whether highdicom takes a copied type 2 attribute's value: a DA or TM that pydicom reads, a sex of M, F or O."""
+    value = element.value
+    if value in (None, ""):
+        return True
+    if element.keyword == "PatientSex":
+        return str(value) in ("M", "F", "O")
+    parse = {"DA": pydicom.valuerep.DA, "TM": pydicom.valuerep.TM}.get(element.VR)
+    try:
+        return parse is None or parse(value) is not None
+    except (TypeError, ValueError):
+        return False
 
 
 def file_base64(ds: Dataset) -> str:
@@ -419,8 +448,10 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
     for start in range(0, len(pending), batch_size):
         chunk = pending[start:start + batch_size]
         datasets = [pacs.retrieve(source) for source in chunk]
-        entries = score_files(score, [file_base64(ds) for ds in datasets])
         headers = [header_only(ds) for ds in datasets]
+        for header in headers:
+            check_header(header, model)
+        entries = score_files(score, [file_base64(ds) for ds in datasets])
         del datasets
         answered = {(str(e.get("model_name") or model.name), str(e["model_version"])) for e in entries}
         if answered != {(model.name, model.version)}:
@@ -435,13 +466,16 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
                 continue
             if entry["accepted"]:
                 summary.scored += 1
-                if entry.get(serving.GRADCAM_FIELD):
-                    scs.append(build_sc(header, entry[serving.GRADCAM_FIELD], model, series["sc"], uids["sc"], number))
             else:
                 summary.refused += 1
                 reason = entry.get("reason") or "unknown"
                 summary.reasons[reason] = summary.reasons.get(reason, 0) + 1
-            srs.append(build_sr(header, entry, model, series["sr"], uids["sr"], number))
+            try:
+                if entry["accepted"] and entry.get(serving.GRADCAM_FIELD):
+                    scs.append(build_sc(header, entry[serving.GRADCAM_FIELD], model, series["sc"], uids["sc"], number))
+                srs.append(build_sr(header, entry, model, series["sr"], uids["sr"], number))
+            except BUILD_ERRORS as err:  # what check_header did not foresee; the error's text may quote the header
+                raise StudyFailed(f"its results cannot be made ({type(err).__name__}), after scoring") from None
         pacs.store(scs, study_uid)  # overlays first: an image is done once its SR is stored
         summary.stored_sc += len(scs)
         pacs.store(srs, study_uid)
@@ -452,6 +486,21 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
         summary.deferred += sum(deferred.values())
         raise StudyFailed(f"the scorer failed on {sum(deferred.values())} image(s) "
                           f"({', '.join(f'{r} {n}' for r, n in sorted(deferred.items()))}): no result written")
+
+
+def check_header(header: Dataset, model: ModelId) -> None:
+    """An SR and an SC made of ``header`` with stand-in content, and thrown away: run before its image is scored, so
+    that a header the results cannot be made from fails its study before the scorer (and the prediction log) sees the
+    image, not after it on every pass. :class:`StudyFailed` names the error's type only: its text may quote the
+    header."""
+    uid = generate_uid(entropy_srcs=["covidcxr", "header check"])
+    entry = {**dict.fromkeys(serving.FIELDS), "accepted": False, "reason": "internal_error"}
+    try:
+        build_sr(header, entry, model, uid, uid, 1)
+        build_sc(header, serving.probe_image(), model, uid, uid, 1)
+    except BUILD_ERRORS as err:
+        raise StudyFailed(f"its results cannot be made from an image's header ({type(err).__name__}), found before "
+                          "scoring it") from None
 
 
 def score_files(score: serving.Scorer, files: list[str]) -> list[dict]:
@@ -476,7 +525,8 @@ def score_files(score: serving.Scorer, files: list[str]) -> list[dict]:
 
 
 def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.date | None = None,
-        batch_size: int = 8, site: sites.SiteThresholds | None = None) -> Summary:
+        batch_size: int = 8, site: sites.SiteThresholds | None = None,
+        failures: dict[str, int] | None = None) -> Summary:
     """One pass over the PACS: every CR/DX study (from ``since`` on) gets the results it lacks, under the name and
     version the model behind ``score`` reports (``model_name``: the name of a model that does not report its own, one
     served before entries carried it).
@@ -485,7 +535,8 @@ def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.dat
     images the PACS will not deliver, the scorer fails on, or whose results the PACS refuses is counted in
     ``failed_studies`` and left for the next pass; an unreachable PACS or scorer, a model that changed mid-pass, or a
     model version other than the one ``site`` (the thresholds ``score`` applies) was chosen on stops the pass, the last
-    before any study.
+    before any study. ``failures`` (hashed study id: consecutive failed passes) carries over from the passes before
+    in this process, and is updated: a study at :data:`GIVE_UP_AFTER` is counted and logged, not tried.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -504,18 +555,34 @@ def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.dat
         batch_size = int(limit)
     studies = pacs.find_studies(since)
     summary = Summary(studies=len(studies))
+    failures = {} if failures is None else failures
+    for key in set(failures) - {hashed(uid) for uid in studies}:  # out of the window now: forgotten
+        del failures[key]
+
+    def failed(key: str, why: str) -> None:
+        summary.failed_studies += 1
+        failures[key] = failures.get(key, 0) + 1
+        last = " (its last try by this worker: restart it to try again)" if failures[key] >= GIVE_UP_AFTER else ""
+        log.error("study %s left for the next pass, failed %d pass(es) in a row%s: %s", key, failures[key], last, why)
+
     for study_uid in studies:
+        key = hashed(study_uid)
+        if failures.get(key, 0) >= GIVE_UP_AFTER:
+            summary.failed_studies += 1
+            summary.skipped_studies += 1
+            log.error("study %s not tried: it failed %d passes in a row; restart the worker to try it again", key,
+                      failures[key])
+            continue
         try:
             process_study(pacs, study_uid, score, model, summary, batch_size=batch_size)
         except PacsUnavailable:
             raise
         except (PacsError, StudyFailed) as err:
-            summary.failed_studies += 1
-            log.error("study %s left for the next pass: %s", hashed(study_uid), err)
-        except (ValueError, TypeError, AttributeError) as err:  # a header highdicom cannot copy; its text may hold PHI
-            summary.failed_studies += 1
-            log.error("study %s left for the next pass: %s while building its results", hashed(study_uid),
-                      type(err).__name__)
+            failed(key, str(err))
+        except BUILD_ERRORS as err:  # a header (or QIDO answer) the worker cannot use; its text may quote it
+            failed(key, f"{type(err).__name__} (its text withheld: it may quote a header)")
+        else:
+            failures.pop(key, None)
     log.info("pass over %s with %s v%s: %s", pacs.endpoint, model.name, model.version, summary.to_dict())
     return summary
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import socket
 import time
 
@@ -387,13 +389,49 @@ def test_component_saves_its_input_transform_and_scores_through_it(tmp_path):
     np.testing.assert_array_equal(loaded.prepare(images, masks, "d").images, transform.apply(images, masks, "d").images)
     p = models.covid_probability(loaded, images, masks, "d")
     np.testing.assert_allclose(p, np.round(loaded(transform.apply(images, masks, "d").images)[:, 0], 6), atol=1e-6)
-    # a folder without input.json (every folder made before the levers) scores the paper's input
+    # a folder saved before the record of its files and without input.json (every folder made before the levers)
+    # scores the paper's input
     (folder / folders.INPUT_FILE).unlink()
+    info = json.loads((folder / folders.RUN_FILE).read_text())
+    del info[folders.SAVED_FILES_KEY]
+    (folder / folders.RUN_FILE).write_text(json.dumps(info))
     plain = models.Component.load(folder)
     assert plain.input_transform is None
     np.testing.assert_array_equal(plain.prepare(images, masks, "d").images,
                                   preprocess.apply_variant(images, masks, "d"))
     assert not np.allclose(models.covid_probability(plain, images, masks, "d"), p)
+
+
+@pytest.mark.parametrize("name", [folders.INPUT_FILE, folders.CALIBRATION_FILE, folders.OOD_FILE,
+                                  folders.THRESHOLD_FILE, "member1.keras"])
+def test_a_folder_that_lost_a_file_it_was_saved_with_is_refused_naming_it(tmp_path, name):
+    from covidcxr import calibration, ood, preprocess
+
+    rng = np.random.default_rng(4)
+    images = rng.random((8, 32, 32)).astype(np.float32)
+    networks = [build_vgg(16, (32, 32, 1), width=1 / 16, head=(4,)) for _ in range(2)]
+    component = models.Component(
+        networks[0], preprocess.Standardizer().fit(images), members=networks[1:], info={"run_id": "x"},
+        threshold={"threshold": 0.5}, input_transform=preprocess.InputTransform(intensity="equalize"),
+        calibrator=calibration.PlattCalibrator().fit(np.array([0, 1] * 4), np.linspace(0.1, 0.9, 8)))
+    component.ood = ood.MahalanobisDetector(n_components=2).fit(models.ood_features(component, images, None, "c"))
+    component.ood.calibrate(models.out_of_distribution(component, images, None, "c").score)
+    folder = component.save(tmp_path / "clf")
+    saved = json.loads((folder / folders.RUN_FILE).read_text())[folders.SAVED_FILES_KEY]
+    assert set(saved) == set(folders.folder_files(folder)) - {folders.RUN_FILE}
+    assert models.Component.load(folder).info == {"run_id": "x", folders.SAVED_FILES_KEY: saved}
+    # what register bundles and serving loads: the same folder files, read by the same check
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for file in folders.folder_files(folder):
+        if file != name:
+            shutil.copy2(folder / file, bundle / file)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"lacks {name}")):
+        models.Component.load(bundle)
+    (folder / name).unlink()
+    for check in (models.Component.load, folders.folder_info):
+        with pytest.raises(FileNotFoundError, match=re.escape(f"{folder}: model folder lacks {name}")):
+            check(folder)
 
 
 def test_frontal_probability_reads_images_through_the_filters_input_transform(tmp_path):

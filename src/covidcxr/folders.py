@@ -16,6 +16,9 @@ RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE = "run.json", "threshold.json", "cali
 OOD_FILE = "ood.npz"  # covidcxr.ood: a classifier's out-of-distribution detector, a projection filter's lateral check
 INPUT_FILE = "input.json"  # a classifier's input transform (lung crop, intensity normalisation); absent: the identity
 MEMBER_FILE = "member{}.keras"  # an ensemble's further networks (1, 2, ...), beside MODEL_FILE, the first
+#: The key of ``run.json`` listing the files ``models.Component.save`` wrote beside it, so that a fitted file that went
+#: missing is an error, not a model served without it (a folder saved before the record has no such key).
+SAVED_FILES_KEY = "files"
 #: The files of a model folder that scoring needs (``predictions.csv`` and the like stay beside it, not in a bundle).
 FOLDER_FILES: tuple[str, ...] = (MODEL_FILE, STANDARDIZER_FILE, RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE, OOD_FILE,
                                  INPUT_FILE)
@@ -37,12 +40,22 @@ def folder_files(folder: str | os.PathLike) -> list[str]:
 
 
 def folder_info(folder: str | os.PathLike) -> dict:
-    """The run info of a model folder (``run_id`` of its MLflow run and what made it), without loading the network."""
+    """The run info of a model folder (``run_id`` of its MLflow run and what made it), without loading the network.
+
+    A file the folder was saved with (``run.json``'s :data:`SAVED_FILES_KEY`) that is gone is a FileNotFoundError
+    naming it: a classifier without its ``input.json`` would score whole, unequalised images, without its
+    ``calibration.json`` raw scores against a threshold chosen on calibrated ones, without ``ood.npz`` refuse nothing.
+    """
     folder = Path(folder)
     for name in (MODEL_FILE, STANDARDIZER_FILE, RUN_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: not a model folder (no {name}); run the stage that trains it")
-    return json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+    info = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+    missing = [name for name in info.get(SAVED_FILES_KEY, ()) if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: model folder lacks {', '.join(missing)}, saved with it ({RUN_FILE} lists "
+                                "it); rerun the stage that trains it")
+    return info
 
 
 def folder_threshold(folder: str | os.PathLike) -> dict | None:

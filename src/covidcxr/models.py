@@ -29,6 +29,7 @@ from covidcxr.folders import (
     MODEL_FILE,
     OOD_FILE,
     RUN_FILE,
+    SAVED_FILES_KEY,
     STANDARDIZER_FILE,
     THRESHOLD_FILE,
     folder_info,
@@ -585,33 +586,41 @@ class Component:
         return self.evidence(images, batch_size=batch_size)[1]
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write the model folder (model, standardizer, run info, threshold when there is one)."""
+        """Write the model folder (model, standardizer, threshold, calibration, detector and input transform when
+        there are), then its run info, which lists every file written (``folders.SAVED_FILES_KEY``): :meth:`load`
+        refuses the folder when one of them is gone."""
         import json
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         partial = folder / ".partial.keras"  # Keras insists on the suffix; renamed into place once complete
+        written = []
         for i, network in enumerate(self.networks):
             network.save(partial)
-            os.replace(partial, folder / (MEMBER_FILE.format(i) if i else MODEL_FILE))
+            written.append(MEMBER_FILE.format(i) if i else MODEL_FILE)
+            os.replace(partial, folder / written[-1])
         for stale in member_files(folder)[len(self.members):]:  # a smaller ensemble written over a larger one
             (folder / stale).unlink()
         self.standardizer.save(folder / STANDARDIZER_FILE)
-        (folder / RUN_FILE).write_text(json.dumps(self.info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        written.append(STANDARDIZER_FILE)
         if self.threshold:
             (folder / THRESHOLD_FILE).write_text(json.dumps(self.threshold, indent=2, sort_keys=True) + "\n",
                                                  encoding="utf-8")
-        if self.calibrator is not None:
-            self.calibrator.save(folder / CALIBRATION_FILE)
-        if self.ood is not None:
-            self.ood.save(folder / OOD_FILE)
-        if self.input_transform is not None:
-            self.input_transform.save(folder / INPUT_FILE)
+            written.append(THRESHOLD_FILE)
+        for fitted, name in ((self.calibrator, CALIBRATION_FILE), (self.ood, OOD_FILE),
+                             (self.input_transform, INPUT_FILE)):
+            if fitted is not None:
+                fitted.save(folder / name)
+                written.append(name)
+        info = {**self.info, SAVED_FILES_KEY: sorted(written)}
+        (folder / RUN_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return folder
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Component:
-        """A component from its model folder; a missing file is an error naming it."""
+        """A component from its model folder; a missing file is an error naming it (``folders.folder_info``: every
+        file the folder was saved with; a folder saved before that record loads without the optional files it lacks,
+        as a model trained before they existed)."""
         from covidcxr.calibration import PlattCalibrator
         from covidcxr.preprocess import InputTransform, Standardizer
 

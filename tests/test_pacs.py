@@ -9,6 +9,7 @@ import contextlib
 import datetime as dt
 import io
 import json
+import logging
 import secrets
 import shutil
 import subprocess
@@ -782,10 +783,13 @@ def counting(score: serving.Scorer) -> tuple[serving.Scorer, list[int]]:
 
 
 @pytest.mark.infra
-def test_a_study_with_a_date_highdicom_refuses_gets_its_results_once(own_orthanc, pipeline):
+def test_a_study_with_a_date_highdicom_refuses_gets_its_results_once(own_orthanc, pipeline, caplog):
     """A StudyDate of '2020-01-01' and a StudyTime of '12:30:00' (which serving accepts) failed the study after its
-    images were scored: no result, ever, and a fresh set of prediction-log records on every pass."""
+    images were scored: no result, ever, and a fresh set of prediction-log records on every pass. Nor do the values
+    reach the worker's log."""
+    caplog.set_level(logging.DEBUG)
     study, sops = upload_films(own_orthanc, 2, StudyDate="2020-01-01", StudyTime="12:30:00")
+    caplog.clear()  # what the worker logs, from here
     client = dicomweb(own_orthanc)
     score, records = scorer(pipeline)
     for already_done in (0, 2):
@@ -795,6 +799,7 @@ def test_a_study_with_a_date_highdicom_refuses_gets_its_results_once(own_orthanc
     found = results_of(own_orthanc, study)
     assert {check_sr(sr, {})[0] for sr in found["SR"]} == set(sops)
     assert {(ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime) for ds in found["SR"] + found["OT"]} == {(study, "", "")}
+    assert "2020-01-01" not in caplog.text and "12:30:00" not in caplog.text
 
 
 @pytest.mark.infra

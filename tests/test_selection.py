@@ -24,7 +24,8 @@ def test_the_best_by_the_validation_metric_ties_to_the_first():
     rows = {r["classifier"]: r for r in chosen.table}
     assert [r["classifier"] for r in chosen.table] == ["c_vgg16", "d_vgg16", "d_vgg19", "e_vgg19"]
     assert rows["d_vgg16"]["chosen"] and rows["d_vgg16"]["reason"].startswith("chosen")
-    assert "undefined" in rows["d_vgg19"]["reason"] and "0.9000 < 0.9000" in rows["e_vgg19"]["reason"]
+    assert "undefined" in rows["d_vgg19"]["reason"]
+    assert rows["e_vgg19"]["reason"] == "val roc_auc 0.9000 = 0.9000; tied, the first in params order is chosen"
 
 
 def test_a_failed_audit_is_not_eligible_while_another_candidate_is():
@@ -64,6 +65,26 @@ def test_held_out_figures_within_noise_are_tied_and_the_mean_breaks_the_tie():
     assert "held-out mean 0.2200 < 0.3650" in rows["d_vgg16"]["reason"]
     assert rows["c_vgg19"]["reason"] == "worst held-out specificity 0.0100 < 0.0630"
     assert rows["c_vgg16"]["heldout_se"] == 0.012 and rows["c_vgg16"]["heldout_mean"] == 0.365
+
+
+def test_equal_held_out_figures_are_tied_without_standard_errors_and_the_mean_breaks_the_tie():
+    # one held-out seed: no standard error, yet 0.0 and 0.0 are tied; params order chose c, saying "0.0000 < 0.0000"
+    pool = [heldout("c_vgg16", 0.0, None, 0.10), heldout("d_vgg16", 0.0, None, 0.45)]
+    chosen = selection.select(pool, "roc_auc")
+    assert chosen.chosen.name == "d_vgg16" and chosen.value == 0.0
+    rows = {r["classifier"]: r for r in chosen.table}
+    assert rows["d_vgg16"]["reason"] == ("chosen: best held-out mean (0.4500) of the 2 tied on the best held-out "
+                                         "figure (0.0000)")
+    assert rows["c_vgg16"]["reason"] == "held-out figure 0.0000 = 0.0000; held-out mean 0.1000 < 0.4500"
+    # equal means too: the first in params order, and the reasons say so
+    same = selection.select([heldout("c_vgg16", 0.0, 0.01, 0.2), heldout("d_vgg16", 0.0, None, 0.2)], "roc_auc")
+    assert same.chosen.name == "c_vgg16"
+    assert same.table[1]["reason"] == ("held-out figure 0.0000 = 0.0000; held-out mean 0.2000 = 0.2000, the first in "
+                                       "params order is chosen")
+    # no mean to break it: the first, tied
+    bare = selection.select([heldout("c_vgg16", 0.0, None, None), heldout("d_vgg16", 0.0, None, 0.45)], "roc_auc")
+    assert bare.chosen.name == "c_vgg16"
+    assert bare.table[1]["reason"] == "held-out figure 0.0000 = 0.0000; tied, the first in params order is chosen"
 
 
 @pytest.mark.parametrize("pool, why", [

@@ -4,8 +4,9 @@
 while another is; among the eligible, the best by the selection figure, and the figure is a held-out-source one when
 every eligible candidate has it (how the model does on hospitals it never saw), else a validation metric. A held-out
 figure that is a mean over seeds comes with its standard error: candidates within noise of the best (a difference no
-larger than the two standard errors combined) are tied on it, and their mean over the held-out runs breaks the tie, so
-that the seeds' noise on one near-hopeless source does not choose. Every candidate is listed with its figures and the
+larger than the two standard errors combined) are tied on it, and so are candidates with exactly the best figure,
+standard errors or not (one seed has none); their mean over the held-out runs breaks the tie, so that the seeds' noise
+on one near-hopeless source, or the order of params, does not choose. Every candidate is listed with its figures and the
 reason it was or was not chosen. ``decide`` gives the new version its alias; ``reason`` says why in one line. Nothing
 here touches MLflow: the `register` stage does.
 """
@@ -71,7 +72,8 @@ def noise(c: Candidate, best: Candidate) -> float | None:
 
 
 def select(candidates: Sequence[Candidate], metric: str, *, heldout_name: str = "held-out figure") -> Selection:
-    """The candidate to register (see the module docstring); ties keep the first in ``candidates`` order."""
+    """The candidate to register (see the module docstring); ties no held-out mean breaks keep the first in
+    ``candidates`` order."""
     if metric not in METRICS:
         raise ValueError(f"the selection metric must be one of {METRICS} (higher is better), got {metric!r}")
     if not candidates:
@@ -88,8 +90,8 @@ def select(candidates: Sequence[Candidate], metric: str, *, heldout_name: str = 
     if not scored:
         raise ValueError(f"validation {metric} is undefined for every eligible candidate "
                          f"{[c.name for c in eligible]}")
-    best = max(scored, key=figure)  # max keeps the first of equals: params order breaks ties
-    tied = [c for c in scored if use_heldout and (c is best or noise(c, best) is not None)]
+    best = max(scored, key=figure)  # max keeps the first of equals: params order breaks ties the mean cannot
+    tied = [c for c in scored if use_heldout and (figure(c) == figure(best) or noise(c, best) is not None)]
     chosen = best
     if len(tied) > 1 and all(_finite(c.heldout_mean) for c in tied):
         chosen = max(tied, key=lambda c: float(c.heldout_mean))
@@ -101,7 +103,8 @@ def select(candidates: Sequence[Candidate], metric: str, *, heldout_name: str = 
         if c is chosen:
             why = f"chosen: best {label} ({figure(c):.4f})"
             if len(tied) > 1:
-                why = (f"chosen: best held-out mean ({c.heldout_mean:.4f}) of the {len(tied)} within noise of the best "
+                how = "tied on" if all(figure(t) == figure(best) for t in tied) else "within noise of"
+                why = (f"chosen: best held-out mean ({c.heldout_mean:.4f}) of the {len(tied)} {how} the best "
                        f"{label} ({figure(best):.4f})")
             if all_failed:
                 why += " though every candidate failed its audit"
@@ -111,9 +114,15 @@ def select(candidates: Sequence[Candidate], metric: str, *, heldout_name: str = 
             why = f"{label} undefined"
         elif any(c is t for t in tied):
             other = chosen if c is best else best
-            why = (f"{label} {figure(c):.4f} within noise of {figure(other):.4f} (difference "
-                   f"{abs(figure(c) - figure(other)):.4f} <= {noise(c, other):.4f}, the standard errors combined); "
-                   f"held-out mean {c.heldout_mean:.4f} < {chosen.heldout_mean:.4f}")
+            why = (f"{label} {figure(c):.4f} = {figure(other):.4f}" if figure(c) == figure(other) else
+                   f"{label} {figure(c):.4f} within noise of {figure(other):.4f} (difference "
+                   f"{abs(figure(c) - figure(other)):.4f} <= {noise(c, other):.4f}, the standard errors combined)")
+            why += (f"; held-out mean {c.heldout_mean:.4f} < {chosen.heldout_mean:.4f}"
+                    if c.heldout_mean < chosen.heldout_mean else
+                    f"; held-out mean {c.heldout_mean:.4f} = {chosen.heldout_mean:.4f}, the first in params order is "
+                    "chosen")
+        elif figure(c) == figure(best):  # equal, and no held-out mean to break the tie
+            why = f"{label} {figure(c):.4f} = {figure(best):.4f}; tied, the first in params order is chosen"
         else:
             why = f"{label} {figure(c):.4f} < {figure(best):.4f}"
         table.append({

@@ -155,3 +155,14 @@ def test_a_request_s_ood_threshold_replaces_the_detector_s_and_every_entry_says_
     pipeline.classifier.ood = None  # no detector: nothing to replace, and the entries say so
     assert all(e["accepted"] and e["ood_threshold"] is None and e["thresholds_from"] == "model"
                for e in pipeline.score(images, ood_threshold=3.0))
+
+
+def test_a_score_that_cannot_be_compared_is_out_of_distribution_everywhere():
+    """A NaN score (a feature that overflowed) is refused by serving, so the stages (the detector's ``is_out``) count it
+    refused too: evaluate's figures are what serving does."""
+    rng = np.random.default_rng(0)
+    detector = ood.MahalanobisDetector(n_components=2).fit(rng.normal(size=(50, 4)))
+    detector.calibrate(detector.score(rng.normal(size=(30, 4))))
+    scores = np.array([0.0, np.nan, detector.threshold, detector.threshold + 1])
+    assert ood.is_out(scores, detector.threshold).tolist() == [False, True, False, True]
+    assert detector.is_out(scores).tolist() == [False, True, False, True]

@@ -44,6 +44,13 @@ class Scored(NamedTuple):
     compact: np.ndarray
 
 
+def is_out(scores, threshold: float) -> np.ndarray:
+    """Out of distribution: a score above ``threshold``, or one that cannot be compared (NaN, from a feature that
+    overflowed). The one rule of serving, the stages, the lateral check and a site's admission, so that what evaluate
+    counts as refused is what serving refuses."""
+    return ~(np.asarray(scores, dtype=np.float64) <= float(threshold))
+
+
 class MahalanobisDetector:
     """Mahalanobis distance to the training features under a Ledoit-Wolf shrunk covariance, with a quantile threshold.
 
@@ -113,8 +120,8 @@ class MahalanobisDetector:
         return self.threshold_
 
     def is_out(self, scores: np.ndarray) -> np.ndarray:
-        """Whether each score lies above the threshold (out of distribution)."""
-        return np.asarray(scores, dtype=np.float64) > self.threshold
+        """Whether each score is out of distribution at this detector's threshold (:func:`is_out`)."""
+        return is_out(scores, self.threshold)
 
     def _check(self, attribute: str) -> None:
         if not hasattr(self, attribute):

@@ -46,7 +46,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-from covidcxr import dburl, gradcam, io, lungs, metrics, models, predlog, preprocess, projection, sites
+from covidcxr import dburl, gradcam, io, lungs, metrics, models, ood, predlog, preprocess, projection, sites
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +466,7 @@ class Pipeline:
         accepted = []
         for i, score, vector in zip(order, scored.score.tolist(), scored.compact.tolist()):
             entries[i]["ood_score"], compact[i] = score, vector
-            if score <= ood_threshold:
+            if not ood.is_out(score, ood_threshold):
                 accepted.append(i)
                 continue
             message = (f"image[{i}]: out of distribution (OOD score {score:g} > threshold {ood_threshold:g}): "

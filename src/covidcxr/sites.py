@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from covidcxr import metrics
+from covidcxr.ood import is_out
 
 #: Fewest films of each class a site threshold is chosen on: below it one film moves the sensitivity by over 10%.
 MIN_PER_CLASS = 10
@@ -332,7 +333,7 @@ def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_
         if ood is not None:
             limits = {"": local_ood_threshold(ood_scores[chosen], model_ood), "model_": model_ood}
             for prefix, limit in limits.items():
-                answered[prefix] = rest[ood_scores[rest] <= limit]
+                answered[prefix] = rest[~is_out(ood_scores[rest], limit)]
                 figures[prefix + "refused"].append(1.0 - len(answered[prefix]) / len(rest))
         least = min(n_per_class, MIN_PER_CLASS)
         t = _rule_choice(y[chosen], score[chosen], rule, min_per_class=least).threshold

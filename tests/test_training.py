@@ -309,6 +309,45 @@ def test_build_scope_is_the_strategy_under_the_precision_and_warns_when_bfloat16
     assert not caplog.records
 
 
+def test_a_gpu_strategy_that_finds_no_gpu_warns_that_it_trains_on_the_cpu(caplog):
+    """`mirrored` on a machine without a GPU (or with the locked tensorflow-cpu) falls back to the CPU, and says so."""
+    from importlib import metadata
+
+    import tensorflow as tf
+
+    with caplog.at_level("WARNING", logger="covidcxr.training"), training.build_scope("mirrored") as strategy:
+        assert strategy.num_replicas_in_sync >= 1
+    notes = [r.getMessage() for r in caplog.records if "sees none" in r.getMessage()]
+    if tf.config.list_logical_devices("GPU"):
+        assert not notes
+    else:
+        assert len(notes) == 1 and "strategy 'mirrored' asked for the local GPUs" in notes[0]
+        assert "training on the CPU instead" in notes[0]
+        assert f"tensorflow-cpu {metadata.version('tensorflow-cpu')}, built without CUDA" in notes[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="covidcxr.training"), training.build_scope("default"):
+        pass
+    assert not caplog.records  # the default strategy asks for no GPU
+
+
+def test_a_multi_worker_strategy_that_finds_no_gpu_warns_that_it_trains_on_the_cpu():
+    """In its own process: TensorFlow allows one multi-worker strategy per process, made before anything else."""
+    import os
+    import subprocess
+    import sys
+
+    import tensorflow as tf
+
+    from covidcxr import runtime
+
+    env = runtime.environment({k: v for k, v in os.environ.items() if k != "TF_CONFIG"})  # one worker, no cluster
+    code = "from covidcxr import training; print(training.distribution_strategy('multi-worker').num_replicas_in_sync)"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warned = "strategy 'multi-worker' asked for the local GPUs but TensorFlow sees none" in proc.stderr
+    assert warned is not bool(tf.config.list_physical_devices("GPU")), proc.stderr[-3000:]
+
+
 def test_bfloat16_on_a_cpu_without_bfloat16_instructions_says_it_will_be_slow():
     assert "emulated" in training.precision_note("mixed_bfloat16", cpu_flags={"avx2", "fma"})
     assert training.precision_note("mixed_bfloat16", cpu_flags={"avx512f", "avx512_bf16"}) is None

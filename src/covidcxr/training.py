@@ -82,14 +82,32 @@ def distribution_strategy(name: str = "default"):
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        gpus = tf.config.list_logical_devices("GPU")
+        if not gpus:
+            log.warning(no_gpu_note(name))
+        devices = gpus or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
     if name == MULTI_WORKER:
         tf_config()  # a malformed TF_CONFIG fails here, with a message, not deep inside TensorFlow
         if _multi_worker_strategy is None:
             _multi_worker_strategy = tf.distribute.MultiWorkerMirroredStrategy()
+            if not tf.config.list_logical_devices("GPU"):  # only now: the strategy must come before TensorFlow starts
+                log.warning(no_gpu_note(name))
         return _multi_worker_strategy
     raise ValueError(f"strategy must be one of {[*STRATEGIES, MULTI_WORKER]}, got {name!r}")
+
+
+def no_gpu_note(name: str) -> str:
+    """What a GPU strategy ``name`` that found no GPU says: it trains on the CPU instead, which a GPU runner set up with
+    the locked ``tensorflow-cpu`` (no CUDA kernels) would otherwise do without a word."""
+    from importlib import metadata
+
+    try:
+        build = f"the installed TensorFlow is tensorflow-cpu {metadata.version('tensorflow-cpu')}, built without CUDA"
+    except metadata.PackageNotFoundError:
+        build = "no GPU is visible to TensorFlow (driver, CUDA_VISIBLE_DEVICES)"
+    return (f"strategy {name!r} asked for the local GPUs but TensorFlow sees none: training on the CPU instead "
+            f"({build}; GPU runners: README, 'Profiles')")
 
 
 @contextlib.contextmanager

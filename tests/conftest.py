@@ -24,7 +24,14 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="session")
 def real_data() -> Path:
-    """Root of the real chest X-ray corpus.
+    """Root of the real chest X-ray corpus (:func:`real_data_root`)."""
+    return real_data_root()
+
+
+def real_data_root() -> Path:
+    """Root of the real chest X-ray corpus, absolute: a relative ``COVIDCXR_REAL_DATA`` (``../shared/real-data``) is
+    taken from where the tests started, and tests hand the path to processes in other folders (a project copy's
+    params.yaml).
 
     Unset variable: skip with a visible reason (a user's fresh clone). Set but missing: fail, since CI
     sets it and must never pass by skipping.
@@ -32,7 +39,7 @@ def real_data() -> Path:
     value = os.environ.get(REAL_DATA_ENV)
     if not value:
         pytest.skip(f"{REAL_DATA_ENV} is not set: real chest X-ray tests need ../shared/real-data")
-    root = Path(value)
+    root = Path(value).resolve()
     if not (root / "cohen" / "metadata.csv").is_file():
         pytest.fail(f"{REAL_DATA_ENV}={value} does not hold the real-data corpus (no cohen/metadata.csv)")
     return root

@@ -56,5 +56,7 @@ lock:  ## re-pin the environment after changing pyproject.toml (the one source o
 	( echo "# Exact pins for the whole environment (pip freeze of a working install; regenerate with 'make lock')."; \
 	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^covidcxr' ) > requirements.lock
 
-clean:  ## remove pipeline outputs (not the data, not the environment)
-	rm -rf artifacts mlruns mlflow.db
+clean:  ## remove pipeline outputs and the MLflow store (not the data, not the environment)
+	@# register's and model_card's reports too: they name versions of the store removed here, and with them missing
+	@# `make run` registers the model, and logs its card, in the new store (DVC never restores them from its run cache)
+	rm -rf artifacts mlruns mlflow.db reports/register reports/model_card

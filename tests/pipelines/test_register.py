@@ -190,3 +190,51 @@ def test_the_input_example_is_drawn_at_the_working_size(size):
     shown an upsampled image that production never sends it."""
     shown = pixels(register.input_example(size)["image"][0])
     assert shown.shape == (size, size) and shown.std() > 10  # a chest, not a blank
+
+
+#: A stand-in for a stage that changes the MLflow registry (outside the repository, out of DVC's sight): each run adds
+#: a version, and writes each declared output (a file, or a folder holding one) naming it.
+REGISTER = """\
+import json, pathlib, sys
+registry = pathlib.Path(sys.argv[1])
+version = len(registry.read_text().splitlines()) + 1 if registry.exists() else 1
+registry.write_text("".join(f"v{v}\\n" for v in range(1, version + 1)))
+for out in map(pathlib.Path, sys.argv[2:]):
+    path = out if out.suffix else out / "index.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": version}))
+"""
+
+
+@pytest.mark.parametrize("stage", ["register", "model_card"])
+def test_dvc_never_restores_a_stage_that_changes_the_registry_from_its_run_cache(tmp_path, stage):
+    """register and model_card change the MLflow registry, which DVC does not see: after v1, then v2 (under
+    register.allow_failed_audit: true, its audit failed, made champion), reverting the param restored v1's
+    registered.json from DVC's run cache ('Stage is cached - skipping run') while the registry's champion stayed v2;
+    and after `make clean` a fresh mlflow.db never got a model. Their outputs, as dvc.yaml declares them, keep both out
+    of the run cache: each such repro runs (real dvc, on a stand-in command)."""
+    import sys
+
+    import yaml
+
+    from tests.pipelines.conftest import ROOT, run
+
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in declared.get("outs", []) + declared.get("metrics", [])]
+    repo, registry = tmp_path / "repo", tmp_path / "registry.txt"
+    repo.mkdir()
+    (repo / "register.py").write_text(REGISTER)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {stage: {
+        "cmd": " ".join([sys.executable, "register.py", str(registry), *outs]), "deps": ["register.py"],
+        "params": ["register"], **{k: declared[k] for k in ("outs", "metrics") if k in declared}}}}))
+
+    def repro(allow_failed_audit: bool) -> int:
+        (repo / "params.yaml").write_text(yaml.safe_dump({"register": {"allow_failed_audit": allow_failed_audit}}))
+        run(["dvc", "repro"], repo, timeout=120)
+        return json.loads((repo / outs[0] / ("" if Path(outs[0]).suffix else "index.html")).read_text())["version"]
+
+    run(["dvc", "init", "--no-scm", "-q"], repo)
+    assert repro(False) == 1
+    assert repro(True) == 2
+    assert repro(False) == 3  # run again: the registry's champion is the version the output names
+    assert registry.read_text().split() == ["v1", "v2", "v3"]

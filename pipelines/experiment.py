@@ -469,7 +469,7 @@ def collect_classifier(workdir: Path, params: dict, targets: tuple[str, ...] = (
     if external:  # a held-out source's masks: the U-Net that cropped and masked its images never learned them
         out["unet_external"] = {k: external[k] for k in ("n", "dice", "iou", "dice_clean")}
     projection = workdir / "reports/train_projection/metrics.json"
-    unseen = _json(projection).get("external") if projection.is_file() else None
+    unseen = filter_only(_json(projection)).get("external") if projection.is_file() else None
     if unseen:  # a held-out source's images: the filter that kept or refused them never learned from them
         out["projection_external"] = _filter_recalls(unseen["by_source"])
     if {"register", "model_card"} & set(targets):
@@ -501,9 +501,17 @@ def collect_segmentation(workdir: Path, params: dict, targets: tuple[str, ...] =
             "train_seconds": _run_seconds(project, workdir / "artifacts/models/unet")}
 
 
+def filter_only(metrics: dict) -> dict:
+    """``train_projection``'s figures of the filter alone (its network and lateral check, no file's view position),
+    per split: what experiments compare filters by. The stage reports them under each split's ``filter_only``, beside
+    the deployed rule's; records written before that held only them, at the split's top level."""
+    return {k: v.get("filter_only", v) if isinstance(v, dict) else v for k, v in metrics.items()}
+
+
 def collect_projection(workdir: Path, params: dict, targets: tuple[str, ...] = (), project: Path = PROJECT) -> dict:
-    """Projection filter accuracy per split, overall and per class (frontal, lateral)."""
-    return {"metrics": _json(workdir / "reports/train_projection/metrics.json"),
+    """Projection filter accuracy per split, overall and per class (frontal, lateral): the filter's alone
+    (:func:`filter_only`)."""
+    return {"metrics": filter_only(_json(workdir / "reports/train_projection/metrics.json")),
             "split_counts": _json(workdir / "reports/split/summary.json")["projection"],
             "train_seconds": _run_seconds(project, workdir / "artifacts/models/projection")}
 

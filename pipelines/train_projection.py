@@ -12,9 +12,11 @@ laterals refused), with the number of frontals the filter would refuse (the usab
 threshold the ``lateral_quantile`` of the validation laterals' scores, saved in the model folder (``ood.npz``): an
 image the network calls lateral but that lies outside the laterals it learned is kept as frontal
 (:func:`covidcxr.projection.decide`). ``threshold``: P(frontal) below which the network calls lateral, saved with the
-filter (``threshold.json``) so that every consumer applies the one value trained here. Every recall here is the
-rule's, as `filter_frontal` and serving apply it; ``kept_by_check`` counts the images the check kept that the network
-alone would have refused.
+filter (``threshold.json``) so that every consumer applies the one value trained here. Every figure of a split is the
+rule's, as `filter_frontal` and serving apply it (a file's own DICOM View Position first: ``by_header`` counts the
+images it decided, then the filter); ``kept_by_check`` counts the images the check kept that the network alone would
+have refused. ``filter_only`` holds the same figures of the filter alone (its network and lateral check, as if no file
+carried a view position): what the experiments compare filters by.
 """
 
 from __future__ import annotations
@@ -36,6 +38,28 @@ def recalls(y: np.ndarray, called_frontal: np.ndarray) -> dict:
             "lateral_recall": float((~called[~frontal]).mean()) if n_lateral else None,
             "n_frontal": n_frontal, "n_lateral": n_lateral, "frontal_refused": int((frontal & ~called).sum()),
             "lateral_refused": int((~frontal & ~called).sum())}
+
+
+def split_figures(component: models.Component, images: np.ndarray, y: np.ndarray, source: np.ndarray,
+                  views: np.ndarray) -> dict:
+    """One split's accuracy (overall, per class), per-source recalls and ``kept_by_check`` under the rule
+    `filter_frontal` and serving apply (``views``: each file's DICOM View Position, None where it has none), with
+    ``by_header``, the images the view position decided; ``filter_only``: the same of the filter alone."""
+    p_frontal, like_lateral = models.frontal_evidence(component, images)
+
+    def figures(header_views) -> dict:
+        called, decided_by = projection.decide(p_frontal, header_views, component.operating_threshold, like_lateral)
+        called = called == "frontal"
+        m = metrics.classification_metrics(y, called.astype(np.float64))
+        return {"accuracy": m["accuracy"], "frontal_accuracy": m["sensitivity"], "lateral_accuracy": m["specificity"],
+                "n": m["n"], "kept_by_check": int((decided_by == projection.BY_CHECK).sum()),
+                "by_header": int((decided_by == projection.BY_HEADER).sum()),
+                "by_source": {str(src): recalls(y[source == src], called[source == src])
+                              for src in sorted(set(source))}}
+
+    alone = figures(None)
+    del alone["by_header"]  # none, by construction
+    return {**figures(views), "filter_only": alone}
 
 
 def fit_lateral_check(component: models.Component, images: np.ndarray, parts: dict, y: dict, p: dict) -> dict:
@@ -92,27 +116,18 @@ def run(p: dict, experiment: str = "demo") -> dict:
                                      threshold={"threshold": float(p["threshold"]), "source": "params"})
         check = fit_lateral_check(component, images, parts, y, p) if p["lateral_check"] else {"status": "off"}
         log.info("lateral check: %s", check)
-        result = {}
-        for split, (rows, _) in parts.items():  # Table 1: accuracy per split, and per class (laterals are few)
-            p_frontal, like_lateral = models.frontal_evidence(component, images[rows])
-            called, decided_by = projection.decide(p_frontal, None, component.operating_threshold, like_lateral)
-            called = called == "frontal"
-            m = metrics.classification_metrics(y[split], called.astype(np.float64))
-            result[split] = {"accuracy": m["accuracy"], "frontal_accuracy": m["sensitivity"],
-                             "lateral_accuracy": m["specificity"], "n": m["n"],
-                             "kept_by_check": int((decided_by == projection.BY_CHECK).sum()),
-                             "by_source": {str(src): recalls(y[split][source[split] == src],
-                                                             called[source[split] == src])
-                                           for src in sorted(set(source[split]))}}
+        views = index["header_view_position"].where(index["header_view_position"].notna(), None).to_numpy()
+        # Table 1: accuracy per split, and per class (laterals are few)
+        result = {split: split_figures(component, images[rows], y[split], source[split], views[rows])
+                  for split, (rows, _) in parts.items()}
         result["lateral_check"] = check
-        tracking.log_finite_metrics({s: {**r, "by_source": {src: {k: v for k, v in d.items() if v is not None}
-                                                            for src, d in r["by_source"].items()}}
-                                     for s, r in result.items() if s in parts} | {"lateral_check": check})
+        tracking.log_finite_metrics(result)  # nulls (a recall without that class) are not numbers: left out
         tracking.log_keras_model(component.model, x["val"][..., None])  # an ensemble's first network
         with _common.atomic_dir(_common.PROJECTION_MODEL) as out:
             _models.save_component(out, component)
     _common.write_json(METRICS, result)
-    log.info("projection filter accuracy: %s", {s: round(result[s]["accuracy"], 4) for s in parts})
+    log.info("projection rule accuracy: %s (the filter alone: %s)", {s: round(result[s]["accuracy"], 4) for s in parts},
+             {s: round(result[s]["filter_only"]["accuracy"], 4) for s in parts})
     return result
 
 

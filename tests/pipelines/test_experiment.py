@@ -509,6 +509,29 @@ def test_a_projection_run_with_a_held_out_source_reports_the_filter_on_it_over_s
                     "(min 1.000) over 3 seeds")
 
 
+def test_experiments_compare_projection_filters_by_the_filter_alone_not_the_deployed_rule(tmp_path):
+    """train_projection reports the rule (each file's view position first) and, under ``filter_only``, the filter
+    alone: experiments compare filters, so they read the latter, as every record before the rule's figures held."""
+    alone = {"frontal_recall": 0.5, "lateral_recall": None, "n_frontal": 40, "n_lateral": 0, "frontal_refused": 20,
+             "lateral_refused": 0}
+    rule = {**alone, "frontal_recall": 1.0, "frontal_refused": 0}  # every file's header said frontal
+    split = {"n": 40, "accuracy": 1.0, "frontal_accuracy": 1.0, "lateral_accuracy": None, "by_header": 40,
+             "by_source": {"kermany": rule}}
+    alone_split = {**split, "accuracy": 0.5, "frontal_accuracy": 0.5, "by_source": {"kermany": alone}}
+    del alone_split["by_header"]
+    metrics = {s: {**split, "filter_only": alone_split} for s in ("train", "val", "test", "external")}
+    metrics["lateral_check"] = {"status": "off"}
+    assert experiment.filter_only(metrics) == {**{s: alone_split for s in ("train", "val", "test", "external")},
+                                               "lateral_check": {"status": "off"}}
+    old = {s: alone_split for s in ("test", "external")}  # a record before the rule's figures: the filter's alone
+    assert experiment.filter_only(old) == old
+    _common.write_json(tmp_path / "reports/train_projection/metrics.json", metrics)
+    _common.write_json(tmp_path / "reports/split/summary.json", {"projection": {}})
+    got = experiment.collect_projection(tmp_path, {}, project=tmp_path)
+    assert got["metrics"]["test"]["accuracy"] == 0.5
+    assert experiment.headline("projection", {"p": got})["p"]["unseen_frontal_recall"] == 0.5
+
+
 def test_holdout_with_test_keeps_a_test_split_of_the_rest():
     m = manifest_rows()
     p = stage_params(holdout=[{"source": "neg1"}], holdout_with_test=True)

@@ -48,6 +48,30 @@ def test_the_lateral_check_is_fitted_on_training_laterals_and_set_on_validation_
     assert bare.ood is None  # nothing to fit on: the network decides alone
 
 
+def test_the_stage_s_figures_are_the_rule_s_and_the_filter_alone_s_beside_them():
+    """filter_frontal and serving decide by a file's DICOM View Position first: the stage's recalls are that rule's
+    (they were the network's alone, as if no file carried one); the filter's alone are reported under filter_only."""
+    import keras
+
+    from covidcxr import models, preprocess
+
+    keras.utils.set_random_seed(5)
+    images = np.random.default_rng(5).random((5, 32, 32)).astype(np.float32)
+    filt = models.Component(models.build_vgg(16, (32, 32, 1), width=1 / 16, head=(4,)),
+                            preprocess.Standardizer().fit(images), threshold={"threshold": 1.0})  # calls all lateral
+    y = np.array([1, 1, 1, 0, 0])  # 1 = frontal
+    source = np.array(["a", "a", "a", "a", "b"])
+    views = np.array(["PA", "AP", None, "LL", float("nan")], dtype=object)  # the cache index's: NaN where none
+    got = train_projection.split_figures(filt, images, y, source, views)
+    assert got["by_header"] == 3 and got["n"] == 5
+    assert got["frontal_accuracy"] == pytest.approx(2 / 3) and got["lateral_accuracy"] == 1.0
+    assert got["by_source"]["a"] == {"frontal_recall": pytest.approx(2 / 3), "lateral_recall": 1.0, "n_frontal": 3,
+                                     "n_lateral": 1, "frontal_refused": 1, "lateral_refused": 1}
+    alone = got["filter_only"]
+    assert "by_header" not in alone and alone["frontal_accuracy"] == 0.0 and alone["accuracy"] == 0.4
+    assert alone["by_source"]["a"]["frontal_refused"] == 3
+
+
 def test_unet_scores_include_the_cleaned_masks():
     truth = np.zeros((2, 16, 16), np.float32)
     truth[:, 4:12, 2:7] = truth[:, 4:12, 9:14] = 1

@@ -230,8 +230,9 @@ def test_dvc_repro_on_demo_data(project: Path, tmp_path: Path):
     assert projection.model.get_layer("block1_conv1").compute_dtype == "float32"  # the default
     check = json.loads((project / "reports/train_projection/metrics.json").read_text())["lateral_check"]
     assert check["status"] == "fitted" and projection.ood.threshold == check["threshold"]  # saved with the filter
-    # Its frontal threshold too, and the stage's own figures are the rule's at that threshold (register serves the
-    # same value: test_serve; the demo's DICOMs all carry a view position, so filter_frontal's calls come from them).
+    # Its frontal threshold too, and the stage's own figures are the rule's at that threshold, a file's view position
+    # first as filter_frontal and serving apply it (register serves the same value: test_serve; the demo's DICOMs all
+    # carry a view position, so filter_frontal's calls come from them), the filter's alone under filter_only.
     assert projection.operating_threshold == TINY["train_projection"]["threshold"]
     from covidcxr import preprocess
     from covidcxr import projection as rule
@@ -240,9 +241,12 @@ def test_dvc_repro_on_demo_data(project: Path, tmp_path: Path):
     test = pd.read_csv(project / "artifacts/splits/projection.csv").query("split == 'test'")
     rows = preprocess.rows_for(index, list(test["image_id"]))
     p_frontal, like_lateral = models.frontal_evidence(projection, images[rows])
-    called, _ = rule.decide(p_frontal, None, 0.45, like_lateral)
+    called, decided_by = rule.decide(p_frontal, index["header_view_position"].to_numpy()[rows], 0.45, like_lateral)
+    alone, _ = rule.decide(p_frontal, None, 0.45, like_lateral)
     stage = json.loads((project / "reports/train_projection/metrics.json").read_text())["test"]
     assert stage["accuracy"] == pytest.approx(float(np.mean(called == test["label"].to_numpy())))
+    assert stage["by_header"] == int((decided_by == rule.BY_HEADER).sum()) > 0
+    assert stage["filter_only"]["accuracy"] == pytest.approx(float(np.mean(alone == test["label"].to_numpy())))
 
     # Standardizers are fitted on the training split only.
     for variant in "cde":

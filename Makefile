@@ -1,6 +1,7 @@
 # The two commands a user needs: `make run` (set up, generate the demo data, run the pipeline) and `make test`.
-# Telemetry is off and third-party noise quiet wherever covidcxr is imported (covidcxr.runtime); DVC's analytics are
-# off in .dvc/config.
+# Telemetry is off and third-party noise quiet wherever covidcxr is imported (covidcxr.runtime); the same telemetry
+# settings are exported to every recipe here and written into .venv/bin/activate (below), and DVC's analytics and
+# update check are off in .dvc/config.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,8 +13,13 @@ WORKERS ?= 2
 PYTEST := python -m pytest $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)
 
 export PATH := $(BIN):$(PATH)
+# Telemetry off for what never imports covidcxr (`mlflow run`, `mlflow ui`/`server`, `mlflow models serve`, `dvc`): the
+# variables of covidcxr.runtime.TELEMETRY_OFF (tests/pipelines/test_tooling.py checks they agree), exported to every
+# recipe, added to .venv/bin/activate by `make setup` (target telemetry-off) and exported by .ci/run.
+TELEMETRY_OFF := MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 GX_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
+$(foreach setting,$(TELEMETRY_OFF),$(eval export $(setting)))
 
-.PHONY: run test test-fast lint deps setup data bench lock clean
+.PHONY: run test test-fast lint deps setup telemetry-off data bench lock clean
 
 run: setup data  ## set up, generate the demo data and run the whole pipeline
 	dvc repro
@@ -42,7 +48,13 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	@# would otherwise recompile TensorFlow and Keras in every process, about 5 s of each stage's and test's start
 	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@# after the venv command, which rewrites bin/activate
+	@$(MAKE) --no-print-directory telemetry-off
 	touch $@
+
+telemetry-off:  ## add the telemetry settings to the environment's bin/activate (once; make setup does it)
+	@line='export $(TELEMETRY_OFF)  # covidcxr: telemetry off (Makefile)'; \
+	  grep -qxF "$$line" $(BIN)/activate || echo "$$line" >> $(BIN)/activate
 
 data: setup  ## the embedded demo dataset in data/demo (byte-identical to what data.dvc records)
 	@if [ ! -f data/demo/labels.csv ]; then covidcxr demo-data data/demo; fi

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
+from covidcxr import runtime
 from tests.pipelines.conftest import ROOT
+
+#: What covidcxr sets when imported; everything that never imports it must set the same.
+TELEMETRY = {f"{key}={value}" for key, value in runtime.TELEMETRY_OFF.items()}
+CLEAN_ENV = {"PATH": "/usr/bin:/bin"}  # none of the telemetry variables this test process has
 
 
 def make(target: str, cwd: Path, *variables: str) -> subprocess.CompletedProcess:
     """The project's Makefile run in ``cwd`` (make's own environment: nothing of this process's telemetry settings)."""
     return subprocess.run(["make", "--no-print-directory", "-f", str(ROOT / "Makefile"), *variables, target], cwd=cwd,
-                          env={"PATH": "/usr/bin:/bin", "HOME": str(cwd)}, capture_output=True, text=True,
+                          env={**CLEAN_ENV, "HOME": str(cwd)}, capture_output=True, text=True,
                           check=True, timeout=60)
 
 
@@ -29,3 +35,40 @@ def test_make_clean_removes_the_reports_that_name_versions_of_the_removed_store(
     gone = ["artifacts", "mlruns", "mlflow.db", "reports/register", "reports/model_card"]
     assert [n for n in gone if (tmp_path / n).exists()] == []
     assert [n for n in kept if not (tmp_path / n).is_file()] == []
+
+
+def exported_by(script: str, cwd: Path) -> set[str]:
+    """The environment a bash script leaves, from a clean one."""
+    out = subprocess.run(["bash", "-c", f"{script}\nenv"], cwd=cwd, env=CLEAN_ENV, capture_output=True, text=True,
+                         check=True).stdout
+    return set(out.splitlines())
+
+
+def test_telemetry_is_off_where_covidcxr_is_never_imported(tmp_path):
+    """Only importing covidcxr turned telemetry off: `mlflow run .`, `mlflow ui`, `mlflow models serve` and dvc itself,
+    started from the project's environment, never import it. The Makefile exports the settings to its recipes, `make
+    setup` writes them into .venv/bin/activate (once, however often it runs), CI exports them."""
+    probe = subprocess.run(["make", "--no-print-directory", "-f", str(ROOT / "Makefile"), "--eval", "probe: ; @env",
+                            "probe"], cwd=tmp_path, env=CLEAN_ENV, capture_output=True, text=True, check=True)
+    assert TELEMETRY - set(probe.stdout.splitlines()) == set()
+
+    activate = tmp_path / "venv/bin/activate"
+    activate.parent.mkdir(parents=True)
+    activate.write_text("# what python -m venv writes\n")
+    for _ in range(2):
+        make("telemetry-off", tmp_path, f"VENV={tmp_path / 'venv'}")
+    assert len(activate.read_text().splitlines()) == 2
+    assert TELEMETRY - exported_by(f"source {activate}", tmp_path) == set()
+
+    ci = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line.startswith("export MLFLOW_")]
+    assert len(ci) == 1 and TELEMETRY - exported_by(ci[0], tmp_path) == set()
+
+
+def test_dvc_sends_no_analytics_and_never_checks_for_updates():
+    """.dvc/config turned DVC's analytics off but not its update check (a request to updater.dvc.org a day from
+    every dvc command): DVC itself, in the project and without the environment variables, now reads both as off."""
+    check = ("from dvc import analytics, updater\n"
+             "print(analytics.is_enabled(), updater.Updater('/nonexistent').is_enabled())")
+    out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=CLEAN_ENV, capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.split() == ["False", "False"]

@@ -2,9 +2,9 @@
 
 The authors' per-pixel Dice is reported beside it under its own name, only to compare with the paper's Table 2, and the
 Dice of the cleaned masks `segment` and serving use (``dice_clean``). The mask threshold (params; with `use_tuned`,
-chosen again on this network's validation Dice, as the tuned value was the best of a short trial's network) is saved
-in the model folder, where `segment` and serving read it. ``augment`` (a level or its parts: intensity, gamma,
-contrast, small affine) moves each mask with its image.
+chosen again on the validation Dice of this network's cleaned masks, as the tuned value was the best of a short trial's
+network) is saved in the model folder, where `segment` and serving read it. ``augment`` (a level or its parts:
+intensity, gamma, contrast, small affine) moves each mask with its image.
 """
 
 from __future__ import annotations
@@ -42,18 +42,26 @@ def effective_params(p: dict) -> dict:
 MASK_THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
 
 
+def cleaned(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """The masks `segment` and serving make of these probabilities at ``threshold`` (``covidcxr.lungs.masks``: two
+    largest components, holes filled), as float32."""
+    return lungs.masks(prob, lungs.MaskRules(threshold=threshold))[0].astype(np.float32)
+
+
 def choose_mask_threshold(truth: np.ndarray, prob: np.ndarray, prefer: float) -> float:
-    """The mask threshold of the best mean per-image Dice of these (validation) probabilities, among
-    :data:`MASK_THRESHOLDS`; ties go to the one nearest ``prefer``."""
-    dice = [float(np.mean(metrics.dice(truth, prob, threshold=float(t)))) for t in MASK_THRESHOLDS]
+    """The mask threshold of the best mean per-image Dice of the cleaned masks (:func:`cleaned`: those `segment` and
+    serving use) of these (validation) probabilities, among :data:`MASK_THRESHOLDS`; ties go to the one nearest
+    ``prefer``. The raw thresholded output's Dice would prefer a threshold that keeps out specks the cleaning removes
+    anyway, at the cost of lung edges."""
+    dice = [float(np.mean(metrics.dice(truth, cleaned(prob, float(t)), threshold=0.5))) for t in MASK_THRESHOLDS]
     best = max(dice)
     return float(min((t for t, d in zip(MASK_THRESHOLDS, dice) if d == best), key=lambda t: abs(t - prefer)))
 
 
 def mask_scores(truth: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
     """Mean per-image Dice and IoU, the authors' per-pixel Dice, and the count; ``dice_clean``/``iou_clean``: of the
-    masks `segment` and serving use (``covidcxr.lungs.clean_mask``: two largest components, holes filled)."""
-    clean = np.stack([lungs.clean_mask(p, threshold=threshold) for p in prob]).astype(np.float32) if len(prob) else prob
+    masks `segment` and serving use (:func:`cleaned`)."""
+    clean = cleaned(prob, threshold)
     return {
         "dice": float(np.mean(metrics.dice(truth, prob, threshold=threshold))),
         "iou": float(np.mean(metrics.iou(truth, prob, threshold=threshold))),

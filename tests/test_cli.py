@@ -218,16 +218,41 @@ def test_score_files_pairs_each_file_with_its_own_answer_in_the_order_given(tmp_
 
     def score(images: list[str], params: dict) -> list[dict]:  # each answer names the request it came in
         seen.append(len(images))
-        return [{"accepted": True, "image": image, "request": len(seen)} for image in images]
+        return [{"accepted": True, "image": image, "request": len(seen), "max_images": 16} for image in images]
 
     args = argparse.Namespace(batch_size=2)
     rows = cli._score_files(files, args, {}, score)
     assert [path for path, _ in rows] == files
-    assert [entry.get("request") for _, entry in rows] == [1, None, 1, 2, 2] and seen == [2, 2]
+    assert [entry.get("request") for _, entry in rows] == [2, None, 2, 3, 3] and seen == [1, 2, 2]  # 1: the probe
     for path, entry in rows:
         if "image" in entry:
             assert base64.b64decode(entry["image"]) == Path(path).read_bytes()  # its own file's answer
     assert rows[1][1]["reason"] == "unreadable" and "No such file or directory" in rows[1][1]["message"]
+
+
+def test_score_files_sends_no_more_images_a_request_than_the_model_takes(tmp_path):
+    """predict and calibrate-site sent --batch-size images whatever the model's max_images: a model taking 2 refused
+    every request of 8 as invalid. Now the probe's max_images caps the requests, as the PACS worker's."""
+    import argparse
+
+    from covidcxr import serving
+
+    files = []
+    for i in range(5):
+        (tmp_path / f"{i}.png").write_bytes(b"x")
+        files.append(str(tmp_path / f"{i}.png"))
+    seen = []
+
+    def score(images: list[str], params: dict) -> list[dict]:
+        if len(images) > 2:
+            raise AssertionError(f"a request of {len(images)} images, the model takes 2")
+        seen.append(len(images))
+        return [{"accepted": True, "max_images": 2} for _ in images]
+
+    rows = cli._score_files(files, argparse.Namespace(batch_size=8), {}, score)
+    assert seen == [1, 2, 2, 1] and len(rows) == 5
+    assert serving.request_size({"max_images": 2}, 8) == 2 and serving.request_size({"max_images": 32}, 8) == 8
+    assert serving.request_size({"max_images": None}, 64) == serving.Limits().max_images
 
 
 def test_calibrate_site_refuses_a_film_listed_twice_before_loading_any_model(tmp_path, capsys):

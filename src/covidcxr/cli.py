@@ -107,8 +107,9 @@ def _predict(args: argparse.Namespace) -> int:
 def _score_files(files: Sequence[str], args: argparse.Namespace, params: dict,
                  score: Callable[[list[str], dict], list[dict]] | None = None) -> list[tuple[str, dict]]:
     """Each file's served entry, in the order given (a file given twice: twice), scored in batches of
-    ``args.batch_size`` by the model here (``args.model_uri``) or on a server (``args.url``), or by ``score``; a file
-    that cannot be read gets an ``unreadable`` entry whose ``message`` says why (:func:`_unreadable`)."""
+    ``args.batch_size`` (at most the model's ``max_images``) by the model here (``args.model_uri``) or on a server
+    (``args.url``), or by ``score``; a file that cannot be read gets an ``unreadable`` entry whose ``message`` says why
+    (:func:`_unreadable`)."""
     from covidcxr import serving
 
     entries: list[dict | None] = [None] * len(files)
@@ -120,8 +121,9 @@ def _score_files(files: Sequence[str], args: argparse.Namespace, params: dict,
             entries[i] = {"accepted": False, "reason": "unreadable",
                           "message": f"cannot read ({err.strerror or type(err).__name__})"}
     score = score or _scorer(args.model_uri, args.url, args.timeout)
-    for start in range(0, len(readable), args.batch_size):
-        chunk = readable[start:start + args.batch_size]
+    batch_size = serving.request_size(serving.probe(score), args.batch_size) if readable else args.batch_size
+    for start in range(0, len(readable), batch_size):
+        chunk = readable[start:start + batch_size]
         for (i, _), entry in zip(chunk, score([b for _, b in chunk], params), strict=True):
             entries[i] = entry
     return list(zip(files, entries, strict=True))

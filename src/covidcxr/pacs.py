@@ -544,15 +544,7 @@ def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.dat
     model = ModelId(str(about["model_name"] or model_name), str(about["model_version"]))
     if site is not None:
         site.check_version(model.version)
-    limit = about["max_images"]
-    if limit is None:
-        limit = serving.Limits().max_images
-        log.warning("the model does not say how many images a request may hold (one served before answers said so): "
-                    "requests of at most %d, the default limit", limit)
-    if batch_size > int(limit):
-        log.info("requests of %d images: the model takes at most %d a request (batch size %d)", limit, limit,
-                 batch_size)
-        batch_size = int(limit)
+    batch_size = serving.request_size(about, batch_size)
     studies = pacs.find_studies(since)
     summary = Summary(studies=len(studies))
     failures = {} if failures is None else failures

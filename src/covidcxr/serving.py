@@ -608,6 +608,22 @@ def probe(score: Scorer) -> dict:
     return {key: entry.get(key) for key in ABOUT_FIELDS}
 
 
+def request_size(about: Mapping, batch_size: int) -> int:
+    """Images per request for a client that wants ``batch_size``: no more than the model takes (``about``: its
+    :func:`probe`; a model served before answers gave ``max_images`` is held to the default limit)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    limit = about.get("max_images")
+    if limit is None:
+        limit = Limits().max_images
+        log.warning("the model does not say how many images a request may hold (one served before answers said "
+                       "so): requests of at most %d, the default limit", limit)
+    if batch_size > int(limit):
+        log.info("requests of %d images: the model takes at most %d a request (batch size %d)", limit, limit,
+                    batch_size)
+    return min(int(batch_size), int(limit))
+
+
 def probe_version(score: Scorer) -> str:
     """The version of the model behind ``score``."""
     return str(probe(score)["model_version"])

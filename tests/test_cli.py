@@ -305,6 +305,34 @@ def test_pacs_leaves_the_batch_limit_to_the_model(capsys, caplog):
     assert "--batch-size" not in capsys.readouterr().err and "scoring failed: URLError" in caplog.text
 
 
+def test_an_interval_worker_outlives_a_pass_that_fails_unexpectedly(monkeypatch, caplog, capsys):
+    """An exception the worker did not name (a bug, a library's surprise) ended an --interval worker with a traceback:
+    the PACS went unscored until someone noticed. The pass now fails with its error's type logged, and the next runs."""
+    import time
+
+    from covidcxr import pacs
+
+    calls = []
+
+    def run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("a value that could be a patient's")
+        return pacs.Summary(studies=0)
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(pacs, "run", run)
+    monkeypatch.setattr(cli, "_scorer", lambda *args: lambda images, params: [{} for _ in images])
+    monkeypatch.setattr(time, "sleep", lambda seconds: None if len(calls) < 2 else (_ for _ in ()).throw(Stop()))
+    with pytest.raises(Stop):
+        cli.main(["pacs", "--dicomweb-url", "http://127.0.0.1:9/dicom-web", "--url", "http://127.0.0.1:9",
+                  "--interval", "1"])
+    assert len(calls) == 2 and "the pass failed: KeyError" in caplog.text
+    assert "patient" not in caplog.text and '"studies": 0' in capsys.readouterr().out
+
+
 def test_the_pacs_worker_s_log_lines_carry_their_time(tmp_path):
     """The worker's own logging.basicConfig with a time came after runtime.configure's and did nothing: a long-running
     worker's log had no times. A real worker, whose scoring server is unreachable, logs the failed pass with one."""

@@ -408,6 +408,9 @@ def _pacs(args: argparse.Namespace) -> int:
         except OSError as err:  # the scoring server unreachable
             log.error("scoring failed: %s", type(err).__name__)
             status = 1
+        except Exception as err:  # noqa: BLE001 - anything else: this pass fails, an --interval worker goes on
+            log.error("the pass failed: %s (the next pass tries again)", type(err).__name__)
+            status = 1
         if args.interval is None:
             return status
         time.sleep(args.interval)

@@ -18,6 +18,8 @@ export PATH := $(BIN):$(PATH)
 # recipe, added to .venv/bin/activate by `make setup` (target telemetry-off) and exported by .ci/run.
 TELEMETRY_OFF := MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 GX_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 $(foreach setting,$(TELEMETRY_OFF),$(eval export $(setting)))
+ACTIVATE_TELEMETRY_OFF = line='export $(TELEMETRY_OFF)  \# covidcxr: telemetry off (Makefile)'; \
+  grep -qxF "$$line" $(BIN)/activate || echo "$$line" >> $(BIN)/activate
 
 .PHONY: run test test-fast lint deps setup telemetry-off data bench lock clean
 
@@ -47,14 +49,14 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	@# and compiles every module to bytecode now: where PYTHONDONTWRITEBYTECODE is set (CI images, this machine), Python
 	@# would otherwise recompile TensorFlow and Keras in every process, about 5 s of each stage's and test's start
 	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -r requirements.lock
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@# built by the lock's setuptools, not by the newest one an isolated build environment would download
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@# after the venv command, which rewrites bin/activate
-	@$(MAKE) --no-print-directory telemetry-off
+	@$(ACTIVATE_TELEMETRY_OFF)
 	touch $@
 
 telemetry-off:  ## add the telemetry settings to the environment's bin/activate (once; make setup does it)
-	@line='export $(TELEMETRY_OFF)  # covidcxr: telemetry off (Makefile)'; \
-	  grep -qxF "$$line" $(BIN)/activate || echo "$$line" >> $(BIN)/activate
+	@$(ACTIVATE_TELEMETRY_OFF)
 
 data: setup  ## the embedded demo dataset in data/demo (byte-identical to what data.dvc records)
 	@if [ ! -f data/demo/labels.csv ]; then covidcxr demo-data data/demo; fi
@@ -66,7 +68,7 @@ bench: setup data  ## every benchmark, each figure beside its same-run baseline,
 
 lock:  ## re-pin the environment after changing pyproject.toml (the one source of exact versions)
 	( echo "# Exact pins for the whole environment (pip freeze of a working install; regenerate with 'make lock')."; \
-	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^covidcxr' ) > requirements.lock
+	  $(BIN)/python -m pip freeze --all --exclude-editable | grep -v -e '^covidcxr' -e '^pip==' ) > requirements.lock
 
 clean:  ## remove pipeline outputs and the MLflow store (not the data, not the environment)
 	@# register's and model_card's reports too: they name versions of the store removed here, and with them missing

@@ -72,3 +72,29 @@ def test_dvc_sends_no_analytics_and_never_checks_for_updates():
     out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=CLEAN_ENV, capture_output=True, text=True,
                          check=True, timeout=60).stdout
     assert out.split() == ["False", "False"]
+
+
+def version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def test_the_project_is_built_by_the_locked_setuptools(tmp_path):
+    """`pip install --no-deps -e .` built the project in an isolated environment with the newest setuptools>=68 from
+    the index, which requirements.lock (pip freeze: no setuptools, no wheel) never pinned. Now the lock pins both and
+    `make setup` builds without isolation, with them; the pin satisfies pyproject's build requirement."""
+    import tomllib
+    from importlib import metadata
+
+    from tests.test_packaging import lock
+
+    pins = lock()
+    assert {"setuptools", "wheel"} <= set(pins)
+    assert metadata.version("setuptools") == pins["setuptools"]
+    for requirement in tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]:
+        name, _, minimum = requirement.partition(">=")
+        assert name in pins and version(pins[name]) >= version(minimum), requirement
+    for name in ("requirements.lock", "pyproject.toml"):  # the prerequisites of the environment
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    recipe = make("setup", tmp_path, "-n", "-B").stdout  # what `make setup` runs (printed, not run)
+    editable = [line for line in recipe.splitlines() if " -e ." in line]
+    assert len(editable) == 1 and "--no-build-isolation" in editable[0].split(), recipe

@@ -42,26 +42,20 @@ def effective_params(p: dict) -> dict:
 MASK_THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
 
 
-def cleaned(prob: np.ndarray, threshold: float) -> np.ndarray:
-    """The masks `segment` and serving make of these probabilities at ``threshold`` (``covidcxr.lungs.masks``: two
-    largest components, holes filled), as float32."""
-    return lungs.masks(prob, lungs.MaskRules(threshold=threshold))[0].astype(np.float32)
-
-
 def choose_mask_threshold(truth: np.ndarray, prob: np.ndarray, prefer: float) -> float:
-    """The mask threshold of the best mean per-image Dice of the cleaned masks (:func:`cleaned`: those `segment` and
-    serving use) of these (validation) probabilities, among :data:`MASK_THRESHOLDS`; ties go to the one nearest
-    ``prefer``. The raw thresholded output's Dice would prefer a threshold that keeps out specks the cleaning removes
-    anyway, at the cost of lung edges."""
-    dice = [float(np.mean(metrics.dice(truth, cleaned(prob, float(t)), threshold=0.5))) for t in MASK_THRESHOLDS]
+    """The mask threshold of the best mean per-image Dice of the cleaned masks (:func:`covidcxr.lungs.cleaned`: those
+    `segment` and serving use) of these (validation) probabilities, among :data:`MASK_THRESHOLDS`; ties go to the one
+    nearest ``prefer``. The raw thresholded output's Dice would prefer a threshold that keeps out specks the cleaning
+    removes anyway, at the cost of lung edges."""
+    dice = [float(np.mean(metrics.dice(truth, lungs.cleaned(prob, float(t)), threshold=0.5))) for t in MASK_THRESHOLDS]
     best = max(dice)
     return float(min((t for t, d in zip(MASK_THRESHOLDS, dice) if d == best), key=lambda t: abs(t - prefer)))
 
 
 def mask_scores(truth: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
     """Mean per-image Dice and IoU, the authors' per-pixel Dice, and the count; ``dice_clean``/``iou_clean``: of the
-    masks `segment` and serving use (:func:`cleaned`)."""
-    clean = cleaned(prob, threshold)
+    masks `segment` and serving use (:func:`covidcxr.lungs.cleaned`)."""
+    clean = lungs.cleaned(prob, threshold)
     return {
         "dice": float(np.mean(metrics.dice(truth, prob, threshold=threshold))),
         "iou": float(np.mean(metrics.iou(truth, prob, threshold=threshold))),

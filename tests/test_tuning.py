@@ -324,3 +324,21 @@ def test_a_dead_workers_trial_is_failed_before_the_summary(tmp_path):
     result = tuning.summary(study)
     assert result["trials"]["running"] == 0 and result["trials"]["fail"] == 1 and result["best_value"] == 0.8
     assert study.trials[dead.number].state == optuna.trial.TrialState.FAIL
+
+
+def test_a_trial_is_scored_on_the_cleaned_masks_segment_and_serving_make(tmp_path, monkeypatch):
+    """Trials were scored on the raw thresholded output's Dice, while segment and serving keep the two largest
+    components and fill holes: the tuned mask threshold was the best one for masks nobody uses."""
+    from covidcxr import lungs, metrics, training
+
+    cache, split = write_tiny_cache(tmp_path, n=12)
+    data = tuning.load_unet_data(cache, split)
+    rng = np.random.default_rng(0)
+    prob = np.clip(data.y_val[..., None] * 0.9 + rng.random(data.y_val.shape + (1,)) * 0.6, 0, 1)  # specks outside
+    monkeypatch.setattr(training, "predict", lambda model, x: prob)
+    point = {"f0": 2, "lr": 0.004, "batch_size": 8, "mask_threshold": 0.5}
+    value = tuning.unet_objective(data, {**TINY_CONFIG, "epochs": 1})(optuna.trial.FixedTrial(point),
+                                                                     lambda step, logs: None)
+    clean = float(np.mean(metrics.dice(data.y_val, lungs.cleaned(prob[..., 0], 0.5), threshold=0.5)))
+    raw = float(np.mean(metrics.dice(data.y_val, prob[..., 0], threshold=0.5)))
+    assert value == pytest.approx(clean) and abs(clean - raw) > 0.01

@@ -72,3 +72,9 @@ def masks(probabilities: np.ndarray, rules: MaskRules) -> tuple[np.ndarray, np.n
         out[i] = clean_mask(p, threshold=rules.threshold, keep=rules.keep)
     area = out.reshape(len(out), -1).mean(axis=1) if len(out) else np.zeros(0)
     return out, area, [rules.reason(float(a)) for a in area]
+
+
+def cleaned(probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    """The masks `segment` and serving make of U-Net probabilities at ``threshold`` (:func:`masks`: the largest
+    components, holes filled), as float32: what a mask threshold is chosen on, in training and in tuning alike."""
+    return masks(probabilities, MaskRules(threshold=threshold))[0].astype(np.float32)

@@ -162,7 +162,7 @@ def unet_objective(data: UNetData, config: Mapping) -> Objective:
     """
     import keras
 
-    from covidcxr import metrics, models, training
+    from covidcxr import lungs, metrics, models, training
 
     config = unet_config(config)
     strategy = training.distribution_strategy(config["strategy"])
@@ -183,7 +183,8 @@ def unet_objective(data: UNetData, config: Mapping) -> Objective:
 
         def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
             prob = training.predict(model, data.x_val)[..., 0]
-            value = float(np.mean(metrics.dice(data.y_val, prob, threshold=float(point["mask_threshold"]))))
+            masks = lungs.cleaned(prob, float(point["mask_threshold"]))  # the masks segment and serving make
+            value = float(np.mean(metrics.dice(data.y_val, masks, threshold=0.5)))
             history.append(value)
             report(epoch, {**logs, "val_dice": value})
             trial.report(value, epoch)

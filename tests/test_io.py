@@ -425,6 +425,8 @@ REFUSALS = {
     "random": (lambda: np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes()[3:],
                io.NotAnImageError, "not an image", {}),
     "zip": (lambda: b"PK\x03\x04" + b"\0" * 100, io.NotAnImageError, "zip", {}),
+    "git_lfs_pointer": (lambda: b"version https://git-lfs.github.com/spec/v1\noid sha256:%s\nsize 4096\n" % (b"0" * 64),
+                        io.NotAnImageError, "git lfs pointer", {}),
     "zero_variance_png": (lambda: png_bytes(Image.new("L", (32, 32), 77)), io.ZeroVarianceImageError, "same value", {}),
     "zero_variance_dicom": (lambda: make_dicom(np.full((32, 32), 900)), io.ZeroVarianceImageError, "same value", {}),
     "too_large_png": (lambda: png_bytes(Image.fromarray(gray8())), io.ImageTooLargeError, "exceeds",

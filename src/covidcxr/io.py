@@ -342,6 +342,8 @@ def _unknown_format(data: bytes) -> str:
         return "file is empty (0 bytes)"
     if data.startswith(b"PK\x03\x04"):
         return "not an image: a ZIP archive"
+    if data.startswith(b"version https://git-lfs.github.com/spec/"):
+        return "not an image: a Git LFS pointer (the image itself was never fetched: git lfs pull)"
     return f"not an image: unknown format ({len(data)} bytes; expected DICOM, PNG, JPEG, GIF, BMP, TIFF or JSRT raw)"
 
 

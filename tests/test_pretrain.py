@@ -81,6 +81,7 @@ def test_the_stage_writes_an_encoder_that_weights_pretrained_loads(tmp_path, mon
                                "split": ["test", "external", "test", "train"]})
     _common.write_csv(_common.split_table("covid"), covid)
     _common.write_csv(_common.split_table("projection"), projection)
+    _common.write_csv(_common.MANIFEST, pd.DataFrame({"image_id": ids}))  # with the tables, the runs' data version
     assert list(stage.unseen(_models.load_cache()[0])) == [0, 1, 2, 3]
     p = {"backbones": ["vgg16"], "width": 1 / 16, "epochs": 1, "batch_size": 8, "lr": 1e-3, "temperature": 0.2,
          "projection": [8], "augment": "strong", "seed": 0}

@@ -81,3 +81,14 @@ def test_the_data_version_names_a_missing_file_and_a_stage_without_one(tmp_path,
     assert roles == {"manifest": "artifacts/manifest.csv", "split:covid": "artifacts/splits/covid.csv",
                      "split:projection": "artifacts/splits/projection.csv"}
     assert _tracking.data_version({"x": roles["manifest"]}) != _tracking.data_version({"y": roles["manifest"]})
+
+
+def test_every_file_a_stage_s_data_version_hashes_is_one_of_its_dvc_deps():
+    """pretrain, the trainings and the audit hashed the manifest for their runs' data version without DVC knowing
+    they read it: a manifest that changed alone left their runs tagged with a version they were not computed on."""
+    import yaml
+
+    stages = yaml.safe_load((Path(__file__).resolve().parents[2] / "dvc.yaml").read_text())["stages"]
+    for stage in _tracking.STAGE_SPLITS:
+        deps = set(stages[stage]["deps"])
+        assert set(map(str, _tracking.stage_data(stage).values())) <= deps, stage

@@ -617,10 +617,10 @@ def request_size(about: Mapping, batch_size: int) -> int:
     if limit is None:
         limit = Limits().max_images
         log.warning("the model does not say how many images a request may hold (one served before answers said "
-                       "so): requests of at most %d, the default limit", limit)
+                    "so): requests of at most %d, the default limit", limit)
     if batch_size > int(limit):
         log.info("requests of %d images: the model takes at most %d a request (batch size %d)", limit, limit,
-                    batch_size)
+                 batch_size)
     return min(int(batch_size), int(limit))
 
 

@@ -135,6 +135,9 @@ def run(p: dict, experiment: str = "demo") -> dict:
                 f"{rejected} of {len(listed)} images rejected ({summary['reject_fraction']:.1%}), more than "
                 f"ingest.max_reject_fraction={p['max_reject_fraction']}: see {REJECTS}"
             )
+        if result.empty:  # whatever the fraction allows: no stage after this one has anything to work on
+            raise TooManyRejects(f"no usable image: {rejected} of {len(listed)} listed image(s) rejected; "
+                                 f"see {REJECTS}")
     return summary
 
 

@@ -154,6 +154,9 @@ def test_every_image_rejected_is_too_many_rejects_with_the_report_written(corpus
     assert len(pd.read_csv(corpus / ingest.MANIFEST)) == 0
     found, logged = ingest_run(corpus)
     assert found.info.status == "FAILED" and len(logged) == 3
+    # A fraction that allows every reject still leaves nothing to train or score on: an error too, not an empty manifest
+    with pytest.raises(ingest.TooManyRejects, match=r"no usable image: 3 of 3 listed image\(s\) rejected"):
+        ingest.run(params(max_reject_fraction=1.0), "ingest-test")
 
 
 def test_a_site_s_own_data_is_not_pseudonymised_with_the_public_params_salt(corpus: Path, monkeypatch):

@@ -840,3 +840,34 @@ def test_a_study_that_fails_pass_after_pass_is_given_up_by_the_worker_and_still_
     assert [s.deferred for s in summaries] == [1] * pacs.GIVE_UP_AFTER + [0, 0]
     assert len(sent) == 1 + pacs.GIVE_UP_AFTER  # the good study once, the failing one until given up
     assert pacs.run(client, counted, "covidcxr").deferred == 1  # a new worker tries it again
+
+
+def test_an_overlay_of_pixels_stored_as_baseline_jpeg_says_they_went_through_lossy_compression():
+    """A source stored in a JPEG baseline transfer syntax without LossyImageCompression made an overlay that claimed
+    nothing of it: the pixels it is drawn on went through lossy compression whatever the header says."""
+    import numpy as np
+
+    model = pacs.ModelId("covidcxr", "3")
+    for syntax, expected in (("1.2.840.10008.1.2.4.50", "01"), ("1.2.840.10008.1.2.1", None)):
+        ds = source_dataset()
+        ds.file_meta.TransferSyntaxUID = syntax
+        header = pacs.header_only(ds)
+        sc = pacs.build_sc(header, serving.png_base64(np.zeros((8, 8, 3), np.uint8)), model,
+                           pacs.series_uids(header.StudyInstanceUID, model)["sc"],
+                           pacs.result_uids(header.SOPInstanceUID, model)["sc"], 1)
+        assert sc.get("LossyImageCompression") == expected, syntax
+
+
+@pytest.mark.parametrize("orientation", [["X", "Y"], ["L"], ["", "F"]])
+def test_an_orientation_highdicom_refuses_is_left_unknown_in_the_overlay(orientation):
+    """A non-standard PatientOrientation ('X', 'Y') failed the study's results (caught before scoring since: the study
+    still failed every pass); the overlay now leaves it unknown, as for a source that gives none."""
+    import numpy as np
+
+    model = pacs.ModelId("covidcxr", "3")
+    header = source_header()
+    header.PatientOrientation = orientation
+    sc = pacs.build_sc(header, serving.png_base64(np.zeros((8, 8, 3), np.uint8)), model,
+                       pacs.series_uids(header.StudyInstanceUID, model)["sc"],
+                       pacs.result_uids(header.SOPInstanceUID, model)["sc"], 1)
+    assert sc.PatientOrientation is None or list(sc.PatientOrientation) == []

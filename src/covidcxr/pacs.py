@@ -84,6 +84,11 @@ CODES = {
 UNITS = {"probability": Code("{probability}", "UCUM", "probability"), "fraction": Code("1", "UCUM", "no units")}
 #: What the source says of the lossy compression its pixels went through, which the overlay drawn on them inherits.
 LOSSY_KEYWORDS = ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod")
+#: Transfer syntaxes that are lossy whatever their parameters (JPEG baseline and extended); JPEG 2000 and JPEG-LS may
+#: be lossless, so the source's own header decides for them.
+LOSSY_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
+#: The letters of a PatientOrientation value (PS3.3 C.7.6.1.1.1): anterior, posterior, right, left, head, foot.
+ORIENTATION_LETTERS = frozenset("APRLHF")
 
 
 class PacsError(RuntimeError):
@@ -302,9 +307,14 @@ def header_only(ds: Dataset) -> Dataset:
     """The dataset without its pixel data (what the results copy and reference), with the type 2 patient and study
     attributes that highdicom reads present even when the source left them out, and empty where the source's value is
     one highdicom refuses (a date such as '2020-01-01', a time such as '12:30:00', a sex other than M, F or O): it
-    would refuse the results of every image of the study, on every pass, and a value is not guessed at."""
+    would refuse the results of every image of the study, on every pass, and a value is not guessed at. Pixels stored
+    in a lossy transfer syntax (baseline or extended JPEG) are marked LossyImageCompression 01 where the header does
+    not say, for the overlay drawn on them."""
     pixel_tags = {0x7FE00010, 0x7FE00008, 0x7FE00009}
     header = Dataset({tag: elem for tag, elem in ds.items() if tag not in pixel_tags})
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax in LOSSY_SYNTAXES and header.get("LossyImageCompression") in (None, ""):
+        header.LossyImageCompression = "01"  # the pixels as stored went through it, whatever the header says
     for keyword in COPIED_TYPE2:
         if keyword not in header:
             setattr(header, keyword, None)
@@ -404,13 +414,13 @@ def build_sc(header: Dataset, overlay_png_b64: str, model: ModelId, series_uid: 
 
     rgb = np.asarray(Image.open(_bytes_io.BytesIO(base64.b64decode(overlay_png_b64))).convert("RGB"))
     orientation = [str(v) for v in (header.get("PatientOrientation") or [])]
-    known = len(orientation) == 2
+    known = len(orientation) == 2 and all(v and set(v) <= ORIENTATION_LETTERS for v in orientation)
     sc = hd.sc.SCImage.from_ref_dataset(
         header, rgb, "RGB", 8, "PATIENT", series_uid, SC_SERIES_NUMBER, sop_uid, instance_number, MANUFACTURER,
         patient_orientation=tuple(orientation) if known else ("L", "F"),
         series_description=f"COVID-19 AI heat map, {model.name} v{model.version} (research use)"[:64])
     if not known:
-        sc.PatientOrientation = None  # type 2: unknown, as in the source
+        sc.PatientOrientation = None  # type 2: unknown, as the source gives none (or none highdicom takes)
     reference = Dataset()
     reference.ReferencedSOPClassUID = header.SOPClassUID
     reference.ReferencedSOPInstanceUID = header.SOPInstanceUID

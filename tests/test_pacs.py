@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import http.server
 import io
 import json
 import logging
 import secrets
 import shutil
+import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -464,36 +467,49 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+class Quiet(http.server.BaseHTTPRequestHandler):
+    """A loopback test server's handler: :meth:`answer` sends one whole response; nothing is logged."""
+
+    def answer(self, status: int, kind: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def loopback(handler: type[Quiet], tls: ssl.SSLContext | None = None) -> Iterator[int]:
+    """``handler`` served on 127.0.0.1 (over TLS with ``tls``) in a thread while the block runs: its port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_an_https_pacs_signed_by_a_hospitals_own_ca_is_trusted_only_when_given(tmp_path):
     """The worker never reads REQUESTS_CA_BUNDLE (nor proxies): a PACS behind the hospital's own CA answered only
     'unreachable' after every retry. Its CA is now given explicitly; without it the error says so, at once."""
-    import http.server
-    import ssl
-    import threading
-
     cert, key = _self_signed(tmp_path)
     requests_seen = []
 
-    class Qido(http.server.BaseHTTPRequestHandler):
+    class Qido(Quiet):
         def do_GET(self):  # noqa: N802 - the http.server API
             requests_seen.append(self.path)
-            body = b"[]"
-            self.send_response(200)
-            self.send_header("Content-Type", "application/dicom+json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.answer(200, "application/dicom+json", b"[]")
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Qido)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"https://127.0.0.1:{server.server_address[1]}/dicom-web"
-    try:
+    with loopback(Qido, context) as port:
+        url = f"https://127.0.0.1:{port}/dicom-web"
         assert pacs.DicomWeb(url, ca_bundle=str(cert), retries=0, timeout=5).find_studies() == []
         assert requests_seen and requests_seen[0].startswith("/dicom-web/studies")
         start = time.monotonic()
@@ -502,9 +518,6 @@ def test_an_https_pacs_signed_by_a_hospitals_own_ca_is_trusted_only_when_given(t
         assert not isinstance(caught.value, pacs.PacsUnavailable) and time.monotonic() - start < 1.0  # no retries
         with pytest.raises(pacs.PacsError, match="no such file"):
             pacs.DicomWeb(url, ca_bundle=str(tmp_path / "missing.pem"))
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # --- the worker in this process (pacs.run with the pyfunc's scorer), on a PACS of the test's own --------------------
@@ -600,12 +613,9 @@ def test_the_results_name_the_model_that_scored_them(own_orthanc, pipeline):
 def served_over_http(score: serving.Scorer, down: int | None = None) -> Iterator[str]:
     """``score`` behind HTTP as `mlflow models serve` answers (/invocations; an MlflowException as its HTTP status and
     JSON); ``down``: that status, from a proxy, to every request but a probe (the server gone after it answered one)."""
-    import http.server
-    import threading
-
     from mlflow.exceptions import MlflowException
 
-    class Invocations(http.server.BaseHTTPRequestHandler):
+    class Invocations(Quiet):
         def do_POST(self):  # noqa: N802 - the http.server API
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             images = [record[serving.INPUT_COLUMN] for record in request["dataframe_records"]]
@@ -616,22 +626,10 @@ def served_over_http(score: serving.Scorer, down: int | None = None) -> Iterator
                     status, body = 200, json.dumps({"predictions": score(images, request["params"])}).encode()
             except MlflowException as err:
                 status, body = err.get_http_status_code(), err.serialize_as_json().encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.answer(status, "application/json", body)
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Invocations)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback(Invocations) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.infra
@@ -678,14 +676,12 @@ def test_a_study_the_scorer_fails_on_is_counted_and_the_pass_goes_on(own_orthanc
 def dicomweb_answering(wado: dict[str, tuple[str, bytes]]) -> Iterator[str]:
     """A DICOMweb server whose QIDO-RS finds one CR image in each study of ``wado`` and whose WADO-RS answers it with
     that study's (content type, body)."""
-    import http.server
-    import threading
     from urllib.parse import urlparse
 
     def element(keyword: str, vr: str, value: str) -> dict:
         return {f"{pydicom.datadict.tag_for_keyword(keyword):08X}": {"vr": vr, "Value": [value]}}
 
-    class Server(http.server.BaseHTTPRequestHandler):
+    class Server(Quiet):
         def do_GET(self):  # noqa: N802 - the http.server API
             parts = urlparse(self.path).path.strip("/").split("/")[1:]  # after dicom-web
             if parts == ["studies"]:
@@ -697,22 +693,10 @@ def dicomweb_answering(wado: dict[str, tuple[str, bytes]]) -> Iterator[str]:
                     | element("SOPInstanceUID", "UI", f"{parts[1]}.1.1")]).encode()
             else:
                 kind, body = wado[parts[1]]
-            self.send_response(200)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.answer(200, kind, body)
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback(Server) as port:
+        yield f"http://127.0.0.1:{port}/dicom-web"
 
 
 def test_an_answer_holding_no_readable_instance_fails_its_study_only(pipeline):

@@ -1,5 +1,5 @@
 """Stage `tune_unet`: an Optuna study of the U-Net's F0, learning rate, dropout scale, batch size and mask threshold,
-maximising the standard per-image validation Dice, pruned per epoch.
+maximising the standard per-image validation Dice of the cleaned masks `segment` and serving make, pruned per epoch.
 
 This stage runs `tune_unet.n_trials` trials itself and writes the study's best parameters to artifacts/tune/unet.json
 (train_unet uses them when `train_unet.use_tuned` is true; params.yaml is never written). The study lives in

@@ -1,10 +1,11 @@
 """Optuna tuning: the U-Net's hyperparameters and mask threshold, and the classifiers' operating thresholds.
 
-U-Net: a study maximises the standard per-image validation Dice over F0, learning rate, dropout scale, batch size and
-the mask threshold, pruning on the per-epoch validation Dice. A study lives in any Optuna storage (sqlite on one
-machine, PostgreSQL for many): the first worker creates it and stores the search configuration and a fingerprint of
-the data in it, so that every worker that joins later (``covidcxr tune`` on another runner) searches the same space on
-the same data. Every trial is an MLflow run nested under the study's run; the best trial is tagged ``best_trial``.
+U-Net: a study maximises the standard per-image validation Dice of the cleaned masks (those `segment` and serving make)
+over F0, learning rate, dropout scale, batch size and the mask threshold, pruning on the per-epoch validation Dice. A
+study lives in any Optuna storage (sqlite on one machine, PostgreSQL for many): the first worker creates it and stores
+the search configuration and a fingerprint of the data in it, so that every worker that joins later (``covidcxr tune``
+on another runner) searches the same space on the same data. Every trial is an MLflow run nested under the study's run;
+the best trial is tagged ``best_trial``.
 
 Operating thresholds are not searched here: over a finite set of validation scores they are computed exactly
 (``metrics.operating_threshold``).
@@ -153,7 +154,8 @@ def load_unet_data(cache_dir: str | os.PathLike, split_csv: str | os.PathLike) -
 
 def unet_objective(data: UNetData, config: Mapping) -> Objective:
     """The U-Net objective: train ``config['epochs']`` epochs at one point of ``config['space']``, return the mean
-    standard per-image validation Dice at the point's ``mask_threshold``. The point's ``lr`` is the rate of
+    standard per-image validation Dice of the cleaned masks at the point's ``mask_threshold`` (:func:`lungs.cleaned`:
+    the masks `segment` and serving make). The point's ``lr`` is the rate of
     ``config['lr_schedule']`` (``training.learning_rate``, over the trial's epochs), so that a rate tuned for a cosine
     run was found under a cosine.
 

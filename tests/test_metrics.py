@@ -309,6 +309,22 @@ def test_bootstrap_one_patient_owns_all_positives():
     assert auc.n_skipped == ci.n_skipped and auc.low <= auc.value <= auc.high
 
 
+def test_f1_without_positives_is_undefined_like_sensitivity():
+    """False positives alone made F1 0: a split of negatives reported F1 0.0, and a resample without a COVID-19
+    patient counted as a defined 0 in F1's interval while sensitivity's skipped it."""
+    negatives = M.classification_metrics([0, 0, 0], [0.1, 0.6, 0.7])
+    assert negatives["fp"] == 2 and math.isnan(negatives["f1"]) and math.isnan(negatives["sensitivity"])
+    rng = np.random.default_rng(9)
+    groups = np.concatenate([np.zeros(20, int), np.arange(1, 41)])  # patient 0 holds every positive
+    y = np.concatenate([np.ones(20, int), np.zeros(40, int)])
+    s = rng.random(60)  # about half the negatives are false positives at 0.5
+    cis = M.confidence_intervals(y, s, groups, names=("sensitivity", "f1"), n_boot=500)
+    assert cis["f1"]["n_skipped"] == cis["sensitivity"]["n_skipped"] > 0
+    assert cis["f1"]["low"] > 0  # every defined resample holds patient 0's true positives
+    missed = M.classification_metrics([1, 0, 0], [0.1, 0.6, 0.7])  # positives, none called: F1 is a real 0
+    assert missed["f1"] == 0.0
+
+
 def test_bootstrap_all_undefined_gives_nan():
     ci = M.bootstrap_ci([0, 0, 0], [0.1, 0.6, 0.9], [1, 2, 3], metric="sensitivity", n_boot=50)
     assert math.isnan(ci.value) and math.isnan(ci.low) and math.isnan(ci.high) and ci.n_skipped == 50

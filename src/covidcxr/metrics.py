@@ -9,7 +9,8 @@ Conventions shared by every function:
 - A score is positive when ``score >= threshold`` (so a score exactly at the threshold is positive), the same
   semantics as the thresholds returned by :func:`sklearn.metrics.roc_curve`.
 - A ratio whose denominator is zero (sensitivity without positives, precision without predicted positives, ROC AUC
-  with one class, ...) is ``float("nan")``, never an exception and never a made-up 0 or 1.
+  with one class, ...) is ``float("nan")``, never an exception and never a made-up 0 or 1. F1 of the positive class
+  is NaN without positives too (like sensitivity, however many false positives there are).
 """
 
 from __future__ import annotations
@@ -163,13 +164,14 @@ def _ratio(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
 
 
 def _from_counts(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray) -> dict[str, np.ndarray]:
-    """Threshold metrics from confusion counts (scalars or arrays of resamples)."""
+    """Threshold metrics from confusion counts (scalars or arrays of resamples). F1 is NaN without positives
+    (``tp + fn == 0``): false positives alone would make it 0, a figure about a class that is not there."""
     return {
         "accuracy": _ratio(tp + tn, tp + fp + tn + fn),
         "sensitivity": _ratio(tp, tp + fn),
         "specificity": _ratio(tn, tn + fp),
         "precision": _ratio(tp, tp + fp),
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "f1": np.where(np.asarray(tp + fn) == 0, np.nan, _ratio(2 * tp, 2 * tp + fp + fn)),
     }
 
 
@@ -177,7 +179,8 @@ def classification_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold
     """Binary metrics of scores against labels, positive when ``score >= threshold``.
 
     Returns ``accuracy, sensitivity`` (recall of positives), ``specificity, precision, f1, roc_auc,
-    average_precision`` (floats; NaN when undefined, e.g. sensitivity without positives or ROC AUC with one class)
+    average_precision`` (floats; NaN when undefined, e.g. sensitivity or F1 without positives, ROC AUC with one
+    class)
     and the counts ``tp, fp, tn, fn, n, n_positive`` (ints). ROC AUC and average precision are scikit-learn's.
     """
     t, s = _labels_scores(y_true, y_score)

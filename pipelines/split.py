@@ -20,11 +20,15 @@ out every image of the matched images' patients (ingest merges the patient keys 
 person held out by source may have films of another source: they go to the held-out side with the rest), and a
 held-out patient found in the projection or segmentation task's train or val is a :class:`HeldOutLeak`. Held-out
 rows are checked only for patient disjointness (they are whole sources or sites).
+
+The reports (summary, checks, data docs) are written first; a critical failure of the suite then stops the stage
+before the tables are written, and the three tables replace an earlier run's together or not at all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pandas as pd
 
@@ -211,14 +215,15 @@ def run(p: dict, expectations: str) -> dict:
     if p["holdout"] or p["segmentation_external"]:  # absent by default: the demo summary is unchanged
         summary["held_out"] = {"holdout": p["holdout"], "segmentation_external": list(p["segmentation_external"]),
                                "segmentation": held_rules["segmentation"], "projection": held_rules["projection"]}
-    for name, table in tables.items():
-        _common.write_csv(_common.split_table(name), table)
     _common.write_csv(CURATED, dropped[["image_id", "patient_id", "label"]])
     _common.write_json(SUMMARY, summary)
     _common.write_json(CHECKS, validation.results_to_json(results))
     validation.write_data_docs(results, DOCS)
     log.info("experiment %s: %s", p["experiment"], summary["covid"])
-    validation.raise_for_critical(results)
+    validation.raise_for_critical(results)  # before the tables: a stage run directly never trains on failing ones
+    with _common.atomic_dir(_common.SPLITS_DIR) as out:  # the three tables replace the old ones together, or none
+        for name, table in tables.items():
+            _common.write_csv(out / Path(_common.split_table(name)).name, table)
     return summary
 
 

@@ -138,3 +138,24 @@ def test_a_patient_key_merged_across_sources_is_held_out_whole(tmp_path: Path, m
     _common.write_csv(split_stage.MANIFEST, m)
     summary = split_stage.run(p, EXPECTATIONS)
     assert summary["covid"]["test"]["negative"] >= 42  # neg1's 40 and pos:20's two pos films
+
+
+def test_a_critical_split_check_failure_leaves_the_split_tables_as_they_were(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch):
+    """The tables were written before the suite's verdict: a failing split stage left its failing tables in
+    artifacts/splits, where a stage run directly (python -m pipelines.train_classifier) would train on them."""
+    from covidcxr import validation
+
+    monkeypatch.chdir(tmp_path)
+    _common.write_csv(split_stage.MANIFEST, manifest_rows())
+    failing = stage_params(seed=7, tolerance=0.0)  # no split's share is exactly its target: a critical failure
+    with pytest.raises(validation.ExpectationFailure, match="critical data expectation"):
+        split_stage.run(failing, EXPECTATIONS)
+    assert not Path(_common.SPLITS_DIR).exists()  # the first run: no table at all
+    assert json.loads(Path(split_stage.CHECKS).read_text())["n_critical_failed"] > 0  # the reports say why
+    split_stage.run(stage_params(), EXPECTATIONS)
+    tables = {path.name: path.read_bytes() for path in Path(_common.SPLITS_DIR).iterdir()}
+    assert sorted(tables) == ["covid.csv", "projection.csv", "segmentation.csv"]
+    with pytest.raises(validation.ExpectationFailure):
+        split_stage.run(failing, EXPECTATIONS)  # another seed: other tables, had they been written
+    assert {path.name: path.read_bytes() for path in Path(_common.SPLITS_DIR).iterdir()} == tables

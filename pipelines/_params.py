@@ -286,7 +286,8 @@ class Grades(BaseModel):
 
 
 class LungsRemoved(Grades):
-    min_c_auc: Share = 0.6
+    # above chance: the check takes a share of c's AUC above 0.5
+    min_c_auc: Annotated[float, Field(gt=0.5, le=1.0)] = 0.6
 
 
 class HeatmapCheck(Grades):

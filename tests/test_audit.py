@@ -74,6 +74,14 @@ def test_grade_both_directions_and_worst():
         audit.worst(["ok"])
 
 
+@pytest.mark.parametrize("higher_is_worse", [True, False])
+def test_an_undefined_value_is_never_graded(higher_is_worse):
+    """NaN fails every comparison, so it graded as a pass."""
+    warn, fail = (0.3, 0.6) if higher_is_worse else (1.5, 1.0)
+    with pytest.raises(ValueError, match="cannot grade an undefined value"):
+        audit.grade(float("nan"), warn, fail, higher_is_worse=higher_is_worse)
+
+
 def test_lungs_removed_check_rules():
     def check(c, e):
         return audit.lungs_removed_check("vgg16", c, e, warn=0.3, fail=0.6, min_c_auc=0.6)
@@ -88,6 +96,16 @@ def test_lungs_removed_check_rules():
     assert check(float("nan"), 0.7).status == "inconclusive" and "one class in validation" in check(
         float("nan"), 0.7).reason
     assert audit.worst([check(0.55, 0.85).status, "pass"]) == "inconclusive"
+
+
+@pytest.mark.parametrize(("auc_c", "auc_e", "min_c_auc"), [(0.5, 0.6, 0.5), (0.45, 0.7, 0.4), (0.45, 0.3, 0.4),
+                                                           (0.5, 0.99, 0.0)])
+def test_a_c_at_or_below_chance_is_inconclusive_whatever_min_c_auc_says(auc_c, auc_e, min_c_auc):
+    """At chance the share divided by zero; below it the denominator turned negative and an e above chance passed."""
+    check = audit.lungs_removed_check("vgg16", auc_c, auc_e, warn=0.3, fail=0.6, min_c_auc=min_c_auc)
+    assert check.status == "inconclusive" and check.value is None
+    assert f"c_vgg16 validation AUC {auc_c:.3f} is at or below chance (0.5)" in check.reason
+    assert f"e_vgg16 ({auc_e:.3f})" in check.reason
 
 
 def test_report_shape_and_the_checks_of_one_model():

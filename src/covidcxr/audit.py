@@ -61,8 +61,12 @@ class Check:
 def grade(value: float, warn: float, fail: float, *, higher_is_worse: bool = True) -> str:
     """``fail`` / ``warn`` / ``pass`` for a value against its thresholds (reached counts: ``value >= fail`` fails).
 
-    With ``higher_is_worse=False`` the scale is reversed (a value at or below ``fail`` fails).
+    With ``higher_is_worse=False`` the scale is reversed (a value at or below ``fail`` fails). A NaN value is a
+    ValueError: it fails no comparison, so it would pass; a check that could not measure is ``inconclusive``.
     """
+    if math.isnan(value):
+        raise ValueError(f"cannot grade an undefined value (NaN) against warn={warn}, fail={fail}: a check that could "
+                         "not measure is inconclusive, never graded")
     if higher_is_worse and warn > fail or not higher_is_worse and warn < fail:
         raise ValueError(f"thresholds out of order: warn={warn}, fail={fail} "
                          f"({'higher' if higher_is_worse else 'lower'} is worse)")
@@ -99,8 +103,9 @@ def lungs_removed_check(backbone: str, auc_c: float | None, auc_e: float | None,
     """Share of c's ROC AUC above chance that e keeps, ``(AUC_e - 0.5) / (AUC_c - 0.5)``, floored at 0.
 
     ``None`` for a variant means it was not trained (skipped). An AUC that is undefined (one class in ``split``), or a c
-    that scores below ``min_c_auc`` (too little to compare against), could not be measured: ``inconclusive``, with
-    both AUCs in the reason (an e far above a near-chance c is itself a shortcut's sign, never a pass).
+    that scores below ``min_c_auc`` or at or below chance (0.5, whatever ``min_c_auc`` says: no AUC above chance to
+    take a share of, and the ratio's sign would turn), could not be measured: ``inconclusive``, with both AUCs in the
+    reason (an e far above a near-chance c is itself a shortcut's sign, never a pass).
     """
     subject = f"c_{backbone}"
     if auc_c is None or auc_e is None:
@@ -109,6 +114,10 @@ def lungs_removed_check(backbone: str, auc_c: float | None, auc_e: float | None,
     if not (_finite(auc_c) and _finite(auc_e)):
         return Check(LUNGS_REMOVED, subject, None, warn, fail, INCONCLUSIVE,
                      f"{split} ROC AUC undefined (c {auc_c}, e {auc_e}): one class in {split}")
+    if auc_c <= 0.5:
+        return Check(LUNGS_REMOVED, subject, None, warn, fail, INCONCLUSIVE,
+                     f"c_{backbone} {split} AUC {auc_c:.3f} is at or below chance (0.5): no AUC above chance to "
+                     f"compare e_{backbone} ({auc_e:.3f}) against")
     if auc_c < min_c_auc:
         return Check(LUNGS_REMOVED, subject, None, warn, fail, INCONCLUSIVE,
                      f"c_{backbone} {split} AUC {auc_c:.3f} is below {min_c_auc}: too close to chance to compare "

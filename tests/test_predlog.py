@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -98,6 +99,36 @@ def test_a_dead_database_never_fails_a_request(pipeline, tmp_path, caplog, kind)
     assert len(errors) == 1 and "unavailable" in errors[0] and "answers are unaffected" in errors[0]
     for value in PHI.values():
         assert value not in caplog.text
+
+
+def test_steady_traffic_does_not_keep_the_log_paused_after_one_failure(tmp_path, caplog):
+    """A failed write pauses writing for retry_s; every batch lost during the pause set it again, so a server with a
+    request at least once per retry_s never tried the database again (one blip: every later record lost). The sqlite
+    log's folder is a file at first (the write fails), then a folder, with a record every 0.1 s throughout."""
+    caplog.set_level(logging.INFO, logger="covidcxr.predlog")
+    folder = tmp_path / "logs"
+    folder.write_text("a file where the folder should be")
+    url = f"sqlite:///{folder}/predictions.db"
+    entry = dict.fromkeys(predlog.ENTRY_COLUMNS) | {"accepted": True}
+    sink = predlog.PredictionLog(url, retry_s=0.5)
+    sink.append(predlog.records([entry], {}, {}, when=dt.datetime(2026, 3, 1), model_name="covidcxr",
+                                model_version="1"))
+    assert sink.flush(10) and (sink.written, sink.lost) == (0, 1)
+    folder.unlink()
+    folder.mkdir()
+    sent, start = 1, time.monotonic()
+    while not sink.written and time.monotonic() - start < 10:
+        sink.append(predlog.records([entry], {}, {}, when=dt.datetime(2026, 3, 1), model_name="covidcxr",
+                                    model_version="1"))
+        sent += 1
+        time.sleep(0.1)
+    assert sink.flush(10) and sink.written, "no record written in 10 s of traffic after the database came back"
+    assert time.monotonic() - start < 5  # the pause (0.5 s) from the failure, plus a loaded machine's slack
+    assert sink.written + sink.lost == sent and len(predlog.read(url)) == sink.written
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "covidcxr.predlog"]
+    errors = [m for level, m in messages if level >= logging.ERROR]
+    assert len(errors) == 1 and "unavailable (FileExistsError)" in errors[0]  # the real failure, by its type
+    assert any("writing again" in m for level, m in messages if level == logging.WARNING)
 
 
 def test_urls_come_from_the_environment_first_and_never_carry_a_password(monkeypatch, caplog):

@@ -220,7 +220,8 @@ class PredictionLog:
     """Records queued by :meth:`append` (never raises, never blocks) and inserted by a background thread.
 
     ``written`` and ``lost`` count records; :meth:`flush` waits until the queue is empty (also run at exit).
-    After a failed write the database is not tried again for ``retry_s`` seconds (records meanwhile are lost).
+    After a failed write the database is not tried again for ``retry_s`` seconds from that failure (records meanwhile
+    are lost, and do not extend the pause); the first write that succeeds after a reported failure is logged.
     """
 
     def __init__(self, url: str, *, max_pending: int = 10_000, batch_size: int = 500, retry_s: float = 10.0) -> None:
@@ -232,7 +233,9 @@ class PredictionLog:
         self._queue: queue.Queue = queue.Queue(max_pending)
         self._engine = None
         self._down_until = 0.0
+        self._failure: str | None = None  # the error type of the last failed write, until one succeeds
         self._last_report = -1e9
+        self._reported_down = False
 
     def append(self, records: Sequence[Mapping]) -> None:
         try:
@@ -275,19 +278,25 @@ class PredictionLog:
                 except queue.Empty:
                     break
             try:
-                self._write(batch)
+                if time.monotonic() < self._down_until:  # not tried: the pause runs from the failure, never extended
+                    self._lose(len(batch), f"not tried for {self.retry_s:g} s after {self._failure}")
+                    continue
+                try:
+                    self._write(batch)
+                except Exception as exc:  # noqa: BLE001 - counted and reported; the server goes on
+                    self._failure = type(exc).__name__
+                    self._down_until = time.monotonic() + self.retry_s
+                    self._dispose()
+                    self._lose(len(batch), self._failure)
+                    continue
                 self.written += len(batch)
-            except Exception as exc:  # noqa: BLE001 - counted and reported; the server goes on
-                self._lose(len(batch), type(exc).__name__)
-                self._down_until = time.monotonic() + self.retry_s
-                self._dispose()
+                if self._failure is not None:
+                    self._recovered()
             finally:
                 for _ in batch:
                     self._queue.task_done()
 
     def _write(self, batch: list[dict]) -> None:
-        if time.monotonic() < self._down_until:
-            raise ConnectionError("the prediction log database failed moments ago")
         if self._engine is None:
             metadata, self._sql = _table()
             self._engine = engine_for(self.url)
@@ -295,6 +304,15 @@ class PredictionLog:
             add_missing_columns(self._engine, self._sql)
         with self._engine.begin() as connection:
             connection.execute(self._sql.insert(), batch)
+
+    def _recovered(self) -> None:
+        """A write succeeded after a failed one: said once where the failure was reported (an operator who read
+        "unavailable" learns it is over)."""
+        with self._counting:
+            reported, self._reported_down = self._reported_down, False
+            self._failure = None
+        if reported:
+            log.warning("prediction log %s writing again; %d record(s) not written in all", self.shown, self.lost)
 
     def _dispose(self) -> None:
         if self._engine is not None:
@@ -309,7 +327,7 @@ class PredictionLog:
             self.lost += n
             report = time.monotonic() - self._last_report >= 60.0
             if report:
-                self._last_report = time.monotonic()
+                self._last_report, self._reported_down = time.monotonic(), True
         if report:
             log.error("prediction log %s unavailable (%s): %d record(s) not written so far; answers are unaffected",
                       self.shown, why, self.lost)

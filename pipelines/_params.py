@@ -215,7 +215,7 @@ class TrainClassifier(VGG):
     head: list[Positive] = [1024, 512, 64]
     calibration: Literal["platt", "none"] = "platt"
     threshold_objective: ThresholdObjective = "sensitivity"
-    min_sensitivity: Share = 0.95
+    min_sensitivity: Rate = 0.95  # above 0: a target of 0 calls nothing positive, a threshold above every score
     ood_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
     ood_components: Positive = 16
     # above 0: a head learns the training negatives' source through a reversed gradient of this weight (not served)

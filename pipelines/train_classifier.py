@@ -29,6 +29,22 @@ from covidcxr import adversary, calibration, metrics, models, ood, preprocess, t
 from pipelines import _common, _models, _tracking
 
 
+def choose_threshold(y_val: np.ndarray, scores_val: np.ndarray, p: dict, folder: str) -> metrics.ThresholdChoice:
+    """The operating threshold of params ``p`` (``threshold_objective``, ``min_sensitivity``) on the validation
+    scores, checked as serving checks it at load (:func:`covidcxr.metrics.check_threshold`): a threshold above 1 is a
+    ValueError naming the model ``folder``, raised before the folder is saved. It happens where the objective calls
+    nothing positive (its point lies just above the top score) and a probability, rounded, reached 1.0."""
+    choice = metrics.operating_threshold(y_val, scores_val, p["threshold_objective"],
+                                         min_sensitivity=float(p["min_sensitivity"]))
+    try:
+        metrics.check_threshold(choice.threshold, f"{folder}: the operating threshold")
+    except ValueError as err:
+        raise ValueError(f"{err}: the {choice.objective} objective calls none of the {len(y_val)} validation images "
+                         f"COVID-19, its point lying above their top score {float(np.max(scores_val))}; serving would "
+                         "refuse the folder") from None
+    return choice
+
+
 def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
     log = _common.setup_logging()
     _tracking.setup_tracking()
@@ -109,8 +125,7 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
         if p["calibration"] == "platt":  # fitted on validation, applied wherever a probability is computed
             component.calibrator = calibration.PlattCalibrator().fit(y["val"], raw["val"])
         scores = {s: models.probability(component, out) for s, (out, _) in passes.items()}
-        choice = metrics.operating_threshold(y["val"], scores["val"], p["threshold_objective"],
-                                             min_sensitivity=float(p["min_sensitivity"]))
+        choice = choose_threshold(y["val"], scores["val"], p, _common.model_dir(variant, backbone))
         component.threshold = choice.to_dict()
         # the detector learns the training features; its threshold is a validation quantile
         component.ood = ood.MahalanobisDetector(n_components=int(p["ood_components"]),

@@ -85,6 +85,8 @@ def test_every_experiment_overlay_gives_valid_params(overlay):
                                                    "equal to 1"),
     ("audit", {"lungs_removed": {"warn": 0.3, "fail": 0.6, "min_c_auc": 0.5}}, "audit.lungs_removed.min_c_auc: Input "
                                                                               "should be greater than 0.5 (got 0.5)"),
+    ("train_classifier", {"min_sensitivity": 0}, "train_classifier.min_sensitivity: Input should be greater than 0 "
+                                                 "(got 0)"),
     ("train_classifier", {"threshold_objective": "accuracy"}, "train_classifier.threshold_objective: Input should be "
                                                               "'youden', 'f1' or 'sensitivity'"),
     ("ingest", {"sources": [{"name": "padchets", "root": "x"}]}, "ingest.sources[0].name: Input should be 'bimcv'"),

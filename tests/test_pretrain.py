@@ -60,8 +60,8 @@ def test_pretraining_needs_views_that_differ():
 
 
 def test_the_stage_writes_an_encoder_that_weights_pretrained_loads(tmp_path, monkeypatch):
-    """`pretrain` on a tiny cache, its test and held-out images left out: the encoder, its JSON and index, the
-    report; then `weights: pretrained`."""
+    """`pretrain` on a tiny cache, every film of its test and held-out patients left out: the encoder, its JSON and
+    index, the report; then `weights: pretrained`."""
     from pipelines import _common, _models
     from pipelines import pretrain as stage
 
@@ -69,24 +69,33 @@ def test_the_stage_writes_an_encoder_that_weights_pretrained_loads(tmp_path, mon
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     cache = tmp_path / _common.CACHE_DIR
     cache.mkdir(parents=True)
-    x = images(14)
-    ids = [f"i{i}" for i in range(14)]
-    preprocess.save_cache(cache, pd.DataFrame({"image_id": ids}), x, np.zeros(x.shape, bool))
+    x = images(16)
+    ids = [f"i{i}" for i in range(16)]
+    # one film per patient, but p0's second film i7 and p8's two films i8 (Cohen, Germany) and i9 (site unknown)
+    patients = [f"p{i}" for i in range(7)] + ["p0", "p8", "p8"] + [f"p{i}" for i in range(10, 16)]
+    sites = [None] * 8 + ["Germany"] + [None] * 7
+    m = pd.DataFrame({"image_id": ids, "patient_id": patients, "source": ["cohen"] * 10 + ["kermany"] * 6,
+                      "site": sites, "label": "negative"})
+    preprocess.save_cache(cache, m[["image_id", "source", "patient_id", "site"]], x, np.zeros(x.shape, bool))
     # a held-out run's split tables: i0-i1 the classifiers' test (a held-out source's rows and the others' test
     # patients), i2 a held-out image the projection filter never learns from (its `external` split), i3 the filter's
-    # test image (train_projection can start from the encoder: its test figures would be transductive)
-    covid = pd.DataFrame({"image_id": ids[:6], "patient_id": ids[:6], "label": "negative",
-                          "split": ["test", "test", "train", "train", "val", "train"]})
-    projection = pd.DataFrame({"image_id": ids[1:5], "patient_id": ids[1:5], "label": "frontal",
+    # test image (train_projection can start from the encoder: its test figures would be transductive). i7 (a
+    # finding outside the experiment's rules, an unknown projection) and p8's films are in no task table.
+    covid = pd.DataFrame({"image_id": ids[:7], "patient_id": patients[:7], "label": "negative",
+                          "split": ["test", "test", "train", "train", "val", "train", "train"]})
+    projection = pd.DataFrame({"image_id": ids[1:5], "patient_id": patients[1:5], "label": "frontal",
                                "split": ["test", "external", "test", "train"]})
     _common.write_csv(_common.split_table("covid"), covid)
     _common.write_csv(_common.split_table("projection"), projection)
-    _common.write_csv(_common.MANIFEST, pd.DataFrame({"image_id": ids}))  # with the tables, the runs' data version
-    assert list(stage.unseen(_models.load_cache()[0])) == [0, 1, 2, 3]
+    _common.write_csv(_common.MANIFEST, m)  # with the tables, the runs' data version
+    held_out = [{"source": "cohen", "site": "Germany"}]  # split.holdout: a held-out hospital's patient p8
+    index = _models.load_cache()[0]
+    assert list(stage.unseen(index, m, [])) == [0, 1, 2, 3, 7]  # i7: a covid test patient's film in no table
+    assert list(stage.unseen(index, m, held_out)) == [0, 1, 2, 3, 7, 8, 9]  # i9: the held-out patient's other film
     p = {"backbones": ["vgg16"], "width": 1 / 16, "epochs": 1, "batch_size": 8, "lr": 1e-3, "temperature": 0.2,
          "projection": [8], "augment": "strong", "seed": 0}
-    result = stage.run(p)
-    assert result["vgg16"]["n_images"] == 10 and result["vgg16"]["n_left_out"] == 4  # no test or held-out image
+    result = stage.run(p, held_out)
+    assert result["vgg16"]["n_images"] == 9 and result["vgg16"]["n_left_out"] == 7  # no test or held-out patient
     assert result["vgg16"]["epochs"] == 1
     assert json.loads((tmp_path / stage.METRICS).read_text())["vgg16"]["loss_last"] > 0
     assert json.loads((tmp_path / _common.PRETRAIN_DIR / stage.INDEX).read_text()) == {
@@ -97,5 +106,5 @@ def test_the_stage_writes_an_encoder_that_weights_pretrained_loads(tmp_path, mon
     with pytest.raises(FileNotFoundError, match="add vgg19 to pretrain.backbones"):
         _models.vgg_weights("pretrained", 19)
     assert _models.vgg_weights("none", 19) == "none"
-    assert stage.run({**p, "backbones": []}) == {}  # no backbone: nothing trained, an empty index
+    assert stage.run({**p, "backbones": []}, held_out) == {}  # no backbone: nothing trained, an empty index
     assert json.loads((tmp_path / _common.PRETRAIN_DIR / stage.INDEX).read_text()) == {}

@@ -114,6 +114,34 @@ def test_films_a_site_admitted_past_the_model_s_ood_threshold_count_in_the_ood_s
     assert "the log cannot tell" in {t.name: t for t in blind.tests}["covid_probability"].note
 
 
+def test_films_refused_without_a_finite_ood_score_count_as_out_of_distribution(tmp_path):
+    """A feature that overflowed gives a NaN OOD score, which serving refuses as out of distribution (ood.is_out) and
+    the log stores as null: the OOD share left such films out altogether, so a window of them read as no more out of
+    distribution than the reference. Through a real sqlite log, as the server writes them."""
+    nan = float("nan")
+    films = traffic(30, seed=8)
+    entries = [{k: row[k] for k in predlog.ENTRY_COLUMNS} | {"accepted": False, "reason": "out_of_distribution",
+                                                             "covid_probability": None, "label": None, "ood_score": nan}
+               for row in films.to_dict(orient="records")]
+    url = f"sqlite:///{tmp_path / 'predictions.db'}"
+    sink = predlog.PredictionLog(url)
+    sink.append(predlog.records(entries, {}, {i: [nan] + [1.0] * 7 for i in range(30)}, when=predlog.now(),
+                                model_name="covidcxr", model_version="3"))
+    assert sink.flush(10) and sink.written == 30
+    logged = predlog.read(url)
+    assert logged["ood_score"].isna().all()
+    window = pd.concat([traffic(60, seed=2), logged], ignore_index=True)
+    drift = monitoring.compare(REFERENCE, window, ood_threshold=THRESHOLD, permutations=300)
+    tests = {t.name: t for t in drift.tests}
+    in_window = int((window["ood_score"] > THRESHOLD).sum()) + 30
+    assert tests["ood_rate"].n_window == 90 and tests["ood_rate"].window == pytest.approx(in_window / 90)
+    assert tests["ood_rate"].drift and drift.status == "drift"
+    assert "counted in ood_rate only (window: 30)" in tests["ood_score"].note
+    mmd = tests["features_mmd"]
+    assert mmd.n_window == 60 and "non-finite entry left out (window: 30)" in mmd.note
+    assert tests["refusal_rate"].window == 0.0  # refused as out of distribution: not a refusal for another reason
+
+
 def shifted_features(frame: pd.DataFrame, sd: float = 3.0) -> pd.DataFrame:
     """The same records with every compact feature moved by ``sd`` standard deviations (1 in :func:`traffic`)."""
     return frame.assign(features=[[v + sd for v in f] for f in frame["features"]])

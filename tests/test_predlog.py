@@ -79,6 +79,33 @@ def test_records_carry_the_compact_features_of_the_images_the_classifier_saw():
     json.dumps(records, default=str, allow_nan=False)
 
 
+def check_non_finite(url: str) -> None:
+    """A record with a NaN OOD score (a feature that overflowed: serving refuses it as out of distribution) and
+    non-finite feature entries, in one batch with an ordinary one: PostgreSQL's JSON refused the whole batch (every
+    record lost) where sqlite stored it. Both store None for each non-finite number, and the batch."""
+    nan, inf = float("nan"), float("inf")
+    refused = dict.fromkeys(serving.FIELDS) | {"accepted": False, "reason": "out_of_distribution", "ood_score": nan,
+                                               "ood_threshold": 7.0, "lung_area_fraction": 0.25}
+    answered = dict.fromkeys(serving.FIELDS) | {"accepted": True, "ood_score": 3.5, "covid_probability": 0.25}
+    stats = {0: predlog.intensity_stats(np.linspace(0, 1, 100)) | {"intensity_std": inf}}
+    batch = predlog.records([refused, answered], stats, {0: [nan, 1.5, -inf], 1: [0.5, -1.0, 2.0]},
+                            when=dt.datetime(2026, 3, 1), model_name="covidcxr", model_version="1")
+    assert batch[0]["ood_score"] is None and batch[0]["intensity_std"] is None
+    assert batch[0]["features"] == [None, 1.5, None] and batch[0]["ood_threshold"] == 7.0
+    json.dumps(batch, default=str, allow_nan=False)
+    sink = predlog.PredictionLog(url)
+    sink.append(batch)
+    assert sink.flush(20) and (sink.written, sink.lost) == (2, 0)
+    frame = predlog.read(url)
+    assert frame["features"].tolist() == [[None, 1.5, None], [0.5, -1.0, 2.0]]
+    assert pd.isna(frame["ood_score"].iloc[0]) and frame["ood_score"].iloc[1] == 3.5
+    assert pd.isna(frame["intensity_std"].iloc[0]) and frame["intensity_p50"].iloc[0] == pytest.approx(0.5)
+
+
+def test_non_finite_numbers_are_stored_as_none(tmp_path):
+    check_non_finite(f"sqlite:///{tmp_path / 'p.db'}")
+
+
 @pytest.mark.parametrize("kind", ["postgresql", "sqlite"])
 def test_a_dead_database_never_fails_a_request(pipeline, tmp_path, caplog, kind):
     url = {"postgresql": f"postgresql+psycopg2://covidcxr@127.0.0.1:{closed_port()}/covidcxr",

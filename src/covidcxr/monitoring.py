@@ -9,7 +9,8 @@ pipeline into a :class:`covidcxr.predlog.MemoryLog`), so both sides have the sam
   (``sklearn.metrics.pairwise.rbf_kernel``, bandwidth by the median heuristic) and a permutation p-value
   (``scipy.stats.permutation_test``);
 - the positive rate (accepted images whose COVID-19 probability reaches the reference's threshold, the model's), the
-  refusal rate (any reason but out of distribution) and the share above the model's OOD threshold: Fisher's exact test
+  refusal rate (any reason but out of distribution) and the share above the model's OOD threshold (a film served as
+  out of distribution without a finite score counts as above, serving's rule): Fisher's exact test
   (``scipy.stats.fisher_exact``). Each is held to the model's thresholds on both sides, so a window served at a site's
   own thresholds (a request's, or a server's ``$COVIDCXR_SITE``) is compared on what its images are, not on how the
   site chose to call them. Films a site admitted past the model's OOD threshold count in the OOD share, and in neither
@@ -39,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidcxr import dburl, predlog
+from covidcxr import dburl, ood, predlog
 
 REFERENCE_ARTIFACT = "monitoring/reference.json"  # in the register run
 EXPERIMENT = "covidcxr-monitoring"
@@ -252,12 +253,41 @@ def permutations_for(alpha: float, n_tests: int, requested: int) -> int:
     return needed
 
 
-def _features(frame: pd.DataFrame) -> np.ndarray:
+def _features(frame: pd.DataFrame) -> tuple[np.ndarray, int]:
+    """The compact feature vectors of the frame's records that have one, and how many were left out for a non-finite
+    entry (a feature that overflowed, logged as null): the kernel test cannot measure them."""
     vectors = [v for v in frame["features"] if isinstance(v, (list, tuple, np.ndarray)) and len(v)]
     if not vectors:
-        return np.zeros((0, 0))
+        return np.zeros((0, 0)), 0
     width = min(len(v) for v in vectors)
-    return np.asarray([list(v)[:width] for v in vectors], dtype=np.float64)
+    array = np.asarray([[np.nan if x is None else x for x in list(v)[:width]] for v in vectors], dtype=np.float64)
+    finite = np.isfinite(array).all(axis=1)
+    return array[finite], int((~finite).sum())
+
+
+def _per_side(reference: int, window: int) -> str:
+    """``reference: 2, window: 5`` for a note, naming only the sides with a count ("" when neither)."""
+    return ", ".join(f"{side}: {n}" for side, n in (("reference", reference), ("window", window)) if n)
+
+
+def _ood_scores(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The OOD scores (NaN where none) and which records the detector scored: those with a finite score, and those
+    served as out of distribution without one (a score that could not be compared, NaN, is logged as null)."""
+    scores = pd.to_numeric(frame["ood_score"], errors="coerce").to_numpy(dtype=np.float64)
+    return scores, np.isfinite(scores) | (frame["reason"] == "out_of_distribution").to_numpy(dtype=bool)
+
+
+def _unscored_out(frame: pd.DataFrame) -> int:
+    """How many records were served as out of distribution without a finite OOD score."""
+    scores, scored = _ood_scores(frame)
+    return int((scored & ~np.isfinite(scores)).sum())
+
+
+def _ood_out(frame: pd.DataFrame, ood_threshold: float) -> np.ndarray:
+    """Whether each record the detector scored is out of distribution at the model's OOD threshold, by serving's rule
+    (:func:`covidcxr.ood.is_out`: a score that cannot be compared is out), so none of them is left out."""
+    scores, scored = _ood_scores(frame)
+    return ood.is_out(scores[scored], ood_threshold)
 
 
 def reason_shares(frame: pd.DataFrame) -> dict[str, float]:
@@ -300,18 +330,26 @@ def compare(reference: pd.DataFrame, window: pd.DataFrame, *, ood_threshold: flo
                            positive(window, accepted["window"] & ~beyond), min_per_test))
     tests.append(rate_test("refusal_rate", refused(reference, "reference"), refused(window, "window"), min_per_test))
     if ood_threshold is not None:
-        tests.append(rate_test("ood_rate", _values(reference, "ood_score") > ood_threshold,
-                               _values(window, "ood_score") > ood_threshold, min_per_test))
+        tests.append(rate_test("ood_rate", _ood_out(reference, ood_threshold), _ood_out(window, ood_threshold),
+                               min_per_test))
     for t in tests:
         if t.name in ("covid_probability", "positive_rate") and notes:
             t.note += "; " + notes
+    unscored = _per_side(_unscored_out(reference), _unscored_out(window))
+    if unscored:
+        tests[SCALARS.index("ood_score")].note += (f"; served out of distribution without a finite score, counted in "
+                                                   f"ood_rate only ({unscored})")
     # The MMD test last, as it needs the number of tests for its permutations; listed after the scalars
-    vectors = {"reference": _features(reference), "window": _features(window)}
+    (ref_vectors, ref_left_out), (win_vectors, win_left_out) = _features(reference), _features(window)
+    vectors = {"reference": ref_vectors, "window": win_vectors}
     n_tests = sum(t.p_value is not None for t in tests) + (min(map(len, vectors.values())) >= min_per_test)
     used = permutations_for(alpha, n_tests, permutations)
     mmd = mmd_test(vectors["reference"], vectors["window"], min_n=min_per_test, permutations=used, seed=seed)
     if used > permutations:
         mmd.note += f" (raised from {permutations}: fewer could not pass alpha / {n_tests} tests)"
+    left_out = _per_side(ref_left_out, win_left_out)
+    if left_out:
+        mmd.note += f"; feature vectors with a non-finite entry left out ({left_out})"
     tests.insert(len(SCALARS), mmd)
     ran = [t for t in tests if t.p_value is not None]
     for t in ran:
@@ -488,7 +526,7 @@ def render(drift: Drift, *, model_name: str, model_version: str, since: object, 
     reasons = sorted(set(drift.reasons["reference"]) | set(drift.reasons["window"]))
     unmeasured = [t.name for t in drift.tests if t.inconclusive]
     plots = [svg_histogram(name, _values(reference, name), _values(window, name)) for name in SCALARS]
-    plots.append(svg_scatter("compact features", _features(reference), _features(window)))
+    plots.append(svg_scatter("compact features", _features(reference)[0], _features(window)[0]))
     body = [
         f"<h1>{_e(title)}</h1>",
         f"<p>{_badge(verdict)} <b>{_e(drift.status.replace('_', ' '))}</b> at alpha {drift.alpha:g} "

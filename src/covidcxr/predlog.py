@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import datetime as dt
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -79,16 +80,25 @@ def intensity_stats(image: np.ndarray) -> dict[str, float]:
     return {k: round(float(v), STAT_DECIMALS) for k, v in zip(INTENSITY_COLUMNS, values)}
 
 
+def finite(value: object) -> object:
+    """``value``, or None for a non-finite number (NaN, infinity): PostgreSQL's JSON refuses them (a whole batch
+    lost) where sqlite stores them, so both backends store None."""
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
+
+
 def records(entries: Sequence[Mapping], stats: Mapping[int, Mapping], compact: Mapping[int, Sequence[float]], *,
             when: dt.datetime, model_name: str, model_version: str) -> list[dict]:
     """One record per served entry (same order): its figures, the intensity statistics of the images that were read
-    and the compact feature vectors of those that reached the classifier (by position in the request)."""
+    and the compact feature vectors of those that reached the classifier (by position in the request). A non-finite
+    number (an OOD score or feature from a feature that overflowed) is stored as None (:func:`finite`)."""
     out = []
     for i, entry in enumerate(entries):
         record = {"time": when, "model_name": model_name, "model_version": str(model_version)}
-        record.update({k: entry.get(k) for k in ENTRY_COLUMNS})
-        record.update(stats.get(i) or dict.fromkeys(INTENSITY_COLUMNS))
-        record["features"] = [float(v) for v in compact[i]] if i in compact else None
+        record.update({k: finite(entry.get(k)) for k in ENTRY_COLUMNS})
+        record.update({k: finite(v) for k, v in (stats.get(i) or dict.fromkeys(INTENSITY_COLUMNS)).items()})
+        record["features"] = [finite(float(v)) for v in compact[i]] if i in compact else None
         out.append(record)
     return out
 

@@ -1,9 +1,10 @@
-"""Stage `evaluate`: every classifier on val and test, at 0.5 and at its operating threshold, what serving answers
-(refused as out of distribution, called COVID-19, called negative) for each split's images, and what the test split's
-site would gain from a threshold chosen on a few of its own labelled films.
+"""Stage `evaluate`: every classifier on val and test, its calibrated (served) score at 0.5 and at its operating
+threshold, what serving answers (refused as out of distribution, called COVID-19, called negative) for each split's
+images, and what the test split's site would gain from a threshold chosen on a few of its own labelled films.
 
 Metrics with patient-level bootstrap 95% CIs, calibration, ROC/PR/reliability data (DVC plots and MLflow figures),
-and a comparison table laid out like the paper's Tables 6/10/14.
+and a comparison table laid out like the paper's Tables 6/10/14: the network's own output at 0.5, as the paper
+thresholds it (not the calibrated score).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ OUT = _common.EVALUATE_DIR
 
 
 def evaluate_model(pred: pd.DataFrame, rule: dict, p: dict, detector=None) -> dict:
-    """Per split (val, test): metrics at 0.5 and at the operating threshold (``rule``: the choice saved with the
-    model), with CIs and calibration; ``served``, what serving answers for the split's images (``detector``: the
-    folder's OOD detector, whose refusals serving makes; None: a folder without one, which serving refuses nothing
-    from); and for the test split, ``site_calibration``: what a site gains by choosing its own threshold with the
+    """Per split (val, test): metrics of the calibrated score (``score``, as served) at 0.5 (``at_0.5``) and at the
+    operating threshold (``rule``: the choice saved with the model), with CIs and calibration; where the predictions
+    hold it, of the network's own output (``raw_score``, before the calibration) at 0.5 (``network_at_0.5``: what the
+    paper's tables threshold); ``served``, what serving answers for the split's images (``detector``: the folder's OOD
+    detector, whose refusals serving makes; None: a folder without one, which serving refuses nothing from); and for
+    the test split, ``site_calibration``: what a site gains by choosing its own threshold with the
     model's rule on a few of its labelled films (:func:`covidcxr.sites.local_calibration`, on the films serving
     answers), and ``site_admission``: the same when the site also admits its own films past the OOD check
     (``covidcxr calibrate-site --admit``; with a detector only)."""
@@ -55,9 +58,11 @@ def evaluate_model(pred: pd.DataFrame, rule: dict, p: dict, detector=None) -> di
                 result[split]["site_admission"] = sites.local_calibration(
                     y, s, rule, ood=(part["ood_score"].to_numpy(float), detector.threshold), patients=patients,
                     **site)
-        if "raw_score" in part:  # before the calibration fitted on validation: what it changed
+        if "raw_score" in part:  # before the calibration fitted on validation: what it changed, and the paper's view
+            raw = part["raw_score"].to_numpy(float)
+            result[split]["network_at_0.5"] = metrics.classification_metrics(y, raw, threshold=0.5)
             result[split]["ece_uncalibrated"] = metrics.expected_calibration_error(
-                y, part["raw_score"].to_numpy(float), n_bins=int(p["calibration_bins"]))
+                y, raw, n_bins=int(p["calibration_bins"]))
     return result
 
 
@@ -109,6 +114,9 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", ood_action: str = 
             name = f"{variant}_{backbone}"
             d = Path(_common.model_dir(variant, backbone))
             pred = pd.read_csv(d / _common.PREDICTIONS)
+            if "raw_score" not in pred:
+                raise ValueError(f"{d / _common.PREDICTIONS}: no raw_score column (the network's own output, which "
+                                 "the paper's table thresholds at 0.5); rerun train_classifier")
             threshold = folders.operating_threshold(d)
             result = evaluate_model(pred, folders.folder_threshold(d), p,
                                     folders.ood_detector(d) if ood_action == "refuse" else None)
@@ -116,22 +124,24 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", ood_action: str = 
             data = curves(pred, int(p["calibration_bins"]))
             for key, value in data.items():
                 _common.write_json(OUT / name / f"{key}.json", value)
-            _common.write_json(OUT / name / "metrics.json", result)
+            written = _common.write_json(OUT / name / "metrics.json", result)
             everything[name] = result
-            for split in ("val", "test"):
-                rows.append({"variant": variant, "backbone": backbone, "split": split, **result[split]["at_0.5"]})
+            for split in ("val", "test"):  # the paper thresholds the network's output, not a calibrated score
+                rows.append({"variant": variant, "backbone": backbone, "split": split,
+                             **result[split]["network_at_0.5"]})
             run_id = folders.folder_info(d)["run_id"]
             with tracking.run(_common.mlflow_experiment(experiment), name, run_id=run_id):
                 tracking.log_finite_metrics({s: result[s] for s in ("val", "test")}, prefix="eval.")
                 fig = figure(name, data)
                 mlflow.log_figure(fig, "evaluation/curves.png")
-                mlflow.log_dict(result, "evaluation/metrics.json")
+                mlflow.log_artifact(str(written), "evaluation")  # the file as written: NaN as null, strict JSON
                 import matplotlib.pyplot as plt
 
                 plt.close(fig)
     table = metrics.paper_table(rows)
     _common.write_with(OUT / "comparison.md", lambda tmp: tmp.write_text(
-        "# COVID-19 label metrics at threshold 0.5 (layout of the paper's Tables 6/10/14)\n\n"
+        "# COVID-19 label metrics of the network's output at threshold 0.5, as the paper (layout of its Tables "
+        "6/10/14; before the calibration, which serving applies)\n\n"
         + table.round(4).to_markdown() + "\n", encoding="utf-8"))
     _common.write_csv(OUT / "comparison.csv", table.round(6).reset_index())
     summary = {name: {"test_auc": r["test"]["at_0.5"]["roc_auc"], "val_auc": r["val"]["at_0.5"]["roc_auc"],

@@ -643,7 +643,8 @@ def operating_threshold(y_true: np.ndarray, y_score: np.ndarray, objective: str 
 
 def paper_table(rows: Sequence[Mapping]) -> pd.DataFrame:
     """Metrics in the layout of the paper's Tables 6/10/14/15: one row per part c/d/e, columns
-    ``Accuracy, Sensitivity, Specificity, F1 Score`` (COVID-19 label, threshold 0.5 in the paper).
+    ``Accuracy, Sensitivity, Specificity, F1 Score`` (COVID-19 label). The paper thresholds the network's own output
+    at 0.5: rows of a calibrated score at 0.5 are another operating point.
 
     Each input row is ``{"variant": "c"|"d"|"e", "backbone": ..., "split": ..., "accuracy", "sensitivity",
     "specificity", "f1", ...}`` (e.g. :func:`classification_metrics` output plus the three keys; extra keys are

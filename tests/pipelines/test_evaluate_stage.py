@@ -1,0 +1,69 @@
+"""The evaluate stage run on a model folder's predictions: the paper's table of the network's own output at 0.5, and
+the metrics logged to MLflow as strict JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from covidcxr import metrics
+from pipelines import _common
+from pipelines import evaluate as stage
+
+P = {"n_boot": 20, "seed": 0, "calibration_bins": 5, "site_calibration": {"n_per_class": 20, "draws": 10}}
+# The calibration moves every score below 0.5: at 0.5 the served score calls nothing, the network's output calls the
+# COVID-19 films of val and one of the test split's negatives (a split without positives: sensitivity, F1, AUC NaN).
+PRED = pd.DataFrame({
+    "split": ["val"] * 4 + ["test"] * 3,
+    "label": ["covid", "negative", "covid", "negative", "negative", "negative", "negative"],
+    "raw_score": [0.6, 0.4, 0.7, 0.45, 0.6, 0.2, 0.3],
+    "score": [0.3, 0.2, 0.35, 0.25, 0.3, 0.1, 0.2],
+    "patient_id": [f"p{i}" for i in range(7)],
+})
+
+
+def _strict(constant: str) -> float:
+    raise ValueError(f"not strict JSON: {constant}")
+
+
+@pytest.fixture
+def evaluated(tmp_path: Path, monkeypatch) -> dict:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    folder = Path(_common.model_dir("c", "vgg16"))
+    folder.mkdir(parents=True)
+    (folder / "model.keras").write_bytes(b"")
+    (folder / "standardizer.json").write_text("{}")
+    (folder / "run.json").write_text(json.dumps({"run_id": "0" * 32}))
+    (folder / "threshold.json").write_text(json.dumps({"threshold": 0.28, "objective": "sensitivity",
+                                                       "min_sensitivity": 0.9}))
+    PRED.to_csv(folder / _common.PREDICTIONS, index=False)
+    return stage.run(P, {"variants": ["c"], "backbones": ["vgg16"]}, "demo", "flag")
+
+
+def test_the_paper_table_thresholds_the_network_s_output_at_0_5(evaluated):
+    table = pd.read_csv(stage.OUT / "comparison.csv").set_index("split")
+    for split in ("val", "test"):
+        part = PRED[PRED["split"] == split]
+        network = metrics.classification_metrics(part["label"] == "covid", part["raw_score"], threshold=0.5)
+        assert evaluated["c_vgg16"][split]["network_at_0.5"] == pytest.approx(network, nan_ok=True)
+        assert table.loc[split, ["Accuracy", "Sensitivity", "Specificity", "F1 Score"]].tolist() == pytest.approx(
+            [network[k] for k in ("accuracy", "sensitivity", "specificity", "f1")], nan_ok=True)
+    # the calibrated score at 0.5, kept beside it, is another operating point
+    assert (table.loc["val", "Sensitivity"], evaluated["c_vgg16"]["val"]["at_0.5"]["sensitivity"]) == (1.0, 0.0)
+    assert (table.loc["test", "Specificity"], evaluated["c_vgg16"]["test"]["at_0.5"]["specificity"]) == (
+        pytest.approx(2 / 3), 1.0)
+    header = (stage.OUT / "comparison.md").read_text().splitlines()[0]
+    assert "the network's output at threshold 0.5, as the paper" in header
+
+
+def test_the_logged_metrics_are_strict_json_with_an_undefined_metric_as_null(evaluated):
+    (found,) = mlflow.search_runs(experiment_names=["covidcxr-demo"], output_format="list")
+    path = mlflow.artifacts.download_artifacts(run_id=found.info.run_id, artifact_path="evaluation/metrics.json")
+    logged = json.loads(Path(path).read_text(), parse_constant=_strict)
+    assert logged == json.loads((stage.OUT / "c_vgg16" / "metrics.json").read_text(), parse_constant=_strict)
+    assert logged["test"]["at_0.5"]["sensitivity"] is None and logged["test"]["network_at_0.5"]["f1"] is None

@@ -3,10 +3,13 @@
 A network trained with class weights on confounded sources gives scores, not probabilities (the demo's test ECE was
 0.20 to 0.27 at its operating threshold). ``PlattCalibrator`` learns ``p = sigmoid(a * logit(s) + b)`` on validation
 labels and scores (scikit-learn style: ``fit`` sets ``a_``, ``b_``; ``transform`` applies them), is saved in the model
-folder (``calibration.json``) and applied wherever a probability is computed, serving included. It is monotonic
-(``a_ >= 0``), so ranking metrics (AUC) are unchanged and a threshold keeps its meaning once chosen on the calibrated
-scores. A validation split the scores rank worse than chance gets ``a_ = 0`` (every probability its base rate, with a
-warning), never a reversed ranking.
+folder (``calibration.json``) and applied wherever a probability is computed, serving included. It never reverses the
+ranking (``a_ >= 0``), and with ``a_ > 0`` it is strictly increasing, but ranking metrics (AUC) are not always
+unchanged: probabilities are rounded to 6 decimals (``models.probability``), so a slope above 1 can push distinct
+scores near 0 or 1 onto the same 0.0 or 1.0 and one below 1 can draw close scores onto one value, ties that ROC AUC
+counts half; and a validation split the scores rank worse than chance gets ``a_ = 0`` (every probability its base
+rate, AUC 0.5, with a warning). A threshold chosen on the calibrated, rounded scores keeps its meaning: serving applies
+it to the same scores.
 """
 
 from __future__ import annotations

@@ -262,6 +262,39 @@ def test_monitor_command_exits_by_verdict_for_a_scheduler(tmp_path, capsys):
     assert code == cli.MONITOR_ERROR and "not a drift reference" in capsys.readouterr().err
 
 
+def test_monitor_refuses_a_reference_of_another_model_or_version(tmp_path, capsys):
+    """`monitor --reference v3.json --version 4` held v4's traffic to v3's OOD threshold and feature basis (false
+    drift, or a meaningless no_drift) without a word. The reference's meta names its model and version: another one
+    is an error (exit 2) naming both, and no report is written."""
+    reference = tmp_path / "reference.json"
+    monitoring.Reference(REFERENCE, {"ood_threshold": THRESHOLD, "model_name": "covidcxr", "model_version": "3"}).save(
+        reference)
+    url = f"sqlite:///{tmp_path / 'predictions.db'}"
+    sink = predlog.PredictionLog(url)
+    for version in ("3", "4"):
+        frame = traffic(40, seed=6).assign(model_version=version)
+        sink.append(frame.astype(object).where(frame.notna(), None).to_dict(orient="records"))
+    assert sink.flush(10) and sink.written == 80
+
+    def monitor(*args: str) -> tuple[int, str]:
+        out = tmp_path / "report.html"
+        out.unlink(missing_ok=True)
+        code = cli.main(["monitor", "--reference", str(reference), "--log", url, "--no-mlflow", "--out", str(out),
+                         "--permutations", "200", "--since", "1d", *args])
+        err = capsys.readouterr().err
+        assert out.exists() == (code != cli.MONITOR_ERROR)
+        return code, err
+
+    code, err = monitor("--version", "4")
+    assert code == cli.MONITOR_ERROR == 2
+    assert f"{reference}: the drift reference is of covidcxr v3, not of the monitored covidcxr v4" in err
+    code, err = monitor("--model", "other", "--version", "3")
+    assert code == cli.MONITOR_ERROR and "is of covidcxr v3, not of the monitored other v3" in err
+    assert monitor("--version", "3")[0] == 0 and monitor()[0] == 0  # its own version, named or taken from the meta
+    monitoring.Reference(REFERENCE, {"ood_threshold": THRESHOLD}).save(reference)  # a meta that names neither
+    assert monitor("--version", "4")[0] == 0
+
+
 def test_a_window_where_every_test_was_skipped_is_not_no_drift():
     """Enough records, but every test too small to run (min_per_test above both sides): nothing was measured, so the
     verdict cannot be that nothing drifted."""

@@ -571,6 +571,8 @@ def _monitor(args: argparse.Namespace) -> int:
         else:
             reference, version = monitoring.fetch_reference(args.model, args.version,
                                                             None if args.version else args.alias)
+        reference.check_model(args.model, version, args.reference or f"the reference of {args.model} v{version} "
+                                                                     f"({monitoring.REFERENCE_ARTIFACT})")
         url = _monitored_log(args, version)
         window = predlog.read(url, model_name=args.model, model_version=version, since=since, until=until)
         drift = monitoring.compare(reference.frame, window, ood_threshold=reference.meta.get("ood_threshold"),

@@ -74,6 +74,17 @@ class Reference:
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
 
+    def check_model(self, model_name: str, model_version: str, source: str) -> None:
+        """MonitorError (naming ``source``, the reference's file or run) when the reference's ``meta`` says it was made
+        by another model or version than the one monitored: its OOD threshold and feature basis are that version's,
+        so drift measured against them means nothing. A reference whose meta names neither is taken as it is."""
+        name, version = self.meta.get("model_name"), self.meta.get("model_version")
+        if (name is None or str(name) == model_name) and (version is None or str(version) == str(model_version)):
+            return
+        raise MonitorError(f"{source}: the drift reference is of {name or model_name} v{version or model_version}, not "
+                           f"of the monitored {model_name} v{model_version} (--model, --version): its OOD threshold "
+                           "and feature basis are that version's; monitor with that version's reference")
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> Reference:
         try:

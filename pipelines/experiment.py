@@ -15,9 +15,10 @@ An overlay of kind `ablation` names `levers` (params each) and `runs` (params an
 every run for every seed, and one table gives each lever's figures (held-out specificity per source with the COVID-19
 test sensitivity, AUCs, the lungs-removed value, wall time) as mean ± sd over seeds (a cell over fewer seeds says its
 n; a change from the reference is over the seeds both levers measured), with the machines each lever's runs came
-from; `--levers` runs a subset, `--resume` keeps the runs already recorded (whatever machine they ran on: the table
-marks a change between machines), `--summary` re-renders the tables from the records, `--dry-run` prints every
-command and what it will train.
+from; `--levers` runs a subset, `--resume` keeps the runs already recorded (whatever machine and profile they ran
+under: the table marks a change between machines †, between profiles ‡, and a cell that mixes profiles §),
+`--summary` re-renders the tables from the records, `--dry-run` prints every command and what it will train (the
+three ablation options are refused for another kind of experiment).
 
 The runs happen in a scratch copy of the project (`--workdir`, default `$TMPDIR/covidcxr-experiments`), never in this
 checkout's workspace; MLflow runs go to this project's tracking store (`MLFLOW_TRACKING_URI` overrides it), one MLflow
@@ -479,8 +480,9 @@ def collect_classifier(workdir: Path, params: dict, targets: tuple[str, ...] = (
     return out
 
 
-def _run_seconds(project: Path, model_dir: Path) -> float | None:
-    """Training time of the MLflow run that made a model (the stage may have been reused from an earlier run)."""
+def _training_run(project: Path, model_dir: Path) -> dict:
+    """``train_seconds``, the training time of the MLflow run that made a model, and ``train_started_unix``, when it
+    began (the stage may have been reused from an earlier run: :func:`stage_reused`); None where unknown."""
     import mlflow
 
     from covidcxr import folders
@@ -488,9 +490,23 @@ def _run_seconds(project: Path, model_dir: Path) -> float | None:
     try:
         mlflow.set_tracking_uri(_env(project)["MLFLOW_TRACKING_URI"])
         info = mlflow.get_run(folders.folder_info(model_dir)["run_id"]).info
-        return round((info.end_time - info.start_time) / 1000.0, 1) if info.end_time else None
+        seconds = round((info.end_time - info.start_time) / 1000.0, 1) if info.end_time else None
+        return {"train_seconds": seconds, "train_started_unix": round(info.start_time / 1000.0, 1)}
     except Exception:  # noqa: BLE001 - a figure for the table, not a reason to fail the experiment
+        return {"train_seconds": None, "train_started_unix": None}
+
+
+def stage_reused(run: dict, wall_seconds: float | None = None) -> bool | None:
+    """Whether a run's trained model came from DVC's run cache (an earlier run) rather than from its own training:
+    its training began before the run did (both recorded since 2026-12-07, 17:00), or took longer than the run's
+    whole wall time (``wall_seconds``, the experiment's, where the run recorded none of its own). None: no training
+    recorded."""
+    if not run.get("train_seconds"):
         return None
+    if run.get("train_started_unix") is not None and run.get("started_unix") is not None:
+        return run["train_started_unix"] < run["started_unix"]
+    wall = run.get("wall_seconds", wall_seconds)
+    return wall is not None and run["train_seconds"] > wall
 
 
 def collect_segmentation(workdir: Path, params: dict, targets: tuple[str, ...] = (), project: Path = PROJECT) -> dict:
@@ -498,7 +514,7 @@ def collect_segmentation(workdir: Path, params: dict, targets: tuple[str, ...] =
     m = _json(workdir / "reports/train_unet/metrics.json")
     return {"internal_test": m["test"], "internal_val": m["val"], "external": m.get("external"),
             "split_counts": _json(workdir / "reports/split/summary.json")["segmentation"],
-            "train_seconds": _run_seconds(project, workdir / "artifacts/models/unet")}
+            **_training_run(project, workdir / "artifacts/models/unet")}
 
 
 def filter_only(metrics: dict) -> dict:
@@ -513,7 +529,7 @@ def collect_projection(workdir: Path, params: dict, targets: tuple[str, ...] = (
     (:func:`filter_only`)."""
     return {"metrics": filter_only(_json(workdir / "reports/train_projection/metrics.json")),
             "split_counts": _json(workdir / "reports/split/summary.json")["projection"],
-            "train_seconds": _run_seconds(project, workdir / "artifacts/models/projection")}
+            **_training_run(project, workdir / "artifacts/models/projection")}
 
 
 # --- ablation: every robustness lever measured by the same runs, over seeds ------------------------------------------
@@ -629,7 +645,7 @@ def collect_ablation(workdir: Path, params: dict, targets: tuple[str, ...] = (),
                                           for src in sorted(set(sources[~y]))},
                 "auc_by_source": {src: _auc(y[keep].astype(float), score[keep])
                                   for src in sorted(set(sources[~y])) for keep in [y | (sources == src)]},
-                "operating_threshold": threshold, "train_seconds": _run_seconds(project, folder)}
+                "operating_threshold": threshold, **_training_run(project, folder)}
     min_c_auc = float(yaml.safe_load((workdir / "params.yaml").read_text(encoding="utf-8"))["audit"]["lungs_removed"]
                       .get("min_c_auc", 0.6))
     for backbone in backbones:
@@ -667,15 +683,23 @@ def ablation_table(runs_out: dict) -> dict:
     say which seeds a cell holds, ``values`` each one's figure (in the order of ``seeds``), so that a change between
     levers is taken over the seeds both measured (:func:`_ablation_rows`); ``machines`` the machines its runs ran on
     (:func:`run_machine`; null: not recorded)."""
+    return _ablation_table(runs_out)[0]
+
+
+def _ablation_table(runs_out: dict) -> tuple[dict, dict[str, dict[str, list[str]]]]:
+    """:func:`ablation_table`, and per lever and column the names of the runs its cell counts (whose profiles
+    :func:`_ablation_rows` compares)."""
     per: dict[str, dict[str, dict[object, dict[str, object]]]] = {}  # lever -> column -> seed -> run -> value
     machine: dict[tuple[str, object, str], str | None] = {}  # (lever, seed, run) -> machine
+    named: dict[tuple[str, object, str], str] = {}  # (lever, seed, run) -> the run's experiment name
 
     def add(lever: str, column: str, seed: object, run: str, value: object) -> None:
         per.setdefault(lever, {}).setdefault(column, {}).setdefault(seed, {})[run] = value
 
-    for r in runs_out.values():
+    for exp_name, r in runs_out.items():
         lever, run, seed = r["lever"], r["run"], r.get("seed")
         machine[lever, seed, run] = run_machine(r)
+        named[lever, seed, run] = exp_name
         add(lever, "wall_minutes", seed, run, r.get("wall_seconds", 0.0) / 60.0)
         models = r["models"]
         first = sorted({m.split("_", 1)[1] for m in models})[0] if models else None
@@ -691,9 +715,10 @@ def ablation_table(runs_out: dict) -> dict:
             for model, m in models.items():
                 if model.endswith(f"_{first}"):
                     add(lever, f"{run} AUC {model.split('_')[0]}", seed, run, m["test_auc"])
-    table = {}
+    table: dict = {}
+    feeding_runs: dict[str, dict[str, list[str]]] = {}
     for lever, columns in sorted(per.items()):  # in the order a record's JSON keeps them
-        table[lever] = {}
+        table[lever], feeding_runs[lever] = {}, {}
         for column, by_seed in sorted(columns.items()):
             if column.startswith("covid sensitivity"):
                 reduce = min
@@ -709,7 +734,8 @@ def ablation_table(runs_out: dict) -> dict:
             machines = _machines(machine[lever, seed, run] for seed in seeds for run in by_seed[seed])
             table[lever][column] = stats and {**stats, "seeds": seeds, "values": [counted[s] for s in seeds],
                                               "machines": machines}
-    return table
+            feeding_runs[lever][column] = [named[lever, seed, run] for seed in seeds for run in by_seed[seed]]
+    return table, feeding_runs
 
 
 def run_machine(r: dict) -> str | None:
@@ -727,13 +753,16 @@ def _machines(labels: object) -> list[str | None]:
     return sorted(m for m in found if m is not None) + ([None] if None in found else [])
 
 
-def _ablation_cell(s: dict, base: dict | None, n_seeds: int) -> str:
+def _ablation_cell(s: dict, base: dict | None, n_seeds: int, marks: str = "") -> str:
     """One lever's figure: mean ± sd, its n when below the footer's ``n_seeds`` (no sd under two seeds), and the
     change from the reference's ``base`` over the seeds both measured (their count when below ``n_seeds``), marked †
-    unless both levers' runs of the column ran on one and the same recorded machine."""
+    unless both levers' runs of the column ran on one and the same recorded machine. ``marks``: the profile marks of
+    :func:`_ablation_rows`, § (the cell's runs mix profiles) after the figure, ‡ (the change is between profiles)
+    after the change."""
     cell = f"{s['mean']:.3f}" if s.get("sd") is None else f"{s['mean']:.3f} ± {s['sd']:.3f}"
     if s["n"] < n_seeds:
         cell += f" (n={s['n']})"
+    cell += "§" if "§" in marks else ""
     if base is None:
         return cell
     mine, theirs = dict(zip(map(str, s["seeds"]), s["values"])), dict(zip(map(str, base["seeds"]), base["values"]))
@@ -742,19 +771,170 @@ def _ablation_cell(s: dict, base: dict | None, n_seeds: int) -> str:
         return cell + " (no seed shared)"
     delta = float(np.mean([mine[seed] - theirs[seed] for seed in shared]))
     machines = {*s.get("machines", [None]), *base.get("machines", [None])}
-    mixed = "" if len(machines) == 1 and None not in machines else "†"
+    mixed = ("" if len(machines) == 1 and None not in machines else "†") + ("‡" if "‡" in marks else "")
     return cell + (f" ({delta:+.3f}{mixed})" if len(shared) >= n_seeds
                    else f" ({delta:+.3f}{mixed} over n={len(shared)})")
 
 
+#: A key a run's params do not set: it took the workdir's params.yaml of its time, which the record does not keep.
+UNSET = "not set"
+
+
+def _ablation_keys(result: dict) -> tuple[dict[str, set[str]], set[str]]:
+    """The keys each lever sets (the record's ``levers``, else the overlay's), and the keys that are no lever's
+    profile whatever the lever: each run's own (the overlay's ``runs``; without the overlay, the keys that differ
+    between runs of one lever and seed) and the seed's (``seed_keys``)."""
+    overlay = load(result["experiment"]) if result.get("experiment") in available() else {}
+    levers = {k: set(v or {}) for k, v in {**(overlay.get("levers") or {}), **(result.get("levers") or {})}.items()}
+    run_keys = {k for run in (overlay.get("runs") or {}).values() for k in ((run or {}).get("params") or {})}
+    if not overlay:
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for r in result["runs"].values():
+            if r.get("params") is not None:
+                groups.setdefault((r["lever"], str(r.get("seed"))), []).append(r)
+        run_keys = {k for rs in groups.values() for a in rs for b in rs if a["run"] != b["run"]
+                    for k in _differing(a["params"], b["params"])}
+    return levers, run_keys | set(overlay.get("seed_keys") or SEED_KEYS)
+
+
+def _differing(a: dict, b: dict) -> set[str]:
+    """The keys two params mappings set differently (a key one sets and the other does not included)."""
+    return {k for k in {*a, *b} if k not in a or k not in b or _canonical(a[k]) != _canonical(b[k])}
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def run_profile(r: dict, drop: set[str]) -> str | None:
+    """An ablation run's profile: its recorded params but the keys in ``drop`` (the compared levers' own, its run's
+    and its seed's), as canonical JSON: what else its figures were made under (the upstream stages' settings, the
+    overlay's params of the time); None for a run that recorded no params."""
+    params = r.get("params")
+    return None if params is None else _canonical({k: v for k, v in params.items() if k not in drop})
+
+
+def _profile_values(runs: list[dict], drop: set[str]) -> dict[str, set[str]]:
+    """Per key of the runs' profiles, the values they set it to (:data:`UNSET` where a run does not set it)."""
+    known = [r["params"] for r in runs if r.get("params") is not None]
+    keys = {k for params in known for k in params if k not in drop}
+    return {k: {_canonical(params[k]) if k in params else UNSET for params in known} for k in sorted(keys)}
+
+
+def _profile_marks(result: dict, feeding: dict[str, dict[str, list[str]]], reference: str) -> tuple[
+        dict[tuple[str, str], str], list[str]]:
+    """Per (lever, column), its cell's profile marks: § where the cell's own runs ran under more than one profile
+    (:func:`run_profile`), ‡ where its change from ``reference`` is between runs of differing profiles, or of runs
+    whose params were not recorded; and the legend lines that say, lever by lever, which keys differ in those cells'
+    runs and how."""
+    runs = result["runs"]
+    levers, fixed = _ablation_keys(result)
+    marks: dict[tuple[str, str], str] = {}
+    # lever -> (its runs, the reference's runs) of the cells marked ‡, and its runs of the cells marked §
+    apart: dict[str, tuple[set[str], set[str]]] = {}
+    mixed: dict[str, set[str]] = {}
+    for lever, columns in feeding.items():
+        own = fixed | levers.get(lever, set())
+        pair = own | levers.get(reference, set())
+        for column, names in columns.items():
+            if not names:  # a null cell: nothing counted, nothing compared
+                continue
+            mark = ""
+            profiles = {run_profile(runs[n], own) for n in names}
+            if len(profiles) > 1:
+                mark += "§"
+                mixed.setdefault(lever, set()).update(names)
+            theirs = feeding.get(reference, {}).get(column) or []
+            if lever != reference and column != "wall_minutes" and theirs:
+                mine_p = {run_profile(runs[n], pair) for n in names}
+                theirs_p = {run_profile(runs[n], pair) for n in theirs}
+                if None in mine_p or None in theirs_p or mine_p != theirs_p:
+                    mark += "‡"
+                    pairs = apart.setdefault(lever, (set(), set()))
+                    pairs[0].update(names)
+                    pairs[1].update(theirs)
+            marks[lever, column] = mark
+    legend = []
+    for lever in feeding:
+        parts = []
+        if lever in apart:
+            mine, theirs = ([runs[n] for n in sorted(names)] for names in apart[lever])
+            unrecorded = sum(r.get("params") is None for r in mine + theirs)
+            if unrecorded:
+                parts.append(f"{unrecorded} of the runs compared recorded no params (their profile unknown)")
+            pair = fixed | levers.get(lever, set()) | levers.get(reference, set())
+            a, b = _profile_values(mine, pair), _profile_values(theirs, pair)
+            parts += [f"`{k}` {_values(a.get(k, {UNSET}))} against {_values(b.get(k, {UNSET}))}"
+                      for k in sorted({*a, *b}) if a.get(k, {UNSET}) != b.get(k, {UNSET})]
+        if lever in mixed:
+            values = _profile_values([runs[n] for n in sorted(mixed[lever])], fixed | levers.get(lever, set()))
+            unrecorded = sum(runs[n].get("params") is None for n in mixed[lever])
+            parts.append("its own runs (§) set " + "; ".join(
+                [f"`{k}` to {_values(v, ' or ')}" for k, v in values.items() if len(v) > 1]
+                + ([f"unknown params in {unrecorded} runs"] if unrecorded else [])))
+        if parts:
+            legend.append(f"- `{lever}`: " + "; ".join(parts))
+    return marks, legend
+
+
+def _values(values: set[str], sep: str = ", ") -> str:
+    return sep.join(sorted(values, key=lambda v: (v == UNSET, v)))
+
+
+def _lever_params(result: dict) -> list[str]:
+    """Each lever's own params as its recorded runs set them (the overlay may define the lever otherwise today)."""
+    levers, _ = _ablation_keys(result)
+    overlay = load(result["experiment"]) if result.get("experiment") in available() else {}
+    lines = []
+    for lever in sorted({r["lever"] for r in result["runs"].values()}):
+        keys = levers.get(lever, set())
+        runs = [r for r in result["runs"].values() if r["lever"] == lever]
+        counts: dict[str, int] = {}
+        for r in runs:
+            if r.get("params") is not None:
+                text = _canonical({k: r["params"].get(k, UNSET) for k in sorted(keys)})
+                counts[text] = counts.get(text, 0) + 1
+        missing = sum(r.get("params") is None for r in runs)
+        if not counts:
+            text = f"not recorded (none of its {len(runs)} runs recorded its params)"
+        elif not keys:
+            text = "no params of its own (its runs' profile)"
+        elif len(counts) == 1:
+            text = next(iter(counts))
+        else:
+            text = "; ".join(f"{v} ({n} runs)" for v, n in counts.items())
+        if missing and counts:
+            text += f" ({missing} of its runs recorded no params)"
+        now = (overlay.get("levers") or {}).get(lever)
+        if lever in (overlay.get("levers") or {}) and keys and set(counts) != {_canonical(now or {})}:
+            text += f"; the overlay defines it now as {_canonical(now or {})}"
+        lines.append(f"- `{lever}`: {text}")
+    return lines
+
+
+def _planned_today(result: dict) -> str | None:
+    """How many recorded runs have the params the overlay would plan for them today (None without the overlay)."""
+    if result.get("experiment") not in available():
+        return None
+    try:
+        plan = {step["name"]: step["params"]
+                for step in ablation_plan(result["experiment"], load(result["experiment"]))}
+    except ExperimentError:
+        return None
+    same = sum(_canonical(r.get("params")) == _canonical(plan.get(name)) for name, r in result["runs"].items())
+    return (f"{same} of the {len(result['runs'])} recorded runs have the params the overlay plans for them today "
+            "(the others ran under earlier versions of it).")
+
+
 def _ablation_rows(result: dict) -> list[str]:
-    table = ablation_table(result["runs"])  # from the runs: a record written before a rule changed is shown by it
+    table, feeding = _ablation_table(result["runs"])  # from the runs: a record made before a rule changed shows it
     columns = list(dict.fromkeys(c for lever in table.values() for c in lever))
     columns = [c for c in columns if c != "wall_minutes"] + ["wall_minutes"]
     # the lever the others are compared with: the record's `reference`, else the overlay's, else baseline
     overlay = load(result["experiment"]) if result.get("experiment") in available() else {}
     reference = result.get("reference") or overlay.get("reference") or BASELINE
     base = table.get(reference, {})
+    marks, legend = _profile_marks(result, feeding, reference)
     seeds = sorted({r.get("seed") for r in result["runs"].values()}, key=str)
     ran_on: dict[str, list[str | None]] = {}
     for r in result["runs"].values():
@@ -770,7 +950,8 @@ def _ablation_rows(result: dict) -> list[str]:
                 cells.append("null")
                 continue
             compare = lever != reference and column != "wall_minutes" and base.get(column) is not None
-            cells.append(_ablation_cell(s, base.get(column) if compare else None, len(seeds)))
+            cells.append(_ablation_cell(s, base.get(column) if compare else None, len(seeds),
+                                        marks.get((lever, column), "")))
         machines = ", ".join(f"{names[m]} ({ran_on[lever].count(m)})" for m in _machines(ran_on[lever]))
         rows.append(f"| {lever} | " + " | ".join(cells) + f" | {machines} |")
     rows += ["", f"Mean ± sd over seeds {seeds} (in brackets: the change from `{reference}`, the mean of the "
@@ -781,12 +962,20 @@ def _ablation_rows(result: dict) -> list[str]:
              "recorded: trained weights differ from one CPU (and its TensorFlow kernels) to another, so the change "
              "may be the machine's rather than the lever's. Machines: "
              + "; ".join(f"{names[m]} {'not recorded (runs before the runner recorded it)' if m is None else m}"
-                         for m in known) + ". Held-out runs: the "
+                         for m in known) + ". ‡ marks a change between runs of different profiles (a run's profile: "
+             "its recorded params but the two levers' own keys, its run's and its seed's: the upstream stages' "
+             "settings and the overlay's params of its time), or of runs that recorded no params: the change may be "
+             "the profile's rather than the lever's. § marks a cell whose own runs were made under more than one "
+             "profile. Held-out runs: the "
              "source is not in train/val; its specificity is at the operating threshold chosen on validation "
              "(sensitivity >= min_sensitivity), with the COVID-19 sensitivity on the other sources' test patients "
-             "of the same model. Levers:", ""]
-    rows += [f"- `{lever}`: {json.dumps(p, sort_keys=True) if p else 'the base profile'}"
-             for lever, p in (result.get("levers") or {}).items()]
+             "of the same model."]
+    if legend:
+        rows += ["", f"What differs, lever by lever (its runs' values against `{reference}`'s in the cells marked; "
+                 f"`{UNSET}`: the workdir's params.yaml of the time, which the record does not keep):", "", *legend]
+    today = _planned_today(result)
+    rows += ["", *([today, ""] if today else []), "Levers, as their recorded runs set them:", "",
+             *_lever_params(result)]
     if result.get("goals"):
         rows += ["", f"Goals: {result['goals'].strip()}"]
     return rows
@@ -812,8 +1001,33 @@ def _settings(params: dict, effective: dict) -> dict:
     return {k: value(k) for k in SETTINGS}
 
 
+#: A record's runs whose dvc command it does not hold, and why (:func:`record` says so rather than leave nothing).
+MISSING_COMMANDS = "dvc_commands_missing"
+
+
+def _command_name(command: str) -> str:
+    """The DVC experiment name of a recorded `dvc exp run -n NAME ...` command."""
+    words = shlex.split(command)
+    return words[words.index("-n") + 1]
+
+
+def _missing_commands(result: dict) -> dict | None:
+    """The runs of a record that lists its dvc commands but not theirs: lost, and cannot be made again."""
+    if "dvc_commands" not in result:
+        return None
+    recorded = {_command_name(c) for c in result["dvc_commands"]}
+    names = [n for n in [*(result.get("runs") or {}), *(result.get("heldout_runs") or {})] if n not in recorded]
+    return {"runs": names, "why": "until 2026-12-07 17:00 `--resume` dropped the commands of the runs it "
+            "kept, and a run renamed in the record keeps none; they cannot be recovered, but each run's params are "
+            "recorded with its figures"} if names else None
+
+
 def record(project: Path, name: str, result: dict) -> None:
-    """reports/experiments/<name>.json, and the entry of bench/experiments.json (the other entries are kept)."""
+    """reports/experiments/<name>.json, and the entry of bench/experiments.json (the other entries are kept). A run
+    whose dvc command the record does not hold is named in ``dvc_commands_missing``."""
+    missing = _missing_commands(result)
+    result = {k: v for k, v in result.items() if k != MISSING_COMMANDS} | ({MISSING_COMMANDS: missing} if missing
+                                                                           else {})
     _common.write_json(project / REPORTS / f"{name}.json", result)
     bench_path = project / BENCH
     bench = json.loads(bench_path.read_text(encoding="utf-8")) if bench_path.is_file() else {}
@@ -825,6 +1039,30 @@ def _machine(result: dict) -> str:
     """The cores a record's wall time was measured on (records before 2026-12-07 did not say which CPU)."""
     m = result.get("machine")
     return f"{m['cpus']} cores of {m['cpu']}" if m else "2 shared CPU cores (CPU not recorded)"
+
+
+def _machines_summary(results: list[dict]) -> str:
+    """The machines the records name, for the summary's header."""
+    named = sorted({_machine(r) for r in results if r.get("machine")})
+    unnamed = sum(not r.get("machine") for r in results)
+    parts = named + ([f"{unnamed} records from before 2026-12-07 name none"] if unnamed else [])
+    return "; ".join(parts) or "no record"
+
+
+def _wall(r: dict, where: str = "") -> str:
+    """A record's wall time, then ``where`` (its machine): an ablation's last invocation, with the sum of its runs'
+    after (each invocation records its own runs, maybe on another machine); a run's stage reused from an earlier one
+    (:func:`stage_reused`) said so."""
+    wall = f"{r['wall_seconds'] / 60:.1f} min"
+    runs = r["runs"].values()
+    if r["kind"] == ABLATION:
+        total = sum(run.get("wall_seconds") or 0.0 for run in runs)
+        return f"{wall} (the last invocation){where}; its {len(r['runs'])} runs {total / 60:.1f} min in all"
+    reused = [run["train_seconds"] for run in runs if stage_reused(run, r["wall_seconds"])]
+    if reused:
+        some = "" if len(reused) == len(r["runs"]) else f" in {len(reused)} of {len(r['runs'])} runs"
+        wall += f" (stage reused{some}; its training took {sum(reused) / 60:.1f} min)"
+    return wall + where
 
 
 def _fmt(value: object, ci: dict | None = None) -> str:
@@ -938,7 +1176,8 @@ def _site_tables(sources: dict) -> list[str]:
                               else ("site's thresholds", "served as is"))
         names = [f"{c.removeprefix('model_')}, {as_served if c.startswith('model_') else at_site}" for c in columns]
         out += ["", f"A threshold chosen at the site ({rule} on {n} COVID-19 and {n} negative films of the held-out "
-                "run's test, drawn at random, and its other films called with it; mean over the draws, then mean ± sd "
+                "run's test, drawn at random, and the other patients' films called with it (a drawn film's patient's "
+                "other films are not tested); mean over the draws, then mean ± sd "
                 f"(min to max) over seeds) {intro}:", "",
                 f"| held out | classifier | {' | '.join(names)} |", "|---|---|" + "---|" * len(columns)]
         for label, model, row in sited:
@@ -1065,20 +1304,21 @@ def refresh(project: Path = PROJECT) -> None:
 def render_summary(project: Path = PROJECT) -> Path:
     """reports/experiments/README.md: where the goals stand (experiments/_goals.md), then every recorded experiment's
     command, settings, wall time, figures and notes."""
+    results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((project / REPORTS).glob("*.json"))]
     lines = ["# Experiments on the real chest X-ray corpus", "",
              "Written by `python -m pipelines.experiment` from the JSON files beside it (do not edit by hand: edit "
              "the overlay's `notes` in `experiments/`). Development figures: the corpus is a downscaled subset "
              "(about one patient in five held back), and the models are CPU-sized (no ImageNet weights). Wall times "
-             "are on 2 CPU cores shared with other work; the experiments share ingest, cache and U-Net through DVC's "
-             "run cache, so the first one run in a fresh workdir also computes those (comparison did here); each "
-             "selection trains its own projection filter (its split puts the selection's covid test patients in "
-             "its test split).", ""]
+             f"are each record's, on the machine it names ({_machines_summary(results)}; whether other work shared "
+             "it, the record's notes say); the experiments share ingest, cache and U-Net through DVC's run cache, so "
+             "the first one run in a fresh workdir also computes those, and a later one may reuse a stage another "
+             "trained (the wall time then says so); each selection trains its own projection filter (its split puts "
+             "the selection's covid test patients in its test split).", ""]
     goals = Path(project) / "experiments" / GOALS
     if goals.is_file():  # the issue's goals: where each stands, what moved it, what next (written by hand)
         lines += [goals.read_text(encoding="utf-8").strip(), ""]
     render = {"classifier": _classifier_rows, "segmentation": _segmentation_rows, "projection": _projection_rows,
               ABLATION: _ablation_rows}
-    results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((project / REPORTS).glob("*.json"))]
     lines += ["| experiment | command | working size / epochs | wall time | ours (test) | paper |",
               "|---|---|---|---|---|---|"]
     for r in results:
@@ -1086,12 +1326,10 @@ def render_summary(project: Path = PROJECT) -> Path:
         filter_px = f" (projection filter {st['train_projection.size']} px)" if st.get("train_projection.size") else ""
         size = (f"{st.get('cache.size')} px{filter_px}; epochs: projection {st.get('train_projection.epochs')}, U-Net "
                 f"{st.get('train_unet.epochs')}, classifier {st.get('train_classifier.epochs')}")
+        if r["kind"] == ABLATION:  # its runs' own settings differ (the profiles under its table)
+            size = f"the last run's: {size}"
         paper = load(r["experiment"]).get("paper_headline", "") if r["experiment"] in available() else ""
-        wall = f"{r['wall_seconds'] / 60:.1f} min"
-        trained = [run["train_seconds"] for run in r["runs"].values() if run.get("train_seconds")]
-        if trained:  # the stage came from the run cache of an earlier experiment
-            wall += f" (stage reused; its training took {sum(trained) / 60:.1f} min)"
-        lines.append(f"| {r['experiment']} | `{r['command']}` | {size} | {wall} | "
+        lines.append(f"| {r['experiment']} | `{r['command']}` | {size} | {_wall(r)} | "
                      f"{_short(r)} | {paper or 'none'} |")
     lines.append("")
     for r in results:
@@ -1102,10 +1340,17 @@ def render_summary(project: Path = PROJECT) -> Path:
             current = (load(r["experiment"]).get("description") or "").strip()
             if current and current != description:
                 description = f"{current}\n\n(The description this record was made under, superseded: {description})"
+        what = (" (the last run's: the workdir's params.yaml after it, under the overlay's params; the runs' own "
+                "differ: see under the table)" if r["kind"] == ABLATION else "")
         lines += [f"## {r['experiment']}", "", description, "",
-                  f"- command: `{r['command']}`", f"- settings: {settings}",
-                  f"- wall time: {r['wall_seconds'] / 60:.1f} min on {_machine(r)} (finished {r['finished']})"]
+                  f"- command: `{r['command']}`", f"- settings{what}: {settings}",
+                  "- wall time: " + _wall(r, f" on {_machine(r)} (finished {r['finished']})")]
+        missing = r.get(MISSING_COMMANDS)
+        if missing:
+            lines.append(f"- dvc commands not recorded for {len(missing['runs'])} runs ({missing['why']}): "
+                         + ", ".join(missing["runs"]))
         lines += [f"- train_seconds ({name}): {_fmt(run['train_seconds'])}"
+                  + (" (reused from an earlier run)" if stage_reused(run, r["wall_seconds"]) else "")
                   for name, run in r["runs"].items() if run.get("train_seconds") is not None]
         lines += [""] + render[r["kind"]](r) + [""]
         if r.get("paper"):
@@ -1206,6 +1451,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="an ablation: keep the runs already recorded with the same params, run the others")
     a = parser.parse_args(argv)
+    only_ablation = [flag for flag, given in (("--levers", a.levers), ("--runs", a.runs), ("--resume", a.resume))
+                     if given]
     if a.summary:
         refresh(PROJECT)
         print(PROJECT / REPORTS / "README.md")
@@ -1214,6 +1461,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(available()))
         return 0
     spec = load(a.name)
+    if only_ablation and spec["kind"] != ABLATION:
+        parser.error(f"{', '.join(only_ablation)}: only an ablation takes them; {a.name} is of kind {spec['kind']}")
     for item in a.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -1300,10 +1549,9 @@ def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
     # the recorded runs outside this invocation's --levers/--runs stay as they were: a partial run loses nothing
     planned = {step["name"] for step in plan}
     results = {k: v for k, v in recorded["runs"].items() if k not in planned}
-    kept_commands = [c for c in recorded.get("dvc_commands", []) if shlex.split(c)[4] not in planned]
     started, commands = time.monotonic(), []
     command = f"python -m pipelines.experiment {a.name}" + (f" --levers {a.levers}" if a.levers else "") + (
-        f" --runs {a.runs}" if a.runs else "") + "".join(
+        f" --runs {a.runs}" if a.runs else "") + (" --resume" if a.resume else "") + "".join(
         f" --set {shlex.quote(x)}" for x in a.set)
     if results:
         command = f"{recorded['command']}; {command}"
@@ -1318,6 +1566,10 @@ def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
             results[step["name"]] = {**figures, "lever": step["lever"], "run": step["run"], "seed": step["seed"],
                                      "params": step["params"]}
         measured = {r["lever"] for r in results.values()}
+        # every recorded run's command: a kept run's from the record, a run made now (maybe again) from now
+        ran = {_command_name(c) for c in commands}
+        kept_commands = [c for c in recorded.get("dvc_commands", []) if _command_name(c) in results
+                         and _command_name(c) not in ran]
         out = {
             "experiment": a.name, "description": spec.get("description", ""), "kind": ABLATION, "command": command,
             "dvc_commands": kept_commands + [c.replace(real_data.as_posix(), "$COVIDCXR_REAL_DATA") for c in commands],
@@ -1369,14 +1621,14 @@ def execute(workdir: Path, exp_name: str, params: dict, targets: list[str], kind
     baseline = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=workdir, check=True, capture_output=True)
     (workdir / "params.yaml").write_bytes(baseline.stdout)  # every run starts from the copy's baseline params
     log.info("%s: %s", exp_name, shlex.join(cmd))
-    t0 = time.monotonic()
+    t0, started = time.monotonic(), round(time.time(), 1)
     subprocess.run(["dvc", "exp", "remove", exp_name], cwd=workdir, env=_env(PROJECT), capture_output=True)
     proc = subprocess.run(cmd, cwd=workdir, env=_env(PROJECT, workdir), text=True, capture_output=True)
     if proc.returncode != 0:
         raise ExperimentError(f"{exp_name}: dvc exp run exited {proc.returncode}\n{proc.stderr[-4000:]}")
     check_working_size(workdir, params)
     result = COLLECTORS[kind](workdir, params, tuple(targets))
-    result["wall_seconds"] = round(time.monotonic() - t0, 1)
+    result["wall_seconds"], result["started_unix"] = round(time.monotonic() - t0, 1), started
     machine = bench.machine()  # an ablation's rows come from several sessions, maybe machines (run_machine)
     result["cpu"], result["cpu_kernels"] = machine["cpu"], machine["cpu_kernels"]
     result["seed"] = {k: v for k, v in params.items() if k.endswith(".seed")}

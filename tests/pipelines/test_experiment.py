@@ -286,6 +286,9 @@ def test_a_held_out_site_with_both_classes_reports_its_own_threshold_beside_the_
     rendered = "\n".join(experiment._heldout_summary_rows({"x": {"heldout": figures}}))
     assert ("the model's own rule, its sensitivity target kept on the site's next films (promised 0.905) on 20 "
             "COVID-19 and 20 negative films") in rendered
+    # evaluate passes the patients: a drawn film's patient's other films test nothing (sites.local_calibration)
+    assert ("drawn at random, and the other patients' films called with it (a drawn film's patient's other films "
+            "are not tested)") in rendered and "its other films called with it" not in rendered
     assert f"| hospitals | c_vgg16 | {site['specificity']:.3f} ± 0.000" in rendered
     # serving refused most of the site's COVID-19 films in one seed: the row says so instead of a mean of the others
     few = {**run["models"]["c_vgg16"], "test_site_calibration": {
@@ -641,8 +644,11 @@ def test_ablation_figures_come_from_each_model_s_predictions(tmp_path: Path):
     def run(lever, name, seed, spec, sens, auc=None):
         models = {"c_vgg16": {"specificity_by_source": {"kermany": {"value": spec}}, "sensitivity": sens,
                               "test_auc": auc, "auc_by_source": {"kermany": spec + 0.5}}}
+        params = {"train_unet.epochs": 40, "train_classifier.seed": seed,  # one profile: the levers' changes alone
+                  **({"train_classifier.input": {"crop": True}} if lever == "lung-crop" else {})}
         return {"lever": lever, "run": name, "seed": seed, "wall_seconds": 120.0, "models": models, "cpu": "Test CPU",
-                "heldout_sources": ["kermany"] if name == "kermany" else [], "lungs_removed": {"vgg16": 0.5}}
+                "heldout_sources": ["kermany"] if name == "kermany" else [], "lungs_removed": {"vgg16": 0.5},
+                "params": params}
 
     runs = {f"{lever}-{name}-s{seed}": run(lever, name, seed, spec, sens, auc)
             for lever, base in (("baseline", 0.2), ("lung-crop", 0.6))
@@ -666,6 +672,11 @@ def test_ablation_figures_come_from_each_model_s_predictions(tmp_path: Path):
     experiment.record(tmp_path, "ablation", result)
     summary = experiment.render_summary(tmp_path).read_text()
     assert "| ablation | `python -m pipelines.experiment ablation` |" in summary and "Goals: g >= 0.7" in summary
+    # its record's wall time is its last invocation's, its settings its last run's: said so, with the runs' own sum
+    assert "| the last run's: 64 px; epochs:" in summary and "- settings (the last run's: " in summary
+    assert "| 10.0 min (the last invocation); its 8 runs 16.0 min in all |" in summary
+    assert "- wall time: 10.0 min (the last invocation) on 2 shared CPU cores (CPU not recorded) (finished now); " \
+           "its 8 runs 16.0 min in all" in summary
     assert experiment.headline("ablation", runs) == table  # --summary recomputes the same table
 
 
@@ -697,6 +708,38 @@ def test_a_partial_ablation_keeps_what_was_recorded(tmp_path: Path, monkeypatch)
     assert record["command"].count("--levers") == 2
     assert experiment.run_ablation(two, spec, tmp_path) == 0  # resumed: the recorded equalize runs are kept
     assert len(ran) == 2 * len(spec["seeds"])
+    record = json.loads((tmp_path / experiment.REPORTS / "ablation.json").read_text())
+    assert [c.split()[4] for c in record["dvc_commands"]] == ran  # a kept run keeps its command
+    assert experiment.MISSING_COMMANDS not in record and record["command"].endswith("--resume")
+
+
+def test_a_record_says_which_runs_dvc_commands_it_lost(tmp_path: Path):
+    """An earlier --resume dropped the commands of the runs it kept: they cannot be made again, and the record and the
+    summary name those runs rather than leave nothing."""
+    base = {"experiment": "one", "command": "c", "description": "d", "settings": {}, "wall_seconds": 60.0,
+            "finished": "now", "headline": {}, "kind": "classifier", "runs": {"one-a": {"models": {}},
+                                                                             "one-b": {"models": {}}},
+            "dvc_commands": ["dvc exp run -n one-a -S x=1 evaluate"]}
+    experiment.record(tmp_path, "one", base)
+    record = json.loads((tmp_path / experiment.REPORTS / "one.json").read_text())
+    assert record[experiment.MISSING_COMMANDS]["runs"] == ["one-b"]
+    assert "cannot be recovered" in record[experiment.MISSING_COMMANDS]["why"]
+    assert "- dvc commands not recorded for 1 runs (until " in experiment.render_summary(tmp_path).read_text()
+    experiment.record(tmp_path, "one", {**record, "dvc_commands": [*base["dvc_commands"], "dvc exp run -n one-b e"]})
+    assert experiment.MISSING_COMMANDS not in json.loads((tmp_path / experiment.REPORTS / "one.json").read_text())
+
+
+@pytest.mark.parametrize("flags", [["--resume"], ["--levers", "baseline"], ["--runs", "kermany", "--resume"]])
+def test_ablation_options_given_to_another_experiment_are_refused(flags, tmp_path: Path, capsys):
+    """--levers, --runs and --resume mean something to an ablation only: elsewhere they are an error, never ignored
+    (all-sources --resume would have rerun every run)."""
+    (tmp_path / "cohen").mkdir()
+    (tmp_path / "cohen" / "metadata.csv").write_text("")
+    with pytest.raises(SystemExit) as err:
+        experiment.main(["comparison", "--dry-run", "--real-data", str(tmp_path), *flags])
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert "only an ablation takes them; comparison is of kind classifier" in message and flags[0] in message
 
 
 def test_a_run_over_stale_outputs_is_refused_not_recorded(tmp_path: Path):
@@ -783,12 +826,15 @@ def test_a_held_out_site_whose_covid_films_the_ood_check_refuses_reports_them_ad
     assert "| hospitals | c_vgg16 | not measured: 2 of 2 seeds: 0 COVID-19" in rendered
 
 
-def _ablation_run(lever: str, run: str, seed: int, spec: float | None, cpu: str | None = None) -> dict:
-    """One recorded ablation run of a held-out source (Kermany) with model c's specificity ``spec`` there."""
+def _ablation_run(lever: str, run: str, seed: int, spec: float | None, cpu: str | None = None,
+                  **params: object) -> dict:
+    """One recorded ablation run of a held-out source (Kermany) with model c's specificity ``spec`` there, made under
+    the profile ``params`` (the U-Net's 40 epochs, and its seed, unless given)."""
     models = {"c_vgg16": {"specificity_by_source": {"kermany": {"value": spec}}, "sensitivity": 0.9,
                           "test_auc": 0.8, "auc_by_source": {"kermany": 0.7}}}
     return {"lever": lever, "run": run, "seed": seed, "wall_seconds": 60.0, "models": models, "cpu": cpu,
-            "heldout_sources": ["kermany"], "lungs_removed": {"vgg16": 0.5}}
+            "heldout_sources": ["kermany"], "lungs_removed": {"vgg16": 0.5},
+            "params": {"train_unet.epochs": 40, "train_classifier.seed": seed, **params}}
 
 
 def test_an_ablation_cell_over_fewer_seeds_says_so_and_its_change_is_over_the_shared_seeds():
@@ -830,6 +876,75 @@ def test_the_ablation_table_says_which_machine_each_lever_ran_on_and_flags_a_cha
     runs["clahe-kermany-s1"]["cpu"] = xeon  # one and the same recorded machine: no mark
     line = next(row for row in experiment._ablation_rows(result) if row.startswith("| clahe |"))
     assert "(-0.100)" in line and "†" not in line
+
+
+def test_an_ablation_change_between_runs_of_different_profiles_is_marked_with_what_differs():
+    """The runs a change compares may have been made under other upstream settings than the reference's (lung-crop's
+    over an 8-epoch U-Net with segmentation_external [cohen], baseline's over 40 epochs): such a change is marked ‡,
+    and the legend names the keys and both sides' values; a lever over the reference's profile is not marked; a cell
+    whose own runs mix profiles is marked §; runs with no params recorded cannot be compared and are marked too; each
+    lever's params are printed as its runs set them, not as the record's definition says."""
+    def inputs(**kw: object) -> dict:
+        return {"train_classifier.input": {"crop": True, "margin": 0.1, "intensity": "none", **kw}}
+
+    runs = {}
+    for seed in (1, 2, 3):
+        for lever, spec, params in (
+                ("baseline", 0.2 + seed / 100, inputs()),
+                ("lung-crop", 0.5, {**inputs(), "train_unet.epochs": 8, "split.segmentation_external": ["cohen"]}),
+                ("clahe", 0.4, inputs(intensity="clahe")),
+                ("equalize", 0.3, {**inputs(intensity="equalize"), **({"train_unet.epochs": 16} if seed == 3 else {})}),
+                ("old", 0.1, {})):
+            runs[f"{lever}-kermany-s{seed}"] = _ablation_run(lever, "kermany", seed, spec, "Test CPU", **params)
+        runs[f"old-kermany-s{seed}"].pop("params")  # recorded before runs kept their params
+    levers = {"baseline": {}, "lung-crop": inputs(), "clahe": inputs(intensity="clahe", clip_limit=0.02),
+              "equalize": inputs(intensity="equalize"), "old": inputs(crop=False)}
+    rows = experiment._ablation_rows({"experiment": "test", "runs": runs, "reference": "baseline", "levers": levers})
+    line = {row.split(" | ")[0].removeprefix("| "): row for row in rows if row.startswith("| ")}
+    assert "0.500 ± 0.000 (+0.280‡)" in line["lung-crop"] and "†" not in line["lung-crop"]
+    assert "0.400 ± 0.000 (+0.180)" in line["clahe"] and "‡" not in line["clahe"]  # the same profile: the lever's
+    assert "0.300 ± 0.000§ (+0.080‡)" in line["equalize"]  # its seed 3 over another U-Net than seeds 1 and 2
+    assert "(-0.120‡)" in line["old"] and "§" not in line["baseline"]
+    text = "\n".join(rows)
+    assert ('- `lung-crop`: `split.segmentation_external` ["cohen"] against not set; `train_unet.epochs` 8 against 40'
+            in text)
+    assert "- `equalize`: `train_unet.epochs` 16, 40 against 40; its own runs (§) set `train_unet.epochs` to 16 or 40" \
+        in text
+    assert "- `old`: 3 of the runs compared recorded no params (their profile unknown)" in text
+    assert "‡ marks a change between runs of different profiles" in text and "§ marks a cell" in text
+    assert "- `clahe`: {\"train_classifier.input\": {\"crop\": true, \"intensity\": \"clahe\", \"margin\": 0.1}}" \
+        in text  # as its runs set it (the record's definition says clip_limit 0.02)
+    assert "- `baseline`: no params of its own" in text
+    assert "- `old`: not recorded (none of its 3 runs recorded its params)" in text
+
+
+def test_a_stage_is_called_reused_only_when_its_training_was_not_the_run_s_own():
+    """A run that trained its model within its own wall time did not reuse it: "reused" only where the training
+    began before the run (both recorded) or took longer than the whole run; the summary's header names the
+    records' machines instead of claiming shared cores."""
+    assert experiment.stage_reused({"train_seconds": 100.0, "wall_seconds": 150.0}) is False
+    assert experiment.stage_reused({"train_seconds": 173.2, "wall_seconds": 7.9}) is True
+    assert experiment.stage_reused({"train_seconds": 50.0, "wall_seconds": 150.0, "train_started_unix": 1000.0,
+                                    "started_unix": 2000.0}) is True  # from an earlier run, however short
+    assert experiment.stage_reused({"train_seconds": 100.0, "wall_seconds": 150.0, "train_started_unix": 2010.0,
+                                    "started_unix": 2000.0}) is False
+    assert experiment.stage_reused({"wall_seconds": 150.0}) is None
+    record = {"kind": "segmentation", "wall_seconds": 600.0,
+              "runs": {"a": {"train_seconds": 300.0, "wall_seconds": 310.0},
+                       "b": {"train_seconds": 174.0, "wall_seconds": 8.0}}}
+    assert experiment._wall(record) == "10.0 min (stage reused in 1 of 2 runs; its training took 2.9 min)"
+    record["runs"].pop("b")
+    assert experiment._wall(record) == "10.0 min"
+
+
+def test_the_summary_header_names_the_records_machines(tmp_path: Path):
+    base = {"experiment": "one", "command": "c", "description": "d", "settings": {}, "wall_seconds": 60.0,
+            "finished": "now", "headline": {}, "runs": {}, "kind": "classifier"}
+    experiment.record(tmp_path, "one", {**base, "machine": {"cpus": 2, "cpu": "Test CPU"}})
+    experiment.record(tmp_path, "two", {**base, "experiment": "two"})
+    header = experiment.render_summary(tmp_path).read_text().splitlines()[2]
+    assert "on the machine it names (2 cores of Test CPU; 1 records from before 2026-12-07 name none;" in header
+    assert "shared with other work" not in header and "comparison did here" not in header
 
 
 def test_every_run_records_the_machine_it_ran_on():

@@ -7,7 +7,7 @@ writes an empty index and costs nothing. Left out: every film of a patient of th
 patients the classifiers are tested on), of the projection task's `test` and `external` splits (the patients the
 filter is tested on, every covid test patient among them, and those it never learns from), and of every patient the
 `split.holdout` rules match in the manifest (a held-out source or hospital, matched on the manifest's own columns by
-:func:`covidcxr.splits.rule_matches`, as the split stage matches them). Whole patients, not the tables' images: a test
+:func:`covidcxr.splits.rule_patients`, as the split stage matches them). Whole patients, not the tables' images: a test
 or held-out patient's film that no task table holds (a finding outside the experiment's rules, an unknown projection)
 is left out too. The U-Net never starts from the encoder, so the segmentation splits stay in. Unlabelled as they are,
 an encoder trained on those films would make every test and held-out figure of a `weights: pretrained` model
@@ -35,7 +35,7 @@ UNSEEN = (("covid", "test"), ("projection", "test"), ("projection", "external"))
 def unseen(index, m, holdout: list[dict]) -> np.ndarray:
     """Positions in the cache ``index`` of every film of the patients of the :data:`UNSEEN` splits and of the patients
     the ``holdout`` rules (`split.holdout`) match in the manifest ``m``."""
-    patients = set(m.loc[splits.rule_matches(m, holdout), "patient_id"].astype(str))  # as the split stage holds out
+    patients = splits.rule_patients(m, holdout)  # as the split stage holds out
     for task, split in UNSEEN:
         for name, (_, rows) in _models.split_arrays(task, index).items():
             if name == split:

@@ -84,7 +84,7 @@ def task_tables(m: pd.DataFrame, p: dict) -> tuple[dict[str, pd.DataFrame], pd.D
             frame = frame.assign(label=frame["source"])
         out[name] = frame[COLUMNS].sort_values("image_id").reset_index(drop=True)
     out = {name: out[name] for name in ("covid", "projection", "segmentation")}
-    check_held_out(out, set(m.loc[splits.rule_matches(m, p["holdout"] or []), "patient_id"].astype(str)))
+    check_held_out(out, splits.rule_patients(m, p["holdout"] or []))
     train = out["covid"][out["covid"]["split"] == "train"]
     missing = sorted({"covid", "negative"} - set(train["label"]))
     if missing:
@@ -165,7 +165,7 @@ def _held_out(task: str, p: dict, m: pd.DataFrame | None = None) -> tuple[list[d
         rules = [{"source": str(s)} for s in p["segmentation_external"]] if task == "segmentation" else []
         patients = None if m is None else _task_rows(task, m)["patient_id"]
         rules += [dict(rule) for rule in p["holdout"] or []
-                  if patients is None or patients.isin(m.loc[splits.rule_matches(m, [rule]), "patient_id"]).any()]
+                  if patients is None or patients.astype(str).isin(splits.rule_patients(m, [rule])).any()]
         return rules, "external" if rules else ""
     return [], ""
 
@@ -173,8 +173,7 @@ def _held_out(task: str, p: dict, m: pd.DataFrame | None = None) -> tuple[list[d
 def _held_rows(task: str, p: dict, m: pd.DataFrame, frame: pd.DataFrame) -> pd.Series:
     """The rows of ``frame`` (a task's table) that ``task`` holds out: every image of the patients of the images its
     rules match in the manifest ``m`` (a patient whose key ingest merged across sources keeps all films together)."""
-    matched = m[splits.rule_matches(m, _held_out(task, p, m)[0])]
-    return frame["patient_id"].isin(matched["patient_id"])
+    return frame["patient_id"].astype(str).isin(splits.rule_patients(m, _held_out(task, p, m)[0]))
 
 
 def validated_fractions(task: str, p: dict) -> dict[str, float]:

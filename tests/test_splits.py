@@ -137,7 +137,7 @@ def test_holdout_source_is_the_whole_test_split_and_patients_stay_apart():
     df = multi_source()
     fractions = splits.without_split(splits.PAPER_FRACTIONS, "test")
     assert fractions == pytest.approx({"train": 0.75, "val": 0.25})
-    df["split"] = splits.split_with_holdout(df, [{"source": "b"}], fractions=fractions, seed=3)
+    df["split"] = splits.split_held_out(df, splits.rule_matches(df, [{"source": "b"}]), fractions=fractions, seed=3)
     assert set(df.loc[df["source"] == "b", "split"]) == {"test"}
     assert set(df.loc[df["source"] != "b", "split"]) == {"train", "val"}
     assert (df.groupby("patient_id")["split"].nunique() == 1).all()
@@ -149,7 +149,8 @@ def test_holdout_source_is_the_whole_test_split_and_patients_stay_apart():
 
 def test_external_holdout_keeps_the_internal_three_way_split():
     df = multi_source()
-    df["split"] = splits.split_with_holdout(df, [{"source": "c"}], holdout_split="external", seed=0)
+    df["split"] = splits.split_held_out(df, splits.rule_matches(df, [{"source": "c"}]), holdout_split="external",
+                                        seed=0)
     assert set(df.loc[df["source"] == "c", "split"]) == {"external"}
     assert set(df.loc[df["source"] != "c", "split"]) == {"train", "val", "test"}
     # the internal part is split exactly as it would be without the external source
@@ -157,23 +158,28 @@ def test_external_holdout_keeps_the_internal_three_way_split():
     assert inner["split"].tolist() == splits.split_patients(inner.drop(columns="split"), seed=0).tolist()
 
 
-def test_holdout_refuses_unknown_source_everything_and_shared_patients():
+def test_holdout_refuses_everything_and_shared_patients():
     df = multi_source()
-    with pytest.raises(splits.SelectionError, match=r"held-out rule \{'source': 'zz'\} matches no row"):
-        splits.split_with_holdout(df, [{"source": "zz"}])
     with pytest.raises(splits.SelectionError, match="leaves no rows"):
-        splits.split_with_holdout(df, [{"source": ["a", "b", "c"]}])
+        splits.split_held_out(df, splits.rule_matches(df, [{"source": ["a", "b", "c"]}]))
     shared = df.copy()
     shared.loc[shared["source"] == "b", "patient_id"] = shared.loc[shared["source"] == "a", "patient_id"].iloc[0]
     with pytest.raises(splits.SelectionError, match="1 patients have images both in and out"):
-        splits.split_with_holdout(shared, [{"source": "b"}])
+        splits.split_held_out(shared, splits.rule_matches(shared, [{"source": "b"}]))
+
+
+def test_rule_patients_are_every_patient_with_a_matching_film():
+    df = pd.DataFrame({"patient_id": ["p1", "p1", "p2", "p3"], "source": ["a", "b", "b", "c"]})
+    assert splits.rule_patients(df, [{"source": "a"}]) == {"p1"}  # p1's other film (source b) goes with it
+    assert splits.rule_patients(df, [{"source": "a"}, {"source": "c"}]) == {"p1", "p3"}
+    assert splits.rule_patients(df, []) == set()
 
 
 def test_hospitals_with_both_classes_are_held_out_by_rules():
     df = multi_source()
     df["site"] = np.where(df.groupby("patient_id").ngroup() % 2 == 0, "north", "south")  # a patient has one site
-    df["split"] = splits.split_with_holdout(df, [{"source": "a", "site": "north"}, {"source": "b"}],
-                                            fractions={"train": 0.75, "val": 0.25}, seed=1)
+    held = splits.rule_matches(df, [{"source": "a", "site": "north"}, {"source": "b"}])
+    df["split"] = splits.split_held_out(df, held, fractions={"train": 0.75, "val": 0.25}, seed=1)
     test = df[df["split"] == "test"]
     assert set(zip(test["source"], test["site"])) == {("a", "north"), ("b", "north"), ("b", "south")}
     assert set(test["label"]) == {"covid", "negative"}  # a held-out hospital with both classes: a real AUC

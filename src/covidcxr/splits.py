@@ -101,6 +101,11 @@ def rule_matches(df: pd.DataFrame, rules: Sequence[Mapping[str, object]]) -> pd.
     return mask
 
 
+def rule_patients(df: pd.DataFrame, rules: Sequence[Mapping[str, object]]) -> set[str]:
+    """Patients with any row matching ``rules``: what a held-out rule holds out (whole patients, every film)."""
+    return set(df.loc[rule_matches(df, rules), "patient_id"].astype(str))
+
+
 def select_experiment(
     manifest: pd.DataFrame,
     positives: Sequence[Mapping[str, object]],
@@ -141,35 +146,6 @@ def drop_negatives_among_positives(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.D
     return df.loc[~drop], df.loc[drop]
 
 
-def split_with_holdout(
-    df: pd.DataFrame,
-    holdout: Sequence[Mapping[str, object]],
-    *,
-    holdout_split: str = "test",
-    fractions: Mapping[str, float] = PAPER_FRACTIONS,
-    seed: int = 0,
-    stratify: str | None = "label",
-    group: str = "patient_id",
-    fixed: Mapping[str, str] | None = None,
-) -> pd.Series:
-    """Split by patient, except that rows matching any rule of ``holdout`` all go to ``holdout_split``.
-
-    A rule selects rows by column values as in :func:`select_experiment` (``{"source": "kermany"}``, or
-    ``{"source": "cohen", "site": ["Germany", "Spain"]}`` for hospitals). Used for external validation: held-out sources
-    or sites are the whole test split (``fractions`` then name only train and val), and external segmentation data
-    (``holdout_split="external"``). A rule that matches no row is a :class:`SelectionError`, and so is what
-    :func:`split_held_out` refuses.
-    """
-    held = pd.Series(False, index=df.index)
-    for rule in holdout:
-        matched = _matches(df, rule)
-        if not matched.any():
-            raise SelectionError(f"held-out rule {dict(rule)} matches no row")
-        held |= matched
-    return split_held_out(df, held, holdout_split=holdout_split, fractions=fractions, seed=seed, stratify=stratify,
-                          group=group, fixed=fixed, what=f"the held-out rows {[dict(r) for r in holdout]}")
-
-
 def split_held_out(
     df: pd.DataFrame,
     held: pd.Series,
@@ -184,6 +160,8 @@ def split_held_out(
 ) -> pd.Series:
     """Split by patient, except that the rows where ``held`` is true all go to ``holdout_split``.
 
+    Used for external validation: held-out sources or sites (``held`` from :func:`rule_matches`) are the whole test
+    split (``fractions`` then name only train and val), and external segmentation data (``holdout_split="external"``).
     A patient on both sides, or nothing left to split, is a :class:`SelectionError` (``what`` names the held-out rows
     in its message). ``fixed`` places patients of the rest as in :func:`split_patients`.
     """

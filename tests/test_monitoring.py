@@ -142,6 +142,65 @@ def test_films_refused_without_a_finite_ood_score_count_as_out_of_distribution(t
     assert tests["refusal_rate"].window == 0.0  # refused as out of distribution: not a refusal for another reason
 
 
+def test_a_flagging_model_is_known_from_the_reference_s_meta_not_guessed(tmp_path, capsys):
+    """Whether the model flags films past its OOD threshold (answers them) was guessed from whether its reference
+    answered any: a small validation reference has none, so the model's own flagged answers were left out of the
+    window's positive rate and probability test, with a note blaming a site's threshold. register saves ood_action in
+    the reference's meta: it decides; a reference without it is still guessed, and the note says so."""
+    small = REFERENCE.loc[REFERENCE["ood_score"] <= THRESHOLD].head(40)  # no film past the threshold
+    flagged = admitted(20, seed=12, flagged=True).assign(threshold=0.5, ood_threshold=THRESHOLD,
+                                                         thresholds_from="model")
+    window = pd.concat([traffic(60, seed=2), flagged], ignore_index=True)
+    answered = int(window["accepted"].sum())
+    drift = monitoring.compare(small, window, ood_threshold=THRESHOLD, ood_action="flag", permutations=300)
+    tests = {t.name: t for t in drift.tests}
+    assert tests["positive_rate"].n_window == tests["covid_probability"].n_window == answered
+    assert "site" not in tests["positive_rate"].note and "left out" not in tests["positive_rate"].note
+    assert tests["ood_rate"].window >= 20 / len(window)  # flagged films still count as out of distribution
+
+    within = int((window["accepted"] & (window["ood_score"] <= THRESHOLD)).sum())
+    guessed = monitoring.compare(small, window, ood_threshold=THRESHOLD, permutations=300)  # an older reference
+    positive_rate = {t.name: t for t in guessed.tests}["positive_rate"]
+    assert "the reference does not say whether the model refuses or flags films" in positive_rate.note
+    assert "taken as refuse" in positive_rate.note and positive_rate.n_window == within
+    refusing = monitoring.compare(small, window, ood_threshold=THRESHOLD, ood_action="refuse", permutations=300)
+    assert {t.name: t for t in refusing.tests}["positive_rate"].n_window == within
+    with pytest.raises(ValueError, match="ood_action must be 'refuse' or 'flag'"):
+        monitoring.compare(small, window, ood_threshold=THRESHOLD, ood_action="Flag")
+
+    # `covidcxr monitor` reads it from the reference's meta
+    reference = tmp_path / "reference.json"
+    monitoring.Reference(small, {"ood_threshold": THRESHOLD, "model_version": "3", "ood_action": "flag"}).save(
+        reference)
+    url = f"sqlite:///{tmp_path / 'predictions.db'}"
+    sink = predlog.PredictionLog(url)
+    sink.append(window.astype(object).where(window.notna(), None).to_dict(orient="records"))
+    assert sink.flush(10) and sink.written == len(window)
+    out = tmp_path / "report.html"
+    assert cli.main(["monitor", "--reference", str(reference), "--log", url, "--no-mlflow", "--out", str(out),
+                     "--permutations", "200", "--since", "1d"]) in (0, cli.MONITOR_DRIFT)
+    capsys.readouterr()
+    summary = {t["name"]: t for t in json.loads(out.with_suffix(".json").read_text())["tests"]}
+    assert summary["positive_rate"]["n_window"] == answered
+
+
+def test_films_refused_at_a_stricter_ood_threshold_are_counted_not_silently_dropped():
+    """A request (or a site) with a stricter OOD threshold than the model's refuses films the model would answer;
+    refusing clears their probability, so they fell out of the probability test and the positive rate without a
+    word. They are in distribution at the model's threshold (counted so in the OOD share, not as refusals), and the
+    notes of the two tests count them."""
+    window = traffic(80, seed=2, ood_limit=5.0, source="request")
+    stricter = int(((window["reason"] == "out_of_distribution") & (window["ood_score"] <= THRESHOLD)).sum())
+    assert stricter >= 10
+    drift = monitoring.compare(REFERENCE, window, ood_threshold=THRESHOLD, ood_action="refuse", permutations=300)
+    tests = {t.name: t for t in drift.tests}
+    for name in ("positive_rate", "covid_probability"):
+        assert f"window: {stricter} film(s) refused at a stricter OOD threshold than the model's" in tests[name].note
+    assert tests["positive_rate"].n_window == int(window["accepted"].sum())
+    assert tests["ood_rate"].n_window == len(window) and tests["refusal_rate"].window == 0.0
+    assert tests["ood_rate"].window == pytest.approx(float((window["ood_score"] > THRESHOLD).mean()))
+
+
 def shifted_features(frame: pd.DataFrame, sd: float = 3.0) -> pd.DataFrame:
     """The same records with every compact feature moved by ``sd`` standard deviations (1 in :func:`traffic`)."""
     return frame.assign(features=[[v + sd for v in f] for f in frame["features"]])

@@ -576,7 +576,8 @@ def _monitor(args: argparse.Namespace) -> int:
         url = _monitored_log(args, version)
         window = predlog.read(url, model_name=args.model, model_version=version, since=since, until=until)
         drift = monitoring.compare(reference.frame, window, ood_threshold=reference.meta.get("ood_threshold"),
-                                   alpha=args.alpha, permutations=args.permutations, min_records=args.min_records)
+                                   ood_action=reference.meta.get("ood_action"), alpha=args.alpha,
+                                   permutations=args.permutations, min_records=args.min_records)
         out = Path(args.out or f"reports/monitor/{args.model}-v{version}.html")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(monitoring.render(drift, model_name=args.model, model_version=version, since=since, until=until,

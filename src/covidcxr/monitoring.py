@@ -15,7 +15,10 @@ pipeline into a :class:`covidcxr.predlog.MemoryLog`), so both sides have the sam
   own thresholds (a request's, or a server's ``$COVIDCXR_SITE``) is compared on what its images are, not on how the
   site chose to call them. Films a site admitted past the model's OOD threshold count in the OOD share, and in neither
   the positive rate nor the probability test: the model would have refused them, and the reference has none (unless
-  the model only flags them, ``register.ood_action: flag``, and the reference answers such films too).
+  the model only flags them, ``register.ood_action: flag``, as the reference's meta says; a reference saved before it
+  said so is taken as flagging when it answers such films). Films refused at a stricter OOD threshold than the
+  model's (a request's or a site's) count as in distribution in the OOD share, and, having no probability, in neither
+  the positive rate nor the probability test, whose notes count them.
 
 The p-values are Bonferroni-corrected over the tests that ran (as alibi-detect does for feature-wise tests); drift is
 significant when any corrected p-value is below ``alpha``. Each test records the smallest p-value its sample sizes
@@ -309,16 +312,20 @@ def reason_shares(frame: pd.DataFrame) -> dict[str, float]:
     return {str(k): float(v) for k, v in labels.value_counts(normalize=True).sort_index().items()}
 
 
-def compare(reference: pd.DataFrame, window: pd.DataFrame, *, ood_threshold: float | None, alpha: float = 0.05,
-            permutations: int = 1000, min_records: int = 20, min_per_test: int = 5, seed: int = 0) -> Drift:
-    """Every test of the module docstring between the reference records and the window's, with the verdict."""
+def compare(reference: pd.DataFrame, window: pd.DataFrame, *, ood_threshold: float | None,
+            ood_action: str | None = None, alpha: float = 0.05, permutations: int = 1000, min_records: int = 20,
+            min_per_test: int = 5, seed: int = 0) -> Drift:
+    """Every test of the module docstring between the reference records and the window's, with the verdict.
+    ``ood_threshold`` and ``ood_action`` are the model's (the reference's meta; ``ood_action`` None: not recorded)."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if ood_action not in (None, "refuse", "flag"):
+        raise ValueError(f"the reference's ood_action must be 'refuse' or 'flag', got {ood_action!r}")
     if permutations < 1:
         raise ValueError(f"permutations must be at least 1, got {permutations}")
     reference, window = reference.reset_index(drop=True), window.reset_index(drop=True)
     accepted = {"reference": _accepted(reference), "window": _accepted(window)}
-    beyond, notes = _beyond_the_model(reference, window, accepted, ood_threshold)
+    beyond, notes = _beyond_the_model(reference, window, accepted, ood_threshold, ood_action)
     tests = [ks_test(name, _values(reference, name),
                      _values(window.loc[~beyond] if name == "covid_probability" else window, name), min_per_test)
              for name in SCALARS]
@@ -381,30 +388,46 @@ def compare(reference: pd.DataFrame, window: pd.DataFrame, *, ood_threshold: flo
 
 
 def _beyond_the_model(reference: pd.DataFrame, window: pd.DataFrame, accepted: Mapping[str, pd.Series],
-                      ood_threshold: float | None) -> tuple[pd.Series, str]:
+                      ood_threshold: float | None, ood_action: str | None) -> tuple[pd.Series, str]:
     """The window's records the model's own thresholds would not have answered (left out of its side of the positive
     rate and the probability test), and a note saying what was left out or cannot be told ("" when nothing).
 
-    Those answered above the model's OOD threshold (a site's own admitted them; the model refuses them), unless the
-    reference answers such films too (a model that only flags them, ``ood_action: flag``). An answered record without
-    an OOD score is kept and counted in the note: the log cannot tell whether the model would have answered it.
+    Those answered past the model's OOD threshold (a site's own admitted them; a model that refuses such films,
+    ``ood_action: refuse``, would not have answered them; one that flags them answers them, in its reference too). An
+    answered record without an OOD score is kept and counted in the note: the log cannot tell whether the model would
+    have answered it. Films refused at a stricter OOD threshold than the model's (a request's or a site's) are
+    counted in the note: the model would have answered them, but the log holds no probability of theirs.
+    ``ood_action`` None (a reference saved before register recorded it): guessed from whether the reference answers
+    any film past the threshold, and the note says so where it matters.
     """
     none = pd.Series(False, index=window.index)
     if ood_threshold is None:
         return none, ""
-    scores = {side: pd.to_numeric(frame["ood_score"], errors="coerce")
-              for side, frame in (("reference", reference), ("window", window))}
-    if (accepted["reference"] & (scores["reference"] > ood_threshold)).any():  # the model answers them, flagged
-        return none, ""
-    beyond = accepted["window"] & (scores["window"] > ood_threshold)
-    unknown = int((accepted["window"] & scores["window"].isna()).sum())
+    scores, scored = _ood_scores(window)
+    out = pd.Series(scored & ood.is_out(scores, ood_threshold), index=window.index)
+    beyond = accepted["window"] & out
     notes = []
-    if beyond.any():
+    if ood_action is None:
+        ref_scores, ref_scored = _ood_scores(reference)
+        flags = bool((accepted["reference"] & (ref_scored & ood.is_out(ref_scores, ood_threshold))).any())
+        ood_action = "flag" if flags else "refuse"
+        if beyond.any():
+            notes.append(f"the reference does not say whether the model refuses or flags films past its OOD threshold "
+                         f"(saved before register recorded ood_action): taken as {ood_action}, as its records "
+                         f"{'answer' if flags else 'answer no'} such films")
+    if ood_action == "flag":
+        beyond = none
+    elif beyond.any():
         notes.append(f"window: {int(beyond.sum())} film(s) admitted past the model's OOD threshold (a site's own) "
                      "left out")
+    unknown = int((accepted["window"] & pd.Series(~scored, index=window.index)).sum())
     if unknown:
         notes.append(f"window: {unknown} answered film(s) without an OOD score kept (the log cannot tell whether the "
                      "model's threshold would have answered them)")
+    stricter = int((~accepted["window"] & (window["reason"] == "out_of_distribution") & ~out).sum())
+    if stricter:
+        notes.append(f"window: {stricter} film(s) refused at a stricter OOD threshold than the model's (a request's "
+                     "or a site's) left out: the model would have answered them, but the log holds no probability")
     return beyond, "; ".join(notes)
 
 

@@ -1075,8 +1075,8 @@ def _fmt(value: object, ci: dict | None = None) -> str:
 
 
 def _classifier_rows(result: dict) -> list[str]:
-    header = ["| run | model | test n (covid/neg) | test AUC [95% CI] | sensitivity | specificity | at 0.5: acc / sens "
-              "/ spec / F1 | refused as OOD |", "|---|---|---|---|---|---|---|---|"]
+    header = ["| run | model | test n (covid/neg) | test AUC [95% CI] | sensitivity | specificity | calibrated score "
+              "at 0.5: acc / sens / spec / F1 | refused as OOD |", "|---|---|---|---|---|---|---|---|"]
     held = result.get("heldout_runs") or {}
     if not held:
         return header + _model_rows(result["runs"])

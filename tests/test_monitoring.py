@@ -104,8 +104,8 @@ def test_films_a_site_admitted_past_the_model_s_ood_threshold_count_in_the_ood_s
     assert tests["refusal_rate"].n_window == len(window)
 
     # A model that flags such films answers them in its reference too: both sides keep them
-    flagging = pd.concat([REFERENCE, admitted(10, seed=11, flagged=True).assign(threshold=0.5, ood_threshold=THRESHOLD)],
-                         ignore_index=True)
+    flagged = admitted(10, seed=11, flagged=True).assign(threshold=0.5, ood_threshold=THRESHOLD)
+    flagging = pd.concat([REFERENCE, flagged], ignore_index=True)
     kept = monitoring.compare(flagging, window, ood_threshold=THRESHOLD, permutations=300)
     assert {t.name: t for t in kept.tests}["positive_rate"].n_window == int(window["accepted"].sum())
 

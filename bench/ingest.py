@@ -7,7 +7,8 @@ above the working size decoded at reduced scale in Pillow's draft mode), resize,
 float16. The baseline decodes the same file whole: `pydicom.dcmread(path).pixel_array` or Pillow's
 `Image.open(path).load()`. The figure is the ratio ours / decoder-alone (goal >= 0.8); above 1 where the reduced decode
 saves more than the rest costs. Both sides run in one warm pool of all cores, the cache stage's
-(:func:`covidcxr.parallel.worker_pool`), alternately, best of several rounds (see :func:`best_of_rounds`).
+(:func:`covidcxr.parallel.worker_pool`), back to back in each of several rounds, alternating which goes first; the
+figures are the round with the median ratio (see :func:`paired_rounds`).
 """
 
 from __future__ import annotations
@@ -51,21 +52,25 @@ def images_per_second(pool: ProcessPoolExecutor, fn, paths: list[str], repeats: 
     return len(work) / (time.perf_counter() - start)
 
 
-def best_of_rounds(paths: list[str], workers: int, repeats: int, rounds: int, size: int = SIZE) -> dict[str, float]:
-    """Images/s of the decoder alone and of ours, in one warm pool, alternating which goes first, best of ``rounds``.
+def paired_rounds(paths: list[str], workers: int, repeats: int, rounds: int, size: int = SIZE) -> dict:
+    """Images/s of the decoder alone and of ours, in one warm pool, back to back in each of ``rounds`` rounds,
+    alternating which goes first: the round with the median ratio ours / decoder, and every round's ratio.
 
-    On a machine shared with other work, a single pass of each is at the mercy of what else ran meanwhile; the best
-    round of each is the least disturbed, and alternating gives neither side the quieter half systematically.
+    On a machine shared with other work (its speed drifts from one minute to the next) each side's best, taken from
+    different rounds, would compare two machines; a ratio within one round compares the same one, and alternating
+    gives neither side the quieter half systematically.
     """
     sides = {"decode_only": decode_only, "ours": functools.partial(ours, size=size)}
-    best = dict.fromkeys(sides, 0.0)
+    measured = []
     with worker_pool(workers) as pool:  # the cache stage's pool (parallel_map's), with its allocator settings
         for fn in sides.values():  # warm the workers (imports, first-call set-up)
             list(pool.map(fn, paths[: 2 * workers]))
         for r in range(rounds):
-            for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-                best[name] = max(best[name], images_per_second(pool, sides[name], paths, repeats))
-    return best
+            ips = {name: images_per_second(pool, sides[name], paths, repeats)
+                   for name in (list(sides) if r % 2 == 0 else list(sides)[::-1])}
+            measured.append((ips["ours"] / ips["decode_only"], ips))
+    measured.sort(key=lambda m: m[0])
+    return {**measured[len(measured) // 2][1], "ratios": [round(ratio, 3) for ratio, _ in measured]}
 
 
 def breakdown(path: str, size: int = SIZE, number: int = 50) -> dict:
@@ -127,13 +132,14 @@ def run(demo: Path, real: Path | None, repeats: int = 2, rounds: int = 5, *, smo
         if not paths:
             continue
         for size, key in ((SIZE, kind), (PROFILE_SIZE, f"{kind}_{PROFILE_SIZE}px")):
-            best = best_of_rounds(paths, workers, repeats, rounds, size)
+            median = paired_rounds(paths, workers, repeats, rounds, size)
             result[key] = {
                 "files": len(paths),
                 "size": size,
-                "working_image_ips": round(best["ours"], 1),
-                "decode_only_ips": round(best["decode_only"], 1),
-                "ratio": round(best["ours"] / best["decode_only"], 3),
+                "working_image_ips": round(median["ours"], 1),
+                "decode_only_ips": round(median["decode_only"], 1),
+                "ratio": round(median["ours"] / median["decode_only"], 3),
+                "ratios": median["ratios"],
             }
         with worker_pool(1) as pool:  # one file's steps, in a worker set up as the cache stage's
             calls = BREAKDOWN_CALLS.get(kind, 50)

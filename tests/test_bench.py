@@ -91,3 +91,48 @@ def test_gpu_benchmark_says_why_it_skips_without_a_gpu():
     assert only["skipped"] == result["skipped"] and only["value"] is None and only["pass"] is None
     recorded = json.loads((ROOT / "bench" / "results-gpu.json").read_text())  # the lent H200's run, in one schema
     assert recorded["machine"]["gpu"] and all(set(r) == set(ROW_KEYS) for r in recorded["results"])
+
+
+def training_result(**extra) -> dict:
+    """What bench.training.run records, reduced to one network (achieved and peak GFLOP/s, images/s)."""
+    return {"matmul_gflops": 100.0,
+            "vgg19_128px": {"achieved_gflops": 60.0, "matmul_gflops": 100.0, "train_images_per_second": 3.0},
+            **extra}
+
+
+def test_training_above_the_matmul_peak_is_inconclusive_not_a_pass():
+    from bench import training
+
+    [fine] = training.rows(training_result())
+    assert fine["ratio"] == 0.6 and fine["pass"] is False
+    [high] = training.rows(training_result(vgg19_128px={"achieved_gflops": 123.1, "matmul_gflops": 100.0}))
+    assert high["pass"] is None and high["skipped"].startswith("inconclusive: training read 1.231")
+
+
+def test_mixed_bfloat16_sets_each_pass_against_its_own_peak():
+    from bench import training
+
+    # bfloat16 read 2x the images/s, but beside a peak twice as high (the machine ran faster then): no speed-up
+    mixed = {"vgg19_128px": {"achieved_gflops": 120.0, "matmul_gflops": 200.0, "train_images_per_second": 6.0}}
+    [_, row] = training.rows(training_result(mixed_bfloat16={"note": "", **mixed}))
+    assert row["name"] == "training.mixed_bfloat16.vgg19_128px" and row["ratio"] == 1.0
+
+
+def test_a_failed_cpu_kernels_process_is_a_failed_row_and_keeps_the_other_figures():
+    from bench import training
+
+    broken = training.cpu_kernels(-1, width=0.125, steps=1, rounds=1)  # no such input size: both processes fail
+    assert broken["native"]["error"].startswith("exited 1") and "portable" in broken
+    names = [r["name"] for r in training.rows(training_result(cpu_kernels=broken))]
+    assert names == ["training.vgg19_128px", "training.portable_cpu_kernels.vgg19_-1px"]
+    [*_, row] = training.rows(training_result(cpu_kernels=broken))
+    assert row["skipped"].startswith("failed: native exited 1")
+
+
+def test_ingest_compares_the_two_sides_within_each_round(demo_data):
+    from bench import ingest
+
+    paths = ingest.find_files(demo_data.root, None, n=4)["dicom"]
+    measured = ingest.paired_rounds(paths, workers=1, repeats=1, rounds=3)
+    assert len(measured["ratios"]) == 3 and measured["ratios"] == sorted(measured["ratios"])
+    assert round(measured["ours"] / measured["decode_only"], 3) == measured["ratios"][1]  # the median round

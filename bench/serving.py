@@ -1,7 +1,8 @@
 """Serving latency: one 512-px image through `mlflow models serve` (p50/p95 sequentially, and throughput with 4
 concurrent clients) beside the same image through the in-process pyfunc in the same run; the ratio of the p50s is
-what the HTTP server adds (goal: under 1.5x). Both run without the prediction log; its cost is measured apart: the
-in-process pyfunc with the log (sqlite under bench/.work) against without it, alternating (goal: p50 at most 1.1x).
+what the HTTP server adds (goal: under 1.5x). Both run without the prediction log, whatever the caller's environment
+sets; its cost is measured apart: the in-process pyfunc with the log (sqlite under bench/.work) against without it,
+alternating which goes first (goal: p50 at most 1.1x, and every record written: else a ``failed:`` row).
 
 Needs a registered model (`dvc repro register`) and runs from the project directory (sqlite:///mlflow.db).
 """
@@ -58,11 +59,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_uri: str, port: int, log_path: Path) -> subprocess.Popen:
-    """`mlflow models serve` from this environment (its bin first on PATH: the server runs `uvicorn`)."""
+def start_server(model_uri: str, port: int, log_path: Path, prediction_log: str = "none") -> subprocess.Popen:
+    """`mlflow models serve` from this environment (its bin first on PATH: the server runs `uvicorn`), writing its
+    prediction log to ``prediction_log`` (``$COVIDCXR_PREDICTION_LOG``; default none), never to the caller's: a
+    production log would get the benchmark's requests."""
     bin_dir = str(Path(sys.executable).parent)
     env = runtime.environment(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-                              **{predlog.ENV: os.environ.get(predlog.ENV, "none")})
+                              **{predlog.ENV: prediction_log})
     env.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([f"{bin_dir}/mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
@@ -97,7 +100,8 @@ def load_local(model_uri: str):
 
 def log_overhead(model, frame, n: int, warmup: int, db: Path = Path("bench/.work/predictions-bench.db")) -> dict:
     """p50 of the in-process pyfunc with the prediction log (a fresh sqlite file) beside the same calls without it,
-    alternating; every record must have been written."""
+    alternating which goes first: the log's background writer inserts a call's records while the next call runs, and
+    always second, the no-log side paid for them. Meets the goal only if every record was written, none lost."""
     pipeline = model.unwrap_python_model().pipeline
     db.parent.mkdir(parents=True, exist_ok=True)
     db.unlink(missing_ok=True)
@@ -105,7 +109,7 @@ def log_overhead(model, frame, n: int, warmup: int, db: Path = Path("bench/.work
     without, with_log = [], []
     try:
         for k in range(warmup + n):
-            for sink_now, out in ((None, without), (sink, with_log)):
+            for sink_now, out in ((None, without), (sink, with_log))[:: 1 if k % 2 else -1]:
                 pipeline.prediction_log = sink_now
                 start = time.perf_counter()
                 model.predict(frame)
@@ -114,14 +118,18 @@ def log_overhead(model, frame, n: int, warmup: int, db: Path = Path("bench/.work
     finally:
         pipeline.prediction_log = None
     sink.flush(30)
+    expected = (warmup + n) * len(frame)  # one record per image scored with the log on
     ratio = float(np.median(with_log) / np.median(without))
-    return {"without_log": percentiles(without), "with_log": percentiles(with_log), "records_written": sink.written,
-            "records_lost": sink.lost, "overhead_ratio_p50": round(ratio, 3), "goal_ratio_p50": GOAL_LOG_RATIO,
-            "meets_goal": bool(ratio <= GOAL_LOG_RATIO and sink.lost == 0)}
+    complete = sink.lost == 0 and sink.written == expected
+    return {"without_log": percentiles(without), "with_log": percentiles(with_log), "records_expected": expected,
+            "records_written": sink.written, "records_lost": sink.lost, "overhead_ratio_p50": round(ratio, 3),
+            "goal_ratio_p50": GOAL_LOG_RATIO, "meets_goal": bool(ratio <= GOAL_LOG_RATIO and complete)}
 
 
-def run(model_uri: str | None = None, n: int = 40, clients: int = 4, warmup: int = 3, *, smoke: bool = False) -> dict:
-    """Server and in-process calls alternate, so that load from anything else on the machine hits both alike.
+def run(model_uri: str | None = None, n: int = 40, clients: int = 4, warmup: int = 3, *, smoke: bool = False,
+        demo: Path = Path("data/demo")) -> dict:
+    """Server and in-process calls alternate, so that load from anything else on the machine hits both alike; the
+    image is the first DICOM of ``demo``. Skipped (with why) when no model is registered or the registry lacks it.
 
     Smoke: 4 requests, 2 clients, 1 warm-up.
     """
@@ -139,8 +147,10 @@ def run(model_uri: str | None = None, n: int = 40, clients: int = 4, warmup: int
         with mock.patch.dict(os.environ, {predlog.ENV: "none"}):  # the baseline: no log; measured apart below
             model = load_local(model_uri)
     except MlflowException as err:
-        return {"skipped": f"{model_uri} cannot be loaded ({err.message[:200]}): run `dvc repro register` first"}
-    image = image_512()
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":  # anything else is a failure, not a missing model
+            raise
+        return {"skipped": f"{model_uri} is not in the registry ({err.message[:200]}): run `dvc repro register` first"}
+    image = image_512(demo)
     frame = pd.DataFrame({"image": [image]})
     body = json.dumps({"dataframe_records": [{"image": image}]}).encode()
     port = free_port()
@@ -192,8 +202,15 @@ def rows(result: dict) -> list[dict]:
 
     if "skipped" in result:
         return [skipped("serving", result["skipped"])]
-    local, server = result["in_process_pyfunc"], result["server"]
+    local, server, log = result["in_process_pyfunc"], result["server"], result["prediction_log"]
     concurrent = next(v for k, v in server.items() if k.startswith("concurrent_"))
+    if log["records_lost"] or log["records_written"] != log.get("records_expected"):  # did less than a log must
+        log_row = skipped("serving.p50_with_prediction_log", "failed: the prediction log wrote "
+                          f"{log['records_written']} of {log.get('records_expected')} records "
+                          f"({log['records_lost']} lost)")
+    else:
+        log_row = row("serving.p50_with_prediction_log", log["with_log"]["p50_ms"], log["without_log"]["p50_ms"],
+                      "in-process pyfunc p50 without the log, same run", "ms", goal("ratio", "<=", GOAL_LOG_RATIO))
     return [
         row("serving.p50_latency", server["sequential"]["p50_ms"], local["p50_ms"], "in-process pyfunc p50, same run",
             "ms", goal("ratio", "<", GOAL_RATIO)),
@@ -201,9 +218,7 @@ def rows(result: dict) -> list[dict]:
             "ms"),
         row("serving.concurrent_throughput", concurrent["images_per_second"], local["images_per_second"],
             "in-process pyfunc images/s, same run", "images/s"),
-        row("serving.p50_with_prediction_log", result["prediction_log"]["with_log"]["p50_ms"],
-            result["prediction_log"]["without_log"]["p50_ms"], "in-process pyfunc p50 without the log, same run",
-            "ms", goal("ratio", "<=", GOAL_LOG_RATIO)),
+        log_row,
     ]
 
 

@@ -2,7 +2,8 @@
 each figure stands beside its same-run baseline (schema: bench/README.md).
 
 ``--smoke`` (or COVIDCXR_BENCH_SMOKE=1) shrinks every benchmark to seconds and writes bench/.work/results-smoke.json:
-it checks that the benchmarks run, its figures mean little.
+it checks that the benchmarks run, its figures mean little. ``--gpu`` runs only bench/gpu.py into
+bench/results-gpu.json; where it is skipped (no GPU), that file, the record of a lent GPU's run, is left as it is.
 """
 
 from __future__ import annotations
@@ -28,11 +29,9 @@ def measure(name: str, smoke: bool, demo: Path, real: Path | None) -> dict:
     module = importlib.import_module(f"bench.{name}")
     if name == "ingest":
         return module.run(demo, real, smoke=smoke)
-    if name == "pipeline":
-        return module.run(smoke=smoke, demo=demo)
-    if name == "gpu":
+    if name == "training":  # reads no data
         return module.run(smoke=smoke)
-    return module.run(smoke=smoke)  # serving: skipped until `dvc repro register` ran
+    return module.run(smoke=smoke, demo=demo)  # serving: skipped until `dvc repro register` ran
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(skipped(name, f"failed: {type(err).__name__}: {str(err)[:300]}"))
         details[name]["bench_seconds"] = round(time.perf_counter() - start, 1)
         details[name]["date"] = datetime.date.today().isoformat()
+    if args.gpu and "skipped" in details["gpu"] and out.is_file():
+        print(f"gpu: skipped ({details['gpu']['skipped']}); {out} kept as it is")
+        return 0
     # --only into an existing results file of the same mode: the benchmarks not rerun keep their rows (each
     # benchmark's details say when it ran)
     previous = json.loads(out.read_text()) if out.is_file() else {}
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "mode": "smoke" if args.smoke else "full",
         "date": datetime.date.today().isoformat(),
-        "machine": machine(),
+        "machine": {**machine(), **({k: details["gpu"].get(k) for k in ("gpu", "backend")} if args.gpu else {})},
         "results": rows,
         "details": details,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,52 @@ def test_gpu_benchmark_says_why_it_skips_without_a_gpu():
     assert only["skipped"] == result["skipped"] and only["value"] is None and only["pass"] is None
     recorded = json.loads((ROOT / "bench" / "results-gpu.json").read_text())  # the lent H200's run, in one schema
     assert recorded["machine"]["gpu"] and all(set(r) == set(ROW_KEYS) for r in recorded["results"])
+
+
+def test_gpu_run_without_a_gpu_leaves_the_recorded_file_as_it_is(tmp_path: Path, capsys):
+    from bench.__main__ import main
+
+    out = tmp_path / "results-gpu.json"  # a copy of the lent H200's record, hand-written command and machine.gpu
+    shutil.copy(ROOT / "bench" / "results-gpu.json", out)
+    before = out.read_bytes()
+    assert main(["--gpu", "--out", str(out)]) == 0
+    assert out.read_bytes() == before
+    said = capsys.readouterr().out
+    assert "kept as it is" in said and "tensorflow-cpu" in said  # the locked TensorFlow, named
+
+
+def gpu_result(**extra) -> dict:
+    """What bench.gpu.run returns on a GPU, reduced to one configuration."""
+    return {"backend": "tensorflow", "gpu": "NVIDIA H200", "float32_matmul": "TF32",
+            "matmul_tflops": {"bfloat16": 800.0, "float32": 400.0},
+            "vgg.fp32.xla": {"achieved_tflops": 200.0}, "vgg.bf16.xla": {"error": "ResourceExhaustedError: OOM"},
+            **extra}
+
+
+def test_gpu_end_to_end_runs_in_a_throwaway_copy_and_a_failure_is_a_failed_row(demo_data):
+    from bench import gpu
+
+    assert gpu.END_TO_END[:3] == ["dvc", "exp", "run"] and "cache.size=224" in gpu.END_TO_END
+    where = "import os, sys; print(os.getcwd(), os.path.isfile('data/demo/labels.csv'), os.path.isdir('reports'))"
+    result = gpu.end_to_end(demo_data.root, command=[sys.executable, "-c", f"{where}; sys.exit(3)"])
+    cwd, demo, reports = result["tail"].split()
+    assert Path(cwd) != ROOT and not Path(cwd).exists() and (demo, reports) == ("True", "False")
+    assert result["returncode"] == 3 and result["failed"].startswith("exited 3")
+    rows = {r["name"]: r for r in gpu.rows(gpu_result(end_to_end=result))}
+    assert rows["gpu.end_to_end"]["skipped"].startswith("failed: exited 3") and rows["gpu.end_to_end"]["value"] is None
+
+    slow = gpu.end_to_end(demo_data.root, command=[sys.executable, "-c", "import time; time.sleep(30)"], timeout=1)
+    assert slow["failed"].startswith("timed out after 1 s")  # returned, not raised: the network rows are kept
+
+
+def test_gpu_rows_name_a_broken_configuration_failed_and_a_tf32_peak_tf32():
+    from bench import gpu
+
+    rows = {r["name"]: r for r in gpu.rows(gpu_result(end_to_end={"seconds": 60.0}))}
+    assert rows["gpu.vgg.bf16.xla"]["skipped"] == "failed: ResourceExhaustedError: OOM"
+    assert rows["gpu.vgg.fp32.xla"]["ratio"] == 0.5 and "TF32" in rows["gpu.vgg.fp32.xla"]["baseline_name"]
+    assert gpu.float32_matmul(None) == "float32"
+    assert gpu.matmul_tflops("float32", n=64, repeats=2) > 0  # TensorFlow's path, waiting on a scalar (here a CPU)
 
 
 def test_prediction_log_row_fails_unless_every_record_was_written():
@@ -187,6 +234,16 @@ def test_a_failed_cpu_kernels_process_is_a_failed_row_and_keeps_the_other_figure
     assert names == ["training.vgg19_128px", "training.portable_cpu_kernels.vgg19_-1px"]
     [*_, row] = training.rows(training_result(cpu_kernels=broken))
     assert row["skipped"].startswith("failed: native exited 1")
+
+
+def test_pipeline_peak_memory_sums_the_whole_process_tree(tmp_path: Path):
+    from bench import pipeline
+
+    hold = "import time; b = b'x' * (150 << 20); time.sleep(2)"  # 150 MB resident, each child
+    two = f"import subprocess, sys; ps = [subprocess.Popen([sys.executable, '-c', {hold!r}]) for _ in range(2)]; " \
+          "[p.wait() for p in ps]"
+    _, tree, single = pipeline.timed([sys.executable, "-c", two], tmp_path, dict(os.environ))
+    assert 150 < single < 250 and tree > 300
 
 
 def test_ingest_compares_the_two_sides_within_each_round(demo_data):

@@ -147,9 +147,44 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
     captured = capsys.readouterr()
     assert captured.out == "" and "chosen on model version 9's scores; the model answering is version " \
         f"{out['model_version']}" in captured.err
+    # the same version number of another registered model (covidcxr-real v2 against covidcxr v2): refused as well
+    assert out["model_name"] == "covidcxr"
+    thresholds.write_text(json.dumps({**out, "model_name": "covidcxr-real"}))
+    assert cli.main(["predict", str(site / "f0.png"), "--site", str(thresholds)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"chosen on covidcxr-real v{out['model_version']}'s scores; the model answering " \
+        f"is covidcxr v{out['model_version']}" in captured.err
+    # a file written before calibrate-site recorded the name: read, but it cannot be checked by name, so refused
+    thresholds.write_text(json.dumps({k: v for k, v in out.items() if k != "model_name"}))
+    assert cli.main(["predict", str(site / "f0.png"), "--site", str(thresholds)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "record no model_name" in captured.err and "calibrate the site again" in captured.err
     thresholds.write_text('{"ood_threshold": 3}')
     assert cli.main(["predict", str(site / "f0.png"), "--site", str(thresholds)]) == 2
     assert "not a thresholds file of `covidcxr calibrate-site --output`" in capsys.readouterr().err
+
+
+def test_calibrate_site_log_tags_the_model_that_answered_not_the_model_uri_s(registry, tmp_path, capsys):
+    """--log tagged the registered version of --model-uri's name (covidcxr by default), whatever model answered (a
+    server of covidcxr-real): covidcxr v2 got the site tags of thresholds chosen on covidcxr-real v2."""
+    import argparse
+
+    for name in ("covidcxr", "covidcxr-real"):
+        registry.create_registered_model(name)
+        for _ in range(2):
+            registry.create_model_version(name, source=str(tmp_path))
+    out = {"threshold": 0.3, "ood_threshold": None, "objective": "youden", "min_sensitivity": None,
+           "model_name": "covidcxr-real", "model_version": "2"}
+    args = argparse.Namespace(model_uri="models:/covidcxr@champion", output=None, log="ward-7")
+    assert cli._log_site(out, args) == 0
+    assert "tagged covidcxr-real v2 site.ward-7.*" in capsys.readouterr().err
+    assert registry.get_model_version("covidcxr-real", "2").tags["site.ward-7.threshold"] == "0.3"
+    assert not any(k.startswith("site.") for k in registry.get_model_version("covidcxr", "2").tags)
+    [run] = mlflow.search_runs(experiment_names=["covidcxr-sites"], output_format="list")
+    assert run.data.tags["model_name"] == "covidcxr-real"
+
+    assert cli._log_site({**out, "model_name": None}, args) == 1  # a model that does not say which it is: no tags
+    assert "does not report its name" in capsys.readouterr().err
 
 
 def test_a_site_threshold_is_chosen_by_the_answering_models_own_rule_unless_the_flags_give_one(tmp_path, capsys):

@@ -242,11 +242,13 @@ def test_threshold_param_overrides_the_operating_threshold(loaded):
 def test_a_server_with_a_site_file_applies_its_thresholds_and_refuses_per_request_ones(bundle, loaded, tmp_path,
                                                                                         monkeypatch):
     """$COVIDCXR_SITE: the site's thresholds (calibrate-site --output) on every request, whoever sends it; a file
-    chosen on another model version stops the server from loading."""
+    chosen on another model version, or on the same version number of another registered model (or one that does not
+    say which model), stops the server from loading."""
     images = [png_b64(phantom(seed=s)) for s in range(4)]
     probabilities = sorted(e["covid_probability"] for e in loaded.score(images))
     site = tmp_path / "site.json"
-    site.write_text(json.dumps({"threshold": probabilities[2], "ood_threshold": None, "model_version": "unregistered"}))
+    site.write_text(json.dumps({"threshold": probabilities[2], "ood_threshold": None, "model_name": "covidcxr",
+                                "model_version": "unregistered"}))
     monkeypatch.setenv(sites.ENV, str(site))
     at_site = serving.Pipeline.load(bundle)
     entries = at_site.score(images)
@@ -258,6 +260,14 @@ def test_a_server_with_a_site_file_applies_its_thresholds_and_refuses_per_reques
     site.write_text(json.dumps({"threshold": 0.2, "ood_threshold": None, "model_version": "7"}))
     with pytest.raises(sites.SiteFileError, match="chosen on model version 7's scores; the model answering is "
                                                   "version unregistered"):
+        serving.Pipeline.load(bundle)
+    site.write_text(json.dumps({"threshold": 0.2, "ood_threshold": None, "model_name": "covidcxr-real",
+                                "model_version": "unregistered"}))
+    with pytest.raises(sites.SiteFileError, match="chosen on covidcxr-real vunregistered's scores; the model "
+                                                  "answering is covidcxr vunregistered"):
+        serving.Pipeline.load(bundle)
+    site.write_text(json.dumps({"threshold": 0.2, "ood_threshold": None, "model_version": "unregistered"}))
+    with pytest.raises(sites.SiteFileError, match="record no model_name .* cannot be checked by name"):
         serving.Pipeline.load(bundle)
 
 

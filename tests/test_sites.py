@@ -198,14 +198,45 @@ def test_a_thresholds_file_that_cannot_be_used_is_an_error_naming_it(tmp_path, c
 
 def test_thresholds_apply_only_to_the_model_version_they_were_chosen_on(tmp_path):
     path = tmp_path / "site.json"
-    path.write_text(json.dumps({"threshold": 0.25, "ood_threshold": None, "model_version": "3"}))
+    path.write_text(json.dumps({"threshold": 0.25, "ood_threshold": None, "model_name": "covidcxr-real",
+                                "model_version": "3"}))
     site = sites.SiteThresholds.load(path)
-    site.check_version("3")
-    site.check_version(3)
+    site.check_model("covidcxr-real", "3")
+    site.check_model("covidcxr-real", 3)
     with pytest.raises(sites.SiteFileError, match="chosen on model version 3's scores; the model answering is version "
                                                   "4: calibrate the site again") as caught:
-        site.check_version("4")
+        site.check_model("covidcxr-real", "4")
     assert str(path) in str(caught.value)
+
+
+def test_thresholds_apply_only_to_the_registered_model_they_were_chosen_on(tmp_path):
+    """The registry holds covidcxr (demo) and covidcxr-real with overlapping version numbers: thresholds chosen on
+    covidcxr-real v2 passed the check on covidcxr v2, which was then scored at them. Now the name is checked too; a
+    file that records no name (written before calibrate-site did) is still read, but cannot be checked and is refused
+    with the advice to calibrate again, as is a model that does not report its name."""
+    path = tmp_path / "site.json"
+    path.write_text(json.dumps({"threshold": 0.25, "ood_threshold": None, "model_name": "covidcxr-real",
+                                "model_version": "2"}))
+    site = sites.SiteThresholds.load(path)
+    assert (site.model_name, site.model_version) == ("covidcxr-real", "2")
+    with pytest.raises(sites.SiteFileError, match="chosen on covidcxr-real v2's scores; the model answering is "
+                                                  "covidcxr v2: calibrate the site again") as caught:
+        site.check_model("covidcxr", "2")
+    assert str(path) in str(caught.value)
+    with pytest.raises(sites.SiteFileError, match="does not report its name"):
+        site.check_model(None, "2")
+
+    path.write_text(json.dumps({"threshold": 0.25, "ood_threshold": None, "model_version": "2"}))  # an older file
+    older = sites.SiteThresholds.load(path)
+    assert older.model_name is None and older.threshold == 0.25
+    for name in ("covidcxr", "covidcxr-real"):
+        with pytest.raises(sites.SiteFileError, match=r"record no model_name .*cannot be checked by "
+                                                      "name.*calibrate the site again"):
+            older.check_model(name, "2")
+
+    path.write_text(json.dumps({"threshold": 0.25, "model_name": "", "model_version": "2"}))
+    with pytest.raises(sites.SiteFileError, match="model_name must be the registered model's name"):
+        sites.SiteThresholds.load(path)
 
 
 def test_a_site_threshold_is_refused_where_the_model_does_not_separate_the_site_s_films():

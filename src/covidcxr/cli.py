@@ -66,14 +66,15 @@ def _predict(args: argparse.Namespace) -> int:
                  if v is not None}}
     try:
         score = None
-        if site is not None:  # the site's thresholds only on the model version they were chosen for
+        if site is not None:  # the site's thresholds only on the model (name and version) they were chosen for
             served = _scorer(args.model_uri, args.url, args.timeout)
-            site.check_version(serving.probe_version(served))  # before any film is scored (and logged)
+            about = serving.probe(served)
+            site.check_model(about["model_name"], about["model_version"])  # before any film is scored (and logged)
 
             def score(images: list[str], params: dict) -> list[dict]:
                 entries = served(images, params)
                 for entry in entries:  # the server may have changed model since the probe
-                    site.check_version(entry["model_version"])
+                    site.check_model(entry.get("model_name"), entry["model_version"])
                 return entries
 
         rows = _score_files(args.files, args, params, score)
@@ -224,11 +225,11 @@ def _calibrate_site(args: argparse.Namespace) -> int:
            "model_ood_threshold": model_ood, "model_answered": len(model),
            "model_sensitivity": float(at_model[model_y == 1].mean()) if (model_y == 1).any() else None,
            "model_specificity": float((~at_model[model_y == 0]).mean()) if (model_y == 0).any() else None,
-           "refused": refused, "model_version": first["model_version"],
+           "refused": refused, "model_name": first.get("model_name"), "model_version": first["model_version"],
            "note": "figures on the films the threshold was chosen on (optimistic; promised_sensitivity is what the "
                    "site's next COVID-19 films get on average); serve with this threshold (and ood_threshold, when "
                    "not null) as the request's params, or this file as `covidcxr predict --site` / `covidcxr pacs "
-                   "--site` or a server's COVIDCXR_SITE, with this model version only"}
+                   "--site` or a server's COVIDCXR_SITE, with this model (model_name, model_version) only"}
     print(json.dumps(out, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
@@ -246,8 +247,12 @@ def _log_site(out: dict, args: argparse.Namespace) -> int:
 
     from covidcxr import sites
 
+    name = out.get("model_name")  # the model that answered, whichever --model-uri named (a server's own)
+    if name is None:
+        print("calibrate-site: the model answering does not report its name (served before answers carried "
+              "model_name): not logged, no registered version tagged (the calibration is above)", file=sys.stderr)
+        return 1
     mlflow.set_tracking_uri(_tracking_uri())
-    name = _registered_name(args.model_uri)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(args.output or Path(tmp) / f"site-{args.log}.json")
@@ -682,7 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threshold", type=float, help="decision threshold instead of the model's operating one")
     predict.add_argument("--site", help="a site's thresholds (`calibrate-site --output`): its threshold and, when it "
                                         "admitted its films, its OOD threshold; --threshold/--ood-threshold override; "
-                                        "an error when the model answering is not the version they were chosen on")
+                                        "an error when the model answering is not the one (registered name and "
+                                        "version) they were chosen on")
     predict.add_argument("--ood-threshold", type=float,
                          help="out-of-distribution threshold instead of the model's (a site's, from calibrate-site "
                               "--admit)")
@@ -725,7 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--interval", type=float, help="run a pass every INTERVAL seconds until stopped")
     worker.add_argument("--site", help="the site's thresholds (`calibrate-site --output`) on every image, instead of "
                                        "the model's: the results record the threshold that decided; nothing is scored "
-                                       "when the model answering is not the version they were chosen on")
+                                       "when the model answering is not the one (registered name and version) they "
+                                       "were chosen on")
     worker.add_argument("--batch-size", type=_batch_size, default=8,
                         help="images per scoring request (default: 8; at most the model's own limit, max_images)")
     worker.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")

@@ -553,7 +553,7 @@ def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.dat
     about = serving.probe(score)
     model = ModelId(str(about["model_name"] or model_name), str(about["model_version"]))
     if site is not None:
-        site.check_version(model.version)
+        site.check_model(model.name, model.version)
     batch_size = serving.request_size(about, batch_size)
     studies = pacs.find_studies(since)
     summary = Summary(studies=len(studies))

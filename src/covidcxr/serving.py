@@ -294,10 +294,10 @@ class Pipeline:
         self.prediction_log = prediction_log  # where every scored image's record goes (None: nowhere)
         self.threshold = metrics.check_threshold(classifier.operating_threshold, "operating threshold")
         self.config = config
-        # A site's own thresholds on every request, in place of the model's; chosen on this version's scores only
+        # A site's own thresholds on every request, in place of the model's; chosen on this model's scores only
         self.site = site
         if site is not None:
-            site.check_version(config.model_version)
+            site.check_model(config.model_name, config.model_version)
         # The filter's threshold is the one its folder carries, as for the U-Net's and the classifier's, unless the
         # configuration overrides it
         self.frontal_threshold = (projection.operating_threshold if config.frontal_threshold is None

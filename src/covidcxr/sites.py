@@ -19,8 +19,10 @@ COVID-19 films, "at least 0.95 of these" lets one fall below the threshold, and 
 
 What ``calibrate-site --output`` writes is read back by :meth:`SiteThresholds.load` (``covidcxr predict --site``,
 ``covidcxr pacs --site``, or a server's ``$COVIDCXR_SITE``, which applies it to every request and refuses per-request
-thresholds). The thresholds were chosen on one model version's scores and mean nothing for another: every use checks
-the version that answers against the one they were chosen for.
+thresholds). The thresholds were chosen on one model's scores and mean nothing for another: every use checks the model
+that answers, by registered name and version (``covidcxr`` and ``covidcxr-real`` both have a version 2), against the one
+they were chosen for. A file written before it recorded the name cannot be checked by name and is refused with the
+advice to calibrate again.
 """
 
 from __future__ import annotations
@@ -46,17 +48,19 @@ ENV = "COVIDCXR_SITE"
 
 class SiteFileError(ValueError):
     """A site's thresholds file that cannot be used (unreadable, not what ``calibrate-site --output`` writes, or chosen
-    for another model version); the message names the file and the problem."""
+    for another model); the message names the file and the problem."""
 
 
 @dataclasses.dataclass(frozen=True)
 class SiteThresholds:
     """A site's own thresholds (``calibrate-site --output``): its operating threshold, its OOD threshold when it
-    admitted its films (None: the model's), and the model version whose scores they were chosen on."""
+    admitted its films (None: the model's), and the registered model name and version whose scores they were chosen
+    on (``model_name`` None: a file written before it recorded the name, which :meth:`check_model` refuses)."""
 
     threshold: float
     ood_threshold: float | None
     model_version: str
+    model_name: str | None = None
     path: str = ""
 
     @classmethod
@@ -81,19 +85,36 @@ class SiteThresholds:
         if version is None or isinstance(version, bool) or not str(version).strip():
             raise SiteFileError(f"site thresholds {path}: no model_version; thresholds mean nothing without the model "
                                 "version they were chosen for: calibrate the site again (`covidcxr calibrate-site`)")
-        return cls(threshold, limit, str(version), str(path))
+        name = data.get("model_name")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise SiteFileError(f"site thresholds {path}: model_name must be the registered model's name, got {name!r}")
+        return cls(threshold, limit, str(version), model_name=name, path=str(path))
 
     def params(self) -> dict:
         """The request params that apply them: ``threshold``, and ``ood_threshold`` when the site admitted its films."""
         return {"threshold": self.threshold, **({} if self.ood_threshold is None else
                                                 {"ood_threshold": self.ood_threshold})}
 
-    def check_version(self, model_version: object) -> None:
-        """:class:`SiteFileError` unless ``model_version`` (the model answering) is the one they were chosen for."""
+    def check_model(self, model_name: object, model_version: object) -> None:
+        """:class:`SiteFileError` unless the model answering (``model_name``, ``model_version``) is the one they were
+        chosen for: the same version of the same registered model. Refused as well when either name is unknown (a file
+        written before it recorded the name, a model that does not report its own): versions alone repeat across
+        registered models, so the thresholds could be another model's."""
+        again = "calibrate the site again for it (`covidcxr calibrate-site`)"
         if str(model_version) != self.model_version:
             raise SiteFileError(f"site thresholds {self.path} were chosen on model version {self.model_version}'s "
-                                f"scores; the model answering is version {model_version}: calibrate the site again "
-                                "for it (`covidcxr calibrate-site`)")
+                                f"scores; the model answering is version {model_version}: {again}")
+        if self.model_name is None:
+            raise SiteFileError(f"site thresholds {self.path} record no model_name (written before calibrate-site "
+                                f"recorded it): they cannot be checked by name, and version {self.model_version} of "
+                                f"another registered model would pass; {again}")
+        if model_name is None:
+            raise SiteFileError(f"site thresholds {self.path}: the model answering does not report its name (served "
+                                "before answers carried model_name): they cannot be checked by name; serve the model "
+                                f"{self.model_name} v{self.model_version} they were chosen on")
+        if str(model_name) != self.model_name:
+            raise SiteFileError(f"site thresholds {self.path} were chosen on {self.model_name} v{self.model_version}'s "
+                                f"scores; the model answering is {model_name} v{model_version}: {again}")
 
 
 class LabelsFileError(ValueError):

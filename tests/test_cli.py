@@ -240,6 +240,26 @@ def test_predict_writes_one_overlay_per_file_even_when_two_share_a_name(tmp_path
     assert "scan-2.png" not in capsys.readouterr().out  # the table names the files, not the overlays
 
 
+def test_predict_prints_probabilities_and_thresholds_at_the_precision_they_are_compared_at(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """0.99996 against a threshold of 0.999999 printed as 1.0000 negative 1.0000: now both at 6 decimals (the
+    precision serving compares them at, models.PROBABILITY_DECIMALS), so the label follows from what is shown."""
+    image = tmp_path / "scan.png"
+    image.write_bytes(b"answered by the scorer below")
+
+    def score(images: list[str], params: dict) -> list[dict]:
+        return [{"accepted": True, "covid_probability": 0.99996, "label": "negative", "threshold": 0.999999,
+                 "ood_score": 12.3456789, "ood_threshold": 19.1072, "model_name": "covidcxr", "model_version": "1",
+                 "max_images": 16} for _ in images]
+
+    monkeypatch.setattr(cli, "_scorer", lambda *args: score)
+    assert cli.main(["predict", str(image)]) == 0
+    header, row = (line.split("\t") for line in capsys.readouterr().out.splitlines())
+    cells = dict(zip(header, row))
+    assert (cells["covid_probability"], cells["label"], cells["threshold"]) == ("0.999960", "negative", "0.999999")
+    assert (cells["ood_score"], cells["ood_threshold"]) == ("12.345679", "19.107200")
+
+
 def test_score_files_pairs_each_file_with_its_own_answer_in_the_order_given(tmp_path):
     """A file given twice kept only its last position when the answers were put back in order: the rows came back
     reordered, and calibrate-site paired them with the wrong labels. Now each answer stays at its file's position."""

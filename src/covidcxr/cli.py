@@ -284,10 +284,14 @@ def _applies_a_site(score: Callable[[list[str], dict], list[dict]]) -> bool:
 
 
 def _cell(value: object) -> str:
+    """A table cell; numbers at the precision probabilities are compared with thresholds at
+    (:data:`covidcxr.models.PROBABILITY_DECIMALS`), so the label a row shows follows from the figures it shows."""
+    from covidcxr import models
+
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.{models.PROBABILITY_DECIMALS}f}"
     return str(value)
 
 

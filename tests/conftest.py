@@ -1,5 +1,6 @@
 """Shared fixtures: the real-data corpus (from ../shared, located by COVIDCXR_REAL_DATA), the demo dataset written once
-per test run, and the grouping that keeps expensive shared set-ups in one pytest-xdist worker."""
+per test run, and the grouping that keeps expensive shared set-ups in one pytest-xdist worker. The developer's
+shared-service settings are removed from the environment before anything else runs (:data:`SHARED_SETTINGS`)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,34 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from covidcxr import runtime
-
 REAL_DATA_ENV = "COVIDCXR_REAL_DATA"
 BIN = Path(sys.executable).parent
+
+#: Prefixes of the variables that point a process at shared services or carry their credentials: the team's MLflow
+#: server, prediction log, Optuna study, site thresholds and pseudonym salt (README's team set-up), S3 and PostgreSQL.
+#: Exported in a developer's shell, they would send the suite's demo models to the team's registry (the end-to-end
+#: `dvc repro` registers covidcxr@champion), its trials to the team's study and its phantom predictions to the
+#: hospital's log, through the tests and every subprocess they start (runtime.environment copies os.environ).
+SHARED_SETTINGS = ("MLFLOW_", "COVIDCXR_", "AWS_", "PG")
+#: ... except these: telemetry stays off, and the real-data corpus is what the tests read (CI sets it).
+KEPT_SETTINGS = frozenset({"MLFLOW_DISABLE_TELEMETRY", REAL_DATA_ENV})
+
+
+def without_shared_settings(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` less the :data:`SHARED_SETTINGS` (but :data:`KEPT_SETTINGS`)."""
+    return {k: v for k, v in env.items() if not k.startswith(SHARED_SETTINGS) or k in KEPT_SETTINGS}
+
+
+# Once per test process, when pytest loads this file: before anything imports covidcxr (which applies
+# COVIDCXR_PORTABLE_CPU and the tracking defaults to os.environ) and before any test or subprocess reads them.
+for _name in set(os.environ) - set(without_shared_settings(os.environ)):
+    del os.environ[_name]
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +102,8 @@ def demo_data(tmp_path_factory) -> DemoData:
         counts = folder / "counts.json"
         if not counts.is_file():
             shutil.rmtree(folder, ignore_errors=True)
+            from covidcxr import runtime  # not at the top: importing covidcxr applies COVIDCXR_PORTABLE_CPU
+
             env = runtime.environment(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
             proc = subprocess.run(["covidcxr", "demo-data", str(folder / "demo")], env=env, capture_output=True,
                                   text=True, timeout=600)

@@ -3,11 +3,59 @@ fixtures hand them paths that hold wherever they run."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 
+ROOT = Path(__file__).resolve().parents[1]
 BEFORE = os.environ.get("MLFLOW_TRACKING_URI")
+#: The README's team set-up as a developer's shell exports it, with the credentials such a shell also holds.
+TEAM_SHELL = {
+    "MLFLOW_TRACKING_URI": "http://mlflow-host:5000",
+    "MLFLOW_TRACKING_TOKEN": "team-token",
+    "COVIDCXR_PREDICTION_LOG": "postgresql+psycopg2://covidcxr@db-host/predictions",
+    "COVIDCXR_OPTUNA_STORAGE": "postgresql+psycopg2://optuna@db-host/optuna",
+    "COVIDCXR_SITE": "/srv/covidcxr/site-thresholds.json",
+    "COVIDCXR_PSEUDONYM_SALT": "team-salt",
+    "COVIDCXR_PORTABLE_CPU": "1",
+    "AWS_ACCESS_KEY_ID": "AKIATEAM",
+    "AWS_SECRET_ACCESS_KEY": "team-secret",
+    "PGPASSWORD": "team-password",
+}
+#: What a test probe records: the tests' environment and a stage subprocess's (runtime.environment copies os.environ).
+PROBE = """
+import json, os
+from pathlib import Path
+
+
+def test_probe():
+    from covidcxr import runtime
+
+    seen = {"tests": dict(os.environ), "subprocesses": runtime.environment()}
+    (Path(__file__).parent / "seen.json").write_text(json.dumps(seen))
+"""
+
+
+def test_the_developers_team_settings_reach_neither_tests_nor_their_subprocesses(tmp_path):
+    """`make test` in a shell with the team set-up exported: the end-to-end `dvc repro` registered a demo model as
+    the team's covidcxr@champion, the tune stage added a trial to the team's study, the serving tests wrote phantom
+    predictions to the hospital's log. tests/conftest.py now removes those settings from every test process."""
+    (tmp_path / "test_probe.py").write_text(PROBE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # not this run's xdist worker
+    env |= TEAM_SHELL | {"COVIDCXR_REAL_DATA": str(tmp_path / "real-data"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
+                           str(tmp_path / "test_probe.py")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    for where, environment in seen.items():
+        assert sorted(set(TEAM_SHELL) & set(environment)) == [], where
+        assert environment["COVIDCXR_REAL_DATA"] == str(tmp_path / "real-data"), where  # what the tests read: kept
+        assert environment["MLFLOW_DISABLE_TELEMETRY"] == "true", where
 
 
 def test_a_test_that_points_mlflow_elsewhere(tmp_path):

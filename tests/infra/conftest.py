@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from covidcxr import runtime
-from tests.conftest import BIN
+from tests.conftest import BIN, without_shared_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60
@@ -38,8 +38,9 @@ def free_port() -> int:
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    """The project's environment for subprocesses: venv first, telemetry off, loopback never proxied."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "PG"))}
+    """The project's environment for subprocesses: venv first, telemetry off, loopback never proxied, and none of the
+    shared-service settings, not even those a test set in this process (the servers' own come as ``extra``)."""
+    env = without_shared_settings(os.environ)
     return runtime.environment(env, **{
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),

@@ -41,6 +41,7 @@ SUMMARY = "reports/split/summary.json"
 CHECKS = "reports/split/validation.json"
 DOCS = "reports/split/data_docs"
 COLUMNS = ["image_id", "patient_id", "label", "split"]
+PROJECTION_CLASSES = tuple(x for x in manifest.PROJECTIONS if x != "unknown")  # frontal, lateral
 
 
 class HeldOutLeak(splits.SelectionError):
@@ -176,6 +177,18 @@ def _held_rows(task: str, p: dict, m: pd.DataFrame, frame: pd.DataFrame) -> pd.S
     return frame["patient_id"].astype(str).isin(splits.rule_patients(m, _held_out(task, p, m)[0]))
 
 
+def task_classes(task: str, p: dict, m: pd.DataFrame) -> list[str]:
+    """The classes every checked split of ``task`` must hold, from the task's definition, never from its split table
+    (where a class that no row has would pass unnoticed): covid/negative, frontal/lateral, and for segmentation every
+    source with lung masks in the manifest ``m`` but those whose masks are all held out (an `external` split)."""
+    if task == "covid":
+        return list(validation.CLASSES)
+    if task == "projection":
+        return list(PROJECTION_CLASSES)
+    masked = _segmentation_rows(m)
+    return sorted(masked.loc[~_held_rows(task, p, m, masked), "source"].astype(str).unique())
+
+
 def validated_fractions(task: str, p: dict) -> dict[str, float]:
     """Target split shares of the rows split by patient (a held-out test source leaves only train and val, unless
     ``holdout_with_test``: then the rest has its own test split, which the held-out rows join)."""
@@ -186,22 +199,29 @@ def validated_fractions(task: str, p: dict) -> dict[str, float]:
     return splits.without_split(fractions, held_split) if held and held_split in fractions else dict(fractions)
 
 
+def check_tables(tables: dict[str, pd.DataFrame], p: dict, m: pd.DataFrame,
+                 expectations: str) -> list[validation.SuiteResult]:
+    """The splits suite on every task's table (held-out rows left out: they are checked only for patient
+    disjointness), its results named ``<task>/<suite>``."""
+    results = []
+    for name, table in tables.items():
+        held, held_split = _held_out(name, p, m)
+        checked_rows = table[table["split"] != held_split] if held else table
+        if held and name == "covid" and p.get("holdout_with_test"):  # the rest's own test split is checked too
+            checked_rows = table[~_held_rows(name, p, m, table)]
+        checked = validation.validate_splits(checked_rows, expectations, fractions=validated_fractions(name, p),
+                                             tolerance=float(p["tolerance"]), classes=task_classes(name, p, m))
+        results += [dataclasses.replace(r, name=f"{name}/{r.name}") for r in checked]
+    return results
+
+
 def run(p: dict, expectations: str) -> dict:
     log = _common.setup_logging()
     m = manifest.read_csv(MANIFEST)
     tables, dropped = task_tables(m, p)
 
-    results, held_rules = [], {}
-    for name, table in tables.items():
-        held, held_split = _held_out(name, p, m)
-        held_rules[name] = held
-        checked_rows = table[table["split"] != held_split] if held else table
-        if held and name == "covid" and p.get("holdout_with_test"):  # the rest's own test split is checked too
-            checked_rows = table[~_held_rows(name, p, m, table)]
-        classes = sorted(checked_rows["label"].unique()) if name != "covid" else ["covid", "negative"]
-        checked = validation.validate_splits(checked_rows, expectations, fractions=validated_fractions(name, p),
-                                             tolerance=float(p["tolerance"]), classes=classes)
-        results += [dataclasses.replace(r, name=f"{name}/{r.name}") for r in checked]
+    results = check_tables(tables, p, m, expectations)
+    held_rules = {name: _held_out(name, p, m)[0] for name in tables}
     summary = {
         name: {
             split: {lab: int(n) for lab, n in t[t["split"] == split]["label"].value_counts().sort_index().items()}

@@ -181,7 +181,8 @@ def split_tables(
     ``per_patient`` has one row per patient with a representative ``image_id`` (the smallest), so that examples
     name an image rather than the patient; rows with a null patient or split are left to the ``rows`` checks.
     ``per_split`` has one row per target split (present or not) with its share of all images (``fraction``),
-    ``target``, ``deviation = |fraction - target|``, one ``n_<class>`` count per class and ``n_missing_classes``;
+    ``target``, ``deviation = |fraction - target|``, one ``n_<class>`` count per class, ``n_missing_classes`` and
+    ``missing_classes`` (their names, comma-separated, so that a failure says which class a split lacks);
     splits outside the targets are left to the ``rows`` checks.
     """
     if not isinstance(splits, pd.DataFrame):
@@ -222,6 +223,7 @@ def split_tables(
             "deviation": (fraction - target).abs().round(9).to_numpy(dtype=float),
             **{f"n_{c}": by_class[c].to_numpy(dtype=np.int64) for c in classes},
             "n_missing_classes": (by_class == 0).sum(axis=1).to_numpy(dtype=np.int64),
+            "missing_classes": [",".join(c for c in classes if by_class.at[n, c] == 0) for n in names],
         }
     )
     return {"rows": rows, "per_patient": per_patient, "per_split": per_split}

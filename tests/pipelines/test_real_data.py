@@ -13,6 +13,7 @@ from covidcxr import datasets
 from tests.pipelines.conftest import run
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_data_stages_on_real_corpus(project: Path, real_data: Path):
@@ -91,6 +92,9 @@ def test_every_experiment_splits_its_data_on_real_corpus(real_data: Path, tmp_pa
             checked.add(key)
             m = manifests[sources]
             tables, _ = split_stage.task_tables(m, split_p)
+            suites = split_stage.check_tables(tables, split_p, m, str(ROOT / "expectations"))
+            failed = [(s.name, e.label, e.examples) for s in suites for e in s.critical_failed]
+            assert not failed, (run_name, failed)  # both classes (frontal and lateral too) in every split
             covid = tables["covid"]
             counts = covid["label"].value_counts().reindex(["covid", "negative"], fill_value=0)
             least = 50 if split_p["experiment"] == "cohen-pneumonia" else 300  # Cohen's other pneumonias: under 100

@@ -159,3 +159,29 @@ def test_a_critical_split_check_failure_leaves_the_split_tables_as_they_were(tmp
     with pytest.raises(validation.ExpectationFailure):
         split_stage.run(failing, EXPECTATIONS)  # another seed: other tables, had they been written
     assert {path.name: path.read_bytes() for path in Path(_common.SPLITS_DIR).iterdir()} == tables
+
+
+def test_a_corpus_without_laterals_fails_the_projection_split_check_naming_the_class(tmp_path: Path,
+                                                                                     monkeypatch: pytest.MonkeyPatch):
+    """The projection task's classes were taken from its own rows: an all-frontal table had one class, frontal, and
+    every split held it, so the filter's split passed and train_projection trained on no lateral."""
+    from covidcxr import validation
+
+    monkeypatch.chdir(tmp_path)
+    _common.write_csv(split_stage.MANIFEST, manifest_rows().assign(projection="frontal"))
+    with pytest.raises(validation.ExpectationFailure) as err:
+        split_stage.run(stage_params(), EXPECTATIONS)
+    assert [(name, e.label) for name, e in err.value.failures] == [
+        ("projection/splits.per_split", "expect_column_values_to_be_between(n_missing_classes)")]
+    assert {x["missing_classes"] for x in err.value.failures[0][1].examples} == {"lateral"}
+    assert '"missing_classes": "lateral"' in str(err.value)
+    assert not Path(_common.SPLITS_DIR).exists()
+
+
+def test_the_segmentation_classes_are_the_manifest_s_masked_sources_not_held_out():
+    m = manifest_rows()
+    assert split_stage.task_classes("segmentation", stage_params(), m) == ["neg2", "pos"]
+    assert split_stage.task_classes("segmentation", stage_params(segmentation_external=["pos"]), m) == ["neg2"]
+    assert split_stage.task_classes("segmentation", stage_params(holdout=[RULE]), m) == ["pos"]
+    assert split_stage.task_classes("projection", stage_params(), m.assign(projection="frontal")) == [
+        "frontal", "lateral"]

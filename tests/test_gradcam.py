@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
-
-from covidcxr import gradcam as G  # noqa: E402
+from covidcxr import gradcam as G
 
 SIZE = 32
 

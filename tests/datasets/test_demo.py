@@ -14,7 +14,7 @@ from PIL import Image
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless
 from scipy import ndimage
 
-from covidcxr import manifest
+from covidcxr import io, manifest
 from covidcxr.datasets import DatasetLayoutError, demo
 from covidcxr.phantoms import SiteStyle, chest_phantom
 
@@ -318,7 +318,6 @@ def test_covid_raises_lung_density_inside_the_lungs(frontal):
 
 
 def test_files_read_through_covidcxr_io(full, datasets, defective, frontal):
-    io = pytest.importorskip("covidcxr.io")
     root = full[0]
     with pytest.raises(io.TruncatedImageError):
         io.read_image(root / defective["truncated"])

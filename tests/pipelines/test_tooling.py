@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from covidcxr import runtime
+from tests.infra.conftest import missing
 from tests.pipelines.conftest import ROOT
 
 #: What covidcxr sets when imported; everything that never imports it must set the same.
@@ -62,6 +65,19 @@ def test_telemetry_is_off_where_covidcxr_is_never_imported(tmp_path):
 
     ci = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line.startswith("export MLFLOW_")]
     assert len(ci) == 1 and TELEMETRY - exported_by(ci[0], tmp_path) == set()
+
+
+def test_ci_fails_where_a_server_the_tests_need_is_missing(tmp_path, monkeypatch):
+    """tests/infra's `missing` failed only where CI was set, and .ci/run never set it: on a runner without Orthanc,
+    PostgreSQL or moto_server the infra and PACS tests skipped and the run passed. .ci/run now exports CI."""
+    assert "CI=1" in exported_by(next(line for line in (ROOT / ".ci/run").read_text().splitlines()
+                                      if line.startswith("export CI=")), tmp_path)
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="Orthanc is not installed .*CI must install it"):
+        missing("Orthanc is not installed")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="install it to run the infrastructure tests"):
+        missing("Orthanc is not installed")
 
 
 def test_dvc_sends_no_analytics_and_never_checks_for_updates():

@@ -118,9 +118,11 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", ood_action: str = 
                 raise ValueError(f"{d / _common.PREDICTIONS}: no raw_score column (the network's own output, which "
                                  "the paper's table thresholds at 0.5); rerun train_classifier")
             threshold = folders.operating_threshold(d)
+            run_id = folders.folder_info(d)["run_id"]
             result = evaluate_model(pred, folders.folder_threshold(d), p,
                                     folders.ood_detector(d) if ood_action == "refuse" else None)
-            result["operating_threshold"], result["ood_action"] = threshold, ood_action
+            # run_id: which weights these figures measured; register and model_card refuse them for other weights
+            result["operating_threshold"], result["ood_action"], result["run_id"] = threshold, ood_action, run_id
             data = curves(pred, int(p["calibration_bins"]))
             for key, value in data.items():
                 _common.write_json(OUT / name / f"{key}.json", value)
@@ -129,7 +131,6 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", ood_action: str = 
             for split in ("val", "test"):  # the paper thresholds the network's output, not a calibrated score
                 rows.append({"variant": variant, "backbone": backbone, "split": split,
                              **result[split]["network_at_0.5"]})
-            run_id = folders.folder_info(d)["run_id"]
             with tracking.run(_common.mlflow_experiment(experiment), name, run_id=run_id):
                 tracking.log_finite_metrics({s: result[s] for s in ("val", "test")}, prefix="eval.")
                 fig = figure(name, data)

@@ -9,8 +9,9 @@ is at least the current champion's and its audit (graded on validation) did not 
 `register.allow_failed_audit: true`); otherwise `challenger`. A champion's figure of other data (its `data_version`:
 the SHA-256 of the manifest and the covid split table, so another corpus, download, selection or split seed is other
 data) or of another measure (its `selection_figure`) is no yardstick: the new version is then judged as if the champion
-had none. Every candidate with its figures and why it was or was not chosen, the decision and its reason are
-printed, logged to MLflow and written to reports/register/registered.json.
+had none, and the reason says which. Every candidate with its figures and why it was or was not chosen, the decision
+and its reason are printed, logged to MLflow and written to reports/register/registered.json. The validation figures
+are evaluate's, of the weights in each classifier's folder only (:func:`evaluated`: evaluate records the folder's run).
 
 The drift reference (what the served model logs for the validation split, scored through the bundled pipeline) is
 bundled with the model and logged to the register run as ``monitoring/reference.json``, for `covidcxr monitor`. The
@@ -74,7 +75,7 @@ def candidates(p: dict, classifiers: dict, audit_report: dict) -> list[selection
     out = []
     for variant, backbone in chosen:
         name = f"{variant}_{backbone}"
-        evaluation = _common.read_report(_common.EVALUATE_DIR / name / "metrics.json", "evaluate")
+        evaluation = evaluated(variant, backbone)
         status, failed = audit.model_verdict(audit_report, name)
         out.append(selection.Candidate(variant=variant, backbone=backbone, validation=evaluation["val"]["at_operating"],
                                        audit_status=status,
@@ -83,6 +84,28 @@ def candidates(p: dict, classifiers: dict, audit_report: dict) -> list[selection
                                        heldout_se=(figures.get("standard_error") or {}).get(name),
                                        heldout_mean=(figures.get("mean") or {}).get(name)))
     return out
+
+
+def evaluated(variant: str, backbone: str) -> dict:
+    """Evaluate's report of a classifier (``metrics.json``), when it measured the weights its model folder holds now:
+    its ``run_id`` is the folder's. A ValueError naming both run ids otherwise (the classifier was retrained after
+    evaluate ran, e.g. ``dvc repro -f -s register`` or a hand-run register after retraining one classifier: the new
+    weights would be registered with the old weights' figures), or when the report records no run id (written before
+    evaluate recorded it: which weights it measured cannot be checked)."""
+    folder = _common.model_dir(variant, backbone)
+    path = _common.EVALUATE_DIR / f"{variant}_{backbone}" / "metrics.json"
+    evaluation = _common.read_report(path, "evaluate")
+    weights = folders.folder_info(folder)["run_id"]
+    measured = evaluation.get("run_id") if isinstance(evaluation, dict) else None
+    if measured is None:
+        raise ValueError(f"{path} does not say which weights it measured (no run_id: written before evaluate recorded "
+                         f"it), so it cannot be checked against {folder} (run {weights}): rerun evaluate "
+                         "(`dvc repro evaluate`)")
+    if measured != weights:
+        raise ValueError(f"{path} measured the weights of run {measured}, but {folder} holds those of run {weights} "
+                         "(retrained since evaluate ran): its figures are not this classifier's; rerun evaluate "
+                         "(`dvc repro evaluate`) before registering")
+    return evaluation
 
 
 def read_audit(path: Path = _common.AUDIT_REPORT) -> dict:
@@ -223,20 +246,23 @@ def current_champion(client, name: str, by: str, *, data_version: str | None = N
                      figure: str | None = None) -> tuple[int | None, float | None, str]:
     """(version, its selection figure ``by``, why that figure is not comparable or "") of the current champion, or
     (None, None, ""). A figure measured on other data (its ``data_version`` tag differs from ``data_version``) or
-    another measure (its :data:`FIGURE_TAG` differs from ``figure``) is no yardstick: its value is then None."""
+    another measure (its :data:`FIGURE_TAG` differs from ``figure``) is no yardstick: its value is then None, and the
+    reason says which. Checked before the champion's tag ``by`` is looked up: a champion chosen by another measure
+    has no tag of ours, and the reason is then the other measure, not a missing figure (which stays "": a champion
+    registered before the tags existed)."""
     from mlflow.exceptions import MlflowException
 
     try:
         version = client.get_model_version_by_alias(name, selection.CHAMPION)
     except MlflowException:
         return None, None, ""
+    theirs = {"data_version": version.tags.get("data_version"), FIGURE_TAG: version.tags.get(FIGURE_TAG)}
+    for key, ours, what in (("data_version", data_version, "other data"), (FIGURE_TAG, figure, "another measure")):
+        if ours is not None and theirs[key] not in (None, "") and theirs[key] != ours:
+            return int(version.version), None, f"its figure is of {what}: {key} {theirs[key]}, not this {ours}"
     value = version.tags.get(by)
     if value in (None, ""):
         return int(version.version), None, ""
-    theirs = {"data_version": version.tags.get("data_version"), FIGURE_TAG: version.tags.get(FIGURE_TAG)}
-    for key, ours in (("data_version", data_version), (FIGURE_TAG, figure)):
-        if ours is not None and theirs[key] not in (None, "") and theirs[key] != ours:
-            return int(version.version), None, f"its {by} is of {key} {theirs[key]}, not this {ours}"
     return int(version.version), float(value), ""
 
 
@@ -273,7 +299,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
         model_name=name, ood_action=p["ood_action"], prediction_log=p["prediction_log"] or None,
         min_age=None if p["min_age"] is None else float(p["min_age"]),
     )
-    evaluation = _common.read_report(_common.EVALUATE_DIR / classifier / "metrics.json", "evaluate")
+    evaluation = evaluated(best.variant, best.backbone)
     parts = {"projection": _common.PROJECTION_MODEL, "unet": _common.UNET_MODEL,
              "classifier": _common.model_dir(best.variant, best.backbone)}
     runs = {part: folders.folder_info(folder)["run_id"] for part, folder in parts.items()}
@@ -343,7 +369,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
         "audit_status": best.audit_status, "audit_failed": ", ".join(best.audit_failed),
         "allow_failed_audit": allow_failed, "reason": why, "candidates": chosen.table, "experiment": experiment,
         "serving": config.to_dict(), "mask_threshold": metadata["mask_threshold"],
-        "frontal_threshold": metadata["frontal_threshold"], "heldout": heldout,
+        "frontal_threshold": metadata["frontal_threshold"], "heldout": heldout, "component_runs": runs,
         "drift_reference": {k: reference.meta[k] for k in ("split", "n", "ood_threshold", "ood_quantile")},
     }
     _common.write_json(OUT, result)

@@ -67,3 +67,5 @@ def test_the_logged_metrics_are_strict_json_with_an_undefined_metric_as_null(eva
     logged = json.loads(Path(path).read_text(), parse_constant=_strict)
     assert logged == json.loads((stage.OUT / "c_vgg16" / "metrics.json").read_text(), parse_constant=_strict)
     assert logged["test"]["at_0.5"]["sensitivity"] is None and logged["test"]["network_at_0.5"]["f1"] is None
+    # which weights the figures measured (the folder's run), so register refuses them for other weights
+    assert logged["run_id"] == evaluated["c_vgg16"]["run_id"] == "0" * 32

@@ -18,6 +18,7 @@ from pipelines import model_card
 
 NAME = "covidcxr"
 PARAMS = {"model_card": {"images": True, "gradcam_all_variants": True, "heldout_untouched": False}}
+CLASSIFIER_RUN = "f" * 32  # the registered classifier's training run, which evaluate measured
 SERVING = {"size": 64, "variant": "c", "frontal_threshold": 0.5, "min_area": 0.05, "max_area": 0.8, "min_age": 18.0}
 
 
@@ -36,7 +37,7 @@ def evaluation(auc: float) -> dict:
     at = {"accuracy": 0.875, "sensitivity": 0.75, "specificity": 1.0, "precision": 1.0, "f1": 0.857, "roc_auc": auc,
           "average_precision": 0.9, "n": 8, "n_positive": 4, "tp": 3, "fn": 1, "tn": 4, "fp": 0}
     block = {"at_operating": at, "ci_at_operating": {"roc_auc": {"low": 0.701, "high": 1.0}}, "ece": 0.12}
-    return {"operating_threshold": 0.4321, "test": block, "val": block}
+    return {"operating_threshold": 0.4321, "test": block, "val": block, "run_id": CLASSIFIER_RUN}
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,7 @@ def project(tmp_path, monkeypatch, empty_store):
           {"model_name": NAME, "version": int(version.version), "alias": "champion", "classifier": "c_vgg16",
            "selected_by": "val_roc_auc", "candidate_value": 0.95, "git_commit": "abc123", "data_version": "d41d8.dir",
            "serving": SERVING, "mask_threshold": 0.5, "experiment": "demo",
+           "component_runs": {"projection": "a" * 32, "unet": "b" * 32, "classifier": CLASSIFIER_RUN},
            "candidates": [{"classifier": "c_vgg16", "val_roc_auc": 0.95, "heldout": 0.4567, "audit_status": "warn",
                            "chosen": True, "reason": "chosen: best worst held-out specificity (0.4567)"}],
            "heldout": {"figure": "worst held-out specificity", "select": ["site_c"],
@@ -168,6 +170,21 @@ def test_bad_inputs_name_the_file(project):
     registered = json.loads((root / "reports/register/registered.json").read_text())
     write(root / "reports/register/registered.json", {**registered, "version": 7})
     with pytest.raises(ModelCardError, match="covidcxr v7, which the registry"):
+        model_card.run(PARAMS["model_card"])
+    assert not (root / "reports/model_card").exists()
+
+
+def test_figures_of_other_weights_than_the_registered_ones_are_refused_naming_both_runs(project):
+    """Nothing tied evaluate's figures to the registered weights: a classifier retrained and evaluated again after
+    register got a card of the new weights' figures for the old weights."""
+    root, _, _ = project
+    write(root / "reports/evaluate/c_vgg16/metrics.json", {**evaluation(0.9312), "run_id": "e" * 32})
+    with pytest.raises(ModelCardError, match=f"measured the weights of run {'e' * 32}, but covidcxr v1 bundles those "
+                                             f"of run {CLASSIFIER_RUN}"):
+        model_card.run(PARAMS["model_card"])
+    write(root / "reports/evaluate/c_vgg16/metrics.json", {k: v for k, v in evaluation(0.9312).items()
+                                                           if k != "run_id"})
+    with pytest.raises(ModelCardError, match=r"metrics.json \(run_id\) does not say which classifier run"):
         model_card.run(PARAMS["model_card"])
     assert not (root / "reports/model_card").exists()
 

@@ -57,17 +57,37 @@ def test_a_champion_figure_of_other_data_or_another_measure_is_no_yardstick(clie
     version, value, why = register.current_champion(client, NAME, "heldout", data_version="aaa",
                                                     figure="mean held-out AUC")
     assert (version, value) == (1, None) and "worst held-out specificity" in why
+    assert "another measure" in why
+    # Chosen by another measure, the champion has no tag of ours: the reason is the other measure, not "no figure"
+    # (the new version became champion "(no val_roc_auc recorded)")
+    version, value, why = register.current_champion(client, NAME, "val_roc_auc", data_version="aaa",
+                                                    figure="val_roc_auc")
+    assert (version, value) == (1, None)
+    assert why == "its figure is of another measure: selection_figure worst held-out specificity, not this val_roc_auc"
+    version, value, why = register.current_champion(client, NAME, "val_roc_auc", data_version="bbb",
+                                                    figure="val_roc_auc")
+    assert (version, value) == (1, None) and "other data: data_version aaa, not this bbb" in why
     # A champion registered before the tags existed is compared as it was.
     client.create_model_version(NAME, source=str(tmp_path), tags={"heldout": "0.30"})
     client.set_registered_model_alias(NAME, selection.CHAMPION, "2")
     assert register.current_champion(client, NAME, "heldout", data_version="bbb", figure="x") == (2, 0.30, "")
 
 
+def write_model_folder(root: Path, name: str, run_id: str) -> None:
+    """A classifier folder as far as its run info goes (what register checks evaluate's report against)."""
+    folder = root / _common.model_dir(*name.split("_", 1))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.keras").write_bytes(b"")
+    (folder / "standardizer.json").write_text("{}")
+    (folder / "run.json").write_text(json.dumps({"run_id": run_id}))
+
+
 def write_reports(root: Path, values: dict[str, float | None]) -> None:
     for name, value in values.items():
         path = root / _common.EVALUATE_DIR / name / "metrics.json"
         path.parent.mkdir(parents=True)
-        path.write_text(json.dumps({"val": {"at_operating": {"roc_auc": value}}}))
+        path.write_text(json.dumps({"val": {"at_operating": {"roc_auc": value}}, "run_id": f"run-{name}"}))
+        write_model_folder(root, name, f"run-{name}")
     checks = [audit.lungs_removed_check("vgg16", 0.99, 0.98, warn=0.3, fail=0.6),  # c_vgg16 and e_vgg16 fail
               audit.heatmap_check("d_vgg19/covid", 0.3, 0.25, warn=1.5, fail=1.0)]  # warn
     (root / _common.AUDIT_REPORT).parent.mkdir(parents=True)
@@ -105,6 +125,23 @@ def test_best_never_takes_the_lungs_removed_control(tmp_path, monkeypatch):
     with pytest.raises(_common.ParamsError, match="never takes the lungs-removed control"):
         register.candidates({"variant": "best", "backbone": "best"}, {"variants": ["e"], "backbones": ["vgg16"]},
                             report)
+
+
+def test_figures_evaluate_measured_on_other_weights_are_refused_naming_both_runs(tmp_path, monkeypatch):
+    """Nothing tied evaluate's figures to the weights in the folder: after one classifier was retrained, `dvc repro -f
+    -s register` (or a hand-run register) registered the new weights with the old weights' metrics."""
+    write_reports(tmp_path, {"c_vgg16": 0.6, "d_vgg16": 0.7})
+    monkeypatch.chdir(tmp_path)
+    classifiers, report = {"variants": ["c", "d"], "backbones": ["vgg16"]}, {"status": "pass", "checks": []}
+    assert register.evaluated("d", "vgg16")["run_id"] == "run-d_vgg16"
+    write_model_folder(tmp_path, "d_vgg16", "retrained")  # d retrained; evaluate not rerun
+    with pytest.raises(ValueError, match=r"metrics.json measured the weights of run run-d_vgg16, but "
+                                         r".*classifier_d_vgg16.* holds those of run retrained"):
+        register.candidates({"variant": "best", "backbone": "best"}, classifiers, report)
+    path = tmp_path / _common.EVALUATE_DIR / "d_vgg16" / "metrics.json"  # a report from before run_id was recorded
+    path.write_text(json.dumps({"val": {"at_operating": {"roc_auc": 0.7}}}))
+    with pytest.raises(ValueError, match="does not say which weights it measured .*run retrained"):
+        register.evaluated("d", "vgg16")
 
 
 def test_a_missing_or_malformed_audit_names_the_file(tmp_path, monkeypatch):

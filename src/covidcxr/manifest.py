@@ -39,14 +39,15 @@ PROJECTIONS = ("frontal", "lateral", "unknown")
 LABELS = ("covid", "negative", "unknown")
 SEXES = ("M", "F", "unknown")
 
-# View-position spellings seen in DICOM (0018,5101), Cohen, PadChest and BIMCV, mapped to projection. Looked up by
-# :func:`view_key`; the keys are also the raw spellings the projection_labels expectation suite pairs with a
-# projection, which is why "AP_HORIZONTAL" stays beside "AP HORIZONTAL".
+# View-position spellings seen in DICOM (0018,5101), Cohen, PadChest and BIMCV, mapped to projection: the one view
+# map. Keys as :func:`view_key` spells them (PadChest's AP_horizontal is "AP HORIZONTAL"); the projection_labels
+# expectation suite checks the manifest against it (covidcxr.validation.view_pairs).
 _VIEW_TO_PROJECTION = {
     "PA": "frontal",
     "AP": "frontal",
     "AP SUPINE": "frontal",
-    "AP_HORIZONTAL": "frontal",
+    "APS": "frontal",  # Cohen's AP supine
+    "AP SEMI ERECT": "frontal",  # Cohen
     "AP HORIZONTAL": "frontal",
     "AP ERECT": "frontal",
     "PA HORIZONTAL": "frontal",
@@ -68,6 +69,11 @@ def view_key(view: object) -> str:
     """A view-position string as the view map knows it: upper case, '-' and '_' as spaces, one space between words
     (exports spell AP SUPINE also AP_SUPINE, AP-SUPINE, "ap  supine")."""
     return " ".join(str(view).upper().replace("-", " ").replace("_", " ").split())
+
+
+def view_projections() -> dict[str, str]:
+    """Every view spelling the view map knows (as :func:`view_key` spells it) and its projection."""
+    return dict(_VIEW_TO_PROJECTION)
 
 
 def projection_from_view(view: object) -> str:

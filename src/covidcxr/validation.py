@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from covidcxr import manifest as manifest_schema
 from covidcxr.manifest import LABELS
 
 if TYPE_CHECKING:
@@ -148,7 +149,30 @@ def run_suite(
 def validate_manifest(manifest: pd.DataFrame, expectations_dir: str | os.PathLike[str]) -> list[SuiteResult]:
     """Run the image-metadata and projection-label suites on a manifest as given: it is not conformed first, so that
     a missing column fails (the validate stage reads the file with :func:`covidcxr.manifest.read_raw_csv`)."""
-    return [run_suite(manifest, Path(expectations_dir) / suite) for suite in MANIFEST_SUITES]
+    metadata, projection = (Path(expectations_dir) / suite for suite in MANIFEST_SUITES)
+    return [run_suite(manifest, metadata),
+            run_suite(view_table(manifest), projection, parameters={"view_pairs": view_pairs()})]
+
+
+def view_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The manifest with the columns the projection-label suite runs on, derived from ``view_position`` by the one
+    view map: ``view_key`` (:func:`covidcxr.manifest.view_key`: AP_SUPINE, ap-supine and AP SUPINE are one spelling)
+    and ``view_projection`` (:func:`covidcxr.manifest.projection_from_view`), both null where the view is. A manifest
+    without ``view_position`` is returned as it is: the suite then fails on the missing column."""
+    if "view_position" not in manifest.columns:
+        return manifest
+    view = manifest["view_position"].astype("string")
+    known = view.notna()
+    keys = pd.Series(pd.NA, index=manifest.index, dtype="string")
+    keys[known] = [manifest_schema.view_key(v) for v in view[known]]
+    projections = pd.Series(pd.NA, index=manifest.index, dtype="string")
+    projections[known] = [manifest_schema.projection_from_view(v) for v in view[known]]
+    return manifest.assign(view_key=keys, view_projection=projections)
+
+
+def view_pairs() -> list[list[str]]:
+    """Every (view key, projection) pair the view map gives: the pairs the projection-label suite allows."""
+    return [[view, projection] for view, projection in sorted(manifest_schema.view_projections().items())]
 
 
 def validate_splits(

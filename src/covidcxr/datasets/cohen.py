@@ -50,8 +50,6 @@ METADATA = "metadata.csv"
 MASK_DIR = "masks_v7labs"
 REQUIRED = ("patientid", "sex", "age", "finding", "view", "modality", "filename")
 
-# Spellings of Cohen's `view` that the shared view table does not know.
-_VIEWS = {"APS": "frontal", "AP SEMI ERECT": "frontal"}  # keys as manifest.view_key spells them
 _UNKNOWN_FINDINGS = {"", "todo", "unknown", "?"}
 # A site kept from `location` must look like a bare country/region name, not an institution.
 _PLACE = re.compile(r"^[A-Za-z][A-Za-z .'-]{1,39}$")
@@ -110,8 +108,7 @@ def _row(root: str | os.PathLike, record: dict, masks: set[str]) -> dict:
 
 def projection(view: str) -> str:
     """Projection of a Cohen ``view`` value."""
-    key = manifest.view_key(view)
-    return _VIEWS.get(key) or manifest.projection_from_view(key)
+    return manifest.projection_from_view(view)  # the one view map knows Cohen's own spellings (APS, ...)
 
 
 def label(finding: str) -> str:

@@ -147,7 +147,7 @@ def collect(p: dict, registered: dict, run_id: str, n_boot: int | None = None) -
         gradcam=gradcam_images(classifier, bool(p["gradcam_all_variants"])) if p["images"] else {},
         images=bool(p["images"]), audit=audit,
         heldout=registered.get("heldout"), heldout_untouched=bool(p["heldout_untouched"]),
-        selection=registered.get("candidates") or (),
+        selection=registered.get("candidates") or (), selected_by=registered.get("selected_by"),
         classifiers=classifier_summary(),
         synthetic="demo" in data["sources"],
     )

@@ -100,6 +100,7 @@ def card(**changes) -> CardData:
                     "chosen": True, "reason": "chosen: best worst held-out specificity (0.4100)"},
                    {"classifier": "e_vgg16", "val_roc_auc": 0.97, "heldout": 0.12, "audit_status": "fail",
                     "chosen": False, "reason": "not eligible: its audit failed (lungs_removed_auc:c_vgg16)"}],
+        selected_by="heldout",
         classifiers={"c_vgg16": {"test_auc": 0.9137}, "e_vgg16": {"test_auc": 0.42}},
     )
     base.update(changes)
@@ -115,7 +116,7 @@ def test_card_has_every_section_and_parses_as_html():
                     "Hospitals and sources it never saw", "Which classifier was registered, and why",
                     "All classifiers of this run"):
         assert f"<h2>{heading}" in page, heading
-    assert "not for diagnosis" in text and "Model card: covidcxr v3 (champion)" in text
+    assert "not for diagnosis" in text and "Model card: covidcxr v3 (alias at registration: champion)" in text
     # metrics with their 95% CI at the operating threshold (from the data, not hard-wired)
     assert "0.914" in text and "0.812 – 0.999" in text and "0.6123" in text
     # counts per split and source, and the split statement computed from the table
@@ -246,7 +247,7 @@ def test_a_held_out_hospital_s_own_thresholds_are_on_the_card():
     heldout = {**HELDOUT, "sources": {**HELDOUT["sources"], "hospitals": hospitals}}
     text = " ".join(parse(modelcard.render(card(heldout=heldout))).text)
     assert "A new site's own thresholds" in text and "20 COVID-19 and 20 negative films" in text
-    assert "this model version only" in text and "COVIDCXR_SITE" in text
+    assert "this model version only (by registered name and version)" in text and "COVIDCXR_SITE" in text
     for value in ("0.210", "0.957", "0.197", "0.949", "0.006", "0.177", "0.974", "0.038"):
         assert value in text.split("A new site's own thresholds")[1]
     assert "0.424" not in text  # another classifier's figure: not this card's
@@ -286,3 +287,39 @@ def test_a_ci_shows_its_undefined_resamples_and_none_past_the_limit():
     assert "0.700 – 0.900" in text and "not recorded" in text
     unknown = " ".join(parse(modelcard.render(card(metrics={"test": block}))).text)  # n_boot not given: the count
     assert "0.610 – 0.940" in unknown and "120" in unknown
+
+
+def test_held_out_rows_are_not_said_to_have_chosen_when_validation_chose():
+    """register.heldout was set, but a candidate had no held-out figure and select fell back to validation: the card
+    still said "Rows marked used to choose decided which classifier was registered" and marked rows so."""
+    def section(**changes) -> str:
+        text = " ".join(parse(modelcard.render(card(**changes))).text)
+        return text.split("never saw")[1].split("Which classifier")[0]
+
+    assert "used to choose" in section()  # held-out figures chose: their rows say so
+    fallback = section(selected_by="val_roc_auc")
+    assert "used to choose" not in fallback and "decided which classifier" not in fallback
+    assert "No row chose the registered classifier: the validation figure did (val roc_auc)" in fallback
+    assert "development (did not choose)" in fallback
+    unknown = section(selected_by=None)
+    assert "used to choose" not in unknown and "which figure chose it is not recorded" in unknown
+
+
+def test_the_card_says_what_each_figure_is_of():
+    """The alias is the one at registration (an older version's card kept "(champion)" after it moved on); the
+    validation block's threshold and calibration were fitted on that split; precision has no CI computed, where the
+    card showed a dash and "resamples undefined"."""
+    page = modelcard.render(card())
+    text = " ".join(parse(page).text)
+    assert "Model card: covidcxr v3 (alias at registration: champion)" in text and "(champion)" not in text
+    assert "<td>alias at registration</td><td>champion</td>" in page
+    test, val = text.split("Validation split")
+    assert "threshold chosen on this split" in val and "threshold chosen on this split" not in test
+    assert "Expected calibration error (after the calibration fitted on this split): 0.071" in val
+    assert "calibration fitted on this split" not in test
+    precision = re.search(r"<tr><td>Precision</td>(.*?)</tr>", page).group(1)
+    assert precision.count("not computed") == 2 and "—" not in precision
+    specificity = re.search(r"<tr><td>Specificity</td>(.*?)</tr>", page).group(1)
+    assert "not computed" in specificity  # metrics_block has CIs of roc_auc and sensitivity only
+    sensitivity = re.search(r"<tr><td>Sensitivity</td>(.*?)</tr>", page).group(1)
+    assert "0.610 – 0.940" in sensitivity and "not computed" not in sensitivity

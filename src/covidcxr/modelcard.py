@@ -77,6 +77,9 @@ class CardData:
     to develop the settings; False (the default) calls every held-out row a development figure, which is what the
     real-data profile's are (its levers were chosen on the ablation's held-out runs).
     selection: one row per candidate classifier with its figures and why it was or was not registered.
+    selected_by: which figure chose the registered classifier (register's ``selected_by``: ``heldout``, or
+    ``val_<metric>`` when validation chose, as it does when a candidate has no held-out figure); only when it is
+    ``heldout`` are held-out rows marked as having chosen; None: not recorded, and none is.
     classifiers: name -> summary figures of every trained classifier (evaluate and explain summaries).
     """
 
@@ -92,6 +95,7 @@ class CardData:
     heldout: Mapping | None = None
     heldout_untouched: bool = False
     selection: Sequence[Mapping] = ()
+    selected_by: str | None = None
     classifiers: Mapping[str, Mapping] = field(default_factory=dict)
     synthetic: bool = False
     notes: Sequence[str] = ()
@@ -267,9 +271,13 @@ def image_data_uri(data: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
+#: Model fields shown under another label than their key's.
+FIELD_LABELS = {"alias": "alias at registration"}  # an older version's card keeps it after the alias has moved on
+
+
 def _section_model(model: Mapping) -> str:
     variant = model.get("variant")
-    rows = [(k.replace("_", " "), v) for k, v in model.items() if not _hidden(k)]
+    rows = [(FIELD_LABELS.get(k, k.replace("_", " ")), v) for k, v in model.items() if not _hidden(k)]
     what = VARIANTS.get(str(variant), "")
     intro = (f"<p>A chest radiograph pipeline registered in MLflow: projection filter (frontal only), U-Net lung "
              f"segmentation, then a {_e(model.get('backbone', '?'))} COVID-19 classifier on variant "
@@ -343,17 +351,26 @@ def _section_metrics(metrics: Mapping, threshold: object, n_boot: int | None = N
         block = metrics[split]
         at, ci = block.get("at_operating", {}), block.get("ci_at_operating", {})
         rows = []
-        for key, label in METRICS:
-            rows.append((label, at.get(key), *_ci_cells(ci.get(key) or {}, n_boot)))
-        out.append(f"<h3>{'Test' if split == 'test' else 'Validation'} split (n = {_e(_fmt(at.get('n')))}, "
+        for key, label in METRICS:  # a metric evaluate computed no CI for (precision) says so, not a dash
+            cells = _ci_cells(ci[key] or {}, n_boot) if key in ci else ("not computed", "not computed")
+            rows.append((label, at.get(key), *cells))
+        val = split == "val"
+        out.append(f"<h3>{'Validation' if val else 'Test'} split (n = {_e(_fmt(at.get('n')))}, "
                    f"positives = {_e(_fmt(at.get('n_positive')))})</h3>")
-        out.append(_table(("metric", "value", "95% CI", "resamples undefined"), rows,
+        if val:
+            out.append("<p>The operating threshold was chosen and the calibration fitted on this split: its figures "
+                       "at the threshold and its calibration error are in-sample, optimistic (the sensitivity meets "
+                       "a target by construction); the test split's are the estimate.</p>")
+        metric = "metric (threshold chosen on this split)" if val else "metric"
+        out.append(_table((metric, "value", "95% CI", "resamples undefined"), rows,
                           numeric=(False, True, True, True)))
         out.append(_table(("", "called covid", "called negative"),
                           [("covid", at.get("tp"), at.get("fn")), ("negative", at.get("fp"), at.get("tn"))]))
         before = block.get("ece_uncalibrated")
-        out.append(f"<p>Expected calibration error: {_e(_fmt(block.get('ece')))}"
-                   + (f" (before the calibration fitted on validation: {_e(_fmt(before))})" if before is not None
+        fitted = "fitted on this split" if val else "fitted on validation"
+        out.append(f"<p>Expected calibration error{' (after the calibration fitted on this split)' if val else ''}: "
+                   f"{_e(_fmt(block.get('ece')))}"
+                   + (f" (before the calibration {fitted}: {_e(_fmt(before))})" if before is not None
                       else "") + "</p>")
     return "".join(out)
 
@@ -433,21 +450,29 @@ def _interval(value: object, low: object, high: object) -> str:
     return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]" if low is not None else _fmt(value)
 
 
-def _section_heldout(heldout: Mapping | None, chosen: object, untouched: bool = False) -> str:
+def _section_heldout(heldout: Mapping | None, chosen: object, untouched: bool = False,
+                     selected_by: str | None = None) -> str:
     out = ["<h2>Hospitals and sources it never saw</h2>"]
     if not heldout:
         return out[0] + ("<p>No held-out-source results for this model's settings: every figure above comes from the "
                          "sources the model was trained on, which says little about a new hospital. "
                          "<code>python -m pipelines.experiment all-sources</code> measures them.</p>")
-    select = set(heldout.get("select") or ())
+    by_heldout = selected_by == "heldout"  # else validation chose (a candidate had no held-out figure), or unknown
+    select = set(heldout.get("select") or ()) if by_heldout else set()
     seeds = int(heldout.get("seeds") or 1)
+    if by_heldout:
+        chose = (f"Rows marked <i>used to choose</i> decided which classifier was registered "
+                 f"({_e(heldout.get('figure', ''))}); the others ")
+    else:
+        how = (f"the validation figure did ({_e(selected_by.replace('_', ' ', 1))}), as it does when a candidate has "
+               "no held-out figure" if selected_by else "which figure chose it is not recorded")
+        chose = f"No row chose the registered classifier: {how}; the rows "
     out.append(f"<p>Each row is a model of this model's settings (<b>{_e(chosen)}</b>) trained without that source "
                "or hospital and tested on it, at its own operating threshold (chosen on its validation split). "
-               "Rows marked <i>used to choose</i> decided which classifier was registered "
-               f"({_e(heldout.get('figure', ''))}); "
-               + ("the others influenced no choice, of the classifier or of its settings: they are the test."
+               + chose
+               + ("influenced no choice, of the classifier or of its settings: they are the test."
                   if untouched else
-                  "the others did not choose the classifier, but no row is an untouched external test: held-out "
+                  "did not choose the classifier, but no row is an untouched external test: held-out "
                   "figures of these runs (the same rules, split seed and test images) were used to develop this "
                   "model's settings, which were chosen on them, so every row here is a development figure.")
                + (" Intervals are patient-level bootstrap 95% CIs." if seeds == 1 else "")
@@ -464,7 +489,7 @@ def _section_heldout(heldout: Mapping | None, chosen: object, untouched: bool = 
         r = (by_model or {}).get(str(chosen))
         if not r:
             continue
-        role = ("used to choose" if source in select or r.get("used_to_choose")
+        role = ("used to choose" if by_heldout and (source in select or r.get("used_to_choose"))
                 else "test" if untouched else "development (did not choose)")
         if r.get("n_seeds"):
             figures = [_over_seeds(r, k) for k in ("auc", "specificity", "sensitivity", "called_covid", "refused",
@@ -520,9 +545,9 @@ def _site_onboarding(heldout: Mapping, chosen: object) -> str:
             f"runs below: {_e(n)} COVID-19 and {_e(n)} negative films drawn at random, many times, choose; the "
             "run's other films are called with the site's thresholds and, for comparison, as this model is served "
             "today. The site's films never choose the registered model. The thresholds it writes hold for this "
-            "model version only: <code>predict --site</code> and <code>pacs --site</code> apply them, or a server "
-            "started with <code>COVIDCXR_SITE</code> applies them to every request and refuses a request's own; each "
-            "refuses another version's answers.</p>"
+            "model version only (by registered name and version): <code>predict --site</code> and <code>pacs --site"
+            "</code> apply them, or a server started with <code>COVIDCXR_SITE</code> applies them to every request "
+            "and refuses a request's own; each refuses another model's or version's answers.</p>"
             + _table(("held out", *(name for _, name in SITE_COLUMNS)), rows, numeric=(False, *[True] * 8)))
 
 
@@ -551,7 +576,7 @@ def render(card: CardData) -> str:
     """The whole card as one HTML document (UTF-8 text)."""
     m = card.model
     name, version, alias = m.get("model_name", "model"), m.get("version", "?"), m.get("alias")
-    title = f"Model card: {name} v{version}" + (f" ({alias})" if alias else "")
+    title = f"Model card: {name} v{version}" + (f" (alias at registration: {alias})" if alias else "")
     body = [
         f"<h1>{_e(title)}</h1>",
         '<p><span class="badge fail">research use only, not for diagnosis</span></p>',
@@ -562,7 +587,7 @@ def render(card: CardData) -> str:
         _section_plots(card.curves, str(m.get("classifier", name))),
         _section_gradcam(card.gradcam, card.images),
         _section_audit(card.audit),
-        _section_heldout(card.heldout, m.get("classifier"), card.heldout_untouched),
+        _section_heldout(card.heldout, m.get("classifier"), card.heldout_untouched, card.selected_by),
         _section_selection(card.selection, m.get("classifier")),
         _section_classifiers(card.classifiers, m.get("classifier")),
         f"<footer>Generated by covidcxr from the pipeline's reports; self-contained (no network resources). "

@@ -107,12 +107,14 @@ def test_stage_writes_the_card_and_logs_it_with_the_model(project):
     card = root / "reports/model_card/covidcxr-v1.html"
     page = card.read_text(encoding="utf-8")
     assert (root / "reports/model_card/index.html").read_text(encoding="utf-8") == page
-    assert "Model card: covidcxr v1 (champion)" in page and "0.4321" in page and "64 px" in page
+    assert "Model card: covidcxr v1 (alias at registration: champion)" in page and "0.4321" in page and "64 px" in page
     assert "0.931" in page and "0.701" in page  # registered classifier's metrics and CI
     assert "no patient appears in more than one split" in page
     assert page.count("data:image/png;base64,") == 2  # the registered grid and the other variant's
     assert "under 70% of the heat map inside the lungs" in page and "0.457 [0.300, 0.600]" in page  # audit, held out
     assert "chosen: best worst held-out specificity" in page and "development figure" in page
+    # register's selected_by reaches the card: validation chose (val_roc_auc), so no held-out row is said to have
+    assert "the validation figure did (val roc_auc)" in page and "used to choose" not in page
     assert "synthetic phantoms" in page and run_id in page
     # the footer said "git commit unknown, data version unknown" whatever register recorded; now it says what it is
     assert "git commit abc123, data version d41d8.dir (SHA-256 of the manifest" in page

@@ -21,13 +21,16 @@ person held out by source may have films of another source: they go to the held-
 held-out patient found in the projection or segmentation task's train or val is a :class:`HeldOutLeak`. Held-out
 rows are checked only for patient disjointness (they are whole sources or sites).
 
-The reports (summary, checks, data docs) are written first; a critical failure of the suite then stops the stage
+The stage first reads the validate stage's verdict on the manifest (:data:`VALIDATED`) and refuses to split a
+manifest that failed a critical expectation or was never validated (:class:`ManifestNotValidated`). The reports
+(summary, checks, data docs) are written first; a critical failure of the suite then stops the stage
 before the tables are written, and the three tables replace an earlier run's together or not at all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -40,8 +43,13 @@ CURATED = "reports/split/curated_out.csv"
 SUMMARY = "reports/split/summary.json"
 CHECKS = "reports/split/validation.json"
 DOCS = "reports/split/data_docs"
+VALIDATED = "reports/validate/manifest.json"  # the validate stage's report on MANIFEST (pipelines.validate.CHECKS)
 COLUMNS = ["image_id", "patient_id", "label", "split"]
 PROJECTION_CLASSES = tuple(x for x in manifest.PROJECTIONS if x != "unknown")  # frontal, lateral
+
+
+class ManifestNotValidated(RuntimeError):
+    """The validate stage's report on the manifest is missing or unreadable, or says a critical expectation failed."""
 
 
 class HeldOutLeak(splits.SelectionError):
@@ -215,8 +223,34 @@ def check_tables(tables: dict[str, pd.DataFrame], p: dict, m: pd.DataFrame,
     return results
 
 
+def check_validated(path: str | Path = VALIDATED) -> None:
+    """A :class:`ManifestNotValidated` naming ``path`` unless the validate stage's report there says no critical
+    expectation failed: a stage run on its own (``dvc repro -s split``, ``python -m pipelines.split``) after a failed
+    validate would split a manifest that failed its checks. A non-critical failure (a warning) does not stop it, as it
+    does not stop the validate stage."""
+    path = Path(path)
+    rerun = "run the validate stage (dvc repro validate, or python -m pipelines.validate) before splitting"
+    if not path.is_file():
+        raise ManifestNotValidated(f"{path}: not found: the manifest {MANIFEST} has not been validated; {rerun}")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ManifestNotValidated(f"{path}: not a readable validation report ({err}); {rerun}") from err
+    failed = report.get("n_critical_failed") if isinstance(report, dict) else None
+    if not isinstance(failed, int) or isinstance(failed, bool) or not isinstance(report.get("suites"), dict):
+        raise ManifestNotValidated(f"{path}: not a validation report (no n_critical_failed count or suites); {rerun}")
+    if failed:
+        names = sorted(f"{suite}: {e.get('type')}({e.get('column') or 'table'})"
+                       for suite, result in report["suites"].items() if isinstance(result, dict)
+                       for e in result.get("expectations", []) if e.get("critical") and e.get("success") is False)
+        raise ManifestNotValidated(f"{path}: the manifest {MANIFEST} failed {failed} critical expectation(s) "
+                                   f"({'; '.join(names)}): fix the data, then rerun the validate stage before "
+                                   "splitting")
+
+
 def run(p: dict, expectations: str) -> dict:
     log = _common.setup_logging()
+    check_validated()
     m = manifest.read_csv(MANIFEST)
     tables, dropped = task_tables(m, p)
 

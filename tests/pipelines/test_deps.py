@@ -33,10 +33,10 @@ def test_a_new_selection_does_not_rerun_the_stages_it_does_not_change(tmp_path, 
 
     from pipelines import _common
     from pipelines import split as split_stage
-    from tests.pipelines.test_split import EXPECTATIONS, manifest_rows, stage_params
+    from tests.pipelines.test_split import EXPECTATIONS, manifest_rows, stage_params, write_inputs
 
     monkeypatch.chdir(tmp_path)
-    _common.write_csv(split_stage.MANIFEST, manifest_rows())
+    write_inputs(manifest_rows())
     covid = [{"source": "pos", "label": "covid"}]
     selections = {"all": {"positives": covid, "negatives": [{"label": "negative"}]},
                   "pos-only": {"positives": covid, "negatives": [{"source": "pos", "label": "negative"}]}}

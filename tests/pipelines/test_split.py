@@ -32,6 +32,15 @@ def manifest_rows() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def write_inputs(m: pd.DataFrame) -> None:
+    """The split stage's inputs in the working directory: the manifest, and the validate stage's report passing it
+    (the report of no suite: these manifests hold only the columns the split reads)."""
+    from covidcxr import validation
+
+    _common.write_csv(split_stage.MANIFEST, m)
+    _common.write_json(split_stage.VALIDATED, validation.results_to_json([]))
+
+
 def stage_params(**extra) -> dict:
     return {"seed": 1, "fractions": dict(splits.PAPER_FRACTIONS), "tolerance": 0.15, "experiment": "all",
             "holdout": [], "holdout_with_test": False, "segmentation_external": [],
@@ -110,7 +119,7 @@ def test_no_covid_test_patient_s_films_train_or_select_the_projection_filter(ext
 def test_the_stage_lists_only_the_rules_it_applied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     m = manifest_rows()
-    _common.write_csv(split_stage.MANIFEST, m)
+    write_inputs(m)
     summary = split_stage.run(stage_params(holdout=[RULE, {"source": "neg1"}]), EXPECTATIONS)
     assert summary["held_out"]["projection"] == [RULE, {"source": "neg1"}]
     assert summary["held_out"]["segmentation"] == [RULE]  # neg1 has no masks
@@ -135,7 +144,7 @@ def test_a_patient_key_merged_across_sources_is_held_out_whole(tmp_path: Path, m
         assert len(person) == 3 and set(person["split"]) == {held_split}, task
     assert by_patient(tables["segmentation"])["pos:20"] == "external"  # its masks never train the U-Net either
     monkeypatch.chdir(tmp_path)
-    _common.write_csv(split_stage.MANIFEST, m)
+    write_inputs(m)
     summary = split_stage.run(p, EXPECTATIONS)
     assert summary["covid"]["test"]["negative"] >= 42  # neg1's 40 and pos:20's two pos films
 
@@ -147,7 +156,7 @@ def test_a_critical_split_check_failure_leaves_the_split_tables_as_they_were(tmp
     from covidcxr import validation
 
     monkeypatch.chdir(tmp_path)
-    _common.write_csv(split_stage.MANIFEST, manifest_rows())
+    write_inputs(manifest_rows())
     failing = stage_params(seed=7, tolerance=0.0)  # no split's share is exactly its target: a critical failure
     with pytest.raises(validation.ExpectationFailure, match="critical data expectation"):
         split_stage.run(failing, EXPECTATIONS)
@@ -168,7 +177,7 @@ def test_a_corpus_without_laterals_fails_the_projection_split_check_naming_the_c
     from covidcxr import validation
 
     monkeypatch.chdir(tmp_path)
-    _common.write_csv(split_stage.MANIFEST, manifest_rows().assign(projection="frontal"))
+    write_inputs(manifest_rows().assign(projection="frontal"))
     with pytest.raises(validation.ExpectationFailure) as err:
         split_stage.run(stage_params(), EXPECTATIONS)
     assert [(name, e.label) for name, e in err.value.failures] == [
@@ -185,3 +194,45 @@ def test_the_segmentation_classes_are_the_manifest_s_masked_sources_not_held_out
     assert split_stage.task_classes("segmentation", stage_params(holdout=[RULE]), m) == ["pos"]
     assert split_stage.task_classes("projection", stage_params(), m.assign(projection="frontal")) == [
         "frontal", "lateral"]
+
+
+def test_the_split_stage_refuses_a_manifest_that_failed_or_missed_validation(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch):
+    """Split depended on the validate report but never read it: after a failed validate, `dvc repro -s split` or
+    `python -m pipelines.split` split a manifest that had failed its critical checks."""
+    from covidcxr import validation
+    from pipelines import validate as validate_stage
+
+    assert split_stage.VALIDATED == validate_stage.CHECKS
+    monkeypatch.chdir(tmp_path)
+    _common.write_csv(split_stage.MANIFEST, manifest_rows())  # never validated
+    with pytest.raises(split_stage.ManifestNotValidated, match=rf"{split_stage.VALIDATED}: not found: .* validate"):
+        split_stage.run(stage_params(), EXPECTATIONS)
+    with pytest.raises(validation.ExpectationFailure):  # the real stage: no image facts, columns missing
+        validate_stage.run({"expectations": EXPECTATIONS})
+    with pytest.raises(split_stage.ManifestNotValidated) as err:
+        split_stage.run(stage_params(), EXPECTATIONS)
+    message = str(err.value)
+    assert message.startswith(f"{split_stage.VALIDATED}: the manifest {split_stage.MANIFEST} failed ")
+    assert "image_metadata: expect_table_columns_to_match_set(table)" in message
+    assert not Path(_common.SPLITS_DIR).exists() and not Path(split_stage.SUMMARY).exists()
+    Path(split_stage.VALIDATED).write_text("{not json")
+    with pytest.raises(split_stage.ManifestNotValidated, match="not a readable validation report"):
+        split_stage.run(stage_params(), EXPECTATIONS)
+    write_inputs(manifest_rows())
+    split_stage.run(stage_params(), EXPECTATIONS)
+    assert Path(_common.split_table("covid")).is_file()
+
+
+def test_a_warning_in_the_validate_report_does_not_stop_the_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """As it does not stop the validate stage: only a critical failure does."""
+    from covidcxr import validation
+
+    monkeypatch.chdir(tmp_path)
+    write_inputs(manifest_rows())
+    warning = validation.ExpectationResult(type="expect_column_values_to_be_between", column="age", success=False,
+                                           critical=False, why="ages are plausible", unexpected_count=1)
+    report = validation.results_to_json([validation.SuiteResult("image_metadata", False, (warning,))])
+    _common.write_json(split_stage.VALIDATED, report)
+    assert not report["success"] and report["n_critical_failed"] == 0
+    split_stage.run(stage_params(), EXPECTATIONS)

@@ -50,7 +50,7 @@ def folder_info(folder: str | os.PathLike) -> dict:
     for name in (MODEL_FILE, STANDARDIZER_FILE, RUN_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: not a model folder (no {name}); run the stage that trains it")
-    info = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+    info = _read_json(folder / RUN_FILE)
     missing = [name for name in info.get(SAVED_FILES_KEY, ()) if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder}: model folder lacks {', '.join(missing)}, saved with it ({RUN_FILE} lists "
@@ -58,10 +58,31 @@ def folder_info(folder: str | os.PathLike) -> dict:
     return info
 
 
+def _read_json(path: Path) -> dict:
+    """A folder file's JSON object; a ValueError naming the file when it is not one (truncated, say)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({type(err).__name__}); rerun the stage that trains it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object; rerun the stage that trains it")
+    return data
+
+
 def folder_threshold(folder: str | os.PathLike) -> dict | None:
-    """The operating threshold of a model folder and how it was chosen (``threshold.json``), or None."""
+    """The operating threshold of a model folder and how it was chosen (``threshold.json``), or None. A file without
+    its ``threshold``, or one that is not a number in [0, 1], is a ValueError naming it."""
     path = Path(folder) / THRESHOLD_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    saved = _read_json(path)
+    if "threshold" not in saved:
+        raise ValueError(f"{path}: no threshold; rerun the stage that trains it")
+    value = saved["threshold"]  # metrics.check_threshold's rule, without importing metrics (scikit-learn) here
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{path}: threshold must be a number in [0, 1], got {value!r}; rerun the stage that trains "
+                         "it")
+    return saved
 
 
 def ood_detector(folder: str | os.PathLike):

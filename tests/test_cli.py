@@ -564,3 +564,48 @@ def test_monitor_reads_the_registered_model_s_own_log_and_exits_3_when_it_cannot
     assert code == cli.MONITOR_ERROR and "--log: the prediction log URL" in err and "holds a password" in err
     assert "hunter2" not in err
     assert not (tmp_path / "predictions.db").exists() and not (tmp_path / "x.db").exists()
+
+
+def test_demo_data_into_a_folder_it_may_not_write_is_one_line_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("someone's files")
+    assert cli.main(["demo-data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"demo-data: {tmp_path}: not empty and not a covidcxr demo dataset")
+    assert "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # nothing written into it
+    assert cli.main(["demo-data", str(tmp_path / "notes.txt")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_tune_with_a_cache_split_or_config_it_cannot_read_is_one_line_not_a_traceback(tmp_path, capsys):
+    """load_unet_data ran outside the try: a wrong --cache-dir or --split was a traceback."""
+    import numpy as np
+    import pandas as pd
+
+    from covidcxr import preprocess
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    preprocess.save_cache(cache, pd.DataFrame({"image_id": ["a", "b"]}), np.zeros((2, 16, 16)),
+                          np.zeros((2, 16, 16), bool))
+    split = tmp_path / "segmentation.csv"
+    split.write_text("image_id,split\na,train\nb,val\n")
+    (tmp_path / "bad.yaml").write_text("tune_unet: [unclosed\n")
+    (tmp_path / "other.csv").write_text("image_id,split\nz,train\n")
+    (tmp_path / "nosplit.csv").write_text("image_id\na\n")
+    base = ["tune", "--study", "s", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--no-tracking"]
+    cases = [
+        (["--cache-dir", str(tmp_path / "nowhere"), "--split", str(split)], "not a working-size cache"),
+        (["--cache-dir", str(cache), "--split", str(tmp_path / "missing.csv")], "missing.csv"),
+        (["--cache-dir", str(cache), "--split", str(tmp_path / "nosplit.csv")], "nosplit.csv: no 'split' column"),
+        (["--cache-dir", str(cache), "--split", str(tmp_path / "other.csv")], "1 images are not in the cache"),
+        (["--config", str(tmp_path / "missing.yaml"), "--cache-dir", str(cache), "--split", str(split)],
+         "missing.yaml"),
+        (["--config", str(tmp_path / "bad.yaml"), "--cache-dir", str(cache), "--split", str(split)],
+         "bad.yaml: not YAML"),
+    ]
+    for extra, message in cases:
+        assert cli.main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("tune: ") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "optuna.db").exists()  # refused before any storage was opened

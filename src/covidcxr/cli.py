@@ -10,9 +10,14 @@ from collections.abc import Callable, Sequence
 
 
 def _demo_data(args: argparse.Namespace) -> int:
+    """Write the demo dataset; a folder it may not write into (not empty and no demo output) is one line, exit 2."""
     from covidcxr.datasets import demo
 
-    counts = demo.generate(args.out_dir, seed=args.seed)
+    try:
+        counts = demo.generate(args.out_dir, seed=args.seed)
+    except (OSError, ValueError) as err:  # FileExistsError, NotADirectoryError, a folder it cannot write
+        print(f"demo-data: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(counts, indent=2, sort_keys=True))
     return 0
 
@@ -519,11 +524,15 @@ def _tune(args: argparse.Namespace) -> int:
     if not url:
         print(f"tune: no --storage and no ${tuning.STORAGE_ENV}", file=sys.stderr)
         return 2
-    config = _read_tune_config(args.config) if args.config else None
+    try:
+        config = _read_tune_config(args.config) if args.config else None
+        data = tuning.load_unet_data(args.cache_dir, args.split)
+    except (OSError, ValueError, KeyError) as err:  # no such file, not a cache, a table without its columns or ids
+        print(f"tune: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
+        return 2
     # A shared study needs a different sampler seed in every worker (pids repeat across containers).
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     print(f"tune: sampler seed {seed} (each trial's MLflow run is tagged sampler_seed)", file=sys.stderr)
-    data = tuning.load_unet_data(args.cache_dir, args.split)
     tracking = None if args.no_tracking else tuning.Tracking(
         experiment=args.experiment, run_name=f"tune-unet-{args.study}",
         tracking_uri=_tracking_uri(args.tracking_uri))
@@ -547,9 +556,12 @@ def _read_tune_config(path: str) -> dict:
 
     import yaml
 
-    values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config {path}: not YAML ({type(err).__name__})") from None
     if not isinstance(values, dict):
-        raise SystemExit(f"tune: {path} holds no mapping")
+        raise ValueError(f"--config {path} holds no mapping")
     return values.get("tune_unet", values)
 
 

@@ -22,7 +22,7 @@ def run(p: dict) -> None:
     _common.write_json(CHECKS, validation.results_to_json(results))
     validation.write_data_docs(results, DOCS)
     for r in results:
-        log.info("suite %s: %s", r.name, "passed" if r.success else "failed")
+        log.info("suite %s: %s (%d not measured)", r.name, "passed" if r.success else "failed", len(r.not_measured))
     validation.raise_for_critical(results)
 
 

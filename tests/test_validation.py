@@ -301,6 +301,34 @@ def test_unknown_view_spelling_is_only_a_warning() -> None:
     )
 
 
+def test_a_projection_check_over_no_row_is_not_measured_not_passed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A source without view positions (Kermany, a generic CSV without the column) left the row-conditioned projection
+    checks with no row to check, and GX's vacuous success was reported as passed."""
+    df = make_manifest().assign(view_position=pd.NA)
+    result = manifest_suite(df, VIEWS)
+    assert result.success and not result.failed  # not a failure either
+    assert [(e.status, e.element_count, e.missing_count) for e in result.expectations] == [
+        ("not measured", 0, 0), ("not measured", 0, 0), ("not measured", N, N)]  # the pairs: every view missing
+    with caplog.at_level(logging.WARNING, logger="covidcxr.validation"):
+        validation.raise_for_critical([result])
+    assert "not measured (no row met its condition)" in caplog.text
+    summary = validation.results_to_json([result])["suites"][VIEWS]
+    assert summary["n_not_measured"] == 3 and summary["n_failed"] == 0
+    assert [(e["status"], e["success"], e["element_count"]) for e in summary["expectations"]] == [
+        ("not measured", None, 0), ("not measured", None, 0), ("not measured", None, N)]
+    page = validation.write_data_docs([result], tmp_path).read_text()
+    assert page.count('<span class="warn">not measured</span>') == 4  # the suite too: it measured nothing
+    assert '<span class="pass">passed</span>' not in page
+    assert page.count("nothing to check") == 3
+    # one frontal view measured: the lateral check still has nothing to check, the frontal one passes on its row
+    df.loc[0, "view_position"] = "PA"
+    measured = manifest_suite(df, VIEWS)
+    assert [e.status for e in measured.expectations] == ["not measured", "passed", "passed"]
+    assert [e.element_count for e in measured.expectations] == [0, 1, N]
+
+
 def test_empty_manifest_fails() -> None:
     (result,) = [validation.run_suite(manifest.empty(), EXPECTATIONS / "image_metadata.json")]
     assert critical_failures([result]) == {"expect_table_row_count_to_be_between"}

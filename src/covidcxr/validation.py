@@ -77,11 +77,28 @@ class ExpectationResult:
     unexpected_percent: float | None = None
     examples: tuple[dict[str, Any], ...] = ()  # <= MAX_EXAMPLES offending rows (image_id + values) or details
     error: str | None = None  # GX could not evaluate the expectation (e.g. a missing column)
+    # rows GX looked at (after the expectation's row condition) and, of those, the missing values it skipped; None for
+    # table-level expectations, which observe the table itself
+    element_count: int | None = None
+    missing_count: int | None = None
 
     @property
     def label(self) -> str:
         """``type(column)``, the way messages name an expectation."""
         return f"{self.type}({self.column})" if self.column else self.type
+
+    @property
+    def measured(self) -> bool:
+        """False when a row-level expectation had no value to check (no row met its row condition, or every value it
+        would check is missing): GX then says it passed, which says nothing. Never a failure either."""
+        return self.element_count is None or self.element_count - (self.missing_count or 0) > 0
+
+    @property
+    def status(self) -> str:
+        """``passed``, ``failed`` or ``not measured`` (passed by GX on no value at all)."""
+        if not self.success:
+            return "failed"
+        return "passed" if self.measured else "not measured"
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,10 @@ class SuiteResult:
     @property
     def critical_failed(self) -> tuple[ExpectationResult, ...]:
         return tuple(e for e in self.failed if e.critical)
+
+    @property
+    def not_measured(self) -> tuple[ExpectationResult, ...]:
+        return tuple(e for e in self.expectations if e.status == "not measured")
 
 
 # ---------------------------------------------------------------------------------------------- running suites
@@ -257,6 +278,8 @@ def raise_for_critical(results: Iterable[SuiteResult]) -> None:
     """Raise :class:`ExpectationFailure` if any critical expectation failed; log non-critical failures."""
     failures: list[tuple[str, ExpectationResult]] = []
     for suite in results:
+        for exp in suite.not_measured:
+            log.warning("expectation not measured in suite %s: %s", suite.name, _describe(exp))
         for exp in suite.failed:
             if exp.critical:
                 failures.append((suite.name, exp))
@@ -272,7 +295,10 @@ def raise_for_critical(results: Iterable[SuiteResult]) -> None:
 
 
 def results_to_json(results: Iterable[SuiteResult]) -> dict[str, Any]:
-    """Small, stable summary of ``results`` for a DVC metrics file: no times, ids or run names."""
+    """Small, stable summary of ``results`` for a DVC metrics file: no times, ids or run names.
+
+    An expectation that had no value to check has status ``not measured`` and success ``null``: it is counted in
+    ``n_not_measured``, not as a failure, and a suite's success says only that nothing failed."""
     suites: dict[str, Any] = {}
     for suite in results:
         if suite.name in suites:
@@ -282,12 +308,16 @@ def results_to_json(results: Iterable[SuiteResult]) -> dict[str, Any]:
             "n_expectations": len(suite.expectations),
             "n_failed": len(suite.failed),
             "n_critical_failed": len(suite.critical_failed),
+            "n_not_measured": len(suite.not_measured),
             "expectations": [
                 {
                     "type": e.type,
                     "column": e.column,
-                    "success": e.success,
+                    "status": e.status,
+                    "success": e.success if e.measured else None,  # not measured: neither passed nor failed
                     "critical": e.critical,
+                    "element_count": e.element_count,
+                    "missing_count": e.missing_count,
                     "unexpected_count": e.unexpected_count,
                     "unexpected_percent": e.unexpected_percent,
                     "examples": [dict(x) for x in e.examples],
@@ -414,6 +444,7 @@ def _reduce(entry: dict[str, Any], gx_result: Any, data: pd.DataFrame) -> Expect
     result = gx_result.result or {}
     count = result.get("unexpected_count")
     percent = result.get("unexpected_percent")
+    elements, missing = result.get("element_count"), result.get("missing_count")
     index = result.get("partial_unexpected_index_list")
     if index:
         examples = _row_examples(data, index, _example_columns(kwargs, meta, data))
@@ -431,6 +462,8 @@ def _reduce(entry: dict[str, Any], gx_result: Any, data: pd.DataFrame) -> Expect
         unexpected_percent=None if percent is None else round(float(percent), 4),
         examples=examples,
         error=_exception_message(gx_result.exception_info),
+        element_count=None if elements is None else int(elements),
+        missing_count=None if missing is None else int(missing),
     )
 
 
@@ -498,10 +531,18 @@ def _exception_message(info: Any) -> str | None:
     return "; ".join(messages) or None
 
 
+def _not_measured_reason(exp: ExpectationResult) -> str:
+    if not exp.element_count:
+        return "no row met its condition"
+    return f"all {exp.element_count} value(s) it checks are missing"
+
+
 def _describe(exp: ExpectationResult) -> str:
     text = exp.label
     if exp.error:
         text += f": could not be evaluated ({exp.error})"
+    elif not exp.measured:
+        text += f": not measured ({_not_measured_reason(exp)})"
     elif exp.unexpected_count is not None:
         text += f": {exp.unexpected_count} unexpected row(s) ({exp.unexpected_percent}%)"
     if exp.examples:
@@ -522,7 +563,9 @@ code{font-size:12px}ul{margin:0;padding-left:1.2em}
 """
 
 
-def _status(success: bool, critical: bool = True) -> str:
+def _status(success: bool, critical: bool = True, measured: bool = True) -> str:
+    if success and not measured:
+        return '<span class="warn">not measured</span>'
     if success:
         return '<span class="pass">passed</span>'
     return '<span class="fail">FAILED</span>' if critical else '<span class="warn">failed (warning)</span>'
@@ -536,13 +579,14 @@ def _render_html(results: list[SuiteResult]) -> str:
         f"<style>{_CSS}</style></head><body>",
         "<h1>covidcxr data validation</h1>",
         "<table><tr><th>suite</th><th>status</th><th>expectations</th><th>failed</th>"
-        "<th>critical failed</th></tr>",
+        "<th>critical failed</th><th>not measured</th></tr>",
     ]
     for s in results:
         out.append(
             f'<tr><td><a href="#{esc(s.name)}">{esc(s.name)}</a></td>'
-            f"<td>{_status(s.success, bool(s.critical_failed))}</td><td>{len(s.expectations)}</td>"
-            f"<td>{len(s.failed)}</td><td>{len(s.critical_failed)}</td></tr>"
+            f"<td>{_status(s.success, bool(s.critical_failed), len(s.not_measured) < len(s.expectations))}</td>"
+            f"<td>{len(s.expectations)}</td>"
+            f"<td>{len(s.failed)}</td><td>{len(s.critical_failed)}</td><td>{len(s.not_measured)}</td></tr>"
         )
     out.append("</table>")
     for s in results:
@@ -556,8 +600,10 @@ def _render_html(results: list[SuiteResult]) -> str:
             details = [f"<li>{esc(json.dumps(x))}</li>" for x in e.examples]
             if e.error:
                 details.insert(0, f"<li>error: {esc(e.error)}</li>")
+            elif not e.measured:
+                details.insert(0, f"<li>nothing to check: {esc(_not_measured_reason(e))}</li>")
             out.append(
-                f"<tr><td>{_status(e.success, e.critical)}</td><td>{'yes' if e.critical else 'no'}</td>"
+                f"<tr><td>{_status(e.success, e.critical, e.measured)}</td><td>{'yes' if e.critical else 'no'}</td>"
                 f"<td><code>{esc(e.type)}</code></td><td>{esc(e.column or '(table)')}</td><td>{esc(e.why)}</td>"
                 f"<td>{esc(unexpected)}</td><td><ul>{''.join(details)}</ul></td></tr>"
             )

@@ -120,7 +120,7 @@ def registry(tmp_path_factory) -> Iterator[Path]:
     import mlflow
 
     root = tmp_path_factory.mktemp("mlflow")
-    bundle = build_bundle(root / "bundle", model_version="1")
+    bundle = build_bundle(root / "bundle", model_name=MODEL_NAME, model_version="1")
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     try:
         experiment = mlflow.create_experiment("pacs-test", artifact_location=(root / "artifacts").as_uri())
@@ -225,11 +225,13 @@ def test_worker_writes_sr_and_overlay_into_each_study_once_and_leaks_no_phi(orth
     assert before == n_sources >= 12
 
     site = tmp_path / "site.json"  # this hospital's own threshold (calibrate-site --output), on every image
-    site.write_text(json.dumps({"threshold": SITE_THRESHOLD, "ood_threshold": None, "model_version": "2"}))
+    site.write_text(json.dumps({"threshold": SITE_THRESHOLD, "ood_threshold": None, "model_version": "2",
+                                "model_name": MODEL_NAME}))
     stale, stale_output = run_worker(orthanc, registry, "--site", str(site), status=1)  # chosen for another version
     assert stale == {} and "the model answering is version 1: calibrate the site again" in stale_output
     assert orthanc.instance_count() == before
-    site.write_text(json.dumps({"threshold": SITE_THRESHOLD, "ood_threshold": None, "model_version": "1"}))
+    site.write_text(json.dumps({"threshold": SITE_THRESHOLD, "ood_threshold": None, "model_version": "1",
+                                "model_name": MODEL_NAME}))
     summary, output = run_worker(orthanc, registry, "--site", str(site))
     assert summary["studies"] == len(studies) and summary["images"] == n_sources and summary["already_done"] == 0
     assert summary["scored"] + summary["refused"] == n_sources and summary["scored"] > 0 and summary["refused"] > 0

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,11 @@ KEPT_SETTINGS = frozenset({"MLFLOW_DISABLE_TELEMETRY", REAL_DATA_ENV})
 def without_shared_settings(env: Mapping[str, str]) -> dict[str, str]:
     """``env`` less the :data:`SHARED_SETTINGS` (but :data:`KEPT_SETTINGS`)."""
     return {k: v for k, v in env.items() if not k.startswith(SHARED_SETTINGS) or k in KEPT_SETTINGS}
+
+
+#: urllib for the tests' own servers on 127.0.0.1: never through the shell's http_proxy, which (without no_proxy)
+#: would receive the requests, planted identifiers and all. ``LOOPBACK.open(url_or_request, timeout=...)``.
+LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 # Once per test process, when pytest loads this file: before anything imports covidcxr (which applies

@@ -3,10 +3,14 @@ fixtures hand them paths that hold wherever they run."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import mlflow
@@ -82,3 +86,25 @@ def test_a_relative_real_data_path_reaches_other_folders_absolute(tmp_path, monk
     assert root.is_absolute() and root == (tmp_path / "shared/real-data").resolve()
     monkeypatch.chdir(tmp_path)  # where the copy's dvc runs: the relative path would name tmp_path/../shared here
     assert (root / "cohen/metadata.csv").is_file()
+
+
+def test_loopback_requests_never_go_through_the_shells_proxy(tmp_path, monkeypatch):
+    """With http_proxy set and no no_proxy, urlopen sent the requests to the tests' own servers (a model server's
+    /ping, /invocations with planted identifiers) to the proxy; LOOPBACK, which they use now, never reads it."""
+    from tests.conftest import LOOPBACK
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))  # bound, never listening: a request sent to the proxy is refused
+            for name in ("no_proxy", "NO_PROXY"):
+                monkeypatch.delenv(name, raising=False)
+            for name in ("http_proxy", "HTTP_PROXY"):
+                monkeypatch.setenv(name, f"http://127.0.0.1:{closed.getsockname()[1]}")
+            with LOOPBACK.open(f"http://127.0.0.1:{server.server_address[1]}/", timeout=10) as response:
+                assert response.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()

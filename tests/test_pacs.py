@@ -13,6 +13,7 @@ import json
 import logging
 import secrets
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -47,10 +48,23 @@ class Orthanc:
     def dicomweb(self) -> str:
         return f"{self.url}/dicom-web"
 
+    def session(self) -> requests.Session:
+        """A session as this Orthanc's user that never goes through the shell's proxy (as the worker's own: with
+        http_proxy set and no no_proxy, requests sent the test's planted identifiers to the proxy)."""
+        session = requests.Session()
+        session.auth, session.trust_env = (self.user, self.password), False
+        return session
+
     def get(self, path: str) -> requests.Response:
-        response = requests.get(f"{self.url}{path}", auth=(self.user, self.password), timeout=10)
+        with self.session() as session:
+            response = session.get(f"{self.url}{path}", timeout=10)
         response.raise_for_status()
         return response
+
+    def upload(self, data: bytes) -> requests.Response:
+        """Store one DICOM instance (Orthanc's REST API)."""
+        with self.session() as session:
+            return session.post(f"{self.url}/instances", data=data, timeout=10)
 
     def instance_count(self) -> int:
         return int(self.get("/statistics").json()["CountInstances"])
@@ -58,9 +72,7 @@ class Orthanc:
     def client(self):
         from dicomweb_client.api import DICOMwebClient
 
-        session = requests.Session()
-        session.auth = (self.user, self.password)
-        return DICOMwebClient(self.dicomweb, session=session, timeout=10)
+        return DICOMwebClient(self.dicomweb, session=self.session(), timeout=10)
 
 
 @contextlib.contextmanager
@@ -150,9 +162,7 @@ def plant_and_upload(orthanc: Orthanc, folder: Path) -> dict[str, dict]:
             setattr(ds, keyword, value)
         data = pydicom.filebase.DicomBytesIO()
         ds.save_as(data, enforce_file_format=True)
-        response = requests.post(f"{orthanc.url}/instances", data=data.getvalue(),
-                                 auth=(orthanc.user, orthanc.password), timeout=10)
-        if response.status_code == 200:
+        if orthanc.upload(data.getvalue()).status_code == 200:
             study["sources"].add(ds.SOPInstanceUID)
     return {uid: s for uid, s in studies.items() if s["sources"]}
 
@@ -497,6 +507,34 @@ def loopback(handler: type[Quiet], tls: ssl.SSLContext | None = None) -> Iterato
         server.server_close()
 
 
+def test_the_tests_own_requests_to_orthanc_never_go_through_the_shells_proxy(monkeypatch):
+    """With http_proxy set and no no_proxy, the Orthanc helpers' requests (uploads with planted identifiers among
+    them) went to the proxy; they go to 127.0.0.1 directly now, as the worker's own do. The proxy: a closed port."""
+    seen = []
+
+    class Store(Quiet):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            seen.append(("GET", self.path))
+            self.answer(200, "application/dicom+json" if "dicom-web" in self.path else "application/json", b"[]")
+
+        def do_POST(self):  # noqa: N802 - the http.server API
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(("POST", self.path))
+            self.answer(200, "application/json", b"{}")
+
+    with socket.socket() as closed, loopback(Store) as port:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: a request sent to the proxy is refused
+        for name in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{closed.getsockname()[1]}")
+        server = Orthanc(f"http://127.0.0.1:{port}", "covidcxr", "secret")
+        assert server.get("/system").json() == []
+        assert server.upload(b"DICM").status_code == 200
+        assert server.client().search_for_studies() == []
+    assert [method for method, _ in seen] == ["GET", "POST", "GET"]
+
+
 def test_an_https_pacs_signed_by_a_hospitals_own_ca_is_trusted_only_when_given(tmp_path):
     """The worker never reads REQUESTS_CA_BUNDLE (nor proxies): a PACS behind the hospital's own CA answered only
     'unreachable' after every retry. Its CA is now given explicitly; without it the error says so, at once."""
@@ -572,8 +610,7 @@ def upload_films(orthanc: Orthanc, n: int, **elements) -> tuple[str, list[str]]:
         ds.file_meta.MediaStorageSOPInstanceUID, ds.file_meta.MediaStorageSOPClassUID = sop, ds.SOPClassUID
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
-        requests.post(f"{orthanc.url}/instances", data=buffer.getvalue(), auth=(orthanc.user, orthanc.password),
-                      timeout=10).raise_for_status()
+        orthanc.upload(buffer.getvalue()).raise_for_status()
         sops.append(sop)
     return study, sops
 

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from covidcxr import runtime
-from tests.conftest import BIN, without_shared_settings
+from tests.conftest import BIN, LOOPBACK, without_shared_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60
@@ -81,7 +80,7 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = STAR
         if proc.poll() is not None:
             raise AssertionError(f"server exited {proc.returncode}:\n{log.read_text()[-5000:]}")
         try:
-            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=2) as response:
+            with LOOPBACK.open(url, timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:

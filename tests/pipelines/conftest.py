@@ -7,13 +7,12 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from covidcxr import runtime
-from tests.conftest import BIN
+from tests.conftest import BIN, LOOPBACK
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,7 +55,7 @@ def wait_ready(url: str, server: subprocess.Popen, *, log: Path | None = None, t
         if server.poll() is not None:
             raise RuntimeError(f"the server exited with {server.returncode} before answering /ping{tail()}")
         try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2):
+            with LOOPBACK.open(f"{url}/ping", timeout=2):
                 return
         except OSError:
             time.sleep(0.5)

@@ -28,6 +28,7 @@ import pytest
 from PIL import Image
 
 from covidcxr import folders, models, runtime, serving
+from tests.conftest import LOOPBACK
 from tests.pipelines.conftest import BIN, run, stop_server, wait_ready
 from tests.test_io import _huge_png, codestream_dicom, make_dicom
 
@@ -122,7 +123,7 @@ def post(url: str, payload: object, timeout: float = 60) -> tuple[int, object]:
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with LOOPBACK.open(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode("utf-8", "replace")

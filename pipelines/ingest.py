@@ -3,7 +3,10 @@
 A byte-identical file listed twice (by two sources, or by one under two patient ids) is kept once, the first copy in
 source order; the patient keys that share such a file become one (:func:`covidcxr.manifest.merge_patients`), so that
 the split keeps that person's images together, and copies whose labels disagree are counted (``label_conflicts``)
-and warned about: the kept copy's label is the one the manifest holds.
+and warned about: the kept copy's label is the one the manifest holds. An image a source lists but that is missing on
+disk (a source loaded with ``on_missing: skip``) is a reject of reason ``missing`` and is counted as ``missing``; it
+is left out of ``reject_fraction`` (rejected over the listed images found on disk), since skipping the files not
+there is what that option asks for (part of an archive unpacked), while an unreadable file is a problem of the data.
 """
 
 from __future__ import annotations
@@ -73,11 +76,13 @@ def pseudonym_salt(p: dict) -> str:
 def run(p: dict, experiment: str = "demo") -> dict:
     log = _common.setup_logging()
     salt = pseudonym_salt(p)
-    frames = []
+    frames, missing = [], []
     for source in p["sources"]:
         options = {k: v for k, v in source.items() if k not in ("name", "root")}
         frame = datasets.load(source["name"], source["root"], **options)
-        log.info("%s: %d images listed under %s", source["name"], len(frame), source["root"])
+        missing.append(missing_rejects(frame, source["name"]))
+        log.info("%s: %d images listed under %s (%d of them missing on disk)", source["name"],
+                 len(frame) + len(missing[-1]), source["root"], len(missing[-1]))
         frames.append(frame.assign(_root=str(source["root"])))
     combined = pd.concat(frames, ignore_index=True)
     check_unique_ids(combined)
@@ -97,15 +102,18 @@ def run(p: dict, experiment: str = "demo") -> dict:
         result["age"] = result["age"].clip(upper=float(p["max_age"]))
 
     rejected = int((rejects["kind"] == "image").sum())
+    rejects = pd.concat([rejects, *missing], ignore_index=True)[manifest.REJECT_COLUMNS]
+    n_missing = sum(len(m) for m in missing)
     summary = {
-        "listed": len(listed),
+        "listed": len(listed) + n_missing,
+        "missing": n_missing,
         "accepted": len(result),
         "rejected": rejected,
         "masks_rejected": int((rejects["kind"] == "mask").sum()),
         "duplicates": len(duplicates),
         "label_conflicts": label_conflicts,
         "patients_merged": patients_merged,
-        "reject_fraction": round(rejected / max(len(listed), 1), 6),
+        "reject_fraction": round(rejected / max(len(listed), 1), 6),  # of the images found: not the missing ones
         "by_source": {s: int(n) for s, n in result["source"].value_counts().sort_index().items()},
         "by_label": {s: int(n) for s, n in result["label"].value_counts().sort_index().items()},
         "by_projection": {s: int(n) for s, n in result["projection"].value_counts().sort_index().items()},
@@ -118,8 +126,8 @@ def run(p: dict, experiment: str = "demo") -> dict:
     _common.write_json(SUMMARY, summary)
     for row in rejects.itertuples():
         log.warning("rejected %s of %s (%s): %s", row.kind, row.image_id, row.reason, row.problem)
-    log.info("manifest: %d images of %d patients; %d images and %d masks rejected, %d duplicates", len(result),
-             summary["patients"], rejected, summary["masks_rejected"], len(duplicates))
+    log.info("manifest: %d images of %d patients; %d images and %d masks rejected, %d duplicates, %d missing on disk",
+             len(result), summary["patients"], rejected, summary["masks_rejected"], len(duplicates), n_missing)
     if patients_merged:
         log.warning("%d patient key(s) merged into another: they share a byte-identical image (%s)", patients_merged,
                     DUPLICATES)
@@ -133,12 +141,21 @@ def run(p: dict, experiment: str = "demo") -> dict:
         if summary["reject_fraction"] > float(p["max_reject_fraction"]):
             raise TooManyRejects(
                 f"{rejected} of {len(listed)} images rejected ({summary['reject_fraction']:.1%}), more than "
-                f"ingest.max_reject_fraction={p['max_reject_fraction']}: see {REJECTS}"
+                f"ingest.max_reject_fraction={p['max_reject_fraction']}"
+                f"{f' (not counting {n_missing} missing on disk)' if n_missing else ''}: see {REJECTS}"
             )
         if result.empty:  # whatever the fraction allows: no stage after this one has anything to work on
-            raise TooManyRejects(f"no usable image: {rejected} of {len(listed)} listed image(s) rejected; "
-                                 f"see {REJECTS}")
+            raise TooManyRejects(f"no usable image: {rejected} of {len(listed)} listed image(s) rejected"
+                                 f"{f', {n_missing} more missing on disk' if n_missing else ''}; see {REJECTS}")
     return summary
+
+
+def missing_rejects(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+    """The images ``source``'s adapter left out of ``frame`` as missing on disk (``on_missing: skip``), as reject
+    rows (:data:`covidcxr.manifest.REJECT_COLUMNS`) of kind ``image`` and reason ``missing``."""
+    skipped = datasets.skipped(frame)
+    return skipped.assign(source=source, kind="image", reason="missing",
+                          problem="listed by the source's metadata, missing on disk (on_missing: skip)")
 
 
 def run_params(p: dict) -> dict:
@@ -173,8 +190,9 @@ def log_to_mlflow(summary: dict, rejects: pd.DataFrame, roots: dict[str, str] | 
     """Counts as metrics, the rejects (:func:`mlflow_rejects`) and the summary as artifacts of the active run."""
     import mlflow
 
-    mlflow.log_metrics({"n_listed": summary["listed"], "n_accepted": summary["accepted"],
-                        "n_rejected": summary["rejected"], "n_masks_rejected": summary["masks_rejected"],
+    mlflow.log_metrics({"n_listed": summary["listed"], "n_missing": summary["missing"],
+                        "n_accepted": summary["accepted"], "n_rejected": summary["rejected"],
+                        "n_masks_rejected": summary["masks_rejected"],
                         "n_duplicates": summary["duplicates"], "n_label_conflicts": summary["label_conflicts"],
                         "reject_fraction": summary["reject_fraction"]})
     mlflow.log_text(mlflow_rejects(rejects, roots).to_csv(index=False, lineterminator="\n"), "ingest/rejects.csv")

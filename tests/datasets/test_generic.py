@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidcxr import manifest
+from covidcxr import datasets, manifest
 from covidcxr.datasets import DatasetLayoutError, generic, load
 
 CSV = """path,patient_id,label,projection,finding,site,sex,age,view_position,mask_path,notes
@@ -124,3 +124,13 @@ def test_missing_image(root, caplog):
     with caplog.at_level(logging.WARNING):
         assert len(generic.load(root, on_missing="skip")) == 3
     assert "missing on disk" in caplog.text
+
+
+def test_a_skipped_image_is_named_by_the_frame(root):
+    """Skipped files were only logged: the ingest stage could not report them (datasets.skipped now names them)."""
+    assert datasets.skipped(generic.load(root)).empty  # nothing skipped
+    (root / "sub" / "p003.png").unlink()
+    loaded = datasets.load("generic", root, on_missing="skip")
+    assert "generic/sub/p003" not in set(loaded["image_id"])
+    assert datasets.skipped(loaded).to_dict("records") == [
+        {"image_id": "generic/sub/p003", "path": f"{root.as_posix()}/sub/p003.png"}]

@@ -200,3 +200,34 @@ def test_no_site_folder_name_reaches_mlflow(corpus: Path):
     assert not logged.astype(str).apply(lambda c: c.str.contains("private-site-7")).any().any()
     (problem,) = logged.loc[logged["kind"] == "mask", "problem"]
     assert problem.endswith("of generic/masks/left.png"), problem
+
+
+def test_images_missing_on_disk_are_reported_but_not_counted_as_rejects(corpus: Path):
+    """With on_missing: skip the files a source lists but that are not on disk were only logged: not in
+    rejects.csv, the summary or MLflow, and `listed` was counted after the skip."""
+    root = corpus / ROOT
+    listed = pd.read_csv(root / "manifest.csv")
+    gone = pd.DataFrame([("scans/gone_a.png", "p10", "covid"), ("scans/gone_b.png", "p11", "negative")],
+                        columns=["path", "patient_id", "label"]).assign(projection="frontal")
+    pd.concat([listed, gone]).to_csv(root / "manifest.csv", index=False)
+    p = {**params(max_reject_fraction=0.4), "sources": [{"name": "generic", "root": ROOT, "on_missing": "skip"}]}
+
+    summary = ingest.run(p, "ingest-test")
+    assert (summary["listed"], summary["missing"], summary["accepted"], summary["rejected"]) == (8, 2, 4, 2)
+    assert summary["reject_fraction"] == pytest.approx(2 / 6, abs=1e-6)  # of the 6 images found on disk
+    assert summary["rejects_by_reason"]["missing"] == 2
+    rejects = pd.read_csv(corpus / ingest.REJECTS)
+    missing = rejects[rejects["reason"] == "missing"]
+    assert list(missing["image_id"]) == ["generic/scans/gone_a", "generic/scans/gone_b"]
+    assert set(missing["kind"]) == {"image"} and missing["path"].str.endswith(".png").all()
+    assert (rejects["reason"] != "missing").sum() == 2  # the unreadable ones, as before
+
+    found, logged = ingest_run(corpus)
+    assert found.data.metrics["n_missing"] == 2 and found.data.metrics["n_listed"] == 8
+    assert found.data.metrics["reject_fraction"] == pytest.approx(2 / 6, abs=1e-6)
+    assert list(logged.loc[logged["reason"] == "missing", "image_id"]) == list(missing["image_id"])
+    assert "path" not in logged.columns
+    assert not logged.astype(str).apply(lambda c: c.str.contains("private-site-7|gone_a.png")).any().any()
+
+    with pytest.raises(ingest.TooManyRejects, match=r"2 of 6 images rejected .* \(not counting 2 missing on disk\)"):
+        ingest.run({**p, "max_reject_fraction": 0.2}, "ingest-test")

@@ -32,7 +32,7 @@ def test_data_stages_on_real_corpus(project: Path, real_data: Path):
     summary = json.loads((project / "reports/ingest/summary.json").read_text())
     # All of it: 560 Cohen X-rays, 773 Kermany images, 556 Montgomery/Shenzhen pairs, nothing lost.
     assert summary["listed"] == 560 + 773 + 556
-    assert summary["accepted"] + summary["rejected"] + summary["duplicates"] == summary["listed"]
+    assert summary["accepted"] + summary["rejected"] + summary["duplicates"] + summary["missing"] == summary["listed"]
     rejects = pd.read_csv(project / "reports/ingest/rejects.csv")
     assert set(rejects["kind"]) <= {"image", "mask"} and summary["rejected"] == (rejects["kind"] == "image").sum()
     duplicates = pd.read_csv(project / "reports/ingest/duplicates.csv")

@@ -10,7 +10,8 @@ are filled in later by the ingest stage. Every adapter shares these rules:
   ``"<source>:<the source's own patient id>"``.
 - Rows are sorted by ``image_id``.
 - A file that the metadata lists but that is missing on disk raises :class:`DatasetLayoutError`
-  (``on_missing="raise"``, the default) or is left out with a warning (``on_missing="skip"``).
+  (``on_missing="raise"``, the default) or is left out with a warning (``on_missing="skip"``); the frame then
+  names what it left out (:func:`skipped`), which the ingest stage reports as rejects of reason ``missing``.
 - ``mask_path`` may hold several files joined with ``";"`` (e.g. separate left and right lung
   masks); the lung mask is their union.
 
@@ -32,7 +33,7 @@ from covidcxr.io import MAX_AGE, parse_age  # the one age rule, DICOM headers' t
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_AGE", "NAMES", "DatasetLayoutError", "load", "parse_age"]
+__all__ = ["MAX_AGE", "NAMES", "DatasetLayoutError", "load", "parse_age", "skipped"]
 
 
 class DatasetLayoutError(ValueError):
@@ -70,6 +71,8 @@ def load(name: str, root: str | os.PathLike, **options) -> pd.DataFrame:
 # Helpers shared by the adapters.
 
 ON_MISSING = ("raise", "skip")
+SKIPPED_COLUMNS = ["image_id", "path"]
+_SKIPPED = "covidcxr.skipped"  # DataFrame.attrs key: (image_id, path) of each listed file missing on disk
 _SHOW = 5  # how many names an error message lists before "... and N more"
 
 
@@ -147,6 +150,12 @@ def normalise_sex(value: object) -> str:
     return "unknown"
 
 
+def skipped(frame: pd.DataFrame) -> pd.DataFrame:
+    """The images an adapter's frame leaves out under ``on_missing="skip"``: listed by the source's metadata but
+    missing on disk (columns :data:`SKIPPED_COLUMNS`, sorted by image_id; none for a frame no adapter skipped in)."""
+    return pd.DataFrame(list(frame.attrs.get(_SKIPPED, ())), columns=SKIPPED_COLUMNS, dtype="string")
+
+
 def finish(
     rows: list[dict] | pd.DataFrame,
     source: str,
@@ -155,7 +164,8 @@ def finish(
 ) -> pd.DataFrame:
     """Check ids are unique and listed files exist, sort by image_id and conform to the manifest.
 
-    ``described_by`` names the metadata (file or folder) that listed the images, for messages.
+    ``described_by`` names the metadata (file or folder) that listed the images, for messages. Files skipped as
+    missing (``on_missing="skip"``) are named by the returned frame: :func:`skipped`.
     """
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     if df.empty:
@@ -184,6 +194,8 @@ def finish(
             described_by,
             missing[0],
         )
-        df = df.loc[exists]
-    df = df.sort_values("image_id", kind="stable")
-    return manifest.conform(df)
+    left_out = df.loc[~exists].sort_values("image_id", kind="stable")
+    out = manifest.conform(df.loc[exists].sort_values("image_id", kind="stable"))
+    if len(left_out):
+        out.attrs[_SKIPPED] = tuple(zip(left_out["image_id"].astype(str), left_out["path"].astype(str)))
+    return out

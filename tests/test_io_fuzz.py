@@ -40,10 +40,12 @@ MEMORY_BOUND = 128 << 20  # peak RSS growth over the warmed-up worker; decoding 
 TIMEOUT_S = 20.0  # per read; a valid read of these small files takes milliseconds
 
 # The worker: length-prefixed inputs on stdin, one JSON line per input on a private copy of stdout (fd 1 itself goes
-# to stderr, so that a C library printing to stdout cannot corrupt the protocol). max_pixels == 0 means "sleep":
-# it lets a test check that a hang is caught.
+# to stderr, so that a C library printing to stdout cannot corrupt the protocol). Two max_pixels values are orders,
+# not limits, so that a test can check the harness catches what it is there to catch: HANG (sleep) and DIE (SIGKILL,
+# as a crashing C decoder dies).
+HANG, DIE = 0, 2**64 - 1
 WORKER = r"""
-import json, os, resource, struct, sys, time
+import json, os, resource, signal, struct, sys, time
 out = os.fdopen(os.dup(1), "wb", buffering=0)
 os.dup2(2, 1)
 import numpy as np
@@ -65,8 +67,10 @@ while True:
         break
     size, max_pixels = struct.unpack("<IQ", head)
     data = inp.read(size)
-    if max_pixels == 0:
+    if max_pixels == HANG:
         time.sleep(3600)
+    if max_pixels == DIE:
+        os.kill(os.getpid(), signal.SIGKILL)
     try:
         arr, header = io.read_image(data, max_pixels=max_pixels, name=NAME_REPR)
         reply = {"kind": "image", "shape": list(arr.shape), "dtype": str(arr.dtype),
@@ -79,11 +83,12 @@ while True:
         reply = {"kind": "crash", "type": type(err).__name__, "message": str(err)[:500]}
     reply["peak_rss"] = peak_rss()
     out.write((json.dumps(reply) + "\n").encode())
-""".replace("NAME_REPR", repr(NAME))
+""".replace("NAME_REPR", repr(NAME)).replace("HANG", str(HANG)).replace("DIE", str(DIE))
 
 
 class Worker:
-    """One reader process, restarted after a hang or a death; ``baseline`` is its peak RSS once warmed up."""
+    """One reader process, restarted after a hang, a death or a failed case (:func:`_fuzz`); ``baseline`` is its peak
+    RSS once warmed up."""
 
     def __init__(self, warm_up: list[bytes]) -> None:
         self.warm_up = warm_up
@@ -97,6 +102,10 @@ class Worker:
         for data in self.warm_up:  # imports, decoders and numpy's first allocations before the baseline
             self.baseline = self.read(data)["peak_rss"]
 
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
     def read(self, data: bytes, max_pixels: int = MAX_PIXELS, timeout: float = TIMEOUT_S) -> dict:
         """The worker's reply for ``data``; AssertionError (and a fresh worker) on a hang or a death."""
         assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
@@ -107,10 +116,10 @@ class Worker:
             ready = selector.select(timeout)
         line = self.proc.stdout.readline() if ready else b""
         if not line:
-            hung = self.proc.poll() is None
-            self.stop()
-            self.start()
-            what = f"no answer within {timeout:g} s (hang)" if hung else f"worker died ({self.proc.returncode})"
+            gone = self.proc  # its return code, not the restarted worker's (None)
+            hung = gone.poll() is None
+            self.restart()
+            what = f"no answer within {timeout:g} s (hang)" if hung else f"worker died ({gone.returncode})"
             raise AssertionError(f"read_image: {what} on {len(data)} bytes: {data[:64]!r}...")
         return json.loads(line)
 
@@ -208,8 +217,16 @@ def fuzz(n: int) -> settings:
                     suppress_health_check=list(HealthCheck))
 
 
-def _fuzz(worker: Worker, data: bytes) -> None:
-    check(worker.read(data), worker.baseline, data)
+def _fuzz(worker: Worker, data: bytes, max_pixels: int = MAX_PIXELS) -> None:
+    """One case: the worker's answer checked (:func:`check`); after a failure, a fresh worker for the next case,
+    since the peak it reports (VmHWM) never goes down: past the memory bound once, every later case and every
+    shrinking step would fail on that peak, and the example reported as minimal would not be the one at fault."""
+    reply = worker.read(data, max_pixels)
+    try:
+        check(reply, worker.baseline, data)
+    except AssertionError:
+        worker.restart()
+        raise
 
 
 # --- byte-level mutations -------------------------------------------------------------------------------------------
@@ -358,7 +375,23 @@ def test_harness_catches_a_decoded_bomb_and_a_hang():
         with pytest.raises(AssertionError, match="peak memory grew"):
             check(decoded, fresh.baseline, bomb)
         with pytest.raises(AssertionError, match="hang"):
-            fresh.read(b"", max_pixels=0, timeout=1.0)
+            fresh.read(b"", max_pixels=HANG, timeout=1.0)
         assert fresh.read(SEEDS["png_gray"])["kind"] == "image"  # restarted
+    finally:
+        fresh.stop()
+
+
+def test_a_case_past_the_memory_bound_fails_alone_and_a_death_says_how():
+    """The worker's peak (VmHWM) never goes down and the worker was kept after a case past the memory bound: every
+    later case, and Hypothesis's shrinking, failed on that peak. A worker's death was reported with the restarted
+    worker's return code (None)."""
+    fresh = Worker([SEEDS["png_gray"]])
+    try:
+        with pytest.raises(AssertionError, match="peak memory grew"):
+            _fuzz(fresh, _png_of_ramps(6000, 6000), max_pixels=10**8)  # 36 MB + 144 MB float32 decoded
+        _fuzz(fresh, SEEDS["png_gray"])  # measured on its own peak, not the bomb's
+        with pytest.raises(AssertionError, match=r"worker died \(-9\)"):
+            fresh.read(SEEDS["png_gray"], max_pixels=DIE)
+        _fuzz(fresh, SEEDS["png_gray"])  # restarted
     finally:
         fresh.stop()

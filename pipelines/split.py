@@ -43,6 +43,7 @@ CURATED = "reports/split/curated_out.csv"
 SUMMARY = "reports/split/summary.json"
 CHECKS = "reports/split/validation.json"
 DOCS = "reports/split/data_docs"
+DATA_DOCS = f"{DOCS}/index.html"
 VALIDATED = "reports/validate/manifest.json"  # the validate stage's report on MANIFEST (pipelines.validate.CHECKS)
 COLUMNS = ["image_id", "patient_id", "label", "split"]
 PROJECTION_CLASSES = tuple(x for x in manifest.PROJECTIONS if x != "unknown")  # frontal, lateral
@@ -271,7 +272,8 @@ def run(p: dict, expectations: str) -> dict:
     _common.write_csv(CURATED, dropped[["image_id", "patient_id", "label"]])
     _common.write_json(SUMMARY, summary)
     _common.write_json(CHECKS, validation.results_to_json(results))
-    validation.write_data_docs(results, DOCS)
+    page = validation.render_data_docs(results)
+    _common.write_with(DATA_DOCS, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     log.info("experiment %s: %s", p["experiment"], summary["covid"])
     validation.raise_for_critical(results)  # before the tables: a stage run directly never trains on failing ones
     with _common.atomic_dir(_common.SPLITS_DIR) as out:  # the three tables replace the old ones together, or none

@@ -7,7 +7,8 @@ user). The splits suite runs on three tables, named by each expectation's ``meta
 (``rows``), one row per patient (``per_patient``) and one row per split (``per_split``).
 
 GX runs in an ephemeral, in-memory context on a pandas dataframe: nothing is written to disk, nothing is sent
-anywhere. Results become a small byte-stable JSON (a DVC metrics file) and a self-contained HTML page.
+anywhere. Results become a small byte-stable JSON (a DVC metrics file) and a self-contained HTML page, which the
+stages write.
 """
 
 from __future__ import annotations
@@ -333,14 +334,10 @@ def results_to_json(results: Iterable[SuiteResult]) -> dict[str, Any]:
     }
 
 
-def write_data_docs(results: Iterable[SuiteResult], out_dir: str | os.PathLike[str]) -> Path:
-    """Write ``index.html``: one self-contained page (inline CSS, no scripts, no links) that renders offline."""
-    results = list(results)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "index.html"
-    path.write_text(_render_html(results), encoding="utf-8")
-    return path
+def render_data_docs(results: Iterable[SuiteResult]) -> str:
+    """The data docs: one self-contained HTML page (inline CSS, no scripts, no links) that renders offline. The
+    stages write it as ``<docs folder>/index.html`` with their atomic writer (``pipelines._common.write_with``)."""
+    return _render_html(list(results))
 
 
 # ---------------------------------------------------------------------------------------------- suite files

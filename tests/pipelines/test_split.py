@@ -165,6 +165,7 @@ def test_a_critical_split_check_failure_leaves_the_split_tables_as_they_were(tmp
     split_stage.run(stage_params(), EXPECTATIONS)
     tables = {path.name: path.read_bytes() for path in Path(_common.SPLITS_DIR).iterdir()}
     assert sorted(tables) == ["covid.csv", "projection.csv", "segmentation.csv"]
+    assert [p.name for p in Path(split_stage.DOCS).iterdir()] == ["index.html"]
     with pytest.raises(validation.ExpectationFailure):
         split_stage.run(failing, EXPECTATIONS)  # another seed: other tables, had they been written
     assert {path.name: path.read_bytes() for path in Path(_common.SPLITS_DIR).iterdir()} == tables

@@ -31,6 +31,7 @@ def test_a_valid_manifest_file_passes(workdir: Path) -> None:
     _common.write_csv(workdir / validate_stage.MANIFEST, make_manifest())
     validate_stage.run({"expectations": str(EXPECTATIONS)})
     assert validation_json(workdir)["success"]
+    assert (workdir / validate_stage.DOCS / "index.html").is_file()
 
 
 def test_a_manifest_file_missing_columns_fails(workdir: Path) -> None:
@@ -50,3 +51,19 @@ def validation_json(workdir: Path) -> dict:
     import json
 
     return json.loads((workdir / validate_stage.CHECKS).read_text())
+
+
+def test_the_data_docs_page_is_replaced_whole_never_written_in_place(workdir: Path) -> None:
+    """write_data_docs wrote index.html in place, unlike every other output (a stage killed part way left half a
+    page that DVC could take as valid). A page replaced by renaming a finished file leaves whatever the old path
+    pointed at untouched; a write in place goes through it."""
+    elsewhere = workdir / "elsewhere.html"
+    elsewhere.write_text("an older page")
+    docs = workdir / validate_stage.DATA_DOCS
+    docs.parent.mkdir(parents=True)
+    docs.symlink_to(elsewhere)
+    _common.write_csv(workdir / validate_stage.MANIFEST, make_manifest())
+    validate_stage.run({"expectations": str(EXPECTATIONS)})
+    assert elsewhere.read_text() == "an older page"
+    assert not docs.is_symlink() and "covidcxr data validation" in docs.read_text()
+    assert [p.name for p in docs.parent.iterdir()] == ["index.html"]

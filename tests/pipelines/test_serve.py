@@ -237,7 +237,8 @@ def load_round(url: str, good: dict[str, str], reference: dict[str, dict], bad: 
 
 def check_under_load(url: str, server: subprocess.Popen, good: dict[str, str], bad: dict[str, tuple[str, str]],
                      transcript: list[str]) -> dict[str, float]:
-    """Two rounds of concurrent clients: no failure, bounded time, server memory bounded and not growing."""
+    """Two rounds of concurrent clients: no failure, no client left waiting (load_round's hang guard), server memory
+    bounded and not growing. How fast is bench/'s to measure (serving), not a test's to assert."""
     reference = {}
     for name, field in good.items():  # each good image alone, sequentially: what every loaded answer must equal
         status, answer = post(url, {"dataframe_records": [{"image": field}]})
@@ -255,7 +256,6 @@ def check_under_load(url: str, server: subprocess.Popen, good: dict[str, str], b
     figures = {"round_s": max(seconds), "rss_before_mb": rss[0] / 2**20, "growth_mb": (rss[2] - rss[0]) / 2**20,
                "second_round_growth_mb": (rss[2] - rss[1]) / 2**20}
     print(f"serving under load ({CLIENTS} clients x {REQUESTS} requests x 3 images): {figures}")
-    assert max(seconds) < 60, figures
     assert figures["growth_mb"] < 256 and figures["second_round_growth_mb"] < 64, figures  # measured: 40 and 1 MB
     return figures
 

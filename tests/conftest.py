@@ -45,6 +45,10 @@ LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # COVIDCXR_PORTABLE_CPU and the tracking defaults to os.environ) and before any test or subprocess reads them.
 for _name in set(os.environ) - set(without_shared_settings(os.environ)):
     del os.environ[_name]
+# ... and requests to 127.0.0.1 made by the library itself (tracking.ensure_reachable, the PACS worker) or by the
+# servers the tests start go straight to it, whatever http_proxy the shell exports.
+for _name in ("no_proxy", "NO_PROXY"):
+    os.environ[_name] = ",".join(filter(None, [os.environ.get(_name), "127.0.0.1", "localhost"]))
 
 
 @pytest.fixture(scope="session")

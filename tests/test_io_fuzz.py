@@ -117,9 +117,14 @@ class Worker:
         line = self.proc.stdout.readline() if ready else b""
         if not line:
             gone = self.proc  # its return code, not the restarted worker's (None)
-            hung = gone.poll() is None
+            if ready:  # end of file: the worker exited; its pipe can close a moment before it is reaped, so wait
+                try:
+                    what = f"worker died ({gone.wait(timeout=5)})"
+                except subprocess.TimeoutExpired:
+                    what = "worker closed its output and did not exit"
+            else:
+                what = f"no answer within {timeout:g} s (hang)"
             self.restart()
-            what = f"no answer within {timeout:g} s (hang)" if hung else f"worker died ({gone.returncode})"
             raise AssertionError(f"read_image: {what} on {len(data)} bytes: {data[:64]!r}...")
         return json.loads(line)
 

@@ -624,11 +624,6 @@ def request_size(about: Mapping, batch_size: int) -> int:
     return min(int(batch_size), int(limit))
 
 
-def probe_version(score: Scorer) -> str:
-    """The version of the model behind ``score``."""
-    return str(probe(score)["model_version"])
-
-
 def encode_file(path: str | os.PathLike) -> str:
     """A file's bytes as the base64 string a request carries."""
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")

@@ -26,7 +26,7 @@ import pydicom
 import pytest
 import requests
 
-from covidcxr import pacs, predlog, serving
+from covidcxr import pacs, predlog, serving, sites
 from covidcxr.datasets import demo
 from tests.helpers import build_bundle
 from tests.infra.conftest import BIN, base_env, free_port, missing, stop_group
@@ -647,6 +647,10 @@ def test_the_results_name_the_model_that_scored_them(own_orthanc, pipeline):
 
     assert pacs.run(client, unnamed, "covidcxr-legacy").stored_sr == 2
     assert len(results_of(own_orthanc, study)["SR"]) == 6
+    # ... but a site's thresholds are checked against the name the model answers with, never the CLI's fallback
+    legacy = sites.SiteThresholds(0.3, None, "1", model_name="covidcxr-legacy", path="site.json")
+    with pytest.raises(sites.SiteFileError, match="does not report its name"):
+        pacs.run(client, unnamed, "covidcxr-legacy", site=legacy)
 
 
 @contextlib.contextmanager

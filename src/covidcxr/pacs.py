@@ -551,9 +551,9 @@ def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.dat
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     about = serving.probe(score)
+    if site is not None:  # the name the model answers with, not the fallback below: unknown is refused, as in predict
+        site.check_model(about["model_name"], about["model_version"])
     model = ModelId(str(about["model_name"] or model_name), str(about["model_version"]))
-    if site is not None:
-        site.check_model(model.name, model.version)
     batch_size = serving.request_size(about, batch_size)
     studies = pacs.find_studies(since)
     summary = Summary(studies=len(studies))

@@ -10,6 +10,7 @@ import math
 import operator
 import os
 import platform
+from collections.abc import Callable, Mapping
 
 #: The keys of every row of bench/results.json, in this order.
 ROW_KEYS = ("name", "value", "baseline", "baseline_name", "ratio", "unit", "goal", "pass", "skipped")
@@ -32,6 +33,14 @@ def row(name: str, value: float | None, baseline: float | None, baseline_name: s
     return {"name": name, "value": _round(value, ndigits), "baseline": _round(baseline, ndigits),
             "baseline_name": baseline_name, "ratio": _round(ratio, ndigits), "unit": unit, "goal": goal,
             "pass": passed, "skipped": None}
+
+
+def alternating_rounds(sides: Mapping[str, Callable[[], float]], rounds: int) -> list[dict[str, float]]:
+    """Each of ``rounds`` rounds, every side's figure measured back to back, the order reversed every other round: a
+    figure beside its baseline within one round compares one machine speed (this VM's drifts between minutes), and
+    neither side gets the quieter half systematically."""
+    return [{name: sides[name]() for name in (list(sides) if r % 2 == 0 else list(sides)[::-1])}
+            for r in range(rounds)]
 
 
 def skipped(name: str, reason: str) -> dict:

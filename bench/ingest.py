@@ -25,6 +25,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
+from bench import alternating_rounds
 from covidcxr import io, preprocess
 from covidcxr.parallel import worker_pool
 
@@ -61,15 +62,12 @@ def paired_rounds(paths: list[str], workers: int, repeats: int, rounds: int, siz
     gives neither side the quieter half systematically.
     """
     sides = {"decode_only": decode_only, "ours": functools.partial(ours, size=size)}
-    measured = []
     with worker_pool(workers) as pool:  # the cache stage's pool (parallel_map's), with its allocator settings
         for fn in sides.values():  # warm the workers (imports, first-call set-up)
             list(pool.map(fn, paths[: 2 * workers]))
-        for r in range(rounds):
-            ips = {name: images_per_second(pool, sides[name], paths, repeats)
-                   for name in (list(sides) if r % 2 == 0 else list(sides)[::-1])}
-            measured.append((ips["ours"] / ips["decode_only"], ips))
-    measured.sort(key=lambda m: m[0])
+        measured = sorted(((ips["ours"] / ips["decode_only"], ips) for ips in alternating_rounds(
+            {name: functools.partial(images_per_second, pool, fn, paths, repeats) for name, fn in sides.items()},
+            rounds)), key=lambda m: m[0])
     return {**measured[len(measured) // 2][1], "ratios": [round(ratio, 3) for ratio, _ in measured]}
 
 

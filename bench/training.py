@@ -8,11 +8,14 @@ against in-memory tensors, so that a slow pipeline cannot hide behind the model.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
 
 import numpy as np
+
+from bench import alternating_rounds
 
 
 def matmul_probe(n: int = 2048) -> Callable[[int, int], float]:
@@ -148,16 +151,15 @@ def input_pipeline(*, size: int, depth: int, width: float, batch: int, steps: in
             model.fit(tf.data.Dataset.from_tensor_slices(memory).batch(batch).with_options(
                 training.fixed_pipeline_options()), epochs=epochs, verbose=0, shuffle=False)
 
-        pairs = []  # (real seconds, in-memory seconds) of each round, measured back to back
-        for k in range(rounds + 1):  # round 0 warms both up (tracing, first allocations) and is not counted
-            seconds = {}
-            for name, fn in (("real", real), ("synthetic", synthetic))[:: 1 if k % 2 else -1]:
-                start = time.perf_counter()
-                fn()
-                seconds[name] = time.perf_counter() - start
-            if k:
-                pairs.append((seconds["real"], seconds["synthetic"]))
-    by_ratio = sorted((s / r, r, s) for r, s in pairs)
+        def seconds(fn: Callable[[], None]) -> float:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+
+        # round 0 warms both up (tracing, first allocations) and is not counted
+        timed = alternating_rounds({"synthetic": functools.partial(seconds, synthetic),
+                                    "real": functools.partial(seconds, real)}, rounds + 1)[1:]
+    by_ratio = sorted((t["synthetic"] / t["real"], t["real"], t["synthetic"]) for t in timed)
     _, real_s, synthetic_s = by_ratio[len(by_ratio) // 2]
     return {"size": size, "depth": depth, "width": width, "batch": batch, "steps": steps, "epochs": epochs,
             "augment": augment, "rounds": rounds, "real_images_per_second": round(n * epochs / real_s, 2),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import typing
@@ -39,8 +40,9 @@ def test_every_section_of_params_yaml_is_valid_and_covered():
 
 
 def dotted(params: dict, overrides: dict) -> dict:
-    """``params`` with ``a.b: value`` overrides applied (the `dvc exp run -S` form the experiment overlays use)."""
-    out = yaml.safe_load(yaml.safe_dump(params))
+    """``params`` with ``a.b: value`` overrides applied (the `dvc exp run -S` form the experiment overlays use), on a
+    deep copy (not a YAML round trip of the whole file: 0.1 s each, 315 ablation steps)."""
+    out = copy.deepcopy(params)
     for key, value in overrides.items():
         *parents, last = key.split(".")
         node = out

@@ -168,6 +168,10 @@ def _calibrate_site(args: argparse.Namespace) -> int:
         print(f"calibrate-site: {err}", file=sys.stderr)
         return 1
     files = [path for path, _ in films]
+    refusal = _too_few_for_the_rule(args, films)  # before minutes of loading and scoring
+    if refusal:
+        print(f"calibrate-site: {refusal}", file=sys.stderr)
+        return 1
     try:
         # The labelled films are no production traffic: a model loaded here keeps no prediction log (a server's own
         # log records them, README)
@@ -478,18 +482,73 @@ def _model_rule(model_uri: str, version: object) -> dict:
                            "--objective and --min-sensitivity") from None
 
 
+def _too_few_for_the_rule(args: argparse.Namespace, films: Sequence[tuple[str, bool]]) -> str | None:
+    """Why the labelled ``films`` cannot meet the threshold rule even if the model answers every one, when the rule is
+    known before scoring (:func:`_rule_before_scoring`); None when they may, or only the answering model can say.
+    The films it answers are at most those labelled, and fewer COVID-19 films never promise more (``sites.site_rule``):
+    refusing here spares loading the model and scoring every film only to refuse."""
+    from covidcxr import sites
+
+    rule = _rule_before_scoring(args)
+    if rule is None or rule["objective"] != "sensitivity" or rule["min_sensitivity"] is None:
+        return None
+    n_covid = sum(covid for _, covid in films)
+    try:
+        sites.site_rule(n_covid, rule["min_sensitivity"])
+    except ValueError as err:
+        return f"{err} (the threshold rule on the {n_covid} COVID-19 films of {args.labels}; nothing was scored)"
+    return None
+
+
+def _rule_before_scoring(args: argparse.Namespace) -> dict | None:
+    """The rule :func:`_site_rule` will apply, read before any film is scored: the flags' alone, or the registered
+    version's that a local ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names (the version loaded to score);
+    None when only the answering model can say (a server, another URI) or the registry cannot be read here (the rule
+    is then read after scoring, with its own errors)."""
+    import re
+
+    flags = _flag_rule(args)
+    if flags is not None:
+        return flags
+    match = re.fullmatch(r"models:/([^@/]+)(?:@([^/]+)|/(\d+))", args.model_uri)
+    if args.url or not match:
+        return None
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(_tracking_uri())
+        name, alias, version = match.groups()
+        if alias is not None:
+            version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
+        saved = _model_rule(args.model_uri, version)
+        return _site_rule(args, version, saved.get("threshold"))[0]
+    except Exception:  # noqa: BLE001 - no early answer; scoring and the usual reading say what is wrong
+        return None
+
+
+def _flag_rule(args: argparse.Namespace) -> dict | None:
+    """The rule the flags give whole (``--objective`` other than sensitivity, or ``--min-sensitivity``, which implies
+    the sensitivity objective); None when the model's own rule is needed."""
+    given = {k: v for k, v in (("objective", args.objective), ("min_sensitivity", args.min_sensitivity))
+             if v is not None}
+    if given.get("min_sensitivity") is not None:
+        given.setdefault("objective", "sensitivity")
+    if given.get("objective", "sensitivity") != "sensitivity" or len(given) == 2:
+        return {"objective": given["objective"], "min_sensitivity": given.get("min_sensitivity")}
+    return None
+
+
 def _site_rule(args: argparse.Namespace, version: object, threshold: object) -> tuple[dict, str]:
     """The rule a site's threshold is chosen by, and whose it is: the answering model's own (``model``), unless the
     flags give it (``flags``), or replace part of it (``model and flags``). ``--min-sensitivity`` alone means the
     sensitivity objective; ``--objective sensitivity`` over a model trained by another rule needs it. The rule read
     must be of the model that answered at ``threshold`` (a server of another registered name than ``--model-uri``'s
     has its own version numbers)."""
+    flags = _flag_rule(args)
+    if flags is not None:
+        return flags, "flags"
     given = {k: v for k, v in (("objective", args.objective), ("min_sensitivity", args.min_sensitivity))
              if v is not None}
-    if given.get("min_sensitivity") is not None:
-        given.setdefault("objective", "sensitivity")
-    if given.get("objective", "sensitivity") != "sensitivity" or len(given) == 2:
-        return {"objective": given["objective"], "min_sensitivity": given.get("min_sensitivity")}, "flags"
     saved = _model_rule(args.model_uri, version)
     if saved.get("threshold") != threshold:
         raise RuntimeError(f"the threshold rule read for version {version} of {args.model_uri} is another model's (its "
@@ -564,6 +623,10 @@ def _read_tune_config(path: str) -> dict:
         raise ValueError(f"--config {path} holds no mapping")
     return values.get("tune_unet", values)
 
+
+#: The served configuration's artifact name (``covidcxr.serving.CONFIG_ARTIFACT``), spelt here so that `monitor`, which
+#: reads only its prediction_log, does not import serving and with it TensorFlow (about 4 CPU-seconds a run)
+CONFIG_ARTIFACT = "config"
 
 #: Exit statuses of `covidcxr monitor` (0: no significant drift): drift, could not run, could not measure (too few
 #: records in the window)
@@ -663,21 +726,24 @@ def _configured_log(name: str, version: str) -> str | None:
     """The prediction log URL saved in the configuration of registered model ``name`` at ``version`` (the pyfunc's
     ``config`` artifact); None when it keeps none. MonitorError when the configuration cannot be read."""
     import tempfile
+    from pathlib import Path
 
     import mlflow
 
-    from covidcxr import monitoring, serving
+    from covidcxr import monitoring
 
     uri = f"models:/{name}/{version}"
     try:
-        artifact = mlflow.models.get_model_info(uri).flavors["python_function"]["artifacts"][serving.CONFIG_ARTIFACT]
+        artifact = mlflow.models.get_model_info(uri).flavors["python_function"]["artifacts"][CONFIG_ARTIFACT]
         with tempfile.TemporaryDirectory() as tmp:
-            config = serving.Config.load(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{artifact['path']}",
-                                                                             dst_path=tmp))
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{artifact['path']}", dst_path=tmp)
+            url = json.loads(Path(path).read_text(encoding="utf-8")).get("prediction_log")
+        if url is not None and not isinstance(url, str):
+            raise TypeError("prediction_log is not a URL")
     except Exception as err:  # noqa: BLE001 - any failure: said with the way round it
         raise monitoring.MonitorError(f"{name} v{version}: its configured prediction log cannot be read from {uri} "
                                       f"({type(err).__name__}): name the log with --log URL") from None
-    return config.prediction_log
+    return url
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -113,6 +113,37 @@ def test_real_files_through_the_pyfunc(real_data, tmp_path):
 # --- `mlflow models serve` on the end-to-end test's project -------------------------------------------------------
 
 
+def cli(args: list[str], project: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`covidcxr ARGS` run in this process (``covidcxr.cli.main``) on ``project``'s registry and prediction log, by
+    absolute URL (no change of directory): the same code path as the command, without a new interpreter's imports of
+    TensorFlow and MLflow (about 5 CPU-seconds a command), which this test process holds already. What it printed and
+    its exit status come back as :func:`run`'s do."""
+    import contextlib
+
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    from covidcxr import cli as covidcxr_cli
+    from covidcxr import predlog
+
+    env = {**runtime.QUIET, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+           predlog.ENV: f"sqlite:///{project / 'predictions.db'}"}  # where the model's relative URL points from there
+    out, err = stdio.StringIO(), stdio.StringIO()
+    saved_uri = tracking_utils._tracking_uri  # the commands set MLflow's URI for the process: restored after
+    try:
+        with mock.patch.dict(os.environ, env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = covidcxr_cli.main(args)
+            except SystemExit as exc:  # argparse's refusals
+                status = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        tracking_utils._tracking_uri = saved_uri
+    proc = subprocess.CompletedProcess(["covidcxr", *args], status, out.getvalue(), err.getvalue())
+    if check and status != 0:
+        raise AssertionError(f"covidcxr {' '.join(args)} exited {status}\n--- stdout\n{proc.stdout}\n--- stderr\n"
+                             f"{proc.stderr}")
+    return proc
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -341,8 +372,11 @@ def check_monitoring(project: Path, url: str, version: str, manifest: pd.DataFra
     images refused. Returns what the monitor printed, for the PHI scan."""
     import mlflow
 
+    from covidcxr import cli as covidcxr_cli
     from covidcxr import predlog
 
+    # monitor reads the served configuration's prediction_log by this artifact name without importing serving
+    assert covidcxr_cli.CONFIG_ARTIFACT == serving.CONFIG_ARTIFACT
     db = f"sqlite:///{project / 'predictions.db'}"
     quantile = json.loads((project / "reports/register/registered.json").read_text())["drift_reference"][
         "ood_quantile"]
@@ -506,7 +540,7 @@ def check_register_and_serve(project: Path) -> list[str]:
         usable_frontal = {f"frontal {i}": serving.encode_file(project / manifest.loc[i, "path"]) for i in usable[:4]}
         check_under_load(url, server, usable_frontal, hostile_images(frontal, lateral), transcript)
 
-        table = run(["covidcxr", "predict", str(frontal), str(lateral), "--url", url], project).stdout.splitlines()
+        table = cli(["predict", str(frontal), str(lateral), "--url", url], project).stdout.splitlines()
         assert table[0].split("\t")[:2] == ["file", "accepted"]
         assert table[1].split("\t")[1] == "True" and table[2].split("\t")[-1] == "lateral_view"
         detector = folders.ood_detector(project / f"artifacts/models/classifier_{served_name}")
@@ -514,16 +548,16 @@ def check_register_and_serve(project: Path) -> list[str]:
         site = site_labels(project, answered, manifest, lateral)
         # --admit on the server: none of these films is refused as out of distribution, so it admits none (no second
         # pass) and must answer what the in-process run without it answers
-        remote_site = json.loads(run(["covidcxr", "calibrate-site", str(site), "--url", url, "--min-sensitivity",
-                                      "0.9", "--admit"], project).stdout)
+        remote_site = json.loads(cli(["calibrate-site", str(site), "--url", url, "--min-sensitivity", "0.9",
+                                       "--admit"], project).stdout)
         monitored = check_monitoring(project, url, served_version, manifest)
     finally:
         stop_server(server)
-    local = run(["covidcxr", "predict", str(frontal), str(lateral)], project).stdout.splitlines()
+    local = cli(["predict", str(frontal), str(lateral)], project).stdout.splitlines()
     assert local == table  # the same model through the same code path, in process
     site_file = project / "site-thresholds.json"
-    logged = run(["covidcxr", "calibrate-site", str(site), "--min-sensitivity", "0.9", "--output", str(site_file),
-                  "--log", "ward-7"], project)
+    logged = cli(["calibrate-site", str(site), "--min-sensitivity", "0.9", "--output", str(site_file), "--log",
+                  "ward-7"], project)
     local_site = json.loads(logged.stdout)
     check_site_threshold(remote_site, local_site, answered, served_version)
     # --log: the registry says which thresholds this site uses with this version
@@ -534,13 +568,16 @@ def check_register_and_serve(project: Path) -> list[str]:
     assert tags["site.ward-7.threshold"] == str(local_site["threshold"]) and tags["site.ward-7.ood_threshold"] == "none"
     assert tags["site.ward-7.run_id"] in logged.stderr
     # the file it wrote names the registered version, so predict --site applies it to that model
-    at_site = run(["covidcxr", "predict", str(frontal), "--site", str(site_file)], project).stdout.splitlines()
+    at_site = cli(["predict", str(frontal), "--site", str(site_file)], project).stdout.splitlines()
     assert float(at_site[1].split("\t")[at_site[0].split("\t").index("threshold")]) == \
         pytest.approx(local_site["threshold"], abs=5e-5)
     assert remote_site["rule_from"] == local_site["rule_from"] == "flags"
     # without the flags, the model's own rule, read from the registry: the pipeline's 0.95, which takes 19 films
-    short = run(["covidcxr", "calibrate-site", str(site)], project, check=False)
+    # refused before the model is loaded: the labels alone show it (the rule is the registry's)
+    with mock.patch("covidcxr.cli._scorer", side_effect=AssertionError("scored films the rule cannot use")):
+        short = cli(["calibrate-site", str(site)], project, check=False)
     assert short.returncode == 1 and "10 COVID-19 films cannot promise sensitivity 0.95" in short.stderr, short.stderr
+    assert "nothing was scored" in short.stderr
 
     server_log = log.read_text()
     assert "Doe^Janet" not in server_log

@@ -1,4 +1,5 @@
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -41,6 +42,38 @@ def write_tiny_cache(root: Path, n: int = 30, size: int = 32, seed: int = 0) -> 
     table = root / "segmentation.csv"
     pd.DataFrame({"image_id": ids[::-1], "split": split}).to_csv(table, index=False)  # order differs from the cache
     return cache, table
+
+
+@pytest.fixture(scope="module")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store, its schema created once per module: creating it costs over a CPU-second."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_uri(mlflow_template, tmp_path) -> str:
+    """A fresh MLflow sqlite store of this test's own: a copy of the module's empty one."""
+    target = tmp_path / "mlflow.db"
+    shutil.copyfile(mlflow_template, target)
+    return f"sqlite:///{target}"
+
+
+def spy_learning_rate(monkeypatch) -> list:
+    """The calls of ``training.learning_rate`` (rate, schedule, steps), which still computes the rate."""
+    from covidcxr import training
+
+    calls, original = [], training.learning_rate
+
+    def spy(lr, schedule="constant", **steps):
+        calls.append((lr, schedule, steps))
+        return original(lr, schedule, **steps)
+
+    monkeypatch.setattr(training, "learning_rate", spy)
+    return calls
 
 
 # --- search space and configuration ---------------------------------------------------------------------------------
@@ -122,10 +155,9 @@ def test_open_study_stores_the_configuration_and_checks_the_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_pruned_and_completed_trials_become_nested_mlflow_runs(tmp_path):
+def test_pruned_and_completed_trials_become_nested_mlflow_runs(tmp_path, mlflow_uri):
     study, created = tuning.open_study("pure", f"sqlite:///{tmp_path / 'optuna.db'}", TINY_CONFIG)
-    tracker = tuning.attach_tracker(study, created, experiment="tune-test",
-                                    tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", sampler_seed=17)
+    tracker = tuning.attach_tracker(study, created, experiment="tune-test", tracking_uri=mlflow_uri, sampler_seed=17)
 
     def objective(trial, report):  # trial 0 climbs to 0.9; later trials with x < 0.5 stall at 0.1 and get pruned
         x = trial.suggest_float("x", 0.0, 1.0)
@@ -161,30 +193,22 @@ def test_pruned_and_completed_trials_become_nested_mlflow_runs(tmp_path):
 @pytest.mark.slow
 def test_a_trial_trains_under_the_configured_schedule(tmp_path, monkeypatch):
     """The trial's rate is ``training.learning_rate`` of the study's schedule over the trial's own steps: under
-    ``cosine`` the tuned rate is a cosine's peak, as train_unet would use it with the same schedule."""
-    from covidcxr import training
-
+    ``cosine`` the tuned rate is a cosine's peak, as train_unet would use it with the same schedule. (The default,
+    ``constant``, is checked on the real trial of ``test_tune_command_runs_a_real_unet_trial_and_exports_the_best``.)"""
     cache, split = write_tiny_cache(tmp_path)
     data = tuning.load_unet_data(cache, split)
-    calls, original = [], training.learning_rate
-
-    def spy(lr, schedule="constant", **steps):
-        calls.append((lr, schedule, steps))
-        return original(lr, schedule, **steps)
-
-    monkeypatch.setattr(training, "learning_rate", spy)
+    calls = spy_learning_rate(monkeypatch)
     point = {"f0": 2, "lr": 0.004, "batch_size": 8, "mask_threshold": 0.5}
-    for schedule in ("constant", "cosine"):
-        objective = tuning.unet_objective(data, {**TINY_CONFIG, "lr_schedule": schedule})
-        value = objective(optuna.trial.FixedTrial(point), lambda step, logs: None)
-        assert 0.0 <= value <= 1.0
-    assert calls == [(0.004, "constant", {"epochs": 2, "n_train": 18, "batch_size": 8}),
-                     (0.004, "cosine", {"epochs": 2, "n_train": 18, "batch_size": 8})]
+    objective = tuning.unet_objective(data, {**TINY_CONFIG, "lr_schedule": "cosine"})
+    value = objective(optuna.trial.FixedTrial(point), lambda step, logs: None)
+    assert 0.0 <= value <= 1.0
+    assert calls == [(0.004, "cosine", {"epochs": 2, "n_train": 18, "batch_size": 8})]
     assert tuning.unet_config(TINY_CONFIG)["lr_schedule"] == "constant"  # a study stored before the key: constant
 
 
-def test_tune_command_runs_a_real_unet_trial_and_exports_the_best(tmp_path, capsys):
+def test_tune_command_runs_a_real_unet_trial_and_exports_the_best(tmp_path, capsys, monkeypatch):
     cache, split = write_tiny_cache(tmp_path)
+    calls = spy_learning_rate(monkeypatch)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tune_unet": {"study": "tiny", **TINY_CONFIG}}))
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -202,22 +226,37 @@ def test_tune_command_runs_a_real_unet_trial_and_exports_the_best(tmp_path, caps
     assert exported["best_trial"] == 0 and exported["best_value"] == study.best_value
     assert set(exported["best_params"]) == {"f0", "lr", "dropout_scale", "batch_size", "mask_threshold"}
     assert exported["best_params"]["dropout_scale"] == 0.0  # fixed by the space, exported all the same
+    # the trial's rate: the study's schedule (TINY_CONFIG has none: constant) over the trial's own steps
+    assert calls == [(exported["best_params"]["lr"], "constant", {"epochs": 2, "n_train": 18, "batch_size": 8})]
     dice = list(study.trials[0].intermediate_values.values())
     assert len(dice) == 2 and dice[-1] == study.best_value and 0.0 <= dice[-1] <= 1.0  # validation Dice per epoch
     table = tuning.trials_table(study)
     assert list(table["number"]) == [0] and "param_f0" in table and "datetime_start" not in table
 
 
-def test_a_study_created_without_tracking_is_joined_and_exported_by_workers_that_track(tmp_path, capsys):
+def test_a_study_created_without_tracking_is_joined_and_exported_by_workers_that_track(tmp_path, capsys, monkeypatch,
+                                                                                      mlflow_uri):
     """Only a creator that tracked stored the study's MLflow run id: a joiner that tracks (the default), and the export
     (which always tracks), waited 60 s for it and died telling the user to delete the study and its trials. Now the
-    first joiner that tracks starts the study's run, and later workers log under it."""
+    first joiner that tracks starts the study's run, and later workers log under it. (Trials score a stand-in for the
+    U-Net here: what is checked is who logs where; a real trial: test_tune_command_runs_a_real_unet_trial_...)"""
     from mlflow.tracking import MlflowClient
 
+    def stand_in(data, config):
+        space = tuning.unet_config(config)["space"]
+
+        def objective(trial, report):
+            point = tuning.suggest(trial, space)
+            report(0, {"val_dice": point["mask_threshold"]})
+            return point["mask_threshold"]
+
+        return objective
+
+    monkeypatch.setattr(tuning, "unet_objective", stand_in)
     cache, split = write_tiny_cache(tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tune_unet": {"study": "tiny", **TINY_CONFIG}}))
-    storage, mlflow_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     common = ["tune", "--study", "tiny", "--storage", storage, "--cache-dir", str(cache), "--split", str(split)]
     assert cli.main([*common, "--no-tracking", "--config", str(params), "--n-trials", "1", "--seed", "0"]) == 0
     assert cli.main([*common, "--tracking-uri", mlflow_uri, "--n-trials", "1", "--seed", "1"]) == 0
@@ -233,23 +272,24 @@ def test_a_study_created_without_tracking_is_joined_and_exported_by_workers_that
     assert [r.data.tags["optuna_trial"] for r in trials] == ["1"]  # the untracked creator's trial 0 has no run
     assert trials[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert parents[0].data.tags["best_trial_number"] == str(study.best_trial.number)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
 
 
-def test_a_tracking_creator_that_died_mid_setup_is_a_typed_error_that_keeps_the_study(tmp_path):
+def test_a_tracking_creator_that_died_mid_setup_is_a_typed_error_that_keeps_the_study(tmp_path, mlflow_uri):
     """A creator that meant to track and died before it logged the study's run: joiners that track stop with an
     error the tune command catches (a RuntimeError), and are not told to delete a study that may hold trials."""
     study, created = tuning.open_study("s", f"sqlite:///{tmp_path / 'optuna.db'}", TINY_CONFIG)  # no run logged
     assert created and tuning.RUN_ATTR not in study.user_attrs
     with pytest.raises(tuning.StudyNotReady, match="has no \\['mlflow_run_id'\\] after 0 s") as err:
-        tuning.attach_tracker(study, False, experiment="e", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", wait_s=0.2)
+        tuning.attach_tracker(study, False, experiment="e", tracking_uri=mlflow_uri, wait_s=0.2)
     assert isinstance(err.value, RuntimeError) and "do not delete it" in str(err.value)
 
 
-def test_the_best_tag_follows_a_better_trial_another_worker_tags_meanwhile(tmp_path):
+def test_the_best_tag_follows_a_better_trial_another_worker_tags_meanwhile(tmp_path, mlflow_uri):
     """Worker A reads the best (trial 0); worker B completes a better trial 1 and tags it; A then untagged B's run as
     stale and tagged trial 0, leaving best_trial=true on a run that is not the best. A now reads the best again after
     tagging and follows it."""
-    url, mlflow_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study_a, created = tuning.open_study("race", url, TINY_CONFIG)
     tracker_a = tuning.attach_tracker(study_a, created, experiment="race", tracking_uri=mlflow_uri)
     study_b, _ = tuning.open_study("race", url)
@@ -336,6 +376,12 @@ def test_a_trial_is_scored_on_the_cleaned_masks_segment_and_serving_make(tmp_pat
     rng = np.random.default_rng(0)
     prob = np.clip(data.y_val[..., None] * 0.9 + rng.random(data.y_val.shape + (1,)) * 0.6, 0, 1)  # specks outside
     monkeypatch.setattr(training, "predict", lambda model, x: prob)
+
+    def fit(model, train, val, *, epochs, on_epoch_end, **options):  # the score reads predict only: no training
+        for epoch in range(epochs):
+            on_epoch_end(epoch, {})
+
+    monkeypatch.setattr(training, "fit", fit)
     point = {"f0": 2, "lr": 0.004, "batch_size": 8, "mask_threshold": 0.5}
     value = tuning.unet_objective(data, {**TINY_CONFIG, "epochs": 1})(optuna.trial.FixedTrial(point),
                                                                      lambda step, logs: None)

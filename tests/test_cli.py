@@ -495,8 +495,10 @@ def test_calibrate_site_reads_the_rule_of_the_version_that_answered_when_the_fir
 
 def test_calibrate_site_keeps_its_films_out_of_the_prediction_log(registered, tmp_path):
     """Scoring in process loaded the model with its configured prediction log, so a site's labelled films (the
-    refused ones twice with --admit) entered the monitored traffic. A real command, whose log is flushed at exit:
-    `predict` logs its film, `calibrate-site` none."""
+    refused ones twice with --admit) entered the monitored traffic. A real process, whose log is flushed at exit, runs
+    `calibrate-site` then `predict` (one process, not two: each loads TensorFlow and the model): only `predict`'s film
+    is logged, so `calibrate-site` logged none of its 24."""
+    import json
     import os
     import subprocess
     import sys
@@ -507,17 +509,15 @@ def test_calibrate_site_keeps_its_films_out_of_the_prediction_log(registered, tm
                               MLFLOW_TRACKING_URI=registered["tracking_uri"])
     env.pop("COVIDCXR_PREDICTION_LOG", None)
     table = _labels(tmp_path, [(str(registered["site"] / name), label) for name, label in registered["labels"]])
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["covidcxr", *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    commands = [["calibrate-site", str(table), "--admit"], ["predict", str(registered["site"] / "f0.png")]]
+    script = ("import json, sys\nfrom covidcxr import cli\nfor argv in json.loads(sys.argv[1]):\n"
+              "    if code := cli.main(argv):\n        sys.exit(f'{argv[0]} exited {code}')\n")
 
     before = _logged(registered["log_url"])
-    proc = run("calibrate-site", str(table), "--admit")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert _logged(registered["log_url"]) == before
-    proc = run("predict", str(registered["site"] / "f0.png"))
-    assert proc.returncode == 0, proc.stderr
-    assert _logged(registered["log_url"]) == before + 1  # the model does log what it serves
+    assert _logged(registered["log_url"]) == before + 1  # the model does log what it serves; calibrate-site, none
 
 
 def test_monitor_reads_the_registered_model_s_own_log_and_exits_3_when_it_cannot_measure(

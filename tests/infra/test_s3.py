@@ -75,8 +75,9 @@ def test_mlflow_server_on_postgres_keeps_artifacts_in_s3(postgres, s3, tmp_path,
             ["mlflow", "server", "--backend-store-uri", backend,
              "--artifacts-destination", "s3://covidcxr-mlflow/mlartifacts",
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, env=base_env(**postgres.env(), **s3.env()), cwd=tmp_path,
-            start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+            # no job runner (its seven huey consumers cost ~9 CPU-seconds): it runs GenAI jobs, none of this test's
+            env=base_env(**postgres.env(), **s3.env(), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
         )
     for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "PGPASSWORD"):
         monkeypatch.delenv(name, raising=False)

@@ -63,7 +63,8 @@ def forward_flops(model) -> float:
     return total
 
 
-def paced_training(model, size: int, *, batch: int, steps: int, mask: bool = False, rounds: int = 3) -> dict:
+def paced_training(model, size: int, *, batch: int, steps: int, mask: bool = False, rounds: int = 3,
+                   peak_n: int = 2048) -> dict:
     """Training images/s and GFLOP/s of ``model`` against the matmul peak measured just before and just after each
     timed pass.
 
@@ -71,7 +72,8 @@ def paced_training(model, size: int, *, batch: int, steps: int, mask: bool = Fal
     a minute apart): a peak measured once at the start and a pass timed minutes later compare two machines. Each round
     is a short peak (best of 3 rounds of 2 products on the same tensors), ``steps`` training steps (after a warm-up
     step that builds and traces: the first pass after it is slow), and the peak again; the pass is set against the
-    higher of its two peaks. The figures are those of the round with the median ratio.
+    higher of its two peaks. The figures are those of the round with the median ratio. ``peak_n``: the matmul's size
+    (the smoke's 512: each peak at 2048 costs a core-second, more than the smoke's training step).
     """
     import keras
 
@@ -87,7 +89,7 @@ def paced_training(model, size: int, *, batch: int, steps: int, mask: bool = Fal
     # the arrays has autotuning on, which held whole U-Net passes to one core (the 0.50 recorded before 2026-12-05).
     model.fit(training.dataset(x[:batch], y[:batch], batch_size=batch), epochs=1, verbose=0)  # build + warm-up
     data = training.dataset(x, y, batch_size=batch)
-    probe = matmul_probe()
+    probe = matmul_probe(peak_n)
     measured = []
     for _ in range(rounds):
         before = probe(2, 3)
@@ -168,7 +170,7 @@ def input_pipeline(*, size: int, depth: int, width: float, batch: int, steps: in
 
 
 def run(*, smoke: bool = False) -> dict:
-    """Smoke: one narrow VGG19 (width 1/8) at 32 px, one step, a small matmul."""
+    """Smoke: one narrow VGG19 (width 1/8) at 32 px, one step, small matmuls (the peaks too)."""
     from covidcxr import models, training
 
     # The default profile's classifier (64 px, VGG16 1/8 wide, batch 16, basic augmentation), and the paper's at 224 px.
@@ -192,7 +194,8 @@ def run(*, smoke: bool = False) -> dict:
         for name, build, is_mask, batch in nets:
             result[f"{name}_{size}px"] = paced_training(build(size), size, mask=is_mask, batch=batch,
                                                         steps=1 if smoke else 2,
-                                                        rounds=1 if smoke else 3 if size > 128 else 5)
+                                                        rounds=1 if smoke else 3 if size > 128 else 5,
+                                                        peak_n=512 if smoke else 2048)
     # The same networks built under the stages' `precision: mixed_bfloat16` (bfloat16 maths, float32 weights): on a
     # CPU with bfloat16 instructions (AVX512-BF16, AMX) faster than float32, elsewhere emulated and slower.
     result["mixed_bfloat16"] = {"note": training.precision_note("mixed_bfloat16")}
@@ -201,7 +204,8 @@ def run(*, smoke: bool = False) -> dict:
             with training.precision("mixed_bfloat16"):
                 model = build(size)
             result["mixed_bfloat16"][f"{name}_{size}px"] = paced_training(
-                model, size, mask=is_mask, batch=batch, steps=1 if smoke else 2, rounds=1 if smoke else 3)
+                model, size, mask=is_mask, batch=batch, steps=1 if smoke else 2, rounds=1 if smoke else 3,
+                peak_n=512 if smoke else 2048)
     result["input_pipeline"] = input_rows
     if not smoke:  # two fresh TensorFlow processes: 20 s even at the smoke's sizes
         result["cpu_kernels"] = cpu_kernels(128, width=1.0, steps=2, rounds=3)

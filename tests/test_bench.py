@@ -225,11 +225,18 @@ def test_mixed_bfloat16_sets_each_pass_against_its_own_peak():
     assert row["name"] == "training.mixed_bfloat16.vgg19_128px" and row["ratio"] == 1.0
 
 
-def test_a_failed_cpu_kernels_process_is_a_failed_row_and_keeps_the_other_figures():
+def test_a_failed_cpu_kernels_process_is_a_failed_row_and_keeps_the_other_figures(tmp_path: Path, monkeypatch):
     from bench import training
 
-    broken = training.cpu_kernels(-1, width=0.125, steps=1, rounds=1)  # no such input size: both processes fail
+    # Both processes fail (an interpreter that exits 1 at once: a real one fails the same way on this input size, after
+    # importing TensorFlow, 4 CPU-seconds each); what it wrote last on stderr, with the kernels it was given, is kept.
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\necho "kernels: ${{{runtime.PORTABLE_CPU_ENV}:-native}}" >&2\nexit 1\n')
+    python.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(python))
+    broken = training.cpu_kernels(-1, width=0.125, steps=1, rounds=1)
     assert broken["native"]["error"].startswith("exited 1") and "portable" in broken
+    assert broken["native"]["error"].endswith("kernels: native") and broken["portable"]["error"].endswith("kernels: 1")
     names = [r["name"] for r in training.rows(training_result(cpu_kernels=broken))]
     assert names == ["training.vgg19_128px", "training.portable_cpu_kernels.vgg19_-1px"]
     [*_, row] = training.rows(training_result(cpu_kernels=broken))

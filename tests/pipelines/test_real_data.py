@@ -10,13 +10,18 @@ import pytest
 import yaml
 
 from covidcxr import datasets
-from tests.pipelines.conftest import run
+from tests.pipelines.conftest import copy_project, run
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_data_stages_on_real_corpus(project: Path, real_data: Path):
+@pytest.fixture(scope="module")
+def real_project(tmp_path_factory: pytest.TempPathFactory, real_data: Path) -> Path:
+    """A project copy after `dvc repro split` on the four real sources, salted as the experiments salt them: its
+    manifest is the one every experiment overlay ingests, so the overlays' test reads it instead of ingesting the
+    corpus again (a file's tests share one worker)."""
+    project = copy_project(tmp_path_factory.mktemp("real") / "project")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["ingest"]["sources"] = [
         {"name": "cohen", "root": str(real_data / "cohen")},
@@ -24,10 +29,16 @@ def test_data_stages_on_real_corpus(project: Path, real_data: Path):
         {"name": "montgomery", "root": str(real_data / "montgomery_shenzhen")},
         {"name": "shenzhen", "root": str(real_data / "montgomery_shenzhen")},
     ]
+    params["ingest"]["salt"] = "covidcxr-real"
     params["split"]["experiment"] = "comparison"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (project / "data").mkdir()  # the pipeline's declared data folder (unused by these params)
     run(["dvc", "repro", "split"], project)
+    return project
+
+
+def test_data_stages_on_real_corpus(real_project: Path, real_data: Path):
+    project = real_project
 
     summary = json.loads((project / "reports/ingest/summary.json").read_text())
     # All of it: 560 Cohen X-rays, 773 Kermany images, 556 Montgomery/Shenzhen pairs, nothing lost.
@@ -54,7 +65,7 @@ def test_data_stages_on_real_corpus(project: Path, real_data: Path):
     assert checks["n_critical_failed"] == 0
 
 
-def test_every_experiment_splits_its_data_on_real_corpus(real_data: Path, tmp_path: Path,
+def test_every_experiment_splits_its_data_on_real_corpus(real_data: Path, real_project: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch):
     """Every run of every overlay of experiments/ (python -m pipelines.experiment NAME, its held-out runs included)
     through the split stage's own rules (:func:`pipelines.split.task_tables`) on the manifest the ingest stage makes
@@ -72,7 +83,11 @@ def test_every_experiment_splits_its_data_on_real_corpus(real_data: Path, tmp_pa
         given = {k.partition(".")[2]: v for k, v in params.items() if k.partition(".")[0] == name}
         return _params.validate(name, {**defaults[name], **given}, source=f"{name} of an overlay's run")
 
-    manifests: dict[str, pd.DataFrame] = {}  # the overlays share their sources: ingest each set once
+    # The overlays share their sources: ingest each set once; the set `real_project`'s ingest stage ran is read there
+    staged = _params.validate("ingest", yaml.safe_load((real_project / "params.yaml").read_text())["ingest"])
+    manifests: dict[str, pd.DataFrame] = {
+        json.dumps(staged, sort_keys=True, default=str): manifest.read_csv(real_project / ingest.MANIFEST)}
+    ingested: set[str] = set()  # the overlays' sets of sources
     checked: set[str] = set()
     for name in experiment.available():
         spec = experiment.load(name)
@@ -80,6 +95,7 @@ def test_every_experiment_splits_its_data_on_real_corpus(real_data: Path, tmp_pa
             params = experiment._substitute(params, real_data)
             ingest_p, split_p = section("ingest", params), section("split", params)
             sources = json.dumps(ingest_p, sort_keys=True, default=str)
+            ingested.add(sources)
             if sources not in manifests:
                 workdir = tmp_path / f"ingest-{len(manifests)}"
                 workdir.mkdir()
@@ -118,4 +134,4 @@ def test_every_experiment_splits_its_data_on_real_corpus(real_data: Path, tmp_pa
                 for part in ("train", "test"):
                     assert set(seg.loc[seg["split"] == part, "source"]) == {"cohen", "montgomery", "shenzhen"}, \
                         (run_name, part)
-    assert len(manifests) == 1 and len(checked) >= 10  # every overlay ingests the four sources; the selections
+    assert len(ingested) == 1 and len(checked) >= 10  # every overlay ingests the four sources; the selections

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import socket
+from pathlib import Path
 
 import h5py
 import keras
@@ -405,9 +406,10 @@ def test_component_saves_its_input_transform_and_scores_through_it(tmp_path):
     assert not np.allclose(models.covid_probability(plain, images, masks, "d"), p)
 
 
-@pytest.mark.parametrize("name", [folders.INPUT_FILE, folders.CALIBRATION_FILE, folders.OOD_FILE,
-                                  folders.THRESHOLD_FILE, "member1.keras"])
-def test_a_folder_that_lost_a_file_it_was_saved_with_is_refused_naming_it(tmp_path, name):
+@pytest.fixture(scope="module")
+def saved_component(tmp_path_factory) -> Path:
+    """A component saved with every optional file (input transform, calibration, OOD detector, threshold, a second
+    member): built, fitted and saved once for the tests that each take one of its files away from a copy."""
     from covidcxr import calibration, ood, preprocess
 
     rng = np.random.default_rng(4)
@@ -419,7 +421,13 @@ def test_a_folder_that_lost_a_file_it_was_saved_with_is_refused_naming_it(tmp_pa
         calibrator=calibration.PlattCalibrator().fit(np.array([0, 1] * 4), np.linspace(0.1, 0.9, 8)))
     component.ood = ood.MahalanobisDetector(n_components=2).fit(models.ood_features(component, images, None, "c"))
     component.ood.calibrate(models.out_of_distribution(component, images, None, "c").score)
-    folder = component.save(tmp_path / "clf")
+    return component.save(tmp_path_factory.mktemp("component") / "clf")
+
+
+@pytest.mark.parametrize("name", [folders.INPUT_FILE, folders.CALIBRATION_FILE, folders.OOD_FILE,
+                                  folders.THRESHOLD_FILE, "member1.keras"])
+def test_a_folder_that_lost_a_file_it_was_saved_with_is_refused_naming_it(saved_component, tmp_path, name):
+    folder = Path(shutil.copytree(saved_component, tmp_path / "clf"))
     saved = json.loads((folder / folders.RUN_FILE).read_text())[folders.SAVED_FILES_KEY]
     assert set(saved) == set(folders.folder_files(folder)) - {folders.RUN_FILE}
     assert models.Component.load(folder).info == {"run_id": "x", folders.SAVED_FILES_KEY: saved}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -609,3 +611,13 @@ def test_tune_with_a_cache_split_or_config_it_cannot_read_is_one_line_not_a_trac
         err = capsys.readouterr().err
         assert err.startswith("tune: ") and message in err and "Traceback" not in err, err
     assert not (tmp_path / "optuna.db").exists()  # refused before any storage was opened
+
+
+def test_a_client_of_a_server_and_the_monitor_import_no_tensorflow():
+    """`covidcxr monitor` reads the served configuration (serving.Config) and `pacs --url`/`predict --url` talk to a
+    server: importing what they use loads neither TensorFlow nor Keras (about 4 CPU-seconds a start); the models load
+    them when a pipeline is built."""
+    code = ("import sys; from covidcxr import cli, monitoring, pacs, serving; "
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

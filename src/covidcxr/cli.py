@@ -624,10 +624,6 @@ def _read_tune_config(path: str) -> dict:
     return values.get("tune_unet", values)
 
 
-#: The served configuration's artifact name (``covidcxr.serving.CONFIG_ARTIFACT``), spelt here so that `monitor`, which
-#: reads only its prediction_log, does not import serving and with it TensorFlow (about 4 CPU-seconds a run)
-CONFIG_ARTIFACT = "config"
-
 #: Exit statuses of `covidcxr monitor` (0: no significant drift): drift, could not run, could not measure (too few
 #: records in the window)
 MONITOR_DRIFT, MONITOR_ERROR, MONITOR_UNMEASURED = 1, 2, 3
@@ -726,24 +722,21 @@ def _configured_log(name: str, version: str) -> str | None:
     """The prediction log URL saved in the configuration of registered model ``name`` at ``version`` (the pyfunc's
     ``config`` artifact); None when it keeps none. MonitorError when the configuration cannot be read."""
     import tempfile
-    from pathlib import Path
 
     import mlflow
 
-    from covidcxr import monitoring
+    from covidcxr import monitoring, serving  # serving imports no TensorFlow: monitor starts in seconds
 
     uri = f"models:/{name}/{version}"
     try:
-        artifact = mlflow.models.get_model_info(uri).flavors["python_function"]["artifacts"][CONFIG_ARTIFACT]
+        artifact = mlflow.models.get_model_info(uri).flavors["python_function"]["artifacts"][serving.CONFIG_ARTIFACT]
         with tempfile.TemporaryDirectory() as tmp:
-            path = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{artifact['path']}", dst_path=tmp)
-            url = json.loads(Path(path).read_text(encoding="utf-8")).get("prediction_log")
-        if url is not None and not isinstance(url, str):
-            raise TypeError("prediction_log is not a URL")
+            config = serving.Config.load(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{artifact['path']}",
+                                                                             dst_path=tmp))
     except Exception as err:  # noqa: BLE001 - any failure: said with the way round it
         raise monitoring.MonitorError(f"{name} v{version}: its configured prediction log cannot be read from {uri} "
                                       f"({type(err).__name__}): name the log with --log URL") from None
-    return url
+    return config.prediction_log
 
 
 def build_parser() -> argparse.ArgumentParser:

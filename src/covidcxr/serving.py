@@ -39,6 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
@@ -46,7 +47,10 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-from covidcxr import dburl, gradcam, io, lungs, metrics, models, ood, predlog, preprocess, projection, sites
+from covidcxr import dburl, io, lungs, metrics, ood, predlog, preprocess, projection, sites
+
+if TYPE_CHECKING:
+    from covidcxr import models
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +319,8 @@ class Pipeline:
         missing = [k for k in (*COMPONENTS, CONFIG_ARTIFACT) if k not in artifacts]
         if missing:
             raise ValueError(f"serving artifacts lack {missing}")
+        from covidcxr import models  # here, not at import: a client of a server (pacs --url, monitor) needs no Keras
+
         parts = {name: models.Component.load(artifacts[name]) for name in COMPONENTS}
         config = Config.load(artifacts[CONFIG_ARTIFACT])
         pipeline = cls(parts["projection"], parts["unet"], parts["classifier"], config,
@@ -401,6 +407,8 @@ class Pipeline:
                 views[i] = header.get("view_position")
                 if keep_display:  # the overlay a person reads is drawn on the full-resolution image
                     full = io.read_image(data, **read)[0] if io.is_reduced(pixels, header) else pixels
+                    from covidcxr import gradcam
+
                     display[i] = gradcam.display_image(full, DISPLAY_SIZE)
             except Refused as refusal:
                 refuse(entries[i], refusal.reason, refusal.message)
@@ -419,6 +427,8 @@ class Pipeline:
         order = sorted(work)
         if not order:
             return []
+        from covidcxr import models
+
         p_frontal, like_lateral = models.frontal_evidence(self.projection, np.stack([work[i] for i in order]))
         called, decided_by = projection.decide(p_frontal, [views[i] for i in order], self.frontal_threshold,
                                                like_lateral)
@@ -458,6 +468,8 @@ class Pipeline:
         if not order:
             return []
         images, lung_masks = np.stack([work[i] for i in order]), np.stack([masks[i] for i in order])
+        from covidcxr import models
+
         p_covid, scored = models.classifier_evidence(self.classifier, images, lung_masks, self.config.variant)
         for i, p in zip(order, p_covid.tolist()):  # rounded: the label follows from the probability shown
             entries[i].update(accepted=True, covid_probability=p, label=decide_label(p, threshold))
@@ -483,6 +495,8 @@ class Pipeline:
         prepared = self.classifier.prepare(np.stack([work[i] for i in order]), np.stack([masks[i] for i in order]),
                                            self.config.variant)
         called = np.array([entries[i]["label"] == "covid" for i in order])  # each map explains the call made
+        from covidcxr import gradcam
+
         heat = gradcam.heat_maps(self.classifier, prepared.images, called)
         heat = preprocess.place_in_box(heat, prepared.boxes, heat.shape[1:])  # a lung crop's map, on the whole image
         for i, h in zip(order, heat):

@@ -3,6 +3,7 @@ ingest.max_reject_fraction. Runs the stage in-process in a scratch project direc
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -17,10 +18,20 @@ ROOT = "data/private-site-7"  # stands for a site folder whose name must not rea
 SITE_SALT = "site-secret"  # a site's own data is pseudonymised only with a salt from the environment
 
 
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty sqlite MLflow store, its schema migrated once for the module (about a CPU-second per new store):
+    each test copies it, so each still starts from a store of its own that holds no run."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def corpus(tmp_path: Path, monkeypatch) -> Path:
+def corpus(tmp_path: Path, monkeypatch, empty_store: Path) -> Path:
     """Four good PNGs, one truncated PNG and one zero-byte file, described by a generic manifest.csv."""
     monkeypatch.chdir(tmp_path)
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv(ingest.SALT_ENV, SITE_SALT)
     (tmp_path / "params.yaml").write_text("split:\n  experiment: ingest-test\n")
@@ -96,7 +107,6 @@ def test_two_sources_listing_the_same_image_ids_are_an_error_naming_both(corpus:
     """Two hospitals' generic folders with the same relative paths gave the same image ids: the manifest held both,
     and the duplicate handling would remove both rows wherever one was a copy of another image; validate's uniqueness
     check was the first to say anything. Now ingest names the clash and both folders."""
-    import shutil
 
     from covidcxr import datasets
 

@@ -86,8 +86,9 @@ def folders(request, tmp_path_factory, real_data) -> dict[str, str]:
     return {**out, "config": str(root / "serving.json")}
 
 
-def stages_path(files: list[Path], folders: dict[str, str]) -> pd.DataFrame:
-    """What the cache, filter_frontal, segment and train_classifier stages compute for ``files``."""
+def stages_path(files: list[Path], folders: dict[str, str]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """What the cache, filter_frontal, segment and train_classifier stages compute for ``files``, with the cached
+    images and the segment stage's masks (every area kept: ``CONFIG``'s limits) that the classifier read."""
     images, _, _ = preprocess.build_cache([str(f) for f in files], [None] * len(files), SIZE)
     images = images.astype(np.float32)  # as the stages load the cache
     views = [io.read_image(f)[1].get("view_position") for f in files]  # the manifest's header_view_position
@@ -99,20 +100,29 @@ def stages_path(files: list[Path], folders: dict[str, str]) -> pd.DataFrame:
                             max_area=CONFIG["max_area"])
     masks, area, reasons = lungs.masks(unet(images), rules)
     p_covid = models.covid_probability(models.Component.load(folders["classifier"]), images, masks, CONFIG["variant"])
-    return pd.DataFrame({"projection": called, "lung_area_fraction": area, "reason": reasons,
-                         "covid_probability": p_covid, "mask_pixels": masks.reshape(len(files), -1).sum(axis=1)})
+    answers = pd.DataFrame({"projection": called, "lung_area_fraction": area, "reason": reasons,
+                            "covid_probability": p_covid, "mask_pixels": masks.reshape(len(files), -1).sum(axis=1)})
+    return answers, images, masks
 
 
-def raw_inputs(files: dict[str, Path], folders: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
-    images = preprocess.build_cache([str(f) for f in files.values()], [None] * len(files), SIZE)[0].astype(np.float32)
-    unet = models.Component.load(folders["unet"])
-    return images, lungs.masks(unet(images), lungs.MaskRules(threshold=unet.operating_threshold, min_area=0.0,
-                                                             max_area=1.0))[0]
+@pytest.fixture(scope="module")
+def stages(folders, real_data) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """:func:`stages_path` on :func:`real_files`, once per model folders (each Component load and first call costs a
+    second): the stages' answers, and the raw cached images and lung masks (every area kept) the tests feed the
+    classifier directly. The arrays are read-only, so that no test can change what the next one reads."""
+    expected, images, masks = stages_path(list(real_files(real_data).values()), folders)
+    images.flags.writeable = masks.flags.writeable = False
+    return expected, images, masks
 
 
-def test_served_answers_equal_the_evaluated_ones(folders, real_data, tmp_path):
+def raw_inputs(stages: tuple[pd.DataFrame, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The cached images of :func:`real_files` and their U-Net masks (threshold of the folder, every area kept)."""
+    return stages[1], stages[2]
+
+
+def test_served_answers_equal_the_evaluated_ones(folders, stages, real_data, tmp_path):
     files = real_files(real_data)
-    expected = stages_path(list(files.values()), folders)
+    expected = stages[0]
     assert expected["mask_pixels"].between(1, SIZE * SIZE - 1).all()  # real masks, neither empty nor full
 
     mlflow.pyfunc.save_model(tmp_path / "model", python_model=serving.CovidCxrModel(), artifacts=folders,
@@ -124,20 +134,19 @@ def test_served_answers_equal_the_evaluated_ones(folders, real_data, tmp_path):
     assert list(served["projection"]) == list(expected["projection"])
     np.testing.assert_allclose(served["lung_area_fraction"], expected["lung_area_fraction"], atol=1e-6)
     np.testing.assert_allclose(served["covid_probability"], expected["covid_probability"], atol=2e-6)
-    raw = models.covid_probability(models.Component.load(folders["classifier"]), *raw_inputs(files, folders),
-                                   CONFIG["variant"], calibrated=False)
+    classifier = models.Component.load(folders["classifier"])
+    raw = models.covid_probability(classifier, *raw_inputs(stages), CONFIG["variant"], calibrated=False)
     assert np.abs(raw - served["covid_probability"]).max() > 1e-3  # the served probability is the calibrated one
     assert (served["label"] == np.where(served["covid_probability"] >= 0.42, "covid", "negative")).all()
-    transform = models.Component.load(folders["classifier"]).input_transform
-    if transform is not None:  # the input transform changed what the network saw: it is not the paper's input
-        plain = models.Component.load(folders["classifier"])
+    if classifier.input_transform is not None:  # the input transform changed what the network saw: not the paper's
+        plain = classifier  # the same folder without its input transform
         plain.input_transform = None
-        images, masks = raw_inputs(files, folders)
+        images, masks = raw_inputs(stages)
         assert np.abs(models.covid_probability(plain, images, masks, CONFIG["variant"])
                       - served["covid_probability"]).max() > 1e-4
 
 
-def test_served_refusals_are_the_evaluated_ones(folders, real_data, tmp_path):
+def test_served_refusals_are_the_evaluated_ones(folders, stages, real_data, tmp_path):
     """`evaluate` counts as refused what the classifier folder's detector puts out of distribution, on the OOD scores
     the stages record (``models.classifier_evidence``); serving refuses by the same detector and scores: with a
     threshold between the files' scores, the same files are refused in both."""
@@ -145,7 +154,7 @@ def test_served_refusals_are_the_evaluated_ones(folders, real_data, tmp_path):
     from covidcxr import metrics
 
     files = real_files(real_data)
-    images, masks = raw_inputs(files, folders)
+    images, masks = raw_inputs(stages)
     classifier = models.Component.load(folders["classifier"])
     features = models.ood_features(classifier, images, masks, CONFIG["variant"])
     classifier.ood = MahalanobisDetector(n_components=2).fit(features)
@@ -167,7 +176,7 @@ def test_served_refusals_are_the_evaluated_ones(folders, real_data, tmp_path):
     assert evaluated["refused"] == served_refused.sum() and evaluated["negatives_called_covid"] * len(files) == called
 
 
-def test_served_gradcam_sees_the_evaluated_input(folders, real_data, monkeypatch):
+def test_served_gradcam_sees_the_evaluated_input(folders, stages, real_data, monkeypatch):
     """Grad-CAM in serving runs on exactly the network input the probability came from (the input transform
     included), as the explain stage does; a lung crop's map is drawn back where the crop lies."""
     from covidcxr import gradcam
@@ -185,7 +194,7 @@ def test_served_gradcam_sees_the_evaluated_input(folders, real_data, monkeypatch
     entries = pipeline.score([serving.encode_file(f) for f in files.values()], explain=True)
     assert all(e["accepted"] and e[serving.GRADCAM_FIELD] for e in entries)
     classifier = models.Component.load(folders["classifier"])
-    images, masks = raw_inputs(files, folders)
+    images, masks = raw_inputs(stages)
     expected = classifier.inputs(classifier.prepare(images, masks, CONFIG["variant"]).images)
     np.testing.assert_allclose(seen[-1], expected, atol=1e-5)
 

@@ -74,6 +74,7 @@ def test_the_encoder_receives_the_adversarys_gradient_reversed_and_scaled():
     np.testing.assert_allclose(grads[2.5].numpy(), 2.5 * grads[1.0].numpy(), rtol=1e-4, atol=1e-5 * scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
 def test_the_classifier_trains_through_the_adversarial_model_and_stays_a_plain_classifier(precision):
     training.seed_everything(0)
@@ -124,6 +125,7 @@ def test_the_ramp_hook_sets_the_reversal_weight_for_each_next_epoch_and_reports_
     assert used[0] == 0.0 and used == sorted(used) and all(logs["loss"] == 1.0 for _, logs in logged)
 
 
+@pytest.mark.slow
 def test_a_changed_reversal_weight_reaches_the_traced_training_step():
     training.seed_everything(0)
     x = np.random.default_rng(0).normal(size=(8, 32, 32)).astype(np.float32)

@@ -495,6 +495,7 @@ def test_calibrate_site_reads_the_rule_of_the_version_that_answered_when_the_fir
     assert f"calibrate-site: {registered['site'] / 'gone.png'}: cannot read (No such file or directory)" in captured.err
 
 
+@pytest.mark.slow
 def test_calibrate_site_keeps_its_films_out_of_the_prediction_log(registered, tmp_path):
     """Scoring in process loaded the model with its configured prediction log, so a site's labelled films (the
     refused ones twice with --admit) entered the monitored traffic. A real process, whose log is flushed at exit, runs

@@ -490,6 +490,7 @@ def test_frontal_evidence_adds_the_filters_lateral_check_saved_in_its_folder(tmp
     assert not like2[4:].any()  # images unlike every training lateral: the check would keep them as frontal
 
 
+@pytest.mark.slow
 def test_a_seed_ensemble_scores_the_mean_of_its_networks_and_saves_every_member(tmp_path):
     from covidcxr import preprocess
 

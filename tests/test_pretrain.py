@@ -41,6 +41,7 @@ def train(seed: int):
                              augment="strong", seed=seed)
 
 
+@pytest.mark.slow
 def test_pretraining_is_seeded_and_learns_a_vgg_encoder():
     encoder, history, std = train(1)
     again, history_again, _ = train(1)
@@ -59,6 +60,7 @@ def test_pretraining_needs_views_that_differ():
         pretrain.pretrain(images(4), depth=16, width=1 / 16, epochs=1, augment="none")
 
 
+@pytest.mark.slow
 def test_the_stage_writes_an_encoder_that_weights_pretrained_loads(tmp_path, monkeypatch):
     """`pretrain` on a tiny cache, every film of its test and held-out patients left out: the encoder, its JSON and
     index, the report; then `weights: pretrained`."""

@@ -330,6 +330,7 @@ def test_a_gpu_strategy_that_finds_no_gpu_warns_that_it_trains_on_the_cpu(caplog
     assert not caplog.records  # the default strategy asks for no GPU
 
 
+@pytest.mark.slow
 def test_a_multi_worker_strategy_that_finds_no_gpu_warns_that_it_trains_on_the_cpu():
     """In its own process: TensorFlow allows one multi-worker strategy per process, made before anything else."""
     import os
@@ -365,6 +366,7 @@ def test_bfloat16_under_the_portable_cpu_kernels_says_it_will_be_slow(monkeypatc
     assert training.precision_note("float32") is None
 
 
+@pytest.mark.slow
 def test_a_bfloat16_model_trains_deterministically_and_learns_as_its_float32_twin_does():
     import keras
     from sklearn.metrics import roc_auc_score
@@ -388,6 +390,7 @@ def test_a_bfloat16_model_trains_deterministically_and_learns_as_its_float32_twi
     assert roc_auc_score(y, p_a[:, 0]) > 0.8 and roc_auc_score(y, p_32[:, 0]) > 0.8  # both learn the task (0.94, 1.0)
 
 
+@pytest.mark.slow
 def test_learning_rate_is_constant_or_a_cosine_to_zero_over_every_step_fit_takes():
     import keras
 

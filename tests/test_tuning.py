@@ -206,6 +206,7 @@ def test_a_trial_trains_under_the_configured_schedule(tmp_path, monkeypatch):
     assert tuning.unet_config(TINY_CONFIG)["lr_schedule"] == "constant"  # a study stored before the key: constant
 
 
+@pytest.mark.slow
 def test_tune_command_runs_a_real_unet_trial_and_exports_the_best(tmp_path, capsys, monkeypatch):
     cache, split = write_tiny_cache(tmp_path)
     calls = spy_learning_rate(monkeypatch)
@@ -350,6 +351,7 @@ def test_a_tag_race_between_workers_is_retried_and_other_errors_are_not():
     assert len(calls) == 3
 
 
+@pytest.mark.slow
 def test_a_dead_workers_trial_is_failed_before_the_summary(tmp_path):
     """A worker killed mid-trial leaves it RUNNING; Optuna fails such a trial only when some worker starts its next
     one, so after the study's last trial (or in an export that runs none) the summary reported it running forever."""

@@ -65,6 +65,7 @@ pathlib.Path("artifacts/manifest.csv").write_text(pathlib.Path("artifacts/source
 """
 
 
+@pytest.mark.slow
 def test_dvc_reruns_ingest_when_a_corpus_outside_the_repository_changes(tmp_path):
     """Ingest's only data dep was data/: a corpus refreshed in place (outside the repository, named by a string in
     params) left `dvc repro` skipping ingest. The stages as dvc.yaml declares them (real dvc; ingest a stand-in)."""

@@ -30,7 +30,7 @@ run: setup data  ## set up, generate the demo data and run the whole pipeline
 test: setup  ## run the whole test suite (what CI runs), with the slowest tests listed
 	$(PYTEST) --durations=15
 
-test-fast: setup  ## all but the slow, infra and fuzz tests (pipeline runs, servers, fuzzing): about 3 min on 2 cores
+test-fast: setup  ## all but the slow, infra and fuzz tests (pipeline runs, servers, fuzzing): about 2.5 min on 2 cores
 	$(PYTEST) -m "$(FAST)"
 
 lint: setup  ## ruff on the library, the stages, the tests and the benchmarks; dvc.yaml deps against the imports

@@ -161,6 +161,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.xdist_group(group))
 
 
+@pytest.fixture(scope="session")
+def _empty_mlflow_store(tmp_path_factory) -> Path:
+    """An empty sqlite MLflow store (tracking and registry tables), its schema migrated once per test process."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("empty-mlflow") / "mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}")
+    client.search_experiments()
+    client.search_registered_models()
+    return path
+
+
+@pytest.fixture
+def mlflow_db(tmp_path: Path, _empty_mlflow_store: Path) -> Path:
+    """``tmp_path / "mlflow.db"``: an MLflow store of this test's own holding nothing, a copy of the migrated empty one
+    (migrating a new sqlite store costs over a CPU-second)."""
+    target = tmp_path / "mlflow.db"
+    shutil.copyfile(_empty_mlflow_store, target)
+    return target
+
+
 @pytest.fixture(autouse=True)
 def _tracking_uri_restored():
     """``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into ``os.environ``: without this, a test

@@ -1,5 +1,4 @@
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -44,22 +43,10 @@ def write_tiny_cache(root: Path, n: int = 30, size: int = 32, seed: int = 0) -> 
     return cache, table
 
 
-@pytest.fixture(scope="module")
-def mlflow_template(tmp_path_factory) -> Path:
-    """An empty MLflow sqlite store, its schema created once per module: creating it costs over a CPU-second."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def mlflow_uri(mlflow_template, tmp_path) -> str:
-    """A fresh MLflow sqlite store of this test's own: a copy of the module's empty one."""
-    target = tmp_path / "mlflow.db"
-    shutil.copyfile(mlflow_template, target)
-    return f"sqlite:///{target}"
+def mlflow_uri(mlflow_db: Path) -> str:
+    """The URI of an MLflow store of this test's own (tests/conftest.py's ``mlflow_db``)."""
+    return f"sqlite:///{mlflow_db}"
 
 
 def spy_learning_rate(monkeypatch) -> list:

@@ -18,21 +18,11 @@ ROOT = "data/private-site-7"  # stands for a site folder whose name must not rea
 SITE_SALT = "site-secret"  # a site's own data is pseudonymised only with a salt from the environment
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty sqlite MLflow store, its schema migrated once for the module (about a CPU-second per new store):
-    each test copies it, so each still starts from a store of its own that holds no run."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def corpus(tmp_path: Path, monkeypatch, empty_store: Path) -> Path:
+def corpus(tmp_path: Path, monkeypatch, mlflow_db: Path) -> Path:
     """Four good PNGs, one truncated PNG and one zero-byte file, described by a generic manifest.csv."""
     monkeypatch.chdir(tmp_path)
-    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_db}")
     monkeypatch.setenv(ingest.SALT_ENV, SITE_SALT)
     (tmp_path / "params.yaml").write_text("split:\n  experiment: ingest-test\n")
     root = tmp_path / ROOT

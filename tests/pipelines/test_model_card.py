@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -40,20 +39,11 @@ def evaluation(auc: float) -> dict:
     return {"operating_threshold": 0.4321, "test": block, "val": block, "run_id": CLASSIFIER_RUN}
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An empty MLflow sqlite store, created (schema migrations: seconds) once and copied for each test."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}").search_registered_models()
-    return path
-
-
 @pytest.fixture
-def project(tmp_path, monkeypatch, empty_store):
+def project(tmp_path, monkeypatch, mlflow_db):
     """Reports of a finished run (two classifiers), split tables, a manifest, and version 1 of the model, registered."""
     monkeypatch.chdir(tmp_path)
-    shutil.copy(empty_store, tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_db}")
     mlflow.set_tracking_uri(None)  # an earlier test's mlflow.set_tracking_uri would outrank the variable
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     for name, auc in (("c_vgg16", 0.9312), ("e_vgg16", 0.5)):

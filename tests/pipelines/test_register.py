@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,23 +16,11 @@ from pipelines import _common, register
 NAME = "covidcxr"
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An empty MLflow sqlite store, created (schema migrations: seconds) once and copied for each test."""
-    import mlflow
-
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}").search_registered_models()
-    return path
-
-
 @pytest.fixture
-def client(tmp_path, empty_store):
+def client(mlflow_db):
     import mlflow
 
-    shutil.copy(empty_store, tmp_path / "mlflow.db")
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-                               registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{mlflow_db}", registry_uri=f"sqlite:///{mlflow_db}")
 
 
 def test_champion_and_next_version_from_the_registry(client, tmp_path):
@@ -203,7 +190,7 @@ def pixels(example: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(example))))
 
 
-def test_the_logged_input_example_is_a_phantom_not_a_corpus_image(tmp_path, monkeypatch, empty_store):
+def test_the_logged_input_example_is_a_phantom_not_a_corpus_image(tmp_path, monkeypatch, mlflow_db):
     """Every registered version carried a cached radiograph of the corpus, base64 in its input_example.json and
     serving_input_example.json, even for data that is not public. Now a fixed phantom at the working size, which
     MLflow still scores as a server would read it."""
@@ -214,8 +201,7 @@ def test_the_logged_input_example_is_a_phantom_not_a_corpus_image(tmp_path, monk
     bundle = build_bundle(tmp_path / "bundle")
     cached = cache_of_the_corpus(tmp_path, SIZE)
     monkeypatch.chdir(tmp_path)
-    shutil.copy(empty_store, tmp_path / "mlflow.db")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{mlflow_db}")
     try:
         mlflow.set_experiment("register-test")
         with mlflow.start_run():

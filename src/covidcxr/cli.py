@@ -520,17 +520,21 @@ def _rule_before_scoring(args: argparse.Namespace) -> dict | None:
         name, alias, version = match.groups()
         if alias is not None:
             version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
-        saved = _model_rule(args.model_uri, version)
-        return _site_rule(args, version, saved.get("threshold"))[0]
+        return _model_rule_with_flags(args, _model_rule(args.model_uri, version))[0]
     except Exception:  # noqa: BLE001 - no early answer; scoring and the usual reading say what is wrong
         return None
+
+
+def _given_flags(args: argparse.Namespace) -> dict:
+    """The rule's flags the user gave (``objective``, ``min_sensitivity``), without those left out."""
+    return {k: v for k, v in (("objective", args.objective), ("min_sensitivity", args.min_sensitivity))
+            if v is not None}
 
 
 def _flag_rule(args: argparse.Namespace) -> dict | None:
     """The rule the flags give whole (``--objective`` other than sensitivity, or ``--min-sensitivity``, which implies
     the sensitivity objective); None when the model's own rule is needed."""
-    given = {k: v for k, v in (("objective", args.objective), ("min_sensitivity", args.min_sensitivity))
-             if v is not None}
+    given = _given_flags(args)
     if given.get("min_sensitivity") is not None:
         given.setdefault("objective", "sensitivity")
     if given.get("objective", "sensitivity") != "sensitivity" or len(given) == 2:
@@ -547,13 +551,17 @@ def _site_rule(args: argparse.Namespace, version: object, threshold: object) -> 
     flags = _flag_rule(args)
     if flags is not None:
         return flags, "flags"
-    given = {k: v for k, v in (("objective", args.objective), ("min_sensitivity", args.min_sensitivity))
-             if v is not None}
     saved = _model_rule(args.model_uri, version)
     if saved.get("threshold") != threshold:
         raise RuntimeError(f"the threshold rule read for version {version} of {args.model_uri} is another model's (its "
                            f"threshold {saved.get('threshold')}, the model answering {threshold}): name the served "
                            "model with --model-uri, or give --objective and --min-sensitivity")
+    return _model_rule_with_flags(args, saved)
+
+
+def _model_rule_with_flags(args: argparse.Namespace, saved: dict) -> tuple[dict, str]:
+    """The model's ``saved`` rule with the flags given over it, and whose it is (``model`` or ``model and flags``)."""
+    given = _given_flags(args)
     rule = {"objective": saved.get("objective"), "min_sensitivity": saved.get("min_sensitivity"), **given}
     if rule["objective"] is None:
         raise RuntimeError("the model's threshold does not say by which rule it was chosen: give --objective and "

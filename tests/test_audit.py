@@ -7,6 +7,8 @@ an opacity inside the lungs only. Tiny seeded VGGs are trained for real.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -42,26 +44,28 @@ def split(n: int) -> dict[str, np.ndarray]:
     return {"train": i < 80, "val": (i >= 80) & (i < 100), "test": i >= 100}
 
 
-#: One compiled tiny VGG for the module (both variants, both data sets: same shapes), see :func:`seeded_model`.
-_MODEL: dict = {}
+@functools.cache
+def _tiny_vgg() -> tuple:
+    """One compiled tiny VGG of ``TINY`` for the module (both variants, both data sets: same shapes), with every
+    variable (the model's and Adam's) and its seeded initial value."""
+    import keras
+
+    training.seed_everything(TINY["seed"])
+    model = models.build_vgg(TINY["depth"], (SIZE, SIZE, 1), width=TINY["width"], head=TINY["head"])
+    model.compile(keras.optimizers.Adam(TINY["lr"]), "binary_crossentropy")
+    model.optimizer.build(model.trainable_variables)
+    variables = [*model.variables, *model.optimizer.variables]
+    return model, variables, [np.array(v.numpy()) for v in variables]
 
 
 def seeded_model():
-    """The compiled tiny VGG of ``TINY``, every variable (the model's and Adam's) back to its seeded initial value: a
-    new model's first fit traces its train and test steps, about 3 CPU-seconds of the 4 that a 4-epoch fit costs;
-    refitting the same model reuses them, and each training still starts from the same weights as a fresh build."""
-    import keras
-
-    if not _MODEL:
-        training.seed_everything(TINY["seed"])
-        model = models.build_vgg(TINY["depth"], (SIZE, SIZE, 1), width=TINY["width"], head=TINY["head"])
-        model.compile(keras.optimizers.Adam(TINY["lr"]), "binary_crossentropy")
-        model.optimizer.build(model.trainable_variables)
-        variables = [*model.variables, *model.optimizer.variables]
-        _MODEL.update(model=model, variables=variables, initial=[np.array(v.numpy()) for v in variables])
-    for variable, value in zip(_MODEL["variables"], _MODEL["initial"], strict=True):
+    """The compiled tiny VGG of ``TINY``, every variable back to its seeded initial value: a new model's first fit
+    traces its train and test steps, about 3 CPU-seconds of the 4 that a 4-epoch fit costs; refitting the same model
+    reuses them, and each training still starts from the same weights as a fresh build."""
+    model, variables, initial = _tiny_vgg()
+    for variable, value in zip(variables, initial, strict=True):
         variable.assign(value)
-    return _MODEL["model"]
+    return model
 
 
 def train_auc(x: np.ndarray, y: np.ndarray, parts: dict[str, np.ndarray], epochs: int = 4) -> float:

@@ -201,6 +201,27 @@ def test_films_refused_at_a_stricter_ood_threshold_are_counted_not_silently_drop
     assert tests["ood_rate"].window == pytest.approx(float((window["ood_score"] > THRESHOLD).mean()))
 
 
+def test_the_ood_share_and_the_films_beyond_the_model_count_out_by_one_rule():
+    """Which records are out at a threshold is said in one place (_ood_out: serving's rule, NA where the detector
+    scored none), so the OOD share and the films left out as beyond the model cannot disagree about a film."""
+    nan = float("nan")
+    rows = traffic(5, seed=2).assign(ood_score=[3.0, 7.0, 7.5, nan, nan], accepted=[True, True, True, False, True],
+                                     reason=[None, None, None, "out_of_distribution", None])
+    out = monitoring._ood_out(rows.set_index(rows.index + 10), THRESHOLD)
+    assert list(out.index) == list(range(10, 15)) and out.isna().tolist() == [False] * 4 + [True]
+    assert out.dropna().tolist() == [False, False, True, True]  # at the threshold is in; a NaN served out is out
+
+    window = pd.concat([traffic(60, seed=2, ood_limit=9.0, source="site"), admitted(20, seed=9),
+                        *[rows.iloc[[3, 4]]] * 5], ignore_index=True)
+    tests = {t.name: t for t in monitoring.compare(REFERENCE, window, ood_threshold=THRESHOLD,
+                                                   permutations=300).tests}
+    above = window["ood_score"] > THRESHOLD
+    beyond = int((window["accepted"] & above).sum())
+    assert beyond >= 20 and tests["ood_rate"].n_window == 85  # the 5 answered without a score left out
+    assert round(tests["ood_rate"].window * 85) == int(above.sum()) + 5  # and the 5 refused without one counted out
+    assert f"window: {beyond} film(s) admitted past" in tests["positive_rate"].note
+    assert "window: 5 answered film(s) without an OOD score kept" in tests["positive_rate"].note
+
 def shifted_features(frame: pd.DataFrame, sd: float = 3.0) -> pd.DataFrame:
     """The same records with every compact feature moved by ``sd`` standard deviations (1 in :func:`traffic`)."""
     return frame.assign(features=[[v + sd for v in f] for f in frame["features"]])

@@ -297,11 +297,12 @@ def _unscored_out(frame: pd.DataFrame) -> int:
     return int((scored & ~np.isfinite(scores)).sum())
 
 
-def _ood_out(frame: pd.DataFrame, ood_threshold: float) -> np.ndarray:
-    """Whether each record the detector scored is out of distribution at the model's OOD threshold, by serving's rule
-    (:func:`covidcxr.ood.is_out`: a score that cannot be compared is out), so none of them is left out."""
+def _ood_out(frame: pd.DataFrame, ood_threshold: float) -> pd.Series:
+    """Whether each record is out of distribution at ``ood_threshold``, by serving's rule (:func:`covidcxr.ood.is_out`:
+    a score that cannot be compared is out), aligned with the frame; NA where the detector scored none (the log cannot
+    tell). The one rule of the OOD share and of the films beyond the model, so the two cannot disagree."""
     scores, scored = _ood_scores(frame)
-    return ood.is_out(scores[scored], ood_threshold)
+    return pd.Series(ood.is_out(scores, ood_threshold), index=frame.index, dtype="boolean").where(scored)
 
 
 def reason_shares(frame: pd.DataFrame) -> dict[str, float]:
@@ -348,8 +349,8 @@ def compare(reference: pd.DataFrame, window: pd.DataFrame, *, ood_threshold: flo
                            positive(window, accepted["window"] & ~beyond), min_per_test))
     tests.append(rate_test("refusal_rate", refused(reference, "reference"), refused(window, "window"), min_per_test))
     if ood_threshold is not None:
-        tests.append(rate_test("ood_rate", _ood_out(reference, ood_threshold), _ood_out(window, ood_threshold),
-                               min_per_test))
+        ref_out, win_out = (_ood_out(f, ood_threshold).dropna().to_numpy(dtype=bool) for f in (reference, window))
+        tests.append(rate_test("ood_rate", ref_out, win_out, min_per_test))
     for t in tests:
         if t.name in ("covid_probability", "positive_rate") and notes:
             t.note += "; " + notes
@@ -403,13 +404,11 @@ def _beyond_the_model(reference: pd.DataFrame, window: pd.DataFrame, accepted: M
     none = pd.Series(False, index=window.index)
     if ood_threshold is None:
         return none, ""
-    scores, scored = _ood_scores(window)
-    out = pd.Series(scored & ood.is_out(scores, ood_threshold), index=window.index)
-    beyond = accepted["window"] & out
+    out = _ood_out(window, ood_threshold)
+    beyond = accepted["window"] & out.fillna(False)
     notes = []
     if ood_action is None:
-        ref_scores, ref_scored = _ood_scores(reference)
-        flags = bool((accepted["reference"] & (ref_scored & ood.is_out(ref_scores, ood_threshold))).any())
+        flags = bool((accepted["reference"] & _ood_out(reference, ood_threshold).fillna(False)).any())
         ood_action = "flag" if flags else "refuse"
         if beyond.any():
             notes.append(f"the reference does not say whether the model refuses or flags films past its OOD threshold "
@@ -420,11 +419,11 @@ def _beyond_the_model(reference: pd.DataFrame, window: pd.DataFrame, accepted: M
     elif beyond.any():
         notes.append(f"window: {int(beyond.sum())} film(s) admitted past the model's OOD threshold (a site's own) "
                      "left out")
-    unknown = int((accepted["window"] & pd.Series(~scored, index=window.index)).sum())
+    unknown = int((accepted["window"] & out.isna()).sum())
     if unknown:
         notes.append(f"window: {unknown} answered film(s) without an OOD score kept (the log cannot tell whether the "
                      "model's threshold would have answered them)")
-    stricter = int((~accepted["window"] & (window["reason"] == "out_of_distribution") & ~out).sum())
+    stricter = int((~accepted["window"] & (window["reason"] == "out_of_distribution") & ~out.fillna(False)).sum())
     if stricter:
         notes.append(f"window: {stricter} film(s) refused at a stricter OOD threshold than the model's (a request's "
                      "or a site's) left out: the model would have answered them, but the log holds no probability")

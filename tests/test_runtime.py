@@ -73,3 +73,23 @@ def test_tensorflow_keeps_its_own_loader_and_a_failing_block_restores_stderr():
     clean = {k: v for k, v in os.environ.items() if k not in runtime.QUIET}
     proc = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
     assert proc.stderr == "still here\n"
+
+
+def test_tensorflow_warnings_print_once_and_per_model_tracing_only_when_verbose():
+    # TensorFlow imported before logging is configured (it then adds a handler of its own), then six new models each
+    # predicting once: Keras' predict step is traced once per model, which TensorFlow's detector calls retracing.
+    code = """if True:
+        import sys, logging, numpy as np, tensorflow as tf, keras
+        from covidcxr import runtime
+        runtime.configure(verbose=sys.argv[1] == "verbose")
+        logging.getLogger("tensorflow").warning("a warning of its own")
+        for _ in range(6):
+            model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+            model.predict(np.ones((3, 2), np.float32), verbose=0)
+    """
+    clean = {k: v for k, v in os.environ.items() if k not in (runtime.VERBOSE_ENV, *runtime.QUIET)}
+    quiet, verbose = (subprocess.run([sys.executable, "-c", code, mode], env=clean, capture_output=True, text=True,
+                                     check=True, timeout=120).stderr for mode in ("quiet", "verbose"))
+    assert quiet.count("a warning of its own") == 1 and verbose.count("a warning of its own") == 1
+    assert "make_predict_function" in verbose and "triggered tf.function retracing" in verbose
+    assert "retracing" not in quiet

@@ -40,6 +40,19 @@ VERBOSE_ENV = "COVIDCXR_VERBOSE"
 #: Python loggers of third-party libraries that print INFO lines on every run.
 NOISY_LOGGERS: tuple[str, ...] = ("great_expectations", "absl", "tensorflow", "h5py", "matplotlib", "PIL", "alembic",
                                   "mlflow", "urllib3", "botocore", "optuna", "numexpr")
+#: TensorFlow's functions that are traced once per model, each model's own graph: a Component's forward pass and Keras'
+#: predict step. Its warning that they "triggered tf.function retracing" counts every function made from the same code
+#: as one, so the tuner's trials and register's candidate pipelines, each a new model, set it off (6 times in a demo
+#: run) where nothing was traced twice; it is dropped for these functions only, unless verbose.
+PER_MODEL_FUNCTIONS: tuple[str, ...] = ("Component._traced.<locals>", "make_predict_function.<locals>")
+
+
+class _PerModelTracing(logging.Filter):
+    """Drops TensorFlow's retracing warning about :data:`PER_MODEL_FUNCTIONS`; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "triggered tf.function retracing" not in message or not any(f in message for f in PER_MODEL_FUNCTIONS)
 
 
 def verbose_requested(argv: list[str] | None = None) -> bool:
@@ -203,6 +216,14 @@ def configure(verbose: bool = False) -> logging.Logger:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    tensorflow = logging.getLogger("tensorflow")
+    # TensorFlow gives its logger a handler of its own when it is imported before logging is configured: with the
+    # root's, each of its lines would print twice.
+    tensorflow.handlers.clear()
+    for old in [f for f in tensorflow.filters if isinstance(f, _PerModelTracing)]:
+        tensorflow.removeFilter(old)
+    if not verbose:
+        tensorflow.addFilter(_PerModelTracing())
     return logging.getLogger("covidcxr")
 
 

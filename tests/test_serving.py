@@ -6,6 +6,7 @@ import base64
 import io as stdio
 import json
 import logging
+import re
 
 import numpy as np
 import pandas as pd
@@ -261,8 +262,8 @@ def test_a_server_with_a_site_file_applies_its_thresholds_and_refuses_per_reques
     with pytest.raises(sites.SiteFileError, match="chosen on model version 7's scores; the model answering is "
                                                   "version unregistered"):
         serving.Pipeline.load(bundle)
-    # Pipeline.load refused above through the constructor's check on $COVIDCXR_SITE: the other mismatches go through
-    # that check on the loaded networks (three Component loads each spared)
+    # Pipeline.load refused above, before loading any network; the pipeline's constructor checks the same way, so the
+    # other mismatches go through it on the loaded networks (three Component loads each spared)
     site.write_text(json.dumps({"threshold": 0.2, "ood_threshold": None, "model_name": "covidcxr-real",
                                 "model_version": "unregistered"}))
     with pytest.raises(sites.SiteFileError, match="chosen on covidcxr-real vunregistered's scores; the model "
@@ -271,6 +272,40 @@ def test_a_server_with_a_site_file_applies_its_thresholds_and_refuses_per_reques
     site.write_text(json.dumps({"threshold": 0.2, "ood_threshold": None, "model_version": "unregistered"}))
     with pytest.raises(sites.SiteFileError, match="record no model_name .* cannot be checked by name"):
         serving.Pipeline(loaded.projection, loaded.unet, loaded.classifier, loaded.config, site=sites.from_env())
+
+
+@pytest.mark.filterwarnings("ignore:.*An input example was not provided")  # this model cannot score one
+def test_a_site_file_for_another_model_stops_the_pyfunc_before_any_network_is_loaded(tmp_path, monkeypatch):
+    """The served pyfunc read $COVIDCXR_SITE only after loading its three networks (seconds of Keras on a real model)
+    before refusing a file chosen on another model. The model folders here are whole but their networks corrupt, so
+    loading one would fail otherwise: the site's refusal, with its own message, shows that none was loaded."""
+    import mlflow
+
+    from covidcxr import folders
+
+    artifacts = {}
+    for name in serving.COMPONENTS:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / folders.MODEL_FILE).write_bytes(b"not a keras archive")
+        (folder / folders.STANDARDIZER_FILE).write_text("{}")
+        (folder / folders.RUN_FILE).write_text(json.dumps({"run_id": "test"}))
+        artifacts[name] = str(folder)
+    artifacts[serving.CONFIG_ARTIFACT] = str(tmp_path / "serving.json")
+    serving.Config(size=32, variant="d", model_name="covidcxr", model_version="3").save(
+        artifacts[serving.CONFIG_ARTIFACT])
+    mlflow.pyfunc.save_model(tmp_path / "model", python_model=serving.CovidCxrModel(), artifacts=artifacts,
+                             signature=serving.signature(), pip_requirements=["mlflow"])
+    site = tmp_path / "site.json"
+    site.write_text(json.dumps({"threshold": 0.2, "ood_threshold": None, "model_name": "covidcxr",
+                                "model_version": "2"}))
+    monkeypatch.setenv(sites.ENV, str(site))
+    with pytest.raises(sites.SiteFileError, match=re.escape(f"site thresholds {site} were chosen on model version 2's "
+                                                            "scores; the model answering is version 3")):
+        mlflow.pyfunc.load_model(str(tmp_path / "model"))
+    site.write_text("{not json")
+    with pytest.raises(sites.SiteFileError, match=re.escape(f"site thresholds {site}: not JSON")):
+        mlflow.pyfunc.load_model(str(tmp_path / "model"))
 
 
 def test_explain_adds_a_gradcam_png_of_the_image_size(loaded):

@@ -315,16 +315,21 @@ class Pipeline:
 
     @classmethod
     def load(cls, artifacts: Mapping[str, str]) -> Pipeline:
-        """From the artifact paths of a logged model (or any mapping with the same keys); warms the models up."""
+        """From the artifact paths of a logged model (or any mapping with the same keys); warms the models up. A site's
+        thresholds file (``$COVIDCXR_SITE``) is read and checked against the configuration before any network loads."""
         missing = [k for k in (*COMPONENTS, CONFIG_ARTIFACT) if k not in artifacts]
         if missing:
             raise ValueError(f"serving artifacts lack {missing}")
+        config = Config.load(artifacts[CONFIG_ARTIFACT])
+        # A site file that is unreadable or another model's stops the start now, not after seconds of loading networks
+        site = sites.from_env()
+        if site is not None:
+            site.check_model(config.model_name, config.model_version)
         from covidcxr import models  # here, not at import: a client of a server (pacs --url, monitor) needs no Keras
 
         parts = {name: models.Component.load(artifacts[name]) for name in COMPONENTS}
-        config = Config.load(artifacts[CONFIG_ARTIFACT])
         pipeline = cls(parts["projection"], parts["unet"], parts["classifier"], config,
-                       prediction_log=predlog.open_log(config.prediction_log), site=sites.from_env())
+                       prediction_log=predlog.open_log(config.prediction_log), site=site)
         pipeline.warm_up()
         return pipeline
 

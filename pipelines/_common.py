@@ -232,6 +232,38 @@ def read_report(path: str | os.PathLike, made_by: str, error: type[ValueError] =
         raise error(f"{path}: not valid JSON ({err})") from None
 
 
+def evaluation_of_weights(classifier: str, run_id: object, *, holder: str, recorded_in: str, rerun: str,
+                          error: type[ValueError] = ValueError) -> dict:
+    """Evaluate's report of ``classifier`` (``reports/evaluate/<classifier>/metrics.json``), when it measured the
+    weights of run ``run_id``: its ``run_id`` is that run. The one rule `register` (the weights in the model folder)
+    and `model_card` (the weights register bundled) check their figures by, so that no figures of other weights (a
+    classifier retrained since) are registered or carded.
+
+    ``holder`` says, as a clause, who holds the weights ("artifacts/models/classifier_c_vgg16 holds", "covidcxr v1
+    bundles"); ``recorded_in`` where its run id is recorded; ``rerun`` what to run again. ``error`` (a ValueError)
+    naming the report and both run ids when they differ, or naming what does not record its run (written before it
+    was recorded: which weights the figures are of cannot be checked, so they are refused)."""
+    path = EVALUATE_DIR / classifier / "metrics.json"
+    evaluation = read_report(path, "evaluate", error)
+    if not isinstance(evaluation, dict):
+        raise error(f"{path}: not an evaluate report (not a JSON object); rerun {rerun}")
+    measured = evaluation.get("run_id")
+    if measured is None or run_id is None:
+        unknown = [f"{path} (run_id) does not say which classifier run it is of (written before evaluate recorded "
+                   "it)"] if measured is None else []
+        if run_id is None:
+            unknown.append(f"{recorded_in} does not say which classifier run {holder} (written before that was "
+                           "recorded)")
+        check = (f"a report that does not say which weights it measured cannot be checked against those {holder} "
+                 f"(run {run_id if run_id is not None else 'not recorded'})" if measured is None else
+                 f"figures of run {measured} cannot be checked against weights of no recorded run")
+        raise error(f"{'; '.join(unknown)}: {check}; rerun {rerun}")
+    if measured != run_id:
+        raise error(f"{path} measured the weights of run {measured}, but {holder} those of run {run_id} (a classifier "
+                    f"retrained since): its figures are not of these weights; rerun {rerun}")
+    return evaluation
+
+
 def mlflow_experiment(experiment: str) -> str:
     """One MLflow experiment per paper experiment (``split.experiment``)."""
     return f"covidcxr-{experiment}"

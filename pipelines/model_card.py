@@ -104,26 +104,16 @@ def gradcam_images(classifier: str, all_variants: bool) -> dict[str, bytes]:
 
 
 def registered_evaluation(registered: dict) -> dict:
-    """Evaluate's report of the registered classifier, when it measured the weights that were registered: its
-    ``run_id`` is the classifier run ``register`` bundled (``component_runs``). A :class:`ModelCardError` naming both
-    run ids otherwise (the classifier was retrained and evaluate rerun after registering), or when either file does not
-    record its run (written before they did: which weights the figures are of cannot be checked)."""
-    classifier = str(registered["classifier"])
-    path = f"reports/evaluate/{classifier}/metrics.json"
-    evaluation = read_json(path, "evaluate")
-    bundled = (registered.get("component_runs") or {}).get("classifier")
-    measured = evaluation.get("run_id") if isinstance(evaluation, dict) else None
-    if bundled is None or measured is None:
-        missing = " and ".join(f for f, v in ((f"{REGISTERED} (component_runs)", bundled), (f"{path} (run_id)",
-                                                                                           measured)) if v is None)
-        raise ModelCardError(f"{missing} does not say which classifier run it is of (written before that was "
-                             "recorded): the card's figures cannot be checked against the registered weights; rerun "
-                             "evaluate and register")
-    if measured != bundled:
-        raise ModelCardError(f"{path} measured the weights of run {measured}, but {registered['model_name']} "
-                             f"v{registered['version']} bundles those of run {bundled}: its figures are not the "
-                             "registered model's; rerun evaluate and register")
-    return evaluation
+    """Evaluate's report of the registered classifier, when it measured the weights that were registered
+    (:func:`pipelines._common.evaluation_of_weights`: its ``run_id`` is the classifier run ``register`` bundled,
+    ``component_runs``). A :class:`ModelCardError` naming both run ids otherwise (the classifier was retrained and
+    evaluate rerun after registering), or when either file does not record its run (written before they did: which
+    weights the figures are of cannot be checked)."""
+    return _common.evaluation_of_weights(
+        str(registered["classifier"]), (registered.get("component_runs") or {}).get("classifier"),
+        holder=f"{registered['model_name']} v{registered['version']} bundles",
+        recorded_in=f"{REGISTERED} (component_runs)", rerun="evaluate and register (`dvc repro register`)",
+        error=ModelCardError)
 
 
 def collect(p: dict, registered: dict, run_id: str, n_boot: int | None = None) -> modelcard.CardData:

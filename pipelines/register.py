@@ -87,25 +87,17 @@ def candidates(p: dict, classifiers: dict, audit_report: dict) -> list[selection
 
 
 def evaluated(variant: str, backbone: str) -> dict:
-    """Evaluate's report of a classifier (``metrics.json``), when it measured the weights its model folder holds now:
-    its ``run_id`` is the folder's. A ValueError naming both run ids otherwise (the classifier was retrained after
-    evaluate ran, e.g. ``dvc repro -f -s register`` or a hand-run register after retraining one classifier: the new
-    weights would be registered with the old weights' figures), or when the report records no run id (written before
-    evaluate recorded it: which weights it measured cannot be checked)."""
+    """Evaluate's report of a classifier (``metrics.json``), when it measured the weights its model folder holds now
+    (:func:`pipelines._common.evaluation_of_weights`: its ``run_id`` is the folder's). A ValueError naming both run ids
+    otherwise (the classifier was retrained after evaluate ran, e.g. ``dvc repro -f -s register`` or a hand-run
+    register after retraining one classifier: the new weights would be registered with the old weights' figures), or
+    when the report or the folder records no run id (written before it was recorded: which weights the figures are of
+    cannot be checked)."""
     folder = _common.model_dir(variant, backbone)
-    path = _common.EVALUATE_DIR / f"{variant}_{backbone}" / "metrics.json"
-    evaluation = _common.read_report(path, "evaluate")
-    weights = folders.folder_info(folder)["run_id"]
-    measured = evaluation.get("run_id") if isinstance(evaluation, dict) else None
-    if measured is None:
-        raise ValueError(f"{path} does not say which weights it measured (no run_id: written before evaluate recorded "
-                         f"it), so it cannot be checked against {folder} (run {weights}): rerun evaluate "
-                         "(`dvc repro evaluate`)")
-    if measured != weights:
-        raise ValueError(f"{path} measured the weights of run {measured}, but {folder} holds those of run {weights} "
-                         "(retrained since evaluate ran): its figures are not this classifier's; rerun evaluate "
-                         "(`dvc repro evaluate`) before registering")
-    return evaluation
+    return _common.evaluation_of_weights(
+        f"{variant}_{backbone}", folders.folder_info(folder).get("run_id"), holder=f"{folder} holds",
+        recorded_in=f"{folder}/{folders.RUN_FILE} (run_id)",
+        rerun="evaluate (`dvc repro evaluate`) before registering")
 
 
 def read_audit(path: Path = _common.AUDIT_REPORT) -> dict:

@@ -181,6 +181,20 @@ def test_figures_of_other_weights_than_the_registered_ones_are_refused_naming_bo
     assert not (root / "reports/model_card").exists()
 
 
+def test_a_registration_that_records_no_classifier_run_is_refused_naming_it(project):
+    """registered.json without component_runs (written before register recorded them): the card's figures cannot be
+    checked against the registered weights, and the error says which file lacks what, and the report's run."""
+    root, _, _ = project
+    path = root / "reports/register/registered.json"
+    registered = json.loads(path.read_text())
+    write(path, {k: v for k, v in registered.items() if k != "component_runs"})
+    with pytest.raises(ModelCardError, match=r"registered.json \(component_runs\) does not say which classifier run "
+                                             rf"covidcxr v1 bundles .*figures of run {CLASSIFIER_RUN} cannot be "
+                                             r"checked.*rerun evaluate and register"):
+        model_card.run(PARAMS["model_card"])
+    assert not (root / "reports/model_card").exists()
+
+
 def test_the_intended_population_of_a_model_registered_before_the_age_limit_is_any_age():
     registered = {"model_name": NAME, "version": "1", "classifier": "c_vgg16",
                   "serving": {k: v for k, v in SERVING.items() if k != "min_age"}}

@@ -143,6 +143,24 @@ def test_figures_evaluate_measured_on_other_weights_are_refused_naming_both_runs
         register.evaluated("d", "vgg16")
 
 
+def test_a_model_folder_or_report_that_records_no_run_is_refused_naming_the_file(tmp_path, monkeypatch):
+    """A model folder whose run.json records no run id was a bare KeyError('run_id'), naming neither the folder nor
+    what to rerun; a report that is not a JSON object was said to lack its run id. Both now name the file (the rule
+    model_card checks by too: _common.evaluation_of_weights)."""
+    write_reports(tmp_path, {"d_vgg16": 0.7})
+    monkeypatch.chdir(tmp_path)
+    run_json = tmp_path / _common.model_dir("d", "vgg16") / "run.json"
+    run_json.write_text(json.dumps({"stage": "train_classifier"}))  # written before the run id was recorded
+    with pytest.raises(ValueError, match=r"classifier_d_vgg16/run.json \(run_id\) does not say which classifier run "
+                                         r".*classifier_d_vgg16 holds .*figures of run run-d_vgg16 cannot be checked"
+                                         r".*rerun evaluate"):
+        register.evaluated("d", "vgg16")
+    write_model_folder(tmp_path, "d_vgg16", "run-d_vgg16")
+    (tmp_path / _common.EVALUATE_DIR / "d_vgg16" / "metrics.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"d_vgg16/metrics.json: not an evaluate report \(not a JSON object\)"):
+        register.evaluated("d", "vgg16")
+
+
 def test_a_missing_or_malformed_audit_names_the_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="audit.json: missing; run the audit stage"):

@@ -219,6 +219,48 @@ def test_a_site_threshold_is_chosen_by_the_answering_models_own_rule_unless_the_
         rule()
 
 
+@pytest.mark.parametrize("uri, parts, name", [
+    ("models:/covidcxr@champion", ("covidcxr", "champion", None), "covidcxr"),
+    ("models:/ward-model/12", ("ward-model", None, "12"), "ward-model"),
+    ("models:/other/latest", ("other", None, None), "other"),  # neither alias nor version: name only
+    ("models:/other", ("other", None, None), "other"),
+    ("models:/other@champion/extra", ("other", None, None), "other"),
+    ("models:/@champion", None, "covidcxr"),
+    ("runs:/0123/covidcxr", None, "covidcxr"),
+    ("/srv/models/covidcxr", None, "covidcxr"),
+])
+def test_one_reading_of_a_models_uri(uri, parts, name):
+    """`_rule_before_scoring` parsed models:/NAME@ALIAS and models:/NAME/VERSION with its own regex (and
+    `_missing_alias` with a third), beside `_registered_name`, which split the URI by hand: one parser now."""
+    assert cli._models_uri(uri) == parts
+    assert cli._registered_name(uri) == name
+
+
+def test_the_rule_before_scoring_is_the_version_s_that_the_alias_or_version_names(registry, tmp_path):
+    """The early reading of the threshold rule (before any film is scored) follows models:/NAME@ALIAS to its version
+    and reads models:/NAME/VERSION's own; a URI naming neither is left to the usual reading after scoring."""
+    import argparse
+    import json
+
+    for version, target in ((1, 0.8), (2, 0.95)):
+        model = tmp_path / f"v{version}"
+        (model / "artifacts" / "classifier").mkdir(parents=True)
+        (model / "artifacts" / "classifier" / "threshold.json").write_text(json.dumps(
+            {"objective": "sensitivity", "min_sensitivity": target, "threshold": 0.4}))
+        if version == 1:
+            registry.create_registered_model("ward")
+        registry.create_model_version("ward", source=str(model))
+    registry.set_registered_model_alias("ward", "champion", "1")
+
+    def early(uri: str) -> dict | None:
+        return cli._rule_before_scoring(argparse.Namespace(objective=None, min_sensitivity=None, model_uri=uri,
+                                                           url=None))
+
+    assert early("models:/ward@champion") == {"objective": "sensitivity", "min_sensitivity": 0.8}
+    assert early("models:/ward/2") == {"objective": "sensitivity", "min_sensitivity": 0.95}
+    assert early("models:/ward/latest") is None and early(str(tmp_path / "v1")) is None
+
+
 def test_predict_writes_one_overlay_per_file_even_when_two_share_a_name(tmp_path, monkeypatch, capsys):
     """Two folders' scan.png: the second overlay overwrote the first; now scan.png and scan-2.png, in order."""
     import numpy as np

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -324,15 +326,13 @@ def _scorer(model_uri: str, url: str | None, timeout: float):
 def _missing_alias(model_uri: str) -> str | None:
     """For ``models:/NAME@ALIAS`` whose alias is not set: why (the last registration's decision) and what to run
     instead; None when the URI is of another form or the alias exists."""
-    import re
-
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    match = re.fullmatch(r"models:/([^@/]+)@([^/]+)", model_uri)
-    if not match:
+    parsed = _models_uri(model_uri)
+    if parsed is None or parsed.alias is None:
         return None
-    name, alias = match.groups()
+    name, alias = parsed.name, parsed.alias
     client = mlflow.MlflowClient()
     try:
         client.get_model_version_by_alias(name, alias)
@@ -505,21 +505,19 @@ def _rule_before_scoring(args: argparse.Namespace) -> dict | None:
     version's that a local ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names (the version loaded to score);
     None when only the answering model can say (a server, another URI) or the registry cannot be read here (the rule
     is then read after scoring, with its own errors)."""
-    import re
-
     flags = _flag_rule(args)
     if flags is not None:
         return flags
-    match = re.fullmatch(r"models:/([^@/]+)(?:@([^/]+)|/(\d+))", args.model_uri)
-    if args.url or not match:
+    parsed = _models_uri(args.model_uri)
+    if args.url or parsed is None or (parsed.alias is None and parsed.version is None):
         return None
     try:
         import mlflow
 
         mlflow.set_tracking_uri(_tracking_uri())
-        name, alias, version = match.groups()
-        if alias is not None:
-            version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
+        version = parsed.version
+        if parsed.alias is not None:
+            version = mlflow.MlflowClient().get_model_version_by_alias(parsed.name, parsed.alias).version
         return _model_rule_with_flags(args, _model_rule(args.model_uri, version))[0]
     except Exception:  # noqa: BLE001 - no early answer; scoring and the usual reading say what is wrong
         return None
@@ -572,11 +570,33 @@ def _model_rule_with_flags(args: argparse.Namespace, saved: dict) -> tuple[dict,
     return rule, "model and flags" if given else "model"
 
 
+class _ModelsUri(NamedTuple):
+    """A ``models:/`` URI's parts: the registered model's NAME, and the ALIAS or VERSION it names (None when it names
+    neither: ``models:/NAME``, ``models:/NAME/latest``, a stage)."""
+
+    name: str
+    alias: str | None
+    version: str | None
+
+
+def _models_uri(model_uri: str) -> _ModelsUri | None:
+    """The parts of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (VERSION all digits), or of another
+    ``models:/NAME...`` (NAME only: up to its first ``@`` or ``/``); None for any other URI (another scheme, a path,
+    no NAME). The one reading of a models:/ URI here."""
+    match = re.fullmatch(r"models:/([^@/]+)(.*)", model_uri, flags=re.DOTALL)
+    if match is None:
+        return None
+    name, rest = match.groups()
+    alias = re.fullmatch(r"@([^/]+)", rest)
+    version = re.fullmatch(r"/(\d+)", rest)
+    return _ModelsUri(name, alias[1] if alias else None, version[1] if version else None)
+
+
 def _registered_name(model_uri: str) -> str:
-    """NAME of ``models:/NAME@alias`` or ``models:/NAME/version``; ``covidcxr`` for any other URI."""
-    if model_uri.startswith("models:/"):
-        return model_uri[len("models:/"):].split("@", 1)[0].split("/", 1)[0] or "covidcxr"
-    return "covidcxr"
+    """NAME of ``models:/NAME@alias`` or ``models:/NAME/version`` (:func:`_models_uri`); ``covidcxr`` for any other
+    URI."""
+    parsed = _models_uri(model_uri)
+    return parsed.name if parsed is not None else "covidcxr"
 
 
 def _tune(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -470,6 +471,31 @@ def test_data_docs_are_self_contained_and_escaped(
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "byte-identical files under two names" in page  # the why of each expectation is shown
     assert page.count("<h2") == 3
+
+
+def test_data_docs_show_each_result_by_its_status() -> None:
+    """The page's status cells are the results' ``status`` (one rule, not a second spelling of it in the renderer): a
+    success on nothing measured is "not measured", for an expectation and for a suite that measured nothing."""
+
+    def result(success: bool, critical: bool, element_count: int | None = None) -> validation.ExpectationResult:
+        return validation.ExpectationResult(type="expect_x", column="c", success=success, critical=critical, why="w",
+                                            element_count=element_count, missing_count=element_count)
+
+    suites = [
+        validation.SuiteResult("mixed", False, (result(True, True), result(True, False, 0), result(False, True),
+                                                result(False, False), result(True, True, 3))),
+        validation.SuiteResult("warning", False, (result(False, False), result(True, True))),
+        validation.SuiteResult("nothing", True, (result(True, True, 0),)),
+        validation.SuiteResult("none", True, ()),
+    ]
+    assert [s.status for s in suites] == ["failed", "failed", "not measured", "not measured"]
+    assert [e.status for e in suites[0].expectations] == ["passed", "not measured", "failed", "failed", "not measured"]
+    cells = re.findall(r"<tr><td>(?:<a [^>]*>[^<]*</a></td><td>)?(<span[^>]*>[^<]*</span>)",
+                       validation.render_data_docs(suites))
+    passed, not_measured = '<span class="pass">passed</span>', '<span class="warn">not measured</span>'
+    failed, warned = '<span class="fail">FAILED</span>', '<span class="warn">failed (warning)</span>'
+    assert cells == [failed, warned, not_measured, not_measured,  # the suites: a critical failure or only warnings
+                     passed, not_measured, failed, warned, not_measured, warned, passed, not_measured]
 
 
 def test_nothing_is_written_to_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

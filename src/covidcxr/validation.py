@@ -97,9 +97,7 @@ class ExpectationResult:
     @property
     def status(self) -> str:
         """``passed``, ``failed`` or ``not measured`` (passed by GX on no value at all)."""
-        if not self.success:
-            return "failed"
-        return "passed" if self.measured else "not measured"
+        return _status(self.success, self.measured)
 
 
 @dataclass(frozen=True)
@@ -121,6 +119,19 @@ class SuiteResult:
     @property
     def not_measured(self) -> tuple[ExpectationResult, ...]:
         return tuple(e for e in self.expectations if e.status == "not measured")
+
+    @property
+    def status(self) -> str:
+        """:attr:`ExpectationResult.status` of the suite: ``not measured`` when it passed with no expectation measured
+        (a suite of none included)."""
+        return _status(self.success, len(self.not_measured) < len(self.expectations))
+
+
+def _status(success: bool, measured: bool) -> str:
+    """The one rule for an expectation's and a suite's status: a success on nothing measured is not a pass."""
+    if not success:
+        return "failed"
+    return "passed" if measured else "not measured"
 
 
 # ---------------------------------------------------------------------------------------------- running suites
@@ -560,12 +571,12 @@ code{font-size:12px}ul{margin:0;padding-left:1.2em}
 """
 
 
-def _status(success: bool, critical: bool = True, measured: bool = True) -> str:
-    if success and not measured:
-        return '<span class="warn">not measured</span>'
-    if success:
-        return '<span class="pass">passed</span>'
-    return '<span class="fail">FAILED</span>' if critical else '<span class="warn">failed (warning)</span>'
+def _status_html(status: str, critical: bool) -> str:
+    """A ``status`` (:attr:`ExpectationResult.status`, :attr:`SuiteResult.status`) as the data docs show it; a failure
+    of nothing ``critical`` is a warning."""
+    if status == "failed":
+        return '<span class="fail">FAILED</span>' if critical else '<span class="warn">failed (warning)</span>'
+    return f'<span class="{"pass" if status == "passed" else "warn"}">{status}</span>'
 
 
 def _render_html(results: list[SuiteResult]) -> str:
@@ -581,7 +592,7 @@ def _render_html(results: list[SuiteResult]) -> str:
     for s in results:
         out.append(
             f'<tr><td><a href="#{esc(s.name)}">{esc(s.name)}</a></td>'
-            f"<td>{_status(s.success, bool(s.critical_failed), len(s.not_measured) < len(s.expectations))}</td>"
+            f"<td>{_status_html(s.status, bool(s.critical_failed))}</td>"
             f"<td>{len(s.expectations)}</td>"
             f"<td>{len(s.failed)}</td><td>{len(s.critical_failed)}</td><td>{len(s.not_measured)}</td></tr>"
         )
@@ -600,7 +611,7 @@ def _render_html(results: list[SuiteResult]) -> str:
             elif not e.measured:
                 details.insert(0, f"<li>nothing to check: {esc(_not_measured_reason(e))}</li>")
             out.append(
-                f"<tr><td>{_status(e.success, e.critical, e.measured)}</td><td>{'yes' if e.critical else 'no'}</td>"
+                f"<tr><td>{_status_html(e.status, e.critical)}</td><td>{'yes' if e.critical else 'no'}</td>"
                 f"<td><code>{esc(e.type)}</code></td><td>{esc(e.column or '(table)')}</td><td>{esc(e.why)}</td>"
                 f"<td>{esc(unexpected)}</td><td><ul>{''.join(details)}</ul></td></tr>"
             )

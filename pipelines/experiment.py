@@ -85,6 +85,11 @@ def load(name: str, directory: Path = EXPERIMENTS) -> dict:
     return spec
 
 
+def _current(name: object) -> dict:
+    """A recorded experiment's overlay as it is today (:func:`load`), or {} where it has none (renamed or removed)."""
+    return load(name) if name in available() else {}
+
+
 def _read(path: Path) -> dict:
     if not path.is_file():
         raise ExperimentError(f"overlay {path} does not exist")
@@ -780,11 +785,10 @@ def _ablation_cell(s: dict, base: dict | None, n_seeds: int, marks: str = "") ->
 UNSET = "not set"
 
 
-def _ablation_keys(result: dict) -> tuple[dict[str, set[str]], set[str]]:
+def _ablation_keys(result: dict, overlay: dict) -> tuple[dict[str, set[str]], set[str]]:
     """The keys each lever sets (the record's ``levers``, else the overlay's), and the keys that are no lever's
     profile whatever the lever: each run's own (the overlay's ``runs``; without the overlay, the keys that differ
     between runs of one lever and seed) and the seed's (``seed_keys``)."""
-    overlay = load(result["experiment"]) if result.get("experiment") in available() else {}
     levers = {k: set(v or {}) for k, v in {**(overlay.get("levers") or {}), **(result.get("levers") or {})}.items()}
     run_keys = {k for run in (overlay.get("runs") or {}).values() for k in ((run or {}).get("params") or {})}
     if not overlay:
@@ -821,14 +825,14 @@ def _profile_values(runs: list[dict], drop: set[str]) -> dict[str, set[str]]:
     return {k: {_canonical(params[k]) if k in params else UNSET for params in known} for k in sorted(keys)}
 
 
-def _profile_marks(result: dict, feeding: dict[str, dict[str, list[str]]], reference: str) -> tuple[
+def _profile_marks(result: dict, feeding: dict[str, dict[str, list[str]]], reference: str, overlay: dict) -> tuple[
         dict[tuple[str, str], str], list[str]]:
     """Per (lever, column), its cell's profile marks: § where the cell's own runs ran under more than one profile
     (:func:`run_profile`), ‡ where its change from ``reference`` is between runs of differing profiles, or of runs
     whose params were not recorded; and the legend lines that say, lever by lever, which keys differ in those cells'
     runs and how."""
     runs = result["runs"]
-    levers, fixed = _ablation_keys(result)
+    levers, fixed = _ablation_keys(result, overlay)
     marks: dict[tuple[str, str], str] = {}
     # lever -> (its runs, the reference's runs) of the cells marked ‡, and its runs of the cells marked §
     apart: dict[str, tuple[set[str], set[str]]] = {}
@@ -881,10 +885,9 @@ def _values(values: set[str], sep: str = ", ") -> str:
     return sep.join(sorted(values, key=lambda v: (v == UNSET, v)))
 
 
-def _lever_params(result: dict) -> list[str]:
+def _lever_params(result: dict, overlay: dict) -> list[str]:
     """Each lever's own params as its recorded runs set them (the overlay may define the lever otherwise today)."""
-    levers, _ = _ablation_keys(result)
-    overlay = load(result["experiment"]) if result.get("experiment") in available() else {}
+    levers, _ = _ablation_keys(result, overlay)
     lines = []
     for lever in sorted({r["lever"] for r in result["runs"].values()}):
         keys = levers.get(lever, set())
@@ -912,13 +915,12 @@ def _lever_params(result: dict) -> list[str]:
     return lines
 
 
-def _planned_today(result: dict) -> str | None:
+def _planned_today(result: dict, overlay: dict) -> str | None:
     """How many recorded runs have the params the overlay would plan for them today (None without the overlay)."""
-    if result.get("experiment") not in available():
+    if not overlay:
         return None
     try:
-        plan = {step["name"]: step["params"]
-                for step in ablation_plan(result["experiment"], load(result["experiment"]))}
+        plan = {step["name"]: step["params"] for step in ablation_plan(result["experiment"], overlay)}
     except ExperimentError:
         return None
     same = sum(_canonical(r.get("params")) == _canonical(plan.get(name)) for name, r in result["runs"].items())
@@ -926,15 +928,17 @@ def _planned_today(result: dict) -> str | None:
             "(the others ran under earlier versions of it).")
 
 
-def _ablation_rows(result: dict) -> list[str]:
+def _ablation_rows(result: dict, overlay: dict | None = None) -> list[str]:
+    """The ablation's table and legends; ``overlay``: its overlay as loaded once by the caller (default
+    :func:`_current`)."""
+    overlay = _current(result.get("experiment")) if overlay is None else overlay
     table, feeding = _ablation_table(result["runs"])  # from the runs: a record made before a rule changed shows it
     columns = list(dict.fromkeys(c for lever in table.values() for c in lever))
     columns = [c for c in columns if c != "wall_minutes"] + ["wall_minutes"]
     # the lever the others are compared with: the record's `reference`, else the overlay's, else baseline
-    overlay = load(result["experiment"]) if result.get("experiment") in available() else {}
     reference = result.get("reference") or overlay.get("reference") or BASELINE
     base = table.get(reference, {})
-    marks, legend = _profile_marks(result, feeding, reference)
+    marks, legend = _profile_marks(result, feeding, reference, overlay)
     seeds = sorted({r.get("seed") for r in result["runs"].values()}, key=str)
     ran_on: dict[str, list[str | None]] = {}
     for r in result["runs"].values():
@@ -973,9 +977,9 @@ def _ablation_rows(result: dict) -> list[str]:
     if legend:
         rows += ["", f"What differs, lever by lever (its runs' values against `{reference}`'s in the cells marked; "
                  f"`{UNSET}`: the workdir's params.yaml of the time, which the record does not keep):", "", *legend]
-    today = _planned_today(result)
+    today = _planned_today(result, overlay)
     rows += ["", *([today, ""] if today else []), "Levers, as their recorded runs set them:", "",
-             *_lever_params(result)]
+             *_lever_params(result, overlay)]
     if result.get("goals"):
         rows += ["", f"Goals: {result['goals'].strip()}"]
     return rows
@@ -1301,10 +1305,12 @@ def refresh(project: Path = PROJECT) -> None:
     render_summary(project)
 
 
-def render_summary(project: Path = PROJECT) -> Path:
+def render_summary(project: Path = PROJECT, loaded: dict[str, dict] | None = None) -> Path:
     """reports/experiments/README.md: where the goals stand (experiments/_goals.md), then every recorded experiment's
-    command, settings, wall time, figures and notes."""
+    command, settings, wall time, figures and notes. Each record's overlay is read once (:func:`_current`), unless
+    ``loaded`` holds it (by name: a run's own, as the run read it)."""
     results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((project / REPORTS).glob("*.json"))]
+    overlays = {r["experiment"]: (loaded or {}).get(r["experiment"]) or _current(r["experiment"]) for r in results}
     lines = ["# Experiments on the real chest X-ray corpus", "",
              "Written by `python -m pipelines.experiment` from the JSON files beside it (do not edit by hand: edit "
              "the overlay's `notes` in `experiments/`). Development figures: the corpus is a downscaled subset "
@@ -1317,8 +1323,7 @@ def render_summary(project: Path = PROJECT) -> Path:
     goals = Path(project) / "experiments" / GOALS
     if goals.is_file():  # the issue's goals: where each stands, what moved it, what next (written by hand)
         lines += [goals.read_text(encoding="utf-8").strip(), ""]
-    render = {"classifier": _classifier_rows, "segmentation": _segmentation_rows, "projection": _projection_rows,
-              ABLATION: _ablation_rows}
+    render = {"classifier": _classifier_rows, "segmentation": _segmentation_rows, "projection": _projection_rows}
     lines += ["| experiment | command | working size / epochs | wall time | ours (test) | paper |",
               "|---|---|---|---|---|---|"]
     for r in results:
@@ -1328,7 +1333,7 @@ def render_summary(project: Path = PROJECT) -> Path:
                 f"{st.get('train_unet.epochs')}, classifier {st.get('train_classifier.epochs')}")
         if r["kind"] == ABLATION:  # its runs' own settings differ (the profiles under its table)
             size = f"the last run's: {size}"
-        paper = load(r["experiment"]).get("paper_headline", "") if r["experiment"] in available() else ""
+        paper = overlays[r["experiment"]].get("paper_headline", "")
         lines.append(f"| {r['experiment']} | `{r['command']}` | {size} | {_wall(r)} | "
                      f"{_short(r)} | {paper or 'none'} |")
     lines.append("")
@@ -1336,10 +1341,9 @@ def render_summary(project: Path = PROJECT) -> Path:
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
         # the overlay's current description (corrected since, maybe), and the record's own where it differs
         description = r["description"].strip()
-        if r["experiment"] in available():
-            current = (load(r["experiment"]).get("description") or "").strip()
-            if current and current != description:
-                description = f"{current}\n\n(The description this record was made under, superseded: {description})"
+        now = (overlays[r["experiment"]].get("description") or "").strip()
+        if now and now != description:
+            description = f"{now}\n\n(The description this record was made under, superseded: {description})"
         what = (" (the last run's: the workdir's params.yaml after it, under the overlay's params; the runs' own "
                 "differ: see under the table)" if r["kind"] == ABLATION else "")
         lines += [f"## {r['experiment']}", "", description, "",
@@ -1352,12 +1356,12 @@ def render_summary(project: Path = PROJECT) -> Path:
         lines += [f"- train_seconds ({name}): {_fmt(run['train_seconds'])}"
                   + (" (reused from an earlier run)" if stage_reused(run, r["wall_seconds"]) else "")
                   for name, run in r["runs"].items() if run.get("train_seconds") is not None]
-        lines += [""] + render[r["kind"]](r) + [""]
+        rows = _ablation_rows(r, overlays[r["experiment"]]) if r["kind"] == ABLATION else render[r["kind"]](r)
+        lines += ["", *rows, ""]
         if r.get("paper"):
             lines += ["Paper: `" + json.dumps(r["paper"], sort_keys=True) + "`", ""]
-        notes = r.get("notes")
-        if r["experiment"] in available():  # the overlay's current notes (written after reading the figures)
-            notes = load(r["experiment"]).get("notes") or notes
+        # the overlay's current notes (written after reading the figures), else the record's
+        notes = overlays[r["experiment"]].get("notes") or r.get("notes")
         if notes:
             lines += [notes.strip(), ""]
     out = project / REPORTS / "README.md"
@@ -1460,17 +1464,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.list or not a.name:
         print("\n".join(available()))
         return 0
-    spec = load(a.name)
-    if only_ablation and spec["kind"] != ABLATION:
-        parser.error(f"{', '.join(only_ablation)}: only an ablation takes them; {a.name} is of kind {spec['kind']}")
-    for item in a.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ExperimentError(f"--set {item!r}: expected KEY=VALUE")
-        spec["params"][key] = yaml.safe_load(value)
+    overlay = load(a.name)  # read once: the summary and the record take this one, never the file again
+    if only_ablation and overlay["kind"] != ABLATION:
+        parser.error(f"{', '.join(only_ablation)}: only an ablation takes them; {a.name} is of kind {overlay['kind']}")
+    spec = _with_sets(overlay, a.set)
     real_data = real_data_root(a.real_data)
     if spec["kind"] == ABLATION:
-        return run_ablation(a, spec, real_data)
+        return run_ablation(a, overlay, real_data)
     block = spec.get("heldout") or {}
     held_targets = list(block.get("targets") or ["evaluate"])
     main_runs = seeded(runs(a.name, spec), spec)
@@ -1519,14 +1519,27 @@ def main(argv: list[str] | None = None) -> int:
         "headline": headline(spec["kind"], results),
     }
     record(PROJECT, a.name, out)
-    render_summary(PROJECT)
+    render_summary(PROJECT, {a.name: overlay})
     print(json.dumps(out["headline"], indent=2))
     return 0
 
 
-def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
-    """Run (or with ``--dry-run`` print, with an estimate of what it trains) every step of an ablation overlay,
-    recording after each step, so that a long ablation stopped part way keeps what it measured (``--resume``)."""
+def _with_sets(overlay: dict, sets: list[str]) -> dict:
+    """The overlay with the ``--set KEY=VALUE`` params (YAML values) over its own; ``overlay`` itself unchanged."""
+    params = dict(overlay["params"])
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ExperimentError(f"--set {item!r}: expected KEY=VALUE")
+        params[key] = yaml.safe_load(value)
+    return {**overlay, "params": params}
+
+
+def run_ablation(a: argparse.Namespace, overlay: dict, real_data: Path) -> int:
+    """Run (or with ``--dry-run`` print, with an estimate of what it trains) every step of an ablation overlay (as
+    :func:`load` read it; ``a.set`` over its params), recording after each step, so that a long ablation stopped part
+    way keeps what it measured (``--resume``)."""
+    spec = _with_sets(overlay, a.set)
     levers, runs = ([x.strip() for x in text.split(",") if x.strip()] if text else None for text in (a.levers, a.runs))
     plan = ablation_plan(a.name, spec, levers=levers, runs=runs)
     if a.dry_run:
@@ -1583,8 +1596,8 @@ def run_ablation(a: argparse.Namespace, spec: dict, real_data: Path) -> int:
             "headline": ablation_table(results),
         }
         record(PROJECT, a.name, out)
-    render_summary(PROJECT)
-    print("\n".join(_ablation_rows(out)))
+    render_summary(PROJECT, {a.name: overlay})
+    print("\n".join(_ablation_rows(out, overlay)))
     return 0
 
 

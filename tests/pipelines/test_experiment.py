@@ -735,6 +735,26 @@ def test_a_partial_ablation_keeps_what_was_recorded(tmp_path: Path, monkeypatch)
     assert experiment.MISSING_COMMANDS not in record and record["command"].endswith("--resume")
 
 
+def test_an_ablation_run_reads_its_overlay_once(tmp_path: Path, monkeypatch, capsys):
+    """The summary and table a run writes take the overlay as the run read it (the file may say otherwise by then:
+    here its notes), never a second reading; its --set changes the runs, not the overlay they are compared with."""
+    import argparse
+
+    overlay = {**experiment.load("ablation"), "notes": "notes as the run read them"}
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    monkeypatch.setattr(experiment, "PROJECT", tmp_path)
+    monkeypatch.setattr(experiment, "prepare_workdir", lambda project, workdir: workdir)
+    monkeypatch.setattr(experiment, "execute", lambda *args: {"models": {}, "heldout_sources": [],
+                                                              "lungs_removed": {}, "wall_seconds": 60.0})
+    a = argparse.Namespace(name="ablation", workdir=tmp_path, reuse_code=False, dry_run=False, set=["test.only=1"],
+                           resume=False, levers="clahe", runs="kermany")
+    assert experiment.run_ablation(a, overlay, tmp_path) == 0
+    assert "notes as the run read them" in (tmp_path / experiment.REPORTS / "README.md").read_text()
+    n = len(overlay["seeds"])
+    assert f"0 of the {n} recorded runs have the params the overlay plans" in capsys.readouterr().out
+    assert "test.only" not in overlay["params"]
+
+
 def test_a_record_says_which_runs_dvc_commands_it_lost(tmp_path: Path):
     """An earlier --resume dropped the commands of the runs it kept: they cannot be made again, and the record and the
     summary name those runs rather than leave nothing."""

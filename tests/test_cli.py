@@ -656,11 +656,12 @@ def test_tune_with_a_cache_split_or_config_it_cannot_read_is_one_line_not_a_trac
     assert not (tmp_path / "optuna.db").exists()  # refused before any storage was opened
 
 
-def test_a_client_of_a_server_and_the_monitor_import_no_tensorflow():
+def test_a_client_of_a_server_and_the_monitor_import_no_tensorflow_nor_scikit_learn():
     """`covidcxr monitor` reads the served configuration (serving.Config) and `pacs --url`/`predict --url` talk to a
     server: importing what they use loads neither TensorFlow nor Keras (about 4 CPU-seconds a start); the models load
-    them when a pipeline is built."""
-    code = ("import sys; from covidcxr import cli, monitoring, pacs, serving; "
-            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    them when a pipeline is built. Nor scikit-learn, which metrics imports only where a curve or an AUC is computed:
+    serving and folders read thresholds by metrics' rules."""
+    code = ("import sys; from covidcxr import cli, folders, monitoring, pacs, serving; "
+            "print(sorted(m for m in ('tensorflow', 'keras', 'sklearn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

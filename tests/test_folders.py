@@ -41,9 +41,11 @@ def test_a_damaged_run_file_is_a_value_error_naming_it(folder, content, message)
     ('{"objective": "youden"}', "no threshold"),  # a KeyError before
     ('{"threshold": 0.4', "not valid JSON"),
     ('{"threshold": "0.4"}', r"threshold must be a number in \[0, 1\], got '0.4'"),
-    ('{"threshold": 1.5}', r"threshold must be a number in \[0, 1\], got 1.5"),
+    ('{"threshold": 1.5}', r"threshold must be in \[0, 1\], got 1.5"),
     ('{"threshold": true}', "got True"),
     ('{"threshold": NaN}', "got nan"),
+    # metrics.check_threshold's rule, the one serving loads it by (the 401 digits were echoed whole before)
+    ('{"threshold": 1%s}' % ("0" * 400), "got an integer of 401 digits"),
 ])
 def test_a_threshold_file_without_a_usable_threshold_is_a_value_error_naming_it(folder, content, message):
     path = folder / folders.THRESHOLD_FILE
@@ -51,4 +53,4 @@ def test_a_threshold_file_without_a_usable_threshold_is_a_value_error_naming_it(
     for read in (folders.folder_threshold, folders.operating_threshold):
         with pytest.raises(ValueError, match=message) as caught:
             read(folder)
-        assert str(path) in str(caught.value)
+        assert str(path) in str(caught.value) and "rerun the stage that trains it" in str(caught.value)

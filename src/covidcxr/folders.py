@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from covidcxr import metrics
+
 MODEL_FILE, STANDARDIZER_FILE = "model.keras", "standardizer.json"
 RUN_FILE, THRESHOLD_FILE, CALIBRATION_FILE = "run.json", "threshold.json", "calibration.json"
 OOD_FILE = "ood.npz"  # covidcxr.ood: a classifier's out-of-distribution detector, a projection filter's lateral check
@@ -71,17 +73,18 @@ def _read_json(path: Path) -> dict:
 
 def folder_threshold(folder: str | os.PathLike) -> dict | None:
     """The operating threshold of a model folder and how it was chosen (``threshold.json``), or None. A file without
-    its ``threshold``, or one that is not a number in [0, 1], is a ValueError naming it."""
+    its ``threshold``, or one that :func:`covidcxr.metrics.check_threshold` refuses (the rule serving loads it by), is
+    a ValueError naming it."""
     path = Path(folder) / THRESHOLD_FILE
     if not path.is_file():
         return None
     saved = _read_json(path)
     if "threshold" not in saved:
         raise ValueError(f"{path}: no threshold; rerun the stage that trains it")
-    value = saved["threshold"]  # metrics.check_threshold's rule, without importing metrics (scikit-learn) here
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{path}: threshold must be a number in [0, 1], got {value!r}; rerun the stage that trains "
-                         "it")
+    try:
+        metrics.check_threshold(saved["threshold"], f"{path}: threshold")
+    except ValueError as err:
+        raise ValueError(f"{err}; rerun the stage that trains it") from None
     return saved
 
 

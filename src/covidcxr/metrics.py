@@ -11,6 +11,9 @@ Conventions shared by every function:
 - A ratio whose denominator is zero (sensitivity without positives, precision without predicted positives, ROC AUC
   with one class, ...) is ``float("nan")``, never an exception and never a made-up 0 or 1. F1 of the positive class
   is NaN without positives too (like sensitivity, however many false positives there are).
+
+scikit-learn is imported inside the few functions that call it, not here: serving, its clients (``pacs --url``,
+``covidcxr monitor``) and :mod:`covidcxr.folders` use this module's threshold rules and start without it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +185,8 @@ def classification_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold
     class)
     and the counts ``tp, fp, tn, fn, n, n_positive`` (ints). ROC AUC and average precision are scikit-learn's.
     """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     t, s = _labels_scores(y_true, y_score)
     pred = s >= threshold
     tp = int(np.count_nonzero(pred & (t == 1)))
@@ -243,6 +247,8 @@ def roc_curve_points(y_true: np.ndarray, y_score: np.ndarray) -> dict[str, list[
     if t.min() == t.max():
         log.warning("ROC curve undefined: y_true has only class %d", int(t[0]))
         return {"fpr": [], "tpr": [], "thresholds": []}
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, thr = roc_curve(t, s)
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": _finite_thresholds(thr, s).tolist()}
 
@@ -257,6 +263,8 @@ def pr_curve_points(y_true: np.ndarray, y_score: np.ndarray) -> dict[str, list[f
     if t.max() == 0:
         log.warning("precision-recall curve undefined: y_true has no positives")
         return {"precision": [], "recall": [], "thresholds": []}
+    from sklearn.metrics import precision_recall_curve
+
     precision, recall, thr = precision_recall_curve(t, s)
     thr = np.append(thr, np.nextafter(float(s.max()), np.inf))
     return {"precision": precision.tolist(), "recall": recall.tolist(), "thresholds": thr.tolist()}
@@ -534,6 +542,8 @@ def youden_threshold(y_true: np.ndarray, y_score: np.ndarray) -> float:
 
     The returned value is a score from the data, to be used as ``score >= threshold``.
     """
+    from sklearn.metrics import roc_curve
+
     t, s = _both_classes(y_true, y_score, "Youden")
     fpr, tpr, thr = roc_curve(t, s, drop_intermediate=False)
     thr = _finite_thresholds(thr, s)
@@ -542,6 +552,8 @@ def youden_threshold(y_true: np.ndarray, y_score: np.ndarray) -> float:
 
 def f1_threshold(y_true: np.ndarray, y_score: np.ndarray) -> float:
     """Threshold maximising F1 of the positive class (ties: the highest threshold)."""
+    from sklearn.metrics import precision_recall_curve
+
     t, s = _both_classes(y_true, y_score, "F1")
     precision, recall, thr = precision_recall_curve(t, s)
     f1 = np.nan_to_num(_ratio(2 * precision[:-1] * recall[:-1], precision[:-1] + recall[:-1]))
@@ -556,6 +568,8 @@ def threshold_for_sensitivity(y_true: np.ndarray, y_score: np.ndarray, min_sensi
     """
     if not 0 <= min_sensitivity <= 1:
         raise ValueError(f"min_sensitivity must be in [0, 1], got {min_sensitivity}")
+    from sklearn.metrics import roc_curve
+
     t, s = _both_classes(y_true, y_score, "sensitivity")
     _, tpr, thr = roc_curve(t, s, drop_intermediate=False)
     thr = _finite_thresholds(thr, s)

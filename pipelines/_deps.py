@@ -186,11 +186,26 @@ def write(root: Path = PROJECT) -> list[str]:
         data = [d for d in current if not _is_code(str(d))]
         code = code_deps(module, [str(d) for d in current], root)
         if [str(d) for d in current] != [*map(str, data), *code]:
-            stage["deps"] = [*data, *code]
+            _replace_code_deps(stage, data, code)
             changed.append(name)
     with path.open("w", encoding="utf-8") as fh:
         yaml.dump(document, fh)
     return changed
+
+
+def _replace_code_deps(stage, data: list, code: list[str]) -> None:
+    """``stage``'s deps made ``data`` then ``code``, in the document's own sequence where the data deps already lead
+    it, so that their end-of-line comments stay on them (a new list would drop every comment of the stage's deps)."""
+    deps = stage.get("deps")
+    if deps is None or list(deps[:len(data)]) != data:
+        stage["deps"] = [*data, *code]
+        return
+    comments = getattr(deps, "ca", None)
+    if comments is not None:
+        for index in [i for i in comments.items if i >= len(data)]:  # code deps carry none worth keeping
+            del comments.items[index]
+    del deps[len(data):]
+    deps.extend(code)
 
 
 def main(argv: list[str] | None = None) -> int:

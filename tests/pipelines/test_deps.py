@@ -134,3 +134,25 @@ def test_the_real_dvc_yaml_is_what_the_generator_writes(tmp_path):
     shutil.copy(ROOT / "dvc.yaml", copy / "dvc.yaml")
     _deps.write(copy)
     assert (copy / "dvc.yaml").read_text() == (ROOT / "dvc.yaml").read_text()
+
+
+def test_the_generator_keeps_the_comments_of_a_stage_s_data_deps(tmp_path):
+    dvc = textwrap.dedent("""\
+        stages:
+          alpha:
+            cmd: python -m pipelines.alpha
+            params:
+              - alpha
+            deps:
+              - data  # why this stage reads the data
+              - artifacts/table.csv  # and this table
+              - pipelines/alpha.py
+        """)
+    root = _mini_project(tmp_path, dvc)
+    assert _deps.write(root) == ["alpha"]
+    text = (root / "dvc.yaml").read_text()
+    assert "- data  # why this stage reads the data" in text and "- artifacts/table.csv  # and this table" in text
+    deps = yaml.safe_load(text)["stages"]["alpha"]["deps"]
+    assert deps[:2] == ["data", "artifacts/table.csv"] and "src/covidcxr/base.py" in deps
+    assert _deps.problems(root) == [  # every import declared now
+        "stage alpha: reads params 'beta.key' (pipelines/alpha.py), which is not in its params"]

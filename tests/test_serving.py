@@ -523,3 +523,29 @@ def test_real_files_are_scored(loaded, real_data):
     entries = loaded.score([serving.encode_file(f) for f in files])
     assert [e["reason"] for e in entries] == [None] * len(files)
     assert all(e["projection"] == "frontal" and 0 <= e["covid_probability"] <= 1 for e in entries)
+
+
+def test_the_remote_scorer_never_sends_images_through_the_environments_proxy(monkeypatch):
+    """With http_proxy set and no no_proxy, `predict --url` and `pacs --url` sent whole DICOM files (patient name, ID,
+    birth date) to the proxy, even for a scoring server on 127.0.0.1. They now go to the server directly. The proxy: a
+    loopback server that records what reaches it."""
+    from tests.test_pacs import Quiet, loopback
+
+    reached: dict[str, list[bytes]] = {"proxy": [], "server": []}
+
+    def recording(name: str) -> type[Quiet]:
+        class Recorder(Quiet):
+            def do_POST(self):  # noqa: N802 - the http.server API
+                reached[name].append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.answer(200, "application/json", json.dumps({"predictions": [{"accepted": True}]}).encode())
+
+        return Recorder
+
+    image = dicom_b64(phantom(seed=1), **PHI)
+    with loopback(recording("proxy")) as proxy, loopback(recording("server")) as server:
+        for name in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy}")
+        assert serving.remote_scorer(f"http://127.0.0.1:{server}", timeout=10)([image], {}) == [{"accepted": True}]
+    assert reached["proxy"] == [] and len(reached["server"]) == 1

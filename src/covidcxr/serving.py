@@ -673,7 +673,9 @@ def local_scorer(model_uri: str) -> Scorer:
 
 
 def remote_scorer(url: str, timeout: float) -> Scorer:
-    """Score by POSTing to a served model's ``/invocations`` (``mlflow models serve``); raises :class:`ScoringError`."""
+    """Score by POSTing to a served model's ``/invocations`` (``mlflow models serve``); raises :class:`ScoringError`.
+    The requests never go through the environment's proxy (``http_proxy`` applies even to 127.0.0.1 unless
+    ``no_proxy`` lists it): they carry whole image files, patient identifiers in their headers."""
     import urllib.error
     import urllib.request
 
@@ -682,12 +684,13 @@ def remote_scorer(url: str, timeout: float) -> Scorer:
     base = url.rstrip("/")
     endpoint = base if base.endswith("/invocations") else base + "/invocations"
     shown = public_uri(endpoint)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def score(images: list[str], params: dict) -> list[dict]:
         body = json.dumps({"dataframe_records": [{INPUT_COLUMN: b} for b in images], "params": params}).encode()
         request = urllib.request.Request(endpoint, data=body, headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with opener.open(request, timeout=timeout) as response:
                 return json.loads(response.read())["predictions"]
         except urllib.error.HTTPError as err:
             detail = err.read().decode("utf-8", "replace")

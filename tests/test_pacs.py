@@ -697,18 +697,22 @@ def test_the_results_name_the_model_that_scored_them(own_orthanc, pipeline):
 @contextlib.contextmanager
 def served_over_http(score: serving.Scorer, down: int | None = None) -> Iterator[str]:
     """``score`` behind HTTP as `mlflow models serve` answers (/invocations; an MlflowException as its HTTP status and
-    JSON); ``down``: that status, from a proxy, to every request but a probe (the server gone after it answered one)."""
+    JSON); ``down``: that status, from a proxy, to every request after the first probe (the server gone after it
+    answered one)."""
     from mlflow.exceptions import MlflowException
+
+    probed = threading.Event()
 
     class Invocations(Quiet):
         def do_POST(self):  # noqa: N802 - the http.server API
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             images = [record[serving.INPUT_COLUMN] for record in request["dataframe_records"]]
             try:
-                if down and images != [serving.probe_image()]:
+                if down and probed.is_set():
                     status, body = down, b"<html>the service is unavailable</html>"
                 else:
                     status, body = 200, json.dumps({"predictions": score(images, request["params"])}).encode()
+                    probed.set()
             except MlflowException as err:
                 status, body = err.get_http_status_code(), err.serialize_as_json().encode()
             self.answer(status, "application/json", body)
@@ -758,17 +762,24 @@ def test_a_study_the_scorer_fails_on_is_counted_and_the_pass_goes_on(own_orthanc
 
 
 @contextlib.contextmanager
-def dicomweb_answering(wado: dict[str, tuple[str, bytes]]) -> Iterator[str]:
+def dicomweb_answering(wado: dict[str, tuple[str, bytes] | int], *, down_after: str | None = None,
+                       stored: list[str] | None = None) -> Iterator[str]:
     """A DICOMweb server whose QIDO-RS finds one CR image in each study of ``wado`` and whose WADO-RS answers it with
-    that study's (content type, body)."""
+    that study's (content type, body), or that HTTP status; ``down_after``: a study after whose WADO-RS request every
+    request is answered 503 (the PACS gone); STOW-RS takes everything (``stored``: the study UIDs stored into)."""
     from urllib.parse import urlparse
 
     def element(keyword: str, vr: str, value: str) -> dict:
         return {f"{pydicom.datadict.tag_for_keyword(keyword):08X}": {"vr": vr, "Value": [value]}}
 
+    gone = threading.Event()
+
     class Server(Quiet):
         def do_GET(self):  # noqa: N802 - the http.server API
             parts = urlparse(self.path).path.strip("/").split("/")[1:]  # after dicom-web
+            if gone.is_set():
+                self.answer(503, "text/plain", b"down")
+                return
             if parts == ["studies"]:
                 kind, body = "application/dicom+json", json.dumps(
                     [element("StudyInstanceUID", "UI", uid) for uid in wado]).encode()
@@ -777,11 +788,36 @@ def dicomweb_answering(wado: dict[str, tuple[str, bytes]]) -> Iterator[str]:
                     element("Modality", "CS", "CR") | element("SeriesInstanceUID", "UI", f"{parts[1]}.1")
                     | element("SOPInstanceUID", "UI", f"{parts[1]}.1.1")]).encode()
             else:
-                kind, body = wado[parts[1]]
+                if parts[1] == down_after:
+                    gone.set()
+                answer = wado[parts[1]]
+                if isinstance(answer, int):
+                    self.answer(answer, "text/plain", b"failed")
+                    return
+                kind, body = answer
             self.answer(200, kind, body)
+
+        def do_POST(self):  # noqa: N802 - the http.server API
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if stored is not None:
+                stored.append(urlparse(self.path).path.strip("/").split("/")[2])
+            self.answer(200, "application/dicom+json", b"{}")
 
     with loopback(Server) as port:
         yield f"http://127.0.0.1:{port}/dicom-web"
+
+
+def wado_film(study_uid: str) -> tuple[str, bytes]:
+    """A WADO-RS answer (content type, body) holding the CR film that :func:`dicomweb_answering` finds in a study."""
+    import numpy as np
+
+    from tests.helpers import phantom
+    from tests.test_io import make_dicom
+
+    data = make_dicom(np.round(phantom(seed=0) * 4000).astype(np.uint16), StudyInstanceUID=study_uid,
+                      SeriesInstanceUID=f"{study_uid}.1", SOPInstanceUID=f"{study_uid}.1.1")
+    return ('multipart/related; type="application/dicom"; boundary=b0undary',
+            b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n--b0undary--\r\n")
 
 
 def test_an_answer_holding_no_readable_instance_fails_its_study_only(pipeline):
@@ -797,6 +833,54 @@ def test_an_answer_holding_no_readable_instance_fails_its_study_only(pipeline):
         score, _ = scorer(pipeline)
         summary = pacs.run(pacs.DicomWeb(url, retries=0), score, "covidcxr")
     assert (summary.studies, summary.images, summary.failed_studies, summary.stored_sr) == (2, 2, 2, 0)
+
+
+UIDS = [f"1.2.826.0.1.3680043.8.498.{200 + i}" for i in range(3)]
+
+
+def test_a_pacs_failing_one_studys_request_fails_that_study_and_the_pass_goes_on(pipeline):
+    """A 5xx (or timeout) on one study's request, after the retries, ended the whole pass at that study, on every pass
+    (QIDO's order is stable): no later study was ever done, the study never counted toward GIVE_UP_AFTER, and the error
+    named no study. When the PACS still answers a search right after, it is now that study's failure, counted, and the
+    pass goes on; a PACS that does not answer stops the pass naming the (hashed) study."""
+    score, _ = scorer(pipeline)
+    stored: list[str] = []
+    with dicomweb_answering({UIDS[0]: wado_film(UIDS[0]), UIDS[1]: 500, UIDS[2]: wado_film(UIDS[2])},
+                            stored=stored) as url:
+        failures: dict[str, int] = {}
+        summary = pacs.run(pacs.DicomWeb(url, retries=1, backoff=0), score, "covidcxr", failures=failures)
+    assert (summary.studies, summary.failed_studies, summary.stored_sr) == (3, 1, 2)
+    assert set(stored) == {UIDS[0], UIDS[2]} and failures == {pacs.hashed(UIDS[1]): 1}
+    with dicomweb_answering({UIDS[0]: wado_film(UIDS[0]), UIDS[1]: 500, UIDS[2]: wado_film(UIDS[2])},
+                            down_after=UIDS[1]) as url, pytest.raises(pacs.PacsUnavailable) as gone:
+        pacs.run(pacs.DicomWeb(url, retries=1, backoff=0), score, "covidcxr")
+    assert f"at study {pacs.hashed(UIDS[1])}" in str(gone.value) and UIDS[1] not in str(gone.value)
+
+
+def test_a_scorer_failing_one_studys_request_fails_that_study_and_the_pass_goes_on(pipeline):
+    """A scorer's timeout (or a proxy's 502/503/504) on one study's images ended the pass at that study, every pass.
+    When the scorer still answers a probe, it is now that study's failure; a scorer that is gone stops the pass."""
+    import base64
+
+    score, _ = scorer(pipeline)
+
+    def timing_out(gone: bool) -> serving.Scorer:  # on UIDS[1]'s image; then on everything, when ``gone``
+        state = {"gone": False}
+
+        def score_or_time_out(images: list[str], params: dict) -> list[dict]:
+            if state["gone"] or any(image != serving.probe_image() and pydicom.dcmread(
+                    io.BytesIO(base64.b64decode(image))).StudyInstanceUID == UIDS[1] for image in images):
+                state["gone"] = gone
+                raise TimeoutError("timed out")
+            return score(images, params)
+
+        return score_or_time_out
+
+    with dicomweb_answering({uid: wado_film(uid) for uid in UIDS}) as url:
+        summary = pacs.run(pacs.DicomWeb(url, retries=0), timing_out(gone=False), "covidcxr")
+        assert (summary.studies, summary.failed_studies, summary.stored_sr) == (3, 1, 2)
+        with pytest.raises(TimeoutError):
+            pacs.run(pacs.DicomWeb(url, retries=0), timing_out(gone=True), "covidcxr")
 
 
 @pytest.mark.infra

@@ -50,7 +50,8 @@ SC_SERIES_NUMBER = 9902
 #: Environment variables holding the DICOMweb basic-auth credentials (read by the CLI, never flags or logs).
 USER_ENV, PASSWORD_ENV = "COVIDCXR_PACS_USER", "COVIDCXR_PACS_PASSWORD"
 #: HTTP statuses a scoring server answers through its proxy when it is down or overloaded: they stop the pass, as an
-#: unreachable one does; any other error answer is the study's own failure.
+#: unreachable one does, unless the scorer answers a probe right after (then they were the study's); any other error
+#: answer is the study's own failure.
 SCORER_DOWN = frozenset({502, 503, 504})
 #: What highdicom raises for a header value it refuses (the text may quote the header: only the type is reported).
 BUILD_ERRORS = (ValueError, TypeError, AttributeError, KeyError)
@@ -207,6 +208,15 @@ class DicomWeb:
                 problem = type(err).__name__
         raise PacsUnavailable(f"DICOMweb server {self.endpoint} is unreachable ({operation}): {problem} after "
                               f"{self.retries + 1} attempts")
+
+    def answers(self) -> bool:
+        """Whether the PACS answers a cheap QIDO-RS search now (one request, no retries): tells a failure of one
+        study's request from a PACS that is down."""
+        try:
+            self.client.search_for_studies(limit=1, fields=["StudyInstanceUID"])
+        except Exception:  # noqa: BLE001 - whatever went wrong, it did not answer
+            return False
+        return True
 
     def search(self, operation: str, fn: Callable, **kwargs) -> list[dict]:
         """A QIDO-RS search, paged with limit/offset: at most ``max_pages`` requests; stops at a short page, and at
@@ -516,7 +526,8 @@ def check_header(header: Dataset, model: ModelId) -> None:
 def score_files(score: serving.Scorer, files: list[str]) -> list[dict]:
     """One entry per file (base64 DICOM) from the scorer, with Grad-CAM overlays. The scorer failing on them (an error
     answer, an in-process ServingError, an answer that is not one entry per file) is their study's failure,
-    :class:`StudyFailed`; an unreachable scorer (OSError, or a proxy's 502/503/504) propagates: it stops the pass."""
+    :class:`StudyFailed`; an unreachable scorer (OSError, or a proxy's 502/503/504) propagates: :func:`run` probes
+    the scorer to tell whether it stops the pass."""
     try:
         entries = score(files, {"explain": True})
     except serving.ScoringError as err:
@@ -543,10 +554,12 @@ def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.dat
 
     Requests hold at most ``batch_size`` images, and no more than the model takes (its ``max_images``). A study whose
     images the PACS will not deliver, the scorer fails on, or whose results the PACS refuses is counted in
-    ``failed_studies`` and left for the next pass; an unreachable PACS or scorer, a model that changed mid-pass, or a
-    model version other than the one ``site`` (the thresholds ``score`` applies) was chosen on stops the pass, the last
-    before any study. ``failures`` (hashed study id: consecutive failed passes) carries over from the passes before
-    in this process, and is updated: a study at :data:`GIVE_UP_AFTER` is counted and logged, not tried.
+    ``failed_studies`` and left for the next pass; so is one whose request the PACS or the scorer did not answer (5xx,
+    timeout) when it answers a search or a probe right after. A PACS or scorer that does not answer then (the error
+    names the hashed study), a model that changed mid-pass, or a model version other than the one ``site`` (the
+    thresholds ``score`` applies) was chosen on stops the pass, the last before any study. ``failures`` (hashed study
+    id: consecutive failed passes) carries over from the passes before in this process, and is updated: a study at
+    :data:`GIVE_UP_AFTER` is counted and logged, not tried.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -577,8 +590,16 @@ def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.dat
             continue
         try:
             process_study(pacs, study_uid, score, model, summary, batch_size=batch_size)
-        except PacsUnavailable:
-            raise
+        except (PacsUnavailable, serving.ScoringError, OSError) as err:  # the PACS's or the scorer's, or the study's?
+            why = unavailable(err)
+            if not (pacs.answers() if isinstance(err, PacsUnavailable) else scorer_answers(score)):
+                log.error("pass over %s stopped at study %s (%s), counts so far: %s", pacs.endpoint, key, why,
+                          summary.to_dict())
+                if isinstance(err, PacsUnavailable):
+                    raise PacsUnavailable(f"{err} (at study {key})") from None
+                raise
+            failed(key, f"{why}, while the {'PACS' if isinstance(err, PacsUnavailable) else 'scorer'} answers "
+                        "other requests")
         except (PacsError, StudyFailed) as err:
             failed(key, str(err))
         except BUILD_ERRORS as err:  # a header (or QIDO answer) the worker cannot use; its text may quote it
@@ -587,6 +608,24 @@ def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.dat
             failures.pop(key, None)
     log.info("pass over %s with %s v%s: %s", pacs.endpoint, model.name, model.version, summary.to_dict())
     return summary
+
+
+def unavailable(err: Exception) -> str:
+    """What an unreachable-looking PACS or scorer did, without its text (a server's may quote the request)."""
+    if isinstance(err, PacsUnavailable):
+        return str(err)
+    if isinstance(err, serving.ScoringError):
+        return f"the scorer answered HTTP {err.status}"
+    return f"the scorer failed ({type(err).__name__})"
+
+
+def scorer_answers(score: serving.Scorer) -> bool:
+    """Whether the scorer answers a probe now: tells a failure on one study's images from a scorer that is gone."""
+    try:
+        serving.probe(score)
+    except Exception:  # noqa: BLE001 - whatever went wrong, it did not answer
+        return False
+    return True
 
 
 def parse_since(text: str | None, today: dt.date | None = None) -> dt.date | None:

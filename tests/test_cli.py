@@ -109,6 +109,19 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
     at_site = {"threshold": out["threshold"], "ood_threshold": out["ood_threshold"]}
     served = score(images[:12], at_site) + score(images[12:], at_site)
     assert all(e["accepted"] for e in served)  # the site's films, answered at its thresholds
+    assert out["n_covid_patients"] is None and "assumes one film per patient" in out["promise"]
+    # a patient column: the promise counts patients (6, of 2 COVID-19 films each), each at their lowest film
+    by_patient = site / "patients.csv"
+    by_patient.write_text("file,label,patient\n" + "".join(
+        f"f{i}.png,{'covid' if i % 2 else 'negative'},{f'p{i // 4}' if i % 2 else f'n{i}'}\n" for i in range(24)))
+    assert cli.main(["calibrate-site", str(by_patient), "--min-sensitivity", "0.9", "--admit"]) == 1
+    assert "6 COVID-19 patients cannot promise sensitivity 0.9" in capsys.readouterr().err
+    assert cli.main(["calibrate-site", str(by_patient), "--min-sensitivity", "0.8", "--admit"]) == 0
+    patients = json.loads(capsys.readouterr().out)
+    assert (patients["n_covid"], patients["n_covid_patients"], patients["promised_sensitivity"]) == (12, 6, 6 / 7)
+    assert "6 COVID-19 patients" in patients["promise"]
+    # none of 6 patients below the threshold, where 12 films would let one fall below it
+    assert patients["threshold"] == min(e["covid_probability"] for i, e in enumerate(everything) if i % 2)
 
     # predict --site: the site's two thresholds on every file, as the PACS worker's --site does
     assert cli.main(["predict", *[str(site / f"f{i}.png") for i in range(24)], "--site", str(thresholds)]) == 0

@@ -296,7 +296,56 @@ def test_a_labels_table_lists_each_film_once(tmp_path):
         sites.read_labels(table)
     assert str(table) in str(caught.value)
     table.write_text("file,label\nf0.png,covid\nf1.png,negative\n")
-    assert sites.read_labels(table) == [(str(tmp_path / "f0.png"), True), (str(tmp_path / "f1.png"), False)]
+    assert sites.read_labels(table) == [(str(tmp_path / "f0.png"), True, None), (str(tmp_path / "f1.png"), False, None)]
     table.write_bytes(b"file,label\n\xff\xfe.png,covid\n")
     with pytest.raises(sites.LabelsFileError, match="not a UTF-8 CSV table"):
         sites.read_labels(table)
+
+
+def test_a_labels_table_may_say_whose_films_they_are(tmp_path):
+    table = tmp_path / "labels.csv"
+    table.write_text("file,label,patient\nf0.png,covid,A\nf1.png,covid, A \nf2.png,negative,B\n")
+    assert sites.read_labels(table) == [(str(tmp_path / "f0.png"), True, "A"), (str(tmp_path / "f1.png"), True, "A"),
+                                        (str(tmp_path / "f2.png"), False, "B")]
+    table.write_text("file,label,patient\nf0.png,covid,A\nf1.png,covid,\n")
+    with pytest.raises(sites.LabelsFileError, match=r"needs the columns file, label \(covid or negative\) and patient "
+                                                    r"on every row; lines \[3\]"):
+        sites.read_labels(table)
+    table.write_text("file,label\nf0.png,covid\n")
+    assert sites.read_labels(table)[0].patient is None
+
+
+def test_the_sensitivity_promise_counts_patients_where_the_labels_say_whose_films_they_are():
+    """20 COVID-19 films of 10 patients (a follow-up each) promised 20/21 counted as films: a patient's two films score
+    alike, so the next patients' films kept about 10/11. Counted by patient (each at their lowest film), 10 patients
+    cannot promise 0.95; 20 patients of 2 films keep the 20/21 they promise."""
+    from scipy.stats import norm
+
+    rule = {"threshold": 0.5, "objective": "sensitivity", "min_sensitivity": 0.95}
+    rng = np.random.default_rng(7)
+
+    def kept(n_patients: int, by_patient: bool, reps: int = 400) -> float:
+        """Mean over sites of the share of a next patient's films called COVID-19 (scores uniform: 1 - threshold)."""
+        out = []
+        for _ in range(reps):
+            latent = rng.normal(size=(n_patients, 1)) + rng.normal(size=(n_patients, 2)) * 0.2  # a patient's alike
+            covid = norm.cdf(latent / np.sqrt(1.04)).ravel()  # each film's score uniform on (0, 1)
+            y = np.r_[np.ones(len(covid), int), np.zeros(20, int)]
+            score = np.r_[covid, rng.uniform(0.0, 0.02, 20)]
+            patients = np.r_[np.repeat(np.arange(n_patients), 2), 1000 + np.arange(20)].astype(str)
+            out.append(1.0 - sites.local_threshold(y, score, rule, patients=patients if by_patient else None).threshold)
+        return float(np.mean(out))
+
+    assert kept(10, by_patient=False) < 0.94  # 20/21 = 0.952 promised on 20 films (standard error about 0.004)
+    assert kept(20, by_patient=True) >= 0.945  # 20/21 promised on 20 patients (standard error about 0.002)
+    y = np.r_[np.ones(20, int), np.zeros(20, int)]
+    score = np.r_[np.linspace(0.5, 0.95, 20), np.linspace(0.0, 0.4, 20)]
+    patients = np.r_[np.repeat(np.arange(10), 2), 100 + np.arange(20)].astype(str)
+    with pytest.raises(ValueError, match="10 COVID-19 patients cannot promise sensitivity 0.95 .* at least 19"):
+        sites.local_threshold(y, score, rule, patients=patients)
+    # 0.9: 20 films may leave one below; 10 patients none (the threshold at the lowest film, not the second-lowest)
+    by_film = sites.local_threshold(y, score, {**rule, "min_sensitivity": 0.9})
+    by_patient = sites.local_threshold(y, score, {**rule, "min_sensitivity": 0.9}, patients=patients)
+    assert by_film.threshold == score[1] and by_patient.threshold == score[0]
+    assert (by_patient.sensitivity, by_patient.n_positive, by_patient.min_sensitivity) == (1.0, 20, 0.9)
+    assert sites.covid_patients(y, patients) == 10 and sites.covid_patients(y, None) is None

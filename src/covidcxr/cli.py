@@ -8,7 +8,10 @@ import json
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from covidcxr.sites import LabelledFilm
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -169,7 +172,7 @@ def _calibrate_site(args: argparse.Namespace) -> int:
     except sites.LabelsFileError as err:
         print(f"calibrate-site: {err}", file=sys.stderr)
         return 1
-    files = [path for path, _ in films]
+    files = [film.file for film in films]
     refusal = _too_few_for_the_rule(args, films)  # before minutes of loading and scoring
     if refusal:
         print(f"calibrate-site: {refusal}", file=sys.stderr)
@@ -197,12 +200,14 @@ def _calibrate_site(args: argparse.Namespace) -> int:
     for line in _unreadable(served):  # left out of the choice (counted as refused): said, by name, here only
         print(f"calibrate-site: {line}: left out", file=sys.stderr)
 
-    def answered_in(scored: list[tuple[str, dict]]) -> list[tuple[bool, dict]]:  # (COVID-19?, entry) of each answer
-        return [(covid, entry) for (_, covid), (_, entry) in zip(films, scored, strict=True) if entry.get("accepted")]
+    def answered_in(scored: list[tuple[str, dict]]) -> list[tuple[LabelledFilm, dict]]:  # (film, its answer)
+        return [(film, entry) for film, (_, entry) in zip(films, scored, strict=True) if entry.get("accepted")]
 
     model, answered = answered_in(served), answered_in(rows)
     refused = dict(Counter(entry.get("reason") or "unknown" for _, entry in rows if not entry.get("accepted")))
-    y = np.array([int(c) for c, _ in answered], dtype=int)
+    y = np.array([int(film.covid) for film, _ in answered], dtype=int)
+    by_patient = films[0].patient is not None
+    patients = np.array([film.patient for film, _ in answered], dtype=str) if by_patient else None
     probability = np.array([e["covid_probability"] for _, e in answered], dtype=float)
     # The model that answered (a film read here and sent to it): its version and threshold, for its rule
     first = next((e for _, e in served if e.get("model_version") is not None), None)
@@ -215,7 +220,7 @@ def _calibrate_site(args: argparse.Namespace) -> int:
         print(f"calibrate-site: {err}", file=sys.stderr)
         return 1
     try:
-        choice = sites.local_threshold(y, probability, rule)
+        choice = sites.local_threshold(y, probability, rule, patients=patients)
     except ValueError as err:
         print(f"calibrate-site: of {len(rows)} films the model answered {len(y)} ({refused} refused): {err}",
               file=sys.stderr)
@@ -224,12 +229,20 @@ def _calibrate_site(args: argparse.Namespace) -> int:
     admitted = sum(rows[i][1].get("accepted", False) for i in far)
     ood_threshold = (sites.local_ood_threshold([e["ood_score"] for _, e in answered], model_ood)
                      if admitted and model_ood is not None else None)
-    model_y = np.array([int(c) for c, _ in model], dtype=int)
+    model_y = np.array([int(film.covid) for film, _ in model], dtype=int)
     at_model = np.array([e["label"] == "covid" for _, e in model])  # serving's own call at the model's thresholds
-    promised = sites.site_rule(choice.n_positive, choice.min_sensitivity)[1] if choice.min_sensitivity is not None \
-        else None
+    n_patients = sites.covid_patients(y, patients)
+    promised = promise = None
+    if choice.min_sensitivity is not None:
+        promised = sites.site_rule(n_patients if by_patient else choice.n_positive, choice.min_sensitivity)[1]
+        promise = (f"each film of a next COVID-19 patient of the site is called COVID-19 with probability at least "
+                   f"{promised:.4f} (all of that patient's films, too): counted over the {n_patients} COVID-19 "
+                   "patients, each at the lowest score of their films" if by_patient else
+                   f"counted over the {choice.n_positive} COVID-19 films: it assumes one film per patient (follow-up "
+                   "films of one patient score alike and promise less); give the labels a patient column")
     out = {"threshold": choice.threshold, "objective": choice.objective, "min_sensitivity": choice.min_sensitivity,
-           "rule_from": rule_from, "promised_sensitivity": promised, "ood_threshold": ood_threshold,
+           "rule_from": rule_from, "promised_sensitivity": promised, "promise": promise,
+           "n_covid_patients": n_patients, "ood_threshold": ood_threshold,
            "admitted": admitted,
            "n_covid": choice.n_positive, "n_negative": choice.n_negative, "sensitivity": choice.sensitivity,
            "specificity": choice.specificity, "model_threshold": float(first["threshold"]),
@@ -482,7 +495,7 @@ def _model_rule(model_uri: str, version: object) -> dict:
                            "--objective and --min-sensitivity") from None
 
 
-def _too_few_for_the_rule(args: argparse.Namespace, films: Sequence[tuple[str, bool]]) -> str | None:
+def _too_few_for_the_rule(args: argparse.Namespace, films: Sequence[LabelledFilm]) -> str | None:
     """Why the labelled ``films`` cannot meet the threshold rule even if the model answers every one, when the rule is
     known before scoring (:func:`_rule_before_scoring`); None when they may, or only the answering model can say.
     The films it answers are at most those labelled, and fewer COVID-19 films never promise more (``sites.site_rule``):
@@ -492,11 +505,13 @@ def _too_few_for_the_rule(args: argparse.Namespace, films: Sequence[tuple[str, b
     rule = _rule_before_scoring(args)
     if rule is None or rule["objective"] != "sensitivity" or rule["min_sensitivity"] is None:
         return None
-    n_covid = sum(covid for _, covid in films)
+    by_patient = films[0].patient is not None
+    covid = [film.patient if by_patient else film.file for film in films if film.covid]
+    n_covid, unit = len(set(covid)), "patients" if by_patient else "films"
     try:
-        sites.site_rule(n_covid, rule["min_sensitivity"])
+        sites.site_rule(n_covid, rule["min_sensitivity"], unit)
     except ValueError as err:
-        return f"{err} (the threshold rule on the {n_covid} COVID-19 films of {args.labels}; nothing was scored)"
+        return f"{err} (the threshold rule on the {n_covid} COVID-19 {unit} of {args.labels}; nothing was scored)"
     return None
 
 
@@ -799,9 +814,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
     predict.set_defaults(func=_predict)
     site = sub.add_parser("calibrate-site", help="a new site's own threshold: the model's rule on its labelled films")
-    site.add_argument("labels", help="CSV with columns file (relative to the CSV's folder) and label (covid or "
-                                     "negative): at least 10 answered films of each; a sensitivity target of 0.95 "
-                                     "takes 19 COVID-19 films (n films promise at most n / (n + 1))")
+    site.add_argument("labels", help="CSV with columns file (relative to the CSV's folder), label (covid or "
+                                     "negative) and, optionally, patient (the site's own key, the same on every film "
+                                     "of one patient): at least 10 answered films of each label; a sensitivity target "
+                                     "of 0.95 takes 19 COVID-19 patients (n promise at most n / (n + 1)); without the "
+                                     "patient column the promise counts films and assumes one film per patient")
     site.add_argument("--model-uri", default="models:/covidcxr@champion", help="MLflow model URI (local scoring)")
     site.add_argument("--url", help="a running `mlflow models serve` (e.g. http://127.0.0.1:5000) instead")
     site.add_argument("--objective", help="the threshold rule: sensitivity, youden or f1 (default: the model's own, "

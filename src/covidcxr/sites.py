@@ -15,7 +15,10 @@ a request's ``ood_threshold``), where that check refuses what the site sees ever
 
 A sensitivity target is kept on the site's next films, not only on the few it was chosen on (:func:`site_rule`): on 20
 COVID-19 films, "at least 0.95 of these" lets one fall below the threshold, and the next films then average 19/21 =
-0.905 (0.91 measured at the held-out hospitals); the site rule lets none fall below, which promises 20/21.
+0.905 (0.91 measured at the held-out hospitals); the site rule lets none fall below, which promises 20/21. The promise
+needs the films exchangeable with the next one, which a patient's follow-up films are not (two films of one patient
+score alike: 10 patients of 2 films keep about 10/11, not 20/21): with the labels' ``patient`` column it counts
+patients, each at the lowest score of their COVID-19 films; without it, it assumes one film per patient.
 
 What ``calibrate-site --output`` writes is read back by :meth:`SiteThresholds.load` (``covidcxr predict --site``,
 ``covidcxr pacs --site``, or a server's ``$COVIDCXR_SITE``, which applies it to every request and refuses per-request
@@ -34,6 +37,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -122,25 +126,38 @@ class LabelsFileError(ValueError):
     file and the problem."""
 
 
-def read_labels(path: str | os.PathLike) -> list[tuple[str, bool]]:
-    """The films of a site's labels table, in its order: (path, COVID-19?) for each row. Its columns are ``file``
-    (relative to the table's folder) and ``label`` (``covid`` or ``negative``). :class:`LabelsFileError` when it
-    cannot be read, a row lacks either, or a film is listed twice: a curation error that would also count the film
-    twice in the threshold's choice."""
+class LabelledFilm(NamedTuple):
+    """A film of a site's labels table: its path, whether it is labelled COVID-19, and its patient (the site's own
+    pseudonymous key; None when the table has no ``patient`` column)."""
+
+    file: str
+    covid: bool
+    patient: str | None = None
+
+
+def read_labels(path: str | os.PathLike) -> list[LabelledFilm]:
+    """The films of a site's labels table, in its order. Its columns are ``file`` (relative to the table's folder),
+    ``label`` (``covid`` or ``negative``) and, optionally, ``patient`` (a key of the site's own that is the same for
+    every film of one patient: the sensitivity promise then counts patients, :func:`covid_patients`).
+    :class:`LabelsFileError` when it cannot be read, a row lacks a column (``patient`` too, where the table has it), or
+    a film is listed twice: a curation error that would also count the film twice in the threshold's choice."""
     import csv
 
     labels = Path(path)
     try:
         with labels.open(newline="", encoding="utf-8") as fh:
-            table = list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            table = list(reader)
+            by_patient = "patient" in (reader.fieldnames or ())
     except OSError as err:
         raise LabelsFileError(f"cannot read {labels} ({err.strerror})") from None
     except (UnicodeDecodeError, csv.Error) as err:
         raise LabelsFileError(f"{labels} is not a UTF-8 CSV table ({type(err).__name__})") from None
     bad = [i for i, row in enumerate(table, start=2) if row.get("label") not in ("covid", "negative")
-           or not row.get("file")]
+           or not row.get("file") or (by_patient and not (row.get("patient") or "").strip())]
     if not table or bad:
-        raise LabelsFileError(f"{labels} needs the columns file and label (covid or negative) on every row; "
+        columns = "file, label (covid or negative) and patient" if by_patient else "file and label (covid or negative)"
+        raise LabelsFileError(f"{labels} needs the columns {columns} on every row; "
                               f"{'no rows' if not table else f'lines {bad[:5]} do not have them'}")
     films = [str(labels.parent / row["file"]) for row in table]  # relative paths: from the table's folder
     lines: dict[Path, list[int]] = {}
@@ -151,7 +168,18 @@ def read_labels(path: str | os.PathLike) -> list[tuple[str, bool]]:
         listed = "; ".join(f"{name!r} on lines {', '.join(map(str, at))}" for name, at in twice[:5])
         raise LabelsFileError(f"{labels} lists a film more than once ({listed}{'; ...' if len(twice) > 5 else ''}): "
                               "list each film once (twice, it would count twice in the threshold's choice)")
-    return [(film, row["label"] == "covid") for film, row in zip(films, table)]
+    return [LabelledFilm(film, row["label"] == "covid", row["patient"].strip() if by_patient else None)
+            for film, row in zip(films, table)]
+
+
+def covid_patients(y: np.ndarray, patients: np.ndarray | None) -> int | None:
+    """How many patients the COVID-19 films (``y`` 1) are of, by ``patients`` (one key per film); None without keys."""
+    if patients is None:
+        return None
+    y, patients = np.asarray(y, dtype=int).ravel(), np.asarray(patients).astype(str).ravel()
+    if len(patients) != len(y):
+        raise ValueError(f"{len(patients)} patient ids for {len(y)} films")
+    return len(np.unique(patients[y == 1]))
 
 
 #: The MLflow experiment of the sites' calibrations (``calibrate-site --log NAME``).
@@ -160,6 +188,7 @@ SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: What a calibration's figures are logged as (those of ``calibrate-site``'s output that are numbers).
 LOGGED_METRICS: tuple[str, ...] = (
     "threshold", "promised_sensitivity", "sensitivity", "specificity", "ood_threshold", "admitted", "n_covid",
+    "n_covid_patients",
     "n_negative", "model_threshold", "model_ood_threshold", "model_answered", "model_sensitivity", "model_specificity")
 
 
@@ -207,28 +236,30 @@ def from_env(env: Mapping[str, str] | None = None) -> SiteThresholds | None:
     return SiteThresholds.load(path) if path else None
 
 
-def site_rule(n_covid: int, min_sensitivity: float) -> tuple[int, float]:
-    """How many of a site's ``n_covid`` COVID-19 films its threshold may leave below it, and the sensitivity that
-    promises on the site's next COVID-19 films: the largest ``k`` with ``(n - k) / (n + 1) >= min_sensitivity``, and
-    that fraction.
+def site_rule(n_covid: int, min_sensitivity: float, unit: str = "films") -> tuple[int, float]:
+    """How many of a site's ``n_covid`` COVID-19 films (or patients: ``unit``) its threshold may leave below it, and
+    the sensitivity that promises on the site's next COVID-19 films: the largest ``k`` with ``(n - k) / (n + 1) >=
+    min_sensitivity``, and that fraction.
 
     With the threshold at the ``(k + 1)``-th lowest COVID-19 score, a next COVID-19 film of the same site (exchangeable
     with these) scores at or above it with probability at least ``(n - k) / (n + 1)``: its rank among the ``n + 1`` is
-    uniform (the split-conformal bound; no model of the scores). Too few films to promise the target is an error that
-    says how many it takes.
+    uniform (the split-conformal bound; no model of the scores). Films of one patient are not exchangeable with a next
+    patient's film: counted by patient (each at the lowest score of their films), a next patient's lowest score, and
+    so each of their films, is at or above the threshold with that probability. Too few to promise the target is an
+    error that says how many it takes.
     """
     if not 0.0 <= min_sensitivity < 1.0:
         raise ValueError(f"a site threshold can promise a sensitivity in [0, 1), not {min_sensitivity:g}")
     k = math.floor(n_covid - min_sensitivity * (n_covid + 1) + 1e-9)
     if k < 0:
         need = math.ceil(min_sensitivity / (1.0 - min_sensitivity) - 1e-9)
-        raise ValueError(f"{n_covid} COVID-19 films cannot promise sensitivity {min_sensitivity:g} on the site's next "
+        raise ValueError(f"{n_covid} COVID-19 {unit} cannot promise sensitivity {min_sensitivity:g} on the site's next "
                          f"films (the lowest of n scores promises n / (n + 1)): it takes at least {need}")
     return k, (n_covid - k) / (n_covid + 1)
 
 
-def local_threshold(y: np.ndarray, score: np.ndarray, rule: Mapping, *,
-                    min_per_class: int = MIN_PER_CLASS) -> metrics.ThresholdChoice:
+def local_threshold(y: np.ndarray, score: np.ndarray, rule: Mapping, *, min_per_class: int = MIN_PER_CLASS,
+                    patients: np.ndarray | None = None) -> metrics.ThresholdChoice:
     """The model's threshold rule (``rule``: the choice saved with it, as :func:`covidcxr.folders.folder_threshold`
     reads it: ``objective`` and ``min_sensitivity``) applied to a site's labelled films (``y`` 1 for COVID-19, the
     served ``score``). Fewer than ``min_per_class`` films of either class is an error that says how many there are; so
@@ -237,11 +268,12 @@ def local_threshold(y: np.ndarray, score: np.ndarray, rule: Mapping, *,
     score, beyond 1 when the top score is 1).
 
     The ``sensitivity`` objective keeps its target on the site's next films (:func:`site_rule`): the highest threshold
-    that leaves at most ``k`` of these COVID-19 films below it. The choice's ``sensitivity`` is that on these films;
+    that leaves at most ``k`` of these COVID-19 films below it, or, with ``patients`` (one key per film), at most ``k``
+    of the COVID-19 patients' lowest scores (``n`` the patients). The choice's ``sensitivity`` is that on these films;
     its ``min_sensitivity`` the target.
     """
     _check_rule(rule)
-    choice = _rule_choice(y, score, rule, min_per_class=min_per_class)
+    choice = _rule_choice(y, score, rule, min_per_class=min_per_class, patients=patients)
     auc = metrics.classification_metrics(y, score)["roc_auc"]
     if not auc > 0.5:
         raise ValueError(f"the model does not separate this site's films: ROC AUC {auc:.3f}, at or below chance "
@@ -257,7 +289,8 @@ def _check_rule(rule: Mapping) -> None:
                          "COVID-19 films)")
 
 
-def _rule_choice(y: np.ndarray, score: np.ndarray, rule: Mapping, *, min_per_class: int) -> metrics.ThresholdChoice:
+def _rule_choice(y: np.ndarray, score: np.ndarray, rule: Mapping, *, min_per_class: int,
+                 patients: np.ndarray | None = None) -> metrics.ThresholdChoice:
     """``rule`` applied to the films as :func:`local_threshold` does, without refusing scores that do not separate
     them: :func:`local_calibration` measures what a site's few films give in every draw, a useless choice included."""
     y, score = np.asarray(y, dtype=int).ravel(), np.asarray(score, dtype=float).ravel()
@@ -272,9 +305,21 @@ def _rule_choice(y: np.ndarray, score: np.ndarray, rule: Mapping, *, min_per_cla
     if rule["objective"] != "sensitivity":
         return metrics.operating_threshold(y, score, str(rule["objective"]))
     target = float(rule["min_sensitivity"])
-    k, _ = site_rule(n_pos, target)
-    choice = metrics.operating_threshold(y, score, "sensitivity", min_sensitivity=(n_pos - k) / n_pos)
-    return dataclasses.replace(choice, min_sensitivity=target)
+    n_patients = covid_patients(y, patients)
+    if n_patients is None:
+        k, _ = site_rule(n_pos, target)
+        choice = metrics.operating_threshold(y, score, "sensitivity", min_sensitivity=(n_pos - k) / n_pos)
+        return dataclasses.replace(choice, min_sensitivity=target)
+    k, _ = site_rule(n_patients, target, "patients")
+    keys = np.asarray(patients).astype(str).ravel()[y == 1]
+    lowest = np.array([score[y == 1][keys == key].min() for key in np.unique(keys)])  # each patient's lowest
+    at = metrics.operating_threshold(np.r_[np.ones(n_patients, int), np.zeros(n_neg, int)],
+                                     np.r_[lowest, score[y == 0]], "sensitivity",
+                                     min_sensitivity=(n_patients - k) / n_patients).threshold
+    called = score >= at
+    return metrics.ThresholdChoice(threshold=at, objective="sensitivity", min_sensitivity=target,
+                                   sensitivity=float(called[y == 1].mean()),
+                                   specificity=float((~called[y == 0]).mean()), n_positive=n_pos, n_negative=n_neg)
 
 
 def local_ood_threshold(ood_scores: np.ndarray, model_threshold: float) -> float:

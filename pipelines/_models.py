@@ -25,14 +25,28 @@ def split_arrays(task: str, index):
             for name, part in table.groupby("split", sort=True)}
 
 
-def usable():
-    """The covid split restricted to predicted-frontal images with a usable lung mask, and what was excluded and why
-    (the `segment` stage's flags: not_frontal and the lung-mask reasons)."""
+#: The `segment` stage's flag for a film the projection rule does not call frontal, and serving's reason for refusing
+#: it (:data:`covidcxr.serving.REASONS`); a lung-mask flag is serving's reason already (:data:`covidcxr.lungs.REASONS`).
+NOT_FRONTAL, LATERAL_VIEW = "not_frontal", "lateral_view"
+#: Beside each classifier's ``predictions.csv``: the films of its split that serving refuses before the classifier
+#: (its columns but the scores, and ``reason``), which `evaluate` counts in what serving answers.
+REFUSED = "refused.csv"
+
+
+def usable() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The covid split restricted to predicted-frontal images with a usable lung mask (the films serving scores), and
+    the others, which serving refuses before the classifier: their split-table rows with ``reason``, serving's code
+    (``lateral_view`` or the lung mask's; from the `segment` stage's flags). A split image the masks index lacks is a
+    ValueError: what serving answers for it is unknown, so it can be neither scored nor counted as refused."""
     table = pd.read_csv(_common.split_table("covid"), keep_default_na=False, na_values=[""])
     flags = pd.read_csv(_common.MASKS_INDEX, keep_default_na=False).set_index("image_id")["flag"]
-    reason = flags.reindex(table["image_id"]).fillna("not_in_cache").to_numpy()
-    excluded = {str(k): int(v) for k, v in pd.Series(reason[reason != ""]).value_counts().sort_index().items()}
-    return table[reason == ""].reset_index(drop=True), excluded
+    flag = flags.reindex(table["image_id"])
+    if flag.isna().any():
+        raise ValueError(f"{_common.MASKS_INDEX}: no row for {int(flag.isna().sum())} of the {len(table)} images of "
+                         f"{_common.split_table('covid')}; the masks are older than the split: rerun the segment stage")
+    reason = flag.replace({NOT_FRONTAL: LATERAL_VIEW}).to_numpy(dtype=str)
+    kept = reason == ""
+    return table[kept].reset_index(drop=True), table[~kept].assign(reason=reason[~kept]).reset_index(drop=True)
 
 
 def load_masks():

@@ -1,6 +1,12 @@
 """Stage `evaluate`: every classifier on val and test, its calibrated (served) score at 0.5 and at its operating
-threshold, what serving answers (refused as out of distribution, called COVID-19, called negative) for each split's
-images, and what the test split's site would gain from a threshold chosen on a few of its own labelled films.
+threshold, what serving answers (refused before the classifier or as out of distribution, called COVID-19, called
+negative) for each split's images, and what the test split's site would gain from a threshold chosen on a few of its
+own labelled films.
+
+The threshold metrics (AUC, sensitivity and specificity, their CIs, calibration) are of the films the classifier scored
+(``predictions.csv``); what serving answers is of every film of the split, those serving refuses before the classifier
+(``refused.csv``: a lateral view, a lung mask that fails the rules) counted as refused with their reason. ``films``
+says how many each covers.
 
 Metrics with patient-level bootstrap 95% CIs, calibration, ROC/PR/reliability data (DVC plots and MLflow figures),
 and a comparison table laid out like the paper's Tables 6/10/14: the network's own output at 0.5, as the paper
@@ -15,22 +21,31 @@ import numpy as np
 import pandas as pd
 
 from covidcxr import folders, metrics, sites, tracking
-from pipelines import _common, _tracking
+from pipelines import _common, _models, _tracking
 
 OUT = _common.EVALUATE_DIR
 
 
-def evaluate_model(pred: pd.DataFrame, rule: dict, p: dict, detector=None) -> dict:
+def evaluate_model(pred: pd.DataFrame, rule: dict, p: dict, detector=None,
+                   before: pd.DataFrame | None = None) -> dict:
     """Per split (val, test): metrics of the calibrated score (``score``, as served) at 0.5 (``at_0.5``) and at the
     operating threshold (``rule``: the choice saved with the model), with CIs and calibration; where the predictions
     hold it, of the network's own output (``raw_score``, before the calibration) at 0.5 (``network_at_0.5``: what the
-    paper's tables threshold); ``served``, what serving answers for the split's images (``detector``: the folder's OOD
-    detector, whose refusals serving makes; None: a folder without one, which serving refuses nothing from); and for
-    the test split, ``site_calibration``: what a site gains by choosing its own threshold with the
-    model's rule on a few of its labelled films (:func:`covidcxr.sites.local_calibration`, on the films serving
-    answers), and ``site_admission``: the same when the site also admits its own films past the OOD check
-    (``covidcxr calibrate-site --admit``; with a detector only)."""
+    paper's tables threshold); ``served``, what serving answers for every film of the split: the scored ones
+    (``detector``: the folder's OOD detector, whose refusals serving makes; None: a folder without one, or served with
+    ``ood_action: flag``, which refuses none of them as out of distribution) and ``before``, the films refused before
+    the classifier (rows with ``split``, ``label`` and serving's ``reason``; None: none), with ``refused_by_reason``;
+    ``films``: how many films the split holds, how many were scored (what the threshold metrics cover) and how many
+    were refused before scoring, by reason; and for the test split, ``site_calibration``: what a site gains by choosing
+    its own threshold with the model's rule on a few of its labelled films (:func:`covidcxr.sites.local_calibration`, on
+    the films serving answers: a film refused before scoring has no score to choose with, nor is it answered), and
+    ``site_admission``: the same when the site also admits its own films past the OOD check (``covidcxr
+    calibrate-site --admit``, which admits no film refused before scoring; with a detector only)."""
     threshold = float(rule["threshold"])
+    before = pd.DataFrame(columns=["split", "label", "reason"]) if before is None else before
+    unscored = sorted(set(before["split"]) - set(pred["split"]) - {"train"})
+    if unscored:  # every film of such a split was refused before scoring: no threshold metric, nothing to compare
+        raise ValueError(f"split(s) {unscored} hold films refused before scoring and none scored")
     result: dict = {}
     for split, part in pred.groupby("split"):
         if split == "train":
@@ -39,8 +54,15 @@ def evaluate_model(pred: pd.DataFrame, rule: dict, p: dict, detector=None) -> di
         s = part["score"].to_numpy(float)
         refused = (detector.is_out(part["ood_score"].to_numpy(float)) if detector is not None
                    else np.zeros(len(part), dtype=bool))
+        early = before[before["split"] == split]
+        reasons = np.r_[np.where(refused, "out_of_distribution", ""), early["reason"].to_numpy(dtype=str)]
         result[split] = {
-            "served": metrics.served_outcomes(y, s, refused, threshold=threshold),
+            "films": {"n": len(part) + len(early), "scored": len(part),
+                      "refused_before_scoring": {str(k): int(v) for k, v in
+                                                 early["reason"].value_counts().sort_index().items()}},
+            "served": metrics.served_outcomes(np.r_[y, (early["label"] == "covid").to_numpy(int)],
+                                              np.r_[s, np.full(len(early), np.nan)], reasons != "",
+                                              threshold=threshold, reasons=reasons),
             "at_0.5": metrics.classification_metrics(y, s, threshold=0.5),
             "at_operating": metrics.classification_metrics(y, s, threshold=threshold),
             "ci_at_operating": metrics.confidence_intervals(
@@ -64,6 +86,22 @@ def evaluate_model(pred: pd.DataFrame, rule: dict, p: dict, detector=None) -> di
             result[split]["ece_uncalibrated"] = metrics.expected_calibration_error(
                 y, raw, n_bins=int(p["calibration_bins"]))
     return result
+
+
+def read_refused(path: Path) -> pd.DataFrame:
+    """A classifier's films refused before scoring (``refused.csv``). A folder without it (written before
+    train_classifier wrote it) is a FileNotFoundError, a file without its columns or a row without a reason a
+    ValueError, each naming the file: the served figures would leave those films out."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (the films serving refuses before the classifier, which the "
+                                "served figures count); rerun train_classifier")
+    frame = pd.read_csv(path, keep_default_na=False, dtype=str)
+    missing = sorted({"split", "label", "reason"} - set(frame.columns))
+    if missing:
+        raise ValueError(f"{path}: no column(s) {missing}; rerun train_classifier")
+    if (frame["reason"] == "").any():
+        raise ValueError(f"{path}: {int((frame['reason'] == '').sum())} film(s) without a reason")
+    return frame
 
 
 def curves(pred: pd.DataFrame, n_bins: int) -> dict[str, list[dict]]:
@@ -103,7 +141,8 @@ def figure(name: str, data: dict[str, list[dict]]):
 
 def run(p: dict, classifiers: dict, experiment: str = "demo", ood_action: str = "refuse") -> dict:
     """Every classifier's metrics; ``served`` follows the registered model's ``ood_action`` (register's param): under
-    ``flag`` serving answers every image, so nothing counts as refused."""
+    ``flag`` serving answers every image it scores, so none counts as refused out of distribution (those refused before
+    the classifier still are)."""
     import mlflow
 
     log = _common.setup_logging()
@@ -117,10 +156,11 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", ood_action: str = 
             if "raw_score" not in pred:
                 raise ValueError(f"{d / _common.PREDICTIONS}: no raw_score column (the network's own output, which "
                                  "the paper's table thresholds at 0.5); rerun train_classifier")
+            before = read_refused(d / _models.REFUSED)
             threshold = folders.operating_threshold(d)
             run_id = folders.folder_info(d)["run_id"]
             result = evaluate_model(pred, folders.folder_threshold(d), p,
-                                    folders.ood_detector(d) if ood_action == "refuse" else None)
+                                    folders.ood_detector(d) if ood_action == "refuse" else None, before)
             # run_id: which weights these figures measured; register and model_card refuse them for other weights
             result["operating_threshold"], result["ood_action"], result["run_id"] = threshold, ood_action, run_id
             data = curves(pred, int(p["calibration_bins"]))

@@ -1,6 +1,8 @@
 """Stage `train_classifier` (a DVC matrix over variant c/d/e and backbone vgg16/vgg19): the COVID-vs-negative VGG.
 
-Every variant trains on the same images: the experiment's split, predicted frontal, with a usable lung mask. The
+Every variant trains on the same images: the experiment's split, predicted frontal, with a usable lung mask; the
+split's other films, which serving refuses before the classifier, are written beside the predictions with serving's
+reason (``refused.csv``: :func:`pipelines._models.usable`), so that `evaluate` counts them in what serving answers. The
 probability calibration (Platt) and then the operating threshold (params: objective) are fitted on the validation split
 and saved in the model folder; the predictions of every split come from one forward pass
 (:meth:`covidcxr.models.Component.evidence`) made probabilities by :func:`covidcxr.models.probability`, as serving's
@@ -51,7 +53,8 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
     training.seed_everything(p["seed"])
     index, images, _ = _models.load_cache()
     masks = _models.load_masks()
-    table, excluded = _models.usable()
+    table, refused = _models.usable()
+    excluded = {str(k): int(v) for k, v in refused["reason"].value_counts().sort_index().items()}
     rows = preprocess.rows_for(index, table["image_id"])
     y_all = (table["label"] == "covid").to_numpy(np.float32)
     split = table["split"].to_numpy()
@@ -154,6 +157,8 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
                 for s in x
             ])
             _common.write_csv(out / _common.PREDICTIONS, predictions)
+            # the films serving refuses before the classifier: evaluate counts them in what serving answers
+            _common.write_csv(out / _models.REFUSED, refused[["image_id", "patient_id", "split", "label", "reason"]])
     _common.write_json(f"reports/train_classifier/{variant}_{backbone}.json",
                        {**{s: {k: result[s][k] for k in ("accuracy", "roc_auc", "n")} for s in x},
                         "ood": result["ood"]})

@@ -540,6 +540,24 @@ def test_served_outcomes_of_one_class_and_bad_input():
         M.served_outcomes([0, 1], [0.1, 0.9], [True], threshold=0.5)
 
 
+def test_served_outcomes_count_films_refused_before_scoring_with_their_reason():
+    """A film serving refuses before the classifier (a lateral view, a failed lung mask) has no score: NaN there is
+    not read, and the film counts as refused, by its reason; an answered film's score must still be a number."""
+    y = np.array([1, 1, 0, 0, 0, 0])
+    s = np.array([0.9, np.nan, 0.7, 0.2, np.nan, 0.99])
+    reasons = np.array(["", "empty_lung_mask", "", "", "lateral_view", "out_of_distribution"])
+    out = M.served_outcomes(y, s, reasons != "", threshold=0.5, reasons=reasons)
+    assert (out["n"], out["n_positive"], out["n_negative"], out["refused"]) == (6, 2, 4, 3)
+    assert out["refused_by_reason"] == {"empty_lung_mask": 1, "lateral_view": 1, "out_of_distribution": 1}
+    assert out["negatives_called_covid"] == pytest.approx(1 / 4) and out["negatives_refused"] == pytest.approx(2 / 4)
+    assert out["positives_called_covid"] == pytest.approx(1 / 2) and out["answered_sensitivity"] == 1.0
+    assert "refused_by_reason" not in M.served_outcomes(y[:1], s[:1], [False], threshold=0.5)
+    with pytest.raises(ValueError, match="y_score has 1 non-finite values"):  # the lateral film, answered
+        M.served_outcomes(y, s, reasons == "empty_lung_mask", threshold=0.5)
+    with pytest.raises(ValueError, match="reasons has 2 entries for 6 labels"):
+        M.served_outcomes(y, s, reasons != "", threshold=0.5, reasons=reasons[:2])
+
+
 def test_the_threshold_rules_refuse_what_is_not_a_threshold_and_name_it():
     """One rule for a model's operating threshold, a site's file and a request's param (each wraps the ValueError in
     its own error); a bool is no number (``True`` would have served as 1.0)."""

@@ -201,17 +201,23 @@ def classification_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold
     return out
 
 
-def served_outcomes(y_true: np.ndarray, y_score: np.ndarray, refused: np.ndarray, *, threshold: float) -> dict:
-    """What serving answers for each image, by class: refused (``refused``: e.g. out of distribution), called COVID-19
-    (``score >= threshold``) or called negative; the shares are of the class's images, refusals included.
+def served_outcomes(y_true: np.ndarray, y_score: np.ndarray, refused: np.ndarray, *, threshold: float,
+                    reasons: np.ndarray | None = None) -> dict:
+    """What serving answers for each image, by class: refused (``refused``: e.g. out of distribution, or before the
+    classifier, a lateral view), called COVID-19 (``score >= threshold``) or called negative; the shares are of the
+    class's images, refusals included. A refused image's score is not read: NaN for one refused before it was scored.
 
     The figure a site sees: ``negatives_called_covid`` is the share of its healthy films that come back COVID-19 (one
     minus specificity counts refused films as false alarms too), ``negatives_refused`` those it is told to read
     itself. ``answered_sensitivity``/``answered_specificity`` are of the answered images alone. NaN where a class is
-    absent; the counts are ints.
+    absent; the counts are ints. ``reasons`` (one per image, read where refused): ``refused_by_reason`` counts the
+    refused images by it.
     """
-    t, s = _labels_scores(y_true, y_score)
     out = np.asarray(refused, dtype=bool).ravel()
+    s = np.asarray(y_score, dtype=np.float64)
+    if out.shape == (s.size,):  # only an answered image's score must be a number
+        s = np.where(out, 0.0, s.ravel())
+    t, s = _labels_scores(y_true, s)
     if out.shape != t.shape:
         raise ValueError(f"refused has {out.size} entries for {t.size} labels")
     called = (s >= threshold) & ~out
@@ -221,7 +227,7 @@ def served_outcomes(y_true: np.ndarray, y_score: np.ndarray, refused: np.ndarray
         counts[name] = (int(np.count_nonzero(member)), int(np.count_nonzero(member & out)),
                         int(np.count_nonzero(member & called)))
     (n_pos, pos_refused, tp), (n_neg, neg_refused, fp) = counts["positives"], counts["negatives"]
-    return {
+    result = {
         "n": len(t), "n_positive": n_pos, "n_negative": n_neg, "refused": pos_refused + neg_refused,
         "refused_share": float(_ratio(pos_refused + neg_refused, len(t))),
         "positives_called_covid": float(_ratio(tp, n_pos)), "positives_refused": float(_ratio(pos_refused, n_pos)),
@@ -229,6 +235,13 @@ def served_outcomes(y_true: np.ndarray, y_score: np.ndarray, refused: np.ndarray
         "answered_sensitivity": float(_ratio(tp, n_pos - pos_refused)),
         "answered_specificity": float(_ratio(n_neg - neg_refused - fp, n_neg - neg_refused)),
     }
+    if reasons is not None:
+        why = np.asarray(reasons, dtype=str).ravel()
+        if why.shape != t.shape:
+            raise ValueError(f"reasons has {why.size} entries for {t.size} labels")
+        names, n = np.unique(why[out], return_counts=True)
+        result["refused_by_reason"] = {str(k): int(v) for k, v in zip(names, n)}
+    return result
 
 
 def _finite_thresholds(thresholds: np.ndarray, y_score: np.ndarray) -> np.ndarray:

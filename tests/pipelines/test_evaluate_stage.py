@@ -1,5 +1,5 @@
-"""The evaluate stage run on a model folder's predictions: the paper's table of the network's own output at 0.5, and
-the metrics logged to MLflow as strict JSON."""
+"""The evaluate stage run on a model folder's predictions: the paper's table of the network's own output at 0.5, the
+metrics logged to MLflow as strict JSON, and what serving answers counting the films it refuses before scoring."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from covidcxr import metrics
-from pipelines import _common
+from pipelines import _common, _models
 from pipelines import evaluate as stage
 
 P = {"n_boot": 20, "seed": 0, "calibration_bins": 5, "site_calibration": {"n_per_class": 20, "draws": 10}}
@@ -23,6 +23,12 @@ PRED = pd.DataFrame({
     "raw_score": [0.6, 0.4, 0.7, 0.45, 0.6, 0.2, 0.3],
     "score": [0.3, 0.2, 0.35, 0.25, 0.3, 0.1, 0.2],
     "patient_id": [f"p{i}" for i in range(7)],
+})
+# The films serving refuses before the classifier (train_classifier's refused.csv): no score, a reason.
+REFUSED = pd.DataFrame({
+    "image_id": [f"r{i}" for i in range(4)], "patient_id": [f"q{i}" for i in range(4)],
+    "split": ["train", "val", "test", "test"], "label": ["covid", "negative", "negative", "covid"],
+    "reason": ["lateral_view", "lung_mask_too_large", "lateral_view", "empty_lung_mask"],
 })
 
 
@@ -42,6 +48,7 @@ def evaluated(tmp_path: Path, monkeypatch) -> dict:
     (folder / "threshold.json").write_text(json.dumps({"threshold": 0.28, "objective": "sensitivity",
                                                        "min_sensitivity": 0.9}))
     PRED.to_csv(folder / _common.PREDICTIONS, index=False)
+    REFUSED.to_csv(folder / _models.REFUSED, index=False)
     return stage.run(P, {"variants": ["c"], "backbones": ["vgg16"]}, "demo", "flag")
 
 
@@ -69,3 +76,32 @@ def test_the_logged_metrics_are_strict_json_with_an_undefined_metric_as_null(eva
     assert logged["test"]["at_0.5"]["sensitivity"] is None and logged["test"]["network_at_0.5"]["f1"] is None
     # which weights the figures measured (the folder's run), so register refuses them for other weights
     assert logged["run_id"] == evaluated["c_vgg16"]["run_id"] == "0" * 32
+
+
+def test_served_counts_every_film_of_the_split_and_the_metrics_only_those_scored(evaluated):
+    """A film serving refuses before the classifier counts as refused, with its reason, in what serving answers (they
+    were counted nowhere); the threshold metrics stay on the scored films, and ``films`` says how many each covers."""
+    test = evaluated["c_vgg16"]["test"]
+    assert test["films"] == {"n": 5, "scored": 3,
+                             "refused_before_scoring": {"empty_lung_mask": 1, "lateral_view": 1}}
+    served = test["served"]  # ood_action flag: none refused as out of distribution
+    assert (served["n"], served["n_positive"], served["n_negative"], served["refused"]) == (5, 1, 4, 2)
+    assert served["refused_by_reason"] == {"empty_lung_mask": 1, "lateral_view": 1}
+    assert served["negatives_called_covid"] == pytest.approx(1 / 4)  # 0.3 >= 0.28, of 4 negatives, not of 3
+    assert served["negatives_refused"] == pytest.approx(1 / 4) and served["positives_refused"] == 1.0
+    assert test["at_operating"]["n"] == test["at_0.5"]["n"] == 3
+    val = evaluated["c_vgg16"]["val"]
+    assert val["films"]["n"] == val["served"]["n"] == 5 and val["at_operating"]["n"] == 4
+
+
+def test_a_folder_without_its_refused_films_is_an_error_naming_the_file(tmp_path, monkeypatch):
+    """Without refused.csv (a folder written before train_classifier wrote it) the served figures would leave the
+    films refused before scoring out again."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"refused\.csv: no such file .* rerun train_classifier"):
+        stage.read_refused(tmp_path / _models.REFUSED)
+    REFUSED.drop(columns="reason").to_csv(tmp_path / _models.REFUSED, index=False)
+    with pytest.raises(ValueError, match=r"refused\.csv: no column\(s\) \['reason'\]"):
+        stage.read_refused(tmp_path / _models.REFUSED)
+    with pytest.raises(ValueError, match=r"split\(s\) \['test'\] hold films refused before scoring and none scored"):
+        stage.evaluate_model(PRED[PRED["split"] == "val"], {"threshold": 0.28}, P, before=REFUSED)

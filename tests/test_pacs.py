@@ -883,6 +883,49 @@ def test_a_scorer_failing_one_studys_request_fails_that_study_and_the_pass_goes_
             pacs.run(pacs.DicomWeb(url, retries=0), timing_out(gone=True), "covidcxr")
 
 
+@contextlib.contextmanager
+def qido_paging(n: int, cap: int, *, ignore_offset: bool = False, warning: str | None = None) -> Iterator[str]:
+    """A DICOMweb server whose study search finds ``n`` studies and answers at most ``cap`` a page (PS3.18 lets it),
+    honouring limit and offset unless ``ignore_offset``; ``warning``: its Warning header on a page that left some
+    out."""
+    from urllib.parse import parse_qs, urlparse
+
+    uids = [f"1.2.826.0.1.3680043.8.498.{1000 + i}" for i in range(n)]
+
+    class Server(Quiet):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            query = {k: int(v[0]) for k, v in parse_qs(urlparse(self.path).query).items() if k in ("limit", "offset")}
+            start = 0 if ignore_offset else query.get("offset", 0)
+            page = uids[start:start + min(cap, query.get("limit", cap))]
+            body = json.dumps([{"0020000D": {"vr": "UI", "Value": [uid]}} for uid in page]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            if warning and start + len(page) < n:
+                self.send_header("Warning", warning)
+            self.end_headers()
+            self.wfile.write(body)
+
+    with loopback(Server) as port:
+        yield f"http://127.0.0.1:{port}/dicom-web"
+
+
+def test_a_search_pages_on_past_a_page_shorter_than_its_limit(caplog):
+    """PS3.18 lets a server answer fewer results than the limit; the worker took a short page as the last, so a server
+    capped at 100 a page gave 100 of 1,200 studies, and the rest were never scored. It now pages on (from what it got)
+    until a page is empty or brings nothing new, and says when a server ignores offset or warns of results left out."""
+    with qido_paging(250, cap=100) as url:
+        assert len(pacs.DicomWeb(url, retries=0, page_size=500).find_studies()) == 250
+    caplog.set_level(logging.WARNING, logger="covidcxr.pacs")
+    with qido_paging(250, cap=100, warning='299 pacs: "There are more results."') as url:
+        assert len(pacs.DicomWeb(url, retries=0, page_size=500).find_studies()) == 250
+    assert "Warning 299" in caplog.text and "more results" not in caplog.text
+    caplog.clear()
+    with qido_paging(250, cap=100, ignore_offset=True) as url:
+        assert len(pacs.DicomWeb(url, retries=0, page_size=100).find_studies()) == 100
+    assert "brought nothing new" in caplog.text and "ignore offset" in caplog.text
+
+
 @pytest.mark.infra
 def test_an_image_the_scorer_failed_on_gets_no_result_and_is_scored_on_the_next_pass(own_orthanc, pipeline):
     """An internal error, or a MemoryError (answered too_large, like a file over the limits), got an SR 'not scored'

@@ -181,6 +181,8 @@ class DicomWeb:
             session.verify = str(ca_bundle)
         if user is not None:
             session.auth = (user, password or "")
+        self._warnings: list[str] = []  # the Warning headers of the answers since search() last cleared it
+        session.hooks["response"].append(self._note_warning)
         self.client = DICOMwebClient(self.endpoint, session=session, timeout=timeout)
         self.client.set_http_retry_params(retry=False)  # one retry loop, ours (bounded, with backoff)
 
@@ -218,20 +220,34 @@ class DicomWeb:
             return False
         return True
 
+    def _note_warning(self, response, *args, **kwargs) -> None:
+        """A response hook: keeps the answer's Warning header (PS3.18: 299 when results were left out)."""
+        if "Warning" in response.headers:
+            self._warnings.append(str(response.headers["Warning"]))
+
     def search(self, operation: str, fn: Callable, **kwargs) -> list[dict]:
-        """A QIDO-RS search, paged with limit/offset: at most ``max_pages`` requests; stops at a short page, and at
-        a page with nothing new (servers that ignore ``offset``)."""
+        """A QIDO-RS search, paged with limit/offset until a page is empty or brings nothing new, at most
+        ``max_pages`` requests: a server may answer fewer than ``limit`` results a page (PS3.18), so a short page is
+        not the last. A full page with nothing new (a server that ignores ``offset``) and a ``Warning: 299`` answer
+        (results left out) are logged: the search may be incomplete."""
         seen: dict[str, dict] = {}
-        for page in range(self.max_pages):
-            items = self._call(operation, fn, limit=self.page_size, offset=page * self.page_size, **kwargs)
+        offset, warned = 0, False
+        for _ in range(self.max_pages):
+            self._warnings.clear()
+            items = self._call(operation, fn, limit=self.page_size, offset=offset, **kwargs)
+            if not warned and any(w.strip().startswith("299") for w in self._warnings):
+                warned = True  # its text is withheld: it may quote the request
+                log.warning("%s: %s answered Warning 299 (results left out); paging on", operation, self.endpoint)
             fresh = {json.dumps(item, sort_keys=True): item for item in items}
             if not fresh.keys() - seen.keys():
+                if len(items) >= self.page_size:
+                    log.warning("%s: a full page of %d results brought nothing new at offset %d (does %s ignore "
+                                "offset?): results may be missing", operation, len(items), offset, self.endpoint)
                 break
             seen.update(fresh)
-            if len(items) < self.page_size:
-                break
+            offset += len(items)
         else:
-            log.warning("%s: stopped after %d pages of %d results; narrow the search (--since)", operation,
+            log.warning("%s: stopped after %d pages of up to %d results; narrow the search (--since)", operation,
                         self.max_pages, self.page_size)
         return list(seen.values())
 

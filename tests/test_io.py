@@ -117,6 +117,23 @@ def png_bytes(img: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
     return buf.getvalue()
 
 
+def tiff_bytes(stored: np.ndarray, photometric: int | None) -> bytes:
+    """An uncompressed little-endian one-strip gray TIFF of ``stored`` (uint8 or uint16) exactly as given, with that
+    PhotometricInterpretation (None: no tag 262), so that the test knows the bytes a reader is given."""
+    height, width = stored.shape
+    pixels = np.ascontiguousarray(stored).astype(stored.dtype.newbyteorder("<")).tobytes()
+    entries = [(256, 3, width), (257, 3, height), (258, 3, stored.dtype.itemsize * 8), (259, 3, 1)]
+    entries += [] if photometric is None else [(262, 3, photometric)]
+    entries += [(273, 4, 0), (277, 3, 1), (278, 3, height), (279, 4, len(pixels))]
+    offset = 8 + 2 + 12 * len(entries) + 4
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        value = offset if tag == 273 else value
+        packed = struct.pack("<I", value) if kind == 4 else struct.pack("<HH", value, 0)  # LONG, or SHORT left-aligned
+        ifd += struct.pack("<HHI", tag, kind, 1) + packed
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + pixels
+
+
 def write(tmp_path: Path, name: str, data: bytes) -> Path:
     path = tmp_path / name
     path.write_bytes(data)
@@ -633,6 +650,26 @@ def test_the_monochrome1_hint_of_an_8_bit_jpeg_and_of_a_float_tiff(tmp_path):
     floats = write(tmp_path, "m1.tif", png_bytes(Image.fromarray(phantom().astype(np.float32)), "TIFF"))
     with pytest.raises(io.UnsupportedPhotometricError, match=r"m1.tif: a floating-point image has no stored range"):
         io.read_image(floats, photometric="MONOCHROME1")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_a_white_is_zero_tiff_is_read_air_dark_at_8_and_16_bits(tmp_path, dtype):
+    """TIFF PhotometricInterpretation 0 (WhiteIsZero, or no tag: Pillow's reading) stores air, black on film, as the
+    highest value. Pillow inverts it only at 1 to 8 bits: the 16-bit file came out air bright while the 8-bit one came
+    out air dark, and an 8-bit one with a MONOCHROME1 hint was inverted twice (air bright)."""
+    top = np.iinfo(dtype).max
+    stored = (gray8().astype(np.int64) * top // 255).astype(dtype)  # body bright: the band holds low stored values
+    stored = (top - stored).astype(dtype)
+    expected = top - stored.astype(np.float32)
+    for photometric in (0, None):
+        path = write(tmp_path, f"wiz_{photometric}.tif", tiff_bytes(stored, photometric))
+        for hint in (None, "MONOCHROME1", "MONOCHROME2"):
+            out, header = io.read_image(path, photometric=hint, bits_stored=12)
+            np.testing.assert_array_equal(out, expected)
+            assert center_minus_sides(out) > 0  # mediastinum brighter than the lungs: air dark
+    black_is_zero = write(tmp_path, "biz.tif", tiff_bytes(stored, 1))
+    np.testing.assert_array_equal(io.read_image(black_is_zero)[0], stored)  # stored as is: the hint decides
+    np.testing.assert_array_equal(io.read_image(black_is_zero, photometric="MONOCHROME1")[0], expected)
 
 
 @pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])

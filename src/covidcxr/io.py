@@ -265,8 +265,9 @@ def _decode(
     elif fmt == "jsrt":
         arr, header = _read_jsrt(data, source, max_pixels)
     else:
-        arr, header = _read_raster(data, fmt, source, max_pixels, _draft_size(target) if fmt == "jpeg" else None)
-        if isinstance(photometric, str) and photometric.strip().upper() == "MONOCHROME1":
+        draft = _draft_size(target) if fmt == "jpeg" else None
+        arr, header, inverted = _read_raster(data, fmt, source, max_pixels, draft)
+        if not inverted and isinstance(photometric, str) and photometric.strip().upper() == "MONOCHROME1":
             arr = _invert_monochrome1(arr, header, bits_stored, source)
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if arr.ndim != 2:
@@ -1031,15 +1032,23 @@ _MODE_BITS = {
 }  # fmt: skip
 _GRAY_MODES = ("1", "L", "I", "F", "I;16", "I;16B", "I;16L", "I;16N")
 _RGB_MODES = ("RGB", "RGBA", "RGBX", "RGBa")
+_TIFF_PHOTOMETRIC = 262  # PhotometricInterpretation; Pillow reads a TIFF without it as WhiteIsZero
+_WHITE_IS_ZERO = 0
+_PIL_INVERTS_WHITE_IS_ZERO = ("1", "L")  # Pillow's raw modes 1;I, L;2I, L;4I, L;I
 
 
 def _read_raster(
     data: bytes, fmt: str, source: str, max_pixels: int, draft: tuple[int, int] | None = None
-) -> tuple[np.ndarray, dict]:
+) -> tuple[np.ndarray, dict, bool]:
     """Size checked from the header before ``load()``; bombs, truncation and decoder errors become typed refusals.
 
     ``draft`` (width, height): a JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale that keeps both sides at
     least that size (Pillow's draft mode; the colour model is kept, so grayscale is still taken by :func:`_luminance`).
+
+    A TIFF whose PhotometricInterpretation (tag 262) is WhiteIsZero, or that has none (Pillow's reading), is inverted
+    for air dark at every bit depth: Pillow inverts it only at 1 to 8 bits (modes 1 and L), so a 16-bit one is
+    inverted here over its sample range (:func:`_invert_monochrome1`). The flag returned says the file's own header
+    decided the orientation, so that no caller's MONOCHROME1 hint inverts it again.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True; reset to False so truncated files are refused")
@@ -1054,6 +1063,7 @@ def _read_raster(
                 n_frames = int(getattr(img, "n_frames", 1) or 1)
                 _check_pixels(width * height * n_frames, max_pixels, source, f"{label} {width}x{height} x {n_frames}")
                 mode = img.mode
+                white_is_zero = fmt == "tiff" and img.tag_v2.get(_TIFF_PHOTOMETRIC, _WHITE_IS_ZERO) == _WHITE_IS_ZERO
                 if draft is not None and width >= 2 * draft[0] and height >= 2 * draft[1]:
                     img.draft(mode, draft)
                 img.load()
@@ -1075,7 +1085,9 @@ def _read_raster(
         format=fmt, width=width, height=height, n_frames=n_frames, photometric=mode,
         bits_stored=_MODE_BITS.get(mode), sex="unknown",
     )  # fmt: skip
-    return arr, header
+    if white_is_zero and mode not in _PIL_INVERTS_WHITE_IS_ZERO:
+        arr = _invert_monochrome1(arr, header, None, source)
+    return arr, header, white_is_zero
 
 
 def _invert_monochrome1(arr: np.ndarray, header: dict, bits_stored: int | None, source: str) -> np.ndarray:
@@ -1088,7 +1100,7 @@ def _invert_monochrome1(arr: np.ndarray, header: dict, bits_stored: int | None, 
     mode = header["photometric"]
     if mode == "F":
         raise UnsupportedPhotometricError(
-            source, "a floating-point image has no stored range to invert a MONOCHROME1 source's values over"
+            source, "a floating-point image has no stored range to invert MONOCHROME1 (white-is-zero) values over"
         )
     lo, hi = float(arr.min()), float(arr.max())
     stated = bits_stored if isinstance(bits_stored, (int, np.integer)) and not isinstance(bits_stored, bool) else None

@@ -866,6 +866,21 @@ def _deflated(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.parametrize("extra", [1, 2, 7, 8, 13])
+def test_bytes_after_a_complete_dicom_are_padding_and_a_cut_pixel_data_header_is_truncation(tmp_path, extra):
+    """A complete file followed by 1 to 7 bytes (a trailing newline, padding) was refused as cut inside an element
+    header, while 8 or more read fine. Only a file without its pixel data was cut there."""
+    data = make_dicom(phantom())
+    out, _ = io.read_image(write(tmp_path, "padded.dcm", data + b"\0" * extra))
+    np.testing.assert_array_equal(out, io.read_image(data)[0])
+    if extra < 8:
+        np.testing.assert_array_equal(io.read_image(data + b"\n" * extra)[0], out)
+    header_at = data.rindex(b"\xe0\x7f\x10\x00")  # the Pixel Data element: tag, VR OW, 2 reserved, 4-byte length
+    if extra < 12:
+        with pytest.raises(io.TruncatedImageError, match=r"cut.dcm: truncated"):
+            io.read_image(data[: header_at + extra], name="cut.dcm")
+
+
 def test_deflated_dicom_reads_like_the_plain_one(tmp_path):
     plain = make_dicom(phantom(), photometric="MONOCHROME1")
     data = _deflated(pydicom.dcmread(stdio.BytesIO(plain)))

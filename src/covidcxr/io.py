@@ -482,10 +482,11 @@ def _check_dicom_complete(ds: Dataset, data: bytes, source: str) -> None:
                 source,
                 f"truncated: DICOM element {tag} declares {raw.length} bytes, the file ends {end - len(data)} early",
             )
-    if end is not None and 0 < len(data) - end < 8:
-        # Fewer bytes than an element header after the last element: the next element was cut.
-        raise TruncatedImageError(source, "truncated: the DICOM file ends inside an element header")
     if "PixelData" not in ds:
+        if end is not None and 0 < len(data) - end < 8:
+            # Fewer bytes than an element header after the last element, and no pixel data: the next element (the
+            # Pixel Data at the latest) was cut inside its header. After the pixel data, such bytes are padding.
+            raise TruncatedImageError(source, "truncated: the DICOM file ends inside an element header")
         if any(tag in data for tag in _PIXEL_DATA_TAG_BYTES):
             raise TruncatedImageError(source, "truncated: the DICOM pixel data element (7FE0,0010) is incomplete")
         hint = " (the file may be truncated)" if "Rows" in ds else ""

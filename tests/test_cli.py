@@ -60,17 +60,15 @@ def test_calibrate_site_refuses_a_table_it_cannot_use_before_loading_any_model(t
     assert "cannot read" in capsys.readouterr().err
 
 
-def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distribution(tmp_path, monkeypatch, capsys):
-    """Real serving code (tiny untrained networks) whose OOD check refuses half of a site's films: without --admit
-    the threshold cannot be chosen (too few films answered); with it, every film joins and the site's OOD threshold is
-    the highest OOD score among them, which a request then uses to answer them all."""
-    import json
-
+def _ood_site(tmp_path: Path):
+    """Real serving code (tiny untrained networks) and a site of 24 labelled films (odd: COVID-19) whose OOD check
+    refuses the 12 furthest: the pipeline, a scorer of it, the site's folder and labels table, the films' base64 and
+    their entries without an OOD limit."""
     import numpy as np
     import pandas as pd
     from PIL import Image
 
-    from covidcxr import models, ood, preprocess, serving, sites
+    from covidcxr import models, ood, preprocess, serving
     from tests.helpers import SIZE, build_bundle, phantom
 
     pipeline = serving.Pipeline.load(build_bundle(tmp_path / "bundle", variant="c"))
@@ -83,7 +81,6 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
     def score(images: list[str], params: dict) -> list[dict]:
         return pyfunc.predict(None, pd.DataFrame({serving.INPUT_COLUMN: images}), params)
 
-    monkeypatch.setattr(cli, "_scorer", lambda *args: score)
     site = tmp_path / "site"
     site.mkdir()
     for i in range(24):
@@ -92,8 +89,21 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
     table.write_text("file,label\n" + "".join(f"f{i}.png,{'covid' if i % 2 else 'negative'}\n" for i in range(24)))
     images = [serving.encode_file(site / f"f{i}.png") for i in range(24)]
     everything = score(images[:12], {"ood_threshold": 1e300}) + score(images[12:], {"ood_threshold": 1e300})
+    pipeline.classifier.ood.threshold_ = sorted(e["ood_score"] for e in everything)[11]  # the 12 nearest answered
+    return pipeline, score, site, table, images, everything
+
+
+def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distribution(tmp_path, monkeypatch, capsys):
+    """Real serving code (tiny untrained networks) whose OOD check refuses half of a site's films: without --admit
+    the threshold cannot be chosen (too few films answered); with it, every film joins and the site's OOD threshold is
+    the highest OOD score among them, which a request then uses to answer them all."""
+    import json
+
+    from covidcxr import sites
+
+    pipeline, score, site, table, images, everything = _ood_site(tmp_path)
     ood_scores = sorted(e["ood_score"] for e in everything)
-    pipeline.classifier.ood.threshold_ = ood_scores[11]  # the model answers the 12 nearest films only
+    monkeypatch.setattr(cli, "_scorer", lambda *args: score)
 
     assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9"]) == 1
     assert "10 COVID-19 and 10 negative films" in capsys.readouterr().err
@@ -177,6 +187,64 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
     thresholds.write_text('{"ood_threshold": 3}')
     assert cli.main(["predict", str(site / "f0.png"), "--site", str(thresholds)]) == 2
     assert "not a thresholds file of `covidcxr calibrate-site --output`" in capsys.readouterr().err
+
+
+def test_calibrate_site_takes_its_answers_from_one_model_at_its_own_thresholds(tmp_path, monkeypatch, capsys):
+    """calibrate-site took the model's name, version and threshold from the first answer and never looked at the
+    others: a load balancer mid-rollout (two versions), a replica applying a site's file, or a second pass (--admit)
+    answered by another version mixed them into one thresholds file. Now any of them is refused, naming the models."""
+    import copy
+    import dataclasses
+    import itertools
+
+    import pandas as pd
+
+    from covidcxr import serving, sites
+
+    pipeline, _, site, table, _, _ = _ood_site(tmp_path)
+
+    def replica(**changes) -> serving.CovidCxrModel:
+        served = copy.copy(pipeline)
+        served.config = dataclasses.replace(pipeline.config, **{k: v for k, v in changes.items() if k != "site"})
+        served.site = changes.get("site")
+        pyfunc = serving.CovidCxrModel()
+        pyfunc.pipeline = served
+        return pyfunc
+
+    def balancer(*replicas: serving.CovidCxrModel):
+        turn = itertools.cycle(replicas)
+
+        def score(images: list[str], params: dict) -> list[dict]:  # each request to the next replica
+            return next(turn).predict(None, pd.DataFrame({serving.INPUT_COLUMN: images}), params)
+        return lambda *args: score
+
+    v1, v2 = replica(model_version="1"), replica(model_version="2")
+    monkeypatch.setattr(cli, "_scorer", balancer(v1))
+    assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9", "--admit"]) == 0  # one model: as before
+    capsys.readouterr()
+    monkeypatch.setattr(cli, "_scorer", balancer(v1, v2))  # mid-rollout
+    assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9", "--admit"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "answered by 2 models (covidcxr v1 (" in captured.err
+    assert "covidcxr v2 (" in captured.err
+    assert "f0.png" not in captured.err
+
+    def second_pass_elsewhere(*args):  # the first pass on v1, --admit's on v2
+        def score(images: list[str], params: dict) -> list[dict]:
+            served = v2 if "ood_threshold" in params else v1
+            return served.predict(None, pd.DataFrame({serving.INPUT_COLUMN: images}), params)
+        return score
+
+    monkeypatch.setattr(cli, "_scorer", second_pass_elsewhere)
+    assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9", "--admit"]) == 1
+    assert "answered by 2 models (covidcxr v1 (24 films), covidcxr v2 (12 films))" in capsys.readouterr().err
+
+    at_site = replica(model_version="1", site=sites.SiteThresholds(0.5, None, "1", "covidcxr"))
+    monkeypatch.setattr(cli, "_scorer", balancer(v1, at_site))  # the probe reaches v1; some films the site's replica
+    assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "at other thresholds than the model's own (" in captured.err
+    assert "at thresholds_from site" in captured.err
 
 
 def test_calibrate_site_log_tags_the_model_that_answered_not_the_model_uri_s(registry, tmp_path, capsys):

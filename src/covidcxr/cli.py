@@ -214,6 +214,10 @@ def _calibrate_site(args: argparse.Namespace) -> int:
     if first is None:
         print(f"calibrate-site: none of the {len(rows)} films could be read ({refused})", file=sys.stderr)
         return 1
+    mixed = _not_one_model(served, again)
+    if mixed:
+        print(f"calibrate-site: {mixed}", file=sys.stderr)
+        return 1
     try:
         rule, rule_from = _site_rule(args, first["model_version"], first.get("threshold"))
     except RuntimeError as err:
@@ -260,6 +264,36 @@ def _calibrate_site(args: argparse.Namespace) -> int:
     if args.log:
         return _log_site(out, args)
     return 0
+
+
+def _not_one_model(served: Sequence[tuple[str, dict]], again: Sequence[tuple[str, dict]]) -> str | None:
+    """Why ``calibrate-site``'s answers (``served``, the first pass; ``again``, ``--admit``'s) cannot choose a site's
+    thresholds, or None: they must all come from one model (registered name and version), answering the first pass at
+    its own thresholds (``thresholds_from: model``). A server behind a load balancer mid-rollout, or a replica that
+    applies a site's file, would otherwise mix scores or calls of two models, or of a site, into one file."""
+    from collections import Counter
+
+    from covidcxr import sites
+
+    def models(rows: Sequence[tuple[str, dict]]) -> Counter:
+        return Counter((e.get("model_name"), str(e["model_version"])) for _, e in rows
+                       if e.get("model_version") is not None)
+
+    seen = models(served) + models(again)
+    if len(seen) > 1:
+        named = ", ".join(f"{name or 'a model without a name'} v{version} ({n} films)"
+                          for (name, version), n in sorted(seen.items(), key=str))
+        return (f"the films were answered by {len(seen)} models ({named}): a site's thresholds are chosen on one "
+                "model's scores; calibrate when every request reaches the same model (a server mid-rollout, or "
+                "replicas of several versions, answer with several)")
+    whose = Counter(str(e.get("thresholds_from")) for _, e in served
+                    if e.get("model_version") is not None and e.get("thresholds_from") != "model")
+    if whose:
+        named = ", ".join(f"{n} at thresholds_from {source}" for source, n in sorted(whose.items()))
+        return (f"{sum(whose.values())} films were answered at other thresholds than the model's own ({named}): a site "
+                "is calibrated against the model's own thresholds; calibrate where no replica applies a site's "
+                f"(${sites.ENV}) and the model reports whose thresholds it answered at")
+    return None
 
 
 def _log_site(out: dict, args: argparse.Namespace) -> int:

@@ -762,10 +762,11 @@ def test_a_study_the_scorer_fails_on_is_counted_and_the_pass_goes_on(own_orthanc
 
 
 @contextlib.contextmanager
-def dicomweb_answering(wado: dict[str, tuple[str, bytes] | int], *, down_after: str | None = None,
-                       stored: list[str] | None = None) -> Iterator[str]:
-    """A DICOMweb server whose QIDO-RS finds one CR image in each study of ``wado`` and whose WADO-RS answers it with
-    that study's (content type, body), or that HTTP status; ``down_after``: a study after whose WADO-RS request every
+def dicomweb_answering(wado: dict[str, tuple[str, bytes] | int | list[tuple[str, bytes] | int]], *,
+                       down_after: str | None = None, stored: list[str] | None = None) -> Iterator[str]:
+    """A DICOMweb server whose QIDO-RS finds one CR image in each study of ``wado`` (or one per item of a list: SOP
+    Instance UIDs STUDY.1.1, STUDY.1.2...) and whose WADO-RS answers it with that study's (content type, body), or that
+    HTTP status; ``down_after``: a study after whose WADO-RS request every
     request is answered 503 (the PACS gone); STOW-RS takes everything (``stored``: the study UIDs stored into)."""
     from urllib.parse import urlparse
 
@@ -773,6 +774,9 @@ def dicomweb_answering(wado: dict[str, tuple[str, bytes] | int], *, down_after: 
         return {f"{pydicom.datadict.tag_for_keyword(keyword):08X}": {"vr": vr, "Value": [value]}}
 
     gone = threading.Event()
+
+    def answers(study: str) -> list[tuple[str, bytes] | int]:
+        return wado[study] if isinstance(wado[study], list) else [wado[study]]
 
     class Server(Quiet):
         def do_GET(self):  # noqa: N802 - the http.server API
@@ -786,11 +790,12 @@ def dicomweb_answering(wado: dict[str, tuple[str, bytes] | int], *, down_after: 
             elif len(parts) == 3 and parts[2] == "instances":
                 kind, body = "application/dicom+json", json.dumps([
                     element("Modality", "CS", "CR") | element("SeriesInstanceUID", "UI", f"{parts[1]}.1")
-                    | element("SOPInstanceUID", "UI", f"{parts[1]}.1.1")]).encode()
+                    | element("SOPInstanceUID", "UI", f"{parts[1]}.1.{k + 1}")
+                    for k in range(len(answers(parts[1])))]).encode()
             else:
                 if parts[1] == down_after:
                     gone.set()
-                answer = wado[parts[1]]
+                answer = answers(parts[1])[int(parts[5].rsplit(".", 1)[1]) - 1]
                 if isinstance(answer, int):
                     self.answer(answer, "text/plain", b"failed")
                     return
@@ -807,15 +812,16 @@ def dicomweb_answering(wado: dict[str, tuple[str, bytes] | int], *, down_after: 
         yield f"http://127.0.0.1:{port}/dicom-web"
 
 
-def wado_film(study_uid: str) -> tuple[str, bytes]:
-    """A WADO-RS answer (content type, body) holding the CR film that :func:`dicomweb_answering` finds in a study."""
+def wado_film(study_uid: str, k: int = 1, **elements) -> tuple[str, bytes]:
+    """A WADO-RS answer (content type, body) holding the ``k``-th CR film that :func:`dicomweb_answering` finds in a
+    study (``elements``: more header attributes)."""
     import numpy as np
 
     from tests.helpers import phantom
     from tests.test_io import make_dicom
 
     data = make_dicom(np.round(phantom(seed=0) * 4000).astype(np.uint16), StudyInstanceUID=study_uid,
-                      SeriesInstanceUID=f"{study_uid}.1", SOPInstanceUID=f"{study_uid}.1.1")
+                      SeriesInstanceUID=f"{study_uid}.1", SOPInstanceUID=f"{study_uid}.1.{k}", **elements)
     return ('multipart/related; type="application/dicom"; boundary=b0undary',
             b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n--b0undary--\r\n")
 
@@ -1007,6 +1013,20 @@ def test_a_header_no_result_can_be_made_from_fails_its_study_before_scoring(own_
     counted, sent = counting(scorer(pipeline)[0])
     summary = pacs.run(dicomweb(own_orthanc), counted, "covidcxr")
     assert (summary.images, summary.failed_studies, summary.stored_sr, sent) == (2, 1, 0, [])
+
+
+def test_an_image_whose_header_no_result_can_be_made_from_is_left_out_and_the_others_scored(pipeline, caplog):
+    """The first header no result could be made from (a vendor's private SOP class beside a normal CR) failed its
+    whole study before scoring: none of its images was ever scored. It is now left out alone (counted, its hashed id
+    logged), the study's other images are scored and stored, and the study fails once they are."""
+    caplog.set_level(logging.DEBUG)
+    counted, sent = counting(scorer(pipeline)[0])
+    study = UIDS[0]
+    with dicomweb_answering({study: [wado_film(study, 1, SOPClassUID="1.2.826.0.1.3680043.8.498.999"),
+                                     wado_film(study, 2)]}) as url:
+        summary = pacs.run(pacs.DicomWeb(url, retries=0), counted, "covidcxr")
+    assert (summary.images, summary.unusable, summary.stored_sr, summary.failed_studies, sent) == (2, 1, 1, 1, [1])
+    assert pacs.hashed(f"{study}.1.1") in caplog.text and study not in caplog.text
 
 
 @pytest.mark.infra

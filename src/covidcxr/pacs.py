@@ -138,6 +138,7 @@ class Summary:
     stored_sr: int = 0
     stored_sc: int = 0
     deferred: int = 0  # images the scorer failed on (serving.RETRY_REASONS): no result, sent again on the next pass
+    unusable: int = 0  # images whose header no result can be made from: not scored, their study failed
     failed_studies: int = 0
     skipped_studies: int = 0  # of failed_studies: not tried, having failed GIVE_UP_AFTER passes in a row
     reasons: dict[str, int] = field(default_factory=dict)
@@ -475,28 +476,40 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
                   batch_size: int = 8) -> None:
     """Score every CR/DX image of the study without a result of ``model`` and store its SR (and SC); an image the
     scorer failed on (:data:`covidcxr.serving.RETRY_REASONS`) gets none, so that the next pass sends it again, and
-    fails the study (:class:`StudyFailed`) once the others are stored."""
+    an image whose header no result can be made from (:func:`header_problem`) is not scored: either fails the study
+    (:class:`StudyFailed`) once the others' results are stored."""
     pending, done = pending_sources(pacs.study_instances(study_uid), study_uid, model)
     summary.images += len(pending) + done
     summary.already_done += done
     series = series_uids(study_uid, model)
     deferred: dict[str, int] = {}
+    unusable: dict[str, int] = {}  # images whose header no result can be made from, by the error's type
     for start in range(0, len(pending), batch_size):
-        chunk = pending[start:start + batch_size]
-        datasets = [pacs.retrieve(source) for source in chunk]
-        headers = [header_only(ds) for ds in datasets]
-        for header in headers:
-            check_header(header, model)
-        entries = score_files(score, [file_base64(ds) for ds in datasets])
-        del datasets
+        usable: list[tuple[int, Source, Dataset]] = []  # (position in pending, source, header) of those to score
+        files: list[str] = []
+        for position, source in enumerate(pending[start:start + batch_size], start):
+            dataset = pacs.retrieve(source)
+            header = header_only(dataset)
+            problem = header_problem(header, model)
+            if problem is not None:
+                unusable[problem] = unusable.get(problem, 0) + 1
+                log.warning("study %s: image %s not scored: no result can be made from its header (%s)",
+                            hashed(study_uid), hashed(source.sop_uid), problem)
+                continue
+            usable.append((position, source, header))
+            files.append(file_base64(dataset))
+        if not usable:
+            continue
+        entries = score_files(score, files)
+        del files
         answered = {(str(e.get("model_name") or model.name), str(e["model_version"])) for e in entries}
         if answered != {(model.name, model.version)}:
             raise ModelChanged(f"the scorer answered with {', '.join(f'{n} v{v}' for n, v in sorted(answered))}, "
                                f"expected {model.name} v{model.version}: the served model changed during the run; "
                                "run again")
         srs, scs = [], []
-        for offset, (source, header, entry) in enumerate(zip(chunk, headers, entries)):
-            uids, number = result_uids(source.sop_uid, model), done + start + offset + 1
+        for (position, source, header), entry in zip(usable, entries):
+            uids, number = result_uids(source.sop_uid, model), done + position + 1
             if not entry["accepted"] and entry.get("reason") in serving.RETRY_REASONS:  # not the image's failure
                 deferred[entry["reason"]] = deferred.get(entry["reason"], 0) + 1
                 continue
@@ -510,7 +523,7 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
                 if entry["accepted"] and entry.get(serving.GRADCAM_FIELD):
                     scs.append(build_sc(header, entry[serving.GRADCAM_FIELD], model, series["sc"], uids["sc"], number))
                 srs.append(build_sr(header, entry, model, series["sr"], uids["sr"], number))
-            except BUILD_ERRORS as err:  # what check_header did not foresee; the error's text may quote the header
+            except BUILD_ERRORS as err:  # what header_problem did not foresee; the error's text may quote the header
                 raise StudyFailed(f"its results cannot be made ({type(err).__name__}), after scoring") from None
         pacs.store(scs, study_uid)  # overlays first: an image is done once its SR is stored
         summary.stored_sc += len(scs)
@@ -518,25 +531,31 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
         summary.stored_sr += len(srs)
     log.log(logging.INFO if pending else logging.DEBUG, "study %s: %d CR/DX image(s), %d already done, %d processed",
             hashed(study_uid), len(pending) + done, done, len(pending))
+    summary.deferred += sum(deferred.values())
+    summary.unusable += sum(unusable.values())
+    why = []
     if deferred:
-        summary.deferred += sum(deferred.values())
-        raise StudyFailed(f"the scorer failed on {sum(deferred.values())} image(s) "
-                          f"({', '.join(f'{r} {n}' for r, n in sorted(deferred.items()))}): no result written")
+        why.append(f"the scorer failed on {sum(deferred.values())} image(s) "
+                   f"({', '.join(f'{r} {n}' for r, n in sorted(deferred.items()))}): no result written")
+    if unusable:
+        why.append(f"no result can be made from the header of {sum(unusable.values())} image(s) "
+                   f"({', '.join(f'{r} {n}' for r, n in sorted(unusable.items()))}), found before scoring them")
+    if why:
+        raise StudyFailed("; ".join(why))
 
 
-def check_header(header: Dataset, model: ModelId) -> None:
-    """An SR and an SC made of ``header`` with stand-in content, and thrown away: run before its image is scored, so
-    that a header the results cannot be made from fails its study before the scorer (and the prediction log) sees the
-    image, not after it on every pass. :class:`StudyFailed` names the error's type only: its text may quote the
-    header."""
+def header_problem(header: Dataset, model: ModelId) -> str | None:
+    """Why no result can be made from ``header`` (the error's type: its text may quote the header), or None: an SR
+    and an SC made of it with stand-in content, and thrown away. Run before its image is scored, so that such an image
+    is not scored (nor logged by the prediction log) on every pass, while its study's other images are."""
     uid = generate_uid(entropy_srcs=["covidcxr", "header check"])
     entry = {**dict.fromkeys(serving.FIELDS), "accepted": False, "reason": "internal_error"}
     try:
         build_sr(header, entry, model, uid, uid, 1)
         build_sc(header, serving.probe_image(), model, uid, uid, 1)
     except BUILD_ERRORS as err:
-        raise StudyFailed(f"its results cannot be made from an image's header ({type(err).__name__}), found before "
-                          "scoring it") from None
+        return type(err).__name__
+    return None
 
 
 def score_files(score: serving.Scorer, files: list[str]) -> list[dict]:

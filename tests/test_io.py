@@ -586,6 +586,33 @@ def test_png_16_bit_keeps_values_above_255(tmp_path):
     assert out.max() > 255 and header["photometric"].startswith("I") and header["bits_stored"] in (16, 32)
 
 
+def png16_bytes(samples: np.ndarray, colour_type: int) -> bytes:
+    """A 16-bit PNG of ``samples`` (height, width, channels), written by hand: Pillow cannot save 16-bit colour."""
+    height, width = samples.shape[:2]
+    rows = b"".join(b"\0" + samples[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("colour_type", "channels", "what"), [(2, 3, "RGB"), (6, 4, "RGBA"), (4, 2, "gray with alpha")]
+)
+def test_a_16_bit_colour_png_is_refused_not_cut_to_8_bits(tmp_path, colour_type, channels, what):
+    """Pillow decodes a 16-bit RGB(A) or gray-with-alpha PNG to 8 bits a sample (the high byte): it was read with
+    every value's low byte lost, where the README promises PNG's native 16-bit intensities."""
+    gray = (phantom() * 20).astype(np.uint16)  # up to 60000, low bytes set
+    path = write(tmp_path, "rgb48.png", png16_bytes(np.stack([gray] * channels, axis=-1), colour_type))
+    with pytest.raises(io.UnsupportedPhotometricError, match=rf"rgb48.png: 16-bit {what} PNG is not supported"):
+        io.read_image(path)
+    out, header = io.read_image(png16_bytes(gray[..., None], 0))  # 16-bit gray is read whole
+    np.testing.assert_array_equal(out, gray)
+    assert header["photometric"].startswith("I")
+
+
 def test_32_bit_integer_tiff(tmp_path):
     img = phantom().astype(np.int32) * 100
     out, header = io.read_image(write(tmp_path, "i.tif", png_bytes(Image.fromarray(img, mode="I"), "TIFF")))

@@ -1055,6 +1055,8 @@ def _read_raster(
         logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True; reset to False so truncated files are refused")
         ImageFile.LOAD_TRUNCATED_IMAGES = False
     label = fmt.upper()
+    if fmt == "png":
+        _check_png_depth(data, source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -1089,6 +1091,24 @@ def _read_raster(
     if white_is_zero and mode not in _PIL_INVERTS_WHITE_IS_ZERO:
         arr = _invert_monochrome1(arr, header, None, source)
     return arr, header, white_is_zero
+
+
+# PNG IHDR colour types whose 16-bit samples Pillow decodes to 8 bits (gray with alpha: to RGBA)
+_PNG_CUT_TO_8_BITS = {2: "RGB", 4: "gray with alpha", 6: "RGBA"}
+
+
+def _check_png_depth(data: bytes, source: str) -> None:
+    """A 16-bit PNG in colour or with alpha is refused: Pillow decodes it to 8 bits a sample (the high byte), which
+    would silently lose the low byte of every native intensity. 16-bit gray (I;16) is read whole."""
+    if data[12:16] != b"IHDR" or len(data) < 26:
+        return  # Pillow reports the malformed header
+    depth, colour = data[24], data[25]
+    if depth == 16 and colour in _PNG_CUT_TO_8_BITS:
+        raise UnsupportedPhotometricError(
+            source,
+            f"16-bit {_PNG_CUT_TO_8_BITS[colour]} PNG is not supported: it would be decoded to 8 bits a "
+            "sample, losing the low byte of every value (save it as 16-bit grayscale)",
+        )
 
 
 def _invert_monochrome1(arr: np.ndarray, header: dict, bits_stored: int | None, source: str) -> np.ndarray:

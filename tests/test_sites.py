@@ -349,3 +349,22 @@ def test_the_sensitivity_promise_counts_patients_where_the_labels_say_whose_film
     assert by_film.threshold == score[1] and by_patient.threshold == score[0]
     assert (by_patient.sensitivity, by_patient.n_positive, by_patient.min_sensitivity) == (1.0, 20, 0.9)
     assert sites.covid_patients(y, patients) == 10 and sites.covid_patients(y, None) is None
+
+
+def test_a_labels_table_saved_by_excel_or_spaced_by_hand_is_read_and_a_wrong_header_named(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark, and "file, label" names a column " label": both were refused
+    as rows without file and label. Now read; a header without them says which columns it found."""
+    table = tmp_path / "labels.csv"
+    films = [(str(tmp_path / "f0.png"), True, None), (str(tmp_path / "f1.png"), False, None)]
+    table.write_bytes("file,label\r\nf0.png,covid\r\nf1.png,negative\r\n".encode("utf-8-sig"))
+    assert sites.read_labels(table) == films
+    table.write_text("file, label\nf0.png, covid\nf1.png,negative \n")
+    assert sites.read_labels(table) == films
+    table.write_text("film,diagnosis\nf0.png,covid\n")
+    with pytest.raises(sites.LabelsFileError, match=r"has no column file or label in its first line.*found "
+                                                    r"\['film', 'diagnosis'\]") as caught:
+        sites.read_labels(table)
+    assert str(table) in str(caught.value)
+    table.write_text("")
+    with pytest.raises(sites.LabelsFileError, match=r"found none \(an empty file\)"):
+        sites.read_labels(table)

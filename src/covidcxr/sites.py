@@ -144,15 +144,24 @@ def read_labels(path: str | os.PathLike) -> list[LabelledFilm]:
     import csv
 
     labels = Path(path)
-    try:
-        with labels.open(newline="", encoding="utf-8") as fh:
+    try:  # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would be part of the first column's name
+        with labels.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
+            columns = [name.strip() for name in reader.fieldnames or ()]  # "file, label" names label
+            reader.fieldnames = columns
             table = list(reader)
-            by_patient = "patient" in (reader.fieldnames or ())
     except OSError as err:
         raise LabelsFileError(f"cannot read {labels} ({err.strerror})") from None
     except (UnicodeDecodeError, csv.Error) as err:
         raise LabelsFileError(f"{labels} is not a UTF-8 CSV table ({type(err).__name__})") from None
+    missing = [name for name in ("file", "label") if name not in columns]
+    if missing:
+        found = columns or "none (an empty file)"
+        raise LabelsFileError(f"{labels} has no column {' or '.join(missing)} in its first line: it needs the columns "
+                              f"file and label (covid or negative), patient optional; found {found}")
+    by_patient = "patient" in columns
+    for row in table:
+        row["label"] = (row["label"] or "").strip()
     bad = [i for i, row in enumerate(table, start=2) if row.get("label") not in ("covid", "negative")
            or not row.get("file") or (by_patient and not (row.get("patient") or "").strip())]
     if not table or bad:

@@ -480,6 +480,37 @@ def test_unreachable_pacs_is_a_typed_error_naming_the_endpoint_after_bounded_ret
     assert waits == [0.05, 0.1]  # bounded: two retries with exponential backoff, then the error
 
 
+def test_408_and_429_are_retried_after_their_retry_after_then_the_pacs_is_unavailable():
+    """A 408 or 429 (the PACS busy) failed the study as if it were the study's own problem. They are now retried like
+    a 5xx, after the answer's Retry-After (bounded) where it gives one, and once the retries run out the PACS is
+    unavailable."""
+    answers = [(429, "7"), (429, "3600"), (408, None)]
+
+    class Busy(Quiet):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            status, after = answers.pop(0) if answers else (200, None)
+            body = b"[]" if status == 200 else b"busy"
+            self.send_response(status)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            if after:
+                self.send_header("Retry-After", after)
+            self.end_headers()
+            self.wfile.write(body)
+
+    waits: list[float] = []
+    with loopback(Busy) as port:
+        url = f"http://127.0.0.1:{port}/dicom-web"
+        assert pacs.DicomWeb(url, retries=3, backoff=0.5, sleep=waits.append).find_studies() == []
+        assert waits == [7.0, pacs.MAX_RETRY_AFTER, 0.5 * 2 ** 2]
+        answers[:] = [(429, None)] * 2
+        with pytest.raises(pacs.PacsUnavailable, match="HTTP 429 after 2 attempts"):
+            pacs.DicomWeb(url, retries=1, backoff=0, sleep=waits.append).find_studies()
+    now = dt.datetime(2024, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
+    assert pacs.retry_after("Fri, 01 Mar 2024 12:00:30 GMT", now=now) == 30.0
+    assert pacs.retry_after("soon") is None and pacs.retry_after(None) is None
+
+
 def test_result_uids_are_deterministic_per_source_and_model():
     one, two = pacs.ModelId("covidcxr", "1"), pacs.ModelId("covidcxr", "2")
     assert pacs.result_uids("1.2.3", one) == pacs.result_uids("1.2.3", one)

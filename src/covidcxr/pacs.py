@@ -53,6 +53,10 @@ USER_ENV, PASSWORD_ENV = "COVIDCXR_PACS_USER", "COVIDCXR_PACS_PASSWORD"
 #: unreachable one does, unless the scorer answers a probe right after (then they were the study's); any other error
 #: answer is the study's own failure.
 SCORER_DOWN = frozenset({502, 503, 504})
+#: HTTP statuses that say "not now" (request timeout, too many requests): retried like a 5xx, never the study's own
+#: failure. A retried answer's Retry-After (at most MAX_RETRY_AFTER seconds) replaces the backoff.
+RETRY_LATER = frozenset({408, 429})
+MAX_RETRY_AFTER = 120.0
 #: What highdicom raises for a header value it refuses (the text may quote the header: only the type is reported).
 BUILD_ERRORS = (ValueError, TypeError, AttributeError, KeyError)
 #: A study that failed this many consecutive passes of one worker process is not tried again by it (it stays counted
@@ -188,28 +192,31 @@ class DicomWeb:
         self.client.set_http_retry_params(retry=False)  # one retry loop, ours (bounded, with backoff)
 
     def _call(self, operation: str, fn: Callable, *args, **kwargs):
-        """``fn(*args, **kwargs)``, retried on refused/timed-out connections and 5xx answers, else a typed error."""
+        """``fn(*args, **kwargs)``, retried on refused/timed-out connections and 5xx, 408 and 429 answers (after
+        their Retry-After where they give one), else a typed error."""
         import requests
 
-        problem = ""
+        problem, wait = "", None
         for attempt in range(self.retries + 1):
             if attempt:
-                self._sleep(self.backoff * 2 ** (attempt - 1))
+                self._sleep(self.backoff * 2 ** (attempt - 1) if wait is None else wait)
+            wait = None
             try:
                 return fn(*args, **kwargs)
             except requests.HTTPError as err:
                 status = err.response.status_code if err.response is not None else 0
-                if 0 < status < 500:
+                if 0 < status < 500 and status not in RETRY_LATER:
                     hint = " (check $COVIDCXR_PACS_USER/$COVIDCXR_PACS_PASSWORD)" if status in (401, 403) else ""
                     raise PacsError(f"DICOMweb server {self.endpoint} answered HTTP {status} to {operation}{hint}") \
                         from None
+                wait = retry_after(err.response.headers.get("Retry-After")) if err.response is not None else None
                 problem = f"HTTP {status}"
             except requests.exceptions.SSLError:  # no retry mends an untrusted certificate
                 raise PacsError(f"DICOMweb server {self.endpoint}: its TLS certificate is not trusted ({operation}); "
                                 "give its certificate authority as --pacs-ca-bundle") from None
             except (requests.ConnectionError, requests.Timeout) as err:
                 problem = type(err).__name__
-        raise PacsUnavailable(f"DICOMweb server {self.endpoint} is unreachable ({operation}): {problem} after "
+        raise PacsUnavailable(f"DICOMweb server {self.endpoint} is unreachable or busy ({operation}): {problem} after "
                               f"{self.retries + 1} attempts")
 
     def answers(self) -> bool:
@@ -292,6 +299,27 @@ class DicomWeb:
             reasons = sorted({str(item.get("FailureReason", "?")) for item in failed})
             raise PacsError(f"DICOMweb server {self.endpoint} refused {len(failed)} of {len(datasets)} instances "
                             f"(failure reasons {', '.join(reasons)})")
+
+
+def retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """The seconds a Retry-After header asks to wait (delay seconds or an HTTP date), at most
+    :data:`MAX_RETRY_AFTER`; None when it is absent or unreadable (the backoff applies)."""
+    import email.utils
+
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = (when - (now or dt.datetime.now(dt.UTC))).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def qido_value(item: dict, keyword: str) -> str | None:

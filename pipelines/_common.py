@@ -16,7 +16,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
@@ -60,6 +60,8 @@ PREDICTIONS = "predictions.csv"  # beside each classifier's model files
 EVALUATE_DIR = Path("reports/evaluate")
 EXPLAIN_METRICS = Path("reports/explain/metrics.json")
 AUDIT_REPORT = Path("reports/audit/audit.json")
+FRONTAL_REPORT = Path("reports/filter_frontal/metrics.json")  # with the projection filter run it applied
+SEGMENT_REPORT = Path("reports/segment/metrics.json")  # with the U-Net run and the mask rules it applied
 REGISTERED = Path("reports/register/registered.json")
 
 
@@ -232,36 +234,59 @@ def read_report(path: str | os.PathLike, made_by: str, error: type[ValueError] =
         raise error(f"{path}: not valid JSON ({err})") from None
 
 
+def made_with(path: str | os.PathLike, made_by: str, run_id: object, *, key: str, model: str, verb: str,
+              product: str, holder: str, recorded_in: str, rerun: str,
+              rules: Mapping[str, tuple[object, str]] | None = None, error: type[ValueError] = ValueError) -> dict:
+    """``made_by``'s JSON report at ``path``, when what it records having used is what is used now: its ``key`` is
+    the ``model`` run ``run_id`` (the weights a later stage bundles or describes), and each of its ``rules`` (name:
+    (the value used now, where that value is stated)) has that value. The one rule by which `register` and
+    `model_card` refuse to ship or card anything made with other weights or rules than theirs (a model retrained, or
+    params changed, since the report's stage ran: ``dvc repro -s register`` after one of them).
+
+    ``verb`` says what the report's stage did with the weights ("measured", "applied"), ``product`` what it made of
+    them ("figures", "masks"); ``holder`` says, as a clause, who holds the weights ("artifacts/models/unet holds",
+    "covidcxr v1 bundles"); ``recorded_in`` where its run id is recorded; ``rerun`` what to run again. ``error`` (a
+    ValueError) naming the report and both values when they differ, or naming what does not record its value (written
+    before it was recorded: what the report is of cannot be checked, so it is refused)."""
+    path = Path(path)
+    report = read_report(path, made_by, error)
+    if not isinstance(report, dict):
+        raise error(f"{path}: not {'an' if made_by[:1] in 'aeiou' else 'a'} {made_by} report (not a JSON object); "
+                    f"rerun {rerun}")
+    used = report.get(key)
+    if used is None or run_id is None:
+        unknown = [f"{path} ({key}) does not say which {model} run it is of (written before {made_by} recorded "
+                   "it)"] if used is None else []
+        if run_id is None:
+            unknown.append(f"{recorded_in} does not say which {model} run {holder} (written before that was "
+                           "recorded)")
+        check = (f"a report that does not say which weights it {verb} cannot be checked against those {holder} "
+                 f"(run {run_id if run_id is not None else 'not recorded'})" if used is None else
+                 f"{product} of run {used} cannot be checked against weights of no recorded run")
+        raise error(f"{'; '.join(unknown)}: {check}; rerun {rerun}")
+    if used != run_id:
+        raise error(f"{path} {verb} the weights of run {used}, but {holder} those of run {run_id} (a {model} "
+                    f"retrained since): its {product} are not of these weights; rerun {rerun}")
+    for name, (value, stated_in) in (rules or {}).items():
+        if name not in report:
+            raise error(f"{path} ({name}) does not say which {name} {made_by} applied (written before it recorded "
+                        f"it): its {product} cannot be checked against {stated_in} ({value!r}); rerun {rerun}")
+        if report[name] != value:
+            raise error(f"{path}: {made_by} applied {name} {report[name]!r}, but {stated_in} is {value!r} (changed "
+                        f"since {made_by} ran): its {product} are not of the {name} served; rerun {rerun}")
+    return report
+
+
 def evaluation_of_weights(classifier: str, run_id: object, *, holder: str, recorded_in: str, rerun: str,
+                          rules: Mapping[str, tuple[object, str]] | None = None,
                           error: type[ValueError] = ValueError) -> dict:
     """Evaluate's report of ``classifier`` (``reports/evaluate/<classifier>/metrics.json``), when it measured the
-    weights of run ``run_id``: its ``run_id`` is that run. The one rule `register` (the weights in the model folder)
-    and `model_card` (the weights register bundled) check their figures by, so that no figures of other weights (a
-    classifier retrained since) are registered or carded.
-
-    ``holder`` says, as a clause, who holds the weights ("artifacts/models/classifier_c_vgg16 holds", "covidcxr v1
-    bundles"); ``recorded_in`` where its run id is recorded; ``rerun`` what to run again. ``error`` (a ValueError)
-    naming the report and both run ids when they differ, or naming what does not record its run (written before it
-    was recorded: which weights the figures are of cannot be checked, so they are refused)."""
-    path = EVALUATE_DIR / classifier / "metrics.json"
-    evaluation = read_report(path, "evaluate", error)
-    if not isinstance(evaluation, dict):
-        raise error(f"{path}: not an evaluate report (not a JSON object); rerun {rerun}")
-    measured = evaluation.get("run_id")
-    if measured is None or run_id is None:
-        unknown = [f"{path} (run_id) does not say which classifier run it is of (written before evaluate recorded "
-                   "it)"] if measured is None else []
-        if run_id is None:
-            unknown.append(f"{recorded_in} does not say which classifier run {holder} (written before that was "
-                           "recorded)")
-        check = (f"a report that does not say which weights it measured cannot be checked against those {holder} "
-                 f"(run {run_id if run_id is not None else 'not recorded'})" if measured is None else
-                 f"figures of run {measured} cannot be checked against weights of no recorded run")
-        raise error(f"{'; '.join(unknown)}: {check}; rerun {rerun}")
-    if measured != run_id:
-        raise error(f"{path} measured the weights of run {measured}, but {holder} those of run {run_id} (a classifier "
-                    f"retrained since): its figures are not of these weights; rerun {rerun}")
-    return evaluation
+    weights of run ``run_id`` (its ``run_id``) under ``rules`` (its ``ood_action``, say): :func:`made_with`, by which
+    `register` (the weights in the model folder) and `model_card` (the weights register bundled) check their figures,
+    so that no figures of other weights (a classifier retrained since) are registered or carded."""
+    return made_with(EVALUATE_DIR / classifier / "metrics.json", "evaluate", run_id, key="run_id", model="classifier",
+                     verb="measured", product="figures", holder=holder, recorded_in=recorded_in, rerun=rerun,
+                     rules=rules, error=error)
 
 
 def mlflow_experiment(experiment: str) -> str:

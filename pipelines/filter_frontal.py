@@ -1,6 +1,8 @@
 """Stage `filter_frontal`: keep the images the projection rule calls frontal (:func:`covidcxr.projection.decide`: the
 file's own DICOM view position, else the projection filter, at the threshold saved with it, and its lateral check), as
-serving does; report where it disagrees with labels. No params of its own: the filter's folder holds its rule."""
+serving does; report where it disagrees with labels. No params of its own: the filter's folder holds its rule, and its
+report records that folder's run, which `register` checks the filter it bundles against
+(:func:`pipelines._common.made_with`)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from covidcxr import models, projection
 from pipelines import _common, _models
 
 DISAGREE = "reports/filter_frontal/disagreements.csv"
-METRICS = "reports/filter_frontal/metrics.json"
+METRICS = _common.FRONTAL_REPORT
 
 
 def run() -> dict:
@@ -31,6 +33,7 @@ def run() -> dict:
         "disagreements": len(disagree),
         "agreement": float(1 - len(disagree) / max(int(known.sum()), 1)),
         "unknown_projection_called_frontal": int(((~known) & (out["predicted"] == "frontal")).sum()),
+        "projection_run_id": projection_filter.info.get("run_id"),  # the filter weights (and rule) that made the calls
     }
     _common.write_csv(_common.FRONTAL, out)
     _common.write_csv(DISAGREE, disagree)

@@ -11,7 +11,9 @@ the SHA-256 of the manifest and the covid split table, so another corpus, downlo
 data) or of another measure (its `selection_figure`) is no yardstick: the new version is then judged as if the champion
 had none, and the reason says which. Every candidate with its figures and why it was or was not chosen, the decision
 and its reason are printed, logged to MLflow and written to reports/register/registered.json. The validation figures
-are evaluate's, of the weights in each classifier's folder only (:func:`evaluated`: evaluate records the folder's run).
+are evaluate's, of the weights in each classifier's folder only (:func:`evaluated`: evaluate records the folder's run),
+and the projection filter and U-Net bundled are those whose calls and masks the classifiers learnt from, under the mask
+rules served (:func:`components_applied`: filter_frontal and segment record what they applied).
 
 The drift reference (what the served model logs for the validation split, scored through the bundled pipeline) is
 bundled with the model and logged to the register run as ``monitoring/reference.json``, for `covidcxr monitor`. The
@@ -75,7 +77,7 @@ def candidates(p: dict, classifiers: dict, audit_report: dict) -> list[selection
     out = []
     for variant, backbone in chosen:
         name = f"{variant}_{backbone}"
-        evaluation = evaluated(variant, backbone)
+        evaluation = evaluated(variant, backbone, p["ood_action"])
         status, failed = audit.model_verdict(audit_report, name)
         out.append(selection.Candidate(variant=variant, backbone=backbone, validation=evaluation["val"]["at_operating"],
                                        audit_status=status,
@@ -86,18 +88,39 @@ def candidates(p: dict, classifiers: dict, audit_report: dict) -> list[selection
     return out
 
 
-def evaluated(variant: str, backbone: str) -> dict:
+def evaluated(variant: str, backbone: str, ood_action: str) -> dict:
     """Evaluate's report of a classifier (``metrics.json``), when it measured the weights its model folder holds now
-    (:func:`pipelines._common.evaluation_of_weights`: its ``run_id`` is the folder's). A ValueError naming both run ids
-    otherwise (the classifier was retrained after evaluate ran, e.g. ``dvc repro -f -s register`` or a hand-run
-    register after retraining one classifier: the new weights would be registered with the old weights' figures), or
-    when the report or the folder records no run id (written before it was recorded: which weights the figures are of
-    cannot be checked)."""
+    under the ``ood_action`` served (:func:`pipelines._common.evaluation_of_weights`: its ``run_id`` is the folder's,
+    its ``ood_action`` register's). A ValueError naming both run ids otherwise (the classifier was retrained after
+    evaluate ran, e.g. ``dvc repro -f -s register`` or a hand-run register after retraining one classifier: the new
+    weights would be registered with the old weights' figures), or both actions, or when the report or the folder
+    records no run id (written before it was recorded: which weights the figures are of cannot be checked)."""
     folder = _common.model_dir(variant, backbone)
     return _common.evaluation_of_weights(
         f"{variant}_{backbone}", folders.folder_info(folder).get("run_id"), holder=f"{folder} holds",
         recorded_in=f"{folder}/{folders.RUN_FILE} (run_id)",
+        rules={"ood_action": (ood_action, "params.yaml register.ood_action")},
         rerun="evaluate (`dvc repro evaluate`) before registering")
+
+
+#: What the stages before the classifiers applied, and the bundled model folder whose run each records.
+COMPONENT_REPORTS = {"projection": (_common.FRONTAL_REPORT, "filter_frontal", "projection_run_id", "projection filter",
+                                    "frontal calls"),
+                     "unet": (_common.SEGMENT_REPORT, "segment", "unet_run_id", "U-Net", "masks")}
+
+
+def components_applied(folders_of: dict[str, str], runs: dict[str, object], segment: dict) -> None:
+    """Refuse to bundle a projection filter or U-Net other than the one whose frontal calls and lung masks the
+    classifiers were trained and evaluated on, or serve other mask rules (``segment``'s min_area, max_area) than
+    those masks were made by: filter_frontal's and segment's reports record the run and rules they applied
+    (:func:`pipelines._common.made_with`). ``dvc repro -f -s train_unet`` then ``dvc repro -s register`` served a new
+    U-Net whose masks no classifier had seen, and nothing said so. ``runs``: each part's folder run id."""
+    rules = {"unet": {name: (float(segment[name]), f"params.yaml segment.{name}") for name in ("min_area", "max_area")}}
+    for part, (report, stage, key, model, product) in COMPONENT_REPORTS.items():
+        _common.made_with(report, stage, runs[part], key=key, model=model, verb="applied", product=product,
+                          holder=f"{folders_of[part]} holds", recorded_in=f"{folders_of[part]}/{folders.RUN_FILE} "
+                          "(run_id)", rules=rules.get(part),
+                          rerun=f"{stage} and every stage after it (`dvc repro register`) before registering")
 
 
 def read_audit(path: Path = _common.AUDIT_REPORT) -> dict:
@@ -291,10 +314,11 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
         model_name=name, ood_action=p["ood_action"], prediction_log=p["prediction_log"] or None,
         min_age=None if p["min_age"] is None else float(p["min_age"]),
     )
-    evaluation = evaluated(best.variant, best.backbone)
+    evaluation = evaluated(best.variant, best.backbone, p["ood_action"])
     parts = {"projection": _common.PROJECTION_MODEL, "unet": _common.UNET_MODEL,
              "classifier": _common.model_dir(best.variant, best.backbone)}
-    runs = {part: folders.folder_info(folder)["run_id"] for part, folder in parts.items()}
+    runs = {part: folders.folder_info(folder).get("run_id") for part, folder in parts.items()}
+    components_applied(parts, runs, segment)
     metadata = {
         "model_name": name, "model_version": str(version), "classifier": classifier, "variant": best.variant,
         "backbone": best.backbone, "git_commit": tags["git_commit"], "data_version": tags["data_version"],

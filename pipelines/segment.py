@@ -1,5 +1,7 @@
 """Stage `segment`: lung masks for every frontal image, cleaned and checked by the rules serving applies
-(:mod:`covidcxr.lungs`); a mask that fails them is flagged with the same reason code, never silently used."""
+(:mod:`covidcxr.lungs`); a mask that fails them is flagged with the same reason code, never silently used. Its report
+records the U-Net run and the area rules it applied: `register` serves them only when they are the bundled U-Net's
+and the served rules (:func:`pipelines._common.made_with`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pandas as pd
 from covidcxr import lungs, metrics
 from pipelines import _common, _models
 
-METRICS = "reports/segment/metrics.json"
+METRICS = _common.SEGMENT_REPORT
 
 
 def run(p: dict) -> dict:
@@ -43,6 +45,9 @@ def run(p: dict) -> dict:
     summary = {
         "segmented": int(is_frontal.sum()),
         "mask_threshold": rules.threshold,
+        "min_area": rules.min_area,  # the rules the masks (and the classifiers trained on them) were made by
+        "max_area": rules.max_area,
+        "unet_run_id": unet.info.get("run_id"),  # the U-Net weights that made them
         "flagged": {k: int(v) for k, v in out.loc[out["flag"] != "", "flag"].value_counts().sort_index().items()},
         "mean_lung_area_fraction": float(area[is_frontal].mean()) if is_frontal.any() else None,
         "dice_vs_true_masks": dice,  # per segmentation split: the masks' per-image Dice and how many

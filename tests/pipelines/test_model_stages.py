@@ -198,3 +198,35 @@ def test_dvc_never_restores_an_export_of_a_shared_study_from_its_run_cache(tmp_p
     study.write_text("0.9")  # runners added a better trial
     export(0)
     assert json.loads((repo / "artifacts/tune/unet.json").read_text())["best_value"] == "0.9"
+
+
+def test_filter_frontal_and_segment_record_the_model_run_and_rules_they_applied(tmp_path, monkeypatch):
+    """register could not tell whether the projection filter and U-Net it bundles made artifacts/frontal.csv and
+    artifacts/masks, nor under which area rules: neither report said. They now record the folder's run id and (segment)
+    min_area and max_area, which register checks (test_register)."""
+    import pandas as pd
+
+    from covidcxr import preprocess
+    from pipelines import _common, filter_frontal, segment
+    from tests.helpers import SIZE, build_bundle, phantom
+
+    bundle = build_bundle(tmp_path / "bundle")  # its folders' run id: "test"
+    monkeypatch.chdir(tmp_path)
+    for part, folder in (("projection", _common.PROJECTION_MODEL), ("unet", _common.UNET_MODEL)):
+        Path(folder).parent.mkdir(parents=True, exist_ok=True)
+        Path(bundle[part]).rename(folder)
+    images = np.stack([preprocess.resize(phantom(seed=s), SIZE) for s in range(3)])
+    index = pd.DataFrame({"image_id": ["a", "b", "c"], "projection": "frontal", "header_view_position": "PA",
+                          "has_mask": True})
+    for folder in (_common.CACHE_DIR, _common.PROJECTION_CACHE_DIR):
+        Path(folder).mkdir(parents=True)
+        preprocess.save_cache(folder, index, images, images > 0.5)
+    Path(_common.SPLITS_DIR).mkdir(parents=True)
+    index[["image_id"]].assign(split="test").to_csv(_common.split_table("segmentation"), index=False)
+
+    called = filter_frontal.run()
+    masked = segment.run({"min_area": 0.05, "max_area": 0.8})
+    assert called["projection_run_id"] == "test" and called["frontal"] == 3  # their DICOM view position decides
+    assert (masked["unet_run_id"], masked["min_area"], masked["max_area"]) == ("test", 0.05, 0.8)
+    assert json.loads(_common.FRONTAL_REPORT.read_text())["projection_run_id"] == "test"
+    assert json.loads(_common.SEGMENT_REPORT.read_text())["unet_run_id"] == "test"

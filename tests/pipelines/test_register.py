@@ -85,12 +85,17 @@ def write_reports(root: Path, values: dict[str, float | None]) -> None:
     for name, value in values.items():
         path = root / _common.EVALUATE_DIR / name / "metrics.json"
         path.parent.mkdir(parents=True)
-        path.write_text(json.dumps({"val": {"at_operating": {"roc_auc": value}}, "run_id": f"run-{name}"}))
+        path.write_text(json.dumps({"val": {"at_operating": {"roc_auc": value}}, "run_id": f"run-{name}",
+                                    "ood_action": "refuse"}))
         write_model_folder(root, name, f"run-{name}")
     checks = [audit.lungs_removed_check("vgg16", 0.99, 0.98, warn=0.3, fail=0.6),  # c_vgg16 and e_vgg16 fail
               audit.heatmap_check("d_vgg19/covid", 0.3, 0.25, warn=1.5, fail=1.0)]  # warn
     (root / _common.AUDIT_REPORT).parent.mkdir(parents=True)
     (root / _common.AUDIT_REPORT).write_text(json.dumps(audit.report(checks)))
+
+
+#: register's params as candidates reads them: any variant and backbone, the OOD action evaluate measured under.
+BEST = {"variant": "best", "backbone": "best", "ood_action": "refuse"}
 
 
 @pytest.mark.parametrize("variant, backbone, chosen", [
@@ -103,12 +108,13 @@ def test_candidates_carry_their_own_audit_and_validation(tmp_path, monkeypatch, 
                              "e_vgg19": 0.6})
     monkeypatch.chdir(tmp_path)
     classifiers = {"variants": ["c", "d", "e"], "backbones": ["vgg16", "vgg19"]}
-    p = {"variant": variant, "backbone": backbone}
+    p = {"variant": variant, "backbone": backbone, "ood_action": "refuse"}
     pool = register.candidates(p, classifiers, register.read_audit())
     assert {c.name: c.audit_status for c in pool}.get("c_vgg16", "fail") == "fail"
     assert selection.select(pool, "roc_auc").chosen.name == chosen
     with pytest.raises(_common.ParamsError, match="match no trained classifier"):
-        register.candidates({"variant": "d", "backbone": "vgg19"}, {"variants": ["c"], "backbones": ["vgg16"]}, {})
+        register.candidates({"variant": "d", "backbone": "vgg19", "ood_action": "refuse"},
+                            {"variants": ["c"], "backbones": ["vgg16"]}, {})
 
 
 def test_best_never_takes_the_lungs_removed_control(tmp_path, monkeypatch):
@@ -116,14 +122,13 @@ def test_best_never_takes_the_lungs_removed_control(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     report = {"status": "pass", "checks": []}  # e passes its audit and scores best: still not a candidate of best
     classifiers = {"variants": ["c", "d", "e"], "backbones": ["vgg16"]}
-    pool = register.candidates({"variant": "best", "backbone": "best"}, classifiers, report)
+    pool = register.candidates(BEST, classifiers, report)
     assert [c.name for c in pool] == ["c_vgg16", "d_vgg16"]
     assert selection.select(pool, "roc_auc").chosen.name == "d_vgg16"
-    assert [c.name for c in register.candidates({"variant": "e", "backbone": "best"}, classifiers, report)] == [
+    assert [c.name for c in register.candidates({**BEST, "variant": "e"}, classifiers, report)] == [
         "e_vgg16"]  # named, it is registered on purpose
     with pytest.raises(_common.ParamsError, match="never takes the lungs-removed control"):
-        register.candidates({"variant": "best", "backbone": "best"}, {"variants": ["e"], "backbones": ["vgg16"]},
-                            report)
+        register.candidates(BEST, {"variants": ["e"], "backbones": ["vgg16"]}, report)
 
 
 def test_figures_evaluate_measured_on_other_weights_are_refused_naming_both_runs(tmp_path, monkeypatch):
@@ -132,15 +137,15 @@ def test_figures_evaluate_measured_on_other_weights_are_refused_naming_both_runs
     write_reports(tmp_path, {"c_vgg16": 0.6, "d_vgg16": 0.7})
     monkeypatch.chdir(tmp_path)
     classifiers, report = {"variants": ["c", "d"], "backbones": ["vgg16"]}, {"status": "pass", "checks": []}
-    assert register.evaluated("d", "vgg16")["run_id"] == "run-d_vgg16"
+    assert register.evaluated("d", "vgg16", "refuse")["run_id"] == "run-d_vgg16"
     write_model_folder(tmp_path, "d_vgg16", "retrained")  # d retrained; evaluate not rerun
     with pytest.raises(ValueError, match=r"metrics.json measured the weights of run run-d_vgg16, but "
                                          r".*classifier_d_vgg16.* holds those of run retrained"):
-        register.candidates({"variant": "best", "backbone": "best"}, classifiers, report)
+        register.candidates(BEST, classifiers, report)
     path = tmp_path / _common.EVALUATE_DIR / "d_vgg16" / "metrics.json"  # a report from before run_id was recorded
     path.write_text(json.dumps({"val": {"at_operating": {"roc_auc": 0.7}}}))
     with pytest.raises(ValueError, match="does not say which weights it measured .*run retrained"):
-        register.evaluated("d", "vgg16")
+        register.evaluated("d", "vgg16", "refuse")
 
 
 def test_a_model_folder_or_report_that_records_no_run_is_refused_naming_the_file(tmp_path, monkeypatch):
@@ -154,11 +159,98 @@ def test_a_model_folder_or_report_that_records_no_run_is_refused_naming_the_file
     with pytest.raises(ValueError, match=r"classifier_d_vgg16/run.json \(run_id\) does not say which classifier run "
                                          r".*classifier_d_vgg16 holds .*figures of run run-d_vgg16 cannot be checked"
                                          r".*rerun evaluate"):
-        register.evaluated("d", "vgg16")
+        register.evaluated("d", "vgg16", "refuse")
     write_model_folder(tmp_path, "d_vgg16", "run-d_vgg16")
     (tmp_path / _common.EVALUATE_DIR / "d_vgg16" / "metrics.json").write_text("[]")
     with pytest.raises(ValueError, match=r"d_vgg16/metrics.json: not an evaluate report \(not a JSON object\)"):
-        register.evaluated("d", "vgg16")
+        register.evaluated("d", "vgg16", "refuse")
+
+
+def write_component_reports(root: Path, projection: str = "proj-a", unet: str = "unet-a", **rules) -> None:
+    """filter_frontal's and segment's reports as far as what they applied goes (the run of each folder, the rules)."""
+    for path, record in ((_common.FRONTAL_REPORT, {"projection_run_id": projection}),
+                         (_common.SEGMENT_REPORT, {"unet_run_id": unet, "min_area": 0.1, "max_area": 0.7, **rules})):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(json.dumps({k: v for k, v in record.items() if v is not None}))
+
+
+PARTS = {"projection": _common.PROJECTION_MODEL, "unet": _common.UNET_MODEL}
+SEGMENT = {"min_area": 0.1, "max_area": 0.7}
+
+
+def test_a_filter_or_u_net_or_mask_rule_other_than_the_classifiers_learnt_from_is_refused(tmp_path, monkeypatch):
+    """register checked only the classifier's weights against evaluate's report: the projection filter and U-Net it
+    bundled, and the mask rules it served (params read when it ran), were never compared with those that made
+    artifacts/frontal.csv and artifacts/masks. filter_frontal and segment now record them; register refuses others,
+    by the rule it checks the classifier by (_common.made_with), naming the file, both values and what to rerun."""
+    monkeypatch.chdir(tmp_path)
+    write_component_reports(tmp_path)
+    register.components_applied(PARTS, {"projection": "proj-a", "unet": "unet-a"}, SEGMENT)
+    with pytest.raises(ValueError, match=r"reports/segment/metrics.json applied the weights of run unet-a, but "
+                                         r"artifacts/models/unet holds those of run unet-b \(a U-Net retrained "
+                                         r"since\): its masks are not of these weights; rerun segment and every stage "
+                                         r"after it \(`dvc repro register`\)"):
+        register.components_applied(PARTS, {"projection": "proj-a", "unet": "unet-b"}, SEGMENT)
+    with pytest.raises(ValueError, match=r"reports/filter_frontal/metrics.json applied the weights of run proj-a, but "
+                                         r"artifacts/models/projection holds those of run proj-b \(a projection "
+                                         r"filter retrained since\).*rerun filter_frontal"):
+        register.components_applied(PARTS, {"projection": "proj-b", "unet": "unet-a"}, SEGMENT)
+    with pytest.raises(ValueError, match=r"reports/segment/metrics.json: segment applied max_area 0.7, but "
+                                         r"params.yaml segment.max_area is 0.6 \(changed since segment ran\)"):
+        register.components_applied(PARTS, {"projection": "proj-a", "unet": "unet-a"}, {**SEGMENT, "max_area": 0.6})
+    with pytest.raises(ValueError, match=r"artifacts/models/unet/run.json \(run_id\) does not say which U-Net run"):
+        register.components_applied(PARTS, {"projection": "proj-a", "unet": None}, SEGMENT)
+    write_component_reports(tmp_path, unet=None)  # written before segment recorded its U-Net run
+    with pytest.raises(ValueError, match=r"segment/metrics.json \(unet_run_id\) does not say which U-Net run it is "
+                                         r"of \(written before segment recorded it\).*run unet-a"):
+        register.components_applied(PARTS, {"projection": "proj-a", "unet": "unet-a"}, SEGMENT)
+    write_component_reports(tmp_path, min_area=None)
+    with pytest.raises(ValueError, match=r"segment/metrics.json \(min_area\) does not say which min_area segment "
+                                         r"applied .*params.yaml segment.min_area \(0.1\)"):
+        register.components_applied(PARTS, {"projection": "proj-a", "unet": "unet-a"}, SEGMENT)
+    (tmp_path / _common.FRONTAL_REPORT).unlink()
+    with pytest.raises(FileNotFoundError, match="filter_frontal/metrics.json: missing; run the filter_frontal stage"):
+        register.components_applied(PARTS, {"projection": "proj-a", "unet": "unet-a"}, SEGMENT)
+
+
+def test_figures_of_another_ood_action_than_the_one_served_are_refused(tmp_path, monkeypatch):
+    """evaluate's served figures follow register.ood_action; register read it from params when it ran, so with
+    `dvc repro -s register` after changing it, the figures registered were of the other action."""
+    write_reports(tmp_path, {"d_vgg16": 0.7})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"d_vgg16/metrics.json: evaluate applied ood_action 'refuse', but "
+                                         r"params.yaml register.ood_action is 'flag' \(changed since evaluate ran\)"
+                                         r".*rerun evaluate"):
+        register.evaluated("d", "vgg16", "flag")
+
+
+def test_register_stops_before_any_run_when_the_u_net_was_retrained_after_segment(tmp_path, monkeypatch, mlflow_db):
+    """The defect's own scenario: `dvc repro -f -s train_unet` then `dvc repro -s register` served a new U-Net whose
+    masks no classifier was trained or evaluated on, and nothing errored. The stage now stops before any MLflow run
+    or registration."""
+    import mlflow
+
+    write_reports(tmp_path, {"d_vgg16": 0.7})
+    for part, run_id in (("projection", "proj-a"), ("unet", "unet-b")):  # the U-Net retrained: run unet-b
+        folder = tmp_path / PARTS[part]
+        folder.mkdir(parents=True)
+        (folder / "model.keras").write_bytes(b"")
+        (folder / "standardizer.json").write_text("{}")
+        (folder / "run.json").write_text(json.dumps({"run_id": run_id}))
+    write_component_reports(tmp_path)  # segment ran with run unet-a
+    for path in (_common.MANIFEST, _common.split_table("covid")):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("image_id\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the stage's own store: mlflow.db here
+    params = _common.params("register", _common.PROJECT / _common.PARAMS_FILE)
+    with pytest.raises(ValueError, match="holds those of run unet-b"):
+        register.run({**params, "variant": "d", "backbone": "vgg16", "heldout": None},
+                     {"variants": ["d"], "backbones": ["vgg16"]}, size=32, segment=SEGMENT)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{mlflow_db}")
+    assert client.search_experiments(filter_string="name LIKE 'covidcxr-%'") == []
+    assert client.search_registered_models() == []
+    assert not (tmp_path / _common.REGISTERED).exists()
 
 
 def test_a_missing_or_malformed_audit_names_the_file(tmp_path, monkeypatch):
@@ -292,3 +384,4 @@ def test_dvc_never_restores_a_stage_that_changes_the_registry_from_its_run_cache
     assert repro(True) == 2
     assert repro(False) == 3  # run again: the registry's champion is the version the output names
     assert registry.read_text().split() == ["v1", "v2", "v3"]
+

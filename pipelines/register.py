@@ -16,7 +16,8 @@ and the projection filter and U-Net bundled are those whose calls and masks the 
 rules served (:func:`components_applied`: filter_frontal and segment record what they applied).
 
 The drift reference (what the served model logs for the validation split, scored through the bundled pipeline) is
-bundled with the model and logged to the register run as ``monitoring/reference.json``, for `covidcxr monitor`. The
+bundled with the model and logged to the register run as ``monitoring/reference.json``, for `covidcxr monitor`; each
+film is sent as the cache and evaluate read it (:func:`as_sent`). The
 model's input example is a synthetic phantom: no corpus image travels with the model.
 """
 
@@ -25,9 +26,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 from unittest import mock
 
@@ -54,6 +57,7 @@ OUT = _common.REGISTERED
 SERVING_PACKAGES = ("tensorflow-cpu", "keras", "mlflow", "cloudpickle", "numpy", "pandas", "scipy", "pillow",
                     "pydicom", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "scikit-learn", "sqlalchemy")
 REFERENCE_ARTIFACT = "reference"
+log = logging.getLogger("covidcxr.pipelines")
 
 
 #: The paper's control: variant e sees everything but the lungs. It measures the shortcut and is never a diagnostic
@@ -196,30 +200,79 @@ def log_pyfunc(artifacts: dict[str, str], code: str, size: int):
     )
 
 
+#: The largest value a lossless 16-bit PNG holds (it holds the integers 0 to this).
+PNG16_MAX = 2**16 - 1
+
+
+def as_sent(path: str, photometric: str | None = None, bits_stored: int | None = None) -> tuple[str | None, str]:
+    """A validation film as a request carries it (base64), as serving's users are told to send it (README, "Reading
+    images"), and how: ``"file"``, its own file, when serving reads those bytes as the cache reads the file with the
+    manifest's ``photometric`` and ``bits_stored`` (the same pixels: every DICOM, most rasters); ``"reencoded"``, the
+    pixels the cache reads (air dark) as a lossless 16-bit PNG (:func:`covidcxr.serving.png_base64`), when serving
+    would read the file otherwise (a MONOCHROME1 PNG export, BIMCV's and PadChest's, which serving reads air bright)
+    or not at all (a JSRT raw file: its bytes carry no suffix). ``(None, reason)`` for a film the cache's reading
+    refuses (the reader's reason code) or whose pixels no 16-bit PNG holds exactly (``not_16bit``)."""
+    from covidcxr import io as image_io
+
+    data = Path(path).read_bytes()
+    try:  # named by its path: the suffix marks a JSRT raw file, as for the cache
+        cached, _ = image_io.read_image(data, name=path, photometric=photometric, bits_stored=bits_stored)
+    except image_io.ImageReadError as err:
+        return None, err.reason
+    try:
+        if np.array_equal(image_io.read_image(data)[0], cached):
+            return base64.b64encode(data).decode("ascii"), "file"
+    except image_io.ImageReadError:
+        pass  # bytes alone are no image serving reads (a JSRT raw file): sent as the cache reads it
+    if cached.min() < 0 or cached.max() > PNG16_MAX or not np.array_equal(cached, np.round(cached)):
+        return None, "not_16bit"
+    return serving.png_base64(cached.astype(np.uint16)), "reencoded"
+
+
 def drift_reference(artifacts: dict[str, str], config: serving.Config) -> monitoring.Reference:
-    """What the served model logs for the validation split: every validation image of the covid task, sent as its own
-    file (as production sends them: a DICOM's view position decides its projection, each model reads the file at its
-    own size), scored by the bundled pipeline into a memory log."""
+    """What the served model logs for the validation split: every validation image of the covid task, sent as
+    production sends it (:func:`as_sent`: its own file, so a DICOM's view position decides its projection and each
+    model reads the file at its own size; re-encoded air dark where serving would read the file otherwise than the
+    cache and evaluate did), scored by the bundled pipeline into a memory log. ``meta`` counts the films sent
+    re-encoded (``reencoded``) and, by reason, those that could not be sent (``not_scored``): none is dropped
+    unsaid."""
     import pandas as pd
 
-    paths = manifest.read_csv(_common.MANIFEST).set_index("image_id")["path"]
+    rows = manifest.read_csv(_common.MANIFEST).set_index("image_id")
     table = pd.read_csv(_common.split_table("covid"), keep_default_na=False, na_values=[""])
-    val = [str(paths[i]) for i in table.loc[table["split"] == "val", "image_id"] if i in paths.index]
-    if not val:
+    val = rows.loc[[i for i in table.loc[table["split"] == "val", "image_id"] if i in rows.index]]
+    if val.empty:
         raise ValueError(f"{_common.split_table('covid')}: no validation image in {_common.MANIFEST} for the drift "
                          "reference")
-    missing = [p for p in val if not Path(p).is_file()]
+    paths = [str(p) for p in val["path"]]
+    missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} validation images of the drift reference are gone, e.g. {missing[0]}")
     pipeline = serving.Pipeline.load(artifacts)
     pipeline.prediction_log = sink = predlog.MemoryLog()
-    step = config.limits.max_images
-    for start in range(0, len(val), step):
-        pipeline.score([serving.encode_file(p) for p in val[start:start + step]])
+    how: Counter[str] = Counter()
+    not_scored: Counter[str] = Counter()
+    batch: list[str] = []
+    for path, photometric, bits_stored in zip(paths, *manifest.decode_hints(val), strict=True):
+        image, sent = as_sent(path, photometric, bits_stored)
+        if image is None:
+            not_scored[sent] += 1
+            continue
+        how[sent] += 1
+        batch.append(image)
+        if len(batch) == config.limits.max_images:
+            pipeline.score(batch)
+            batch = []
+    if batch:
+        pipeline.score(batch)
+    if not_scored:
+        log.warning("drift reference: %d validation image(s) not scored, by reason %s", sum(not_scored.values()),
+                    dict(sorted(not_scored.items())))
     detector = pipeline.classifier.ood
     meta = {"model_name": config.model_name, "model_version": config.model_version, "split": "val",
             "n": len(sink.records), "ood_threshold": detector.threshold if detector is not None else None,
-            "ood_quantile": detector.quantile if detector is not None else None, "ood_action": config.ood_action}
+            "ood_quantile": detector.quantile if detector is not None else None, "ood_action": config.ood_action,
+            "reencoded": how["reencoded"], "not_scored": dict(sorted(not_scored.items()))}
     return monitoring.Reference(sink.frame(), meta)
 
 
@@ -386,7 +439,8 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", *, size: int, segm
         "allow_failed_audit": allow_failed, "reason": why, "candidates": chosen.table, "experiment": experiment,
         "serving": config.to_dict(), "mask_threshold": metadata["mask_threshold"],
         "frontal_threshold": metadata["frontal_threshold"], "heldout": heldout, "component_runs": runs,
-        "drift_reference": {k: reference.meta[k] for k in ("split", "n", "ood_threshold", "ood_quantile")},
+        "drift_reference": {k: reference.meta[k] for k in ("split", "n", "ood_threshold", "ood_quantile", "reencoded",
+                                                           "not_scored")},
     }
     _common.write_json(OUT, result)
     return result

@@ -385,3 +385,50 @@ def test_dvc_never_restores_a_stage_that_changes_the_registry_from_its_run_cache
     assert repro(False) == 3  # run again: the registry's champion is the version the output names
     assert registry.read_text().split() == ["v1", "v2", "v3"]
 
+
+def png16(path: Path, values: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(values.astype(np.uint16)).save(path, format="PNG")
+
+
+def test_the_drift_reference_shows_the_model_each_film_as_the_cache_read_it(tmp_path, monkeypatch):
+    """A MONOCHROME1 PNG export (BIMCV, PadChest) went to the reference as its raw file: the cache inverts it by the
+    manifest's photometric and bits_stored, serving, given bytes only, read it air bright, so the reference's
+    intensities and OOD scores were of films inverted against training and evaluate; a JSRT raw file, bytes without
+    a suffix, came back not_an_image. Both now go as users are told to send them (air dark, a lossless 16-bit PNG),
+    and a film that cannot be sent is counted in the reference's meta, not lost."""
+    import pandas as pd
+
+    from covidcxr import predlog, serving, sites
+    from tests.helpers import build_bundle, phantom
+
+    bundle = build_bundle(tmp_path / "bundle")
+    monkeypatch.setenv(predlog.ENV, "none")
+    monkeypatch.setenv(sites.ENV, "")
+    films = tmp_path / "films"
+    films.mkdir()
+    film = np.round(4095 * phantom(seed=3, size=64)).astype(np.uint16)  # 12-bit stored values, air dark
+    png16(films / "m2.png", film)
+    png16(films / "m1.png", 4095 - film)  # the same film exported as MONOCHROME1 stores it: air bright
+    big = np.kron(film, np.ones((32, 32), np.uint16))  # JSRT's 2048 x 2048, big-endian, high value = dark film
+    (films / "jsrt.IMG").write_bytes((4095 - big).astype(">u2").tobytes())
+    (films / "bad.png").write_bytes((films / "m2.png").read_bytes()[:200])  # truncated: the cache cannot read it
+    rows = pd.DataFrame({"image_id": ["m2", "m1", "jsrt", "bad"],
+                         "path": [str(films / n) for n in ("m2.png", "m1.png", "jsrt.IMG", "bad.png")],
+                         "photometric": ["I;16", "MONOCHROME1", "MONOCHROME1", "I;16"],
+                         "bits_stored": [16, 12, 12, 16]})
+    (tmp_path / _common.SPLITS_DIR).mkdir(parents=True)
+    rows.to_csv(tmp_path / _common.MANIFEST, index=False)
+    rows[["image_id"]].assign(split="val").to_csv(tmp_path / _common.split_table("covid"), index=False)
+    monkeypatch.chdir(tmp_path)
+
+    reference = register.drift_reference(bundle, serving.Config.load(bundle["config"]))
+    frame = reference.frame.drop(columns="time")
+    assert len(frame) == reference.meta["n"] == 3  # m2, m1, jsrt: in the manifest's order
+    # the MONOCHROME1 export is shown to the model as its air-dark film
+    pd.testing.assert_series_equal(frame.iloc[1], frame.iloc[0], check_names=False)
+    assert frame.iloc[0]["intensity_mean"] is not None
+    assert frame.iloc[2]["reason"] != "not_an_image" and frame.iloc[2]["intensity_mean"] is not None
+    assert reference.meta["reencoded"] == 2 and reference.meta["not_scored"] == {"truncated": 1}
+    assert register.as_sent(str(films / "m2.png"), "I;16", 16)[1] == "file"  # read the same from its bytes: as is

@@ -804,6 +804,22 @@ def test_read_mask_0_1_values_and_empty(tmp_path):
     assert empty.shape == (10, 10) and not empty.any()
 
 
+def test_read_mask_threshold_is_fixed_by_the_sample_range_not_the_values_held(tmp_path):
+    """V7 Labs' masks mark devices 127 and lungs 255: a mask holding only 0 and 127 (devices, no lungs) was cut at its
+    own midpoint, 63.5, and its devices became lungs."""
+    left, right = _lungs()
+    v7 = np.where(left, 255, np.where(right, 127, 0)).astype(np.uint8)
+    np.testing.assert_array_equal(io.read_mask(write(tmp_path, "v7.png", png_bytes(Image.fromarray(v7)))), left)
+    devices = (right * 127).astype(np.uint8)
+    assert not io.read_mask(write(tmp_path, "devices.png", png_bytes(Image.fromarray(devices)))).any()
+    for top in (32767, 65535):  # 16 bits: half of 65535
+        path = write(tmp_path, f"m16_{top}.png", png_bytes(Image.fromarray((left * top).astype(np.uint16))))
+        np.testing.assert_array_equal(io.read_mask(path), left if top > 32767 else np.zeros_like(left))
+    floats = (left * 0.25 + right * 0.125).astype(np.float32)  # no sample range: the midpoint of its own values
+    np.testing.assert_array_equal(io.read_mask(write(tmp_path, "f.tif", png_bytes(Image.fromarray(floats), "TIFF"))),
+                                  left)
+
+
 def test_read_mask_shape_mismatch_is_typed(tmp_path):
     a = write(tmp_path, "a.png", png_bytes(Image.new("L", (10, 10), 255)))
     b = write(tmp_path, "b.png", png_bytes(Image.new("L", (12, 10), 255)))

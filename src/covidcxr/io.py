@@ -173,7 +173,9 @@ def read_image(
 def read_mask(paths: ImageSource | Sequence[str | os.PathLike], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Boolean lung mask; several files (left + right lung) are OR-merged and must share one shape.
 
-    A pixel is inside when it is above the midpoint of the file's value range (0/255, 0/1 and palette masks alike).
+    A pixel is inside above a threshold fixed by the file's sample range (half of it; 0.5 for a 0/1 mask), not by the
+    values the file happens to hold (:func:`_binarize`): V7 Labs' masks mark devices 127 and lungs 255, so a mask
+    holding only 0 and 127 has no lung.
     """
     items = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths)
     if not items:
@@ -181,8 +183,8 @@ def read_mask(paths: ImageSource | Sequence[str | os.PathLike], *, max_pixels: i
     merged: np.ndarray | None = None
     first = ""
     for item in items:
-        arr, _, source, (lo, hi) = _decode(item, max_pixels, None)
-        mask = _binarize(arr, lo, hi)
+        arr, header, source, (lo, hi) = _decode(item, max_pixels, None)
+        mask = _binarize(arr, header, lo, hi)
         if merged is None:
             merged, first = mask, source
         elif mask.shape != merged.shape:
@@ -1169,7 +1171,14 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
-def _binarize(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def _binarize(arr: np.ndarray, header: dict, lo: float, hi: float) -> np.ndarray:
+    """Inside: above half the sample range of a raster file of 1, 8 or 16 bits (palette and colour masks by their
+    luminance), or above 0.5 when its values are 0 and 1 only; a file without such a range (floating-point or 32-bit
+    TIFF, DICOM after its LUTs) above the midpoint of its own values, or all inside when they are one positive value.
+    """
+    bits = header["bits_stored"] if header["format"] in _PIL_FORMATS else None  # a raster's mode's bits
+    if bits in (1, 8, 16):
+        return arr > (0.5 if hi <= 1 else (2.0**bits - 1) / 2)
     if lo == hi:
         return np.full(arr.shape, hi > 0, dtype=bool)
     return arr > (lo + hi) / 2

@@ -247,6 +247,43 @@ def test_calibrate_site_takes_its_answers_from_one_model_at_its_own_thresholds(t
     assert "at thresholds_from site" in captured.err
 
 
+def test_calibrate_site_reads_the_rule_of_the_model_that_answered_not_the_model_uri_s(registry, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """The threshold rule was read from --model-uri's registered name (covidcxr, by default) at the answering model's
+    version, whatever model answered: a server of ward-model v1 had its rule read from covidcxr v1 (another model's,
+    refused, or the same threshold and another rule, used). Now from the answering model's own name."""
+    import copy
+    import dataclasses
+    import json
+
+    import pandas as pd
+
+    from covidcxr import serving
+
+    pipeline, _, _, table, _, _ = _ood_site(tmp_path)
+    ward = copy.copy(pipeline)
+    ward.config = dataclasses.replace(pipeline.config, model_name="ward-model", model_version="1")
+    pyfunc = serving.CovidCxrModel()
+    pyfunc.pipeline = ward
+    for name, rule in (("covidcxr", {"objective": "youden", "threshold": 0.7}),
+                       ("ward-model", {"objective": "sensitivity", "min_sensitivity": 0.9,
+                                       "threshold": pipeline.threshold})):
+        model = tmp_path / name
+        (model / "artifacts" / "classifier").mkdir(parents=True)
+        (model / "artifacts" / "classifier" / "threshold.json").write_text(json.dumps(rule))
+        registry.create_registered_model(name)
+        registry.create_model_version(name, source=str(model))
+
+    def score(images: list[str], params: dict) -> list[dict]:
+        return pyfunc.predict(None, pd.DataFrame({serving.INPUT_COLUMN: images}), params)
+
+    monkeypatch.setattr(cli, "_scorer", lambda *args: score)  # a server of ward-model v1, --model-uri the default
+    assert cli.main(["calibrate-site", str(table), "--admit", "--url", "http://127.0.0.1:9"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["model_name"], out["model_version"], out["rule_from"]) == ("ward-model", "1", "model")
+    assert (out["objective"], out["min_sensitivity"]) == ("sensitivity", 0.9)
+
+
 def test_calibrate_site_log_tags_the_model_that_answered_not_the_model_uri_s(registry, tmp_path, capsys):
     """--log tagged the registered version of --model-uri's name (covidcxr by default), whatever model answered (a
     server of covidcxr-real): covidcxr v2 got the site tags of thresholds chosen on covidcxr-real v2."""

@@ -11,7 +11,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
+    import datetime as dt
+
     from covidcxr.sites import LabelledFilm
+    from covidcxr.sites import SiteThresholds as Site
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -219,7 +222,7 @@ def _calibrate_site(args: argparse.Namespace) -> int:
         print(f"calibrate-site: {mixed}", file=sys.stderr)
         return 1
     try:
-        rule, rule_from = _site_rule(args, first["model_version"], first.get("threshold"))
+        rule, rule_from = _site_rule(args, first["model_version"], first.get("threshold"), first.get("model_name"))
     except RuntimeError as err:
         print(f"calibrate-site: {err}", file=sys.stderr)
         return 1
@@ -408,26 +411,50 @@ def _missing_alias(model_uri: str) -> str | None:
     return " ".join(lines)
 
 
+#: `covidcxr pacs`'s exit status when another worker of the same PACS and scorer holds the lock (EX_TEMPFAIL).
+PACS_BUSY = 75
+
+
 def _pacs(args: argparse.Namespace) -> int:
     """Score new CR/DX studies of a DICOMweb PACS and store SR + overlay results back, once or every --interval s."""
-    import logging
-    import os
-    import time
+    import contextlib
     import warnings
 
-    from mlflow.exceptions import MlflowException
-
-    from covidcxr import pacs, serving, sites
+    from covidcxr import pacs, sites
 
     _timestamped_logs()  # a long-running worker's lines need their time
     warnings.showwarning = _warning_without_text
-    log = logging.getLogger("covidcxr.pacs")
     try:
         since = pacs.parse_since(args.since)
         site = sites.SiteThresholds.load(args.site) if args.site else None
     except ValueError as err:
         print(f"pacs: {err}", file=sys.stderr)
         return 2
+    lock = args.lock_file or pacs.default_lock_path(args.dicomweb_url, args.url or args.model_uri)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(pacs.worker_lock(lock))
+        except pacs.WorkerBusy as err:
+            print(f"pacs: {err}", file=sys.stderr)
+            return PACS_BUSY
+        except OSError as err:
+            print(f"pacs: cannot open the lock file {lock} ({type(err).__name__}): give another with --lock-file",
+                  file=sys.stderr)
+            return 2
+        return _pacs_passes(args, since, site)
+
+
+def _pacs_passes(args: argparse.Namespace, since: dt.date | None, site: Site | None) -> int:
+    """The worker's passes, once or every --interval s, under the lock :func:`_pacs` holds."""
+    import logging
+    import os
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    from covidcxr import pacs, serving, sites
+
+    log = logging.getLogger("covidcxr.pacs")
     model_name = args.model_name or _registered_name(args.model_uri)
     try:
         client = pacs.DicomWeb(args.dicomweb_url, user=os.environ.get(pacs.USER_ENV),
@@ -509,16 +536,17 @@ def _tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
-def _model_rule(model_uri: str, version: object) -> dict:
+def _model_rule(model_uri: str, version: object, model_name: str | None = None) -> dict:
     """The threshold rule saved with the classifier of ``model_uri``'s model at ``version`` (its ``threshold.json``:
-    objective, min_sensitivity), read from the registry; RuntimeError saying why when it cannot be read."""
+    objective, min_sensitivity), read from the registry (of the registered model ``model_name``, the one that answered,
+    else the one a ``models:/`` URI names); RuntimeError saying why when it cannot be read."""
     import tempfile
     from pathlib import Path
 
     import mlflow
 
     mlflow.set_tracking_uri(_tracking_uri())
-    base = (f"models:/{_registered_name(model_uri)}/{version}" if model_uri.startswith("models:/")
+    base = (f"models:/{model_name or _registered_name(model_uri)}/{version}" if model_uri.startswith("models:/")
             else model_uri.rstrip("/"))
     uri = f"{base}/artifacts/classifier/threshold.json"
     try:
@@ -589,20 +617,22 @@ def _flag_rule(args: argparse.Namespace) -> dict | None:
     return None
 
 
-def _site_rule(args: argparse.Namespace, version: object, threshold: object) -> tuple[dict, str]:
+def _site_rule(args: argparse.Namespace, version: object, threshold: object,
+               model_name: str | None = None) -> tuple[dict, str]:
     """The rule a site's threshold is chosen by, and whose it is: the answering model's own (``model``), unless the
     flags give it (``flags``), or replace part of it (``model and flags``). ``--min-sensitivity`` alone means the
-    sensitivity objective; ``--objective sensitivity`` over a model trained by another rule needs it. The rule read
-    must be of the model that answered at ``threshold`` (a server of another registered name than ``--model-uri``'s
-    has its own version numbers)."""
+    sensitivity objective; ``--objective sensitivity`` over a model trained by another rule needs it. The rule is read
+    for the model that answered: registered as ``model_name`` (a server's own, whatever ``--model-uri`` names; the
+    URI's name when the model reports none) at ``version``, and must be of the model that answered at ``threshold``."""
     flags = _flag_rule(args)
     if flags is not None:
         return flags, "flags"
-    saved = _model_rule(args.model_uri, version)
+    saved = _model_rule(args.model_uri, version, model_name)
     if saved.get("threshold") != threshold:
-        raise RuntimeError(f"the threshold rule read for version {version} of {args.model_uri} is another model's (its "
-                           f"threshold {saved.get('threshold')}, the model answering {threshold}): name the served "
-                           "model with --model-uri, or give --objective and --min-sensitivity")
+        raise RuntimeError(f"the threshold rule read for version {version} of {model_name or args.model_uri} is "
+                           f"another model's (its threshold {saved.get('threshold')}, the model answering "
+                           f"{threshold}): name the served model with --model-uri (or point MLFLOW_TRACKING_URI at "
+                           "the registry it was registered in), or give --objective and --min-sensitivity")
     return _model_rule_with_flags(args, saved)
 
 
@@ -896,6 +926,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "environment's REQUESTS_CA_BUNDLE and proxies are never read")
     worker.add_argument("--retries", type=int, default=3,
                         help="retries of a failed PACS request, waiting 1, 2, 4... s (default: 3)")
+    worker.add_argument("--lock-file", help="held while the worker runs: another worker of the same lock exits 75 at "
+                        "once (default: one per PACS and scorer in $XDG_RUNTIME_DIR, else the temporary folder)")
     worker.set_defaults(func=_pacs)
     tune = sub.add_parser("tune", help="run one Optuna worker of the U-Net study (start several on one shared storage)")
     tune.add_argument("--study", required=True, help="study name (the tune_unet stage's is tune_unet.study)")

@@ -511,6 +511,36 @@ def test_408_and_429_are_retried_after_their_retry_after_then_the_pacs_is_unavai
     assert pacs.retry_after("soon") is None and pacs.retry_after(None) is None
 
 
+def test_a_worker_does_not_start_while_another_of_the_same_pacs_and_scorer_runs(tmp_path, capsys):
+    """README's cron line (every 5 minutes, --once) let a slow pass overlap the next: both scored the same images (two
+    prediction-log records each) and stored their results twice. A worker now holds a lock while it runs, and another
+    of the same lock exits at once (75, EX_TEMPFAIL) saying so; the lock goes with the process that held it."""
+    from covidcxr import cli
+
+    lock = tmp_path / "pacs.lock"
+    worker = ["pacs", "--dicomweb-url", "http://alice:s3cret@127.0.0.1:9/dicom-web", "--url", "http://127.0.0.1:9",
+              "--retries", "0", "--pacs-timeout", "1", "--once", "--lock-file", str(lock)]
+    holder = subprocess.Popen([str(BIN / "python"), "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert cli.main(worker) == cli.PACS_BUSY == 75
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert "another worker holds the lock" in err and str(lock) in err and "s3cret" not in err
+    assert cli.main(worker) == 1  # the lock free again: the pass runs (and fails: nothing answers)
+    with pacs.worker_lock(lock), pytest.raises(pacs.WorkerBusy):  # one lock per file, in one process too
+        with pacs.worker_lock(lock):
+            pass
+    by = pacs.default_lock_path
+    assert by("http://a:x@pacs/dicom-web", "m") == by("http://b:y@pacs/dicom-web/", "m") != by("http://pacs2/", "m")
+    assert by("http://pacs/", "models:/covidcxr@champion") != by("http://pacs/", "http://127.0.0.1:5000")
+    assert "pacs" not in by("http://pacs/", "m").name.removeprefix("covidcxr-pacs-")
+
+
 def test_result_uids_are_deterministic_per_source_and_model():
     one, two = pacs.ModelId("covidcxr", "1"), pacs.ModelId("covidcxr", "2")
     assert pacs.result_uids("1.2.3", one) == pacs.result_uids("1.2.3", one)

@@ -11,7 +11,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
+    import datetime as dt
+
     from covidcxr.sites import LabelledFilm
+    from covidcxr.sites import SiteThresholds as Site
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -408,16 +411,16 @@ def _missing_alias(model_uri: str) -> str | None:
     return " ".join(lines)
 
 
+#: `covidcxr pacs`'s exit status when another worker of the same PACS and scorer holds the lock (EX_TEMPFAIL).
+PACS_BUSY = 75
+
+
 def _pacs(args: argparse.Namespace) -> int:
     """Score new CR/DX studies of a DICOMweb PACS and store SR + overlay results back, once or every --interval s."""
-    import logging
-    import os
-    import time
+    import contextlib
     import warnings
 
-    from mlflow.exceptions import MlflowException
-
-    from covidcxr import pacs, serving, sites
+    from covidcxr import pacs, sites
 
     _timestamped_logs()  # a long-running worker's lines need their time
     warnings.showwarning = _warning_without_text
@@ -428,6 +431,31 @@ def _pacs(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"pacs: {err}", file=sys.stderr)
         return 2
+    lock = args.lock_file or pacs.default_lock_path(args.dicomweb_url, args.url or args.model_uri)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(pacs.worker_lock(lock))
+        except pacs.WorkerBusy as err:
+            print(f"pacs: {err}", file=sys.stderr)
+            return PACS_BUSY
+        except OSError as err:
+            print(f"pacs: cannot open the lock file {lock} ({type(err).__name__}): give another with --lock-file",
+                  file=sys.stderr)
+            return 2
+        return _pacs_passes(args, since, site)
+
+
+def _pacs_passes(args: argparse.Namespace, since: dt.date | None, site: Site | None) -> int:
+    """The worker's passes, once or every --interval s, under the lock :func:`_pacs` holds."""
+    import logging
+    import os
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    from covidcxr import pacs, serving, sites
+
+    log = logging.getLogger("covidcxr.pacs")
     model_name = args.model_name or _registered_name(args.model_uri)
     try:
         client = pacs.DicomWeb(args.dicomweb_url, user=os.environ.get(pacs.USER_ENV),
@@ -899,6 +927,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "environment's REQUESTS_CA_BUNDLE and proxies are never read")
     worker.add_argument("--retries", type=int, default=3,
                         help="retries of a failed PACS request, waiting 1, 2, 4... s (default: 3)")
+    worker.add_argument("--lock-file", help="held while the worker runs: another worker of the same lock exits 75 at "
+                        "once (default: one per PACS and scorer in $XDG_RUNTIME_DIR, else the temporary folder)")
     worker.set_defaults(func=_pacs)
     tune = sub.add_parser("tune", help="run one Optuna worker of the U-Net study (start several on one shared storage)")
     tune.add_argument("--study", required=True, help="study name (the tune_unet stage's is tune_unet.study)")

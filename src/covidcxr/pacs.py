@@ -21,13 +21,16 @@ a UID.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import io as _bytes_io
 import json
 import logging
+import os
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -102,6 +105,10 @@ class PacsError(RuntimeError):
 
 class PacsUnavailable(PacsError, ConnectionError):
     """The PACS did not answer (refused, timed out or 5xx) after the bounded retries."""
+
+
+class WorkerBusy(RuntimeError):
+    """Another worker holds the lock of the same PACS and scorer (a cron pass still running when the next starts)."""
 
 
 class ModelChanged(RuntimeError):
@@ -689,6 +696,34 @@ def scorer_answers(score: serving.Scorer) -> bool:
     except Exception:  # noqa: BLE001 - whatever went wrong, it did not answer
         return False
     return True
+
+
+def default_lock_path(dicomweb_url: str, scorer: str) -> Path:
+    """The lock file of the workers of one PACS and one scorer (a model URI or a server URL): in the user's runtime
+    folder ($XDG_RUNTIME_DIR), else the temporary one, named by a hash (no URL, no credentials in the name)."""
+    folder = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    key = hashed(f"{public_uri(dicomweb_url).rstrip('/')} {public_uri(scorer)}")
+    return Path(folder) / f"covidcxr-pacs-{key}.lock"
+
+
+@contextlib.contextmanager
+def worker_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) while the block runs, or raise :class:`WorkerBusy` at
+    once when another worker holds it: overlapping passes over the same studies would score their images twice (two
+    prediction-log records each) and store their results twice. The kernel drops the lock when the process ends,
+    however it ends; an OSError when the file cannot be opened."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkerBusy(f"another worker holds the lock {path} (a pass still running): this one does not "
+                             "start") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def parse_since(text: str | None, today: dt.date | None = None) -> dt.date | None:

@@ -424,7 +424,6 @@ def _pacs(args: argparse.Namespace) -> int:
 
     _timestamped_logs()  # a long-running worker's lines need their time
     warnings.showwarning = _warning_without_text
-    log = logging.getLogger("covidcxr.pacs")
     try:
         since = pacs.parse_since(args.since)
         site = sites.SiteThresholds.load(args.site) if args.site else None

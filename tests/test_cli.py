@@ -151,6 +151,11 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
     assert run.data.tags["site"] == "ward-7" and run.data.params["objective"] == "sensitivity"
     metrics = run.data.metrics
     assert metrics["threshold"] == out["threshold"] and metrics["ood_threshold"] == out["ood_threshold"]
+    # the figures at the site's threshold are of the films it was chosen on, and say so (not a plain sensitivity)
+    assert metrics["sensitivity_on_calibration_films"] == out["sensitivity"]
+    assert metrics["specificity_on_calibration_films"] == out["specificity"]
+    assert "sensitivity" not in metrics and "specificity" not in metrics
+    assert metrics["model_sensitivity"] == out["model_sensitivity"] and "optimistic" in run.data.tags["measured_on"]
     logged = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="site",
                                                  dst_path=str(tmp_path / "logged"))
     assert [json.loads(p.read_text()) for p in Path(logged).glob("*.json")] == [out]
@@ -302,6 +307,7 @@ def test_calibrate_site_log_tags_the_model_that_answered_not_the_model_uri_s(reg
     assert not any(k.startswith("site.") for k in registry.get_model_version("covidcxr", "2").tags)
     [run] = mlflow.search_runs(experiment_names=["covidcxr-sites"], output_format="list")
     assert run.data.tags["model_name"] == "covidcxr-real"
+    assert "optimistic" in run.data.tags["measured_on"]
 
     assert cli._log_site({**out, "model_name": None}, args) == 1  # a model that does not say which it is: no tags
     assert "does not report its name" in capsys.readouterr().err

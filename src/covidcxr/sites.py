@@ -194,11 +194,19 @@ def covid_patients(y: np.ndarray, patients: np.ndarray | None) -> int | None:
 #: The MLflow experiment of the sites' calibrations (``calibrate-site --log NAME``).
 EXPERIMENT = "covidcxr-sites"
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-#: What a calibration's figures are logged as (those of ``calibrate-site``'s output that are numbers).
-LOGGED_METRICS: tuple[str, ...] = (
-    "threshold", "promised_sensitivity", "sensitivity", "specificity", "ood_threshold", "admitted", "n_covid",
-    "n_covid_patients",
-    "n_negative", "model_threshold", "model_ood_threshold", "model_answered", "model_sensitivity", "model_specificity")
+#: What a calibration's figures are logged as (those of ``calibrate-site``'s output that are numbers), by output key:
+#: the sensitivity and specificity at the site's threshold were measured on the films it was chosen on (optimistic),
+#: and their names say so, beside the promised sensitivity and the model's own threshold on the same films.
+LOGGED_METRICS: dict[str, str] = {
+    **{key: key for key in ("threshold", "promised_sensitivity", "ood_threshold", "admitted", "n_covid",
+                            "n_covid_patients", "n_negative", "model_threshold", "model_ood_threshold",
+                            "model_answered", "model_sensitivity", "model_specificity")},
+    "sensitivity": "sensitivity_on_calibration_films", "specificity": "specificity_on_calibration_films"}
+#: The tag on a calibration's run that says where its figures were measured.
+MEASURED_ON = ("the site's calibration films: sensitivity_on_calibration_films and specificity_on_calibration_films at "
+               "the threshold chosen on them (optimistic), model_sensitivity and model_specificity at the model's own "
+               "threshold on the films it answered; promised_sensitivity is the bound on the site's next COVID-19 "
+               "films")
 
 
 def check_site_name(site: str) -> str:
@@ -212,10 +220,11 @@ def check_site_name(site: str) -> str:
 def log_to_mlflow(result: Mapping, path: str | os.PathLike, *, site: str, model_name: str,
                   experiment: str = EXPERIMENT) -> tuple[str, bool]:
     """A run in ``experiment`` with one site's calibration (``result``: what ``calibrate-site`` wrote, at ``path``):
-    its rule as params, its figures as metrics, the file as an artifact; and, when the model version it was chosen on
-    is registered under ``model_name``, that version's tags ``site.<site>.threshold``, ``site.<site>.ood_threshold``
-    and ``site.<site>.run_id``, so the registry says which thresholds each site uses with which version. Returns the
-    run id and whether the version was tagged."""
+    its rule as params, its figures as metrics (:data:`LOGGED_METRICS`: those measured on the films the threshold was
+    chosen on named so, and a ``measured_on`` tag), the file as an artifact; and, when the model version it was
+    chosen on is registered under ``model_name``, that version's tags ``site.<site>.threshold``,
+    ``site.<site>.ood_threshold`` and ``site.<site>.run_id``, so the registry says which thresholds each site uses
+    with which version. Returns the run id and whether the version was tagged."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -223,10 +232,10 @@ def log_to_mlflow(result: Mapping, path: str | os.PathLike, *, site: str, model_
 
     check_site_name(site)
     version = str(result["model_version"])
-    tags = {"site": site, "model_name": model_name, "model_version": version}
+    tags = {"site": site, "model_name": model_name, "model_version": version, "measured_on": MEASURED_ON}
     params = {"site": site, "objective": result.get("objective"), "min_sensitivity": result.get("min_sensitivity")}
     with tracking.run(experiment, f"site-{site}-{model_name}-v{version}", params=params, tags=tags) as run:
-        mlflow.log_metrics({k: float(result[k]) for k in LOGGED_METRICS if result.get(k) is not None})
+        mlflow.log_metrics({name: float(result[k]) for k, name in LOGGED_METRICS.items() if result.get(k) is not None})
         mlflow.log_artifact(str(path), "site")
     client = mlflow.MlflowClient()
     try:

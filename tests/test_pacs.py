@@ -1014,7 +1014,22 @@ def test_an_image_the_scorer_failed_on_gets_no_result_and_is_scored_on_the_next_
     assert len(results_of(own_orthanc, study)["SR"]) == 1
     summary = pacs.run(client, score, "covidcxr")
     assert (summary.already_done, summary.stored_sr, summary.deferred, summary.failed_studies) == (1, 2, 0, 0)
-    assert {check_sr(sr, {})[0] for sr in results_of(own_orthanc, study)["SR"]} == set(sops)
+    found = results_of(own_orthanc, study)
+    assert {check_sr(sr, {})[0] for sr in found["SR"]} == set(sops)
+    # numbered by their images' places among the study's images, whichever pass made them
+    assert sorted(int(sr.InstanceNumber) for sr in found["SR"]) == [1, 2, 3]
+    assert sorted(int(sc.InstanceNumber) for sc in found["OT"]) == [1, 2, 3]
+
+
+def test_results_are_numbered_by_their_images_place_among_all_the_studys_images():
+    """The results' InstanceNumber counted the images already done, then the pending ones: after an image was deferred
+    (the scorer failed on it), its results on the next pass took the number of a later image's."""
+    model = pacs.ModelId("covidcxr", "1")
+    images = [{"SeriesInstanceUID": "1.2.1", "SOPInstanceUID": f"1.2.1.{k}", "Modality": "CR"} for k in (1, 2, 3)]
+    results = [{"SeriesInstanceUID": "9.9", "SOPInstanceUID": pacs.result_uids(f"1.2.1.{k}", model)["sr"],
+                "Modality": "SR"} for k in (1, 3)]
+    pending, done = pacs.pending_sources(images + results, "1.2", model)
+    assert done == 2 and [(s.sop_uid, s.number) for s in pending] == [("1.2.1.2", 2)]
 
 
 

@@ -135,6 +135,7 @@ class Source:
     study_uid: str
     series_uid: str
     sop_uid: str
+    number: int  # its results' InstanceNumber: its place among the study's CR/DX images, done or not (from 1)
 
 
 @dataclass
@@ -354,8 +355,9 @@ def series_uids(study_uid: str, model: ModelId) -> dict[str, str]:
 def pending_sources(instances: Iterable[dict], study_uid: str, model: ModelId) -> tuple[list[Source], int]:
     """The CR/DX images of a study whose SR by ``model`` is not in it yet, and how many are already done."""
     existing = {item["SOPInstanceUID"] for item in instances}
-    sources = sorted((Source(study_uid, i["SeriesInstanceUID"], i["SOPInstanceUID"]) for i in instances
-                      if (i.get("Modality") or "").upper() in MODALITIES), key=lambda s: (s.series_uid, s.sop_uid))
+    images = sorted((i["SeriesInstanceUID"], i["SOPInstanceUID"]) for i in instances
+                    if (i.get("Modality") or "").upper() in MODALITIES)
+    sources = [Source(study_uid, series, sop, number) for number, (series, sop) in enumerate(images, 1)]
     pending = [s for s in sources if result_uids(s.sop_uid, model)["sr"] not in existing]
     return pending, len(sources) - len(pending)
 
@@ -520,9 +522,9 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
     deferred: dict[str, int] = {}
     unusable: dict[str, int] = {}  # images whose header no result can be made from, by the error's type
     for start in range(0, len(pending), batch_size):
-        usable: list[tuple[int, Source, Dataset]] = []  # (position in pending, source, header) of those to score
+        usable: list[tuple[Source, Dataset]] = []  # (source, header) of those to score
         files: list[str] = []
-        for position, source in enumerate(pending[start:start + batch_size], start):
+        for source in pending[start:start + batch_size]:
             dataset = pacs.retrieve(source)
             header = header_only(dataset)
             problem = header_problem(header, model)
@@ -531,7 +533,7 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
                 log.warning("study %s: image %s not scored: no result can be made from its header (%s)",
                             hashed(study_uid), hashed(source.sop_uid), problem)
                 continue
-            usable.append((position, source, header))
+            usable.append((source, header))
             files.append(file_base64(dataset))
         if not usable:
             continue
@@ -543,8 +545,8 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
                                f"expected {model.name} v{model.version}: the served model changed during the run; "
                                "run again")
         srs, scs = [], []
-        for (position, source, header), entry in zip(usable, entries):
-            uids, number = result_uids(source.sop_uid, model), done + position + 1
+        for (source, header), entry in zip(usable, entries):
+            uids, number = result_uids(source.sop_uid, model), source.number
             if not entry["accepted"] and entry.get("reason") in serving.RETRY_REASONS:  # not the image's failure
                 deferred[entry["reason"]] = deferred.get(entry["reason"], 0) + 1
                 continue

@@ -541,6 +541,25 @@ def test_a_worker_does_not_start_while_another_of_the_same_pacs_and_scorer_runs(
     assert "pacs" not in by("http://pacs/", "m").name.removeprefix("covidcxr-pacs-")
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--retries", "-1", "at least 0 retries"), ("--pacs-timeout", "0", "more than 0 seconds"),
+    ("--interval", "-1", "more than 0 seconds"), ("--timeout", "nan", "more than 0 seconds"),
+    ("--dicomweb-url", "alice:s3cret@pacs.example.org/dicom-web", "an http:// or https:// URL with a host"),
+    ("--dicomweb-url", "https://alice:s3cret@pacs.example.org:port/dicom-web", "an http:// or https:// URL"),
+])
+def test_the_workers_options_are_checked_by_argparse_and_never_echo_credentials(option, value, message, capsys):
+    """--retries -1 made no request and called the PACS unreachable, --pacs-timeout 0 failed every request, --interval
+    -1 ended the worker after its first pass, and a --dicomweb-url without its scheme was a traceback quoting the
+    user and password. Each is now an argparse error (exit 2) that repeats no credentials."""
+    from covidcxr import cli
+
+    args = {"--dicomweb-url": "https://pacs.example.org/dicom-web", option: value}
+    with pytest.raises(SystemExit) as caught:
+        cli.build_parser().parse_args(["pacs", *(x for pair in args.items() for x in pair)])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and message in err and option in err and "s3cret" not in err, err
+
+
 def test_result_uids_are_deterministic_per_source_and_model():
     one, two = pacs.ModelId("covidcxr", "1"), pacs.ModelId("covidcxr", "2")
     assert pacs.result_uids("1.2.3", one) == pacs.result_uids("1.2.3", one)

@@ -411,6 +411,48 @@ def _missing_alias(model_uri: str) -> str | None:
     return " ".join(lines)
 
 
+def _retries(text: str) -> int:
+    """``pacs --retries``: a whole number, at least 0 (-1 made no request at all and called the PACS unreachable)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of retries (at least 0), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"at least 0 retries, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """``pacs --pacs-timeout``, ``--timeout``, ``--interval``: a number of seconds above 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of seconds, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"more than 0 seconds, got {text}")
+    return value
+
+
+def _dicomweb_url(text: str) -> str:
+    """``pacs --dicomweb-url``: an http(s) URL with a host. The error never repeats the value: it may hold a user and
+    password (a URL without its scheme was a traceback quoting them)."""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(text)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError("an http:// or https:// URL with a host (and a numeric port, if any), e.g. "
+                                          "https://pacs.example.org/dicom-web (the value given is not repeated: it "
+                                          "may hold credentials)")
+    return text
+
+
 #: `covidcxr pacs`'s exit status when another worker of the same PACS and scorer holds the lock (EX_TEMPFAIL).
 PACS_BUSY = 75
 
@@ -901,8 +943,8 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
     site.set_defaults(func=_calibrate_site)
     worker = sub.add_parser("pacs", help="score new CR/DX studies of a DICOMweb PACS; store SR + overlay back")
-    worker.add_argument("--dicomweb-url", required=True, help="DICOMweb root (QIDO/WADO/STOW), e.g. "
-                        "https://pacs.example.org/dicom-web; basic auth from $COVIDCXR_PACS_USER/_PASSWORD")
+    worker.add_argument("--dicomweb-url", required=True, type=_dicomweb_url, help="DICOMweb root (QIDO/WADO/STOW), "
+                        "e.g. https://pacs.example.org/dicom-web; basic auth from $COVIDCXR_PACS_USER/_PASSWORD")
     worker.add_argument("--model-uri", default="models:/covidcxr@champion", help="MLflow model URI (local scoring)")
     worker.add_argument("--url", help="a running `mlflow models serve` (e.g. http://127.0.0.1:5000) instead")
     worker.add_argument("--model-name", help="model name written into the results for a model that does not report "
@@ -912,19 +954,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "back, for schedules)")
     when = worker.add_mutually_exclusive_group()
     when.add_argument("--once", action="store_true", help="one pass, then exit (the default; for cron or timers)")
-    when.add_argument("--interval", type=float, help="run a pass every INTERVAL seconds until stopped")
+    when.add_argument("--interval", type=_seconds, help="run a pass every INTERVAL seconds until stopped")
     worker.add_argument("--site", help="the site's thresholds (`calibrate-site --output`) on every image, instead of "
                                        "the model's: the results record the threshold that decided; nothing is scored "
                                        "when the model answering is not the one (registered name and version) they "
                                        "were chosen on")
     worker.add_argument("--batch-size", type=_batch_size, default=8,
                         help="images per scoring request (default: 8; at most the model's own limit, max_images)")
-    worker.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
-    worker.add_argument("--pacs-timeout", type=float, default=30.0, help="seconds per PACS request (default: 30)")
+    worker.add_argument("--timeout", type=_seconds, default=120.0, help="seconds to wait for the server (--url)")
+    worker.add_argument("--pacs-timeout", type=_seconds, default=30.0,
+                        help="seconds the PACS may keep silent: to connect, and between two reads of an answer (not "
+                             "for the whole answer; default: 30)")
     worker.add_argument("--pacs-ca-bundle", metavar="PEM",
                         help="certificate authorities to trust for an https PACS (a hospital's own CA); the "
                              "environment's REQUESTS_CA_BUNDLE and proxies are never read")
-    worker.add_argument("--retries", type=int, default=3,
+    worker.add_argument("--retries", type=_retries, default=3,
                         help="retries of a failed PACS request, waiting 1, 2, 4... s (default: 3)")
     worker.add_argument("--lock-file", help="held while the worker runs: another worker of the same lock exits 75 at "
                         "once (default: one per PACS and scorer in $XDG_RUNTIME_DIR, else the temporary folder)")

@@ -560,6 +560,47 @@ def test_the_workers_options_are_checked_by_argparse_and_never_echo_credentials(
     assert caught.value.code == 2 and message in err and option in err and "s3cret" not in err, err
 
 
+@pytest.mark.parametrize("kind, body", [("text/html", b"<html><body>Please log in</body></html>"),
+                                        ("application/dicom+json", b'[{"0020000D": {"vr": "UI", "Val'),
+                                        ("application/dicom+json", b'"studies"')])
+def test_a_search_answered_with_no_dicom_json_is_a_pacs_error_naming_the_operation(kind, body):
+    """A login page answered 200, or JSON cut off, reached the worker as a bare JSONDecodeError (an untyped failed
+    pass, or a study failed as 'ValueError'); JSON that is no list of records, as an AttributeError. Each is now a
+    PacsError naming the endpoint and the operation."""
+
+    class Page(Quiet):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            self.answer(200, kind, body)
+
+    with loopback(Page) as port, pytest.raises(pacs.PacsError, match="QIDO-RS study search") as caught:
+        pacs.DicomWeb(f"http://127.0.0.1:{port}/dicom-web", retries=0).find_studies()
+    assert f"127.0.0.1:{port}/dicom-web" in str(caught.value) and not isinstance(caught.value, pacs.PacsUnavailable)
+
+
+def test_an_answer_cut_off_mid_transfer_is_retried_and_then_the_pacs_is_unavailable():
+    """A chunked answer cut off mid-transfer (requests' ChunkedEncodingError) escaped the retries, untyped. It is now
+    retried like a dropped connection."""
+    requests_seen = []
+
+    class CutOff(Quiet):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):  # noqa: N802 - the http.server API
+            requests_seen.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"40\r\n[{")
+            self.wfile.flush()
+            self.close_connection = True
+
+    waits: list[float] = []
+    with loopback(CutOff) as port, pytest.raises(pacs.PacsUnavailable, match="ChunkedEncodingError after 3 attempts"):
+        pacs.DicomWeb(f"http://127.0.0.1:{port}/dicom-web", retries=2, backoff=0, sleep=waits.append).find_studies()
+    assert len(requests_seen) == 3
+
+
 def test_result_uids_are_deterministic_per_source_and_model():
     one, two = pacs.ModelId("covidcxr", "1"), pacs.ModelId("covidcxr", "2")
     assert pacs.result_uids("1.2.3", one) == pacs.result_uids("1.2.3", one)

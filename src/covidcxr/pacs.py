@@ -222,8 +222,14 @@ class DicomWeb:
             except requests.exceptions.SSLError:  # no retry mends an untrusted certificate
                 raise PacsError(f"DICOMweb server {self.endpoint}: its TLS certificate is not trusted ({operation}); "
                                 "give its certificate authority as --pacs-ca-bundle") from None
-            except (requests.ConnectionError, requests.Timeout) as err:
-                problem = type(err).__name__
+            except requests.exceptions.JSONDecodeError:  # a login or error page answered 200, a cut-off answer
+                raise PacsError(f"DICOMweb server {self.endpoint} answered {operation} with no readable JSON (an "
+                                "HTML page, or an answer cut off?)") from None
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+                problem = type(err).__name__  # an answer cut off mid-transfer (ChunkedEncodingError) included
+            except requests.RequestException as err:  # too many redirects, an invalid URL...: no retry mends them
+                raise PacsError(f"DICOMweb server {self.endpoint}: {operation} failed ({type(err).__name__})") \
+                    from None
         raise PacsUnavailable(f"DICOMweb server {self.endpoint} is unreachable or busy ({operation}): {problem} after "
                               f"{self.retries + 1} attempts")
 
@@ -251,6 +257,9 @@ class DicomWeb:
         for _ in range(self.max_pages):
             self._warnings.clear()
             items = self._call(operation, fn, limit=self.page_size, offset=offset, **kwargs)
+            if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+                raise PacsError(f"DICOMweb server {self.endpoint} answered {operation} with JSON that is no list of "
+                                "DICOM JSON records")
             if not warned and any(w.strip().startswith("299") for w in self._warnings):
                 warned = True  # its text is withheld: it may quote the request
                 log.warning("%s: %s answered Warning 299 (results left out); paging on", operation, self.endpoint)

@@ -289,6 +289,35 @@ def test_calibrate_site_reads_the_rule_of_the_model_that_answered_not_the_model_
     assert (out["objective"], out["min_sensitivity"]) == ("sensitivity", 0.9)
 
 
+def test_calibrate_site_refuses_an_unknown_objective_as_it_reads_the_command_line(capsys):
+    """--objective took any word: a typo was refused only after every film had been scored."""
+    with pytest.raises(SystemExit) as caught:
+        cli.build_parser().parse_args(["calibrate-site", "labels.csv", "--objective", "yoden"])
+    assert caught.value.code == 2
+    assert "invalid choice: 'yoden' (choose from youden, f1, sensitivity)" in capsys.readouterr().err
+    assert cli.build_parser().parse_args(["calibrate-site", "labels.csv", "--objective", "f1"]).objective == "f1"
+
+
+def test_calibrate_site_admitting_films_without_a_finite_ood_score_is_a_clear_refusal(tmp_path, monkeypatch, capsys):
+    """A model that flags out-of-distribution films and answers them (ood_action: flag) answers a film whose OOD score
+    cannot be compared (NaN, from a feature that overflowed) as well: --admit then failed in local_ood_threshold with a
+    traceback. Now exit 1, saying why and on which lines of the table (no file name)."""
+    import dataclasses
+
+    import numpy as np
+
+    pipeline, score, _, table, _, _ = _ood_site(tmp_path)
+    pipeline.config = dataclasses.replace(pipeline.config, ood_action="flag")
+    pipeline.classifier.ood.location_ = np.full_like(pipeline.classifier.ood.location_, np.nan)  # every score NaN
+    monkeypatch.setattr(cli, "_scorer", lambda *args: score)
+    assert cli.main(["calibrate-site", str(table), "--objective", "youden", "--admit"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "24 of the films answered have no finite OOD score" in captured.err
+    assert "lines [2, 3, 4, 5, 6] ..." in captured.err and "f0.png" not in captured.err
+    assert "Traceback" not in captured.err
+    assert cli.main(["calibrate-site", str(table), "--objective", "youden"]) == 0  # without --admit: no OOD threshold
+
+
 def test_calibrate_site_log_tags_the_model_that_answered_not_the_model_uri_s(registry, tmp_path, capsys):
     """--log tagged the registered version of --model-uri's name (covidcxr by default), whatever model answered (a
     server of covidcxr-real): covidcxr v2 got the site tags of thresholds chosen on covidcxr-real v2."""

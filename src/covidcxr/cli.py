@@ -58,6 +58,18 @@ def _batch_size(text: str) -> int:
     return value
 
 
+def _objective(text: str) -> str:
+    """``calibrate-site --objective``: one of the threshold rules (:data:`covidcxr.metrics.THRESHOLD_OBJECTIVES`),
+    checked as the command line is read, before any film is scored (the module is imported only here, as every
+    command's are, so that the parser stays quick to build)."""
+    from covidcxr import metrics
+
+    if text not in metrics.THRESHOLD_OBJECTIVES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from "
+                                         f"{', '.join(metrics.THRESHOLD_OBJECTIVES)})")
+    return text
+
+
 PREDICT_COLUMNS = ("accepted", "projection", "projection_probability", "lung_area_fraction", "covid_probability",
                    "label", "ood_score", "ood_threshold", "threshold", "thresholds_from", "model_version", "reason")
 
@@ -234,8 +246,17 @@ def _calibrate_site(args: argparse.Namespace) -> int:
         return 1
     model_ood = next((e["ood_threshold"] for _, e in served if e.get("ood_threshold") is not None), None)
     admitted = sum(rows[i][1].get("accepted", False) for i in far)
-    ood_threshold = (sites.local_ood_threshold([e["ood_score"] for _, e in answered], model_ood)
-                     if admitted and model_ood is not None else None)
+    ood_scores = np.array([e["ood_score"] for _, e in answered], dtype=float)  # null (None): NaN
+    if admitted and model_ood is not None and not np.isfinite(ood_scores).all():
+        at = [line for line, (_, e) in enumerate(rows, start=2)  # the table's lines: no file name is printed
+              if e.get("accepted") and not np.isfinite(np.array(e.get("ood_score"), dtype=float))]
+        lines = f"{at[:5]}{' ...' if len(at) > 5 else ''}"
+        print(f"calibrate-site: {len(at)} of the films answered have no finite OOD score (the model answers them "
+              f"flagged out of distribution, ood_action: flag; {args.labels} lines {lines}): a site's OOD threshold "
+              "cannot be chosen above a score that cannot be compared; leave those films out of the table, or "
+              "calibrate without --admit", file=sys.stderr)
+        return 1
+    ood_threshold = sites.local_ood_threshold(ood_scores, model_ood) if admitted and model_ood is not None else None
     model_y = np.array([int(film.covid) for film, _ in model], dtype=int)
     at_model = np.array([e["label"] == "covid" for _, e in model])  # serving's own call at the model's thresholds
     n_patients = sites.covid_patients(y, patients)
@@ -927,8 +948,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "patient column the promise counts films and assumes one film per patient")
     site.add_argument("--model-uri", default="models:/covidcxr@champion", help="MLflow model URI (local scoring)")
     site.add_argument("--url", help="a running `mlflow models serve` (e.g. http://127.0.0.1:5000) instead")
-    site.add_argument("--objective", help="the threshold rule: sensitivity, youden or f1 (default: the model's own, "
-                                          "saved with its classifier: train_classifier.threshold_objective)")
+    site.add_argument("--objective", type=_objective,
+                      help="the threshold rule: sensitivity, youden or f1 (default: the model's own, saved with "
+                           "its classifier: train_classifier.threshold_objective)")
     site.add_argument("--min-sensitivity", type=float,
                       help="the sensitivity objective's minimum (default: the model's own, "
                            "train_classifier.min_sensitivity)")

@@ -57,6 +57,9 @@ PROJECTION_MODEL, UNET_MODEL = f"{MODELS_DIR}/projection", f"{MODELS_DIR}/unet"
 TUNED_UNET = "artifacts/tune/unet.json"
 PRETRAIN_DIR = "artifacts/pretrain"  # the pretrain stage's encoders, one per backbone
 PREDICTIONS = "predictions.csv"  # beside each classifier's model files
+#: Beside each classifier's ``predictions.csv``: the films of its split that serving refuses before the classifier
+#: (its columns but the scores, and ``reason``), which `evaluate` counts in what serving answers.
+REFUSED = "refused.csv"
 EVALUATE_DIR = Path("reports/evaluate")
 EXPLAIN_METRICS = Path("reports/explain/metrics.json")
 AUDIT_REPORT = Path("reports/audit/audit.json")

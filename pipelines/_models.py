@@ -28,9 +28,6 @@ def split_arrays(task: str, index):
 #: The `segment` stage's flag for a film the projection rule does not call frontal, and serving's reason for refusing
 #: it (:data:`covidcxr.serving.REASONS`); a lung-mask flag is serving's reason already (:data:`covidcxr.lungs.REASONS`).
 NOT_FRONTAL, LATERAL_VIEW = "not_frontal", "lateral_view"
-#: Beside each classifier's ``predictions.csv``: the films of its split that serving refuses before the classifier
-#: (its columns but the scores, and ``reason``), which `evaluate` counts in what serving answers.
-REFUSED = "refused.csv"
 
 
 def usable() -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from covidcxr import folders, metrics, sites, tracking
-from pipelines import _common, _models, _tracking
+from pipelines import _common, _tracking
 
 OUT = _common.EVALUATE_DIR
 
@@ -156,7 +156,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", ood_action: str = 
             if "raw_score" not in pred:
                 raise ValueError(f"{d / _common.PREDICTIONS}: no raw_score column (the network's own output, which "
                                  "the paper's table thresholds at 0.5); rerun train_classifier")
-            before = read_refused(d / _models.REFUSED)
+            before = read_refused(d / _common.REFUSED)
             threshold = folders.operating_threshold(d)
             run_id = folders.folder_info(d)["run_id"]
             result = evaluate_model(pred, folders.folder_threshold(d), p,

@@ -158,7 +158,7 @@ def run(p: dict, variant: str, backbone: str, experiment: str = "demo") -> dict:
             ])
             _common.write_csv(out / _common.PREDICTIONS, predictions)
             # the films serving refuses before the classifier: evaluate counts them in what serving answers
-            _common.write_csv(out / _models.REFUSED, refused[["image_id", "patient_id", "split", "label", "reason"]])
+            _common.write_csv(out / _common.REFUSED, refused[["image_id", "patient_id", "split", "label", "reason"]])
     _common.write_json(f"reports/train_classifier/{variant}_{backbone}.json",
                        {**{s: {k: result[s][k] for k in ("accuracy", "roc_auc", "n")} for s in x},
                         "ood": result["ood"]})

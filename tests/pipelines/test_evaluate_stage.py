@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from covidcxr import metrics
-from pipelines import _common, _models
+from pipelines import _common
 from pipelines import evaluate as stage
 
 P = {"n_boot": 20, "seed": 0, "calibration_bins": 5, "site_calibration": {"n_per_class": 20, "draws": 10}}
@@ -48,7 +48,7 @@ def evaluated(tmp_path: Path, monkeypatch) -> dict:
     (folder / "threshold.json").write_text(json.dumps({"threshold": 0.28, "objective": "sensitivity",
                                                        "min_sensitivity": 0.9}))
     PRED.to_csv(folder / _common.PREDICTIONS, index=False)
-    REFUSED.to_csv(folder / _models.REFUSED, index=False)
+    REFUSED.to_csv(folder / _common.REFUSED, index=False)
     return stage.run(P, {"variants": ["c"], "backbones": ["vgg16"]}, "demo", "flag")
 
 
@@ -99,9 +99,9 @@ def test_a_folder_without_its_refused_films_is_an_error_naming_the_file(tmp_path
     films refused before scoring out again."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"refused\.csv: no such file .* rerun train_classifier"):
-        stage.read_refused(tmp_path / _models.REFUSED)
-    REFUSED.drop(columns="reason").to_csv(tmp_path / _models.REFUSED, index=False)
+        stage.read_refused(tmp_path / _common.REFUSED)
+    REFUSED.drop(columns="reason").to_csv(tmp_path / _common.REFUSED, index=False)
     with pytest.raises(ValueError, match=r"refused\.csv: no column\(s\) \['reason'\]"):
-        stage.read_refused(tmp_path / _models.REFUSED)
+        stage.read_refused(tmp_path / _common.REFUSED)
     with pytest.raises(ValueError, match=r"split\(s\) \['test'\] hold films refused before scoring and none scored"):
         stage.evaluate_model(PRED[PRED["split"] == "val"], {"threshold": 0.28}, P, before=REFUSED)

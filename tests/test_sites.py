@@ -93,25 +93,67 @@ def test_local_calibration_measures_the_site_threshold_on_the_other_films_beside
 
 def test_local_calibration_never_tests_a_drawn_patient_s_other_films():
     """A site labels patients' films: a COVID-19 patient's second film, scored like the first, tested a threshold
-    chosen on the very patient (drawn by film, the first film chose it and the second confirmed it)."""
+    chosen on the very patient. With patients, a draw takes patients (all their films of the drawn label), as
+    calibrate-site counts them, and tests the films of the patients drawn in neither class."""
     rng = np.random.default_rng(2)
     patients = np.repeat([f"p{i}" for i in range(100)], 2)  # every patient twice, both films scored alike
     y = np.repeat(np.r_[np.ones(30, int), np.zeros(70, int)], 2)
     score = np.repeat(np.r_[rng.uniform(0.3, 1.0, 30), rng.uniform(0.0, 0.7, 70)], 2)
     once = sites.local_calibration(y, score, RULE, n_per_class=20, draws=1, seed=4, patients=patients)
+    assert (once["unit"], once["n_covid"], once["n_covid_patients"], once["n_negative_patients"]) == (
+        "patients", 60, 30, 70)
     g = np.random.default_rng(4)
-    p, n = g.permutation(np.flatnonzero(y == 1)), g.permutation(np.flatnonzero(y == 0))
-    chosen = np.r_[p[:20], n[:20]]
-    rest = np.r_[p[20:], n[20:]]
-    rest = rest[~np.isin(patients[rest], patients[chosen])]
-    t = once["threshold_median"]
-    assert once["sensitivity"] == pytest.approx(float((score[rest][y[rest] == 1] >= t).mean()))
-    assert once["specificity"] == pytest.approx(float((score[rest][y[rest] == 0] < t).mean()))
-    by_film = sites.local_calibration(y, score, RULE, n_per_class=20, draws=200, seed=4)
-    by_patient = sites.local_calibration(y, score, RULE, n_per_class=20, draws=200, seed=4, patients=patients)
-    assert by_patient["sensitivity"] < by_film["sensitivity"]  # the drawn patients' twins no longer confirm it
+    ids = np.unique(patients, return_inverse=True)[1]
+    covid, negative = g.permutation(np.unique(ids[y == 1]))[:20], g.permutation(np.unique(ids[y == 0]))[:20]
+    chosen = np.where(y == 1, np.isin(ids, covid), np.isin(ids, negative))
+    rest = ~np.isin(ids, np.r_[covid, negative])
+    assert chosen.sum() == 80 and rest.sum() == 120  # 20 + 20 patients of 2 films choose; the other 60 patients test
+    t = sites.local_threshold(y[chosen], score[chosen], RULE, patients=patients[chosen]).threshold  # calibrate-site's
+    assert once["threshold_median"] == t
+    assert once["sensitivity"] == pytest.approx(float((score[rest & (y == 1)] >= t).mean()))
+    assert once["specificity"] == pytest.approx(float((score[rest & (y == 0)] < t).mean()))
     with pytest.raises(ValueError, match="3 patient ids for 200 films"):
         sites.local_calibration(y, score, RULE, patients=patients[:3])
+
+
+def test_local_calibration_by_patient_keeps_the_promise_the_film_draw_overstated():
+    """20 films of a site whose 25 COVID-19 patients have 20 films each, all scored alike, are the films of about 14
+    patients: the lowest of them keeps about 14/15 of the next patients, not the 20/21 counted by film. Drawn by
+    patient, as calibrate-site counts a table with a patient column, 20 patients keep 20/21."""
+    rng = np.random.default_rng(5)
+    level = np.r_[rng.permutation(np.linspace(0.40, 0.99, 25)), rng.permutation(np.linspace(0.01, 0.60, 25))]
+    patients = np.repeat([f"p{i}" for i in range(50)], 20)
+    y = np.repeat(np.r_[np.ones(25, int), np.zeros(25, int)], 20)
+    score = np.repeat(level, 20) + rng.uniform(-1e-4, 1e-4, 1000)  # a patient's films score alike
+    rule = {"threshold": 0.5, "objective": "sensitivity", "min_sensitivity": 0.95}
+    out = sites.local_calibration(y, score, rule, n_per_class=20, draws=1000, seed=0, patients=patients)
+    assert out["status"] == "measured" and out["unit"] == "patients"
+    assert out["promised_sensitivity"] == pytest.approx(20 / 21)  # 20 patients
+    assert out["sensitivity"] >= 20 / 21 - 0.01  # 20/21 in expectation (the 5 other patients' films)
+    # drawn by film (the threshold at the lowest of 20 COVID-19 films, the undrawn patients' films tested): the 20/21
+    # counted by film is not kept
+    g, pos, kept = np.random.default_rng(0), np.flatnonzero(y == 1), []
+    for _ in range(1000):
+        drawn = g.permutation(pos)[:20]
+        tested = (y == 1) & ~np.isin(patients, patients[drawn])
+        kept.append(float((score[tested] >= score[drawn].min()).mean()))
+    assert np.mean(kept) < 20 / 21 - 0.01
+
+
+def test_local_calibration_counts_patients_to_skip_and_draws_a_patient_of_both_labels_in_both():
+    # 30 COVID-19 films of 10 patients: too few patients to choose on 20 and test on the rest
+    patients = np.r_[np.repeat([f"c{i}" for i in range(10)], 3), [f"n{i}" for i in range(40)]]
+    y, score = np.r_[np.ones(30, int), np.zeros(40, int)], np.r_[np.linspace(0.5, 1, 30), np.linspace(0, 0.6, 40)]
+    short = sites.local_calibration(y, score, RULE, n_per_class=20, patients=patients)
+    assert short["status"] == "skipped" and short["n_covid"] == 30
+    assert "10 COVID-19 and 40 negative patients: a site threshold on 20 of each needs at least 25" in short["reason"]
+    few = sites.local_calibration(y, score, {**RULE, "min_sensitivity": 0.95}, n_per_class=5, patients=patients)
+    assert few["status"] == "skipped" and "5 COVID-19 patients cannot promise sensitivity 0.95" in few["reason"]
+    # a patient with a film of each label is one of the COVID-19 patients and one of the negative ones
+    mixed = np.r_[[f"m{i}" for i in range(30)], [f"m{i}" for i in range(30)], [f"n{i}" for i in range(10)]]
+    y = np.r_[np.ones(30, int), np.zeros(40, int)]
+    out = sites.local_calibration(y, score, RULE, n_per_class=10, draws=20, seed=0, patients=mixed)
+    assert out["status"] == "measured" and (out["n_covid_patients"], out["n_negative_patients"]) == (30, 40)
 
 
 def test_local_calibration_says_why_it_could_not_measure():

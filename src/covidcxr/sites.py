@@ -366,9 +366,9 @@ def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_
     for comparison, with the model's own threshold (``rule["threshold"]``). Returns the mean over draws of each
     sensitivity and specificity, their 10th and 90th percentiles (how much a site's few films move them), the median
     threshold and, for the sensitivity objective, the sensitivity the site rule promises (:func:`site_rule`); ``status``
-    is ``skipped``, with the reason, when a class has too few films to both choose and test (``n_per_class`` + 5) or
-    ``n_per_class`` COVID-19 films cannot promise the target. A sensitivity rule without its ``min_sensitivity`` is a
-    ValueError, whatever the films (as for :func:`local_threshold`).
+    is ``skipped``, with the reason, when a class has too few films (patients, with ``patients``) to both choose and
+    test (``n_per_class`` + 5) or ``n_per_class`` of them cannot promise the target. A sensitivity rule without its
+    ``min_sensitivity`` is a ValueError, whatever the films (as for :func:`local_threshold`).
 
     ``ood``: the films' OOD scores and the model's OOD threshold, the films serving refuses as out of distribution
     included: the site also admits its own films (:func:`local_ood_threshold` of the drawn films), so the threshold is
@@ -377,29 +377,42 @@ def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_
     own OOD threshold answers; ``model_refused``). A figure no film defines in a draw (no COVID-19 film answered)
     leaves that draw out of its mean.
 
-    ``patients`` (one id per film): the other films of a drawn film's patient are not tested either (a site labels
-    patients' films, and a patient's other films would test a threshold chosen on that very patient).
+    ``patients`` (one id per film): what ``calibrate-site`` does with a labels table's ``patient`` column. Each draw
+    takes ``n_per_class`` COVID-19 patients and ``n_per_class`` negative patients (all their films of that label),
+    the threshold is chosen counting patients (``local_threshold`` with ``patients``), the promise is that of
+    ``n_per_class`` patients, and only the films of patients drawn in neither class are tested (a patient's other
+    films would test a threshold chosen on that very patient). A patient with films of both labels is in both draws
+    (as in a site's table, where each film carries its label); drawn in one, none of their films is tested.
+    ``unit`` says which was counted (``films`` or ``patients``; ``n_covid`` and ``n_negative`` are films either way,
+    ``n_covid_patients`` and ``n_negative_patients`` the patients).
     """
     y, score = np.asarray(y, dtype=int).ravel(), np.asarray(score, dtype=float).ravel()
+    if patients is not None and len(patients) != len(y):
+        raise ValueError(f"{len(patients)} patient ids for {len(y)} films")
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    unit = "films" if patients is None else "patients"
     base = {"n_per_class": int(n_per_class), "draws": int(draws), "n_covid": n_pos, "n_negative": n_neg,
-            "objective": rule.get("objective"), "min_sensitivity": rule.get("min_sensitivity")}
+            "unit": unit, "objective": rule.get("objective"), "min_sensitivity": rule.get("min_sensitivity")}
+    patient = None
+    counts = (n_pos, n_neg)
+    if patients is not None:  # each patient a code; the patients with a film of each label
+        patient = np.unique(np.asarray(patients).astype(str).ravel(), return_inverse=True)[1].ravel()
+        pools = (np.unique(patient[y == 1]), np.unique(patient[y == 0]))
+        counts = (len(pools[0]), len(pools[1]))
+        base.update(n_covid_patients=counts[0], n_negative_patients=counts[1])
     if rule.get("objective") is None:
         return {**base, "status": "skipped", "reason": "the model's threshold does not say by which rule it was chosen"}
     _check_rule(rule)
-    if min(n_pos, n_neg) < n_per_class + 5:
+    if min(counts) < n_per_class + 5:
         return {**base, "status": "skipped",
-                "reason": f"{n_pos} COVID-19 and {n_neg} negative films: a site threshold on {n_per_class} of each "
-                          f"needs at least {n_per_class + 5} of each (the rest test it)"}
+                "reason": f"{counts[0]} COVID-19 and {counts[1]} negative {unit}: a site threshold on {n_per_class} of "
+                          f"each needs at least {n_per_class + 5} of each (the rest test it)"}
     promised = {}
     if rule["objective"] == "sensitivity":
         try:
-            promised = {"promised_sensitivity": site_rule(int(n_per_class), float(rule["min_sensitivity"]))[1]}
+            promised = {"promised_sensitivity": site_rule(int(n_per_class), float(rule["min_sensitivity"]), unit)[1]}
         except ValueError as err:
             return {**base, "status": "skipped", "reason": str(err)}
-    if patients is not None and len(patients) != len(y):
-        raise ValueError(f"{len(patients)} patient ids for {len(y)} films")
-    patient = None if patients is None else np.unique(np.asarray(patients).astype(str), return_inverse=True)[1]
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     names = ("sensitivity", "specificity", "model_sensitivity", "model_specificity")
@@ -409,18 +422,22 @@ def local_calibration(y: np.ndarray, score: np.ndarray, rule: Mapping, *, n_per_
         ood_scores, model_ood = np.asarray(ood[0], dtype=float).ravel(), float(ood[1])
     thresholds = []
     for _ in range(int(draws)):
-        p, n = rng.permutation(pos), rng.permutation(neg)
-        chosen, rest = np.r_[p[:n_per_class], n[:n_per_class]], np.r_[p[n_per_class:], n[n_per_class:]]
-        if patient is not None:  # nor the drawn patients' other films
-            rest = rest[~np.isin(patient[rest], patient[chosen])]
+        if patient is None:
+            p, n = rng.permutation(pos), rng.permutation(neg)
+            chosen, rest = np.r_[p[:n_per_class], n[:n_per_class]], np.r_[p[n_per_class:], n[n_per_class:]]
+        else:
+            drawn = (rng.permutation(pools[0])[:n_per_class], rng.permutation(pools[1])[:n_per_class])
+            chosen = np.flatnonzero(np.where(y == 1, np.isin(patient, drawn[0]), np.isin(patient, drawn[1])))
+            rest = np.flatnonzero(~np.isin(patient, np.r_[drawn[0], drawn[1]]))
         answered = {"": rest, "model_": rest}
         if ood is not None:
             limits = {"": local_ood_threshold(ood_scores[chosen], model_ood), "model_": model_ood}
             for prefix, limit in limits.items():
                 answered[prefix] = rest[~is_out(ood_scores[rest], limit)]
-                figures[prefix + "refused"].append(1.0 - len(answered[prefix]) / len(rest))
+                figures[prefix + "refused"].append(1.0 - len(answered[prefix]) / len(rest) if len(rest) else np.nan)
         least = min(n_per_class, MIN_PER_CLASS)
-        t = _rule_choice(y[chosen], score[chosen], rule, min_per_class=least).threshold
+        t = _rule_choice(y[chosen], score[chosen], rule, min_per_class=least,
+                         patients=None if patient is None else patient[chosen]).threshold
         for prefix, threshold in (("", t), ("model_", float(rule["threshold"]))):
             films_y, called = y[answered[prefix]], score[answered[prefix]] >= threshold
             figures[prefix + "sensitivity"].append(float(called[films_y == 1].mean()) if (films_y == 1).any()

@@ -276,7 +276,8 @@ def _site_row(ms: list[dict], kind: tuple = SITE) -> dict:
     first = ms[0][block]
     promised = ({f"{prefix}promised_sensitivity": first["promised_sensitivity"]} if "promised_sensitivity" in first
                 else {})
-    return {f"{prefix}n_per_class": first["n_per_class"], **promised,
+    # what was drawn: films (records made before evaluate drew patients say nothing) or patients
+    return {f"{prefix}n_per_class": first["n_per_class"], f"{prefix}unit": first.get("unit", "films"), **promised,
             **_block_row(ms, block, tuple((f"{prefix}{k}", k) for k in keys))}
 
 
@@ -1172,6 +1173,7 @@ def _site_tables(sources: dict) -> list[str]:
         if not sited:
             continue
         n = next((row[f"{prefix}n_per_class"] for _, _, row in sited if row.get(f"{prefix}n_per_class")), "n")
+        unit = next((row[f"{prefix}unit"] for _, _, row in sited if row.get(f"{prefix}unit")), "films")
         promised = next((row[f"{prefix}promised_sensitivity"] for _, _, row in sited
                          if row.get(f"{prefix}promised_sensitivity") is not None), None)
         rule = "the model's own rule" if promised is None else (
@@ -1179,9 +1181,12 @@ def _site_tables(sources: dict) -> list[str]:
         at_site, as_served = (("site threshold", "model's threshold") if prefix == SITE[1]
                               else ("site's thresholds", "served as is"))
         names = [f"{c.removeprefix('model_')}, {as_served if c.startswith('model_') else at_site}" for c in columns]
-        out += ["", f"A threshold chosen at the site ({rule} on {n} COVID-19 and {n} negative films of the held-out "
-                "run's test, drawn at random, and the other patients' films called with it (a drawn film's patient's "
-                "other films are not tested); mean over the draws, then mean ± sd "
+        drawn = ("films of the held-out run's test, drawn at random, and the other patients' films called with it (a "
+                 "drawn film's patient's other films are not tested)" if unit == "films" else
+                 "patients of the held-out run's test, drawn at random, every film of theirs choosing and each patient "
+                 "counted once by the rule, and the other patients' films called with it")
+        out += ["", f"A threshold chosen at the site ({rule} on {n} COVID-19 and {n} negative {drawn}; mean over the "
+                "draws, then mean ± sd "
                 f"(min to max) over seeds) {intro}:", "",
                 f"| held out | classifier | {' | '.join(names)} |", "|---|---|" + "---|" * len(columns)]
         for label, model, row in sited:

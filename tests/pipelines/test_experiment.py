@@ -307,10 +307,16 @@ def test_a_held_out_site_with_both_classes_reports_its_own_threshold_beside_the_
     assert row["site_promised_sensitivity"] == pytest.approx(19 / 21)  # 20 films, 0.9: one may fall below
     rendered = "\n".join(experiment._heldout_summary_rows({"x": {"heldout": figures}}))
     assert ("the model's own rule, its sensitivity target kept on the site's next films (promised 0.905) on 20 "
-            "COVID-19 and 20 negative films") in rendered
-    # evaluate passes the patients: a drawn film's patient's other films test nothing (sites.local_calibration)
-    assert ("drawn at random, and the other patients' films called with it (a drawn film's patient's other films "
-            "are not tested)") in rendered and "its other films called with it" not in rendered
+            "COVID-19 and 20 negative patients") in rendered
+    # evaluate passes the patients: it draws patients, and their other films test nothing (sites.local_calibration)
+    assert ("drawn at random, every film of theirs choosing and each patient counted once by the rule, and the other "
+            "patients' films called with it") in rendered and "its other films called with it" not in rendered
+    # a record made while evaluate drew films says so
+    films = {source: {model: {**row, "site_unit": "films"} for model, row in rows.items()}
+             for source, rows in figures["sources"].items()}
+    rendered = "\n".join(experiment._heldout_summary_rows({"x": {"heldout": {**figures, "sources": films}}}))
+    assert ("on 20 COVID-19 and 20 negative films of the held-out run's test, drawn at random, and the other "
+            "patients' films called with it (a drawn film's patient's other films are not tested)") in rendered
     assert f"| hospitals | c_vgg16 | {site['specificity']:.3f} ± 0.000" in rendered
     # serving refused most of the site's COVID-19 films in one seed: the row says so instead of a mean of the others
     few = {**run["models"]["c_vgg16"], "test_site_calibration": {
@@ -342,7 +348,7 @@ def test_one_class_test_split_reports_specificity_only(tmp_path: Path):
     result = evaluate.evaluate_model(pred, rule, p)
     assert result["test"]["at_operating"]["specificity"] == pytest.approx(0.5)
     site = result["test"]["site_calibration"]  # no COVID-19 film: a site threshold cannot be chosen, and it says so
-    assert site["status"] == "skipped" and "0 COVID-19 and 30 negative films" in site["reason"]
+    assert site["status"] == "skipped" and "0 COVID-19 and 30 negative patients" in site["reason"]
     assert np.isnan(result["test"]["at_operating"]["roc_auc"])
     curves = evaluate.curves(pred, 5)
     assert curves["roc"] == [] and curves["pr"] == []

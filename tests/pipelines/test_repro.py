@@ -220,11 +220,18 @@ def test_dvc_repro_on_demo_data(project: Path, tmp_path: Path):
             assert (project / f"reports/explain/gradcam/{variant}_{backbone}.png").stat().st_size > 1000
     table = pd.read_csv(project / "reports/evaluate/comparison.csv")
     assert set(table["Part"]) == {"c", "d", "e"}
-    # What serving answers, per split: refused by the folder's detector as the classifier stage counted them
+    # What serving answers, per split: every film of the split; of those the classifier scored, refused by the
+    # folder's detector as the classifier stage counted them; the others refused before it, with serving's reason
     for variant in "cde":
-        served = json.loads((project / f"reports/evaluate/{variant}_vgg16/metrics.json").read_text())["test"]["served"]
+        test = json.loads((project / f"reports/evaluate/{variant}_vgg16/metrics.json").read_text())["test"]
+        served, films = test["served"], test["films"]
         stage = json.loads((project / f"reports/train_classifier/{variant}_vgg16.json").read_text())["ood"]["refused"]
-        assert served["refused_share"] == pytest.approx(stage["test"])
+        by_reason = served["refused_by_reason"]
+        assert by_reason.get("out_of_distribution", 0) / films["scored"] == pytest.approx(stage["test"])
+        assert films["n"] == films["scored"] + sum(films["refused_before_scoring"].values()) == served["n"]
+        assert served["refused"] == sum(by_reason.values()) == by_reason.get("out_of_distribution", 0) + sum(
+            films["refused_before_scoring"].values())
+        assert set(films["refused_before_scoring"]) <= {"lateral_view", "empty_lung_mask", "lung_mask_too_large"}
         assert 0.0 <= served["negatives_called_covid"] <= 1.0 and served["n"] == served["n_positive"] + \
             served["n_negative"]
     unet = json.loads((project / "reports/train_unet/metrics.json").read_text())

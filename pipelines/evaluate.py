@@ -27,7 +27,7 @@ OUT = _common.EVALUATE_DIR
 
 
 def evaluate_model(pred: pd.DataFrame, rule: dict, p: dict, detector=None,
-                   before: pd.DataFrame | None = None) -> dict:
+                   before: pd.DataFrame | None = None, folder: Path | None = None) -> dict:
     """Per split (val, test): metrics of the calibrated score (``score``, as served) at 0.5 (``at_0.5``) and at the
     operating threshold (``rule``: the choice saved with the model), with CIs and calibration; where the predictions
     hold it, of the network's own output (``raw_score``, before the calibration) at 0.5 (``network_at_0.5``: what the
@@ -40,12 +40,16 @@ def evaluate_model(pred: pd.DataFrame, rule: dict, p: dict, detector=None,
     its own threshold with the model's rule on a few of its labelled films (:func:`covidcxr.sites.local_calibration`, on
     the films serving answers: a film refused before scoring has no score to choose with, nor is it answered), and
     ``site_admission``: the same when the site also admits its own films past the OOD check (``covidcxr
-    calibrate-site --admit``, which admits no film refused before scoring; with a detector only)."""
+    calibrate-site --admit``, which admits no film refused before scoring; with a detector only). ``folder``: the
+    classifier's folder the frames were read from, named in the errors."""
     threshold = float(rule["threshold"])
     before = pd.DataFrame(columns=["split", "label", "reason"]) if before is None else before
     unscored = sorted(set(before["split"]) - set(pred["split"]) - {"train"})
     if unscored:  # every film of such a split was refused before scoring: no threshold metric, nothing to compare
-        raise ValueError(f"split(s) {unscored} hold films refused before scoring and none scored")
+        where = (f"{folder / _common.REFUSED} and {folder / _common.PREDICTIONS}" if folder is not None
+                 else f"{_common.REFUSED} and {_common.PREDICTIONS}")
+        raise ValueError(f"{where}: split(s) {unscored} hold films refused before scoring and none scored (no "
+                         "threshold metric to measure there)")
     result: dict = {}
     for split, part in pred.groupby("split"):
         if split == "train":
@@ -160,7 +164,7 @@ def run(p: dict, classifiers: dict, experiment: str = "demo", ood_action: str = 
             threshold = folders.operating_threshold(d)
             run_id = folders.folder_info(d)["run_id"]
             result = evaluate_model(pred, folders.folder_threshold(d), p,
-                                    folders.ood_detector(d) if ood_action == "refuse" else None, before)
+                                    folders.ood_detector(d) if ood_action == "refuse" else None, before, d)
             # run_id: which weights these figures measured; register and model_card refuse them for other weights
             result["operating_threshold"], result["ood_action"], result["run_id"] = threshold, ood_action, run_id
             data = curves(pred, int(p["calibration_bins"]))

@@ -4,6 +4,7 @@ metrics logged to MLflow as strict JSON, and what serving answers counting the f
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -40,6 +41,12 @@ def _strict(constant: str) -> float:
 def evaluated(tmp_path: Path, monkeypatch) -> dict:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model_folder(PRED)
+    return stage.run(P, {"variants": ["c"], "backbones": ["vgg16"]}, "demo", "flag")
+
+
+def model_folder(pred: pd.DataFrame) -> Path:
+    """c_vgg16's folder (in the current directory) with ``pred`` as its predictions and :data:`REFUSED`."""
     folder = Path(_common.model_dir("c", "vgg16"))
     folder.mkdir(parents=True)
     (folder / "model.keras").write_bytes(b"")
@@ -47,9 +54,9 @@ def evaluated(tmp_path: Path, monkeypatch) -> dict:
     (folder / "run.json").write_text(json.dumps({"run_id": "0" * 32}))
     (folder / "threshold.json").write_text(json.dumps({"threshold": 0.28, "objective": "sensitivity",
                                                        "min_sensitivity": 0.9}))
-    PRED.to_csv(folder / _common.PREDICTIONS, index=False)
+    pred.to_csv(folder / _common.PREDICTIONS, index=False)
     REFUSED.to_csv(folder / _common.REFUSED, index=False)
-    return stage.run(P, {"variants": ["c"], "backbones": ["vgg16"]}, "demo", "flag")
+    return folder
 
 
 def test_the_paper_table_thresholds_the_network_s_output_at_0_5(evaluated):
@@ -103,5 +110,16 @@ def test_a_folder_without_its_refused_films_is_an_error_naming_the_file(tmp_path
     REFUSED.drop(columns="reason").to_csv(tmp_path / _common.REFUSED, index=False)
     with pytest.raises(ValueError, match=r"refused\.csv: no column\(s\) \['reason'\]"):
         stage.read_refused(tmp_path / _common.REFUSED)
-    with pytest.raises(ValueError, match=r"split\(s\) \['test'\] hold films refused before scoring and none scored"):
-        stage.evaluate_model(PRED[PRED["split"] == "val"], {"threshold": 0.28}, P, before=REFUSED)
+
+
+def test_a_split_whose_every_film_was_refused_before_scoring_is_an_error_naming_the_classifier_s_files(
+        tmp_path, monkeypatch):
+    """The test split's films all refused before scoring (none in predictions.csv): no threshold metric to measure,
+    and the error says which classifier's files hold them."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    folder = model_folder(PRED[PRED["split"] == "val"])
+    refused, scored = (re.escape(str(folder / name)) for name in (_common.REFUSED, _common.PREDICTIONS))
+    with pytest.raises(ValueError, match=rf"^{refused} and {scored}: split\(s\) \['test'\] hold films refused "
+                                         "before scoring and none scored"):
+        stage.run(P, {"variants": ["c"], "backbones": ["vgg16"]}, "demo", "flag")

@@ -244,12 +244,28 @@ def _heldout_row(ms: list[dict], used: bool) -> dict:
 
 
 def _served_row(ms: list[dict]) -> dict:
-    """What serving answered for a held-out run's test: its negatives called COVID-19 and refused (out of
-    distribution), and (a run with COVID-19 films) its COVID-19 films called COVID-19, ``detected``, which counts a
-    refused film as missed; mean and sd over seeds (one seed: its value). Nothing for records made before `evaluate`
-    reported what serving answers."""
-    return _block_row(ms, "test_served", (("called_covid", "negatives_called_covid"), ("refused", "negatives_refused"),
-                                          ("detected", "positives_called_covid")))
+    """What serving answered for a held-out run's test: its negatives called COVID-19 and refused, and (a run with
+    COVID-19 films) its COVID-19 films called COVID-19, ``detected``, which counts a refused film as missed; mean and sd
+    over seeds (one seed: its value). Nothing for records made before `evaluate` reported what serving answers.
+
+    Records made since `evaluate` counted every film of the split (``refused_by_reason`` in the block) were refused
+    before scoring (a lateral view, a lung mask) or as out of distribution: the row says which, as shares of all the
+    test films (``refused_before``, ``refused_ood``), and how many films of each class the shares are of
+    (``films_covid``, ``films_negative``; ``n_covid``, ``n_negative`` are the films scored). Older records refused
+    out of distribution only, and their shares were of the films scored."""
+    row = _block_row(ms, "test_served", (("called_covid", "negatives_called_covid"), ("refused", "negatives_refused"),
+                                         ("detected", "positives_called_covid")))
+    blocks = [m.get("test_served") or {} for m in ms]
+    if not all("refused_by_reason" in b for b in blocks):
+        return row
+    shares: dict[str, list[float]] = {"refused_before": [], "refused_ood": []}
+    for b in blocks:
+        ood = b["refused_by_reason"].get("out_of_distribution", 0)  # serving's reason
+        shares["refused_ood"].append(ood / b["n"])
+        shares["refused_before"].append((sum(b["refused_by_reason"].values()) - ood) / b["n"])
+    for key, values in shares.items():
+        row.update({key: values[0]} if len(values) == 1 else _over_seeds(key, values))
+    return {**row, "films_covid": blocks[0]["n_positive"], "films_negative": blocks[0]["n_negative"]}
 
 
 #: The held-out rows' site figures: (record block, row prefix, figures).
@@ -419,13 +435,18 @@ def _ood_refused(workdir: Path, variant: str, backbone: str) -> float | None:
 
 SERVED = ("refused_share", "positives_called_covid", "negatives_called_covid", "negatives_refused",
           "answered_sensitivity", "answered_specificity")
+#: Since `evaluate` counted every film of the split: how many films the shares are of, and why each refused one was.
+SERVED_FILMS = ("n", "n_positive", "n_negative", "refused_by_reason")
 
 
 def _served(split_metrics: dict) -> dict | None:
-    """What serving answered for a test split (`evaluate`'s ``served``): the shares a site sees; None in records made
-    before `evaluate` reported it."""
+    """What serving answered for a test split (`evaluate`'s ``served``): the shares a site sees, and where `evaluate`
+    counted the films refused before scoring (``refused_by_reason``), the films they are of and the refusals by
+    reason; None in records made before `evaluate` reported it."""
     served = split_metrics.get("served")
-    return {k: served[k] for k in SERVED} if served else None
+    if not served:
+        return None
+    return {k: served[k] for k in (*SERVED, *(SERVED_FILMS if "refused_by_reason" in served else ()))}
 
 
 AUDITED = {"audit", "register", "model_card"}  # targets that run the audit (and with register, a registration)
@@ -1140,16 +1161,21 @@ def _heldout_summary_rows(runs: dict) -> list[str]:
         figures = r.get("heldout") or {}
         if (figures.get("seeds") or 1) < 2:
             continue
+        # records since evaluate counted the films refused before scoring say why; the older ones refused OOD only
+        before = any("refused_before" in row for by_model in figures["sources"].values() for row in by_model.values())
+        refused = ("negatives refused (lateral view, lung mask or OOD) | test films refused before scoring (lateral "
+                   "view, lung mask) | test films refused as OOD" if before else "negatives refused (OOD)")
+        keys = ("specificity", "auc", "sensitivity", "called_covid", "refused",
+                *(("refused_before", "refused_ood") if before else ()), "detected")
         out += ["", f"What `{exp_name}` chose by ({figures['figure']}): per held-out run and classifier, mean ± sd "
                 "(min to max) over seeds; chosen by the worst mean of the runs used to choose.", "",
                 "| held out | role | classifier | specificity | ROC AUC | sensitivity | negatives called COVID-19 by "
-                "serving | negatives refused (OOD) | COVID-19 called COVID-19 by serving | seeds |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                f"serving | {refused} | COVID-19 called COVID-19 by serving | seeds |",
+                "|---|---|---|" + "---|" * (len(keys) + 1)]
         for label, by_model in figures["sources"].items():
             for model, row in by_model.items():
                 role = "used to choose" if row["used_to_choose"] else "test"
-                cells = [_spread(row, k) for k in ("specificity", "auc", "sensitivity", "called_covid", "refused",
-                                                   "detected")]
+                cells = [_spread(row, k) for k in keys]
                 out.append(f"| {label} | {role} | {model} | {' | '.join(cells)} | {row.get('n_seeds', 1)} |")
         out += _site_tables(figures["sources"])
     return out

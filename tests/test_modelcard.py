@@ -323,3 +323,47 @@ def test_the_card_says_what_each_figure_is_of():
     assert "not computed" in specificity  # metrics_block has CIs of roc_auc and sensitivity only
     sensitivity = re.search(r"<tr><td>Sensitivity</td>(.*?)</tr>", page).group(1)
     assert "0.610 – 0.940" in sensitivity and "not computed" not in sensitivity
+
+
+def test_held_out_rows_say_why_serving_refused_and_of_how_many_films():
+    """Held-out rows made since evaluate counted the films refused before scoring: their refused negatives are lateral
+    views, failed lung masks and films out of distribution together (the card called them all "unfamiliar"); the card
+    says so, shows the two kinds apart as shares of every test film, and beside the films scored (which the AUC and
+    specificity are of) every film of the test; rows made before keep their wording."""
+    served = {"called_covid": 0.25, "refused": 0.4, "refused_before": 0.3333, "refused_ood": 0.1667,
+              "films_covid": 34, "films_negative": 45}
+    heldout = {**HELDOUT, "sources": {"hospitals": {"c_vgg16": {**heldout_row(0.6234, False, auc=0.7777),
+                                                                **served}}}}
+    page = modelcard.render(card(heldout=heldout))
+    section = " ".join(parse(page).text).split("never saw")[1].split("Which classifier")[0]
+    assert "unfamiliar" not in section
+    assert "negatives refused (lateral view, lung mask or out of distribution)" in section
+    assert "all test films refused before scoring (lateral view, lung mask)" in section
+    assert "all test films refused as out of distribution" in section
+    assert "films covid / negative (of them scored)" in section and "34 / 45 (30 / 40)" in section
+    assert "ROC AUC, specificity and sensitivity are of the films the classifier scored" in section
+    assert "count every film, refused or not" not in section
+    row = re.search(r"<tr><td>hospitals</td>(.*?)</tr>", page).group(1)
+    assert re.findall(r'<td class="n">([^<]*)</td>', row)[4:8] == ["0.250", "0.400", "0.333", "0.167"]
+    old = " ".join(parse(modelcard.render(card())).text)  # rows made before: refused out of distribution only
+    assert "negatives refused as unfamiliar" in old and "n covid / negative" in old and "30 / 40" in old
+    assert "before scoring" not in old and "count every film, refused or not" in old
+
+
+def test_a_new_site_s_thresholds_say_whether_patients_or_films_were_drawn():
+    """evaluate's site simulation draws patients where it has patient ids (its rows say ``site_unit``); the card said
+    films whatever was drawn. Rows made before it drew films and say nothing."""
+    figures = {"site_n_per_class": 20, "site_specificity": 0.21, "site_sensitivity": 0.957}
+
+    def onboarding(**unit) -> str:
+        heldout = {**HELDOUT, "sources": {"hospitals": {"c_vgg16": {**heldout_row(0.6, False, auc=0.7), **figures,
+                                                                    **unit}}}}
+        text = " ".join(parse(modelcard.render(card(heldout=heldout))).text)
+        return text.split("A new site's own thresholds")[1].split("Which classifier")[0]
+
+    patients = onboarding(site_unit="patients")
+    assert "20 COVID-19 and 20 negative patients drawn at random" in patients and "negative films drawn" not in patients
+    assert "each patient counted once by the rule); the other patients' films are called" in patients
+    for films in (onboarding(site_unit="films"), onboarding()):
+        assert ("20 COVID-19 and 20 negative films drawn at random, many times, choose; the run's other films are "
+                "called with the site's thresholds") in films and "patients" not in films

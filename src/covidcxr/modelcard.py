@@ -450,6 +450,19 @@ def _interval(value: object, low: object, high: object) -> str:
     return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]" if low is not None else _fmt(value)
 
 
+_SERVED_OOD = (" What a new site would see: the share of its negatives that serving calls COVID-19, the share it "
+               "refuses as unlike the training images (out of distribution: the reader reads those alone), and the "
+               "share of its COVID-19 films that serving calls COVID-19 (a refused film is not detected); "
+               "specificity and sensitivity count every film, refused or not.</p>")
+_SERVED_ALL = (" What a new site would see, of every film of its test: the share of its negatives that serving "
+               "calls COVID-19, the share it refuses (the reader reads those alone), and the share of its COVID-19 "
+               "films that serving calls COVID-19 (a refused film is not detected); a film is refused before the "
+               "classifier scores it (a lateral view, or a lung mask that fails the rules) or as unlike the training "
+               "images (out of distribution), and two columns say how many of all the test films each refused. ROC "
+               "AUC, specificity and sensitivity are of the films the classifier scored (in brackets beside the "
+               "test's films), those it refuses as out of distribution included.</p>")
+
+
 def _section_heldout(heldout: Mapping | None, chosen: object, untouched: bool = False,
                      selected_by: str | None = None) -> str:
     out = ["<h2>Hospitals and sources it never saw</h2>"]
@@ -460,6 +473,9 @@ def _section_heldout(heldout: Mapping | None, chosen: object, untouched: bool = 
     by_heldout = selected_by == "heldout"  # else validation chose (a candidate had no held-out figure), or unknown
     select = set(heldout.get("select") or ()) if by_heldout else set()
     seeds = int(heldout.get("seeds") or 1)
+    # rows since evaluate counted the films refused before scoring say why; the older ones refused OOD only
+    before = any("refused_before" in ((by_model or {}).get(str(chosen)) or {})
+                 for by_model in (heldout.get("sources") or {}).values())
     if by_heldout:
         chose = (f"Rows marked <i>used to choose</i> decided which classifier was registered "
                  f"({_e(heldout.get('figure', ''))}); the others ")
@@ -476,15 +492,12 @@ def _section_heldout(heldout: Mapping | None, chosen: object, untouched: bool = 
                   "figures of these runs (the same rules, split seed and test images) were used to develop this "
                   "model's settings, which were chosen on them, so every row here is a development figure.")
                + (" Intervals are patient-level bootstrap 95% CIs." if seeds == 1 else "")
-               + " What a new site would see: the share of its negatives that serving calls COVID-19, the share it "
-               "refuses as unlike the training images (out of distribution: the reader reads those alone), and the "
-               "share of its COVID-19 films that serving calls COVID-19 (a refused film is not detected); "
-               "specificity and sensitivity count every film, refused or not.</p>")
+               + (_SERVED_ALL if before else _SERVED_OOD))
     if seeds > 1:
         out.append(f"<p>Every held-out run was repeated with {seeds} seeds (the classifiers' initialisation and "
                    "order): each figure is the mean ± sd over seeds, with the range in brackets; one seed's figure "
                    "moves by more than these models differ.</p>")
-    rows = []
+    rows, apart = [], ("refused_before", "refused_ood") if before else ()
     for source, by_model in (heldout.get("sources") or {}).items():
         r = (by_model or {}).get(str(chosen))
         if not r:
@@ -493,23 +506,30 @@ def _section_heldout(heldout: Mapping | None, chosen: object, untouched: bool = 
                 else "test" if untouched else "development (did not choose)")
         if r.get("n_seeds"):
             figures = [_over_seeds(r, k) for k in ("auc", "specificity", "sensitivity", "called_covid", "refused",
-                                                   "detected")]
+                                                   *apart, "detected")]
             thresholds = [t for t in r.get("threshold_by_seed") or () if t is not None]
             threshold = f"{_fmt(min(thresholds), 4)} to {_fmt(max(thresholds), 4)}" if thresholds else "—"
         else:
             figures = [_interval(r.get("auc"), r.get("auc_low"), r.get("auc_high")),
                        _interval(r.get("specificity"), r.get("specificity_low"), r.get("specificity_high")),
                        _fmt(r.get("sensitivity")), _fmt(r.get("called_covid")), _fmt(r.get("refused")),
-                       _fmt(r.get("detected"))]
+                       *(_fmt(r.get(k)) for k in apart), _fmt(r.get("detected"))]
             threshold = _fmt(r.get("threshold"), 4)
-        rows.append((source, role, f"{r.get('n_covid')} / {r.get('n_negative')}", *figures, threshold))
+        n = f"{r.get('n_covid')} / {r.get('n_negative')}"
+        if r.get("films_covid") is not None:  # every film of the test, and in brackets those scored
+            n = f"{r['films_covid']} / {r['films_negative']} ({n})"
+        rows.append((source, role, n, *figures, threshold))
     spread = "[range over seeds]" if seeds > 1 else "[95% CI]"
     ranged = " [range over seeds]" if seeds > 1 else ""  # the served shares have no CI of one seed
-    out.append(_table(("held out", "role", "n covid / negative", f"ROC AUC {spread}", f"specificity {spread}",
-                       "sensitivity", f"negatives called COVID-19 by serving{ranged}",
-                       f"negatives refused as unfamiliar{ranged}", f"COVID-19 called COVID-19 by serving{ranged}",
-                       "threshold"),
-                      rows, numeric=(False, False, True, True, True, True, True, True, True, True)) if rows
+    refused = ((f"negatives refused (lateral view, lung mask or out of distribution){ranged}",
+                f"all test films refused before scoring (lateral view, lung mask){ranged}",
+                f"all test films refused as out of distribution{ranged}") if before
+               else (f"negatives refused as unfamiliar{ranged}",))
+    out.append(_table(("held out", "role", "films covid / negative (of them scored)" if before
+                       else "n covid / negative", f"ROC AUC {spread}", f"specificity {spread}",
+                       "sensitivity", f"negatives called COVID-19 by serving{ranged}", *refused,
+                       f"COVID-19 called COVID-19 by serving{ranged}", "threshold"),
+                      rows, numeric=(False, False, *[True] * (7 + len(refused)))) if rows
                else "<p>The held-out results hold no row for this classifier.</p>")
     out.append(_site_onboarding(heldout, chosen))
     return "".join(out)
@@ -527,27 +547,31 @@ SITE_COLUMNS = (
 def _site_onboarding(heldout: Mapping, chosen: object) -> str:
     """What a new site gains from its own threshold (``covidcxr calibrate-site``) and from admitting its own films
     (``--admit``), where a held-out run with both classes measured it; nothing where none did."""
-    rows, n = [], None
+    rows, n, unit = [], None, None
     for source, by_model in (heldout.get("sources") or {}).items():
         r = (by_model or {}).get(str(chosen)) or {}
         if r.get("site_specificity") is None and r.get("admit_specificity") is None:
             continue
         n = n or r.get("site_n_per_class") or r.get("admit_n_per_class")
+        unit = unit or r.get("site_unit") or r.get("admit_unit")  # what evaluate drew; rows before it say nothing
         cells = [_over_seeds(r, key) if r.get("n_seeds") else _fmt(r.get(key)) for key, _ in SITE_COLUMNS]
         rows.append((source, *cells))
     if not rows:
         return ""
     n = n or "n"
+    drawn = ("films drawn at random, many times, choose; the run's other films are called" if unit in (None, "films")
+             else "patients drawn at random, many times, choose (every film of theirs, each patient counted once by "
+             "the rule); the other patients' films are called")
     return ("<h3>A new site's own thresholds</h3><p>Before use at a new hospital, <code>covidcxr calibrate-site"
             "</code> chooses the threshold on the site's own labelled films by this model's rule, its sensitivity "
             "target kept on the site's next films; with <code>--admit</code> the site also admits its films past the "
             "out-of-distribution check (its OOD threshold the highest OOD score among them). Measured on the held-out "
-            f"runs below: {_e(n)} COVID-19 and {_e(n)} negative films drawn at random, many times, choose; the "
-            "run's other films are called with the site's thresholds and, for comparison, as this model is served "
-            "today. The site's films never choose the registered model. The thresholds it writes hold for this "
-            "model version only (by registered name and version): <code>predict --site</code> and <code>pacs --site"
-            "</code> apply them, or a server started with <code>COVIDCXR_SITE</code> applies them to every request "
-            "and refuses a request's own; each refuses another model's or version's answers.</p>"
+            f"runs below: {_e(n)} COVID-19 and {_e(n)} negative {drawn} with the site's thresholds and, for "
+            "comparison, as this model is served today. The site's films never choose the registered model. The "
+            "thresholds it writes hold for this model version only (by registered name and version): <code>predict "
+            "--site</code> and <code>pacs --site</code> apply them, or a server started with <code>COVIDCXR_SITE"
+            "</code> applies them to every request and refuses a request's own; each refuses another model's or "
+            "version's answers.</p>"
             + _table(("held out", *(name for _, name in SITE_COLUMNS)), rows, numeric=(False, *[True] * 8)))
 
 

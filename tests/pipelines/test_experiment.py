@@ -276,6 +276,49 @@ def test_evaluation_reports_what_serving_answers_and_held_out_rows_carry_it(tmp_
     assert "negatives called COVID-19 by serving" in rendered and "0.250 ± 0.000 (0.250 to 0.250)" in rendered
 
 
+def test_held_out_rows_say_why_serving_refused_and_of_how_many_films(tmp_path: Path):
+    """Since evaluate counts the films refused before scoring, a held-out run's refused negatives are lateral views,
+    failed lung masks and films out of distribution together: the rows keep the two kinds apart, as shares of every
+    test film, beside how many films the shares are of (and how many were scored), and the summary's header says what
+    was refused; a record made before (its refusals out of distribution only, of the films scored) renders as it did."""
+    from covidcxr.ood import MahalanobisDetector
+
+    rng = np.random.default_rng(1)
+    detector = MahalanobisDetector(n_components=2).fit(rng.normal(size=(12, 3))).calibrate(np.arange(10.0))
+    ood = [1.0, 9.5, 2.0, 9.0, 3.0, 12.0, 4.0, 5.0]  # 9.5 and 12.0 refused as out of distribution
+    pred = pd.DataFrame({"split": ["val"] * 4 + ["test"] * 8, "label": ["covid", "negative"] * 2 + ["negative"] * 8,
+                         "score": [0.9, 0.1, 0.8, 0.2, 0.9, 0.8, 0.2, 0.6, 0.1, 0.7, 0.3, 0.4],
+                         "ood_score": [1.0] * 4 + ood, "patient_id": [f"p{i}" for i in range(12)]})
+    before = pd.DataFrame({"split": ["test"] * 4 + ["train"], "label": ["negative"] * 2 + ["covid"] * 2 + ["negative"],
+                           "reason": ["lateral_view", "lateral_view", "empty_lung_mask", "lung_mask_too_large",
+                                      "lateral_view"]})
+    p = {"n_boot": 20, "seed": 0, "calibration_bins": 5, "site_calibration": {"n_per_class": 20, "draws": 10}}
+    result = evaluate.evaluate_model(pred, {"threshold": 0.5}, p, detector, before)
+    model = collected_c_vgg16(tmp_path, result, 0.5, {"negative": 8})
+    assert model["test_classes"] == {"covid": 0, "negative": 8}  # the films scored, which the AUC and CIs are of
+    assert model["test_served"]["refused_by_reason"] == {"empty_lung_mask": 1, "lateral_view": 2,
+                                                         "lung_mask_too_large": 1, "out_of_distribution": 2}
+    run = {"models": {"c_vgg16": model}}
+    row = experiment.heldout_figures({"select": ["kermany"]}, {"kermany": [run]})["sources"]["kermany"]["c_vgg16"]
+    assert (row["films_covid"], row["films_negative"], row["n_covid"], row["n_negative"]) == (2, 10, 0, 8)
+    assert row["refused"] == pytest.approx(4 / 10)  # 2 laterals and 2 out of distribution of 10 negatives
+    assert (row["refused_before"], row["refused_ood"]) == (pytest.approx(4 / 12), pytest.approx(2 / 12))
+    figures = experiment.heldout_figures({"select": ["kermany"]}, {"kermany": [run, run]})
+    rendered = "\n".join(experiment._heldout_summary_rows({"x": {"heldout": figures}}))
+    assert "negatives refused (lateral view, lung mask or OOD)" in rendered and "(OOD) |" not in rendered
+    assert "| test films refused before scoring (lateral view, lung mask) | test films refused as OOD |" in rendered
+    assert "| 0.400 ± 0.000 (0.400 to 0.400) | 0.333 ± 0.000 (0.333 to 0.333) | 0.167 ± 0.000 (0.167 to 0.167) | " \
+           in rendered
+    served = {k: v for k, v in model["test_served"].items() if k in experiment.SERVED}
+    old = {"models": {"c_vgg16": {**model, "test_served": served}}}  # recorded before: its refusals were OOD only
+    figures = experiment.heldout_figures({"select": ["kermany"]}, {"kermany": [old, old]})
+    assert not {"refused_before", "refused_ood", "films_covid"} & set(figures["sources"]["kermany"]["c_vgg16"])
+    rendered = experiment._heldout_summary_rows({"x": {"heldout": figures}})
+    assert rendered[3:5] == ["| held out | role | classifier | specificity | ROC AUC | sensitivity | negatives called "
+                             "COVID-19 by serving | negatives refused (OOD) | COVID-19 called COVID-19 by serving | "
+                             "seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+
 def test_a_held_out_site_with_both_classes_reports_its_own_threshold_beside_the_model_s(tmp_path: Path):
     """At a new site every score sits higher (its healthy films look like COVID-19 to the model): the model's
     threshold calls most negatives COVID-19; a threshold chosen on 20 + 20 of the site's own films, by the model's rule

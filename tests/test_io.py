@@ -820,6 +820,58 @@ def test_read_mask_threshold_is_fixed_by_the_sample_range_not_the_values_held(tm
                                   left)
 
 
+@pytest.mark.parametrize(
+    ("top", "device", "expected"),
+    [(255, 0, "lungs"), (65535, 0, "lungs"), (255, 127, "lungs"), (0, 127, "none"), (32767, 0, "none")],
+)
+def test_read_mask_16_bit_is_cut_by_the_smallest_range_holding_its_values(tmp_path, top, device, expected):
+    """A 16-bit mask of 0/255 was cut at half of 65535 and read empty; it is an 8-bit mask stored wide. V7 Labs'
+    devices (127, no lungs) stay outside at either width."""
+    left, right = _lungs()
+    stored = np.where(left, top, np.where(right, device, 0)).astype(np.uint16)
+    path = write(tmp_path, "m16.png", png_bytes(Image.fromarray(stored)))
+    np.testing.assert_array_equal(io.read_mask(path), left if expected == "lungs" else np.zeros_like(left))
+
+
+def _palette_mask(index: np.ndarray, colours: list[tuple[int, int, int]]) -> Image.Image:
+    img = Image.fromarray(index.astype(np.uint8), mode="P")
+    img.putpalette([c for colour in colours for c in colour])
+    return img
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF"])
+def test_read_mask_palette_of_colours_is_read_by_index(tmp_path, fmt):
+    """labelme / Pascal VOC masks: background index 0 black, lung index 1 dark red (128, 0, 0). Its luminance, 38, is
+    under half the 8-bit range: the mask was read empty."""
+    left, right = _lungs()
+    index = np.where(left, 1, np.where(right, 2, 0))
+    img = _palette_mask(index, [(0, 0, 0), (128, 0, 0), (0, 128, 0)])
+    path = write(tmp_path, f"voc.{fmt.lower()}", png_bytes(img, fmt))
+    with Image.open(path) as check:
+        assert check.mode == "P"
+    np.testing.assert_array_equal(io.read_mask(path), left | right)
+    one = _palette_mask(left * 1, [(0, 0, 0), (128, 0, 0)])
+    lungs_only = write(tmp_path, f"one.{fmt.lower()}", png_bytes(one, fmt))
+    np.testing.assert_array_equal(io.read_mask(lungs_only), left)
+
+
+def test_read_mask_gray_palette_and_rgb_keep_v7_devices_out_and_colours_in(tmp_path):
+    """A V7 Labs mask saved as a palette (index 2: devices 127) or as gray RGB keeps its devices out of the lungs, by
+    gray value and not by index; a colour RGB mask (dark red lungs) is cut at the midpoint of the luminances it holds,
+    where half the 8-bit range read it empty."""
+    left, right = _lungs()
+    palette = _palette_mask(np.where(left, 1, np.where(right, 2, 0)), [(0, 0, 0), (255, 255, 255), (127, 127, 127)])
+    np.testing.assert_array_equal(io.read_mask(write(tmp_path, "v7p.png", png_bytes(palette))), left)
+    gray = np.where(left, 255, np.where(right, 127, 0)).astype(np.uint8)
+    rgb = Image.fromarray(np.stack([gray] * 3, axis=-1))
+    np.testing.assert_array_equal(io.read_mask(write(tmp_path, "v7rgb.png", png_bytes(rgb))), left)
+    devices = Image.fromarray(np.stack([right * 127] * 3, axis=-1).astype(np.uint8))
+    assert not io.read_mask(write(tmp_path, "devices.png", png_bytes(devices))).any()
+    red = np.zeros((*left.shape, 3), np.uint8)
+    red[left] = (128, 0, 0)
+    np.testing.assert_array_equal(io.read_mask(write(tmp_path, "red.png", png_bytes(Image.fromarray(red)))), left)
+
+
 def test_read_mask_shape_mismatch_is_typed(tmp_path):
     a = write(tmp_path, "a.png", png_bytes(Image.new("L", (10, 10), 255)))
     b = write(tmp_path, "b.png", png_bytes(Image.new("L", (12, 10), 255)))

@@ -173,9 +173,11 @@ def read_image(
 def read_mask(paths: ImageSource | Sequence[str | os.PathLike], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Boolean lung mask; several files (left + right lung) are OR-merged and must share one shape.
 
-    A pixel is inside above a threshold fixed by the file's sample range (half of it; 0.5 for a 0/1 mask), not by the
-    values the file happens to hold (:func:`_binarize`): V7 Labs' masks mark devices 127 and lungs 255, so a mask
-    holding only 0 and 127 has no lung.
+    A gray pixel is inside above half the smallest 1-, 8- or 16-bit range that holds the file's largest value (0.5 for
+    0/1, 127.5 for 0/255 in 8 or 16 bits, 32767.5 for 0/65535), not the midpoint of the values it holds
+    (:func:`_binarize`): V7 Labs' masks mark devices 127 and lungs 255, so a mask holding only 0 and 127 has no lung.
+    Palette and colour masks: :func:`_raster_mask`. A mask with no pixel inside comes back empty; ``ingest`` reports
+    it (reason ``empty_mask``) and keeps its image without a mask.
     """
     items = [paths] if isinstance(paths, (str, bytes, os.PathLike)) else list(paths)
     if not items:
@@ -183,7 +185,7 @@ def read_mask(paths: ImageSource | Sequence[str | os.PathLike], *, max_pixels: i
     merged: np.ndarray | None = None
     first = ""
     for item in items:
-        arr, header, source, (lo, hi) = _decode(item, max_pixels, None)
+        arr, header, source, (lo, hi) = _decode(item, max_pixels, None, mask=True)
         mask = _binarize(arr, header, lo, hi)
         if merged is None:
             merged, first = mask, source
@@ -253,9 +255,12 @@ def _decode(
     target: int | tuple[int, int] | None = None,
     photometric: str | None = None,
     bits_stored: int | None = None,
+    *,
+    mask: bool = False,
 ) -> tuple[np.ndarray, dict, str, tuple[float, float]]:
     """Read any supported file into (float32 2-D array, header, source name, (min, max)), without the variance check;
-    ``photometric`` and ``bits_stored``: the source's word on a raster file (:func:`read_image`)."""
+    ``photometric`` and ``bits_stored``: the source's word on a raster file (:func:`read_image`); ``mask``: a raster
+    file's palette or colours are read as a lung mask's (:func:`_raster_mask`)."""
     if not isinstance(max_pixels, (int, np.integer)) or isinstance(max_pixels, bool) or max_pixels <= 0:
         raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
     data, source, suffix = _load(src, name, _max_file_bytes(max_pixels))
@@ -268,7 +273,7 @@ def _decode(
         arr, header = _read_jsrt(data, source, max_pixels)
     else:
         draft = _draft_size(target) if fmt == "jpeg" else None
-        arr, header, inverted = _read_raster(data, fmt, source, max_pixels, draft)
+        arr, header, inverted = _read_raster(data, fmt, source, max_pixels, draft, mask=mask)
         if not inverted and isinstance(photometric, str) and photometric.strip().upper() == "MONOCHROME1":
             arr = _invert_monochrome1(arr, header, bits_stored, source)
     arr = np.ascontiguousarray(arr, dtype=np.float32)
@@ -1041,7 +1046,7 @@ _PIL_INVERTS_WHITE_IS_ZERO = ("1", "L")  # Pillow's raw modes 1;I, L;2I, L;4I, L
 
 
 def _read_raster(
-    data: bytes, fmt: str, source: str, max_pixels: int, draft: tuple[int, int] | None = None
+    data: bytes, fmt: str, source: str, max_pixels: int, draft: tuple[int, int] | None = None, *, mask: bool = False
 ) -> tuple[np.ndarray, dict, bool]:
     """Size checked from the header before ``load()``; bombs, truncation and decoder errors become typed refusals.
 
@@ -1051,7 +1056,8 @@ def _read_raster(
     A TIFF whose PhotometricInterpretation (tag 262) is WhiteIsZero, or that has none (Pillow's reading), is inverted
     for air dark at every bit depth: Pillow inverts it only at 1 to 8 bits (modes 1 and L), so a 16-bit one is
     inverted here over its sample range (:func:`_invert_monochrome1`). The flag returned says the file's own header
-    decided the orientation, so that no caller's MONOCHROME1 hint inverts it again.
+    decided the orientation, so that no caller's MONOCHROME1 hint inverts it again. ``mask``: the pixels as a lung
+    mask's (:func:`_raster_mask`: a palette by its index, colours by their own rule).
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was True; reset to False so truncated files are refused")
@@ -1072,7 +1078,7 @@ def _read_raster(
                 if draft is not None and width >= 2 * draft[0] and height >= 2 * draft[1]:
                     img.draft(mode, draft)
                 img.load()
-                arr = _raster_gray(img, label, source)
+                arr = _raster_mask(img, label, source) if mask else _raster_gray(img, label, source)
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -1154,6 +1160,33 @@ def _raster_gray(img: Image.Image, label: str, source: str) -> np.ndarray:
     )
 
 
+def _raster_mask(img: Image.Image, label: str, source: str) -> np.ndarray:
+    """A lung mask's values for :func:`_binarize`. Palette or colour masks whose colours are all gray: that gray (V7
+    Labs' devices 127 stay below lungs 255 however the file was saved). Any other palette: 1 for every index but the
+    background's 0 (labelme, Pascal VOC: lung index 1 is dark red, of luminance 38). Other colour masks: 1 above the
+    midpoint of the luminances held (all when there is one, if it is not black). Gray modes as :func:`_raster_gray`.
+    """
+    mode = img.mode
+    if mode in ("P", "PA"):
+        index = np.asarray(img)
+        index = index[..., 0] if index.ndim == 3 else index  # PA: (index, alpha)
+        palette = np.zeros((256, 3), np.uint8)  # an index past a short palette is black, as Pillow converts it
+        entries = np.asarray(img.getpalette() or [], np.uint8).reshape(-1, 3)[:256]
+        palette[: len(entries)] = entries
+        used = palette[np.bincount(index.ravel(), minlength=256) > 0]
+        if (used == used[:, :1]).all():
+            return palette[index, 0].astype(np.float32)
+        return (index > 0).astype(np.float32)
+    if mode in (*_RGB_MODES, "YCbCr"):
+        rgb = np.asarray(img.convert("RGB") if mode == "YCbCr" else img)[..., :3]
+        if (rgb == rgb[..., :1]).all():
+            return rgb[..., 0].astype(np.float32)
+        luma = _luminance(rgb)
+        lo, hi = float(luma.min()), float(luma.max())
+        return (luma > (lo + hi) / 2 if lo < hi else luma > 0).astype(np.float32)
+    return _raster_gray(img, label, source)
+
+
 # --- helpers --------------------------------------------------------------------------------------------------------
 
 
@@ -1172,13 +1205,14 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
 
 
 def _binarize(arr: np.ndarray, header: dict, lo: float, hi: float) -> np.ndarray:
-    """Inside: above half the sample range of a raster file of 1, 8 or 16 bits (palette and colour masks by their
-    luminance), or above 0.5 when its values are 0 and 1 only; a file without such a range (floating-point or 32-bit
-    TIFF, DICOM after its LUTs) above the midpoint of its own values, or all inside when they are one positive value.
+    """Inside: for a raster file of 1, 8 or 16 bits (its values as :func:`_raster_mask` reads them), above half the
+    smallest of a 1-, 8- or 16-bit range that holds its largest value, so that 0/255 in a 16-bit file is cut at 127.5
+    and 0/127 (V7 Labs' devices) in any is empty; a file without such a range (floating-point or 32-bit TIFF, DICOM
+    after its LUTs) above the midpoint of its own values, or all inside when they are one positive value.
     """
-    bits = header["bits_stored"] if header["format"] in _PIL_FORMATS else None  # a raster's mode's bits
-    if bits in (1, 8, 16):
-        return arr > (0.5 if hi <= 1 else (2.0**bits - 1) / 2)
+    if header["format"] in _PIL_FORMATS and header["bits_stored"] in (1, 8, 16):  # the raster mode's bits
+        bits = next((b for b in (1, 8) if hi <= 2**b - 1), 16)
+        return arr > (2.0**bits - 1) / 2
     if lo == hi:
         return np.full(arr.shape, hi > 0, dtype=bool)
     return arr > (lo + hi) / 2

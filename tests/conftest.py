@@ -4,7 +4,6 @@ shared-service settings are removed from the environment before anything else ru
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import fcntl
 import json
@@ -12,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -51,11 +49,6 @@ for _name in set(os.environ) - set(without_shared_settings(os.environ)):
 # servers the tests start go straight to it, whatever http_proxy the shell exports.
 for _name in ("no_proxy", "NO_PROXY"):
     os.environ[_name] = ",".join(filter(None, [os.environ.get(_name), "127.0.0.1", "localhost"]))
-# ... and each test process has its own runtime folder: `covidcxr pacs` locks one file per PACS and scorer there, and
-# tests in two xdist workers that run a worker against the same unreachable URLs would otherwise find each other's lock
-# (exit 75) or a developer's running worker.
-os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="covidcxr-test-run-")
-atexit.register(shutil.rmtree, os.environ["XDG_RUNTIME_DIR"], True)
 
 
 @pytest.fixture(scope="session")

@@ -167,7 +167,8 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
     assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9"]) == 1
     assert "answers at a site's thresholds ($COVIDCXR_SITE)" in capsys.readouterr().err
     # nor can the PACS worker send it a site's thresholds (it would refuse every request): said before any PACS call
-    assert cli.main(["pacs", "--dicomweb-url", "http://127.0.0.1:9/dicom-web", "--site", str(thresholds)]) == 2
+    assert cli.main(["pacs", "--dicomweb-url", "http://127.0.0.1:9/dicom-web", "--site", str(thresholds),
+                     "--lock-file", str(tmp_path / "pacs.lock")]) == 2
     assert "already answers at a site's thresholds ($COVIDCXR_SITE on the server)" in capsys.readouterr().err
     pipeline.site = None
 
@@ -547,17 +548,18 @@ def test_batch_size_is_at_least_one(command, value, message, capsys):
     assert cli.build_parser().parse_args([*command, "--batch-size", "1"]).batch_size == 1
 
 
-def test_pacs_leaves_the_batch_limit_to_the_model(capsys, caplog):
+def test_pacs_leaves_the_batch_limit_to_the_model(tmp_path, capsys, caplog):
     """--batch-size was held to the default request limit (16), not to the served model's: a model taking 32 could not
     be sent 32, and one taking 4 was sent 8 (refused, study after study). The worker now asks the model its limit and
     cuts its batches to it (tests/test_pacs.py), so 17 is no error of its own: here the scoring server is
     unreachable."""
     assert cli.main(["pacs", "--dicomweb-url", "http://127.0.0.1:9/dicom-web", "--url", "http://127.0.0.1:9",
-                     "--retries", "0", "--pacs-timeout", "1", "--batch-size", "17"]) == 1
+                     "--retries", "0", "--pacs-timeout", "1", "--batch-size", "17",
+                     "--lock-file", str(tmp_path / "pacs.lock")]) == 1
     assert "--batch-size" not in capsys.readouterr().err and "scoring failed: URLError" in caplog.text
 
 
-def test_an_interval_worker_outlives_a_pass_that_fails_unexpectedly(monkeypatch, caplog, capsys):
+def test_an_interval_worker_outlives_a_pass_that_fails_unexpectedly(tmp_path, monkeypatch, caplog, capsys):
     """An exception the worker did not name (a bug, a library's surprise) ended an --interval worker with a traceback:
     the PACS went unscored until someone noticed. The pass now fails with its error's type logged, and the next runs."""
     import time
@@ -580,7 +582,7 @@ def test_an_interval_worker_outlives_a_pass_that_fails_unexpectedly(monkeypatch,
     monkeypatch.setattr(time, "sleep", lambda seconds: None if len(calls) < 2 else (_ for _ in ()).throw(Stop()))
     with pytest.raises(Stop):
         cli.main(["pacs", "--dicomweb-url", "http://127.0.0.1:9/dicom-web", "--url", "http://127.0.0.1:9",
-                  "--interval", "1"])
+                  "--interval", "1", "--lock-file", str(tmp_path / "pacs.lock")])
     assert len(calls) == 2 and "the pass failed: KeyError" in caplog.text
     assert "patient" not in caplog.text and '"studies": 0' in capsys.readouterr().out
 
@@ -597,7 +599,8 @@ def test_the_pacs_worker_s_log_lines_carry_their_time(tmp_path):
 
     env = runtime.environment(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     proc = subprocess.run(["covidcxr", "pacs", "--dicomweb-url", "http://127.0.0.1:9/dicom-web", "--url",
-                           "http://127.0.0.1:9", "--retries", "0", "--pacs-timeout", "1", "--once"],
+                           "http://127.0.0.1:9", "--retries", "0", "--pacs-timeout", "1", "--once", "--lock-file",
+                           str(tmp_path / "pacs.lock")],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     line = next(line for line in proc.stderr.splitlines() if "covidcxr.pacs" in line)

@@ -178,7 +178,8 @@ def run_worker(orthanc: Orthanc, registry: Path, *extra: str, status: int = 0) -
     env = base_env(MLFLOW_TRACKING_URI=f"sqlite:///{registry / 'mlflow.db'}", COVIDCXR_PACS_USER=orthanc.user,
                    COVIDCXR_PACS_PASSWORD=orthanc.password)
     proc = subprocess.run([str(BIN / "python"), "-m", "covidcxr.cli", "pacs", "--dicomweb-url", orthanc.dicomweb,
-                           "--model-uri", f"models:/{MODEL_NAME}@champion", "--once", "--retries", "1", *extra],
+                           "--model-uri", f"models:/{MODEL_NAME}@champion", "--once", "--retries", "1",
+                           "--lock-file", str(registry / "pacs.lock"), *extra],
                           env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     output = proc.stdout + proc.stderr
     assert proc.returncode == status, output[-5000:]
@@ -535,9 +536,49 @@ def test_a_worker_does_not_start_while_another_of_the_same_pacs_and_scorer_runs(
     with pacs.worker_lock(lock), pytest.raises(pacs.WorkerBusy):  # one lock per file, in one process too
         with pacs.worker_lock(lock):
             pass
-    by = pacs.default_lock_path
-    assert by("http://a:x@pacs/dicom-web", "m") == by("http://b:y@pacs/dicom-web/", "m") != by("http://pacs2/", "m")
+
+
+def test_workers_of_one_pacs_and_scorer_meet_at_the_default_lock_whatever_their_session_and_spelling(tmp_path,
+                                                                                                      monkeypatch,
+                                                                                                      capsys):
+    """The default lock was in $XDG_RUNTIME_DIR when set, else the temporary folder: a cron worker (no
+    XDG_RUNTIME_DIR) and one started from a login shell or a systemd user unit (/run/user/UID) held different files
+    and ran at once; and `http://127.0.0.1:5000` and `http://127.0.0.1:5000/` (or `/invocations`) were two scorers.
+    The CLI's default is now one file in the temporary folder, keyed by the URLs as the requests reach them: a worker
+    of the same PACS and scorer meets the lock however it was started and spelt, one of another PACS does not."""
+    import tempfile
+
+    from covidcxr import cli
+
+    root = f"127.0.0.1:9/dicom-web-{secrets.token_hex(4)}"  # this test's own PACS: no other test process meets its lock
+    cron_env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    holder = subprocess.Popen([str(BIN / "python"), "-c", "import fcntl, sys, time; from covidcxr import cli; "
+                               "f = open(cli._pacs_lock_path(sys.argv[1], sys.argv[2]), 'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               f"http://alice:s3cret@{root}", "http://127.0.0.1:9"],
+                              env=cron_env, stdout=subprocess.PIPE, text=True)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # a login shell's session
+    options = ["--retries", "0", "--pacs-timeout", "1", "--once"]
+    other = f"http://127.0.0.1:9/other-pacs-{secrets.token_hex(4)}"
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for scorer in ("http://127.0.0.1:9/", "HTTP://127.0.0.1:9/invocations", "http://127.0.0.1:9/invocations/"):
+            assert cli.main(["pacs", "--dicomweb-url", f"HTTP://{root}/", "--url", scorer, *options]) == cli.PACS_BUSY
+            assert "another worker holds the lock" in capsys.readouterr().err
+        assert cli.main(["pacs", "--dicomweb-url", other, "--url", "http://127.0.0.1:9", *options]) == 1  # its own
+        assert "another worker holds the lock" not in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+        for pacs_url in (f"http://{root}", other):
+            cli._pacs_lock_path(pacs_url, "http://127.0.0.1:9").unlink(missing_ok=True)
+    by = cli._pacs_lock_path
+    assert by("http://a:x@pacs/dicom-web", "m") == by("HTTP://b:y@PACS:80/dicom-web/", "m") != by("http://pacs2/", "m")
+    assert by("http://pacs/a", "m") != by("http://pacs/A", "m")  # a path keeps its case
+    assert by("https://pacs/", "m") == by("https://pacs:443", "m") != by("http://pacs/", "m")
     assert by("http://pacs/", "models:/covidcxr@champion") != by("http://pacs/", "http://127.0.0.1:5000")
+    assert by("http://pacs/", "http://127.0.0.1:5000") != by("http://pacs/", "http://127.0.0.1:5001")
+    assert by("http://pacs/", "m").parent == Path(tempfile.gettempdir())
     assert "pacs" not in by("http://pacs/", "m").name.removeprefix("covidcxr-pacs-")
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import datetime as dt
+    from pathlib import Path
 
     from covidcxr.sites import LabelledFilm
     from covidcxr.sites import SiteThresholds as Site
@@ -478,6 +479,36 @@ def _dicomweb_url(text: str) -> str:
 PACS_BUSY = 75
 
 
+def _lock_key(url: str) -> str:
+    """``url`` as the PACS or scorer it reaches, for the lock's key: without credentials (the scheme and host
+    lowercased, by :func:`~covidcxr.tracking.public_uri`), a default port, a trailing ``/`` or ``/invocations`` (the
+    scorer's endpoint, which ``serving.remote_scorer`` adds when missing); a model URI as it is, less a final ``/``."""
+    import urllib.parse
+
+    from covidcxr.tracking import public_uri
+
+    parts = urllib.parse.urlsplit(public_uri(url))
+    if parts.scheme not in ("http", "https"):
+        return public_uri(url).rstrip("/")
+    netloc = parts.netloc.removesuffix({"http": ":80", "https": ":443"}[parts.scheme])
+    path = parts.path.rstrip("/").removesuffix("/invocations").rstrip("/")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, path, "", ""))
+
+
+def _pacs_lock_path(dicomweb_url: str, scorer: str) -> Path:
+    """``pacs --lock-file``'s default: one file per PACS and scorer (a model URI or a server URL), keyed as the
+    requests reach them (:func:`_lock_key`), in the temporary folder (``tempfile.gettempdir()``: $TMPDIR, else /tmp),
+    which cron, a login shell and a systemd unit share (a session's $XDG_RUNTIME_DIR they do not); named by a hash,
+    so no URL and no credentials are in the name."""
+    import tempfile
+    from pathlib import Path
+
+    from covidcxr import pacs
+
+    key = pacs.hashed(f"{_lock_key(dicomweb_url)} {_lock_key(scorer)}")
+    return Path(tempfile.gettempdir()) / f"covidcxr-pacs-{key}.lock"
+
+
 def _pacs(args: argparse.Namespace) -> int:
     """Score new CR/DX studies of a DICOMweb PACS and store SR + overlay results back, once or every --interval s."""
     import contextlib
@@ -493,7 +524,7 @@ def _pacs(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"pacs: {err}", file=sys.stderr)
         return 2
-    lock = args.lock_file or pacs.default_lock_path(args.dicomweb_url, args.url or args.model_uri)
+    lock = args.lock_file or _pacs_lock_path(args.dicomweb_url, args.url or args.model_uri)
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(pacs.worker_lock(lock))
@@ -993,7 +1024,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--retries", type=_retries, default=3,
                         help="retries of a failed PACS request, waiting 1, 2, 4... s (default: 3)")
     worker.add_argument("--lock-file", help="held while the worker runs: another worker of the same lock exits 75 at "
-                        "once (default: one per PACS and scorer in $XDG_RUNTIME_DIR, else the temporary folder)")
+                        "once (default: one per PACS and scorer in the temporary folder, $TMPDIR else /tmp: the "
+                        "workers of one PACS must share TMPDIR, or all pass the same --lock-file)")
     worker.set_defaults(func=_pacs)
     tune = sub.add_parser("tune", help="run one Optuna worker of the U-Net study (start several on one shared storage)")
     tune.add_argument("--study", required=True, help="study name (the tune_unet stage's is tune_unet.study)")

@@ -28,7 +28,6 @@ import io as _bytes_io
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -707,14 +706,6 @@ def scorer_answers(score: serving.Scorer) -> bool:
     except Exception:  # noqa: BLE001 - whatever went wrong, it did not answer
         return False
     return True
-
-
-def default_lock_path(dicomweb_url: str, scorer: str) -> Path:
-    """The lock file of the workers of one PACS and one scorer (a model URI or a server URL): in the user's runtime
-    folder ($XDG_RUNTIME_DIR), else the temporary one, named by a hash (no URL, no credentials in the name)."""
-    folder = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    key = hashed(f"{public_uri(dicomweb_url).rstrip('/')} {public_uri(scorer)}")
-    return Path(folder) / f"covidcxr-pacs-{key}.lock"
 
 
 @contextlib.contextmanager

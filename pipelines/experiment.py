@@ -285,8 +285,9 @@ def _site_row(ms: list[dict], kind: tuple = SITE) -> dict:
     # a run whose test holds COVID-19 films, even if serving answered none of them (not a source of negatives only)
     skipped = [b for m, b in zip(ms, blocks, strict=True) if b.get("status") == "skipped"
                and ((m.get("test_classes") or {}).get("covid") or b.get("n_covid"))]
-    if skipped:
-        return {f"{prefix}skipped": f"{len(skipped)} of {len(blocks)} seeds: {skipped[0]['reason']}"}
+    if skipped:  # with what the seeds set out to draw, so that the table says it
+        return {f"{prefix}skipped": f"{len(skipped)} of {len(blocks)} seeds: {skipped[0]['reason']}",
+                **{f"{prefix}{k}": skipped[0][k] for k in ("n_per_class", "unit") if k in skipped[0]}}
     if any(b.get("status") != "measured" for b in blocks):
         return {}
     first = ms[0][block]

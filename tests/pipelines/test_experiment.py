@@ -371,6 +371,12 @@ def test_a_held_out_site_with_both_classes_reports_its_own_threshold_beside_the_
     assert "site_skipped" not in figures["sources"]["kermany"]["c_vgg16"]
     rendered = "\n".join(experiment._heldout_summary_rows({"x": {"heldout": figures}}))
     assert "| hospitals | c_vgg16 | not measured: 1 of 2 seeds: 7 COVID-19" in rendered
+    # when no seed measured it, the table still says what each set out to draw
+    none = {**few, "test_site_calibration": {"status": "skipped", "n_covid": 30, "n_per_class": 20, "unit": "patients",
+                                             "reason": "10 COVID-19 and 434 negative patients: too few"}}
+    figures = experiment.heldout_figures({"select": ["kermany"]}, {"kermany": [{"models": {"c_vgg16": none}}]})
+    rendered = "\n".join(experiment._heldout_summary_rows({"x": {"heldout": {**figures, "seeds": 2}}}))
+    assert "on 20 COVID-19 and 20 negative patients of the held-out run's test" in rendered
 
 
 def test_holding_out_the_only_positive_source_is_refused():

@@ -548,6 +548,21 @@ def test_batch_size_is_at_least_one(command, value, message, capsys):
     assert cli.build_parser().parse_args([*command, "--batch-size", "1"]).batch_size == 1
 
 
+@pytest.mark.parametrize("command", [["predict", "a.png"], ["calibrate-site", "labels.csv"],
+                                     ["pacs", "--dicomweb-url", "http://pacs"]])
+@pytest.mark.parametrize("value, message", [("-1", "more than 0 seconds, got -1"), ("0", "more than 0 seconds, got 0"),
+                                            ("nan", "more than 0 seconds"), ("soon", "a number of seconds")])
+def test_a_timeout_is_a_number_of_seconds_above_0(command, value, message, capsys):
+    """predict's and calibrate-site's --timeout were bare floats: -1 reached socket.settimeout at the first request,
+    reported as a failed request ("predict failed: Timeout value out of range", exit 1), and 0 made the socket
+    non-blocking. Like the worker's, they are now argparse errors (exit 2) naming the option."""
+    with pytest.raises(SystemExit) as caught:
+        cli.build_parser().parse_args([*command, "--timeout", value])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and message in err and "--timeout" in err
+    assert cli.build_parser().parse_args([*command, "--timeout", "0.5"]).timeout == 0.5
+
+
 def test_pacs_leaves_the_batch_limit_to_the_model(tmp_path, capsys, caplog):
     """--batch-size was held to the default request limit (16), not to the served model's: a model taking 32 could not
     be sent 32, and one taking 4 was sent 8 (refused, study after study). The worker now asks the model its limit and

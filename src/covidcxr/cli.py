@@ -445,7 +445,8 @@ def _retries(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
-    """``pacs --pacs-timeout``, ``--timeout``, ``--interval``: a number of seconds above 0."""
+    """``--timeout`` (predict, calibrate-site, pacs), ``pacs --pacs-timeout``, ``--interval``: a number of seconds
+    above 0 (a negative timeout reached socket.settimeout, a failed request; 0 made the socket non-blocking)."""
     import math
 
     try:
@@ -969,7 +970,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="out-of-distribution threshold instead of the model's (a site's, from calibrate-site "
                               "--admit)")
     predict.add_argument("--batch-size", type=_batch_size, default=8, help="images per request (default: 8)")
-    predict.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
+    predict.add_argument("--timeout", type=_seconds, default=120.0, help="seconds to wait for the server (--url)")
     predict.set_defaults(func=_predict)
     site = sub.add_parser("calibrate-site", help="a new site's own threshold: the model's rule on its labelled films")
     site.add_argument("labels", help="CSV with columns file (relative to the CSV's folder), label (covid or "
@@ -993,7 +994,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "covidcxr-sites) and tag the registered model version with site.SITE.threshold, "
                       "site.SITE.ood_threshold and site.SITE.run_id")
     site.add_argument("--batch-size", type=_batch_size, default=8, help="images per request (default: 8)")
-    site.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server (--url)")
+    site.add_argument("--timeout", type=_seconds, default=120.0, help="seconds to wait for the server (--url)")
     site.set_defaults(func=_calibrate_site)
     worker = sub.add_parser("pacs", help="score new CR/DX studies of a DICOMweb PACS; store SR + overlay back")
     worker.add_argument("--dicomweb-url", required=True, type=_dicomweb_url, help="DICOMweb root (QIDO/WADO/STOW), "

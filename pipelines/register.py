@@ -24,7 +24,6 @@ model's input example is a synthetic phantom: no corpus image travels with the m
 from __future__ import annotations
 
 import base64
-import io
 import json
 import logging
 import os
@@ -160,15 +159,6 @@ def stage_code(tmp: Path) -> str:
     return str(dest)
 
 
-def png_base64(image: np.ndarray) -> str:
-    """A working image ([0, 1]) as a base64 8-bit PNG: a request's image field."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.round(255 * np.clip(image, 0, 1)).astype(np.uint8)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 #: The seed of the input example's phantom: every version carries the same example.
 EXAMPLE_SEED = 0
 #: The smallest phantom :func:`covidcxr.phantoms.chest_phantom` draws; a smaller working size gets it resized.
@@ -185,7 +175,8 @@ def input_example(size: int) -> dict:
     """
     image, _ = phantoms.chest_phantom(np.random.default_rng(EXAMPLE_SEED), max(int(size), PHANTOM_MIN_SIZE),
                                       projection="frontal", covid=False, site=phantoms.SiteStyle())
-    return {serving.INPUT_COLUMN: [png_base64(preprocess.resize(image, int(size)))]}
+    pixels = np.round(255 * np.clip(preprocess.resize(image, int(size)), 0, 1)).astype(np.uint8)  # an 8-bit PNG
+    return {serving.INPUT_COLUMN: [serving.png_base64(pixels)]}
 
 
 def log_pyfunc(artifacts: dict[str, str], code: str, size: int):

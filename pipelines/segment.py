@@ -29,7 +29,7 @@ def run(p: dict) -> dict:
     masks[is_frontal] = found
     area = np.zeros(len(index))
     area[is_frontal] = found_area
-    flag = np.full(len(index), "not_frontal", dtype=object)
+    flag = np.full(len(index), _models.NOT_FRONTAL, dtype=object)
     flag[is_frontal] = [reason or "" for reason in found_reason]
     out = pd.DataFrame({"image_id": index["image_id"], "lung_area_fraction": np.round(area, 6), "flag": flag})
 

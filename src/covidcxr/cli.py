@@ -657,14 +657,18 @@ def _too_few_for_the_rule(args: argparse.Namespace, films: Sequence[LabelledFilm
     known before scoring (:func:`_rule_before_scoring`); None when they may, or only the answering model can say.
     The films it answers are at most those labelled, and fewer COVID-19 films never promise more (``sites.site_rule``):
     refusing here spares loading the model and scoring every film only to refuse."""
+    import numpy as np
+
     from covidcxr import sites
 
     rule = _rule_before_scoring(args)
     if rule is None or rule["objective"] != "sensitivity" or rule["min_sensitivity"] is None:
         return None
+    y = np.array([int(film.covid) for film in films], dtype=int)
     by_patient = films[0].patient is not None
-    covid = [film.patient if by_patient else film.file for film in films if film.covid]
-    n_covid, unit = len(set(covid)), "patients" if by_patient else "films"
+    patients = np.array([film.patient for film in films], dtype=str) if by_patient else None
+    # a film is listed once (sites.read_labels refuses a second row): without patients, its COVID-19 films count
+    n_covid, unit = (sites.covid_patients(y, patients), "patients") if by_patient else (int(y.sum()), "films")
     try:
         sites.site_rule(n_covid, rule["min_sensitivity"], unit)
     except ValueError as err:

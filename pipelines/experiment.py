@@ -1187,7 +1187,8 @@ def _site_tables(sources: dict) -> list[str]:
     answers (:data:`SITE`), and, where measured, the same with the site's films admitted (:data:`ADMISSION`)."""
     out: list[str] = []
     for (_, prefix, _), intro, columns in (
-        (SITE, "against the model's threshold on the same films (films refused as out of distribution left out)",
+        (SITE, "against the model's threshold on the same films (films refused before scoring, a lateral view or a "
+         "failed lung mask, or as out of distribution left out)",
          ("specificity", "sensitivity", "model_specificity", "model_sensitivity")),
         (ADMISSION, "with the site's films also admitted past the out-of-distribution check (its OOD threshold the "
          "highest OOD score of the drawn films, never below the model's; every drawn film chooses), against what "

@@ -361,6 +361,9 @@ def test_a_held_out_site_with_both_classes_reports_its_own_threshold_beside_the_
     assert ("on 20 COVID-19 and 20 negative films of the held-out run's test, drawn at random, and the other "
             "patients' films called with it (a drawn film's patient's other films are not tested)") in rendered
     assert f"| hospitals | c_vgg16 | {site['specificity']:.3f} ± 0.000" in rendered
+    # the site's pool is the films serving scores and answers: those refused before scoring are not in it either
+    assert "films refused before scoring, a lateral view or a failed lung mask, or as out of distribution left out" \
+        in rendered
     # serving refused most of the site's COVID-19 films in one seed: the row says so instead of a mean of the others
     few = {**run["models"]["c_vgg16"], "test_site_calibration": {
         "status": "skipped", "n_covid": 7, "reason": "7 COVID-19 and 434 negative films: too few"}}

@@ -48,15 +48,21 @@ def _inspect(args: argparse.Namespace) -> int:
     return status
 
 
-def _batch_size(text: str) -> int:
-    """``--batch-size``: a whole number of images, at least 1."""
+def _whole_number(text: str, minimum: int, unit: str, too_few: str) -> int:
+    """A count on the command line: a whole number of ``unit`` (plural), at least ``minimum`` (``too_few``: how the
+    refusal words that bound)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a whole number of images (at least 1), got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"at least 1 image per request, got {value}")
+        raise argparse.ArgumentTypeError(f"a whole number of {unit} (at least {minimum}), got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{too_few}, got {value}")
     return value
+
+
+def _batch_size(text: str) -> int:
+    """``--batch-size``: a whole number of images, at least 1."""
+    return _whole_number(text, 1, "images", "at least 1 image per request")
 
 
 def _objective(text: str) -> str:
@@ -435,13 +441,7 @@ def _missing_alias(model_uri: str) -> str | None:
 
 def _retries(text: str) -> int:
     """``pacs --retries``: a whole number, at least 0 (-1 made no request at all and called the PACS unreachable)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a whole number of retries (at least 0), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"at least 0 retries, got {value}")
-    return value
+    return _whole_number(text, 0, "retries", "at least 0 retries")
 
 
 def _seconds(text: str) -> float:

@@ -264,7 +264,7 @@ def _served_row(ms: list[dict]) -> dict:
         shares["refused_ood"].append(ood / b["n"])
         shares["refused_before"].append((sum(b["refused_by_reason"].values()) - ood) / b["n"])
     for key, values in shares.items():
-        row.update({key: values[0]} if len(values) == 1 else _over_seeds(key, values))
+        row.update(_seeds_figure(key, values))
     return {**row, "films_covid": blocks[0]["n_positive"], "films_negative": blocks[0]["n_negative"]}
 
 
@@ -309,8 +309,13 @@ def _block_row(ms: list[dict], block: str, keys: tuple[tuple[str, str], ...]) ->
         values = [b.get(figure) for b in blocks]
         if any(v is None or math.isnan(v) for v in values):
             continue
-        row.update({key: values[0]} if len(values) == 1 else _over_seeds(key, values))
+        row.update(_seeds_figure(key, values))
     return row
+
+
+def _seeds_figure(key: str, values: list) -> dict:
+    """One figure of a row: one seed's value as it is, several seeds' as :func:`_over_seeds` gives them."""
+    return {key: values[0]} if len(values) == 1 else _over_seeds(key, values)
 
 
 def _over_seeds(key: str, values: list) -> dict:

@@ -833,6 +833,24 @@ def test_read_mask_16_bit_is_cut_by_the_smallest_range_holding_its_values(tmp_pa
     np.testing.assert_array_equal(io.read_mask(path), left if expected == "lungs" else np.zeros_like(left))
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+@pytest.mark.parametrize("bits", [10, 12, 14])
+def test_read_mask_of_a_radiograph_bit_depth_stored_in_16_bits_has_its_lungs(tmp_path, fmt, bits):
+    """A 12-bit mask written in 16 bits (0/4095, as exporters of 12-bit radiographs write it) was cut at half of 65535
+    and read empty (ingest: empty_mask); it is cut at half its own 12-bit range, as are 10 and 14 bits. Its
+    anti-aliased edge (values between) is cut there too, and half that range (a device label at 2047) stays out."""
+    left, right = _lungs()
+    top = 2**bits - 1
+    stored = np.where(left, top, np.where(right, top // 2, 0)).astype(np.uint16)
+    stored[left.any(axis=1), 4] = top // 2 + 1  # an anti-aliased column just outside the left lung, above half
+    path = write(tmp_path, f"m{bits}.{fmt.lower()}", png_bytes(Image.fromarray(stored), fmt))
+    with Image.open(path) as check:
+        assert check.mode.startswith("I;16")
+    expected = left.copy()
+    expected[left.any(axis=1), 4] = True
+    np.testing.assert_array_equal(io.read_mask(path), expected)
+
+
 def _palette_mask(index: np.ndarray, colours: list[tuple[int, int, int]]) -> Image.Image:
     img = Image.fromarray(index.astype(np.uint8), mode="P")
     img.putpalette([c for colour in colours for c in colour])

@@ -173,9 +173,10 @@ def read_image(
 def read_mask(paths: ImageSource | Sequence[str | os.PathLike], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Boolean lung mask; several files (left + right lung) are OR-merged and must share one shape.
 
-    A gray pixel is inside above half the smallest 1-, 8- or 16-bit range that holds the file's largest value (0.5 for
-    0/1, 127.5 for 0/255 in 8 or 16 bits, 32767.5 for 0/65535), not the midpoint of the values it holds
-    (:func:`_binarize`): V7 Labs' masks mark devices 127 and lungs 255, so a mask holding only 0 and 127 has no lung.
+    A gray pixel is inside above half the smallest 1-, 8-, 10-, 12-, 14- or 16-bit range that holds the file's largest
+    value (0.5 for 0/1, 127.5 for 0/255 in 8 or 16 bits, 2047.5 for a 12-bit 0/4095 stored in 16, 32767.5 for
+    0/65535), not the midpoint of the values it holds (:func:`_binarize`): V7 Labs' masks mark devices 127 and lungs
+    255, so a mask holding only 0 and 127 has no lung.
     Palette and colour masks: :func:`_raster_mask`. A mask with no pixel inside comes back empty; ``ingest`` reports
     it (reason ``empty_mask``) and keeps its image without a mask.
     """
@@ -1204,14 +1205,20 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
+#: The sample ranges a raster mask's largest value is placed in: 1 and 8 bits, and the 10, 12 and 14 bits a
+#: radiograph's samples are stored in (DICOM Bits Stored), which exporters keep when they write a mask in 16 bits.
+_MASK_BITS = (1, 8, 10, 12, 14)
+
+
 def _binarize(arr: np.ndarray, header: dict, lo: float, hi: float) -> np.ndarray:
     """Inside: for a raster file of 1, 8 or 16 bits (its values as :func:`_raster_mask` reads them), above half the
-    smallest of a 1-, 8- or 16-bit range that holds its largest value, so that 0/255 in a 16-bit file is cut at 127.5
-    and 0/127 (V7 Labs' devices) in any is empty; a file without such a range (floating-point or 32-bit TIFF, DICOM
-    after its LUTs) above the midpoint of its own values, or all inside when they are one positive value.
+    smallest of the :data:`_MASK_BITS` or the 16-bit range that holds its largest value, so that 0/255 in a 16-bit
+    file is cut at 127.5, a 12-bit 0/4095 at 2047.5, and 0/127 (V7 Labs' devices) in any is empty; a file without
+    such a range (floating-point or 32-bit TIFF, DICOM after its LUTs) above the midpoint of its own values, or all
+    inside when they are one positive value.
     """
     if header["format"] in _PIL_FORMATS and header["bits_stored"] in (1, 8, 16):  # the raster mode's bits
-        bits = next((b for b in (1, 8) if hi <= 2**b - 1), 16)
+        bits = next((b for b in _MASK_BITS if hi <= 2**b - 1), 16)
         return arr > (2.0**bits - 1) / 2
     if lo == hi:
         return np.full(arr.shape, hi > 0, dtype=bool)

@@ -994,6 +994,29 @@ def test_bytes_after_a_complete_dicom_are_padding_and_a_cut_pixel_data_header_is
             io.read_image(data[: header_at + extra], name="cut.dcm")
 
 
+@pytest.mark.parametrize("pad", [b"\n", b"\r\n", b" ", b"\t", b"\0\n"])
+@pytest.mark.parametrize("extra", [8, 13, 64, 4096])
+@pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit])
+def test_any_length_of_whitespace_after_a_complete_dicom_is_padding(tmp_path, pad, extra, transfer_syntax):
+    """8 or more trailing newlines (PACS exports, copy tools) were parsed as an element, (0A0A,0A0A) declaring 168 MB,
+    and the file refused as truncated. Whitespace or NUL of any length after the last complete element is padding;
+    pixel data cut short, then padded, is still refused, typed and naming the file."""
+    if transfer_syntax == JPEGBaseline8Bit:
+        img = phantom().astype(np.uint8)
+        frame = png_bytes(Image.fromarray(img), "JPEG", quality=95)
+        data = make_dicom(None, shape=img.shape, bits_allocated=8, bits_stored=8, transfer_syntax=transfer_syntax,
+                          frames=[frame])
+    else:
+        data = make_dicom(phantom(), transfer_syntax=transfer_syntax)
+    padding = (pad * extra)[:extra]
+    out, header = io.read_image(write(tmp_path, "padded.dcm", data + padding))
+    reference, reference_header = io.read_image(data)
+    np.testing.assert_array_equal(out, reference)
+    assert header == reference_header
+    with pytest.raises(io.TruncatedImageError, match=r"cut.dcm: truncated"):
+        io.read_image(write(tmp_path, "cut.dcm", data[:-100] + padding[:60]))
+
+
 def test_deflated_dicom_reads_like_the_plain_one(tmp_path):
     plain = make_dicom(phantom(), photometric="MONOCHROME1")
     data = _deflated(pydicom.dcmread(stdio.BytesIO(plain)))

@@ -470,13 +470,21 @@ def _parse_dicom(data: bytes, source: str, has_magic: bool) -> Dataset:
 
 
 def _check_dicom_complete(ds: Dataset, data: bytes, source: str) -> None:
-    """Truncation anywhere in the file (pydicom reads short values and stops at a cut silently), or no Pixel Data."""
+    """Truncation anywhere in the file (pydicom reads short values and stops at a cut silently), or no Pixel Data.
+
+    Whitespace or NUL bytes after the last complete element past the Pixel Data are padding, of any length
+    (:func:`_trailing_padding`): what pydicom read of them is dropped, not taken for a cut element.
+    """
     meta_length = _int(ds.file_meta, "FileMetaInformationGroupLength")
     end = 132 + 12 + meta_length if data[128:132] == b"DICM" and meta_length is not None else None
     if end is not None and end > len(data):
         raise TruncatedImageError(source, "truncated: the file ends inside the DICOM file meta information")
+    padding_at = _trailing_padding(ds, data)
     for tag in list(ds.keys()):
         raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.value_tell > padding_at:
+            del ds[tag]  # an "element" read from the padding (8 newlines: a tag (0A0A,0A0A) declaring 168 MB)
+            continue
         if not isinstance(raw, RawDataElement) or raw.length == _UNDEFINED_LENGTH:
             end = None  # a sequence or encapsulated data read to its delimiter: no declared end
             if isinstance(raw, RawDataElement) and raw.tag == 0x7FE00010 and raw.value is not None:
@@ -499,6 +507,28 @@ def _check_dicom_complete(ds: Dataset, data: bytes, source: str) -> None:
             raise TruncatedImageError(source, "truncated: the DICOM pixel data element (7FE0,0010) is incomplete")
         hint = " (the file may be truncated)" if "Rows" in ds else ""
         raise NoPixelDataError(source, f"DICOM has no pixel data element (7FE0,0010){hint}")
+
+
+_PADDING_BYTES = b" \t\n\r\x0b\x0c\x00"  # whitespace and NUL
+
+
+def _trailing_padding(ds: Dataset, data: bytes) -> int:
+    """Where the file's trailing padding starts: the end of the last complete top-level element at or after the
+    Pixel Data when only whitespace or NUL bytes follow it (a newline or more that PACS exports and copy tools
+    append); ``len(data)`` when there is none, or when the Pixel Data or an element after it has no complete end."""
+    raws = [raw for raw in (ds.get_item(tag) for tag in ds.keys()) if isinstance(raw, RawDataElement)]
+    pixel = next((raw for raw in raws if raw.tag == 0x7FE00010 and raw.value is not None), None)
+    if pixel is None:
+        return len(data)
+    end = pixel.value_tell + (len(pixel.value) + len(_SEQUENCE_DELIMITER) if pixel.length == _UNDEFINED_LENGTH
+                              else pixel.length)
+    for raw in sorted((raw for raw in raws if raw.value_tell > pixel.value_tell), key=lambda raw: raw.value_tell):
+        if end > len(data) or not data[end:].strip(_PADDING_BYTES):
+            break
+        if raw.length == _UNDEFINED_LENGTH:
+            return len(data)
+        end = raw.value_tell + raw.length
+    return end if end <= len(data) and not data[end:].strip(_PADDING_BYTES) else len(data)
 
 
 def _dicom_dims(ds: Dataset, source: str) -> tuple[int, int, int]:

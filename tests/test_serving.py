@@ -317,6 +317,33 @@ def test_explain_adds_a_gradcam_png_of_the_image_size(loaded):
     assert serving.GRADCAM_FIELD not in loaded.score([png_b64(image)])[0]
 
 
+def test_an_image_whose_display_decode_fails_is_refused_alone_and_the_others_are_answered_and_logged(loaded,
+                                                                                                     monkeypatch):
+    """With explain on, an image whose full-resolution display decode failed (out of memory on a huge file) was
+    refused but its working image went on to the networks: the classifier marked it accepted and the overlay step
+    raised KeyError, HTTP 500 for the whole request and nothing logged (the PACS worker always asks for overlays).
+    A real MemoryError cannot be had on demand: the display step raises it for the one 96 x 80 image."""
+    from covidcxr import gradcam, predlog
+
+    display_image = gradcam.display_image
+
+    def short_of_memory_for_one(pixels: np.ndarray, longest: int) -> np.ndarray:
+        if pixels.shape == (96, 80):
+            raise MemoryError
+        return display_image(pixels, longest)
+
+    monkeypatch.setattr(gradcam, "display_image", short_of_memory_for_one)
+    pipeline = with_config(loaded)
+    pipeline.prediction_log = predlog.MemoryLog()
+    images = [png_b64(phantom()), png_b64(phantom(size=96)[:, 8:88]), png_b64(phantom(seed=1))]
+    entries = pipeline.score(images, explain=True)
+    assert [(e["accepted"], e["reason"]) for e in entries] == [(True, None), (False, "out_of_memory"), (True, None)]
+    assert entries[1]["covid_probability"] is None and entries[1][serving.GRADCAM_FIELD] is None
+    assert entries[0][serving.GRADCAM_FIELD] and entries[2][serving.GRADCAM_FIELD]
+    logged = pipeline.prediction_log.records
+    assert [(r["accepted"], r["reason"]) for r in logged] == [(e["accepted"], e["reason"]) for e in entries]
+
+
 def test_a_jpeg_decoded_at_reduced_scale_still_gets_a_full_resolution_overlay(loaded):
     """The working image of a large JPEG comes from a reduced decode (as in the cache stage); the overlay a person
     reads is drawn on the full decode, at the display size, not on the reduced pixels."""

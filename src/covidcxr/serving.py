@@ -403,18 +403,24 @@ class Pipeline:
                 image, pixels, header = preprocess.read_working_image(data, cfg.size, **read)  # as the cache stage
                 check_plausible(pixels, header, i, cfg.max_aspect)
                 check_intended_use(header, i, cfg.min_age)
+                filter_image = None
                 if cfg.filter_size != cfg.size:  # as the cache_projection stage reads the file at its size
                     # A decode not reduced for the smaller size is not reduced for a larger one: the same pixels.
                     same = cfg.filter_size > cfg.size and not io.is_reduced(pixels, header)
-                    for_filter[i] = (preprocess.working_image(pixels, cfg.filter_size) if same
-                                     else preprocess.read_working_image(data, cfg.filter_size, **read)[0])
-                work[i] = image
-                views[i] = header.get("view_position")
+                    filter_image = (preprocess.working_image(pixels, cfg.filter_size) if same
+                                    else preprocess.read_working_image(data, cfg.filter_size, **read)[0])
+                shown = None
                 if keep_display:  # the overlay a person reads is drawn on the full-resolution image
                     full = io.read_image(data, **read)[0] if io.is_reduced(pixels, header) else pixels
                     from covidcxr import gradcam
 
-                    display[i] = gradcam.display_image(full, DISPLAY_SIZE)
+                    shown = gradcam.display_image(full, DISPLAY_SIZE)
+                # Only an image whose every step succeeded goes on: one refused below must not reach the networks
+                work[i], views[i] = image, header.get("view_position")
+                if filter_image is not None:
+                    for_filter[i] = filter_image
+                if shown is not None:
+                    display[i] = shown
             except Refused as refusal:
                 refuse(entries[i], refusal.reason, refusal.message)
             except io.ImageReadError as err:

@@ -1251,6 +1251,29 @@ def test_an_overlay_of_pixels_stored_as_baseline_jpeg_says_they_went_through_los
         assert sc.get("LossyImageCompression") == expected, syntax
 
 
+@pytest.mark.parametrize(("syntax", "lossy"), [
+    ("1.2.840.10008.1.2.4.50", True), ("1.2.840.10008.1.2.4.51", True), ("1.2.840.10008.1.2.4.91", True),
+    ("1.2.840.10008.1.2.4.81", True), ("1.2.840.10008.1.2.4.90", False), ("1.2.840.10008.1.2.4.80", False),
+    ("1.2.840.10008.1.2.4.57", False), ("1.2.840.10008.1.2.4.70", False), ("1.2.840.10008.1.2.1", False),
+])
+@pytest.mark.parametrize("stated", [None, "00", "01"])
+def test_an_overlay_of_pixels_in_a_lossy_capable_syntax_never_says_they_are_lossless(syntax, lossy, stated):
+    """A JPEG 2000 (.91) or JPEG-LS near-lossless (.81) source whose header was silent made an overlay that said
+    nothing of lossy compression, and any lossy syntax whose header said 00 (copied from the original before it was
+    compressed) one that said 00, not lossy. They now say 01; lossless syntaxes keep what the source says."""
+    import numpy as np
+
+    model = pacs.ModelId("covidcxr", "3")
+    ds = source_dataset() if stated is None else source_dataset(LossyImageCompression=stated)
+    ds.file_meta.TransferSyntaxUID = syntax
+    header = pacs.header_only(ds)
+    sc = pacs.build_sc(header, serving.png_base64(np.zeros((8, 8, 3), np.uint8)), model,
+                       pacs.series_uids(header.StudyInstanceUID, model)["sc"],
+                       pacs.result_uids(header.SOPInstanceUID, model)["sc"], 1)
+    assert sc.get("LossyImageCompression") == ("01" if lossy else stated)
+    assert ds.get("LossyImageCompression") == stated  # the source's own header is left as it was
+
+
 @pytest.mark.parametrize("orientation", [["X", "Y"], ["L"], ["", "F"]])
 def test_an_orientation_highdicom_refuses_is_left_unknown_in_the_overlay(orientation):
     """A non-standard PatientOrientation ('X', 'Y') failed the study's results (caught before scoring since: the study

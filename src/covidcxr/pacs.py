@@ -91,9 +91,11 @@ CODES = {
 UNITS = {"probability": Code("{probability}", "UCUM", "probability"), "fraction": Code("1", "UCUM", "no units")}
 #: What the source says of the lossy compression its pixels went through, which the overlay drawn on them inherits.
 LOSSY_KEYWORDS = ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod")
-#: Transfer syntaxes that are lossy whatever their parameters (JPEG baseline and extended); JPEG 2000 and JPEG-LS may
-#: be lossless, so the source's own header decides for them.
-LOSSY_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
+#: Transfer syntaxes whose pixels may have gone through lossy compression, whatever the header says: JPEG baseline
+#: and extended, JPEG 2000 (.91, irreversible or reversible at the encoder's choice) and JPEG-LS near-lossless (.81).
+#: The lossless ones (JPEG lossless .57/.70, JPEG-LS .80, JPEG 2000 .90) leave it to the source's own header.
+LOSSY_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
+                            "1.2.840.10008.1.2.4.91"})
 #: The letters of a PatientOrientation value (PS3.3 C.7.6.1.1.1): anterior, posterior, right, left, head, foot.
 ORIENTATION_LETTERS = frozenset("APRLHF")
 
@@ -380,13 +382,14 @@ def header_only(ds: Dataset) -> Dataset:
     attributes that highdicom reads present even when the source left them out, and empty where the source's value is
     one highdicom refuses (a date such as '2020-01-01', a time such as '12:30:00', a sex other than M, F or O): it
     would refuse the results of every image of the study, on every pass, and a value is not guessed at. Pixels stored
-    in a lossy transfer syntax (baseline or extended JPEG) are marked LossyImageCompression 01 where the header does
-    not say, for the overlay drawn on them."""
+    in a lossy-capable transfer syntax (:data:`LOSSY_SYNTAXES`) are marked LossyImageCompression 01 unless the header
+    says 01 already, for the overlay drawn on them: a header that is silent or says 00 (often copied from the
+    original before it was compressed) is not taken for proof that they are lossless."""
     pixel_tags = {0x7FE00010, 0x7FE00008, 0x7FE00009}
     header = Dataset({tag: elem for tag, elem in ds.items() if tag not in pixel_tags})
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax in LOSSY_SYNTAXES and header.get("LossyImageCompression") in (None, ""):
-        header.LossyImageCompression = "01"  # the pixels as stored went through it, whatever the header says
+    if syntax in LOSSY_SYNTAXES and header.get("LossyImageCompression") != "01":
+        header.add_new("LossyImageCompression", "CS", "01")  # a new element: the source keeps its own
     for keyword in COPIED_TYPE2:
         if keyword not in header:
             setattr(header, keyword, None)

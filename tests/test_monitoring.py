@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
@@ -382,3 +383,38 @@ def test_a_window_where_every_test_was_skipped_is_not_no_drift():
                                min_records=5, min_per_test=1000)
     assert all(t.p_value is None for t in drift.tests)
     assert drift.status == "insufficient_data" and not drift.drifted
+
+
+def failed_on(frame: pd.DataFrame, reason: str) -> pd.DataFrame:
+    """The records a server logs for images it failed on (a retry reason): refused, nothing measured."""
+    failed = frame.copy()
+    failed[["accepted", "reason"]] = [False, reason]
+    blank = [c for c in predlog.COLUMNS if c not in ("time", "model_name", "model_version", "accepted", "reason",
+                                                     "threshold", "ood_threshold", "thresholds_from")]
+    failed[blank] = None
+    return failed
+
+
+def test_the_server_s_failures_are_neither_drift_nor_records_of_the_window():
+    """Records of images the server failed on (internal_error, out_of_memory) counted as refusals of the images, and
+    toward --min-records: the PACS worker sends those images again, so each is logged a second time as a real record.
+    15 out_of_memory records turned a no-drift window into drift of the refusal rate, and a window of 20 internal
+    errors was judged drift instead of insufficient data. They are left out of both sides, and counted."""
+    same = traffic(80, seed=2)
+    window = pd.concat([same, failed_on(same.iloc[:15], "out_of_memory")], ignore_index=True)
+    reference = pd.concat([REFERENCE, failed_on(REFERENCE.iloc[:3], "internal_error")], ignore_index=True)
+    drift = monitoring.compare(reference, window, ood_threshold=THRESHOLD, permutations=300)
+    plain = monitoring.compare(REFERENCE, same, ood_threshold=THRESHOLD, permutations=300)
+    assert drift.status == plain.status == "no_drift"
+    assert drift.server_failures == {"reference": 3, "window": 15} and (drift.n_window, drift.n_reference) == (80, 200)
+    assert [asdict(t) for t in drift.tests] == [asdict(t) for t in plain.tests]
+    assert drift.to_dict()["server_failures"] == {"reference": 3, "window": 15}
+    assert drift.metrics()["server_failures"] == 15.0
+    html = monitoring.render(drift, model_name="covidcxr", model_version="3", since=None, until=None,
+                             log_url="sqlite:///p.db", reference_meta={}, reference=reference, window=window)
+    assert "reference: 3, window: 15" in html
+
+    failures = monitoring.compare(REFERENCE, failed_on(traffic(20, seed=5), "internal_error"),
+                                  ood_threshold=THRESHOLD, min_records=20)
+    assert failures.status == "insufficient_data" and failures.n_window == 0
+    assert failures.server_failures == {"reference": 0, "window": 20}

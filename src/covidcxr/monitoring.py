@@ -20,6 +20,11 @@ pipeline into a :class:`covidcxr.predlog.MemoryLog`), so both sides have the sam
   model's (a request's or a site's) count as in distribution in the OOD share, and, having no probability, in neither
   the positive rate nor the probability test, whose notes count them.
 
+Records of images the server failed on (a retry reason, :data:`covidcxr.serving.RETRY_REASONS`: ``internal_error``,
+``out_of_memory``) say nothing of the images, and a client (the PACS worker) sends those images again, so each is
+usually logged a second time as a real record: they are left out of both sides, and of the window's size, before
+anything is compared, and the report counts them (``server_failures``).
+
 The p-values are Bonferroni-corrected over the tests that ran (as alibi-detect does for feature-wise tests); drift is
 significant when any corrected p-value is below ``alpha``. Each test records the smallest p-value its sample sizes
 allow (``p_min``); a test whose ``p_min`` cannot fall below ``alpha`` over the number of tests is ``inconclusive`` (too
@@ -153,6 +158,8 @@ class Drift:
     n_window: int
     tests: list[Test]
     reasons: dict[str, dict[str, float]]
+    #: Records of each side left out as the server's failures, not the images' (:func:`server_failures`)
+    server_failures: dict[str, int] = field(default_factory=lambda: {"reference": 0, "window": 0})
 
     @property
     def drifted(self) -> bool:
@@ -160,11 +167,13 @@ class Drift:
 
     def to_dict(self) -> dict:
         return {"status": self.status, "alpha": self.alpha, "n_reference": self.n_reference,
-                "n_window": self.n_window, "tests": [asdict(t) for t in self.tests], "reasons": self.reasons}
+                "n_window": self.n_window, "tests": [asdict(t) for t in self.tests], "reasons": self.reasons,
+                "server_failures": self.server_failures}
 
     def metrics(self) -> dict[str, float]:
         """Flat finite figures for MLflow: ``drift``, counts, and each test's statistic, p-values and window figure."""
-        out = {"drift": float(self.drifted), "n_window": float(self.n_window), "n_reference": float(self.n_reference)}
+        out = {"drift": float(self.drifted), "n_window": float(self.n_window), "n_reference": float(self.n_reference),
+               "server_failures": float(self.server_failures["window"])}
         for t in self.tests:
             for key in ("statistic", "p_value", "p_adjusted", "p_min", "window"):
                 value = getattr(t, key)
@@ -305,6 +314,15 @@ def _ood_out(frame: pd.DataFrame, ood_threshold: float) -> pd.Series:
     return pd.Series(ood.is_out(scores, ood_threshold), index=frame.index, dtype="boolean").where(scored)
 
 
+def server_failures(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The frame's records but those of images the server failed on (a retry reason), and how many those were: the
+    server's state, not the image's, and the image is usually sent again and logged as a real record."""
+    from covidcxr.serving import RETRY_REASONS  # here: serving imports MLflow, which the tests need not
+
+    failed = frame["reason"].isin(RETRY_REASONS).to_numpy(dtype=bool)
+    return frame.loc[~failed], int(failed.sum())
+
+
 def reason_shares(frame: pd.DataFrame) -> dict[str, float]:
     """Share of each refusal reason (and ``accepted``) among the frame's records."""
     if not len(frame):
@@ -324,6 +342,7 @@ def compare(reference: pd.DataFrame, window: pd.DataFrame, *, ood_threshold: flo
         raise ValueError(f"the reference's ood_action must be 'refuse' or 'flag', got {ood_action!r}")
     if permutations < 1:
         raise ValueError(f"permutations must be at least 1, got {permutations}")
+    (reference, ref_failed), (window, win_failed) = server_failures(reference), server_failures(window)
     reference, window = reference.reset_index(drop=True), window.reset_index(drop=True)
     accepted = {"reference": _accepted(reference), "window": _accepted(window)}
     beyond, notes = _beyond_the_model(reference, window, accepted, ood_threshold, ood_action)
@@ -385,7 +404,8 @@ def compare(reference: pd.DataFrame, window: pd.DataFrame, *, ood_threshold: flo
     else:
         status = "insufficient_data" if any(t.inconclusive for t in ran) else "no_drift"
     return Drift(status=status, alpha=alpha, n_reference=len(reference), n_window=len(window), tests=tests,
-                 reasons={"reference": reason_shares(reference), "window": reason_shares(window)})
+                 reasons={"reference": reason_shares(reference), "window": reason_shares(window)},
+                 server_failures={"reference": ref_failed, "window": win_failed})
 
 
 def _beyond_the_model(reference: pd.DataFrame, window: pd.DataFrame, accepted: Mapping[str, pd.Series],
@@ -552,6 +572,7 @@ def render(drift: Drift, *, model_name: str, model_version: str, since: object, 
     from covidcxr.modelcard import CSS, _badge, _e, _table
 
     verdict = {"drift": "fail", "no_drift": "pass", "insufficient_data": "warn"}[drift.status]
+    (reference, _), (window, _) = server_failures(reference), server_failures(window)  # as compared
     title = f"Drift report: {model_name} v{model_version}"
     rows = [(t.name, t.kind, t.reference, t.window, t.statistic, t.p_value, t.p_adjusted, t.p_min,
              "drift" if t.drift else "-" if t.p_value is None else "inconclusive" if t.inconclusive else "no drift",
@@ -568,6 +589,8 @@ def render(drift: Drift, *, model_name: str, model_version: str, since: object, 
            if unmeasured else "") + "</p>",
         _table(("", ""), [("window", f"{since or 'the beginning'} to {until or 'now'} (UTC)"),
                           ("records in the window", drift.n_window),
+                          ("left out: records of the server's failures, not the images' (sent again)",
+                           _per_side(**drift.server_failures) or "none"),
                           ("reference", f"{drift.n_reference} records: the {reference_meta.get('split', 'val')} split "
                                         f"scored by v{reference_meta.get('model_version', '?')} at registration"),
                           ("OOD threshold", reference_meta.get("ood_threshold")),

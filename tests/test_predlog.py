@@ -304,3 +304,22 @@ def test_a_probe_asks_without_leaving_a_record(pipeline):
         assert [r["reason"] for r in sink.records] == ["zero_variance", None]
     finally:
         pipeline.prediction_log = None
+
+
+def test_a_table_of_the_log_s_name_that_is_not_the_log_is_reported_with_its_message(tmp_path, caplog):
+    """A write failure was logged by its type only, to keep a driver's message (which may echo the connection string)
+    out of the log: an unrelated 'predictions' table read 'unavailable (RuntimeError)', which says nothing an operator
+    can act on. The project's own error says which column is missing; a driver's stays type-only."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    with sqlite3.connect(tmp_path / "shared.db") as connection:
+        connection.execute("CREATE TABLE predictions (id INTEGER PRIMARY KEY, sku TEXT, forecast REAL)")
+    entry = dict.fromkeys(predlog.ENTRY_COLUMNS) | {"accepted": True}
+    sink = predlog.PredictionLog(url)
+    sink.append(predlog.records([entry], {}, {}, when=dt.datetime(2026, 3, 1), model_name="covidcxr",
+                                model_version="1"))
+    assert sink.flush(10) and (sink.written, sink.lost) == (0, 1)
+    [error] = [r.getMessage() for r in caplog.records if r.name == "covidcxr.predlog" and r.levelno >= logging.ERROR]
+    assert ("unavailable (PredictionLogError: the prediction log's table 'predictions' lacks column 'time', which no "
+            "migration adds") in error
+    assert predlog.describe(sqlite3.OperationalError("unable to open postgresql://covidcxr:secret@db/x")) == (
+        "OperationalError")

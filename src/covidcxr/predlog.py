@@ -13,7 +13,8 @@ or ``~/.pgpass``, never in the URL, params or logs. ``$COVIDCXR_PREDICTION_LOG``
 
 Writing never fails or slows a request: :class:`PredictionLog` queues records and a background thread inserts them
 in batches; when the database is unreachable the records are counted as lost and the error is logged (its type and the
-URL without a password), at most once a minute, and the server goes on answering.
+URL without a password; the message too of this module's own :class:`PredictionLogError`, which holds no credentials,
+where a driver's may echo its connection string), at most once a minute, and the server goes on answering.
 """
 
 from __future__ import annotations
@@ -55,7 +56,14 @@ STAT_DECIMALS = 6
 
 
 class PredictionLogError(RuntimeError):
-    """The prediction log cannot be read: the message names its URL (without a password) and the error type."""
+    """The prediction log cannot be read, or written as it is (a table of its name that is not the log's): the message
+    says why, never a password."""
+
+
+def describe(exc: BaseException) -> str:
+    """A write failure as the log shows it: the message of a :class:`PredictionLogError` (it holds no credentials),
+    only the type of any other (a driver's message may echo its connection string)."""
+    return f"{type(exc).__name__}: {exc}" if isinstance(exc, PredictionLogError) else type(exc).__name__
 
 
 class Sink(Protocol):
@@ -189,7 +197,8 @@ def add_missing_columns(engine, table) -> list[str]:
         if column.name in existing:
             continue
         if column.name not in ADDED_COLUMNS:
-            raise RuntimeError(f"the prediction log's table lacks column {column.name!r}, which no migration adds")
+            raise PredictionLogError(f"the prediction log's table {table.name!r} lacks column {column.name!r}, which "
+                                     "no migration adds (is it another application's table?)")
         kind = column.type.compile(dialect=engine.dialect)
         try:
             with engine.begin() as connection:
@@ -243,7 +252,7 @@ class PredictionLog:
         self._queue: queue.Queue = queue.Queue(max_pending)
         self._engine = None
         self._down_until = 0.0
-        self._failure: str | None = None  # the error type of the last failed write, until one succeeds
+        self._failure: str | None = None  # the last failed write's error (describe), until one succeeds
         self._last_report = -1e9
         self._reported_down = False
 
@@ -257,7 +266,7 @@ class PredictionLog:
                     self._lose(len(records) - i, "queue full (the database is slower than the traffic)")
                     break
         except Exception as exc:  # noqa: BLE001 - the log must never fail a request
-            self._lose(len(records), type(exc).__name__)
+            self._lose(len(records), describe(exc))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued record is written or lost; False if ``timeout`` seconds were not enough."""
@@ -294,7 +303,7 @@ class PredictionLog:
                 try:
                     self._write(batch)
                 except Exception as exc:  # noqa: BLE001 - counted and reported; the server goes on
-                    self._failure = type(exc).__name__
+                    self._failure = describe(exc)
                     self._down_until = time.monotonic() + self.retry_s
                     self._dispose()
                     self._lose(len(batch), self._failure)

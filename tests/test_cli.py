@@ -807,6 +807,9 @@ def test_tune_with_a_cache_split_or_config_it_cannot_read_is_one_line_not_a_trac
     split = tmp_path / "segmentation.csv"
     split.write_text("image_id,split\na,train\nb,val\n")
     (tmp_path / "bad.yaml").write_text("tune_unet: [unclosed\n")
+    (tmp_path / "nof0.yaml").write_text("tune_unet: {space: {lr: 0.001}}\n")  # YAML, but no search space it can use
+    (tmp_path / "nulls.yaml").write_text("tune_unet: {space: {f0: 8, lr: 0.001, dropout_scale: 0, batch_size: 8, "
+                                         "mask_threshold: 0.5}, epochs: null}\n")
     (tmp_path / "other.csv").write_text("image_id,split\nz,train\n")
     (tmp_path / "nosplit.csv").write_text("image_id\na\n")
     base = ["tune", "--study", "s", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--no-tracking"]
@@ -819,6 +822,9 @@ def test_tune_with_a_cache_split_or_config_it_cannot_read_is_one_line_not_a_trac
          "missing.yaml"),
         (["--config", str(tmp_path / "bad.yaml"), "--cache-dir", str(cache), "--split", str(split)],
          "bad.yaml: not YAML"),
+        (["--config", str(tmp_path / "nof0.yaml"), "--cache-dir", str(cache), "--split", str(split)],
+         "nof0.yaml: U-Net search space: missing ['f0', 'dropout_scale', 'batch_size', 'mask_threshold']"),
+        (["--config", str(tmp_path / "nulls.yaml"), "--cache-dir", str(cache), "--split", str(split)], "nulls.yaml: "),
     ]
     for extra, message in cases:
         assert cli.main([*base, *extra]) == 2, extra

@@ -82,6 +82,8 @@ def test_suggest_covers_choices_ranges_and_fixed_values():
     ({"epochs": 0}, "at least one epoch"),
     ({"strategy": "tpu"}, "strategy must be one of"),
     ({"lr_schedule": "step"}, "lr_schedule must be one of"),
+    ({"sampler": {"n_startup": 2}}, "sampler options .* unexpected keyword argument 'n_startup'"),
+    ({"pruner": {"n_warmup_steps": -1}}, "pruner options .* cannot be negative"),
 ])
 def test_unet_config_rejects_bad_configurations(change, match):
     with pytest.raises(ValueError, match=match):
@@ -261,6 +263,38 @@ def test_a_study_created_without_tracking_is_joined_and_exported_by_workers_that
     assert trials[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert parents[0].data.tags["best_trial_number"] == str(study.best_trial.number)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+
+
+def test_joining_a_study_of_other_data_is_one_line_and_exit_2_not_a_traceback(tmp_path, capsys):
+    """open_study's ValueError (a study created on other data) escaped `covidcxr tune` as a traceback."""
+    cache, split = write_tiny_cache(tmp_path, n=10)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    tuning.open_study("tiny", storage, TINY_CONFIG, data_sha256="aa" * 32)  # another worker's data
+    code = cli.main(["tune", "--study", "tiny", "--storage", storage, "--cache-dir", str(cache), "--split",
+                     str(split), "--no-tracking", "--n-trials", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("tune: study 'tiny' was created on other data (sha256 aaaaaaaaaaaa...")
+    assert "Traceback" not in "\n".join(err)
+    assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == 0
+
+
+def test_an_export_of_a_mistyped_study_creates_no_study(tmp_path, capsys):
+    """`--n-trials 0` only exports a study's best: with a --config it created the mistyped study, left empty in the
+    shared storage, and then exited 1 on 'no completed trial'. It now joins only, as the stage does."""
+    cache, split = write_tiny_cache(tmp_path, n=10)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"tune_unet": {"study": "tiny", **TINY_CONFIG}}))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    tuning.open_study("tiny", storage, TINY_CONFIG)  # the study the workers fill
+    code = cli.main(["tune", "--study", "tinny", "--storage", storage, "--config", str(params), "--cache-dir",
+                     str(cache), "--split", str(split), "--no-tracking", "--n-trials", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("tune: study 'tinny' does not exist in sqlite:///")
+    assert "only a study that exists is exported" in err[-1]
+    assert optuna.study.get_all_study_names(storage) == ["tiny"]  # nothing created
+    with pytest.raises(SystemExit):  # a negative count is no export either: refused by the parser
+        cli.main(["tune", "--study", "tiny", "--cache-dir", str(cache), "--split", str(split), "--n-trials", "-1"])
+    assert "at least 0 trials, got -1" in capsys.readouterr().err
 
 
 def test_a_tracking_creator_that_died_mid_setup_is_a_typed_error_that_keeps_the_study(tmp_path, mlflow_uri):

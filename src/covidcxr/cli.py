@@ -807,6 +807,10 @@ def _tune(args: argparse.Namespace) -> int:
     except (KeyError, RuntimeError) as err:  # no such study (and no --config), or no completed trial yet
         print(f"tune: {err.args[0] if err.args else err}", file=sys.stderr)
         return 1
+    except ValueError as err:  # a study of other data, or one whose stored configuration this version refuses
+        named = str(err) if f"study {args.study!r}" in str(err) else f"study {args.study!r}: {err}"
+        print(f"tune: {named}", file=sys.stderr)
+        return 2
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -815,11 +819,19 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trial_count(text: str) -> int:
+    """``tune --n-trials``: a whole number of trials, at least 0 (0: only export the best of a study that exists)."""
+    return _whole_number(text, 0, "trials", "at least 0 trials")
+
+
 def _read_tune_config(path: str) -> dict:
-    """A U-Net study configuration from a YAML file: its ``tune_unet`` section when it has one (a params.yaml)."""
+    """A U-Net study configuration from a YAML file: its ``tune_unet`` section when it has one (a params.yaml),
+    validated (``tuning.unet_config``) before any storage is opened."""
     from pathlib import Path
 
     import yaml
+
+    from covidcxr import tuning
 
     try:
         values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
@@ -827,7 +839,14 @@ def _read_tune_config(path: str) -> dict:
         raise ValueError(f"--config {path}: not YAML ({type(err).__name__})") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path} holds no mapping")
-    return values.get("tune_unet", values)
+    config = values.get("tune_unet", values)
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path}: its tune_unet section holds no mapping")
+    try:
+        tuning.unet_config(config)
+    except (ValueError, TypeError) as err:  # TypeError: a value of the wrong kind (epochs: null)
+        raise ValueError(f"--config {path}: {err}") from None
+    return config
 
 
 #: Exit statuses of `covidcxr monitor` (0: no significant drift): drift, could not run, could not measure (too few
@@ -1040,7 +1059,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--split", required=True, help="segmentation split table, e.g. artifacts/splits/segmentation.csv")
     tune.add_argument("--config", help="YAML with the configuration of a NEW study (its tune_unet section, e.g. "
                       "params.yaml); without it the study must exist, and an existing study keeps its own")
-    tune.add_argument("--n-trials", type=int, default=1,
+    tune.add_argument("--n-trials", type=_trial_count, default=1,
                       help="trials this worker runs (0: only tag and print the best)")
     tune.add_argument("--seed", type=int, help="this worker's sampler seed (default: a fresh one per worker)")
     tune.add_argument("--experiment", default="covidcxr-tuning",

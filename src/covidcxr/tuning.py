@@ -103,6 +103,11 @@ def unet_config(values: Mapping) -> dict:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {config['strategy']!r}")
     if config["lr_schedule"] not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {config['lr_schedule']!r}")
+    for name, make in (("sampler", lambda: _sampler(config, 0)), ("pruner", lambda: _pruner(config))):
+        try:  # built here, so that a study is never created with options every worker then fails on
+            make()
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name} options {config[name]!r}: {err}") from None
     return {**config, "space": {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in space.items()}}
 
 
@@ -578,13 +583,21 @@ def tune_unet(study_name: str, storage: str, data: UNetData, *, config: Mapping 
     """Create or join U-Net study ``study_name`` in ``storage``, run ``n_trials`` trials here, and return the study's
     summary (best trial and parameters) and its trials table.
 
-    ``config`` configures a new study (an existing one keeps its own); ``seed`` seeds this worker's sampler (give every
-    worker of a shared study its own). With ``tracking`` each trial is an MLflow run nested under the study's run.
+    ``config`` configures a new study (an existing one keeps its own); with ``n_trials`` 0 (an export of the best) the
+    study must exist and is never created: a mistyped name would leave an empty study in a shared storage. ``seed``
+    seeds this worker's sampler (give every worker of a shared study its own). With ``tracking`` each trial is an
+    MLflow run nested under the study's run.
     """
     log.info("Optuna study %r in %s: %d trial(s) here, sampler seed %d", study_name, dburl.shown_url(storage),
              n_trials, seed)
-    study, created = open_study(study_name, storage, config, data_sha256=data.sha256, seed=seed,
-                                tracked=tracking is not None)
+    try:
+        study, created = open_study(study_name, storage, config if n_trials > 0 else None, data_sha256=data.sha256,
+                                    seed=seed, tracked=tracking is not None)
+    except KeyError:
+        if n_trials > 0:
+            raise
+        raise KeyError(f"study {study_name!r} does not exist in {dburl.shown_url(storage)}: with 0 trials only a "
+                       "study that exists is exported (its best trial); check the name and the storage") from None
     tracker = None
     if tracking is not None:
         tracker = attach_tracker(study, created, experiment=tracking.experiment, run_name=tracking.run_name,

@@ -297,6 +297,63 @@ def test_an_export_of_a_mistyped_study_creates_no_study(tmp_path, capsys):
     assert "at least 0 trials, got -1" in capsys.readouterr().err
 
 
+def test_the_mlflow_run_of_a_trial_whose_worker_died_is_ended_failed(tmp_path, mlflow_uri):
+    """A worker killed outright never ends its trial's run: Optuna fails the trial (another worker's loop, or the
+    summary, on the stopped heartbeat) and the run stayed RUNNING, without its optuna_state, forever."""
+    storage = tuning.make_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_s=None)  # trials by hand below
+    study, created = tuning.open_study("s", storage, TINY_CONFIG)
+    tracker = tuning.attach_tracker(study, created, experiment="e", tracking_uri=mlflow_uri)
+    tuning.optimize(study, lambda trial, report: trial.suggest_float("x", 0, 1), 1, tracker=tracker)
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    run_id = tracker.start(dead)  # the dead worker's run, which it never ended
+    study.tell(dead, state=optuna.trial.TrialState.FAIL)  # as fail_stale_trials does, leaving MLflow alone
+    assert tracker.client.get_run(run_id).info.status == "RUNNING"
+    assert tuning.summary(study, tracker)["trials"]["fail"] == 1
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["optuna_state"] == "FAIL"
+    assert run.data.params == {"x": str(dead.params["x"])}
+    assert tracker.end_failed(study) == 0  # ended once: the next summary leaves it be
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_trial_has_its_trial_failed_and_its_run_ended(tmp_path, mlflow_uri):
+    """The same, end to end: a real worker process on a heartbeat storage, killed with SIGKILL mid-trial."""
+    import signal
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study, created = tuning.open_study("s", tuning.make_storage(url, heartbeat_s=1), TINY_CONFIG)
+    tracker = tuning.attach_tracker(study, created, experiment="e", tracking_uri=mlflow_uri)
+    worker = (
+        "import sys, time\n"
+        "from covidcxr import tuning\n"
+        f"study, _ = tuning.open_study('s', tuning.make_storage({url!r}, heartbeat_s=1))\n"
+        f"tracker = tuning.attach_tracker(study, False, experiment='e', tracking_uri={mlflow_uri!r})\n"
+        "def objective(trial, report):\n"
+        "    trial.suggest_float('x', 0, 1)\n"
+        "    print('started', flush=True)\n"
+        "    time.sleep(60)\n"
+        "tuning.optimize(study, objective, 1, tracker=tracker)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", worker], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        time.sleep(1.5)  # a heartbeat or two
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    [trial] = study.get_trials()
+    run_id = trial.user_attrs[tuning.RUN_ATTR]
+    assert trial.state.name == "RUNNING" and tracker.client.get_run(run_id).info.status == "RUNNING"
+    time.sleep(4.5)  # the grace period, 3 heartbeats, and a second more: sqlite keeps whole-second timestamps
+    with pytest.raises(RuntimeError, match="no completed trial"):
+        tuning.summary(study, tracker)
+    run = tracker.client.get_run(run_id)
+    assert study.get_trials()[0].state.name == "FAIL"
+    assert run.info.status == "FAILED" and run.data.tags["optuna_state"] == "FAIL"
+
+
 def test_a_tracking_creator_that_died_mid_setup_is_a_typed_error_that_keeps_the_study(tmp_path, mlflow_uri):
     """A creator that meant to track and died before it logged the study's run: joiners that track stop with an
     error the tune command catches (a RuntimeError), and are not told to delete a study that may hold trials."""

@@ -382,13 +382,39 @@ class StudyTracker:
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
 
-    def end(self, run_id: str, trial: optuna.Trial, state: str, value: float | None = None) -> None:
+    def end(self, run_id: str, trial: optuna.Trial | optuna.trial.FrozenTrial, state: str,
+            value: float | None = None) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         params = [Param(k, str(v)) for k, v in sorted(trial.params.items())]
         metrics = [Metric("value", float(value), int(time.time() * 1000), 0)] if value is not None else []
         self.client.log_batch(run_id, params=params, metrics=metrics, tags=[RunTag("optuna_state", state)])
         self.client.set_terminated(run_id, "FAILED" if state == "FAIL" else "FINISHED")
+
+    def end_failed(self, study: optuna.Study) -> int:
+        """End, FAILED and tagged ``optuna_state`` FAIL, the run of every failed trial still RUNNING; return how many.
+
+        A worker killed outright (SIGKILL, out of memory, a lost node) never ends its trial's run: Optuna fails the
+        trial when its heartbeat stops, and this ends the run. Runs in another tracking store are left alone.
+        """
+        from mlflow.exceptions import MlflowException
+
+        ended = 0
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+            run_id = trial.user_attrs.get(RUN_ATTR)
+            if not run_id:
+                continue
+            try:
+                status = self.client.get_run(run_id).info.status
+            except MlflowException:
+                continue
+            if status == "RUNNING":
+                _racing(self.end, run_id, trial, "FAIL")  # another worker's summary may end it at the same time
+                ended += 1
+        if ended:
+            log.warning("study %r: ended the MLflow run of %d failed trial(s) whose worker died", study.study_name,
+                        ended)
+        return ended
 
     def tag_best(self, study: optuna.Study, *, passes: int = 5) -> int | None:
         """Tag the study's best trial run ``best_trial=true`` (and no other); record it on the study's run.
@@ -526,16 +552,19 @@ def optimize(study: optuna.Study, objective: Objective, n_trials: int, *, tracke
 TRIAL_STATES: tuple[str, ...] = ("complete", "pruned", "fail", "running", "waiting")
 
 
-def summary(study: optuna.Study) -> dict:
+def summary(study: optuna.Study, tracker: StudyTracker | None = None) -> dict:
     """The best trial (number, value, parameters) and the trial counts by state; raises if no trial completed.
 
     ``best_params`` also holds the values the search space fixed, so that a model trained with them is the one tuned.
     Trials of dead workers (no heartbeat for the storage's grace period) are marked failed first: Optuna does it only
-    when a worker starts its next trial, so the study's last one, or an export that runs none, left them running.
+    when a worker starts its next trial, so the study's last one, or an export that runs none, left them running. With
+    ``tracker`` the MLflow runs of failed trials that no worker ended are ended too (:meth:`StudyTracker.end_failed`).
     """
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and used on purpose
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    if tracker is not None:
+        tracker.end_failed(study)
     counts = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
     try:
         best = study.best_trial
@@ -605,4 +634,4 @@ def tune_unet(study_name: str, storage: str, data: UNetData, *, config: Mapping 
                                  tracking_uri=tracking.tracking_uri, sampler_seed=seed)
     objective = unet_objective(data, study_config(study)) if n_trials > 0 else None
     optimize(study, objective, n_trials, tracker=tracker)
-    return summary(study), trials_table(study)
+    return summary(study, tracker), trials_table(study)

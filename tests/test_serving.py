@@ -576,3 +576,66 @@ def test_the_remote_scorer_never_sends_images_through_the_environments_proxy(mon
             monkeypatch.setenv(name, f"http://127.0.0.1:{proxy}")
         assert serving.remote_scorer(f"http://127.0.0.1:{server}", timeout=10)([image], {}) == [{"accepted": True}]
     assert reached["proxy"] == [] and len(reached["server"]) == 1
+
+
+def test_answers_the_scoring_server_timed_out_on_leave_no_records(bundle, tmp_path, monkeypatch, caplog):
+    """mlflow models serve answers HTTP 504 past MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT but its scoring thread runs on:
+    the log recorded answers no client received, and the retried request logged the same images again. The real
+    scoring server (MLflow's app under uvicorn, in a thread) with a 1 s timeout; the U-Net is made slow."""
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    import mlflow
+    import uvicorn
+    from mlflow.pyfunc import scoring_server
+
+    from covidcxr import predlog
+    from tests.test_predlog import closed_port
+
+    mlflow.pyfunc.save_model(tmp_path / "model", python_model=serving.CovidCxrModel(), artifacts=bundle,
+                             signature=serving.signature(), pip_requirements=["mlflow"])
+    model = mlflow.pyfunc.load_model(str(tmp_path / "model"))
+    pipeline = model.unwrap_python_model().pipeline
+    pipeline.prediction_log, unet, delay = predlog.MemoryLog(), pipeline.unet, {"s": 2.5}
+
+    def slow_unet(images: np.ndarray) -> np.ndarray:
+        time.sleep(delay["s"])
+        return unet(images)
+
+    pipeline.unet = slow_unet
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "1")
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "false")  # init sets it true; restored after the test
+    port = closed_port()
+    server = uvicorn.Server(uvicorn.Config(scoring_server.init(model), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    body = json.dumps({"dataframe_records": [{"image": png_b64(phantom(seed=s))} for s in range(2)]}).encode()
+
+    def post() -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert post() == 504
+        while pipeline.undelivered == 0 and time.monotonic() < deadline:  # the scoring thread ends after the 504
+            time.sleep(0.05)
+        assert pipeline.undelivered == 2 and pipeline.prediction_log.records == []
+        assert "2 record(s) not logged" in caplog.text and "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT" in caplog.text
+        delay["s"] = 0.0
+        assert post() == 200
+        assert len(pipeline.prediction_log.records) == 2 and pipeline.undelivered == 2
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -22,7 +22,9 @@ Entries hold exactly :data:`FIELDS`: no header field, file name or pixel leaves 
 and reason codes only. Every scored image also appends one record to the prediction log (:mod:`covidcxr.predlog`,
 ``Config.prediction_log`` or ``$COVIDCXR_PREDICTION_LOG``): the entry's figures, intensity statistics of the working
 image and the compact feature vector; never pixels, header fields or file names. A dead log database never fails a
-request.
+request. Under ``mlflow models serve``, whose request timeout answers HTTP 504 but does not stop the scoring thread, a
+request scored for longer than that timeout leaves no records (the client got no answer, and will likely send the
+images again): :func:`server_timeout`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import json
 import logging
 import math
 import os
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -277,6 +281,17 @@ def check_intended_use(header: Mapping, index: int, min_age: float | None) -> No
                                               "the model's sensitivity was never measured on such patients")
 
 
+def server_timeout() -> float | None:
+    """The request timeout of the MLflow scoring server this process is (``mlflow models serve`` marks its process
+    with ``_MLFLOW_IS_IN_SERVING_ENVIRONMENT`` and bounds each request by ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``,
+    default 60 s, answering HTTP 504 past it), else None: scored in this process, every answer is delivered."""
+    from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+
+    if not _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get():
+        return None
+    return float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
+
+
 def png_base64(rgb: np.ndarray) -> str:
     from PIL import Image
 
@@ -296,6 +311,8 @@ class Pipeline:
                  site: sites.SiteThresholds | None = None) -> None:
         self.projection, self.unet, self.classifier = projection, unet, classifier
         self.prediction_log = prediction_log  # where every scored image's record goes (None: nowhere)
+        self.undelivered = 0  # records not logged: scored past the scoring server's timeout, no client got them
+        self._counting = threading.Lock()
         self.threshold = metrics.check_threshold(classifier.operating_threshold, "operating threshold")
         self.config = config
         # A site's own thresholds on every request, in place of the model's; chosen on this model's scores only
@@ -370,7 +387,7 @@ class Pipeline:
         if explain:
             for entry in entries:
                 entry[GRADCAM_FIELD] = None
-        when = predlog.now()
+        when, started = predlog.now(), time.monotonic()
         work, for_filter, display, views = self._read_all(images, entries, keep_display=explain)
         frontal = self._project(for_filter, entries, views)
         masks = self._segment(work, frontal, entries)
@@ -382,6 +399,8 @@ class Pipeline:
         log.info("scored %d image(s): %d accepted, refused %s", len(entries), len(scored),
                  dict(sorted(reasons.items())))
         if self.prediction_log is not None and not all(image == probe_image() for image in images):
+            if self._past_timeout(len(entries), time.monotonic() - started):
+                return entries
             try:
                 self.prediction_log.append(predlog.records(
                     entries, {i: predlog.intensity_stats(w) for i, w in work.items()}, compact, when=when,
@@ -389,6 +408,21 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - the log never fails a request
                 log.error("prediction log: records not built (%s)", type(exc).__name__)
         return entries
+
+    def _past_timeout(self, n: int, elapsed: float) -> bool:
+        """Whether the scoring server has answered this request HTTP 504 by now (scored for ``elapsed`` seconds, past
+        its timeout), so that its ``n`` records are not logged: the client never got these answers, and a retry would
+        log the same images again. Counted and logged as a warning."""
+        limit = server_timeout()
+        if limit is None or elapsed < limit:
+            return False
+        with self._counting:
+            self.undelivered += n
+            total = self.undelivered
+        log.warning("prediction log: %d record(s) not logged: scored in %.1f s, past the scoring server's timeout of "
+                    "%g s (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT), which answered the client HTTP 504; %d so far",
+                    n, elapsed, limit, total)
+        return True
 
     def _read_all(self, images: Sequence[object], entries: list[dict], *, keep_display: bool):
         cfg = self.config

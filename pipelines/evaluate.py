@@ -6,7 +6,14 @@ own labelled films.
 The threshold metrics (AUC, sensitivity and specificity, their CIs, calibration) are of the films the classifier scored
 (``predictions.csv``); what serving answers is of every film of the split, those serving refuses before the classifier
 (``refused.csv``: a lateral view, a lung mask that fails the rules) counted as refused with their reason. ``films``
-says how many each covers.
+says how many each covers. Serving's other refusals before the models are not applied to the splits, so ``served``
+counts none of them: :func:`covidcxr.serving.check_plausible` (long side over short above ``register.max_aspect``; a
+DICOM's modality not a radiograph's, its body part not the chest, or FOR PROCESSING) and
+:func:`covidcxr.serving.check_intended_use` (a DICOM's age under ``register.min_age``). None refuses a film of the
+corpora this project runs: the demo's 305 films are chest CR and DX DICOMs, square, FOR PRESENTATION or unstated, aged
+20 to 89; the real corpus's 1,886 are PNG and JPEG files (no DICOM header to refuse by), long sides at most 2.24
+times the short. A corpus of DICOMs of children, of other modalities or body parts, or of films beyond
+``max_aspect`` would be served fewer films than ``served`` counts.
 
 Metrics with patient-level bootstrap 95% CIs, calibration, ROC/PR/reliability data (DVC plots and MLflow figures),
 and a comparison table laid out like the paper's Tables 6/10/14: the network's own output at 0.5, as the paper

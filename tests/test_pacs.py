@@ -797,17 +797,19 @@ def scorer(pipeline: serving.Pipeline, **config) -> tuple[serving.Scorer, predlo
     return score, changed.prediction_log
 
 
-def upload_films(orthanc: Orthanc, n: int, **elements) -> tuple[str, list[str]]:
-    """A new study of ``n`` CR films (phantoms; ``elements``: more header attributes) in the PACS: its and their
-    UIDs."""
+def upload_films(orthanc: Orthanc, n: int, *, study: str | None = None, sops: list[str] | None = None,
+                 **elements) -> tuple[str, list[str]]:
+    """A new study of ``n`` CR films (phantoms; ``elements``: more header attributes) in the PACS, or ``n`` more in
+    ``study``'s series STUDY.1 (``sops``: their SOP Instance UIDs): its and their UIDs."""
     import numpy as np
 
     from tests.helpers import phantom
     from tests.test_io import make_dicom
 
-    study, series, sops = pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), []
+    series = pydicom.uid.generate_uid() if study is None else f"{study}.1"
+    study, new_sops, sops = study or pydicom.uid.generate_uid(), list(sops or []), []
     for i in range(n):
-        sop = pydicom.uid.generate_uid()
+        sop = new_sops[i] if new_sops else pydicom.uid.generate_uid()
         data = make_dicom(np.round(phantom(seed=i) * 4000).astype(np.uint16), StudyInstanceUID=study,
                           SeriesInstanceUID=series, SOPInstanceUID=sop, PatientID="PHI-0042", **elements)
         ds = pydicom.dcmread(io.BytesIO(data))
@@ -1122,15 +1124,41 @@ def test_an_image_the_scorer_failed_on_gets_no_result_and_is_scored_on_the_next_
     assert sorted(int(sc.InstanceNumber) for sc in found["OT"]) == [1, 2, 3]
 
 
-def test_results_are_numbered_by_their_images_place_among_all_the_studys_images():
-    """The results' InstanceNumber counted the images already done, then the pending ones: after an image was deferred
-    (the scorer failed on it), its results on the next pass took the number of a later image's."""
-    model = pacs.ModelId("covidcxr", "1")
-    images = [{"SeriesInstanceUID": "1.2.1", "SOPInstanceUID": f"1.2.1.{k}", "Modality": "CR"} for k in (1, 2, 3)]
-    results = [{"SeriesInstanceUID": "9.9", "SOPInstanceUID": pacs.result_uids(f"1.2.1.{k}", model)["sr"],
-                "Modality": "SR"} for k in (1, 3)]
-    pending, done = pacs.pending_sources(images + results, "1.2", model)
-    assert done == 2 and [(s.sop_uid, s.number) for s in pending] == [("1.2.1.2", 2)]
+def test_results_are_numbered_after_every_number_their_series_already_holds():
+    """The results' InstanceNumber was their image's place among the study's images: an image that arrived after
+    others were done, sorting before them, took the number of a result already in the series (two SRs numbered 1).
+    New results are now numbered after the highest number the model's two result series hold (a number left unused
+    by an image that failed is never given again); another model's series count for nothing."""
+    model, other = pacs.ModelId("covidcxr", "1"), pacs.ModelId("covidcxr", "2")
+
+    def result(k: int, kind: str, number: str | None, of: pacs.ModelId = model) -> dict:
+        return {"SeriesInstanceUID": pacs.series_uids("1.2", of)[kind], "Modality": "SR" if kind == "sr" else "OT",
+                "SOPInstanceUID": pacs.result_uids(f"1.2.1.{k}", of)[kind], "InstanceNumber": number}
+
+    images = [{"SeriesInstanceUID": "1.2.1", "SOPInstanceUID": f"1.2.1.{k}", "Modality": "CR", "InstanceNumber": "1"}
+              for k in (1, 2, 3, 4)]
+    done = [result(2, "sr", "1"), result(2, "sc", "1"), result(3, "sr", "2"), result(4, "sc", "5"),  # 4: SC only
+            result(1, "sr", "9", other), result(3, "sc", None)]
+    pending, n_done = pacs.pending_sources(images + done, "1.2", model)
+    assert n_done == 2 and [(s.sop_uid, s.number) for s in pending] == [("1.2.1.1", 6), ("1.2.1.4", 7)]
+    pending, _ = pacs.pending_sources(images, "1.2", model)  # none done yet: from 1, in their order
+    assert [s.number for s in pending] == [1, 2, 3, 4]
+
+
+@pytest.mark.infra
+def test_an_image_that_arrives_sorting_before_done_ones_gets_results_numbered_apart(own_orthanc, pipeline):
+    """Against a real PACS (whose QIDO-RS answers the results' InstanceNumber): two films done, then a third of the
+    same series that sorts before them. Its SR and SC were numbered 1, as the first film's were."""
+    study = pydicom.uid.generate_uid()[:50]
+    upload_films(own_orthanc, 2, study=study, sops=[f"{study}.1.2", f"{study}.1.3"])
+    client, score = dicomweb(own_orthanc), scorer(pipeline)[0]
+    assert pacs.run(client, score, "covidcxr").stored_sr == 2
+    upload_films(own_orthanc, 1, study=study, sops=[f"{study}.1.1"])
+    summary = pacs.run(client, score, "covidcxr")
+    assert (summary.already_done, summary.stored_sr, summary.stored_sc) == (2, 1, 1)
+    found = results_of(own_orthanc, study)
+    assert {kind: sorted(int(ds.InstanceNumber) for ds in found[kind]) for kind in found} == {"SR": [1, 2, 3],
+                                                                                            "OT": [1, 2, 3]}
 
 
 

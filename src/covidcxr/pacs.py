@@ -136,7 +136,7 @@ class Source:
     study_uid: str
     series_uid: str
     sop_uid: str
-    number: int  # its results' InstanceNumber: its place among the study's CR/DX images, done or not (from 1)
+    number: int  # its results' InstanceNumber: after every number already used in the model's result series
 
 
 @dataclass
@@ -288,10 +288,10 @@ class DicomWeb:
         return [uid for uid in found if uid]
 
     def study_instances(self, study_uid: str) -> list[dict]:
-        """Every instance of a study as ``{SeriesInstanceUID, SOPInstanceUID, Modality}``."""
+        """Every instance of a study as ``{SeriesInstanceUID, SOPInstanceUID, Modality, InstanceNumber}``."""
+        keys = ("SeriesInstanceUID", "SOPInstanceUID", "Modality", "InstanceNumber")
         items = self.search("QIDO-RS instance search", self.client.search_for_instances, study_instance_uid=study_uid,
-                            fields=["Modality", "SeriesInstanceUID", "SOPInstanceUID"])
-        keys = ("SeriesInstanceUID", "SOPInstanceUID", "Modality")
+                            fields=list(keys))
         return [{k: qido_value(item, k) for k in keys} for item in items]
 
     def retrieve(self, source: Source) -> Dataset:
@@ -363,13 +363,29 @@ def series_uids(study_uid: str, model: ModelId) -> dict[str, str]:
 
 
 def pending_sources(instances: Iterable[dict], study_uid: str, model: ModelId) -> tuple[list[Source], int]:
-    """The CR/DX images of a study whose SR by ``model`` is not in it yet, and how many are already done."""
+    """The CR/DX images of a study whose SR by ``model`` is not in it yet, and how many are already done. The pending
+    ones are numbered (their results' InstanceNumber, the SR's and the SC's alike) from the highest number already
+    used in ``model``'s two result series of the study on: numbered by their place among the study's images, an image
+    that arrived (or was retried) after others were done took a number one of theirs had; a number left unused by an
+    image that fails this pass is never given again."""
+    instances = list(instances)
     existing = {item["SOPInstanceUID"] for item in instances}
+    results = set(series_uids(study_uid, model).values())
+    used = max((whole_number(i.get("InstanceNumber")) for i in instances if i.get("SeriesInstanceUID") in results),
+               default=0)
     images = sorted((i["SeriesInstanceUID"], i["SOPInstanceUID"]) for i in instances
                     if (i.get("Modality") or "").upper() in MODALITIES)
-    sources = [Source(study_uid, series, sop, number) for number, (series, sop) in enumerate(images, 1)]
-    pending = [s for s in sources if result_uids(s.sop_uid, model)["sr"] not in existing]
-    return pending, len(sources) - len(pending)
+    pending = [(series, sop) for series, sop in images if result_uids(sop, model)["sr"] not in existing]
+    sources = [Source(study_uid, series, sop, number) for number, (series, sop) in enumerate(pending, used + 1)]
+    return sources, len(images) - len(pending)
+
+
+def whole_number(value: str | None) -> int:
+    """An InstanceNumber (IS) as QIDO-RS answers it; 0 when absent or unreadable."""
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return 0
 
 
 #: The type 2 patient and study attributes highdicom copies into the results (present, and empty when unknown).

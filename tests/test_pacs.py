@@ -20,7 +20,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -859,10 +859,10 @@ def test_the_results_name_the_model_that_scored_them(own_orthanc, pipeline):
 
 
 @contextlib.contextmanager
-def served_over_http(score: serving.Scorer, down: int | None = None) -> Iterator[str]:
+def served_over_http(score: serving.Scorer, down: int | None = None, busy: list[int] | None = None) -> Iterator[str]:
     """``score`` behind HTTP as `mlflow models serve` answers (/invocations; an MlflowException as its HTTP status and
     JSON); ``down``: that status, from a proxy, to every request after the first probe (the server gone after it
-    answered one)."""
+    answered one); ``busy``: statuses a proxy answers, one each, to the scoring requests (probes are answered)."""
     from mlflow.exceptions import MlflowException
 
     probed = threading.Event()
@@ -872,8 +872,8 @@ def served_over_http(score: serving.Scorer, down: int | None = None) -> Iterator
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             images = [record[serving.INPUT_COLUMN] for record in request["dataframe_records"]]
             try:
-                if down and probed.is_set():
-                    status, body = down, b"<html>the service is unavailable</html>"
+                if down and probed.is_set() or busy and images != [serving.probe_image()]:
+                    status, body = down or busy.pop(0), b"<html>the service is unavailable</html>"
                 else:
                     status, body = 200, json.dumps({"predictions": score(images, request["params"])}).encode()
                     probed.set()
@@ -927,16 +927,19 @@ def test_a_study_the_scorer_fails_on_is_counted_and_the_pass_goes_on(own_orthanc
 
 @contextlib.contextmanager
 def dicomweb_answering(wado: dict[str, tuple[str, bytes] | int | list[tuple[str, bytes] | int]], *,
-                       down_after: str | None = None, stored: list[str] | None = None) -> Iterator[str]:
+                       down_after: str | None = None, stored: list[str] | None = None,
+                       refuse: Callable[[pydicom.Dataset], bool] | None = None) -> Iterator[str]:
     """A DICOMweb server whose QIDO-RS finds one CR image in each study of ``wado`` (or one per item of a list: SOP
-    Instance UIDs STUDY.1.1, STUDY.1.2...) and whose WADO-RS answers it with that study's (content type, body), or that
-    HTTP status; ``down_after``: a study after whose WADO-RS request every
-    request is answered 503 (the PACS gone); STOW-RS takes everything (``stored``: the study UIDs stored into)."""
+    Instance UIDs STUDY.1.1, STUDY.1.2...), and the results stored into it, and whose WADO-RS answers an image with
+    that study's (content type, body), or that HTTP status, read at each request; ``down_after``: a study after whose
+    WADO-RS request every request is answered 503 (the PACS gone); STOW-RS takes everything (``stored``: the study
+    UIDs stored into) but a request holding an instance that ``refuse`` picks (HTTP 409, none stored)."""
     from urllib.parse import urlparse
 
     def element(keyword: str, vr: str, value: str) -> dict:
         return {f"{pydicom.datadict.tag_for_keyword(keyword):08X}": {"vr": vr, "Value": [value]}}
 
+    results: dict[str, list[dict]] = {}  # study: the QIDO records of the instances stored into it
     gone = threading.Event()
 
     def answers(study: str) -> list[tuple[str, bytes] | int]:
@@ -955,7 +958,7 @@ def dicomweb_answering(wado: dict[str, tuple[str, bytes] | int | list[tuple[str,
                 kind, body = "application/dicom+json", json.dumps([
                     element("Modality", "CS", "CR") | element("SeriesInstanceUID", "UI", f"{parts[1]}.1")
                     | element("SOPInstanceUID", "UI", f"{parts[1]}.1.{k + 1}")
-                    for k in range(len(answers(parts[1])))]).encode()
+                    for k in range(len(answers(parts[1])))] + results.get(parts[1], [])).encode()
             else:
                 if parts[1] == down_after:
                     gone.set()
@@ -967,9 +970,20 @@ def dicomweb_answering(wado: dict[str, tuple[str, bytes] | int | list[tuple[str,
             self.answer(200, kind, body)
 
         def do_POST(self):  # noqa: N802 - the http.server API
-            self.rfile.read(int(self.headers["Content-Length"]))
+            study = urlparse(self.path).path.strip("/").split("/")[2]
+            boundary = self.headers["Content-Type"].split("boundary=")[1].strip('"').encode()
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            datasets = [pydicom.dcmread(io.BytesIO(part.split(b"\r\n\r\n", 1)[1].removesuffix(b"\r\n")))
+                        for part in body.split(b"--" + boundary)[1:-1]]
+            if refuse is not None and any(refuse(ds) for ds in datasets):
+                self.answer(409, "application/dicom+json", b"{}")
+                return
+            results.setdefault(study, []).extend(
+                element("Modality", "CS", ds.Modality) | element("SeriesInstanceUID", "UI", ds.SeriesInstanceUID)
+                | element("SOPInstanceUID", "UI", ds.SOPInstanceUID)
+                | element("InstanceNumber", "IS", str(ds.InstanceNumber)) for ds in datasets)
             if stored is not None:
-                stored.append(urlparse(self.path).path.strip("/").split("/")[2])
+                stored.append(study)
             self.answer(200, "application/dicom+json", b"{}")
 
     with loopback(Server) as port:
@@ -1232,6 +1246,53 @@ def test_an_image_whose_header_no_result_can_be_made_from_is_left_out_and_the_ot
         summary = pacs.run(pacs.DicomWeb(url, retries=0), counted, "covidcxr")
     assert (summary.images, summary.unusable, summary.stored_sr, summary.failed_studies, sent) == (2, 1, 1, 1, [1])
     assert pacs.hashed(f"{study}.1.1") in caplog.text and study not in caplog.text
+
+
+def test_an_image_that_fails_to_download_or_to_be_stored_costs_the_others_of_its_study_nothing(pipeline, caplog):
+    """One image of a study that the PACS would not deliver (a 404), or whose SR it refused (a 409), failed the whole
+    study: the results of its other images, scored beside it, were never stored, and every pass scored them all again.
+    Each image's outcome is now its own: the others' results are stored, the failed ones are counted by step and cause
+    (no identifier) and their hashed ids logged, and the next pass sends only those."""
+    caplog.set_level(logging.DEBUG)
+    study = UIDS[0]
+    refused = {f"{study}.1.3"}  # the source whose SR the PACS refuses
+
+    def sr_of_refused(ds: pydicom.Dataset) -> bool:
+        return ds.Modality == "SR" and any(item.ReferencedSOPInstanceUID in refused
+                                           for evidence in ds.CurrentRequestedProcedureEvidenceSequence
+                                           for series in evidence.ReferencedSeriesSequence
+                                           for item in series.ReferencedSOPSequence)
+
+    wado = {study: [404, wado_film(study, 2), wado_film(study, 3)]}
+    counted, sent = counting(scorer(pipeline)[0])
+    with dicomweb_answering(wado, refuse=sr_of_refused) as url:
+        client = pacs.DicomWeb(url, retries=0)
+        summary = pacs.run(client, counted, "covidcxr")
+        assert (summary.images, summary.scored, summary.stored_sc, summary.stored_sr) == (3, 2, 2, 1)
+        assert (summary.failed_images, summary.failed_studies, sent) == (2, 1, [2])
+        assert summary.failures == {"retrieval: HTTP 404": 1, "storage: HTTP 409": 1}
+        assert all(pacs.hashed(f"{study}.1.{k}") in caplog.text for k in (1, 3)) and study not in caplog.text
+        wado[study][0] = wado_film(study, 1)  # delivered, and its SR stored, on the next pass
+        refused.clear()
+        summary = pacs.run(client, counted, "covidcxr")
+    assert (summary.already_done, summary.stored_sr, summary.failed_images, summary.failed_studies) == (1, 2, 0, 0)
+    assert sent == [2, 2]
+
+
+def test_a_scorer_answering_503_under_load_is_asked_again_and_never_counts_toward_giving_up(pipeline):
+    """A proxy's 503 to one scoring request (the scorer overloaded), then a probe it answered, failed the study and
+    counted toward GIVE_UP_AFTER: after three such passes an --interval worker gave up on the study until restarted,
+    though none of its images had been scored. The request is now sent again (--retries, with the PACS's backoff); a
+    study whose requests are still answered 503 fails the pass, counted by cause, but not toward giving up on it."""
+    score, _ = scorer(pipeline)
+    waits: list[float] = []
+    for busy, failed in (([503], 0), ([503] * 4, 1)):
+        failures: dict[str, int] = {}
+        with dicomweb_answering({UIDS[0]: wado_film(UIDS[0])}) as pacs_url, served_over_http(score, busy=busy) as url:
+            summary = pacs.run(pacs.DicomWeb(pacs_url, retries=2, backoff=0.5, sleep=waits.append),
+                               serving.remote_scorer(url, timeout=60), "covidcxr", failures=failures)
+        assert (summary.failed_studies, summary.stored_sr, failures) == (failed, 1 - failed, {})
+    assert summary.failures == {"scoring: the scorer answered HTTP 503": 1} and waits == [0.5, 0.5, 1.0]
 
 
 @pytest.mark.infra

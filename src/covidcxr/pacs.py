@@ -13,9 +13,10 @@ Both carry the source's patient and study modules (so they attach to the study) 
 SOP Instance UID and the model's name and version: a result that is already in the study is not made again, so a
 second run over the same studies adds nothing. The SC is stored before the SR: an image counts as done when its SR
 exists. An image the scorer failed on (an internal error, or out of memory) gets neither: its refusal says nothing of
-the image, and the next pass sends it again. Nothing identifying leaves this module except into the PACS: the log
-holds counts and hashed study ids, and errors name the PACS endpoint (never its credentials) and the operation, never
-a UID.
+the image, and the next pass sends it again. Each image's outcome is its own: one that fails a step (retrieval,
+scoring request, results, storage) costs the study's other images nothing, and is counted by step and cause. Nothing
+identifying leaves this module except into the PACS: the log holds counts and hashed study and image ids, and errors
+name the PACS endpoint (never its credentials) and the operation, never a UID.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ SCORER_DOWN = frozenset({502, 503, 504})
 #: failure. A retried answer's Retry-After (at most MAX_RETRY_AFTER seconds) replaces the backoff.
 RETRY_LATER = frozenset({408, 429})
 MAX_RETRY_AFTER = 120.0
+#: HTTP statuses that say "not now" (service unavailable, request timeout, too many requests): the request was not
+#: served. Scoring requests answered one are sent again as a PACS request is; a study that failed on one before its
+#: images were scored (while the PACS or the scorer answers a probe) fails the pass but does not count toward
+#: GIVE_UP_AFTER: an overload is no fault of the study, and nothing of it was scored (or logged) for nothing.
+NOT_NOW = frozenset({503, *RETRY_LATER})
 #: What highdicom raises for a header value it refuses (the text may quote the header: only the type is reported).
 BUILD_ERRORS = (ValueError, TypeError, AttributeError, KeyError)
 #: A study that failed this many consecutive passes of one worker process is not tried again by it (it stays counted
@@ -101,7 +107,13 @@ ORIENTATION_LETTERS = frozenset("APRLHF")
 
 
 class PacsError(RuntimeError):
-    """The PACS refused or failed a request; the message names the endpoint and the operation, never a UID."""
+    """The PACS refused or failed a request; the message names the endpoint and the operation, never a UID.
+    ``detail`` says what went wrong in a few words (``HTTP 404``, ``refused (failure reason 272)``), for counts by
+    cause; ``status`` is the HTTP status that was answered last, if any."""
+
+    def __init__(self, message: str, detail: str = "failed", status: int | None = None) -> None:
+        super().__init__(message)
+        self.detail, self.status = detail, status
 
 
 class PacsUnavailable(PacsError, ConnectionError):
@@ -118,7 +130,21 @@ class ModelChanged(RuntimeError):
 
 class StudyFailed(RuntimeError):
     """One study could not be completed this pass (the scorer failed on its images...): the message names the step and
-    the error type, never a UID or the text of an error (which may quote a header or a request)."""
+    the error type, never a UID or the text of an error (which may quote a header or a request). ``counts``: whether
+    the failure counts toward :data:`GIVE_UP_AFTER` (not when all it met was a "not now" before scoring)."""
+
+    def __init__(self, message: str, counts: bool = True) -> None:
+        super().__init__(message)
+        self.counts = counts
+
+
+class Unreachable(RuntimeError):
+    """The PACS or the scorer failed one of a study's requests and did not answer a probe right after: the pass stops.
+    ``error`` is what the request raised."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -152,9 +178,11 @@ class Summary:
     stored_sc: int = 0
     deferred: int = 0  # images the scorer failed on (serving.RETRY_REASONS): no result, sent again on the next pass
     unusable: int = 0  # images whose header no result can be made from: not scored, their study failed
+    failed_images: int = 0  # images a step failed on (retrieval, scoring request, results, storage): sent again
     failed_studies: int = 0
     skipped_studies: int = 0  # of failed_studies: not tried, having failed GIVE_UP_AFTER passes in a row
     reasons: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)  # failed_images by "step: cause" (no identifiers)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -185,7 +213,7 @@ class DicomWeb:
 
         quiet_third_party_loggers()
         self.endpoint = public_uri(url).rstrip("/")
-        self.retries, self.backoff, self._sleep = int(retries), float(backoff), sleep
+        self.retries, self.backoff, self.sleep = int(retries), float(backoff), sleep  # the scorer's requests' too
         self.page_size, self.max_pages = int(page_size), int(max_pages)
         session = requests.Session()
         session.trust_env = False  # no proxy, netrc or CA bundle picked up behind the caller's back
@@ -205,10 +233,10 @@ class DicomWeb:
         their Retry-After where they give one), else a typed error."""
         import requests
 
-        problem, wait = "", None
+        problem, status, wait = "", None, None
         for attempt in range(self.retries + 1):
             if attempt:
-                self._sleep(self.backoff * 2 ** (attempt - 1) if wait is None else wait)
+                self.sleep(self.backoff * 2 ** (attempt - 1) if wait is None else wait)
             wait = None
             try:
                 return fn(*args, **kwargs)
@@ -216,23 +244,24 @@ class DicomWeb:
                 status = err.response.status_code if err.response is not None else 0
                 if 0 < status < 500 and status not in RETRY_LATER:
                     hint = " (check $COVIDCXR_PACS_USER/$COVIDCXR_PACS_PASSWORD)" if status in (401, 403) else ""
-                    raise PacsError(f"DICOMweb server {self.endpoint} answered HTTP {status} to {operation}{hint}") \
-                        from None
+                    raise PacsError(f"DICOMweb server {self.endpoint} answered HTTP {status} to {operation}{hint}",
+                                    f"HTTP {status}", status) from None
                 wait = retry_after(err.response.headers.get("Retry-After")) if err.response is not None else None
                 problem = f"HTTP {status}"
             except requests.exceptions.SSLError:  # no retry mends an untrusted certificate
                 raise PacsError(f"DICOMweb server {self.endpoint}: its TLS certificate is not trusted ({operation}); "
-                                "give its certificate authority as --pacs-ca-bundle") from None
+                                "give its certificate authority as --pacs-ca-bundle", "untrusted certificate") \
+                    from None
             except requests.exceptions.JSONDecodeError:  # a login or error page answered 200, a cut-off answer
                 raise PacsError(f"DICOMweb server {self.endpoint} answered {operation} with no readable JSON (an "
-                                "HTML page, or an answer cut off?)") from None
+                                "HTML page, or an answer cut off?)", "no readable JSON") from None
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
-                problem = type(err).__name__  # an answer cut off mid-transfer (ChunkedEncodingError) included
+                problem, status = type(err).__name__, None  # an answer cut off mid-transfer (ChunkedEncodingError) too
             except requests.RequestException as err:  # too many redirects, an invalid URL...: no retry mends them
-                raise PacsError(f"DICOMweb server {self.endpoint}: {operation} failed ({type(err).__name__})") \
-                    from None
+                raise PacsError(f"DICOMweb server {self.endpoint}: {operation} failed ({type(err).__name__})",
+                                type(err).__name__) from None
         raise PacsUnavailable(f"DICOMweb server {self.endpoint} is unreachable or busy ({operation}): {problem} after "
-                              f"{self.retries + 1} attempts")
+                              f"{self.retries + 1} attempts", f"{problem} after {self.retries + 1} attempts", status)
 
     def answers(self) -> bool:
         """Whether the PACS answers a cheap QIDO-RS search now (one request, no retries): tells a failure of one
@@ -305,7 +334,7 @@ class DicomWeb:
             raise
         except Exception as err:  # noqa: BLE001 - a part that is not DICOM (InvalidDicomError), no part (IndexError)...
             raise PacsError(f"DICOMweb server {self.endpoint} answered {operation} with no readable DICOM instance "
-                            f"({type(err).__name__})") from None
+                            f"({type(err).__name__})", f"no readable DICOM ({type(err).__name__})") from None
 
     def store(self, datasets: Sequence[Dataset], study_uid: str) -> None:
         """STOW-RS the datasets into their study; raises PacsError when the PACS refuses any of them."""
@@ -316,7 +345,7 @@ class DicomWeb:
         if failed:
             reasons = sorted({str(item.get("FailureReason", "?")) for item in failed})
             raise PacsError(f"DICOMweb server {self.endpoint} refused {len(failed)} of {len(datasets)} instances "
-                            f"(failure reasons {', '.join(reasons)})")
+                            f"(failure reasons {', '.join(reasons)})", f"refused (failure reason {', '.join(reasons)})")
 
 
 def retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
@@ -538,22 +567,46 @@ def _meaning(reason: str) -> str:
 
 def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: ModelId, summary: Summary, *,
                   batch_size: int = 8) -> None:
-    """Score every CR/DX image of the study without a result of ``model`` and store its SR (and SC); an image the
-    scorer failed on (:data:`covidcxr.serving.RETRY_REASONS`) gets none, so that the next pass sends it again, and
-    an image whose header no result can be made from (:func:`header_problem`) is not scored: either fails the study
-    (:class:`StudyFailed`) once the others' results are stored."""
+    """Score every CR/DX image of the study without a result of ``model`` and store its SC (for a scored image) and
+    its SR, image by image. Each image's outcome is its own: one the PACS will not deliver, whose header no result can
+    be made from (:func:`header_problem`: not scored), that the scorer failed on (:data:`serving.RETRY_REASONS`, or
+    its request failed), whose results cannot be made or that the PACS will not store gets no result (at most its SC)
+    while the study's other images get theirs, is counted and its hashed id logged, and is tried again on the next
+    pass; once the others are done, it fails the study (:class:`StudyFailed`, with the counts by step and cause). A
+    PACS or scorer that fails a request and does not answer a probe right after raises :class:`Unreachable`."""
     pending, done = pending_sources(pacs.study_instances(study_uid), study_uid, model)
     summary.images += len(pending) + done
     summary.already_done += done
     series = series_uids(study_uid, model)
     deferred: dict[str, int] = {}
     unusable: dict[str, int] = {}  # images whose header no result can be made from, by the error's type
+    failed: dict[str, int] = {}  # images a step failed on, by "step: cause"
+    counts = False  # whether a failure counts toward GIVE_UP_AFTER: all but a "not now" before scoring
+
+    def fail(step: str, err: Exception, sources: Sequence[Source]) -> None:
+        """``sources`` get no result this pass: ``step`` failed with ``err``."""
+        nonlocal counts
+        if isinstance(err, (PacsUnavailable, serving.ScoringError, OSError)) and not still_answers(pacs, score, err):
+            raise Unreachable(err)
+        why = f"{step}: {cause(err)}"
+        counts = counts or step not in ("retrieval", "scoring") or getattr(err, "status", None) not in NOT_NOW
+        failed[why] = failed.get(why, 0) + len(sources)
+        summary.failures[why] = summary.failures.get(why, 0) + len(sources)
+        summary.failed_images += len(sources)
+        for source in sources:
+            log.warning("study %s: image %s gets no result this pass (%s)", hashed(study_uid), hashed(source.sop_uid),
+                        why)
+
     for start in range(0, len(pending), batch_size):
         usable: list[tuple[Source, Dataset]] = []  # (source, header) of those to score
         files: list[str] = []
         for source in pending[start:start + batch_size]:
-            dataset = pacs.retrieve(source)
-            header = header_only(dataset)
+            try:
+                dataset = pacs.retrieve(source)
+                header, file = header_only(dataset), file_base64(dataset)
+            except (PacsError, *BUILD_ERRORS) as err:
+                fail("retrieval", err, [source])
+                continue
             problem = header_problem(header, model)
             if problem is not None:
                 unusable[problem] = unusable.get(problem, 0) + 1
@@ -561,17 +614,21 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
                             hashed(study_uid), hashed(source.sop_uid), problem)
                 continue
             usable.append((source, header))
-            files.append(file_base64(dataset))
+            files.append(file)
         if not usable:
             continue
-        entries = score_files(score, files)
-        del files
+        try:
+            entries = score_files(score, files)
+        except (StudyFailed, serving.ScoringError, OSError) as err:  # the request's: its images', not the study's
+            fail("scoring", err, [source for source, _ in usable])
+            continue
+        finally:
+            del files
         answered = {(str(e.get("model_name") or model.name), str(e["model_version"])) for e in entries}
         if answered != {(model.name, model.version)}:
             raise ModelChanged(f"the scorer answered with {', '.join(f'{n} v{v}' for n, v in sorted(answered))}, "
                                f"expected {model.name} v{model.version}: the served model changed during the run; "
                                "run again")
-        srs, scs = [], []
         for (source, header), entry in zip(usable, entries):
             uids, number = result_uids(source.sop_uid, model), source.number
             if not entry["accepted"] and entry.get("reason") in serving.RETRY_REASONS:  # not the image's failure
@@ -584,15 +641,21 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
                 reason = entry.get("reason") or "unknown"
                 summary.reasons[reason] = summary.reasons.get(reason, 0) + 1
             try:
+                sc = None
                 if entry["accepted"] and entry.get(serving.GRADCAM_FIELD):
-                    scs.append(build_sc(header, entry[serving.GRADCAM_FIELD], model, series["sc"], uids["sc"], number))
-                srs.append(build_sr(header, entry, model, series["sr"], uids["sr"], number))
+                    sc = build_sc(header, entry[serving.GRADCAM_FIELD], model, series["sc"], uids["sc"], number)
+                sr = build_sr(header, entry, model, series["sr"], uids["sr"], number)
             except BUILD_ERRORS as err:  # what header_problem did not foresee; the error's text may quote the header
-                raise StudyFailed(f"its results cannot be made ({type(err).__name__}), after scoring") from None
-        pacs.store(scs, study_uid)  # overlays first: an image is done once its SR is stored
-        summary.stored_sc += len(scs)
-        pacs.store(srs, study_uid)
-        summary.stored_sr += len(srs)
+                fail("results", err, [source])
+                continue
+            try:
+                if sc is not None:  # the overlay first: an image is done once its SR is stored
+                    pacs.store([sc], study_uid)
+                    summary.stored_sc += 1
+                pacs.store([sr], study_uid)
+                summary.stored_sr += 1
+            except PacsError as err:
+                fail("storage", err, [source])
     log.log(logging.INFO if pending else logging.DEBUG, "study %s: %d CR/DX image(s), %d already done, %d processed",
             hashed(study_uid), len(pending) + done, done, len(pending))
     summary.deferred += sum(deferred.values())
@@ -604,8 +667,11 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
     if unusable:
         why.append(f"no result can be made from the header of {sum(unusable.values())} image(s) "
                    f"({', '.join(f'{r} {n}' for r, n in sorted(unusable.items()))}), found before scoring them")
+    if failed:
+        why.append(f"{sum(failed.values())} image(s) got no result this pass "
+                   f"({', '.join(f'{r} {n}' for r, n in sorted(failed.items()))})")
     if why:
-        raise StudyFailed("; ".join(why))
+        raise StudyFailed("; ".join(why), counts=counts or bool(deferred or unusable))
 
 
 def header_problem(header: Dataset, model: ModelId) -> str | None:
@@ -624,9 +690,9 @@ def header_problem(header: Dataset, model: ModelId) -> str | None:
 
 def score_files(score: serving.Scorer, files: list[str]) -> list[dict]:
     """One entry per file (base64 DICOM) from the scorer, with Grad-CAM overlays. The scorer failing on them (an error
-    answer, an in-process ServingError, an answer that is not one entry per file) is their study's failure,
-    :class:`StudyFailed`; an unreachable scorer (OSError, or a proxy's 502/503/504) propagates: :func:`run` probes
-    the scorer to tell whether it stops the pass."""
+    answer, an in-process ServingError, an answer that is not one entry per file) is :class:`StudyFailed`, which
+    :func:`process_study` counts against the request's images; an unreachable scorer (OSError, or a proxy's
+    502/503/504) propagates: :func:`process_study` probes the scorer to tell whether it stops the pass."""
     try:
         entries = score(files, {"explain": True})
     except serving.ScoringError as err:
@@ -651,17 +717,19 @@ def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.dat
     version the model behind ``score`` reports (``model_name``: the name of a model that does not report its own, one
     served before entries carried it).
 
-    Requests hold at most ``batch_size`` images, and no more than the model takes (its ``max_images``). A study whose
-    images the PACS will not deliver, the scorer fails on, or whose results the PACS refuses is counted in
-    ``failed_studies`` and left for the next pass; so is one whose request the PACS or the scorer did not answer (5xx,
-    timeout) when it answers a search or a probe right after. A PACS or scorer that does not answer then (the error
-    names the hashed study), a model that changed mid-pass, or a model version other than the one ``site`` (the
-    thresholds ``score`` applies) was chosen on stops the pass, the last before any study. ``failures`` (hashed study
-    id: consecutive failed passes) carries over from the passes before in this process, and is updated: a study at
-    :data:`GIVE_UP_AFTER` is counted and logged, not tried.
+    Requests hold at most ``batch_size`` images, and no more than the model takes (its ``max_images``); one the scorer
+    answers "not now" (:data:`NOT_NOW`) is sent again as the PACS's requests are (``pacs.retries``, ``pacs.backoff``).
+    Each image's outcome is its own (:func:`process_study`): a study with an image that got no result is counted in
+    ``failed_studies`` once its other images' results are stored, and left for the next pass; so is one whose instance
+    search the PACS did not answer (5xx, timeout) when it answers a search right after. A PACS or scorer that does not
+    answer then (the error names the hashed study), a model that changed mid-pass, or a model version other than the
+    one ``site`` (the thresholds ``score`` applies) was chosen on stops the pass, the last before any study.
+    ``failures`` (hashed study id: consecutive failed passes) carries over from the passes before in this process, and
+    is updated: a study at :data:`GIVE_UP_AFTER` is counted and logged, not tried.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    score = retried(score, pacs.retries, pacs.backoff, pacs.sleep)
     about = serving.probe(score)
     if site is not None:  # the name the model answers with, not the fallback below: unknown is refused, as in predict
         site.check_model(about["model_name"], about["model_version"])
@@ -673,11 +741,21 @@ def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.dat
     for key in set(failures) - {hashed(uid) for uid in studies}:  # out of the window now: forgotten
         del failures[key]
 
-    def failed(key: str, why: str) -> None:
+    def failed(key: str, why: str, counts: bool = True) -> None:
         summary.failed_studies += 1
+        if not counts:  # a "not now" before scoring: no step toward giving up, nor back from it
+            log.error("study %s left for the next pass (not counted toward giving up on it): %s", key, why)
+            return
         failures[key] = failures.get(key, 0) + 1
         last = " (its last try by this worker: restart it to try again)" if failures[key] >= GIVE_UP_AFTER else ""
         log.error("study %s left for the next pass, failed %d pass(es) in a row%s: %s", key, failures[key], last, why)
+
+    def stop(key: str, err: Exception) -> None:
+        log.error("pass over %s stopped at study %s (%s), counts so far: %s", pacs.endpoint, key, cause(err),
+                  summary.to_dict())
+        if isinstance(err, PacsUnavailable):
+            raise PacsUnavailable(f"{err} (at study {key})", err.detail, err.status) from None
+        raise err
 
     for study_uid in studies:
         key = hashed(study_uid)
@@ -689,19 +767,17 @@ def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.dat
             continue
         try:
             process_study(pacs, study_uid, score, model, summary, batch_size=batch_size)
-        except (PacsUnavailable, serving.ScoringError, OSError) as err:  # the PACS's or the scorer's, or the study's?
-            why = unavailable(err)
-            if not (pacs.answers() if isinstance(err, PacsUnavailable) else scorer_answers(score)):
-                log.error("pass over %s stopped at study %s (%s), counts so far: %s", pacs.endpoint, key, why,
-                          summary.to_dict())
-                if isinstance(err, PacsUnavailable):
-                    raise PacsUnavailable(f"{err} (at study {key})") from None
-                raise
-            failed(key, f"{why}, while the {'PACS' if isinstance(err, PacsUnavailable) else 'scorer'} answers "
-                        "other requests")
-        except (PacsError, StudyFailed) as err:
+        except Unreachable as gone:
+            stop(key, gone.error)
+        except PacsUnavailable as err:  # its instance search: the PACS's, or the study's?
+            if not still_answers(pacs, score, err):
+                stop(key, err)
+            failed(key, f"{err}, while the PACS answers other requests", counts=err.status not in NOT_NOW)
+        except StudyFailed as err:
+            failed(key, str(err), counts=err.counts)
+        except PacsError as err:
             failed(key, str(err))
-        except BUILD_ERRORS as err:  # a header (or QIDO answer) the worker cannot use; its text may quote it
+        except BUILD_ERRORS as err:  # a QIDO answer the worker cannot use; its text may quote it
             failed(key, f"{type(err).__name__} (its text withheld: it may quote a header)")
         else:
             failures.pop(key, None)
@@ -709,13 +785,41 @@ def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.dat
     return summary
 
 
-def unavailable(err: Exception) -> str:
-    """What an unreachable-looking PACS or scorer did, without its text (a server's may quote the request)."""
-    if isinstance(err, PacsUnavailable):
-        return str(err)
+def retried(score: serving.Scorer, retries: int, backoff: float,
+            sleep: Callable[[float], None] = time.sleep) -> serving.Scorer:
+    """``score``, whose request answered "not now" (:data:`NOT_NOW`: by the server or a proxy before it, overloaded;
+    nothing was scored) is sent again up to ``retries`` times, ``backoff`` seconds later, doubling each time: one 503
+    under load no longer fails the images of the request."""
+
+    def score_again(images: list[str], params: dict) -> list[dict]:
+        for attempt in range(retries + 1):
+            if attempt:
+                sleep(backoff * 2 ** (attempt - 1))
+            try:
+                return score(images, params)
+            except serving.ScoringError as err:
+                if err.status not in NOT_NOW or attempt == retries:
+                    raise
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    return score_again
+
+
+def cause(err: Exception) -> str:
+    """What went wrong, in a few words and without its text (a server's may quote the request, an error's a
+    header)."""
+    if isinstance(err, PacsError):
+        return err.detail
     if isinstance(err, serving.ScoringError):
         return f"the scorer answered HTTP {err.status}"
-    return f"the scorer failed ({type(err).__name__})"
+    if isinstance(err, StudyFailed):
+        return str(err)
+    return type(err).__name__
+
+
+def still_answers(pacs: DicomWeb, score: serving.Scorer, err: Exception) -> bool:
+    """Whether the one that failed with ``err`` (the PACS for a PacsError, else the scorer) answers a probe now."""
+    return pacs.answers() if isinstance(err, PacsError) else scorer_answers(score)
 
 
 def scorer_answers(score: serving.Scorer) -> bool:

@@ -141,12 +141,16 @@ SHARED_SETUPS = {
 LONGEST_FIRST = ("tests/pipelines/test_repro.py", "tests/test_pacs.py", "tests/pipelines/test_serve.py")
 
 
+def scope_of(nodeid: str) -> str:
+    """The work unit of a test under pytest-xdist: its group of :data:`SHARED_SETUPS`, else its file."""
+    path = nodeid.split("::", 1)[0]
+    return next((group for prefix, group in SHARED_SETUPS.items() if path.startswith(prefix)), path)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``--dist loadgroup``), every test goes with the other tests of its file (module fixtures:
-    a trained bundle, a private Orthanc, the end-to-end project are built once), and the files of
-    :data:`SHARED_SETUPS` together; the files of :data:`LONGEST_FIRST` go first (a stable sort: the order inside a
-    file is kept). Without xdist nothing changes."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the workers collect (and must agree on the order); else no-op
+    """Under pytest-xdist, the files of :data:`LONGEST_FIRST` go first (a stable sort: the order inside a file is
+    kept); the workers collect, and must agree on the order. Without xdist nothing changes."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
     root = Path(__file__).resolve().parent.parent
 
@@ -154,11 +158,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return Path(str(item.path)).resolve().relative_to(root).as_posix()
 
     items.sort(key=lambda item: LONGEST_FIRST.index(path(item)) if path(item) in LONGEST_FIRST else len(LONGEST_FIRST))
-    for item in items:
-        if any(m.name == "xdist_group" for m in item.iter_markers()):
-            continue
-        group = next((g for prefix, g in SHARED_SETUPS.items() if path(item).startswith(prefix)), path(item))
-        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Under ``--dist loadgroup`` (the Makefile's), a worker runs a whole :func:`scope_of` unit: every test of a file
+    (module fixtures: a trained bundle, a private Orthanc, the end-to-end project are built once) and the files of
+    :data:`SHARED_SETUPS` together, handed out in collection order (:data:`LONGEST_FIRST` first). xdist's own
+    loadgroup reads ``xdist_group`` marks through a node id suffix that pytest 9 no longer takes (``item._nodeid``),
+    so it scheduled test by test and built such set-ups once per worker."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByScope(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scope_of(nodeid)
+
+    config.option.loadscopereorder = False  # collection order, not the units' sizes: the long files start first
+    return ByScope(config, log)
 
 
 @pytest.fixture(scope="session")

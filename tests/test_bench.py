@@ -188,12 +188,12 @@ def test_the_serving_benchmarks_server_never_writes_the_callers_prediction_log(t
     assert env[predlog.ENV] == "none"
 
 
-def test_serving_is_skipped_only_for_a_model_the_registry_lacks(tmp_path: Path, monkeypatch):
+def test_serving_is_skipped_only_for_a_model_the_registry_lacks(mlflow_db: Path, monkeypatch):
     from mlflow.exceptions import MlflowException
 
     from bench import serving
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_db}")  # empty, already migrated
     result = serving.run("models:/absent@champion", smoke=True)
     assert "not in the registry" in result["skipped"] and "dvc repro register" in result["skipped"]
     with pytest.raises(MlflowException, match="Not a proper models"):  # a failure: `python -m bench` says failed:

@@ -14,8 +14,8 @@ from covidcxr import cli
 
 
 @pytest.fixture
-def registry(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def registry(mlflow_db, monkeypatch):
+    uri = f"sqlite:///{mlflow_db}"  # a copy of a migrated empty store: migrating a new one costs over a CPU-second
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     yield mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     mlflow.set_tracking_uri(None)
@@ -93,7 +93,8 @@ def _ood_site(tmp_path: Path):
     return pipeline, score, site, table, images, everything
 
 
-def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distribution(tmp_path, monkeypatch, capsys):
+def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distribution(tmp_path, monkeypatch, capsys,
+                                                                                    mlflow_db):
     """Real serving code (tiny untrained networks) whose OOD check refuses half of a site's films: without --admit
     the threshold cannot be chosen (too few films answered); with it, every film joins and the site's OOD threshold is
     the highest OOD score among them, which a request then uses to answer them all."""
@@ -142,11 +143,11 @@ def test_calibrate_site_admits_the_films_the_model_refuses_as_out_of_distributio
     site_ood = pytest.approx(out["ood_threshold"], rel=1e-4)
     assert [float(r[header.index("ood_threshold")]) for r in rows] == [site_ood] * 24
     # --log: the calibration as an MLflow run; the bundle's version ("unregistered") is in no registry: no tags
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_db}")  # an empty store, already migrated
     assert cli.main(["calibrate-site", str(table), "--min-sensitivity", "0.9", "--admit", "--log", "ward-7"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out) == out and "is not in the registry: no version tags" in captured.err
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{mlflow_db}")
     [run] = mlflow.search_runs(experiment_names=[sites.EXPERIMENT], output_format="list")
     assert run.data.tags["site"] == "ward-7" and run.data.params["objective"] == "sensitivity"
     metrics = run.data.metrics

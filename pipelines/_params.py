@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 SOURCES = ("bimcv", "cohen", "demo", "generic", "jsrt", "kermany", "montgomery", "nih", "padchest", "shenzhen")
 MANIFEST_COLUMNS = ("image_id", "path", "source", "patient_id", "projection", "view_position", "label", "finding",
                     "site", "sex", "age", "width", "height", "photometric", "bits_stored", "sha256", "mask_path",
-                    "modality", "header_view_position")
+                    "modality", "header_view_position", "pixel_sha256")
 Variant = Literal["c", "d", "e"]
 Backbone = Literal["vgg16", "vgg19"]
 Strategy = Literal["default", "mirrored", "multi-worker"]

@@ -1,9 +1,12 @@
 """Stage `ingest`: every configured source -> one manifest; rejects and duplicates reported, never dropped silently.
 
-A byte-identical file listed twice (by two sources, or by one under two patient ids) is kept once, the first copy in
-source order; the patient keys that share such a file become one (:func:`covidcxr.manifest.merge_patients`), so that
-the split keeps that person's images together, and copies whose labels disagree are counted (``label_conflicts``)
-and warned about: the kept copy's label is the one the manifest holds. An image a source lists but that is missing on
+A radiograph listed twice (by two sources, or by one under two patient ids), as a byte-identical file or as two files
+that decode to identical pixels (a PNG and a DICOM of one film), is kept once, the first copy in source order; the
+patient keys that share such an image become one (:func:`covidcxr.manifest.merge_patients`), so that the split keeps
+that person's images together, and copies whose labels disagree are counted (``label_conflicts``) and warned about:
+the kept copy's label is the one the manifest holds. Films of different patients whose thumbnails are nearly identical
+(a lossy re-encode or a rescaled copy, :func:`covidcxr.manifest.near_duplicates`) are listed for a person to decide,
+never merged: a false merge would make two patients one. An image a source lists but that is missing on
 disk (a source loaded with ``on_missing: skip``) is a reject of reason ``missing`` and is counted as ``missing``; it
 is left out of ``reject_fraction`` (rejected over the listed images found on disk), since skipping the files not
 there is what that option asks for (part of an archive unpacked), while an unreadable file is a problem of the data.
@@ -22,6 +25,7 @@ from pipelines import _common, _tracking
 MANIFEST = _common.MANIFEST
 REJECTS = "reports/ingest/rejects.csv"
 DUPLICATES = "reports/ingest/duplicates.csv"
+NEAR_DUPLICATES = "reports/ingest/near_duplicates.csv"
 SUMMARY = "reports/ingest/summary.json"
 SALT_ENV = "COVIDCXR_PSEUDONYM_SALT"
 #: Adapters of a site's own data: their patient ids are not public, unlike those of the public datasets' adapters.
@@ -88,14 +92,16 @@ def run(p: dict, experiment: str = "demo") -> dict:
     check_unique_ids(combined)
     listed = manifest.conform(combined.drop(columns="_root"))
 
-    described, rejects = manifest.describe_images(
+    described, rejects, thumbnails = manifest.describe_images(
         listed, max_pixels=p["max_pixels"], workers=int(p["workers"] or os.cpu_count() or 1),
-        progress=_common.show_progress(),
+        progress=_common.show_progress(), thumbnails=True,
     )
     described, patients_merged = manifest.merge_patients(described)
     duplicates = manifest.find_duplicates(described)
     label_conflicts = int(duplicates["same_label"].eq(False).sum())
-    result = described[~described["image_id"].isin(duplicates["image_id"])].reset_index(drop=True)
+    kept = ~described["image_id"].isin(duplicates["image_id"]).to_numpy(dtype=bool)
+    result = described[kept].reset_index(drop=True)
+    near = manifest.near_duplicates(result, thumbnails[kept])
     if p["pseudonymize"]:
         result = pseudonymize_patients(result, salt)
     if p["max_age"] is not None:  # ages above the cap are identifying (HIPAA safe harbour: 90+)
@@ -111,6 +117,8 @@ def run(p: dict, experiment: str = "demo") -> dict:
         "rejected": rejected,
         "masks_rejected": int((rejects["kind"] == "mask").sum()),
         "duplicates": len(duplicates),
+        "pixel_duplicates": int((duplicates["match"] == "pixels").sum()),
+        "near_duplicates": len(near),
         "label_conflicts": label_conflicts,
         "patients_merged": patients_merged,
         "reject_fraction": round(rejected / max(len(listed), 1), 6),  # of the images found: not the missing ones
@@ -123,14 +131,18 @@ def run(p: dict, experiment: str = "demo") -> dict:
     _common.write_csv(MANIFEST, result)
     _common.write_csv(REJECTS, rejects)
     _common.write_csv(DUPLICATES, duplicates)
+    _common.write_csv(NEAR_DUPLICATES, near)
     _common.write_json(SUMMARY, summary)
     for row in rejects.itertuples():
         log.warning("rejected %s of %s (%s): %s", row.kind, row.image_id, row.reason, row.problem)
     log.info("manifest: %d images of %d patients; %d images and %d masks rejected, %d duplicates, %d missing on disk",
              len(result), summary["patients"], rejected, summary["masks_rejected"], len(duplicates), n_missing)
     if patients_merged:
-        log.warning("%d patient key(s) merged into another: they share a byte-identical image (%s)", patients_merged,
-                    DUPLICATES)
+        log.warning("%d patient key(s) merged into another: they share an image, byte- or pixel-identical (%s)",
+                    patients_merged, DUPLICATES)
+    if len(near):
+        log.warning("%d pair(s) of images of different patients look like one film re-encoded or rescaled, not "
+                    "merged: see %s, and declare each true pair one patient in its source", len(near), NEAR_DUPLICATES)
     if label_conflicts:
         log.warning("%d duplicate image(s) carry another label than the copy kept, whose label the manifest holds: "
                     "see same_label in %s", label_conflicts, DUPLICATES)
@@ -194,6 +206,8 @@ def log_to_mlflow(summary: dict, rejects: pd.DataFrame, roots: dict[str, str] | 
                         "n_accepted": summary["accepted"], "n_rejected": summary["rejected"],
                         "n_masks_rejected": summary["masks_rejected"],
                         "n_duplicates": summary["duplicates"], "n_label_conflicts": summary["label_conflicts"],
+                        "n_pixel_duplicates": summary["pixel_duplicates"],
+                        "n_near_duplicates": summary["near_duplicates"],
                         "reject_fraction": summary["reject_fraction"]})
     mlflow.log_text(mlflow_rejects(rejects, roots).to_csv(index=False, lineterminator="\n"), "ingest/rejects.csv")
     mlflow.log_dict(summary, "ingest/summary.json")

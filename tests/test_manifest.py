@@ -6,7 +6,7 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
-from covidcxr import datasets, manifest, projection
+from covidcxr import datasets, manifest, phantoms, projection
 
 
 def write_png(path, value_seed, size=(40, 30)):
@@ -176,3 +176,120 @@ def test_decode_hints_give_each_row_its_photometric_and_bits_for_read_image(tmp_
     assert shown[:, 0].mean() > shown[:, -1].mean()  # inverted for display, as in the cache
     assert as_stored[:, 0].mean() < as_stored[:, -1].mean()
     assert io.read_image(str(tmp_path / "m1.png"), photometric=photometric[1], bits_stored=bits[1])[0][0, 0] == 0
+
+
+def film(seed: int, size: int = 192) -> np.ndarray:
+    """An 8-bit chest radiograph phantom: one film."""
+    image, _ = phantoms.chest_phantom(np.random.default_rng(seed), size, projection="frontal", covid=False,
+                                      site=phantoms.SiteStyle())
+    return np.round(image * 255).astype(np.uint8)
+
+
+def write_dicom_of(path, pixels: np.ndarray, photometric: str = "MONOCHROME2") -> str:
+    """An 8-bit DICOM of ``pixels`` as displayed (air dark): MONOCHROME1 stores them inverted."""
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.5"
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = SecondaryCaptureImageStorage, "1.2.3.5", "CR"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = *pixels.shape, 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = (255 - pixels if photometric == "MONOCHROME1" else pixels).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return str(path)
+
+
+def test_one_film_in_files_of_other_bytes_is_one_image_of_one_patient(tmp_path):
+    """Cohen holds one radiograph as two JPEGs of different bytes under two patient ids: the byte hash saw two films,
+    so the patients stayed two and the split could put one copy in train and the other in test. The decoded pixels'
+    digest makes a PNG saved twice (other compression), and a DICOM of the same pixels, one image."""
+    pixels = film(3)
+    Image.fromarray(pixels).save(tmp_path / "a.png", compress_level=1)
+    Image.fromarray(pixels).save(tmp_path / "b.png", compress_level=9)
+    df = listed([row("a", str(tmp_path / "a.png"), patient_id="t:1"),
+                 row("b", str(tmp_path / "b.png"), patient_id="t:2", label="covid"),
+                 row("c", write_dicom_of(tmp_path / "c.dcm", pixels, "MONOCHROME1"), patient_id="t:3"),
+                 row("d", write_png(tmp_path / "d.png", 9), patient_id="t:4"),
+                 row("e", write_dicom_of(tmp_path / "e.dcm", pixels), patient_id="t:5")])
+    described, rejects = manifest.describe_images(df)
+    assert rejects.empty
+    assert described["sha256"].is_unique  # five files, no two of the same bytes
+    assert described["pixel_sha256"].str.fullmatch("[0-9a-f]{64}").all()
+    assert described["pixel_sha256"].nunique() == 2  # a, b, c and e: one film, after MONOCHROME1's inversion
+
+    merged, n = manifest.merge_patients(described)
+    assert n == 3 and list(merged["patient_id"]) == ["t:1", "t:1", "t:1", "t:4", "t:1"]
+    dup = manifest.find_duplicates(merged)
+    assert list(dup.columns) == manifest.DUPLICATE_COLUMNS
+    assert list(dup["image_id"]) == ["b", "c", "e"] and set(dup["kept_image_id"]) == {"a"}
+    assert list(dup["match"]) == ["pixels"] * 3 and list(dup["same_label"]) == [False, True, True]
+
+
+def test_byte_and_pixel_copies_are_linked_through_each_other():
+    # a and b: one file; b and c: one film in two files; so a, b and c are one radiograph, kept as a
+    df = listed([row(i, f"{i}.png", patient_id=f"t:{i}", sha256=sha, pixel_sha256=pix)
+                 for i, sha, pix in [("a", "h1", "p1"), ("b", "h1", "p2"), ("c", "h3", "p2"), ("d", "h4", pd.NA),
+                                     ("e", "h5", pd.NA)]])
+    merged, n = manifest.merge_patients(df)
+    assert n == 2 and list(merged["patient_id"]) == ["t:a"] * 3 + ["t:d", "t:e"]  # no digest links nothing
+    dup = manifest.find_duplicates(df)
+    assert list(zip(dup["image_id"], dup["kept_image_id"], dup["match"])) == [("b", "a", "bytes"),
+                                                                              ("c", "a", "pixels")]
+
+
+def test_a_lossy_or_rescaled_copy_under_another_patient_is_listed_not_merged(tmp_path):
+    pixels, other = film(3), film(4)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    Image.fromarray(pixels).save(tmp_path / "lossy.jpg", quality=40)
+    Image.fromarray(pixels).resize((120, 120), Image.Resampling.BICUBIC).save(tmp_path / "small.jpg", quality=75)
+    Image.fromarray(other).save(tmp_path / "other.png")
+    df = listed([row("a", str(tmp_path / "a.png"), patient_id="t:1"),
+                 row("lossy", str(tmp_path / "lossy.jpg"), patient_id="t:2", label="covid"),
+                 row("small", str(tmp_path / "small.jpg"), patient_id="t:1"),  # the same patient: no leak
+                 row("other", str(tmp_path / "other.png"), patient_id="t:3")])
+    described, rejects, thumbnails = manifest.describe_images(df, thumbnails=True)
+    assert rejects.empty and thumbnails.shape == (4, manifest.THUMBNAIL_SIZE, manifest.THUMBNAIL_SIZE)
+    assert described["pixel_sha256"].is_unique  # not the same pixels: no merge
+    assert manifest.merge_patients(described) == (described, 0)
+
+    near = manifest.near_duplicates(described, thumbnails)
+    assert list(near.columns) == manifest.NEAR_DUPLICATE_COLUMNS
+    assert list(zip(near["image_id"], near["other_image_id"])) == [("a", "lossy"), ("lossy", "small")]
+    assert (near["distance"] < manifest.NEAR_DUPLICATE_DISTANCE).all() and list(near["same_label"]) == [False, False]
+    # two different films stay far apart: the other patient's is in no pair, even at twice the distance
+    wide = manifest.near_duplicates(described, thumbnails, max_distance=2 * manifest.NEAR_DUPLICATE_DISTANCE)
+    assert "other" not in set(wide["image_id"]) | set(wide["other_image_id"])
+
+
+def test_near_duplicates_sweep_finds_what_comparing_every_pair_finds():
+    rng = np.random.default_rng(0)
+    n = 700  # several blocks of the sweep
+    thumbs = rng.random((n, 8, 8), dtype=np.float32)
+    for i in range(0, 200, 2):  # planted pairs at distances around the threshold
+        thumbs[i + 1] = np.clip(thumbs[i] + rng.normal(0, 0.02 + i / 200 * 0.02, (8, 8)), 0, 1)
+    patients = [f"t:{i}" for i in range(n)]
+    patients[1] = patients[0]  # one planted pair of one patient: not listed
+    df = listed([row(f"i{i:03d}", f"{i}.png", patient_id=patients[i]) for i in range(n)])
+    flat = thumbs.reshape(n, -1).astype(np.float64)
+    every = np.sqrt(((flat[:, None] - flat[None]) ** 2).mean(axis=2))
+    expected = {(f"i{i:03d}", f"i{j:03d}") for i in range(n) for j in range(i + 1, n)
+                if every[i, j] <= 0.03 and patients[i] != patients[j]}
+    assert every[0, 1] <= 0.03 and 0 < len(expected) < 99  # some planted pairs are closer, some farther
+    found = manifest.near_duplicates(df, thumbs, max_distance=0.03)
+    assert expected and set(zip(found["image_id"], found["other_image_id"])) == expected
+    assert found["distance"].is_monotonic_increasing
+    assert manifest.near_duplicates(df.head(0), thumbs[:0]).empty
+
+
+def test_real_cohen_film_under_two_patient_ids_is_merged(real_data):
+    """Two Cohen patient ids (one copy listed PA, the other AP Supine) hold one film as two JPEGs of other bytes."""
+    cohen = datasets.load("cohen", real_data / "cohen")
+    names = ["353889E0-A1E8-4F9E-A0B8-F24F36BCFBFB.jpeg", "case_72_RX-TORACE1.jpg"]
+    both = cohen[cohen["path"].map(lambda p: p.rsplit("/", 1)[-1]).isin(names)].reset_index(drop=True)
+    assert both["patient_id"].nunique() == 2
+    described, _ = manifest.describe_images(both)
+    assert described["sha256"].nunique() == 2 and described["pixel_sha256"].nunique() == 1
+    merged, n = manifest.merge_patients(described)
+    assert n == 1 and merged["patient_id"].nunique() == 1
+    assert list(manifest.find_duplicates(merged)["match"]) == ["pixels"]

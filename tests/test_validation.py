@@ -45,6 +45,7 @@ def make_manifest(n: int = N) -> pd.DataFrame:
                 "sha256": [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)],
                 "mask_path": None,
                 "modality": None,
+                "pixel_sha256": [hashlib.sha256(f"pixels {i}".encode()).hexdigest() for i in range(n)],
             }
         )
     )
@@ -172,7 +173,7 @@ def test_missing_suite_file_raises(tmp_path: Path) -> None:
 def test_valid_manifest_passes_all_suites(valid_results: list[validation.SuiteResult]) -> None:
     assert [r.name for r in valid_results] == ["image_metadata", "projection_labels"]
     assert all(r.success for r in valid_results), validation.results_to_json(valid_results)
-    assert sum(len(r.expectations) for r in valid_results) == 27
+    assert sum(len(r.expectations) for r in valid_results) == 29
     validation.raise_for_critical(valid_results)
 
 
@@ -189,6 +190,11 @@ def _duplicate_sha(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def _duplicate_pixels(df: pd.DataFrame) -> pd.DataFrame:  # two files of other bytes, one film
+    df.loc[3, "pixel_sha256"] = df.loc[4, "pixel_sha256"]
+    return df
+
+
 META, VIEWS = "image_metadata", "projection_labels"
 UNIQUE, NOT_NULL = "expect_column_values_to_be_unique", "expect_column_values_to_not_be_null"
 BETWEEN, IN_SET = "expect_column_values_to_be_between", "expect_column_values_to_be_in_set"
@@ -198,6 +204,8 @@ COLUMN_SET = "expect_table_columns_to_match_set"
 # (name, suite, edit, failing expectation, example image_id or a word the message must hold)
 BROKEN = [
     ("duplicate-sha256", META, _duplicate_sha, f"{UNIQUE}(sha256)", "demo/0003"),
+    ("same-pixels", META, _duplicate_pixels, f"{UNIQUE}(pixel_sha256)", "demo/0003"),
+    ("null-pixel-sha256", META, _set(2, "pixel_sha256", None), f"{NOT_NULL}(pixel_sha256)", "demo/0002"),
     ("null-patient", META, _set(1, "patient_id", None), f"{NOT_NULL}(patient_id)", "demo/0001"),
     ("width-5", META, _set(5, "width", 5), f"{BETWEEN}(width)", "demo/0005"),
     ("sideways", META, _set(2, "projection", "sideways"), f"{IN_SET}(projection)", "demo/0002"),

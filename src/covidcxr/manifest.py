@@ -1,13 +1,16 @@
 """The manifest: one row per image, the single contract between dataset adapters and the rest.
 
 Every adapter in :mod:`covidcxr.datasets` returns a frame with exactly these columns; image facts
-(size, photometric, bits, hash) are filled in by :func:`covidcxr.manifest.describe_images`.
+(size, photometric, bits, hashes) are filled in by :func:`covidcxr.manifest.describe_images`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from typing import Literal, overload
 
+import numpy as np
 import pandas as pd
 
 # Column name -> pandas dtype. Extend, do not fork: new columns go at the end.
@@ -31,6 +34,7 @@ SCHEMA: dict[str, str] = {
     "mask_path": "string",  # lung mask file(s) when the source has them, else <NA>; left;right files joined by ";"
     "modality": "string",  # CR | DX | ... for DICOM, else <NA>
     "header_view_position": "string",  # the file's own DICOM View Position (0018,5101), never metadata; else <NA>
+    "pixel_sha256": "string",  # hash of the decoded pixels (pixel_digest): one film in two encodings has one
 }
 
 COLUMNS: list[str] = list(SCHEMA)
@@ -117,28 +121,50 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
 # --- filling image facts --------------------------------------------------------------------------------------------
 
 REJECT_COLUMNS: list[str] = ["image_id", "path", "source", "kind", "reason", "problem"]  # kind: image | mask
-DUPLICATE_COLUMNS: list[str] = ["image_id", "kept_image_id", "sha256", "same_label"]
+# match: "bytes" (the kept copy's file, byte for byte) or "pixels" (another file that decodes to the same pixels)
+DUPLICATE_COLUMNS: list[str] = ["image_id", "kept_image_id", "sha256", "same_label", "match"]
+NEAR_DUPLICATE_COLUMNS: list[str] = ["image_id", "other_image_id", "distance", "same_label"]
+
+#: Side of the thumbnails near-duplicates are compared by: the working image (resize, min-max) at this size.
+THUMBNAIL_SIZE = 32
+#: Largest RMS difference (of the [0, 1] range) between two thumbnails that :func:`near_duplicates` lists. On the real
+#: corpus (1,889 films) re-encodes of a film (JPEG quality 30 to 90, downscaled 0.7x, 1/2 or 1/4 and re-encoded) stay
+#: under 0.022, two films of one patient days apart came as close as 0.013, and the closest films of two patients are
+#: 0.059 apart (Shenzhen).
+NEAR_DUPLICATE_DISTANCE = 0.025
 
 # Header fields that fill a manifest column when the adapter left it empty.
 _HEADER_TO_COLUMN = {"view_position": "view_position", "modality": "modality", "sex": "sex", "age": "age"}
 
 
-def _describe_one(args: tuple[str, str | None, int]) -> dict:
+def pixel_digest(pixels: np.ndarray) -> str:
+    """Hex SHA-256 of a decoded image: its shape, dtype and values. Equal for two files (PNG and DICOM, two JPEG
+    encoders' bytes) that :func:`covidcxr.io.read_image` decodes to the same array, where their file hashes differ."""
+    arr = np.ascontiguousarray(pixels)
+    digest = hashlib.sha256(f"{arr.shape}|{arr.dtype.str}|".encode())
+    digest.update(memoryview(arr).cast("B"))
+    return digest.hexdigest()
+
+
+def _describe_one(args: tuple[str, str | None, int, str | None, int | None, bool]) -> dict:
     """Read one image (and its mask files) and return its facts, or the reason it is rejected.
 
+    The image is decoded as every later stage decodes it (with the source's photometric and bit depth,
+    :func:`decode_hints`), for its pixel digest and, when asked, its :data:`THUMBNAIL_SIZE` thumbnail (``thumbnail``).
     A mask that cannot be used does not reject the image: the image keeps no mask and the problem is reported.
     """
-    from covidcxr import io
+    from covidcxr import io, preprocess
 
-    path, mask_path, max_pixels = args
+    path, mask_path, max_pixels, photometric, bits_stored, thumbnail = args
     try:
-        pixels, header = io.read_image(path, max_pixels=max_pixels)
+        pixels, header = io.read_image(path, max_pixels=max_pixels, photometric=photometric, bits_stored=bits_stored)
         facts = {
             "width": header["width"],
             "height": header["height"],
             "photometric": header.get("photometric"),
             "bits_stored": header.get("bits_stored"),
             "sha256": io.sha256_file(path),
+            "pixel_sha256": pixel_digest(pixels),
         }
     except io.ImageReadError as err:
         return {"kind": "image", "reason": err.reason, "problem": str(err)}
@@ -148,6 +174,8 @@ def _describe_one(args: tuple[str, str | None, int]) -> dict:
     facts["header_view_position"] = header.get("view_position")  # what serving will see in the same file
     if mask_path:
         facts["mask_problem"] = _mask_problem(mask_path, pixels.shape, max_pixels)
+    if thumbnail:
+        facts["thumbnail"] = preprocess.working_image(pixels, THUMBNAIL_SIZE)
     return facts
 
 
@@ -169,22 +197,41 @@ def _mask_problem(mask_path: str, shape: tuple[int, ...], max_pixels: int) -> di
     return None
 
 
+@overload
 def describe_images(
-    df: pd.DataFrame, *, max_pixels: int | None = None, workers: int = 1, progress: bool = False
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read every image of ``df`` and fill its facts; return ``(manifest, rejects)``.
+    df: pd.DataFrame, *, max_pixels: int | None = ..., workers: int = ..., progress: bool = ...,
+    thumbnails: Literal[False] = ...,
+) -> tuple[pd.DataFrame, pd.DataFrame]: ...
 
-    Size, photometric, bit depth and the content hash come from the file; view position, modality, sex and age come
-    from the header only where the adapter left them empty, and projection follows the view when it is unknown.
-    Nothing is dropped silently: an image that cannot be used is a row of ``rejects`` (kind ``image``) with its reason;
-    an unusable lung mask (kind ``mask``) is reported too, and its image stays in the manifest without a mask.
+
+@overload
+def describe_images(
+    df: pd.DataFrame, *, max_pixels: int | None = ..., workers: int = ..., progress: bool = ...,
+    thumbnails: Literal[True],
+) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]: ...
+
+
+def describe_images(
+    df: pd.DataFrame, *, max_pixels: int | None = None, workers: int = 1, progress: bool = False,
+    thumbnails: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame] | tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """Read every image of ``df`` and fill its facts; return ``(manifest, rejects)``, and with ``thumbnails`` each
+    manifest row's :data:`THUMBNAIL_SIZE` thumbnail (``[rows, size, size]``, for :func:`near_duplicates`) after them.
+
+    Size, photometric, bit depth and the content hashes (file and decoded pixels) come from the file; view position,
+    modality, sex and age come from the header only where the adapter left them empty, and projection follows the
+    view when it is unknown. Nothing is dropped silently: an image that cannot be used is a row of ``rejects`` (kind
+    ``image``) with its reason; an unusable lung mask (kind ``mask``) is reported too, and its image stays in the
+    manifest without a mask.
     """
     from covidcxr import io
     from covidcxr.parallel import parallel_map
 
     limit = io.DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+    photometric, bits_stored = decode_hints(df)
     jobs = [
-        (str(p), None if pd.isna(m) else str(m), limit) for p, m in zip(df["path"], df["mask_path"], strict=True)
+        (str(p), None if pd.isna(m) else str(m), limit, ph, bits, thumbnails)
+        for p, m, ph, bits in zip(df["path"], df["mask_path"], photometric, bits_stored, strict=True)
     ]
     results = parallel_map(_describe_one, jobs, workers=workers, progress=progress, desc="reading images")
 
@@ -199,9 +246,10 @@ def describe_images(
                 out.loc[i, "mask_path"] = pd.NA
     rejects = pd.DataFrame(problems, columns=REJECT_COLUMNS)
     keep = [i for i, r in enumerate(results) if "reason" not in r]
+    thumbs = [results[i].pop("thumbnail") for i in keep] if thumbnails else []
     out = out.loc[keep].reset_index(drop=True)
     facts = pd.DataFrame([results[i] for i in keep], index=out.index)
-    for col in ("width", "height", "sha256", "header_view_position"):  # what the file itself says
+    for col in ("width", "height", "sha256", "pixel_sha256", "header_view_position"):  # what the file itself says
         out[col] = facts[col] if len(facts) else out[col]
     # Where the source's metadata states photometric or bit depth (PNG exports of DICOM), it wins over the PNG mode.
     out["sex"] = out["sex"].mask(out["sex"] == "unknown")
@@ -211,17 +259,44 @@ def describe_images(
     unknown = out["projection"].isna() | (out["projection"] == "unknown")
     out.loc[unknown, "projection"] = out.loc[unknown, "view_position"].map(projection_from_view)
     out["sex"] = out["sex"].fillna("unknown")
-    return conform(out), rejects
+    if not thumbnails:
+        return conform(out), rejects
+    stacked = np.stack(thumbs) if thumbs else np.zeros((0, THUMBNAIL_SIZE, THUMBNAIL_SIZE), np.float32)
+    return conform(out), rejects, stacked
+
+
+def first_copies(manifest: pd.DataFrame) -> np.ndarray:
+    """For each row, the position of the first row (manifest order) that holds the same radiograph: the same file
+    bytes (``sha256``) or the same decoded pixels (``pixel_sha256``: one film as PNG and as DICOM, or re-encoded
+    losslessly), linked transitively. A row holding no copy of an earlier one gets its own position; an empty hash
+    links nothing."""
+    parent = list(range(len(manifest)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]  # path halving
+            i = parent[i]
+        return i
+
+    for col in ("sha256", "pixel_sha256"):
+        seen: dict[str, int] = {}
+        for i, value in enumerate(manifest[col]):
+            if pd.isna(value):
+                continue
+            a, b = sorted((root(seen.setdefault(value, i)), root(i)))
+            parent[b] = a  # the earlier row stays the group's root
+    return np.array([root(i) for i in range(len(parent))], dtype=np.int64)
 
 
 def merge_patients(manifest: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """One patient key for the keys that share an image: ``(manifest with merged patient_id, keys merged)``.
 
-    A file listed by two sources, or twice by one under two patient ids, is one person's film: their keys are grouped
-    (union-find over keys linked by a content hash) and every row of a group takes the key of the group's first row
-    in manifest order, which is the kept copy's for :func:`find_duplicates`. Ingest merges before it drops the later
-    copies, so the split, which splits by ``patient_id``, keeps the person's remaining images together; no column is
-    added. Returns how many keys were merged into another one (0: the manifest is unchanged).
+    A radiograph listed by two sources, or twice by one under two patient ids, as the same file or as two files that
+    decode to the same pixels (:func:`first_copies`), is one person's film: their keys are grouped (union-find over
+    keys linked by a shared image) and every row of a group takes the key of the group's first row in manifest order,
+    which is the kept copy's for :func:`find_duplicates`. Ingest merges before it drops the later copies, so the split,
+    which splits by ``patient_id``, keeps the person's remaining images together; no column is added. Returns how many
+    keys were merged into another one (0: the manifest is unchanged).
     """
     keys = manifest["patient_id"].astype("string")
     order = {key: i for i, key in enumerate(keys.dropna().unique())}
@@ -232,8 +307,8 @@ def merge_patients(manifest: pd.DataFrame) -> tuple[pd.DataFrame, int]:
             key = parent[key]
         return key
 
-    for shared in manifest.assign(patient_id=keys).groupby("sha256", sort=False)["patient_id"]:
-        linked = shared[1].dropna().unique()
+    for _, shared in keys.groupby(first_copies(manifest), sort=False):
+        linked = shared.dropna().unique()
         for other in linked[1:]:
             a, b = sorted((root(linked[0]), root(other)), key=order.__getitem__)
             if a != b:
@@ -246,19 +321,77 @@ def merge_patients(manifest: pd.DataFrame) -> tuple[pd.DataFrame, int]:
 
 
 def find_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
-    """Images whose content hash equals an earlier image's (manifest order): which one is kept, and label agreement."""
-    first = manifest.drop_duplicates("sha256").set_index("sha256")
-    dup = manifest[manifest.duplicated("sha256", keep="first")]
-    kept = first.loc[dup["sha256"]]
+    """Images that hold the same radiograph as an earlier image (manifest order; :func:`first_copies`): which one is
+    kept, label agreement, and whether the kept copy is the same file (``match`` ``bytes``) or decodes to the same
+    pixels (``pixels``)."""
+    first = first_copies(manifest)
+    rows = np.flatnonzero(first != np.arange(len(manifest)))
+    dup, kept = manifest.iloc[rows], manifest.iloc[first[rows]]
+    same_bytes = dup["sha256"].reset_index(drop=True).eq(kept["sha256"].reset_index(drop=True)).fillna(False)
     return pd.DataFrame(
         {
             "image_id": dup["image_id"].to_numpy(),
             "kept_image_id": kept["image_id"].to_numpy(),
             "sha256": dup["sha256"].to_numpy(),
             "same_label": (dup["label"].to_numpy() == kept["label"].to_numpy()),
+            "match": np.where(same_bytes.to_numpy(dtype=bool), "bytes", "pixels"),
         },
         columns=DUPLICATE_COLUMNS,
     )
+
+
+def near_duplicates(
+    manifest: pd.DataFrame, thumbnails: np.ndarray, max_distance: float = NEAR_DUPLICATE_DISTANCE
+) -> pd.DataFrame:
+    """Pairs of images of different patients whose thumbnails (:func:`describe_images`) differ by at most
+    ``max_distance`` (root mean square, of the [0, 1] range): probably one film re-encoded lossily or rescaled under
+    two patient ids, which the hashes cannot see. Listed for a person to decide, never merged: a false merge would make
+    two patients one. Closest first.
+
+    Sort-and-sweep on each thumbnail's mean (two means differ by no more than the two thumbnails' RMS difference), so
+    each block of thumbnails is compared, vectorised, only with those whose mean lies within ``max_distance``.
+    """
+    n = len(manifest)
+    if thumbnails.shape[0] != n:
+        raise ValueError(f"{thumbnails.shape[0]} thumbnails for {n} manifest rows")
+    if n < 2:
+        return pd.DataFrame(columns=NEAR_DUPLICATE_COLUMNS)
+    thumbs = thumbnails.reshape(n, -1).astype(np.float64)
+    order = np.argsort(thumbs.mean(axis=1), kind="stable")
+    flat = thumbs[order]
+    means = flat.mean(axis=1)
+    squares = np.einsum("ij,ij->i", flat, flat)
+    limit = max_distance**2 * flat.shape[1]
+    found_i, found_j = [], []
+    block = 256
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        end = int(np.searchsorted(means, means[stop - 1] + max_distance, side="right"))
+        sq = squares[start:stop, None] + squares[None, start:end] - 2 * flat[start:stop] @ flat[start:end].T
+        i, j = np.nonzero(sq <= limit + 1e-9)
+        i, j = i + start, j + start
+        found_i.append(i[j > i])
+        found_j.append(j[j > i])
+    i, j = order[np.concatenate(found_i)], order[np.concatenate(found_j)]
+    a, b = np.minimum(i, j), np.maximum(i, j)  # manifest order within a pair
+    patients = manifest["patient_id"].to_numpy(dtype=object)
+    # a pair with a patient unknown is listed: nothing says it is one person's
+    other = np.array([pd.isna(patients[x]) or pd.isna(patients[y]) or patients[x] != patients[y]
+                      for x, y in zip(a, b, strict=True)], dtype=bool)
+    a, b = a[other], b[other]
+    distance = np.sqrt(((thumbs[a] - thumbs[b]) ** 2).mean(axis=1))
+    close = distance <= max_distance
+    a, b, distance = a[close], b[close], distance[close]
+    pairs = pd.DataFrame(
+        {
+            "image_id": manifest["image_id"].to_numpy()[a],
+            "other_image_id": manifest["image_id"].to_numpy()[b],
+            "distance": distance.round(6),
+            "same_label": manifest["label"].to_numpy()[a] == manifest["label"].to_numpy()[b],
+        },
+        columns=NEAR_DUPLICATE_COLUMNS,
+    )
+    return pairs.sort_values(["distance", "image_id", "other_image_id"], kind="stable").reset_index(drop=True)
 
 
 def read_raw_csv(path: str | os.PathLike) -> pd.DataFrame:

@@ -137,6 +137,46 @@ def test_a_file_listed_under_two_patients_merges_them_and_a_label_conflict_is_co
     assert found.data.metrics["n_label_conflicts"] == 1
 
 
+def test_a_film_re_encoded_under_another_patient_is_merged_and_a_lossy_copy_is_listed(corpus: Path, caplog):
+    """Ingest merged patients and dropped copies only for byte-identical files: the real Cohen corpus holds one
+    radiograph as two JPEGs of other bytes under two patient ids, which the split put in train and test (4 seeds of
+    12). A copy of identical pixels is now one image of one patient; a lossy copy is listed, not merged."""
+    import logging
+
+    from covidcxr import phantoms
+
+    root = corpus / ROOT
+    Image.open(root / "scans/good_0.png").save(root / "scans/zz_resaved_0.png", compress_level=0)  # other bytes
+    image, _ = phantoms.chest_phantom(np.random.default_rng(5), 128, projection="frontal", covid=False,
+                                      site=phantoms.SiteStyle())
+    film = Image.fromarray(np.round(image * 255).astype(np.uint8))
+    film.save(root / "scans/zz_film.png")
+    film.save(root / "scans/zz_film_lossy.jpg", quality=50)
+    listed = pd.read_csv(root / "manifest.csv")
+    extra = pd.DataFrame({"path": ["scans/zz_resaved_0.png", "scans/zz_film.png", "scans/zz_film_lossy.jpg"],
+                          "patient_id": ["p7", "p10", "p11"], "label": ["covid", "negative", "covid"],
+                          "projection": "frontal"})
+    pd.concat([listed, extra]).to_csv(root / "manifest.csv", index=False)
+    assert (root / "scans/zz_resaved_0.png").read_bytes() != (root / "scans/good_0.png").read_bytes()
+
+    with caplog.at_level(logging.WARNING, logger="covidcxr"):
+        summary = ingest.run(params(max_reject_fraction=0.4), "ingest-test")
+    assert (summary["accepted"], summary["duplicates"], summary["pixel_duplicates"]) == (6, 1, 1)
+    assert (summary["patients_merged"], summary["label_conflicts"], summary["near_duplicates"]) == (1, 1, 1)
+    duplicates = pd.read_csv(corpus / ingest.DUPLICATES)
+    assert duplicates[["image_id", "kept_image_id", "match"]].values.tolist() == [
+        ["generic/scans/zz_resaved_0", "generic/scans/good_0", "pixels"]]
+    near = pd.read_csv(corpus / ingest.NEAR_DUPLICATES)
+    assert near[["image_id", "other_image_id"]].values.tolist() == [["generic/scans/zz_film",
+                                                                     "generic/scans/zz_film_lossy"]]
+    m = pd.read_csv(corpus / ingest.MANIFEST).set_index("image_id")
+    assert m.loc["generic/scans/zz_film", "patient_id"] != m.loc["generic/scans/zz_film_lossy", "patient_id"]
+    assert m["pixel_sha256"].notna().all() and m["pixel_sha256"].is_unique
+    assert "1 pair(s) of images of different patients look like one film" in caplog.text
+    found, _ = ingest_run(corpus)
+    assert (found.data.metrics["n_pixel_duplicates"], found.data.metrics["n_near_duplicates"]) == (1, 1)
+
+
 def test_every_image_rejected_is_too_many_rejects_with_the_report_written(corpus: Path):
     """A source whose files are all Git LFS pointer texts (a clone without `git lfs pull`): pseudonymising the empty
     manifest crashed with a bare KeyError: 0 before any report was written."""

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from covidcxr import manifest, models, pretrain, splits, tracking, training
-from pipelines import _common, _models, _tracking
+from covidcxr import manifest, splits
+from pipelines import _common
 
 METRICS = "reports/pretrain/metrics.json"
 INDEX = "encoders.json"  # {backbone: weights file} of the folder; {} when pretrain.backbones is empty
@@ -35,6 +35,8 @@ UNSEEN = (("covid", "test"), ("projection", "test"), ("projection", "external"))
 def unseen(index, m, holdout: list[dict]) -> np.ndarray:
     """Positions in the cache ``index`` of every film of the patients of the :data:`UNSEEN` splits and of the patients
     the ``holdout`` rules (`split.holdout`) match in the manifest ``m``."""
+    from pipelines import _models
+
     patients = splits.rule_patients(m, holdout)  # as the split stage holds out
     for task, split in UNSEEN:
         for name, (_, rows) in _models.split_arrays(task, index).items():
@@ -45,6 +47,15 @@ def unseen(index, m, holdout: list[dict]) -> np.ndarray:
 
 def run(p: dict, holdout: list[dict]) -> dict:
     log = _common.setup_logging()
+    if not p["backbones"]:  # the default: the empty index and report, without importing TensorFlow or reading the cache
+        with _common.atomic_dir(_common.PRETRAIN_DIR) as out:
+            _common.write_json(out / INDEX, {})
+        log.info("pretrain: no backbones in pretrain.backbones, no encoder (weights: pretrained needs one)")
+        _common.write_json(METRICS, {})
+        return {}
+    from covidcxr import models, pretrain, tracking, training  # TensorFlow (models) and MLflow: only to train
+    from pipelines import _models, _tracking
+
     _tracking.setup_tracking()
     index, images, _ = _models.load_cache()
     left_out = unseen(index, manifest.read_csv(_common.MANIFEST), holdout)
@@ -77,8 +88,6 @@ def run(p: dict, holdout: list[dict]) -> dict:
                      len(left_out), p["epochs"], figures["seconds"],
                      figures["loss_first"], figures["loss_last"], figures["accuracy_first"], figures["accuracy_last"])
         _common.write_json(out / INDEX, {b: _common.pretrained_encoder(b).rpartition("/")[2] for b in result})
-    if not result:
-        log.info("pretrain: no backbones in pretrain.backbones, no encoder (weights: pretrained needs one)")
     _common.write_json(METRICS, result)
     return result
 

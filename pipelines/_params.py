@@ -277,6 +277,7 @@ class Evaluate(Section):
 class Explain(Section):
     per_group: Positive = 3
     display_size: Annotated[int, Field(ge=64, le=1024)] = 224  # longest side of each Grad-CAM tile, in pixels
+    images: bool = True  # false: the figures only, no image of a film written (git) or logged (MLflow)
 
 
 class Grades(BaseModel):

@@ -2,7 +2,12 @@
 drawn over the original images at display size (`explain.display_size`, as serving draws them), and, per split
 (validation and test), variant and class, the share of heat-map mass inside the lung mask beside the lungs' share of
 the image area (what a uniform heat map would score), with how many maps were empty. Each map explains the call the
-model made at its operating threshold, as the served map explains the call served (at the thresholds in force)."""
+model made at its operating threshold, as the served map explains the call served (at the thresholds in force).
+
+The grids are the films themselves (any text burned into them included), written under ``reports/explain/gradcam/``
+(in git: the stage's outputs are not cached) and logged to each classifier's MLflow run. ``explain.images: false``
+(data that is not public, a hospital's own) writes and logs no image: the folder then holds only :data:`IMAGES_OFF`,
+saying why, and every figure is computed and written as before."""
 
 from __future__ import annotations
 
@@ -19,6 +24,12 @@ OUT = Path("reports/explain")
 #: choice, and test, reported only.
 SPLITS = ("val", "test")
 GROUPS = [("covid", True, "TP"), ("covid", False, "FN"), ("negative", True, "TN"), ("negative", False, "FP")]
+#: What ``reports/explain/gradcam/`` holds instead of the grids with ``explain.images: false``.
+IMAGES_OFF = "README.txt"
+IMAGES_OFF_TEXT = ("No Grad-CAM grids: explain.images is false in params.yaml, so that no image of a film (the test "
+                   "radiographs, with any text burned into them) is written here, into git, or logged to MLflow. The "
+                   "figures (the heat maps' mass inside the lungs, per split, classifier and class) are in "
+                   "../metrics.json.\n")
 
 
 def sample(pred: pd.DataFrame, threshold: float, per_group: int) -> pd.DataFrame:
@@ -63,50 +74,76 @@ def lung_shares(classifier, variant: str, images: np.ndarray, masks: np.ndarray,
     return figures, preprocess.place_in_box(heat, prepared.boxes, heat.shape[1:])
 
 
+def measure(classifier, variant: str, pred: pd.DataFrame, index: pd.DataFrame, images: np.ndarray,
+            masks: np.ndarray) -> tuple[dict, np.ndarray | None, dict]:
+    """One classifier's :func:`lung_shares` figures per split (``{}`` for a split it has no prediction of), the test
+    split's maps placed on the whole image, and each test image's position among them."""
+    figures_by_split: dict = {}
+    heat, where = None, {}
+    for split in SPLITS:
+        part = pred[pred["split"] == split].reset_index(drop=True)
+        if not len(part):
+            figures_by_split[split] = {}
+            continue
+        figures, maps = lung_shares(classifier, variant, images, masks,
+                                    preprocess.rows_for(index, part["image_id"]), part)
+        figures_by_split[split] = figures
+        if split == "test":
+            heat, where = maps, {img: i for i, img in enumerate(part["image_id"])}
+    return figures_by_split, heat, where
+
+
+def draw(png: Path, classifier, pred: pd.DataFrame, heat: np.ndarray | None, where: dict, files: dict,
+         p: dict) -> bool:
+    """The grid of :func:`sample`'s test images, each map over its original file at display size, written to ``png``;
+    False (nothing written) when the sample is empty."""
+    chosen = sample(pred, classifier.operating_threshold, int(p["per_group"]))
+    tiles = [gradcam.overlay(original(files[i][0], int(p["display_size"]), **files[i][1]), heat[where[i]])
+             for i in chosen["image_id"]]
+    if not tiles:
+        return False
+    from PIL import Image
+
+    titles = [f"{g} p={s:.2f}" for g, s in zip(chosen["group"], chosen["score"])]
+    Image.fromarray(gradcam.grid(tiles, ncols=int(p["per_group"]), titles=titles)).save(png, format="PNG")
+    return True
+
+
 def run(p: dict, classifiers: dict, experiment: str = "demo") -> dict:
+    """Measure every classifier's maps (``reports/explain/metrics.json``, the MLflow metrics ``gradcam.*``) and, with
+    ``p["images"]``, draw and log its grid. The Grad-CAM folder is built whole and replaces the old one, so that no
+    grid of an earlier run (of another classifier, or before images were turned off) stays behind, also outside DVC
+    (which removes the stage's outputs before it runs it)."""
     import mlflow
 
     log = _common.setup_logging()
     _tracking.setup_tracking()
     index, images, _ = _models.load_cache()
     masks = _models.load_masks()
-    m = manifest.read_csv(_common.MANIFEST)
-    files = {image_id: (path, {"photometric": ph, "bits_stored": bits})
-             for image_id, path, ph, bits in zip(m["image_id"], m["path"], *manifest.decode_hints(m))}
+    files: dict = {}
+    if p["images"]:  # the original files: read only to draw them
+        m = manifest.read_csv(_common.MANIFEST)
+        files = {image_id: (path, {"photometric": ph, "bits_stored": bits})
+                 for image_id, path, ph, bits in zip(m["image_id"], m["path"], *manifest.decode_hints(m))}
     summary: dict = {}
-    for variant in classifiers["variants"]:
-        for backbone in classifiers["backbones"]:
-            name = f"{variant}_{backbone}"
-            d = Path(_common.model_dir(variant, backbone))
-            classifier = _models.load_component(d)
-            pred = pd.read_csv(d / _common.PREDICTIONS)
-            summary[name], heat = {}, None
-            for split in SPLITS:
-                part = pred[pred["split"] == split].reset_index(drop=True)
-                if not len(part):
-                    summary[name][split] = {}
-                    continue
-                figures, maps = lung_shares(classifier, variant, images, masks,
-                                               preprocess.rows_for(index, part["image_id"]), part)
-                summary[name][split] = figures
-                if split == "test":
-                    heat, where = maps, {img: i for i, img in enumerate(part["image_id"])}
-            chosen = sample(pred, classifier.operating_threshold, int(p["per_group"]))
-            tiles = [gradcam.overlay(original(files[i][0], int(p["display_size"]), **files[i][1]), heat[where[i]])
-                     for i in chosen["image_id"]]
-            titles = [f"{g} p={s:.2f}" for g, s in zip(chosen["group"], chosen["score"])]
-            png = OUT / "gradcam" / f"{name}.png"
-            if tiles:
-                grid = gradcam.grid(tiles, ncols=int(p["per_group"]), titles=titles)
-                from PIL import Image
-
-                picture = Image.fromarray(grid)
-                _common.write_with(png, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
-            with tracking.run(_common.mlflow_experiment(experiment), name, run_id=classifier.info["run_id"]):
-                tracking.log_finite_metrics({f"{split}.{k}": v for split, figures in summary[name].items()
-                                             for k, v in figures.items() if v is not None}, prefix="gradcam.")
-                if tiles:
-                    mlflow.log_artifact(str(png), "gradcam")
+    with _common.atomic_dir(OUT / "gradcam") as folder:
+        if not p["images"]:
+            (folder / IMAGES_OFF).write_text(IMAGES_OFF_TEXT, encoding="utf-8")
+            log.info("explain.images is false: the figures only, no Grad-CAM grid written or logged")
+        for variant in classifiers["variants"]:
+            for backbone in classifiers["backbones"]:
+                name = f"{variant}_{backbone}"
+                d = Path(_common.model_dir(variant, backbone))
+                classifier = _models.load_component(d)
+                pred = pd.read_csv(d / _common.PREDICTIONS)
+                summary[name], heat, where = measure(classifier, variant, pred, index, images, masks)
+                png = folder / f"{name}.png"
+                drawn = bool(p["images"]) and draw(png, classifier, pred, heat, where, files, p)
+                with tracking.run(_common.mlflow_experiment(experiment), name, run_id=classifier.info["run_id"]):
+                    tracking.log_finite_metrics({f"{split}.{k}": v for split, figures in summary[name].items()
+                                                 for k, v in figures.items() if v is not None}, prefix="gradcam.")
+                    if drawn:
+                        mlflow.log_artifact(str(png), "gradcam")
     _common.write_json(OUT / "metrics.json", summary)
     log.info("Grad-CAM mass inside the lungs (test): %s",
              {k: v["test"].get("lung_mass_share") for k, v in summary.items()})

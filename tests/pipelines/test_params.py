@@ -116,7 +116,7 @@ def test_an_unknown_source_inside_an_experiment_rule_is_refused():
 
 
 def test_defaults_come_from_the_schema():
-    assert _params.validate("explain", {}) == {"per_group": 3, "display_size": 224}
+    assert _params.validate("explain", {}) == {"per_group": 3, "display_size": 224, "images": True}
     values = _params.validate("train_unet", {"epochs": 2, "batch_size": 4, "lr": 0.001})
     assert values["mask_threshold"] == 0.5 and values["strategy"] == "default" and values["use_tuned"] is True
 

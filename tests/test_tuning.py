@@ -1,4 +1,5 @@
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -276,6 +277,36 @@ def test_joining_a_study_of_other_data_is_one_line_and_exit_2_not_a_traceback(tm
     assert code == 2 and err[-1].startswith("tune: study 'tiny' was created on other data (sha256 aaaaaaaaaaaa...")
     assert "Traceback" not in "\n".join(err)
     assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == 0
+
+
+def test_a_storage_url_it_cannot_use_is_one_line_without_the_password_not_a_traceback(tmp_path, capsys,
+                                                                                        monkeypatch, caplog):
+    """A URL SQLAlchemy cannot parse, a dialect or driver not installed, and a server that cannot be reached escaped
+    `covidcxr tune` as SQLAlchemy tracebacks (a parse error after four retries). Now: exit 2 at once for the URL,
+    exit 1 after the retries for the server, one line each, the password hidden."""
+    cache, split = write_tiny_cache(tmp_path, n=10)
+    monkeypatch.setattr(tuning.time, "sleep", lambda s: None)  # the retries' waits: the count is what is checked
+    caplog.set_level("INFO", logger="covidcxr.tuning")
+
+    def tune(storage: str) -> tuple[int, str]:
+        code = cli.main(["tune", "--study", "s", "--storage", storage, "--cache-dir", str(cache), "--split",
+                         str(split), "--no-tracking", "--n-trials", "0"])
+        return code, capsys.readouterr().err
+
+    for storage, shown in (("bogus://u:s3cret@h/db", "bogus://u:***@h/db"), ("not a url s3cret", "<unparsable URL>"),
+                           ("mysql://u:s3cret@h/db", "mysql://u:***@h/db")):
+        code, err = tune(storage)
+        assert code == 2 and "Traceback" not in err and "s3cret" not in err, err
+        assert err.strip().splitlines()[-1].startswith(f"tune: study 's': Optuna storage {shown}: ")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code, err = tune(f"postgresql+psycopg2://u:s3cret@127.0.0.1:{port}/db")
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and "Traceback" not in err and "s3cret" not in err, err
+    assert last.startswith(f"tune: Optuna storage postgresql+psycopg2://u:***@127.0.0.1:{port}/db cannot be reached "
+                           "after 4 tries: OperationalError: ")
+    assert caplog.text.count("not ready (OperationalError); retrying") == 3 and "s3cret" not in caplog.text
 
 
 def test_an_export_of_a_mistyped_study_creates_no_study(tmp_path, capsys):

@@ -226,10 +226,20 @@ def make_storage(url: str, *, heartbeat_s: int | None = 60) -> optuna.storages.B
 
     The password comes from the URL's environment (``PGPASSWORD``, ``~/.pgpass``), never from params. With
     ``heartbeat_s`` a worker that dies mid-trial has its trial marked failed after ``3 * heartbeat_s`` seconds instead
-    of left running forever. Workers that start together race to create the schema: that is retried.
+    of left running forever. Workers that start together race to create the schema: that is retried. A URL that is no
+    SQLAlchemy URL, or names a dialect or driver not installed, is a ValueError; a storage that still cannot be reached
+    after the retries is a :class:`StorageUnavailable`. Neither message shows a password.
     """
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+    try:
+        make_url(url).get_dialect().import_dbapi()
+    except ArgumentError:  # NoSuchModuleError (no such dialect) is one: no retry mends either
+        raise ValueError(f"Optuna storage {dburl.shown_url(url)}: not a SQLAlchemy URL of an installed dialect and "
+                         "driver (e.g. sqlite:///optuna.db, postgresql+psycopg2://optuna@db-host/optuna)") from None
+    except ImportError as exc:  # the dialect is known, its driver module is not installed
+        raise ValueError(f"Optuna storage {dburl.shown_url(url)}: its driver is not installed ({exc.name})") from None
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +251,8 @@ def make_storage(url: str, *, heartbeat_s: int | None = 60) -> optuna.storages.B
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
         except SQLAlchemyError as exc:
             if attempt == 3:
-                raise
+                raise StorageUnavailable(f"Optuna storage {dburl.shown_url(url)} cannot be reached after 4 tries: "
+                                         f"{type(exc).__name__}: {_first_line(exc)}") from None
             log.info("Optuna storage %s not ready (%s); retrying", dburl.shown_url(url), type(exc).__name__)
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
@@ -254,6 +265,17 @@ def _sampler(config: Mapping, seed: int) -> optuna.samplers.BaseSampler:
 
 def _pruner(config: Mapping) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(**dict(config.get("pruner") or {}))
+
+
+class StorageUnavailable(RuntimeError):
+    """The study's storage (a database server) cannot be reached: down, refusing the user, or no such database."""
+
+
+def _first_line(exc: BaseException) -> str:
+    """The driver's own message, first line: SQLAlchemy appends the statement and a link on later lines. A driver
+    does not echo the password it was given."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class StudyNotReady(RuntimeError):

@@ -393,9 +393,11 @@ def _section_gradcam(images: Mapping[str, bytes], shown: bool = True) -> str:
         return out[0] + ("<p>Grad-CAM grids left out of this card (<code>model_card.images: false</code>): they are "
                          "the test radiographs themselves, and text burned into a film (a name, a date, an accession "
                          "number) would reach the card with them. <code>reports/explain/gradcam/</code> holds them "
-                         "where the data may be read.</p>")
+                         "where the data may be read, unless the explain stage drew none "
+                         "(<code>explain.images: false</code>).</p>")
     if not images:
-        return out[0] + "<p>No Grad-CAM images in this run.</p>"
+        return out[0] + ("<p>No Grad-CAM images in this run: the explain stage draws none with "
+                         "<code>explain.images: false</code> (its heat-map figures still reach the audit).</p>")
     out.append("<p>Heat maps (Grad-CAM of the last convolutional block, each explaining the call the model made at "
                "its operating threshold: the COVID-19 logit where it called COVID-19, the negated logit where it "
                "called negative) on a fixed sample of test images: true and false positives and negatives, with the "

@@ -289,6 +289,7 @@ class Grades(BaseModel):
 class LungsRemoved(Grades):
     # above chance: the check takes a share of c's AUC above 0.5
     min_c_auc: Annotated[float, Field(gt=0.5, le=1.0)] = 0.6
+    n_boot: Positive = 1000  # patient resamples of the share's interval, which a pass needs below warn
 
 
 class HeatmapCheck(Grades):

@@ -1,17 +1,20 @@
 """Stage `audit`: the shortcut audit of every classifier (README, "Shortcut audit").
 
-Reads the evaluate and explain reports, trains the source classifier on the classifiers' own images, grades every
-check against params (`audit`) on the validation split (the audit gates the registered model: nothing is chosen on the
-test split, whose source reading is reported beside it), writes reports/audit/audit.json (the shape the model card and
-`register` read) and logs it to MLflow as the run `audit`.
+Reads variants c's and e's validation predictions (each classifier's ``predictions.csv``: the lungs-removed share and
+its paired patient-bootstrap interval) and the explain report, trains the source classifier on the classifiers' own
+images, grades every check against params (`audit`) on the validation split (the audit gates the registered model:
+nothing is chosen on the test split, whose source reading is reported beside it), writes reports/audit/audit.json (the
+shape the model card and `register` read) and logs it to MLflow as the run `audit`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from covidcxr import audit, preprocess, tracking, training
 from pipelines import _common, _models, _tracking
@@ -24,23 +27,54 @@ OUT = _common.AUDIT_REPORT.parent
 GRADED, REPORTED = "val", "test"
 
 
-def classifier_auc(name: str, split: str = GRADED) -> float:
-    """A classifier's ROC AUC (threshold-free) on ``split`` from the evaluate report; NaN when undefined."""
-    path = _common.EVALUATE_DIR / name / "metrics.json"
-    try:
-        value = _common.read_report(path, "evaluate")[split]["at_0.5"]["roc_auc"]
-    except KeyError as err:
-        raise ValueError(f"{path}: no {split}.at_0.5.roc_auc ({err} missing)") from None
-    return float("nan") if value is None else float(value)
+#: The lungs-removed share's bootstrap is seeded: the same predictions give the same interval, and the same verdict.
+BOOT_SEED = 0
+
+
+def graded_predictions(variant: str, backbone: str, split: str = GRADED) -> pd.DataFrame:
+    """A classifier's predictions of ``split`` (its ``predictions.csv``, as evaluate reads it: image, patient, label,
+    the served score), by image id."""
+    path = Path(_common.model_dir(variant, backbone)) / _common.PREDICTIONS
+    pred = pd.read_csv(path)
+    missing = {"image_id", "patient_id", "split", "label", "score"} - set(pred)
+    if missing:
+        raise ValueError(f"{path}: no {sorted(missing)} column(s); rerun train_classifier")
+    return pred[pred["split"] == split].set_index("image_id")
+
+
+def paired_share(backbone: str, n_boot: int) -> audit.KeptShare:
+    """Variants c's and e's validation AUCs and the paired patient-bootstrap interval of the share e keeps
+    (:func:`covidcxr.audit.paired_kept_share`). Both were trained on the same split and score the same images; other
+    images (a folder left from another split) are an error, as c and e could not be compared."""
+    c, e = (graded_predictions(v, backbone) for v in ("c", "e"))
+    if set(c.index) != set(e.index):
+        raise ValueError(f"c_{backbone} and e_{backbone} scored different {GRADED} images ({len(c)} and {len(e)}, "
+                         f"{len(set(c.index) ^ set(e.index))} in one only): rerun train_classifier for both")
+    e = e.loc[c.index]
+    if not (c["label"].astype(str).equals(e["label"].astype(str))
+            and c["patient_id"].astype(str).equals(e["patient_id"].astype(str))):
+        raise ValueError(f"c_{backbone} and e_{backbone} disagree on the label or patient of a {GRADED} image: rerun "
+                         "train_classifier for both")
+    return audit.paired_kept_share((c["label"] == "covid").to_numpy(int), c["score"].to_numpy(),
+                                   e["score"].to_numpy(), c["patient_id"].astype(str).to_numpy(), n_boot=n_boot,
+                                   seed=BOOT_SEED)
 
 
 def lungs_removed_checks(p: dict, classifiers: dict) -> list[audit.Check]:
+    """Per backbone, the share of c's validation AUC above chance that e keeps, graded on its paired patient-bootstrap
+    interval (skipped where c or e was not trained)."""
     trained = set(classifiers["variants"])
-    def auc(variant: str, backbone: str) -> float | None:
-        return classifier_auc(f"{variant}_{backbone}") if variant in trained else None
-
-    return [audit.lungs_removed_check(b, auc("c", b), auc("e", b), warn=float(p["warn"]), fail=float(p["fail"]),
-                                      min_c_auc=float(p["min_c_auc"])) for b in classifiers["backbones"]]
+    grades = {"warn": float(p["warn"]), "fail": float(p["fail"]), "min_c_auc": float(p["min_c_auc"])}
+    checks = []
+    for b in classifiers["backbones"]:
+        if not {"c", "e"} <= trained:  # skipped, naming the variant not trained (None); the other's AUC is not read
+            checks.append(audit.lungs_removed_check(b, math.nan if "c" in trained else None,
+                                                    math.nan if "e" in trained else None, **grades))
+            continue
+        share = paired_share(b, int(p["n_boot"]))
+        checks.append(audit.lungs_removed_check(b, share.auc_c, share.auc_e, interval=(share.low, share.high),
+                                                **grades))
+    return checks
 
 
 def heatmap_checks(p: dict, classifiers: dict) -> list[audit.Check]:
@@ -124,7 +158,8 @@ def metrics_of(result: dict) -> dict:
     """Flat, DVC-friendly metrics: overall status and each check's value and status by name and subject."""
     out: dict = {"status": result["status"]}
     for c in result["checks"]:
-        out.setdefault(c["name"], {})[c["subject"]] = {"value": c["value"], "status": c["status"]}
+        out.setdefault(c["name"], {})[c["subject"]] = {"value": c["value"], "low": c.get("low"),
+                                                       "high": c.get("high"), "status": c["status"]}
     return out
 
 
@@ -143,8 +178,9 @@ def run(p: dict, classifier: dict, experiment: str = "demo") -> dict:
         _common.write_json(_common.AUDIT_REPORT, result)
         _common.write_json(OUT / "source_classifier.json", details)
         _common.write_json(OUT / "metrics.json", metrics_of(result))
-        mlflow.log_metrics({f"audit.{c.name}.{c.subject}": c.value for c in checks
-                            if c.value is not None and math.isfinite(c.value)})
+        mlflow.log_metrics({f"audit.{c.name}.{c.subject}{part}": v for c in checks
+                            for part, v in (("", c.value), (".low", c.low), (".high", c.high))
+                            if v is not None and math.isfinite(v)})
         mlflow.set_tags({"audit.status": result["status"],
                          **{f"audit.{c.name}.{c.subject}": c.status for c in checks}})
         mlflow.log_artifact(str(_common.AUDIT_REPORT), "audit")

@@ -68,18 +68,15 @@ def seeded_model():
     return model
 
 
-def train_auc(x: np.ndarray, y: np.ndarray, parts: dict[str, np.ndarray], epochs: int = 4) -> float:
-    """Test ROC AUC of a tiny VGG trained on the train part (standardized on train, as the pipeline does)."""
+def train_scores(x: np.ndarray, y: np.ndarray, parts: dict[str, np.ndarray], epochs: int = 4) -> np.ndarray:
+    """Test scores of a tiny VGG trained on the train part (standardized on train, as the pipeline does)."""
     model = seeded_model()
     training.seed_everything(TINY["seed"])
     std = preprocess.Standardizer().fit(x[parts["train"]])
     training.fit(model, (std.transform(x[parts["train"]]), y[parts["train"]]),
                  (std.transform(x[parts["val"]]), y[parts["val"]]), epochs=epochs, batch_size=TINY["batch_size"],
                  seed=TINY["seed"], class_weight=training.balanced_class_weight(y[parts["train"]]))
-    score = training.predict(model, std.transform(x[parts["test"]])).ravel()
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y[parts["test"]], score))
+    return training.predict(model, std.transform(x[parts["test"]])).ravel()
 
 
 # --- grading ------------------------------------------------------------------------------------------------------
@@ -106,10 +103,21 @@ def test_an_undefined_value_is_never_graded(higher_is_worse):
 
 
 def test_lungs_removed_check_rules():
-    def check(c, e):
-        return audit.lungs_removed_check("vgg16", c, e, warn=0.3, fail=0.6, min_c_auc=0.6)
+    def check(c, e, interval=(0.0, 0.2)):
+        return audit.lungs_removed_check("vgg16", c, e, warn=0.3, fail=0.6, min_c_auc=0.6, interval=interval)
 
     assert (check(0.99, 0.97).status, check(0.99, 0.7).status, check(0.99, 0.55).status) == ("fail", "warn", "pass")
+    assert (check(0.99, 0.55).low, check(0.99, 0.55).high) == (0.0, 0.2) and "[0%, 20%]" in check(0.99, 0.55).reason
+    # A point below warn passes only with the interval's upper bound below warn too; without one nothing shows it low.
+    straddles = check(0.99, 0.55, (0.0, 0.45))
+    assert straddles.status == "inconclusive" and straddles.value == pytest.approx(0.05 / 0.49)
+    assert "[0%, 45%]" in straddles.reason and "could not show" in straddles.reason
+    assert check(0.99, 0.55, None).status == "inconclusive" and check(0.99, 0.55, None).high is None
+    unbounded = check(0.99, 0.55, (0.0, float("inf")))  # c fell to chance on enough resamples
+    assert unbounded.status == "inconclusive" and unbounded.high is None and "unbounded" in unbounded.reason
+    assert check(0.99, 0.55, (0.0, float("nan"))).status == "inconclusive"
+    # warn and fail are graded on the point, whatever the interval
+    assert check(0.99, 0.7, (0.1, 0.9)).status == "warn" and check(0.99, 0.97, (0.5, 1.0)).status == "fail"
     assert check(0.9, 0.3).value == 0.0  # below chance keeps nothing
     assert check(0.9, 0.7).value == pytest.approx(0.5) and check(0.9, 0.7).subject == "c_vgg16"
     skipped = check(0.99, None)
@@ -131,6 +139,75 @@ def test_a_c_at_or_below_chance_is_inconclusive_whatever_min_c_auc_says(auc_c, a
     assert f"e_vgg16 ({auc_e:.3f})" in check.reason
 
 
+def scored(n_patients: int, films: int, e_auc: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Labels, c's scores (AUC about 0.95), e's (about ``e_auc``) and patient ids: ``films`` films per patient, alike
+    in label and score (a patient's films are read alike)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n_patients) % 2
+    from scipy.stats import norm
+
+    def scores(auc: float) -> np.ndarray:  # binormal: AUC = Phi(d / sqrt(2))
+        return y * np.sqrt(2) * norm.ppf(auc) + rng.normal(size=n_patients)
+
+    c, e = scores(0.95), scores(e_auc)
+    return (np.repeat(y, films), np.repeat(c, films), np.repeat(e, films),
+            np.repeat([f"p{i}" for i in range(n_patients)], films))
+
+
+def test_a_low_share_whose_interval_reaches_warn_is_inconclusive():
+    """The demo's case: 60 validation patients, e keeps about a fifth of c's AUC above chance. The point is below warn,
+    the interval reaches well past it: the check could not show that e keeps little."""
+    y, c, e, patients = scored(60, 1, 0.6, seed=5)
+    share = audit.paired_kept_share(y, c, e, patients, n_boot=500)
+    kept = audit.kept_share(share.auc_c, share.auc_e)
+    assert kept < 0.3 <= share.high and share.low <= kept, share
+    check = audit.lungs_removed_check("vgg16", share.auc_c, share.auc_e, warn=0.3, fail=0.6,
+                                      interval=(share.low, share.high))
+    assert check.status == "inconclusive" and check.value == pytest.approx(kept)
+    assert (check.low, check.high) == (share.low, share.high) and "the interval reaches it" in check.reason
+    assert audit.worst([check.status, "pass"]) == "inconclusive"
+
+
+def test_a_clearly_low_share_of_many_patients_passes():
+    y, c, e, patients = scored(4000, 1, 0.52, seed=6)
+    share = audit.paired_kept_share(y, c, e, patients, n_boot=300)
+    assert share.high < 0.3 and share.n_unbounded == share.n_skipped == 0, share
+    check = audit.lungs_removed_check("vgg16", share.auc_c, share.auc_e, warn=0.3, fail=0.6,
+                                      interval=(share.low, share.high))
+    assert check.status == "pass" and check.high == share.high
+
+
+def test_the_share_resamples_the_same_patients_for_c_and_e():
+    """c and e score the same images: one resample of patients serves both. An e that scores exactly as c keeps all of
+    c's AUC on every resample, so the paired interval is the point; drawn apart, the two AUCs would scatter it."""
+    y, c, _, patients = scored(40, 1, 0.5, seed=7)
+    same = audit.paired_kept_share(y, c, c, patients, n_boot=200)
+    assert same.low == same.high == 1.0 and same.auc_c == same.auc_e
+    # Patients, not films, are resampled: five films per patient are not five times the evidence.
+    y, c, e, patients = scored(40, 5, 0.75, seed=8)
+    by_patient = audit.paired_kept_share(y, c, e, patients, n_boot=500)
+    by_film = audit.paired_kept_share(y, c, e, np.arange(len(y)), n_boot=500)
+    assert by_film.auc_c == by_patient.auc_c and by_film.auc_e == by_patient.auc_e
+    assert by_patient.high - by_patient.low > 1.5 * (by_film.high - by_film.low)
+    with pytest.raises(ValueError, match="must score the same images"):
+        audit.paired_kept_share(y, c, e[:-1], patients)
+
+
+def test_a_c_at_chance_on_a_resample_leaves_the_share_unbounded():
+    """A resample on which c's AUC falls to chance has no share to take; counted above every other, never dropped
+    (dropping it would narrow the interval towards a pass)."""
+    y = np.arange(8) % 2
+    c = np.where(np.arange(8) < 2, 1 - y, y) + 0.01 * np.arange(8)  # 8 patients, 2 of them inverted: AUC 0.75
+    e = np.arange(1, 9) / 10  # AUC 0.625: the point keeps half of c's
+    share = audit.paired_kept_share(y, c, e, np.arange(8), n_boot=400)
+    assert (share.auc_c, share.auc_e) == (0.75, 0.625)
+    assert share.n_unbounded > 0.025 * 400 and share.high == float("inf"), share
+    assert share.n_skipped > 0  # a resample of one class has no AUC at all: left out
+    check = audit.lungs_removed_check("vgg16", share.auc_c, share.auc_e, warn=0.6, fail=0.9, min_c_auc=0.6,
+                                      interval=(share.low, share.high))
+    assert check.status == "inconclusive" and check.value == 0.5 and check.high is None and "unbounded" in check.reason
+
+
 def test_report_shape_and_the_checks_of_one_model():
     checks = [audit.lungs_removed_check("vgg16", 0.99, 0.98, warn=0.3, fail=0.6),
               audit.heatmap_check("d_vgg16/covid", 0.7, 0.25, warn=1.5, fail=1.0),
@@ -139,7 +216,7 @@ def test_report_shape_and_the_checks_of_one_model():
     result = audit.report(checks)
     assert result["status"] == "fail"
     for c in result["checks"]:
-        assert set(c) == {"name", "subject", "value", "warn", "fail", "status", "reason"}
+        assert set(c) == {"name", "subject", "value", "warn", "fail", "status", "reason", "low", "high"}
         assert c["status"] in audit.STATUSES and isinstance(c["reason"], str) and c["reason"]
     assert result["checks"][-1]["status"] == "skipped" and result["checks"][-1]["subject"] == "all"
     # The lungs-removed failure concerns c and e of that backbone, not d (which never sees outside the lungs).
@@ -171,8 +248,13 @@ def test_heatmap_check_on_heat_maps_with_and_without_a_shortcut():
     assert [c.status for c in per_class] == ["skipped", "skipped"]
     partial = audit.heatmap_checks("d_vgg19", {"lung_mass_share_covid": 0.6, "lung_area_share_covid": 0.25,
                                                "n_maps_covid": 9, "n_empty_covid": 2}, warn=1.5, fail=1.0, min_maps=5)
-    assert [(c.subject, c.status) for c in partial] == [("d_vgg19/covid", "pass"), ("d_vgg19/negative", "skipped")]
+    # No negative image to explain: the check applies to d but could not measure (a warning, never ignored as skipped)
+    assert [(c.subject, c.status) for c in partial] == [("d_vgg19/covid", "pass"),
+                                                        ("d_vgg19/negative", "inconclusive")]
     assert "7 of 9 covid validation maps hold heat" in partial[0].reason
+    assert "no negative validation images to explain" in partial[1].reason and partial[1].value is None
+    assert audit.model_verdict(audit.report(partial), "d_vgg19")[0] == "inconclusive"
+    assert audit.heatmap_check("d_vgg19/covid", None, 0.25, warn=1.5, fail=1.0).status == "inconclusive"
 
 
 def test_heatmap_check_with_too_few_maps_holding_heat_is_inconclusive():
@@ -200,10 +282,13 @@ def test_lungs_removed_model_exposes_a_marker_outside_the_lungs(shortcut):
     positive = y == 1
     x, mask = radiographs(n, marked=positive if shortcut else np.zeros(n, bool), opacity=positive, seed=1)
     parts = split(n)
-    auc_c = train_auc(preprocess.apply_variant(x, mask, "c"), y, parts)
-    auc_e = train_auc(preprocess.apply_variant(x, mask, "e"), y, parts)
-    check = audit.lungs_removed_check("vgg16", auc_c, auc_e, warn=0.3, fail=0.6, min_c_auc=0.6)
-    assert auc_c > 0.9, auc_c
+    score_c = train_scores(preprocess.apply_variant(x, mask, "c"), y, parts)
+    score_e = train_scores(preprocess.apply_variant(x, mask, "e"), y, parts)
+    test = y[parts["test"]]
+    share = audit.paired_kept_share(test, score_c, score_e, np.arange(len(test)))  # one image per patient
+    check = audit.lungs_removed_check("vgg16", share.auc_c, share.auc_e, warn=0.3, fail=0.6, min_c_auc=0.6,
+                                      interval=(share.low, share.high))
+    assert share.auc_c > 0.9, share
     assert check.status == ("fail" if shortcut else "pass"), check
 
 
@@ -299,6 +384,37 @@ def test_small_sites_are_read_as_their_dataset():
     grouped = audit.group_sources(site, source, train, min_images=20)
     assert set(grouped) == {"Germany", "cohen", "Italy", "kermany"}
     assert list(grouped[30:33]) == ["cohen"] * 3
+
+
+def two_sources(n_patients: int, positives_at_a: float, negatives_at_a: float) -> tuple:
+    """A source classifier that reads both sources right, on ``n_patients`` one-film patients; source a holds 70% COVID
+    in training, b 30%, so the label AUC from the read source is ``0.5 + (positives_at_a - negatives_at_a) / 2``."""
+    classes = ("a", "b")
+    y = np.arange(n_patients) % 2
+    rank = (np.arange(n_patients) // 2) / (n_patients // 2)
+    source = np.where(np.where(y == 1, rank < positives_at_a, rank < negatives_at_a), "a", "b")
+    proba = np.where(source[:, None] == np.array(classes), 0.9, 0.1)
+    train_source, train_y = np.repeat(["a", "b"], 10), np.array([1] * 7 + [0] * 3 + [1] * 3 + [0] * 7)
+    return classes, proba, source, y, train_source, train_y
+
+
+def test_a_source_label_auc_below_warn_passes_only_when_its_interval_does():
+    """AUC 0.55 from the read source: on 40 patients the interval reaches past warn 0.6 (inconclusive); on 4000 it stays
+    below (pass). Both readings are clearly readable: the label AUC alone decides."""
+    small = audit.read_sources(*two_sources(40, 0.55, 0.45), patients=[f"p{i}" for i in range(40)])
+    large = audit.read_sources(*two_sources(4000, 0.55, 0.45))
+    for reading in (small, large):
+        assert reading.readable and reading.label_auc_read_source == pytest.approx(0.55)
+        assert reading.label_auc_read_source_low < 0.55 < reading.label_auc_read_source_high
+    assert small.label_auc_read_source_high >= 0.6 > large.label_auc_read_source_high
+    check = audit.source_check(small, warn=0.6, fail=0.65)
+    assert check.status == "inconclusive" and check.value == pytest.approx(0.55)
+    assert (check.low, check.high) == (small.label_auc_read_source_low, small.label_auc_read_source_high)
+    assert "the interval reaches it" in check.reason and f"[{check.low:.2f}, {check.high:.2f}]" in check.reason
+    passed = audit.source_check(large, warn=0.6, fail=0.65)
+    assert passed.status == "pass" and passed.high < 0.6
+    # At or above warn the point grades as before.
+    assert audit.source_check(audit.read_sources(*two_sources(40, 0.9, 0.1)), warn=0.6, fail=0.65).status == "fail"
 
 
 def test_read_sources_scores_and_unknown_sources():

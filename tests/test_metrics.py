@@ -262,6 +262,25 @@ def test_vectorised_ranking_metrics_match_sklearn_with_repeats():
             assert values[name][b] == pytest.approx(ref[name]), name
 
 
+def test_resampled_ranking_metrics_are_the_bootstraps_own():
+    """On patient_resample_weights of a seed, the AUC and AP of each resample equal scikit-learn's on the images the
+    resample repeats, and bootstrap_ci's interval of that seed."""
+    y, s, groups = _random_scores(7, n=120, n_patients=30)
+    weights = M.patient_resample_weights(groups, n_boot=200, seed=2)
+    values = M.resampled_ranking_metrics(y, s, weights)
+    for b in range(3):
+        idx = np.repeat(np.arange(len(y)), weights[b])
+        assert values["roc_auc"][b] == pytest.approx(roc_auc_score(y[idx], s[idx]))
+        assert values["average_precision"][b] == pytest.approx(average_precision_score(y[idx], s[idx]))
+    ci = M.bootstrap_ci(y, s, groups, metric="roc_auc", n_boot=200, seed=2)
+    assert (ci.low, ci.high) == pytest.approx(tuple(np.percentile(values["roc_auc"], [2.5, 97.5])))
+    one_class = np.zeros((1, len(y)))
+    one_class[0, np.flatnonzero(y == 1)[:3]] = 1
+    assert np.isnan(M.resampled_ranking_metrics(y, s, one_class)["roc_auc"][0])
+    with pytest.raises(ValueError, match="weights must be"):
+        M.resampled_ranking_metrics(y, s, weights[:, :-1])
+
+
 def test_bootstrap_contains_point_estimate_and_is_reproducible():
     y, s, groups = _random_scores(6)
     ci = M.bootstrap_ci(y, s, groups, metric="roc_auc", n_boot=300, seed=3)

@@ -1,13 +1,14 @@
 """The shortcut audit: does a classifier read the lungs, or where the image came from?
 
 Three checks, each graded pass / warn / fail against thresholds the caller passes, ``inconclusive`` when it could not
-measure (counted as a warning, never as a pass), or ``skipped`` with the reason:
+measure (counted as a warning, never as a pass), or ``skipped`` with the reason (a check that does not apply: a variant
+not trained, heat maps of variant e):
 
 - ``lungs_removed_auc`` (per backbone): how much of the full-image model's (variant c) ROC AUC above chance the
   lungs-removed model (variant e) keeps. A variant e that scores near c means the label is readable outside the lungs.
 - ``heatmap_lung_mass`` (per variant and class): the Grad-CAM mass inside the lungs divided by the lungs' share of the
   image area. 1.0 is what a uniform heat map scores; below it, the heat sits outside the lungs. Too few maps with any
-  heat is ``inconclusive``.
+  heat, or no image of the class to explain, is ``inconclusive``.
 - ``source_classifier`` (all models): the same backbone trained to tell the image's source (site or dataset); the
   value is the ROC AUC of the label predicted from the source *read from the image* (the COVID share in training of the
   source it predicts). It is high only when the source is both readable and predictive of the label. Sites with too
@@ -15,6 +16,12 @@ measure (counted as a warning, never as a pass), or ``skipped`` with the reason:
   sources clearly above chance (the lower bound of a bootstrap interval of its balanced accuracy at least a tenth of
   the way from chance to 1, :data:`READABLE_MARGIN`), the check is ``inconclusive``: a low label AUC then says nothing
   about the model.
+
+The lungs-removed and source checks grade a figure of a few dozen validation patients, whose uncertainty can span both
+thresholds. Each carries a 95% patient-level bootstrap interval (``low``, ``high``; the lungs-removed one resamples the
+patients once for c and e, which score the same images): a point at or above ``warn`` grades ``warn`` or ``fail`` as
+usual, but a point below ``warn`` passes only when the interval's upper bound is below ``warn`` too; otherwise the check
+is ``inconclusive``: it could not show the figure is low.
 
 The checks are graded on the validation split (the audit gates which classifier is registered and whether it becomes
 champion, and nothing may be chosen on a test split); the heat maps each explain the call the model made. The source
@@ -44,7 +51,9 @@ ALL = "all"
 
 @dataclass(frozen=True)
 class Check:
-    """One graded check: the measured value, its thresholds, the status and a one-line reason."""
+    """One graded check: the measured value, its thresholds, the status and a one-line reason; ``low`` and ``high``:
+    the value's 95% bootstrap interval where the check grades on one (None otherwise, or where a bound is undefined or
+    unbounded)."""
 
     name: str
     subject: str
@@ -53,6 +62,8 @@ class Check:
     fail: float | None
     status: str
     reason: str
+    low: float | None = None
+    high: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +89,26 @@ def grade(value: float, warn: float, fail: float, *, higher_is_worse: bool = Tru
     return PASS
 
 
+def grade_upper(value: float, high: float | None, warn: float, fail: float) -> str:
+    """:func:`grade` of a value (higher is worse) that passes only when its interval's upper bound ``high`` is below
+    ``warn`` too: a point below ``warn`` whose interval reaches it (or has no finite upper bound) is ``inconclusive``,
+    as the figure could not be shown to be low. ``warn`` and ``fail`` are graded on the point."""
+    status = grade(value, warn, fail)
+    if status == PASS and not (_finite(high) and high < warn):
+        return INCONCLUSIVE
+    return status
+
+
+def _bounds(low: float | None, high: float | None) -> tuple[float | None, float | None]:
+    """The interval's bounds for a :class:`Check`: None where undefined or unbounded."""
+    return (low if _finite(low) else None), (high if _finite(high) else None)
+
+
+def _pct(x: float | None) -> str:
+    """An interval bound as a percentage for a reason: ``?`` where undefined, ``unbounded`` where infinite."""
+    return f"{x:.0%}" if _finite(x) else "?" if x is None or math.isnan(x) else "unbounded"
+
+
 def worst(statuses: Iterable[str]) -> str:
     """The worst of graded statuses (skipped ones ignored); ``warn`` when nothing could be graded at all."""
     graded = [s for s in statuses if s != SKIPPED]
@@ -98,9 +129,67 @@ def _skip(name: str, subject: str, reason: str, warn: float | None, fail: float 
 
 # --- check 1: variant e (lungs removed) against variant c (full image) ------------------------------------------------
 
+def kept_share(auc_c: float, auc_e: float) -> float:
+    """Share of c's ROC AUC above chance that e keeps, ``(AUC_e - 0.5) / (AUC_c - 0.5)``, floored at 0 (c above
+    chance)."""
+    return max(0.0, (auc_e - 0.5) / (auc_c - 0.5))
+
+
+@dataclass(frozen=True)
+class KeptShare:
+    """Variants c and e scored on the same images: both ROC AUCs and the 95% paired patient-bootstrap interval of
+    :func:`kept_share`. ``n_unbounded``: resamples on which c's AUC fell to or below chance (no share to take: counted
+    as unbounded, above every other); ``n_skipped``: resamples holding one class (no AUC), left out."""
+
+    auc_c: float
+    auc_e: float
+    low: float
+    high: float
+    n_boot: int
+    n_unbounded: int = 0
+    n_skipped: int = 0
+
+
+def paired_kept_share(y: np.ndarray, score_c: np.ndarray, score_e: np.ndarray, patients: Sequence, *,
+                      n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> KeptShare:
+    """Both AUCs and the interval of the share e keeps, resampling the patients once for both models (their images
+    are the same: the resample that draws a hard patient twice draws it for c and e alike, so the share's interval
+    is not widened by two independent draws). Percentiles are taken outward (the order statistics at or beyond
+    ``alpha / 2`` and ``1 - alpha / 2``), never interpolated towards an unbounded resample."""
+    from covidcxr import metrics
+
+    y = np.asarray(y).astype(int)
+    score_c, score_e = np.asarray(score_c, dtype=np.float64), np.asarray(score_e, dtype=np.float64)
+    if not (len(y) == len(score_c) == len(score_e) == len(patients)):
+        raise ValueError(f"{len(y)} labels, {len(score_c)} c scores, {len(score_e)} e scores and {len(patients)} "
+                         "patient ids: c and e must score the same images")
+    auc_c, auc_e = _auc(y, score_c), _auc(y, score_e)
+    if not len(y):
+        return KeptShare(auc_c, auc_e, float("nan"), float("nan"), n_boot)
+    weights = metrics.patient_resample_weights(np.asarray(patients, dtype=object), n_boot=n_boot, seed=seed)
+    boot_c = metrics.resampled_ranking_metrics(y, score_c, weights)["roc_auc"]
+    boot_e = metrics.resampled_ranking_metrics(y, score_e, weights)["roc_auc"]
+    defined = np.isfinite(boot_c) & np.isfinite(boot_e)
+    above = defined & (boot_c > 0.5)
+    kept = np.full(n_boot, np.inf)
+    kept[above] = np.maximum(0.0, (boot_e[above] - 0.5) / (boot_c[above] - 0.5))
+    kept = kept[defined]
+    if not len(kept):
+        low = high = float("nan")
+    else:
+        low = float(np.quantile(kept, alpha / 2, method="lower"))
+        high = float(np.quantile(kept, 1 - alpha / 2, method="higher"))
+    return KeptShare(auc_c, auc_e, low, high, n_boot, n_unbounded=int((defined & ~above).sum()),
+                     n_skipped=int((~defined).sum()))
+
+
 def lungs_removed_check(backbone: str, auc_c: float | None, auc_e: float | None, *, warn: float, fail: float,
-                        min_c_auc: float = 0.6, split: str = "validation") -> Check:
-    """Share of c's ROC AUC above chance that e keeps, ``(AUC_e - 0.5) / (AUC_c - 0.5)``, floored at 0.
+                        min_c_auc: float = 0.6, split: str = "validation",
+                        interval: tuple[float, float] | None = None) -> Check:
+    """Share of c's ROC AUC above chance that e keeps, ``(AUC_e - 0.5) / (AUC_c - 0.5)``, floored at 0
+    (:func:`kept_share`), graded with :func:`grade_upper` on its ``interval`` (``(low, high)``, e.g. from
+    :func:`paired_kept_share`): it passes only when the upper bound is below ``warn``. Without an interval a share
+    below ``warn`` is ``inconclusive`` (nothing shows it is low), never a pass.
 
     ``None`` for a variant means it was not trained (skipped). An AUC that is undefined (one class in ``split``), or a c
     that scores below ``min_c_auc`` or at or below chance (0.5, whatever ``min_c_auc`` says: no AUC above chance to
@@ -122,14 +211,20 @@ def lungs_removed_check(backbone: str, auc_c: float | None, auc_e: float | None,
         return Check(LUNGS_REMOVED, subject, None, warn, fail, INCONCLUSIVE,
                      f"c_{backbone} {split} AUC {auc_c:.3f} is below {min_c_auc}: too close to chance to compare "
                      f"e_{backbone} ({auc_e:.3f}) against")
-    kept = max(0.0, (auc_e - 0.5) / (auc_c - 0.5))
-    status = grade(kept, warn, fail)
+    kept = kept_share(auc_c, auc_e)
+    low, high = interval if interval is not None else (None, None)
+    status = grade_upper(kept, high, warn, fail)
     meaning = {PASS: "the label is hardly readable without the lungs",
                WARN: "much of the signal lies outside the lungs",
-               FAIL: "the label is readable outside the lungs: a shortcut"}[status]
+               FAIL: "the label is readable outside the lungs: a shortcut",
+               INCONCLUSIVE: (f"below {warn:.0%}, but the interval reaches it: could not show that the label is hardly "
+                              "readable without the lungs" if interval is not None else
+                              f"below {warn:.0%}, but with no interval nothing shows it is low")}[status]
+    spread = (f" [{_pct(low)}, {_pct(high)}] (95% interval, {split} patients resampled alike for c and e)"
+              if interval is not None else "")
     return Check(LUNGS_REMOVED, subject, kept, warn, fail, status,
-                 f"e_{backbone} {split} AUC {auc_e:.3f} vs c_{backbone} {auc_c:.3f}: keeps {kept:.0%} of c's AUC "
-                 f"above chance; {meaning}")
+                 f"e_{backbone} {split} AUC {auc_e:.3f} vs c_{backbone} {auc_c:.3f}: keeps {kept:.0%}{spread} of "
+                 f"c's AUC above chance; {meaning}", *_bounds(low, high))
 
 
 # --- check 2: Grad-CAM mass inside the lungs, relative to the lungs' area ---------------------------------------------
@@ -138,8 +233,8 @@ def heatmap_check(subject: str, mass_share: float | None, area_share: float | No
                   fail: float) -> Check:
     """Heat-map mass share inside the lungs divided by the lungs' area share (1.0 = a uniform map); lower is worse."""
     if not (_finite(mass_share) and _finite(area_share)) or area_share <= 0:
-        return _skip(HEATMAP, subject, f"no heat-map mass ({mass_share}) or lung area ({area_share}) to compare",
-                     warn, fail)
+        return Check(HEATMAP, subject, None, warn, fail, INCONCLUSIVE,
+                     f"no heat-map mass ({mass_share}) or lung area ({area_share}) to compare")
     ratio = mass_share / area_share
     status = grade(ratio, warn, fail, higher_is_worse=False)
     meaning = {PASS: "the heat map concentrates on the lungs",
@@ -155,8 +250,9 @@ def heatmap_checks(name: str, explain: Mapping[str, float], *, warn: float, fail
     """One heat-map check per class of a classifier ``<variant>_<backbone>`` from its explain figures over one split
     (``lung_mass_share_<class>``, ``lung_area_share_<class>``, ``n_maps_<class>``, ``n_empty_<class>``). Fewer than
     ``min_maps`` maps with any heat (an empty map argues for nothing and has no share) is ``inconclusive``: the mean
-    of a handful says nothing of the class. Variant e is skipped: its lungs are blanked out, so its heat is outside
-    them by design."""
+    of a handful says nothing of the class; so is a class with no image to explain in ``split`` (the check applies,
+    but could not measure). Variant e is skipped: its lungs are blanked out, so its heat is outside them by
+    design."""
     checks = []
     for label in classes:
         subject = f"{name}/{label}"
@@ -167,7 +263,9 @@ def heatmap_checks(name: str, explain: Mapping[str, float], *, warn: float, fail
         n_maps = int(explain.get(f"n_maps_{label}") or 0)
         n_heat = n_maps - int(explain.get(f"n_empty_{label}") or 0)
         if not n_maps:
-            checks.append(_skip(HEATMAP, subject, f"no {label} {split} images to explain", warn, fail))
+            checks.append(Check(HEATMAP, subject, None, warn, fail, INCONCLUSIVE,
+                                f"no {label} {split} images to explain: could not measure where the model reads "
+                                f"{label}"))
             continue
         if n_heat < min_maps:
             checks.append(Check(HEATMAP, subject, None, warn, fail, INCONCLUSIVE,
@@ -206,6 +304,8 @@ class SourceReading:
     balanced_accuracy_low: float = float("nan")  # 95% bootstrap interval of the balanced accuracy (patients resampled)
     balanced_accuracy_high: float = float("nan")
     split: str = "validation"
+    label_auc_read_source_low: float = float("nan")  # ... of label_auc_read_source, on the same resamples
+    label_auc_read_source_high: float = float("nan")
 
     @property
     def readable_above(self) -> float:
@@ -290,9 +390,10 @@ def read_sources(classes: Sequence[str], probabilities: np.ndarray, source_read:
                  split: str = "validation", n_boot: int = 500, seed: int = 0) -> SourceReading:
     """Score a source classifier's probabilities ``(N, len(classes))`` on one split's images: readability of the
     source, and the label ROC AUC of the source's COVID share in training, with the true source and with the source
-    read from the image (its most probable source). Images of sources unseen in training are left out. The balanced
-    accuracy's interval resamples ``patients`` (one id per image; else each image is its own): a patient's films
-    share a site and are read alike, so resampling films would narrow it."""
+    read from the image (its most probable source). Images of sources unseen in training are left out. The 95%
+    intervals of the balanced accuracy and of the label AUC from the read source share ``n_boot`` resamples of
+    ``patients`` (one id per image; else each image is its own): a patient's films share a site and are read alike, so
+    resampling films would narrow them."""
     classes = tuple(classes)
     p = np.asarray(probabilities, dtype=np.float64)
     source_read = np.asarray(source_read, dtype=object).astype(str)
@@ -308,7 +409,14 @@ def read_sources(classes: Sequence[str], probabilities: np.ndarray, source_read:
     known = np.isin(source_read, classes)
     truth = np.array([classes.index(s) for s in source_read[known]], dtype=int)
     called = p[known].argmax(axis=1)
-    low, high = _balanced_accuracy_interval(truth, called, len(classes), patients[known], n_boot=n_boot, seed=seed)
+    low, high = auc_low, auc_high = float("nan"), float("nan")
+    if len(truth) >= 2:
+        from covidcxr import metrics
+
+        weights = metrics.patient_resample_weights(patients[known], n_boot=n_boot, seed=seed).astype(np.float64)
+        low, high = _interval(_balanced_accuracies(truth, called, len(classes), weights))
+        auc_low, auc_high = _interval(metrics.resampled_ranking_metrics(y_read[known], rate[called],
+                                                                        weights)["roc_auc"])
     return SourceReading(
         classes=classes, n_read=int(known.sum()),
         accuracy=float((called == truth).mean()) if len(truth) else float("nan"),
@@ -317,6 +425,7 @@ def read_sources(classes: Sequence[str], probabilities: np.ndarray, source_read:
         label_auc_true_source=_auc(y_read[known], rate[truth]),
         label_auc_read_source=_auc(y_read[known], rate[called]),
         balanced_accuracy_low=low, balanced_accuracy_high=high, split=split,
+        label_auc_read_source_low=auc_low, label_auc_read_source_high=auc_high,
     )
 
 
@@ -325,15 +434,9 @@ def _balanced_accuracy(truth: np.ndarray, called: np.ndarray, n_classes: int) ->
     return float(np.mean(recalls)) if recalls else float("nan")
 
 
-def _balanced_accuracy_interval(truth: np.ndarray, called: np.ndarray, n_classes: int, patients: np.ndarray, *,
-                                n_boot: int = 500, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap interval of the balanced accuracy, resampling patients (seeded); a resample's recall of
-    a source weighs each film by how often its patient was drawn."""
-    from covidcxr import metrics
-
-    if len(truth) < 2:
-        return float("nan"), float("nan")
-    weights = metrics.patient_resample_weights(patients, n_boot=n_boot, seed=seed).astype(np.float64)
+def _balanced_accuracies(truth: np.ndarray, called: np.ndarray, n_classes: int, weights: np.ndarray) -> np.ndarray:
+    """The balanced accuracy on each resample (a row of ``weights``, :func:`covidcxr.metrics.patient_resample_weights`):
+    a resample's recall of a source weighs each film by how often its patient was drawn; NaN where no film is."""
     recalls = []
     for k in range(n_classes):
         total = weights[:, truth == k].sum(axis=1)
@@ -342,7 +445,11 @@ def _balanced_accuracy_interval(truth: np.ndarray, called: np.ndarray, n_classes
             recalls.append(np.where(total > 0, right / np.where(total > 0, total, 1.0), np.nan))
     recalls = np.array(recalls)
     present = ~np.isnan(recalls)
-    values = np.where(present.any(axis=0), np.nansum(recalls, axis=0) / np.maximum(present.sum(axis=0), 1), np.nan)
+    return np.where(present.any(axis=0), np.nansum(recalls, axis=0) / np.maximum(present.sum(axis=0), 1), np.nan)
+
+
+def _interval(values: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile interval of the resamples' defined values; NaN bounds when none is."""
     values = values[np.isfinite(values)]
     if not len(values):
         return float("nan"), float("nan")
@@ -364,7 +471,8 @@ def group_sources(site: Sequence[str], source: Sequence[str], train: np.ndarray,
 
 
 def source_check(reading: SourceReading | None, *, warn: float, fail: float, skip_reason: str = "") -> Check:
-    """Grade the label AUC through the source read from the image (0.5: no label information; higher is worse)."""
+    """Grade the label AUC through the source read from the image (0.5: no label information; higher is worse) with
+    :func:`grade_upper` on its patient-bootstrap interval: it passes only when the upper bound is below ``warn``."""
     if reading is None:
         return _skip(SOURCE, ALL, skip_reason or "no source classifier", warn, fail)
     r = reading
@@ -378,13 +486,17 @@ def source_check(reading: SourceReading | None, *, warn: float, fail: float, ski
     if not _finite(r.label_auc_read_source):
         return Check(SOURCE, ALL, None, warn, fail, INCONCLUSIVE,
                      f"label AUC undefined: the {r.n_read} {r.split} images of known sources hold one class")
-    status = grade(r.label_auc_read_source, warn, fail)
+    low, high = r.label_auc_read_source_low, r.label_auc_read_source_high
+    status = grade_upper(r.label_auc_read_source, high, warn, fail)
     meaning = {PASS: "the source read from the image says little about the label",
                WARN: "the source read from the image partly predicts the label",
-               FAIL: "the source is readable and predicts the label: a shortcut"}[status]
+               FAIL: "the source is readable and predicts the label: a shortcut",
+               INCONCLUSIVE: f"below {warn}, but the interval reaches it: could not show that the source read from "
+                             "the image says little about the label"}[status]
     return Check(SOURCE, ALL, r.label_auc_read_source, warn, fail, status,
-                 f"{read}; the read source predicts the label with AUC {r.label_auc_read_source:.2f} (true "
-                 f"source: {r.label_auc_true_source:.2f}); {meaning}")
+                 f"{read}; the read source predicts the label with AUC {r.label_auc_read_source:.2f} "
+                 f"[{low:.2f}, {high:.2f}] (95% interval, patients resampled; true source: "
+                 f"{r.label_auc_true_source:.2f}); {meaning}", *_bounds(low, high))
 
 
 # --- the report, and what it says about one model -------------------------------------------------------------------

@@ -402,6 +402,34 @@ def _ranking_metrics(weights: np.ndarray, t_sorted: np.ndarray, level_end: np.nd
     return {"roc_auc": auc, "average_precision": ap}
 
 
+def _score_levels(t: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The order of decreasing score (stable), the labels in that order and the last index of each run of equal
+    scores: what :func:`_ranking_metrics` takes."""
+    order = np.argsort(-s, kind="stable")
+    s_sorted = s[order]
+    return order, t[order].astype(np.float64), np.flatnonzero(np.append(s_sorted[1:] != s_sorted[:-1], True))
+
+
+def resampled_ranking_metrics(y_true: np.ndarray, y_score: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Weighted ROC AUC and average precision (``{"roc_auc", "average_precision"}``, each ``(B,)``) of the scores for
+    each row of ``weights`` ``(B, N)``, one weight per resample and sample (e.g. :func:`patient_resample_weights`).
+
+    The figures :func:`bootstrap_ci` computes on its resamples, for intervals of figures built from them: two models'
+    AUCs on the same resamples of the same images (a paired bootstrap), or an AUC on the resamples of another figure.
+    NaN on a resample that holds one class (no AUC) or no positive (no AP).
+    """
+    t, s = _labels_scores(y_true, y_score)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 2 or w.shape[1] != len(t):
+        raise ValueError(f"weights must be (resamples, {len(t)} samples), got shape {w.shape}")
+    order, t_sorted, level_end = _score_levels(t, s)
+    chunk = max(1, _CHUNK_ELEMENTS // len(s))
+    parts = [_ranking_metrics(w[start:start + chunk][:, order], t_sorted, level_end)
+             for start in range(0, len(w), chunk)]
+    return {n: np.concatenate([p[n] for p in parts]) if parts else np.empty(0)
+            for n in ("roc_auc", "average_precision")}
+
+
 def _bootstrap_named(
     t: np.ndarray,
     s: np.ndarray,
@@ -423,9 +451,8 @@ def _bootstrap_named(
 
     ranking = [n for n in names if n in ("roc_auc", "average_precision")]
     if ranking:
-        order = np.argsort(-s, kind="stable")
-        s_sorted, t_sorted, codes_sorted = s[order], t[order].astype(np.float64), codes[order]
-        level_end = np.flatnonzero(np.append(s_sorted[1:] != s_sorted[:-1], True))
+        order, t_sorted, level_end = _score_levels(t, s)
+        codes_sorted = codes[order]
         chunk = max(1, _CHUNK_ELEMENTS // len(s))
         parts: dict[str, list[np.ndarray]] = {n: [] for n in ranking}
         for start in range(0, len(counts), chunk):

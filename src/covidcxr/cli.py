@@ -807,7 +807,7 @@ def _tune(args: argparse.Namespace) -> int:
     except (KeyError, RuntimeError) as err:  # no such study (and no --config), or no completed trial yet
         print(f"tune: {err.args[0] if err.args else err}", file=sys.stderr)
         return 1
-    except ValueError as err:  # a study of other data, or one whose stored configuration this version refuses
+    except tuning.StudyRefused as err:  # a storage or study this worker cannot use: other data, a configuration refused
         named = str(err) if f"study {args.study!r}" in str(err) else f"study {args.study!r}: {err}"
         print(f"tune: {named}", file=sys.stderr)
         return 2

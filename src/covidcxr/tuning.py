@@ -227,8 +227,8 @@ def make_storage(url: str, *, heartbeat_s: int | None = 60) -> optuna.storages.B
     The password comes from the URL's environment (``PGPASSWORD``, ``~/.pgpass``), never from params. With
     ``heartbeat_s`` a worker that dies mid-trial has its trial marked failed after ``3 * heartbeat_s`` seconds instead
     of left running forever. Workers that start together race to create the schema: that is retried. A URL that is no
-    SQLAlchemy URL, or names a dialect or driver not installed, is a ValueError; a storage that still cannot be reached
-    after the retries is a :class:`StorageUnavailable`. Neither message shows a password.
+    SQLAlchemy URL, or names a dialect or driver not installed, is a :class:`StudyRefused`; a storage that still cannot
+    be reached after the retries is a :class:`StorageUnavailable`. Neither message shows a password.
     """
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -236,10 +236,10 @@ def make_storage(url: str, *, heartbeat_s: int | None = 60) -> optuna.storages.B
     try:
         make_url(url).get_dialect().import_dbapi()
     except ArgumentError:  # NoSuchModuleError (no such dialect) is one: no retry mends either
-        raise ValueError(f"Optuna storage {dburl.shown_url(url)}: not a SQLAlchemy URL of an installed dialect and "
+        raise StudyRefused(f"Optuna storage {dburl.shown_url(url)}: not a SQLAlchemy URL of an installed dialect and "
                          "driver (e.g. sqlite:///optuna.db, postgresql+psycopg2://optuna@db-host/optuna)") from None
     except ImportError as exc:  # the dialect is known, its driver module is not installed
-        raise ValueError(f"Optuna storage {dburl.shown_url(url)}: its driver is not installed ({exc.name})") from None
+        raise StudyRefused(f"Optuna storage {dburl.shown_url(url)}: its driver is not installed ({exc.name})") from None
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +252,7 @@ def make_storage(url: str, *, heartbeat_s: int | None = 60) -> optuna.storages.B
         except SQLAlchemyError as exc:
             if attempt == 3:
                 raise StorageUnavailable(f"Optuna storage {dburl.shown_url(url)} cannot be reached after 4 tries: "
-                                         f"{type(exc).__name__}: {_first_line(exc)}") from None
+                                         f"{type(exc).__name__}: {_first_line(exc, url)}") from None
             log.info("Optuna storage %s not ready (%s); retrying", dburl.shown_url(url), type(exc).__name__)
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
@@ -267,15 +267,26 @@ def _pruner(config: Mapping) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(**dict(config.get("pruner") or {}))
 
 
+class StudyRefused(ValueError):
+    """This worker cannot use the study or its storage as given: a storage URL that is no SQLAlchemy URL of an
+    installed driver, a study created on other data, or a configuration (given or stored) it cannot run. The
+    caller's input is wrong; a ValueError raised while a trial trains is not one of these."""
+
+
 class StorageUnavailable(RuntimeError):
     """The study's storage (a database server) cannot be reached: down, refusing the user, or no such database."""
 
 
-def _first_line(exc: BaseException) -> str:
-    """The driver's own message, first line: SQLAlchemy appends the statement and a link on later lines. A driver
-    does not echo the password it was given."""
+def _first_line(exc: BaseException, url: str) -> str:
+    """The driver's own message, first line (SQLAlchemy appends the statement and a link on later lines), with the
+    URL's password as ``***``: a driver may echo its connection string (so the prediction log, whose messages go to a
+    server's logs, shows only the type; a worker's operator needs the reason: refused, no such database, bad user)."""
+    from sqlalchemy.engine import make_url
+
     text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    password = make_url(url).password
+    return line.replace(str(password), "***") if password else line
 
 
 class StudyNotReady(RuntimeError):
@@ -346,7 +357,7 @@ def open_study(
         attrs = _wait_for_attrs(study, [CONFIG_ATTR], wait_s)
         stored = attrs[CONFIG_ATTR]
         if data_sha256 and attrs.get(DATA_ATTR) not in (None, data_sha256):
-            raise ValueError(f"study {name!r} was created on other data (sha256 {attrs[DATA_ATTR][:12]}..., this "
+            raise StudyRefused(f"study {name!r} was created on other data (sha256 {attrs[DATA_ATTR][:12]}..., this "
                              f"worker has {data_sha256[:12]}...): run every worker on the same dvc-pulled cache and "
                              "split")
         if config is not None and dict(config) != stored:
@@ -649,6 +660,10 @@ def tune_unet(study_name: str, storage: str, data: UNetData, *, config: Mapping 
             raise
         raise KeyError(f"study {study_name!r} does not exist in {dburl.shown_url(storage)}: with 0 trials only a "
                        "study that exists is exported (its best trial); check the name and the storage") from None
+    except StudyRefused:
+        raise
+    except ValueError as err:  # a configuration, given or stored, that the sampler or pruner refuses
+        raise StudyRefused(str(err)) from err
     tracker = None
     if tracking is not None:
         tracker = attach_tracker(study, created, experiment=tracking.experiment, run_name=tracking.run_name,

@@ -173,12 +173,7 @@ def paired_kept_share(y: np.ndarray, score_c: np.ndarray, score_e: np.ndarray, p
     above = defined & (boot_c > 0.5)
     kept = np.full(n_boot, np.inf)
     kept[above] = np.maximum(0.0, (boot_e[above] - 0.5) / (boot_c[above] - 0.5))
-    kept = kept[defined]
-    if not len(kept):
-        low = high = float("nan")
-    else:
-        low = float(np.quantile(kept, alpha / 2, method="lower"))
-        high = float(np.quantile(kept, 1 - alpha / 2, method="higher"))
+    low, high = metrics.percentile_interval(kept[defined], alpha=alpha, outward=True)
     return KeptShare(auc_c, auc_e, low, high, n_boot, n_unbounded=int((defined & ~above).sum()),
                      n_skipped=int((~defined).sum()))
 
@@ -414,9 +409,9 @@ def read_sources(classes: Sequence[str], probabilities: np.ndarray, source_read:
         from covidcxr import metrics
 
         weights = metrics.patient_resample_weights(patients[known], n_boot=n_boot, seed=seed).astype(np.float64)
-        low, high = _interval(_balanced_accuracies(truth, called, len(classes), weights))
-        auc_low, auc_high = _interval(metrics.resampled_ranking_metrics(y_read[known], rate[called],
-                                                                        weights)["roc_auc"])
+        low, high = metrics.percentile_interval(_balanced_accuracies(truth, called, len(classes), weights))
+        auc_low, auc_high = metrics.percentile_interval(
+            metrics.resampled_ranking_metrics(y_read[known], rate[called], weights)["roc_auc"])
     return SourceReading(
         classes=classes, n_read=int(known.sum()),
         accuracy=float((called == truth).mean()) if len(truth) else float("nan"),
@@ -446,14 +441,6 @@ def _balanced_accuracies(truth: np.ndarray, called: np.ndarray, n_classes: int, 
     recalls = np.array(recalls)
     present = ~np.isnan(recalls)
     return np.where(present.any(axis=0), np.nansum(recalls, axis=0) / np.maximum(present.sum(axis=0), 1), np.nan)
-
-
-def _interval(values: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile interval of the resamples' defined values; NaN bounds when none is."""
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return float("nan"), float("nan")
-    return float(np.quantile(values, alpha / 2)), float(np.quantile(values, 1 - alpha / 2))
 
 
 def group_sources(site: Sequence[str], source: Sequence[str], train: np.ndarray, min_images: int) -> np.ndarray:

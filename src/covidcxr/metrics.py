@@ -464,15 +464,27 @@ def _bootstrap_named(
     return {n: out[n] for n in names}
 
 
+def percentile_interval(samples: np.ndarray, *, alpha: float = 0.05, outward: bool = False) -> tuple[float, float]:
+    """The ``1 - alpha`` percentile interval of the resamples' defined (non-NaN) values; NaN bounds when none is.
+
+    Linear interpolation between order statistics, as :func:`bootstrap_ci`; ``outward`` takes the order statistics at
+    or beyond each bound instead, for resamples that may be infinite (a bound is never interpolated towards one)."""
+    valid = np.asarray(samples, dtype=np.float64)
+    valid = valid[~np.isnan(valid)]
+    if not len(valid):
+        return float("nan"), float("nan")
+    if outward:
+        return (float(np.quantile(valid, alpha / 2, method="lower")),
+                float(np.quantile(valid, 1 - alpha / 2, method="higher")))
+    low, high = np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(low), float(high)
+
+
 def _percentile_ci(value: float, samples: np.ndarray, alpha: float, n_boot: int) -> BootstrapCI:
     """Percentile interval of the defined (non-NaN) resample values."""
-    valid = samples[~np.isnan(samples)]
-    skipped = int(len(samples) - len(valid))
-    if len(valid) == 0:
-        low = high = float("nan")
-    else:
-        low, high = (float(x) for x in np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)]))
-    return BootstrapCI(value=float(value), low=low, high=high, n_boot=n_boot, n_skipped=skipped)
+    low, high = percentile_interval(samples, alpha=alpha)
+    return BootstrapCI(value=float(value), low=low, high=high, n_boot=n_boot,
+                       n_skipped=int(np.isnan(samples).sum()))
 
 
 def _check_boot_args(n_boot: int, alpha: float) -> None:

@@ -1284,20 +1284,23 @@ def test_an_image_that_fails_to_download_or_to_be_stored_costs_the_others_of_its
     assert sent == [2, 2]
 
 
-def test_a_scorer_answering_503_under_load_is_asked_again_and_never_counts_toward_giving_up(pipeline):
+@pytest.mark.parametrize("status", [503, 429, 408])
+def test_a_scorer_answering_not_now_under_load_is_asked_again_and_never_counts_toward_giving_up(pipeline, status):
     """A proxy's 503 to one scoring request (the scorer overloaded), then a probe it answered, failed the study and
     counted toward GIVE_UP_AFTER: after three such passes an --interval worker gave up on the study until restarted,
     though none of its images had been scored. The request is now sent again (--retries, with the PACS's backoff); a
-    study whose requests are still answered 503 fails the pass, counted by cause, but not toward giving up on it."""
+    study whose requests are still answered 503 fails the pass, counted by cause, but not toward giving up on it. A
+    rate-limiting proxy's 429, or a 408, still answered after the retries counted toward giving up (the scorer's
+    answer became a StudyFailed that carried no status): it now counts as a 503 does."""
     score, _ = scorer(pipeline)
     waits: list[float] = []
-    for busy, failed in (([503], 0), ([503] * 4, 1)):
+    for busy, failed in (([status], 0), ([status] * 4, 1)):
         failures: dict[str, int] = {}
         with dicomweb_answering({UIDS[0]: wado_film(UIDS[0])}) as pacs_url, served_over_http(score, busy=busy) as url:
             summary = pacs.run(pacs.DicomWeb(pacs_url, retries=2, backoff=0.5, sleep=waits.append),
                                serving.remote_scorer(url, timeout=60), "covidcxr", failures=failures)
         assert (summary.failed_studies, summary.stored_sr, failures) == (failed, 1 - failed, {})
-    assert summary.failures == {"scoring: the scorer answered HTTP 503": 1} and waits == [0.5, 0.5, 1.0]
+    assert summary.failures == {f"scoring: the scorer answered HTTP {status}": 1} and waits == [0.5, 0.5, 1.0]
 
 
 @pytest.mark.infra

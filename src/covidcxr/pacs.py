@@ -53,8 +53,8 @@ SC_SERIES_NUMBER = 9902
 #: Environment variables holding the DICOMweb basic-auth credentials (read by the CLI, never flags or logs).
 USER_ENV, PASSWORD_ENV = "COVIDCXR_PACS_USER", "COVIDCXR_PACS_PASSWORD"
 #: HTTP statuses a scoring server answers through its proxy when it is down or overloaded: they stop the pass, as an
-#: unreachable one does, unless the scorer answers a probe right after (then they were the study's); any other error
-#: answer is the study's own failure.
+#: unreachable one does, unless the scorer answers a probe right after (then they were the study's); so does a "not
+#: now" (NOT_NOW) still answered after the retries; any other error answer is the study's own failure.
 SCORER_DOWN = frozenset({502, 503, 504})
 #: HTTP statuses that say "not now" (request timeout, too many requests): retried like a 5xx, never the study's own
 #: failure. A retried answer's Retry-After (at most MAX_RETRY_AFTER seconds) replaces the backoff.
@@ -691,12 +691,14 @@ def header_problem(header: Dataset, model: ModelId) -> str | None:
 def score_files(score: serving.Scorer, files: list[str]) -> list[dict]:
     """One entry per file (base64 DICOM) from the scorer, with Grad-CAM overlays. The scorer failing on them (an error
     answer, an in-process ServingError, an answer that is not one entry per file) is :class:`StudyFailed`, which
-    :func:`process_study` counts against the request's images; an unreachable scorer (OSError, or a proxy's
-    502/503/504) propagates: :func:`process_study` probes the scorer to tell whether it stops the pass."""
+    :func:`process_study` counts against the request's images; an unreachable or overloaded scorer (OSError, a proxy's
+    502/503/504, or a 408 or 429 still answered after the retries) propagates with its status: :func:`process_study`
+    probes the scorer to tell whether it stops the pass, and does not count a "not now" (:data:`NOT_NOW`) toward
+    giving up on the study."""
     try:
         entries = score(files, {"explain": True})
     except serving.ScoringError as err:
-        if err.status in SCORER_DOWN:
+        if err.status in SCORER_DOWN | NOT_NOW:
             raise
         raise StudyFailed(f"the scorer answered HTTP {err.status}") from None
     except OSError:

@@ -1146,8 +1146,10 @@ def test_an_image_the_scorer_failed_on_gets_no_result_and_is_scored_on_the_next_
 def test_results_are_numbered_after_every_number_their_series_already_holds():
     """The results' InstanceNumber was their image's place among the study's images: an image that arrived after
     others were done, sorting before them, took the number of a result already in the series (two SRs numbered 1).
-    New results are now numbered after the highest number the model's two result series hold (a number left unused
-    by an image that failed is never given again); another model's series count for nothing."""
+    New results are now numbered after the highest number the model's two result series hold; another model's series
+    count for nothing. An image whose SC was stored but not its SR took a new number for its SR (and its SC, stored
+    again): it now keeps its SC's number, and its SC is not stored again; when the PACS lists no number for that SC,
+    its SR takes a new one."""
     model, other = pacs.ModelId("covidcxr", "1"), pacs.ModelId("covidcxr", "2")
 
     def result(k: int, kind: str, number: str | None, of: pacs.ModelId = model) -> dict:
@@ -1155,13 +1157,15 @@ def test_results_are_numbered_after_every_number_their_series_already_holds():
                 "SOPInstanceUID": pacs.result_uids(f"1.2.1.{k}", of)[kind], "InstanceNumber": number}
 
     images = [{"SeriesInstanceUID": "1.2.1", "SOPInstanceUID": f"1.2.1.{k}", "Modality": "CR", "InstanceNumber": "1"}
-              for k in (1, 2, 3, 4)]
-    done = [result(2, "sr", "1"), result(2, "sc", "1"), result(3, "sr", "2"), result(4, "sc", "5"),  # 4: SC only
-            result(1, "sr", "9", other), result(3, "sc", None)]
+              for k in (1, 2, 3, 4, 5)]
+    done = [result(2, "sr", "1"), result(2, "sc", "1"), result(3, "sr", "2"), result(4, "sc", "5"),  # 4, 5: SC only
+            result(1, "sr", "9", other), result(3, "sc", None), result(5, "sc", None)]
     pending, n_done = pacs.pending_sources(images + done, "1.2", model)
-    assert n_done == 2 and [(s.sop_uid, s.number) for s in pending] == [("1.2.1.1", 6), ("1.2.1.4", 7)]
+    assert n_done == 2
+    assert [(s.sop_uid, s.number, s.sc_stored) for s in pending] == [("1.2.1.1", 6, False), ("1.2.1.4", 5, True),
+                                                                      ("1.2.1.5", 7, True)]
     pending, _ = pacs.pending_sources(images, "1.2", model)  # none done yet: from 1, in their order
-    assert [s.number for s in pending] == [1, 2, 3, 4]
+    assert [(s.number, s.sc_stored) for s in pending] == [(k, False) for k in (1, 2, 3, 4, 5)]
 
 
 @pytest.mark.infra
@@ -1282,6 +1286,41 @@ def test_an_image_that_fails_to_download_or_to_be_stored_costs_the_others_of_its
         summary = pacs.run(client, counted, "covidcxr")
     assert (summary.already_done, summary.stored_sr, summary.failed_images, summary.failed_studies) == (1, 2, 0, 0)
     assert sent == [2, 2]
+
+
+def test_an_image_whose_sr_was_refused_gets_only_its_sr_next_pass_numbered_as_its_sc(pipeline):
+    """An image whose SC was stored and whose SR the PACS refused had its SC made again on the next pass, with the same
+    SOP Instance UID, and stored again (counted twice in stored_sc): a PACS refusing an instance it holds failed that
+    SC every pass and never got the SR; one keeping the first copy ended with the SC numbered N and the SR N+1, where
+    an image's results share a number. The next pass now stores only the SR, numbered as the SC."""
+    study = UIDS[0]
+    refused: list[tuple[str, str]] = []  # (modality, source image) of the instances refused
+    kept: dict[tuple[str, str], int] = {}  # (modality, source image): InstanceNumber of the instances stored
+
+    def source_of(ds: pydicom.Dataset) -> str:
+        if ds.Modality == "SR":
+            evidence = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+            return evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        return ds.SourceImageSequence[0].ReferencedSOPInstanceUID
+
+    def refuse(ds: pydicom.Dataset) -> bool:  # an instance it holds already; the first image's first SR
+        key = (ds.Modality, source_of(ds))
+        if key in kept or key == ("SR", f"{study}.1.1") and not refused:
+            refused.append(key)
+            return True
+        kept[key] = int(ds.InstanceNumber)
+        return False
+
+    counted, sent = counting(scorer(pipeline)[0])
+    with dicomweb_answering({study: [wado_film(study, 1), wado_film(study, 2)]}, refuse=refuse) as url:
+        client = pacs.DicomWeb(url, retries=0)
+        first = pacs.run(client, counted, "covidcxr")
+        second = pacs.run(client, counted, "covidcxr")
+    assert (first.stored_sc, first.stored_sr, first.failed_images, first.failed_studies) == (2, 1, 1, 1)
+    assert (second.already_done, second.scored, second.stored_sc, second.stored_sr, second.failed_studies) == (
+        1, 1, 0, 1, 0)
+    assert refused == [("SR", f"{study}.1.1")] and sent == [2, 1]
+    assert kept == {(kind, f"{study}.1.{k}"): k for kind in ("OT", "SR") for k in (1, 2)}
 
 
 @pytest.mark.parametrize("status", [503, 429, 408])

@@ -12,11 +12,12 @@ For every CR/DX image of a study (QIDO-RS to find them, WADO-RS to fetch them), 
 Both carry the source's patient and study modules (so they attach to the study) and new UIDs derived from the source
 SOP Instance UID and the model's name and version: a result that is already in the study is not made again, so a
 second run over the same studies adds nothing. The SC is stored before the SR: an image counts as done when its SR
-exists. An image the scorer failed on (an internal error, or out of memory) gets neither: its refusal says nothing of
-the image, and the next pass sends it again. Each image's outcome is its own: one that fails a step (retrieval,
-scoring request, results, storage) costs the study's other images nothing, and is counted by step and cause. Nothing
-identifying leaves this module except into the PACS: the log holds counts and hashed study and image ids, and errors
-name the PACS endpoint (never its credentials) and the operation, never a UID.
+exists, and one whose SC was stored but not its SR gets only its SR on the next pass, numbered as its SC. An image the
+scorer failed on (an internal error, or out of memory) gets neither: its refusal says nothing of the image, and the
+next pass sends it again. Each image's outcome is its own: one that fails a step (retrieval, scoring request,
+results, storage) costs the study's other images nothing, and is counted by step and cause. Nothing identifying leaves
+this module except into the PACS: the log holds counts and hashed study and image ids, and errors name the PACS
+endpoint (never its credentials) and the operation, never a UID.
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ class Source:
     study_uid: str
     series_uid: str
     sop_uid: str
-    number: int  # its results' InstanceNumber: after every number already used in the model's result series
+    number: int  # its results' InstanceNumber: its stored SC's, else after every number used in the result series
+    sc_stored: bool = False  # its SC is in the study (a pass stored it, then failed its SR): not stored again
 
 
 @dataclass
@@ -392,21 +394,32 @@ def series_uids(study_uid: str, model: ModelId) -> dict[str, str]:
 
 
 def pending_sources(instances: Iterable[dict], study_uid: str, model: ModelId) -> tuple[list[Source], int]:
-    """The CR/DX images of a study whose SR by ``model`` is not in it yet, and how many are already done. The pending
-    ones are numbered (their results' InstanceNumber, the SR's and the SC's alike) from the highest number already
-    used in ``model``'s two result series of the study on: numbered by their place among the study's images, an image
-    that arrived (or was retried) after others were done took a number one of theirs had; a number left unused by an
-    image that fails this pass is never given again."""
+    """The CR/DX images of a study whose SR by ``model`` is not in it yet, and how many are already done. A pending
+    image whose SC is in the study already (a pass stored it, then failed its SR) is marked ``sc_stored``, so that
+    the SC is not stored again, and its SR takes the SC's number (as the PACS lists it), as an image's results share
+    one. The others are numbered (their results' InstanceNumber, the SR's and the SC's alike) from the highest number
+    already used in ``model``'s two result series of the study on: numbered by their place among the study's images,
+    an image that arrived (or was retried) after others were done took a number one of theirs had. No number a stored
+    result holds is given to another image's results; a number given to an image that stored nothing may be given
+    again on a later pass (to it or another image), or stay unused once a higher one is stored."""
     instances = list(instances)
     existing = {item["SOPInstanceUID"] for item in instances}
     results = set(series_uids(study_uid, model).values())
-    used = max((whole_number(i.get("InstanceNumber")) for i in instances if i.get("SeriesInstanceUID") in results),
-               default=0)
+    numbers = {i["SOPInstanceUID"]: whole_number(i.get("InstanceNumber")) for i in instances
+               if i.get("SeriesInstanceUID") in results}
+    last = max(numbers.values(), default=0)
     images = sorted((i["SeriesInstanceUID"], i["SOPInstanceUID"]) for i in instances
                     if (i.get("Modality") or "").upper() in MODALITIES)
-    pending = [(series, sop) for series, sop in images if result_uids(sop, model)["sr"] not in existing]
-    sources = [Source(study_uid, series, sop, number) for number, (series, sop) in enumerate(pending, used + 1)]
-    return sources, len(images) - len(pending)
+    sources: list[Source] = []
+    for series, sop in images:
+        uids = result_uids(sop, model)
+        if uids["sr"] in existing:
+            continue
+        number = numbers.get(uids["sc"], 0)
+        if number < 1:  # no SC stored, or one whose number the PACS does not list: a new number
+            last = number = last + 1
+        sources.append(Source(study_uid, series, sop, number, sc_stored=uids["sc"] in existing))
+    return sources, len(images) - len(sources)
 
 
 def whole_number(value: str | None) -> int:
@@ -642,7 +655,7 @@ def process_study(pacs: DicomWeb, study_uid: str, score: serving.Scorer, model: 
                 summary.reasons[reason] = summary.reasons.get(reason, 0) + 1
             try:
                 sc = None
-                if entry["accepted"] and entry.get(serving.GRADCAM_FIELD):
+                if entry["accepted"] and entry.get(serving.GRADCAM_FIELD) and not source.sc_stored:
                     sc = build_sc(header, entry[serving.GRADCAM_FIELD], model, series["sc"], uids["sc"], number)
                 sr = build_sr(header, entry, model, series["sr"], uids["sr"], number)
             except BUILD_ERRORS as err:  # what header_problem did not foresee; the error's text may quote the header

@@ -1391,12 +1391,18 @@ def test_an_overlay_of_pixels_stored_as_baseline_jpeg_says_they_went_through_los
     ("1.2.840.10008.1.2.4.50", True), ("1.2.840.10008.1.2.4.51", True), ("1.2.840.10008.1.2.4.91", True),
     ("1.2.840.10008.1.2.4.81", True), ("1.2.840.10008.1.2.4.90", False), ("1.2.840.10008.1.2.4.80", False),
     ("1.2.840.10008.1.2.4.57", False), ("1.2.840.10008.1.2.4.70", False), ("1.2.840.10008.1.2.1", False),
+    ("1.2.840.10008.1.2.4.93", True), ("1.2.840.10008.1.2.4.92", False), ("1.2.840.10008.1.2.4.203", True),
+    ("1.2.840.10008.1.2.4.201", False), ("1.2.840.10008.1.2.4.202", False), ("1.2.840.10008.1.2.4.112", True),
+    ("1.2.840.10008.1.2.4.111", True), ("1.2.840.10008.1.2.4.110", False),
 ])
 @pytest.mark.parametrize("stated", [None, "00", "01"])
 def test_an_overlay_of_pixels_in_a_lossy_capable_syntax_never_says_they_are_lossless(syntax, lossy, stated):
     """A JPEG 2000 (.91) or JPEG-LS near-lossless (.81) source whose header was silent made an overlay that said
     nothing of lossy compression, and any lossy syntax whose header said 00 (copied from the original before it was
-    compressed) one that said 00, not lossy. They now say 01; lossless syntaxes keep what the source says."""
+    compressed) one that said 00, not lossy. They now say 01; lossless syntaxes keep what the source says. So do the
+    lossy-capable syntaxes left out until now: JPEG 2000 Part 2 (.93), High-Throughput JPEG 2000 (.203), JPEG XL
+    (.112) and JPEG XL JPEG recompression (.111, a lossy JPEG repacked losslessly); their lossless-only siblings
+    (.92, .201, .202, .110) keep what the source says."""
     import numpy as np
 
     model = pacs.ModelId("covidcxr", "3")

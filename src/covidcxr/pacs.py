@@ -99,10 +99,14 @@ UNITS = {"probability": Code("{probability}", "UCUM", "probability"), "fraction"
 #: What the source says of the lossy compression its pixels went through, which the overlay drawn on them inherits.
 LOSSY_KEYWORDS = ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod")
 #: Transfer syntaxes whose pixels may have gone through lossy compression, whatever the header says: JPEG baseline
-#: and extended, JPEG 2000 (.91, irreversible or reversible at the encoder's choice) and JPEG-LS near-lossless (.81).
-#: The lossless ones (JPEG lossless .57/.70, JPEG-LS .80, JPEG 2000 .90) leave it to the source's own header.
+#: and extended, JPEG-LS near-lossless (.81), the JPEG 2000 ones that allow irreversible coding at the encoder's
+#: choice (.91, Part 2 multi-component .93, High-Throughput .203), JPEG XL (.112) and JPEG XL JPEG recompression
+#: (.111: a lossless repacking of a JPEG baseline or extended bitstream, whose pixels are lossy). The lossless-only
+#: ones (JPEG lossless .57/.70, JPEG-LS .80, JPEG 2000 .90/.92, HTJ2K .201/.202, JPEG XL .110) leave it to the
+#: source's own header.
 LOSSY_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
-                            "1.2.840.10008.1.2.4.91"})
+                            "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.203",
+                            "1.2.840.10008.1.2.4.111", "1.2.840.10008.1.2.4.112"})
 #: The letters of a PatientOrientation value (PS3.3 C.7.6.1.1.1): anterior, posterior, right, left, head, foot.
 ORIENTATION_LETTERS = frozenset("APRLHF")
 

@@ -73,7 +73,7 @@ def lungs_removed_checks(p: dict, classifiers: dict) -> list[audit.Check]:
             continue
         share = paired_share(b, int(p["n_boot"]))
         checks.append(audit.lungs_removed_check(b, share.auc_c, share.auc_e, interval=(share.low, share.high),
-                                                **grades))
+                                                unbounded=share.n_unbounded, undefined=share.n_skipped, **grades))
     return checks
 
 

@@ -204,8 +204,11 @@ def test_a_c_at_chance_on_a_resample_leaves_the_share_unbounded():
     assert share.n_unbounded > 0.025 * 400 and share.high == float("inf"), share
     assert share.n_skipped > 0  # a resample of one class has no AUC at all: left out
     check = audit.lungs_removed_check("vgg16", share.auc_c, share.auc_e, warn=0.6, fail=0.9, min_c_auc=0.6,
-                                      interval=(share.low, share.high))
+                                      interval=(share.low, share.high), unbounded=share.n_unbounded,
+                                      undefined=share.n_skipped)
     assert check.status == "inconclusive" and check.value == 0.5 and check.high is None and "unbounded" in check.reason
+    assert (f"; {share.n_unbounded} resamples where c fell to chance, counted unbounded; {share.n_skipped} resamples "
+            "of one class, left out)") in check.reason  # how many resamples the interval could not take as they came
 
 
 def test_report_shape_and_the_checks_of_one_model():

@@ -180,11 +180,13 @@ def paired_kept_share(y: np.ndarray, score_c: np.ndarray, score_e: np.ndarray, p
 
 def lungs_removed_check(backbone: str, auc_c: float | None, auc_e: float | None, *, warn: float, fail: float,
                         min_c_auc: float = 0.6, split: str = "validation",
-                        interval: tuple[float, float] | None = None) -> Check:
+                        interval: tuple[float, float] | None = None, unbounded: int = 0,
+                        undefined: int = 0) -> Check:
     """Share of c's ROC AUC above chance that e keeps, ``(AUC_e - 0.5) / (AUC_c - 0.5)``, floored at 0
     (:func:`kept_share`), graded with :func:`grade_upper` on its ``interval`` (``(low, high)``, e.g. from
     :func:`paired_kept_share`): it passes only when the upper bound is below ``warn``. Without an interval a share
-    below ``warn`` is ``inconclusive`` (nothing shows it is low), never a pass.
+    below ``warn`` is ``inconclusive`` (nothing shows it is low), never a pass. ``unbounded`` and ``undefined``: the
+    resamples :class:`KeptShare` counted unbounded or left out, named in the reason when there are any.
 
     ``None`` for a variant means it was not trained (skipped). An AUC that is undefined (one class in ``split``), or a c
     that scores below ``min_c_auc`` or at or below chance (0.5, whatever ``min_c_auc`` says: no AUC above chance to
@@ -215,7 +217,9 @@ def lungs_removed_check(backbone: str, auc_c: float | None, auc_e: float | None,
                INCONCLUSIVE: (f"below {warn:.0%}, but the interval reaches it: could not show that the label is hardly "
                               "readable without the lungs" if interval is not None else
                               f"below {warn:.0%}, but with no interval nothing shows it is low")}[status]
-    spread = (f" [{_pct(low)}, {_pct(high)}] (95% interval, {split} patients resampled alike for c and e)"
+    uncounted = "".join(f"; {n} resamples {why}" for n, why in (
+        (unbounded, "where c fell to chance, counted unbounded"), (undefined, "of one class, left out")) if n)
+    spread = (f" [{_pct(low)}, {_pct(high)}] (95% interval, {split} patients resampled alike for c and e{uncounted})"
               if interval is not None else "")
     return Check(LUNGS_REMOVED, subject, kept, warn, fail, status,
                  f"e_{backbone} {split} AUC {auc_e:.3f} vs c_{backbone} {auc_c:.3f}: keeps {kept:.0%}{spread} of "

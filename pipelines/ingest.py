@@ -1,15 +1,19 @@
 """Stage `ingest`: every configured source -> one manifest; rejects and duplicates reported, never dropped silently.
 
 A radiograph listed twice (by two sources, or by one under two patient ids), as a byte-identical file or as two files
-that decode to identical pixels (a PNG and a DICOM of one film), is kept once, the first copy in source order; the
-patient keys that share such an image become one (:func:`covidcxr.manifest.merge_patients`), so that the split keeps
-that person's images together, and copies whose labels disagree are counted (``label_conflicts``) and warned about:
-the kept copy's label is the one the manifest holds. Films of different patients whose thumbnails are nearly identical
-(a lossy re-encode or a rescaled copy, :func:`covidcxr.manifest.near_duplicates`) are listed for a person to decide,
-never merged: a false merge would make two patients one. An image a source lists but that is missing on
-disk (a source loaded with ``on_missing: skip``) is a reject of reason ``missing`` and is counted as ``missing``; it
-is left out of ``reject_fraction`` (rejected over the listed images found on disk), since skipping the files not
-there is what that option asks for (part of an archive unpacked), while an unreadable file is a problem of the data.
+that decode to identical pixels (an 8-bit DICOM and a PNG of its pixels; not an 8-bit export of a 12-bit DICOM, whose
+values differ), is kept once, the first copy in source order; the patient keys that share such an image become one
+(:func:`covidcxr.manifest.merge_patients`), so that the split keeps that person's images together, and copies whose
+labels disagree are counted (``label_conflicts``) and warned about: the kept copy's label is the one the manifest
+holds. What only a dropped copy held (a lung mask, the view, sex or age: :data:`covidcxr.manifest.CARRIED`) is
+carried to the kept copy, never replacing its own value (:func:`covidcxr.manifest.fill_from_copies`); duplicates.csv
+says what each copy gave (``carried``) and where it held another value, unused (``conflicting``). Films of different
+patients whose thumbnails are nearly identical (a lossy re-encode or a rescaled copy,
+:func:`covidcxr.manifest.near_duplicates`) are listed for a person to decide, never merged: a false merge would make
+two patients one. An image a source lists but that is missing on disk (a source loaded with ``on_missing: skip``) is
+a reject of reason ``missing`` and is counted as ``missing``; it is left out of ``reject_fraction`` (rejected over the
+listed images found on disk), since skipping the files not there is what that option asks for (part of an archive
+unpacked), while an unreadable file is a problem of the data.
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ def run(p: dict, experiment: str = "demo") -> dict:
     duplicates = manifest.find_duplicates(described)
     label_conflicts = int(duplicates["same_label"].eq(False).sum())
     kept = ~described["image_id"].isin(duplicates["image_id"]).to_numpy(dtype=bool)
-    result = described[kept].reset_index(drop=True)
+    result = manifest.fill_from_copies(described)[kept].reset_index(drop=True)  # a dropped copy's mask is kept
     near = manifest.near_duplicates(result, thumbnails[kept])
     if p["pseudonymize"]:
         result = pseudonymize_patients(result, salt)
@@ -120,6 +124,8 @@ def run(p: dict, experiment: str = "demo") -> dict:
         "pixel_duplicates": int((duplicates["match"] == "pixels").sum()),
         "near_duplicates": len(near),
         "label_conflicts": label_conflicts,
+        "carried": field_counts(duplicates["carried"]),
+        "conflicting": field_counts(duplicates["conflicting"]),
         "patients_merged": patients_merged,
         "reject_fraction": round(rejected / max(len(listed), 1), 6),  # of the images found: not the missing ones
         "by_source": {s: int(n) for s, n in result["source"].value_counts().sort_index().items()},
@@ -143,6 +149,13 @@ def run(p: dict, experiment: str = "demo") -> dict:
     if len(near):
         log.warning("%d pair(s) of images of different patients look like one film re-encoded or rescaled, not "
                     "merged: see %s, and declare each true pair one patient in its source", len(near), NEAR_DUPLICATES)
+    carried, conflicting = (", ".join(f"{k} {n}" for k, n in summary[key].items() if n)
+                            for key in ("carried", "conflicting"))
+    if carried:
+        log.info("copies kept took what only a dropped duplicate held (%s): see carried in %s", carried, DUPLICATES)
+    if conflicting:
+        log.warning("duplicate image(s) hold another value than the copy kept, whose value the manifest holds (%s): "
+                    "see conflicting in %s", conflicting, DUPLICATES)
     if label_conflicts:
         log.warning("%d duplicate image(s) carry another label than the copy kept, whose label the manifest holds: "
                     "see same_label in %s", label_conflicts, DUPLICATES)
@@ -160,6 +173,13 @@ def run(p: dict, experiment: str = "demo") -> dict:
             raise TooManyRejects(f"no usable image: {rejected} of {len(listed)} listed image(s) rejected"
                                  f"{f', {n_missing} more missing on disk' if n_missing else ''}; see {REJECTS}")
     return summary
+
+
+def field_counts(fields: pd.Series) -> dict[str, int]:
+    """How many duplicates name each :data:`covidcxr.manifest.CARRIED` field in a ``;``-joined column of
+    duplicates.csv (``carried``, ``conflicting``): every field, 0 included."""
+    named = [f for cell in fields.dropna() for f in str(cell).split(";") if f]
+    return {field: named.count(field) for field in sorted(manifest.CARRIED)}
 
 
 def missing_rejects(frame: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -208,6 +228,8 @@ def log_to_mlflow(summary: dict, rejects: pd.DataFrame, roots: dict[str, str] | 
                         "n_duplicates": summary["duplicates"], "n_label_conflicts": summary["label_conflicts"],
                         "n_pixel_duplicates": summary["pixel_duplicates"],
                         "n_near_duplicates": summary["near_duplicates"],
+                        "n_masks_carried": summary["carried"]["mask_path"],
+                        "n_mask_conflicts": summary["conflicting"]["mask_path"],
                         "reject_fraction": summary["reject_fraction"]})
     mlflow.log_text(mlflow_rejects(rejects, roots).to_csv(index=False, lineterminator="\n"), "ingest/rejects.csv")
     mlflow.log_dict(summary, "ingest/summary.json")

@@ -238,6 +238,43 @@ def test_byte_and_pixel_copies_are_linked_through_each_other():
                                                                               ("c", "a", "pixels")]
 
 
+def test_a_dropped_copy_gives_the_kept_copy_what_it_lacks_and_never_replaces_a_value():
+    """Ingest kept the first copy of a radiograph and dropped the others whole: a lung mask only a later copy held (a
+    mask dataset's lossless re-save of a film another source lists first) was lost for the U-Net, and duplicates.csv
+    said nothing of it. The earliest copy holding a field now fills it where the kept copy has none; a value the kept
+    copy has stays, and a copy's other value is reported as conflicting."""
+    df = listed([
+        row("a", "a.png", sha256="h1", pixel_sha256="p1"),  # kept: no mask, view, sex or age
+        row("b", "b.png", sha256="h2", pixel_sha256="p1", mask_path="m/b.png", age=40.0, sex="F",
+            view_position="PA", projection="frontal"),
+        row("c", "c.png", sha256="h3", pixel_sha256="p1", mask_path="m/c.png", age=41.0, sex="F"),  # after b's
+        row("d", "d.png", sha256="h4", pixel_sha256="p4", mask_path="m/d.png", sex="M", projection="frontal"),
+        row("e", "e.png", sha256="h4", pixel_sha256="p5", sex="F", view_position="LL", projection="lateral"),
+        row("f", "f.png", sha256="h4", pixel_sha256="p6", view_position="AP", projection="frontal"),
+        row("x", "x.png", sha256="h7", pixel_sha256="p7", view_position="LLD"),  # decubitus: the filter decides
+        row("y", "y.png", sha256="h8", pixel_sha256="p7", projection="frontal"),  # frontal with LLD: not a view pair
+        row("z", "z.png", sha256="h9", pixel_sha256="p9", mask_path="m/z.png"),
+    ])
+    filled = manifest.fill_from_copies(df)
+    assert filled.dtypes.equals(df.dtypes)
+    a = filled.set_index("image_id").loc["a"]
+    assert (a["mask_path"], a["age"], a["sex"], a["view_position"], a["projection"]) == (
+        "m/b.png", 40.0, "F", "PA", "frontal")
+    d = filled.set_index("image_id").loc["d"]  # its mask, sex and projection stay; the view that fits them fills in
+    assert (d["mask_path"], d["sex"], d["view_position"], d["projection"]) == ("m/d.png", "M", "AP", "frontal")
+    others = ~filled["image_id"].isin(["a", "d"])
+    assert filled[others].equals(df[others])
+
+    dup = manifest.find_duplicates(df)
+    assert list(dup.columns) == manifest.DUPLICATE_COLUMNS
+    assert {i: (c, x) for i, c, x in zip(dup["image_id"], dup["carried"], dup["conflicting"], strict=True)} == {
+        "b": ("mask_path;view;sex;age", ""), "c": ("", "mask_path;age"), "e": ("", "view;sex"), "f": ("view", ""),
+        "y": ("", "view")}
+    unique = df[df["image_id"].isin(["a", "z"])].reset_index(drop=True)
+    assert manifest.fill_from_copies(unique).equals(unique)
+    assert manifest.find_duplicates(unique).empty
+
+
 def test_a_lossy_or_rescaled_copy_under_another_patient_is_listed_not_merged(tmp_path):
     pixels, other = film(3), film(4)
     Image.fromarray(pixels).save(tmp_path / "a.png")
@@ -292,4 +329,7 @@ def test_real_cohen_film_under_two_patient_ids_is_merged(real_data):
     assert described["sha256"].nunique() == 2 and described["pixel_sha256"].nunique() == 1
     merged, n = manifest.merge_patients(described)
     assert n == 1 and merged["patient_id"].nunique() == 1
-    assert list(manifest.find_duplicates(merged)["match"]) == ["pixels"]
+    dup = manifest.find_duplicates(merged)
+    assert list(dup["match"]) == ["pixels"]
+    # the copy kept (listed PA, no age) takes the other's age; the other's own mask and AP Supine view are reported
+    assert (list(dup["carried"]), list(dup["conflicting"])) == (["age"], ["mask_path;view"])

@@ -121,8 +121,20 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
 # --- filling image facts --------------------------------------------------------------------------------------------
 
 REJECT_COLUMNS: list[str] = ["image_id", "path", "source", "kind", "reason", "problem"]  # kind: image | mask
-# match: "bytes" (the kept copy's file, byte for byte) or "pixels" (another file that decodes to the same pixels)
-DUPLICATE_COLUMNS: list[str] = ["image_id", "kept_image_id", "sha256", "same_label", "match"]
+# match: "bytes" (the kept copy's file, byte for byte) or "pixels" (another file that decodes to the same pixels);
+# carried: the CARRIED fields the kept copy took from this one (it had none), ";"-joined, else empty; conflicting: the
+# CARRIED fields where this copy holds another value than the kept copy (or a view that does not fit its projection),
+# left unused: the manifest keeps the kept copy's
+DUPLICATE_COLUMNS: list[str] = ["image_id", "kept_image_id", "sha256", "same_label", "match", "carried",
+                                "conflicting"]
+#: What a kept copy takes from a dropped copy of the same radiograph where it has none (:func:`fill_from_copies`):
+#: field -> the columns carried together. A lung mask and the patient's facts describe the film whichever file holds
+#: it; ``view`` is ``view_position`` and ``projection``, filled only where the pair stays one the view map gives. Not
+#: carried: the label and finding (the kept copy's are the manifest's; disagreement is ``same_label``), the patient key
+#: (merged by :func:`merge_patients`), and the file's own facts (size, hashes, photometric, modality,
+#: ``header_view_position``: what serving reads in that same file).
+CARRIED: dict[str, tuple[str, ...]] = {"mask_path": ("mask_path",), "view": ("view_position", "projection"),
+                                       "sex": ("sex",), "age": ("age",)}
 NEAR_DUPLICATE_COLUMNS: list[str] = ["image_id", "other_image_id", "distance", "same_label"]
 
 #: Side of the thumbnails near-duplicates are compared by: the working image (resize, min-max) at this size.
@@ -138,8 +150,9 @@ _HEADER_TO_COLUMN = {"view_position": "view_position", "modality": "modality", "
 
 
 def pixel_digest(pixels: np.ndarray) -> str:
-    """Hex SHA-256 of a decoded image: its shape, dtype and values. Equal for two files (PNG and DICOM, two JPEG
-    encoders' bytes) that :func:`covidcxr.io.read_image` decodes to the same array, where their file hashes differ."""
+    """Hex SHA-256 of a decoded image: its shape, dtype and values. Equal for two files (an 8-bit DICOM and a PNG of
+    its pixels, one JPEG with other metadata) that :func:`covidcxr.io.read_image` decodes to the same array, where
+    their file hashes differ; an 8-bit export of a 12-bit DICOM holds other values, and differs."""
     arr = np.ascontiguousarray(pixels)
     digest = hashlib.sha256(f"{arr.shape}|{arr.dtype.str}|".encode())
     digest.update(memoryview(arr).cast("B"))
@@ -267,8 +280,8 @@ def describe_images(
 
 def first_copies(manifest: pd.DataFrame) -> np.ndarray:
     """For each row, the position of the first row (manifest order) that holds the same radiograph: the same file
-    bytes (``sha256``) or the same decoded pixels (``pixel_sha256``: one film as PNG and as DICOM, or re-encoded
-    losslessly), linked transitively. A row holding no copy of an earlier one gets its own position; an empty hash
+    bytes (``sha256``) or the same decoded pixels (``pixel_sha256``: an 8-bit DICOM and a PNG of its pixels, or a
+    lossless re-save), linked transitively. A row holding no copy of an earlier one gets its own position; an empty hash
     links nothing."""
     parent = list(range(len(manifest)))
 
@@ -322,10 +335,12 @@ def merge_patients(manifest: pd.DataFrame) -> tuple[pd.DataFrame, int]:
 
 def find_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
     """Images that hold the same radiograph as an earlier image (manifest order; :func:`first_copies`): which one is
-    kept, label agreement, and whether the kept copy is the same file (``match`` ``bytes``) or decodes to the same
-    pixels (``pixels``)."""
+    kept, label agreement, whether the kept copy is the same file (``match`` ``bytes``) or decodes to the same
+    pixels (``pixels``), which :data:`CARRIED` fields the kept copy takes from it (:func:`fill_from_copies`:
+    ``carried``) and in which it holds another value than the kept copy, left unused (``conflicting``)."""
     first = first_copies(manifest)
     rows = np.flatnonzero(first != np.arange(len(manifest)))
+    _, carried, conflicting = _carry(manifest, first)
     dup, kept = manifest.iloc[rows], manifest.iloc[first[rows]]
     same_bytes = dup["sha256"].reset_index(drop=True).eq(kept["sha256"].reset_index(drop=True)).fillna(False)
     return pd.DataFrame(
@@ -335,9 +350,75 @@ def find_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
             "sha256": dup["sha256"].to_numpy(),
             "same_label": (dup["label"].to_numpy() == kept["label"].to_numpy()),
             "match": np.where(same_bytes.to_numpy(dtype=bool), "bytes", "pixels"),
+            "carried": [";".join(fields) for fields in carried],
+            "conflicting": [";".join(fields) for fields in conflicting],
         },
         columns=DUPLICATE_COLUMNS,
     )
+
+
+def _missing(value: object) -> bool:
+    """An empty manifest value: <NA>, or the ``unknown`` of ``projection`` and ``sex``."""
+    return bool(pd.isna(value)) or value == "unknown"
+
+
+def _fits(field: str, values: tuple) -> bool:
+    """Whether a :data:`CARRIED` field's values go together: a view with the projection the view map gives it."""
+    if field != "view" or _missing(values[0]):
+        return True
+    return projection_from_view(values[0]) == values[1]
+
+
+def _carry(manifest: pd.DataFrame, first: np.ndarray) -> tuple[dict[str, np.ndarray], list[list[str]],
+                                                                 list[list[str]]]:
+    """What :func:`fill_from_copies` fills: ``(each carried column's values after filling, carried, conflicting)``,
+    the last two the :data:`CARRIED` fields of each later copy (manifest order) that filled its kept copy's empty
+    columns, and that it holds but did not fill: another value than the kept copy's (or the one it already took from
+    an earlier copy), or a view that would not fit the kept copy's projection. The earliest copy that holds a value
+    fills it (:func:`_missing`: an empty one); a value is never replaced."""
+    columns = [c for cols in CARRIED.values() for c in cols]
+    given = {c: manifest[c].to_numpy(dtype=object) for c in columns}
+    filled = {c: v.copy() for c, v in given.items()}
+    carried: list[list[str]] = []
+    conflicting: list[list[str]] = []
+    for row in np.flatnonzero(first != np.arange(len(manifest))):
+        kept = first[row]
+        took, differ = [], []
+        for field, cols in CARRIED.items():
+            mine = tuple(given[c][row] for c in cols)
+            theirs = tuple(filled[c][kept] for c in cols)
+            if all(_missing(v) for v in mine):
+                continue
+            pairs = list(zip(mine, theirs, strict=True))
+            clash = any(not _missing(a) and not _missing(b) and a != b for a, b in pairs)
+            gains = any(not _missing(a) and _missing(b) for a, b in pairs)
+            merged = tuple(a if _missing(b) and not _missing(a) else b for a, b in pairs)
+            if clash or (gains and not _fits(field, merged)):
+                differ.append(field)
+            elif gains:
+                for c, v in zip(cols, merged, strict=True):
+                    filled[c][kept] = v
+                took.append(field)
+        carried.append(took)
+        conflicting.append(differ)
+    return filled, carried, conflicting
+
+
+def fill_from_copies(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The manifest with each first copy of a radiograph (:func:`first_copies`) given the :data:`CARRIED` fields it
+    lacks from its later copies, the earliest that holds one first; a value it has is never replaced.
+
+    Ingest keeps only the first copy: a lung mask (or the patient's age, sex, view) that only a later copy held, say a
+    mask dataset's lossless re-save of a film another source lists first, was dropped with it. What each copy gave, and
+    where it held another value than the kept one, :func:`find_duplicates` reports (``carried``, ``conflicting``).
+    """
+    filled, carried, _ = _carry(manifest, first_copies(manifest))
+    if not any(carried):
+        return manifest
+    out = manifest.copy()
+    for col, values in filled.items():
+        out[col] = pd.array(values, dtype=SCHEMA[col])
+    return out
 
 
 def near_duplicates(

@@ -177,6 +177,43 @@ def test_a_film_re_encoded_under_another_patient_is_merged_and_a_lossy_copy_is_l
     assert (found.data.metrics["n_pixel_duplicates"], found.data.metrics["n_near_duplicates"]) == (1, 1)
 
 
+def test_a_lung_mask_only_a_dropped_copy_held_is_kept_and_reported(corpus: Path, caplog):
+    """A mask dataset's lossless re-save of a film that another collection lists first (without a mask): ingest kept
+    the first copy and dropped the mask with the second, and duplicates.csv did not say so. The kept copy now takes
+    the mask (and the age only the copy stated); a third copy's other mask is left unused and reported."""
+    import logging
+
+    root = corpus / ROOT
+    (root / "masks").mkdir()
+    lungs = np.zeros((40, 32), dtype=np.uint8)
+    lungs[8:32, 4:28] = 255
+    Image.fromarray(lungs).save(root / "masks/lungs_0.png")
+    Image.fromarray(255 - lungs).save(root / "masks/other_0.png")
+    Image.open(root / "scans/good_0.png").save(root / "scans/zz_resaved_0.png", compress_level=0)  # other bytes
+    (root / "scans/zz_resaved_0_copy.png").write_bytes((root / "scans/good_0.png").read_bytes())
+    listed = pd.read_csv(root / "manifest.csv")
+    extra = pd.DataFrame({"path": ["scans/zz_resaved_0.png", "scans/zz_resaved_0_copy.png"], "patient_id": ["p0", "p0"],
+                          "label": ["negative", "negative"], "projection": "frontal", "age": [61, 62],
+                          "mask_path": ["masks/lungs_0.png", "masks/other_0.png"]})
+    pd.concat([listed, extra]).to_csv(root / "manifest.csv", index=False)
+
+    with caplog.at_level(logging.INFO, logger="covidcxr"):
+        summary = ingest.run(params(max_reject_fraction=0.4), "ingest-test")
+    assert (summary["accepted"], summary["duplicates"], summary["pixel_duplicates"]) == (4, 2, 1)
+    assert summary["carried"] == {"age": 1, "mask_path": 1, "sex": 0, "view": 0}
+    assert summary["conflicting"] == {"age": 1, "mask_path": 1, "sex": 0, "view": 0}
+    m = pd.read_csv(corpus / ingest.MANIFEST).set_index("image_id")
+    assert m.loc["generic/scans/good_0", "mask_path"] == f"{ROOT}/masks/lungs_0.png"
+    assert m.loc["generic/scans/good_0", "age"] == 61
+    duplicates = pd.read_csv(corpus / ingest.DUPLICATES, keep_default_na=False)
+    assert duplicates[["image_id", "carried", "conflicting"]].values.tolist() == [
+        ["generic/scans/zz_resaved_0", "mask_path;age", ""], ["generic/scans/zz_resaved_0_copy", "", "mask_path;age"]]
+    assert "copies kept took what only a dropped duplicate held (age 1, mask_path 1)" in caplog.text
+    assert "hold another value than the copy kept, whose value the manifest holds (age 1, mask_path 1)" in caplog.text
+    found, _ = ingest_run(corpus)
+    assert (found.data.metrics["n_masks_carried"], found.data.metrics["n_mask_conflicts"]) == (1, 1)
+
+
 def test_every_image_rejected_is_too_many_rejects_with_the_report_written(corpus: Path):
     """A source whose files are all Git LFS pointer texts (a clone without `git lfs pull`): pseudonymising the empty
     manifest crashed with a bare KeyError: 0 before any report was written."""

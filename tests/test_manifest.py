@@ -299,6 +299,23 @@ def test_a_lossy_or_rescaled_copy_under_another_patient_is_listed_not_merged(tmp
     assert "other" not in set(wide["image_id"]) | set(wide["other_image_id"])
 
 
+@pytest.mark.parametrize(("side", "old_threshold_missed_it"), [(192, False), (48, True)],
+                         ids=["quality-20", "quarter-size-quality-20"])
+def test_a_heavy_lossy_re_encode_under_another_patient_is_listed(tmp_path, side, old_threshold_missed_it):
+    """Near duplicates were listed up to 0.025, just above the heaviest re-encode measured on the real corpus (JPEG
+    quality 30: 0.022): a heavier one, such as a quarter-size copy at quality 20, went unlisted. 0.04 lists it (the
+    closest films of two patients on the real corpus are 0.059 apart)."""
+    pixels = film(3)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    Image.fromarray(pixels).resize((side, side), Image.Resampling.BICUBIC).save(tmp_path / "copy.jpg", quality=20)
+    df = listed([row("a", str(tmp_path / "a.png"), patient_id="t:1"),
+                 row("copy", str(tmp_path / "copy.jpg"), patient_id="t:2")])
+    described, _, thumbnails = manifest.describe_images(df, thumbnails=True)
+    near = manifest.near_duplicates(described, thumbnails)
+    assert list(zip(near["image_id"], near["other_image_id"])) == [("a", "copy")]
+    assert (near["distance"].iloc[0] > 0.025) == old_threshold_missed_it
+
+
 def test_near_duplicates_sweep_finds_what_comparing_every_pair_finds():
     rng = np.random.default_rng(0)
     n = 700  # several blocks of the sweep

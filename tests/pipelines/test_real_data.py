@@ -48,6 +48,8 @@ def test_data_stages_on_real_corpus(real_project: Path, real_data: Path):
     assert set(rejects["kind"]) <= {"image", "mask"} and summary["rejected"] == (rejects["kind"] == "image").sum()
     duplicates = pd.read_csv(project / "reports/ingest/duplicates.csv")
     assert len(duplicates) == summary["duplicates"] >= 1  # the corpus holds byte-identical copies
+    # no two patients' films within manifest.NEAR_DUPLICATE_DISTANCE (the closest are 0.059 apart): nothing listed
+    assert summary["near_duplicates"] == 0 and pd.read_csv(project / "reports/ingest/near_duplicates.csv").empty
 
     manifest = pd.read_csv(project / "artifacts/manifest.csv")
     assert manifest["sha256"].is_unique

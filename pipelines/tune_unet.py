@@ -66,7 +66,7 @@ def run(p: dict, experiment: str = "demo") -> dict:
         if export_only:  # joined, never created: a mistyped name would leave an empty study in the shared storage
             try:
                 tuning.open_study(p["study"], url)
-            except KeyError:
+            except tuning.StudyMissing:
                 raise _common.ParamsError(f"tune_unet.study {p['study']!r} is no study of {dburl.shown_url(url)}: with "
                                           "n_trials 0 the stage only exports a study that `covidcxr tune` workers "
                                           "filled; check the name and the storage") from None

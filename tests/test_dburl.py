@@ -35,6 +35,22 @@ def test_a_url_that_cannot_be_parsed_safely_counts_as_holding_a_password_and_is_
     assert dburl.has_password(url) and dburl.shown_url(url) == dburl.UNSHOWN
 
 
+@pytest.mark.parametrize("url, echoed", [
+    ("postgresql+psycopg2://u:s3cret@db/optuna", 'invalid dsn: "user=u password=*** host=db"'),
+    ("postgresql+psycopg2://u@db/optuna?password=s3cret", 'invalid dsn: "user=u password=*** host=db"'),
+    ("sqlite:///optuna.db", 'invalid dsn: "user=u password=s3cret host=db"'),  # no password in the URL: none to hide
+    ("postgresql://u:s3cr@t@db/optuna", "DriverError"),  # cannot be parsed safely: the type alone
+])
+def test_a_drivers_message_is_shown_without_any_password_the_url_holds(url, echoed):
+    """A driver may echo its connection string: the operator gets the reason, never the password (the worker's first
+    version hid the user part's password only, and a query password came through whole)."""
+    class DriverError(Exception):
+        pass
+
+    exc = DriverError('invalid dsn: "user=u password=s3cret host=db"\n(Background on this error at: ...)')
+    assert dburl.shown_error(exc, url) == echoed
+
+
 def test_the_stage_guards_refuse_a_url_that_cannot_be_parsed_safely(monkeypatch):
     monkeypatch.delenv(tuning.STORAGE_ENV, raising=False)
     for url in ("postgresql//u:s3cret@h/db", "postgresql://u:s3cr@t@h/db"):

@@ -804,7 +804,7 @@ def _tune(args: argparse.Namespace) -> int:
     try:
         result, _ = tuning.tune_unet(args.study, url, data, config=config, n_trials=args.n_trials, seed=seed,
                                      tracking=tracking)
-    except (KeyError, RuntimeError) as err:  # no such study (and no --config), or no completed trial yet
+    except (tuning.StudyMissing, tuning.NoCompletedTrial, tuning.StudyNotReady, tuning.StorageUnavailable) as err:
         print(f"tune: {err.args[0] if err.args else err}", file=sys.stderr)
         return 1
     except tuning.StudyRefused as err:  # a storage or study this worker cannot use: other data, a configuration refused

@@ -55,3 +55,23 @@ def shown_url(url: str) -> str:
         return UNSHOWN
     hidden = {key: ("***" if key.lower() in SECRET_KEYS else value) for key, value in parsed.query.items()}
     return parsed.set(query=hidden).render_as_string(hide_password=True)
+
+
+def shown_error(exc: BaseException, url: str) -> str:
+    """A database error for someone who runs the command: the driver's own message, first line (SQLAlchemy appends
+    the statement and a link on later lines), with every password the URL holds (user part or query) as ``***``; only
+    the error's type when the URL cannot be parsed safely (a password may then be anywhere). A driver may echo its
+    connection string, so the text is never shown as it comes. Logs read by others (the prediction log's) show the
+    type alone."""
+    parsed = _parsed(url)
+    if parsed is None:
+        return type(exc).__name__
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    secrets = [str(parsed.password)] if parsed.password else []
+    for key, value in parsed.query.items():
+        if key.lower() in SECRET_KEYS:
+            secrets += [value] if isinstance(value, str) else list(value)
+    for secret in sorted(set(secrets) - {""}, key=len, reverse=True):  # the longest first: one may hold another
+        line = line.replace(secret, "***")
+    return line

@@ -252,7 +252,7 @@ def make_storage(url: str, *, heartbeat_s: int | None = 60) -> optuna.storages.B
         except SQLAlchemyError as exc:
             if attempt == 3:
                 raise StorageUnavailable(f"Optuna storage {dburl.shown_url(url)} cannot be reached after 4 tries: "
-                                         f"{type(exc).__name__}: {_first_line(exc, url)}") from None
+                                         f"{type(exc).__name__}: {dburl.shown_error(exc, url)}") from None
             log.info("Optuna storage %s not ready (%s); retrying", dburl.shown_url(url), type(exc).__name__)
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
@@ -273,20 +273,17 @@ class StudyRefused(ValueError):
     caller's input is wrong; a ValueError raised while a trial trains is not one of these."""
 
 
+class StudyMissing(KeyError):
+    """No study of that name in the storage, where this worker only joins one (no configuration given, or an export
+    of 0 trials)."""
+
+
+class NoCompletedTrial(RuntimeError):
+    """The study holds no completed trial yet: there is no best to export."""
+
+
 class StorageUnavailable(RuntimeError):
     """The study's storage (a database server) cannot be reached: down, refusing the user, or no such database."""
-
-
-def _first_line(exc: BaseException, url: str) -> str:
-    """The driver's own message, first line (SQLAlchemy appends the statement and a link on later lines), with the
-    URL's password as ``***``: a driver may echo its connection string (so the prediction log, whose messages go to a
-    server's logs, shows only the type; a worker's operator needs the reason: refused, no such database, bad user)."""
-    from sqlalchemy.engine import make_url
-
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    password = make_url(url).password
-    return line.replace(str(password), "***") if password else line
 
 
 class StudyNotReady(RuntimeError):
@@ -345,7 +342,8 @@ def open_study(
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError as exc:
-        raise KeyError(f"study {name!r} does not exist in this storage; create it with a configuration first") from exc
+        raise StudyMissing(f"study {name!r} does not exist in this storage; create it with a configuration first") \
+            from exc
     if created:
         if data_sha256:
             study.set_user_attr(DATA_ATTR, data_sha256)
@@ -602,7 +600,7 @@ def summary(study: optuna.Study, tracker: StudyTracker | None = None) -> dict:
     try:
         best = study.best_trial
     except ValueError as exc:
-        raise RuntimeError(f"study {study.study_name!r} has no completed trial ({dict(counts)})") from exc
+        raise NoCompletedTrial(f"study {study.study_name!r} has no completed trial ({dict(counts)})") from exc
     space = study.user_attrs.get(CONFIG_ATTR, {}).get("space", {})
     fixed = {k: v for k, v in space.items() if not isinstance(v, Mapping)}
     return {
@@ -655,11 +653,11 @@ def tune_unet(study_name: str, storage: str, data: UNetData, *, config: Mapping 
     try:
         study, created = open_study(study_name, storage, config if n_trials > 0 else None, data_sha256=data.sha256,
                                     seed=seed, tracked=tracking is not None)
-    except KeyError:
+    except StudyMissing:
         if n_trials > 0:
             raise
-        raise KeyError(f"study {study_name!r} does not exist in {dburl.shown_url(storage)}: with 0 trials only a "
-                       "study that exists is exported (its best trial); check the name and the storage") from None
+        raise StudyMissing(f"study {study_name!r} does not exist in {dburl.shown_url(storage)}: with 0 trials only a "
+                           "study that exists is exported (its best trial); check the name and the storage") from None
     except StudyRefused:
         raise
     except ValueError as err:  # a configuration, given or stored, that the sampler or pruner refuses

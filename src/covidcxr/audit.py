@@ -217,7 +217,7 @@ def lungs_removed_check(backbone: str, auc_c: float | None, auc_e: float | None,
                INCONCLUSIVE: (f"below {warn:.0%}, but the interval reaches it: could not show that the label is hardly "
                               "readable without the lungs" if interval is not None else
                               f"below {warn:.0%}, but with no interval nothing shows it is low")}[status]
-    uncounted = "".join(f"; {n} resamples {why}" for n, why in (
+    uncounted = "".join(f"; {n} resample{'s' * (n != 1)} {why}" for n, why in (
         (unbounded, "where c fell to chance, counted unbounded"), (undefined, "of one class, left out")) if n)
     spread = (f" [{_pct(low)}, {_pct(high)}] (95% interval, {split} patients resampled alike for c and e{uncounted})"
               if interval is not None else "")

@@ -5,15 +5,18 @@ that decode to identical pixels (an 8-bit DICOM and a PNG of its pixels; not an 
 values differ), is kept once, the first copy in source order; the patient keys that share such an image become one
 (:func:`covidcxr.manifest.merge_patients`), so that the split keeps that person's images together, and copies whose
 labels disagree are counted (``label_conflicts``) and warned about: the kept copy's label is the one the manifest
-holds. What only a dropped copy held (a lung mask, the view, sex or age: :data:`covidcxr.manifest.CARRIED`) is
-carried to the kept copy, never replacing its own value (:func:`covidcxr.manifest.fill_from_copies`); duplicates.csv
-says what each copy gave (``carried``) and where it held another value, unused (``conflicting``). Films of different
-patients whose thumbnails are nearly identical (a lossy re-encode or a rescaled copy,
-:func:`covidcxr.manifest.near_duplicates`) are listed for a person to decide, never merged: a false merge would make
-two patients one. An image a source lists but that is missing on disk (a source loaded with ``on_missing: skip``) is
-a reject of reason ``missing`` and is counted as ``missing``; it is left out of ``reject_fraction`` (rejected over the
-listed images found on disk), since skipping the files not there is what that option asks for (part of an archive
-unpacked), while an unreadable file is a problem of the data.
+holds. What only a dropped copy of the kept copy's source and site held (a lung mask, the view, sex, age, or a label
+with its finding where the kept copy's is unknown: :data:`covidcxr.manifest.CARRIED`) is carried to the kept copy,
+never replacing its own value (:func:`covidcxr.manifest.fill_from_copies`); duplicates.csv says what each copy gave
+(``carried``), where it held another value, unused (``conflicting``), and what a copy of another source or site held
+that the kept copy lacks, not carried (``other_source``: the split's external and held-out rules follow a mask's and
+a film's source, so a mask never moves to another source's film). Films of different patients whose thumbnails are
+nearly identical (a lossy re-encode or a rescaled copy, :func:`covidcxr.manifest.near_duplicates`) are listed for a
+person to decide, never merged: a false merge would make two patients one. An image a source lists but that is
+missing on disk (a source loaded with ``on_missing: skip``) is a reject of reason ``missing`` and is counted as
+``missing``; it is left out of ``reject_fraction`` (rejected over the listed images found on disk), since skipping the
+files not there is what that option asks for (part of an archive unpacked), while an unreadable file is a problem of
+the data.
 """
 
 from __future__ import annotations
@@ -125,7 +128,8 @@ def run(p: dict, experiment: str = "demo") -> dict:
         "near_duplicates": len(near),
         "label_conflicts": label_conflicts,
         "carried": field_counts(duplicates["carried"]),
-        "conflicting": field_counts(duplicates["conflicting"]),
+        "conflicting": field_counts(duplicates["conflicting"], label=False),  # another label: label_conflicts
+        "other_source": field_counts(duplicates["other_source"]),
         "patients_merged": patients_merged,
         "reject_fraction": round(rejected / max(len(listed), 1), 6),  # of the images found: not the missing ones
         "by_source": {s: int(n) for s, n in result["source"].value_counts().sort_index().items()},
@@ -149,13 +153,17 @@ def run(p: dict, experiment: str = "demo") -> dict:
     if len(near):
         log.warning("%d pair(s) of images of different patients look like one film re-encoded or rescaled, not "
                     "merged: see %s, and declare each true pair one patient in its source", len(near), NEAR_DUPLICATES)
-    carried, conflicting = (", ".join(f"{k} {n}" for k, n in summary[key].items() if n)
-                            for key in ("carried", "conflicting"))
+    carried, conflicting, other = (", ".join(f"{k} {n}" for k, n in summary[key].items() if n)
+                                   for key in ("carried", "conflicting", "other_source"))
     if carried:
         log.info("copies kept took what only a dropped duplicate held (%s): see carried in %s", carried, DUPLICATES)
     if conflicting:
         log.warning("duplicate image(s) hold another value than the copy kept, whose value the manifest holds (%s): "
                     "see conflicting in %s", conflicting, DUPLICATES)
+    if other:
+        log.warning("duplicate image(s) of another source or site than the copy kept hold what it lacks, not carried: "
+                    "the split's rules follow a film's and a mask's source and site (%s): see other_source in %s",
+                    other, DUPLICATES)
     if label_conflicts:
         log.warning("%d duplicate image(s) carry another label than the copy kept, whose label the manifest holds: "
                     "see same_label in %s", label_conflicts, DUPLICATES)
@@ -175,11 +183,12 @@ def run(p: dict, experiment: str = "demo") -> dict:
     return summary
 
 
-def field_counts(fields: pd.Series) -> dict[str, int]:
-    """How many duplicates name each :data:`covidcxr.manifest.CARRIED` field in a ``;``-joined column of
-    duplicates.csv (``carried``, ``conflicting``): every field, 0 included."""
+def field_counts(fields: pd.Series, label: bool = True) -> dict[str, int]:
+    """How many duplicates name each :data:`covidcxr.manifest.CARRIED` field (``label`` among them unless ``label`` is
+    False: ``conflicting`` never names it) in a ``;``-joined column of duplicates.csv (``carried``, ``conflicting``,
+    ``other_source``): every field, 0 included."""
     named = [f for cell in fields.dropna() for f in str(cell).split(";") if f]
-    return {field: named.count(field) for field in sorted(manifest.CARRIED)}
+    return {field: named.count(field) for field in sorted(manifest.CARRIED) if label or field != "label"}
 
 
 def missing_rejects(frame: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -230,6 +239,7 @@ def log_to_mlflow(summary: dict, rejects: pd.DataFrame, roots: dict[str, str] | 
                         "n_near_duplicates": summary["near_duplicates"],
                         "n_masks_carried": summary["carried"]["mask_path"],
                         "n_mask_conflicts": summary["conflicting"]["mask_path"],
+                        "n_masks_other_source": summary["other_source"]["mask_path"],
                         "reject_fraction": summary["reject_fraction"]})
     mlflow.log_text(mlflow_rejects(rejects, roots).to_csv(index=False, lineterminator="\n"), "ingest/rejects.csv")
     mlflow.log_dict(summary, "ingest/summary.json")

@@ -275,6 +275,45 @@ def test_a_dropped_copy_gives_the_kept_copy_what_it_lacks_and_never_replaces_a_v
     assert manifest.find_duplicates(unique).empty
 
 
+def test_only_a_copy_of_the_kept_copys_source_and_site_carries_and_an_unknown_label_takes_its_label():
+    """A mask carried from a copy of another source sat under the kept copy's source: with segmentation_external
+    [jsrt], JSRT's masks of films another source listed first went to the U-Net's train/val split (and the split could
+    find JSRT without masks). Only a copy of the kept copy's source and site carries now; another source's value the
+    kept copy lacks is reported (other_source). A kept copy labelled unknown left the covid task although a copy of its
+    source was labelled, reported as a label conflict: it now takes that copy's label with its finding."""
+    df = listed([
+        row("a", "a.png", source="cohen", site="Italy", sha256="h1", pixel_sha256="p1", label="unknown",
+            finding="todo"),
+        row("b", "b.png", source="jsrt", site="jsrt", sha256="h2", pixel_sha256="p1", mask_path="m/b.png", age=50.0,
+            label="negative", finding="No Finding"),  # another source, listed before a's own other copy
+        row("c", "c.png", source="cohen", site="Italy", sha256="h3", pixel_sha256="p1", mask_path="m/c.png",
+            label="covid", finding="COVID-19"),
+        row("d", "d.png", source="cohen", site="Spain", sha256="h4", pixel_sha256="p1", sex="F"),  # another site
+        row("e", "e.png", source="cohen", site="Italy", sha256="h5", pixel_sha256="p5", label="negative",
+            finding="No Finding"),  # labelled: never relabelled
+        row("f", "f.png", source="cohen", site="Italy", sha256="h6", pixel_sha256="p5", label="covid",
+            finding="COVID-19"),
+    ])
+    filled = manifest.fill_from_copies(df).set_index("image_id")
+    assert tuple(filled.loc["a", ["mask_path", "label", "finding", "sex"]]) == ("m/c.png", "covid", "COVID-19",
+                                                                               "unknown")
+    assert pd.isna(filled.loc["a", "age"])  # jsrt's age stays with jsrt's copy
+    assert tuple(filled.loc["e", ["label", "finding"]]) == ("negative", "No Finding")
+
+    dup = manifest.find_duplicates(df).set_index("image_id")
+    assert list(dup.columns) == manifest.DUPLICATE_COLUMNS[1:]
+    assert dup[["carried", "conflicting", "other_source", "same_label"]].to_dict("index") == {
+        "b": {"carried": "", "conflicting": "mask_path", "other_source": "age", "same_label": False},
+        "c": {"carried": "mask_path;label", "conflicting": "", "other_source": "", "same_label": True},
+        "d": {"carried": "", "conflicting": "", "other_source": "sex", "same_label": False},
+        "f": {"carried": "", "conflicting": "", "other_source": "", "same_label": False}}  # a real label conflict
+
+    alone = df[df["image_id"].isin(["a", "b"])].reset_index(drop=True)  # only another source's copy: nothing moves
+    assert manifest.fill_from_copies(alone).equals(alone)
+    dup = manifest.find_duplicates(alone)
+    assert (list(dup["carried"]), list(dup["other_source"])) == ([""], ["mask_path;age;label"])
+
+
 def test_a_lossy_or_rescaled_copy_under_another_patient_is_listed_not_merged(tmp_path):
     pixels, other = film(3), film(4)
     Image.fromarray(pixels).save(tmp_path / "a.png")

@@ -122,19 +122,28 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
 
 REJECT_COLUMNS: list[str] = ["image_id", "path", "source", "kind", "reason", "problem"]  # kind: image | mask
 # match: "bytes" (the kept copy's file, byte for byte) or "pixels" (another file that decodes to the same pixels);
-# carried: the CARRIED fields the kept copy took from this one (it had none), ";"-joined, else empty; conflicting: the
-# CARRIED fields where this copy holds another value than the kept copy (or a view that does not fit its projection),
-# left unused: the manifest keeps the kept copy's
+# same_label: this copy's label is the kept copy's (after a label it lacked was carried); carried: the CARRIED fields
+# the kept copy took from this one (it had none), ";"-joined, else empty; conflicting: the CARRIED fields but the label
+# where this copy holds another value than the kept copy (or a view that does not fit its projection), left unused:
+# the manifest keeps the kept copy's (another label is same_label's); other_source: the CARRIED fields this copy, of
+# another source or site (CARRY_WITHIN), holds where the kept copy has none, not carried
 DUPLICATE_COLUMNS: list[str] = ["image_id", "kept_image_id", "sha256", "same_label", "match", "carried",
-                                "conflicting"]
+                                "conflicting", "other_source"]
 #: What a kept copy takes from a dropped copy of the same radiograph where it has none (:func:`fill_from_copies`):
 #: field -> the columns carried together. A lung mask and the patient's facts describe the film whichever file holds
-#: it; ``view`` is ``view_position`` and ``projection``, filled only where the pair stays one the view map gives. Not
-#: carried: the label and finding (the kept copy's are the manifest's; disagreement is ``same_label``), the patient key
-#: (merged by :func:`merge_patients`), and the file's own facts (size, hashes, photometric, modality,
-#: ``header_view_position``: what serving reads in that same file).
+#: it; ``view`` is ``view_position`` and ``projection``, filled only where the pair stays one the view map gives;
+#: ``label`` is the task label with its ``finding`` (what experiments select by), filled only where the kept copy's
+#: label is ``unknown``, the pair replacing the kept copy's finding: a labelled copy is never relabelled, and two known
+#: labels that differ are ``same_label`` False. Not carried: the patient key (merged by :func:`merge_patients`), and
+#: the file's own facts (size, hashes, photometric, modality, ``header_view_position``: what serving reads in that
+#: same file).
 CARRIED: dict[str, tuple[str, ...]] = {"mask_path": ("mask_path",), "view": ("view_position", "projection"),
-                                       "sex": ("sex",), "age": ("age",)}
+                                       "sex": ("sex",), "age": ("age",), "label": ("label", "finding")}
+#: A copy carries a field to the kept copy only where both hold these alike: the split's rules
+#: (``split.segmentation_external``, ``split.holdout``) follow a film's and a mask's source and site, so a mask (or a
+#: label) of one source's film never moves to another source's, where it would train the U-Net that source was kept
+#: out of to test. What another source's copy holds is reported (``other_source``), not carried.
+CARRY_WITHIN: tuple[str, ...] = ("source", "site")
 NEAR_DUPLICATE_COLUMNS: list[str] = ["image_id", "other_image_id", "distance", "same_label"]
 
 #: Side of the thumbnails near-duplicates are compared by: the working image (resize, min-max) at this size.
@@ -337,12 +346,14 @@ def merge_patients(manifest: pd.DataFrame) -> tuple[pd.DataFrame, int]:
 
 def find_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
     """Images that hold the same radiograph as an earlier image (manifest order; :func:`first_copies`): which one is
-    kept, label agreement, whether the kept copy is the same file (``match`` ``bytes``) or decodes to the same
-    pixels (``pixels``), which :data:`CARRIED` fields the kept copy takes from it (:func:`fill_from_copies`:
-    ``carried``) and in which it holds another value than the kept copy, left unused (``conflicting``)."""
+    kept, label agreement (with the kept copy's label after :func:`fill_from_copies`), whether the kept copy is the
+    same file (``match`` ``bytes``) or decodes to the same pixels (``pixels``), which :data:`CARRIED` fields the kept
+    copy takes from it (``carried``), in which it holds another value than the kept copy, left unused
+    (``conflicting``), and which it, of another source or site, holds where the kept copy has none, not carried
+    (``other_source``)."""
     first = first_copies(manifest)
     rows = np.flatnonzero(first != np.arange(len(manifest)))
-    _, carried, conflicting = _carry(manifest, first)
+    filled, carried, conflicting, other = _carry(manifest, first)
     dup, kept = manifest.iloc[rows], manifest.iloc[first[rows]]
     same_bytes = dup["sha256"].reset_index(drop=True).eq(kept["sha256"].reset_index(drop=True)).fillna(False)
     return pd.DataFrame(
@@ -350,17 +361,18 @@ def find_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
             "image_id": dup["image_id"].to_numpy(),
             "kept_image_id": kept["image_id"].to_numpy(),
             "sha256": dup["sha256"].to_numpy(),
-            "same_label": (dup["label"].to_numpy() == kept["label"].to_numpy()),
+            "same_label": (dup["label"].to_numpy() == filled["label"][first[rows]]),
             "match": np.where(same_bytes.to_numpy(dtype=bool), "bytes", "pixels"),
             "carried": [";".join(fields) for fields in carried],
             "conflicting": [";".join(fields) for fields in conflicting],
+            "other_source": [";".join(fields) for fields in other],
         },
         columns=DUPLICATE_COLUMNS,
     )
 
 
 def _missing(value: object) -> bool:
-    """An empty manifest value: <NA>, or the ``unknown`` of ``projection`` and ``sex``."""
+    """An empty manifest value: <NA>, or the ``unknown`` of ``projection``, ``label`` and ``sex``."""
     return bool(pd.isna(value)) or value == "unknown"
 
 
@@ -371,50 +383,75 @@ def _fits(field: str, values: tuple) -> bool:
     return projection_from_view(values[0]) == values[1]
 
 
+def _same_origin(manifest: pd.DataFrame, first: np.ndarray) -> np.ndarray:
+    """For each row, whether it holds the :data:`CARRY_WITHIN` columns (source, site) as its first copy does."""
+    same = np.ones(len(manifest), dtype=bool)
+    for col in CARRY_WITHIN:
+        values = manifest[col].astype("string").fillna("").to_numpy(dtype=object)
+        same &= values == values[first]
+    return same
+
+
+def _offer(field: str, mine: tuple, theirs: tuple) -> tuple[bool, bool, tuple]:
+    """What a copy's values ``mine`` of a :data:`CARRIED` field offer the kept copy's ``theirs``: ``(gains, clash,
+    merged)``, whether it fills an empty column, whether it holds another value than one the kept copy has, and the
+    values after filling. The label fills only a kept copy's unknown label, with its finding; two known labels that
+    differ are no clash here (``same_label`` says so)."""
+    if field == "label":
+        gains = not _missing(mine[0]) and _missing(theirs[0])
+        return gains, False, mine if gains else theirs
+    pairs = list(zip(mine, theirs, strict=True))
+    clash = any(not _missing(a) and not _missing(b) and a != b for a, b in pairs)
+    gains = any(not _missing(a) and _missing(b) for a, b in pairs)
+    return gains, clash, tuple(a if _missing(b) and not _missing(a) else b for a, b in pairs)
+
+
 def _carry(manifest: pd.DataFrame, first: np.ndarray) -> tuple[dict[str, np.ndarray], list[list[str]],
-                                                                 list[list[str]]]:
-    """What :func:`fill_from_copies` fills: ``(each carried column's values after filling, carried, conflicting)``,
-    the last two the :data:`CARRIED` fields of each later copy (manifest order) that filled its kept copy's empty
-    columns, and that it holds but did not fill: another value than the kept copy's (or the one it already took from
-    an earlier copy), or a view that would not fit the kept copy's projection. The earliest copy that holds a value
-    fills it (:func:`_missing`: an empty one); a value is never replaced."""
+                                                                 list[list[str]], list[list[str]]]:
+    """What :func:`fill_from_copies` fills: ``(each carried column's values after filling, carried, conflicting,
+    other_source)``, the last three the :data:`CARRIED` fields of each later copy (manifest order) that filled its
+    kept copy's empty columns; that it holds but did not fill: another value than the kept copy's (or the one it
+    already took from an earlier copy), or a view that would not fit the kept copy's projection; and that it would
+    have filled but holds as a copy of another source or site (:data:`CARRY_WITHIN`). The earliest copy of the kept
+    copy's source and site that holds a value fills it (:func:`_missing`: an empty one); a value is never replaced.
+    Copies of another source or site are weighed last, against the kept copy as filled."""
     columns = [c for cols in CARRIED.values() for c in cols]
     given = {c: manifest[c].to_numpy(dtype=object) for c in columns}
     filled = {c: v.copy() for c, v in given.items()}
-    carried: list[list[str]] = []
-    conflicting: list[list[str]] = []
-    for row in np.flatnonzero(first != np.arange(len(manifest))):
+    same = _same_origin(manifest, first)
+    later = np.flatnonzero(first != np.arange(len(manifest)))
+    found: dict[int, tuple[list[str], list[str], list[str]]] = {}
+    for row in sorted(later, key=lambda r: (not same[r], r)):
         kept = first[row]
-        took, differ = [], []
+        took, differ, other = [], [], []
         for field, cols in CARRIED.items():
             mine = tuple(given[c][row] for c in cols)
-            theirs = tuple(filled[c][kept] for c in cols)
             if all(_missing(v) for v in mine):
                 continue
-            pairs = list(zip(mine, theirs, strict=True))
-            clash = any(not _missing(a) and not _missing(b) and a != b for a, b in pairs)
-            gains = any(not _missing(a) and _missing(b) for a, b in pairs)
-            merged = tuple(a if _missing(b) and not _missing(a) else b for a, b in pairs)
+            gains, clash, merged = _offer(field, mine, tuple(filled[c][kept] for c in cols))
             if clash or (gains and not _fits(field, merged)):
                 differ.append(field)
+            elif gains and not same[row]:
+                other.append(field)
             elif gains:
                 for c, v in zip(cols, merged, strict=True):
                     filled[c][kept] = v
                 took.append(field)
-        carried.append(took)
-        conflicting.append(differ)
-    return filled, carried, conflicting
+        found[row] = (took, differ, other)
+    return filled, *([found[r][i] for r in later] for i in range(3))
 
 
 def fill_from_copies(manifest: pd.DataFrame) -> pd.DataFrame:
     """The manifest with each first copy of a radiograph (:func:`first_copies`) given the :data:`CARRIED` fields it
-    lacks from its later copies, the earliest that holds one first; a value it has is never replaced.
+    lacks from its later copies of the same source and site (:data:`CARRY_WITHIN`), the earliest that holds one
+    first; a value it has is never replaced, nor a known label.
 
-    Ingest keeps only the first copy: a lung mask (or the patient's age, sex, view) that only a later copy held, say a
-    mask dataset's lossless re-save of a film another source lists first, was dropped with it. What each copy gave, and
-    where it held another value than the kept one, :func:`find_duplicates` reports (``carried``, ``conflicting``).
+    Ingest keeps only the first copy: a lung mask (or the patient's age, sex, view, or the label of a film the kept
+    copy lists as unknown) that only a later copy held, say a lossless re-save of a film its source lists twice, was
+    dropped with it. What each copy gave, where it held another value than the kept one, and what a copy of another
+    source held, left with it, :func:`find_duplicates` reports (``carried``, ``conflicting``, ``other_source``).
     """
-    filled, carried, _ = _carry(manifest, first_copies(manifest))
+    filled, carried, _, _ = _carry(manifest, first_copies(manifest))
     if not any(carried):
         return manifest
     out = manifest.copy()

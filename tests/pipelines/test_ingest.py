@@ -200,8 +200,9 @@ def test_a_lung_mask_only_a_dropped_copy_held_is_kept_and_reported(corpus: Path,
     with caplog.at_level(logging.INFO, logger="covidcxr"):
         summary = ingest.run(params(max_reject_fraction=0.4), "ingest-test")
     assert (summary["accepted"], summary["duplicates"], summary["pixel_duplicates"]) == (4, 2, 1)
-    assert summary["carried"] == {"age": 1, "mask_path": 1, "sex": 0, "view": 0}
+    assert summary["carried"] == {"age": 1, "label": 0, "mask_path": 1, "sex": 0, "view": 0}
     assert summary["conflicting"] == {"age": 1, "mask_path": 1, "sex": 0, "view": 0}
+    assert not any(summary["other_source"].values())
     m = pd.read_csv(corpus / ingest.MANIFEST).set_index("image_id")
     assert m.loc["generic/scans/good_0", "mask_path"] == f"{ROOT}/masks/lungs_0.png"
     assert m.loc["generic/scans/good_0", "age"] == 61
@@ -212,6 +213,48 @@ def test_a_lung_mask_only_a_dropped_copy_held_is_kept_and_reported(corpus: Path,
     assert "hold another value than the copy kept, whose value the manifest holds (age 1, mask_path 1)" in caplog.text
     found, _ = ingest_run(corpus)
     assert (found.data.metrics["n_masks_carried"], found.data.metrics["n_mask_conflicts"]) == (1, 1)
+
+
+def test_a_copy_of_another_source_carries_nothing_and_an_unknown_label_takes_its_sources_label(corpus: Path,
+                                                                                                  caplog):
+    """A mask carried from another source's copy sat under the kept copy's source, where the split's rules
+    (segmentation_external, holdout by source) no longer found it: a mask source's film that another source lists
+    first keeps its mask with its own copy now, reported (other_source) and warned about. A film its source lists
+    twice, once unlabelled, took neither copy's label and counted as a label conflict: it takes the labelled copy's."""
+    import logging
+
+    root, mask_root = corpus / ROOT, corpus / "data/montgomery"
+    (mask_root / "images").mkdir(parents=True)
+    (mask_root / "masks").mkdir()
+    (mask_root / "images/MCUCXR_0001_0.png").write_bytes((root / "scans/good_0.png").read_bytes())
+    lungs = np.zeros((40, 32), dtype=np.uint8)
+    lungs[8:32, 4:28] = 255
+    Image.fromarray(lungs).save(mask_root / "masks/MCUCXR_0001_0.png")
+    listed = pd.read_csv(root / "manifest.csv")
+    listed.loc[listed["path"] == "scans/good_2.png", "label"] = "unknown"
+    Image.open(root / "scans/good_2.png").save(root / "scans/zz_resaved_2.png", compress_level=0)  # other bytes
+    extra = pd.DataFrame({"path": ["scans/zz_resaved_2.png"], "patient_id": ["p2"], "label": ["covid"],
+                          "finding": ["COVID-19"], "projection": "frontal"})
+    pd.concat([listed, extra]).to_csv(root / "manifest.csv", index=False)
+    p = params(max_reject_fraction=0.4)
+    p["sources"].append({"name": "montgomery", "root": "data/montgomery"})
+
+    with caplog.at_level(logging.INFO, logger="covidcxr"):
+        summary = ingest.run(p, "ingest-test")
+    assert (summary["accepted"], summary["duplicates"], summary["label_conflicts"]) == (4, 2, 0)
+    assert summary["carried"] == {"age": 0, "label": 1, "mask_path": 0, "sex": 0, "view": 0}
+    assert summary["other_source"] == {"age": 0, "label": 0, "mask_path": 1, "sex": 0, "view": 1}
+    m = pd.read_csv(corpus / ingest.MANIFEST).set_index("image_id")
+    assert pd.isna(m.loc["generic/scans/good_0", "mask_path"]) and set(m["source"]) == {"generic"}
+    assert tuple(m.loc["generic/scans/good_2", ["label", "finding"]]) == ("covid", "COVID-19")
+    duplicates = pd.read_csv(corpus / ingest.DUPLICATES, keep_default_na=False)
+    assert duplicates[["image_id", "carried", "other_source", "same_label"]].values.tolist() == [
+        ["generic/scans/zz_resaved_2", "label", "", True],
+        ["montgomery/images/MCUCXR_0001_0", "", "mask_path;view", True]]
+    assert "of another source or site than the copy kept hold what it lacks, not carried" in caplog.text
+    assert "(mask_path 1, view 1)" in caplog.text and "MCUCXR" not in caplog.text.split("not carried")[-1]
+    found, _ = ingest_run(corpus)
+    assert (found.data.metrics["n_masks_carried"], found.data.metrics["n_masks_other_source"]) == (0, 1)
 
 
 def test_every_image_rejected_is_too_many_rejects_with_the_report_written(corpus: Path):

@@ -508,13 +508,10 @@ def test_408_and_429_are_retried_after_their_retry_after_then_the_pacs_is_unavai
     with loopback(Busy) as port:
         url = f"http://127.0.0.1:{port}/dicom-web"
         assert pacs.DicomWeb(url, retries=3, backoff=0.5, sleep=waits.append).find_studies() == []
-        assert waits == [7.0, pacs.MAX_RETRY_AFTER, 0.5 * 2 ** 2]
+        assert waits == [7.0, serving.MAX_RETRY_AFTER, 0.5 * 2 ** 2]
         answers[:] = [(429, None)] * 2
         with pytest.raises(pacs.PacsUnavailable, match="HTTP 429 after 2 attempts"):
             pacs.DicomWeb(url, retries=1, backoff=0, sleep=waits.append).find_studies()
-    now = dt.datetime(2024, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
-    assert pacs.retry_after("Fri, 01 Mar 2024 12:00:30 GMT", now=now) == 30.0
-    assert pacs.retry_after("soon") is None and pacs.retry_after(None) is None
 
 
 def test_a_worker_does_not_start_while_another_of_the_same_pacs_and_scorer_runs(tmp_path, capsys):
@@ -691,10 +688,12 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
 class Quiet(http.server.BaseHTTPRequestHandler):
     """A loopback test server's handler: :meth:`answer` sends one whole response; nothing is logged."""
 
-    def answer(self, status: int, kind: str, body: bytes) -> None:
+    def answer(self, status: int, kind: str, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
@@ -1340,6 +1339,41 @@ def test_a_scorer_answering_not_now_under_load_is_asked_again_and_never_counts_t
                                serving.remote_scorer(url, timeout=60), "covidcxr", failures=failures)
         assert (summary.failed_studies, summary.stored_sr, failures) == (failed, 1 - failed, {})
     assert summary.failures == {f"scoring: the scorer answered HTTP {status}": 1} and waits == [0.5, 0.5, 1.0]
+
+
+@pytest.mark.parametrize(("asked", "limited_s", "waited"),
+                         [("30", 30.0, 30.0), ("3600", 90.0, serving.MAX_RETRY_AFTER)])
+def test_a_scorer_rate_limited_is_asked_again_after_its_retry_after_and_the_pass_goes_on(pipeline, asked, limited_s,
+                                                                                         waited):
+    """A scoring request answered 429 was sent again 1, 2 and 4 s later whatever the answer's Retry-After asked (the
+    PACS's requests honoured it): a rate limiter asking for 30 s answered them all 429, and the probe after them too,
+    which stopped the pass. The request now waits what Retry-After asks (at most serving.MAX_RETRY_AFTER), as a PACS
+    request does. The limiter: every request 429 for ``limited_s`` seconds of the recorded waits from the first
+    scoring request on."""
+    score, _ = scorer(pipeline)
+    waits: list[float] = []
+    clock, limited_until = [0.0], []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock[0] += seconds
+
+    class Limiter(Quiet):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            images = [record[serving.INPUT_COLUMN] for record in request["dataframe_records"]]
+            if not limited_until and images != [serving.probe_image()]:
+                limited_until.append(clock[0] + limited_s)
+            if limited_until and clock[0] < limited_until[0]:
+                self.answer(429, "application/json", b'{"message": "too many requests"}', {"Retry-After": asked})
+                return
+            self.answer(200, "application/json", json.dumps({"predictions": score(images, request["params"])}).encode())
+
+    with dicomweb_answering({UIDS[0]: wado_film(UIDS[0])}) as pacs_url, loopback(Limiter) as port:
+        summary = pacs.run(pacs.DicomWeb(pacs_url, retries=3, backoff=1.0, sleep=sleep),
+                           serving.remote_scorer(f"http://127.0.0.1:{port}", timeout=60), "covidcxr")
+    assert (summary.scored, summary.stored_sr, summary.failed_studies, summary.failures) == (1, 1, 0, {})
+    assert waits == [waited]
 
 
 @pytest.mark.infra

@@ -578,6 +578,33 @@ def test_the_remote_scorer_never_sends_images_through_the_environments_proxy(mon
     assert reached["proxy"] == [] and len(reached["server"]) == 1
 
 
+@pytest.mark.parametrize(("header", "seconds"), [("30", 30.0), (" 7 ", 7.0), ("3600", serving.MAX_RETRY_AFTER),
+                                                 ("Fri, 01 Mar 2024 12:00:30 GMT", 30.0),
+                                                 ("Fri, 01 Mar 2024 11:00:00 GMT", 0.0), ("soon", None), (None, None)])
+def test_retry_after_reads_delay_seconds_and_http_dates_at_most_the_cap(header, seconds):
+    """The one reading of a Retry-After header, for the scorer's answers and the PACS's: a date in the past asks for
+    no wait, an unreadable value for none of its own (the caller's backoff applies)."""
+    import datetime as dt
+
+    assert serving.retry_after(header, now=dt.datetime(2024, 3, 1, 12, 0, 0, tzinfo=dt.UTC)) == seconds
+
+
+@pytest.mark.parametrize(("status", "headers", "seconds"), [(429, {"Retry-After": "30"}, 30.0), (503, {}, None)])
+def test_the_remote_scorers_error_carries_the_retry_after_its_answer_asked(status, headers, seconds):
+    """A 429's Retry-After was dropped with the answer: the PACS worker sent the request again 1 s later, whatever a
+    rate limiter asked. The error now carries it (in seconds, capped), and nothing without one."""
+    from tests.test_pacs import Quiet, loopback
+
+    class Limiter(Quiet):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.answer(status, "application/json", b'{"message": "not now"}', headers)
+
+    with loopback(Limiter) as port, pytest.raises(serving.ScoringError) as caught:
+        serving.remote_scorer(f"http://127.0.0.1:{port}", timeout=10)([png_b64(phantom(seed=1))], {})
+    assert (caught.value.status, caught.value.retry_after, caught.value.detail) == (status, seconds, "not now")
+
+
 def test_answers_the_scoring_server_timed_out_on_leave_no_records(bundle, tmp_path, monkeypatch, caplog):
     """mlflow models serve answers HTTP 504 past MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT but its scoring thread runs on:
     the log recorded answers no client received, and the retried request logged the same images again. The real

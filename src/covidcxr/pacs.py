@@ -58,9 +58,9 @@ USER_ENV, PASSWORD_ENV = "COVIDCXR_PACS_USER", "COVIDCXR_PACS_PASSWORD"
 #: now" (NOT_NOW) still answered after the retries; any other error answer is the study's own failure.
 SCORER_DOWN = frozenset({502, 503, 504})
 #: HTTP statuses that say "not now" (request timeout, too many requests): retried like a 5xx, never the study's own
-#: failure. A retried answer's Retry-After (at most MAX_RETRY_AFTER seconds) replaces the backoff.
+#: failure. A retried answer's Retry-After (at most serving.MAX_RETRY_AFTER seconds) replaces the backoff
+#: (:func:`pause`).
 RETRY_LATER = frozenset({408, 429})
-MAX_RETRY_AFTER = 120.0
 #: HTTP statuses that say "not now" (service unavailable, request timeout, too many requests): the request was not
 #: served. Scoring requests answered one are sent again as a PACS request is; a study that failed on one before its
 #: images were scored (while the PACS or the scorer answers a probe) fails the pass but does not count toward
@@ -242,7 +242,7 @@ class DicomWeb:
         problem, status, wait = "", None, None
         for attempt in range(self.retries + 1):
             if attempt:
-                self.sleep(self.backoff * 2 ** (attempt - 1) if wait is None else wait)
+                self.sleep(pause(attempt, self.backoff, wait))
             wait = None
             try:
                 return fn(*args, **kwargs)
@@ -252,7 +252,8 @@ class DicomWeb:
                     hint = " (check $COVIDCXR_PACS_USER/$COVIDCXR_PACS_PASSWORD)" if status in (401, 403) else ""
                     raise PacsError(f"DICOMweb server {self.endpoint} answered HTTP {status} to {operation}{hint}",
                                     f"HTTP {status}", status) from None
-                wait = retry_after(err.response.headers.get("Retry-After")) if err.response is not None else None
+                headers = err.response.headers if err.response is not None else {}
+                wait = serving.retry_after(headers.get("Retry-After"))
                 problem = f"HTTP {status}"
             except requests.exceptions.SSLError:  # no retry mends an untrusted certificate
                 raise PacsError(f"DICOMweb server {self.endpoint}: its TLS certificate is not trusted ({operation}); "
@@ -354,25 +355,11 @@ class DicomWeb:
                             f"(failure reasons {', '.join(reasons)})", f"refused (failure reason {', '.join(reasons)})")
 
 
-def retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
-    """The seconds a Retry-After header asks to wait (delay seconds or an HTTP date), at most
-    :data:`MAX_RETRY_AFTER`; None when it is absent or unreadable (the backoff applies)."""
-    import email.utils
-
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        seconds = float(value)
-    else:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=dt.UTC)
-        seconds = (when - (now or dt.datetime.now(dt.UTC))).total_seconds()
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+def pause(attempt: int, backoff: float, asked: float | None) -> float:
+    """The seconds to wait before try ``attempt`` (1 for the first retry) of a PACS or scoring request: what the last
+    answer's Retry-After asked (``asked``, read and capped by :func:`covidcxr.serving.retry_after`), else ``backoff``
+    doubling from try to try."""
+    return backoff * 2 ** (attempt - 1) if asked is None else asked
 
 
 def qido_value(item: dict, keyword: str) -> str | None:
@@ -807,18 +794,22 @@ def run(pacs: DicomWeb, score: serving.Scorer, model_name: str, *, since: dt.dat
 def retried(score: serving.Scorer, retries: int, backoff: float,
             sleep: Callable[[float], None] = time.sleep) -> serving.Scorer:
     """``score``, whose request answered "not now" (:data:`NOT_NOW`: by the server or a proxy before it, overloaded;
-    nothing was scored) is sent again up to ``retries`` times, ``backoff`` seconds later, doubling each time: one 503
-    under load no longer fails the images of the request."""
+    nothing was scored) is sent again up to ``retries`` times, as a PACS request is (:func:`pause`): after what the
+    answer's Retry-After asks where it gives one, else ``backoff`` seconds later, doubling each time. One 503 under
+    load no longer fails the images of the request, and a rate limiter's 429 asking for 30 s is asked again 30 s later,
+    not 1, 2 and 4 s later (all within its limit, which then stopped the pass)."""
 
     def score_again(images: list[str], params: dict) -> list[dict]:
+        wait = None
         for attempt in range(retries + 1):
             if attempt:
-                sleep(backoff * 2 ** (attempt - 1))
+                sleep(pause(attempt, backoff, wait))
             try:
                 return score(images, params)
             except serving.ScoringError as err:
                 if err.status not in NOT_NOW or attempt == retries:
                     raise
+                wait = err.retry_after
         raise AssertionError("unreachable")  # the loop returns or raises
 
     return score_again

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import functools
 import io as _bytes_io
 import json
@@ -694,12 +695,40 @@ def encode_file(path: str | os.PathLike) -> str:
 Scorer = Callable[[list[str], dict], list[dict]]
 
 
-class ScoringError(RuntimeError):
-    """A served model answered an error: ``endpoint`` (no credentials), HTTP ``status`` and the server's ``detail``."""
+#: The longest wait a Retry-After header is granted (seconds): a server asking for more is asked again sooner.
+MAX_RETRY_AFTER = 120.0
 
-    def __init__(self, endpoint: str, status: int, detail: str) -> None:
+
+class ScoringError(RuntimeError):
+    """A served model answered an error: ``endpoint`` (no credentials), HTTP ``status``, the server's ``detail`` and
+    the seconds its Retry-After asked to wait before sending the request again (:func:`retry_after`; None without
+    one)."""
+
+    def __init__(self, endpoint: str, status: int, detail: str, retry_after: float | None = None) -> None:
         super().__init__(f"{endpoint} answered {status}: {detail[:500]}")
-        self.endpoint, self.status, self.detail = endpoint, status, detail
+        self.endpoint, self.status, self.detail, self.retry_after = endpoint, status, detail, retry_after
+
+
+def retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """The seconds a Retry-After header asks to wait (delay seconds or an HTTP date), at most
+    :data:`MAX_RETRY_AFTER`; None when it is absent or unreadable (the caller's backoff applies). The one reading of
+    it, for the scorer's answers and the PACS's (:mod:`covidcxr.pacs`)."""
+    import email.utils
+
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = (when - (now or dt.datetime.now(dt.UTC))).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def local_scorer(model_uri: str) -> Scorer:
@@ -738,6 +767,7 @@ def remote_scorer(url: str, timeout: float) -> Scorer:
                 detail = json.loads(detail).get("message", detail)
             except ValueError:
                 pass
-            raise ScoringError(shown, err.code, detail) from None
+            wait = retry_after((err.headers or {}).get("Retry-After"))  # a 429's or 503's, from it or its proxy
+            raise ScoringError(shown, err.code, detail, wait) from None
 
     return score

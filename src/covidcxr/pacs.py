@@ -9,15 +9,15 @@ For every CR/DX image of a study (QIDO-RS to find them, WADO-RS to fetch them), 
   flag); it references the source image (evidence, image library, measurement group source);
 * for a scored image, a Secondary Capture of the Grad-CAM overlay (RGB), referencing the source image.
 
-Both carry the source's patient and study modules (so they attach to the study) and new UIDs derived from the source
-SOP Instance UID and the model's name and version: a result that is already in the study is not made again, so a
-second run over the same studies adds nothing. The SC is stored before the SR: an image counts as done when its SR
-exists, and one whose SC was stored but not its SR gets only its SR on the next pass, numbered as its SC. An image the
-scorer failed on (an internal error, or out of memory) gets neither: its refusal says nothing of the image, and the
-next pass sends it again. Each image's outcome is its own: one that fails a step (retrieval, scoring request,
-results, storage) costs the study's other images nothing, and is counted by step and cause. Nothing identifying leaves
-this module except into the PACS: the log holds counts and hashed study and image ids, and errors name the PACS
-endpoint (never its credentials) and the operation, never a UID.
+Both carry the source's patient and study modules (so they attach to the study) and new UIDs derived from the source SOP
+Instance UID and the model's name and version: a result that is already in the study is not made again, so a second run
+over the same studies adds nothing. The SC is stored before the SR: an image counts as done when its SR exists, and one
+whose SC was stored but not its SR gets only its SR on the next pass, numbered as its SC where the PACS lists the SC's
+number (:func:`pending_sources`). An image the scorer failed on (an internal error, or out of memory) gets neither: its
+refusal says nothing of the image, and the next pass sends it again. Each image's outcome is its own: one that fails a
+step (retrieval, scoring request, results, storage) costs the study's other images nothing, and is counted by step and
+cause. Nothing identifying leaves this module except into the PACS: the log holds counts and hashed study and image ids,
+and errors name the PACS endpoint (never its credentials) and the operation, never a UID.
 """
 
 from __future__ import annotations
@@ -392,7 +392,10 @@ def pending_sources(instances: Iterable[dict], study_uid: str, model: ModelId) -
     already used in ``model``'s two result series of the study on: numbered by their place among the study's images,
     an image that arrived (or was retried) after others were done took a number one of theirs had. No number a stored
     result holds is given to another image's results; a number given to an image that stored nothing may be given
-    again on a later pass (to it or another image), or stay unused once a higher one is stored."""
+    again on a later pass (to it or another image), or stay unused once a higher one is stored. The numbers are the
+    ones ``instances`` lists (the PACS's instance search): a result listed without one is passed over (an SC's SR is
+    numbered anew, and its number may be given to another image's results), and when none is listed every pass
+    numbers its images from 1."""
     instances = list(instances)
     existing = {item["SOPInstanceUID"] for item in instances}
     results = set(series_uids(study_uid, model).values())

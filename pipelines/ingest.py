@@ -157,6 +157,9 @@ def run(p: dict, experiment: str = "demo") -> dict:
                                    for key in ("carried", "conflicting", "other_source"))
     if carried:
         log.info("copies kept took what only a dropped duplicate held (%s): see carried in %s", carried, DUPLICATES)
+    if summary["carried"].get("label"):  # a source listing one film unknown and labelled: worth a human look
+        log.warning("%d image(s) listed as unknown took the label of a copy of the same film in their source: see "
+                    "carried in %s", summary["carried"]["label"], DUPLICATES)
     if conflicting:
         log.warning("duplicate image(s) hold another value than the copy kept, whose value the manifest holds (%s): "
                     "see conflicting in %s", conflicting, DUPLICATES)

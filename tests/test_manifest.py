@@ -86,6 +86,17 @@ def test_find_duplicates_by_content_hash(tmp_path):
     assert list(dup["same_label"]) == [False]
 
 
+@pytest.mark.parametrize("order", [("covid", "unknown"), ("unknown", "covid")])
+def test_an_unknown_label_conflicts_with_none_whichever_copy_is_listed_first(order):
+    """A film listed unknown and covid by its source counted as a label conflict only when the labelled copy was
+    listed first (the unknown one kept took the label and agreed): the same film, two reports. Now neither order is a
+    conflict, and the manifest holds covid either way."""
+    df = listed([row("a", "a.png", sha256="h1", pixel_sha256="p1", label=order[0]),
+                 row("b", "b.png", sha256="h2", pixel_sha256="p1", label=order[1])])
+    assert list(manifest.find_duplicates(df)["same_label"]) == [True]
+    assert list(manifest.fill_from_copies(df)["label"])[0] == "covid"
+
+
 def test_conform_refuses_unknown_columns():
     with pytest.raises(ValueError, match="not in the manifest schema"):
         manifest.conform(pd.DataFrame({"image_id": ["x"], "clinical_notes": ["..."]}))

@@ -122,7 +122,8 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
 
 REJECT_COLUMNS: list[str] = ["image_id", "path", "source", "kind", "reason", "problem"]  # kind: image | mask
 # match: "bytes" (the kept copy's file, byte for byte) or "pixels" (another file that decodes to the same pixels);
-# same_label: this copy's label is the kept copy's (after a label it lacked was carried); carried: the CARRIED fields
+# same_label: False only where this copy's label and the kept copy's (after a label it lacked was carried) are both
+# known and differ: an unknown label agrees with any, whichever copy is listed first; carried: the CARRIED fields
 # the kept copy took from this one (it had none), ";"-joined, else empty; conflicting: the CARRIED fields but the label
 # where this copy holds another value than the kept copy (or a view that does not fit its projection), left unused:
 # the manifest keeps the kept copy's (another label is same_label's); other_source: the CARRIED fields this copy, of
@@ -361,7 +362,8 @@ def find_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
             "image_id": dup["image_id"].to_numpy(),
             "kept_image_id": kept["image_id"].to_numpy(),
             "sha256": dup["sha256"].to_numpy(),
-            "same_label": (dup["label"].to_numpy() == filled["label"][first[rows]]),
+            "same_label": [_missing(a) or _missing(b) or a == b
+                           for a, b in zip(dup["label"].to_numpy(), filled["label"][first[rows]], strict=True)],
             "match": np.where(same_bytes.to_numpy(dtype=bool), "bytes", "pixels"),
             "carried": [";".join(fields) for fields in carried],
             "conflicting": [";".join(fields) for fields in conflicting],

@@ -357,9 +357,9 @@ class DicomWeb:
 
 def pause(attempt: int, backoff: float, asked: float | None) -> float:
     """The seconds to wait before try ``attempt`` (1 for the first retry) of a PACS or scoring request: what the last
-    answer's Retry-After asked (``asked``, read and capped by :func:`covidcxr.serving.retry_after`), else ``backoff``
-    doubling from try to try."""
-    return backoff * 2 ** (attempt - 1) if asked is None else asked
+    answer's Retry-After asked (``asked``, read by :func:`covidcxr.serving.retry_after`; capped here too, whoever built
+    the error), else ``backoff`` doubling from try to try."""
+    return backoff * 2 ** (attempt - 1) if asked is None else min(asked, serving.MAX_RETRY_AFTER)
 
 
 def qido_value(item: dict, keyword: str) -> str | None:

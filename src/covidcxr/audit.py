@@ -129,10 +129,10 @@ def _skip(name: str, subject: str, reason: str, warn: float | None, fail: float 
 
 # --- check 1: variant e (lungs removed) against variant c (full image) ------------------------------------------------
 
-def kept_share(auc_c: float, auc_e: float) -> float:
+def kept_share(auc_c: float | np.ndarray, auc_e: float | np.ndarray) -> float | np.ndarray:
     """Share of c's ROC AUC above chance that e keeps, ``(AUC_e - 0.5) / (AUC_c - 0.5)``, floored at 0 (c above
-    chance)."""
-    return max(0.0, (auc_e - 0.5) / (auc_c - 0.5))
+    chance): of two AUCs, or elementwise of two arrays of them (a bootstrap's resamples)."""
+    return np.maximum(0.0, (np.asarray(auc_e) - 0.5) / (np.asarray(auc_c) - 0.5))
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def paired_kept_share(y: np.ndarray, score_c: np.ndarray, score_e: np.ndarray, p
     defined = np.isfinite(boot_c) & np.isfinite(boot_e)
     above = defined & (boot_c > 0.5)
     kept = np.full(n_boot, np.inf)
-    kept[above] = np.maximum(0.0, (boot_e[above] - 0.5) / (boot_c[above] - 0.5))
+    kept[above] = kept_share(boot_c[above], boot_e[above])
     low, high = metrics.percentile_interval(kept[defined], alpha=alpha, outward=True)
     return KeptShare(auc_c, auc_e, low, high, n_boot, n_unbounded=int((defined & ~above).sum()),
                      n_skipped=int((~defined).sum()))
@@ -208,7 +208,7 @@ def lungs_removed_check(backbone: str, auc_c: float | None, auc_e: float | None,
         return Check(LUNGS_REMOVED, subject, None, warn, fail, INCONCLUSIVE,
                      f"c_{backbone} {split} AUC {auc_c:.3f} is below {min_c_auc}: too close to chance to compare "
                      f"e_{backbone} ({auc_e:.3f}) against")
-    kept = kept_share(auc_c, auc_e)
+    kept = float(kept_share(auc_c, auc_e))
     low, high = interval if interval is not None else (None, None)
     status = grade_upper(kept, high, warn, fail)
     meaning = {PASS: "the label is hardly readable without the lungs",

@@ -423,9 +423,16 @@ def resampled_ranking_metrics(y_true: np.ndarray, y_score: np.ndarray, weights: 
     if w.ndim != 2 or w.shape[1] != len(t):
         raise ValueError(f"weights must be (resamples, {len(t)} samples), got shape {w.shape}")
     order, t_sorted, level_end = _score_levels(t, s)
-    chunk = max(1, _CHUNK_ELEMENTS // len(s))
-    parts = [_ranking_metrics(w[start:start + chunk][:, order], t_sorted, level_end)
-             for start in range(0, len(w), chunk)]
+    return _ranking_in_chunks(len(w), lambda rows: w[rows][:, order], t_sorted, level_end)
+
+
+def _ranking_in_chunks(n_rows: int, weights_of: Callable[[slice], np.ndarray], t_sorted: np.ndarray,
+                       level_end: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`_ranking_metrics` of ``n_rows`` resamples, a chunk of rows at a time (``weights_of(rows)``: their
+    weights in score order), so that no ``(B, N)`` array larger than ``_CHUNK_ELEMENTS`` is ever held."""
+    chunk = max(1, _CHUNK_ELEMENTS // len(t_sorted))
+    parts = [_ranking_metrics(weights_of(slice(start, start + chunk)), t_sorted, level_end)
+             for start in range(0, n_rows, chunk)]
     return {n: np.concatenate([p[n] for p in parts]) if parts else np.empty(0)
             for n in ("roc_auc", "average_precision")}
 
@@ -453,14 +460,8 @@ def _bootstrap_named(
     if ranking:
         order, t_sorted, level_end = _score_levels(t, s)
         codes_sorted = codes[order]
-        chunk = max(1, _CHUNK_ELEMENTS // len(s))
-        parts: dict[str, list[np.ndarray]] = {n: [] for n in ranking}
-        for start in range(0, len(counts), chunk):
-            weights = cf[start:start + chunk][:, codes_sorted]
-            values = _ranking_metrics(weights, t_sorted, level_end)
-            for n in ranking:
-                parts[n].append(values[n])
-        out.update({n: np.concatenate(parts[n]) for n in ranking})
+        values = _ranking_in_chunks(len(counts), lambda rows: cf[rows][:, codes_sorted], t_sorted, level_end)
+        out.update({n: values[n] for n in ranking})
     return {n: out[n] for n in names}
 
 
